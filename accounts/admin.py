@@ -1,0 +1,48 @@
+from django.contrib import admin
+
+from accounts.models import ApiToken, AuditEvent, LoginThrottle, UserQuota
+
+
+@admin.register(ApiToken)
+class ApiTokenAdmin(admin.ModelAdmin):
+    list_display = ["name", "user", "prefix", "read_only", "created_at", "expires_at", "last_used_at", "revoked_at"]
+    list_filter = ["read_only", ("revoked_at", admin.EmptyFieldListFilter), "created_at"]
+    search_fields = ["name", "prefix", "user__username"]
+    readonly_fields = ["id", "user", "prefix", "created_at", "last_used_at"]
+    fields = ["id", "user", "name", "prefix", "read_only", "created_at", "expires_at", "last_used_at", "revoked_at"]
+
+    def has_add_permission(self, request):
+        return False  # tokens are created through the API or dashboard so the secret is shown once
+
+
+@admin.register(AuditEvent)
+class AuditEventAdmin(admin.ModelAdmin):
+    list_display = ["created_at", "actor_username", "action", "object_type", "object_repr", "result", "source_ip"]
+    list_filter = ["result", "action", "object_type", "created_at"]
+    search_fields = ["actor_username", "action", "object_id", "object_repr", "request_id", "message"]
+    date_hierarchy = "created_at"
+
+    def get_readonly_fields(self, request, obj=None):
+        return [f.name for f in self.model._meta.fields]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(LoginThrottle)
+class LoginThrottleAdmin(admin.ModelAdmin):
+    list_display = ["username", "failures", "last_failure_at", "locked_until"]
+    search_fields = ["username"]
+
+
+@admin.register(UserQuota)
+class UserQuotaAdmin(admin.ModelAdmin):
+    list_display = ["user", "max_vms", "max_vcpus", "max_memory_mib", "max_disk_gib"]
+    search_fields = ["user__username"]
+    autocomplete_fields = ["user"]

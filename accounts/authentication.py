@@ -1,0 +1,43 @@
+from rest_framework import authentication, exceptions, permissions
+
+from accounts import services
+from accounts.models import ApiToken
+from accounts.context import set_token_id
+
+
+class BearerTokenAuthentication(authentication.BaseAuthentication):
+    """``Authorization: Bearer <token>``. ``request.auth`` is the ApiToken."""
+
+    keyword = "Bearer"
+
+    def authenticate(self, request):
+        header = authentication.get_authorization_header(request).split()
+        if not header or header[0].lower() != self.keyword.lower().encode():
+            return None
+        if len(header) != 2:
+            raise exceptions.AuthenticationFailed("Invalid bearer header.")
+        try:
+            secret = header[1].decode()
+        except UnicodeDecodeError as exc:
+            raise exceptions.AuthenticationFailed("Invalid bearer header.") from exc
+        token = services.token_authenticate(secret)
+        if token is None:
+            raise exceptions.AuthenticationFailed("Invalid, expired or revoked token.")
+        set_token_id(token.pk)
+        return token.user, token
+
+    def authenticate_header(self, request):
+        return self.keyword
+
+
+class TokenScopePermission(permissions.BasePermission):
+    """Authenticated users only; read-only tokens may only use safe methods."""
+
+    message = "This token is read-only."
+
+    def has_permission(self, request, view):
+        if not (request.user and request.user.is_authenticated and request.user.is_active):
+            return False
+        if isinstance(request.auth, ApiToken) and request.auth.read_only:
+            return request.method in permissions.SAFE_METHODS
+        return True

@@ -1,0 +1,15 @@
+from django.core.management.base import BaseCommand, CommandError
+
+from accounts.audit import audit_chain_verify
+
+
+class Command(BaseCommand):
+    help = "Verify the audit log's hash chain; exits non-zero at the first broken link."
+
+    def handle(self, *args, **options):
+        report = audit_chain_verify()
+        if not report.ok:
+            raise CommandError(
+                f"Audit chain broken at event id {report.broken_id}: {report.reason} ({report.checked} rows verified before it)."
+            )
+        self.stdout.write(self.style.SUCCESS(f"Audit chain intact: {report.checked} events verified."))

@@ -1,0 +1,118 @@
+import uuid
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+
+class Role(models.TextChoices):
+    """Roles are Django groups of the same name; see docs/permissions.md."""
+
+    ADMIN = "admin", "Admin"
+    OPERATOR = "operator", "Operator"
+    USER = "user", "User"
+    VIEWER = "viewer", "Viewer"
+
+
+class ApiToken(models.Model):
+    """A bearer token. Only the SHA-256 of the secret is stored; the secret is shown once."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=16, db_index=True, help_text="First characters of the secret, to recognise it.")
+    token_hash = models.CharField(max_length=64, unique=True, editable=False)
+    read_only = models.BooleanField(default=False)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+    @property
+    def is_active(self) -> bool:
+        if self.revoked_at is not None:
+            return False
+        return self.expires_at is None or self.expires_at > timezone.now()
+
+
+class LoginThrottle(models.Model):
+    """Failed logins per username, for lockout."""
+
+    username = models.CharField(max_length=150, unique=True)
+    failures = models.PositiveIntegerField(default=0)
+    last_failure_at = models.DateTimeField(null=True, blank=True)
+    locked_until = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return self.username
+
+
+class UserQuota(models.Model):
+    """Resource limits of one user; users without a row get the defaults from settings."""
+
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="quota")
+    max_vms = models.PositiveIntegerField()
+    max_vcpus = models.PositiveIntegerField()
+    max_memory_mib = models.PositiveIntegerField()
+    max_disk_gib = models.PositiveIntegerField()
+
+    def __str__(self) -> str:
+        return f"quota of {self.user}"
+
+
+class AuditResult(models.TextChoices):
+    OK = "ok", "OK"
+    DENIED = "denied", "Denied"
+    FAILED = "failed", "Failed"
+
+
+class AuditEvent(models.Model):
+    """Append-only audit trail. Each row holds the hash of the previous row (a hash chain);
+    ``manage.py audit_verify`` finds the first broken link."""
+
+    id = models.BigAutoField(primary_key=True)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True, editable=False)
+    # No database constraint: deleting a user must not rewrite (and so break) audit rows.
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        related_name="+",
+    )
+    actor_username = models.CharField(max_length=150, blank=True)
+    token_id = models.UUIDField(null=True, blank=True)
+    source_ip = models.GenericIPAddressField(null=True, blank=True)
+    request_id = models.CharField(max_length=64, blank=True, db_index=True)
+    action = models.CharField(max_length=64, db_index=True)
+    object_type = models.CharField(max_length=64, blank=True, db_index=True)
+    object_id = models.CharField(max_length=64, blank=True, db_index=True)
+    object_repr = models.CharField(max_length=200, blank=True)
+    object_owner_id = models.BigIntegerField(null=True, blank=True, db_index=True)
+    before = models.JSONField(null=True, blank=True)
+    after = models.JSONField(null=True, blank=True)
+    result = models.CharField(max_length=8, choices=AuditResult.choices, default=AuditResult.OK)
+    message = models.TextField(blank=True)
+    prev_hash = models.CharField(max_length=64, editable=False)
+    hash = models.CharField(max_length=64, editable=False)
+
+    class Meta:
+        ordering = ["-id"]
+
+    def __str__(self) -> str:
+        return f"{self.created_at:%Y-%m-%d %H:%M:%S} {self.actor_username or '-'} {self.action} {self.result}"
+
+    def save(self, *args, **kwargs):
+        if self.pk is not None:
+            raise ValueError("Audit events are append-only.")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args, **kwargs):
+        raise ValueError("Audit events are append-only.")

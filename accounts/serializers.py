@@ -1,0 +1,47 @@
+from django.contrib.auth import get_user_model
+from rest_framework import serializers
+
+from accounts.models import ApiToken, AuditEvent, Role
+from accounts.roles import user_role
+
+
+class TokenSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = ApiToken
+        fields = ["id", "name", "prefix", "read_only", "created_at", "expires_at", "last_used_at", "revoked_at"]
+        read_only_fields = fields
+
+
+class TokenCreateSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=100)
+    read_only = serializers.BooleanField(default=False)
+    expires_at = serializers.DateTimeField(required=False, allow_null=True)
+
+
+class UserSerializer(serializers.ModelSerializer):
+    role = serializers.SerializerMethodField()
+
+    class Meta:
+        model = get_user_model()
+        fields = ["id", "username", "email", "role", "is_active", "date_joined", "last_login"]
+        read_only_fields = fields
+
+    def get_role(self, user) -> str | None:
+        return user_role(user)
+
+
+class UserCreateSerializer(serializers.Serializer):
+    username = serializers.RegexField(r"^[\w.@+-]{1,150}$")
+    password = serializers.CharField(write_only=True, max_length=128)
+    role = serializers.ChoiceField(choices=Role.values)
+    email = serializers.EmailField(required=False, default="")
+
+
+class AuditEventSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = AuditEvent
+        fields = [
+            "id", "created_at", "actor_id", "actor_username", "token_id", "source_ip", "request_id", "action",
+            "object_type", "object_id", "object_repr", "before", "after", "result", "message", "hash",
+        ]
+        read_only_fields = fields

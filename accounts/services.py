@@ -1,0 +1,242 @@
+"""Writes for users, roles, tokens, sharing and login lockout. Every change is audited."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group
+from django.contrib.auth.password_validation import validate_password
+from django.core.exceptions import ValidationError
+from django.db import transaction
+from django.utils import timezone
+from guardian.shortcuts import assign_perm, get_perms, remove_perm
+
+from accounts.audit import audit_record
+from accounts.models import ApiToken, AuditResult, LoginThrottle, Role
+from sandbox_site.errors import ApplicationError, NotPermitted
+
+User = get_user_model()
+
+TOKEN_PREFIX = "msb_"
+# Only refresh last_used_at this often, so each API call does not write a row.
+_LAST_USED_GRANULARITY = timedelta(seconds=60)
+
+
+def token_hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def token_create(
+    *, user, name: str, read_only: bool = False, expires_at: datetime | None = None, actor
+) -> tuple[ApiToken, str]:
+    """Create a token for ``user``; returns the row and the secret (shown once, never stored)."""
+    name = (name or "").strip()
+    if not name or len(name) > 100:
+        raise ApplicationError("Token name must be 1 to 100 characters.", details={"name": "required"})
+    if expires_at is not None and expires_at <= timezone.now():
+        raise ApplicationError("Expiry must be in the future.", details={"expires_at": "in the past"})
+    active = ApiToken.objects.filter(user=user, revoked_at__isnull=True).count()
+    if active >= settings.SANDBOX_TOKEN_MAX_PER_USER:
+        raise ApplicationError(f"At most {settings.SANDBOX_TOKEN_MAX_PER_USER} active tokens per user.")
+    secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    with transaction.atomic():
+        token = ApiToken.objects.create(
+            user=user,
+            name=name,
+            prefix=secret[: len(TOKEN_PREFIX) + 6],
+            token_hash=token_hash(secret),
+            read_only=read_only,
+            expires_at=expires_at,
+        )
+        audit_record(
+            actor=actor,
+            action="token.create",
+            obj=token,
+            object_owner_id=user.pk,
+            after={"name": name, "read_only": read_only, "expires_at": expires_at},
+        )
+    return token, secret
+
+
+def token_revoke(*, token: ApiToken, actor) -> ApiToken:
+    with transaction.atomic():
+        updated = ApiToken.objects.filter(pk=token.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
+        if updated:
+            audit_record(actor=actor, action="token.revoke", obj=token, object_owner_id=token.user_id)
+    token.refresh_from_db()
+    return token
+
+
+def token_authenticate(secret: str) -> ApiToken | None:
+    """The active token with this secret whose user is active, or None."""
+    if not secret.startswith(TOKEN_PREFIX) or len(secret) > 200:
+        return None
+    token = ApiToken.objects.select_related("user").filter(token_hash=token_hash(secret)).first()
+    if token is None or not token.is_active or not token.user.is_active:
+        return None
+    now = timezone.now()
+    if token.last_used_at is None or now - token.last_used_at > _LAST_USED_GRANULARITY:
+        ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)
+        token.last_used_at = now
+    return token
+
+
+def user_create(*, username: str, password: str, role: str, email: str = "", actor):
+    """Create a user with one role. Only admins may do this."""
+    if not (actor.is_superuser or actor.groups.filter(name=Role.ADMIN).exists()):
+        raise NotPermitted("Only admins can create users.")
+    if role not in Role.values:
+        raise ApplicationError(f"Unknown role {role!r}.", details={"role": f"one of {', '.join(Role.values)}"})
+    if User.objects.filter(username=username).exists():
+        raise ApplicationError("A user with that username exists.", code="conflict", status_code=409)
+    candidate = User(username=username, email=email)
+    try:
+        validate_password(password, candidate)
+    except ValidationError as exc:
+        raise ApplicationError("Password rejected.", details={"password": exc.messages}) from exc
+    with transaction.atomic():
+        user = User.objects.create_user(username=username, password=password, email=email)
+        user_set_role(user=user, role=role, actor=actor, _audit=False)
+        audit_record(actor=actor, action="user.create", obj=user, after={"username": username, "role": role})
+    return user
+
+
+def user_set_role(*, user, role: str, actor, _audit: bool = True) -> None:
+    if role not in Role.values:
+        raise ApplicationError(f"Unknown role {role!r}.")
+    with transaction.atomic():
+        before = list(user.groups.filter(name__in=Role.values).values_list("name", flat=True))
+        user.groups.remove(*Group.objects.filter(name__in=Role.values))
+        user.groups.add(Group.objects.get(name=role))
+        is_admin = role == Role.ADMIN
+        user.is_superuser = is_admin
+        user.is_staff = role in (Role.ADMIN, Role.OPERATOR)
+        user.save(update_fields=["is_superuser", "is_staff"])
+        if _audit:
+            audit_record(actor=actor, action="user.set_role", obj=user, before={"roles": before}, after={"role": role})
+
+
+def user_has_perm(user, perm: str, obj=None) -> bool:
+    """Global permission (roles) or object permission (guardian), superusers always."""
+    if not user.is_authenticated or not user.is_active:
+        return False
+    if user.has_perm(perm):
+        return True
+    return obj is not None and user.has_perm(perm, obj)
+
+
+def object_perms_grant(*, obj, perms: list[str], actor, user=None, group=None) -> list[str]:
+    """Share ``obj`` with a user or group. The actor may only hand on rights it holds itself."""
+    if (user is None) == (group is None):
+        raise ApplicationError("Give exactly one of user or group.")
+    app_label = obj._meta.app_label
+    allowed = set(obj.__class__.object_permission_codenames())
+    unknown = [p for p in perms if p not in allowed]
+    if unknown or not perms:
+        raise ApplicationError("Unknown or missing permissions.", details={"allowed": sorted(allowed), "unknown": unknown})
+    missing = [p for p in perms if not user_has_perm(actor, f"{app_label}.{p}", obj)]
+    if missing:
+        raise NotPermitted("You can only share rights you hold yourself.", details={"missing": missing})
+    target = user or group
+    with transaction.atomic():
+        before = sorted(get_perms(target, obj))
+        for perm in perms:
+            assign_perm(f"{app_label}.{perm}", target, obj)
+        after = sorted(get_perms(target, obj))
+        audit_record(
+            actor=actor,
+            action="permission.grant",
+            obj=obj,
+            before={"grantee": _grantee(user, group), "perms": before},
+            after={"grantee": _grantee(user, group), "perms": after},
+        )
+    return after
+
+
+def object_perms_revoke(*, obj, perms: list[str] | None, actor, user=None, group=None) -> list[str]:
+    if (user is None) == (group is None):
+        raise ApplicationError("Give exactly one of user or group.")
+    if user is not None and user.pk == getattr(obj, "owner_id", None):
+        raise ApplicationError("The owner's rights cannot be revoked.", code="conflict", status_code=409)
+    app_label = obj._meta.app_label
+    target = user or group
+    with transaction.atomic():
+        before = sorted(get_perms(target, obj))
+        for perm in perms or before:
+            remove_perm(f"{app_label}.{perm}", target, obj)
+        after = sorted(get_perms(target, obj))
+        audit_record(
+            actor=actor,
+            action="permission.revoke",
+            obj=obj,
+            before={"grantee": _grantee(user, group), "perms": before},
+            after={"grantee": _grantee(user, group), "perms": after},
+        )
+    return after
+
+
+def _grantee(user, group) -> str:
+    return f"user:{user.username}" if user is not None else f"group:{group.name}"
+
+
+# --- login lockout ---------------------------------------------------------------------
+
+
+def login_is_locked(username: str) -> bool:
+    row = LoginThrottle.objects.filter(username=username).first()
+    return bool(row and row.locked_until and row.locked_until > timezone.now())
+
+
+def login_failed(*, username: str) -> None:
+    """Count a failure; lock the username once the threshold is reached."""
+    now = timezone.now()
+    with transaction.atomic():
+        row, _ = LoginThrottle.objects.select_for_update().get_or_create(username=username[:150])
+        if row.locked_until and row.locked_until <= now:
+            row.failures = 0
+            row.locked_until = None
+        row.failures += 1
+        row.last_failure_at = now
+        locked_now = row.failures >= settings.SANDBOX_LOCKOUT_THRESHOLD and row.locked_until is None
+        if locked_now:
+            row.locked_until = now + timedelta(seconds=settings.SANDBOX_LOCKOUT_SECONDS)
+        row.save()
+        user = User.objects.filter(username=username).first()
+        audit_record(
+            actor=None,
+            action="auth.login_failed",
+            object_type="auth.user",
+            object_id=str(user.pk) if user else "",
+            object_repr=username[:150],
+            object_owner_id=user.pk if user else None,
+            result=AuditResult.DENIED,
+            message="locked out" if locked_now else f"failure {row.failures}",
+        )
+
+
+def login_blocked(*, username: str) -> None:
+    user = User.objects.filter(username=username).first()
+    audit_record(
+        actor=None,
+        action="auth.login_locked",
+        object_type="auth.user",
+        object_id=str(user.pk) if user else "",
+        object_repr=username[:150],
+        object_owner_id=user.pk if user else None,
+        result=AuditResult.DENIED,
+        message="attempt while locked out",
+    )
+
+
+def login_succeeded(*, user) -> None:
+    """Clear the failure count (every successful authentication, HTTP basic included)."""
+    LoginThrottle.objects.filter(username=user.username).delete()
+
+
+def session_login_recorded(*, user) -> None:
+    """Audit a dashboard/admin login (HTTP basic requests are not logins and are not recorded)."""
+    audit_record(actor=user, action="auth.login", obj=user, object_owner_id=user.pk)

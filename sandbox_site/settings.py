@@ -1,0 +1,223 @@
+"""Settings, all from the environment (see docs/configuration.md).
+
+With nothing set, the site runs on an embedded default: SQLite, an in-process channel
+layer and Celery on a filesystem broker, so a newcomer needs no services. With
+DATABASE_URL (PostgreSQL) and REDIS_URL it runs the production setup.
+"""
+
+from pathlib import Path
+
+import environ
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+env = environ.Env()
+_env_file = Path(env.str("SANDBOX_ENV_FILE", default=str(BASE_DIR / ".env")))
+if _env_file.is_file():
+    env.read_env(str(_env_file))
+
+DEBUG = env.bool("DEBUG", default=False)
+SECRET_KEY = env.str("SECRET_KEY", default="")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off (make run writes one into .env).")
+    SECRET_KEY = "insecure-development-key-only-used-with-debug-on"  # noqa: S105
+
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+
+DATA_DIR = Path(env.str("SANDBOX_DATA_DIR", default=str(BASE_DIR / "var")))
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "guardian",
+    "channels",
+    "accounts",
+    "vms",
+    "networking",
+    "snapshots",
+    "guest_agents",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "accounts.middleware.RequestContextMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "sandbox_site.urls"
+ASGI_APPLICATION = "sandbox_site.asgi.application"
+WSGI_APPLICATION = None
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{DATA_DIR / 'db.sqlite3'}")}
+DATABASES["default"]["ATOMIC_REQUESTS"] = False
+DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("DB_CONN_MAX_AGE", default=0))
+if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+    DATABASES["default"].setdefault("OPTIONS", {})["timeout"] = 20
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+REDIS_URL = env.str("REDIS_URL", default="")
+
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL], "capacity": 200, "expiry": 30},
+        }
+    }
+    CELERY_BROKER_URL = REDIS_URL
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    CELERY_BROKER_URL = "filesystem://"
+    _broker_dir = DATA_DIR / "celery-broker"
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "data_folder_in": str(_broker_dir),
+        "data_folder_out": str(_broker_dir),
+        "processed_folder": str(_broker_dir / "processed"),
+        "store_processed": False,
+    }
+CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_DEFAULT_QUEUE = "shared"
+CELERY_BROKER_CONNECTION_TIMEOUT = 5
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+AUTHENTICATION_BACKENDS = [
+    "accounts.backends.LockoutModelBackend",
+    "guardian.backends.ObjectPermissionBackend",
+]
+PASSWORD_HASHERS = env.list(
+    "PASSWORD_HASHERS",
+    default=[
+        "django.contrib.auth.hashers.PBKDF2PasswordHasher",
+        "django.contrib.auth.hashers.PBKDF2SHA1PasswordHasher",
+    ],
+)
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "dashboard:home"
+LOGOUT_REDIRECT_URL = "login"
+GUARDIAN_RAISE_403 = False
+ANONYMOUS_USER_NAME = None
+
+# Lockout after repeated failed logins (dashboard, admin and HTTP basic alike).
+SANDBOX_LOCKOUT_THRESHOLD = env.int("SANDBOX_LOCKOUT_THRESHOLD", default=5)
+SANDBOX_LOCKOUT_SECONDS = env.int("SANDBOX_LOCKOUT_SECONDS", default=900)
+SANDBOX_TOKEN_MAX_PER_USER = env.int("SANDBOX_TOKEN_MAX_PER_USER", default=50)
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = DATA_DIR / "static"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "accounts.authentication.BearerTokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+        "rest_framework.authentication.BasicAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["accounts.authentication.TokenScopePermission"],
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "PAGE_SIZE": 50,
+    "EXCEPTION_HANDLER": "sandbox_site.errors.api_exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_FILTER_BACKENDS": [],
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "microvm-sandbox API",
+    "DESCRIPTION": "Manage microVMs: lifecycle, exec, files, snapshots, networking.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "COMPONENT_SPLIT_REQUEST": True,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+}
+
+# HTTPS deployment: `manage.py check --deploy` is clean with SANDBOX_HTTPS=true.
+SANDBOX_HTTPS = env.bool("SANDBOX_HTTPS", default=False)
+SESSION_COOKIE_SECURE = SANDBOX_HTTPS
+CSRF_COOKIE_SECURE = SANDBOX_HTTPS
+SECURE_SSL_REDIRECT = SANDBOX_HTTPS and env.bool("SECURE_SSL_REDIRECT", default=True)
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=31536000 if SANDBOX_HTTPS else 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = SANDBOX_HTTPS
+SECURE_HSTS_PRELOAD = SANDBOX_HTTPS
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if env.bool("SANDBOX_BEHIND_PROXY", False) else None
+SESSION_COOKIE_HTTPONLY = True
+X_FRAME_OPTIONS = "DENY"
+SECURE_CONTENT_TYPE_NOSNIFF = True
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
+    "loggers": {"django.db.backends": {"level": "WARNING"}},
+}
+
+# --- microVMs ---------------------------------------------------------------------------
+SANDBOX_HYPERVISOR = env.str("SANDBOX_HYPERVISOR", default="auto")  # auto | cloud-hypervisor | qemu
+SANDBOX_CLOUD_HYPERVISOR_BINARY = env.str("SANDBOX_CLOUD_HYPERVISOR_BINARY", default="cloud-hypervisor")
+SANDBOX_HOST_NAME = env.str("SANDBOX_HOST_NAME", default="local")
+SANDBOX_RUNTIME_DIR = Path(env.str("SANDBOX_RUNTIME_DIR", default=str(DATA_DIR / "run")))
+SANDBOX_IMAGE_DIR = Path(env.str("SANDBOX_IMAGE_DIR", default=str(DATA_DIR / "images")))
+SANDBOX_BOOT_TIMEOUT = env.float("SANDBOX_BOOT_TIMEOUT", default=120.0)
+SANDBOX_STOP_TIMEOUT = env.float("SANDBOX_STOP_TIMEOUT", default=30.0)
+SANDBOX_RECONCILE_SECONDS = env.float("SANDBOX_RECONCILE_SECONDS", default=5.0)
+SANDBOX_DEFAULT_QUOTA = {
+    "max_vms": env.int("SANDBOX_DEFAULT_MAX_VMS", default=10),
+    "max_vcpus": env.int("SANDBOX_DEFAULT_MAX_VCPUS", default=8),
+    "max_memory_mib": env.int("SANDBOX_DEFAULT_MAX_MEMORY_MIB", default=8192),
+    "max_disk_gib": env.int("SANDBOX_DEFAULT_MAX_DISK_GIB", default=100),
+}
+CELERY_BEAT_SCHEDULE = {
+    "vms-reconcile": {
+        "task": "vms.tasks.vms_reconcile_task",
+        "schedule": SANDBOX_RECONCILE_SECONDS,
+        "options": {"queue": f"host.{SANDBOX_HOST_NAME}", "expires": SANDBOX_RECONCILE_SECONDS * 2},
+    },
+}

@@ -1,0 +1,27 @@
+from django.contrib import admin
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from rest_framework.routers import DefaultRouter
+
+from accounts.api import AuditEventViewSet, TokenViewSet, UserViewSet
+from vms.api import OperationViewSet, TemplateViewSet, VmViewSet
+
+router = DefaultRouter()
+router.register("tokens", TokenViewSet, basename="token")
+router.register("users", UserViewSet, basename="user")
+router.register("audit-events", AuditEventViewSet, basename="auditevent")
+router.register("vms", VmViewSet, basename="vm")
+router.register("operations", OperationViewSet, basename="operation")
+router.register("templates", TemplateViewSet, basename="template")
+
+urlpatterns = [
+    path("api/v1/", include(router.urls)),
+    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
+    path("admin/", admin.site.urls),
+    path("", include("accounts.urls")),
+    path("", include("vms.urls")),
+]
+
+handler404 = "sandbox_site.views.not_found"
+handler500 = "sandbox_site.views.server_error"

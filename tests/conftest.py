@@ -1,0 +1,60 @@
+import pytest
+from rest_framework.test import APIClient
+
+from accounts.models import Role
+from tests.factories import PASSWORD, UserFactory, VmFactory
+
+
+@pytest.fixture(autouse=True)
+def _fast_password_hashing(settings):
+    # PBKDF2 at production strength costs ~0.3 s per login; the tests log in a lot.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture
+def api():
+    """An API client; ``api.as_user(user)`` logs in with a session."""
+    client = APIClient()
+
+    def as_user(user):
+        client.force_authenticate(user=None)
+        client.login(username=user.username, password=PASSWORD)
+        return client
+
+    client.as_user = as_user
+    return client
+
+
+@pytest.fixture
+def owner(db):
+    return UserFactory(username="owner", role=Role.USER)
+
+
+@pytest.fixture
+def grantee(db):
+    return UserFactory(username="grantee", role=Role.USER)
+
+
+@pytest.fixture
+def stranger(db):
+    return UserFactory(username="stranger", role=Role.USER)
+
+
+@pytest.fixture
+def viewer(db):
+    return UserFactory(username="viewer", role=Role.VIEWER)
+
+
+@pytest.fixture
+def operator(db):
+    return UserFactory(username="operator", role=Role.OPERATOR)
+
+
+@pytest.fixture
+def admin_user(db):
+    return UserFactory(username="root", role=Role.ADMIN)
+
+
+@pytest.fixture
+def vm(owner):
+    return VmFactory(owner=owner, name="owned-vm")

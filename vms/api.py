@@ -1,0 +1,208 @@
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group
+from drf_spectacular.utils import extend_schema
+from guardian.shortcuts import get_groups_with_perms, get_users_with_perms
+from rest_framework import mixins, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.exceptions import NotFound
+from rest_framework.response import Response
+
+from accounts import services as account_services
+from accounts.permissions import ObjectPermissionViewSet
+from vms import selectors, services
+from vms.models import VM
+from vms.serializers import (
+    GrantSerializer,
+    OperationSerializer,
+    RevokeSerializer,
+    TemplateSerializer,
+    VmActionSerializer,
+    VmCreateSerializer,
+    VmSerializer,
+    VmUpdateSerializer,
+)
+
+
+def _operation_response(op) -> Response:
+    return Response(OperationSerializer(op).data, status=status.HTTP_202_ACCEPTED)
+
+
+class VmViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPermissionViewSet):
+    queryset = VM.objects.select_related("owner", "template", "host")
+    serializer_class = VmSerializer
+    audit_prefix = "vm"
+    action_perms = {
+        "start": "power",
+        "stop": "power",
+        "reboot": "power",
+        "pause": "power",
+        "resume": "power",
+        "permissions": "view",
+        "grant": "change",
+        "revoke": "change",
+        "operations": "view",
+    }
+
+    def get_queryset(self):
+        qs = super().get_queryset()
+        state = self.request.query_params.get("state")
+        if state:
+            qs = qs.filter(state=state)
+        name = self.request.query_params.get("name")
+        if name:
+            qs = qs.filter(name__icontains=name[:63])
+        return qs
+
+    @extend_schema(request=VmCreateSerializer, responses={202: VmSerializer})
+    def create(self, request):
+        data = VmCreateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        vm, op = services.vm_create(owner=request.user, actor=request.user, **data.validated_data)
+        body = VmSerializer(vm).data
+        body["operation"] = str(op.pk)
+        return Response(body, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=VmUpdateSerializer, responses={200: VmSerializer, 202: OperationSerializer})
+    def partial_update(self, request, id=None):
+        vm = self.get_object()
+        data = VmUpdateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        values = data.validated_data
+        if "name" in values or "metadata" in values:
+            vm = services.vm_update(vm=vm, actor=request.user, name=values.get("name"), metadata=values.get("metadata"))
+        if "vcpus" in values or "memory_mib" in values:
+            result = services.vm_resize(vm=vm, actor=request.user, vcpus=values.get("vcpus"), memory_mib=values.get("memory_mib"))
+            if not isinstance(result, VM):
+                return _operation_response(result)
+            vm = result
+        return Response(VmSerializer(vm).data)
+
+    @extend_schema(request=None, responses={202: OperationSerializer})
+    def destroy(self, request, id=None):
+        return _operation_response(services.vm_action(vm=self.get_object(), action="delete", actor=request.user))
+
+    def _act(self, request, name: str) -> Response:
+        vm = self.get_object()
+        data = VmActionSerializer(data=request.data or {})
+        data.is_valid(raise_exception=True)
+        return _operation_response(services.vm_action(vm=vm, action=name, actor=request.user, **data.validated_data))
+
+    @extend_schema(request=VmActionSerializer, responses={202: OperationSerializer})
+    @action(detail=True, methods=["post"])
+    def start(self, request, id=None):
+        return self._act(request, "start")
+
+    @extend_schema(request=VmActionSerializer, responses={202: OperationSerializer})
+    @action(detail=True, methods=["post"])
+    def stop(self, request, id=None):
+        return self._act(request, "stop")
+
+    @extend_schema(request=VmActionSerializer, responses={202: OperationSerializer})
+    @action(detail=True, methods=["post"])
+    def reboot(self, request, id=None):
+        return self._act(request, "reboot")
+
+    @extend_schema(request=VmActionSerializer, responses={202: OperationSerializer})
+    @action(detail=True, methods=["post"])
+    def pause(self, request, id=None):
+        return self._act(request, "pause")
+
+    @extend_schema(request=VmActionSerializer, responses={202: OperationSerializer})
+    @action(detail=True, methods=["post"])
+    def resume(self, request, id=None):
+        return self._act(request, "resume")
+
+    @extend_schema(responses={200: OperationSerializer(many=True)})
+    @action(detail=True, methods=["get"])
+    def operations(self, request, id=None):
+        vm = self.get_object()
+        page = self.paginate_queryset(vm.operations.all())
+        return self.get_paginated_response(OperationSerializer(page, many=True).data)
+
+    @action(detail=True, methods=["get"])
+    def permissions(self, request, id=None):
+        """Who holds which rights on this VM."""
+        vm = self.get_object()
+        users = get_users_with_perms(vm, attach_perms=True, with_group_users=False)
+        groups = get_groups_with_perms(vm, attach_perms=True)
+        return Response(
+            {
+                "users": [{"user": u.username, "permissions": sorted(p)} for u, p in users.items()],
+                "groups": [{"group": g.name, "permissions": sorted(p)} for g, p in groups.items()],
+            }
+        )
+
+    @extend_schema(request=GrantSerializer)
+    @permissions.mapping.post
+    def grant(self, request, id=None):
+        vm = self.get_object()
+        data = GrantSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        user, group = _grantee(data.validated_data)
+        perms = account_services.object_perms_grant(
+            obj=vm, perms=data.validated_data["permissions"], actor=request.user, user=user, group=group
+        )
+        return Response({"permissions": perms})
+
+    @extend_schema(request=RevokeSerializer)
+    @permissions.mapping.delete
+    def revoke(self, request, id=None):
+        vm = self.get_object()
+        data = RevokeSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        user, group = _grantee(data.validated_data)
+        perms = account_services.object_perms_revoke(
+            obj=vm, perms=data.validated_data.get("permissions"), actor=request.user, user=user, group=group
+        )
+        return Response({"permissions": perms})
+
+
+def _grantee(values):
+    if values.get("user"):
+        user = get_user_model().objects.filter(username=values["user"], is_active=True).first()
+        if user is None:
+            raise NotFound("No such user.")
+        return user, None
+    group = Group.objects.filter(name=values["group"]).first()
+    if group is None:
+        raise NotFound("No such group.")
+    return None, group
+
+
+class OperationViewSet(viewsets.ReadOnlyModelViewSet):
+    """Operations on VMs the user may view, or that the user asked for."""
+
+    serializer_class = OperationSerializer
+    lookup_field = "id"
+
+    def get_queryset(self):
+        qs = selectors.operation_list_visible(self.request.user)
+        vm = self.request.query_params.get("vm")
+        if vm:
+            qs = qs.filter(vm_ref=vm) if _is_uuid(vm) else qs.none()
+        return qs
+
+    def get_object(self):
+        if not _is_uuid(self.kwargs["id"]):
+            raise NotFound()
+        return super().get_object()
+
+
+def _is_uuid(value: str) -> bool:
+    import uuid
+
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
+class TemplateViewSet(viewsets.ReadOnlyModelViewSet):
+    """Templates are managed by operators in the admin; everyone signed in can read them."""
+
+    serializer_class = TemplateSerializer
+    lookup_field = "name"
+
+    def get_queryset(self):
+        return selectors.template_list_active()

@@ -1,0 +1,166 @@
+import uuid
+
+from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
+from django.db import models
+from django.utils import timezone
+
+name_validator = RegexValidator(
+    r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", "Use 1-63 lowercase letters, digits and dashes (not at the ends)."
+)
+
+
+class OsType(models.TextChoices):
+    LINUX = "linux", "Linux"
+    WINDOWS = "windows", "Windows"
+
+
+class Image(models.Model):
+    """A bootable guest image: kernel, initramfs and a read-only base disk that VMs overlay."""
+
+    class Status(models.TextChoices):
+        BUILDING = "building", "Building"
+        READY = "ready", "Ready"
+        FAILED = "failed", "Failed"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.SlugField(max_length=64, unique=True)
+    os_type = models.CharField(max_length=16, choices=OsType.choices, default=OsType.LINUX)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.BUILDING)
+    kernel_path = models.CharField(max_length=500, blank=True)
+    initramfs_path = models.CharField(max_length=500, blank=True)
+    rootfs_path = models.CharField(max_length=500, blank=True)
+    digest = models.CharField(max_length=64, blank=True)
+    size_bytes = models.BigIntegerField(default=0)
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Template(models.Model):
+    """What a VM is created from: sizes, limits, kernel command line and image."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.SlugField(max_length=64, unique=True)
+    description = models.CharField(max_length=200, blank=True)
+    image = models.ForeignKey(Image, on_delete=models.PROTECT, related_name="templates")
+    vcpus = models.PositiveSmallIntegerField(default=1, validators=[MinValueValidator(1)])
+    max_vcpus = models.PositiveSmallIntegerField(default=2, validators=[MinValueValidator(1), MaxValueValidator(64)])
+    memory_mib = models.PositiveIntegerField(default=256, validators=[MinValueValidator(64)])
+    max_memory_mib = models.PositiveIntegerField(default=1024, validators=[MinValueValidator(64)])
+    disk_gib = models.PositiveSmallIntegerField(default=2, validators=[MinValueValidator(1)])
+    max_disk_gib = models.PositiveSmallIntegerField(default=10, validators=[MinValueValidator(1)])
+    kernel_cmdline = models.CharField(max_length=500, blank=True)
+    is_active = models.BooleanField(default=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Host(models.Model):
+    """A hypervisor host; its Celery workers consume the ``host.<name>`` queue."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.SlugField(max_length=64, unique=True)
+    is_active = models.BooleanField(default=True)
+    driver = models.CharField(max_length=32, blank=True, help_text="Driver the host's workers use.")
+    acceleration = models.CharField(max_length=8, blank=True)
+    last_seen_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def queue(self) -> str:
+        return f"host.{self.name}"
+
+
+class VmState(models.TextChoices):
+    CREATING = "creating", "Creating"
+    STOPPED = "stopped", "Stopped"
+    STARTING = "starting", "Starting"
+    RUNNING = "running", "Running"
+    PAUSED = "paused", "Paused"
+    STOPPING = "stopping", "Stopping"
+    ERROR = "error", "Error"
+    DELETING = "deleting", "Deleting"
+
+
+class VM(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.CharField(max_length=63, validators=[name_validator])
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="vms")
+    template = models.ForeignKey(Template, on_delete=models.PROTECT, related_name="vms")
+    host = models.ForeignKey(Host, on_delete=models.PROTECT, related_name="vms", null=True, blank=True)
+    state = models.CharField(max_length=16, choices=VmState.choices, default=VmState.CREATING, db_index=True)
+    vcpus = models.PositiveSmallIntegerField()
+    memory_mib = models.PositiveIntegerField()
+    disk_gib = models.PositiveSmallIntegerField()
+    metadata = models.JSONField(default=dict, blank=True)
+    driver = models.CharField(max_length=32, blank=True)
+    acceleration = models.CharField(max_length=8, blank=True)
+    vmm_pid = models.IntegerField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+    last_console = models.TextField(blank=True, help_text="Last console lines kept when the VM failed.")
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [models.UniqueConstraint(fields=["owner", "name"], name="vm_unique_name_per_owner")]
+        permissions = [
+            ("power_vm", "Start, stop, reboot, pause and resume the VM"),
+            ("console_vm", "Use the VM's serial console"),
+            ("exec_vm", "Run commands and move files in the VM"),
+            ("snapshot_vm", "Take and restore snapshots of the VM"),
+        ]
+        verbose_name = "VM"
+
+    def __str__(self) -> str:
+        return self.name
+
+    @staticmethod
+    def object_permission_codenames() -> tuple[str, ...]:
+        return ("view_vm", "change_vm", "delete_vm", "power_vm", "console_vm", "exec_vm", "snapshot_vm")
+
+
+class Operation(models.Model):
+    """One long action (create, start, stop, ...) run by a Celery task; the dashboard streams it."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        RUNNING = "running", "Running"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+
+    LOG_LIMIT = 64 * 1024  # bytes of log kept per operation; older lines are dropped first
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    vm = models.ForeignKey(VM, on_delete=models.SET_NULL, null=True, blank=True, related_name="operations")
+    vm_ref = models.UUIDField(null=True, blank=True, db_index=True, help_text="VM id, kept after the VM is deleted.")
+    vm_owner_id = models.BigIntegerField(null=True, blank=True)
+    action = models.CharField(max_length=32)
+    params = models.JSONField(default=dict, blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
+    progress = models.PositiveSmallIntegerField(default=0)
+    log = models.TextField(blank=True)
+    error = models.TextField(blank=True)
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="operations"
+    )
+    request_id = models.CharField(max_length=64, blank=True)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.action} {self.vm_ref} {self.status}"

@@ -1,0 +1,78 @@
+from rest_framework import serializers
+
+from vms.models import VM, Operation, Template, name_validator
+
+
+class TemplateSerializer(serializers.ModelSerializer):
+    image = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    image_status = serializers.CharField(source="image.status", read_only=True)
+
+    class Meta:
+        model = Template
+        fields = [
+            "id", "name", "description", "image", "image_status", "vcpus", "max_vcpus", "memory_mib",
+            "max_memory_mib", "disk_gib", "max_disk_gib", "kernel_cmdline", "is_active",
+        ]
+
+
+class VmSerializer(serializers.ModelSerializer):
+    owner = serializers.CharField(source="owner.username", read_only=True)
+    template = serializers.CharField(source="template.name", read_only=True)
+    host = serializers.CharField(source="host.name", read_only=True, default=None)
+
+    class Meta:
+        model = VM
+        fields = [
+            "id", "name", "owner", "template", "host", "state", "vcpus", "memory_mib", "disk_gib", "metadata",
+            "driver", "acceleration", "started_at", "last_error", "last_console", "created_at", "updated_at",
+        ]
+        read_only_fields = fields
+
+
+class VmCreateSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=63, validators=[name_validator])
+    template = serializers.SlugRelatedField(slug_field="name", queryset=Template.objects.filter(is_active=True))
+    vcpus = serializers.IntegerField(min_value=1, max_value=64, required=False)
+    memory_mib = serializers.IntegerField(min_value=64, max_value=1024 * 1024, required=False)
+    disk_gib = serializers.IntegerField(min_value=1, max_value=4096, required=False)
+    metadata = serializers.DictField(required=False)
+    start = serializers.BooleanField(default=True)
+
+
+class VmUpdateSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=63, validators=[name_validator], required=False)
+    metadata = serializers.DictField(required=False)
+    vcpus = serializers.IntegerField(min_value=1, max_value=64, required=False)
+    memory_mib = serializers.IntegerField(min_value=64, max_value=1024 * 1024, required=False)
+
+
+class VmActionSerializer(serializers.Serializer):
+    force = serializers.BooleanField(default=False)
+
+
+class OperationSerializer(serializers.ModelSerializer):
+    vm = serializers.UUIDField(source="vm_ref", read_only=True)
+    requested_by = serializers.CharField(source="requested_by.username", read_only=True, default=None)
+
+    class Meta:
+        model = Operation
+        fields = [
+            "id", "vm", "action", "params", "status", "progress", "log", "error", "requested_by", "request_id",
+            "created_at", "started_at", "finished_at",
+        ]
+        read_only_fields = fields
+
+
+class GrantSerializer(serializers.Serializer):
+    user = serializers.CharField(required=False)
+    group = serializers.CharField(required=False)
+    permissions = serializers.ListField(child=serializers.CharField(max_length=64), min_length=1, max_length=16)
+
+    def validate(self, attrs):
+        if bool(attrs.get("user")) == bool(attrs.get("group")):
+            raise serializers.ValidationError("Give exactly one of user or group.")
+        return attrs
+
+
+class RevokeSerializer(GrantSerializer):
+    permissions = serializers.ListField(child=serializers.CharField(max_length=64), required=False, max_length=16)

@@ -1,0 +1,37 @@
+"""Celery tasks: thin wrappers that take ids and call one service."""
+
+from celery import shared_task
+from celery.signals import worker_ready
+
+from accounts.context import actor_context
+
+
+@shared_task(acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def operation_run_task(operation_id: str) -> None:
+    from vms.models import Operation
+    from vms.services import operation_execute
+
+    request_id = Operation.objects.filter(pk=operation_id).values_list("request_id", flat=True).first() or ""
+    with actor_context(request_id=request_id):
+        operation_execute(operation_id)
+
+
+@shared_task(ignore_result=True)
+def vms_reconcile_task() -> None:
+    from vms.lifecycle import vms_reconcile
+    from vms.services import local_host
+
+    vms_reconcile(local_host())
+
+
+@worker_ready.connect
+def _reconcile_on_start(sender=None, **kwargs) -> None:
+    from vms.lifecycle import vms_reconcile
+    from vms.services import local_host
+
+    try:
+        vms_reconcile(local_host())
+    except Exception:  # a failed first pass must not stop the worker; beat retries
+        import logging
+
+        logging.getLogger(__name__).exception("reconcile at worker start failed")

@@ -1,0 +1,147 @@
+"""Driver interface shared by every VMM driver.
+
+This package imports nothing from Django: configuration comes in as arguments
+(a ``VmSpec``) and results go out as plain dataclasses, so it can be tested alone.
+
+Runtime directory layout (one directory per VM, created by ``Driver.prepare``):
+
+- ``spec.json``     the VmSpec the VM was launched with (lets any process re-attach)
+- ``vmm.pid``       pid of the VMM process
+- ``vmm.log``       VMM stdout/stderr
+- ``api.sock``      cloud-hypervisor REST API socket, or ``qmp.sock`` for QEMU
+- ``serial.sock``   serial port socket (input and live output)
+- ``serial.log``    everything the guest wrote to the serial port (nothing lost while nobody is connected)
+- ``agent.sock``    guest agent socket (CH hybrid vsock, or QEMU virtio-serial chardev)
+- ``overlay.qcow2`` / ``overlay.raw``  the VM's copy-on-write disk layer on top of the base image
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+
+class VmmError(Exception):
+    """Base error of the driver package. ``message`` is safe to show to users."""
+
+    def __init__(self, message: str, *, details: object | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class VmmStateError(VmmError):
+    """The VMM refused the action in its current state (e.g. pause a stopped VM)."""
+
+
+class VmmUnsupported(VmmError):
+    """The driver cannot do this (e.g. memory hotplug on QEMU microvm); a restart is needed."""
+
+
+class VmmTimeout(VmmError):
+    """The VMM did not answer in time."""
+
+
+class VmmNotRunning(VmmError):
+    """No VMM process is running for this VM."""
+
+
+class RuntimeState(str, enum.Enum):
+    """What the VMM says about the VM, normalised across drivers."""
+
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    SHUTDOWN = "shutdown"
+    GONE = "gone"  # no VMM process
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    """Everything a driver needs to launch one VM."""
+
+    vm_id: str
+    runtime_dir: Path
+    kernel: Path
+    base_image: Path
+    initramfs: Path | None = None
+    cmdline: str = ""
+    vcpus: int = 1
+    max_vcpus: int = 1
+    memory_mib: int = 256
+    max_memory_mib: int = 256
+    disk_gib: int = 1
+    mac: str | None = None
+    tap: str | None = None
+    vsock_cid: int = 3
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        for key, value in list(data.items()):
+            if isinstance(value, Path):
+                data[key] = str(value)
+        return json.dumps(data, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> VmSpec:
+        data = json.loads(text)
+        for key in ("runtime_dir", "kernel", "base_image"):
+            data[key] = Path(data[key])
+        if data.get("initramfs"):
+            data["initramfs"] = Path(data["initramfs"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class LaunchResult:
+    pid: int
+    driver: str
+    acceleration: str  # "kvm" or "tcg"
+    vmm_version: str = ""
+
+
+@dataclass(frozen=True)
+class VmRuntimeInfo:
+    state: RuntimeState
+    pid: int | None
+    vcpus: int | None = None
+    memory_mib: int | None = None
+    raw: dict[str, object] = field(default_factory=dict)
+
+
+class Driver(Protocol):
+    """One VMM driver. All methods are blocking, bounded by timeouts, and safe to call
+    from any process: state lives in the runtime directory, not in the driver object."""
+
+    name: str
+
+    def prepare(self, spec: VmSpec) -> None:
+        """Create the runtime directory and the copy-on-write overlay. Idempotent."""
+
+    def launch(self, spec: VmSpec, *, timeout: float = 30.0) -> LaunchResult:
+        """Spawn the VMM in its own session (stdin closed) and boot the VM."""
+
+    def info(self, spec: VmSpec, *, timeout: float = 5.0) -> VmRuntimeInfo:
+        """What the VMM reports now; ``GONE`` when no VMM process runs."""
+
+    def pause(self, spec: VmSpec, *, timeout: float = 10.0) -> None: ...
+
+    def resume(self, spec: VmSpec, *, timeout: float = 10.0) -> None: ...
+
+    def reboot(self, spec: VmSpec, *, timeout: float = 10.0) -> None: ...
+
+    def shutdown(self, spec: VmSpec, *, graceful_timeout: float = 30.0, force: bool = False) -> None:
+        """Ask the guest to power off (ACPI), wait up to ``graceful_timeout``, then kill the VMM.
+        With ``force`` the VMM is killed at once. Afterwards no VMM process runs."""
+
+    def resize(self, spec: VmSpec, *, vcpus: int | None, memory_mib: int | None, timeout: float = 10.0) -> None:
+        """Hotplug CPUs/memory; raises ``VmmUnsupported`` when a restart is needed."""
+
+    def counters(self, spec: VmSpec, *, timeout: float = 5.0) -> dict[str, dict[str, int]]: ...
+
+    def cleanup(self, spec: VmSpec) -> None:
+        """Kill any VMM left and remove the runtime directory (sockets, overlay, logs). Idempotent."""
