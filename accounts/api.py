@@ -20,8 +20,10 @@ class TokenViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Dest
     """Your API tokens. Creating one needs a password or session login (not another token),
     so a leaked token cannot mint more. The secret is in the create response only."""
 
+    queryset = ApiToken.objects.all()
     serializer_class = TokenSerializer
     lookup_field = "id"
+    lookup_value_converter = "uuid"
 
     def get_queryset(self):
         return selectors.token_list_for(self.request.user)

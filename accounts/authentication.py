@@ -1,3 +1,4 @@
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions, permissions
 
 from accounts import services
@@ -41,3 +42,11 @@ class TokenScopePermission(permissions.BasePermission):
         if isinstance(request.auth, ApiToken) and request.auth.read_only:
             return request.method in permissions.SAFE_METHODS
         return True
+
+
+class BearerTokenScheme(OpenApiAuthenticationExtension):
+    target_class = "accounts.authentication.BearerTokenAuthentication"
+    name = "bearerAuth"
+
+    def get_security_definition(self, auto_schema):
+        return {"type": "http", "scheme": "bearer", "description": "API token from POST /api/v1/tokens/"}

@@ -10,7 +10,7 @@ from rest_framework.response import Response
 from accounts import services as account_services
 from accounts.permissions import ObjectPermissionViewSet
 from vms import selectors, services
-from vms.models import VM
+from vms.models import VM, Operation
 from vms.serializers import (
     GrantSerializer,
     OperationSerializer,
@@ -172,8 +172,10 @@ def _grantee(values):
 class OperationViewSet(viewsets.ReadOnlyModelViewSet):
     """Operations on VMs the user may view, or that the user asked for."""
 
+    queryset = Operation.objects.all()
     serializer_class = OperationSerializer
     lookup_field = "id"
+    lookup_value_converter = "uuid"
 
     def get_queryset(self):
         qs = selectors.operation_list_visible(self.request.user)
@@ -181,11 +183,6 @@ class OperationViewSet(viewsets.ReadOnlyModelViewSet):
         if vm:
             qs = qs.filter(vm_ref=vm) if _is_uuid(vm) else qs.none()
         return qs
-
-    def get_object(self):
-        if not _is_uuid(self.kwargs["id"]):
-            raise NotFound()
-        return super().get_object()
 
 
 def _is_uuid(value: str) -> bool:
