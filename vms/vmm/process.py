@@ -1,0 +1,262 @@
+"""Process helpers shared by the VMM drivers (no Django).
+
+VMM processes must outlive every process of ours (web, workers, host daemon), so they
+are spawned in their own session with stdin closed and their output in a log file in
+the runtime directory. Identity of a running VMM is established from its pid file
+*and* its ``/proc/<pid>/cmdline`` (which names the runtime directory), so a recycled
+pid is never mistaken for our VMM.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .base import VmmError, VmmTimeout
+
+PID_FILE = "vmm.pid"
+LOG_FILE = "vmm.log"
+
+_DEFAULT_TSC_KHZ = 2_000_000
+
+# Popen objects of VMMs spawned by this process, so their exit status can be collected
+# (an unreaped child would otherwise linger as a zombie that still has a /proc entry).
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+_CHILD_DIRS: dict[int, Path] = {}
+
+
+def spawn_detached(argv: Sequence[str], runtime_dir: Path, *, env: dict[str, str] | None = None) -> int:
+    """Start ``argv`` in a new session, stdin ``/dev/null``, stdout/stderr appended to
+    ``runtime_dir/vmm.log``; write its pid to ``runtime_dir/vmm.pid`` and return it.
+
+    The child is not waited for here; a short-lived reaper thread is not needed because
+    callers either keep running (and poll with ``pid_alive``) or exit, after which init
+    adopts the VMM.
+    """
+    runtime_dir.mkdir(parents=True, exist_ok=True)
+    log_path = runtime_dir / LOG_FILE
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(  # noqa: S603 - argv built by the driver, no shell
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+            cwd=str(runtime_dir),
+            env=env,
+        )
+    # Keep a reference so Python does not warn about a still-running child at exit and
+    # so a zombie of ours can be reaped by ``reap_if_child``.
+    _CHILDREN[proc.pid] = proc
+    _CHILD_DIRS[proc.pid] = runtime_dir.resolve()
+    tmp = runtime_dir / (PID_FILE + ".tmp")
+    tmp.write_text(f"{proc.pid}\n")
+    os.replace(tmp, runtime_dir / PID_FILE)
+    return proc.pid
+
+
+def reap_if_child(pid: int) -> None:
+    """Collect the exit status of ``pid`` if it is our own child (avoids zombies that
+    would otherwise still look alive in ``/proc``)."""
+    proc = _CHILDREN.get(pid)
+    if proc is not None and proc.poll() is not None:
+        _CHILDREN.pop(pid, None)
+        _CHILD_DIRS.pop(pid, None)
+
+
+def read_pid(runtime_dir: Path) -> int | None:
+    """The pid recorded in ``runtime_dir/vmm.pid``, or ``None`` when absent or garbled."""
+    try:
+        text = (runtime_dir / PID_FILE).read_text().strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def pid_is_vmm(pid: int, runtime_dir: Path) -> bool:
+    """True when ``pid`` is alive (not a zombie) and its command line mentions ``runtime_dir``."""
+    reap_if_child(pid)
+    child = _CHILDREN.get(pid)
+    if child is not None and _CHILD_DIRS.get(pid) == runtime_dir.resolve():
+        # Our own child: the exit status is authoritative (no pid reuse while unreaped).
+        return child.poll() is None
+    proc = Path("/proc") / str(pid)
+    needles = (str(runtime_dir.resolve()).encode(), str(runtime_dir).encode())
+    for attempt in range(3):
+        try:
+            stat = (proc / "stat").read_text()
+            cmdline = (proc / "cmdline").read_bytes()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            return False
+        # Field 3 of /proc/<pid>/stat is the state; comm may contain spaces, so split after ')'.
+        state = stat.rpartition(")")[2].split()[:1]
+        if state and state[0] in ("Z", "X"):
+            return False
+        if cmdline:
+            return any(needle in cmdline for needle in needles)
+        # An empty cmdline is transient while the process's memory map is being changed
+        # (or permanent for kernel threads): look again briefly before deciding.
+        time.sleep(0.01 * (attempt + 1))
+    return False
+
+
+def running_vmm_pid(runtime_dir: Path) -> int | None:
+    """The pid of the VMM of ``runtime_dir`` if it is running, else ``None``."""
+    pid = read_pid(runtime_dir)
+    if pid is None or not pid_is_vmm(pid, runtime_dir):
+        return None
+    return pid
+
+
+def wait_pid_exit(pid: int, runtime_dir: Path, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for the VMM ``pid`` to exit; True when it did."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if not pid_is_vmm(pid, runtime_dir):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
+def kill_vmm(pid: int, runtime_dir: Path, *, term_timeout: float = 5.0, kill_timeout: float = 5.0) -> None:
+    """Send SIGTERM, wait ``term_timeout``, then SIGKILL and wait ``kill_timeout``.
+
+    Does nothing when ``pid`` is not (any more) the VMM of ``runtime_dir``. Raises
+    ``VmmTimeout`` if the process survives SIGKILL (e.g. stuck in uninterruptible I/O).
+    """
+    for sig, wait in ((signal.SIGTERM, term_timeout), (signal.SIGKILL, kill_timeout)):
+        if not pid_is_vmm(pid, runtime_dir):
+            return
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        if wait_pid_exit(pid, runtime_dir, wait):
+            return
+    raise VmmTimeout(f"VMM process {pid} did not exit after SIGKILL", details={"pid": pid})
+
+
+def wait_for_unix_socket(
+    path: Path, timeout: float, *, pid: int | None = None, runtime_dir: Path | None = None
+) -> None:
+    """Wait until a Unix socket at ``path`` accepts a connection.
+
+    When ``pid`` and ``runtime_dir`` are given, fail early with ``VmmError`` if that
+    process exits meanwhile. Raises ``VmmTimeout`` after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    last: OSError | None = None
+    while time.monotonic() < deadline:
+        if path.exists():
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(max(0.05, min(1.0, deadline - time.monotonic())))
+            try:
+                sock.connect(str(path))
+                return
+            except OSError as exc:
+                last = exc
+            finally:
+                sock.close()
+        if pid is not None and runtime_dir is not None and not pid_is_vmm(pid, runtime_dir):
+            raise VmmError(
+                "VMM process exited during start-up", details={"pid": pid, "log_tail": log_tail(runtime_dir)}
+            )
+        time.sleep(0.05)
+    raise VmmTimeout(f"socket {path} did not accept connections within {timeout:.1f}s", details={"error": repr(last)})
+
+
+def log_tail(runtime_dir: Path, max_bytes: int = 4096) -> str:
+    """The last ``max_bytes`` of ``runtime_dir/vmm.log`` (for error details)."""
+    try:
+        with open(runtime_dir / LOG_FILE, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - max_bytes))
+            return fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def _kvm_module_loaded_is_pvm() -> bool:
+    for path in ("/sys/module/kvm_pvm", "/sys/module/kvm-pvm"):
+        if os.path.exists(path):
+            return True
+    try:
+        modules = Path("/proc/modules").read_text()
+    except OSError:
+        return False
+    return any(line.split(" ", 1)[0] == "kvm_pvm" for line in modules.splitlines())
+
+
+def kvm_usable() -> bool:
+    """True only when hardware KVM can really run ordinary guests here.
+
+    Conservative: requires vmx/svm in ``/proc/cpuinfo``, ``/dev/kvm`` openable read-write
+    and no PVM-based KVM module (which cannot run ordinary guests). Override with the
+    environment variable ``SANDBOX_ACCEL=kvm|tcg``.
+    """
+    forced = os.environ.get("SANDBOX_ACCEL", "").strip().lower()
+    if forced in ("kvm", "tcg"):
+        return forced == "kvm"
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+            break
+    if not flags & {"vmx", "svm"}:
+        return False
+    if _kvm_module_loaded_is_pvm():
+        return False
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def detect_acceleration() -> str:
+    """``"kvm"`` when KVM really works here, else ``"tcg"``."""
+    return "kvm" if kvm_usable() else "tcg"
+
+
+def host_tsc_khz() -> int:
+    """Host TSC frequency in kHz (from ``/proc/cpuinfo`` 'cpu MHz'), for ``tsc_early_khz=``.
+
+    Under TCG several guests booting at once can fail PIT-based TSC calibration; telling
+    the kernel the frequency up front avoids the calibration.
+    """
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return _DEFAULT_TSC_KHZ
+    match = re.search(r"^cpu MHz\s*:\s*([0-9.]+)", cpuinfo, re.MULTILINE)
+    if match:
+        khz = int(float(match.group(1)) * 1000)
+        if khz > 0:
+            return khz
+    return _DEFAULT_TSC_KHZ
+
+
+def remove_path_quietly(path: Path) -> None:
+    """Unlink ``path`` if it exists (files and sockets)."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT,):
+            raise

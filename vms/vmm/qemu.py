@@ -1,0 +1,509 @@
+"""QEMU driver: one ``qemu-system-x86_64 -M microvm`` process per VM (no Django).
+
+Layers, docker-py style: ``QmpClient`` (transport: one short QMP connection per call,
+bounded reads, timeouts), ``QemuDriver`` (one method per lifecycle action, errors mapped
+to the ``VmmError`` family in ``_qmp``). All state lives in the runtime directory, so any
+process can drive a VM another process launched.
+
+Devices (microvm has virtio-mmio only, no hotplug):
+
+- serial: ISA 16550 on ``serial.sock`` (live I/O) with ``logfile=serial.log`` so nothing
+  the guest writes is lost while no client is connected;
+- root disk: ``overlay.qcow2`` (backing file = raw base image) on virtio-blk;
+- guest agent: virtio-serial port ``org.microvm_sandbox.agent.0`` on ``agent.sock``;
+- QMP on ``qmp.sock``; optional NIC on a pre-created tap device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from .base import (
+    LaunchResult,
+    RuntimeState,
+    VmmError,
+    VmmNotRunning,
+    VmmStateError,
+    VmmTimeout,
+    VmmUnsupported,
+    VmRuntimeInfo,
+    VmSpec,
+)
+from .process import (
+    detect_acceleration,
+    host_tsc_khz,
+    kill_vmm,
+    log_tail,
+    remove_path_quietly,
+    running_vmm_pid,
+    spawn_detached,
+    wait_for_unix_socket,
+    wait_pid_exit,
+)
+
+QEMU_BINARY = "qemu-system-x86_64"
+QEMU_IMG = "qemu-img"
+AGENT_PORT_NAME = "org.microvm_sandbox.agent.0"
+QMP_SOCKET = "qmp.sock"
+SERIAL_SOCKET = "serial.sock"
+SERIAL_LOG = "serial.log"
+AGENT_SOCKET = "agent.sock"
+OVERLAY = "overlay.qcow2"
+SPEC_FILE = "spec.json"
+
+TCG_TB_SIZE_MIB = 64  # TCG translation cache; QEMU default (1 GiB) would dominate per-VM RSS
+_UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
+QMP_MAX_LINE = 1 << 20  # a QMP reply bigger than this is treated as a protocol error
+_DEFAULT_CMDLINE = "console=ttyS0 root=/dev/vda rw panic=-1 quiet loglevel=4"
+
+
+class QmpError(VmmError):
+    """QEMU answered a QMP command with an error (``details`` holds class and desc)."""
+
+
+class QmpClient:
+    """Minimal blocking QMP client over a Unix socket (stdlib only).
+
+    Every read is bounded in time and size; asynchronous events are skipped.
+    Use as a context manager: ``with QmpClient(path, timeout=5) as qmp: qmp.execute(...)``.
+    """
+
+    def __init__(self, path: Path, *, timeout: float = 5.0) -> None:
+        self.path = path
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._buf = b""
+        self._deadline = 0.0
+
+    def __enter__(self) -> QmpClient:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def connect(self) -> dict[str, Any]:
+        """Connect, read the greeting and negotiate capabilities; returns the greeting."""
+        self._deadline = time.monotonic() + self.timeout
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(str(self.path))
+        except FileNotFoundError as exc:
+            sock.close()
+            raise VmmNotRunning("QMP socket missing", details={"path": str(self.path)}) from exc
+        except ConnectionRefusedError as exc:
+            sock.close()
+            raise VmmNotRunning("QMP socket refused the connection", details={"path": str(self.path)}) from exc
+        except OSError as exc:
+            sock.close()
+            if isinstance(exc, socket.timeout):
+                raise VmmTimeout("QMP connect timed out") from exc
+            raise VmmError(f"QMP connect failed: {exc}") from exc
+        self._sock = sock
+        greeting = self._read_message()
+        if "QMP" not in greeting:
+            raise VmmError("unexpected QMP greeting", details=greeting)
+        self.execute("qmp_capabilities")
+        return greeting
+
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            finally:
+                self._sock = None
+
+    def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        """Run one QMP command and return its ``return`` value; raises ``QmpError``."""
+        if self._sock is None:
+            raise VmmError("QMP client is not connected")
+        self._deadline = time.monotonic() + self.timeout
+        msg: dict[str, Any] = {"execute": command}
+        if arguments:
+            msg["arguments"] = arguments
+        try:
+            self._sock.sendall(json.dumps(msg).encode() + b"\n")
+        except TimeoutError as exc:
+            raise VmmTimeout(f"QMP {command}: send timed out") from exc
+        except OSError as exc:
+            raise VmmNotRunning(f"QMP {command}: connection lost ({exc})") from exc
+        while True:
+            reply = self._read_message()
+            if "event" in reply:
+                continue
+            if "error" in reply:
+                err = reply["error"] if isinstance(reply["error"], dict) else {}
+                raise QmpError(f"QMP {command} failed: {err.get('desc', 'unknown error')}", details=err)
+            if "return" in reply:
+                return reply["return"]
+            raise VmmError(f"QMP {command}: unexpected reply", details=reply)
+
+    def _read_message(self) -> dict[str, Any]:
+        assert self._sock is not None
+        while b"\n" not in self._buf:
+            remaining = self._deadline - time.monotonic()
+            if remaining <= 0:
+                raise VmmTimeout("QMP reply timed out")
+            if len(self._buf) > QMP_MAX_LINE:
+                raise VmmError("QMP reply exceeds size limit")
+            self._sock.settimeout(remaining)
+            try:
+                chunk = self._sock.recv(65536)
+            except TimeoutError as exc:
+                raise VmmTimeout("QMP reply timed out") from exc
+            except OSError as exc:
+                raise VmmNotRunning(f"QMP connection lost ({exc})") from exc
+            if not chunk:
+                raise VmmNotRunning("QMP connection closed by QEMU")
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        try:
+            value = json.loads(line)
+        except ValueError as exc:
+            raise VmmError("QMP sent malformed JSON") from exc
+        if not isinstance(value, dict):
+            raise VmmError("QMP sent a non-object message")
+        return value
+
+
+_STATUS_MAP = {
+    "running": RuntimeState.RUNNING,
+    "paused": RuntimeState.PAUSED,
+    "suspended": RuntimeState.PAUSED,
+    "prelaunch": RuntimeState.CREATED,
+    "inmigrate": RuntimeState.CREATED,
+    "shutdown": RuntimeState.SHUTDOWN,
+    "guest-panicked": RuntimeState.SHUTDOWN,
+    "internal-error": RuntimeState.SHUTDOWN,
+    "io-error": RuntimeState.PAUSED,
+    "postmigrate": RuntimeState.PAUSED,
+    "finish-migrate": RuntimeState.PAUSED,
+    "save-vm": RuntimeState.PAUSED,
+    "restore-vm": RuntimeState.PAUSED,
+    "debug": RuntimeState.PAUSED,
+    "watchdog": RuntimeState.PAUSED,
+    "colo": RuntimeState.RUNNING,
+}
+
+
+class QemuDriver:
+    """``Driver`` implementation for QEMU ``microvm`` (TCG here, KVM where it really works).
+
+    ``binary``/``qemu_img`` may point to other executables; ``acceleration`` forces
+    ``"kvm"``/``"tcg"`` (default: detected per launch).
+    """
+
+    name = "qemu"
+
+    def __init__(
+        self,
+        *,
+        binary: str = QEMU_BINARY,
+        qemu_img: str = QEMU_IMG,
+        acceleration: str | None = None,
+    ) -> None:
+        self.binary = binary
+        self.qemu_img = qemu_img
+        self.acceleration = acceleration
+
+    # ----- paths -------------------------------------------------------------------
+
+    @staticmethod
+    def qmp_path(spec: VmSpec) -> Path:
+        """Path of the QMP socket of ``spec``."""
+        return spec.runtime_dir / QMP_SOCKET
+
+    @staticmethod
+    def serial_socket_path(spec: VmSpec) -> Path:
+        """Path of the serial console socket (live input/output)."""
+        return spec.runtime_dir / SERIAL_SOCKET
+
+    @staticmethod
+    def serial_log_path(spec: VmSpec) -> Path:
+        """Path of the serial log (everything the guest wrote, appended across boots)."""
+        return spec.runtime_dir / SERIAL_LOG
+
+    @staticmethod
+    def agent_socket_path(spec: VmSpec) -> Path:
+        """Path of the guest agent socket (plain stream to the virtio-serial port)."""
+        return spec.runtime_dir / AGENT_SOCKET
+
+    # ----- lifecycle ---------------------------------------------------------------
+
+    def prepare(self, spec: VmSpec) -> None:
+        """Create the runtime directory, ``spec.json`` and the qcow2 overlay. Idempotent:
+        an existing overlay (the VM's disk state) is kept."""
+        longest = spec.runtime_dir.resolve() / SERIAL_SOCKET
+        if len(str(longest).encode()) > _UNIX_PATH_MAX:
+            raise VmmError("runtime directory path too long for Unix sockets", details={"path": str(spec.runtime_dir)})
+        spec.runtime_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(spec.runtime_dir, 0o700)
+        spec_tmp = spec.runtime_dir / (SPEC_FILE + ".tmp")
+        spec_tmp.write_text(spec.to_json())
+        os.replace(spec_tmp, spec.runtime_dir / SPEC_FILE)
+        overlay = spec.runtime_dir / OVERLAY
+        if overlay.exists():
+            return
+        if not spec.base_image.is_file():
+            raise VmmError("base image not found", details={"path": str(spec.base_image)})
+        size = max(spec.disk_gib << 30, spec.base_image.stat().st_size)
+        tmp = spec.runtime_dir / (OVERLAY + ".tmp")
+        try:
+            subprocess.run(  # noqa: S603
+                [
+                    self.qemu_img,
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-b",
+                    str(spec.base_image.resolve()),
+                    "-F",
+                    "raw",
+                    str(tmp),
+                    str(size),
+                ],
+                check=True,
+                capture_output=True,
+                timeout=60,
+                stdin=subprocess.DEVNULL,
+            )
+        except subprocess.CalledProcessError as exc:
+            raise VmmError("qemu-img create failed", details={"stderr": exc.stderr.decode("utf-8", "replace")}) from exc
+        except subprocess.TimeoutExpired as exc:
+            raise VmmTimeout("qemu-img create timed out") from exc
+        os.replace(tmp, overlay)
+
+    def build_argv(self, spec: VmSpec, *, acceleration: str) -> list[str]:
+        """The full QEMU command line for ``spec`` (public for tests and debugging)."""
+        rd = spec.runtime_dir.resolve()
+        cmdline = _DEFAULT_CMDLINE
+        if acceleration == "tcg":
+            cmdline += f" tsc_early_khz={host_tsc_khz()}"
+        if spec.cmdline:
+            cmdline += " " + spec.cmdline
+        argv = [
+            self.binary,
+            "-name",
+            f"{spec.vm_id},debug-threads=on",
+            "-M",
+            "microvm,acpi=on,pcie=off,rtc=on,isa-serial=on",
+            "-accel",
+            acceleration if acceleration == "kvm" else f"tcg,thread=multi,tb-size={TCG_TB_SIZE_MIB}",
+            "-cpu",
+            "host" if acceleration == "kvm" else "max",
+            "-smp",
+            str(spec.vcpus),
+            "-m",
+            f"{spec.memory_mib}M",
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-kernel",
+            str(spec.kernel.resolve()),
+            "-append",
+            cmdline,
+            "-chardev",
+            f"socket,id=serial0,path={rd / SERIAL_SOCKET},server=on,wait=off,logfile={rd / SERIAL_LOG},logappend=on",
+            "-serial",
+            "chardev:serial0",
+            "-drive",
+            f"id=root,file={rd / OVERLAY},format=qcow2,if=none,cache=writeback,discard=unmap",
+            "-device",
+            "virtio-blk-device,drive=root",
+            "-device",
+            "virtio-serial-device,max_ports=4",
+            "-chardev",
+            f"socket,id=agent0,path={rd / AGENT_SOCKET},server=on,wait=off",
+            "-device",
+            f"virtserialport,chardev=agent0,name={AGENT_PORT_NAME}",
+            "-device",
+            "virtio-rng-device",
+            "-qmp",
+            f"unix:{rd / QMP_SOCKET},server=on,wait=off",
+        ]
+        if spec.initramfs is not None:
+            argv += ["-initrd", str(spec.initramfs.resolve())]
+        if spec.tap:
+            argv += ["-netdev", f"tap,id=net0,ifname={spec.tap},script=no,downscript=no"]
+            dev = "virtio-net-device,netdev=net0"
+            if spec.mac:
+                dev += f",mac={spec.mac}"
+            argv += ["-device", dev]
+        return argv
+
+    def launch(self, spec: VmSpec, *, timeout: float = 30.0) -> LaunchResult:
+        """Spawn QEMU detached and return once the process runs and QMP answers.
+
+        Idempotent: when a VMM for this runtime directory already runs, its pid is
+        returned. Does not wait for the guest agent (see ``agent_client.wait_for_agent``).
+        """
+        existing = running_vmm_pid(spec.runtime_dir)
+        accel = self.acceleration or detect_acceleration()
+        if existing is not None:
+            return LaunchResult(
+                pid=existing, driver=self.name, acceleration=accel, vmm_version=self._version_quiet(spec)
+            )
+        self.prepare(spec)
+        for name in (QMP_SOCKET, SERIAL_SOCKET, AGENT_SOCKET):
+            remove_path_quietly(spec.runtime_dir / name)
+        pid = spawn_detached(self.build_argv(spec, acceleration=accel), spec.runtime_dir)
+        deadline = time.monotonic() + timeout
+        try:
+            wait_for_unix_socket(self.qmp_path(spec), timeout, pid=pid, runtime_dir=spec.runtime_dir)
+            version = ""
+            with QmpClient(self.qmp_path(spec), timeout=max(1.0, deadline - time.monotonic())) as qmp:
+                ver = qmp.execute("query-version")
+                if isinstance(ver, dict) and isinstance(ver.get("qemu"), dict):
+                    q = ver["qemu"]
+                    version = f"{q.get('major')}.{q.get('minor')}.{q.get('micro')}"
+        except VmmError as exc:
+            kill_vmm(pid, spec.runtime_dir, term_timeout=2.0)
+            if exc.details is None:
+                exc.details = {"log_tail": log_tail(spec.runtime_dir)}
+            raise
+        return LaunchResult(pid=pid, driver=self.name, acceleration=accel, vmm_version=version)
+
+    def info(self, spec: VmSpec, *, timeout: float = 5.0) -> VmRuntimeInfo:
+        """State from QMP ``query-status``; ``GONE`` when no QEMU process runs."""
+        pid = running_vmm_pid(spec.runtime_dir)
+        if pid is None:
+            return VmRuntimeInfo(state=RuntimeState.GONE, pid=None)
+        try:
+            with QmpClient(self.qmp_path(spec), timeout=timeout) as qmp:
+                status = qmp.execute("query-status")
+                cpus = qmp.execute("query-cpus-fast")
+                mem = qmp.execute("query-memory-size-summary")
+        except VmmNotRunning:
+            # QEMU may be exiting (or killed) between the pid check and the connection:
+            # give it a moment to disappear before reporting a real QMP failure.
+            if wait_pid_exit(pid, spec.runtime_dir, 1.0):
+                return VmRuntimeInfo(state=RuntimeState.GONE, pid=None)
+            raise
+        state = _STATUS_MAP.get(str(status.get("status")), RuntimeState.RUNNING)
+        memory_mib = int(mem.get("base-memory", 0)) >> 20 if isinstance(mem, dict) else None
+        return VmRuntimeInfo(
+            state=state,
+            pid=pid,
+            vcpus=len(cpus) if isinstance(cpus, list) else None,
+            memory_mib=memory_mib,
+            raw={"status": status},
+        )
+
+    def pause(self, spec: VmSpec, *, timeout: float = 10.0) -> None:
+        """Stop the vCPUs (QMP ``stop``). Idempotent on a paused VM."""
+        self._qmp(spec, "stop", timeout=timeout)
+
+    def resume(self, spec: VmSpec, *, timeout: float = 10.0) -> None:
+        """Resume the vCPUs (QMP ``cont``)."""
+        self._qmp(spec, "cont", timeout=timeout)
+
+    def reboot(self, spec: VmSpec, *, timeout: float = 10.0) -> None:
+        """Hard reset of the machine (QMP ``system_reset``); the guest boots again."""
+        self._qmp(spec, "system_reset", timeout=timeout)
+
+    def shutdown(self, spec: VmSpec, *, graceful_timeout: float = 30.0, force: bool = False) -> None:
+        """ACPI power-down (QMP ``system_powerdown``), wait ``graceful_timeout`` for QEMU to
+        exit, then kill it; ``force`` kills at once. Idempotent; afterwards no QEMU runs."""
+        pid = running_vmm_pid(spec.runtime_dir)
+        if pid is None:
+            return
+        if not force:
+            try:
+                with QmpClient(self.qmp_path(spec), timeout=min(5.0, max(graceful_timeout, 0.5))) as qmp:
+                    status = qmp.execute("query-status")
+                    if status.get("status") in ("paused", "suspended"):
+                        # A paused guest cannot react to the power button.
+                        qmp.execute("cont")
+                    qmp.execute("system_powerdown")
+            except VmmError:
+                pass  # fall through to kill
+            else:
+                if wait_pid_exit(pid, spec.runtime_dir, graceful_timeout):
+                    self._remove_sockets(spec)
+                    return
+        kill_vmm(pid, spec.runtime_dir, term_timeout=3.0)
+        self._remove_sockets(spec)
+
+    def resize(self, spec: VmSpec, *, vcpus: int | None, memory_mib: int | None, timeout: float = 10.0) -> None:
+        """Always raises ``VmmUnsupported``: microvm has no CPU/memory hotplug."""
+        raise VmmUnsupported(
+            "QEMU microvm cannot hotplug CPUs or memory; restart the VM with the new size",
+            details={"vcpus": vcpus, "memory_mib": memory_mib},
+        )
+
+    def counters(self, spec: VmSpec, *, timeout: float = 5.0) -> dict[str, dict[str, int]]:
+        """I/O counters: ``{"block.<id>": {read_bytes, write_bytes, read_ops, write_ops, flush_ops}}``
+        from QMP ``query-blockstats``, plus ``{"net.<tap>": {rx_bytes, tx_bytes, rx_packets,
+        tx_packets}}`` from the host side of the tap (host tx = guest rx)."""
+        stats = self._qmp(spec, "query-blockstats", timeout=timeout)
+        out: dict[str, dict[str, int]] = {}
+        if isinstance(stats, list):
+            for entry in stats:
+                if not isinstance(entry, dict):
+                    continue
+                name = entry.get("device") or entry.get("node-name") or entry.get("qdev") or "disk"
+                s = entry.get("stats", {})
+                out[f"block.{name}"] = {
+                    "read_bytes": int(s.get("rd_bytes", 0)),
+                    "write_bytes": int(s.get("wr_bytes", 0)),
+                    "read_ops": int(s.get("rd_operations", 0)),
+                    "write_ops": int(s.get("wr_operations", 0)),
+                    "flush_ops": int(s.get("flush_operations", 0)),
+                }
+        if spec.tap:
+            base = Path("/sys/class/net") / spec.tap / "statistics"
+            try:
+                host = {k: int((base / k).read_text()) for k in ("rx_bytes", "tx_bytes", "rx_packets", "tx_packets")}
+            except (OSError, ValueError):
+                host = {}
+            if host:
+                out[f"net.{spec.tap}"] = {
+                    "rx_bytes": host["tx_bytes"],
+                    "tx_bytes": host["rx_bytes"],
+                    "rx_packets": host["tx_packets"],
+                    "tx_packets": host["rx_packets"],
+                }
+        return out
+
+    def cleanup(self, spec: VmSpec) -> None:
+        """Kill any QEMU left for this VM and remove the whole runtime directory. Idempotent."""
+        pid = running_vmm_pid(spec.runtime_dir)
+        if pid is not None:
+            kill_vmm(pid, spec.runtime_dir, term_timeout=2.0)
+        shutil.rmtree(spec.runtime_dir, ignore_errors=True)
+        if spec.runtime_dir.exists():
+            raise VmmError("could not remove runtime directory", details={"path": str(spec.runtime_dir)})
+
+    # ----- helpers -----------------------------------------------------------------
+
+    def _qmp(self, spec: VmSpec, command: str, *, timeout: float, arguments: dict[str, Any] | None = None) -> Any:
+        if running_vmm_pid(spec.runtime_dir) is None:
+            raise VmmNotRunning("the VM is not running", details={"vm_id": spec.vm_id})
+        try:
+            with QmpClient(self.qmp_path(spec), timeout=timeout) as qmp:
+                return qmp.execute(command, arguments)
+        except QmpError as exc:
+            raise VmmStateError(exc.message, details=exc.details) from exc
+
+    def _version_quiet(self, spec: VmSpec) -> str:
+        try:
+            ver = self._qmp(spec, "query-version", timeout=2.0)
+            q = ver["qemu"]
+            return f"{q['major']}.{q['minor']}.{q['micro']}"
+        except (VmmError, KeyError, TypeError):
+            return ""
+
+    @staticmethod
+    def _remove_sockets(spec: VmSpec) -> None:
+        for name in (QMP_SOCKET, SERIAL_SOCKET, AGENT_SOCKET):
+            remove_path_quietly(spec.runtime_dir / name)
