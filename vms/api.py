@@ -41,6 +41,7 @@ class VmViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPermissi
         "grant": "change",
         "revoke": "change",
         "operations": "view",
+        "agent": "view",
     }
 
     def get_queryset(self):
@@ -118,6 +119,11 @@ class VmViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPermissi
         vm = self.get_object()
         page = self.paginate_queryset(vm.operations.all())
         return self.get_paginated_response(OperationSerializer(page, many=True).data)
+
+    @action(detail=True, methods=["get"])
+    def agent(self, request, id=None):
+        """Ping the guest agent: its version, boot id and uptime (409 unless running)."""
+        return Response(services.vm_agent_ping(vm=self.get_object()))
 
     @action(detail=True, methods=["get"])
     def permissions(self, request, id=None):

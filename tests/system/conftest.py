@@ -1,0 +1,35 @@
+"""Fixtures for end-to-end tests against a real stack (see stack.py)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.system.stack import ROOT, Stack, stack_start, stack_stop, vmm_pids  # noqa: F401
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory) -> Stack:
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 is not installed (make test installs it)")
+    log_dir = Path(os.environ.get("SANDBOX_TEST_ARTIFACTS", ROOT / "test-artifacts")) / "system"
+    started = None
+    try:
+        started = stack_start(tmp_path_factory.mktemp("stack"), log_dir)
+        yield started
+    finally:
+        if started is not None:
+            stack_stop(started)
+
+
+@pytest.fixture(scope="session")
+def running_vm(stack) -> dict:
+    """One booted VM shared by the tests that only need a running guest."""
+    with stack.client() as client:
+        response = client.post("/api/v1/vms/", json={"name": "shared", "template": "linux-small"})
+        assert response.status_code == 202, response.text
+        vm = response.json()
+    return stack.wait_vm(vm["id"], {"running"})

@@ -1,0 +1,219 @@
+"""A real stack for end-to-end tests and benchmarks: its own PostgreSQL database, Redis, daphne, a Celery
+worker and beat, and real VMs under QEMU. The test process talks to it over HTTP only.
+
+Shared by every test in tests/system (booting VMs is the slow part)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psycopg
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+DB_NAME = "microvm_sandbox_system"
+REDIS_DB = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _reset_database() -> None:
+    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True, connect_timeout=10) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{DB_NAME}"')
+
+
+def _kill_vmms(runtime_dir: Path) -> None:
+    """Kill every VMM process whose command line names our runtime directory."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if str(runtime_dir).encode() in cmdline:
+            try:
+                os.kill(int(proc.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def vmm_pids(runtime_dir: Path) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            stat = (proc / "stat").read_text()
+        except OSError:
+            continue
+        if str(runtime_dir).encode() in cmdline and b"qemu" in cmdline and ") Z " not in stat:
+            pids.append(int(proc.name))
+    return pids
+
+
+@dataclass
+class Stack:
+    url: str
+    env: dict[str, str]
+    runtime_dir: Path
+    log_dir: Path
+    tokens: dict[str, str]
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def client(self, persona: str = "owner") -> httpx.Client:
+        return httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {self.tokens[persona]}"}, timeout=30.0
+        )
+
+    def start(self, name: str) -> None:
+        argv = {
+            "web": [str(VENV_BIN / "daphne"), "-b", "127.0.0.1", "-p", self.url.rsplit(":", 1)[1],
+                    "sandbox_site.asgi:application"],
+            "worker": [str(VENV_BIN / "celery"), "-A", "sandbox_site", "worker", "-Q", "shared,host.systest",
+                       "-n", f"systest-{time.time_ns()}@%h", "--concurrency", "4", "-l", "INFO"],
+            "beat": [str(VENV_BIN / "celery"), "-A", "sandbox_site", "beat", "-l", "INFO",
+                     "-s", str(self.log_dir / "beat-schedule")],
+        }[name]
+        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+        self.procs[name] = subprocess.Popen(
+            argv, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def kill(self, name: str, sig: int = signal.SIGTERM) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+    def wait_web(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/login/", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError("web server did not come up; see " + str(self.log_dir / "web.log"))
+
+    def wait_vm(self, vm_id: str, states: set[str], timeout: float = 180.0, persona: str = "owner") -> dict:
+        deadline = time.monotonic() + timeout
+        with self.client(persona) as client:
+            body = {}
+            while time.monotonic() < deadline:
+                response = client.get(f"/api/v1/vms/{vm_id}/")
+                if response.status_code == 404 and "gone" in states:
+                    return {"state": "gone"}
+                body = response.json()
+                if body.get("state") in states:
+                    return body
+                time.sleep(0.5)
+        raise AssertionError(f"VM {vm_id} did not reach {states}: {body}")
+
+    def wait_operation(self, op_id: str, timeout: float = 180.0) -> dict:
+        deadline = time.monotonic() + timeout
+        with self.client("admin") as client:
+            body = {}
+            while time.monotonic() < deadline:
+                body = client.get(f"/api/v1/operations/{op_id}/").json()
+                if body.get("status") in ("succeeded", "failed"):
+                    return body
+                time.sleep(0.5)
+        raise AssertionError(f"operation {op_id} did not finish: {body}")
+
+
+_SEED = """
+import json
+from accounts.models import Role
+from accounts.services import token_create, user_set_role
+from django.contrib.auth import get_user_model
+User = get_user_model()
+out = {}
+for name, role in (("admin", "admin"), ("owner", "user"), ("grantee", "user"), ("stranger", "user")):
+    user = User.objects.create_user(username=name, password="system-test-password-1")
+    user_set_role(user=user, role=role, actor=None)
+    out[name] = token_create(user=user, name="system-tests", actor=user)[1]
+from vms.models import Image, Template
+broken = Image.objects.create(name="broken", status="ready", kernel_path="/nonexistent/vmlinuz",
+                              initramfs_path="/nonexistent/initrd", rootfs_path="/nonexistent/rootfs.ext4")
+Template.objects.create(name="broken", image=broken, vcpus=1, memory_mib=128, disk_gib=1)
+print("TOKENS=" + json.dumps(out))
+"""
+
+
+
+def stack_start(work_dir: Path, log_dir: Path) -> Stack:
+    """Fresh database and Redis db, migrate, build (or reuse) the image, seed users, start
+    daphne + worker + beat."""
+    runtime_dir = work_dir / "run"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    for old in log_dir.glob("*.log"):
+        old.unlink()
+    _reset_database()
+    redis_url = f"redis://127.0.0.1:6379/{REDIS_DB}"
+    subprocess.run(["redis-cli", "-n", str(REDIS_DB), "flushdb"], check=True, timeout=10, capture_output=True)
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/{DB_NAME}",
+        "REDIS_URL": redis_url,
+        "SECRET_KEY": "system-test-secret-key",
+        "DEBUG": "0",
+        "SANDBOX_ENV_FILE": "/nonexistent",
+        "SANDBOX_HOST_NAME": "systest",
+        "SANDBOX_RUNTIME_DIR": str(runtime_dir),
+        "SANDBOX_IMAGE_DIR": os.environ.get("SANDBOX_IMAGE_DIR", str(ROOT / "var" / "images")),
+        "SANDBOX_RECONCILE_SECONDS": "2",
+        "SANDBOX_STOP_TIMEOUT": "20",
+        "SANDBOX_BOOT_TIMEOUT": "150",
+        "PYTHONUNBUFFERED": "1",
+    }
+    manage = [sys.executable, "manage.py"]
+    subprocess.run([*manage, "migrate", "--noinput", "-v", "0"], cwd=ROOT, env=env, check=True, timeout=300)
+    subprocess.run([*manage, "build_image"], cwd=ROOT, env=env, check=True, timeout=1800,
+                   stdout=subprocess.DEVNULL)
+    seeded = subprocess.run([*manage, "shell", "-c", _SEED], cwd=ROOT, env=env, check=True, timeout=120,
+                            capture_output=True, text=True)
+    tokens = json.loads(seeded.stdout.split("TOKENS=", 1)[1])
+    stack = Stack(url=f"http://127.0.0.1:{_free_port()}", env=env, runtime_dir=runtime_dir, log_dir=log_dir,
+                  tokens=tokens)
+    try:
+        for name in ("web", "worker", "beat"):
+            stack.start(name)
+        stack.wait_web()
+    except BaseException:
+        stack_stop(stack)
+        raise
+    return stack
+
+
+def stack_stop(stack: Stack) -> None:
+    for name in list(stack.procs):
+        stack.kill(name)
+    _kill_vmms(stack.runtime_dir)
+    shutil.rmtree(stack.runtime_dir, ignore_errors=True)
