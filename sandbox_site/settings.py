@@ -221,3 +221,20 @@ CELERY_BEAT_SCHEDULE = {
         "options": {"queue": f"host.{SANDBOX_HOST_NAME}", "expires": SANDBOX_RECONCILE_SECONDS * 2},
     },
 }
+
+# --- networking ---------------------------------------------------------------------------
+# Namespace (a name under /run/netns) holding our bridges, TAPs, nftables tables and VMMs;
+# empty = the host namespace. Tests set it to a namespace they create.
+SANDBOX_NETNS = env.str("SANDBOX_NETNS", default="")
+SANDBOX_NETWORK_DEFAULT_CIDR = env.str("SANDBOX_NETWORK_DEFAULT_CIDR", default="10.231.0.0/24")
+SANDBOX_NETWORK_DEFAULT_EGRESS = env.str("SANDBOX_NETWORK_DEFAULT_EGRESS", default="allow")  # allow|deny|allowlist
+# Turn on IPv4 forwarding in the namespace when rules are applied (needed for egress NAT and
+# port forwards from other machines). It is namespace-wide: off leaves the host's setting alone.
+SANDBOX_NETWORK_IP_FORWARD = env.bool("SANDBOX_NETWORK_IP_FORWARD", default=True)
+_pf_range = env.str("SANDBOX_PORT_FORWARD_RANGE", default="20000-29999").split("-")
+SANDBOX_PORT_FORWARD_RANGE = (int(_pf_range[0]), int(_pf_range[-1]))
+if not 1 <= SANDBOX_PORT_FORWARD_RANGE[0] <= SANDBOX_PORT_FORWARD_RANGE[1] <= 65535:
+    raise ImproperlyConfigured("SANDBOX_PORT_FORWARD_RANGE must be LOW-HIGH within 1-65535")
+# Address shown (copyable) for port forwards; empty = the host's name.
+SANDBOX_PORT_FORWARD_ADDRESS = env.str("SANDBOX_PORT_FORWARD_ADDRESS", default="")
+SANDBOX_PORT_FORWARDS_PER_VM = env.int("SANDBOX_PORT_FORWARDS_PER_VM", default=16)

@@ -4,6 +4,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
 from accounts.api import AuditEventViewSet, TokenViewSet, UserViewSet
+from networking.api import NetworkViewSet, VmNetworkViewSet, VmPortForwardViewSet
 from vms.api import OperationViewSet, TemplateViewSet, VmViewSet
 
 router = DefaultRouter()
@@ -13,8 +14,21 @@ router.register("audit-events", AuditEventViewSet, basename="auditevent")
 router.register("vms", VmViewSet, basename="vm")
 router.register("operations", OperationViewSet, basename="operation")
 router.register("templates", TemplateViewSet, basename="template")
+router.register("networks", NetworkViewSet, basename="network")
 
 urlpatterns = [
+    path(
+        "api/v1/vms/<str:vm_id>/port-forwards/",
+        VmPortForwardViewSet.as_view({"get": "list", "post": "create"}),
+        name="vm-port-forwards",
+    ),
+    path(
+        "api/v1/vms/<str:vm_id>/port-forwards/<str:pk>/",
+        VmPortForwardViewSet.as_view({"delete": "destroy"}),
+        name="vm-port-forward-detail",
+    ),
+    path("api/v1/vms/<str:vm_id>/nics/", VmNetworkViewSet.as_view({"get": "nics"}), name="vm-nics"),
+    path("api/v1/vms/<str:vm_id>/egress/", VmNetworkViewSet.as_view({"put": "egress"}), name="vm-egress"),
     path("api/v1/", include(router.urls)),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),

@@ -1,0 +1,230 @@
+"""Host network plumbing over netlink (pyroute2), no Django and no ``ip`` subprocesses.
+
+Everything here takes an optional ``netns`` (a name under ``/run/netns``; ``None`` or
+``""`` = the namespace of the calling process), so tests and ``SANDBOX_NETNS`` deployments
+keep bridges and TAPs out of the host namespace.
+
+Names of the interfaces we create are derived from our database ids and start with
+``IFNAME_PREFIX``; ``links_owned`` lists only those, so clean-up never touches an
+interface someone else made.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from pyroute2 import IPRoute
+from pyroute2 import netns as pyroute2_netns
+from pyroute2.netlink.exceptions import NetlinkError
+
+T = TypeVar("T")
+
+IFNAME_PREFIX = "msb"  # every interface we own starts with this
+BRIDGE_PREFIX = "msbb"  # msbb + 10 hex digits of the network id = 14 chars (IFNAMSIZ is 16 incl. NUL)
+TAP_PREFIX = "msbt"  # msbt + 10 hex digits of the NIC id
+IFNAME_MAX = 15
+NETNS_CALL_TIMEOUT = 30.0
+
+
+class PlumbingError(Exception):
+    """A netlink or namespace operation failed. ``message`` is safe to show to operators."""
+
+    def __init__(self, message: str, *, details: object | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    name: str
+    index: int
+    kind: str  # "bridge", "tun", ... ("" when the kernel reports none)
+    master: int | None  # ifindex of the bridge this link is a port of
+    up: bool
+
+
+def bridge_name(network_id: str) -> str:
+    """Interface name of a network's bridge, derived from its id."""
+    return BRIDGE_PREFIX + network_id.replace("-", "")[:10]
+
+
+def tap_name(nic_id: str) -> str:
+    """Interface name of a NIC's TAP device, derived from its id."""
+    return TAP_PREFIX + nic_id.replace("-", "")[:10]
+
+
+def _ns(netns: str | None) -> str | None:
+    return netns or None
+
+
+def _ipr(netns: str | None) -> IPRoute:
+    # pyroute2 would create a missing namespace; a typo must fail instead of plumbing elsewhere.
+    if netns and not netns_exists(netns):
+        raise PlumbingError(f"network namespace {netns!r} does not exist")
+    try:
+        return IPRoute(netns=_ns(netns)) if netns else IPRoute()
+    except OSError as exc:
+        raise PlumbingError(f"cannot open netlink in namespace {netns!r}: {exc}") from exc
+
+
+def _check_owned(name: str) -> None:
+    if not name.startswith(IFNAME_PREFIX) or len(name) > IFNAME_MAX:
+        # A guard, not validation: this module must never touch an interface it did not name.
+        raise PlumbingError(f"refusing to manage interface {name!r}: not one of ours")
+
+
+def _lookup(ipr: IPRoute, name: str) -> int | None:
+    found = ipr.link_lookup(ifname=name)
+    return found[0] if found else None
+
+
+def _link_info(msg: Any) -> LinkInfo:
+    linkinfo = msg.get_attr("IFLA_LINKINFO")
+    kind = linkinfo.get_attr("IFLA_INFO_KIND") if linkinfo is not None else ""
+    return LinkInfo(
+        name=msg.get_attr("IFLA_IFNAME"),
+        index=msg["index"],
+        kind=kind or "",
+        master=msg.get_attr("IFLA_MASTER"),
+        up=bool(msg["flags"] & 1),
+    )
+
+
+def bridge_ensure(name: str, gateway: str, prefix: int, *, netns: str | None = None) -> LinkInfo:
+    """Create bridge ``name`` (if missing) holding ``gateway/prefix``, and bring it up.
+    Idempotent: an existing bridge keeps its ports; a missing address is added."""
+    _check_owned(name)
+    iface = ipaddress.ip_interface(f"{gateway}/{prefix}")
+    with _ipr(netns) as ipr:
+        try:
+            index = _lookup(ipr, name)
+            if index is None:
+                ipr.link("add", ifname=name, kind="bridge", br_stp_state=0, br_forward_delay=0)
+                index = _lookup(ipr, name)
+                assert index is not None
+            have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=index, family=2)}
+            if (str(iface.ip), prefix) not in have:
+                ipr.addr("add", index=index, address=str(iface.ip), prefixlen=prefix)
+            ipr.link("set", index=index, state="up")
+            return _link_info(ipr.get_links(index)[0])
+        except NetlinkError as exc:
+            raise PlumbingError(f"bridge {name}: {exc}", details={"code": exc.code}) from exc
+
+
+def tap_ensure(name: str, bridge: str, *, netns: str | None = None, mtu: int | None = None) -> LinkInfo:
+    """Create persistent TAP ``name`` (no packet info, vnet header, as VMMs expect), make it
+    a port of ``bridge`` and bring it up. Idempotent."""
+    _check_owned(name)
+    _check_owned(bridge)
+    with _ipr(netns) as ipr:
+        try:
+            bridge_index = _lookup(ipr, bridge)
+            if bridge_index is None:
+                raise PlumbingError(f"bridge {bridge} does not exist")
+            index = _lookup(ipr, name)
+            if index is None:
+                ipr.link("add", ifname=name, kind="tuntap", mode="tap", ifr={"no_pi": True, "vnet_hdr": True})
+                index = _lookup(ipr, name)
+                assert index is not None
+            if mtu:
+                ipr.link("set", index=index, mtu=mtu)
+            ipr.link("set", index=index, master=bridge_index)
+            ipr.link("set", index=index, state="up")
+            return _link_info(ipr.get_links(index)[0])
+        except NetlinkError as exc:
+            raise PlumbingError(f"tap {name}: {exc}", details={"code": exc.code}) from exc
+
+
+def link_remove(name: str, *, netns: str | None = None) -> bool:
+    """Delete one of our links (bridge or TAP); False when it did not exist."""
+    _check_owned(name)
+    with _ipr(netns) as ipr:
+        index = _lookup(ipr, name)
+        if index is None:
+            return False
+        try:
+            ipr.link("del", index=index)
+        except NetlinkError as exc:
+            if exc.code == 19:  # ENODEV: removed meanwhile
+                return False
+            raise PlumbingError(f"remove {name}: {exc}", details={"code": exc.code}) from exc
+        return True
+
+
+def links_owned(*, netns: str | None = None) -> list[LinkInfo]:
+    """Every link whose name starts with our prefix (and nothing else)."""
+    with _ipr(netns) as ipr:
+        links = [_link_info(msg) for msg in ipr.get_links()]
+    return [link for link in links if link.name and link.name.startswith(IFNAME_PREFIX)]
+
+
+def link_get(name: str, *, netns: str | None = None) -> LinkInfo | None:
+    with _ipr(netns) as ipr:
+        index = _lookup(ipr, name)
+        return _link_info(ipr.get_links(index)[0]) if index is not None else None
+
+
+def link_counters(name: str, *, netns: str | None = None) -> dict[str, int]:
+    """Host-side counters of a link (``rx_bytes``, ``tx_bytes``, ``rx_packets``, ``tx_packets``);
+    empty when the link does not exist."""
+    with _ipr(netns) as ipr:
+        index = _lookup(ipr, name)
+        if index is None:
+            return {}
+        stats = ipr.get_links(index)[0].get_attr("IFLA_STATS64") or {}
+    return {key: int(stats.get(key, 0)) for key in ("rx_bytes", "tx_bytes", "rx_packets", "tx_packets")}
+
+
+# --- running code inside a network namespace ----------------------------------------------
+
+
+def netns_call(netns: str | None, fn: Callable[..., T], *args: Any, timeout: float = NETNS_CALL_TIMEOUT) -> T:
+    """Run ``fn(*args)`` in a short-lived thread switched into ``netns`` and return its result.
+
+    ``setns(CLONE_NEWNET)`` changes only the calling thread, so the caller (and its open
+    database connections) stays where it is. Sockets opened and child processes forked by
+    ``fn`` belong to ``netns``; that is how ``nft`` (and, if wanted, a VMM) runs there.
+    """
+    if not netns:
+        return fn(*args)
+    path = f"/run/netns/{netns}"
+    if not os.path.exists(path):
+        raise PlumbingError(f"network namespace {netns!r} does not exist")
+    box: dict[str, Any] = {}
+
+    def runner() -> None:
+        try:
+            pyroute2_netns.setns(path, flags=0)
+            box["result"] = fn(*args)
+        except BaseException as exc:  # handed to the caller below
+            box["error"] = exc
+
+    thread = threading.Thread(target=runner, name=f"netns-{netns}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise PlumbingError(f"call in namespace {netns!r} did not finish within {timeout:.0f}s")
+    if "error" in box:
+        raise box["error"]
+    return box["result"]  # type: ignore[no-any-return]
+
+
+def sysctl_write(key: str, value: str, *, netns: str | None = None) -> None:
+    """Write ``/proc/sys/<key with dots as slashes>`` in ``netns`` (net.* sysctls are per namespace)."""
+    path = "/proc/sys/" + key.replace(".", "/")
+
+    def write() -> None:
+        with open(path, "w") as fh:
+            fh.write(value)
+
+    netns_call(netns, write)
+
+
+def netns_exists(name: str) -> bool:
+    return bool(name) and os.path.exists(f"/run/netns/{name}")

@@ -1,0 +1,102 @@
+"""Reads about networks, NICs, port forwards, and the rules a host must enforce."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db.models import Q
+from guardian.shortcuts import get_objects_for_user
+
+from accounts.roles import user_is_operator
+from accounts.services import user_has_perm
+from networking import nft
+from networking.models import EgressMode, EgressRule, Network, Nic, PortForward, parse_ports
+
+NETWORK_PERMS = ("view", "change", "delete", "use")
+
+
+def network_list_visible(user):
+    """Operators see every network; others the shared ones and those they hold view rights on."""
+    qs = Network.objects.select_related("owner")
+    if not getattr(user, "is_authenticated", False):
+        return qs.none()
+    if user_is_operator(user):
+        return qs
+    granted = get_objects_for_user(user, "networking.view_network", klass=Network, accept_global_perms=True)
+    return qs.filter(Q(owner__isnull=True) | Q(pk__in=granted.values("pk")))
+
+
+def network_user_can(user, perm: str, network: Network) -> bool:
+    """``perm`` is view / change / delete / use. Operators may do everything; on a shared
+    network everyone signed in may view and use; otherwise the object permission decides."""
+    if perm not in NETWORK_PERMS:
+        raise ValueError(perm)
+    if not getattr(user, "is_authenticated", False) or not user.is_active:
+        return False
+    if user_is_operator(user):
+        return True
+    if network.owner_id is None and perm in ("view", "use"):
+        return True
+    return user_has_perm(user, f"networking.{perm}_network", network)
+
+
+def network_default() -> Network | None:
+    return Network.objects.filter(is_default=True).first()
+
+
+def nics_of(vm) -> list[Nic]:
+    return list(Nic.objects.filter(vm=vm).select_related("network").order_by("index"))
+
+
+def port_forwards_of(vm):
+    return PortForward.objects.filter(vm=vm).select_related("host").order_by("protocol", "host_port")
+
+
+def port_forward_address(pf: PortForward) -> str:
+    """What a user connects to (shown with a copy button in the dashboard)."""
+    host = settings.SANDBOX_PORT_FORWARD_ADDRESS or pf.host.name
+    return f"{host}:{pf.host_port}"
+
+
+def _egress_allow(rules) -> tuple[nft.EgressAllow, ...]:
+    return tuple(nft.EgressAllow(cidr=r.cidr, protocol=r.protocol, ports=parse_ports(r.ports)) for r in rules)
+
+
+def host_rules(host) -> nft.HostRules:
+    """Everything ``host`` must enforce, from the database: every network (so the drop rules
+    cover each of our bridges), the plumbed NICs of its VMs, and their port forwards."""
+    networks = list(Network.objects.order_by("name"))
+    network_rules_by_id = {n.pk: list(EgressRule.objects.filter(network=n)) for n in networks}
+    nics = list(Nic.objects.filter(vm__host=host, plumbed=True).select_related("vm", "network").order_by("tap"))
+    vm_rules: dict = {}
+    for rule in EgressRule.objects.filter(vm_id__in={n.vm_id for n in nics}):
+        vm_rules.setdefault(rule.vm_id, []).append(rule)
+    by_network: dict = {n.pk: [] for n in networks}
+    first_ip: dict = {}
+    for nic in nics:
+        if nic.egress_mode:
+            mode, allow = nic.egress_mode, vm_rules.get(nic.vm_id, [])
+        else:
+            mode, allow = nic.network.egress_mode, network_rules_by_id[nic.network_id]
+        policy = nft.EgressPolicy(mode=mode, allow=_egress_allow(allow) if mode == EgressMode.ALLOWLIST else ())
+        by_network[nic.network_id].append(
+            nft.NicRules(tap=nic.tap, mac=nic.mac, ip=nic.ip, tenant=str(nic.vm.owner_id), egress=policy)
+        )
+        if nic.index == 0 or nic.vm_id not in first_ip:
+            first_ip[nic.vm_id] = nic.ip
+    forwards = [
+        nft.PortForwardRules(protocol=pf.protocol, host_port=pf.host_port, ip=first_ip[pf.vm_id], port=pf.guest_port)
+        for pf in PortForward.objects.filter(host=host, vm_id__in=first_ip.keys())
+    ]
+    return nft.HostRules(
+        networks=tuple(
+            nft.NetworkRules(
+                bridge=n.bridge,
+                cidr=n.cidr,
+                gateway=n.gateway,
+                tenant_isolation=n.tenant_isolation,
+                nics=tuple(by_network[n.pk]),
+            )
+            for n in networks
+        ),
+        port_forwards=tuple(forwards),
+    )

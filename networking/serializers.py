@@ -1,0 +1,106 @@
+from django.contrib.auth import get_user_model
+from rest_framework import serializers
+
+from networking import selectors
+from networking.models import EgressMode, EgressRule, Network, Nic, PortForward, Protocol
+
+
+class EgressRuleSerializer(serializers.Serializer):
+    cidr = serializers.CharField(max_length=18)
+    # Plain strings (validated by the service): "" means any protocol / the network's policy,
+    # and distinct choice sets with the same field name would collide in the OpenAPI schema.
+    protocol = serializers.CharField(max_length=3, default="", allow_blank=True, help_text="tcp, udp or empty (any)")
+    ports = serializers.CharField(max_length=200, default="", allow_blank=True)
+
+
+class NetworkSerializer(serializers.ModelSerializer):
+    owner = serializers.CharField(source="owner.username", read_only=True, default=None)
+    egress_rules = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Network
+        fields = [
+            "id",
+            "name",
+            "owner",
+            "cidr",
+            "gateway",
+            "bridge",
+            "tenant_isolation",
+            "egress_mode",
+            "egress_rules",
+            "is_default",
+            "created_at",
+            "updated_at",
+        ]
+        read_only_fields = fields
+
+    def get_egress_rules(self, obj) -> list[dict]:
+        return [
+            {"cidr": r.cidr, "protocol": r.protocol, "ports": r.ports} for r in EgressRule.objects.filter(network=obj)
+        ]
+
+
+class NetworkCreateSerializer(serializers.Serializer):
+    name = serializers.SlugField(max_length=63)
+    cidr = serializers.CharField(max_length=18)
+    gateway = serializers.IPAddressField(protocol="IPv4", required=False)
+    owner = serializers.SlugRelatedField(
+        slug_field="username",
+        queryset=get_user_model().objects.filter(is_active=True),
+        required=False,
+        allow_null=True,
+    )
+    tenant_isolation = serializers.BooleanField(default=True)
+    egress_mode = serializers.ChoiceField(choices=EgressMode.choices, default=EgressMode.ALLOW)
+    egress_rules = EgressRuleSerializer(many=True, required=False)
+
+
+class NetworkUpdateSerializer(serializers.Serializer):
+    name = serializers.SlugField(max_length=63, required=False)
+    tenant_isolation = serializers.BooleanField(required=False)
+    egress_mode = serializers.ChoiceField(choices=EgressMode.choices, required=False)
+    egress_rules = EgressRuleSerializer(many=True, required=False)
+
+
+class NicSerializer(serializers.ModelSerializer):
+    network = serializers.CharField(source="network.name", read_only=True)
+    gateway = serializers.CharField(source="network.gateway", read_only=True)
+    prefix = serializers.IntegerField(source="network.ip_network.prefixlen", read_only=True)
+    egress_rules = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Nic
+        fields = ["id", "index", "network", "mac", "ip", "prefix", "gateway", "tap", "egress_mode", "egress_rules"]
+        read_only_fields = fields
+
+    def get_egress_rules(self, obj) -> list[dict]:
+        return [
+            {"cidr": r.cidr, "protocol": r.protocol, "ports": r.ports} for r in EgressRule.objects.filter(vm=obj.vm_id)
+        ]
+
+
+class VmEgressSerializer(serializers.Serializer):
+    mode = serializers.CharField(
+        max_length=16, allow_blank=True, help_text="allow, deny, allowlist or empty (network's)"
+    )
+    rules = EgressRuleSerializer(many=True, required=False)
+
+
+class PortForwardSerializer(serializers.ModelSerializer):
+    host = serializers.CharField(source="host.name", read_only=True)
+    address = serializers.SerializerMethodField()
+
+    class Meta:
+        model = PortForward
+        fields = ["id", "protocol", "host", "host_port", "guest_port", "address", "created_at"]
+        read_only_fields = fields
+
+    def get_address(self, obj) -> str:
+        return selectors.port_forward_address(obj)
+
+
+class PortForwardCreateSerializer(serializers.Serializer):
+    protocol = serializers.ChoiceField(choices=Protocol.choices, default=Protocol.TCP)
+    guest_port = serializers.IntegerField(min_value=1, max_value=65535)
+    host_port = serializers.IntegerField(min_value=1, max_value=65535, required=False)

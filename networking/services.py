@@ -1,0 +1,526 @@
+"""Networking business rules: networks, address management, host plumbing, port forwards,
+egress policy. Views, tasks and the VM lifecycle call these and nothing else.
+
+Integration with the VM lifecycle (called by vms, see docs/networking.md):
+
+- ``nic_allocate(vm=...)`` inside the VM create transaction: MAC + IP from the database;
+- ``nic_spec(vm=...)`` when building the ``VmSpec`` (tap, mac, kernel arguments);
+- ``nic_plumb(vm=...)`` on the VM's host before the VMM is launched;
+- ``nic_unplumb(vm=...)`` on the VM's host after the VMM is gone (delete);
+- ``nic_release(vm=...)`` in the transaction that deletes the VM row;
+- ``network_reconcile(host=...)`` at worker start on each host.
+
+Host-side work (netlink, nftables) happens in ``settings.SANDBOX_NETNS`` (empty = host
+namespace) and only on interfaces and tables we named.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import secrets
+import zlib
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import IntegrityError, connection, transaction
+from guardian.shortcuts import assign_perm
+
+from accounts.audit import audit_record
+from accounts.roles import user_is_operator
+from networking import netlink, nft, selectors
+from networking.models import EgressMode, EgressRule, Network, Nic, PortForward, Protocol
+from sandbox_site.errors import ApplicationError, ConflictError, NotPermitted
+
+logger = logging.getLogger(__name__)
+
+_RULES_LOCK_BASE = 727_200_000  # + crc of the host name: serialises render+apply per host
+MAX_EGRESS_RULES = 64
+OWNER_NETWORK_PERMS = ("view_network", "change_network", "use_network")
+
+
+@dataclass(frozen=True)
+class NicSpec:
+    """What the VMM and the guest need to know about one NIC."""
+
+    tap: str
+    mac: str
+    ip: str
+    gateway: str
+    prefix: int
+    index: int = 0
+
+    @property
+    def netmask(self) -> str:
+        return str(ipaddress.IPv4Network(f"0.0.0.0/{self.prefix}").netmask)
+
+    @property
+    def kernel_args(self) -> str:
+        """Kernel command line arguments read by the guest init (the Debian cloud kernel has
+        no CONFIG_IP_PNP, so ``ip=`` would be ignored): ``sandbox.ip=<ip>/<prefix>
+        sandbox.gw=<gateway>`` configure eth0."""
+        return f"sandbox.ip={self.ip}/{self.prefix} sandbox.gw={self.gateway}"
+
+
+def _netns() -> str | None:
+    return settings.SANDBOX_NETNS or None
+
+
+def _nic_spec(nic: Nic) -> NicSpec:
+    return NicSpec(
+        tap=nic.tap,
+        mac=nic.mac,
+        ip=nic.ip,
+        gateway=nic.network.gateway,
+        prefix=nic.network.ip_network.prefixlen,
+        index=nic.index,
+    )
+
+
+# --- networks --------------------------------------------------------------------------------
+
+
+def _egress_rules_validated(rules: list[dict] | None) -> list[EgressRule]:
+    if rules is None:
+        return []
+    if len(rules) > MAX_EGRESS_RULES:
+        raise ApplicationError(f"At most {MAX_EGRESS_RULES} egress rules.")
+    out = []
+    for i, raw in enumerate(rules):
+        rule = EgressRule(
+            cidr=str(raw.get("cidr", "")), protocol=raw.get("protocol") or "", ports=raw.get("ports") or ""
+        )
+        try:
+            rule.clean()
+            if rule.protocol and rule.protocol not in Protocol.values:
+                raise ValidationError({"protocol": "tcp, udp or empty"})
+        except ValidationError as exc:
+            raise ApplicationError("Invalid egress rule.", details={str(i): exc.message_dict}) from exc
+        out.append(rule)
+    return out
+
+
+def _egress_snapshot(rules) -> list[dict]:
+    return [{"cidr": r.cidr, "protocol": r.protocol, "ports": r.ports} for r in rules]
+
+
+def _network_snapshot(network: Network) -> dict:
+    return {
+        "name": network.name,
+        "cidr": network.cidr,
+        "gateway": network.gateway,
+        "owner": network.owner_id,
+        "tenant_isolation": network.tenant_isolation,
+        "egress_mode": network.egress_mode,
+        "egress_rules": _egress_snapshot(network.egress_rules.all()),
+    }
+
+
+def network_create(
+    *,
+    name: str,
+    cidr: str,
+    actor,
+    gateway: str | None = None,
+    owner=None,
+    tenant_isolation: bool = True,
+    egress_mode: str = EgressMode.ALLOW,
+    egress_rules: list[dict] | None = None,
+    is_default: bool = False,
+) -> Network:
+    """Create a network (operators only). The gateway defaults to the first host address;
+    a private network (``owner``) gives its owner view, change and use rights."""
+    if actor is not None and not (user_is_operator(actor) or actor.has_perm("networking.add_network")):
+        raise NotPermitted("Only operators can create networks.")
+    if egress_mode not in EgressMode.values:
+        raise ApplicationError("Unknown egress mode.", details={"egress_mode": EgressMode.values})
+    try:
+        net = ipaddress.IPv4Network(cidr, strict=True)
+    except ValueError as exc:
+        raise ApplicationError("Invalid subnet.", details={"cidr": str(exc)}) from exc
+    rules = _egress_rules_validated(egress_rules)
+    network = Network(
+        name=name,
+        cidr=str(net),
+        gateway=gateway or str(next(net.hosts())),
+        owner=owner,
+        tenant_isolation=tenant_isolation,
+        egress_mode=egress_mode,
+        is_default=is_default,
+    )
+    with transaction.atomic():
+        network.full_clean()
+        network.save()
+        for rule in rules:
+            rule.network = network
+            rule.save()
+        if owner is not None:
+            for codename in OWNER_NETWORK_PERMS:
+                assign_perm(f"networking.{codename}", owner, network)
+        audit_record(actor=actor, action="network.create", obj=network, after=_network_snapshot(network))
+        _rules_apply_everywhere()
+    return network
+
+
+def network_default_ensure() -> Network:
+    """The default network, created on first use from ``SANDBOX_NETWORK_DEFAULT_CIDR``."""
+    existing = selectors.network_default()
+    if existing is not None:
+        return existing
+    try:
+        with transaction.atomic():
+            return network_create(
+                name="default",
+                cidr=settings.SANDBOX_NETWORK_DEFAULT_CIDR,
+                egress_mode=settings.SANDBOX_NETWORK_DEFAULT_EGRESS,
+                is_default=True,
+                actor=None,
+            )
+    except (IntegrityError, ValidationError, ApplicationError):
+        # Another process created it first (unique default / name / cidr).
+        existing = selectors.network_default()
+        if existing is None:
+            raise
+        return existing
+
+
+def network_update(
+    *,
+    network: Network,
+    actor,
+    name: str | None = None,
+    tenant_isolation: bool | None = None,
+    egress_mode: str | None = None,
+    egress_rules: list[dict] | None = None,
+) -> Network:
+    """Change a network. Needs change rights on it; relaxing tenant isolation is for operators only."""
+    if not selectors.network_user_can(actor, "change", network):
+        raise NotPermitted("You do not have the 'change' permission on this network.")
+    if tenant_isolation is not None and tenant_isolation != network.tenant_isolation and not user_is_operator(actor):
+        raise NotPermitted("Only operators can change tenant isolation.")
+    if egress_mode is not None and egress_mode not in EgressMode.values:
+        raise ApplicationError("Unknown egress mode.", details={"egress_mode": EgressMode.values})
+    rules = _egress_rules_validated(egress_rules) if egress_rules is not None else None
+    with transaction.atomic():
+        locked = Network.objects.select_for_update().get(pk=network.pk)
+        before = _network_snapshot(locked)
+        if name is not None:
+            locked.name = name
+        if tenant_isolation is not None:
+            locked.tenant_isolation = tenant_isolation
+        if egress_mode is not None:
+            locked.egress_mode = egress_mode
+        locked.full_clean()
+        locked.save()
+        if rules is not None:
+            EgressRule.objects.filter(network=locked).delete()
+            for rule in rules:
+                rule.network = locked
+                rule.save()
+        audit_record(actor=actor, action="network.update", obj=locked, before=before, after=_network_snapshot(locked))
+        _rules_apply_everywhere()
+    return locked
+
+
+def network_delete(*, network: Network, actor) -> None:
+    """Delete a network that no NIC uses (never the default one)."""
+    if not selectors.network_user_can(actor, "delete", network):
+        raise NotPermitted("You do not have the 'delete' permission on this network.")
+    from guardian.models import GroupObjectPermission, UserObjectPermission
+
+    with transaction.atomic():
+        locked = Network.objects.select_for_update().get(pk=network.pk)
+        if locked.is_default:
+            raise ConflictError("The default network cannot be deleted.")
+        if locked.nics.exists():
+            raise ConflictError("VMs are attached to this network.", details={"nics": locked.nics.count()})
+        audit_record(actor=actor, action="network.delete", obj=locked, before=_network_snapshot(locked))
+        for model in (UserObjectPermission, GroupObjectPermission):
+            model.objects.filter(
+                content_type__app_label="networking", content_type__model="network", object_pk=str(locked.pk)
+            ).delete()
+        locked.delete()
+        _rules_apply_everywhere()
+
+
+# --- address management ----------------------------------------------------------------------
+
+
+def _random_mac() -> str:
+    # 02: locally administered, unicast.
+    return "02:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(5))
+
+
+def nic_allocate(*, vm, network: Network | None = None, actor=None) -> NicSpec:
+    """Give ``vm`` a NIC on ``network`` (default network when omitted): the lowest free IPv4
+    address of the subnet and a random locally administered MAC. Call it inside the VM
+    create transaction: the network row lock serialises concurrent allocations, and the
+    unique (network, ip) constraint backs it up."""
+    network = network or network_default_ensure()
+    if actor is not None and not selectors.network_user_can(actor, "use", network):
+        raise NotPermitted("You may not attach VMs to this network.")
+    with transaction.atomic():
+        locked = Network.objects.select_for_update().get(pk=network.pk)
+        index = Nic.objects.filter(vm=vm).count()
+        used = set(Nic.objects.filter(network=locked).values_list("ip", flat=True))
+        used.add(locked.gateway)
+        ip = next((str(a) for a in locked.ip_network.hosts() if str(a) not in used), None)
+        if ip is None:
+            raise ConflictError(f"Network {locked.name} has no free address left.", code="network_full")
+        for _attempt in range(5):
+            try:
+                with transaction.atomic():
+                    nic = Nic.objects.create(vm=vm, network=locked, index=index, ip=ip, mac=_random_mac())
+                break
+            except IntegrityError:
+                if Nic.objects.filter(network=locked, ip=ip).exists():
+                    raise
+        else:  # five MAC collisions in a row: something is wrong with the random source
+            raise ApplicationError("Could not pick a unique MAC address.")
+        audit_record(
+            actor=actor, action="vm.nic_attach", obj=vm, after={"network": locked.name, "ip": ip, "mac": nic.mac}
+        )
+    return _nic_spec(Nic.objects.select_related("network").get(pk=nic.pk))
+
+
+def nic_spec(*, vm) -> NicSpec | None:
+    """The first NIC of ``vm`` (what ``VmSpec.tap``/``mac`` and the kernel arguments come from)."""
+    nics = selectors.nics_of(vm)
+    return _nic_spec(nics[0]) if nics else None
+
+
+def nic_release(*, vm, actor=None) -> int:
+    """Free the VM's addresses, port forwards and egress rules (call in the transaction that
+    deletes the VM row; rows cascade anyway). Returns the number of NICs released."""
+    with transaction.atomic():
+        nics = list(Nic.objects.filter(vm=vm).select_related("network"))
+        forwards = list(PortForward.objects.filter(vm=vm))
+        PortForward.objects.filter(vm=vm).delete()
+        EgressRule.objects.filter(vm=vm).delete()
+        Nic.objects.filter(vm=vm).delete()
+        if nics or forwards:
+            audit_record(
+                actor=actor,
+                action="vm.nic_release",
+                obj=vm,
+                before={
+                    "nics": [{"network": n.network.name, "ip": n.ip, "mac": n.mac} for n in nics],
+                    "port_forwards": [str(pf) for pf in forwards],
+                },
+            )
+    return len(nics)
+
+
+# --- host plumbing (runs on the VM's host) ---------------------------------------------------
+
+
+def nic_plumb(*, vm) -> list[NicSpec]:
+    """Before the VMM starts, on the VM's host: bridge and TAP up, rules applied. Idempotent."""
+    nics = selectors.nics_of(vm)
+    if not nics:
+        return []
+    Nic.objects.filter(pk__in=[n.pk for n in nics]).update(plumbed=True)  # before the TAP exists: reconcile keeps it
+    for nic in nics:
+        net = nic.network
+        netlink.bridge_ensure(net.bridge, net.gateway, net.ip_network.prefixlen, netns=_netns())
+        netlink.tap_ensure(nic.tap, net.bridge, netns=_netns())
+    network_rules_apply(host=vm.host)
+    return [_nic_spec(n) for n in nics]
+
+
+def nic_unplumb(*, vm) -> None:
+    """After the VMM is gone, on the VM's host: TAPs removed, rules without them applied. Idempotent."""
+    nics = selectors.nics_of(vm)
+    for nic in nics:
+        netlink.link_remove(nic.tap, netns=_netns())
+    if nics:
+        Nic.objects.filter(pk__in=[n.pk for n in nics]).update(plumbed=False)
+    if vm.host_id:
+        network_rules_apply(host=vm.host)
+
+
+def nic_counters(*, vm) -> dict[str, dict[str, int]]:
+    """Per-NIC counters from the guest's point of view (host TX is guest RX), in the shape of
+    ``Driver.counters``: ``{"net.<tap>": {rx_bytes, tx_bytes, rx_packets, tx_packets}}``."""
+    out = {}
+    for nic in selectors.nics_of(vm):
+        host = netlink.link_counters(nic.tap, netns=_netns())
+        if host:
+            out[f"net.{nic.tap}"] = {
+                "rx_bytes": host["tx_bytes"],
+                "tx_bytes": host["rx_bytes"],
+                "rx_packets": host["tx_packets"],
+                "tx_packets": host["rx_packets"],
+            }
+    return out
+
+
+def _lock_host_rules(host) -> None:
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_advisory_xact_lock(%s)", [_RULES_LOCK_BASE + zlib.crc32(host.name.encode()) % 99_999]
+            )
+
+
+def network_rules_apply(*, host) -> nft.HostRules:
+    """Render the host's rules from the database and load them atomically. Serialised per
+    host, and rendered after taking the lock, so the last apply always sees every commit."""
+    with transaction.atomic():
+        _lock_host_rules(host)
+        rules = selectors.host_rules(host)
+        if settings.SANDBOX_NETWORK_IP_FORWARD and any(n.nics for n in rules.networks):
+            netlink.sysctl_write("net.ipv4.ip_forward", "1", netns=_netns())
+        nft.apply(nft.render(rules), netns=_netns())
+    return rules
+
+
+def _rules_apply_enqueue(host) -> None:
+    from networking.tasks import network_rules_apply_task
+
+    transaction.on_commit(lambda: network_rules_apply_task.apply_async(args=[str(host.pk)], queue=host.queue))
+
+
+def _rules_apply_everywhere() -> None:
+    from vms.models import Host
+
+    for host in Host.objects.filter(is_active=True, vms__nics__plumbed=True).distinct():
+        _rules_apply_enqueue(host)
+
+
+def network_reconcile(*, host) -> dict[str, int]:
+    """At start-up on ``host``: make sure the default network exists, remove our own leftover
+    interfaces (TAPs of NICs that are gone or unplumbed, bridges of deleted networks), bring
+    back the bridges and TAPs of plumbed NICs, and re-apply the rules atomically. Touches
+    only interfaces named with our prefix and our own nftables tables."""
+    network_default_ensure()
+    counts = {"taps_removed": 0, "bridges_removed": 0, "taps_ensured": 0}
+    plumbed = list(Nic.objects.filter(vm__host=host, plumbed=True).select_related("network"))
+    wanted_taps = {n.tap for n in plumbed}
+    wanted_bridges = set(Network.objects.values_list("bridge", flat=True))
+    for link in netlink.links_owned(netns=_netns()):
+        if link.name.startswith(netlink.TAP_PREFIX) and link.name not in wanted_taps:
+            counts["taps_removed"] += int(netlink.link_remove(link.name, netns=_netns()))
+    for link in netlink.links_owned(netns=_netns()):
+        if link.name.startswith(netlink.BRIDGE_PREFIX) and link.name not in wanted_bridges:
+            counts["bridges_removed"] += int(netlink.link_remove(link.name, netns=_netns()))
+    for nic in plumbed:
+        net = nic.network
+        netlink.bridge_ensure(net.bridge, net.gateway, net.ip_network.prefixlen, netns=_netns())
+        netlink.tap_ensure(nic.tap, net.bridge, netns=_netns())
+        counts["taps_ensured"] += 1
+    network_rules_apply(host=host)
+    return counts
+
+
+# --- per-VM egress and port forwards ---------------------------------------------------------
+
+
+def _require_vm_change(actor, vm, action: str) -> None:
+    from accounts.audit import audit_record as record
+    from accounts.models import AuditResult
+    from accounts.services import user_has_perm
+
+    if not user_has_perm(actor, "vms.change_vm", vm):
+        with transaction.atomic():
+            record(actor=actor, action=action, obj=vm, result=AuditResult.DENIED, message="missing vms.change_vm")
+        raise NotPermitted("You do not have the 'change' permission on this VM.")
+
+
+def vm_egress_set(*, vm, actor, mode: str, rules: list[dict] | None = None) -> dict:
+    """Per-VM egress: ``mode`` allow / deny / allowlist (with ``rules``) or "" for the network's."""
+    _require_vm_change(actor, vm, "vm.egress_update")
+    if mode not in ("", *EgressMode.values):
+        raise ApplicationError("Unknown egress mode.", details={"mode": ["", *EgressMode.values]})
+    validated = _egress_rules_validated(rules or [])
+    with transaction.atomic():
+        nics = Nic.objects.select_for_update().filter(vm=vm)
+        if not nics.exists():
+            raise ConflictError("This VM has no network interface.", code="no_nic")
+        before = {"mode": nics[0].egress_mode, "rules": _egress_snapshot(EgressRule.objects.filter(vm=vm))}
+        nics.update(egress_mode=mode)
+        EgressRule.objects.filter(vm=vm).delete()
+        for rule in validated:
+            rule.vm = vm
+            rule.save()
+        after = {"mode": mode, "rules": _egress_snapshot(validated)}
+        audit_record(actor=actor, action="vm.egress_update", obj=vm, before=before, after=after)
+        if vm.host_id:
+            _rules_apply_enqueue(vm.host)
+    return after
+
+
+def port_forward_create(
+    *, vm, actor, guest_port: int, protocol: str = Protocol.TCP, host_port: int | None = None
+) -> PortForward:
+    """Forward ``host_port`` (or the lowest free port of the configured range) on the VM's
+    host to ``guest_port`` of its first NIC. A taken host port is a 409."""
+    _require_vm_change(actor, vm, "portforward.create")
+    low, high = settings.SANDBOX_PORT_FORWARD_RANGE
+    errors = {}
+    if protocol not in Protocol.values:
+        errors["protocol"] = "tcp or udp"
+    if not isinstance(guest_port, int) or not 1 <= guest_port <= 65535:
+        errors["guest_port"] = "1-65535"
+    if host_port is not None and not low <= host_port <= high:
+        errors["host_port"] = f"must be within {low}-{high}"
+    if errors:
+        raise ApplicationError("Invalid port forward.", details=errors)
+    if vm.host_id is None:
+        raise ConflictError("The VM has no host yet.")
+    from vms.models import Host
+
+    with transaction.atomic():
+        Host.objects.select_for_update().get(pk=vm.host_id)  # serialises port choice per host
+        if not Nic.objects.filter(vm=vm).exists():
+            raise ConflictError("This VM has no network interface.", code="no_nic")
+        if PortForward.objects.filter(vm=vm).count() >= settings.SANDBOX_PORT_FORWARDS_PER_VM:
+            raise ConflictError(f"At most {settings.SANDBOX_PORT_FORWARDS_PER_VM} port forwards per VM.")
+        taken = set(
+            PortForward.objects.filter(host_id=vm.host_id, protocol=protocol).values_list("host_port", flat=True)
+        )
+        if host_port is None:
+            host_port = next((p for p in range(low, high + 1) if p not in taken), None)
+            if host_port is None:
+                raise ConflictError("No free host port left in the forwarding range.", code="port_range_full")
+        elif host_port in taken:
+            raise ConflictError(
+                f"Host port {protocol}/{host_port} is already forwarded.", details={"host_port": "taken"}
+            )
+        pf = PortForward.objects.create(
+            vm=vm,
+            host_id=vm.host_id,
+            protocol=protocol,
+            host_port=host_port,
+            guest_port=guest_port,
+            created_by=actor if getattr(actor, "is_authenticated", False) else None,
+        )
+        audit_record(
+            actor=actor,
+            action="portforward.create",
+            obj=vm,
+            after={"id": pf.pk, "protocol": protocol, "host_port": host_port, "guest_port": guest_port},
+        )
+        _rules_apply_enqueue(vm.host)
+    return pf
+
+
+def port_forward_delete(*, port_forward: PortForward, actor) -> None:
+    vm = port_forward.vm
+    _require_vm_change(actor, vm, "portforward.delete")
+    with transaction.atomic():
+        deleted, _ = PortForward.objects.filter(pk=port_forward.pk).delete()
+        if deleted:
+            audit_record(
+                actor=actor,
+                action="portforward.delete",
+                obj=vm,
+                before={
+                    "id": port_forward.pk,
+                    "protocol": port_forward.protocol,
+                    "host_port": port_forward.host_port,
+                    "guest_port": port_forward.guest_port,
+                },
+            )
+            _rules_apply_enqueue(vm.host)
