@@ -209,6 +209,44 @@ _HANDLERS = {
 
 # --- reconciliation ---------------------------------------------------------------------
 
+MAX_ATTEMPTS = 3
+
+
+def _settle_transitional(vm: VM, now) -> int:
+    """A VM in a transitional state belongs to its live operation. When that operation's
+    worker died, re-enqueue it (it is idempotent) up to MAX_ATTEMPTS, then give up: stop the
+    VMM and mark the VM error. Returns 1 when something had to be done."""
+    from vms.services import _operation_enqueue, operation_worker_alive
+
+    live = (
+        Operation.objects.filter(vm=vm, status__in=[Operation.Status.PENDING, Operation.Status.RUNNING])
+        .order_by("-created_at")
+        .first()
+    )
+    if live is not None and live.status == Operation.Status.PENDING:
+        if (now - live.created_at).total_seconds() < PENDING_LIMIT_SECONDS:
+            return 0  # queued behind other work
+    elif live is not None and operation_worker_alive(live.worker):
+        limit = settings.SANDBOX_BOOT_TIMEOUT + settings.SANDBOX_STOP_TIMEOUT + STUCK_GRACE_SECONDS
+        if (now - (live.started_at or live.created_at)).total_seconds() < limit:
+            return 0
+    if live is not None and live.attempts < MAX_ATTEMPTS and live.status == Operation.Status.RUNNING:
+        if Operation.objects.filter(pk=live.pk, status=Operation.Status.RUNNING, worker=live.worker).update(
+            status=Operation.Status.PENDING
+        ):
+            _log(live, f"worker {live.worker} was lost; retrying (attempt {live.attempts + 1})")
+            _operation_enqueue(live, vm)
+        return 1
+    if live is not None:
+        Operation.objects.filter(pk=live.pk).update(
+            status=Operation.Status.FAILED, error="The worker running this operation was lost.", finished_at=now
+        )
+    if vm.driver:
+        _kill_quietly(hypervisor.driver_for(vm.driver), hypervisor.vm_spec(vm))
+    _fail(vm, f"Operation lost while {vm.state}; the VMM was stopped.", expected={vm.state})
+    return 1
+
+
 STUCK_GRACE_SECONDS = 60
 PENDING_LIMIT_SECONDS = 3600
 
@@ -229,22 +267,7 @@ def vms_reconcile(host) -> dict[str, int]:
                 _fail(vm, "The VMM process exited unexpectedly.", expected={vm.state})
                 counts["died"] += 1
         elif vm.state in (S.STARTING, S.STOPPING, S.CREATING, S.DELETING):
-            live = Operation.objects.filter(
-                vm=vm, status__in=[Operation.Status.PENDING, Operation.Status.RUNNING]
-            ).order_by("-created_at").first()
-            limit = settings.SANDBOX_BOOT_TIMEOUT + settings.SANDBOX_STOP_TIMEOUT + STUCK_GRACE_SECONDS
-            since = (live.started_at or live.created_at) if live is not None else None
-            if live is not None and live.status == Operation.Status.PENDING:
-                limit = PENDING_LIMIT_SECONDS  # still queued behind other work: give it time
-            if live is None or (now - since).total_seconds() > limit:
-                if live is not None:
-                    Operation.objects.filter(pk=live.pk).update(
-                        status=Operation.Status.FAILED, error="The worker running this operation was lost.", finished_at=now
-                    )
-                if vm.driver:
-                    _kill_quietly(hypervisor.driver_for(vm.driver), hypervisor.vm_spec(vm))
-                _fail(vm, f"Operation lost while {vm.state}; the VMM was stopped.", expected={vm.state})
-                counts["stuck"] += 1
+            counts["stuck"] += _settle_transitional(vm, now)
     root = settings.SANDBOX_RUNTIME_DIR
     if root.is_dir():
         known = {str(pk) for pk in VM.objects.values_list("pk", flat=True)}

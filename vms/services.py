@@ -8,10 +8,12 @@ Slow work runs in Celery tasks on the VM's host queue; each action is an ``Opera
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 from django.contrib.auth import get_user_model
 from django.db import transaction
+from django.db.models import F
 from django.utils import timezone
 from guardian.shortcuts import assign_perm
 
@@ -283,14 +285,48 @@ def operation_log(op: Operation, line: str, *, progress: int | None = None) -> N
     Operation.objects.filter(pk=op.pk).update(**fields)
 
 
-def operation_execute(op_id) -> Operation:
+def operation_worker_id() -> str:
+    from django.conf import settings
+
+    return f"{settings.SANDBOX_HOST_NAME}:{os.getpid()}"
+
+
+def operation_worker_alive(worker: str) -> bool:
+    """Whether the worker process that claimed an operation still runs. Workers of other
+    hosts are assumed alive: only their own host can tell."""
+    from django.conf import settings
+
+    host, _, pid = worker.rpartition(":")
+    if host != settings.SANDBOX_HOST_NAME or not pid.isdigit():
+        return True
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return b"celery" in fh.read()
+    except OSError:
+        return False
+
+
+def operation_claim(op: Operation) -> bool:
+    """Compare-and-set the operation to running for this worker. A pending operation, or a
+    running one whose worker died, can be claimed; anything else belongs to someone else."""
+    me = operation_worker_id()
+    fields = {"status": Operation.Status.RUNNING, "worker": me, "attempts": F("attempts") + 1}
+    if Operation.objects.filter(pk=op.pk, status=Operation.Status.PENDING).update(
+        started_at=op.started_at or timezone.now(), **fields
+    ):
+        return True
+    if op.status == Operation.Status.RUNNING and op.worker != me and not operation_worker_alive(op.worker):
+        return bool(Operation.objects.filter(pk=op.pk, status=Operation.Status.RUNNING, worker=op.worker).update(**fields))
+    return False
+
+
+def operation_execute(op_id) -> Operation | None:
     """Run one operation; idempotent (a redelivered task resumes or finishes cleanly)."""
     from vms import lifecycle
 
     op = Operation.objects.filter(pk=op_id).first()
-    if op is None or op.status in (Operation.Status.SUCCEEDED, Operation.Status.FAILED):
+    if op is None or not operation_claim(op):
         return op
-    Operation.objects.filter(pk=op.pk).update(status=Operation.Status.RUNNING, started_at=op.started_at or timezone.now())
     op.refresh_from_db()
     try:
         lifecycle.run(op)
