@@ -101,6 +101,7 @@ else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
     CELERY_BROKER_URL = "filesystem://"
     _broker_dir = DATA_DIR / "celery-broker"
+    (_broker_dir / "processed").mkdir(parents=True, exist_ok=True)
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(_broker_dir),
         "data_folder_out": str(_broker_dir),
@@ -223,6 +224,8 @@ CELERY_BEAT_SCHEDULE = {
 }
 
 # --- networking ---------------------------------------------------------------------------
+# Give every new VM a NIC on the default network (off: VMs without network devices).
+SANDBOX_NETWORKING = env.bool("SANDBOX_NETWORKING", default=True)
 # Namespace (a name under /run/netns) holding our bridges, TAPs, nftables tables and VMMs;
 # empty = the host namespace. Tests set it to a namespace they create.
 SANDBOX_NETNS = env.str("SANDBOX_NETNS", default="")
