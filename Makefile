@@ -7,7 +7,7 @@ TEST_ENV := DATABASE_URL=postgres://postgres@127.0.0.1:5432/microvm_sandbox \
 	REDIS_URL=redis://127.0.0.1:6379/0 SECRET_KEY=test-only-secret-key DEBUG=0 \
 	SANDBOX_IMAGE_DIR=$(CURDIR)/var/images
 
-.PHONY: run test system venv env image lint check-deploy clean benchmarks
+.PHONY: run test system venv env image lint check-deploy clean benchmarks static-vendor
 
 system:
 	./scripts/install-system-packages.sh
@@ -25,10 +25,21 @@ venv: $(VENV)/.installed
 
 env: .env
 
+# Browser libraries come from the npm registry through frontend/package-lock.json.
+static/vendor/.installed: frontend/package.json frontend/package-lock.json
+	cd frontend && npm ci --no-audit --no-fund --loglevel=error
+	mkdir -p static/vendor
+	cp frontend/node_modules/@xterm/xterm/lib/xterm.js frontend/node_modules/@xterm/xterm/css/xterm.css \
+	   frontend/node_modules/@xterm/addon-fit/lib/addon-fit.js \
+	   frontend/node_modules/chart.js/dist/chart.umd.min.js static/vendor/
+	touch $@
+
+static-vendor: static/vendor/.installed
+
 image: venv
 	$(PY) manage.py build_image
 
-run: system venv env
+run: system venv env static-vendor
 	mkdir -p var
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py collectstatic --noinput -v 0
@@ -36,7 +47,7 @@ run: system venv env
 	$(PY) manage.py build_image
 	./scripts/run.sh
 
-test: system venv
+test: system venv static-vendor
 	./scripts/ensure-services.sh
 	$(TEST_ENV) $(PY) manage.py build_image
 	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)

@@ -101,11 +101,13 @@ else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
     CELERY_BROKER_URL = "filesystem://"
     _broker_dir = DATA_DIR / "celery-broker"
-    (_broker_dir / "processed").mkdir(parents=True, exist_ok=True)
+    for _sub in ("processed", "control"):
+        (_broker_dir / _sub).mkdir(parents=True, exist_ok=True)
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(_broker_dir),
         "data_folder_out": str(_broker_dir),
         "processed_folder": str(_broker_dir / "processed"),
+        "control_folder": str(_broker_dir / "control"),
         "store_processed": False,
     }
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
@@ -215,7 +217,14 @@ SANDBOX_DEFAULT_QUOTA = {
     "max_memory_mib": env.int("SANDBOX_DEFAULT_MAX_MEMORY_MIB", default=8192),
     "max_disk_gib": env.int("SANDBOX_DEFAULT_MAX_DISK_GIB", default=100),
 }
+SANDBOX_SAMPLE_SECONDS = env.float("SANDBOX_SAMPLE_SECONDS", default=10.0)
+SANDBOX_SAMPLE_RETENTION_SECONDS = env.int("SANDBOX_SAMPLE_RETENTION_SECONDS", default=6 * 3600)
 CELERY_BEAT_SCHEDULE = {
+    "vms-sample": {
+        "task": "vms.tasks.vms_sample_task",
+        "schedule": SANDBOX_SAMPLE_SECONDS,
+        "options": {"queue": f"host.{SANDBOX_HOST_NAME}", "expires": SANDBOX_SAMPLE_SECONDS * 2},
+    },
     "vms-reconcile": {
         "task": "vms.tasks.vms_reconcile_task",
         "schedule": SANDBOX_RECONCILE_SECONDS,

@@ -4,6 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 want=$(cat requirements/apt*.txt | sed 's/#.*//' | tr -s ' \n' '\n' | sort -u | grep -v '^$')
 missing=()
+# The dashboard's browser libraries are installed with npm; any Node.js with npm will do.
+command -v npm >/dev/null || want="$want nodejs npm"
 for pkg in $want; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done

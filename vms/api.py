@@ -42,6 +42,7 @@ class VmViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPermissi
         "revoke": "change",
         "operations": "view",
         "agent": "view",
+        "samples": "view",
     }
 
     def get_queryset(self):
@@ -119,6 +120,16 @@ class VmViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPermissi
         vm = self.get_object()
         page = self.paginate_queryset(vm.operations.all())
         return self.get_paginated_response(OperationSerializer(page, many=True).data)
+
+    @action(detail=True, methods=["get"])
+    def samples(self, request, id=None):
+        """Resource usage over time: CPU %, RSS, disk and network rates (``?minutes=``, max 360)."""
+        vm = self.get_object()
+        try:
+            minutes = min(max(int(request.query_params.get("minutes", 30)), 1), 360)
+        except ValueError:
+            minutes = 30
+        return Response({"vm": str(vm.pk), "points": selectors.vm_samples_rates(vm=vm, minutes=minutes)})
 
     @action(detail=True, methods=["get"])
     def agent(self, request, id=None):

@@ -166,3 +166,23 @@ class Operation(models.Model):
 
     def __str__(self) -> str:
         return f"{self.action} {self.vm_ref} {self.status}"
+
+
+class ResourceSample(models.Model):
+    """One resource reading of a running VM, taken by the host's sampler (beat).
+    Counters are cumulative since the VMM started; the API turns them into rates."""
+
+    id = models.BigAutoField(primary_key=True)
+    vm = models.ForeignKey(VM, on_delete=models.CASCADE, related_name="samples")
+    taken_at = models.DateTimeField(default=timezone.now, db_index=True)
+    cpu_seconds = models.FloatField(help_text="CPU time used by the VMM process")
+    rss_bytes = models.BigIntegerField()
+    memory_bytes = models.BigIntegerField(help_text="Memory given to the guest")
+    disk_read_bytes = models.BigIntegerField(default=0)
+    disk_write_bytes = models.BigIntegerField(default=0)
+    net_rx_bytes = models.BigIntegerField(default=0)
+    net_tx_bytes = models.BigIntegerField(default=0)
+
+    class Meta:
+        ordering = ["taken_at"]
+        indexes = [models.Index(fields=["vm", "taken_at"])]

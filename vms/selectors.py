@@ -55,3 +55,16 @@ def usage_of(user, *, exclude_vm_id=None) -> dict[str, int]:
         "memory_mib": agg["memory_mib"] or 0,
         "disk_gib": agg["disk_gib"] or 0,
     }
+
+
+def vm_samples_rates(*, vm, minutes: int) -> list[dict]:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from vms.models import ResourceSample
+    from vms.sampling import samples_as_rates
+
+    since = timezone.now() - timedelta(minutes=minutes)
+    samples = list(ResourceSample.objects.filter(vm=vm, taken_at__gte=since).order_by("taken_at")[:5000])
+    return samples_as_rates(samples)

@@ -24,14 +24,29 @@ def vms_reconcile_task() -> None:
     vms_reconcile(local_host())
 
 
+@shared_task(ignore_result=True)
+def vms_sample_task() -> None:
+    from vms.sampling import vms_sample
+    from vms.services import local_host
+
+    vms_sample(local_host())
+
+
 @worker_ready.connect
 def _reconcile_on_start(sender=None, **kwargs) -> None:
+    import logging
+
     from vms.lifecycle import vms_reconcile
     from vms.services import local_host
 
     try:
         vms_reconcile(local_host())
     except Exception:  # a failed first pass must not stop the worker; beat retries
-        import logging
-
         logging.getLogger(__name__).exception("reconcile at worker start failed")
+    from networking.services import network_reconcile
+
+    try:
+        # Our own leftover TAPs/bridges go, plumbed NICs come back, rules re-applied atomically.
+        network_reconcile(host=local_host())
+    except Exception:
+        logging.getLogger(__name__).exception("network reconcile at worker start failed")
