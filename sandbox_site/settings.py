@@ -110,6 +110,11 @@ else:
         "control_folder": str(_broker_dir / "control"),
         "store_processed": False,
     }
+if REDIS_URL:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL,
+                          "KEY_PREFIX": "msbx", "TIMEOUT": 300}}
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
@@ -217,6 +222,10 @@ SANDBOX_DEFAULT_QUOTA = {
     "max_memory_mib": env.int("SANDBOX_DEFAULT_MAX_MEMORY_MIB", default=8192),
     "max_disk_gib": env.int("SANDBOX_DEFAULT_MAX_DISK_GIB", default=100),
 }
+# Consoles: scrollback replayed to a new viewer, unacknowledged bytes in flight per viewer.
+SANDBOX_CONSOLE_SCROLLBACK_BYTES = env.int("SANDBOX_CONSOLE_SCROLLBACK_BYTES", default=256 * 1024)
+SANDBOX_CONSOLE_WINDOW_BYTES = env.int("SANDBOX_CONSOLE_WINDOW_BYTES", default=256 * 1024)
+SANDBOX_CONSOLE_TICKET_SECONDS = env.int("SANDBOX_CONSOLE_TICKET_SECONDS", default=60)
 SANDBOX_SAMPLE_SECONDS = env.float("SANDBOX_SAMPLE_SECONDS", default=10.0)
 SANDBOX_SAMPLE_RETENTION_SECONDS = env.int("SANDBOX_SAMPLE_RETENTION_SECONDS", default=6 * 3600)
 CELERY_BEAT_SCHEDULE = {

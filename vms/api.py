@@ -43,6 +43,8 @@ class VmViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPermissi
         "operations": "view",
         "agent": "view",
         "samples": "view",
+        "console_ticket": "view",
+        "console_log": "view",
     }
 
     def get_queryset(self):
@@ -120,6 +122,36 @@ class VmViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPermissi
         vm = self.get_object()
         page = self.paginate_queryset(vm.operations.all())
         return self.get_paginated_response(OperationSerializer(page, many=True).data)
+
+    @action(detail=True, methods=["post"], url_path="console-ticket")
+    def console_ticket(self, request, id=None):
+        """A short-lived single-use ticket for ``/ws/vms/{id}/console/?ticket=`` (non-browser clients).
+        View rights give a read-only console; the console right allows typing."""
+        from django.conf import settings
+
+        from vms.consoles import console_ticket_mint
+
+        vm = self.get_object()
+        ticket = console_ticket_mint(vm=vm, actor=request.user)
+        return Response(
+            {"ticket": ticket, "expires_in": settings.SANDBOX_CONSOLE_TICKET_SECONDS,
+             "url": f"/ws/vms/{vm.pk}/console/?ticket={ticket}"},
+            status=status.HTTP_201_CREATED,
+        )
+
+    @action(detail=True, methods=["get"], url_path="console/log")
+    def console_log(self, request, id=None):
+        """Everything the guest wrote to its serial console, as a text download."""
+        from django.http import FileResponse
+
+        from vms.consoles import console_log_path
+
+        vm = self.get_object()
+        path = console_log_path(vm.pk)
+        if not path.exists():
+            raise NotFound("This VM has no console log (yet).")
+        return FileResponse(path.open("rb"), as_attachment=True, filename=f"{vm.name}-console.log",
+                            content_type="text/plain; charset=utf-8")
 
     @action(detail=True, methods=["get"])
     def samples(self, request, id=None):

@@ -68,3 +68,10 @@ def vm_samples_rates(*, vm, minutes: int) -> list[dict]:
     since = timezone.now() - timedelta(minutes=minutes)
     samples = list(ResourceSample.objects.filter(vm=vm, taken_at__gte=since).order_by("taken_at")[:5000])
     return samples_as_rates(samples)
+
+
+def vm_for_console(user, vm_id):
+    """The VM if ``user`` may at least view it, else None."""
+    if not vm_visible_to(user, vm_id):
+        return None
+    return VM.objects.select_related("owner").get(pk=vm_id)

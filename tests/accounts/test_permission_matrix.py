@@ -14,6 +14,8 @@ ENDPOINTS = [
     ("retrieve", "get", "", None, "stopped", "view", None),
     ("operations", "get", "operations/", None, "stopped", "view", None),
     ("permissions", "get", "permissions/", None, "stopped", "view", None),
+    ("samples", "get", "samples/", None, "running", "view", None),
+    ("console-ticket", "post", "console-ticket/", {}, "running", "view", "console.ticket"),
     ("rename", "patch", "", {"name": "renamed"}, "stopped", "change", "vm.update"),
     ("resize", "patch", "", {"vcpus": 2}, "stopped", "change", "vm.resize"),
     ("start", "post", "start/", {}, "stopped", "power", "vm.start"),
