@@ -105,5 +105,15 @@
 
   document.addEventListener("tab-shown", (e) => { if (e.detail === "console") start(); });
   if (location.hash === "#console") start();
-  window.sandboxConsole = { get offset() { return offset; }, get writer() { return writer; } };
+  /* For tests and power users: the terminal's text and state. */
+  window.sandboxConsole = {
+    get offset() { return offset; },
+    get writer() { return writer; },
+    text() {
+      if (!term) return "";
+      const buf = term.buffer.active, lines = [];
+      for (let i = 0; i < buf.length; i++) lines.push(buf.getLine(i).translateToString(true));
+      return lines.join("\n");
+    },
+  };
 })();
