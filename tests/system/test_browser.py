@@ -129,6 +129,15 @@ def test_login_create_run_and_use_the_console_from_two_viewers(stack, browsers, 
           what="the second viewer's command seen by the first")
     second.save_screenshot(str(shots / "vm-console-second-viewer.png"))
 
+    driver.find_element(By.ID, "tab-exec").click()
+    driver.find_element(By.ID, "exec-command").send_keys("for i in 1 2 3; do echo exec-line-$i; done; echo oops >&2")
+    driver.find_element(By.CSS_SELECTOR, "#exec-form button[type=submit]").click()
+    _wait(driver, lambda: driver.execute_script("return window.sandboxExec.lastExit"), what="exec exit")
+    text = driver.execute_script("return window.sandboxExec.text()")
+    assert "exec-line-1\nexec-line-2\nexec-line-3" in text and "oops" in text
+    assert "exit code 0" in driver.find_element(By.ID, "exec-status").text
+    driver.save_screenshot(str(shots / "vm-exec.png"))
+
     for page, name in (("/operations/", "operations"), ("/audit/", "audit"), ("/tokens/", "tokens")):
         driver.get(stack.url + page)
         driver.save_screenshot(str(shots / f"{name}.png"))
