@@ -35,6 +35,7 @@
     badge.className = `state state-${vm.state}`;
     const err = document.getElementById("vm-error");
     if (vm.last_error !== undefined) { err.hidden = !vm.last_error; err.textContent = vm.last_error || ""; }
+    if (vm.driver) document.getElementById("vm-driver").textContent = vm.driver + (vm.acceleration ? ` (${vm.acceleration})` : "");
     if (vm.vcpus) document.getElementById("vm-size").textContent = `${vm.vcpus} vCPU · ${vm.memory_mib} MiB`;
     document.dispatchEvent(new CustomEvent("vm-state", { detail: vm.state }));
   }
