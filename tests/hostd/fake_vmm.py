@@ -1,0 +1,157 @@
+"""A stand-in VMM for hostd tests: a process whose command line names its runtime
+directory (so ``running_vmm_pid`` accepts it), serving
+
+- ``agent.sock``: the real guest agent code (guest_agents/linux/sandbox_agent.py) running
+  here on the host, one client at a time like QEMU's chardev; or, with ``--hostile``,
+  a peer that answers hello properly and then sends malformed frames;
+- ``serial.sock`` + ``serial.log``: a fake serial port that logs (like QEMU's
+  ``logfile=``) every line it prints; input is echoed back as ``echo: <line>``.
+
+Usage: ``python fake_vmm.py RUNTIME_DIR [--hostile MODE]``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+
+def load_agent():
+    spec = importlib.util.spec_from_file_location("sandbox_agent", ROOT / "guest_agents/linux/sandbox_agent.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+HOSTILE = {
+    "garbage": lambda agent: b"\x00\xffnot a frame at all" * 10,
+    "bad-crc": lambda agent: bytearray(agent.encode_frame({"ev": "out", "sub": 1}, b"x" * 10))[:-1] + b"y",
+    "huge-length": lambda agent: agent.MAGIC + (2 << 20).to_bytes(4, "big") + (0).to_bytes(8, "big"),
+    "not-json": lambda agent: _raw_frame(agent, b"{nope", b""),
+    "not-object": lambda agent: _raw_frame(agent, b"[1,2]", b""),
+    "bad-fields": lambda agent: agent.encode_frame({"id": 1, "ok": "yes"}),
+    "bad-event": lambda agent: agent.encode_frame({"ev": 5, "sub": "x"}),
+}
+
+
+def _raw_frame(agent, head: bytes, data: bytes) -> bytes:
+    import struct
+    import zlib
+
+    lengths = struct.pack(">II", len(head), len(data))
+    crc = zlib.crc32(data, zlib.crc32(head, zlib.crc32(lengths)))
+    return agent.MAGIC + lengths + struct.pack(">I", crc) + head + data
+
+
+def serve_hostile(path: Path, agent, mode: str) -> None:
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(path))
+    srv.listen(1)
+    while True:
+        conn, _ = srv.accept()
+        reader = agent.FrameReader()
+        try:
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    break
+                for header, _ in reader.feed(data):
+                    req = json.loads(header)
+                    if req.get("op") == "hello":
+                        result = {"protocol": 2, "nonce": req["args"]["nonce"], "agent_version": "hostile"}
+                        conn.sendall(agent.encode_frame({"id": req["id"], "ok": True, "result": result}))
+                        time.sleep(0.2)
+                        conn.sendall(HOSTILE[mode](agent))
+        except OSError:
+            pass
+        conn.close()
+
+
+def serve_serial(runtime_dir: Path) -> None:
+    log = open(runtime_dir / "serial.log", "ab", buffering=0)  # noqa: SIM115
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(runtime_dir / "serial.sock"))
+    srv.listen(1)
+    state = {"conn": None}
+
+    def emit(data: bytes) -> None:
+        log.write(data)
+        conn = state["conn"]
+        if conn is not None:
+            try:
+                conn.sendall(data)
+            except OSError:
+                pass
+
+    def ticker() -> None:
+        n = 0
+        while True:
+            n += 1
+            emit(f"tick {n}\n".encode())
+            time.sleep(0.5)
+
+    threading.Thread(target=ticker, daemon=True).start()
+    while True:
+        conn, _ = srv.accept()
+        state["conn"] = conn
+        buf = b""
+        try:
+            while True:
+                data = conn.recv(4096)
+                if not data:
+                    break
+                buf += data
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    emit(b"echo: " + line + b"\n")
+        except OSError:
+            pass
+        state["conn"] = None
+        conn.close()
+
+
+def main() -> None:
+    runtime_dir = Path(sys.argv[1]).resolve()
+    hostile = sys.argv[3] if len(sys.argv) > 3 and sys.argv[2] == "--hostile" else None
+    agent_mod = load_agent()
+    (runtime_dir / "vmm.pid").write_text(str(os.getpid()))
+    threading.Thread(target=serve_serial, args=(runtime_dir,), daemon=True).start()
+    if hostile:
+        serve_hostile(runtime_dir / "agent.sock", agent_mod, hostile)
+        return
+    agent = agent_mod.Agent(cgroup_root=None, reap_interval=0.02)
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(runtime_dir / "agent.sock"))
+    srv.listen(8)
+    srv.setblocking(False)
+    state = {"conn": None}
+
+    def accept() -> None:
+        # Like QEMU's chardev: one client at a time; others wait in the backlog.
+        if state["conn"] is not None and not state["conn"].closed:
+            return
+        try:
+            sock, _ = srv.accept()
+        except OSError:
+            return
+        state["conn"] = agent.add_stream(sock)
+
+    def poll_accept() -> None:
+        accept()
+        agent.loop.call_later(0.05, poll_accept)
+
+    agent.loop.call_later(0.05, poll_accept)
+    agent.run()
+
+
+if __name__ == "__main__":
+    main()

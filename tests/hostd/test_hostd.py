@@ -1,0 +1,287 @@
+"""hostd against stand-in VMMs (tests/hostd/fake_vmm.py) that run the real guest agent code
+on this host: multiplexing, streams, reconnects, console, hostile guests. No VM boots."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vms.hostd.client import AsyncHostdClient, HostdClient, HostdRequestError
+from vms.hostd.daemon import HostDaemon, HostdConfig
+
+FAKE_VMM = Path(__file__).with_name("fake_vmm.py")
+
+
+class Hostd:
+    """A HostDaemon running on its own event loop thread (restartable)."""
+
+    def __init__(self, root: Path) -> None:
+        self.config = HostdConfig(
+            runtime_dir=root, socket_path=root / "hostd.sock", scan_seconds=0.3, console_ring_bytes=4096
+        )
+        self.thread: threading.Thread | None = None
+        self.daemon: HostDaemon | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        ready = threading.Event()
+
+        def run() -> None:
+            self.loop = asyncio.new_event_loop()
+            self.daemon = HostDaemon(self.config)
+            self.loop.run_until_complete(self.daemon.start())
+            ready.set()
+            self.loop.run_until_complete(self.daemon._stopped.wait())
+            self.loop.run_until_complete(self.daemon.stop())
+            self.loop.close()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        assert ready.wait(10)
+
+    def stop(self) -> None:
+        assert self.loop and self.daemon and self.thread
+        self.loop.call_soon_threadsafe(self.daemon.request_stop)
+        self.thread.join(10)
+
+    def client(self) -> HostdClient:
+        return HostdClient(self.config.socket_path, timeout=20)
+
+
+@pytest.fixture
+def root() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="hd-", dir="/tmp"))
+    yield path
+    subprocess.run(["rm", "-rf", str(path)], check=False)
+
+
+def _vmm(root: Path, name: str, *extra: str) -> subprocess.Popen[bytes]:
+    rd = root / name
+    rd.mkdir()
+    (rd / "spec.json").write_text("{}")
+    proc = subprocess.Popen([sys.executable, str(FAKE_VMM), str(rd), *extra], start_new_session=True)
+    deadline = time.monotonic() + 10
+    while not (rd / "agent.sock").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return proc
+
+
+@pytest.fixture
+def vmm(root: Path) -> Iterator[subprocess.Popen[bytes]]:
+    proc = _vmm(root, "vm1")
+    yield proc
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.fixture
+def hostd(root: Path) -> Iterator[Hostd]:
+    daemon = Hostd(root)
+    daemon.start()
+    yield daemon
+    with contextlib.suppress(Exception):
+        daemon.stop()
+
+
+def test_it_finds_running_vms_and_answers_through_one_connection(hostd: Hostd, vmm) -> None:
+    with hostd.client() as client:
+        assert client.agent_wait("vm1", timeout=10)["protocol"] == 2
+        vms = client.call("vm_list")[0]["vms"]
+        assert [v["vm_id"] for v in vms] == ["vm1"] and vms[0]["agent"]["connected"]
+        with pytest.raises(HostdRequestError) as err:
+            client.agent("nope", "ping")
+        assert err.value.code == "vm_not_running"
+        with pytest.raises(HostdRequestError) as err:
+            client.agent("vm1", "bogus")
+        assert err.value.code == "unknown_op"
+
+
+def test_the_socket_is_private(hostd: Hostd) -> None:
+    assert hostd.config.socket_path.stat().st_mode & 0o777 == 0o600
+
+
+def test_many_clients_share_the_agent_concurrently(hostd: Hostd, vmm) -> None:
+    with hostd.client() as client:
+        client.agent_wait("vm1", timeout=10)
+
+    def one(n: int) -> bytes:
+        with hostd.client() as client:
+            r = client.agent("vm1", "exec_start", {"shell": f"sleep 0.5; echo {n}"})[0]
+            client.agent("vm1", "exec_wait", {"exec_id": r["exec_id"], "timeout": 20}, timeout=25)
+            return client.agent("vm1", "exec_read", {"exec_id": r["exec_id"]})[1]
+
+    with __import__("concurrent.futures").futures.ThreadPoolExecutor(20) as pool:
+        assert list(pool.map(one, range(20))) == [f"{n}\n".encode() for n in range(20)]
+
+
+def test_an_exec_stream_survives_an_agent_reconnect(hostd: Hostd, vmm) -> None:
+    with hostd.client() as client:
+        client.agent_wait("vm1", timeout=10)
+        script = "i=1; while [ $i -le 3000 ]; do echo line $i; [ $((i % 300)) -eq 0 ] && sleep 0.2; i=$((i+1)); done"
+        exec_id = client.agent("vm1", "exec_start", {"shell": script})[0]["exec_id"]
+        got = bytearray()
+        kicked = False
+        for ev in client.exec_stream("vm1", exec_id):
+            if ev["ev"] == "out":
+                assert ev["offset"] == len(got)  # nothing missing, nothing twice
+                got += ev["data"]
+                if not kicked and len(got) > 5000:
+                    kicked = True
+                    hostd.loop.call_soon_threadsafe(hostd.daemon.vms["vm1"].agent.kick)
+        assert ev["ev"] == "exit" and ev["result"]["exit_code"] == 0
+        assert got.decode().splitlines() == [f"line {i}" for i in range(1, 3001)]
+        assert client.call("vm_status", {"vm_id": "vm1"})[0]["agent"]["sessions"] >= 2
+
+
+def test_a_restarted_hostd_reattaches_and_finds_the_processes(root: Path, vmm) -> None:
+    first = Hostd(root)
+    first.start()
+    with first.client() as client:
+        client.agent_wait("vm1", timeout=10)
+        exec_id = client.agent("vm1", "exec_start", {"shell": "sleep 1; echo done", "tag": "bg"})[0]["exec_id"]
+    first.stop()
+    second = Hostd(root)
+    second.start()
+    try:
+        with second.client() as client:
+            client.agent_wait("vm1", timeout=10)
+            listed = client.agent("vm1", "exec_list", {"tag": "bg"})[0]["execs"]
+            assert [e["exec_id"] for e in listed] == [exec_id]
+            client.agent("vm1", "exec_wait", {"exec_id": exec_id, "timeout": 10}, timeout=15)
+            assert client.agent("vm1", "exec_read", {"exec_id": exec_id})[1] == b"done\n"
+    finally:
+        second.stop()
+
+
+def test_files_stream_both_ways_with_checksums(hostd: Hostd, vmm, root: Path) -> None:
+    blob = os.urandom(5 * 1024 * 1024 + 123)
+    target = str(root / "uploaded.bin")
+    with hostd.client() as client:
+        client.agent_wait("vm1", timeout=10)
+        result = client.upload("vm1", target, [blob[i : i + 100000] for i in range(0, len(blob), 100000)], mode=0o640)
+        assert result["sha256"] == hashlib.sha256(blob).hexdigest()
+        assert Path(target).read_bytes() == blob and Path(target).stat().st_mode & 0o777 == 0o640
+        info = client.download_open("vm1", target)
+        assert b"".join(client.download_chunks("vm1", info["handle"], expected_sha256=info["sha256"])) == blob
+        with pytest.raises(HostdRequestError) as err:
+            client.upload("vm1", str(root / "limited.bin"), [blob], max_bytes=1000)
+        assert err.value.code == "too_large"
+    assert not [p for p in root.iterdir() if "limited" in p.name]
+
+
+async def _console_ready(client: AsyncHostdClient, vm_id: str = "vm1") -> None:
+    deadline = time.monotonic() + 15
+    while not (await client.call("console_info", {"vm_id": vm_id}))[0]["connected"]:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+
+
+def test_console_replays_from_an_offset_then_goes_live_and_takes_input(hostd: Hostd, vmm, root: Path) -> None:
+    async def scenario() -> None:
+        async with AsyncHostdClient(hostd.config.socket_path) as client:
+            await _console_ready(client)
+            await asyncio.sleep(1.5)  # a few ticks to replay
+            sub = await client.console_attach("vm1", offset=0)
+            await client.console_write("vm1", b"hi there\n")
+            seen = bytearray()
+            async for frame in sub:
+                assert frame.header["offset"] == len(seen)
+                seen += frame.data
+                if b"echo: hi there" in seen:
+                    break
+            assert seen.startswith(b"tick 1\n")
+            await sub.close()
+
+    asyncio.run(scenario())
+    log = (root / "vm1" / "serial.log").read_bytes()
+    assert b"echo: hi there" in log
+
+
+def test_console_offsets_older_than_the_ring_come_from_the_log(hostd: Hostd, vmm, root: Path) -> None:
+    async def scenario() -> None:
+        async with AsyncHostdClient(hostd.config.socket_path) as client:
+            await _console_ready(client)
+            # Fill well past the 4 KiB ring through the echo.
+            for n in range(100):
+                await client.console_write("vm1", f"filler line {n:04d} {'x' * 40}\n".encode())
+            info = (await client.call("console_info", {"vm_id": "vm1"}))[0]
+            deadline = time.monotonic() + 10
+            while info["base_offset"] == 0:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.2)
+                info = (await client.call("console_info", {"vm_id": "vm1"}))[0]
+            sub = await client.console_attach("vm1", offset=0)
+            seen = bytearray()
+            async for frame in sub:
+                assert frame.header["offset"] == len(seen)
+                seen += frame.data
+                if len(seen) >= info["end_offset"]:
+                    break
+            await sub.close()
+            log = (root / "vm1" / "serial.log").read_bytes()
+            assert bytes(seen) == log[: len(seen)]
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    "mode", ["garbage", "bad-crc", "huge-length", "not-json", "not-object", "bad-fields", "bad-event"]
+)
+def test_a_hostile_guest_is_cut_off_and_hostd_carries_on(
+    root: Path, hostd: Hostd, vmm, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    bad = _vmm(root, "evil", "--hostile", mode)
+    try:
+        with hostd.client() as client:
+            deadline = time.monotonic() + 15
+            while True:
+                status = client.call("vm_status", {"vm_id": "evil"})[0]["agent"]
+                if status["sessions"] >= 1 and not status["connected"] and "malformed" in status["last_error"]:
+                    break
+                assert time.monotonic() < deadline, status
+                time.sleep(0.1)
+            assert client.agent_wait("vm1", timeout=10)["protocol"] == 2  # the others are unaffected
+    finally:
+        os.killpg(bad.pid, signal.SIGKILL)
+        bad.wait()
+
+
+def test_a_slow_console_reader_does_not_hold_up_others(hostd: Hostd, vmm) -> None:
+    async def scenario() -> None:
+        slow = await AsyncHostdClient(hostd.config.socket_path).connect()
+        fast = await AsyncHostdClient(hostd.config.socket_path).connect()
+        try:
+            await _console_ready(fast)
+            await slow.console_attach("vm1", offset=0)  # never read
+            sub = await fast.console_attach("vm1")
+
+            async def write() -> None:  # concurrently: answers share the connection with the stream
+                for n in range(200):
+                    await fast.console_write("vm1", f"line {n} {'y' * 100}\n".encode())
+
+            writer = asyncio.create_task(write())
+            seen = bytearray()
+            async for frame in sub:
+                seen += frame.data
+                if b"line 199 " in seen:
+                    break
+            await writer
+        finally:
+            await slow.close()
+            await fast.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))

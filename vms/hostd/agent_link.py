@@ -1,0 +1,290 @@
+"""The host daemon's one connection to one VM's guest agent (asyncio, no Django).
+
+``AgentLink`` connects (hybrid-vsock handshake for cloud-hypervisor), starts a session
+with ``hello``, and then multiplexes: requests get fresh ids and are matched to
+responses; events are routed to subscriptions by ``sub`` id. When the connection drops
+or the guest sends anything malformed (a ``FrameError``: logged, never raised further),
+pending requests fail, every subscription is told (``on_reset``) so it can re-attach
+from its own offset, and the link reconnects with a bounded backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import secrets
+from pathlib import Path
+from typing import Any, Protocol
+
+from vms.vmm.agent_client import (
+    AGENT_VSOCK_PORT,
+    HELLO_RESEND_SECONDS,
+    ZERO_FLUSH_BYTES,
+    AgentError,
+    AgentRequestError,
+    AgentTimeout,
+    AgentTransport,
+    hello_args,
+)
+from vms.vmm.agent_protocol import PROTOCOL_VERSION, Frame, FrameDecoder, FrameError, check_response, encode_frame
+
+logger = logging.getLogger("vms.hostd.agent")
+
+CONNECT_TIMEOUT = 5.0
+HELLO_TIMEOUT = 20.0  # a session that is not synced by then is dropped and re-opened
+MAX_PENDING = 1024  # requests in flight per VM
+WRITE_BUFFER_LIMIT = 4 << 20  # queued bytes towards the guest before writers wait
+BACKOFF_MIN, BACKOFF_MAX = 0.2, 5.0
+
+
+class AgentUnavailable(AgentError):
+    """The link to the agent is not up (the VM is booting, paused or gone)."""
+
+
+class Subscriber(Protocol):
+    def on_event(self, frame: Frame) -> None: ...
+
+    def on_reset(self) -> None: ...
+
+
+class AgentLink:
+    """One persistent, self-healing session with a guest agent."""
+
+    def __init__(self, vm_id: str, path: Path, transport: AgentTransport, *, name: str = "hostd") -> None:
+        self.vm_id = vm_id
+        self.path = path
+        self.transport = transport
+        self.name = name
+        self.ready = asyncio.Event()
+        self.hello: dict[str, Any] = {}
+        self.last_error = ""
+        self.sessions = 0
+        self._ids = itertools.count(1)
+        self._subs_ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Frame]] = {}
+        self._subs: dict[int, Subscriber] = {}
+        self._writer: asyncio.StreamWriter | None = None
+        self._write_lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+
+    # ----- lifetime ----------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"agent-link-{self.vm_id}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+        self._teardown(AgentUnavailable("the VM is no longer tracked"))
+
+    def kick(self) -> None:
+        """Drop the current connection (e.g. the VMM was restarted); the link reconnects."""
+        if self._writer is not None:
+            self._writer.close()
+
+    async def _run(self) -> None:
+        backoff = BACKOFF_MIN
+        while True:
+            before = self.sessions
+            synced = False
+            try:
+                await self._session()
+            except asyncio.CancelledError:
+                raise
+            except FrameError as exc:
+                self.last_error = f"malformed data from the guest: {exc}"
+                logger.error("vm %s: closing agent connection: %s", self.vm_id, self.last_error)
+            except (OSError, EOFError, TimeoutError, AgentError) as exc:
+                synced = self.sessions > before
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                logger.log(logging.INFO if synced else logging.DEBUG, "vm %s: agent link down: %s", self.vm_id, exc)
+            except Exception as exc:  # never let one VM's link take hostd down
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                logger.exception("vm %s: agent link failed", self.vm_id)
+            finally:
+                self._teardown(AgentUnavailable(f"connection to the agent was lost ({self.last_error})"))
+            if synced or self.sessions > before:
+                backoff = BACKOFF_MIN
+            await asyncio.sleep(backoff)
+            backoff = min(BACKOFF_MAX, backoff * 2)
+
+    def _teardown(self, error: AgentError) -> None:
+        self.ready.clear()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(error)
+        subs, self._subs = self._subs, {}
+        for sub in subs.values():
+            try:
+                sub.on_reset()
+            except Exception:
+                logger.exception("vm %s: subscriber reset failed", self.vm_id)
+
+    async def _session(self) -> None:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_unix_connection(str(self.path), limit=1 << 16), CONNECT_TIMEOUT
+        )
+        self._writer = writer
+        if self.transport == AgentTransport.HYBRID_VSOCK:
+            writer.write(f"CONNECT {AGENT_VSOCK_PORT}\n".encode())
+            line = await asyncio.wait_for(reader.readline(), CONNECT_TIMEOUT)
+            if not line.startswith(b"OK "):
+                raise AgentError(f"hybrid vsock handshake refused: {line[:64]!r}")
+        decoder = FrameDecoder(scanning=True)
+        frames = await self._sync(reader, writer, decoder)
+        decoder.scanning = False
+        decoder.skipped = 0
+        self.sessions += 1
+        self.last_error = ""
+        self.ready.set()
+        logger.info("vm %s: agent session %d up (agent %s)", self.vm_id, self.sessions, self.hello.get("agent_version"))
+        for frame in frames:
+            self._dispatch(frame)
+        while True:
+            data = await reader.read(256 << 10)
+            if not data:
+                raise EOFError("agent connection closed")
+            for frame in decoder.feed(data):
+                self._dispatch(frame)
+
+    async def _sync(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, decoder: FrameDecoder
+    ) -> list[Frame]:
+        """Send hello (same nonce, re-sent every second, zero bytes before the re-sends to
+        complete a frame an earlier host left half-written) until its answer arrives."""
+        nonce = secrets.token_hex(16)
+        hello = encode_frame({"id": 0, "op": "hello", "args": hello_args(nonce, self.name)})
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + HELLO_TIMEOUT
+        sent = 0
+        while True:
+            if loop.time() >= deadline:
+                raise TimeoutError("the guest agent did not answer hello")
+            if sent == 1:
+                writer.write(bytes(ZERO_FLUSH_BYTES))
+            writer.write(hello)
+            sent += 1
+            resend_at = loop.time() + HELLO_RESEND_SECONDS
+            while loop.time() < resend_at:
+                try:
+                    data = await asyncio.wait_for(reader.read(256 << 10), resend_at - loop.time())
+                except TimeoutError:
+                    break
+                if not data:
+                    raise EOFError("agent connection closed during hello")
+                frames = decoder.feed(data)
+                for i, frame in enumerate(frames):
+                    h = frame.header
+                    result = h.get("result")
+                    answered = h.get("id") == 0 and h.get("ok") is True and isinstance(result, dict)
+                    if answered and result.get("nonce") == nonce:
+                        if result.get("protocol") != PROTOCOL_VERSION:
+                            raise AgentError(f"agent speaks protocol {result.get('protocol')!r}")
+                        self.hello = result
+                        return frames[i + 1 :]
+
+    def _dispatch(self, frame: Frame) -> None:
+        check_response(frame.header)  # FrameError -> the session ends, logged by _run
+        h = frame.header
+        if "ev" in h:
+            sub = self._subs.get(h["sub"])
+            if sub is not None:
+                try:
+                    sub.on_event(frame)
+                except Exception:
+                    logger.exception("vm %s: subscriber failed", self.vm_id)
+            return
+        req_id = h.get("id")
+        if req_id is None:
+            logger.warning("vm %s: agent rejected a frame: %s", self.vm_id, h.get("error"))
+            return
+        fut = self._pending.pop(req_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(frame)
+
+    # ----- requests ----------------------------------------------------------------
+
+    async def wait_ready(self, timeout: float) -> None:
+        if self.ready.is_set():
+            return
+        try:
+            await asyncio.wait_for(self.ready.wait(), timeout)
+        except TimeoutError as exc:
+            raise AgentUnavailable(f"the guest agent is not connected ({self.last_error or 'connecting'})") from exc
+
+    async def request(
+        self, op: str, args: dict[str, Any] | None = None, data: bytes = b"", *, timeout: float = 10.0
+    ) -> tuple[dict[str, Any], bytes]:
+        """Send one request and await ``(result, data)``; raises ``AgentRequestError`` for
+        an agent error, ``AgentTimeout``, or ``AgentUnavailable`` when the link is down."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        await self.wait_ready(timeout)
+        if len(self._pending) >= MAX_PENDING:
+            raise AgentError("too many requests in flight to this agent")
+        req_id = next(self._ids)
+        fut: asyncio.Future[Frame] = loop.create_future()
+        self._pending[req_id] = fut
+        try:
+            await self._write(encode_frame({"id": req_id, "op": op, "args": args or {}}, data), deadline)
+            try:
+                frame = await asyncio.wait_for(fut, max(0.0, deadline - loop.time()))
+            except TimeoutError as exc:
+                raise AgentTimeout(f"the guest agent did not answer {op} in time") from exc
+        finally:
+            self._pending.pop(req_id, None)
+        h = frame.header
+        if h["ok"] is True:
+            return h.get("result", {}), frame.data
+        err = h["error"]
+        raise AgentRequestError(str(err.get("code")), str(err.get("message", "")))
+
+    async def notify(self, op: str, args: dict[str, Any], *, timeout: float = 5.0) -> None:
+        """Send a request without id (no answer), e.g. ``exec_credit``."""
+        if not self.ready.is_set():
+            return
+        loop = asyncio.get_running_loop()
+        await self._write(encode_frame({"op": op, "args": args}), loop.time() + timeout)
+
+    async def _write(self, frame: bytes, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        async with self._write_lock:
+            writer = self._writer
+            if writer is None or not self.ready.is_set():
+                raise AgentUnavailable("the guest agent is not connected")
+            if writer.transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
+                try:
+                    await asyncio.wait_for(writer.drain(), max(0.0, deadline - loop.time()))
+                except TimeoutError as exc:
+                    raise AgentTimeout("the guest agent is not reading") from exc
+            writer.write(frame)
+
+    # ----- subscriptions -------------------------------------------------------------
+
+    def subscribe(self, subscriber: Subscriber) -> int:
+        sub = next(self._subs_ids)
+        self._subs[sub] = subscriber
+        return sub
+
+    def unsubscribe(self, sub: int) -> None:
+        self._subs.pop(sub, None)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "connected": self.ready.is_set(),
+            "sessions": self.sessions,
+            "agent_version": self.hello.get("agent_version"),
+            "boot_id": self.hello.get("boot_id"),
+            "last_error": self.last_error,
+            "pending": len(self._pending),
+        }

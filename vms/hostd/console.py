@@ -1,0 +1,257 @@
+"""Serial console of one VM in the host daemon (asyncio, no Django).
+
+Offsets are absolute byte positions in the VM's console history. The history lives in
+``<runtime_dir>/serial.log``; ``ConsoleRing`` keeps its newest ``ring_bytes`` in memory.
+
+- QEMU writes everything the guest prints to ``serial.log`` itself (``logfile=``), whether
+  or not anyone is connected. hostd therefore takes its data from the log (offset = log
+  position) and uses the ``serial.sock`` connection for input and as a prompt to read
+  the log at once; what arrives on the socket is drained so the guest never stalls.
+- cloud-hypervisor has no log file: hostd appends what it reads from the socket to
+  ``serial.log`` (output while hostd is down is lost there; documented in docs/hostd.md).
+
+A reader keeps its own cursor: replay comes from the ring, or from the file when older
+than the ring; a reader that falls behind never holds anything up (it reads on from its
+cursor when it is ready). If the log shrinks (truncated or rotated), offsets keep growing:
+the new file's first byte gets the offset following the last byte seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+logger = logging.getLogger("vms.hostd.console")
+
+SERIAL_SOCKET = "serial.sock"
+SERIAL_LOG = "serial.log"
+LOG_POLL_SECONDS = 0.25
+READ_CHUNK = 64 << 10
+MAX_CATCHUP = 1 << 20  # bytes of log read per wakeup
+WRITE_TIMEOUT = 5.0
+
+
+class ConsoleUnavailable(Exception):
+    """The serial socket is not connected (VM booting, gone, or another client holds it)."""
+
+
+class ConsoleRing:
+    """The newest ``limit`` bytes of the console, addressed by absolute offsets.
+    Overflow rule: the oldest bytes are dropped and ``base`` advances."""
+
+    def __init__(self, limit: int, base: int = 0) -> None:
+        self.limit = limit
+        self.base = base
+        self._buf = bytearray()
+
+    @property
+    def end(self) -> int:
+        return self.base + len(self._buf)
+
+    def append(self, data: bytes) -> None:
+        self._buf += data
+        excess = len(self._buf) - self.limit
+        if excess > 0:
+            del self._buf[:excess]
+            self.base += excess
+
+    def read(self, offset: int, max_bytes: int) -> bytes:
+        """Bytes from ``offset`` (which must be >= ``base``), at most ``max_bytes``."""
+        start = offset - self.base
+        return bytes(self._buf[start : start + max_bytes])
+
+
+class ConsoleLink:
+    def __init__(self, vm_id: str, runtime_dir: Path, *, ring_bytes: int, qemu_log: bool) -> None:
+        self.vm_id = vm_id
+        self.runtime_dir = runtime_dir
+        self.qemu_log = qemu_log
+        self.log_path = runtime_dir / SERIAL_LOG
+        self.ring = ConsoleRing(ring_bytes)
+        self.log_base = 0  # absolute offset of byte 0 of the current log file
+        self._pos = 0  # bytes of the current log file already in the ring
+        self._inode = 0
+        self._writer: asyncio.StreamWriter | None = None
+        self._poke = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.last_error = ""
+
+    # ----- lifetime ----------------------------------------------------------------
+
+    def start(self) -> None:
+        self._prefill()
+        self._tasks.append(asyncio.create_task(self._socket_loop(), name=f"console-sock-{self.vm_id}"))
+        if self.qemu_log:
+            self._tasks.append(asyncio.create_task(self._log_loop(), name=f"console-log-{self.vm_id}"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self._notify()
+
+    def _prefill(self) -> None:
+        """Start with the newest ``ring_bytes`` of the existing log (a restarted hostd
+        serves the same offsets as before)."""
+        try:
+            st = self.log_path.stat()
+        except OSError:
+            return
+        self._inode = st.st_ino
+        start = max(0, st.st_size - self.ring.limit)
+        try:
+            with open(self.log_path, "rb") as fh:
+                fh.seek(start)
+                data = fh.read(st.st_size - start)
+        except OSError:
+            return
+        self.ring = ConsoleRing(self.ring.limit, base=start)
+        self.ring.append(data)
+        self._pos = start + len(data)
+
+    # ----- output --------------------------------------------------------------------
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_beyond(self, offset: int, timeout: float) -> None:
+        """Return when the console's end is beyond ``offset`` (or after ``timeout``)."""
+        if self.ring.end > offset:
+            return
+        changed = self._changed
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), timeout)
+
+    async def read(self, offset: int, max_bytes: int = READ_CHUNK) -> tuple[int, bytes]:
+        """``(start, data)`` from ``offset``: from the ring, else from the log file; ``start``
+        is greater than ``offset`` when the bytes in between are gone (a gap)."""
+        ring = self.ring
+        offset = max(0, min(offset, ring.end))
+        if offset >= ring.base:
+            return offset, ring.read(offset, max_bytes)
+        if offset < self.log_base:
+            offset = self.log_base
+            if offset >= ring.base:
+                return offset, ring.read(offset, max_bytes)
+        want = min(max_bytes, ring.base - offset)
+        data = await asyncio.get_running_loop().run_in_executor(
+            None, _pread, self.log_path, offset - self.log_base, want
+        )
+        if len(data) < want:  # the file no longer holds it (rotated): skip to the ring
+            return ring.base, ring.read(ring.base, max_bytes)
+        return offset, data
+
+    async def _log_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._poke.wait(), LOG_POLL_SECONDS)
+            self._poke.clear()
+            try:
+                while data := await loop.run_in_executor(None, self._read_new):
+                    self.ring.append(data)  # only ever mutated on the event loop
+                    self._notify()
+            except OSError as exc:
+                self.last_error = f"reading {self.log_path.name}: {exc}"
+
+    def _read_new(self) -> bytes:
+        """What the log gained since the last call (runs in a worker thread; the ring is
+        appended by the caller, so it is read here but never changed)."""
+        try:
+            st = os.stat(self.log_path)
+        except FileNotFoundError:
+            return b""
+        if st.st_ino != self._inode or st.st_size < self._pos:
+            if self._inode:
+                logger.info("vm %s: serial.log was replaced or truncated; offsets continue", self.vm_id)
+            self.log_base = self.ring.end
+            self._pos = 0
+            self._inode = st.st_ino
+        if st.st_size <= self._pos:
+            return b""
+        data = _pread(self.log_path, self._pos, min(MAX_CATCHUP, st.st_size - self._pos))
+        self._pos += len(data)
+        return data
+
+    # ----- the socket ------------------------------------------------------------------
+
+    async def _socket_loop(self) -> None:
+        backoff = 0.2
+        path = self.runtime_dir / SERIAL_SOCKET
+        while True:
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 5.0)
+            except (OSError, TimeoutError) as exc:
+                self.last_error = f"serial socket: {exc}"
+                await asyncio.sleep(backoff)
+                backoff = min(5.0, backoff * 2)
+                continue
+            backoff = 0.2
+            self._writer = writer
+            self.last_error = ""
+            try:
+                while True:
+                    data = await reader.read(READ_CHUNK)
+                    if not data:
+                        break
+                    if self.qemu_log:
+                        self._poke.set()  # QEMU logged it too: take it from the log
+                    else:
+                        await asyncio.get_running_loop().run_in_executor(None, _append, self.log_path, data)
+                        self.ring.append(data)
+                        self._notify()
+            except OSError as exc:
+                self.last_error = f"serial socket: {exc}"
+            finally:
+                self._writer = None
+                writer.close()
+            await asyncio.sleep(backoff)
+
+    @property
+    def connected(self) -> bool:
+        return self._writer is not None
+
+    async def write(self, data: bytes) -> None:
+        """Send input to the guest's serial port; raises ``ConsoleUnavailable``."""
+        writer = self._writer
+        if writer is None:
+            raise ConsoleUnavailable(self.last_error or "the serial console is not connected")
+        writer.write(data)
+        try:
+            await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+        except (TimeoutError, OSError) as exc:
+            raise ConsoleUnavailable(f"the serial console is not accepting input: {exc}") from exc
+
+    def status(self) -> dict[str, object]:
+        return {
+            "connected": self.connected,
+            "base_offset": self.ring.base,
+            "end_offset": self.ring.end,
+            "log_base": self.log_base,
+            "source": "serial.log (QEMU)" if self.qemu_log else "serial socket",
+            "last_error": self.last_error,
+        }
+
+
+def _pread(path: Path, offset: int, size: int) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return os.pread(fh.fileno(), size, offset)
+    except OSError:
+        return b""
+
+
+def _append(path: Path, data: bytes) -> None:
+    with open(path, "ab") as fh:
+        fh.write(data)

@@ -1,0 +1,555 @@
+"""The host daemon (``manage.py hostd``): one per hypervisor host, asyncio, no Django.
+
+It holds the one connection to each running VM's guest agent and serial console and
+multiplexes every local client (web processes, Celery workers, benchmarks) onto them
+over a Unix socket, speaking the same framing as the agent (see docs/hostd.md).
+
+VMs are found by scanning the runtime directory (a sub-directory with ``spec.json`` and
+a live VMM pid) every ``scan_seconds``, or registered explicitly with ``vm_register``.
+A restarted hostd finds and re-attaches to every running VM the same way.
+
+Bounds: requests in flight per client (``MAX_CLIENT_INFLIGHT``), per agent (see
+agent_link), one exec stream holds at most its credit window, console streams read
+from the ring/log through their own cursor, and a client that does not read for
+``CLIENT_STALL_SECONDS`` is disconnected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vms.hostd.agent_link import AgentLink, AgentUnavailable
+from vms.hostd.console import ConsoleLink, ConsoleUnavailable
+from vms.vmm.agent_client import AGENT_SOCKET, AgentError, AgentRequestError, AgentTimeout, AgentTransport
+from vms.vmm.agent_protocol import Frame, FrameDecoder, FrameError, encode_frame
+from vms.vmm.process import running_vmm_pid
+
+logger = logging.getLogger("vms.hostd")
+
+HOSTD_VERSION = "1"
+MAX_CLIENT_INFLIGHT = 64
+MAX_CLIENT_STREAMS = 256
+CLIENT_STALL_SECONDS = 60.0
+EXEC_WINDOW = 256 << 10  # agent -> hostd credit per exec stream
+DEFAULT_AGENT_TIMEOUT = 30.0
+MAX_AGENT_TIMEOUT = 3900.0
+
+
+@dataclass(frozen=True)
+class HostdConfig:
+    runtime_dir: Path
+    socket_path: Path
+    console_ring_bytes: int = 1 << 20
+    scan_seconds: float = 2.0
+
+
+class HostdError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class VmHandle:
+    """What hostd holds for one VM: its agent link and console."""
+
+    def __init__(self, vm_id: str, runtime_dir: Path, pid: int | None, config: HostdConfig) -> None:
+        self.vm_id = vm_id
+        self.runtime_dir = runtime_dir
+        self.pid = pid
+        cloud_hypervisor = (runtime_dir / "api.sock").exists() and not (runtime_dir / "qmp.sock").exists()
+        transport = AgentTransport.HYBRID_VSOCK if cloud_hypervisor else AgentTransport.VIRTIO_SERIAL
+        self.agent = AgentLink(vm_id, runtime_dir / AGENT_SOCKET, transport)
+        self.console = ConsoleLink(
+            vm_id, runtime_dir, ring_bytes=config.console_ring_bytes, qemu_log=not cloud_hypervisor
+        )
+
+    def start(self) -> None:
+        self.agent.start()
+        self.console.start()
+
+    async def stop(self) -> None:
+        await self.agent.stop()
+        await self.console.stop()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "vm_id": self.vm_id,
+            "pid": self.pid,
+            "transport": self.agent.transport.value,
+            "agent": self.agent.status(),
+            "console": self.console.status(),
+        }
+
+
+class HostDaemon:
+    def __init__(self, config: HostdConfig) -> None:
+        self.config = config
+        self.vms: dict[str, VmHandle] = {}
+        self.sessions: set[ClientSession] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._scan_task: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+        self.started = time.monotonic()
+
+    async def start(self) -> None:
+        path = self.config.socket_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        old_umask = os.umask(0o177)  # the socket is born 0600: only root (our processes) may use it
+        try:
+            self._server = await asyncio.start_unix_server(self._on_client, path=str(path), limit=1 << 16)
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o600)
+        await self.scan()
+        self._scan_task = asyncio.create_task(self._scan_loop(), name="hostd-scan")
+        logger.info("hostd listening on %s; %d running VM(s) attached", path, len(self.vms))
+
+    async def run_forever(self) -> None:
+        await self.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self._stopped.set)
+        await self._stopped.wait()
+        await self.stop()
+
+    def request_stop(self) -> None:
+        self._stopped.set()
+
+    async def stop(self) -> None:
+        if self._scan_task is not None:
+            self._scan_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._scan_task
+        if self._server is not None:
+            self._server.close()
+        for session in list(self.sessions):
+            session.close()
+        for vm in list(self.vms.values()):
+            await vm.stop()
+        self.vms.clear()
+        with contextlib.suppress(FileNotFoundError):
+            self.config.socket_path.unlink()
+        logger.info("hostd stopped (running VMs keep running)")
+
+    # ----- discovery ------------------------------------------------------------------
+
+    async def _scan_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.scan_seconds)
+            try:
+                await self.scan()
+            except Exception:
+                logger.exception("runtime directory scan failed")
+
+    async def scan(self) -> None:
+        """Attach to VMs whose VMM runs; detach from those whose VMM is gone."""
+        found = await asyncio.get_running_loop().run_in_executor(None, _scan_runtime, self.config.runtime_dir)
+        for vm_id, (runtime_dir, pid) in found.items():
+            current = self.vms.get(vm_id)
+            if current is None:
+                self._attach(vm_id, runtime_dir, pid)
+            elif current.pid != pid:
+                logger.info("vm %s: VMM restarted (pid %s -> %s); reconnecting", vm_id, current.pid, pid)
+                current.pid = pid
+                current.agent.kick()
+        for vm_id in [v for v in self.vms if v not in found]:
+            logger.info("vm %s: VMM gone; detaching", vm_id)
+            await self.vms.pop(vm_id).stop()
+
+    def _attach(self, vm_id: str, runtime_dir: Path, pid: int | None) -> VmHandle:
+        handle = VmHandle(vm_id, runtime_dir, pid, self.config)
+        self.vms[vm_id] = handle
+        handle.start()
+        logger.info("vm %s: attached (pid %s, %s)", vm_id, pid, handle.agent.transport.value)
+        return handle
+
+    async def vm(self, vm_id: str, *, register: bool = True) -> VmHandle:
+        handle = self.vms.get(vm_id)
+        if handle is not None:
+            return handle
+        runtime_dir = self.config.runtime_dir / vm_id
+        if register and "/" not in vm_id and vm_id not in (".", ".."):
+            pid = await asyncio.get_running_loop().run_in_executor(None, running_vmm_pid, runtime_dir)
+            if pid is not None:
+                return self._attach(vm_id, runtime_dir, pid)
+        raise HostdError("vm_not_running", f"no running VMM for VM {vm_id} on this host")
+
+    # ----- clients --------------------------------------------------------------------
+
+    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        session = ClientSession(self, reader, writer)
+        self.sessions.add(session)
+        try:
+            await session.run()
+        finally:
+            self.sessions.discard(session)
+            session.close()
+
+
+def _scan_runtime(root: Path) -> dict[str, tuple[Path, int | None]]:
+    found: dict[str, tuple[Path, int | None]] = {}
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return found
+    for entry in entries:
+        if not (entry / "spec.json").is_file():
+            continue
+        pid = running_vmm_pid(entry)
+        if pid is not None:
+            found[entry.name] = (entry, pid)
+    return found
+
+
+class ClientSession:
+    """One local client connection. Requests run concurrently (bounded); streams push
+    events. Every write to the client goes through ``send``; streams wait for ``drain``."""
+
+    def __init__(self, daemon: HostDaemon, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.daemon = daemon
+        self.reader = reader
+        self.writer = writer
+        self.streams: dict[int, asyncio.Task[None]] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.slots = asyncio.Semaphore(MAX_CLIENT_INFLIGHT)
+        self.closed = False
+
+    async def run(self) -> None:
+        decoder = FrameDecoder()
+        try:
+            while not self.closed:
+                data = await self.reader.read(256 << 10)
+                if not data:
+                    return
+                for frame in decoder.feed(data):
+                    await self.slots.acquire()  # back-pressure: stop reading while saturated
+                    task = asyncio.create_task(self._handle(frame))
+                    self.tasks.add(task)
+                    task.add_done_callback(self._done)
+        except FrameError as exc:
+            logger.warning("client sent a malformed frame (%s); closing it", exc)
+        except (ConnectionError, OSError):
+            pass
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        self.slots.release()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for task in list(self.streams.values()) + list(self.tasks):
+            task.cancel()
+        self.writer.close()
+
+    def send(self, header: dict[str, Any], data: bytes = b"") -> None:
+        if not self.closed:
+            self.writer.write(encode_frame(header, data))
+
+    async def drain(self) -> None:
+        try:
+            await asyncio.wait_for(self.writer.drain(), CLIENT_STALL_SECONDS)
+        except TimeoutError:
+            logger.warning("client stopped reading for %.0fs; disconnecting it", CLIENT_STALL_SECONDS)
+            self.close()
+            raise
+        except (ConnectionError, OSError):
+            self.close()
+            raise
+
+    async def _handle(self, frame: Frame) -> None:
+        h = frame.header
+        req_id = h.get("id")
+        op = h.get("op")
+        args = h.get("args", {})
+        try:
+            if not isinstance(op, str) or not isinstance(args, dict):
+                raise HostdError("bad_request", "a request needs a string 'op' and an object 'args'")
+            handler = getattr(self, f"op_{op}", None)
+            if handler is None:
+                raise HostdError("unknown_op", f"unknown op {op!r}")
+            result, data = await handler(args, frame.data)
+            if req_id is not None:
+                self.send({"id": req_id, "ok": True, "result": result}, data)
+        except asyncio.CancelledError:
+            raise
+        except HostdError as exc:
+            self._error(req_id, exc.code, exc.message)
+        except AgentRequestError as exc:
+            self._error(
+                req_id, exc.code, str(exc.details.get("message", "")) if isinstance(exc.details, dict) else exc.message
+            )
+        except AgentUnavailable as exc:
+            self._error(req_id, "agent_unavailable", exc.message)
+        except AgentTimeout as exc:
+            self._error(req_id, "agent_timeout", exc.message)
+        except AgentError as exc:
+            self._error(req_id, "agent_error", exc.message)
+        except ConsoleUnavailable as exc:
+            self._error(req_id, "console_unavailable", str(exc))
+        except FrameError as exc:
+            self._error(req_id, "too_large", str(exc))
+        except Exception as exc:
+            logger.exception("request %s failed", op)
+            self._error(req_id, "internal", f"{type(exc).__name__}: {exc}")
+
+    def _error(self, req_id: object, code: str, message: str) -> None:
+        if req_id is not None:
+            self.send({"id": req_id, "ok": False, "error": {"code": code, "message": message}})
+
+    # ----- ops --------------------------------------------------------------------------
+
+    async def op_hello(self, args: dict[str, Any], data: bytes) -> tuple[dict[str, Any], bytes]:
+        return {"hostd_version": HOSTD_VERSION, "pid": os.getpid(), "vms": len(self.daemon.vms)}, b""
+
+    async def op_vm_list(self, args: dict[str, Any], data: bytes) -> tuple[dict[str, Any], bytes]:
+        return {"vms": [vm.status() for vm in self.daemon.vms.values()]}, b""
+
+    async def op_vm_register(self, args: dict[str, Any], data: bytes) -> tuple[dict[str, Any], bytes]:
+        vm = await self.daemon.vm(_str(args, "vm_id"))
+        return vm.status(), b""
+
+    async def op_vm_status(self, args: dict[str, Any], data: bytes) -> tuple[dict[str, Any], bytes]:
+        vm = await self.daemon.vm(_str(args, "vm_id"))
+        return vm.status(), b""
+
+    async def op_agent_call(self, args: dict[str, Any], data: bytes) -> tuple[dict[str, Any], bytes]:
+        """Forward one request to the VM's agent: ``{"vm_id", "op", "args", "timeout"}``."""
+        vm = await self.daemon.vm(_str(args, "vm_id"))
+        op = _str(args, "op")
+        if op in ("hello", "exec_attach", "exec_credit", "exec_detach"):
+            raise HostdError("bad_request", f"{op} is managed by hostd (use exec_attach on hostd)")
+        timeout = _timeout(args)
+        agent_args = args.get("args", {})
+        if not isinstance(agent_args, dict):
+            raise HostdError("bad_request", "args must be an object")
+        return await vm.agent.request(op, agent_args, data, timeout=timeout)
+
+    async def op_agent_wait(self, args: dict[str, Any], data: bytes) -> tuple[dict[str, Any], bytes]:
+        """Wait until the agent answers ``ping`` (boot), at most ``timeout`` seconds."""
+        vm_id = _str(args, "vm_id")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _timeout(args)
+        last = ""
+        while loop.time() < deadline:
+            try:
+                vm = await self.daemon.vm(vm_id)
+                return await vm.agent.request("ping", {}, timeout=max(0.1, deadline - loop.time()))
+            except HostdError as exc:
+                last = exc.message
+            except (AgentUnavailable, AgentTimeout) as exc:
+                last = exc.message
+            await asyncio.sleep(0.2)
+        raise HostdError("agent_timeout", f"the guest agent did not answer in time ({last})")
+
+    async def op_exec_attach(self, args: dict[str, Any], data: bytes) -> tuple[dict[str, Any], bytes]:
+        """Stream an exec's output from ``offset``: events ``out``/``exit``/``end`` on ``sub``."""
+        vm = await self.daemon.vm(_str(args, "vm_id"))
+        sub = _int(args, "sub")
+        exec_id = _str(args, "exec_id")
+        offset = max(0, _int(args, "offset", 0))
+        self._new_stream(sub, ExecStream(self, vm, sub, exec_id, offset).run())
+        return {"sub": sub}, b""
+
+    async def op_console_attach(self, args: dict[str, Any], data: bytes) -> tuple[dict[str, Any], bytes]:
+        """Stream the console from ``offset`` (default: its end; negative: that many bytes
+        before the end): replay, then live; events ``console`` on ``sub``."""
+        vm = await self.daemon.vm(_str(args, "vm_id"))
+        sub = _int(args, "sub")
+        ring = vm.console.ring
+        raw = args.get("offset")
+        if raw is None:
+            offset = ring.end
+        elif isinstance(raw, int) and not isinstance(raw, bool):
+            offset = raw if raw >= 0 else max(0, ring.end + raw)
+        else:
+            raise HostdError("bad_request", "offset must be an integer")
+        self._new_stream(sub, ConsoleStream(self, vm, sub, offset).run())
+        return {"sub": sub, "offset": offset, **vm.console.status()}, b""
+
+    async def op_console_write(self, args: dict[str, Any], data: bytes) -> tuple[dict[str, Any], bytes]:
+        vm = await self.daemon.vm(_str(args, "vm_id"))
+        await vm.console.write(data)
+        return {"written": len(data)}, b""
+
+    async def op_console_info(self, args: dict[str, Any], data: bytes) -> tuple[dict[str, Any], bytes]:
+        vm = await self.daemon.vm(_str(args, "vm_id"))
+        return vm.console.status(), b""
+
+    async def op_stream_close(self, args: dict[str, Any], data: bytes) -> tuple[dict[str, Any], bytes]:
+        task = self.streams.pop(_int(args, "sub"), None)
+        if task is not None:
+            task.cancel()
+        return {"closed": task is not None}, b""
+
+    def _new_stream(self, sub: int, coro: Any) -> None:
+        if sub in self.streams:
+            coro.close()
+            raise HostdError("exists", f"stream {sub} exists")
+        if len(self.streams) >= MAX_CLIENT_STREAMS:
+            coro.close()
+            raise HostdError("too_many", "too many streams on this connection")
+        task = asyncio.create_task(coro)
+        self.streams[sub] = task
+        task.add_done_callback(lambda _t, sub=sub: self.streams.pop(sub, None))
+
+
+class ExecStream:
+    """Relays one exec's output from the agent to one client. Credit goes back to the
+    agent only once the client took the bytes, so hostd holds at most ``EXEC_WINDOW``
+    per stream; after an agent reconnect it re-attaches from its cursor."""
+
+    RESET = object()
+
+    def __init__(self, session: ClientSession, vm: VmHandle, sub: int, exec_id: str, offset: int) -> None:
+        self.session = session
+        self.vm = vm
+        self.sub = sub
+        self.exec_id = exec_id
+        self.cursor = offset
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    queued = 0
+
+    def on_event(self, frame: Frame) -> None:
+        # An honest agent never sends more than the credit window; one that does is cut off.
+        self.queued += len(frame.data)
+        if self.queued > 2 * EXEC_WINDOW + (1 << 20):
+            logger.error("vm %s: agent ignored flow control on exec %s; reconnecting", self.vm.vm_id, self.exec_id)
+            self.vm.agent.kick()
+            return
+        self.queue.put_nowait(frame)
+
+    def on_reset(self) -> None:
+        self.queue.put_nowait(self.RESET)
+
+    async def run(self) -> None:
+        link = self.vm.agent
+        session = self.session
+        try:
+            while True:
+                try:
+                    await link.wait_ready(CLIENT_STALL_SECONDS)
+                except AgentUnavailable as exc:
+                    session.send(
+                        {"ev": "end", "sub": self.sub, "error": {"code": "agent_unavailable", "message": exc.message}}
+                    )
+                    return
+                self.queue = asyncio.Queue()
+                self.queued = 0
+                agent_sub = link.subscribe(self)
+                try:
+                    await link.request(
+                        "exec_attach",
+                        {"exec_id": self.exec_id, "sub": agent_sub, "offset": self.cursor, "window": EXEC_WINDOW},
+                        timeout=DEFAULT_AGENT_TIMEOUT,
+                    )
+                except AgentRequestError as exc:
+                    link.unsubscribe(agent_sub)
+                    session.send({"ev": "end", "sub": self.sub, "error": {"code": exc.code, "message": exc.message}})
+                    return
+                except AgentError:
+                    link.unsubscribe(agent_sub)
+                    await asyncio.sleep(0.2)
+                    continue
+                try:
+                    if await self._relay(agent_sub):
+                        return
+                finally:
+                    link.unsubscribe(agent_sub)
+                    with contextlib.suppress(AgentError):
+                        await link.notify("exec_detach", {"sub": agent_sub})
+        except (asyncio.CancelledError, ConnectionError, OSError, TimeoutError):
+            return
+
+    async def _relay(self, agent_sub: int) -> bool:
+        """Forward events until the exec ends (True) or the agent link resets (False)."""
+        while True:
+            item = await self.queue.get()
+            if item is self.RESET:
+                return False
+            h = item.header
+            self.queued -= len(item.data)
+            if h["ev"] == "out":
+                offset = h.get("offset")
+                if not isinstance(offset, int):
+                    continue
+                self.session.send(
+                    {"ev": "out", "sub": self.sub, "stream": h.get("stream"), "offset": offset}, item.data
+                )
+                await self.session.drain()
+                self.cursor = offset + len(item.data)
+                await self.vm.agent.notify("exec_credit", {"sub": agent_sub, "bytes": len(item.data)})
+            elif h["ev"] == "exit":
+                self.session.send(
+                    {"ev": "exit", "sub": self.sub, "end_offset": h.get("end_offset"), "result": h.get("result")}
+                )
+                return True
+
+
+class ConsoleStream:
+    """One client's console subscription: a cursor over the ring and the log."""
+
+    def __init__(self, session: ClientSession, vm: VmHandle, sub: int, offset: int) -> None:
+        self.session = session
+        self.vm = vm
+        self.sub = sub
+        self.cursor = offset
+
+    async def run(self) -> None:
+        console = self.vm.console
+        try:
+            while True:
+                start, data = await console.read(self.cursor)
+                if data:
+                    self.session.send({"ev": "console", "sub": self.sub, "offset": start}, data)
+                    self.cursor = start + len(data)
+                    await self.session.drain()
+                    continue
+                if self.vm.vm_id not in self.session.daemon.vms:
+                    self.session.send(
+                        {"ev": "end", "sub": self.sub, "error": {"code": "vm_gone", "message": "the VM stopped"}}
+                    )
+                    return
+                await console.wait_beyond(self.cursor, 1.0)
+        except (asyncio.CancelledError, ConnectionError, OSError, TimeoutError):
+            return
+
+
+def _str(args: dict[str, Any], name: str) -> str:
+    value = args.get(name)
+    if not isinstance(value, str) or not value or len(value) > 256:
+        raise HostdError("bad_request", f"{name} must be a non-empty string")
+    return value
+
+
+def _int(args: dict[str, Any], name: str, default: int | None = None) -> int:
+    value = args.get(name, default)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise HostdError("bad_request", f"{name} must be an integer")
+    return value
+
+
+def _timeout(args: dict[str, Any]) -> float:
+    value = args.get("timeout", DEFAULT_AGENT_TIMEOUT)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise HostdError("bad_request", "timeout must be a positive number")
+    return min(float(value), MAX_AGENT_TIMEOUT)
+
+
+def main_run(config: HostdConfig) -> None:
+    """Run hostd until SIGTERM/SIGINT."""
+    asyncio.run(HostDaemon(config).run_forever())
