@@ -1,0 +1,153 @@
+from drf_spectacular.utils import extend_schema
+from rest_framework import mixins, status
+from rest_framework.decorators import action
+from rest_framework.exceptions import NotFound
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from accounts.permissions import ObjectPermissionViewSet, permission_denied
+from snapshots import selectors, services
+from snapshots.models import Snapshot
+from snapshots.serializers import (
+    RetentionPolicySerializer,
+    SnapshotCloneSerializer,
+    SnapshotCreateSerializer,
+    SnapshotSerializer,
+)
+from vms import selectors as vm_selectors
+from vms.serializers import OperationSerializer, VmSerializer
+
+
+class SnapshotViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPermissionViewSet):
+    """Snapshots of the VMs the user may view (``?vm=<id>`` filters). Restore, clone and
+    delete need the ``snapshot`` permission on the snapshot's VM."""
+
+    queryset = Snapshot.objects.all()
+    serializer_class = SnapshotSerializer
+    audit_prefix = "snapshot"
+    action_perms = {"restore": "snapshot", "clone": "snapshot", "destroy": "snapshot"}
+
+    def get_queryset(self):
+        qs = selectors.snapshot_list_visible(self.request.user)
+        vm = self.request.query_params.get("vm")
+        if vm:
+            qs = qs.filter(vm_ref=vm) if selectors.is_uuid(vm) else qs.none()
+        state = self.request.query_params.get("state")
+        if state:
+            qs = qs.filter(state=state)
+        return qs
+
+    def get_object(self):
+        # Permissions of a snapshot are those of its VM (or its owner's once the VM is gone).
+        lookup = self.kwargs[self.lookup_url_kwarg or self.lookup_field]
+        if not selectors.is_uuid(lookup):
+            raise NotFound()
+        obj = self.get_queryset().filter(pk=lookup).first()
+        if obj is None:
+            raise NotFound()
+        perm = self.required_perm()
+        if perm != "view" and not selectors.snapshot_user_can(self.request.user, perm, obj):
+            raise permission_denied(
+                user=self.request.user, obj=obj, perm=f"{perm}_vm", action=f"snapshot.{self.action}"
+            )
+        return obj
+
+    @extend_schema(request=None, responses={202: None})
+    def destroy(self, request, id=None):
+        snapshot = services.snapshot_delete(snapshot=self.get_object(), actor=request.user)
+        return Response(SnapshotSerializer(snapshot).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=None, responses={202: OperationSerializer})
+    @action(detail=True, methods=["post"])
+    def restore(self, request, id=None):
+        op = services.snapshot_restore(snapshot=self.get_object(), actor=request.user)
+        return Response(OperationSerializer(op).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=SnapshotCloneSerializer, responses={202: VmSerializer(many=True)})
+    @action(detail=True, methods=["post"])
+    def clone(self, request, id=None):
+        snapshot = self.get_object()
+        data = SnapshotCloneSerializer(data=request.data or {})
+        data.is_valid(raise_exception=True)
+        created = services.snapshot_clone(snapshot=snapshot, actor=request.user, **data.validated_data)
+        body = []
+        for vm, op in created:
+            row = VmSerializer(vm).data
+            row["operation"] = str(op.pk)
+            body.append(row)
+        return Response({"vms": body}, status=status.HTTP_202_ACCEPTED)
+
+
+def _vm_or_404(user, vm_id):
+    vm = vm_selectors.vm_list_visible(user).filter(pk=vm_id).first() if selectors.is_uuid(vm_id) else None
+    if vm is None:
+        raise NotFound()
+    return vm
+
+
+class VmSnapshotsView(APIView):
+    """``GET``: the VM's snapshots; ``POST {name, description, include_memory}``: take one."""
+
+    @extend_schema(responses={200: SnapshotSerializer(many=True)})
+    def get(self, request, vm_id):
+        vm = _vm_or_404(request.user, vm_id)
+        qs = selectors.snapshot_list_visible(request.user).filter(vm=vm)
+        return Response(SnapshotSerializer(qs, many=True).data)
+
+    @extend_schema(request=SnapshotCreateSerializer, responses={202: SnapshotSerializer})
+    def post(self, request, vm_id):
+        vm = _vm_or_404(request.user, vm_id)
+        data = SnapshotCreateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        snapshot, op = services.snapshot_create(vm=vm, actor=request.user, **data.validated_data)
+        body = SnapshotSerializer(snapshot).data
+        body["operation"] = str(op.pk)
+        return Response(body, status=status.HTTP_202_ACCEPTED)
+
+
+class VmSnapshotRetentionView(APIView):
+    """``GET``/``PUT {keep_last, keep_days}`` the VM's retention policy (both null removes it)."""
+
+    @extend_schema(responses={200: RetentionPolicySerializer})
+    def get(self, request, vm_id):
+        vm = _vm_or_404(request.user, vm_id)
+        policy = selectors.retention_policy_for(vm)
+        body = RetentionPolicySerializer(policy).data if policy else {"keep_last": None, "keep_days": None}
+        body["scope"] = ("vm" if policy.vm_id else "user") if policy else None
+        return Response(body)
+
+    @extend_schema(request=RetentionPolicySerializer, responses={200: RetentionPolicySerializer})
+    def put(self, request, vm_id):
+        vm = _vm_or_404(request.user, vm_id)
+        data = RetentionPolicySerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        policy = services.retention_policy_set(
+            actor=request.user,
+            vm=vm,
+            keep_last=data.validated_data.get("keep_last"),
+            keep_days=data.validated_data.get("keep_days"),
+        )
+        return Response(RetentionPolicySerializer(policy).data if policy else {"keep_last": None, "keep_days": None})
+
+
+class MySnapshotRetentionView(APIView):
+    """``GET``/``PUT`` the signed-in user's default retention policy for all their VMs."""
+
+    @extend_schema(responses={200: RetentionPolicySerializer})
+    def get(self, request):
+        from snapshots.models import RetentionPolicy
+
+        policy = RetentionPolicy.objects.filter(user=request.user).first()
+        return Response(RetentionPolicySerializer(policy).data if policy else {"keep_last": None, "keep_days": None})
+
+    @extend_schema(request=RetentionPolicySerializer, responses={200: RetentionPolicySerializer})
+    def put(self, request):
+        data = RetentionPolicySerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        policy = services.retention_policy_set(
+            actor=request.user,
+            user=request.user,
+            keep_last=data.validated_data.get("keep_last"),
+            keep_days=data.validated_data.get("keep_days"),
+        )
+        return Response(RetentionPolicySerializer(policy).data if policy else {"keep_last": None, "keep_days": None})

@@ -1,0 +1,413 @@
+"""Worker-side steps of the snapshot operations (``snapshot``, ``restore``, ``clone``),
+registered with ``vms.lifecycle`` from ``SnapshotsConfig.ready``, and the file side of
+deleting. Run on the host that holds the VM and the snapshot files. Each step is
+idempotent: a redelivered task finishes the job or leaves a defined state."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from accounts.audit import audit_record
+from sandbox_site.errors import ApplicationError, ConflictError
+from snapshots import selectors
+from snapshots.models import Snapshot, VmLineage
+from vms import hypervisor
+from vms.events import vm_event_publish
+from vms.models import VM, Operation, VmState
+from vms.vmm.base import RuntimeState, VmmError, VmSpec
+from vms.vmm.snapshot import (
+    SnapshotIntegrityError,
+    SnapshotMeta,
+    backing_chain,
+    disk_usage,
+    manifest_verify,
+    manifest_write,
+)
+
+logger = logging.getLogger(__name__)
+S = VmState
+
+
+def _log(op: Operation, line: str, progress: int | None = None) -> None:
+    from vms.services import operation_log
+
+    operation_log(op, line, progress=progress)
+
+
+def _cas(vm: VM, expected, new: str, **fields) -> bool:
+    from vms.services import vm_state_cas
+
+    won = vm_state_cas(vm.pk, expected=expected, new=new, **fields)
+    if won:
+        vm.refresh_from_db()
+        vm_event_publish(vm)
+    return won
+
+
+def _lineage_set(vm: VM, snapshot: Snapshot) -> None:
+    VmLineage.objects.update_or_create(vm=vm, defaults={"snapshot": snapshot})
+
+
+# --- take ----------------------------------------------------------------------------------
+
+
+def _take(driver, spec: VmSpec, dest: Path, snapshot: Snapshot) -> SnapshotMeta:
+    if driver.name == "qemu":
+        return driver.snapshot(spec, dest, include_memory=snapshot.include_memory)
+    # cloud-hypervisor: its own snapshot (always with memory) plus a copy of the overlay,
+    # both made while the VM is paused; no shared layer.
+    started = time.monotonic()
+    result = driver.snapshot(spec, dest, copy_disk=True)
+    elapsed = int((time.monotonic() - started) * 1000)
+    meta = SnapshotMeta(
+        driver=driver.name,
+        vmm_version=result.vmm_version,
+        vm_id=spec.vm_id,
+        include_memory=True,
+        vcpus=spec.vcpus,
+        memory_mib=spec.memory_mib,
+        disk_gib=spec.disk_gib,
+        disk_layer="overlay.qcow2",
+        state_file="state.json",
+        backing_chain=[],
+        pause_ms=elapsed,
+        total_ms=elapsed,
+        created_unix=time.time(),
+    )
+    meta.write(dest)
+    return meta
+
+
+def snapshot_take(op: Operation, vm: VM) -> None:
+    """Pause -> save state -> freeze the disk -> resume (driver), then manifest and record."""
+    snapshot = Snapshot.objects.get(pk=op.params["snapshot"])
+    if snapshot.state != Snapshot.State.CREATING:
+        return
+    dest = Path(snapshot.directory)
+    try:
+        with transaction.atomic():
+            # The row lock keeps stop/pause/delete requests waiting while the VM is paused here.
+            locked = VM.objects.select_for_update(of=("self",)).select_related("template__image").get(pk=vm.pk)
+            if locked.state not in (S.RUNNING, S.PAUSED, S.STOPPED):
+                raise ConflictError(f"Cannot snapshot a VM that is {locked.state}.")
+            if snapshot.include_memory and locked.state == S.STOPPED:
+                raise ConflictError("The VM stopped before its memory could be saved.")
+            driver = hypervisor.driver_for(locked.driver or hypervisor.driver_name_select())
+            spec = hypervisor.vm_spec(locked)
+            if (dest / "snapshot.json").exists():
+                # A previous attempt got past the freeze: the VM's disk already sits on it.
+                meta = SnapshotMeta.read(dest)
+                _log(op, "snapshot files already written by an earlier attempt", 60)
+            else:
+                shutil.rmtree(dest, ignore_errors=True)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                _log(op, f"pausing the VM to save its {'memory and ' if snapshot.include_memory else ''}disk state", 20)
+                meta = _take(driver, spec, dest, snapshot)
+                _log(op, f"VM paused for {meta.pause_ms} ms; resumed", 60)
+    except Exception as exc:
+        if not (dest / "snapshot.json").exists():
+            shutil.rmtree(dest, ignore_errors=True)
+        Snapshot.objects.filter(pk=snapshot.pk).update(
+            state=Snapshot.State.FAILED, error=(getattr(exc, "message", None) or str(exc))[:2000]
+        )
+        raise
+    _log(op, "writing the integrity manifest", 80)
+    checksum = manifest_write(dest)
+    files = manifest_verify(dest, expected_checksum=checksum)
+    with transaction.atomic():
+        parent = selectors.vm_lineage_snapshot(vm)
+        layer = dest / (meta.disk_layer or "disk.qcow2")
+        Snapshot.objects.filter(pk=snapshot.pk).update(
+            state=Snapshot.State.READY,
+            parent=parent,
+            driver=meta.driver,
+            vmm_version=meta.vmm_version,
+            disk_layer=str(layer),
+            backing_chain=meta.backing_chain,
+            shared_layer=meta.driver == "qemu",
+            size_bytes=disk_usage(dest),
+            pause_ms=meta.pause_ms,
+            duration_ms=meta.total_ms,
+            checksum=checksum,
+            files=files,
+            verified_at=timezone.now(),
+            error="",
+        )
+        snapshot.refresh_from_db()
+        if snapshot.shared_layer:
+            _lineage_set(vm, snapshot)  # the VM's new overlay sits on this layer
+        audit_record(
+            actor=op.requested_by,
+            action="snapshot.created",
+            obj=snapshot,
+            after={
+                "size_bytes": snapshot.size_bytes,
+                "pause_ms": snapshot.pause_ms,
+                "checksum": checksum,
+                "parent": str(parent.pk) if parent else None,
+            },
+        )
+    vm_event_publish(vm)
+
+
+# --- verify -------------------------------------------------------------------------------
+
+
+def snapshot_chain_verify(snapshot: Snapshot) -> list[Snapshot]:
+    """Verify every file of the snapshot and of the ancestors its disk is built on; raises
+    ``SnapshotIntegrityError`` naming the first bad file. Returns the chain."""
+    chain = selectors.snapshot_chain(snapshot)
+    for item in chain:
+        manifest_verify(Path(item.directory), expected_checksum=item.checksum or None)
+    Snapshot.objects.filter(pk__in=[s.pk for s in chain]).update(verified_at=timezone.now())
+    base = snapshot.backing_chain[-1] if snapshot.backing_chain else None
+    if base and not Path(base).exists():
+        raise SnapshotIntegrityError(f"snapshot base image missing: {base}", path=Path(base), reason="missing")
+    return chain
+
+
+def _integrity_refusal(snapshot: Snapshot, exc: SnapshotIntegrityError, *, what: str) -> ApplicationError:
+    Snapshot.objects.filter(pk=snapshot.pk).update(error=exc.message[:2000])
+    return ApplicationError(
+        f"Snapshot {snapshot.name!r} failed its integrity check: {exc.message}. {what}",
+        code="snapshot_corrupted",
+        details=exc.details,
+    )
+
+
+# --- restore / clone -----------------------------------------------------------------------
+
+
+def _guest_agent_call(vm: VM, spec: VmSpec, op_name: str, args: dict, *, timeout: float = 20.0) -> dict:
+    """One agent request: through the host daemon when it runs (it holds the one agent
+    connection of each VM), else directly."""
+    from vms.hostd.client import HostdClient, HostdError, HostdUnavailable
+
+    client = HostdClient(settings.SANDBOX_HOSTD_SOCKET, timeout=timeout + 5)
+    try:
+        client.connect()
+    except HostdUnavailable:
+        from vms.vmm.agent_client import AgentConnection, agent_socket_path
+
+        transport = hypervisor.agent_transport(vm.driver)
+        with AgentConnection.open(agent_socket_path(spec), transport, timeout=timeout) as conn:
+            return conn.request(op_name, args, timeout=timeout)
+    with client:
+        try:
+            return client.agent(str(vm.pk), op_name, args, timeout=timeout)[0]
+        except HostdError as exc:
+            raise VmmError(f"agent {op_name}: {exc}") from exc
+
+
+def _identity_apply(op: Operation, vm: VM, spec: VmSpec, *, clone: bool) -> None:
+    """After a restore the guest clock stands at the snapshot's time and its RNG state is
+    the snapshot's; a clone also takes its own hostname, machine-id, MAC and address."""
+    args: dict = {"clock_unix": time.time(), "entropy": secrets.token_hex(64)}
+    if clone:
+        args.update(hostname=vm.name, machine_id=vm.pk.hex)
+        if spec.mac:
+            args["macs"] = {"*": spec.mac.lower()}
+        if getattr(settings, "SANDBOX_NETWORKING", False):
+            from networking.services import nic_spec
+
+            nic = nic_spec(vm=vm)
+            if nic is not None:
+                args["ipv4"] = {"address": f"{nic.ip}/{nic.prefix}", "gateway": nic.gateway}
+    try:
+        result = _guest_agent_call(vm, spec, "identity_set", args)
+    except VmmError as exc:
+        if clone:
+            raise ApplicationError(f"The clone's identity could not be set: {exc.message}") from exc
+        _log(op, f"warning: guest clock/entropy not refreshed: {exc.message}")
+        return
+    _log(op, f"guest identity: {', '.join(result.get('applied', []))}")
+
+
+def _restore_into(op: Operation, vm: VM, snapshot: Snapshot, *, clone: bool) -> None:
+    driver = hypervisor.driver_for(snapshot.driver)
+    spec = hypervisor.vm_spec(vm)
+    if driver.info(spec).state != RuntimeState.GONE:
+        driver.shutdown(spec, graceful_timeout=0, force=True)
+    if getattr(settings, "SANDBOX_NETWORKING", False):
+        from networking.services import nic_plumb
+
+        nic_plumb(vm=vm)  # the VMM opens its TAP by name
+    _log(op, f"starting {snapshot.driver} from snapshot {snapshot.name!r}", 40)
+    started = time.monotonic()
+    result = driver.restore(spec, Path(snapshot.directory))
+    VM.objects.filter(pk=vm.pk).update(driver=result.driver, acceleration=result.acceleration, vmm_pid=result.pid)
+    vm.refresh_from_db()
+    agent = hypervisor.agent_wait(spec, result.driver, timeout=settings.SANDBOX_BOOT_TIMEOUT)
+    _log(
+        op,
+        f"guest agent answered {time.monotonic() - started:.2f}s after the restore began "
+        f"(version {agent.get('agent_version', '?')})",
+        80,
+    )
+    _identity_apply(op, vm, spec, clone=clone)
+
+
+def snapshot_restore_run(op: Operation, vm: VM) -> None:
+    from vms.lifecycle import _fail, _kill_quietly
+
+    if vm.state != S.STARTING:
+        return
+    snapshot = Snapshot.objects.select_related("template__image").get(pk=op.params["snapshot"])
+    previous = op.params.get("previous_state") or S.STOPPED
+    try:
+        _log(op, "verifying the snapshot's files", 10)
+        snapshot_chain_verify(snapshot)
+    except SnapshotIntegrityError as exc:
+        # Nothing was touched yet: the VM goes back to what it was.
+        _cas(vm, {S.STARTING}, previous)
+        raise _integrity_refusal(snapshot, exc, what="The VM was left as it was.") from exc
+    if (vm.vcpus, vm.memory_mib) != (snapshot.vcpus, snapshot.memory_mib):
+        VM.objects.filter(pk=vm.pk).update(vcpus=snapshot.vcpus, memory_mib=snapshot.memory_mib)
+        vm.refresh_from_db()
+    try:
+        _restore_into(op, vm, snapshot, clone=False)
+    except Exception as exc:
+        message = getattr(exc, "message", None) or str(exc)
+        _fail(vm, f"restore failed: {message}", expected={S.STARTING})
+        _kill_quietly(hypervisor.driver_for(snapshot.driver), hypervisor.vm_spec(vm))
+        raise
+    with transaction.atomic():
+        if snapshot.shared_layer:
+            _lineage_set(vm, snapshot)
+        won = _cas(vm, {S.STARTING}, S.RUNNING, started_at=timezone.now(), last_error="", last_console="")
+        audit_record(actor=op.requested_by, action="snapshot.restored", obj=snapshot, after={"vm": str(vm.pk)})
+    if not won:
+        _log(op, "state changed during the restore; leaving it to the newer operation")
+
+
+def snapshot_clone_run(op: Operation, vm: VM) -> None:
+    from vms.lifecycle import _cleanup_quietly, _fail
+
+    snapshot = Snapshot.objects.select_related("template__image").get(pk=op.params["snapshot"])
+    if vm.state == S.CREATING:
+        try:
+            _log(op, "verifying the snapshot's files", 10)
+            snapshot_chain_verify(snapshot)
+        except SnapshotIntegrityError as exc:
+            _fail(vm, f"clone failed: {exc.message}", expected={S.CREATING})
+            raise _integrity_refusal(snapshot, exc, what="No VM was started.") from exc
+        if not _cas(vm, {S.CREATING}, S.STARTING):
+            return
+    if vm.state != S.STARTING:
+        return
+    try:
+        _restore_into(op, vm, snapshot, clone=True)
+    except Exception as exc:
+        message = getattr(exc, "message", None) or str(exc)
+        _cleanup_quietly(vm)
+        _fail(vm, f"clone failed: {message}", expected={S.STARTING})
+        raise
+    with transaction.atomic():
+        if snapshot.shared_layer:
+            _lineage_set(vm, snapshot)
+        _cas(vm, {S.STARTING}, S.RUNNING, started_at=timezone.now(), last_error="", last_console="")
+
+
+# --- delete (files) --------------------------------------------------------------------------
+
+
+def _qemu_img_rebase(image: Path, new_backing: Path | None) -> None:
+    """Safe rebase: clusters that differ between the old and the new backing chain are
+    copied into ``image`` first, so its content does not change."""
+    if new_backing is None:
+        argv = ["qemu-img", "rebase", "-q", "-f", "qcow2", "-b", "", str(image)]
+    else:
+        fmt = "qcow2" if new_backing.name.endswith(".qcow2") else "raw"
+        argv = ["qemu-img", "rebase", "-q", "-f", "qcow2", "-b", str(new_backing), "-F", fmt, str(image)]
+    try:
+        subprocess.run(argv, check=True, capture_output=True, timeout=3600, stdin=subprocess.DEVNULL)
+    except subprocess.CalledProcessError as exc:
+        raise VmmError(
+            "merging the snapshot layer failed", details={"stderr": exc.stderr.decode("utf-8", "replace")}
+        ) from exc
+
+
+def snapshot_files_delete(snapshot_id) -> None:
+    """Merge the layer into its one dependent when there is one, then remove the files and
+    the row. Idempotent."""
+    snapshot = Snapshot.objects.filter(pk=snapshot_id).select_related("parent").first()
+    if snapshot is None or snapshot.state != Snapshot.State.DELETING:
+        return
+    directory = Path(snapshot.directory) if snapshot.directory else None
+    new_backing = Path(snapshot.backing_chain[0]) if snapshot.backing_chain else None
+    deps = selectors.snapshot_dependents(snapshot)
+    if deps["snapshots"] or deps["vms"]:
+        from snapshots.services import _merge_target
+
+        target = _merge_target(snapshot, deps)
+        if target is None:
+            Snapshot.objects.filter(pk=snapshot.pk).update(
+                state=Snapshot.State.READY, error="deletion refused: the layer came into use"
+            )
+            return
+        kind, _, ident = target.partition(":")
+        if kind == "snapshot":
+            child = Snapshot.objects.get(pk=ident)
+            _qemu_img_rebase(Path(child.disk_layer), new_backing)
+            checksum = manifest_write(Path(child.directory))
+            Snapshot.objects.filter(pk=child.pk).update(
+                parent=snapshot.parent,
+                backing_chain=backing_chain(Path(child.disk_layer)),
+                checksum=checksum,
+                files=manifest_verify(Path(child.directory), expected_checksum=checksum),
+                size_bytes=disk_usage(Path(child.directory)),
+            )
+        else:
+            vm = VM.objects.select_related("template__image").get(pk=ident)
+            spec = hypervisor.vm_spec(vm)
+            if hypervisor.driver_for(vm.driver or "qemu").info(spec).state != RuntimeState.GONE:
+                Snapshot.objects.filter(pk=snapshot.pk).update(
+                    state=Snapshot.State.READY, error="deletion refused: the VM started meanwhile"
+                )
+                return
+            _qemu_img_rebase(spec.runtime_dir / "overlay.qcow2", new_backing)
+            if snapshot.parent_id:
+                VmLineage.objects.filter(vm=vm).update(snapshot=snapshot.parent)
+            else:
+                VmLineage.objects.filter(vm=vm).delete()
+    with transaction.atomic():
+        Snapshot.objects.filter(parent=snapshot).update(parent=snapshot.parent)
+        VmLineage.objects.filter(snapshot=snapshot).delete()
+        Snapshot.objects.filter(pk=snapshot.pk).delete()
+        audit_record(
+            actor=None,
+            action="snapshot.deleted",
+            object_type="snapshots.snapshot",
+            object_id=str(snapshot.pk),
+            object_repr=str(snapshot),
+            object_owner_id=snapshot.owner_id,
+        )
+    if directory is not None and directory.is_dir() and directory.parent == Path(settings.SANDBOX_SNAPSHOT_DIR):
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def snapshots_verify_all(*, host=None) -> list[dict]:
+    """Check every ready snapshot's files (``manage.py snapshot_verify``)."""
+    report = []
+    qs = Snapshot.objects.filter(state=Snapshot.State.READY).order_by("created_at")
+    if host is not None:
+        qs = qs.filter(host=host)
+    for snapshot in qs:
+        try:
+            manifest_verify(Path(snapshot.directory), expected_checksum=snapshot.checksum or None)
+        except SnapshotIntegrityError as exc:
+            Snapshot.objects.filter(pk=snapshot.pk).update(error=exc.message[:2000])
+            report.append({"snapshot": str(snapshot.pk), "name": str(snapshot), "ok": False, "error": exc.message})
+        else:
+            Snapshot.objects.filter(pk=snapshot.pk).update(verified_at=timezone.now(), error="")
+            report.append({"snapshot": str(snapshot.pk), "name": str(snapshot), "ok": True, "error": ""})
+    return report

@@ -1,0 +1,111 @@
+import uuid
+
+from django.conf import settings
+from django.core.validators import MinValueValidator
+from django.db import models
+from django.utils import timezone
+
+
+class Snapshot(models.Model):
+    """A saved state of a VM: a frozen disk layer (copy-on-write: later layers sit on top of
+    it) and, with ``include_memory``, the device + RAM state. Files live on ``host`` under
+    ``directory``; ``checksum`` is the sha256 of the directory's integrity manifest."""
+
+    class State(models.TextChoices):
+        CREATING = "creating", "Creating"
+        READY = "ready", "Ready"
+        FAILED = "failed", "Failed"
+        DELETING = "deleting", "Deleting"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    vm = models.ForeignKey("vms.VM", on_delete=models.SET_NULL, null=True, blank=True, related_name="snapshots")
+    vm_ref = models.UUIDField(db_index=True, help_text="VM id, kept after the VM is deleted.")
+    vm_name = models.CharField(max_length=63, blank=True)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="snapshots")
+    host = models.ForeignKey("vms.Host", on_delete=models.PROTECT, related_name="snapshots")
+    template = models.ForeignKey("vms.Template", on_delete=models.PROTECT, related_name="snapshots")
+    name = models.CharField(max_length=100)
+    description = models.CharField(max_length=1000, blank=True)
+    include_memory = models.BooleanField(default=True)
+    parent = models.ForeignKey(
+        "self",
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="children",
+        help_text="The snapshot the VM descended from when this one was taken (its disk layer sits on the parent's).",
+    )
+    state = models.CharField(max_length=16, choices=State.choices, default=State.CREATING, db_index=True)
+    driver = models.CharField(max_length=32, blank=True)
+    vmm_version = models.CharField(max_length=64, blank=True)
+    directory = models.CharField(max_length=500, blank=True)
+    disk_layer = models.CharField(max_length=500, blank=True, help_text="Absolute path of the frozen disk layer.")
+    backing_chain = models.JSONField(default=list, blank=True, help_text="Layers below disk_layer, nearest first.")
+    shared_layer = models.BooleanField(
+        default=True, help_text="Other layers (children, VMs) use disk_layer as their backing file."
+    )
+    vcpus = models.PositiveSmallIntegerField(validators=[MinValueValidator(1)])
+    memory_mib = models.PositiveIntegerField()
+    disk_gib = models.PositiveSmallIntegerField()
+    size_bytes = models.BigIntegerField(default=0)
+    pause_ms = models.PositiveIntegerField(null=True, blank=True)
+    duration_ms = models.PositiveIntegerField(null=True, blank=True)
+    checksum = models.CharField(max_length=64, blank=True, help_text="sha256 of manifest.json.")
+    files = models.JSONField(default=dict, blank=True, help_text="name -> size of every file in the manifest.")
+    error = models.TextField(blank=True)
+    verified_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [models.UniqueConstraint(fields=["vm_ref", "name"], name="snapshot_unique_name_per_vm")]
+
+    def __str__(self) -> str:
+        return f"{self.vm_name}/{self.name}"
+
+
+class VmLineage(models.Model):
+    """Which snapshot a VM's current disk descends from: set when a snapshot is taken (the
+    VM's new overlay sits on it), restored or cloned. It is the parent of the VM's next
+    snapshot, and (for shared layers) a dependency that blocks deleting that snapshot."""
+
+    vm = models.OneToOneField("vms.VM", on_delete=models.CASCADE, primary_key=True, related_name="lineage")
+    snapshot = models.ForeignKey(Snapshot, on_delete=models.PROTECT, related_name="descendant_vms")
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"{self.vm_id} on {self.snapshot_id}"
+
+
+class RetentionPolicy(models.Model):
+    """Keep the newest ``keep_last`` snapshots and/or those younger than ``keep_days`` days,
+    for one VM or for all of a user's VMs (a VM policy wins over its owner's). A snapshot
+    is kept when either rule keeps it; a rule left empty keeps nothing by itself."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    vm = models.OneToOneField(
+        "vms.VM", on_delete=models.CASCADE, null=True, blank=True, related_name="snapshot_retention"
+    )
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, null=True, blank=True, related_name="snapshot_retention"
+    )
+    keep_last = models.PositiveIntegerField(null=True, blank=True)
+    keep_days = models.PositiveIntegerField(null=True, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(
+                condition=(
+                    models.Q(vm__isnull=False, user__isnull=True) | models.Q(vm__isnull=True, user__isnull=False)
+                ),
+                name="retention_for_vm_xor_user",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        target = f"vm {self.vm_id}" if self.vm_id else f"user {self.user_id}"
+        return f"retention of {target}: last {self.keep_last}, {self.keep_days} days"

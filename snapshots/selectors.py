@@ -1,0 +1,89 @@
+"""Reads about snapshots. Access to a snapshot follows its VM: ``view`` on the VM shows its
+snapshots, ``snapshot`` on the VM allows taking, restoring, cloning and deleting them. Once
+the VM is deleted, the snapshot's owner (and operators) keep access."""
+
+from __future__ import annotations
+
+import math
+import uuid
+
+from django.db.models import Q, Sum
+
+from accounts.permissions import visible_queryset
+from accounts.roles import user_is_operator
+from accounts.services import user_has_perm
+from snapshots.models import RetentionPolicy, Snapshot, VmLineage
+from vms.models import VM
+
+GIB = 1 << 30
+
+
+def snapshot_list_visible(user):
+    qs = Snapshot.objects.select_related("owner", "vm", "parent", "host")
+    if user_is_operator(user):
+        return qs
+    vm_ids = visible_queryset(user, VM.objects.all(), "view").values("pk")
+    return qs.filter(Q(vm_id__in=vm_ids) | Q(owner=user))
+
+
+def snapshot_user_can(user, perm: str, snapshot: Snapshot) -> bool:
+    """``perm`` is ``view`` or ``snapshot`` (the VM permission that governs snapshots)."""
+    if snapshot.vm_id is not None:
+        return user_has_perm(user, f"vms.{perm}_vm", snapshot.vm)
+    return snapshot.owner_id == getattr(user, "pk", None) or user_has_perm(user, f"vms.{perm}_vm")
+
+
+def snapshot_storage_bytes(owner, *, exclude_deleting: bool = True) -> int:
+    qs = Snapshot.objects.filter(owner=owner)
+    if exclude_deleting:
+        qs = qs.exclude(state=Snapshot.State.DELETING)
+    return qs.aggregate(total=Sum("size_bytes"))["total"] or 0
+
+
+def snapshot_storage_gib(owner) -> int:
+    """Snapshot storage of ``owner`` in whole GiB (rounded up): counted with VM disks in the
+    owner's ``max_disk_gib`` limit."""
+    return math.ceil(snapshot_storage_bytes(owner) / GIB)
+
+
+def snapshot_chain(snapshot: Snapshot) -> list[Snapshot]:
+    """The snapshot and its ancestors whose disk layers it is built on, nearest first."""
+    chain = [snapshot]
+    seen = {snapshot.pk}
+    current = snapshot
+    while current.parent_id is not None and current.shared_layer:
+        current = Snapshot.objects.get(pk=current.parent_id)
+        if current.pk in seen:
+            break
+        seen.add(current.pk)
+        chain.append(current)
+    return chain
+
+
+def snapshot_dependents(snapshot: Snapshot) -> dict[str, list[str]]:
+    """What still reads this snapshot's disk layer: child snapshots and VMs whose disk
+    sits on it. Empty lists when nothing does (or the layer is not shared)."""
+    if not snapshot.shared_layer:
+        return {"snapshots": [], "vms": []}
+    # A child being deleted still reads this layer until its own merge has finished.
+    children = list(snapshot.children.exclude(state=Snapshot.State.FAILED).values_list("name", flat=True))
+    vms = list(VmLineage.objects.filter(snapshot=snapshot).values_list("vm__name", flat=True))
+    return {"snapshots": children, "vms": vms}
+
+
+def vm_lineage_snapshot(vm) -> Snapshot | None:
+    row = VmLineage.objects.filter(vm=vm).select_related("snapshot").first()
+    return row.snapshot if row else None
+
+
+def retention_policy_for(vm) -> RetentionPolicy | None:
+    """The policy that applies to ``vm``: its own, else its owner's."""
+    return RetentionPolicy.objects.filter(vm=vm).first() or RetentionPolicy.objects.filter(user_id=vm.owner_id).first()
+
+
+def is_uuid(value) -> bool:
+    try:
+        uuid.UUID(str(value))
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,70 @@
+from rest_framework import serializers
+
+from snapshots.models import RetentionPolicy, Snapshot
+
+
+class SnapshotSerializer(serializers.ModelSerializer):
+    vm = serializers.UUIDField(source="vm_ref", read_only=True)
+    vm_exists = serializers.SerializerMethodField()
+    owner = serializers.CharField(source="owner.username", read_only=True)
+    host = serializers.CharField(source="host.name", read_only=True)
+    parent = serializers.UUIDField(source="parent_id", read_only=True, allow_null=True)
+    children = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Snapshot
+        fields = [
+            "id",
+            "name",
+            "description",
+            "vm",
+            "vm_name",
+            "vm_exists",
+            "owner",
+            "host",
+            "state",
+            "include_memory",
+            "parent",
+            "children",
+            "driver",
+            "vmm_version",
+            "vcpus",
+            "memory_mib",
+            "disk_gib",
+            "size_bytes",
+            "pause_ms",
+            "duration_ms",
+            "checksum",
+            "files",
+            "disk_layer",
+            "backing_chain",
+            "error",
+            "verified_at",
+            "created_at",
+        ]
+        read_only_fields = fields
+
+    def get_vm_exists(self, obj) -> bool:
+        return obj.vm_id is not None
+
+    def get_children(self, obj) -> list[str]:
+        return [str(pk) for pk in obj.children.values_list("pk", flat=True)]
+
+
+class SnapshotCreateSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=100)
+    description = serializers.CharField(max_length=1000, required=False, allow_blank=True, default="")
+    include_memory = serializers.BooleanField(default=True)
+
+
+class SnapshotCloneSerializer(serializers.Serializer):
+    count = serializers.IntegerField(min_value=1, max_value=100, default=1)
+    name_prefix = serializers.CharField(max_length=55, required=False, allow_blank=True, default="")
+
+
+class RetentionPolicySerializer(serializers.ModelSerializer):
+    class Meta:
+        model = RetentionPolicy
+        fields = ["keep_last", "keep_days", "updated_at"]
+        read_only_fields = ["updated_at"]
+        extra_kwargs = {"keep_last": {"required": False}, "keep_days": {"required": False}}

@@ -1,0 +1,19 @@
+"""Celery tasks: thin wrappers that take ids and call one service."""
+
+from celery import shared_task
+
+
+@shared_task(acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def snapshot_delete_task(snapshot_id: str) -> None:
+    from snapshots.lifecycle import snapshot_files_delete
+
+    snapshot_files_delete(snapshot_id)
+
+
+@shared_task(ignore_result=True)
+def snapshot_retention_task() -> None:
+    """Beat job, on each host's queue: apply retention to the snapshots this host holds."""
+    from snapshots.services import retention_apply
+    from vms.services import local_host
+
+    retention_apply(host=local_host())
