@@ -32,6 +32,7 @@ ROLE_GLOBAL_PERMS: dict[str, tuple[str, ...]] = {
         "accounts.change_userquota",
         "accounts.view_userquota",
         "auth.view_user",
+        *(f"networking.{p}_network" for p in ("add", "change", "delete", "view", "use")),
     ),
     Role.USER: ("vms.add_vm", "vms.view_template"),
     Role.VIEWER: ("vms.view_template",),

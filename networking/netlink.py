@@ -11,6 +11,7 @@ interface someone else made.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import threading
@@ -59,18 +60,32 @@ def tap_name(nic_id: str) -> str:
     return TAP_PREFIX + nic_id.replace("-", "")[:10]
 
 
-def _ns(netns: str | None) -> str | None:
-    return netns or None
+def _netlink(netns: str | None, fn: Callable[[IPRoute], T]) -> T:
+    """Run ``fn(ipr)`` with a netlink socket of ``netns``, opened, used and closed in a thread
+    that entered the namespace (``netns_call``).
 
-
-def _ipr(netns: str | None) -> IPRoute:
-    # pyroute2 would create a missing namespace; a typo must fail instead of plumbing elsewhere.
+    Not ``IPRoute(netns=...)``: pyroute2 forks a helper process for that (and for every TAP
+    it creates), and a fork of a Celery prefork worker that dies the wrong way takes the
+    worker's whole process group with it (seen here: every pool worker SIGTERMed). Not an
+    ``IPRoute()`` opened in the thread and used outside it either: pyroute2 opens its socket
+    lazily, i.e. in whichever namespace the first call runs in.
+    """
+    # A typo must fail instead of plumbing in the wrong namespace.
     if netns and not netns_exists(netns):
         raise PlumbingError(f"network namespace {netns!r} does not exist")
-    try:
-        return IPRoute(netns=_ns(netns)) if netns else IPRoute()
-    except OSError as exc:
-        raise PlumbingError(f"cannot open netlink in namespace {netns!r}: {exc}") from exc
+
+    def run() -> T:
+        if netns and os.stat("/proc/thread-self/ns/net").st_ino != os.stat(f"/run/netns/{netns}").st_ino:
+            raise PlumbingError(f"not inside network namespace {netns!r}")  # never fall back to ours
+        try:
+            with IPRoute() as ipr:
+                return fn(ipr)
+        except OSError as exc:
+            if isinstance(exc, NetlinkError):
+                raise
+            raise PlumbingError(f"netlink in namespace {netns!r}: {exc}") from exc
+
+    return netns_call(netns, run)
 
 
 def _check_owned(name: str) -> None:
@@ -96,25 +111,42 @@ def _link_info(msg: Any) -> LinkInfo:
     )
 
 
+def _add_racing(ipr: IPRoute, **link: Any) -> None:
+    # Several VMs of one network boot at once (one worker process each): the loser of the
+    # race for the bridge finds it created, which is what it wanted.
+    try:
+        ipr.link("add", **link)
+    except NetlinkError as exc:
+        if exc.code != errno.EEXIST:
+            raise
+
+
 def bridge_ensure(name: str, gateway: str, prefix: int, *, netns: str | None = None) -> LinkInfo:
     """Create bridge ``name`` (if missing) holding ``gateway/prefix``, and bring it up.
     Idempotent: an existing bridge keeps its ports; a missing address is added."""
     _check_owned(name)
     iface = ipaddress.ip_interface(f"{gateway}/{prefix}")
-    with _ipr(netns) as ipr:
+
+    def op(ipr: IPRoute) -> LinkInfo:
         try:
             index = _lookup(ipr, name)
             if index is None:
-                ipr.link("add", ifname=name, kind="bridge", br_stp_state=0, br_forward_delay=0)
+                _add_racing(ipr, ifname=name, kind="bridge", br_stp_state=0, br_forward_delay=0)
                 index = _lookup(ipr, name)
                 assert index is not None
             have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=index, family=2)}
             if (str(iface.ip), prefix) not in have:
-                ipr.addr("add", index=index, address=str(iface.ip), prefixlen=prefix)
+                try:
+                    ipr.addr("add", index=index, address=str(iface.ip), prefixlen=prefix)
+                except NetlinkError as exc:
+                    if exc.code != errno.EEXIST:  # added by a concurrent plumb
+                        raise
             ipr.link("set", index=index, state="up")
             return _link_info(ipr.get_links(index)[0])
         except NetlinkError as exc:
             raise PlumbingError(f"bridge {name}: {exc}", details={"code": exc.code}) from exc
+
+    return _netlink(netns, op)
 
 
 def tap_ensure(name: str, bridge: str, *, netns: str | None = None, mtu: int | None = None) -> LinkInfo:
@@ -122,14 +154,15 @@ def tap_ensure(name: str, bridge: str, *, netns: str | None = None, mtu: int | N
     a port of ``bridge`` and bring it up. Idempotent."""
     _check_owned(name)
     _check_owned(bridge)
-    with _ipr(netns) as ipr:
+
+    def op(ipr: IPRoute) -> LinkInfo:
         try:
             bridge_index = _lookup(ipr, bridge)
             if bridge_index is None:
                 raise PlumbingError(f"bridge {bridge} does not exist")
             index = _lookup(ipr, name)
             if index is None:
-                ipr.link("add", ifname=name, kind="tuntap", mode="tap", ifr={"no_pi": True, "vnet_hdr": True})
+                _add_racing(ipr, ifname=name, kind="tuntap", mode="tap", ifr={"no_pi": True, "vnet_hdr": True})
                 index = _lookup(ipr, name)
                 assert index is not None
             if mtu:
@@ -140,11 +173,14 @@ def tap_ensure(name: str, bridge: str, *, netns: str | None = None, mtu: int | N
         except NetlinkError as exc:
             raise PlumbingError(f"tap {name}: {exc}", details={"code": exc.code}) from exc
 
+    return _netlink(netns, op)
+
 
 def link_remove(name: str, *, netns: str | None = None) -> bool:
     """Delete one of our links (bridge or TAP); False when it did not exist."""
     _check_owned(name)
-    with _ipr(netns) as ipr:
+
+    def op(ipr: IPRoute) -> bool:
         index = _lookup(ipr, name)
         if index is None:
             return False
@@ -156,29 +192,35 @@ def link_remove(name: str, *, netns: str | None = None) -> bool:
             raise PlumbingError(f"remove {name}: {exc}", details={"code": exc.code}) from exc
         return True
 
+    return _netlink(netns, op)
+
 
 def links_owned(*, netns: str | None = None) -> list[LinkInfo]:
     """Every link whose name starts with our prefix (and nothing else)."""
-    with _ipr(netns) as ipr:
-        links = [_link_info(msg) for msg in ipr.get_links()]
+    links = _netlink(netns, lambda ipr: [_link_info(msg) for msg in ipr.get_links()])
     return [link for link in links if link.name and link.name.startswith(IFNAME_PREFIX)]
 
 
 def link_get(name: str, *, netns: str | None = None) -> LinkInfo | None:
-    with _ipr(netns) as ipr:
+    def op(ipr: IPRoute) -> LinkInfo | None:
         index = _lookup(ipr, name)
         return _link_info(ipr.get_links(index)[0]) if index is not None else None
+
+    return _netlink(netns, op)
 
 
 def link_counters(name: str, *, netns: str | None = None) -> dict[str, int]:
     """Host-side counters of a link (``rx_bytes``, ``tx_bytes``, ``rx_packets``, ``tx_packets``);
     empty when the link does not exist."""
-    with _ipr(netns) as ipr:
+
+    def op(ipr: IPRoute) -> dict[str, int]:
         index = _lookup(ipr, name)
         if index is None:
             return {}
         stats = ipr.get_links(index)[0].get_attr("IFLA_STATS64") or {}
-    return {key: int(stats.get(key, 0)) for key in ("rx_bytes", "tx_bytes", "rx_packets", "tx_packets")}
+        return {key: int(stats.get(key, 0)) for key in ("rx_bytes", "tx_bytes", "rx_packets", "tx_packets")}
+
+    return _netlink(netns, op)
 
 
 # --- running code inside a network namespace ----------------------------------------------

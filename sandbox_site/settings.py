@@ -261,3 +261,24 @@ if not 1 <= SANDBOX_PORT_FORWARD_RANGE[0] <= SANDBOX_PORT_FORWARD_RANGE[1] <= 65
 # Address shown (copyable) for port forwards; empty = the host's name.
 SANDBOX_PORT_FORWARD_ADDRESS = env.str("SANDBOX_PORT_FORWARD_ADDRESS", default="")
 SANDBOX_PORT_FORWARDS_PER_VM = env.int("SANDBOX_PORT_FORWARDS_PER_VM", default=16)
+
+# --- host daemon, exec and files (docs/hostd.md, docs/exec-and-files.md) -----------------------
+SANDBOX_HOSTD_SOCKET = Path(env.str("SANDBOX_HOSTD_SOCKET", default=str(SANDBOX_RUNTIME_DIR / "hostd.sock")))
+SANDBOX_HOSTD_SCAN_SECONDS = env.float("SANDBOX_HOSTD_SCAN_SECONDS", default=2.0)
+SANDBOX_CONSOLE_RING_BYTES = env.int("SANDBOX_CONSOLE_RING_BYTES", default=1 << 20)
+SANDBOX_FILE_UPLOAD_MAX_BYTES = env.int("SANDBOX_FILE_UPLOAD_MAX_BYTES", default=1 << 30)
+SANDBOX_EXEC_BUFFER_BYTES = env.int("SANDBOX_EXEC_BUFFER_BYTES", default=1 << 20)
+SANDBOX_EXEC_WAIT_MAX_SECONDS = env.float("SANDBOX_EXEC_WAIT_MAX_SECONDS", default=300.0)
+
+# --- snapshots ------------------------------------------------------------------------------
+# Snapshot files (frozen disk layers, saved VM state). Must be on the same filesystem as
+# SANDBOX_RUNTIME_DIR: freezing a disk renames the VM's overlay into the snapshot.
+SANDBOX_SNAPSHOT_DIR = Path(env.str("SANDBOX_SNAPSHOT_DIR", default=str(SANDBOX_RUNTIME_DIR.parent / "snapshots")))
+SANDBOX_SNAPSHOTS_PER_VM = env.int("SANDBOX_SNAPSHOTS_PER_VM", default=32)
+SANDBOX_CLONE_MAX = env.int("SANDBOX_CLONE_MAX", default=10)
+SANDBOX_SNAPSHOT_RETENTION_SECONDS = env.float("SANDBOX_SNAPSHOT_RETENTION_SECONDS", default=300.0)
+CELERY_BEAT_SCHEDULE["snapshots-retention"] = {
+    "task": "snapshots.tasks.snapshot_retention_task",
+    "schedule": SANDBOX_SNAPSHOT_RETENTION_SECONDS,
+    "options": {"queue": f"host.{SANDBOX_HOST_NAME}", "expires": SANDBOX_SNAPSHOT_RETENTION_SECONDS * 2},
+}

@@ -5,7 +5,9 @@ from rest_framework.routers import DefaultRouter
 
 from accounts.api import AuditEventViewSet, TokenViewSet, UserViewSet
 from networking.api import NetworkViewSet, VmNetworkViewSet, VmPortForwardViewSet
+from snapshots.api import MySnapshotRetentionView, SnapshotViewSet, VmSnapshotRetentionView, VmSnapshotsView
 from vms.api import OperationViewSet, TemplateViewSet, VmViewSet
+from vms.exec_api import exec_urlpatterns
 
 router = DefaultRouter()
 router.register("tokens", TokenViewSet, basename="token")
@@ -15,6 +17,7 @@ router.register("vms", VmViewSet, basename="vm")
 router.register("operations", OperationViewSet, basename="operation")
 router.register("templates", TemplateViewSet, basename="template")
 router.register("networks", NetworkViewSet, basename="network")
+router.register("snapshots", SnapshotViewSet, basename="snapshot")
 
 urlpatterns = [
     path(
@@ -29,6 +32,10 @@ urlpatterns = [
     ),
     path("api/v1/vms/<str:vm_id>/nics/", VmNetworkViewSet.as_view({"get": "nics"}), name="vm-nics"),
     path("api/v1/vms/<str:vm_id>/egress/", VmNetworkViewSet.as_view({"put": "egress"}), name="vm-egress"),
+    path("api/v1/vms/<str:vm_id>/snapshots/", VmSnapshotsView.as_view(), name="vm-snapshots"),
+    path("api/v1/vms/<str:vm_id>/snapshot-retention/", VmSnapshotRetentionView.as_view(), name="vm-snapshot-retention"),
+    path("api/v1/snapshot-retention/", MySnapshotRetentionView.as_view(), name="snapshot-retention"),
+    *exec_urlpatterns(),
     path("api/v1/", include(router.urls)),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),

@@ -6,6 +6,13 @@ from tests.factories import PASSWORD, UserFactory, VmFactory
 
 
 @pytest.fixture(autouse=True)
+def _never_the_host_network_namespace(settings):
+    # VM code paths plumb bridges and TAPs: a namespace that does not exist makes any stray
+    # plumbing fail instead of touching the host. Tests that plumb create their own.
+    settings.SANDBOX_NETNS = "msbtest-absent"
+
+
+@pytest.fixture(autouse=True)
 def _fast_password_hashing(settings):
     # PBKDF2 at production strength costs ~0.3 s per login; the tests log in a lot.
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

@@ -52,9 +52,19 @@ def runtime_dir(vm_id) -> Path:
 
 
 def vm_spec(vm: VM) -> VmSpec:
+    from networking.services import nic_spec
+
     image = vm.template.image
+    nic = nic_spec(vm=vm)
     cmdline = " ".join(
-        part for part in (vm.template.kernel_cmdline, f"sandbox.hostname={vm.name}", f"sandbox.vm_id={vm.pk}") if part
+        part
+        for part in (
+            vm.template.kernel_cmdline,
+            f"sandbox.hostname={vm.name}",
+            f"sandbox.vm_id={vm.pk}",
+            nic.kernel_args if nic else "",
+        )
+        if part
     )
     return VmSpec(
         vm_id=str(vm.pk),
@@ -68,6 +78,10 @@ def vm_spec(vm: VM) -> VmSpec:
         memory_mib=vm.memory_mib,
         max_memory_mib=max(vm.memory_mib, vm.template.max_memory_mib),
         disk_gib=vm.disk_gib,
+        tap=nic.tap if nic else None,
+        mac=nic.mac if nic else None,
+        # Every VMM of this host runs in the namespace of our bridges and TAPs.
+        netns=settings.SANDBOX_NETNS or None,
     )
 
 
@@ -93,13 +107,40 @@ def agent_transport(driver_name: str):
 
 
 def agent_wait(spec: VmSpec, driver_name: str, *, timeout: float) -> dict:
-    """Block until the guest agent answers a ping (a VM is ``running`` only then)."""
-    from vms.vmm.agent_client import wait_for_agent
+    """Block until the guest agent answers a ping (a VM is ``running`` only then).
 
-    return wait_for_agent(spec, agent_transport(driver_name), timeout)
+    Through hostd when it runs (it holds the one agent connection, and this registers the
+    VM with it); directly otherwise."""
+    from vms.hostd.client import HostdError, HostdUnavailable
+    from vms.vmm.agent_client import AgentTimeout, wait_for_agent
+
+    try:
+        with _hostd(timeout) as client:
+            return client.agent_wait(spec.vm_id, timeout=timeout)
+    except HostdUnavailable:
+        return wait_for_agent(spec, agent_transport(driver_name), timeout)
+    except HostdError as exc:
+        raise AgentTimeout(f"guest agent did not answer within {timeout:.0f}s ({exc.message})") from exc
 
 
 def agent_ping(spec: VmSpec, driver_name: str, *, timeout: float = 5.0) -> dict:
+    """Ping through hostd when it runs, directly otherwise; raises ``AgentError``."""
+    from vms.hostd.client import HostdError, HostdUnavailable
+    from vms.vmm.agent_client import AgentError
     from vms.vmm.agent_client import agent_ping as ping
 
-    return ping(spec, agent_transport(driver_name), timeout=timeout)
+    try:
+        with _hostd(timeout) as client:
+            return client.agent(spec.vm_id, "ping", timeout=timeout)[0]
+    except HostdUnavailable:
+        return ping(spec, agent_transport(driver_name), timeout=timeout)
+    except HostdError as exc:
+        raise AgentError(exc.message, details={"code": exc.code}) from exc
+
+
+def _hostd(timeout: float):
+    from vms.hostd.client import HostdClient
+
+    client = HostdClient(settings.SANDBOX_HOSTD_SOCKET, timeout=timeout + 5)
+    client.connect()  # HostdUnavailable when hostd is not running
+    return client

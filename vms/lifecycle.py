@@ -12,6 +12,7 @@ from django.utils import timezone
 from guardian.models import GroupObjectPermission, UserObjectPermission
 
 from accounts.audit import audit_record
+from networking.services import nic_plumb, nic_release, nic_unplumb
 from sandbox_site.errors import ApplicationError, ConflictError
 from vms import hypervisor
 from vms.events import vm_event_publish
@@ -51,6 +52,15 @@ def run(op: Operation) -> None:
         raise ApplicationError("The VM no longer exists.")
     handler = _HANDLERS[op.action]
     handler(op, vm)
+
+
+def register_operation_handler(action: str, fn) -> None:
+    """Let another app run its own operations (e.g. snapshots registers "snapshot",
+    "restore", "clone" from its AppConfig.ready): ``fn(op, vm)``, idempotent like ours."""
+    existing = _HANDLERS.get(action)
+    if existing is not None and existing is not fn:
+        raise ValueError(f"operation {action!r} already has a handler")
+    _HANDLERS[action] = fn
 
 
 def _image_ready(vm: VM) -> None:
@@ -96,6 +106,9 @@ def _boot(op: Operation, vm: VM) -> None:
         info = driver.info(spec)
         if info.state == RuntimeState.GONE:
             driver.prepare(spec)
+            plumbed = nic_plumb(vm=vm)  # the VMM opens its TAP by name: it must exist first
+            if plumbed:
+                _log(op, "network: " + ", ".join(f"{n.tap} {n.ip}/{n.prefix}" for n in plumbed), 25)
             _log(op, "launching VMM", 30)
             result = driver.launch(spec)
             VM.objects.filter(pk=vm.pk).update(
@@ -166,6 +179,7 @@ def _delete(op: Operation, vm: VM) -> None:
     _log(op, "stopping VMM and removing runtime files", 30)
     name = vm.driver or hypervisor.driver_name_select()
     hypervisor.driver_for(name).cleanup(hypervisor.vm_spec(vm))
+    nic_unplumb(vm=vm)  # the VMM is gone: its TAP and rules can go
     vm_delete_row(vm, actor=op.requested_by)
 
 
@@ -176,6 +190,7 @@ def vm_delete_row(vm: VM, *, actor) -> None:
         GroupObjectPermission.objects.filter(content_type__app_label="vms", content_type__model="vm", object_pk=str(vm.pk)).delete()
         audit_record(actor=actor, action="vm.deleted", obj=vm, before={"state": vm.state})
         Operation.objects.filter(vm=vm).update(vm=None)
+        nic_release(vm=vm, actor=None)
         VM.objects.filter(pk=vm.pk).delete()
     vm.state = S.DELETING
     vm_event_publish(vm, kind="vm.deleted")
@@ -193,6 +208,10 @@ def _cleanup_quietly(vm: VM) -> None:
         hypervisor.driver_for(vm.driver or hypervisor.driver_name_select()).cleanup(hypervisor.vm_spec(vm))
     except Exception:
         logger.warning("cleanup of %s failed", vm.pk, exc_info=True)
+    try:
+        nic_unplumb(vm=vm)
+    except Exception:
+        logger.warning("network clean-up of %s failed", vm.pk, exc_info=True)
 
 
 _HANDLERS = {

@@ -53,8 +53,15 @@ def usage_of(user, *, exclude_vm_id=None) -> dict[str, int]:
         "vms": qs.count(),
         "vcpus": agg["vcpus"] or 0,
         "memory_mib": agg["memory_mib"] or 0,
-        "disk_gib": agg["disk_gib"] or 0,
+        # Snapshot storage counts against the same disk limit (snapshots app).
+        "disk_gib": (agg["disk_gib"] or 0) + _snapshot_storage_gib(user),
     }
+
+
+def _snapshot_storage_gib(user) -> int:
+    from snapshots.selectors import snapshot_storage_gib
+
+    return snapshot_storage_gib(user)
 
 
 def vm_samples_rates(*, vm, minutes: int) -> list[dict]:

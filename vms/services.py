@@ -11,6 +11,7 @@ import logging
 import os
 from dataclasses import dataclass
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.db.models import F
@@ -20,6 +21,7 @@ from guardian.shortcuts import assign_perm
 from accounts.audit import audit_record
 from accounts.models import AuditResult
 from accounts.services import user_has_perm
+from networking.services import nic_allocate
 from sandbox_site.errors import ApplicationError, ConflictError, NotPermitted, QuotaExceeded
 from vms import selectors
 from vms.events import vm_event_publish
@@ -45,6 +47,11 @@ TRANSITIONS: dict[str, Transition] = {
     "resume": Transition(frozenset({S.PAUSED}), None),
     "resize": Transition(frozenset({S.STOPPED, S.RUNNING, S.PAUSED}), None),
     "delete": Transition(frozenset(set(S.values) - {S.DELETING}), S.DELETING),
+    # --- snapshots app (snapshots/services.py) ---
+    # A snapshot leaves the VM's state alone (the worker locks the row while it pauses it).
+    "snapshot": Transition(frozenset({S.RUNNING, S.PAUSED, S.STOPPED}), None),
+    # Restoring replaces the running VMM: the VM is "starting" until the agent answers.
+    "restore": Transition(frozenset({S.RUNNING, S.PAUSED, S.STOPPED, S.ERROR}), S.STARTING),
 }
 
 ACTION_PERMS = {
@@ -170,6 +177,9 @@ def vm_create(
         vm.save()
         for codename in VM.object_permission_codenames():
             assign_perm(f"vms.{codename}", owner, vm)
+        if settings.SANDBOX_NETWORKING:
+            # In this transaction: the address is taken exactly when the VM exists.
+            nic_allocate(vm=vm, network=None, actor=actor)
         op = _operation_new(vm=vm, action="create", actor=actor, params={"start": start})
         audit_record(actor=actor, action="vm.create", obj=vm, after={**_snapshot(vm), "name": name, "template": template.name})
         _operation_enqueue(op, vm)

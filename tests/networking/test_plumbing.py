@@ -175,3 +175,41 @@ def test_plumb_and_unplumb_create_and_remove_the_tap_and_its_rules(db, host_ns, 
     assert not Nic.objects.get(vm=vm).plumbed
     services.nic_unplumb(vm=vm)  # idempotent
     assert services.nic_release(vm=vm) == 1
+
+
+def test_it_plumbs_without_forking_and_only_inside_the_namespace(make_netns, monkeypatch):
+    # pyroute2's IPRoute(netns=...) and its TAP creation fork a helper; a fork of a Celery
+    # prefork worker that unwinds instead of exiting SIGTERMs the worker's process group.
+    ns = make_netns("nofork")
+    with IPRoute() as ipr:
+        host_links = {m.get_attr("IFLA_IFNAME") for m in ipr.get_links()}
+
+    def no_fork():
+        raise AssertionError("netlink must not fork")
+
+    monkeypatch.setattr("os.fork", no_fork)
+    netlink.bridge_ensure(BRIDGE, "10.231.7.1", 24, netns=ns)
+    netlink.tap_ensure(TAP, BRIDGE, netns=ns)
+    assert {link.name for link in netlink.links_owned(netns=ns)} == {BRIDGE, TAP}
+    assert netlink.link_counters(TAP, netns=ns)["tx_packets"] >= 0
+    assert netlink.link_remove(TAP, netns=ns)
+    monkeypatch.undo()
+    with IPRoute() as ipr:
+        assert {m.get_attr("IFLA_IFNAME") for m in ipr.get_links()} == host_links
+
+
+def test_concurrent_plumbing_of_one_network_all_succeed(make_netns):
+    # VMs of one network boot at once in different workers: every one must find its bridge.
+    import concurrent.futures
+
+    ns = make_netns("race")
+
+    def plumb(i: int) -> str:
+        netlink.bridge_ensure(BRIDGE, "10.231.7.1", 24, netns=ns)
+        return netlink.tap_ensure(f"msbt00000000c{i}", BRIDGE, netns=ns).name
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        taps = list(pool.map(plumb, range(6)))
+    assert sorted(taps) == [f"msbt00000000c{i}" for i in range(6)]
+    bridge = netlink.link_get(BRIDGE, netns=ns)
+    assert all(link.master == bridge.index for link in netlink.links_owned(netns=ns) if link.name in taps)

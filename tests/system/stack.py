@@ -1,10 +1,15 @@
 """A real stack for end-to-end tests and benchmarks: its own PostgreSQL database, Redis, daphne, a Celery
 worker and beat, and real VMs under QEMU. The test process talks to it over HTTP only.
 
+Networking stays in a network namespace of the stack's own (``msbx-systest-<pid>``,
+``SANDBOX_NETNS`` of every process): bridges, TAPs, nftables tables and the VMMs live there, it
+has no link to the host namespace, and it is removed at stop, also after a failure.
+
 Shared by every test in tests/system (booting VMs is the slow part)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -18,11 +23,14 @@ from pathlib import Path
 
 import httpx
 import psycopg
+from pyroute2 import IPRoute
+from pyroute2 import netns as pr_netns
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
-DB_NAME = "microvm_sandbox_system"
-REDIS_DB = 3
+# Overridable so two system-test runs on one machine do not share a database or queues.
+DB_NAME = os.environ.get("SANDBOX_SYSTEST_DB", "microvm_sandbox_system")
+REDIS_DB = int(os.environ.get("SANDBOX_SYSTEST_REDIS_DB", "3"))
 
 
 def _free_port() -> int:
@@ -35,6 +43,19 @@ def _reset_database() -> None:
     with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True, connect_timeout=10) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)')
         conn.execute(f'CREATE DATABASE "{DB_NAME}"')
+
+
+def _netns_create(name: str) -> None:
+    if os.path.exists(f"/run/netns/{name}"):  # left by a crashed run with a recycled pid
+        pr_netns.remove(name)
+    pr_netns.create(name)
+    with IPRoute(netns=name) as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+
+
+def _netns_remove(name: str) -> None:
+    if name and os.path.exists(f"/run/netns/{name}"):
+        pr_netns.remove(name)
 
 
 def _kill_vmms(runtime_dir: Path) -> None:
@@ -75,6 +96,7 @@ class Stack:
     runtime_dir: Path
     log_dir: Path
     tokens: dict[str, str]
+    netns: str = ""
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def client(self, persona: str = "owner") -> httpx.Client:
@@ -90,6 +112,7 @@ class Stack:
                        "-n", f"systest-{time.time_ns()}@%h", "--concurrency", "4", "-l", "INFO"],
             "beat": [str(VENV_BIN / "celery"), "-A", "sandbox_site", "beat", "-l", "INFO",
                      "-s", str(self.log_dir / "beat-schedule")],
+            "hostd": [sys.executable, "manage.py", "hostd"],
         }[name]
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
         self.procs[name] = subprocess.Popen(
@@ -121,6 +144,20 @@ class Stack:
                 pass
             time.sleep(0.3)
         raise RuntimeError("web server did not come up; see " + str(self.log_dir / "web.log"))
+
+    @property
+    def hostd_socket(self) -> Path:
+        return self.runtime_dir / "hostd.sock"
+
+    def wait_hostd(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.hostd_socket.exists():
+                with socket.socket(socket.AF_UNIX) as s, contextlib.suppress(OSError):
+                    s.connect(str(self.hostd_socket))
+                    return
+            time.sleep(0.1)
+        raise RuntimeError("hostd did not come up; see " + str(self.log_dir / "hostd.log"))
 
     def wait_vm(self, vm_id: str, states: set[str], timeout: float = 180.0, persona: str = "owner") -> dict:
         deadline = time.monotonic() + timeout
@@ -191,8 +228,11 @@ def stack_start(work_dir: Path, log_dir: Path) -> Stack:
         "SANDBOX_RECONCILE_SECONDS": "2",
         "SANDBOX_STOP_TIMEOUT": "20",
         "SANDBOX_BOOT_TIMEOUT": "150",
+        "SANDBOX_FILE_UPLOAD_MAX_BYTES": str(256 << 20),
         "PYTHONUNBUFFERED": "1",
     }
+    netns = f"msbx-systest-{os.getpid()}"
+    env["SANDBOX_NETNS"] = netns
     manage = [sys.executable, "manage.py"]
     subprocess.run([*manage, "migrate", "--noinput", "-v", "0"], cwd=ROOT, env=env, check=True, timeout=300)
     subprocess.run([*manage, "build_image"], cwd=ROOT, env=env, check=True, timeout=1800,
@@ -201,11 +241,13 @@ def stack_start(work_dir: Path, log_dir: Path) -> Stack:
                             capture_output=True, text=True)
     tokens = json.loads(seeded.stdout.split("TOKENS=", 1)[1])
     stack = Stack(url=f"http://127.0.0.1:{_free_port()}", env=env, runtime_dir=runtime_dir, log_dir=log_dir,
-                  tokens=tokens)
+                  tokens=tokens, netns=netns)
     try:
-        for name in ("web", "worker", "beat"):
+        _netns_create(netns)
+        for name in ("hostd", "web", "worker", "beat"):
             stack.start(name)
         stack.wait_web()
+        stack.wait_hostd()
     except BaseException:
         stack_stop(stack)
         raise
@@ -213,7 +255,11 @@ def stack_start(work_dir: Path, log_dir: Path) -> Stack:
 
 
 def stack_stop(stack: Stack) -> None:
-    for name in list(stack.procs):
-        stack.kill(name)
-    _kill_vmms(stack.runtime_dir)
-    shutil.rmtree(stack.runtime_dir, ignore_errors=True)
+    try:
+        for name in list(stack.procs):
+            stack.kill(name)
+        _kill_vmms(stack.runtime_dir)
+        shutil.rmtree(stack.runtime_dir, ignore_errors=True)
+    finally:
+        # Bridges, TAPs and nftables tables go with the namespace once no VMM is left in it.
+        _netns_remove(stack.netns)

@@ -76,6 +76,7 @@ class VmSpec:
     disk_gib: int = 1
     mac: str | None = None
     tap: str | None = None
+    netns: str | None = None  # network namespace (under /run/netns) the VMM runs in; None = ours
     vsock_cid: int = 3
     extra: dict[str, str] = field(default_factory=dict)
 

@@ -46,6 +46,7 @@ from vms.vmm.base import (
     VmRuntimeInfo,
     VmSpec,
 )
+from vms.vmm.process import call_in_netns
 
 __all__ = [
     "API_BASE_URL",
@@ -799,14 +800,18 @@ class CloudHypervisorDriver:
         ]
         log_fd = os.open(paths.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log_fd,
-                stderr=log_fd,
-                cwd=spec.runtime_dir,
-                close_fds=True,
-                start_new_session=True,
+            # The TAP is opened by name: start CH in the namespace that holds it.
+            proc = call_in_netns(
+                spec.netns,
+                lambda: subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_fd,
+                    stderr=log_fd,
+                    cwd=spec.runtime_dir,
+                    close_fds=True,
+                    start_new_session=True,
+                ),
             )
         except OSError as exc:
             raise VmmError(f"cannot start {self.binary}: {exc}", details={"argv": argv}) from exc

@@ -128,6 +128,22 @@ done
 [ -n "$name" ] || name=$(cat /etc/hostname 2>/dev/null)
 hostname "${name:-sandbox}"
 ip link set lo up 2>/dev/null || busybox ip link set lo up
+# Network from the kernel command line (the cloud kernel has no CONFIG_IP_PNP, so no ip=):
+# sandbox.ip=<ip>/<prefix> sandbox.gw=<gateway>, set by the host from its address database.
+addr=""
+gw=""
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        sandbox.ip=*) addr="${arg#sandbox.ip=}" ;;
+        sandbox.gw=*) gw="${arg#sandbox.gw=}" ;;
+    esac
+done
+if [ -n "$addr" ]; then
+    i=0
+    while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+    ip link set eth0 up && ip addr add "$addr" dev eth0 && echo "sandbox: eth0 $addr"
+    [ -n "$gw" ] && ip route add default via "$gw" dev eth0
+fi
 # Grow the filesystem to the (overlay) disk size; online, in the background.
 (resize2fs /dev/vda >/dev/null 2>&1 &)
 echo "sandbox: init done"

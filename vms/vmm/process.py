@@ -9,20 +9,28 @@ pid is never mistaken for our VMM.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import re
 import signal
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 from .base import VmmError, VmmTimeout
 
 PID_FILE = "vmm.pid"
 LOG_FILE = "vmm.log"
+NETNS_DIR = Path("/run/netns")
+NETNS_CALL_TIMEOUT = 30.0
+_CLONE_NEWNET = 0x40000000
+
+T = TypeVar("T")
 
 _DEFAULT_TSC_KHZ = 2_000_000
 
@@ -32,9 +40,61 @@ _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 _CHILD_DIRS: dict[int, Path] = {}
 
 
-def spawn_detached(argv: Sequence[str], runtime_dir: Path, *, env: dict[str, str] | None = None) -> int:
+def _setns_net(path: Path) -> None:
+    # os.setns arrived in Python 3.12; the libc call is the same thing.
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if libc.setns(fd, _CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns({path}): {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def call_in_netns(netns: str | None, fn: Callable[..., T], *args: Any, timeout: float = NETNS_CALL_TIMEOUT) -> T:
+    """Run ``fn(*args)`` in a short-lived thread switched into network namespace ``netns``
+    (a name under ``/run/netns``; ``None``/``""`` = here) and return its result.
+
+    ``setns(CLONE_NEWNET)`` changes only the calling thread, so the caller stays in its
+    namespace; processes forked by ``fn`` start in ``netns`` and stay there. A thread rather
+    than ``preexec_fn`` because workers are threaded (``preexec_fn`` is unsafe there).
+    Raises ``VmmError`` when the namespace does not exist (never silently the host's).
+    """
+    if not netns:
+        return fn(*args)
+    path = NETNS_DIR / netns
+    if not path.exists():
+        raise VmmError(f"network namespace {netns!r} does not exist", details={"path": str(path)})
+    box: dict[str, Any] = {}
+
+    def runner() -> None:
+        try:
+            _setns_net(path)
+            box["result"] = fn(*args)
+        except BaseException as exc:  # handed to the caller below
+            box["error"] = exc
+
+    thread = threading.Thread(target=runner, name=f"netns-{netns}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise VmmTimeout(f"call in network namespace {netns!r} did not finish within {timeout:.0f}s")
+    if "error" in box:
+        error = box["error"]
+        if isinstance(error, OSError) and "setns" in str(error):
+            raise VmmError(f"cannot enter network namespace {netns!r}: {error}") from error
+        raise error
+    return box["result"]  # type: ignore[no-any-return]
+
+
+def spawn_detached(
+    argv: Sequence[str], runtime_dir: Path, *, env: dict[str, str] | None = None, netns: str | None = None
+) -> int:
     """Start ``argv`` in a new session, stdin ``/dev/null``, stdout/stderr appended to
     ``runtime_dir/vmm.log``; write its pid to ``runtime_dir/vmm.pid`` and return it.
+    With ``netns`` the process starts inside that network namespace (``call_in_netns``),
+    so a TAP device opened by name is found there.
 
     The child is not waited for here; a short-lived reaper thread is not needed because
     callers either keep running (and poll with ``pid_alive``) or exit, after which init
@@ -43,16 +103,20 @@ def spawn_detached(argv: Sequence[str], runtime_dir: Path, *, env: dict[str, str
     runtime_dir.mkdir(parents=True, exist_ok=True)
     log_path = runtime_dir / LOG_FILE
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(  # noqa: S603 - argv built by the driver, no shell
-            list(argv),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            close_fds=True,
-            cwd=str(runtime_dir),
-            env=env,
-        )
+
+        def popen() -> subprocess.Popen[bytes]:
+            return subprocess.Popen(  # noqa: S603 - argv built by the driver, no shell
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+                cwd=str(runtime_dir),
+                env=env,
+            )
+
+        proc = call_in_netns(netns, popen)
     # Keep a reference so Python does not warn about a still-running child at exit and
     # so a zombie of ours can be reaped by ``reap_if_child``.
     _CHILDREN[proc.pid] = proc
@@ -172,6 +236,30 @@ def wait_for_unix_socket(
             )
         time.sleep(0.05)
     raise VmmTimeout(f"socket {path} did not accept connections within {timeout:.1f}s", details={"error": repr(last)})
+
+
+def netdev_counters(pid: int, ifname: str) -> dict[str, int]:
+    """Host-side counters of interface ``ifname`` as seen from the network namespace of
+    process ``pid`` (``/proc/<pid>/net/dev``; the VMM runs where its TAP is, which may not
+    be our namespace, so ``/sys/class/net`` would be the wrong place). Empty when unknown."""
+    try:
+        lines = (Path("/proc") / str(pid) / "net" / "dev").read_text().splitlines()
+    except OSError:
+        return {}
+    for line in lines[2:]:
+        name, sep, rest = line.partition(":")
+        if not sep or name.strip() != ifname:
+            continue
+        fields = rest.split()
+        if len(fields) < 10:
+            return {}
+        return {
+            "rx_bytes": int(fields[0]),
+            "rx_packets": int(fields[1]),
+            "tx_bytes": int(fields[8]),
+            "tx_packets": int(fields[9]),
+        }
+    return {}
 
 
 def log_tail(runtime_dir: Path, max_bytes: int = 4096) -> str:

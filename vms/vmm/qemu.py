@@ -16,6 +16,7 @@ Devices (microvm has virtio-mmio only, no hotplug):
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -41,11 +42,18 @@ from .process import (
     host_tsc_khz,
     kill_vmm,
     log_tail,
+    netdev_counters,
     remove_path_quietly,
     running_vmm_pid,
     spawn_detached,
     wait_for_unix_socket,
     wait_pid_exit,
+)
+from .snapshot import (
+    DISK_LAYER,
+    STATE_FILE,
+    SnapshotMeta,
+    backing_chain,
 )
 
 QEMU_BINARY = "qemu-system-x86_64"
@@ -146,6 +154,26 @@ class QmpClient:
             if "return" in reply:
                 return reply["return"]
             raise VmmError(f"QMP {command}: unexpected reply", details=reply)
+
+    def send_fd(self, fdname: str, fd: int) -> None:
+        """Hand ``fd`` to QEMU under ``fdname`` (QMP ``getfd`` with SCM_RIGHTS), e.g. for
+        ``migrate``/``migrate-incoming`` to ``fd:<fdname>``."""
+        if self._sock is None:
+            raise VmmError("QMP client is not connected")
+        self._deadline = time.monotonic() + self.timeout
+        msg = json.dumps({"execute": "getfd", "arguments": {"fdname": fdname}}).encode() + b"\n"
+        try:
+            socket.send_fds(self._sock, [msg], [fd])
+        except OSError as exc:
+            raise VmmNotRunning(f"QMP getfd: connection lost ({exc})") from exc
+        while True:
+            reply = self._read_message()
+            if "event" in reply:
+                continue
+            if "error" in reply:
+                err = reply["error"] if isinstance(reply["error"], dict) else {}
+                raise QmpError(f"QMP getfd failed: {err.get('desc', 'unknown error')}", details=err)
+            return
 
     def _read_message(self) -> dict[str, Any]:
         assert self._sock is not None
@@ -283,8 +311,9 @@ class QemuDriver:
             raise VmmTimeout("qemu-img create timed out") from exc
         os.replace(tmp, overlay)
 
-    def build_argv(self, spec: VmSpec, *, acceleration: str) -> list[str]:
-        """The full QEMU command line for ``spec`` (public for tests and debugging)."""
+    def build_argv(self, spec: VmSpec, *, acceleration: str, incoming: bool = False) -> list[str]:
+        """The full QEMU command line for ``spec`` (public for tests and debugging). With
+        ``incoming`` QEMU waits for ``migrate-incoming`` (restore from a snapshot)."""
         rd = spec.runtime_dir.resolve()
         cmdline = _DEFAULT_CMDLINE
         if acceleration == "tcg":
@@ -339,6 +368,8 @@ class QemuDriver:
             if spec.mac:
                 dev += f",mac={spec.mac}"
             argv += ["-device", dev]
+        if incoming:
+            argv += ["-incoming", "defer"]
         return argv
 
     def launch(self, spec: VmSpec, *, timeout: float = 30.0) -> LaunchResult:
@@ -354,9 +385,16 @@ class QemuDriver:
                 pid=existing, driver=self.name, acceleration=accel, vmm_version=self._version_quiet(spec)
             )
         self.prepare(spec)
+        return self._spawn(spec, accel, timeout=timeout)
+
+    def _spawn(self, spec: VmSpec, accel: str, *, timeout: float, incoming: bool = False) -> LaunchResult:
+        """Start QEMU for ``spec`` and wait until QMP answers (``incoming``: QEMU waits for
+        ``migrate-incoming`` instead of booting)."""
         for name in (QMP_SOCKET, SERIAL_SOCKET, AGENT_SOCKET):
             remove_path_quietly(spec.runtime_dir / name)
-        pid = spawn_detached(self.build_argv(spec, acceleration=accel), spec.runtime_dir)
+        # QEMU opens the TAP by name, so it must start in the namespace that holds it.
+        argv = self.build_argv(spec, acceleration=accel, incoming=incoming)
+        pid = spawn_detached(argv, spec.runtime_dir, netns=spec.netns)
         deadline = time.monotonic() + timeout
         try:
             wait_for_unix_socket(self.qmp_path(spec), timeout, pid=pid, runtime_dir=spec.runtime_dir)
@@ -444,7 +482,8 @@ class QemuDriver:
     def counters(self, spec: VmSpec, *, timeout: float = 5.0) -> dict[str, dict[str, int]]:
         """I/O counters: ``{"block.<id>": {read_bytes, write_bytes, read_ops, write_ops, flush_ops}}``
         from QMP ``query-blockstats``, plus ``{"net.<tap>": {rx_bytes, tx_bytes, rx_packets,
-        tx_packets}}`` from the host side of the tap (host tx = guest rx)."""
+        tx_packets}}`` from the host side of the tap (host tx = guest rx), read in QEMU's own
+        network namespace (``spec.netns``)."""
         stats = self._qmp(spec, "query-blockstats", timeout=timeout)
         out: dict[str, dict[str, int]] = {}
         if isinstance(stats, list):
@@ -460,12 +499,9 @@ class QemuDriver:
                     "write_ops": int(s.get("wr_operations", 0)),
                     "flush_ops": int(s.get("flush_operations", 0)),
                 }
-        if spec.tap:
-            base = Path("/sys/class/net") / spec.tap / "statistics"
-            try:
-                host = {k: int((base / k).read_text()) for k in ("rx_bytes", "tx_bytes", "rx_packets", "tx_packets")}
-            except (OSError, ValueError):
-                host = {}
+        pid = running_vmm_pid(spec.runtime_dir)
+        if spec.tap and pid is not None:
+            host = netdev_counters(pid, spec.tap)
             if host:
                 out[f"net.{spec.tap}"] = {
                     "rx_bytes": host["tx_bytes"],
@@ -483,6 +519,261 @@ class QemuDriver:
         shutil.rmtree(spec.runtime_dir, ignore_errors=True)
         if spec.runtime_dir.exists():
             raise VmmError("could not remove runtime directory", details={"path": str(spec.runtime_dir)})
+
+    # ----- snapshots ---------------------------------------------------------------
+
+    def snapshot(
+        self, spec: VmSpec, dest_dir: Path, *, include_memory: bool = True, timeout: float = 300.0
+    ) -> SnapshotMeta:
+        """Take a snapshot of ``spec`` into the (new, empty) directory ``dest_dir``.
+
+        Running VM: ``stop`` -> (``include_memory``) device + RAM state saved with ``migrate``
+        to ``dest_dir/state.bin`` through a passed fd -> the disk is frozen: the current
+        overlay moves to ``dest_dir/disk.qcow2`` and a new empty overlay backed by it is
+        switched in (``blockdev-snapshot-sync``, mode ``existing``), so nothing big is copied
+        -> ``cont`` (only if it was running). ``pause_ms`` is the time the vCPUs were stopped.
+
+        Stopped VM (no QEMU): disk only; ``include_memory`` raises ``VmmStateError``.
+        Writes ``snapshot.json`` but not the manifest (see ``snapshot.manifest_write``).
+        On failure the VM keeps running on its original overlay and ``dest_dir`` holds
+        nothing the VM needs."""
+        started = time.monotonic()
+        overlay = spec.runtime_dir / OVERLAY
+        dest_dir = dest_dir.resolve()
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        layer = dest_dir / DISK_LAYER
+        if not overlay.is_file():
+            raise VmmError("the VM has no disk overlay to snapshot", details={"path": str(overlay)})
+        pid = running_vmm_pid(spec.runtime_dir)
+        accel = ""
+        pause_ms = 0
+        version = self.version()
+        if pid is None:
+            if include_memory:
+                raise VmmStateError("a memory snapshot needs a running VM; take a disk-only snapshot instead")
+            self._freeze_overlay(spec, layer, qmp=None)
+        else:
+            with QmpClient(self.qmp_path(spec), timeout=min(timeout, 30.0)) as qmp:
+                status = str(qmp.execute("query-status").get("status"))
+                if status not in ("running", "paused"):
+                    raise VmmStateError(f"cannot snapshot a VM whose QEMU is {status}", details={"status": status})
+                was_running = status == "running"
+                version = self._version_of(qmp) or version
+                accel = "kvm" if "kvm" in " ".join(_cmdline_of(pid)) else "tcg"
+                # Throttling is for live migration over a network; a file takes what it can get.
+                qmp.execute("migrate-set-parameters", {"max-bandwidth": 64 << 30, "downtime-limit": 100000})
+                paused_at = time.monotonic()
+                if was_running:
+                    qmp.execute("stop")
+                try:
+                    if include_memory:
+                        self._save_state(qmp, dest_dir / STATE_FILE, timeout=timeout)
+                    try:
+                        self._freeze_overlay(spec, layer, qmp=qmp)
+                    except BaseException:
+                        remove_path_quietly(dest_dir / STATE_FILE)
+                        raise
+                finally:
+                    if was_running:
+                        # After a completed migration QEMU is in "postmigrate" with its images
+                        # inactive; cont re-activates them and resumes the vCPUs.
+                        qmp.execute("cont")
+                    pause_ms = int((time.monotonic() - paused_at) * 1000)
+        meta = SnapshotMeta(
+            driver=self.name,
+            vmm_version=version,
+            vm_id=spec.vm_id,
+            include_memory=include_memory,
+            vcpus=spec.vcpus,
+            memory_mib=spec.memory_mib,
+            disk_gib=spec.disk_gib,
+            acceleration=accel,
+            disk_layer=DISK_LAYER,
+            state_file=STATE_FILE if include_memory else None,
+            backing_chain=backing_chain(layer),
+            pause_ms=pause_ms,
+            total_ms=int((time.monotonic() - started) * 1000),
+            created_unix=time.time(),
+            extra={"kernel": str(spec.kernel.resolve()), "initramfs": str(spec.initramfs or "")},
+        )
+        meta.write(dest_dir)
+        return meta
+
+    def restore(self, spec: VmSpec, src_dir: Path, *, timeout: float = 120.0) -> LaunchResult:
+        """Start ``spec`` from the snapshot in ``src_dir``: a new overlay backed by the
+        snapshot's frozen ``disk.qcow2`` replaces the VM's overlay (copy-on-write: any number
+        of VMs can share the layer), then QEMU starts with ``-incoming defer`` and loads
+        ``state.bin`` (memory snapshot; the VM resumes where it was) or boots (disk-only).
+
+        ``spec`` may be another VM (a clone): its own runtime directory, sockets, command line
+        and MAC; vCPUs and memory must match the snapshot. ``VmmStateError`` when a QEMU
+        already runs for ``spec``. Verify the manifest before calling this. Does not wait for
+        the guest agent; the host side simply reconnects to the new ``agent.sock``."""
+        meta = SnapshotMeta.read(src_dir)
+        if meta.driver != self.name:
+            raise VmmError(f"this snapshot was taken by {meta.driver}, not {self.name}")
+        if running_vmm_pid(spec.runtime_dir) is not None:
+            raise VmmStateError("a QEMU already runs for this VM; stop it before restoring")
+        if meta.include_memory and (meta.vcpus, meta.memory_mib) != (spec.vcpus, spec.memory_mib):
+            raise VmmError(
+                "the VM's size differs from the snapshot's",
+                details={"snapshot": [meta.vcpus, meta.memory_mib], "vm": [spec.vcpus, spec.memory_mib]},
+            )
+        accel = self.acceleration or detect_acceleration()
+        if meta.include_memory:
+            here = self.version()
+            if meta.vmm_version and here and meta.vmm_version.split(".")[:2] != here.split(".")[:2]:
+                raise VmmError(f"snapshot taken with QEMU {meta.vmm_version}, this host runs {here}")
+            if meta.acceleration and meta.acceleration != accel:
+                raise VmmError(f"snapshot taken under {meta.acceleration}, this host runs {accel}")
+        layer = (src_dir / (meta.disk_layer or DISK_LAYER)).resolve()
+        if not layer.is_file():
+            raise VmmError("the snapshot's disk layer is missing", details={"path": str(layer)})
+        self.prepare_from_layer(spec, layer)
+        if not meta.include_memory:
+            return self._spawn(spec, accel, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        result = self._spawn(spec, accel, timeout=timeout, incoming=True)
+        state = src_dir / (meta.state_file or STATE_FILE)
+        try:
+            fd = os.open(state, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                with QmpClient(self.qmp_path(spec), timeout=max(1.0, deadline - time.monotonic())) as qmp:
+                    qmp.send_fd("snapshot", fd)
+                    qmp.execute("migrate-incoming", {"uri": "fd:snapshot"})
+                    self._wait_migration(qmp, deadline, incoming=True)
+                    # The state was saved from a stopped VM, so QEMU keeps it paused.
+                    if qmp.execute("query-status").get("status") != "running":
+                        qmp.execute("cont")
+            finally:
+                os.close(fd)
+        except BaseException as exc:
+            kill_vmm(result.pid, spec.runtime_dir, term_timeout=2.0)
+            if isinstance(exc, VmmError) and exc.details is None:
+                exc.details = {"log_tail": log_tail(spec.runtime_dir)}
+            raise
+        return result
+
+    def prepare_from_layer(self, spec: VmSpec, layer: Path) -> None:
+        """Make ``spec``'s runtime directory with a fresh overlay backed by ``layer`` (the
+        frozen layer of a snapshot); any previous overlay of the VM is discarded."""
+        longest = spec.runtime_dir.resolve() / SERIAL_SOCKET
+        if len(str(longest).encode()) > _UNIX_PATH_MAX:
+            raise VmmError("runtime directory path too long for Unix sockets", details={"path": str(spec.runtime_dir)})
+        spec.runtime_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(spec.runtime_dir, 0o700)
+        spec_tmp = spec.runtime_dir / (SPEC_FILE + ".tmp")
+        spec_tmp.write_text(spec.to_json())
+        os.replace(spec_tmp, spec.runtime_dir / SPEC_FILE)
+        tmp = spec.runtime_dir / (OVERLAY + ".tmp")
+        self._overlay_create(tmp, backing=layer, size=spec.disk_gib << 30)
+        os.replace(tmp, spec.runtime_dir / OVERLAY)
+
+    def version(self) -> str:
+        """``major.minor.micro`` of the QEMU binary (from ``--version``), or ``""``."""
+        try:
+            out = subprocess.run(  # noqa: S603
+                [self.binary, "--version"], capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL
+            ).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        words = out.split()
+        if len(words) >= 4 and words[2] == "version":
+            return words[3]
+        return ""
+
+    def _freeze_overlay(self, spec: VmSpec, layer: Path, *, qmp: QmpClient | None) -> None:
+        """Move the overlay to ``layer`` and put a new empty overlay backed by it in its place;
+        with ``qmp`` the running QEMU switches to the new overlay (it keeps the old file open
+        read-only as the backing node). Rolled back on failure."""
+        overlay = spec.runtime_dir / OVERLAY
+        fresh = spec.runtime_dir / (OVERLAY + ".new")
+        size = _qcow2_virtual_size(overlay)
+        try:
+            os.rename(overlay, layer)
+        except OSError as exc:
+            if exc.errno == errno.EXDEV:
+                raise VmmError(
+                    "the snapshot directory must be on the same filesystem as the runtime directory",
+                    details={"runtime_dir": str(spec.runtime_dir), "snapshot_dir": str(layer.parent)},
+                ) from exc
+            raise VmmError(f"cannot move the disk overlay: {exc}") from exc
+        try:
+            self._overlay_create(fresh, backing=layer, size=size)
+            os.replace(fresh, overlay)
+            if qmp is not None:
+                qmp.execute(
+                    "blockdev-snapshot-sync",
+                    {"device": "root", "snapshot-file": str(overlay.resolve()), "format": "qcow2", "mode": "existing"},
+                )
+        except BaseException:
+            remove_path_quietly(fresh)
+            os.replace(layer, overlay)
+            raise
+
+    def _overlay_create(self, path: Path, *, backing: Path, size: int) -> None:
+        # -u: do not open the backing file (a running QEMU holds locks on it).
+        argv = [
+            self.qemu_img, "create", "-q", "-f", "qcow2", "-u",
+            "-b", str(backing.resolve()), "-F", "qcow2", str(path), str(size),
+        ]  # fmt: skip
+        try:
+            subprocess.run(argv, check=True, capture_output=True, timeout=60, stdin=subprocess.DEVNULL)  # noqa: S603
+        except subprocess.CalledProcessError as exc:
+            raise VmmError("qemu-img create failed", details={"stderr": exc.stderr.decode("utf-8", "replace")}) from exc
+        except subprocess.TimeoutExpired as exc:
+            raise VmmTimeout("qemu-img create timed out") from exc
+
+    def _save_state(self, qmp: QmpClient, path: Path, *, timeout: float) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            qmp.send_fd("snapshot", fd)
+        finally:
+            os.close(fd)  # QEMU holds its own copy now
+        try:
+            qmp.execute("migrate", {"uri": "fd:snapshot"})
+            self._wait_migration(qmp, time.monotonic() + timeout, incoming=False)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                qmp.execute("migrate_cancel")
+            except VmmError:
+                pass
+            remove_path_quietly(tmp)
+            raise
+
+    @staticmethod
+    def _wait_migration(qmp: QmpClient, deadline: float, *, incoming: bool) -> None:
+        delay = 0.01
+        while True:
+            info = qmp.execute("query-migrate")
+            status = str(info.get("status", "")) if isinstance(info, dict) else ""
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled"):
+                raise VmmError(
+                    f"{'loading' if incoming else 'saving'} the VM state failed: {info.get('error-desc', status)}",
+                    details={"migration": info},
+                )
+            if incoming:
+                run = qmp.execute("query-status")
+                if isinstance(run, dict) and run.get("status") == "running":
+                    return
+            if time.monotonic() > deadline:
+                raise VmmTimeout(f"{'loading' if incoming else 'saving'} the VM state timed out")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+    @staticmethod
+    def _version_of(qmp: QmpClient) -> str:
+        ver = qmp.execute("query-version")
+        if isinstance(ver, dict) and isinstance(ver.get("qemu"), dict):
+            q = ver["qemu"]
+            return f"{q.get('major')}.{q.get('minor')}.{q.get('micro')}"
+        return ""
 
     # ----- helpers -----------------------------------------------------------------
 
@@ -507,3 +798,19 @@ class QemuDriver:
     def _remove_sockets(spec: VmSpec) -> None:
         for name in (QMP_SOCKET, SERIAL_SOCKET, AGENT_SOCKET):
             remove_path_quietly(spec.runtime_dir / name)
+
+
+def _cmdline_of(pid: int) -> list[str]:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().decode("utf-8", "replace").split("\0")
+    except OSError:
+        return []
+
+
+def _qcow2_virtual_size(path: Path) -> int:
+    """Virtual size from a qcow2 header (bytes 24..32), readable while QEMU has it open."""
+    with open(path, "rb") as fh:
+        header = fh.read(32)
+    if len(header) < 32 or header[:4] != b"QFI\xfb":
+        raise VmmError(f"not a qcow2 image: {path}")
+    return int.from_bytes(header[24:32], "big")
