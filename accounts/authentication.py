@@ -2,8 +2,8 @@ from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions, permissions
 
 from accounts import services
-from accounts.models import ApiToken
 from accounts.context import set_token_id
+from accounts.models import ApiToken
 
 
 class BearerTokenAuthentication(authentication.BaseAuthentication):

@@ -16,7 +16,7 @@ class ActorContext:
     token_id: uuid.UUID | None = None
 
 
-_current: contextvars.ContextVar[ActorContext] = contextvars.ContextVar("actor_context", default=ActorContext())
+_current: contextvars.ContextVar[ActorContext] = contextvars.ContextVar("actor_context", default=ActorContext())  # noqa: B039 - frozen dataclass, immutable
 
 
 def current_context() -> ActorContext:

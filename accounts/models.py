@@ -20,7 +20,9 @@ class ApiToken(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
     name = models.CharField(max_length=100)
-    prefix = models.CharField(max_length=16, db_index=True, help_text="First characters of the secret, to recognise it.")
+    prefix = models.CharField(
+        max_length=16, db_index=True, help_text="First characters of the secret, to recognise it."
+    )
     token_hash = models.CharField(max_length=64, unique=True, editable=False)
     read_only = models.BooleanField(default=False)
     created_at = models.DateTimeField(default=timezone.now, editable=False)

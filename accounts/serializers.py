@@ -41,7 +41,21 @@ class AuditEventSerializer(serializers.ModelSerializer):
     class Meta:
         model = AuditEvent
         fields = [
-            "id", "created_at", "actor_id", "actor_username", "token_id", "source_ip", "request_id", "action",
-            "object_type", "object_id", "object_repr", "before", "after", "result", "message", "hash",
+            "id",
+            "created_at",
+            "actor_id",
+            "actor_username",
+            "token_id",
+            "source_ip",
+            "request_id",
+            "action",
+            "object_type",
+            "object_id",
+            "object_repr",
+            "before",
+            "after",
+            "result",
+            "message",
+            "hash",
         ]
         read_only_fields = fields

@@ -137,7 +137,9 @@ def object_perms_grant(*, obj, perms: list[str], actor, user=None, group=None) -
     allowed = set(obj.__class__.object_permission_codenames())
     unknown = [p for p in perms if p not in allowed]
     if unknown or not perms:
-        raise ApplicationError("Unknown or missing permissions.", details={"allowed": sorted(allowed), "unknown": unknown})
+        raise ApplicationError(
+            "Unknown or missing permissions.", details={"allowed": sorted(allowed), "unknown": unknown}
+        )
     missing = [p for p in perms if not user_has_perm(actor, f"{app_label}.{p}", obj)]
     if missing:
         raise NotPermitted("You can only share rights you hold yourself.", details={"missing": missing})

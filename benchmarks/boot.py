@@ -33,8 +33,13 @@ from vms.vmm.qemu import QemuDriver  # noqa: E402
 def _stats(samples: list[float]) -> dict[str, float]:
     ordered = sorted(samples)
     p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
-    return {"n": len(ordered), "median_s": round(statistics.median(ordered), 3), "p90_s": round(p90, 3),
-            "min_s": round(ordered[0], 3), "max_s": round(ordered[-1], 3)}
+    return {
+        "n": len(ordered),
+        "median_s": round(statistics.median(ordered), 3),
+        "p90_s": round(p90, 3),
+        "min_s": round(ordered[0], 3),
+        "max_s": round(ordered[-1], 3),
+    }
 
 
 def bare_vmm(image, runs: int, memory_mib: int) -> list[float]:
@@ -44,13 +49,21 @@ def bare_vmm(image, runs: int, memory_mib: int) -> list[float]:
     times = []
     for _ in range(runs):
         rt = Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp"))
-        spec = VmSpec(vm_id=str(uuid.uuid4()), runtime_dir=rt, kernel=image.kernel, initramfs=image.initramfs,
-                      base_image=image.rootfs, memory_mib=memory_mib, max_memory_mib=memory_mib)
+        spec = VmSpec(
+            vm_id=str(uuid.uuid4()),
+            runtime_dir=rt,
+            kernel=image.kernel,
+            initramfs=image.initramfs,
+            base_image=image.rootfs,
+            memory_mib=memory_mib,
+            max_memory_mib=memory_mib,
+        )
         driver.prepare(spec)
         argv = driver.build_argv(spec, acceleration=accel)
         start = time.monotonic()
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         try:
             wait_for_agent(spec, AgentTransport.VIRTIO_SERIAL, 180)
             times.append(time.monotonic() - start)
@@ -90,14 +103,19 @@ def main() -> None:
     bare = bare_vmm(image, args.runs, memory_mib=128)
     api = through_api(args.runs)
     a, b = _stats(bare), _stats(api)
-    print(json.dumps({
-        "benchmark": "boot",
-        "acceleration": detect_acceleration(),
-        "memory_mib": 128,
-        "bare_vmm_to_agent": a,
-        "api_to_running": b,
-        "ratio_median_b_over_a": round(b["median_s"] / a["median_s"], 3),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "boot",
+                "acceleration": detect_acceleration(),
+                "memory_mib": 128,
+                "bare_vmm_to_agent": a,
+                "api_to_running": b,
+                "ratio_median_b_over_a": round(b["median_s"] / a["median_s"], 3),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

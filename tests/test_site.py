@@ -13,8 +13,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def _manage(*args, env_overrides):
     env = {k: v for k, v in os.environ.items() if k not in ("SECRET_KEY", "DEBUG")}
     env.update(SANDBOX_ENV_FILE="/nonexistent", **env_overrides)
-    return subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "manage.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_it_refuses_to_start_without_a_secret_key_when_debug_is_off():
@@ -25,7 +26,10 @@ def test_it_refuses_to_start_without_a_secret_key_when_debug_is_off():
 
 def test_check_deploy_is_clean_in_the_production_configuration():
     result = _manage(
-        "check", "--deploy", "--fail-level", "WARNING",
+        "check",
+        "--deploy",
+        "--fail-level",
+        "WARNING",
         env_overrides={"DEBUG": "0", "SECRET_KEY": "x" * 64 + "-production-like-secret-key", "SANDBOX_HTTPS": "1"},
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -72,3 +76,8 @@ def test_the_tokens_page_creates_shows_once_and_revokes(owner):
     client.post(f"/tokens/{token.pk}/revoke/")
     token.refresh_from_db()
     assert token.revoked_at is not None
+
+
+def test_no_model_change_lacks_a_migration():
+    result = _manage("makemigrations", "--check", "--dry-run", env_overrides={"DEBUG": "0", "SECRET_KEY": "x" * 50})
+    assert result.returncode == 0, result.stdout + result.stderr

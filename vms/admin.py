@@ -32,7 +32,17 @@ class VmAdmin(GuardedModelAdmin):
     list_display = ["name", "owner", "state", "template", "host", "vcpus", "memory_mib", "driver", "created_at"]
     list_filter = ["state", "driver", "template", "host"]
     search_fields = ["name", "id", "owner__username"]
-    readonly_fields = ["id", "state", "driver", "acceleration", "vmm_pid", "started_at", "last_error", "last_console", "created_at"]
+    readonly_fields = [
+        "id",
+        "state",
+        "driver",
+        "acceleration",
+        "vmm_pid",
+        "started_at",
+        "last_error",
+        "last_console",
+        "created_at",
+    ]
 
     def has_add_permission(self, request):
         return False  # VMs are created through the API/dashboard so the lifecycle runs

@@ -75,7 +75,9 @@ class VmViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPermissi
         if "name" in values or "metadata" in values:
             vm = services.vm_update(vm=vm, actor=request.user, name=values.get("name"), metadata=values.get("metadata"))
         if "vcpus" in values or "memory_mib" in values:
-            result = services.vm_resize(vm=vm, actor=request.user, vcpus=values.get("vcpus"), memory_mib=values.get("memory_mib"))
+            result = services.vm_resize(
+                vm=vm, actor=request.user, vcpus=values.get("vcpus"), memory_mib=values.get("memory_mib")
+            )
             if not isinstance(result, VM):
                 return _operation_response(result)
             vm = result
@@ -134,8 +136,11 @@ class VmViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPermissi
         vm = self.get_object()
         ticket = console_ticket_mint(vm=vm, actor=request.user)
         return Response(
-            {"ticket": ticket, "expires_in": settings.SANDBOX_CONSOLE_TICKET_SECONDS,
-             "url": f"/ws/vms/{vm.pk}/console/?ticket={ticket}"},
+            {
+                "ticket": ticket,
+                "expires_in": settings.SANDBOX_CONSOLE_TICKET_SECONDS,
+                "url": f"/ws/vms/{vm.pk}/console/?ticket={ticket}",
+            },
             status=status.HTTP_201_CREATED,
         )
 
@@ -150,8 +155,12 @@ class VmViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPermissi
         path = console_log_path(vm.pk)
         if not path.exists():
             raise NotFound("This VM has no console log (yet).")
-        return FileResponse(path.open("rb"), as_attachment=True, filename=f"{vm.name}-console.log",
-                            content_type="text/plain; charset=utf-8")
+        return FileResponse(
+            path.open("rb"),
+            as_attachment=True,
+            filename=f"{vm.name}-console.log",
+            content_type="text/plain; charset=utf-8",
+        )
 
     @action(detail=True, methods=["get"])
     def samples(self, request, id=None):

@@ -116,8 +116,13 @@ def console_takeover(*, vm: VM, actor, session: str) -> dict:
     me = {"session": session, "user": actor.username}
     cache.set(_writer_key(vm.pk), me, WRITER_TTL_SECONDS)
     with transaction.atomic():
-        audit_record(actor=actor, action="console.takeover", obj=vm,
-                     before={"writer": previous and previous["user"]}, after={"writer": actor.username})
+        audit_record(
+            actor=actor,
+            action="console.takeover",
+            obj=vm,
+            before={"writer": previous and previous["user"]},
+            after={"writer": actor.username},
+        )
     return me
 
 

@@ -5,7 +5,6 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer, AsyncWebsocketConsumer
 
 from sandbox_site.errors import ApplicationError
-
 from vms import selectors
 from vms.events import user_group, vm_group
 
@@ -98,7 +97,9 @@ class VmConsoleConsumer(AsyncWebsocketConsumer):
         from django.conf import settings
 
         self.window = settings.SANDBOX_CONSOLE_WINDOW_BYTES
-        self.offset = max(0, size - settings.SANDBOX_CONSOLE_SCROLLBACK_BYTES) if requested < 0 else min(requested, size)
+        self.offset = (
+            max(0, size - settings.SANDBOX_CONSOLE_SCROLLBACK_BYTES) if requested < 0 else min(requested, size)
+        )
         self.acked = self.offset
         self.writer = False
         await self.accept()
@@ -108,8 +109,16 @@ class VmConsoleConsumer(AsyncWebsocketConsumer):
                 self.vm_id, session=self.channel_name, username=user.username
             )
         holder = await database_sync_to_async(consoles.console_writer)(self.vm_id)
-        await self._send_json({"type": "hello", "offset": self.offset, "size": size, "writer": self.writer,
-                               "can_write": self.can_write, "writer_user": holder and holder["user"]})
+        await self._send_json(
+            {
+                "type": "hello",
+                "offset": self.offset,
+                "size": size,
+                "writer": self.writer,
+                "can_write": self.can_write,
+                "writer_user": holder and holder["user"],
+            }
+        )
         await database_sync_to_async(self._audit)("console.open")
         self.pump = asyncio.create_task(self._pump())
         self.beat = asyncio.create_task(self._heartbeat())
@@ -196,8 +205,14 @@ class VmConsoleConsumer(AsyncWebsocketConsumer):
     async def console_role(self, event):
         was_writer = self.writer
         self.writer = event["session"] == self.channel_name
-        await self._send_json({"type": "role", "writer": self.writer, "writer_user": event["user"],
-                               "taken_from_you": was_writer and not self.writer})
+        await self._send_json(
+            {
+                "type": "role",
+                "writer": self.writer,
+                "writer_user": event["user"],
+                "taken_from_you": was_writer and not self.writer,
+            }
+        )
 
     async def disconnect(self, code):
         from vms import consoles

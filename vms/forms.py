@@ -4,8 +4,9 @@ from vms.models import Template, name_validator
 
 
 class VmCreateForm(forms.Form):
-    name = forms.CharField(max_length=63, validators=[name_validator],
-                           help_text="Lowercase letters, digits and dashes.")
+    name = forms.CharField(
+        max_length=63, validators=[name_validator], help_text="Lowercase letters, digits and dashes."
+    )
     template = forms.ModelChoiceField(queryset=Template.objects.none(), to_field_name="name", empty_label=None)
     vcpus = forms.IntegerField(min_value=1, max_value=64, required=False, label="vCPUs")
     memory_mib = forms.IntegerField(min_value=64, max_value=1024 * 1024, required=False, label="Memory (MiB)")

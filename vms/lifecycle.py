@@ -141,7 +141,11 @@ def _stop(op: Operation, vm: VM) -> None:
     driver = hypervisor.driver_for(vm.driver or hypervisor.driver_name_select())
     spec = hypervisor.vm_spec(vm)
     force = bool(op.params.get("force"))
-    _log(op, "forcing power off" if force else f"asking the guest to power off ({settings.SANDBOX_STOP_TIMEOUT:.0f}s)", 20)
+    _log(
+        op,
+        "forcing power off" if force else f"asking the guest to power off ({settings.SANDBOX_STOP_TIMEOUT:.0f}s)",
+        20,
+    )
     driver.shutdown(spec, graceful_timeout=settings.SANDBOX_STOP_TIMEOUT, force=force)
     _cas(vm, {S.STOPPING}, S.STOPPED, vmm_pid=None, started_at=None)
 
@@ -186,8 +190,12 @@ def _delete(op: Operation, vm: VM) -> None:
 def vm_delete_row(vm: VM, *, actor) -> None:
     """Remove the row and its object permissions (guardian's generic rows do not cascade)."""
     with transaction.atomic():
-        UserObjectPermission.objects.filter(content_type__app_label="vms", content_type__model="vm", object_pk=str(vm.pk)).delete()
-        GroupObjectPermission.objects.filter(content_type__app_label="vms", content_type__model="vm", object_pk=str(vm.pk)).delete()
+        UserObjectPermission.objects.filter(
+            content_type__app_label="vms", content_type__model="vm", object_pk=str(vm.pk)
+        ).delete()
+        GroupObjectPermission.objects.filter(
+            content_type__app_label="vms", content_type__model="vm", object_pk=str(vm.pk)
+        ).delete()
         audit_record(actor=actor, action="vm.deleted", obj=vm, before={"state": vm.state})
         Operation.objects.filter(vm=vm).update(vm=None)
         nic_release(vm=vm, actor=None)

@@ -186,3 +186,6 @@ class ResourceSample(models.Model):
     class Meta:
         ordering = ["taken_at"]
         indexes = [models.Index(fields=["vm", "taken_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.vm_id} @ {self.taken_at:%Y-%m-%d %H:%M:%S}"

@@ -10,8 +10,19 @@ class TemplateSerializer(serializers.ModelSerializer):
     class Meta:
         model = Template
         fields = [
-            "id", "name", "description", "image", "image_status", "vcpus", "max_vcpus", "memory_mib",
-            "max_memory_mib", "disk_gib", "max_disk_gib", "kernel_cmdline", "is_active",
+            "id",
+            "name",
+            "description",
+            "image",
+            "image_status",
+            "vcpus",
+            "max_vcpus",
+            "memory_mib",
+            "max_memory_mib",
+            "disk_gib",
+            "max_disk_gib",
+            "kernel_cmdline",
+            "is_active",
         ]
 
 
@@ -23,8 +34,23 @@ class VmSerializer(serializers.ModelSerializer):
     class Meta:
         model = VM
         fields = [
-            "id", "name", "owner", "template", "host", "state", "vcpus", "memory_mib", "disk_gib", "metadata",
-            "driver", "acceleration", "started_at", "last_error", "last_console", "created_at", "updated_at",
+            "id",
+            "name",
+            "owner",
+            "template",
+            "host",
+            "state",
+            "vcpus",
+            "memory_mib",
+            "disk_gib",
+            "metadata",
+            "driver",
+            "acceleration",
+            "started_at",
+            "last_error",
+            "last_console",
+            "created_at",
+            "updated_at",
         ]
         read_only_fields = fields
 
@@ -57,8 +83,19 @@ class OperationSerializer(serializers.ModelSerializer):
     class Meta:
         model = Operation
         fields = [
-            "id", "vm", "action", "params", "status", "progress", "log", "error", "requested_by", "request_id",
-            "created_at", "started_at", "finished_at",
+            "id",
+            "vm",
+            "action",
+            "params",
+            "status",
+            "progress",
+            "log",
+            "error",
+            "requested_by",
+            "request_id",
+            "created_at",
+            "started_at",
+            "finished_at",
         ]
         read_only_fields = fields
 

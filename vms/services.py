@@ -76,7 +76,9 @@ def vm_state_cas(vm_id, *, expected: set[str] | frozenset[str], new: str, **fiel
 def _require(actor, perm: str, vm: VM, action: str) -> None:
     if not user_has_perm(actor, perm, vm):
         with transaction.atomic():
-            audit_record(actor=actor, action=f"vm.{action}", obj=vm, result=AuditResult.DENIED, message=f"missing {perm}")
+            audit_record(
+                actor=actor, action=f"vm.{action}", obj=vm, result=AuditResult.DENIED, message=f"missing {perm}"
+            )
         raise NotPermitted(f"You do not have permission to {action} this VM.")
 
 
@@ -181,7 +183,9 @@ def vm_create(
             # In this transaction: the address is taken exactly when the VM exists.
             nic_allocate(vm=vm, network=None, actor=actor)
         op = _operation_new(vm=vm, action="create", actor=actor, params={"start": start})
-        audit_record(actor=actor, action="vm.create", obj=vm, after={**_snapshot(vm), "name": name, "template": template.name})
+        audit_record(
+            actor=actor, action="vm.create", obj=vm, after={**_snapshot(vm), "name": name, "template": template.name}
+        )
         _operation_enqueue(op, vm)
     return vm, op
 
@@ -207,7 +211,9 @@ def vm_action(*, vm: VM, action: str, actor, force: bool = False) -> Operation:
             )
         vm.refresh_from_db()
         op = _operation_new(vm=vm, action=action, actor=actor, params={"force": force})
-        audit_record(actor=actor, action=f"vm.{action}", obj=vm, before=before, after={"operation": str(op.pk), "force": force})
+        audit_record(
+            actor=actor, action=f"vm.{action}", obj=vm, before=before, after={"operation": str(op.pk), "force": force}
+        )
         _operation_enqueue(op, vm)
         transaction.on_commit(lambda: vm_event_publish(vm))
     return op
@@ -224,7 +230,12 @@ def vm_resize(*, vm: VM, actor, vcpus: int | None = None, memory_mib: int | None
     if vcpus == vm.vcpus and memory_mib == vm.memory_mib:
         return vm
     _check_limits(
-        owner=vm.owner, template=vm.template, vcpus=vcpus, memory_mib=memory_mib, disk_gib=vm.disk_gib, exclude_vm_id=vm.pk
+        owner=vm.owner,
+        template=vm.template,
+        vcpus=vcpus,
+        memory_mib=memory_mib,
+        disk_gib=vm.disk_gib,
+        exclude_vm_id=vm.pk,
     )
     with transaction.atomic():
         locked = VM.objects.select_for_update().get(pk=vm.pk)
@@ -238,11 +249,14 @@ def vm_resize(*, vm: VM, actor, vcpus: int | None = None, memory_mib: int | None
             raise ConflictError(f"Cannot resize a VM that is {locked.state}.")
         if not driver_supports_hotplug(locked.driver):
             raise ConflictError(
-                f"The {locked.driver or 'current'} driver cannot hotplug CPUs or memory: stop the VM, resize, then start it.",
+                f"The {locked.driver or 'current'} driver cannot hotplug CPUs or memory: "
+                "stop the VM, resize, then start it.",
                 code="restart_required",
             )
         op = _operation_new(vm=locked, action="resize", actor=actor, params={"vcpus": vcpus, "memory_mib": memory_mib})
-        audit_record(actor=actor, action="vm.resize", obj=locked, before=before, after={"vcpus": vcpus, "memory_mib": memory_mib})
+        audit_record(
+            actor=actor, action="vm.resize", obj=locked, before=before, after={"vcpus": vcpus, "memory_mib": memory_mib}
+        )
         _operation_enqueue(op, locked)
     return op
 
@@ -262,7 +276,13 @@ def vm_update(*, vm: VM, actor, name: str | None = None, metadata: dict | None =
         if VM.objects.filter(owner=locked.owner, name=locked.name).exclude(pk=locked.pk).exists():
             raise ConflictError(f"You already have a VM named {locked.name!r}.")
         locked.save()
-        audit_record(actor=actor, action="vm.update", obj=locked, before=before, after={"name": locked.name, "metadata": locked.metadata})
+        audit_record(
+            actor=actor,
+            action="vm.update",
+            obj=locked,
+            before=before,
+            after={"name": locked.name, "metadata": locked.metadata},
+        )
     return locked
 
 
@@ -276,8 +296,9 @@ def vm_agent_ping(*, vm: VM) -> dict:
     try:
         return agent_ping(vm_spec(vm), vm.driver, timeout=5.0)
     except VmmError as exc:
-        raise ApplicationError(f"The guest agent did not answer: {exc.message}", code="agent_unavailable",
-                               status_code=503) from exc
+        raise ApplicationError(
+            f"The guest agent did not answer: {exc.message}", code="agent_unavailable", status_code=503
+        ) from exc
 
 
 # --- operation execution (runs in Celery workers on the VM's host) --------------------
@@ -326,7 +347,9 @@ def operation_claim(op: Operation) -> bool:
     ):
         return True
     if op.status == Operation.Status.RUNNING and op.worker != me and not operation_worker_alive(op.worker):
-        return bool(Operation.objects.filter(pk=op.pk, status=Operation.Status.RUNNING, worker=op.worker).update(**fields))
+        return bool(
+            Operation.objects.filter(pk=op.pk, status=Operation.Status.RUNNING, worker=op.worker).update(**fields)
+        )
     return False
 
 
@@ -359,7 +382,9 @@ def operation_execute(op_id) -> Operation | None:
             )
     else:
         operation_log(op, "done", progress=100)
-        Operation.objects.filter(pk=op.pk).update(status=Operation.Status.SUCCEEDED, finished_at=timezone.now(), progress=100)
+        Operation.objects.filter(pk=op.pk).update(
+            status=Operation.Status.SUCCEEDED, finished_at=timezone.now(), progress=100
+        )
     op.refresh_from_db()
     return op
 
@@ -386,5 +411,7 @@ def image_build_default(*, progress) -> Image:
     image.status = Image.Status.READY
     image.save()
     if changed:
-        audit_record(actor=None, action="image.build", obj=image, after={"digest": artifacts.digest, "size_bytes": size})
+        audit_record(
+            actor=None, action="image.build", obj=image, after={"digest": artifacts.digest, "size_bytes": size}
+        )
     return image

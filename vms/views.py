@@ -45,7 +45,10 @@ def vm_detail(request, vm_id):
     vm = selectors.vm_list_visible(request.user).filter(pk=vm_id).first()
     if vm is None:
         raise Http404
-    perms = {p: user_has_perm(request.user, f"vms.{p}_vm", vm) for p in ("change", "delete", "power", "console", "exec")}
+    perms = {
+        p: user_has_perm(request.user, f"vms.{p}_vm", vm)
+        for p in ("change", "delete", "power", "console", "exec", "snapshot")
+    }
     events = account_selectors.audit_events_visible(request.user).filter(object_id=str(vm.pk))[:50]
     return render(request, "vms/detail.html", {"vm": vm, "perms": perms, "events": events})
 
@@ -68,7 +71,14 @@ def audit_list(request):
     page = Paginator(qs, 50).get_page(request.GET.get("page"))
     params = request.GET.copy()
     params.pop("page", None)
-    return render(request, "vms/audit.html", {
-        "page": page, "error": error, "filters": request.GET, "query": params.urlencode(),
-        "sees_all": user_is_operator(request.user),
-    })
+    return render(
+        request,
+        "vms/audit.html",
+        {
+            "page": page,
+            "error": error,
+            "filters": request.GET,
+            "query": params.urlencode(),
+            "sees_all": user_is_operator(request.user),
+        },
+    )

@@ -75,8 +75,9 @@ def test_non_admins_cannot_create_users(api, operator, owner):
 
 
 def test_it_rejects_weak_passwords_and_unknown_roles(api, admin_user):
-    weak = api.as_user(admin_user).post("/api/v1/users/", {"username": "w", "password": "123", "role": "user"},
-                                        format="json")
+    weak = api.as_user(admin_user).post(
+        "/api/v1/users/", {"username": "w", "password": "123", "role": "user"}, format="json"
+    )
     assert weak.status_code == 400
     assert "password" in weak.json()["error"]["details"]
     role = api.as_user(admin_user).post(

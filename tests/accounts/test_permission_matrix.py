@@ -23,8 +23,15 @@ ENDPOINTS = [
     ("reboot", "post", "reboot/", {}, "running", "power", "vm.reboot"),
     ("pause", "post", "pause/", {}, "running", "power", "vm.pause"),
     ("resume", "post", "resume/", {}, "paused", "power", "vm.resume"),
-    ("grant", "post", "permissions/", {"user": "other", "permissions": ["view_vm"]}, "stopped", "change",
-     "permission.grant"),
+    (
+        "grant",
+        "post",
+        "permissions/",
+        {"user": "other", "permissions": ["view_vm"]},
+        "stopped",
+        "change",
+        "permission.grant",
+    ),
     ("revoke", "delete", "permissions/", {"user": "other"}, "stopped", "change", "permission.revoke"),
     ("delete", "delete", "", None, "stopped", "delete", "vm.delete"),
 ]
@@ -128,8 +135,9 @@ def test_it_checks_template_limits_and_quota(api, owner, settings):
     from tests.factories import TemplateFactory
 
     TemplateFactory()
-    too_big = api.as_user(owner).post("/api/v1/vms/", {"name": "big", "template": "test-template", "vcpus": 9},
-                                      format="json")
+    too_big = api.as_user(owner).post(
+        "/api/v1/vms/", {"name": "big", "template": "test-template", "vcpus": 9}, format="json"
+    )
     assert too_big.status_code == 400
     assert "vcpus" in too_big.json()["error"]["details"]
     settings.SANDBOX_DEFAULT_QUOTA = {**settings.SANDBOX_DEFAULT_QUOTA, "max_vms": 0}

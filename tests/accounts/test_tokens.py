@@ -17,7 +17,9 @@ def bearer(secret):
 
 def basic(user):
     client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION="Basic " + __import__("base64").b64encode(f"{user.username}:{PASSWORD}".encode()).decode())
+    client.credentials(
+        HTTP_AUTHORIZATION="Basic " + __import__("base64").b64encode(f"{user.username}:{PASSWORD}".encode()).decode()
+    )
     return client
 
 
@@ -59,9 +61,7 @@ def test_it_rejects_expired_tokens(owner):
 
 
 def test_it_refuses_an_expiry_in_the_past(owner):
-    response = basic(owner).post(
-        "/api/v1/tokens/", {"name": "x", "expires_at": "2001-01-01T00:00:00Z"}, format="json"
-    )
+    response = basic(owner).post("/api/v1/tokens/", {"name": "x", "expires_at": "2001-01-01T00:00:00Z"}, format="json")
     assert response.status_code == 400
     assert not ApiToken.objects.exists()
 

@@ -106,17 +106,48 @@ class Stack:
 
     def start(self, name: str) -> None:
         argv = {
-            "web": [str(VENV_BIN / "daphne"), "-b", "127.0.0.1", "-p", self.url.rsplit(":", 1)[1],
-                    "sandbox_site.asgi:application"],
-            "worker": [str(VENV_BIN / "celery"), "-A", "sandbox_site", "worker", "-Q", "shared,host.systest",
-                       "-n", f"systest-{time.time_ns()}@%h", "--concurrency", "4", "-l", "INFO"],
-            "beat": [str(VENV_BIN / "celery"), "-A", "sandbox_site", "beat", "-l", "INFO",
-                     "-s", str(self.log_dir / "beat-schedule")],
+            "web": [
+                str(VENV_BIN / "daphne"),
+                "-b",
+                "127.0.0.1",
+                "-p",
+                self.url.rsplit(":", 1)[1],
+                "sandbox_site.asgi:application",
+            ],
+            "worker": [
+                str(VENV_BIN / "celery"),
+                "-A",
+                "sandbox_site",
+                "worker",
+                "-Q",
+                "shared,host.systest",
+                "-n",
+                f"systest-{time.time_ns()}@%h",
+                "--concurrency",
+                "4",
+                "-l",
+                "INFO",
+            ],
+            "beat": [
+                str(VENV_BIN / "celery"),
+                "-A",
+                "sandbox_site",
+                "beat",
+                "-l",
+                "INFO",
+                "-s",
+                str(self.log_dir / "beat-schedule"),
+            ],
             "hostd": [sys.executable, "manage.py", "hostd"],
         }[name]
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
         self.procs[name] = subprocess.Popen(
-            argv, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            argv,
+            cwd=ROOT,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 
@@ -204,7 +235,6 @@ print("TOKENS=" + json.dumps(out))
 """
 
 
-
 def stack_start(work_dir: Path, log_dir: Path) -> Stack:
     """Fresh database and Redis db, migrate, build (or reuse) the image, seed users, start
     daphne + worker + beat."""
@@ -235,13 +265,19 @@ def stack_start(work_dir: Path, log_dir: Path) -> Stack:
     env["SANDBOX_NETNS"] = netns
     manage = [sys.executable, "manage.py"]
     subprocess.run([*manage, "migrate", "--noinput", "-v", "0"], cwd=ROOT, env=env, check=True, timeout=300)
-    subprocess.run([*manage, "build_image"], cwd=ROOT, env=env, check=True, timeout=1800,
-                   stdout=subprocess.DEVNULL)
-    seeded = subprocess.run([*manage, "shell", "-c", _SEED], cwd=ROOT, env=env, check=True, timeout=120,
-                            capture_output=True, text=True)
+    subprocess.run([*manage, "build_image"], cwd=ROOT, env=env, check=True, timeout=1800, stdout=subprocess.DEVNULL)
+    seeded = subprocess.run(
+        [*manage, "shell", "-c", _SEED], cwd=ROOT, env=env, check=True, timeout=120, capture_output=True, text=True
+    )
     tokens = json.loads(seeded.stdout.split("TOKENS=", 1)[1])
-    stack = Stack(url=f"http://127.0.0.1:{_free_port()}", env=env, runtime_dir=runtime_dir, log_dir=log_dir,
-                  tokens=tokens, netns=netns)
+    stack = Stack(
+        url=f"http://127.0.0.1:{_free_port()}",
+        env=env,
+        runtime_dir=runtime_dir,
+        log_dir=log_dir,
+        tokens=tokens,
+        netns=netns,
+    )
     try:
         _netns_create(netns)
         for name in ("hostd", "web", "worker", "beat"):

@@ -24,9 +24,17 @@ def _browser():
         pytest.skip("chromium and chromedriver are not installed (make test installs them)")
     profile = tempfile.mkdtemp(prefix="chromium-")
     opts = webdriver.ChromeOptions()
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--window-size=1366,900",
-                 f"--user-data-dir={profile}"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1366,900",
+        f"--user-data-dir={profile}",
+    ):
         opts.add_argument(flag)
     opts.binary_location = shutil.which("chromium")
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
@@ -102,8 +110,12 @@ def test_login_create_run_and_use_the_console_from_two_viewers(stack, browsers, 
     driver.save_screenshot(str(shots / "vm-create.png"))
     driver.find_element(By.CSS_SELECTOR, "main form button[type=submit]").click()
     _wait(driver, lambda: "/vms/" in driver.current_url and "new" not in driver.current_url, what="detail page")
-    _wait(driver, lambda: driver.find_element(By.ID, "vm-state").text == "running", timeout=240,
-          what="VM running (live state, no reload)")
+    _wait(
+        driver,
+        lambda: driver.find_element(By.ID, "vm-state").text == "running",
+        timeout=240,
+        what="VM running (live state, no reload)",
+    )
     driver.save_screenshot(str(shots / "vm-detail.png"))
 
     driver.find_element(By.ID, "tab-console").click()
@@ -111,22 +123,33 @@ def test_login_create_run_and_use_the_console_from_two_viewers(stack, browsers, 
     driver.find_element(By.CSS_SELECTOR, "#console-term textarea").send_keys("\n")
     time.sleep(1)
     driver.find_element(By.CSS_SELECTOR, "#console-term textarea").send_keys("echo browser-$((6*7))\n")
-    _wait(driver, lambda: "browser-42" in driver.execute_script("return window.sandboxConsole.text()"),
-          what="command output in the terminal")
+    _wait(
+        driver,
+        lambda: "browser-42" in driver.execute_script("return window.sandboxConsole.text()"),
+        what="command output in the terminal",
+    )
     driver.save_screenshot(str(shots / "vm-console.png"))
 
     second = browsers()
     _login(second, stack, "owner")
     second.get(driver.current_url.split("#")[0] + "#console")
-    _wait(second, lambda: "browser-42" in second.execute_script("return window.sandboxConsole ? window.sandboxConsole.text() : ''"),
-          what="the same output in the second viewer")
+    _wait(
+        second,
+        lambda: (
+            "browser-42" in second.execute_script("return window.sandboxConsole ? window.sandboxConsole.text() : ''")
+        ),
+        what="the same output in the second viewer",
+    )
     assert second.execute_script("return window.sandboxConsole.writer") is False
     second.find_element(By.ID, "console-takeover").click()
     _wait(second, lambda: second.execute_script("return window.sandboxConsole.writer"), what="takeover")
     _wait(driver, lambda: not driver.execute_script("return window.sandboxConsole.writer"), what="first viewer demoted")
     second.find_element(By.CSS_SELECTOR, "#console-term textarea").send_keys("echo second-$((7*6))\n")
-    _wait(driver, lambda: "second-42" in driver.execute_script("return window.sandboxConsole.text()"),
-          what="the second viewer's command seen by the first")
+    _wait(
+        driver,
+        lambda: "second-42" in driver.execute_script("return window.sandboxConsole.text()"),
+        what="the second viewer's command seen by the first",
+    )
     second.save_screenshot(str(shots / "vm-console-second-viewer.png"))
 
     driver.find_element(By.ID, "tab-exec").click()
@@ -137,6 +160,30 @@ def test_login_create_run_and_use_the_console_from_two_viewers(stack, browsers, 
     assert "exec-line-1\nexec-line-2\nexec-line-3" in text and "oops" in text
     assert "exit code 0" in driver.find_element(By.ID, "exec-status").text
     driver.save_screenshot(str(shots / "vm-exec.png"))
+
+    driver.find_element(By.ID, "tab-snapshots").click()
+    driver.find_element(By.ID, "snapshot-name").send_keys("from-browser")
+    driver.find_element(By.CSS_SELECTOR, "#snapshot-form button[type=submit]").click()
+    _wait(
+        driver,
+        lambda: (
+            "from-browser\nready" in driver.find_element(By.ID, "snapshot-list").text.replace(" ", "\n")
+            or (
+                "from-browser" in driver.find_element(By.ID, "snapshot-list").text
+                and "ready" in driver.find_element(By.ID, "snapshot-list").text
+            )
+        ),
+        timeout=120,
+        what="snapshot ready",
+    )
+    driver.save_screenshot(str(shots / "vm-snapshots.png"))
+
+    driver.find_element(By.ID, "tab-network").click()
+    _wait(driver, lambda: "10.231." in driver.find_element(By.ID, "nic-list").text, what="NIC listed")
+    driver.find_element(By.ID, "pf-guest").send_keys("8080")
+    driver.find_element(By.CSS_SELECTOR, "#pf-form button[type=submit]").click()
+    _wait(driver, lambda: "tcp 8080" in driver.find_element(By.ID, "pf-list").text, what="port forward listed")
+    driver.save_screenshot(str(shots / "vm-network.png"))
 
     for page, name in (("/operations/", "operations"), ("/audit/", "audit"), ("/tokens/", "tokens")):
         driver.get(stack.url + page)

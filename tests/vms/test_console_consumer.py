@@ -69,7 +69,11 @@ class SerialSink:
 
 
 async def connect(vm, user=None, query=""):
-    comm = WebsocketCommunicator(application, f"/ws/vms/{vm.pk}/console/{query}", headers=[(b"origin", b"http://localhost"), (b"host", b"localhost")])
+    comm = WebsocketCommunicator(
+        application,
+        f"/ws/vms/{vm.pk}/console/{query}",
+        headers=[(b"origin", b"http://localhost"), (b"host", b"localhost")],
+    )
     if user is not None:
         comm.scope["user"] = user
     connected, code = await comm.connect(timeout=5)
@@ -159,7 +163,9 @@ async def test_many_viewers_one_writer_and_explicit_takeover(runtime, console_vm
     assert bytes(sink.received) == b"root\rls\r"
     for comm in (a, b):
         await comm.disconnect()
-    actions = await database_sync_to_async(lambda: list(AuditEvent.objects.filter(object_id=str(console_vm.pk)).values_list("action", flat=True)))()
+    actions = await database_sync_to_async(
+        lambda: list(AuditEvent.objects.filter(object_id=str(console_vm.pk)).values_list("action", flat=True))
+    )()
     assert actions.count("console.open") == 2 and "console.takeover" in actions and actions.count("console.close") == 2
 
 

@@ -9,14 +9,26 @@ def create_defaults(apps, schema_editor):
         name="linux-default",
         defaults=dict(
             description="Debian 12 minimal with Python 3 and the guest agent",
-            image=image, vcpus=1, max_vcpus=2, memory_mib=256, max_memory_mib=2048, disk_gib=2, max_disk_gib=20,
+            image=image,
+            vcpus=1,
+            max_vcpus=2,
+            memory_mib=256,
+            max_memory_mib=2048,
+            disk_gib=2,
+            max_disk_gib=20,
         ),
     )
     Template.objects.get_or_create(
         name="linux-small",
         defaults=dict(
             description="Smallest Linux sandbox",
-            image=image, vcpus=1, max_vcpus=1, memory_mib=128, max_memory_mib=512, disk_gib=1, max_disk_gib=4,
+            image=image,
+            vcpus=1,
+            max_vcpus=1,
+            memory_mib=128,
+            max_memory_mib=512,
+            disk_gib=1,
+            max_disk_gib=4,
         ),
     )
 

@@ -4,20 +4,19 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('vms', '0002_default_templates'),
+        ("vms", "0002_default_templates"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='operation',
-            name='attempts',
+            model_name="operation",
+            name="attempts",
             field=models.PositiveSmallIntegerField(default=0),
         ),
         migrations.AddField(
-            model_name='operation',
-            name='worker',
-            field=models.CharField(blank=True, help_text='host:pid of the worker process running it.', max_length=200),
+            model_name="operation",
+            name="worker",
+            field=models.CharField(blank=True, help_text="host:pid of the worker process running it.", max_length=200),
         ),
     ]

@@ -6,29 +6,31 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('vms', '0003_operation_worker'),
+        ("vms", "0003_operation_worker"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='ResourceSample',
+            name="ResourceSample",
             fields=[
-                ('id', models.BigAutoField(primary_key=True, serialize=False)),
-                ('taken_at', models.DateTimeField(db_index=True, default=django.utils.timezone.now)),
-                ('cpu_seconds', models.FloatField(help_text='CPU time used by the VMM process')),
-                ('rss_bytes', models.BigIntegerField()),
-                ('memory_bytes', models.BigIntegerField(help_text='Memory given to the guest')),
-                ('disk_read_bytes', models.BigIntegerField(default=0)),
-                ('disk_write_bytes', models.BigIntegerField(default=0)),
-                ('net_rx_bytes', models.BigIntegerField(default=0)),
-                ('net_tx_bytes', models.BigIntegerField(default=0)),
-                ('vm', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='samples', to='vms.vm')),
+                ("id", models.BigAutoField(primary_key=True, serialize=False)),
+                ("taken_at", models.DateTimeField(db_index=True, default=django.utils.timezone.now)),
+                ("cpu_seconds", models.FloatField(help_text="CPU time used by the VMM process")),
+                ("rss_bytes", models.BigIntegerField()),
+                ("memory_bytes", models.BigIntegerField(help_text="Memory given to the guest")),
+                ("disk_read_bytes", models.BigIntegerField(default=0)),
+                ("disk_write_bytes", models.BigIntegerField(default=0)),
+                ("net_rx_bytes", models.BigIntegerField(default=0)),
+                ("net_tx_bytes", models.BigIntegerField(default=0)),
+                (
+                    "vm",
+                    models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name="samples", to="vms.vm"),
+                ),
             ],
             options={
-                'ordering': ['taken_at'],
-                'indexes': [models.Index(fields=['vm', 'taken_at'], name='vms_resourc_vm_id_95aef8_idx')],
+                "ordering": ["taken_at"],
+                "indexes": [models.Index(fields=["vm", "taken_at"], name="vms_resourc_vm_id_95aef8_idx")],
             },
         ),
     ]

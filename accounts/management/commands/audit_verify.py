@@ -10,6 +10,7 @@ class Command(BaseCommand):
         report = audit_chain_verify()
         if not report.ok:
             raise CommandError(
-                f"Audit chain broken at event id {report.broken_id}: {report.reason} ({report.checked} rows verified before it)."
+                f"Audit chain broken at event id {report.broken_id}: {report.reason} "
+                f"({report.checked} rows verified before it)."
             )
         self.stdout.write(self.style.SUCCESS(f"Audit chain intact: {report.checked} events verified."))

@@ -21,4 +21,9 @@ class Command(BaseCommand):
         password = secrets.token_urlsafe(12)
         user = User.objects.create_user(username=username, password=password)
         user_set_role(user=user, role=Role.ADMIN, actor=None)
-        self.stdout.write(self.style.SUCCESS(f"First admin created.\n  username: {username}\n  password: {password}\n(shown once; change it after logging in)"))
+        self.stdout.write(
+            self.style.SUCCESS(
+                f"First admin created.\n  username: {username}\n  password: {password}\n"
+                "(shown once; change it after logging in)"
+            )
+        )
