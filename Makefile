@@ -14,7 +14,6 @@ system:
 
 $(VENV)/.installed: requirements/base.in requirements/dev.in requirements/lock.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements/base.in -r requirements/dev.in -c requirements/lock.txt
 	touch $@
 
@@ -49,7 +48,8 @@ run: system venv env static-vendor
 
 test: system venv static-vendor
 	./scripts/ensure-services.sh
-	$(TEST_ENV) $(PY) manage.py build_image
+	# Build (or reuse) the guest image up front, so its progress shows; it needs no database.
+	$(PY) -m vms.vmm.image $(CURDIR)/var/images
 	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: venv
