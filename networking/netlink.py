@@ -14,14 +14,15 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pyroute2 import IPRoute
-from pyroute2 import netns as pyroute2_netns
 from pyroute2.netlink.exceptions import NetlinkError
+
+from vms.vmm.base import VmmError
+from vms.vmm.process import call_in_netns
 
 T = TypeVar("T")
 
@@ -227,34 +228,13 @@ def link_counters(name: str, *, netns: str | None = None) -> dict[str, int]:
 
 
 def netns_call(netns: str | None, fn: Callable[..., T], *args: Any, timeout: float = NETNS_CALL_TIMEOUT) -> T:
-    """Run ``fn(*args)`` in a short-lived thread switched into ``netns`` and return its result.
-
-    ``setns(CLONE_NEWNET)`` changes only the calling thread, so the caller (and its open
-    database connections) stays where it is. Sockets opened and child processes forked by
-    ``fn`` belong to ``netns``; that is how ``nft`` (and, if wanted, a VMM) runs there.
-    """
-    if not netns:
-        return fn(*args)
-    path = f"/run/netns/{netns}"
-    if not os.path.exists(path):
-        raise PlumbingError(f"network namespace {netns!r} does not exist")
-    box: dict[str, Any] = {}
-
-    def runner() -> None:
-        try:
-            pyroute2_netns.setns(path, flags=0)
-            box["result"] = fn(*args)
-        except BaseException as exc:  # handed to the caller below
-            box["error"] = exc
-
-    thread = threading.Thread(target=runner, name=f"netns-{netns}", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise PlumbingError(f"call in namespace {netns!r} did not finish within {timeout:.0f}s")
-    if "error" in box:
-        raise box["error"]
-    return box["result"]  # type: ignore[no-any-return]
+    """Run ``fn(*args)`` in a short-lived thread switched into ``netns`` and return its result
+    (see ``vms.vmm.process.call_in_netns``): the caller and its database connections stay
+    where they are; sockets opened and processes forked by ``fn`` belong to ``netns``."""
+    try:
+        return call_in_netns(netns, fn, *args, timeout=timeout)
+    except VmmError as exc:
+        raise PlumbingError(exc.message) from exc
 
 
 def sysctl_write(key: str, value: str, *, netns: str | None = None) -> None:

@@ -30,13 +30,9 @@ def _log(op: Operation, line: str, progress: int | None = None) -> None:
 
 
 def _cas(vm: VM, expected, new: str, **fields) -> bool:
-    from vms.services import vm_state_cas
+    from vms.services import vm_transition
 
-    won = vm_state_cas(vm.pk, expected=expected, new=new, **fields)
-    if won:
-        vm.refresh_from_db()
-        vm_event_publish(vm)
-    return won
+    return vm_transition(vm, expected=expected, new=new, **fields)
 
 
 def _fail(vm: VM, message: str, *, expected) -> None:

@@ -73,6 +73,15 @@ def vm_state_cas(vm_id, *, expected: set[str] | frozenset[str], new: str, **fiel
     return updated == 1
 
 
+def vm_transition(vm: VM, *, expected, new: str, **fields) -> bool:
+    """Compare-and-set the state, refresh ``vm`` and tell dashboards; True when this caller won."""
+    won = vm_state_cas(vm.pk, expected=expected, new=new, **fields)
+    if won:
+        vm.refresh_from_db()
+        vm_event_publish(vm)
+    return won
+
+
 def _require(actor, perm: str, vm: VM, action: str) -> None:
     if not user_has_perm(actor, perm, vm):
         with transaction.atomic():
