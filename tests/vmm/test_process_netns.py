@@ -37,7 +37,9 @@ def _net_ns_of(pid: int | str) -> str:
 
 def test_it_spawns_the_vmm_inside_the_namespace_and_stays_outside_itself(netns: str, tmp_path: Path) -> None:
     ours = _net_ns_of("self")
-    pid = spawn_detached(["sleep", "30", str(tmp_path)], tmp_path, netns=netns)
+    # sh -c with the runtime dir as $0: a long-lived child whose command line names the dir
+    # (as a VMM's does); `sleep 30 <dir>` would exit at once on the bad argument.
+    pid = spawn_detached(["sh", "-c", "sleep 30", str(tmp_path)], tmp_path, netns=netns)
     try:
         assert _net_ns_of(pid) == _net_ns_of_path(netns)
         assert _net_ns_of(pid) != ours
