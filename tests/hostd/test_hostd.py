@@ -4,6 +4,7 @@ on this host: multiplexing, streams, reconnects, console, hostile guests. No VM 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hashlib
 import os
@@ -27,9 +28,9 @@ FAKE_VMM = Path(__file__).with_name("fake_vmm.py")
 class Hostd:
     """A HostDaemon running on its own event loop thread (restartable)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, scan_seconds: float = 0.3) -> None:
         self.config = HostdConfig(
-            runtime_dir=root, socket_path=root / "hostd.sock", scan_seconds=0.3, console_ring_bytes=4096
+            runtime_dir=root, socket_path=root / "hostd.sock", scan_seconds=scan_seconds, console_ring_bytes=4096
         )
         self.thread: threading.Thread | None = None
         self.daemon: HostDaemon | None = None
@@ -59,6 +60,11 @@ class Hostd:
     def client(self) -> HostdClient:
         return HostdClient(self.config.socket_path, timeout=20)
 
+    def scan(self) -> None:
+        """One runtime-directory scan now, on hostd's loop."""
+        assert self.loop and self.daemon
+        asyncio.run_coroutine_threadsafe(self.daemon.scan(), self.loop).result(10)
+
 
 @pytest.fixture
 def root() -> Iterator[Path]:
@@ -74,6 +80,22 @@ def _vmm(root: Path, name: str, *extra: str) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen([sys.executable, str(FAKE_VMM), str(rd), *extra], start_new_session=True)
     deadline = time.monotonic() + 10
     while not (rd / "agent.sock").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return proc
+
+
+def _replace_vmm(root: Path, name: str, old: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+    """What a snapshot restore does: the VMM is killed and a new one (new pid) serves the same
+    runtime directory and socket paths."""
+    os.killpg(old.pid, signal.SIGKILL)
+    old.wait()
+    rd = root / name
+    for sock in ("agent.sock", "serial.sock"):
+        (rd / sock).unlink()
+    proc = subprocess.Popen([sys.executable, str(FAKE_VMM), str(rd)], start_new_session=True)
+    deadline = time.monotonic() + 10
+    while not (rd / "agent.sock").exists() or (rd / "vmm.pid").read_text() != str(proc.pid):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     return proc
@@ -124,7 +146,7 @@ def test_many_clients_share_the_agent_concurrently(hostd: Hostd, vmm) -> None:
             client.agent("vm1", "exec_wait", {"exec_id": r["exec_id"], "timeout": 20}, timeout=25)
             return client.agent("vm1", "exec_read", {"exec_id": r["exec_id"]})[1]
 
-    with __import__("concurrent.futures").futures.ThreadPoolExecutor(20) as pool:
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
         assert list(pool.map(one, range(20))) == [f"{n}\n".encode() for n in range(20)]
 
 
@@ -145,6 +167,46 @@ def test_an_exec_stream_survives_an_agent_reconnect(hostd: Hostd, vmm) -> None:
         assert ev["ev"] == "exit" and ev["result"]["exit_code"] == 0
         assert got.decode().splitlines() == [f"line {i}" for i in range(1, 3001)]
         assert client.call("vm_status", {"vm_id": "vm1"})[0]["agent"]["sessions"] >= 2
+
+
+def test_a_scan_keeps_an_agent_link_that_already_reconnected_to_a_new_vmm(root: Path, vmm) -> None:
+    # The snapshot-restore race: the link reconnects to the new VMM before the next scan sees
+    # the new pid; that scan must not drop the (good) link under a request in flight.
+    hostd = Hostd(root, scan_seconds=3600)  # scans only when the test says so
+    hostd.start()
+    new = None
+    try:
+        with hostd.client() as client:
+            client.agent_wait("vm1", timeout=10)
+            old_pid = client.call("vm_status", {"vm_id": "vm1"})[0]["pid"]
+            assert old_pid == vmm.pid
+            new = _replace_vmm(root, "vm1", vmm)
+            deadline = time.monotonic() + 15
+            while True:  # the link notices the dead VMM by itself and reconnects to the new one
+                status = client.call("vm_status", {"vm_id": "vm1"})[0]
+                if status["agent"]["connected"] and status["agent"]["sessions"] >= 2:
+                    break
+                assert time.monotonic() < deadline, status
+                time.sleep(0.05)
+            assert status["pid"] == old_pid  # hostd has not scanned yet
+            assert status["agent"]["vmm_pid"] == new.pid  # but the link knows whom it reached
+            exec_id = client.agent("vm1", "exec_start", {"shell": "sleep 1.5; echo restored"})[0]["exec_id"]
+            with hostd.client() as waiter, concurrent.futures.ThreadPoolExecutor(1) as pool:
+                in_flight = pool.submit(
+                    waiter.agent, "vm1", "exec_wait", {"exec_id": exec_id, "timeout": 10}, timeout=15
+                )
+                time.sleep(0.3)
+                hostd.scan()  # sees the new pid
+                assert in_flight.result()[0]["result"]["exit_code"] == 0
+            status = client.call("vm_status", {"vm_id": "vm1"})[0]
+            assert status["pid"] == new.pid
+            assert status["agent"]["connected"] and status["agent"]["sessions"] == 2
+            assert client.agent("vm1", "exec_read", {"exec_id": exec_id})[1] == b"restored\n"
+    finally:
+        hostd.stop()
+        if new is not None:
+            os.killpg(new.pid, signal.SIGKILL)
+            new.wait()
 
 
 def test_a_restarted_hostd_reattaches_and_finds_the_processes(root: Path, vmm) -> None:

@@ -12,23 +12,14 @@ import time
 import pytest
 
 from tests.system.stack import ROOT, vmm_pids
-from vms.hostd.client import HostdClient, HostdRequestError
+from vms.hostd.client import HostdClient
 
 pytestmark = pytest.mark.vm
 
 
 def _agent(stack, vm_id: str, op: str, args: dict | None = None, timeout: float = 30.0) -> tuple[dict, bytes]:
-    # After a restore hostd notices the new VMM on its next scan and re-opens the agent link:
-    # a request in flight then fails with agent_unavailable, so retry for a little while.
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            with HostdClient(stack.runtime_dir / "hostd.sock", timeout=timeout + 10) as client:
-                return client.agent(vm_id, op, args or {}, timeout=timeout)
-        except HostdRequestError as exc:
-            if exc.code != "agent_unavailable" or time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+    with HostdClient(stack.runtime_dir / "hostd.sock", timeout=timeout + 10) as client:
+        return client.agent(vm_id, op, args or {}, timeout=timeout)
 
 
 def guest_sh(stack, vm_id: str, command: str, timeout: float = 60.0) -> tuple[int | None, str]:

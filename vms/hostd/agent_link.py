@@ -6,6 +6,10 @@ responses; events are routed to subscriptions by ``sub`` id. When the connection
 or the guest sends anything malformed (a ``FrameError``: logged, never raised further),
 pending requests fail, every subscription is told (``on_reset``) so it can re-attach
 from its own offset, and the link reconnects with a bounded backoff.
+
+Each connection records the pid of the VMM it reached (``vmm_pid``: the peer of the Unix
+socket, i.e. the process listening on it), so a VMM replaced under the same socket path
+(a snapshot restore) resets only a connection that still belongs to the old one.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import contextlib
 import itertools
 import logging
 import secrets
+import socket
+import struct
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -37,6 +43,20 @@ HELLO_TIMEOUT = 20.0  # a session that is not synced by then is dropped and re-o
 MAX_PENDING = 1024  # requests in flight per VM
 WRITE_BUFFER_LIMIT = 4 << 20  # queued bytes towards the guest before writers wait
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 5.0
+
+
+def peer_pid(writer: asyncio.StreamWriter) -> int | None:
+    """The pid of the process at the other end of a Unix socket connection (for a client:
+    the process that listens, i.e. the VMM), or ``None`` when the platform cannot tell."""
+    sock = writer.get_extra_info("socket")
+    if sock is None or not hasattr(socket, "SO_PEERCRED"):
+        return None
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    pid = struct.unpack("3i", creds)[0]
+    return pid if pid > 0 else None
 
 
 class AgentUnavailable(AgentError):
@@ -66,6 +86,7 @@ class AgentLink:
         self._pending: dict[int, asyncio.Future[Frame]] = {}
         self._subs: dict[int, Subscriber] = {}
         self._writer: asyncio.StreamWriter | None = None
+        self.vmm_pid: int | None = None  # the VMM the current connection reached
         self._write_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
 
@@ -87,6 +108,14 @@ class AgentLink:
         """Drop the current connection (e.g. the VMM was restarted); the link reconnects."""
         if self._writer is not None:
             self._writer.close()
+
+    def kick_unless(self, pid: int | None) -> bool:
+        """Drop the current connection unless it reached the VMM ``pid`` (a link that
+        already reconnected to a new VMM is kept). True when a connection was dropped."""
+        if self._writer is None or (pid is not None and self.vmm_pid == pid):
+            return False
+        self.kick()
+        return True
 
     async def _run(self) -> None:
         backoff = BACKOFF_MIN
@@ -119,6 +148,7 @@ class AgentLink:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        self.vmm_pid = None
         pending, self._pending = self._pending, {}
         for fut in pending.values():
             if not fut.done():
@@ -135,6 +165,7 @@ class AgentLink:
             asyncio.open_unix_connection(str(self.path), limit=1 << 16), CONNECT_TIMEOUT
         )
         self._writer = writer
+        self.vmm_pid = peer_pid(writer)
         if self.transport == AgentTransport.HYBRID_VSOCK:
             writer.write(f"CONNECT {AGENT_VSOCK_PORT}\n".encode())
             line = await asyncio.wait_for(reader.readline(), CONNECT_TIMEOUT)
@@ -282,6 +313,7 @@ class AgentLink:
     def status(self) -> dict[str, Any]:
         return {
             "connected": self.ready.is_set(),
+            "vmm_pid": self.vmm_pid,
             "sessions": self.sessions,
             "agent_version": self.hello.get("agent_version"),
             "boot_id": self.hello.get("boot_id"),

@@ -24,6 +24,8 @@ import logging
 import os
 from pathlib import Path
 
+from vms.hostd.agent_link import peer_pid
+
 logger = logging.getLogger("vms.hostd.console")
 
 SERIAL_SOCKET = "serial.sock"
@@ -75,6 +77,7 @@ class ConsoleLink:
         self._pos = 0  # bytes of the current log file already in the ring
         self._inode = 0
         self._writer: asyncio.StreamWriter | None = None
+        self.vmm_pid: int | None = None  # the VMM the serial socket connection reached
         self._poke = asyncio.Event()
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -199,6 +202,7 @@ class ConsoleLink:
                 continue
             backoff = 0.2
             self._writer = writer
+            self.vmm_pid = peer_pid(writer)
             self.last_error = ""
             try:
                 while True:
@@ -215,8 +219,18 @@ class ConsoleLink:
                 self.last_error = f"serial socket: {exc}"
             finally:
                 self._writer = None
+                self.vmm_pid = None
                 writer.close()
             await asyncio.sleep(backoff)
+
+    def kick_unless(self, pid: int | None) -> bool:
+        """Drop the serial socket connection unless it reached the VMM ``pid``; the socket
+        loop reconnects. True when a connection was dropped."""
+        writer = self._writer
+        if writer is None or (pid is not None and self.vmm_pid == pid):
+            return False
+        writer.close()
+        return True
 
     @property
     def connected(self) -> bool:

@@ -161,9 +161,15 @@ class HostDaemon:
             if current is None:
                 self._attach(vm_id, runtime_dir, pid)
             elif current.pid != pid:
-                logger.info("vm %s: VMM restarted (pid %s -> %s); reconnecting", vm_id, current.pid, pid)
+                # A restore replaces the VMM under the same sockets; the links notice the old
+                # one's exit and may well have reconnected to the new one before this scan:
+                # only connections that still belong to another VMM are reset.
+                logger.info("vm %s: VMM restarted (pid %s -> %s)", vm_id, current.pid, pid)
                 current.pid = pid
-                current.agent.kick()
+                if current.agent.kick_unless(pid):
+                    logger.info("vm %s: agent connection belonged to another VMM; reconnecting", vm_id)
+                if current.console.kick_unless(pid):
+                    logger.info("vm %s: console connection belonged to another VMM; reconnecting", vm_id)
         for vm_id in [v for v in self.vms if v not in found]:
             logger.info("vm %s: VMM gone; detaching", vm_id)
             await self.vms.pop(vm_id).stop()
