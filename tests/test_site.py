@@ -81,3 +81,18 @@ def test_the_tokens_page_creates_shows_once_and_revokes(owner):
 def test_no_model_change_lacks_a_migration():
     result = _manage("makemigrations", "--check", "--dry-run", env_overrides={"DEBUG": "0", "SECRET_KEY": "x" * 50})
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_admin_page_renders_for_an_admin(admin_user, vm):
+    from django.contrib import admin
+    from django.urls import reverse
+
+    client = Client()
+    client.login(username=admin_user.username, password=PASSWORD)
+    assert client.get("/admin/").status_code == 200
+    for model in admin.site._registry:
+        meta = model._meta
+        url = reverse(f"admin:{meta.app_label}_{meta.model_name}_changelist")
+        response = client.get(url)
+        assert response.status_code == 200, url
+    assert client.get(reverse("admin:vms_vm_change", args=[vm.pk])).status_code == 200
