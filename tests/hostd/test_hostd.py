@@ -347,3 +347,37 @@ def test_a_slow_console_reader_does_not_hold_up_others(hostd: Hostd, vmm) -> Non
             await fast.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_concurrent_registrations_attach_a_vm_once(root: Path, monkeypatch) -> None:
+    # Each registration awaits a pid check before attaching; without a re-check, racing callers
+    # each attached a handle, and the later one's agent link never got QEMU's one-client socket.
+    import vms.hostd.daemon as daemon_module
+
+    real_pid_check = daemon_module.running_vmm_pid
+
+    def slow_pid_check(runtime_dir):  # widen the window the race needs
+        time.sleep(0.3)
+        return real_pid_check(runtime_dir)
+
+    monkeypatch.setattr(daemon_module, "running_vmm_pid", slow_pid_check)
+    hostd = Hostd(root, scan_seconds=3600)  # no scans: the VM below is found by registration only
+    hostd.start()
+    late = _vmm(root, "late")
+    try:
+
+        def register(_: int) -> None:
+            with hostd.client() as client:
+                client.call("vm_register", {"vm_id": "late"})
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(register, range(8)))
+        with hostd.client() as client:
+            client.agent_wait("late", timeout=15)
+            status = client.call("vm_status", {"vm_id": "late"})[0]
+        assert status["agent"]["connected"] and status["agent"]["sessions"] == 1
+        assert len(hostd.daemon.vms) == 1
+    finally:
+        hostd.stop()
+        os.killpg(late.pid, signal.SIGKILL)
+        late.wait()

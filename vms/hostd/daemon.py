@@ -175,6 +175,12 @@ class HostDaemon:
             await self.vms.pop(vm_id).stop()
 
     def _attach(self, vm_id: str, runtime_dir: Path, pid: int | None) -> VmHandle:
+        # Callers look the VM up, await a pid check, then attach: another caller (the scan, a
+        # concurrent request) may have attached meanwhile. A second handle would open a second
+        # agent connection that QEMU's one-client socket never serves, and orphan the first.
+        existing = self.vms.get(vm_id)
+        if existing is not None:
+            return existing
         handle = VmHandle(vm_id, runtime_dir, pid, self.config)
         self.vms[vm_id] = handle
         handle.start()
