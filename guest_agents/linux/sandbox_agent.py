@@ -842,9 +842,12 @@ class Conn:
             self.agent.loop.set_writer(self.fd, None)
 
     # -- input
+    def read(self) -> bytes:
+        return os.read(self.fd, 262144)
+
     def on_readable(self) -> None:
         try:
-            data = os.read(self.fd, 262144)
+            data = self.read()
         except BlockingIOError:
             return
         except OSError as exc:
@@ -903,21 +906,8 @@ class SocketConn(Conn):
     def write(self, view: memoryview) -> int:
         return self.sock.send(view)
 
-    def on_readable(self) -> None:
-        try:
-            data = self.sock.recv(262144)
-        except BlockingIOError:
-            return
-        except OSError:
-            self.close()
-            return
-        if not data:
-            self.close()
-            return
-        for header, body in self.reader.feed(data):
-            self.agent.handle_frame(self, header, body)
-            if self.closed:
-                return
+    def read(self) -> bytes:
+        return self.sock.recv(262144)
 
     def close(self) -> None:
         if self.closed:

@@ -144,6 +144,10 @@ class QmpClient:
             raise VmmTimeout(f"QMP {command}: send timed out") from exc
         except OSError as exc:
             raise VmmNotRunning(f"QMP {command}: connection lost ({exc})") from exc
+        return self._reply(command)
+
+    def _reply(self, command: str) -> Any:
+        """The answer to the command just sent, skipping asynchronous events."""
         while True:
             reply = self._read_message()
             if "event" in reply:
@@ -166,14 +170,7 @@ class QmpClient:
             socket.send_fds(self._sock, [msg], [fd])
         except OSError as exc:
             raise VmmNotRunning(f"QMP getfd: connection lost ({exc})") from exc
-        while True:
-            reply = self._read_message()
-            if "event" in reply:
-                continue
-            if "error" in reply:
-                err = reply["error"] if isinstance(reply["error"], dict) else {}
-                raise QmpError(f"QMP getfd failed: {err.get('desc', 'unknown error')}", details=err)
-            return
+        self._reply("getfd")
 
     def _read_message(self) -> dict[str, Any]:
         assert self._sock is not None
