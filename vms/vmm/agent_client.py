@@ -17,7 +17,6 @@ Every connection starts with ``hello`` (see ``sync_session``). Every wait is bou
 
 from __future__ import annotations
 
-import enum
 import itertools
 import secrets
 import socket
@@ -36,7 +35,7 @@ from .agent_protocol import (
     check_response,
     encode_frame,
 )
-from .base import VmmError, VmmTimeout, VmSpec
+from .base import AgentTransport, VmmError, VmmTimeout, VmSpec
 
 __all__ = [
     "AGENT_SOCKET",
@@ -62,13 +61,6 @@ HELLO_RESEND_SECONDS = 1.0
 _MAX_HANDSHAKE_LINE = 128
 _MAX_UNEXPECTED_FRAMES = 10000  # events/stale responses skipped while waiting for one answer
 ZERO_FLUSH_BYTES = MAX_FRAME + PREFIX.size
-
-
-class AgentTransport(str, enum.Enum):  # noqa: UP042 - same style as base.RuntimeState
-    """How ``agent.sock`` reaches the guest agent."""
-
-    VIRTIO_SERIAL = "virtio-serial"  # QEMU virtserialport chardev
-    HYBRID_VSOCK = "hybrid-vsock"  # cloud-hypervisor vsock Unix socket
 
 
 class AgentError(VmmError):

@@ -21,7 +21,10 @@ import enum
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from .snapshot import SnapshotMeta
 
 
 class VmmError(Exception):
@@ -47,6 +50,11 @@ class VmmTimeout(VmmError):
 
 class VmmNotRunning(VmmError):
     """No VMM process is running for this VM."""
+
+
+class VmmInvalidRequest(VmmError):
+    """The request cannot be satisfied by this VMM as it runs now (e.g. a memory size that
+    is not a multiple of the hotplug step); the caller's input is wrong, not the VMM."""
 
 
 class RuntimeState(str, enum.Enum):
@@ -97,6 +105,26 @@ class VmSpec:
         return cls(**data)
 
 
+class AgentTransport(str, enum.Enum):
+    """How the host reaches the guest agent: QEMU's virtio-serial chardev socket, or
+    cloud-hypervisor's hybrid vsock (``CONNECT <port>`` handshake first)."""
+
+    VIRTIO_SERIAL = "virtio-serial"
+    HYBRID_VSOCK = "hybrid-vsock"
+
+
+@dataclass(frozen=True)
+class DriverCapabilities:
+    """What a driver can do, so callers branch on abilities, never on driver names."""
+
+    live_resize: bool  # vCPU/memory hotplug on a running VM (else: stop, resize, start)
+    memory_hotplug_step_mib: int  # hot-added memory must be a multiple of this (0: no hotplug)
+    nic_hotplug: bool
+    memory_snapshot: bool  # snapshots can include guest RAM and device state
+    shared_disk_layers: bool  # a snapshot freezes the overlay as a shared backing layer (else a private copy)
+    agent_transport: AgentTransport
+
+
 @dataclass(frozen=True)
 class LaunchResult:
     pid: int
@@ -112,6 +140,9 @@ class VmRuntimeInfo:
     vcpus: int | None = None
     memory_mib: int | None = None
     raw: dict[str, object] = field(default_factory=dict)
+    # Why the VM is in this state when the VMM told us (e.g. "guest powered off",
+    # "guest panic: ..."); empty when unknown.
+    reason: str = ""
 
 
 class Driver(Protocol):
@@ -143,6 +174,21 @@ class Driver(Protocol):
         """Hotplug CPUs/memory; raises ``VmmUnsupported`` when a restart is needed."""
 
     def counters(self, spec: VmSpec, *, timeout: float = 5.0) -> dict[str, dict[str, int]]: ...
+
+    def capabilities(self) -> DriverCapabilities: ...
+
+    def version(self) -> str:
+        """The VMM's version string (recorded with snapshots: they are not portable across versions)."""
+
+    def snapshot(
+        self, spec: VmSpec, dest_dir: Path, *, include_memory: bool = True, timeout: float = 300.0
+    ) -> SnapshotMeta:
+        """Pause, save device/RAM state (``include_memory``) and the disk into ``dest_dir``,
+        resume; writes ``snapshot.json`` (``vms.vmm.snapshot.SnapshotMeta``, returned) but not
+        the manifest. A stopped VM gets a disk-only snapshot."""
+
+    def restore(self, spec: VmSpec, src_dir: Path, *, timeout: float = 120.0) -> LaunchResult:
+        """Start ``spec`` (its own identity: sockets, MAC, TAP) from the snapshot in ``src_dir``."""
 
     def cleanup(self, spec: VmSpec) -> None:
         """Kill any VMM left and remove the runtime directory (sockets, overlay, logs). Idempotent."""
