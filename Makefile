@@ -55,7 +55,7 @@ test: system venv static-vendor
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy vms/vmm
+	$(VENV)/bin/mypy vms/vmm vms/hostd
 
 benchmarks: system venv
 	./scripts/ensure-services.sh

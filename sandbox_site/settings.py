@@ -218,6 +218,10 @@ LOGGING = {
 # --- microVMs ---------------------------------------------------------------------------
 SANDBOX_HYPERVISOR = env.str("SANDBOX_HYPERVISOR", default="auto")  # auto | cloud-hypervisor | qemu
 SANDBOX_CLOUD_HYPERVISOR_BINARY = env.str("SANDBOX_CLOUD_HYPERVISOR_BINARY", default="cloud-hypervisor")
+# QEMU acceleration: auto = KVM only where it really runs ordinary guests, else TCG.
+SANDBOX_ACCEL = env.str("SANDBOX_ACCEL", default="auto").strip().lower()
+if SANDBOX_ACCEL not in ("auto", "kvm", "tcg"):
+    raise ImproperlyConfigured(f"SANDBOX_ACCEL must be auto, kvm or tcg, not {SANDBOX_ACCEL!r}.")
 SANDBOX_HOST_NAME = env.str("SANDBOX_HOST_NAME", default="local")
 SANDBOX_RUNTIME_DIR = Path(env.str("SANDBOX_RUNTIME_DIR", default=str(DATA_DIR / "run")))
 SANDBOX_IMAGE_DIR = Path(env.str("SANDBOX_IMAGE_DIR", default=str(DATA_DIR / "images")))

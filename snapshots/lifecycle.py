@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import secrets
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from vms.vmm.snapshot import (
     SnapshotMeta,
     backing_chain,
     disk_usage,
+    layer_rebase,
     manifest_verify,
     manifest_write,
 )
@@ -57,30 +57,7 @@ def _lineage_set(vm: VM, snapshot: Snapshot) -> None:
 
 
 def _take(driver, spec: VmSpec, dest: Path, snapshot: Snapshot) -> SnapshotMeta:
-    if driver.name == "qemu":
-        return driver.snapshot(spec, dest, include_memory=snapshot.include_memory)
-    # cloud-hypervisor: its own snapshot (always with memory) plus a copy of the overlay,
-    # both made while the VM is paused; no shared layer.
-    started = time.monotonic()
-    result = driver.snapshot(spec, dest, copy_disk=True)
-    elapsed = int((time.monotonic() - started) * 1000)
-    meta = SnapshotMeta(
-        driver=driver.name,
-        vmm_version=result.vmm_version,
-        vm_id=spec.vm_id,
-        include_memory=True,
-        vcpus=spec.vcpus,
-        memory_mib=spec.memory_mib,
-        disk_gib=spec.disk_gib,
-        disk_layer="overlay.qcow2",
-        state_file="state.json",
-        backing_chain=[],
-        pause_ms=elapsed,
-        total_ms=elapsed,
-        created_unix=time.time(),
-    )
-    meta.write(dest)
-    return meta
+    return driver.snapshot(spec, dest, include_memory=snapshot.include_memory)
 
 
 def snapshot_take(op: Operation, vm: VM) -> None:
@@ -129,7 +106,7 @@ def snapshot_take(op: Operation, vm: VM) -> None:
             vmm_version=meta.vmm_version,
             disk_layer=str(layer),
             backing_chain=meta.backing_chain,
-            shared_layer=meta.driver == "qemu",
+            shared_layer=hypervisor.driver_capabilities(meta.driver).shared_disk_layers,
             size_bytes=disk_usage(dest),
             pause_ms=meta.pause_ms,
             duration_ms=meta.total_ms,
@@ -194,7 +171,7 @@ def _guest_agent_call(vm: VM, spec: VmSpec, op_name: str, args: dict, *, timeout
     except HostdUnavailable:
         from vms.vmm.agent_client import AgentConnection, agent_socket_path
 
-        transport = hypervisor.agent_transport(vm.driver)
+        transport = hypervisor.driver_capabilities(vm.driver).agent_transport
         with AgentConnection.open(agent_socket_path(spec), transport, timeout=timeout) as conn:
             return conn.request(op_name, args, timeout=timeout)
     with client:
@@ -316,22 +293,6 @@ def snapshot_clone_run(op: Operation, vm: VM) -> None:
 # --- delete (files) --------------------------------------------------------------------------
 
 
-def _qemu_img_rebase(image: Path, new_backing: Path | None) -> None:
-    """Safe rebase: clusters that differ between the old and the new backing chain are
-    copied into ``image`` first, so its content does not change."""
-    if new_backing is None:
-        argv = ["qemu-img", "rebase", "-q", "-f", "qcow2", "-b", "", str(image)]
-    else:
-        fmt = "qcow2" if new_backing.name.endswith(".qcow2") else "raw"
-        argv = ["qemu-img", "rebase", "-q", "-f", "qcow2", "-b", str(new_backing), "-F", fmt, str(image)]
-    try:
-        subprocess.run(argv, check=True, capture_output=True, timeout=3600, stdin=subprocess.DEVNULL)
-    except subprocess.CalledProcessError as exc:
-        raise VmmError(
-            "merging the snapshot layer failed", details={"stderr": exc.stderr.decode("utf-8", "replace")}
-        ) from exc
-
-
 def snapshot_files_delete(snapshot_id) -> None:
     """Merge the layer into its one dependent when there is one, then remove the files and
     the row. Idempotent."""
@@ -353,7 +314,7 @@ def snapshot_files_delete(snapshot_id) -> None:
         kind, _, ident = target.partition(":")
         if kind == "snapshot":
             child = Snapshot.objects.get(pk=ident)
-            _qemu_img_rebase(Path(child.disk_layer), new_backing)
+            layer_rebase(Path(child.disk_layer), new_backing)
             checksum = manifest_write(Path(child.directory))
             Snapshot.objects.filter(pk=child.pk).update(
                 parent=snapshot.parent,
@@ -370,7 +331,7 @@ def snapshot_files_delete(snapshot_id) -> None:
                     state=Snapshot.State.READY, error="deletion refused: the VM started meanwhile"
                 )
                 return
-            _qemu_img_rebase(spec.runtime_dir / "overlay.qcow2", new_backing)
+            layer_rebase(spec.runtime_dir / "overlay.qcow2", new_backing)
             if snapshot.parent_id:
                 VmLineage.objects.filter(vm=vm).update(snapshot=snapshot.parent)
             else:

@@ -31,6 +31,7 @@ from accounts.services import user_has_perm
 from sandbox_site.errors import ApplicationError, ConflictError, NotPermitted, QuotaExceeded
 from snapshots import selectors
 from snapshots.models import RetentionPolicy, Snapshot
+from vms import hypervisor
 from vms import selectors as vm_selectors
 from vms import services as vm_services
 from vms.events import vm_event_publish
@@ -117,9 +118,10 @@ def snapshot_create(*, vm: VM, actor, name: str, description: str = "", include_
                 "A stopped VM has no memory to save: start it, or take a disk-only snapshot (include_memory=false).",
                 code="vm_stopped",
             )
-        if locked.driver == "cloud-hypervisor" and not include_memory:
+        if not include_memory and not hypervisor.driver_capabilities(locked.driver).disk_only_snapshot:
             raise ApplicationError(
-                "cloud-hypervisor snapshots always include memory.", details={"include_memory": "required"}
+                f"{locked.driver or 'This driver'} snapshots always include memory.",
+                details={"include_memory": "required"},
             )
         busy = Snapshot.objects.filter(vm=locked, state=Snapshot.State.CREATING).exists()
         if busy:

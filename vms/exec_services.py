@@ -75,12 +75,15 @@ def agent_request(
             return client.agent(vm_id, op, args, data, timeout=timeout)
     except HostdUnavailable:
         pass
-    from vms.hypervisor import agent_transport, runtime_dir
+    from vms.hypervisor import driver_capabilities, runtime_dir
     from vms.vmm.agent_client import AgentConnection, AgentError, AgentRequestError, AgentTimeout
 
     try:
         with AgentConnection.open(
-            runtime_dir(vm_id) / "agent.sock", agent_transport(driver), timeout=min(timeout, 10), client="web-direct"
+            runtime_dir(vm_id) / "agent.sock",
+            driver_capabilities(driver).agent_transport,
+            timeout=min(timeout, 10),
+            client="web-direct",
         ) as conn:
             return conn.request_data(op, args, data, timeout=timeout)
     except AgentRequestError as exc:

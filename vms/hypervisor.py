@@ -1,6 +1,7 @@
-"""Django-side glue to the Django-free driver package: picks the driver and builds the
-``VmSpec`` of a VM from the database. The only module of the app that imports ``vms.vmm``
-drivers."""
+"""Django-side glue to the Django-free driver package: picks the driver (settings reach it
+as constructor arguments) and builds the ``VmSpec`` of a VM from the database. The only
+module of the app that imports ``vms.vmm`` drivers. Callers branch on
+``driver_capabilities(name)``, never on driver names."""
 
 from __future__ import annotations
 
@@ -11,16 +12,11 @@ from pathlib import Path
 from django.conf import settings
 
 from vms.models import VM
-from vms.vmm.base import Driver, VmSpec
+from vms.vmm.base import Driver, DriverCapabilities, VmSpec
 
 logger = logging.getLogger(__name__)
 
-HOTPLUG_DRIVERS = {"cloud-hypervisor"}
 SERIAL_TAIL_BYTES = 64 * 1024
-
-
-def driver_supports_hotplug(name: str) -> bool:
-    return name in HOTPLUG_DRIVERS
 
 
 @functools.cache
@@ -43,8 +39,13 @@ def driver_for(name: str) -> Driver:
     if name == "qemu":
         from vms.vmm.qemu import QemuDriver
 
-        return QemuDriver()
+        return QemuDriver(accel=settings.SANDBOX_ACCEL)
     raise ValueError(f"unknown driver {name!r}")
+
+
+def driver_capabilities(name: str) -> DriverCapabilities:
+    """What driver ``name`` can do (``""``: the driver this host would pick)."""
+    return driver_for(name or driver_name_select()).capabilities()
 
 
 def runtime_dir(vm_id) -> Path:
@@ -100,12 +101,6 @@ def serial_tail(vm_id, *, lines: int = 50) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def agent_transport(driver_name: str):
-    from vms.vmm.agent_client import AgentTransport
-
-    return AgentTransport.HYBRID_VSOCK if driver_name == "cloud-hypervisor" else AgentTransport.VIRTIO_SERIAL
-
-
 def agent_wait(spec: VmSpec, driver_name: str, *, timeout: float) -> dict:
     """Block until the guest agent answers a ping (a VM is ``running`` only then).
 
@@ -118,7 +113,7 @@ def agent_wait(spec: VmSpec, driver_name: str, *, timeout: float) -> dict:
         with _hostd(timeout) as client:
             return client.agent_wait(spec.vm_id, timeout=timeout)
     except HostdUnavailable:
-        return wait_for_agent(spec, agent_transport(driver_name), timeout)
+        return wait_for_agent(spec, driver_capabilities(driver_name).agent_transport, timeout)
     except HostdError as exc:
         raise AgentTimeout(f"guest agent did not answer within {timeout:.0f}s ({exc.message})") from exc
 
@@ -133,7 +128,7 @@ def agent_ping(spec: VmSpec, driver_name: str, *, timeout: float = 5.0) -> dict:
         with _hostd(timeout) as client:
             return client.agent(spec.vm_id, "ping", timeout=timeout)[0]
     except HostdUnavailable:
-        return ping(spec, agent_transport(driver_name), timeout=timeout)
+        return ping(spec, driver_capabilities(driver_name).agent_transport, timeout=timeout)
     except HostdError as exc:
         raise AgentError(exc.message, details={"code": exc.code}) from exc
 

@@ -231,7 +231,7 @@ def vm_action(*, vm: VM, action: str, actor, force: bool = False) -> Operation:
 def vm_resize(*, vm: VM, actor, vcpus: int | None = None, memory_mib: int | None = None) -> VM | Operation:
     """Change vcpus/memory. A stopped VM takes the new size at its next start; a running VM
     needs a driver with hotplug (cloud-hypervisor), otherwise 409 says a restart is needed."""
-    from vms.hypervisor import driver_supports_hotplug
+    from vms.hypervisor import driver_capabilities
 
     _require(actor, ACTION_PERMS["resize"], vm, "resize")
     vcpus = vcpus or vm.vcpus
@@ -256,7 +256,7 @@ def vm_resize(*, vm: VM, actor, vcpus: int | None = None, memory_mib: int | None
             return locked
         if locked.state not in (S.RUNNING, S.PAUSED):
             raise ConflictError(f"Cannot resize a VM that is {locked.state}.")
-        if not driver_supports_hotplug(locked.driver):
+        if not driver_capabilities(locked.driver).live_resize:
             raise ConflictError(
                 f"The {locked.driver or 'current'} driver cannot hotplug CPUs or memory: "
                 "stop the VM, resize, then start it.",

@@ -195,7 +195,10 @@ def test_a_scan_keeps_an_agent_link_that_already_reconnected_to_a_new_vmm(root: 
                 in_flight = pool.submit(
                     waiter.agent, "vm1", "exec_wait", {"exec_id": exec_id, "timeout": 10}, timeout=15
                 )
-                time.sleep(0.3)
+                deadline = time.monotonic() + 10
+                while client.call("vm_status", {"vm_id": "vm1"})[0]["agent"]["pending"] < 1:  # now in flight
+                    assert time.monotonic() < deadline and not in_flight.done()
+                    time.sleep(0.02)
                 hostd.scan()  # sees the new pid
                 assert in_flight.result()[0]["result"]["exit_code"] == 0
             status = client.call("vm_status", {"vm_id": "vm1"})[0]
@@ -256,7 +259,11 @@ def test_console_replays_from_an_offset_then_goes_live_and_takes_input(hostd: Ho
     async def scenario() -> None:
         async with AsyncHostdClient(hostd.config.socket_path) as client:
             await _console_ready(client)
-            await asyncio.sleep(1.5)  # a few ticks to replay
+            # A few ticks in history before attaching, so the stream starts with a replay.
+            deadline = time.monotonic() + 15
+            while (await client.call("console_info", {"vm_id": "vm1"}))[0]["end_offset"] < len(b"tick 1\ntick 2\n"):
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
             sub = await client.console_attach("vm1", offset=0)
             await client.console_write("vm1", b"hi there\n")
             seen = bytearray()

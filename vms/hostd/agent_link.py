@@ -217,8 +217,8 @@ class AgentLink:
                 for i, frame in enumerate(frames):
                     h = frame.header
                     result = h.get("result")
-                    answered = h.get("id") == 0 and h.get("ok") is True and isinstance(result, dict)
-                    if answered and result.get("nonce") == nonce:
+                    answered = h.get("id") == 0 and h.get("ok") is True
+                    if answered and isinstance(result, dict) and result.get("nonce") == nonce:
                         if result.get("protocol") != PROTOCOL_VERSION:
                             raise AgentError(f"agent speaks protocol {result.get('protocol')!r}")
                         self.hello = result

@@ -416,7 +416,14 @@ class ClientSession:
             raise HostdError("too_many", "too many streams on this connection")
         task = asyncio.create_task(coro)
         self.streams[sub] = task
-        task.add_done_callback(lambda _t, sub=sub: self.streams.pop(sub, None))
+
+        def forget(done: asyncio.Task[None]) -> None:
+            # Only this stream's own entry: after stream_close the client may reuse the sub id
+            # before the cancelled task has finished.
+            if self.streams.get(sub) is done:
+                del self.streams[sub]
+
+        task.add_done_callback(forget)
 
 
 class ExecStream:

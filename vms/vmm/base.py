@@ -123,6 +123,9 @@ class DriverCapabilities:
     memory_snapshot: bool  # snapshots can include guest RAM and device state
     shared_disk_layers: bool  # a snapshot freezes the overlay as a shared backing layer (else a private copy)
     agent_transport: AgentTransport
+    # Snapshots without guest memory (``include_memory=False``) are possible; a driver that
+    # does not say so is assumed to always save memory.
+    disk_only_snapshot: bool = False
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,16 @@
 """Process helpers shared by the VMM drivers (no Django).
 
 VMM processes must outlive every process of ours (web, workers, host daemon), so they
-are spawned in their own session with stdin closed and their output in a log file in
-the runtime directory. Identity of a running VMM is established from its pid file
-*and* its ``/proc/<pid>/cmdline`` (which names the runtime directory), so a recycled
-pid is never mistaken for our VMM.
+are spawned detached: through a short-lived launcher (double fork), in their own session,
+with stdin closed and their output in a log file in the runtime directory. The launcher
+exits at once, so the VMM is adopted by init (or the nearest ``PR_SET_CHILD_SUBREAPER``
+ancestor), which reaps it when it exits: a stopped VM never lingers as a defunct child of
+the worker that started it. Identity of a running VMM is established from its pid file
+*and* its ``/proc/<pid>/cmdline`` (which names the runtime directory), so a recycled pid
+is never mistaken for our VMM, and a zombie counts as exited.
+
+Settings come in as arguments (e.g. ``kvm_usable(forced=...)``); nothing here reads the
+environment.
 """
 
 from __future__ import annotations
@@ -13,9 +19,11 @@ import ctypes
 import errno
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -33,11 +41,44 @@ _CLONE_NEWNET = 0x40000000
 T = TypeVar("T")
 
 _DEFAULT_TSC_KHZ = 2_000_000
+ACCEL_CHOICES = ("auto", "kvm", "tcg")
+SPAWN_TIMEOUT = 30.0
+_REPORT_MAX = 64
+_LAUNCHER_EXIT_TIMEOUT = 5.0
 
-# Popen objects of VMMs spawned by this process, so their exit status can be collected
-# (an unreaped child would otherwise linger as a zombie that still has a /proc entry).
-_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
-_CHILD_DIRS: dict[int, Path] = {}
+# The launcher of ``spawn_detached``, run as ``python -I -S -c _LAUNCHER <report fd> argv...``
+# (single-threaded, so forking there is safe, unlike in our threaded workers). It forks the
+# VMM, which starts a session of its own and execs; the launcher reports the VMM's pid, or
+# the exec's errno (``E<errno>``), on the report pipe and exits, so the VMM is never a child
+# of the calling process.
+_LAUNCHER = r"""
+import os, sys
+report = int(sys.argv[1])
+argv = sys.argv[2:]
+os.set_inheritable(report, False)
+status_r, status_w = os.pipe()  # close-on-exec: EOF without data = the exec succeeded
+pid = os.fork()
+if pid == 0:
+    os.close(status_r)
+    try:
+        os.setsid()
+        os.execvp(argv[0], argv)
+    except OSError as exc:
+        os.write(status_w, str(exc.errno or 0).encode())
+    os._exit(127)
+os.close(status_w)
+failed = b""
+while True:
+    chunk = os.read(status_r, 64)
+    if not chunk:
+        break
+    failed += chunk
+if failed:
+    os.waitpid(pid, 0)
+    os.write(report, b"E" + failed + b"\n")
+else:
+    os.write(report, str(pid).encode() + b"\n")
+"""
 
 
 def _setns_net(path: Path) -> None:
@@ -89,51 +130,109 @@ def call_in_netns(netns: str | None, fn: Callable[..., T], *args: Any, timeout: 
 
 
 def spawn_detached(
-    argv: Sequence[str], runtime_dir: Path, *, env: dict[str, str] | None = None, netns: str | None = None
+    argv: Sequence[str],
+    runtime_dir: Path,
+    *,
+    env: dict[str, str] | None = None,
+    netns: str | None = None,
+    timeout: float = SPAWN_TIMEOUT,
 ) -> int:
-    """Start ``argv`` in a new session, stdin ``/dev/null``, stdout/stderr appended to
-    ``runtime_dir/vmm.log``; write its pid to ``runtime_dir/vmm.pid`` and return it.
-    With ``netns`` the process starts inside that network namespace (``call_in_netns``),
-    so a TAP device opened by name is found there.
+    """Start ``argv`` detached and return its pid, also written to ``runtime_dir/vmm.pid``.
 
-    The child is not waited for here; a short-lived reaper thread is not needed because
-    callers either keep running (and poll with ``pid_alive``) or exit, after which init
-    adopts the VMM.
+    The VMM runs in a new session, stdin ``/dev/null``, stdout/stderr appended to
+    ``runtime_dir/vmm.log``, working directory ``runtime_dir``, environment ``env`` (``None``:
+    ours). It is started by a short-lived launcher process (double fork) that exits at once,
+    so the VMM is not our child: init (or the nearest subreaper) adopts and reaps it, and no
+    defunct VMM stays behind under a worker that launched it. With ``netns`` it starts inside
+    that network namespace (``call_in_netns``), so a TAP device opened by name is found there.
+
+    Raises ``VmmError`` when the program cannot be executed (e.g. not found; no pid file is
+    written) or the launcher fails, ``VmmTimeout`` when it does not report within
+    ``timeout``. Early exits of the VMM itself are the caller's to detect (``pid_is_vmm``,
+    ``wait_for_unix_socket(..., pid=...)``; the reason is in ``log_tail``).
     """
+    if not argv:
+        raise ValueError("spawn_detached needs a program to run")
     runtime_dir.mkdir(parents=True, exist_ok=True)
     log_path = runtime_dir / LOG_FILE
-    with open(log_path, "ab") as log:
+    report_r, report_w = os.pipe()
+    try:
+        with open(log_path, "ab") as log:
 
-        def popen() -> subprocess.Popen[bytes]:
-            return subprocess.Popen(  # noqa: S603 - argv built by the driver, no shell
-                list(argv),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                close_fds=True,
-                cwd=str(runtime_dir),
-                env=env,
-            )
+            def popen() -> subprocess.Popen[bytes]:
+                return subprocess.Popen(  # noqa: S603 - argv built by the driver, no shell
+                    [sys.executable or "python3", "-I", "-S", "-c", _LAUNCHER, str(report_w), *argv],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    close_fds=True,
+                    pass_fds=(report_w,),
+                    cwd=str(runtime_dir),
+                    env=env,
+                )
 
-        proc = call_in_netns(netns, popen)
-    # Keep a reference so Python does not warn about a still-running child at exit and
-    # so a zombie of ours can be reaped by ``reap_if_child``.
-    _CHILDREN[proc.pid] = proc
-    _CHILD_DIRS[proc.pid] = runtime_dir.resolve()
+            try:
+                launcher = call_in_netns(netns, popen)
+            except OSError as exc:
+                raise VmmError(f"cannot start the VMM launcher: {exc}", details={"argv": list(argv)}) from exc
+    except BaseException:
+        os.close(report_r)
+        raise
+    finally:
+        os.close(report_w)  # the launcher holds its own copy; EOF once it exits
+    try:
+        report = _read_report(report_r, timeout)
+    except BaseException:
+        launcher.kill()
+        raise
+    finally:
+        os.close(report_r)
+        # Reaped here, so the launcher leaves no zombie either; it exits right after reporting.
+        try:
+            launcher.wait(timeout=_LAUNCHER_EXIT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            launcher.kill()
+            launcher.wait()
+    if report.startswith(b"E"):
+        code = int(report[1:]) if report[1:].isdigit() else 0
+        raise VmmError(
+            f"cannot execute {argv[0]}: {os.strerror(code) if code else 'unknown error'}",
+            details={"argv": list(argv), "errno": code},
+        )
+    if not report.isdigit():
+        raise VmmError(
+            "the VMM launcher failed",
+            details={
+                "argv": list(argv),
+                "report": report.decode("ascii", "replace"),
+                "log_tail": log_tail(runtime_dir),
+            },
+        )
+    pid = int(report)
     tmp = runtime_dir / (PID_FILE + ".tmp")
-    tmp.write_text(f"{proc.pid}\n")
+    tmp.write_text(f"{pid}\n")
     os.replace(tmp, runtime_dir / PID_FILE)
-    return proc.pid
+    return pid
 
 
-def reap_if_child(pid: int) -> None:
-    """Collect the exit status of ``pid`` if it is our own child (avoids zombies that
-    would otherwise still look alive in ``/proc``)."""
-    proc = _CHILDREN.get(pid)
-    if proc is not None and proc.poll() is not None:
-        _CHILDREN.pop(pid, None)
-        _CHILD_DIRS.pop(pid, None)
+def _read_report(fd: int, timeout: float) -> bytes:
+    """One line (at most ``_REPORT_MAX`` bytes) from the launcher's report pipe; what was
+    read so far at EOF (the launcher died); ``VmmTimeout`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while b"\n" not in data and len(data) < _REPORT_MAX:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise VmmTimeout(f"the VMM launcher did not report within {timeout:.0f}s")
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if not ready:
+            continue
+        chunk = os.read(fd, _REPORT_MAX)
+        if not chunk:
+            break
+        data += chunk
+    return data.partition(b"\n")[0].strip()
 
 
 def read_pid(runtime_dir: Path) -> int | None:
@@ -147,11 +246,6 @@ def read_pid(runtime_dir: Path) -> int | None:
 
 def pid_is_vmm(pid: int, runtime_dir: Path) -> bool:
     """True when ``pid`` is alive (not a zombie) and its command line mentions ``runtime_dir``."""
-    reap_if_child(pid)
-    child = _CHILDREN.get(pid)
-    if child is not None and _CHILD_DIRS.get(pid) == runtime_dir.resolve():
-        # Our own child: the exit status is authoritative (no pid reuse while unreaped).
-        return child.poll() is None
     proc = Path("/proc") / str(pid)
     needles = (str(runtime_dir.resolve()).encode(), str(runtime_dir).encode())
     for attempt in range(3):
@@ -285,16 +379,17 @@ def _kvm_module_loaded_is_pvm() -> bool:
     return any(line.split(" ", 1)[0] == "kvm_pvm" for line in modules.splitlines())
 
 
-def kvm_usable() -> bool:
+def kvm_usable(*, forced: str | None = None) -> bool:
     """True only when hardware KVM can really run ordinary guests here.
 
     Conservative: requires vmx/svm in ``/proc/cpuinfo``, ``/dev/kvm`` openable read-write
-    and no PVM-based KVM module (which cannot run ordinary guests). Override with the
-    environment variable ``SANDBOX_ACCEL=kvm|tcg``.
+    and no PVM-based KVM module (which cannot run ordinary guests). ``forced`` (the
+    ``SANDBOX_ACCEL`` setting: ``"kvm"``/``"tcg"``) overrides the detection; ``None``,
+    ``""`` or ``"auto"`` detect. ``ValueError`` for anything else.
     """
-    forced = os.environ.get("SANDBOX_ACCEL", "").strip().lower()
-    if forced in ("kvm", "tcg"):
-        return forced == "kvm"
+    choice = accel_choice(forced)
+    if choice != "auto":
+        return choice == "kvm"
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -316,9 +411,19 @@ def kvm_usable() -> bool:
     return True
 
 
-def detect_acceleration() -> str:
-    """``"kvm"`` when KVM really works here, else ``"tcg"``."""
-    return "kvm" if kvm_usable() else "tcg"
+def detect_acceleration(accel: str | None = "auto") -> str:
+    """``"kvm"`` or ``"tcg"``: ``accel`` when it names one, else ``"kvm"`` when KVM really
+    works here (``kvm_usable``)."""
+    return "kvm" if kvm_usable(forced=accel) else "tcg"
+
+
+def accel_choice(value: str | None) -> str:
+    """``value`` normalised to one of ``ACCEL_CHOICES`` (``None``/``""`` = ``"auto"``);
+    ``ValueError`` for anything else."""
+    choice = (value or "auto").strip().lower()
+    if choice not in ACCEL_CHOICES:
+        raise ValueError(f"acceleration must be one of {', '.join(ACCEL_CHOICES)}, not {value!r}")
+    return choice
 
 
 def host_tsc_khz() -> int:

@@ -12,6 +12,11 @@ Devices (microvm has virtio-mmio only, no hotplug):
 - root disk: ``overlay.qcow2`` (backing file = raw base image) on virtio-blk;
 - guest agent: virtio-serial port ``org.microvm_sandbox.agent.0`` on ``agent.sock``;
 - QMP on ``qmp.sock``; optional NIC on a pre-created tap device.
+
+Capabilities (``QemuDriver.capabilities``): no CPU/memory/NIC hotplug (a resize needs a
+restart), snapshots with or without guest memory, and a snapshot freezes the overlay as a
+shared backing layer (``vms.vmm.snapshot``); the agent is reached over virtio-serial.
+Settings arrive as constructor arguments (``accel``, binaries), never from the environment.
 """
 
 from __future__ import annotations
@@ -24,9 +29,12 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .base import (
+    AgentTransport,
+    Driver,
+    DriverCapabilities,
     LaunchResult,
     RuntimeState,
     VmmError,
@@ -38,6 +46,7 @@ from .base import (
     VmSpec,
 )
 from .process import (
+    accel_choice,
     detect_acceleration,
     host_tsc_khz,
     kill_vmm,
@@ -220,11 +229,23 @@ _STATUS_MAP = {
 }
 
 
+_CAPABILITIES = DriverCapabilities(
+    live_resize=False,
+    memory_hotplug_step_mib=0,
+    nic_hotplug=False,
+    memory_snapshot=True,
+    shared_disk_layers=True,
+    agent_transport=AgentTransport.VIRTIO_SERIAL,
+    disk_only_snapshot=True,
+)
+
+
 class QemuDriver:
     """``Driver`` implementation for QEMU ``microvm`` (TCG here, KVM where it really works).
 
-    ``binary``/``qemu_img`` may point to other executables; ``acceleration`` forces
-    ``"kvm"``/``"tcg"`` (default: detected per launch).
+    ``binary``/``qemu_img`` may point to other executables; ``accel`` is ``"auto"`` (KVM
+    when ``process.kvm_usable`` says it really works, detected per launch), ``"kvm"`` or
+    ``"tcg"`` (the ``SANDBOX_ACCEL`` setting). ``ValueError`` for another value.
     """
 
     name = "qemu"
@@ -234,11 +255,15 @@ class QemuDriver:
         *,
         binary: str = QEMU_BINARY,
         qemu_img: str = QEMU_IMG,
-        acceleration: str | None = None,
+        accel: str = "auto",
     ) -> None:
         self.binary = binary
         self.qemu_img = qemu_img
-        self.acceleration = acceleration
+        self.accel = accel_choice(accel)
+
+    def capabilities(self) -> DriverCapabilities:
+        """No hotplug of any kind on microvm; memory and disk-only snapshots; shared layers."""
+        return _CAPABILITIES
 
     # ----- paths -------------------------------------------------------------------
 
@@ -376,7 +401,7 @@ class QemuDriver:
         returned. Does not wait for the guest agent (see ``agent_client.wait_for_agent``).
         """
         existing = running_vmm_pid(spec.runtime_dir)
-        accel = self.acceleration or detect_acceleration()
+        accel = detect_acceleration(self.accel)
         if existing is not None:
             return LaunchResult(
                 pid=existing, driver=self.name, acceleration=accel, vmm_version=self._version_quiet(spec)
@@ -616,7 +641,7 @@ class QemuDriver:
                 "the VM's size differs from the snapshot's",
                 details={"snapshot": [meta.vcpus, meta.memory_mib], "vm": [spec.vcpus, spec.memory_mib]},
             )
-        accel = self.acceleration or detect_acceleration()
+        accel = detect_acceleration(self.accel)
         if meta.include_memory:
             here = self.version()
             if meta.vmm_version and here and meta.vmm_version.split(".")[:2] != here.split(".")[:2]:
@@ -811,3 +836,7 @@ def _qcow2_virtual_size(path: Path) -> int:
     if len(header) < 32 or header[:4] != b"QFI\xfb":
         raise VmmError(f"not a qcow2 image: {path}")
     return int.from_bytes(header[24:32], "big")
+
+
+if TYPE_CHECKING:  # mypy proves that QemuDriver fulfils the Driver contract
+    _CONTRACT_CHECK: type[Driver] = QemuDriver

@@ -12,6 +12,8 @@ A snapshot is one directory:
 Files of a snapshot never change after it is taken: later layers are created *on top* of
 ``disk.qcow2`` (copy-on-write), so a checksum taken once stays valid, and the sha256 of
 ``manifest.json`` (kept by the caller, e.g. in a database) protects the manifest itself.
+The one exception is deleting a layer that others build on: ``layer_rebase`` merges it
+into its one dependent (whose manifest the caller then rewrites).
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ import hashlib
 import json
 import os
 import struct
+import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .base import VmmError
+from .base import VmmError, VmmTimeout
 
 META_FILE = "snapshot.json"
 MANIFEST_FILE = "manifest.json"
@@ -34,6 +37,8 @@ MANIFEST_VERSION = 1
 _HASH_CHUNK = 1 << 20
 _QCOW2_MAGIC = b"QFI\xfb"
 _MAX_CHAIN = 256  # a backing chain longer than this is treated as a loop
+QEMU_IMG = "qemu-img"
+REBASE_TIMEOUT = 3600.0  # copies up to a whole layer's worth of clusters
 
 
 class SnapshotIntegrityError(VmmError):
@@ -208,3 +213,30 @@ def backing_chain(path: Path) -> list[str]:
         chain.append(str(resolved))
         current = resolved
     raise VmmError(f"backing chain of {path} is too long (loop?)")
+
+
+def layer_rebase(
+    image: Path, new_backing: Path | None, *, qemu_img: str = QEMU_IMG, timeout: float = REBASE_TIMEOUT
+) -> None:
+    """Put the qcow2 ``image`` on ``new_backing`` (``None``: no backing file) without changing
+    its content: a safe ``qemu-img rebase`` first copies into ``image`` every cluster that
+    differs between the old and the new backing chain. Used to merge a snapshot layer into
+    its one dependent before the layer is deleted. ``image`` must not be open in a running
+    VMM. Raises ``VmmError`` (``details["stderr"]``) or ``VmmTimeout`` after ``timeout``."""
+    argv = [qemu_img, "rebase", "-q", "-f", "qcow2"]
+    if new_backing is None:
+        argv += ["-b", "", str(image)]
+    else:
+        fmt = "qcow2" if new_backing.name.endswith(".qcow2") else "raw"
+        argv += ["-b", str(new_backing), "-F", fmt, str(image)]
+    try:
+        subprocess.run(argv, check=True, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)  # noqa: S603
+    except subprocess.CalledProcessError as exc:
+        raise VmmError(
+            "merging the snapshot layer failed",
+            details={"image": str(image), "stderr": exc.stderr.decode("utf-8", "replace")},
+        ) from exc
+    except subprocess.TimeoutExpired as exc:
+        raise VmmTimeout(f"merging the snapshot layer did not finish within {timeout:.0f}s") from exc
+    except OSError as exc:
+        raise VmmError(f"cannot run {qemu_img}: {exc}") from exc
