@@ -29,6 +29,9 @@ from vms.vmm.image import build_image  # noqa: E402
 from vms.vmm.process import detect_acceleration  # noqa: E402
 from vms.vmm.qemu import QemuDriver  # noqa: E402
 
+# Like the SANDBOX_ACCEL setting of the site: auto | kvm | tcg (the driver takes it as an argument).
+ACCEL = os.environ.get("SANDBOX_ACCEL", "auto")
+
 
 def _stats(samples: list[float]) -> dict[str, float]:
     ordered = sorted(samples)
@@ -44,8 +47,8 @@ def _stats(samples: list[float]) -> dict[str, float]:
 
 def bare_vmm(image, runs: int, memory_mib: int) -> list[float]:
     """The same command line the driver uses, spawned directly: the floor for (b)."""
-    driver = QemuDriver()
-    accel = detect_acceleration()
+    driver = QemuDriver(accel=ACCEL)
+    accel = detect_acceleration(ACCEL)
     times = []
     for _ in range(runs):
         rt = Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp"))
@@ -107,7 +110,7 @@ def main() -> None:
         json.dumps(
             {
                 "benchmark": "boot",
-                "acceleration": detect_acceleration(),
+                "acceleration": detect_acceleration(ACCEL),
                 "memory_mib": 128,
                 "bare_vmm_to_agent": a,
                 "api_to_running": b,

@@ -32,6 +32,9 @@ from vms.vmm.process import detect_acceleration  # noqa: E402
 from vms.vmm.qemu import QemuDriver  # noqa: E402
 from vms.vmm.snapshot import disk_usage, manifest_verify, manifest_write  # noqa: E402
 
+# Like the SANDBOX_ACCEL setting of the site: auto | kvm | tcg (the driver takes it as an argument).
+ACCEL = os.environ.get("SANDBOX_ACCEL", "auto")
+
 SERIAL = AgentTransport.VIRTIO_SERIAL
 
 
@@ -47,7 +50,7 @@ def main() -> int:
     args = parser.parse_args()
 
     image = build_image(Path(args.image_dir))
-    driver = QemuDriver()
+    driver = QemuDriver(accel=ACCEL)
     root = Path(tempfile.mkdtemp(prefix="bsnap-", dir="/tmp"))
     results: dict[str, list[float]] = {k: [] for k in ("cold", "snapshot", "pause", "restore", "clone")}
     sizes: list[int] = []
@@ -121,7 +124,7 @@ def main() -> int:
     out = {
         "benchmark": "snapshot",
         "driver": "qemu",
-        "acceleration": detect_acceleration(),
+        "acceleration": detect_acceleration(ACCEL),
         "memory_mib": args.memory_mib,
         "runs": args.runs,
         "cold_boot_to_agent_s": _median(results["cold"]),

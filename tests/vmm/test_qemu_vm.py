@@ -17,6 +17,8 @@ from vms.vmm.base import RuntimeState, VmmNotRunning, VmmUnsupported, VmSpec
 from vms.vmm.process import read_pid
 from vms.vmm.qemu import QemuDriver
 
+from .test_process_detach import _children, _wait_dead, _zombie_children
+
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
 
 SERIAL = AgentTransport.VIRTIO_SERIAL
@@ -145,9 +147,13 @@ def test_graceful_shutdown_then_cleanup_leaves_nothing(
 
 def test_kill_9_of_the_vmm_is_seen_as_gone(driver: QemuDriver, make_spec: Callable[..., VmSpec]) -> None:
     spec = make_spec("kill9")
+    before = _children(os.getpid())
     result = driver.launch(spec)
     assert driver.info(spec).state in (RuntimeState.RUNNING, RuntimeState.CREATED)
+    assert result.pid not in _children(os.getpid())  # detached: not a child of the launcher
     os.kill(result.pid, signal.SIGKILL)
+    _wait_dead(result.pid)
+    assert _zombie_children(os.getpid()) - before == set()  # no defunct qemu-system-x86 here
     deadline = time.monotonic() + 10
     while driver.info(spec).state != RuntimeState.GONE:
         assert time.monotonic() < deadline

@@ -1,7 +1,9 @@
 """Driver interface shared by every VMM driver.
 
-This package imports nothing from Django: configuration comes in as arguments
-(a ``VmSpec``) and results go out as plain dataclasses, so it can be tested alone.
+This package imports nothing from Django and reads no environment variables: configuration
+comes in as arguments (driver constructor arguments such as ``accel``, and a ``VmSpec``) and
+results go out as plain dataclasses, so it can be tested alone. Callers branch on
+``Driver.capabilities()``, never on driver names.
 
 Runtime directory layout (one directory per VM, created by ``Driver.prepare``):
 
@@ -158,7 +160,8 @@ class Driver(Protocol):
         """Create the runtime directory and the copy-on-write overlay. Idempotent."""
 
     def launch(self, spec: VmSpec, *, timeout: float = 30.0) -> LaunchResult:
-        """Spawn the VMM in its own session (stdin closed) and boot the VM."""
+        """Spawn the VMM detached (``process.spawn_detached``: own session, stdin closed, not a
+        child of the calling process) and boot the VM."""
 
     def info(self, spec: VmSpec, *, timeout: float = 5.0) -> VmRuntimeInfo:
         """What the VMM reports now; ``GONE`` when no VMM process runs."""
