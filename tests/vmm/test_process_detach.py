@@ -125,6 +125,17 @@ def test_the_vmm_gets_the_environment_and_directory_it_is_given(tmp_path: Path) 
     assert value == "yes" and int(count) <= 2 and Path(cwd) == tmp_path  # (LC_CTYPE may be added)
 
 
+def test_the_vmm_starts_with_default_signal_dispositions(tmp_path: Path) -> None:
+    # sh (not Python, which ignores SIGPIPE itself), with the runtime dir as its $0.
+    pid = spawn_detached(["sh", "-c", "sleep 30", str(tmp_path)], tmp_path)
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        ignored = int(next(line for line in status.splitlines() if line.startswith("SigIgn:")).split()[1], 16)
+        assert ignored & (1 << (13 - 1)) == 0  # SIGPIPE (Python ignores it; the VMM must not inherit that)
+    finally:
+        kill_vmm(pid, tmp_path, term_timeout=2)
+
+
 def test_acceleration_comes_from_an_argument_not_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SANDBOX_ACCEL", "kvm")  # ignored: settings arrive as arguments
     assert detect_acceleration("tcg") == "tcg" and kvm_usable(forced="tcg") is False

@@ -52,7 +52,7 @@ _LAUNCHER_EXIT_TIMEOUT = 5.0
 # the exec's errno (``E<errno>``), on the report pipe and exits, so the VMM is never a child
 # of the calling process.
 _LAUNCHER = r"""
-import os, sys
+import os, signal, sys
 report = int(sys.argv[1])
 argv = sys.argv[2:]
 os.set_inheritable(report, False)
@@ -61,6 +61,9 @@ pid = os.fork()
 if pid == 0:
     os.close(status_r)
     try:
+        # Python ignores these at start-up; the VMM gets the defaults (as subprocess does).
+        for name in ("SIGPIPE", "SIGXFSZ"):
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
         os.setsid()
         os.execvp(argv[0], argv)
     except OSError as exc:
