@@ -57,30 +57,7 @@ def _lineage_set(vm: VM, snapshot: Snapshot) -> None:
 
 
 def _take(driver, spec: VmSpec, dest: Path, snapshot: Snapshot) -> SnapshotMeta:
-    if driver.name == "qemu":
-        return driver.snapshot(spec, dest, include_memory=snapshot.include_memory)
-    # cloud-hypervisor: its own snapshot (always with memory) plus a copy of the overlay,
-    # both made while the VM is paused; no shared layer.
-    started = time.monotonic()
-    result = driver.snapshot(spec, dest, copy_disk=True)
-    elapsed = int((time.monotonic() - started) * 1000)
-    meta = SnapshotMeta(
-        driver=driver.name,
-        vmm_version=result.vmm_version,
-        vm_id=spec.vm_id,
-        include_memory=True,
-        vcpus=spec.vcpus,
-        memory_mib=spec.memory_mib,
-        disk_gib=spec.disk_gib,
-        disk_layer="overlay.qcow2",
-        state_file="state.json",
-        backing_chain=[],
-        pause_ms=elapsed,
-        total_ms=elapsed,
-        created_unix=time.time(),
-    )
-    meta.write(dest)
-    return meta
+    return driver.snapshot(spec, dest, include_memory=snapshot.include_memory)
 
 
 def snapshot_take(op: Operation, vm: VM) -> None:

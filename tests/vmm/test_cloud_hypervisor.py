@@ -9,18 +9,28 @@ import os
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from vms.vmm.base import RuntimeState, VmmError, VmmNotRunning, VmmStateError, VmmTimeout, VmmUnsupported, VmSpec
+from vms.vmm.agent_client import AgentConnection
+from vms.vmm.base import (
+    AgentTransport,
+    RuntimeState,
+    VmmError,
+    VmmInvalidRequest,
+    VmmNotRunning,
+    VmmStateError,
+    VmmTimeout,
+    VmSpec,
+)
 from vms.vmm.cloud_hypervisor import (
     MIB,
     ChApiClient,
@@ -32,6 +42,7 @@ from vms.vmm.cloud_hypervisor import (
     cloud_hypervisor_available,
     event_to_state,
 )
+from vms.vmm.snapshot import SnapshotMeta
 
 HERE = Path(__file__).resolve().parent
 FAKE = HERE / "fake_cloud_hypervisor.py"
@@ -138,22 +149,10 @@ def vm_config(spec: VmSpec) -> dict[str, object]:
     return build_vm_config(spec)
 
 
-def agent_ping(path: Path, req_id: int = 1, timeout: float = 5.0) -> dict[str, object]:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(str(path))
-        sock.sendall(b"CONNECT 1024\n")
-        line = b""
-        while not line.endswith(b"\n"):
-            chunk = sock.recv(1)
-            assert chunk, "vsock connection closed before OK"
-            line += chunk
-        assert line == b"OK 1024\n"
-        data = json.dumps({"v": 1, "id": req_id, "op": "ping"}).encode()
-        sock.sendall(struct.pack(">I", len(data)) + data)
-        (length,) = struct.unpack(">I", sock.recv(4, socket.MSG_WAITALL))
-        answer: dict[str, object] = json.loads(sock.recv(length, socket.MSG_WAITALL))
-        return answer
+def agent_ping(path: Path, timeout: float = 10.0) -> dict[str, Any]:
+    """Hybrid vsock handshake, then protocol v2 hello + ping (vms.vmm.agent_client)."""
+    with AgentConnection.open(path, AgentTransport.HYBRID_VSOCK, timeout=timeout) as conn:
+        return conn.ping(timeout=timeout)
 
 
 def pid_gone(pid: int) -> bool:
@@ -327,7 +326,7 @@ def test_every_client_method_sends_a_body_the_spec_accepts(
     api.vm_boot()
     vsock = api.vm_add_vsock({"cid": 4, "socket": str(short_dir / "added.sock")})
     assert vsock is not None
-    assert agent_ping(short_dir / "added.sock")["ok"] is True
+    assert agent_ping(short_dir / "added.sock")["protocol"] == 2
     api.vm_delete()
 
     # Restore into this (now empty) VMM: config.json names the serial/vsock sockets that are
@@ -369,8 +368,10 @@ def test_wrong_state_calls_are_refused(fake: FakeVmm, spec: VmSpec) -> None:
     api.vm_pause()
     with pytest.raises(VmmStateError):
         api.vm_pause()
+    api.vm_delete()
+    api.vm_create(vm_config(spec))
     with pytest.raises(VmmStateError):
-        api.vm_power_button()
+        api.vm_power_button()  # not booted: refused
 
 
 def test_snapshot_while_running_is_refused(fake: FakeVmm, spec: VmSpec, short_dir: Path) -> None:
@@ -456,8 +457,8 @@ def test_full_lifecycle_against_the_fake(
     assert os.readlink(f"/proc/{launched.pid}/fd/0") == "/dev/null"
 
     # The guest agent answers over hybrid vsock; the serial port answers on its socket.
-    answer = agent_ping(rt / "agent.sock", req_id=7)
-    assert answer["id"] == 7 and answer["ok"] is True
+    answer = agent_ping(rt / "agent.sock")
+    assert answer["protocol"] == 2 and answer["boot_id"]
     with socket.socket(socket.AF_UNIX) as serial:
         serial.settimeout(5)
         serial.connect(str(rt / "serial.sock"))
@@ -473,11 +474,11 @@ def test_full_lifecycle_against_the_fake(
     driver.resize(spec, vcpus=2, memory_mib=384)
     info = driver.info(spec)
     assert (info.vcpus, info.memory_mib) == (2, 384)
-    with pytest.raises(VmmUnsupported):
+    with pytest.raises(VmmInvalidRequest):
         driver.resize(spec, vcpus=3, memory_mib=None)
-    with pytest.raises(VmmUnsupported):
+    with pytest.raises(VmmInvalidRequest):
         driver.resize(spec, vcpus=None, memory_mib=1024)
-    with pytest.raises(VmmUnsupported):
+    with pytest.raises(VmmInvalidRequest):
         driver.resize(spec, vcpus=None, memory_mib=256)  # ACPI hotplug does not shrink
 
     counters = driver.counters(spec)
@@ -489,9 +490,11 @@ def test_full_lifecycle_against_the_fake(
     # Snapshot: paused around vm.snapshot, running afterwards, disk copied consistently.
     snap = short_dir / "snap1"
     result = driver.snapshot(spec, snap)
-    assert result.vmm_version == launched.vmm_version and result.disk_copied
+    assert result.vmm_version == launched.vmm_version and result.include_memory
+    assert (result.vcpus, result.memory_mib, result.state_file) == (2, 384, "state.json")
+    assert SnapshotMeta.read(snap) == result
     assert {p.name for p in snap.iterdir()} >= {
-        "config.json", "state.json", "memory-ranges", "overlay.qcow2", "microvm-snapshot.json",
+        "config.json", "state.json", "memory-ranges", "overlay.qcow2", "snapshot.json",
     }  # fmt: skip
     assert driver.info(spec).state is RuntimeState.RUNNING
 
@@ -505,7 +508,7 @@ def test_full_lifecycle_against_the_fake(
     assert config["serial"]["socket"] == str(clone.runtime_dir / "serial.sock")  # type: ignore[index]
     assert config["vsock"]["socket"] == str(clone.runtime_dir / "agent.sock")  # type: ignore[index]
     assert config["disks"][0]["path"] == str(clone.runtime_dir / "overlay.qcow2")  # type: ignore[index]
-    assert agent_ping(clone.runtime_dir / "agent.sock")["ok"] is True
+    assert agent_ping(clone.runtime_dir / "agent.sock")["protocol"] == 2
     with pytest.raises(VmmStateError):
         driver.restore(clone, snap)  # a VMM already runs there
 
