@@ -937,7 +937,7 @@ def _kv(value: str | None, key: str) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cloud-hypervisor (fake)")
-    parser.add_argument("--api-socket", required=True)
+    parser.add_argument("--api-socket")
     parser.add_argument("--event-monitor")
     parser.add_argument("--log-file")
     parser.add_argument("--seccomp", default="true")
@@ -950,7 +950,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cloud-hypervisor {VERSION}")
         return 0
 
-    api_path = _kv(args.api_socket, "path")
+    api_path = _kv(args.api_socket, "path") if args.api_socket else None
     if not api_path:
         print("fake cloud-hypervisor: only --api-socket path=... is supported", file=sys.stderr)
         return 1
