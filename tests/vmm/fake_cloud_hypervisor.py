@@ -513,8 +513,9 @@ class FakeVmm:
         with self.lock:
             if self.state != "Running":
                 return
-            # With --no-shutdown the VMM stays and tidies up; otherwise it exits leaving stale files.
-            self._close_sockets(remove_files=self.no_shutdown)
+            # The VM's socket files stay behind (with or without --no-shutdown): booting again
+            # in this VMM fails with "Address already in use" unless the manager removes them.
+            self._close_sockets(remove_files=False)
             self._close_taps()
             self._set_state("Shutdown")
             self.events.emit("vm", "shutdown")

@@ -1017,6 +1017,10 @@ class CloudHypervisorDriver:
                     _write_atomic(paths.hotplugs, "0\n")
                     state = "Created"
                 if state in ("Created", "Shutdown"):
+                    # Nothing listens on the VM's sockets before boot; files a powered-off
+                    # guest left would fail the boot with "Address already in use".
+                    _unlink(paths.serial_socket)
+                    _unlink(paths.agent_socket)
                     api.vm_boot(timeout=max(1.0, deadline - time.monotonic()))
             except VmmError as exc:
                 details = dict(exc.details) if isinstance(exc.details, dict) else {"cause": exc.details}
