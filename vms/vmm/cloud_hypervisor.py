@@ -561,7 +561,9 @@ def read_recent_events(path: str | os.PathLike[str], *, max_bytes: int = RECENT_
 class GuestHistory:
     """What the event monitor tells about the guest since its VM last booted."""
 
-    powered_off: bool = False  # the guest shut itself down (vm shutdown without a vmm.shutdown)
+    # A "vm shutdown" event: the guest powered off (the VMM stays: --no-shutdown), or the VMM
+    # was told to stop while the VM ran.
+    powered_off: bool = False
     panic: str = ""  # the pvpanic event's ``event`` property ("panic", "crash_loaded") or "panic"
     reboots: int = 0  # reboots since the boot (guest- or API-initiated)
 
@@ -1039,8 +1041,10 @@ class CloudHypervisorDriver:
         paths = ChRuntimePaths(spec.runtime_dir)
         pid = self.vmm_pid(spec)
         if pid is None:
+            # The VMM died or was stopped: only a panic says something the caller cannot see.
             history = guest_history(read_recent_events(paths.events))
-            return VmRuntimeInfo(state=RuntimeState.GONE, pid=None, reason=history.reason)
+            reason = f"guest panic ({history.panic})" if history.panic else ""
+            return VmRuntimeInfo(state=RuntimeState.GONE, pid=None, reason=reason)
         with self._client(spec, timeout) as api:
             try:
                 data = api.vm_info(timeout=timeout)
