@@ -32,12 +32,13 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import httpx
 
 from vms.vmm.base import (
     AgentTransport,
+    Driver,
     DriverCapabilities,
     LaunchResult,
     RuntimeState,
@@ -1422,3 +1423,8 @@ def _copy_file(src: Path, dest: Path) -> None:
         _unlink(tmp)
         raise VmmError(f"cannot copy {src.name}: {exc}", details={"src": str(src), "dest": str(dest)}) from exc
     os.replace(tmp, dest)
+
+
+if TYPE_CHECKING:
+    # mypy checks that the driver satisfies the whole Driver protocol.
+    _conforms: Driver = CloudHypervisorDriver()
