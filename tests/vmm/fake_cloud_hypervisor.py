@@ -17,7 +17,7 @@ What it checks, so the driver cannot drift from the real binary:
   a shrink silently ignored (ACPI). Wrong-state calls answer 500 with an error chain worded
   like the real one ("VM is not running", "InvalidStateTransition(Running, Running)", ...).
 - Stale serial/vsock socket files make boot/restore fail with "Address already in use"; the
-  fake leaves its socket files behind when the process exits, like the real binary.
+  fake leaves its socket files behind when the process exits or the guest powers off.
 - A TAP is opened by one VMM at a time (flock'ed files in FAKE_CH_TAP_DIR): a restored clone
   that kept the original's TAP fails like the real binary.
 - Without ``--no-shutdown`` a guest power-off exits the VMM; with it the VM goes to
@@ -31,7 +31,9 @@ monitor file, counters, snapshot files (config.json, state.json, memory-ranges).
 
 Knobs (environment): FAKE_CH_OPENAPI (spec path), FAKE_CH_POWEROFF_DELAY (seconds between
 power button and guest power-off, default 0.2), FAKE_CH_IGNORE_POWER_BUTTON=1 (guest ignores
-ACPI), FAKE_CH_STRICT=0 (allow unknown properties like the real binary).
+ACPI), FAKE_CH_STRICT=0 (allow unknown properties like the real binary), FAKE_CH_TAP_DIR.
+
+The guest agent's exec requests run on THIS host, as the fake's user: tests send harmless ones.
 """
 
 from __future__ import annotations
