@@ -539,23 +539,18 @@ RECENT_EVENTS_BYTES = 64 * 1024
 
 
 def read_recent_events(path: str | os.PathLike[str], *, max_bytes: int = RECENT_EVENTS_BYTES) -> list[ChEvent]:
-    """The events of the last ``max_bytes`` of an event-monitor file (empty when missing).
+    """The events of the last ``max_bytes`` of an event-monitor file (empty when missing),
+    read with one ``EventMonitorReader.read`` from ``size - max_bytes``.
 
-    Bound: at most ``max_bytes`` are read, whatever the file's size. Overflow rule: older
-    events are not seen; a record cut by the window start is skipped (parsing starts after
-    the first record separator of the window)."""
+    Bound: at most ``max_bytes`` are read and buffered, whatever the file's size. Overflow
+    rule: older events are not seen; the record cut by the window's start does not parse and
+    is skipped (the parser resynchronises at the next blank line)."""
     try:
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            start = max(0, size - max_bytes)
-            fh.seek(start)
-            data = fh.read(max_bytes)
+        size = os.stat(path).st_size
     except OSError:
         return []
-    if start > 0:
-        cut = data.find(EventStreamParser.SEPARATOR)
-        data = data[cut + len(EventStreamParser.SEPARATOR) :] if cut >= 0 else b""
-    return EventStreamParser(max_buffer=max_bytes).feed(data)
+    reader = EventMonitorReader(path, offset=max(0, size - max_bytes), max_buffer=max_bytes, chunk_size=max_bytes)
+    return reader.read()
 
 
 @dataclass(frozen=True)
