@@ -4,11 +4,8 @@ into a second VMM with its own sockets, and an integrity refusal."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 
-from snapshots.lifecycle import _take
 from tests.vmm.test_cloud_hypervisor import driver, images, make_spec, short_dir  # noqa: F401 - fixtures
 from vms.vmm.base import RuntimeState
 from vms.vmm.snapshot import SnapshotIntegrityError, SnapshotMeta, manifest_verify, manifest_write
@@ -19,7 +16,7 @@ def test_cloud_hypervisor_snapshot_restore_and_integrity(driver, images, short_d
     driver.prepare(spec)
     driver.launch(spec, timeout=20)
     dest = short_dir / "snap"
-    meta = _take(driver, spec, dest, SimpleNamespace(include_memory=True))
+    meta = driver.snapshot(spec, dest, include_memory=True)
     assert meta.driver == "cloud-hypervisor" and meta.vmm_version
     assert driver.info(spec).state is RuntimeState.RUNNING  # resumed after the snapshot
     checksum = manifest_write(dest)

@@ -11,18 +11,29 @@ What it checks, so the driver cannot drift from the real binary:
   would hide typos), and OpenAPI integer formats (uint8, int16...) are range-checked.
   Failures answer 400 (404 unknown endpoint) with a CH-style JSON error chain.
 - CH's state rules: create only without a VM; boot needs Created; pause needs Running; resume
-  needs Paused; snapshot needs Paused; restore needs an empty VMM; resize within max vCPUs and
-  the memory hotplug size. Wrong-state calls answer 500 with an error chain, as the real one.
+  needs Paused; snapshot needs Paused; restore needs an empty VMM; the power button is refused
+  before boot and, pressed on a paused VM, is seen only after resume; resize within max vCPUs
+  and the memory hotplug size, memory grown in multiples of 128 MiB with at most 8 hot-adds,
+  a shrink silently ignored (ACPI). Wrong-state calls answer 500 with an error chain worded
+  like the real one ("VM is not running", "InvalidStateTransition(Running, Running)", ...).
 - Stale serial/vsock socket files make boot/restore fail with "Address already in use"; the
-  fake leaves its socket files behind when the process exits, like the real binary.
+  fake leaves its socket files behind when the process exits or the guest powers off.
+- A TAP is opened by one VMM at a time (flock'ed files in FAKE_CH_TAP_DIR): a restored clone
+  that kept the original's TAP fails like the real binary.
+- Without ``--no-shutdown`` a guest power-off exits the VMM; with it the VM goes to
+  ``Shutdown`` and the VMM stays.
 
-What it simulates: the serial port socket (banner, then echo), the hybrid vsock socket
-(``CONNECT 1024\\n`` -> ``OK 1024\\n``, then the guest agent's length-prefixed JSON ping), the
-event monitor file, counters, snapshot files (config.json, state.json, memory-ranges).
+What it simulates: the serial port socket (banner, echo; the lines ``poweroff``, ``reboot``
+and ``panic`` act as typed into the guest; ``panic`` emits the pvpanic event and reboots when
+the cmdline has ``panic=N``), the hybrid vsock socket (``CONNECT 1024\\n`` -> ``OK 1024\\n``,
+then the REAL guest agent's request handler, protocol v2, run in this process), the event
+monitor file, counters, snapshot files (config.json, state.json, memory-ranges).
 
 Knobs (environment): FAKE_CH_OPENAPI (spec path), FAKE_CH_POWEROFF_DELAY (seconds between
 power button and guest power-off, default 0.2), FAKE_CH_IGNORE_POWER_BUTTON=1 (guest ignores
-ACPI), FAKE_CH_STRICT=0 (allow unknown properties like the real binary).
+ACPI), FAKE_CH_STRICT=0 (allow unknown properties like the real binary), FAKE_CH_TAP_DIR.
+
+The guest agent's exec requests run on THIS host, as the fake's user: tests send harmless ones.
 """
 
 from __future__ import annotations
@@ -30,12 +41,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import fcntl
 import http.server
+import importlib.util
 import json
 import os
+import queue
 import socket
 import socketserver
-import struct
 import sys
 import threading
 import time
@@ -50,7 +63,6 @@ import yaml
 VERSION = "v54.0-fake"
 AGENT_PORT = 1024
 MAX_BODY = 1024 * 1024
-MAX_AGENT_FRAME = 1024 * 1024
 
 _HERE = Path(__file__).resolve().parent
 _SPEC_CANDIDATES = [
@@ -189,14 +201,60 @@ def _listen(path: str) -> socket.socket:
     return sock
 
 
-def _recv_exact(conn: socket.socket, n: int) -> bytes | None:
-    data = b""
-    while len(data) < n:
-        chunk = conn.recv(n - len(data))
-        if not chunk:
-            return None
-        data += chunk
-    return data
+def _load_guest_agent() -> Any:
+    """The real guest agent module (guest_agents/linux/sandbox_agent.py, stdlib only)."""
+    path = _HERE.parents[1] / "guest_agents" / "linux" / "sandbox_agent.py"
+    spec = importlib.util.spec_from_file_location("fake_ch_sandbox_agent", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class GuestAgent:
+    """The real guest agent's request handler (``Agent``: protocol v2, exec, files) running
+    in this process on its own thread, as if it ran in the guest. Each accepted hybrid-vsock
+    connection becomes one agent stream (a socketpair), like an AF_VSOCK accept in the
+    guest. Its commands run on this host: tests must only run harmless ones."""
+
+    def __init__(self, boot_id: str) -> None:
+        module = _load_guest_agent()
+        self.agent = module.Agent(cgroup_root=None, reap_interval=0.05)
+        self.agent.boot_id = boot_id
+        self.max_connections = int(module.MAX_VSOCK_CONNECTIONS)
+        self._queue: queue.SimpleQueue[socket.socket] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # The agent's loop is single-threaded: new streams are handed over through a queue
+        # and adopted on the loop's own thread.
+        self.agent.loop.set_reader(self._wake_r, self._adopt)
+        threading.Thread(target=self._run, name="guest-agent", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            self.agent.loop.run_once()
+
+    def _adopt(self) -> None:
+        with contextlib.suppress(OSError):
+            os.read(self._wake_r, 4096)
+        while True:
+            try:
+                sock = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if sum(1 for c in self.agent.conns if c.kind == "vsock") >= self.max_connections:
+                sock.close()  # the real agent refuses connections beyond its bound
+                continue
+            self.agent.add_stream(sock)
+
+    def set_boot_id(self, boot_id: str) -> None:
+        self.agent.boot_id = boot_id
+
+    def connect(self) -> socket.socket:
+        """A new guest-side connection to the agent's port; returns the host end."""
+        host, guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._queue.put(guest)
+        os.write(self._wake_w, b"x")
+        return host
 
 
 class FakeVmm:
@@ -216,6 +274,10 @@ class FakeVmm:
         self.conns: list[socket.socket] = []
         self.socket_files: list[str] = []
         self.next_bdf = 6
+        self.agent: GuestAgent | None = None
+        self.pending_power_button = False
+        self.hotplug_slots = 0  # ACPI memory hot-adds since the VM was created (CH has 8)
+        self.tap_locks: list[int] = []
 
     # -- sockets ----------------------------------------------------------------------------
 
@@ -282,12 +344,37 @@ class FakeVmm:
             conn.close()
 
     def _serve_serial(self, conn: socket.socket) -> None:
+        """A guest shell on the serial port: echoes input; the lines ``poweroff``, ``reboot``
+        and ``panic`` make the fake guest do that (like typing them into the real guest)."""
         conn.sendall(b"fake guest: serial console\r\nlogin: ")
+        line = b""
         while True:
             data = conn.recv(4096)
             if not data:
                 return
             conn.sendall(data)
+            line = (line + data)[-256:]
+            while b"\n" in line:
+                command, line = line.split(b"\n", 1)
+                self._guest_command(command.strip().decode(errors="replace"))
+
+    def _guest_command(self, command: str) -> None:
+        if command == "poweroff":
+            threading.Thread(target=self._guest_poweroff, daemon=True).start()
+        elif command == "reboot":
+            with self.lock:
+                if self.state == "Running":
+                    self._reboot_guest()
+        elif command == "panic":
+            with self.lock:
+                if self.state != "Running":
+                    return
+                if (self.config or {}).get("pvpanic"):
+                    self.events.emit("guest", "panic", {"event": "panic"})
+                cmdline = ((self.config or {}).get("payload") or {}).get("cmdline") or ""
+                # Linux reboots after a panic when booted with panic=<n> (n != 0); else it hangs.
+                if any(arg.startswith("panic=") and arg != "panic=0" for arg in cmdline.split()):
+                    self._reboot_guest()
 
     def _serve_vsock(self, conn: socket.socket) -> None:
         line = b""
@@ -299,38 +386,38 @@ class FakeVmm:
         parts = line.decode(errors="replace").split()
         if len(parts) != 2 or parts[0] != "CONNECT" or parts[1] != str(AGENT_PORT):
             return  # nobody listens on that guest port: the real VMM closes the connection
-        conn.sendall(f"OK {AGENT_PORT}\n".encode())
-        while True:
-            header = _recv_exact(conn, 4)
-            if header is None:
+        with self.cond:
+            # A paused guest accepts nothing until it is resumed.
+            self.cond.wait_for(lambda: self.state != "Paused")
+            if self.state != "Running" or self.agent is None:
                 return
-            (length,) = struct.unpack(">I", header)
-            if length > MAX_AGENT_FRAME:
-                return
-            payload = _recv_exact(conn, length)
-            if payload is None:
-                return
-            with self.cond:
-                # A paused guest does not answer until it is resumed.
-                self.cond.wait_for(lambda: self.state != "Paused")
-                if self.state != "Running":
-                    return
-                boot_id, uptime = self.boot_id, time.monotonic() - self.booted_at
-            answer = self._agent_answer(payload, boot_id, uptime)
-            data = json.dumps(answer).encode()
-            conn.sendall(struct.pack(">I", len(data)) + data)
-
-    def _agent_answer(self, payload: bytes, boot_id: str, uptime: float) -> dict[str, Any]:
+            guest = self.agent.connect()
         try:
-            request = json.loads(payload)
-            req_id = request.get("id")
-            op = request.get("op")
-        except (ValueError, AttributeError):
-            return {"v": 1, "id": None, "ok": False, "error": {"code": "bad_request", "message": "invalid JSON"}}
-        if op == "ping":
-            result = {"agent_version": "fake", "boot_id": boot_id, "uptime_s": round(uptime, 3), "hostname": "fake"}
-            return {"v": 1, "id": req_id, "ok": True, "result": result}
-        return {"v": 1, "id": req_id, "ok": False, "error": {"code": "unknown_op", "message": f"unknown op {op!r}"}}
+            conn.sendall(f"OK {AGENT_PORT}\n".encode())
+            back = threading.Thread(target=self._relay, args=(guest, conn), daemon=True)
+            back.start()
+            self._relay(conn, guest)
+            back.join(5)
+        finally:
+            guest.close()
+
+    def _relay(self, src: socket.socket, dst: socket.socket) -> None:
+        """Copy bytes one way while the guest runs (a paused guest moves nothing)."""
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                with self.cond:
+                    self.cond.wait_for(lambda: self.state != "Paused")
+                    if self.state != "Running":
+                        break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     # -- state helpers ----------------------------------------------------------------------
 
@@ -358,9 +445,56 @@ class FakeVmm:
 
     def _start_guest(self, chain_head: str) -> None:
         self._check_files(chain_head)
-        self._open_sockets(chain_head)
+        self._open_taps(chain_head)
+        try:
+            self._open_sockets(chain_head)
+        except ApiError:
+            self._close_taps()
+            raise
         self.boot_id = str(uuid.uuid4())
         self.booted_at = time.monotonic()
+        self.pending_power_button = False
+        if self.config and self.config.get("vsock"):
+            if self.agent is None:
+                self.agent = GuestAgent(self.boot_id)
+            self.agent.set_boot_id(self.boot_id)
+
+    def _open_taps(self, chain_head: str) -> None:
+        """Like TUNSETIFF on a TAP another VMM holds (EBUSY): two fakes never share a TAP.
+        Host-wide through flock'ed files in FAKE_CH_TAP_DIR (default /tmp/fake-ch-taps)."""
+        assert self.config is not None
+        tap_dir = Path(os.environ.get("FAKE_CH_TAP_DIR", "/tmp/fake-ch-taps"))
+        tap_dir.mkdir(parents=True, exist_ok=True)
+        for net in self.config.get("net") or []:
+            tap = net.get("tap")
+            if not tap:
+                continue
+            fd = os.open(tap_dir / tap, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                self._close_taps()
+                raise ApiError(
+                    500, chain_head, f"Error creating TAP device {tap}", "Device or resource busy (os error 16)"
+                ) from exc
+            self.tap_locks.append(fd)
+
+    def _close_taps(self) -> None:
+        for fd in self.tap_locks:
+            os.close(fd)
+        self.tap_locks = []
+
+    def _reboot_guest(self) -> None:
+        self.events.emit("vm", "rebooting")
+        for conn in self.conns:  # the guest agent restarts with the guest
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        self.boot_id = str(uuid.uuid4())
+        self.booted_at = time.monotonic()
+        if self.agent is not None:
+            self.agent.set_boot_id(self.boot_id)
+        self.events.emit("vm", "rebooted")
 
     def _memory_total(self) -> int:
         assert self.config is not None
@@ -381,8 +515,10 @@ class FakeVmm:
         with self.lock:
             if self.state != "Running":
                 return
-            # With --no-shutdown the VMM stays and tidies up; otherwise it exits leaving stale files.
-            self._close_sockets(remove_files=self.no_shutdown)
+            # The VM's socket files stay behind (with or without --no-shutdown): booting again
+            # in this VMM fails with "Address already in use" unless the manager removes them.
+            self._close_sockets(remove_files=False)
+            self._close_taps()
             self._set_state("Shutdown")
             self.events.emit("vm", "shutdown")
         if not self.no_shutdown:
@@ -419,6 +555,7 @@ class FakeVmm:
         if config.get("vsock") and int(config["vsock"]["cid"]) < 3:
             raise ApiError(400, head, "Invalid vsock CID")
         self.config = config
+        self.hotplug_slots = 0
         self._set_state("Created")
         return 204, None
 
@@ -426,6 +563,7 @@ class FakeVmm:
         if self.config is None:
             return 204, None
         self._close_sockets(remove_files=True)
+        self._close_taps()
         self.config = None
         self._set_state(None)
         self.events.emit("vm", "deleted")
@@ -435,7 +573,8 @@ class FakeVmm:
         head = "The VM could not boot"
         self._need_vm(head)
         if self.state not in ("Created", "Shutdown"):
-            raise ApiError(500, head, f"Invalid VM state transition: {self.state} to Running")
+            # Debug-formatted like older releases of the real binary.
+            raise ApiError(500, head, f"InvalidStateTransition({self.state}, Running)")
         self.events.emit("vm", "booting")
         self._start_guest(head)
         self._set_state("Running")
@@ -474,8 +613,10 @@ class FakeVmm:
 
     def _simple_transition(self, head: str, need: str, new: str, before: str, after: str) -> tuple[int, Any]:
         self._need_vm(head)
+        if self.state in ("Created", "Shutdown"):
+            raise ApiError(500, head, "VM is not running")  # no booted VM object
         if self.state != need:
-            raise ApiError(500, head, f"VM is not {need.lower()}")
+            raise ApiError(500, head, f"InvalidStateTransition({self.state}, {new})")
         self.events.emit("vm", before)
         self._set_state(new)
         self.events.emit("vm", after)
@@ -485,32 +626,38 @@ class FakeVmm:
         return self._simple_transition("The VM could not be paused", "Running", "Paused", "pausing", "paused")
 
     def ep_vm_resume(self, body: Any) -> tuple[int, Any]:
-        return self._simple_transition("The VM could not be resumed", "Paused", "Running", "resuming", "resumed")
+        result = self._simple_transition("The VM could not be resumed", "Paused", "Running", "resuming", "resumed")
+        if self.pending_power_button:
+            # An ACPI button pressed while the vCPUs were stopped is seen now.
+            self.pending_power_button = False
+            self._schedule_poweroff()
+        return result
 
     def ep_vm_reboot(self, body: Any) -> tuple[int, Any]:
         head = "The VM could not reboot"
         self._need_vm(head)
         if self.state != "Running":
             raise ApiError(500, head, "VM is not running")
-        self.events.emit("vm", "rebooting")
-        for conn in self.conns:  # the guest agent restarts with the guest
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-        self.boot_id = str(uuid.uuid4())
-        self.booted_at = time.monotonic()
-        self.events.emit("vm", "rebooted")
+        self._reboot_guest()
         return 204, None
 
     def ep_vm_power_button(self, body: Any) -> tuple[int, Any]:
         head = "The VM could not be powered off"
         self._need_vm(head)
-        if self.state != "Running":
-            raise ApiError(500, head, "VM is not running")
+        if self.state not in ("Running", "Paused"):
+            raise ApiError(500, head, "VM is not running")  # not booted: refused
         self.events.emit("vm", "power-button")
+        if self.state == "Paused":
+            # Accepted like the real binary, but stopped vCPUs see nothing until resumed.
+            self.pending_power_button = True
+        else:
+            self._schedule_poweroff()
+        return 204, None
+
+    def _schedule_poweroff(self) -> None:
         if os.environ.get("FAKE_CH_IGNORE_POWER_BUTTON") != "1":
             delay = float(os.environ.get("FAKE_CH_POWEROFF_DELAY", "0.2"))
             threading.Timer(delay, self._guest_poweroff).start()
-        return 204, None
 
     def ep_vm_shutdown(self, body: Any) -> tuple[int, Any]:
         head = "The VM could not shut down"
@@ -519,6 +666,7 @@ class FakeVmm:
             raise ApiError(500, head, "VM is not running")
         self.events.emit("vm", "shutdown")
         self._close_sockets(remove_files=True)
+        self._close_taps()
         # The real binary drops the VM object and keeps the config: info says Created.
         self._set_state("Created")
         return 204, None
@@ -535,12 +683,20 @@ class FakeVmm:
             raise ApiError(
                 500, head, "Error resizing VM", f"Desired vCPUs {vcpus} exceed the maximum {cpus['max_vcpus']}"
             )
+        grow = 0
         if ram is not None:
             limit = memory["size"] + int(memory.get("hotplug_size") or 0)
             if ram > limit:
                 raise ApiError(500, head, "Error resizing VM", f"Desired RAM {ram} exceeds the hotplug limit {limit}")
-            if ram < self._memory_total():
-                raise ApiError(500, head, "Error resizing VM", "Memory cannot shrink with ACPI hotplug")
+            if ram <= self._memory_total():
+                ram = None  # ACPI hotplug: the real binary silently ignores a shrink
+            elif self.state == "Running":
+                grow = ram - self._memory_total()
+                # memory_manager.rs hotplug_ram_region: 8 slots, DIMMs of a multiple of 128 MiB.
+                if self.hotplug_slots >= 8:
+                    raise ApiError(500, head, "Error resizing VM", "Memory manager error: NoSlotAvailable")
+                if grow % (128 << 20):
+                    raise ApiError(500, head, "Error resizing VM", "Memory manager error: InvalidSize")
         if "desired_balloon" in body and not config.get("balloon"):
             raise ApiError(500, head, "Error resizing VM", "No balloon device")
         self.events.emit("vm", "resizing")
@@ -548,6 +704,8 @@ class FakeVmm:
             cpus["boot_vcpus"] = vcpus
         if ram is not None:
             memory["hotplugged_size"] = ram - memory["size"]
+            if grow:
+                self.hotplug_slots += 1
         self.events.emit("vm", "resized")
         return 204, None
 
@@ -619,7 +777,12 @@ class FakeVmm:
         dest = self._url_dir(body.get("destination_url") or "", head)
         self.events.emit("vm", "snapshotting")
         (dest / "config.json").write_text(json.dumps(config, indent=2))
-        state = {"fake": True, "boot_id": self.boot_id, "uptime_s": time.monotonic() - self.booted_at}
+        state = {
+            "fake": True,
+            "boot_id": self.boot_id,
+            "uptime_s": time.monotonic() - self.booted_at,
+            "hotplug_slots": self.hotplug_slots,
+        }
         (dest / "state.json").write_text(json.dumps(state))
         (dest / "memory-ranges").write_bytes(b"\0" * 4096)
         self.events.emit("vm", "snapshotted")
@@ -627,6 +790,8 @@ class FakeVmm:
 
     def restore_from(self, body: dict[str, Any], api: OpenApi) -> None:
         head = "The VM could not be restored"
+        if self.state in ("Running", "Paused"):
+            raise ApiError(500, head, "Cannot restore a VM while VM is running")
         if self.config is not None:
             raise ApiError(500, head, "VM is already created")
         src = self._url_dir(body.get("source_url") or "", head)
@@ -649,6 +814,9 @@ class FakeVmm:
             self.config = None
             raise
         self.boot_id = state.get("boot_id") or self.boot_id
+        self.hotplug_slots = int(state.get("hotplug_slots") or 0)
+        if self.agent is not None:
+            self.agent.set_boot_id(self.boot_id)
         self._set_state("Paused")
         self.events.emit("vm", "restored")
         if body.get("resume"):
@@ -772,7 +940,7 @@ def _kv(value: str | None, key: str) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cloud-hypervisor (fake)")
-    parser.add_argument("--api-socket", required=True)
+    parser.add_argument("--api-socket")
     parser.add_argument("--event-monitor")
     parser.add_argument("--log-file")
     parser.add_argument("--seccomp", default="true")
@@ -785,7 +953,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cloud-hypervisor {VERSION}")
         return 0
 
-    api_path = _kv(args.api_socket, "path")
+    api_path = _kv(args.api_socket, "path") if args.api_socket else None
     if not api_path:
         print("fake cloud-hypervisor: only --api-socket path=... is supported", file=sys.stderr)
         return 1

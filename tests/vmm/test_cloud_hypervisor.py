@@ -4,23 +4,35 @@ when one runs here). Run: ``pytest tests/vmm/test_cloud_hypervisor.py -p no:djan
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from vms.vmm.base import RuntimeState, VmmError, VmmNotRunning, VmmStateError, VmmTimeout, VmmUnsupported, VmSpec
+from vms.vmm.agent_client import AgentConnection
+from vms.vmm.base import (
+    AgentTransport,
+    DriverCapabilities,
+    RuntimeState,
+    VmmError,
+    VmmInvalidRequest,
+    VmmNotRunning,
+    VmmStateError,
+    VmmTimeout,
+    VmSpec,
+)
 from vms.vmm.cloud_hypervisor import (
     MIB,
     ChApiClient,
@@ -31,7 +43,10 @@ from vms.vmm.cloud_hypervisor import (
     build_vm_config,
     cloud_hypervisor_available,
     event_to_state,
+    guest_history,
+    read_recent_events,
 )
+from vms.vmm.snapshot import SnapshotMeta
 
 HERE = Path(__file__).resolve().parent
 FAKE = HERE / "fake_cloud_hypervisor.py"
@@ -138,22 +153,10 @@ def vm_config(spec: VmSpec) -> dict[str, object]:
     return build_vm_config(spec)
 
 
-def agent_ping(path: Path, req_id: int = 1, timeout: float = 5.0) -> dict[str, object]:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(str(path))
-        sock.sendall(b"CONNECT 1024\n")
-        line = b""
-        while not line.endswith(b"\n"):
-            chunk = sock.recv(1)
-            assert chunk, "vsock connection closed before OK"
-            line += chunk
-        assert line == b"OK 1024\n"
-        data = json.dumps({"v": 1, "id": req_id, "op": "ping"}).encode()
-        sock.sendall(struct.pack(">I", len(data)) + data)
-        (length,) = struct.unpack(">I", sock.recv(4, socket.MSG_WAITALL))
-        answer: dict[str, object] = json.loads(sock.recv(length, socket.MSG_WAITALL))
-        return answer
+def agent_ping(path: Path, timeout: float = 10.0) -> dict[str, Any]:
+    """Hybrid vsock handshake, then protocol v2 hello + ping (vms.vmm.agent_client)."""
+    with AgentConnection.open(path, AgentTransport.HYBRID_VSOCK, timeout=timeout) as conn:
+        return conn.ping(timeout=timeout)
 
 
 def pid_gone(pid: int) -> bool:
@@ -201,6 +204,29 @@ def test_it_maps_404_not_created_and_405_to_state_error() -> None:
         _raise_for_response("vm.pause", response(405))
     with pytest.raises(VmmStateError):
         _raise_for_response("vm.resize", response(429))
+
+
+@pytest.mark.parametrize(
+    "chain",
+    [
+        ["Error from API", "The VM could not boot", "InvalidStateTransition(Running, Running)"],
+        ["Error from API", "The VM could not be paused", "InvalidStateTransition(Paused, Paused)"],
+        ["Error from API", "The VM could not be restored", "Cannot restore a VM while VM is running"],
+        ["Error from API", "The VM could not be resized", "VmNotRunning"],
+        ["Error from API", "The VM could not be paused", "VM is not running"],
+    ],
+)
+def test_it_maps_every_state_error_text_of_the_real_binary_to_state_error(chain: list[str]) -> None:
+    with pytest.raises(VmmStateError) as caught:
+        _raise_for_response("vm.boot", response(500, chain))
+    assert caught.value.details["chain"] == chain  # type: ignore[index]
+
+
+def test_it_maps_a_resize_the_vmm_cannot_do_to_invalid_request() -> None:
+    for cause in ("Memory manager error: InvalidSize", "Memory manager error: NoSlotAvailable"):
+        chain = ["Error from API", "The VM could not be resized", "Error resizing VM", cause]
+        with pytest.raises(VmmInvalidRequest, match=cause.rsplit(" ", 1)[-1]):
+            _raise_for_response("vm.resize", response(500, chain))
 
 
 def test_it_accepts_200_and_204_for_vmm_shutdown() -> None:
@@ -327,7 +353,7 @@ def test_every_client_method_sends_a_body_the_spec_accepts(
     api.vm_boot()
     vsock = api.vm_add_vsock({"cid": 4, "socket": str(short_dir / "added.sock")})
     assert vsock is not None
-    assert agent_ping(short_dir / "added.sock")["ok"] is True
+    assert agent_ping(short_dir / "added.sock")["protocol"] == 2
     api.vm_delete()
 
     # Restore into this (now empty) VMM: config.json names the serial/vsock sockets that are
@@ -369,8 +395,10 @@ def test_wrong_state_calls_are_refused(fake: FakeVmm, spec: VmSpec) -> None:
     api.vm_pause()
     with pytest.raises(VmmStateError):
         api.vm_pause()
+    api.vm_delete()
+    api.vm_create(vm_config(spec))
     with pytest.raises(VmmStateError):
-        api.vm_power_button()
+        api.vm_power_button()  # not booted: refused
 
 
 def test_snapshot_while_running_is_refused(fake: FakeVmm, spec: VmSpec, short_dir: Path) -> None:
@@ -456,8 +484,8 @@ def test_full_lifecycle_against_the_fake(
     assert os.readlink(f"/proc/{launched.pid}/fd/0") == "/dev/null"
 
     # The guest agent answers over hybrid vsock; the serial port answers on its socket.
-    answer = agent_ping(rt / "agent.sock", req_id=7)
-    assert answer["id"] == 7 and answer["ok"] is True
+    answer = agent_ping(rt / "agent.sock")
+    assert answer["protocol"] == 2 and answer["boot_id"]
     with socket.socket(socket.AF_UNIX) as serial:
         serial.settimeout(5)
         serial.connect(str(rt / "serial.sock"))
@@ -473,11 +501,11 @@ def test_full_lifecycle_against_the_fake(
     driver.resize(spec, vcpus=2, memory_mib=384)
     info = driver.info(spec)
     assert (info.vcpus, info.memory_mib) == (2, 384)
-    with pytest.raises(VmmUnsupported):
+    with pytest.raises(VmmInvalidRequest):
         driver.resize(spec, vcpus=3, memory_mib=None)
-    with pytest.raises(VmmUnsupported):
+    with pytest.raises(VmmInvalidRequest):
         driver.resize(spec, vcpus=None, memory_mib=1024)
-    with pytest.raises(VmmUnsupported):
+    with pytest.raises(VmmInvalidRequest):
         driver.resize(spec, vcpus=None, memory_mib=256)  # ACPI hotplug does not shrink
 
     counters = driver.counters(spec)
@@ -489,9 +517,11 @@ def test_full_lifecycle_against_the_fake(
     # Snapshot: paused around vm.snapshot, running afterwards, disk copied consistently.
     snap = short_dir / "snap1"
     result = driver.snapshot(spec, snap)
-    assert result.vmm_version == launched.vmm_version and result.disk_copied
+    assert result.vmm_version == launched.vmm_version and result.include_memory
+    assert (result.vcpus, result.memory_mib, result.state_file) == (2, 384, "state.json")
+    assert SnapshotMeta.read(snap) == result
     assert {p.name for p in snap.iterdir()} >= {
-        "config.json", "state.json", "memory-ranges", "overlay.qcow2", "microvm-snapshot.json",
+        "config.json", "state.json", "memory-ranges", "overlay.qcow2", "snapshot.json",
     }  # fmt: skip
     assert driver.info(spec).state is RuntimeState.RUNNING
 
@@ -505,7 +535,7 @@ def test_full_lifecycle_against_the_fake(
     assert config["serial"]["socket"] == str(clone.runtime_dir / "serial.sock")  # type: ignore[index]
     assert config["vsock"]["socket"] == str(clone.runtime_dir / "agent.sock")  # type: ignore[index]
     assert config["disks"][0]["path"] == str(clone.runtime_dir / "overlay.qcow2")  # type: ignore[index]
-    assert agent_ping(clone.runtime_dir / "agent.sock")["ok"] is True
+    assert agent_ping(clone.runtime_dir / "agent.sock")["protocol"] == 2
     with pytest.raises(VmmStateError):
         driver.restore(clone, snap)  # a VMM already runs there
 
@@ -672,6 +702,298 @@ def test_event_to_state() -> None:
     assert ev("vm", "shutdown") is RuntimeState.SHUTDOWN
     assert ev("vmm", "shutdown") is RuntimeState.GONE
     assert ev("vm", "booting") is None and ev("guest", "panic") is None
+
+
+# ------------------------------------------------------------------------------------------
+# behaviour: guest power-off, panic and reboot (a); resize limits (b); stop (c); state errors
+# (d); clone identity (e); the contract (capabilities, version, snapshot/restore)
+# ------------------------------------------------------------------------------------------
+
+
+def serial_type(spec: VmSpec, line: str) -> None:
+    """Type a line into the fake guest's serial console (its shell obeys poweroff/reboot/panic)."""
+    with socket.socket(socket.AF_UNIX) as serial:
+        serial.settimeout(5)
+        serial.connect(str(spec.runtime_dir / "serial.sock"))
+        serial.recv(4096)  # banner
+        serial.sendall(line.encode() + b"\n")
+        serial.recv(4096)  # echo: the guest read the line
+
+
+def wait_for(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def event_names(spec: VmSpec) -> list[tuple[str, str]]:
+    return [(e["source"], e["event"]) for e in EventMonitorReader(spec.runtime_dir / "events.json")]
+
+
+def test_a_guest_poweroff_leaves_the_vmm_up_with_the_vm_shut_down(driver: CloudHypervisorDriver, spec: VmSpec) -> None:
+    driver.prepare(spec)
+    pid = driver.launch(spec, timeout=20).pid
+    assert b"--no-shutdown" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    serial_type(spec, "poweroff")
+    wait_for(lambda: driver.info(spec).state is not RuntimeState.RUNNING)
+    info = driver.info(spec)
+    assert (info.state, info.pid, info.reason) == (RuntimeState.SHUTDOWN, pid, "guest powered off")
+    # The VMM is still there: the VM boots again in it, and the reason is gone.
+    assert driver.launch(spec, timeout=20).pid == pid
+    info = driver.info(spec)
+    assert (info.state, info.reason) == (RuntimeState.RUNNING, "")
+    serial_type(spec, "poweroff")
+    wait_for(lambda: driver.info(spec).state is RuntimeState.SHUTDOWN)
+    started = time.monotonic()
+    driver.shutdown(spec, graceful_timeout=10)
+    assert time.monotonic() - started < 5 and pid_gone(pid)
+    assert driver.info(spec).state is RuntimeState.GONE
+
+
+def test_a_guest_panic_is_reported_with_what_the_event_says(
+    driver: CloudHypervisorDriver, short_dir: Path, images: tuple[Path, Path]
+) -> None:
+    hung = make_spec(short_dir, images, "hung", cmdline="console=ttyS0")
+    driver.prepare(hung)
+    driver.launch(hung, timeout=20)
+    serial_type(hung, "panic")
+    wait_for(lambda: ("guest", "panic") in event_names(hung))
+    info = driver.info(hung)
+    assert (info.state, info.reason) == (RuntimeState.RUNNING, "guest panic (panic)")  # hung, still "running"
+    serial_type(hung, "poweroff")
+    wait_for(lambda: driver.info(hung).state is RuntimeState.SHUTDOWN)
+    assert driver.info(hung).reason == "guest panic (panic); guest powered off"
+    driver.cleanup(hung)
+
+    rebooting = make_spec(short_dir, images, "reboots", cmdline="console=ttyS0 panic=1")
+    driver.prepare(rebooting)
+    driver.launch(rebooting, timeout=20)
+    serial_type(rebooting, "panic")
+    wait_for(lambda: ("vm", "rebooted") in event_names(rebooting))
+    info = driver.info(rebooting)
+    assert (info.state, info.reason) == (RuntimeState.RUNNING, "guest panic (panic); the guest rebooted")
+    driver.cleanup(rebooting)
+
+
+def test_a_guest_reboot_keeps_the_vm_running_without_a_reason(driver: CloudHypervisorDriver, spec: VmSpec) -> None:
+    driver.prepare(spec)
+    driver.launch(spec, timeout=20)
+    before = agent_ping(spec.runtime_dir / "agent.sock")["boot_id"]
+    serial_type(spec, "reboot")
+    wait_for(lambda: ("vm", "rebooted") in event_names(spec))
+    info = driver.info(spec)
+    assert (info.state, info.reason) == (RuntimeState.RUNNING, "")
+    assert agent_ping(spec.runtime_dir / "agent.sock")["boot_id"] != before
+    driver.cleanup(spec)
+
+
+def test_guest_history_folds_events_since_the_last_boot() -> None:
+    def ev(source: str, event: str, props: dict[str, str] | None = None) -> Any:
+        return {"timestamp": 0.0, "source": source, "event": event, "properties": props}
+
+    panic = ev("guest", "panic", {"event": "crash_loaded"})
+    assert guest_history([ev("vm", "booted"), panic]).reason == "guest panic (crash_loaded)"
+    assert guest_history([panic, ev("vm", "booting"), ev("vm", "booted")]).reason == ""  # an earlier boot
+    assert guest_history([ev("vm", "booted"), ev("vm", "shutdown")]).reason == "guest powered off"
+    assert guest_history([ev("vm", "booted"), ev("vm", "rebooted")]).reason == ""
+    assert (
+        guest_history([ev("guest", "panic"), ev("vm", "rebooted")]).reason == "guest panic (panic); the guest rebooted"
+    )
+
+
+def test_recent_events_are_read_from_a_bounded_window(tmp_path: Path) -> None:
+    path = tmp_path / "events.json"
+    old = b"".join(ch_event("resized", properties={"n": str(i)}) for i in range(2000))
+    path.write_bytes(ch_event("panic", "guest") + old + ch_event("shutdown"))
+    assert path.stat().st_size > 4 * 4096
+    events = read_recent_events(path, max_bytes=4096)
+    assert events[-1]["event"] == "shutdown" and all(e["event"] != "panic" for e in events)
+    assert len(events) < 40  # only the window was parsed; the record cut by it was skipped
+    assert read_recent_events(tmp_path / "missing.json") == []
+
+
+def test_resize_is_validated_against_what_the_running_vmm_allows(
+    driver: CloudHypervisorDriver, short_dir: Path, images: tuple[Path, Path]
+) -> None:
+    spec = make_spec(short_dir, images, "rs", memory_mib=256, max_memory_mib=2048, max_vcpus=2)
+    driver.prepare(spec)
+    driver.launch(spec, timeout=20)
+    # The database may believe anything: the limits come from vm.info.
+    optimistic = dataclasses.replace(spec, max_vcpus=8, max_memory_mib=8192)
+    with pytest.raises(VmmInvalidRequest, match=r"outside 1\.\.2"):
+        driver.resize(optimistic, vcpus=3, memory_mib=None)
+    with pytest.raises(VmmInvalidRequest, match="above the 2048 MiB"):
+        driver.resize(optimistic, vcpus=None, memory_mib=4096)
+    with pytest.raises(VmmInvalidRequest, match="steps of 128 MiB"):
+        driver.resize(spec, vcpus=None, memory_mib=300)
+    assert driver.info(spec).memory_mib == 256  # nothing changed
+    for step in range(1, 9):  # eight hot-adds are allowed...
+        driver.resize(spec, vcpus=None, memory_mib=256 + 128 * step)
+    assert driver.info(spec).memory_mib == 1280
+    with pytest.raises(VmmInvalidRequest, match="already grown 8 times"):  # ... a ninth is not
+        driver.resize(spec, vcpus=None, memory_mib=1408)
+    # A shrink would be silently ignored by ACPI hotplug: refused up front instead.
+    with pytest.raises(VmmInvalidRequest, match="cannot shrink"):
+        driver.resize(spec, vcpus=None, memory_mib=512)
+    driver.resize(spec, vcpus=2, memory_mib=1280)  # vCPUs only; same memory is no hot-add
+    assert (driver.info(spec).vcpus, driver.info(spec).memory_mib) == (2, 1280)
+    driver.cleanup(spec)
+
+
+def test_the_fake_enforces_128_mib_steps_and_eight_hotplugs(fake: FakeVmm, short_dir: Path, images: Any) -> None:
+    spec = make_spec(short_dir, images, "fk", memory_mib=256, max_memory_mib=4096)
+    fake.api.vm_create(vm_config(spec))
+    fake.api.vm_boot()
+    with pytest.raises(VmmInvalidRequest, match="InvalidSize"):
+        fake.api.vm_resize(desired_ram=320 * MIB)
+    for step in range(1, 9):
+        fake.api.vm_resize(desired_ram=(256 + 128 * step) * MIB)
+    with pytest.raises(VmmInvalidRequest, match="NoSlotAvailable"):
+        fake.api.vm_resize(desired_ram=(256 + 128 * 9) * MIB)
+    fake.api.vm_resize(desired_ram=256 * MIB)  # a shrink: silently ignored, like the real one
+    assert fake.api.vm_info()["memory_actual_size"] == 1280 * MIB
+
+
+def test_stopping_a_paused_vm_resumes_it_and_powers_it_off_without_waiting(
+    driver: CloudHypervisorDriver, spec: VmSpec
+) -> None:
+    driver.prepare(spec)
+    pid = driver.launch(spec, timeout=20).pid
+    driver.pause(spec)
+    started = time.monotonic()
+    driver.shutdown(spec, graceful_timeout=15)
+    assert time.monotonic() - started < 5  # not the graceful timeout
+    assert pid_gone(pid)
+    names = event_names(spec)
+    assert names.index(("vm", "resumed")) < names.index(("vm", "power-button")) < names.index(("vm", "shutdown"))
+
+
+def test_stopping_a_created_vm_presses_no_power_button(driver: CloudHypervisorDriver, spec: VmSpec) -> None:
+    driver.prepare(spec)
+    pid = driver._spawn(spec)
+    driver._wait_for_api(spec, pid, 10)
+    with ChApiClient(spec.runtime_dir / "api.sock") as api:
+        api.vm_create(build_vm_config(spec))
+    assert driver.info(spec).state is RuntimeState.CREATED
+    started = time.monotonic()
+    driver.shutdown(spec, graceful_timeout=15)
+    assert time.monotonic() - started < 5 and pid_gone(pid)
+    assert "vm.power-button" not in (spec.runtime_dir / "vmm.log").read_text()
+
+
+def test_the_driver_reports_wrong_state_calls_as_state_errors(driver: CloudHypervisorDriver, spec: VmSpec) -> None:
+    driver.prepare(spec)
+    driver.launch(spec, timeout=20)
+    driver.pause(spec)
+    with pytest.raises(VmmStateError, match=r"InvalidStateTransition\(Paused, Paused\)"):
+        driver.pause(spec)
+    with pytest.raises(VmmStateError):
+        driver.resize(spec, vcpus=2, memory_mib=None)  # the fake refuses resize while paused
+    driver.resume(spec)
+    with pytest.raises(VmmStateError, match="InvalidStateTransition"):
+        driver.resume(spec)
+    driver.cleanup(spec)
+
+
+def test_a_restored_clone_gets_its_own_mac_tap_sockets_and_device_paths(
+    driver: CloudHypervisorDriver, short_dir: Path, images: tuple[Path, Path]
+) -> None:
+    tag = short_dir.name[-6:]
+    orig = make_spec(short_dir, images, "orig", tap=f"ta{tag}", mac="52:54:00:00:00:0a")
+    driver.prepare(orig)
+    driver.launch(orig, timeout=20)
+    data = orig.runtime_dir / "data1.raw"
+    data.write_bytes(b"hot-added disk contents")
+    with ChApiClient(orig.runtime_dir / "api.sock") as api:
+        api.vm_add_disk({"path": str(data), "id": "data1"})
+        api.vm_add_net({"id": "net9", "tap": f"tb{tag}", "mac": "52:54:00:00:00:0b"})
+    snap = short_dir / "snap"
+    meta = driver.snapshot(orig, snap)
+    assert meta.extra["runtime_dir"] == str(orig.runtime_dir.resolve())
+
+    # A hot-added NIC needs a TAP of the clone's own.
+    lacking = make_spec(short_dir, images, "lacking", tap=f"tc{tag}", mac="52:54:00:00:00:0c", vsock_cid=4)
+    with pytest.raises(VmmInvalidRequest, match="net9"):
+        driver.restore(lacking, snap)
+    # A clone that kept the original's TAP fails like the real binary (the TAP is busy).
+    same_tap = make_spec(short_dir, images, "same", tap=f"ta{tag}", mac="52:54:00:00:00:0d", extra={"tap_net9": "x"})
+    with pytest.raises(VmmError, match="busy"):
+        driver.restore(same_tap, snap, timeout=20)
+
+    clone = make_spec(
+        short_dir, images, "clone", tap=f"tc{tag}", mac="52:54:00:00:00:0c", vsock_cid=4, extra={"tap_net9": f"td{tag}"}
+    )
+    driver.restore(clone, snap, timeout=20)
+    config = driver.info(clone).raw["config"]
+    nets = {n["id"]: n for n in config["net"]}  # type: ignore[index]
+    assert (nets["net0"]["tap"], nets["net0"]["mac"]) == (f"tc{tag}", "52:54:00:00:00:0c")
+    assert nets["net9"]["tap"] == f"td{tag}" and nets["net9"]["mac"] not in ("52:54:00:00:00:0b", "52:54:00:00:00:0c")
+    disks = {d["id"]: d["path"] for d in config["disks"]}  # type: ignore[index]
+    assert disks["data1"] == str(clone.runtime_dir.resolve() / "data1.raw")
+    assert (clone.runtime_dir / "data1.raw").read_bytes() == b"hot-added disk contents"
+    assert config["vsock"] == {"cid": 4, "socket": str(clone.runtime_dir / "agent.sock")}  # type: ignore[index]
+    assert agent_ping(clone.runtime_dir / "agent.sock")["protocol"] == 2
+    assert driver.info(orig).state is RuntimeState.RUNNING  # the original runs beside it
+    for vm in (clone, orig, lacking, same_tap):
+        driver.cleanup(vm)
+
+
+def test_capabilities_and_version(driver: CloudHypervisorDriver) -> None:
+    caps = driver.capabilities()
+    assert caps == DriverCapabilities(
+        live_resize=True,
+        memory_hotplug_step_mib=128,
+        nic_hotplug=True,
+        memory_snapshot=True,
+        shared_disk_layers=False,
+        agent_transport=AgentTransport.HYBRID_VSOCK,
+    )
+    assert driver.version() == "v54.0-fake"
+    assert CloudHypervisorDriver(binary="/nonexistent/cloud-hypervisor").version() == ""
+
+
+def test_disk_only_snapshots_of_a_running_and_a_stopped_vm(
+    driver: CloudHypervisorDriver, spec: VmSpec, short_dir: Path, images: tuple[Path, Path]
+) -> None:
+    driver.prepare(spec)
+    driver.launch(spec, timeout=20)
+    live = driver.snapshot(spec, short_dir / "live", include_memory=False)
+    assert (live.include_memory, live.state_file, live.disk_layer) == (False, None, "overlay.qcow2")
+    assert {p.name for p in (short_dir / "live").iterdir()} == {"overlay.qcow2", "snapshot.json"}
+    assert driver.info(spec).state is RuntimeState.RUNNING
+    assert ("vm", "paused") in event_names(spec) and ("vm", "snapshotted") not in event_names(spec)
+
+    driver.shutdown(spec, graceful_timeout=10)
+    with pytest.raises(VmmStateError, match="needs a running VM"):
+        driver.snapshot(spec, short_dir / "cold-mem", include_memory=True)
+    cold = driver.snapshot(spec, short_dir / "cold", include_memory=False)
+    assert cold.vmm_version == "v54.0-fake" and cold.pause_ms == 0
+
+    # Restoring a disk-only snapshot boots the clone on the copy, with its own config.
+    clone = make_spec(short_dir, images, "dclone", vsock_cid=5, vcpus=2)
+    result = driver.restore(clone, short_dir / "live", timeout=20)
+    info = driver.info(clone)
+    assert info.state is RuntimeState.RUNNING and info.pid == result.pid and info.vcpus == 2
+    assert ("vm", "restored") not in event_names(clone)
+    driver.cleanup(clone)
+
+
+def test_restore_refuses_a_snapshot_of_another_version_or_driver(
+    driver: CloudHypervisorDriver, spec: VmSpec, short_dir: Path
+) -> None:
+    driver.prepare(spec)
+    driver.launch(spec, timeout=20)
+    snap = short_dir / "snap"
+    meta = driver.snapshot(spec, snap)
+    driver.cleanup(spec)
+    dataclasses.replace(meta, vmm_version="v41.0").write(snap)
+    with pytest.raises(VmmError, match="v41.0"):
+        driver.restore(spec, snap)
+    dataclasses.replace(meta, driver="qemu").write(snap)
+    with pytest.raises(VmmError, match="taken by qemu"):
+        driver.restore(spec, snap)
+    assert driver.info(spec).state is RuntimeState.GONE
 
 
 # ------------------------------------------------------------------------------------------

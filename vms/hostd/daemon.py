@@ -58,6 +58,18 @@ class HostdError(Exception):
         self.message = message
 
 
+def _is_cloud_hypervisor(runtime_dir: Path, pid: int | None) -> bool:
+    # The VMM's command line says which it is even before its sockets exist (a scan may
+    # attach between the spawn and the API socket's creation, e.g. right after a restore).
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes() if pid else b""
+    except OSError:
+        cmdline = b""
+    if cmdline:
+        return b"--api-socket" in cmdline
+    return (runtime_dir / "api.sock").exists() and not (runtime_dir / "qmp.sock").exists()
+
+
 class VmHandle:
     """What hostd holds for one VM: its agent link and console."""
 
@@ -65,7 +77,7 @@ class VmHandle:
         self.vm_id = vm_id
         self.runtime_dir = runtime_dir
         self.pid = pid
-        cloud_hypervisor = (runtime_dir / "api.sock").exists() and not (runtime_dir / "qmp.sock").exists()
+        cloud_hypervisor = _is_cloud_hypervisor(runtime_dir, pid)
         transport = AgentTransport.HYBRID_VSOCK if cloud_hypervisor else AgentTransport.VIRTIO_SERIAL
         self.agent = AgentLink(vm_id, runtime_dir / AGENT_SOCKET, transport)
         self.console = ConsoleLink(

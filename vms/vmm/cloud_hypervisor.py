@@ -6,12 +6,13 @@
 3. Errors: ``_raise_for_response`` / ``_request`` are the ONE place where Cloud Hypervisor's
    status codes and JSON error chains (``["Error from API", "The VM could not be paused",
    "VM is not running"]``) become ``VmmStateError`` / ``VmmError`` / ``VmmTimeout`` /
-   ``VmmNotRunning``; the chain is kept in ``details``.
-4. ``CloudHypervisorDriver``: the ``Driver`` protocol of ``base.py``, plus ``snapshot`` and
-   ``restore``.
+   ``VmmNotRunning`` / ``VmmInvalidRequest``; the chain is kept in ``details``.
+4. ``CloudHypervisorDriver``: the ``Driver`` protocol of ``base.py`` (capabilities, version,
+   snapshot/restore included). Processes are started, found and killed with the shared
+   ``vms.vmm.process`` layer, like QEMU's.
 
-Also here: an incremental, bounded reader of the ``--event-monitor`` file and a mapping from
-events to ``RuntimeState``.
+Also here: bounded readers of the ``--event-monitor`` file (incremental, and "the newest
+64 KiB"), a mapping from events to ``RuntimeState`` and to the reason a guest stopped.
 
 Nothing here imports Django. Everything the driver knows about a VM lives in its runtime
 directory (see ``base.py``), so any process may call any method.
@@ -20,46 +21,62 @@ directory (see ``base.py``), so any process may call any method.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import httpx
 
 from vms.vmm.base import (
+    AgentTransport,
+    Driver,
+    DriverCapabilities,
     LaunchResult,
     RuntimeState,
     VmmError,
+    VmmInvalidRequest,
     VmmNotRunning,
     VmmStateError,
     VmmTimeout,
-    VmmUnsupported,
     VmRuntimeInfo,
     VmSpec,
 )
-from vms.vmm.process import call_in_netns
+from vms.vmm.process import (
+    LOG_FILE,
+    PID_FILE,
+    kill_vmm,
+    kvm_usable,
+    log_tail,
+    pid_is_vmm,
+    running_vmm_pid,
+    spawn_detached,
+    wait_pid_exit,
+)
+from vms.vmm.snapshot import SnapshotMeta
 
 __all__ = [
     "API_BASE_URL",
     "ChApiClient",
     "ChEvent",
-    "ChSnapshot",
     "CloudHypervisorDriver",
     "EventMonitorReader",
     "EventStreamParser",
+    "GuestHistory",
     "build_vm_config",
     "cloud_hypervisor_available",
     "event_to_state",
-    "kvm_usable",
+    "guest_history",
+    "read_recent_events",
+    "rewrite_snapshot_config",
 ]
 
 API_BASE_URL = "http://localhost/api/v1"
@@ -73,12 +90,24 @@ JsonObject = dict[str, Any]
 # Errors: the one place where API answers become exceptions
 # --------------------------------------------------------------------------------------------
 
-# Wrong-state answers of the real binary are mostly 500 with a chain ending in one of these.
+# Wrong-state answers of the real binary are mostly 500 with a chain ending in one of these
+# (thiserror texts like "VM is not running", Debug-formatted variants like
+# "InvalidStateTransition(Running, Paused)" or "VmNotRunning", and "... while VM is running").
 _STATE_ERROR_RE = re.compile(
     r"not (?:created|running|paused|booted|ready)"
     r"|already (?:created|running|paused|booted)"
     r"|config(?:uration)? (?:is )?missing|missing config"
-    r"|invalid (?:vm )?state transition",
+    r"|invalid (?:vm )?state transition|invalidstatetransition"
+    r"|while (?:the )?vm is (?:running|paused|booted|not running)"
+    r"|\bvm(?:not(?:created|running|booted|paused)|already(?:created|running|booted))\b"
+    r"|\bvmmissingconfig\b",
+    re.IGNORECASE,
+)
+# ``vm.resize`` answers that mean "this VMM cannot grow like that" (bad step, no hotplug slot
+# left, above the hotplug area, vCPUs above the maximum): the caller's request is invalid.
+_RESIZE_REFUSAL_RE = re.compile(
+    r"invalidsize|invalid size|noslotavailable|no slot available|insufficienthotplugram"
+    r"|insufficient hotplug ram|desired vcpus|max(?:imum)? vcpus|hotplug limit|exceed",
     re.IGNORECASE,
 )
 
@@ -100,7 +129,11 @@ def _error_chain(response: httpx.Response) -> list[str]:
 
 
 def _raise_for_response(endpoint: str, response: httpx.Response) -> None:
-    """Map a non-2xx answer to the driver's exception types; keep the whole chain in details."""
+    """Map a non-2xx answer to the driver's exception types; keep the whole chain in details.
+
+    The one place where CH's answers become exceptions: wrong-state texts (whatever the
+    status, except spec validation failures) -> ``VmmStateError``; a ``vm.resize`` the VMM
+    cannot do -> ``VmmInvalidRequest``; everything else -> ``VmmError``."""
     if response.is_success:
         return
     chain = _error_chain(response)
@@ -110,8 +143,10 @@ def _raise_for_response(endpoint: str, response: httpx.Response) -> None:
     meaningful = [item for item in chain if item.lower() != "error from api"] or [response.reason_phrase]
     message = f"cloud-hypervisor {endpoint} failed: {': '.join(meaningful)}"
     state_like = any(_STATE_ERROR_RE.search(item) for item in chain)
-    if status in (405, 429) or (status in (404, 500) and state_like):
+    if status in (405, 429) or (status != 400 and state_like):
         raise VmmStateError(message, details=details)
+    if endpoint == "vm.resize" and status == 500 and any(_RESIZE_REFUSAL_RE.search(item) for item in chain):
+        raise VmmInvalidRequest(message, details=details)
     raise VmmError(message, details=details)
 
 
@@ -500,65 +535,73 @@ def event_to_state(event: ChEvent) -> RuntimeState | None:
     return _EVENT_STATES.get((event["source"], event["event"]))
 
 
-# --------------------------------------------------------------------------------------------
-# Host checks and process helpers (private: the QEMU driver has its own in process.py)
-# --------------------------------------------------------------------------------------------
+RECENT_EVENTS_BYTES = 64 * 1024
 
 
-def kvm_usable() -> bool:
-    """Hardware KVM that can run ordinary guests: /dev/kvm opens read-write, the CPU has
-    vmx/svm, and the kvm module is not PVM (which cannot run Cloud Hypervisor guests)."""
+def read_recent_events(path: str | os.PathLike[str], *, max_bytes: int = RECENT_EVENTS_BYTES) -> list[ChEvent]:
+    """The events of the last ``max_bytes`` of an event-monitor file (empty when missing),
+    read with one ``EventMonitorReader.read`` from ``size - max_bytes``.
+
+    Bound: at most ``max_bytes`` are read and buffered, whatever the file's size. Overflow
+    rule: older events are not seen; the record cut by the window's start does not parse and
+    is skipped (the parser resynchronises at the next blank line)."""
     try:
-        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+        size = os.stat(path).st_size
     except OSError:
-        return False
-    os.close(fd)
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return False
-    if not re.search(r"^flags\s*:.*\b(?:vmx|svm)\b", cpuinfo, re.MULTILINE):
-        return False
-    return not Path("/sys/module/kvm_pvm").exists()
+        return []
+    reader = EventMonitorReader(path, offset=max(0, size - max_bytes), max_buffer=max_bytes, chunk_size=max_bytes)
+    return reader.read()
+
+
+@dataclass(frozen=True)
+class GuestHistory:
+    """What the event monitor tells about the guest since its VM last booted."""
+
+    # A "vm shutdown" event: the guest powered off (the VMM stays: --no-shutdown), or the VMM
+    # was told to stop while the VM ran.
+    powered_off: bool = False
+    panic: str = ""  # the pvpanic event's ``event`` property ("panic", "crash_loaded") or "panic"
+    reboots: int = 0  # reboots since the boot (guest- or API-initiated)
+
+    @property
+    def reason(self) -> str:
+        """Human text for ``VmRuntimeInfo.reason``; empty when nothing notable happened."""
+        parts = []
+        if self.panic:
+            parts.append(f"guest panic ({self.panic})")
+        if self.powered_off:
+            parts.append("guest powered off")
+        elif self.reboots and self.panic:
+            parts.append("the guest rebooted")
+        return "; ".join(parts)
+
+
+def guest_history(events: list[ChEvent]) -> GuestHistory:
+    """Fold events (oldest first) into what happened since the last boot or restore."""
+    powered_off, panic, reboots = False, "", 0
+    for event in events:
+        key = (event["source"], event["event"])
+        if key in (("vm", "booting"), ("vm", "booted"), ("vm", "restored"), ("vm", "deleted")):
+            powered_off, panic, reboots = False, "", 0
+        elif key == ("vm", "rebooted"):
+            reboots += 1
+            powered_off = False
+        elif key == ("vm", "shutdown"):
+            powered_off = True
+        elif key == ("guest", "panic"):
+            panic = (event["properties"] or {}).get("event") or "panic"
+    return GuestHistory(powered_off=powered_off, panic=panic, reboots=reboots)
+
+
+# --------------------------------------------------------------------------------------------
+# Host checks and small helpers (processes: vms.vmm.process, shared with QEMU)
+# --------------------------------------------------------------------------------------------
 
 
 def cloud_hypervisor_available(binary: str = "cloud-hypervisor") -> bool:
-    """True when ``binary`` is on PATH (or an executable path) and hardware KVM is usable."""
+    """True when ``binary`` is on PATH (or an executable path) and hardware KVM is usable
+    (``vms.vmm.process.kvm_usable``: the same rules as QEMU's)."""
     return shutil.which(binary) is not None and kvm_usable()
-
-
-# Popen objects of VMMs this process spawned, so they can be reaped (no zombies) and are
-# not garbage-collected with a "still running" warning. Other processes use /proc.
-_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
-
-
-def _pid_alive(pid: int) -> bool:
-    child = _CHILDREN.get(pid)
-    if child is not None:
-        if child.poll() is None:
-            return True
-        _CHILDREN.pop(pid, None)
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    # Field 3 (after the parenthesised command) is the state; Z = zombie = dead.
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
-
-
-def _pid_cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
 def _wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
@@ -569,27 +612,6 @@ def _wait_until(predicate: Callable[[], bool], timeout: float, interval: float =
         if time.monotonic() >= deadline:
             return False
         time.sleep(interval)
-
-
-def _kill(pid: int, sig: signal.Signals) -> None:
-    # The VMM leads its own session/process group (start_new_session): signal the group so
-    # helpers it may have forked go too; fall back to the pid alone.
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-
-
-def _terminate(pid: int, *, term_timeout: float = 5.0, kill_timeout: float = 5.0) -> bool:
-    """SIGTERM, wait, SIGKILL, wait. True when the process is gone."""
-    if not _pid_alive(pid):
-        return True
-    _kill(pid, signal.SIGTERM)
-    if _wait_until(lambda: not _pid_alive(pid), term_timeout):
-        return True
-    _kill(pid, signal.SIGKILL)
-    return _wait_until(lambda: not _pid_alive(pid), kill_timeout)
 
 
 def _unlink(path: Path) -> None:
@@ -609,13 +631,16 @@ def _file_url(path: Path) -> str:
     return f"file://{path}"
 
 
-def _tail(path: Path, limit: int = 2000) -> str:
-    try:
-        with path.open("rb") as fh:
-            fh.seek(max(0, os.fstat(fh.fileno()).st_size - limit))
-            return fh.read().decode(errors="replace")
-    except OSError:
-        return ""
+def _derived_mac(vm_id: str, device_id: str) -> str:
+    """A stable, locally administered MAC for a clone's NIC that has none of its own."""
+    digest = hashlib.sha256(f"{vm_id}/{device_id}".encode()).digest()
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
+
+
+def _version_key(version: str) -> tuple[str, ...]:
+    """``major.minor`` of a CH version ("v54.0.1", "54.0", "v54.0-fake" -> ("54", "0"))."""
+    core = version.strip().lstrip("vV").split("-", 1)[0]
+    return tuple(core.split(".")[:2])
 
 
 # --------------------------------------------------------------------------------------------
@@ -647,11 +672,11 @@ class ChRuntimePaths:
 
     @property
     def log(self) -> Path:
-        return self.root / "vmm.log"
+        return self.root / LOG_FILE
 
     @property
     def pid_file(self) -> Path:
-        return self.root / "vmm.pid"
+        return self.root / PID_FILE
 
     @property
     def spec_file(self) -> Path:
@@ -662,22 +687,22 @@ class ChRuntimePaths:
         return self.root / "overlay.qcow2"
 
     @property
+    def hotplugs(self) -> Path:
+        # ACPI memory hot-adds done by the current VMM (CH allows HOTPLUG_SLOTS of them).
+        return self.root / "memory-hotplugs"
+
+    @property
     def sockets(self) -> tuple[Path, ...]:
         return (self.api_socket, self.serial_socket, self.agent_socket)
 
 
-@dataclass(frozen=True)
-class ChSnapshot:
-    """Result of ``CloudHypervisorDriver.snapshot``: snapshots are not portable across
-    Cloud Hypervisor versions, so the version is recorded with it."""
-
-    path: Path
-    vmm_version: str
-    disk_copied: bool
-
-
-SNAPSHOT_META = "microvm-snapshot.json"
 SNAPSHOT_OVERLAY = "overlay.qcow2"
+SNAPSHOT_STATE = "state.json"
+SNAPSHOT_CONFIG = "config.json"
+# Files CH itself writes into a snapshot directory; the rest are ours.
+_CH_SNAPSHOT_FILES = (SNAPSHOT_CONFIG, SNAPSHOT_STATE, "memory-ranges")
+HOTPLUG_STEP_MIB = 128  # ACPI memory hotplug adds DIMMs of a multiple of 128 MiB
+HOTPLUG_SLOTS = 8  # ... and has 8 slots per VMM
 # sun_path holds 108 bytes with the NUL; guest-initiated vsock listeners add "_<port>".
 _MAX_SOCKET_PATH = 107 - len("_65535")
 
@@ -693,7 +718,8 @@ def _check_socket_paths(paths: ChRuntimePaths) -> None:
 
 def build_vm_config(spec: VmSpec) -> JsonObject:
     """The ``VmConfig`` for ``vm.create``: serial on a socket (the host daemon attaches to it),
-    virtio-console off, hybrid vsock for the guest agent, overlay disk, optional TAP."""
+    virtio-console off, hybrid vsock for the guest agent, overlay disk, optional TAP, and a
+    pvpanic device so a guest panic reaches the event monitor."""
     paths = ChRuntimePaths(spec.runtime_dir)
     payload: JsonObject = {"kernel": str(spec.kernel)}
     if spec.cmdline:
@@ -716,6 +742,7 @@ def build_vm_config(spec: VmSpec) -> JsonObject:
         "serial": {"mode": "Socket", "socket": str(paths.serial_socket)},
         "console": {"mode": "Off"},
         "vsock": {"cid": spec.vsock_cid, "socket": str(paths.agent_socket)},
+        "pvpanic": True,
     }
     hotplug = spec.max_memory_mib - spec.memory_mib
     if hotplug > 0:
@@ -725,6 +752,61 @@ def build_vm_config(spec: VmSpec) -> JsonObject:
         if spec.mac:
             net["mac"] = spec.mac
         config["net"] = [net]
+    return config
+
+
+def rewrite_snapshot_config(config: JsonObject, spec: VmSpec, *, original_dir: str) -> JsonObject:
+    """A snapshot's ``config.json`` made fit for ``spec``: its own serial/vsock sockets, disk
+    overlay, CID, TAP and MAC (``spec.mac``; a clone without one gets a MAC derived from its
+    id), and every path below the original's runtime directory (hot-added disks, vsock or
+    vhost-user sockets...) moved below ``spec``'s. A hot-added NIC keeps its device id; a
+    clone needs its own TAP for it in ``spec.extra["tap_<id>"]`` (else ``VmmInvalidRequest``:
+    reopening the original's TAP would put both VMs on one interface)."""
+    config = json.loads(json.dumps(config))
+    here = str(spec.runtime_dir.resolve())
+    clone = bool(original_dir) and original_dir != here
+
+    def moved(value: Any) -> Any:
+        if isinstance(value, str) and original_dir and value.startswith(original_dir + "/"):
+            return here + value[len(original_dir) :]
+        if isinstance(value, dict):
+            return {k: moved(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [moved(v) for v in value]
+        return value
+
+    config = moved(config)
+    fresh = build_vm_config(spec)
+    config["serial"] = fresh["serial"]
+    config["console"] = fresh["console"]
+    if isinstance(config.get("vsock"), dict):
+        config["vsock"]["socket"] = fresh["vsock"]["socket"]
+        config["vsock"]["cid"] = spec.vsock_cid
+    for disk in config.get("disks") or []:
+        if disk.get("id") == "disk0":
+            disk["path"] = str(ChRuntimePaths(spec.runtime_dir).overlay)
+    for net in config.get("net") or []:
+        dev_id = str(net.get("id") or "")
+        if dev_id == "net0":
+            if spec.tap:
+                net["tap"] = spec.tap
+            if spec.mac:
+                net["mac"] = spec.mac
+            elif clone:
+                net["mac"] = _derived_mac(spec.vm_id, dev_id)
+            continue
+        if not clone:
+            continue
+        tap = spec.extra.get(f"tap_{dev_id}")
+        if net.get("tap") and not tap:
+            raise VmmInvalidRequest(
+                f"the snapshot has a hot-added NIC {dev_id!r} on TAP {net['tap']!r}: "
+                f"a clone needs its own TAP for it (spec.extra['tap_{dev_id}'])",
+                details={"device": dev_id, "tap": net.get("tap")},
+            )
+        if tap:
+            net["tap"] = tap
+        net["mac"] = spec.extra.get(f"mac_{dev_id}") or _derived_mac(spec.vm_id, dev_id)
     return config
 
 
@@ -739,8 +821,13 @@ _CH_STATES: dict[str, RuntimeState] = {
 
 
 class CloudHypervisorDriver:
-    """``Driver`` for Cloud Hypervisor: one detached ``cloud-hypervisor`` process per VM,
-    driven over its REST API socket. Stateless: everything lives in ``spec.runtime_dir``."""
+    """``Driver`` for Cloud Hypervisor: one detached ``cloud-hypervisor`` process per VM
+    (started, found and killed with ``vms.vmm.process``, like QEMU), driven over its REST
+    API socket. Stateless: everything lives in ``spec.runtime_dir``.
+
+    The VMM runs with ``--no-shutdown``: a guest that powers off leaves the VMM up with the
+    VM in ``Shutdown`` (``info`` -> ``SHUTDOWN``, reason "guest powered off"), so a power-off
+    is told apart from a crash; ``--event-monitor`` events give the reasons (panic, reboot)."""
 
     name = "cloud-hypervisor"
 
@@ -759,25 +846,45 @@ class CloudHypervisorDriver:
         self.seccomp = seccomp
         self.base_image_format = base_image_format
 
+    # -- contract extras ------------------------------------------------------------------
+
+    def capabilities(self) -> DriverCapabilities:
+        """vCPU/memory hotplug (memory in 128 MiB steps), NIC hotplug, memory snapshots
+        (a private copy of the overlay, no shared layers), agent over hybrid vsock."""
+        return DriverCapabilities(
+            live_resize=True,
+            memory_hotplug_step_mib=HOTPLUG_STEP_MIB,
+            nic_hotplug=True,
+            memory_snapshot=True,
+            shared_disk_layers=False,
+            agent_transport=AgentTransport.HYBRID_VSOCK,
+        )
+
+    def version(self) -> str:
+        """The binary's version from ``cloud-hypervisor --version`` (e.g. ``v54.0``), or ""."""
+        try:
+            out = subprocess.run(  # noqa: S603 - argv of our own
+                [self.binary, "--version"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                stdin=subprocess.DEVNULL,
+                check=False,
+            ).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+        words = out.split()
+        return words[-1] if len(words) >= 2 else ""
+
     # -- helpers --------------------------------------------------------------------------
 
     def _client(self, spec: VmSpec, timeout: float | None = None) -> ChApiClient:
         return ChApiClient(ChRuntimePaths(spec.runtime_dir).api_socket, timeout=timeout or self.api_timeout)
 
     def vmm_pid(self, spec: VmSpec) -> int | None:
-        """Pid of this VM's live VMM, or ``None``. The pid file is trusted only if the process
-        is alive, not a zombie, and its command line names this VM's API socket (pid reuse)."""
-        paths = ChRuntimePaths(spec.runtime_dir)
-        try:
-            pid = int(paths.pid_file.read_text().strip())
-        except (OSError, ValueError):
-            return None
-        if pid <= 0 or not _pid_alive(pid):
-            return None
-        cmdline = _pid_cmdline(pid)
-        if cmdline and not any(str(paths.api_socket) in arg for arg in cmdline):
-            return None
-        return pid
+        """Pid of this VM's live VMM, or ``None`` (``process.running_vmm_pid``: pid file, alive,
+        not a zombie, command line naming the runtime directory)."""
+        return running_vmm_pid(spec.runtime_dir)
 
     def _remove_stale_sockets(self, paths: ChRuntimePaths) -> None:
         # CH does not remove its sockets on exit and fails with "Address already in use".
@@ -787,39 +894,23 @@ class CloudHypervisorDriver:
     def _spawn(self, spec: VmSpec) -> int:
         paths = ChRuntimePaths(spec.runtime_dir)
         self._remove_stale_sockets(paths)
+        _unlink(paths.hotplugs)
+        # No --log-file: CH logs to stderr, which spawn_detached appends to vmm.log.
         argv = [
             self.binary,
             "--api-socket",
             f"path={paths.api_socket}",
             "--event-monitor",
             f"path={paths.events}",
-            "--log-file",
-            str(paths.log),
             "--seccomp",
             self.seccomp,
+            "--no-shutdown",
         ]
-        log_fd = os.open(paths.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
             # The TAP is opened by name: start CH in the namespace that holds it.
-            proc = call_in_netns(
-                spec.netns,
-                lambda: subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log_fd,
-                    stderr=log_fd,
-                    cwd=spec.runtime_dir,
-                    close_fds=True,
-                    start_new_session=True,
-                ),
-            )
+            return spawn_detached(argv, spec.runtime_dir, netns=spec.netns)
         except OSError as exc:
             raise VmmError(f"cannot start {self.binary}: {exc}", details={"argv": argv}) from exc
-        finally:
-            os.close(log_fd)
-        _CHILDREN[proc.pid] = proc
-        _write_atomic(paths.pid_file, f"{proc.pid}\n")
-        return proc.pid
 
     def _wait_for_api(self, spec: VmSpec, pid: int, timeout: float) -> JsonObject:
         paths = ChRuntimePaths(spec.runtime_dir)
@@ -827,20 +918,20 @@ class CloudHypervisorDriver:
         last: VmmError | None = None
         with self._client(spec, timeout=1.0) as api:
             while time.monotonic() < deadline:
-                if not _pid_alive(pid):
+                if not pid_is_vmm(pid, spec.runtime_dir):
                     raise VmmError(
                         "cloud-hypervisor exited during start-up",
-                        details={"pid": pid, "log": _tail(paths.log)},
+                        details={"pid": pid, "log": log_tail(spec.runtime_dir, 2000)},
                     )
                 if paths.api_socket.exists():
                     try:
                         return api.vmm_ping(timeout=min(1.0, max(0.1, deadline - time.monotonic())))
-                    except (VmmNotRunning, VmmTimeout, VmmError) as exc:
+                    except VmmError as exc:
                         last = exc
                 time.sleep(0.05)
         raise VmmTimeout(
             f"cloud-hypervisor API not ready within {timeout:g}s",
-            details={"pid": pid, "last_error": repr(last), "log": _tail(paths.log)},
+            details={"pid": pid, "last_error": repr(last), "log": log_tail(spec.runtime_dir, 2000)},
         )
 
     def _create_vm(self, api: ChApiClient, config: JsonObject, timeout: float) -> None:
@@ -857,6 +948,13 @@ class CloudHypervisorDriver:
                 raise VmmError(
                     second.message, details={"first_error": first.details, "retry_error": second.details}
                 ) from second
+
+    def _hotplugs_done(self, paths: ChRuntimePaths) -> int:
+        try:
+            text = paths.hotplugs.read_text().strip()
+        except OSError:
+            return 0
+        return int(text) if text.isdigit() else 0
 
     # -- Driver protocol ------------------------------------------------------------------
 
@@ -881,7 +979,7 @@ class CloudHypervisorDriver:
             str(tmp), str(size),
         ]  # fmt: skip
         try:
-            result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+            result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)  # noqa: S603
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise VmmError(f"qemu-img failed: {exc}", details={"argv": argv}) from exc
         if result.returncode != 0:
@@ -892,10 +990,11 @@ class CloudHypervisorDriver:
         os.replace(tmp, paths.overlay)
 
     def launch(self, spec: VmSpec, *, timeout: float = 30.0) -> LaunchResult:
-        """Spawn ``cloud-hypervisor`` detached (own session, stdin closed, pid file), wait for
+        """Spawn ``cloud-hypervisor`` detached (``process.spawn_detached``), wait for
         ``vmm.ping``, ``vm.create`` (delete + retry once on failure), ``vm.boot``.
 
-        Idempotent: if this VM's VMM already runs a booted VM, that one is reported."""
+        Idempotent: if this VM's VMM already runs a booted VM, that one is reported; a VM
+        the guest powered off (``Shutdown``, the VMM kept by ``--no-shutdown``) boots again."""
         paths = ChRuntimePaths(spec.runtime_dir)
         if not paths.root.is_dir():
             raise VmmError("runtime directory missing: call prepare() first", details={"dir": str(paths.root)})
@@ -913,21 +1012,35 @@ class CloudHypervisorDriver:
             try:
                 if state is None:
                     self._create_vm(api, build_vm_config(spec), timeout=max(1.0, deadline - time.monotonic()))
+                    _write_atomic(paths.hotplugs, "0\n")
                     state = "Created"
                 if state in ("Created", "Shutdown"):
+                    # Nothing listens on the VM's sockets before boot; files a powered-off
+                    # guest left would fail the boot with "Address already in use".
+                    _unlink(paths.serial_socket)
+                    _unlink(paths.agent_socket)
                     api.vm_boot(timeout=max(1.0, deadline - time.monotonic()))
             except VmmError as exc:
                 details = dict(exc.details) if isinstance(exc.details, dict) else {"cause": exc.details}
-                details["log"] = _tail(paths.log)
+                details["log"] = log_tail(spec.runtime_dir, 2000)
                 raise type(exc)(exc.message, details=details) from exc
         return LaunchResult(pid=pid, driver=self.name, acceleration="kvm", vmm_version=str(ping.get("version", "")))
 
     def info(self, spec: VmSpec, *, timeout: float = 5.0) -> VmRuntimeInfo:
         """Map ``vm.info``: Created/Running/Paused/Shutdown (BreakPoint -> paused). ``GONE``
-        when no VMM runs; ``SHUTDOWN`` when the VMM runs but holds no VM."""
+        when no VMM runs; ``SHUTDOWN`` when the VMM runs but holds no VM.
+
+        ``reason`` comes from the event monitor (the newest ``RECENT_EVENTS_BYTES`` of it):
+        "guest powered off" for a guest-initiated power-off, "guest panic (<event>)" after a
+        pvpanic event since the last boot (a panicked guest may still be Running, hung, or
+        have rebooted: "...; the guest rebooted")."""
+        paths = ChRuntimePaths(spec.runtime_dir)
         pid = self.vmm_pid(spec)
         if pid is None:
-            return VmRuntimeInfo(state=RuntimeState.GONE, pid=None)
+            # The VMM died or was stopped: only a panic says something the caller cannot see.
+            history = guest_history(read_recent_events(paths.events))
+            reason = f"guest panic ({history.panic})" if history.panic else ""
+            return VmRuntimeInfo(state=RuntimeState.GONE, pid=None, reason=reason)
         with self._client(spec, timeout) as api:
             try:
                 data = api.vm_info(timeout=timeout)
@@ -948,12 +1061,19 @@ class CloudHypervisorDriver:
         if not isinstance(mem_bytes, int):
             size = memory.get("size")
             mem_bytes = size + int(memory.get("hotplugged_size") or 0) if isinstance(size, int) else None
+        reason = ""
+        if state in (RuntimeState.RUNNING, RuntimeState.SHUTDOWN, RuntimeState.PAUSED):
+            history = guest_history(read_recent_events(paths.events))
+            reason = history.reason
+            if state is RuntimeState.SHUTDOWN and not reason:
+                reason = "guest powered off"
         return VmRuntimeInfo(
             state=state,
             pid=pid,
             vcpus=vcpus if isinstance(vcpus, int) else None,
             memory_mib=mem_bytes // MIB if isinstance(mem_bytes, int) else None,
             raw=data,
+            reason=reason,
         )
 
     def _require_pid(self, spec: VmSpec) -> int:
@@ -981,65 +1101,126 @@ class CloudHypervisorDriver:
             api.vm_reboot()
 
     def shutdown(self, spec: VmSpec, *, graceful_timeout: float = 30.0, force: bool = False) -> None:
-        """Power button, wait up to ``graceful_timeout`` for the guest to power off (state
-        Shutdown, or the VMM exits as it does by default), then ``vmm.shutdown``, then
-        SIGTERM/SIGKILL. Afterwards no VMM runs and its sockets are removed."""
+        """Stop the VM and its VMM. Afterwards no VMM runs and its sockets are removed.
+
+        - ``force``: kill the VMM at once (SIGTERM, then SIGKILL).
+        - Running: ACPI power button, wait up to ``graceful_timeout`` for the guest to power
+          off (state ``Shutdown`` with ``--no-shutdown``, or the VMM exits).
+        - Paused: resumed first, then the power button as above: a button pressed on stopped
+          vCPUs is never seen, and a clean guest shutdown keeps its disk consistent.
+        - Created (never booted), Shutdown or no VM: nothing to ask the guest (CH refuses
+          the power button there).
+        Then ``vmm.shutdown``, then SIGTERM/SIGKILL (``process.kill_vmm``)."""
         paths = ChRuntimePaths(spec.runtime_dir)
         pid = self.vmm_pid(spec)
         if pid is not None and not force:
             with self._client(spec, min(self.api_timeout, 5.0)) as api:
                 try:
-                    api.vm_power_button()
-                    pressed = True
+                    state: str | None = str(api.vm_info().get("state"))
                 except VmmError:
-                    pressed = False  # not running (paused, created, no VM): nothing to wait for
+                    state = None
+                if state == "Paused":
+                    try:
+                        api.vm_resume()
+                        state = "Running"
+                    except VmmError:
+                        state = None
+                pressed = False
+                if state == "Running":
+                    try:
+                        api.vm_power_button()
+                        pressed = True
+                    except VmmError:
+                        pressed = False
 
                 def powered_off() -> bool:
-                    if not _pid_alive(pid):
+                    if not pid_is_vmm(pid, spec.runtime_dir):
                         return True
                     try:
                         return str(api.vm_info(timeout=1.0).get("state")) in ("Shutdown", "Created")
                     except VmmError:
-                        return not _pid_alive(pid)
+                        return not pid_is_vmm(pid, spec.runtime_dir)
 
                 if pressed:
-                    _wait_until(powered_off, graceful_timeout, interval=0.2)
-                if _pid_alive(pid):
+                    _wait_until(powered_off, graceful_timeout, interval=0.1)
+                if pid_is_vmm(pid, spec.runtime_dir):
                     with contextlib.suppress(VmmError):
                         api.vmm_shutdown(timeout=5.0)
-            _wait_until(lambda: not _pid_alive(pid), 5.0)
-        if pid is not None and not _terminate(pid):
-            raise VmmError("cloud-hypervisor did not die after SIGKILL", details={"pid": pid})
-        _CHILDREN.pop(pid or -1, None)
+            wait_pid_exit(pid, spec.runtime_dir, 5.0)
+        if pid is not None:
+            try:
+                kill_vmm(pid, spec.runtime_dir)
+            except VmmTimeout as exc:
+                raise VmmError("cloud-hypervisor did not die after SIGKILL", details={"pid": pid}) from exc
         self._remove_stale_sockets(paths)
         _unlink(paths.pid_file)
 
     def resize(self, spec: VmSpec, *, vcpus: int | None, memory_mib: int | None, timeout: float = 10.0) -> None:
-        """``vm.resize``. Needs ``max_vcpus``/``max_memory_mib`` from launch time; growing past
-        them or shrinking memory (ACPI hotplug only grows) raises ``VmmUnsupported``. Memory
-        grows in 128 MiB steps; new vCPUs must be onlined by the guest."""
+        """``vm.resize``, validated first against what the running VMM allows (``vm.info``,
+        not ``spec``): vCPUs within 1..``max_vcpus``; memory not below the current size
+        (ACPI hotplug only grows; CH would silently ignore a shrink), at most ``size +
+        hotplug_size``, grown by a multiple of 128 MiB, and at most 8 hot-adds per VMM.
+        A request outside those raises ``VmmInvalidRequest`` (nothing is changed). New
+        vCPUs must be onlined by the guest."""
         if vcpus is None and memory_mib is None:
             return
-        if vcpus is not None and not 1 <= vcpus <= max(spec.vcpus, spec.max_vcpus):
-            raise VmmUnsupported(
-                f"{vcpus} vCPUs is outside 1..{spec.max_vcpus}: restart with a larger maximum",
-                details={"vcpus": vcpus, "max_vcpus": spec.max_vcpus},
-            )
-        if memory_mib is not None and memory_mib > max(spec.memory_mib, spec.max_memory_mib):
-            raise VmmUnsupported(
-                f"{memory_mib} MiB is above the hotplug limit of {spec.max_memory_mib} MiB: restart needed",
-                details={"memory_mib": memory_mib, "max_memory_mib": spec.max_memory_mib},
-            )
-        if memory_mib is not None:
-            current = self.info(spec, timeout=timeout).memory_mib
-            if current is not None and memory_mib < current:
-                raise VmmUnsupported(
-                    "memory cannot shrink with ACPI hotplug: restart needed",
-                    details={"memory_mib": memory_mib, "current_mib": current},
-                )
+        paths = ChRuntimePaths(spec.runtime_dir)
         self._require_pid(spec)
         with self._client(spec, timeout) as api:
-            api.vm_resize(desired_vcpus=vcpus, desired_ram=memory_mib * MIB if memory_mib is not None else None)
+            data = api.vm_info()
+            config = data.get("config") or {}
+            cpus = config.get("cpus") or {}
+            memory = config.get("memory") or {}
+            current_vcpus = int(cpus.get("boot_vcpus") or 1)
+            max_vcpus = int(cpus.get("max_vcpus") or current_vcpus)
+            if vcpus == current_vcpus:
+                vcpus = None
+            if vcpus is not None and not 1 <= vcpus <= max_vcpus:
+                raise VmmInvalidRequest(
+                    f"{vcpus} vCPUs is outside 1..{max_vcpus}, the range this VM was started with; "
+                    "stop the VM to change its maximum",
+                    details={"vcpus": vcpus, "max_vcpus": max_vcpus},
+                )
+            ram: int | None = None
+            if memory_mib is not None:
+                size = int(memory.get("size") or 0)
+                actual = data.get("memory_actual_size")
+                current = actual if isinstance(actual, int) else size + int(memory.get("hotplugged_size") or 0)
+                limit = size + int(memory.get("hotplug_size") or 0)
+                wanted = memory_mib * MIB
+                step = HOTPLUG_STEP_MIB * MIB
+                if wanted < current:
+                    raise VmmInvalidRequest(
+                        f"memory cannot shrink while the VM runs ({memory_mib} MiB < {current // MIB} MiB): "
+                        "stop the VM to lower it",
+                        details={"memory_mib": memory_mib, "current_mib": current // MIB},
+                    )
+                if wanted > limit:
+                    raise VmmInvalidRequest(
+                        f"{memory_mib} MiB is above the {limit // MIB} MiB this VM can grow to while running; "
+                        "stop the VM to raise its maximum",
+                        details={"memory_mib": memory_mib, "max_memory_mib": limit // MIB},
+                    )
+                if wanted > current:
+                    if (wanted - current) % step:
+                        raise VmmInvalidRequest(
+                            f"memory grows in steps of {HOTPLUG_STEP_MIB} MiB while the VM runs: "
+                            f"{memory_mib} MiB is {(wanted - current) // MIB} MiB above the current "
+                            f"{current // MIB} MiB",
+                            details={"memory_mib": memory_mib, "current_mib": current // MIB, "step_mib": 128},
+                        )
+                    if self._hotplugs_done(paths) >= HOTPLUG_SLOTS:
+                        raise VmmInvalidRequest(
+                            f"this VM's memory was already grown {HOTPLUG_SLOTS} times, the most "
+                            "cloud-hypervisor allows while it runs: stop and start it to grow again",
+                            details={"hotplugs": HOTPLUG_SLOTS},
+                        )
+                    ram = wanted
+            if vcpus is None and ram is None:
+                return
+            api.vm_resize(desired_vcpus=vcpus, desired_ram=ram)
+            if ram is not None:
+                _write_atomic(paths.hotplugs, f"{self._hotplugs_done(paths) + 1}\n")
 
     def counters(self, spec: VmSpec, *, timeout: float = 5.0) -> dict[str, dict[str, int]]:
         """``vm.counters``: per device id (``disk0``, ``net0``...) its counters."""
@@ -1056,79 +1237,161 @@ class CloudHypervisorDriver:
 
     # -- snapshot / restore ---------------------------------------------------------------
 
-    def snapshot(self, spec: VmSpec, dest_dir: Path, *, copy_disk: bool = True, timeout: float = 120.0) -> ChSnapshot:
-        """Pause -> ``vm.snapshot file://dest_dir`` -> resume (only if it was running).
+    def snapshot(
+        self, spec: VmSpec, dest_dir: Path, *, include_memory: bool = True, timeout: float = 300.0
+    ) -> SnapshotMeta:
+        """Snapshot ``spec`` into ``dest_dir``; writes and returns ``snapshot.json``.
 
-        CH does not copy disks; with ``copy_disk`` the overlay is copied while the VM is still
-        paused, so disk and memory are consistent. Writes ``microvm-snapshot.json`` (VMM
-        version, vm id) beside CH's ``config.json``/``state.json``/``memory-ranges``."""
+        With memory (the VM must be Running or Paused): pause -> ``vm.snapshot`` (CH's
+        ``config.json``, ``state.json``, ``memory-ranges``) -> copy of the overlay and of any
+        hot-added disk inside the runtime directory, while still paused, so disk and memory
+        agree -> resume (only if it was running).
+
+        Disk only (``include_memory=False``): CH cannot leave memory out of ``vm.snapshot``,
+        so no ``vm.snapshot`` is taken: a running VM is paused just for the overlay copy (a
+        crash-consistent disk), a stopped one (no VMM, or a VM not running) is copied as it is;
+        restoring it boots the copy. A memory snapshot of a stopped VM raises
+        ``VmmStateError``. CH shares no disk layers: every snapshot holds a private copy."""
+        started = time.monotonic()
         paths = ChRuntimePaths(spec.runtime_dir)
-        self._require_pid(spec)
         dest_dir = dest_dir.resolve()
         dest_dir.mkdir(parents=True, exist_ok=True)
-        with self._client(spec, timeout) as api:
-            version = str(api.vmm_ping().get("version", ""))
-            state = str(api.vm_info().get("state"))
-            if state not in ("Running", "Paused"):
-                raise VmmStateError(f"cannot snapshot a VM in state {state}", details={"state": state})
-            was_running = state == "Running"
-            if was_running:
-                api.vm_pause()
-            try:
-                api.vm_snapshot(_file_url(dest_dir), timeout=timeout)
-                if copy_disk:
-                    shutil.copyfile(paths.overlay, dest_dir / SNAPSHOT_OVERLAY)
-            finally:
+        if not paths.overlay.is_file():
+            raise VmmError("the VM has no disk overlay to snapshot", details={"path": str(paths.overlay)})
+        pid = self.vmm_pid(spec)
+        pause_ms = 0
+        vcpus, memory_mib = spec.vcpus, spec.memory_mib
+        extra_disks: dict[str, str] = {}
+        if pid is None:
+            if include_memory:
+                raise VmmStateError("a memory snapshot needs a running VM; take a disk-only snapshot instead")
+            version = self.version()
+            _copy_file(paths.overlay, dest_dir / SNAPSHOT_OVERLAY)
+        else:
+            with self._client(spec, min(timeout, 30.0)) as api:
+                version = str(api.vmm_ping().get("version", ""))
+                data = api.vm_info()
+                state = str(data.get("state"))
+                config = data.get("config") or {}
+                vcpus = int((config.get("cpus") or {}).get("boot_vcpus") or vcpus)
+                actual = data.get("memory_actual_size")
+                memory_mib = actual // MIB if isinstance(actual, int) else memory_mib
+                live = state in ("Running", "Paused")
+                if include_memory and not live:
+                    raise VmmStateError(
+                        f"cannot snapshot the memory of a VM in state {state}", details={"state": state}
+                    )
+                was_running = state == "Running"
+                paused_at = time.monotonic()
                 if was_running:
-                    api.vm_resume()
-        meta = {"driver": self.name, "vmm_version": version, "vm_id": spec.vm_id, "disk_copied": copy_disk}
-        _write_atomic(dest_dir / SNAPSHOT_META, json.dumps(meta, sort_keys=True))
-        return ChSnapshot(path=dest_dir, vmm_version=version, disk_copied=copy_disk)
+                    api.vm_pause()
+                try:
+                    if include_memory:
+                        api.vm_snapshot(_file_url(dest_dir), timeout=timeout)
+                    _copy_file(paths.overlay, dest_dir / SNAPSHOT_OVERLAY)
+                    extra_disks = self._copy_extra_disks(config, paths, dest_dir)
+                except BaseException:
+                    for name in (*_CH_SNAPSHOT_FILES, SNAPSHOT_OVERLAY, *extra_disks.values()):
+                        _unlink(dest_dir / name)
+                    raise
+                finally:
+                    if was_running:
+                        api.vm_resume()
+                    pause_ms = int((time.monotonic() - paused_at) * 1000) if was_running else 0
+        meta = SnapshotMeta(
+            driver=self.name,
+            vmm_version=version,
+            vm_id=spec.vm_id,
+            include_memory=include_memory,
+            vcpus=vcpus,
+            memory_mib=memory_mib,
+            disk_gib=spec.disk_gib,
+            acceleration="kvm",
+            disk_layer=SNAPSHOT_OVERLAY,
+            state_file=SNAPSHOT_STATE if include_memory else None,
+            backing_chain=[],
+            pause_ms=pause_ms,
+            total_ms=int((time.monotonic() - started) * 1000),
+            created_unix=time.time(),
+            extra={
+                "runtime_dir": str(spec.runtime_dir.resolve()),
+                "memory_hotplugs": self._hotplugs_done(paths) if include_memory else 0,
+                "extra_disks": extra_disks,
+            },
+        )
+        meta.write(dest_dir)
+        return meta
 
-    def restore(self, spec: VmSpec, src_dir: Path, *, resume: bool = True, timeout: float = 120.0) -> LaunchResult:
-        """Restore ``src_dir`` into a fresh VMM for ``spec`` (``PUT vm.restore``).
+    @staticmethod
+    def _copy_extra_disks(config: JsonObject, paths: ChRuntimePaths, dest_dir: Path) -> dict[str, str]:
+        """Copy hot-added disks that live in the runtime directory (a clone gets its own copy
+        at the same relative place); returns ``{relative path: snapshot file name}``."""
+        root = str(paths.root.resolve())
+        copied: dict[str, str] = {}
+        for disk in config.get("disks") or []:
+            path = str(disk.get("path") or "")
+            if disk.get("id") == "disk0" or not path.startswith(root + "/"):
+                continue
+            relative = path[len(root) + 1 :]
+            name = f"disk-{len(copied)}-{Path(relative).name}"
+            _copy_file(Path(path), dest_dir / name)
+            copied[relative] = name
+        return copied
 
-        The snapshot's ``config.json`` names the original VM's sockets, disk and TAP; a staged
-        copy is rewritten with this spec's paths (so a clone can run beside the original) and
-        the large files are symlinked, not copied. The snapshot's disk copy, if any, replaces
-        this VM's overlay. ``VmmStateError`` if a VMM already runs for ``spec``."""
+    def restore(self, spec: VmSpec, src_dir: Path, *, timeout: float = 120.0) -> LaunchResult:
+        """Start ``spec`` from the snapshot in ``src_dir`` (verify its manifest first).
+
+        ``spec`` may be another VM (a clone): it gets its own identity. The snapshot's
+        overlay copy (and hot-added disks) are copied into ``spec``'s runtime directory; a
+        memory snapshot's ``config.json`` is rewritten for ``spec`` in a staging copy
+        (``rewrite_snapshot_config``: sockets, overlay, CID, TAP, MAC, hot-added devices'
+        paths; the big files are symlinked), restored into a fresh VMM (``vm.restore``)
+        and resumed. A disk-only snapshot boots ``spec`` on the copied disk.
+        ``VmmStateError`` when a VMM already runs for ``spec``; ``VmmError`` for a snapshot
+        of another driver or of another cloud-hypervisor version (not portable)."""
         paths = ChRuntimePaths(spec.runtime_dir)
         src_dir = src_dir.resolve()
+        meta = SnapshotMeta.read(src_dir)
+        if meta.driver != self.name:
+            raise VmmError(f"this snapshot was taken by {meta.driver}, not {self.name}")
         _check_socket_paths(paths)
         if self.vmm_pid(spec) is not None:
             raise VmmStateError("a VMM already runs for this VM; restore needs a fresh one", details={})
-        try:
-            config = json.loads((src_dir / "config.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise VmmError(f"not a snapshot directory: {src_dir}", details={"cause": repr(exc)}) from exc
+        config: JsonObject | None = None
+        if meta.include_memory:
+            here = self.version()
+            if meta.vmm_version and here and _version_key(meta.vmm_version) != _version_key(here):
+                raise VmmError(
+                    f"snapshot taken with cloud-hypervisor {meta.vmm_version}, this host runs {here}",
+                    details={"snapshot": meta.vmm_version, "host": here},
+                )
+            try:
+                config = json.loads((src_dir / SNAPSHOT_CONFIG).read_text())
+            except (OSError, ValueError) as exc:
+                raise VmmError(f"not a cloud-hypervisor snapshot: {src_dir}", details={"cause": repr(exc)}) from exc
+            config = rewrite_snapshot_config(config, spec, original_dir=str(meta.extra.get("runtime_dir") or ""))
         paths.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         _write_atomic(paths.spec_file, spec.to_json())
-        if (src_dir / SNAPSHOT_OVERLAY).exists():
-            tmp = paths.root / ".overlay.qcow2.tmp"
-            shutil.copyfile(src_dir / SNAPSHOT_OVERLAY, tmp)
-            os.replace(tmp, paths.overlay)
-        elif not paths.overlay.exists():
-            self.prepare(spec)
-
-        fresh = build_vm_config(spec)
-        config["serial"] = fresh["serial"]
-        config["console"] = fresh["console"]
-        if isinstance(config.get("vsock"), dict):
-            config["vsock"]["socket"] = fresh["vsock"]["socket"]
-        for disk in config.get("disks") or []:
-            if disk.get("id") == "disk0":
-                disk["path"] = str(paths.overlay)
-        for net in config.get("net") or []:
-            if net.get("id") == "net0" and spec.tap:
-                net["tap"] = spec.tap
+        layer = src_dir / (meta.disk_layer or SNAPSHOT_OVERLAY)
+        if not layer.is_file():
+            raise VmmError("the snapshot's disk copy is missing", details={"path": str(layer)})
+        _copy_file(layer, paths.overlay)
+        for relative, name in dict(meta.extra.get("extra_disks") or {}).items():
+            target = (paths.root / relative).resolve()
+            if not str(target).startswith(str(paths.root.resolve()) + "/"):
+                raise VmmError("the snapshot names a disk outside the runtime directory", details={"disk": relative})
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _copy_file(src_dir / name, target)
+        if config is None:
+            return self.launch(spec, timeout=timeout)
 
         staging = paths.root / "restore"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
         for entry in src_dir.iterdir():
-            if entry.name not in ("config.json", SNAPSHOT_OVERLAY, SNAPSHOT_META):
+            if entry.name in _CH_SNAPSHOT_FILES and entry.name != SNAPSHOT_CONFIG:
                 (staging / entry.name).symlink_to(entry)
-        _write_atomic(staging / "config.json", json.dumps(config))
+        _write_atomic(staging / SNAPSHOT_CONFIG, json.dumps(config))
 
         deadline = time.monotonic() + timeout
         pid = self._spawn(spec)
@@ -1136,9 +1399,27 @@ class CloudHypervisorDriver:
             ping = self._wait_for_api(spec, pid, min(30.0, timeout))
             with self._client(spec, max(1.0, deadline - time.monotonic())) as api:
                 api.vm_restore(_file_url(staging))
-                if resume:
-                    api.vm_resume()
-        except VmmError:
+                _write_atomic(paths.hotplugs, f"{int(meta.extra.get('memory_hotplugs') or 0)}\n")
+                api.vm_resume()
+        except VmmError as exc:
             self.shutdown(spec, force=True)
+            if isinstance(exc.details, dict):
+                exc.details.setdefault("log", log_tail(spec.runtime_dir, 2000))
             raise
         return LaunchResult(pid=pid, driver=self.name, acceleration="kvm", vmm_version=str(ping.get("version", "")))
+
+
+def _copy_file(src: Path, dest: Path) -> None:
+    """Copy ``src`` to ``dest`` through a temporary name (readers never see a partial file)."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    try:
+        shutil.copyfile(src, tmp)
+    except OSError as exc:
+        _unlink(tmp)
+        raise VmmError(f"cannot copy {src.name}: {exc}", details={"src": str(src), "dest": str(dest)}) from exc
+    os.replace(tmp, dest)
+
+
+if TYPE_CHECKING:
+    # mypy checks that the driver satisfies the whole Driver protocol.
+    _conforms: Driver = CloudHypervisorDriver()
