@@ -3,8 +3,9 @@
 The host daemon (docs/hostd.md) holds each VM's serial port and its history (``serial.log`` on
 the VM's host, the newest part in a ring): output reaches viewers through its console stream
 (absolute byte offsets, replay then live, each viewer an independent cursor), input goes
-through its ``console_write``. Web processes never read the log or write to the serial
-socket themselves. Who may type (one writer at a time) is decided here, not by hostd.
+through its ``console_write``. Web processes never write to the serial socket or follow the
+log themselves (only the log download reads ``serial.log`` from disk, on the VM's host). Who
+may type (one writer at a time) is decided here, not by hostd.
 """
 
 from __future__ import annotations
@@ -139,6 +140,9 @@ def console_writer_release(vm_id, *, session: str, username: str) -> bool:
 
 INPUT_TIMEOUT_SECONDS = 5.0  # one console_write, on the event loop
 ATTACH_TIMEOUT_SECONDS = 10.0
+# Console events (hostd sends at most 64 KiB each) a viewer's stream may hold before hostd
+# waits: with the client's read buffers, well under 1 MiB per viewer that stops acking.
+STREAM_QUEUE_FRAMES = 4
 
 _UNAVAILABLE_MESSAGES = {
     "hostd_unavailable": "The console service (hostd) is not running on the VM's host.",
@@ -174,11 +178,11 @@ class ConsoleStart:
 class HostdConsole:
     """One viewer's connections to hostd for one VM's console (asyncio; use one per websocket).
 
-    Output is a ``console_attach`` stream on its own connection. The client's bounded
-    per-stream queue (64 frames of at most 64 KiB) is the only buffer: a viewer that stops
-    taking output stops that connection's reads, and hostd's stream for it waits (nobody
-    else is affected). Input goes over a second connection, opened on the first keystroke,
-    so that typing never waits behind output the viewer has not acknowledged yet."""
+    Output is a ``console_attach`` stream on its own connection. Its queue
+    (STREAM_QUEUE_FRAMES events) is the only buffer: a viewer that stops taking output stops
+    that connection's reads, and hostd's stream for it waits (nobody else is affected).
+    Input goes over a second connection, opened on the first keystroke, so that typing
+    never waits behind output the viewer has not acknowledged yet."""
 
     def __init__(self, vm_id, *, socket_path: Path | str | None = None) -> None:
         self.vm_id = str(vm_id)
@@ -195,11 +199,13 @@ class HostdConsole:
         restarted_from = None
         try:
             self._output = await AsyncHostdClient(self.socket_path, timeout=ATTACH_TIMEOUT_SECONDS).connect()
-            sub = await self._output.console_attach(self.vm_id, offset=back if offset is None else offset)
+            sub = await self._output.console_attach(
+                self.vm_id, offset=back if offset is None else offset, queue_frames=STREAM_QUEUE_FRAMES
+            )
             if offset is not None and offset > sub.result.get("end_offset", offset):
                 await sub.close()
                 restarted_from = offset
-                sub = await self._output.console_attach(self.vm_id, offset=back)
+                sub = await self._output.console_attach(self.vm_id, offset=back, queue_frames=STREAM_QUEUE_FRAMES)
         except HostdError as exc:
             await self.close()
             raise _unavailable(exc) from exc
