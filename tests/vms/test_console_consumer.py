@@ -82,6 +82,16 @@ class Hostd:
         self.loop.call_soon_threadsafe(self.daemon.request_stop)
         self.thread.join(10)
 
+    def viewer_write_buffers(self) -> list[int]:
+        """Bytes hostd has queued (not yet taken by the client) per client connection."""
+        assert self.loop and self.daemon
+        daemon = self.daemon
+
+        async def sizes() -> list[int]:
+            return [s.writer.transport.get_write_buffer_size() for s in daemon.sessions]
+
+        return asyncio.run_coroutine_threadsafe(sizes(), self.loop).result(10)
+
     def console_info(self, vm_id) -> dict:
         with HostdClient(self.config.socket_path, timeout=10) as client:
             return client.call("console_info", {"vm_id": str(vm_id)})[0]
@@ -381,6 +391,23 @@ async def test_a_viewer_never_has_more_than_a_window_unacknowledged(make_vm, own
     assert await sent_so_far(comm) == 2 * WINDOW + 1000
     await comm.send_to(text_data=json.dumps({"type": "ack", "offset": True}))  # not a number: ignored
     assert await comm.receive_nothing(timeout=0.3)
+    await comm.disconnect()
+    assert got == vm.vmm.log.read_bytes()[: len(got)]
+
+
+async def test_a_viewer_that_does_not_ack_makes_hostd_wait_and_then_catches_up(make_vm, owner, hostd):
+    vm = await database_sync_to_async(make_vm)(os.urandom(2 << 20))
+    comm, _, _ = await connect(vm, owner, "?offset=0")
+    await hello(comm)
+    got = await read_bytes(comm, WINDOW)
+    # The consumer stops reading its stream: hostd's writes towards it back up (a consumer that
+    # buffered instead would have taken the whole 2 MiB at once and left nothing queued).
+    await asyncio.to_thread(wait_for, lambda: max(hostd.viewer_write_buffers()) > 0, what="hostd waiting")
+    await comm.receive_nothing(timeout=0.5)
+    assert max(hostd.viewer_write_buffers()) > 0
+    while len(got) < 300_000:  # acknowledging again resumes the stream where it stopped
+        await comm.send_to(text_data=json.dumps({"type": "ack", "offset": len(got)}))
+        got += await read_bytes(comm, WINDOW)
     await comm.disconnect()
     assert got == vm.vmm.log.read_bytes()[: len(got)]
 
