@@ -141,6 +141,15 @@ class VmConsoleConsumer(AsyncWebsocketConsumer):
         self.pump = asyncio.create_task(self._pump())
         self.beat = asyncio.create_task(self._heartbeat())
 
+    async def dispatch(self, message):
+        # Channels runs close_old_connections() on the shared database thread before every
+        # message; keystrokes and acks must not queue behind other consumers' queries there.
+        # Frames that need the database use database_sync_to_async, which does that itself.
+        if message["type"] == "websocket.receive":
+            await self.websocket_receive(message)
+            return
+        await super().dispatch(message)
+
     def _audit(self, action: str) -> None:
         from django.db import transaction
 

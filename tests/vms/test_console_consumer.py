@@ -484,6 +484,20 @@ async def test_input_is_bounded(console_vm, owner):
     await comm.disconnect()
 
 
+async def test_input_and_output_never_wait_for_the_database_thread(console_vm, owner):
+    comm, _, _ = await connect(console_vm, owner)
+    await hello(comm)
+    release = threading.Event()
+    blocked = asyncio.ensure_future(database_sync_to_async(release.wait)(20))  # the shared database thread
+    try:
+        await comm.send_to(bytes_data=b"while the database thread is busy\n")
+        await read_until(comm, b"echo: while the database thread is busy\n")
+    finally:
+        release.set()
+        await blocked
+    await comm.disconnect()
+
+
 async def test_input_errors_say_why(root, hostd):
     console = HostdConsole("no-such-vm")
     with pytest.raises(ConsoleUnavailable) as err:
