@@ -1,18 +1,19 @@
-"""Serial consoles: tickets, the single-writer role, and reading the console log.
+"""Serial consoles: tickets, the single-writer role, and the connection to hostd's console.
 
-Output comes from ``serial.log`` in the VM's runtime directory, which the VMM (QEMU's chardev
-``logfile=``) or the host daemon appends to whether or not anybody watches: nothing the guest
-writes is lost, any number of viewers read it independently from byte offsets, and a slow
-viewer only lags behind (each viewer has at most ``SANDBOX_CONSOLE_WINDOW_BYTES`` unacknowledged
-bytes in flight) without slowing the VM or other viewers. Input goes to the serial socket.
+The host daemon (docs/hostd.md) holds each VM's serial port and its history (``serial.log`` on
+the VM's host, the newest part in a ring): output reaches viewers through its console stream
+(absolute byte offsets, replay then live, each viewer an independent cursor), input goes
+through its ``console_write``. Web processes never write to the serial socket or follow the
+log themselves (only the log download reads ``serial.log`` from disk, on the VM's host). Who
+may type (one writer at a time) is decided here, not by hostd.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-import os
 import secrets
-import socket
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,13 +25,15 @@ from accounts.audit import audit_record
 from accounts.services import user_has_perm
 from sandbox_site.errors import ApplicationError, ConflictError, NotPermitted
 from vms import hypervisor
-from vms.models import VM, VmState
+from vms.hostd.client import AsyncHostdClient, HostdError, HostdRequestError, Subscription
+from vms.models import VM
 
 WRITER_TTL_SECONDS = 90  # refreshed by the writer's heartbeats (every 20 s)
 INPUT_MAX_BYTES = 4096
 
 
 def console_log_path(vm_id) -> Path:
+    """The VM's whole console history on disk (on the VM's host: the log download reads it)."""
     return hypervisor.runtime_dir(vm_id) / "serial.log"
 
 
@@ -133,50 +136,120 @@ def console_writer_release(vm_id, *, session: str, username: str) -> bool:
     return False
 
 
-# --- output and input -----------------------------------------------------------------
+# --- through hostd ---------------------------------------------------------------------
+
+INPUT_TIMEOUT_SECONDS = 5.0  # one console_write, on the event loop
+ATTACH_TIMEOUT_SECONDS = 10.0
+# Console events (hostd sends at most 64 KiB each) a viewer's stream may hold before hostd
+# waits: with the client's read buffers, well under 1 MiB per viewer that stops acking.
+STREAM_QUEUE_FRAMES = 4
+
+_UNAVAILABLE_MESSAGES = {
+    "hostd_unavailable": "The console service (hostd) is not running on the VM's host.",
+    "vm_not_running": "The VM is not running.",
+    "vm_stopped": "The VM stopped.",
+    "console_unavailable": "The VM's serial port is not connected right now.",
+    "timeout": "The console service did not answer in time.",
+}
 
 
-def console_log_size(vm_id) -> int:
-    try:
-        return os.stat(console_log_path(vm_id)).st_size
-    except OSError:
-        return 0
+class ConsoleUnavailable(ConflictError):
+    """The console cannot be served right now; ``code`` says why (``hostd_unavailable``,
+    ``vm_not_running``, ``vm_stopped``, ``console_unavailable``, ``timeout``, or another code
+    of hostd's). A viewer retries later."""
+
+    code = "console_unavailable"
 
 
-def console_log_read(vm_id, offset: int, limit: int) -> bytes:
-    """Up to ``limit`` bytes of the console log from absolute byte ``offset`` (blocking I/O:
-    call it from a thread in async code)."""
-    try:
-        with open(console_log_path(vm_id), "rb") as fh:
-            fh.seek(offset)
-            return fh.read(limit)
-    except OSError:
-        return b""
+def _unavailable(exc: Exception) -> ConsoleUnavailable:
+    code = getattr(exc, "code", None) if isinstance(exc, HostdError) else "timeout"
+    code = code or "console_unavailable"
+    message = _UNAVAILABLE_MESSAGES.get(code) or f"The console is not reachable right now: {exc}"
+    return ConsoleUnavailable(message, code=code)
 
 
-def console_input(*, vm: VM, data: bytes) -> None:
-    """Send keystrokes to the guest's serial port (blocking, bounded by a timeout)."""
-    if len(data) > INPUT_MAX_BYTES:
-        raise ApplicationError(f"At most {INPUT_MAX_BYTES} bytes of input at once.")
-    if vm.state != VmState.RUNNING:
-        raise ConflictError(f"The VM is {vm.state}; its console takes no input.")
-    # The host daemon holds the serial socket (QEMU serves one client); without it, write directly.
-    if settings.SANDBOX_HOSTD_SOCKET.exists():
-        from vms.hostd.client import HostdClient, HostdError, HostdUnavailable
+@dataclass(frozen=True)
+class ConsoleStart:
+    offset: int  # absolute offset of the first byte the stream delivers
+    end_offset: int  # the console's end when the stream started
+    restarted_from: int | None  # the requested offset lay beyond the console's end (log replaced)
 
+
+class HostdConsole:
+    """One viewer's connections to hostd for one VM's console (asyncio; use one per websocket).
+
+    Output is a ``console_attach`` stream on its own connection. Its queue
+    (STREAM_QUEUE_FRAMES events) is the only buffer: a viewer that stops taking output stops
+    that connection's reads, and hostd's stream for it waits (nobody else is affected).
+    Input goes over a second connection, opened on the first keystroke, so that typing
+    never waits behind output the viewer has not acknowledged yet."""
+
+    def __init__(self, vm_id, *, socket_path: Path | str | None = None) -> None:
+        self.vm_id = str(vm_id)
+        self.socket_path = socket_path or settings.SANDBOX_HOSTD_SOCKET
+        self._output: AsyncHostdClient | None = None
+        self._subscription: Subscription | None = None
+        self._input: AsyncHostdClient | None = None
+
+    async def attach(self, offset: int | None, *, scrollback: int) -> ConsoleStart:
+        """Start the stream at absolute ``offset``, or with the last ``scrollback`` bytes when
+        None. An offset beyond the console's end (its log was replaced) starts like a new
+        viewer and says so in ``restarted_from``. Raises ``ConsoleUnavailable``."""
+        back = -scrollback if scrollback > 0 else None
+        restarted_from = None
         try:
-            with HostdClient(settings.SANDBOX_HOSTD_SOCKET, timeout=5.0) as client:
-                client.call("console_write", {"vm_id": str(vm.pk)}, data, timeout=5.0)
-            return
-        except HostdUnavailable:
-            pass  # daemon not running: fall through to the socket
+            self._output = await AsyncHostdClient(self.socket_path, timeout=ATTACH_TIMEOUT_SECONDS).connect()
+            sub = await self._output.console_attach(
+                self.vm_id, offset=back if offset is None else offset, queue_frames=STREAM_QUEUE_FRAMES
+            )
+            if offset is not None and offset > sub.result.get("end_offset", offset):
+                await sub.close()
+                restarted_from = offset
+                sub = await self._output.console_attach(self.vm_id, offset=back, queue_frames=STREAM_QUEUE_FRAMES)
         except HostdError as exc:
-            raise ConflictError(f"The console is not reachable right now: {exc}") from exc
-    path = hypervisor.runtime_dir(vm.pk) / "serial.sock"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(3.0)
+            await self.close()
+            raise _unavailable(exc) from exc
+        self._subscription = sub
+        return ConsoleStart(
+            offset=int(sub.result["offset"]),
+            end_offset=int(sub.result.get("end_offset", sub.result["offset"])),
+            restarted_from=restarted_from,
+        )
+
+    async def output(self) -> AsyncIterator[tuple[int, bytes]]:
+        """``(offset, data)`` in order, replay then live; an offset beyond the previous
+        chunk's end means the bytes in between no longer exist. Ends by raising
+        ``ConsoleUnavailable``: ``vm_stopped`` (the VM stopped) or ``hostd_unavailable``."""
+        assert self._subscription is not None, "attach first"
+        async for frame in self._subscription:
+            header = frame.header
+            if header.get("ev") == "end":
+                raise ConsoleUnavailable(_UNAVAILABLE_MESSAGES["vm_stopped"], code="vm_stopped")
+            offset = header.get("offset")
+            if header.get("ev") == "console" and isinstance(offset, int) and frame.data:
+                yield offset, frame.data
+        raise ConsoleUnavailable(_UNAVAILABLE_MESSAGES["hostd_unavailable"], code="hostd_unavailable")
+
+    async def write(self, data: bytes) -> None:
+        """Send keystrokes to the guest's serial port, waiting at most INPUT_TIMEOUT_SECONDS.
+        The caller decides who may type. Raises ``ConsoleUnavailable``."""
+        if len(data) > INPUT_MAX_BYTES:
+            raise ApplicationError(f"At most {INPUT_MAX_BYTES} bytes of input at once.")
         try:
-            sock.connect(str(path))
-            sock.sendall(data)
-        except OSError as exc:
-            raise ConflictError("The console is not reachable right now.") from exc
+            if self._input is None:
+                self._input = await AsyncHostdClient(self.socket_path, timeout=INPUT_TIMEOUT_SECONDS).connect()
+            await asyncio.wait_for(self._input.console_write(self.vm_id, data), INPUT_TIMEOUT_SECONDS)
+        except (HostdError, TimeoutError) as exc:
+            if not isinstance(exc, HostdRequestError):  # the connection may be unusable: reopen next time
+                client, self._input = self._input, None
+                if client is not None:
+                    await client.close()
+            raise _unavailable(exc) from exc
+
+    async def close(self) -> None:
+        """Close both connections (hostd ends their streams)."""
+        self._subscription = None
+        for client in (self._output, self._input):
+            if client is not None:
+                await client.close()
+        self._output = self._input = None

@@ -1,5 +1,6 @@
 import asyncio
 import json
+import logging
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer, AsyncWebsocketConsumer
@@ -7,6 +8,8 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer, AsyncWebsocke
 from sandbox_site.errors import ApplicationError
 from vms import selectors
 from vms.events import user_group, vm_group
+
+logger = logging.getLogger(__name__)
 
 
 class VmEventsConsumer(AsyncJsonWebsocketConsumer):
@@ -49,26 +52,34 @@ class VmEventsConsumer(AsyncJsonWebsocketConsumer):
 
 
 class VmConsoleConsumer(AsyncWebsocketConsumer):
-    """``/ws/vms/<id>/console/[?offset=N][&ticket=T]``: serial console of one VM.
+    """``/ws/vms/<id>/console/[?offset=N][&ticket=T]``: serial console of one VM, served from
+    the host daemon's console stream (one ``consoles.HostdConsole`` per websocket).
 
     Server -> client: binary frames = console bytes (in order, from ``offset``); text JSON:
-    ``hello`` (start offset, role), ``role`` (writer changed), ``ping``, ``error``.
-    Client -> server: binary frames = keystrokes (writer only); text JSON: ``ack`` (bytes
-    received so far: flow control), ``takeover``, ``ping``/``pong``, ``resize`` (ignored: a serial
-    line has no size). Without ``offset`` the viewer gets the last SANDBOX_CONSOLE_SCROLLBACK_BYTES
-    first, then live output; a reconnecting viewer passes the offset it reached and gets exactly
-    what it missed (minus anything that no longer exists, reported as a ``gap``).
+    ``hello`` (start offset, role, window), ``role`` (writer changed), ``ping``/``pong``,
+    ``gap`` (bytes from..to no longer exist), ``error`` (``code``, ``message``; ``closing``
+    when the socket closes next). Client -> server: binary frames = keystrokes (writer only);
+    text JSON: ``ack`` (bytes received so far: flow control), ``takeover``, ``ping``/``pong``,
+    ``input`` (text keystrokes), ``resize`` (ignored: a serial line has no size). Without
+    ``offset`` the viewer gets the last SANDBOX_CONSOLE_SCROLLBACK_BYTES first, then live
+    output; a reconnecting viewer passes the offset it reached and gets exactly what it missed.
+
+    Close codes: 4401/4403/4404 refused (no retry); 4409 the VM is not running or stopped,
+    4503 hostd unreachable (the page retries with backoff, from its offset).
     """
 
-    poll_interval = 0.05
     heartbeat_seconds = 20.0
-    chunk = 32 * 1024
+    CLOSE_VM_NOT_RUNNING = 4409
+    CLOSE_UNAVAILABLE = 4503
 
     async def connect(self):
         from urllib.parse import parse_qs
 
+        from django.conf import settings
+
         from vms import consoles
 
+        self.opened = False
         self.vm_id = str(self.scope["url_route"]["kwargs"]["vm_id"])
         query = parse_qs(self.scope.get("query_string", b"").decode(errors="replace"))
         user = self.scope.get("user")
@@ -89,20 +100,23 @@ class VmConsoleConsumer(AsyncWebsocketConsumer):
             await self.close(code=4403)
             return
         self.can_write = access.can_write
-        size = await asyncio.to_thread(consoles.console_log_size, self.vm_id)
         try:
-            requested = int((query.get("offset") or ["-1"])[0])
+            requested: int | None = int((query.get("offset") or [""])[0])
         except ValueError:
-            requested = -1
-        from django.conf import settings
-
-        self.window = settings.SANDBOX_CONSOLE_WINDOW_BYTES
-        self.offset = (
-            max(0, size - settings.SANDBOX_CONSOLE_SCROLLBACK_BYTES) if requested < 0 else min(requested, size)
-        )
-        self.acked = self.offset
-        self.writer = False
+            requested = None
+        if requested is not None and requested < 0:
+            requested = None
+        self.window = max(1, settings.SANDBOX_CONSOLE_WINDOW_BYTES)
+        self.console = consoles.HostdConsole(self.vm_id)
         await self.accept()
+        try:
+            start = await self.console.attach(requested, scrollback=settings.SANDBOX_CONSOLE_SCROLLBACK_BYTES)
+        except consoles.ConsoleUnavailable as exc:
+            await self._end(exc)
+            return
+        self.offset = self.acked = start.offset  # next byte to send / bytes the viewer confirmed
+        self.acked_changed = asyncio.Event()
+        self.writer = False
         await self.channel_layer.group_add(consoles.console_group(self.vm_id), self.channel_name)
         if self.can_write:
             self.writer = await database_sync_to_async(consoles.console_writer_claim)(
@@ -113,15 +127,28 @@ class VmConsoleConsumer(AsyncWebsocketConsumer):
             {
                 "type": "hello",
                 "offset": self.offset,
-                "size": size,
+                "size": start.end_offset,
+                "window": self.window,
                 "writer": self.writer,
                 "can_write": self.can_write,
                 "writer_user": holder and holder["user"],
             }
         )
+        if start.restarted_from is not None:  # the console's history was replaced since then
+            await self._send_json({"type": "gap", "from": start.restarted_from, "to": self.offset})
+        self.opened = True
         await database_sync_to_async(self._audit)("console.open")
         self.pump = asyncio.create_task(self._pump())
         self.beat = asyncio.create_task(self._heartbeat())
+
+    async def dispatch(self, message):
+        # Channels runs close_old_connections() on the shared database thread before every
+        # message; keystrokes and acks must not queue behind other consumers' queries there.
+        # Frames that need the database use database_sync_to_async, which does that itself.
+        if message["type"] == "websocket.receive":
+            await self.websocket_receive(message)
+            return
+        await super().dispatch(message)
 
     def _audit(self, action: str) -> None:
         from django.db import transaction
@@ -134,25 +161,41 @@ class VmConsoleConsumer(AsyncWebsocketConsumer):
     async def _send_json(self, message: dict) -> None:
         await self.send(text_data=json.dumps(message))
 
+    async def _end(self, exc: ApplicationError) -> None:
+        """Tell the viewer why the console stops, and close (the page retries from its offset)."""
+        await self._send_json({"type": "error", "code": exc.code, "message": exc.message, "closing": True})
+        stopped = exc.code in ("vm_not_running", "vm_stopped")
+        await self.close(code=self.CLOSE_VM_NOT_RUNNING if stopped else self.CLOSE_UNAVAILABLE)
+
     async def _pump(self) -> None:
-        """Follow the log from self.offset; never more than ``window`` unacknowledged bytes."""
+        """Forward hostd's stream; never more than ``window`` bytes unacknowledged. While the
+        window is full this task stops reading the stream, so hostd waits instead of anybody
+        buffering: at most one hostd chunk is held here."""
         from vms import consoles
 
-        while True:
-            if self.offset - self.acked >= self.window:
-                await asyncio.sleep(self.poll_interval)
-                continue
-            limit = min(self.chunk, self.window - (self.offset - self.acked))
-            data = await asyncio.to_thread(consoles.console_log_read, self.vm_id, self.offset, limit)
-            if not data:
-                size = await asyncio.to_thread(consoles.console_log_size, self.vm_id)
-                if size < self.offset:  # the log was replaced (VM re-created): start over
-                    await self._send_json({"type": "gap", "from": self.offset, "to": 0})
-                    self.offset = self.acked = 0
-                await asyncio.sleep(self.poll_interval)
-                continue
-            self.offset += len(data)
-            await self.send(bytes_data=data)
+        try:
+            async for start, data in self.console.output():
+                if start + len(data) <= self.offset:
+                    continue
+                if start < self.offset:
+                    data, start = data[self.offset - start :], self.offset
+                elif start > self.offset:  # those bytes no longer exist (log rotated or replaced)
+                    await self._send_json({"type": "gap", "from": self.offset, "to": start})
+                    self.offset = self.acked = start
+                while data:
+                    room = self.window - (self.offset - self.acked)
+                    if room <= 0:
+                        self.acked_changed.clear()
+                        await self.acked_changed.wait()
+                        continue
+                    piece, data = data[:room], data[room:]
+                    self.offset += len(piece)
+                    await self.send(bytes_data=piece)
+        except consoles.ConsoleUnavailable as exc:
+            await self._end(exc)
+        except Exception:
+            logger.exception("console of VM %s: forwarding failed", self.vm_id)
+            await self.close(code=1011)
 
     async def _heartbeat(self) -> None:
         from vms import consoles
@@ -165,26 +208,35 @@ class VmConsoleConsumer(AsyncWebsocketConsumer):
                     self.vm_id, session=self.channel_name, username=self.user.username
                 )
 
+    async def _input(self, data: bytes) -> None:
+        # Awaited on the event loop with a timeout (never in the shared database thread), and
+        # one message at a time: keystrokes stay in order and a stuck hostd stops this socket only.
+        if not self.writer:
+            await self._send_json({"type": "error", "code": "read_only", "message": "read-only: take over to type"})
+            return
+        try:
+            await self.console.write(data)
+        except ApplicationError as exc:
+            await self._send_json({"type": "error", "code": exc.code, "message": exc.message})
+
     async def receive(self, text_data=None, bytes_data=None):
         from vms import consoles
 
+        if not self.opened:
+            return
         if bytes_data is not None:
-            if not self.writer:
-                await self._send_json({"type": "error", "message": "read-only: take over to type"})
-                return
-            try:
-                await database_sync_to_async(consoles.console_input)(vm=self.vm, data=bytes_data)
-            except ApplicationError as exc:
-                await self._send_json({"type": "error", "message": exc.message})
+            await self._input(bytes_data)
             return
         try:
             message = json.loads(text_data or "")
             kind = message.get("type")
         except (ValueError, AttributeError):
-            await self._send_json({"type": "error", "message": "bad control frame"})
+            await self._send_json({"type": "error", "code": "bad_request", "message": "bad control frame"})
             return
-        if kind == "ack" and isinstance(message.get("offset"), int):
-            self.acked = max(self.acked, min(message["offset"], self.offset))
+        offset = message.get("offset")
+        if kind == "ack" and isinstance(offset, int) and not isinstance(offset, bool):
+            self.acked = max(self.acked, min(offset, self.offset))  # never beyond what was sent
+            self.acked_changed.set()
         elif kind == "ping":
             await self._send_json({"type": "pong", "offset": self.offset})
         elif kind == "takeover":
@@ -193,14 +245,14 @@ class VmConsoleConsumer(AsyncWebsocketConsumer):
                     vm=self.vm, actor=self.user, session=self.channel_name
                 )
             except ApplicationError as exc:
-                await self._send_json({"type": "error", "message": exc.message})
+                await self._send_json({"type": "error", "code": exc.code, "message": exc.message})
                 return
             await self.channel_layer.group_send(
                 consoles.console_group(self.vm_id),
                 {"type": "console.role", "session": holder["session"], "user": holder["user"]},
             )
         elif kind == "input" and isinstance(message.get("data"), str):
-            await self.receive(bytes_data=message["data"].encode()[: consoles.INPUT_MAX_BYTES])
+            await self._input(message["data"].encode()[: consoles.INPUT_MAX_BYTES])
 
     async def console_role(self, event):
         was_writer = self.writer
@@ -220,7 +272,10 @@ class VmConsoleConsumer(AsyncWebsocketConsumer):
         for task in (getattr(self, "pump", None), getattr(self, "beat", None)):
             if task is not None:
                 task.cancel()
-        if not hasattr(self, "vm"):
+        console = getattr(self, "console", None)
+        if console is not None:
+            await console.close()
+        if not getattr(self, "opened", False):
             return
         await self.channel_layer.group_discard(consoles.console_group(self.vm_id), self.channel_name)
         released = await database_sync_to_async(consoles.console_writer_release)(

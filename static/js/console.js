@@ -1,5 +1,7 @@
 /* Serial console in xterm.js: replay then live, resume from the last byte offset on
-   reconnect (nothing duplicated or lost), flow-control acks, one writer with explicit takeover. */
+   reconnect (nothing duplicated or lost), flow-control acks, one writer with explicit takeover.
+   The server closes with 4409 while the VM is not running and 4503 while the host daemon is
+   unreachable (after an `error` with `closing: true` saying why): both are retried with backoff. */
 (function () {
   "use strict";
   const root = document.getElementById("vm");
@@ -13,7 +15,7 @@
   const encoder = new TextEncoder();
 
   let term = null, fit = null, socket = null, offset = -1, acked = 0, writer = false, canWrite = false;
-  let retry = 1000, closing = false, pingTimer = null;
+  let retry = 1000, closing = false, pingTimer = null, ackEvery = 32768, lastError = "";
 
   function setStatus(text, kind) { statusEl.textContent = text; statusEl.className = `state ${kind || ""}`; }
   function setRole(isWriter, holder) {
@@ -35,24 +37,33 @@
     socket = new WebSocket(`${scheme}://${location.host}/ws/vms/${vmId}/console/${query}`);
     socket.binaryType = "arraybuffer";
     setStatus("connecting…");
-    socket.onopen = () => { retry = 1000; setStatus("connected", "state-running"); };
+    socket.onopen = () => { setStatus("connected", "state-running"); };
     socket.onmessage = (msg) => {
       if (typeof msg.data !== "string") {
         const bytes = new Uint8Array(msg.data);
         term.write(bytes);  // xterm decodes UTF-8 across frame boundaries
         offset += bytes.length;
-        if (offset - acked >= 32768) { acked = offset; send(JSON.stringify({ type: "ack", offset })); }
+        if (offset - acked >= ackEvery) { acked = offset; send(JSON.stringify({ type: "ack", offset })); }
         return;
       }
       const m = JSON.parse(msg.data);
-      if (m.type === "hello") { offset = m.offset; acked = offset; canWrite = m.can_write; setRole(m.writer, m.writer_user); }
+      if (m.type === "hello") {
+        retry = 1000; lastError = "";
+        offset = m.offset; acked = offset; canWrite = m.can_write; setRole(m.writer, m.writer_user);
+        if (m.window) ackEvery = Math.max(1, Math.min(32768, Math.floor(m.window / 2)));  // ack well before the window fills
+      }
       else if (m.type === "role") { setRole(m.writer, m.writer_user); if (m.taken_from_you) flash(`${m.writer_user} took over the console input.`); }
       else if (m.type === "ping") { send(JSON.stringify({ type: "pong" })); acked = offset; send(JSON.stringify({ type: "ack", offset })); }
-      else if (m.type === "gap") { term.write(`\r\n[console log restarted]\r\n`); offset = m.to; acked = offset; }
+      else if (m.type === "gap") {
+        term.write(m.to > m.from ? `\r\n[${m.to - m.from} bytes of console output no longer exist]\r\n`
+          : "\r\n[console log restarted]\r\n");
+        offset = m.to; acked = offset;
+      }
+      else if (m.type === "error" && m.closing) { lastError = m.message; }  // shown in the status, not flashed on every retry
       else if (m.type === "error") { flash(m.message, "error"); }
     };
     socket.onclose = (event) => {
-      setStatus("disconnected");
+      setStatus(lastError ? `${lastError} Reconnecting…` : "disconnected");
       if (closing) return;
       if (event.code === 4403 || event.code === 4404 || event.code === 4401) { setStatus("no access"); return; }
       setTimeout(connect, retry);  // resume from `offset`

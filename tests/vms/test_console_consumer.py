@@ -1,11 +1,22 @@
-"""Console websocket consumer with Channels' communicator, a real channel layer (Redis) and a
-real serial log + serial socket in a runtime directory."""
+"""Console websocket consumer with Channels' communicator, a real channel layer (Redis), a real
+host daemon (in-process, on its own event loop thread) and a stand-in VMM (tests/hostd/fake_vmm.py:
+a serial socket that logs to ``serial.log`` like QEMU's ``logfile=``, prints ``tick N`` every
+0.5 s and echoes input lines as ``echo: <line>``). No VM boots."""
+
+from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
-import socket
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 import threading
+import time
+from pathlib import Path
 
 import pytest
 from channels.db import database_sync_to_async
@@ -16,56 +27,145 @@ from guardian.shortcuts import assign_perm
 from accounts.models import AuditEvent
 from sandbox_site.asgi import application
 from tests.factories import UserFactory, VmFactory
+from vms.consoles import ConsoleUnavailable, HostdConsole
+from vms.hostd.client import HostdClient
+from vms.hostd.daemon import HostDaemon, HostdConfig
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
+FAKE_VMM = Path(__file__).resolve().parents[1] / "hostd" / "fake_vmm.py"
+WINDOW = 4096
+SCROLLBACK = 1000
+
+
+def wait_for(condition, timeout: float = 15.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+class Hostd:
+    """hostd on its own event loop thread, as ``manage.py hostd`` runs it (restartable)."""
+
+    def __init__(self, root: Path) -> None:
+        self.config = HostdConfig(
+            runtime_dir=root, socket_path=root / "hostd.sock", scan_seconds=0.3, console_ring_bytes=4096
+        )
+        self.thread: threading.Thread | None = None
+        self.daemon: HostDaemon | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        ready = threading.Event()
+
+        def run() -> None:
+            self.loop = asyncio.new_event_loop()
+            self.daemon = HostDaemon(self.config)
+            self.loop.run_until_complete(self.daemon.start())
+            ready.set()
+            self.loop.run_until_complete(self.daemon._stopped.wait())
+            self.loop.run_until_complete(self.daemon.stop())
+            self.loop.close()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        assert ready.wait(10)
+
+    def stop(self) -> None:
+        if self.thread is None or not self.thread.is_alive():
+            return
+        assert self.loop and self.daemon
+        self.loop.call_soon_threadsafe(self.daemon.request_stop)
+        self.thread.join(10)
+
+    def viewer_write_buffers(self) -> list[int]:
+        """Bytes hostd has queued (not yet taken by the client) per client connection."""
+        assert self.loop and self.daemon
+        daemon = self.daemon
+
+        async def sizes() -> list[int]:
+            return [s.writer.transport.get_write_buffer_size() for s in daemon.sessions]
+
+        return asyncio.run_coroutine_threadsafe(sizes(), self.loop).result(10)
+
+    def console_info(self, vm_id) -> dict:
+        with HostdClient(self.config.socket_path, timeout=10) as client:
+            return client.call("console_info", {"vm_id": str(vm_id)})[0]
+
 
 @pytest.fixture
-def runtime(settings):
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    short = Path(tempfile.mkdtemp(prefix="con-", dir="/tmp"))  # Unix socket paths are short
-    settings.SANDBOX_RUNTIME_DIR = short
-    settings.SANDBOX_CONSOLE_SCROLLBACK_BYTES = 1000
-    settings.SANDBOX_CONSOLE_WINDOW_BYTES = 4096
+def root(settings):
+    path = Path(tempfile.mkdtemp(prefix="con-", dir="/tmp"))  # Unix socket paths are short
+    settings.SANDBOX_RUNTIME_DIR = path
+    settings.SANDBOX_HOSTD_SOCKET = path / "hostd.sock"
+    settings.SANDBOX_CONSOLE_SCROLLBACK_BYTES = SCROLLBACK
+    settings.SANDBOX_CONSOLE_WINDOW_BYTES = WINDOW
     cache.clear()
-    yield short
-    shutil.rmtree(short, ignore_errors=True)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
-def console_vm(runtime):
-    owner = UserFactory(username="owner")
-    vm = VmFactory(owner=owner, state="running", name="con")
-    (runtime / str(vm.pk)).mkdir()
-    return vm
+def hostd(root):
+    daemon = Hostd(root)
+    daemon.start()
+    yield daemon
+    daemon.stop()
 
 
-def log_path(runtime, vm):
-    return runtime / str(vm.pk) / "serial.log"
+class Vmm:
+    """The stand-in VMM of one VM's runtime directory."""
+
+    def __init__(self, runtime_dir: Path) -> None:
+        self.runtime_dir = runtime_dir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log(self) -> Path:
+        return self.runtime_dir / "serial.log"
+
+    def start(self) -> None:
+        (self.runtime_dir / "spec.json").write_text("{}")
+        self.proc = subprocess.Popen([sys.executable, str(FAKE_VMM), str(self.runtime_dir)], start_new_session=True)
+        wait_for(lambda: (self.runtime_dir / "agent.sock").exists(), what="the stand-in VMM")
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            self.proc = None
 
 
-class SerialSink:
-    """A Unix socket standing in for the VMM's serial port; records what is typed."""
+@pytest.fixture
+def make_vm(root, hostd, owner):
+    """A running VM whose stand-in VMM serves its console through hostd (``prefill``: bytes
+    already in its serial log, as if printed before)."""
+    vmms = []
 
-    def __init__(self, path):
-        self.received = bytearray()
-        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.server.bind(str(path))
-        self.server.listen(8)
-        threading.Thread(target=self._serve, daemon=True).start()
+    def make(prefill: bytes = b"", name: str = "con"):
+        vm = VmFactory(owner=owner, state="running", name=name)
+        vmm = Vmm(root / str(vm.pk))
+        vmm.runtime_dir.mkdir()
+        vmm.log.write_bytes(prefill)
+        vmm.start()
+        vmms.append(vmm)
+        wait_for(lambda: hostd.console_info(vm.pk)["connected"], what="hostd's serial connection")
+        vm.vmm = vmm
+        return vm
 
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            with conn:
-                while chunk := conn.recv(4096):
-                    self.received.extend(chunk)
+    yield make
+    for vmm in vmms:
+        vmm.kill()
+
+
+@pytest.fixture
+def console_vm(make_vm):
+    return make_vm()
 
 
 async def connect(vm, user=None, query=""):
@@ -76,122 +176,198 @@ async def connect(vm, user=None, query=""):
     )
     if user is not None:
         comm.scope["user"] = user
-    connected, code = await comm.connect(timeout=5)
+    connected, code = await comm.connect(timeout=10)
     return comm, connected, code
 
 
+async def next_message(comm, timeout: float = 10):
+    """``("text", dict)``, ``("bytes", data)`` or ``("close", code)``."""
+    out = await comm.receive_output(timeout=timeout)
+    if out["type"] == "websocket.close":
+        return "close", out.get("code")
+    if out.get("bytes") is not None:
+        return "bytes", out["bytes"]
+    return "text", json.loads(out["text"])
+
+
 async def hello(comm):
-    return json.loads(await comm.receive_from(timeout=5))
+    kind, message = await next_message(comm)
+    assert kind == "text" and message["type"] == "hello", message
+    return message
 
 
-async def read_bytes(comm, n, timeout=5):
+async def read_bytes(comm, n, *, texts=None):
+    """``n`` console bytes (control messages go to ``texts`` when given, else must not come)."""
     out = bytearray()
     while len(out) < n:
-        frame = await comm.receive_output(timeout=timeout)
-        if frame["type"] == "websocket.send" and frame.get("bytes") is not None:
-            out.extend(frame["bytes"])
+        kind, value = await next_message(comm)
+        if kind == "bytes":
+            out.extend(value)
+        elif texts is not None and kind == "text":
+            texts.append(value)
+        else:
+            raise AssertionError(f"unexpected {kind}: {value!r}")
     return bytes(out)
 
 
-async def test_it_refuses_anonymous_and_strangers(console_vm):
+async def read_until(comm, needle: bytes, *, texts=None, start: int | None = None) -> bytes:
+    """Console bytes until ``needle`` arrives; with ``start`` (the offset of the first byte),
+    acknowledges as it reads, like the page does."""
+    out = bytearray()
+    while needle not in out:
+        kind, value = await next_message(comm)
+        if kind == "bytes":
+            out.extend(value)
+            if start is not None:
+                await comm.send_to(text_data=json.dumps({"type": "ack", "offset": start + len(out)}))
+        elif texts is not None and kind == "text":
+            texts.append(value)
+        else:
+            raise AssertionError(f"unexpected {kind}: {value!r}")
+    return bytes(out)
+
+
+async def sent_so_far(comm) -> int:
+    """The server's count of bytes sent (its ``pong`` comes after every byte sent before it)."""
+    await comm.send_to(text_data=json.dumps({"type": "ping"}))
+    kind, message = await next_message(comm)
+    assert kind == "text" and message["type"] == "pong", (kind, message)
+    return message["offset"]
+
+
+async def closed_with(comm) -> tuple[dict, int]:
+    kind, error = await next_message(comm, timeout=20)
+    assert kind == "text" and error["type"] == "error" and error["closing"] is True, (kind, error)
+    kind, code = await next_message(comm)
+    assert kind == "close", (kind, code)
+    return error, code
+
+
+async def test_it_refuses_anonymous_and_strangers(root, owner):
+    vm = await database_sync_to_async(VmFactory)(owner=owner, state="running", name="con")
     stranger = await database_sync_to_async(UserFactory)(username="stranger")
-    comm, connected, code = await connect(console_vm)
+    comm, connected, code = await connect(vm)
     assert not connected and code == 4401
-    comm, connected, code = await connect(console_vm, stranger)
+    comm, connected, code = await connect(vm, stranger)
     assert not connected and code == 4404
 
 
-async def test_it_replays_the_scrollback_then_streams_live(runtime, console_vm):
-    path = log_path(runtime, console_vm)
-    path.write_bytes(b"x" * 5000 + b"BOOT-DONE\r\n")
-    comm, connected, _ = await connect(console_vm, console_vm.owner)
+async def test_it_replays_the_scrollback_then_streams_live(make_vm, owner):
+    vm = await database_sync_to_async(make_vm)(b"x" * 5000 + b"BOOT-DONE\r\n")
+    comm, connected, _ = await connect(vm, owner)
     assert connected
     first = await hello(comm)
-    assert first["type"] == "hello" and first["writer"] is True
-    assert first["offset"] == 5011 - 1000  # bounded scrollback
-    replay = await read_bytes(comm, 1000)
-    assert replay.endswith(b"BOOT-DONE\r\n")
-    with path.open("ab") as fh:
-        fh.write("live ✓ line\r\n".encode())
-    live = await read_bytes(comm, len("live ✓ line\r\n".encode()))
-    assert live == "live ✓ line\r\n".encode()
+    assert first["writer"] is True and first["window"] == WINDOW
+    assert first["offset"] == first["size"] - SCROLLBACK  # bounded scrollback, from the console's end
+    replay = await read_bytes(comm, SCROLLBACK)
+    assert b"BOOT-DONE\r\n" in replay
+    live = await read_until(comm, b"tick ")  # printed by the guest after we attached
+    got = replay + live
+    assert got == vm.vmm.log.read_bytes()[first["offset"] : first["offset"] + len(got)]
     await comm.disconnect()
 
 
-async def test_a_reconnect_from_an_offset_misses_and_repeats_nothing(runtime, console_vm):
-    path = log_path(runtime, console_vm)
-    path.write_bytes(b"".join(b"line %04d\n" % n for n in range(100)))
-    comm, _, _ = await connect(console_vm, console_vm.owner, "?offset=0")
-    await hello(comm)
-    got = await read_bytes(comm, 500)
+async def test_a_reconnect_from_an_offset_misses_and_repeats_nothing(make_vm, owner):
+    vm = await database_sync_to_async(make_vm)(b"".join(b"line %04d\n" % n for n in range(1000)))
+    comm, _, _ = await connect(vm, owner, "?offset=0")
+    assert (await hello(comm))["offset"] == 0
+    got = await read_bytes(comm, 3000)  # from the log file: older than hostd's 4 KiB ring
     await comm.disconnect()
-    with path.open("ab") as fh:
-        fh.write(b"".join(b"line %04d\n" % n for n in range(100, 150)))
-    comm, _, _ = await connect(console_vm, console_vm.owner, f"?offset={len(got)}")
+    comm, _, _ = await connect(vm, owner, f"?offset={len(got)}")
     assert (await hello(comm))["offset"] == len(got)
-    rest = await read_bytes(comm, 1500 - len(got))
+    rest = await read_until(comm, b"tick ", start=len(got))
     await comm.disconnect()
-    assert got + rest == path.read_bytes()
+    whole = got + rest
+    assert whole == vm.vmm.log.read_bytes()[: len(whole)]
 
 
-async def test_many_viewers_one_writer_and_explicit_takeover(runtime, console_vm):
-    path = log_path(runtime, console_vm)
-    path.write_bytes(b"login: ")
-    sink = SerialSink(runtime / str(console_vm.pk) / "serial.sock")
+async def test_a_reconnect_after_hostd_restarts_misses_nothing(make_vm, owner, hostd):
+    vm = await database_sync_to_async(make_vm)(b"before\n")
+    comm, _, _ = await connect(vm, owner, "?offset=0")
+    await hello(comm)
+    got = await read_until(comm, b"tick 1\n")
+    await asyncio.to_thread(hostd.stop)
+    error, code = await closed_with(comm)
+    assert error["code"] == "hostd_unavailable" and code == 4503
+    await comm.disconnect()
+    size = vm.vmm.log.stat().st_size
+    await asyncio.to_thread(wait_for, lambda: vm.vmm.log.stat().st_size > size, what="output while hostd is down")
+    await asyncio.to_thread(hostd.start)
+    printed = vm.vmm.log.read_bytes()
+    comm, _, _ = await connect(vm, owner, f"?offset={len(got)}")
+    assert (await hello(comm))["offset"] == len(got)
+    rest = await read_bytes(comm, len(printed) - len(got))
+    await comm.disconnect()
+    assert got + rest == printed
+
+
+async def test_many_viewers_one_writer_and_explicit_takeover(console_vm, owner):
     grantee = await database_sync_to_async(UserFactory)(username="grantee")
     await database_sync_to_async(assign_perm)("vms.console_vm", grantee, console_vm)
     await database_sync_to_async(assign_perm)("vms.view_vm", grantee, console_vm)
-    a, _, _ = await connect(console_vm, console_vm.owner)
+    a, _, _ = await connect(console_vm, owner)
     b, _, _ = await connect(console_vm, grantee)
-    assert (await hello(a))["writer"] is True
-    hb = await hello(b)
+    ha, hb = await hello(a), await hello(b)
+    assert ha["writer"] is True
     assert hb["writer"] is False and hb["writer_user"] == "owner"
-    await read_bytes(a, 7)
-    await read_bytes(b, 7)
-    await b.send_to(bytes_data=b"ignored\r")
-    assert "read-only" in json.loads(await b.receive_from(timeout=5))["message"]
-    await a.send_to(bytes_data=b"root\r")
-    await asyncio.sleep(0.3)
-    assert bytes(sink.received) == b"root\r"
+    seen_b = bytearray()
+    await b.send_to(bytes_data=b"ignored\n")
+    assert "read-only" in (await read_until_text(b, "error", seen_b))["message"]
+    await a.send_to(bytes_data=b"root\n")
+    seen_a = await read_until(a, b"echo: root\n")  # the guest got it and answered
+    seen_b += await read_until(b, b"echo: root\n")
+    log = console_vm.vmm.log.read_bytes()
+    assert seen_a == log[ha["offset"] : ha["offset"] + len(seen_a)]
+    assert seen_b == log[hb["offset"] : hb["offset"] + len(seen_b)]  # the same bytes at the same offsets
     await b.send_to(text_data=json.dumps({"type": "takeover"}))
-    role_b = json.loads(await b.receive_from(timeout=5))
-    role_a = json.loads(await a.receive_from(timeout=5))
+    role_b = await read_until_text(b, "role")
+    role_a = await read_until_text(a, "role")
     assert role_b == {"type": "role", "writer": True, "writer_user": "grantee", "taken_from_you": False}
     assert role_a["writer"] is False and role_a["taken_from_you"] is True
-    await b.send_to(bytes_data=b"ls\r")
-    await asyncio.sleep(0.3)
-    assert bytes(sink.received) == b"root\rls\r"
+    await b.send_to(text_data=json.dumps({"type": "input", "data": "ls\n"}))
+    await read_until(a, b"echo: ls\n")
+    await a.send_to(bytes_data=b"not me\n")
+    assert (await read_until_text(a, "error"))["code"] == "read_only"
     for comm in (a, b):
         await comm.disconnect()
+    assert b"echo: not me" not in console_vm.vmm.log.read_bytes()
     actions = await database_sync_to_async(
         lambda: list(AuditEvent.objects.filter(object_id=str(console_vm.pk)).values_list("action", flat=True))
     )()
     assert actions.count("console.open") == 2 and "console.takeover" in actions and actions.count("console.close") == 2
 
 
-async def test_view_only_users_are_read_only_and_cannot_take_over(runtime, console_vm):
-    log_path(runtime, console_vm).write_bytes(b"hi")
+async def read_until_text(comm, kind: str, skipped: bytearray | None = None) -> dict:
+    """The next control message of type ``kind`` (console bytes before it go to ``skipped``)."""
+    while True:
+        what, value = await next_message(comm)
+        if what == "text" and value["type"] == kind:
+            return value
+        assert what != "close", value
+        if what == "bytes" and skipped is not None:
+            skipped += value
+
+
+async def test_view_only_users_are_read_only_and_cannot_take_over(console_vm):
     viewer = await database_sync_to_async(UserFactory)(username="viewer1")
     await database_sync_to_async(assign_perm)("vms.view_vm", viewer, console_vm)
     comm, connected, _ = await connect(console_vm, viewer)
     assert connected
     first = await hello(comm)
     assert first["can_write"] is False and first["writer"] is False
-    await read_bytes(comm, 2)
     await comm.send_to(text_data=json.dumps({"type": "takeover"}))
-    assert "read-only" in json.loads(await comm.receive_from(timeout=5))["message"]
+    assert "read-only" in (await read_until_text(comm, "error"))["message"]
     await comm.disconnect()
 
 
-async def test_tickets_work_once_and_only_for_their_vm(runtime, console_vm):
+async def test_tickets_work_once_and_only_for_their_vm(console_vm, owner):
     from vms.consoles import console_ticket_mint
 
-    other = await database_sync_to_async(VmFactory)(owner=console_vm.owner, state="running", name="other")
-    log_path(runtime, console_vm).write_bytes(b"ok")
-    ticket = await database_sync_to_async(console_ticket_mint)(vm=console_vm, actor=console_vm.owner)
+    other = await database_sync_to_async(VmFactory)(owner=owner, state="running", name="other")
+    ticket = await database_sync_to_async(console_ticket_mint)(vm=console_vm, actor=owner)
     comm, connected, code = await connect(other, None, f"?ticket={ticket}")
     assert not connected  # wrong VM burns nothing but is refused
-    ticket = await database_sync_to_async(console_ticket_mint)(vm=console_vm, actor=console_vm.owner)
+    ticket = await database_sync_to_async(console_ticket_mint)(vm=console_vm, actor=owner)
     comm, connected, _ = await connect(console_vm, None, f"?ticket={ticket}")
     assert connected
     await hello(comm)
@@ -200,14 +376,136 @@ async def test_tickets_work_once_and_only_for_their_vm(runtime, console_vm):
     assert not connected and code == 4401
 
 
-async def test_a_viewer_that_does_not_ack_gets_at_most_one_window(runtime, console_vm):
-    log_path(runtime, console_vm).write_bytes(os.urandom(50_000))
-    comm, _, _ = await connect(console_vm, console_vm.owner, "?offset=0")
+async def test_a_viewer_never_has_more_than_a_window_unacknowledged(make_vm, owner):
+    vm = await database_sync_to_async(make_vm)(os.urandom(50_000))
+    comm, _, _ = await connect(vm, owner, "?offset=0")
     await hello(comm)
-    got = await read_bytes(comm, 4096)
-    assert len(got) == 4096
-    assert await comm.receive_nothing(timeout=0.5)  # window full until acknowledged
-    await comm.send_to(text_data=json.dumps({"type": "ack", "offset": 4096}))
-    more = await read_bytes(comm, 4096)
-    assert len(more) == 4096
+    got = await read_bytes(comm, WINDOW)
+    assert await comm.receive_nothing(timeout=0.3)  # the window is full until acknowledged
+    assert await sent_so_far(comm) == WINDOW
+    await comm.send_to(text_data=json.dumps({"type": "ack", "offset": 1000}))  # partial ack: 1000 more
+    got += await read_bytes(comm, 1000)
+    assert await sent_so_far(comm) == WINDOW + 1000
+    await comm.send_to(text_data=json.dumps({"type": "ack", "offset": 10**12}))  # beyond what was sent
+    got += await read_bytes(comm, WINDOW)  # counts as everything sent so far: one more window
+    assert await sent_so_far(comm) == 2 * WINDOW + 1000
+    await comm.send_to(text_data=json.dumps({"type": "ack", "offset": True}))  # not a number: ignored
+    assert await comm.receive_nothing(timeout=0.3)
     await comm.disconnect()
+    assert got == vm.vmm.log.read_bytes()[: len(got)]
+
+
+async def test_a_viewer_that_does_not_ack_makes_hostd_wait_and_then_catches_up(make_vm, owner, hostd):
+    vm = await database_sync_to_async(make_vm)(os.urandom(2 << 20))
+    comm, _, _ = await connect(vm, owner, "?offset=0")
+    await hello(comm)
+    got = await read_bytes(comm, WINDOW)
+    # The consumer stops reading its stream: hostd's writes towards it back up (a consumer that
+    # buffered instead would have taken the whole 2 MiB at once and left nothing queued).
+    await asyncio.to_thread(wait_for, lambda: max(hostd.viewer_write_buffers()) > 0, what="hostd waiting")
+    await comm.receive_nothing(timeout=0.5)
+    assert max(hostd.viewer_write_buffers()) > 0
+    while len(got) < 300_000:  # acknowledging again resumes the stream where it stopped
+        await comm.send_to(text_data=json.dumps({"type": "ack", "offset": len(got)}))
+        got += await read_bytes(comm, WINDOW)
+    await comm.disconnect()
+    assert got == vm.vmm.log.read_bytes()[: len(got)]
+
+
+async def test_bytes_that_no_longer_exist_are_reported_as_a_gap(make_vm, owner, hostd):
+    vm = await database_sync_to_async(make_vm)(b"old " * 5000)
+    os.truncate(vm.vmm.log, 0)  # rotated away: hostd's offsets continue after the old end
+    info = await asyncio.to_thread(
+        wait_for, lambda: (i := hostd.console_info(vm.pk))["log_base"] > 0 and i, what="hostd noticing the truncation"
+    )
+    comm, _, _ = await connect(vm, owner, "?offset=0")
+    assert (await hello(comm))["offset"] == 0
+    kind, gap = await next_message(comm)
+    assert kind == "text" and gap == {"type": "gap", "from": 0, "to": info["log_base"]}
+    after = await read_until(comm, b"tick ")
+    assert after == vm.vmm.log.read_bytes()[: len(after)]  # the new log's bytes, from its first
+    await comm.disconnect()
+
+
+async def test_an_offset_beyond_the_end_starts_over_with_a_gap(console_vm, owner):
+    comm, _, _ = await connect(console_vm, owner, "?offset=999999999")
+    first = await hello(comm)
+    assert first["offset"] == max(0, first["size"] - SCROLLBACK)
+    kind, gap = await next_message(comm)
+    assert kind == "text" and gap == {"type": "gap", "from": 999999999, "to": first["offset"]}
+    await read_until(comm, b"tick ")
+    await comm.disconnect()
+
+
+async def test_hostd_down_is_a_clear_error_and_a_retryable_close(root, owner):
+    vm = await database_sync_to_async(VmFactory)(owner=owner, state="running", name="con")
+    comm, connected, _ = await connect(vm, owner)
+    assert connected
+    error, code = await closed_with(comm)
+    assert error["code"] == "hostd_unavailable" and "hostd" in error["message"] and code == 4503
+    await comm.disconnect()
+    actions = await database_sync_to_async(
+        lambda: list(AuditEvent.objects.filter(object_id=str(vm.pk)).values_list("action", flat=True))
+    )()
+    assert "console.open" not in actions  # retries while hostd is down leave no trail
+
+
+async def test_a_vm_that_is_not_running_is_a_clear_error(hostd, owner, root):
+    vm = await database_sync_to_async(VmFactory)(owner=owner, state="stopped", name="off")
+    comm, connected, _ = await connect(vm, owner)
+    assert connected
+    error, code = await closed_with(comm)
+    assert error["code"] == "vm_not_running" and code == 4409
+    await comm.disconnect()
+
+
+async def test_viewers_are_told_when_the_vm_stops(console_vm, owner):
+    comm, _, _ = await connect(console_vm, owner)
+    await hello(comm)
+    await read_until(comm, b"tick ")
+    await database_sync_to_async(console_vm.vmm.kill)()
+    texts: list[dict] = []
+    while not texts:
+        kind, value = await next_message(comm, timeout=20)
+        if kind == "text":
+            texts.append(value)
+    assert texts[0]["type"] == "error" and texts[0]["code"] == "vm_stopped" and texts[0]["closing"]
+    assert await next_message(comm) == ("close", 4409)
+    await comm.disconnect()
+
+
+async def test_input_is_bounded(console_vm, owner):
+    comm, _, _ = await connect(console_vm, owner)
+    await hello(comm)
+    await comm.send_to(bytes_data=b"x" * 5000)
+    assert "at most" in (await read_until_text(comm, "error"))["message"].lower()
+    await comm.send_to(bytes_data=b"still here\n")
+    await read_until(comm, b"echo: still here\n")
+    await comm.disconnect()
+
+
+async def test_input_and_output_never_wait_for_the_database_thread(console_vm, owner):
+    comm, _, _ = await connect(console_vm, owner)
+    await hello(comm)
+    release = threading.Event()
+    blocked = asyncio.ensure_future(database_sync_to_async(release.wait)(20))  # the shared database thread
+    try:
+        await comm.send_to(bytes_data=b"while the database thread is busy\n")
+        await read_until(comm, b"echo: while the database thread is busy\n")
+    finally:
+        release.set()
+        await blocked
+    await comm.disconnect()
+
+
+async def test_input_errors_say_why(root, hostd):
+    console = HostdConsole("no-such-vm")
+    with pytest.raises(ConsoleUnavailable) as err:
+        await console.write(b"x")
+    assert err.value.code == "vm_not_running"
+    await console.close()
+    console = HostdConsole("no-such-vm", socket_path=root / "absent.sock")
+    with pytest.raises(ConsoleUnavailable) as err:
+        await console.write(b"x")
+    assert err.value.code == "hostd_unavailable" and "hostd" in err.value.message
+    await console.close()

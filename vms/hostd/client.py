@@ -313,10 +313,10 @@ def _rechunk(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
 class Subscription:
     """Events of one stream (``exec_attach`` / ``console_attach``); async-iterable."""
 
-    def __init__(self, client: AsyncHostdClient, sub: int) -> None:
+    def __init__(self, client: AsyncHostdClient, sub: int, queue_frames: int = 64) -> None:
         self.client = client
         self.sub = sub
-        self.queue: asyncio.Queue[Frame | None] = asyncio.Queue(maxsize=64)
+        self.queue: asyncio.Queue[Frame | None] = asyncio.Queue(maxsize=queue_frames)
         self.result: dict[str, Any] = {}
 
     def __aiter__(self) -> AsyncIterator[Frame]:
@@ -449,8 +449,8 @@ class AsyncHostdClient:
             "agent_call", {"vm_id": vm_id, "op": op, "args": args or {}, "timeout": timeout}, data, timeout=timeout + 5
         )
 
-    async def _subscribe(self, op: str, args: dict[str, Any]) -> Subscription:
-        sub = Subscription(self, next(self._sub_ids))
+    async def _subscribe(self, op: str, args: dict[str, Any], queue_frames: int = 64) -> Subscription:
+        sub = Subscription(self, next(self._sub_ids), queue_frames)
         self._subs[sub.sub] = sub
         try:
             sub.result = (await self.call(op, {**args, "sub": sub.sub}))[0]
@@ -464,13 +464,15 @@ class AsyncHostdClient:
         (``result``, ``end_offset``) or ``end`` (``error``)."""
         return await self._subscribe("exec_attach", {"vm_id": vm_id, "exec_id": exec_id, "offset": offset})
 
-    async def console_attach(self, vm_id: str, *, offset: int | None = None) -> Subscription:
+    async def console_attach(self, vm_id: str, *, offset: int | None = None, queue_frames: int = 64) -> Subscription:
         """Events: ``console`` (header ``offset``; data = bytes), ``end`` when the VM stops.
-        ``offset`` None = from the live end; negative = that many bytes back."""
+        ``offset`` None = from the live end; negative = that many bytes back. At most
+        ``queue_frames`` events wait here (each at most 64 KiB of console); then this
+        client stops reading its socket and hostd's stream waits."""
         args: dict[str, Any] = {"vm_id": vm_id}
         if offset is not None:
             args["offset"] = offset
-        return await self._subscribe("console_attach", args)
+        return await self._subscribe("console_attach", args, queue_frames)
 
     async def console_write(self, vm_id: str, data: bytes) -> None:
         await self.call("console_write", {"vm_id": vm_id}, data)

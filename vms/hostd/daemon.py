@@ -550,6 +550,9 @@ class ConsoleStream:
                     self.cursor = start + len(data)
                     await self.session.drain()
                     continue
+                # Nothing from the cursor on exists yet; a read that skipped a gap (rotated log)
+                # moves the cursor, or waiting below would return at once forever.
+                self.cursor = max(self.cursor, start)
                 if self.vm.vm_id not in self.session.daemon.vms:
                     self.session.send(
                         {"ev": "end", "sub": self.sub, "error": {"code": "vm_gone", "message": "the VM stopped"}}
