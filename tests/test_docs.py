@@ -1,10 +1,14 @@
-"""docs/configuration.md lists every setting sandbox_site/settings.py reads, and nothing that is gone."""
+"""docs/configuration.md lists every setting sandbox_site/settings.py reads, and nothing that is gone;
+README's Layout section names every folder."""
 
 from __future__ import annotations
 
 import ast
 import re
+import subprocess
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ROOT / "sandbox_site" / "settings.py"
@@ -75,3 +79,26 @@ def test_every_documented_variable_is_still_read_somewhere():
     source += (ROOT / "scripts" / "run.sh").read_text()
     stale = {name for name in _documented_variables() if f'"{name}"' not in source}
     assert not stale, f"docs/configuration.md documents variables nothing reads: {sorted(stale)}"
+
+
+def _readme_layout() -> str:
+    readme = (ROOT / "README.md").read_text()
+    return readme[readme.index("## Layout") :]
+
+
+def test_the_readme_layout_names_every_top_level_folder_and_subpackage():
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, timeout=30, check=False
+    ).stdout.splitlines()
+    if not tracked:
+        pytest.skip("not a git checkout")
+    folders = {path.split("/", 1)[0] for path in tracked if "/" in path}
+    packages = {
+        str(init.parent.relative_to(ROOT))
+        for app in APPS
+        for init in (ROOT / app).glob("*/__init__.py")
+        if init.parent.name not in ("migrations", "management")
+    }
+    layout = _readme_layout()
+    missing = sorted(name for name in folders | packages if f"`{name}/" not in layout)
+    assert not missing, f"README's Layout section does not name: {missing}"
