@@ -7,17 +7,26 @@ TEST_ENV := DATABASE_URL=postgres://postgres@127.0.0.1:5432/microvm_sandbox \
 	REDIS_URL=redis://127.0.0.1:6379/0 SECRET_KEY=test-only-secret-key DEBUG=0 \
 	SANDBOX_IMAGE_DIR=$(CURDIR)/var/images
 
-.PHONY: run test system venv env image lint check-deploy clean benchmarks static-vendor
+.PHONY: run test system venv lock env image lint check-deploy clean benchmarks static-vendor
 
 system:
 	./scripts/install-system-packages.sh
 
-$(VENV)/.installed: requirements/base.in requirements/dev.in requirements/lock.txt
+# Dependencies are declared in pyproject.toml and pinned in requirements/lock.txt: install exactly
+# the lock, then our own packages (editable) without resolving anything again.
+$(VENV)/.installed: pyproject.toml requirements/lock.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements/base.in -r requirements/dev.in -c requirements/lock.txt
+	$(PY) -m pip install -q -r requirements/lock.txt
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
 venv: $(VENV)/.installed
+
+# Regenerate the lock after changing dependencies in pyproject.toml; existing pins are kept
+# unless a requirement needs another version (`make lock LOCK_ARGS=--upgrade` moves them all).
+lock: venv
+	CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile -q --extra dev --strip-extras \
+	  --no-emit-index-url --no-emit-find-links $(LOCK_ARGS) -o requirements/lock.txt pyproject.toml
 
 .env:
 	umask 077; echo "SECRET_KEY=$$($(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(50))')" > .env

@@ -16,6 +16,8 @@ import httpx
 import pytest
 import websocket
 
+from tests.waiting import wait_until
+
 pytestmark = pytest.mark.vm
 
 MIB = 1 << 20
@@ -90,6 +92,19 @@ def _child_pid(proc_pid: int, needle: bytes) -> int:
     return proc_pid
 
 
+def _finished(client: httpx.Client, vm_id: str, exec_id: str) -> dict | None:
+    """The exec's detail once it has ended, else None."""
+    detail = client.get(f"/api/v1/vms/{vm_id}/execs/{exec_id}/").json()
+    return None if detail["running"] else detail
+
+
+def _output_end(client: httpx.Client, vm_id: str, exec_id: str) -> int:
+    """How many bytes of output (stdout and stderr) the exec has written so far."""
+    response = client.get(f"/api/v1/vms/{vm_id}/execs/{exec_id}/", params={"limit": 1})
+    assert response.status_code == 200, response.text
+    return response.json()["end_offset"]
+
+
 # ----- exec ---------------------------------------------------------------------------
 
 
@@ -135,13 +150,9 @@ def test_exit_codes_and_signals_are_reported(stack, running_vm):
             client.post(f"/api/v1/vms/{vm_id}/execs/{started['exec_id']}/signal/", json={"signal": "KILL"}).status_code
             == 200
         )
-        deadline = time.monotonic() + 30
-        while True:
-            detail = client.get(f"/api/v1/vms/{vm_id}/execs/{started['exec_id']}/").json()
-            if not detail["running"]:
-                break
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        detail = wait_until(
+            lambda: _finished(client, vm_id, started["exec_id"]), timeout=30, message="the killed exec did not end"
+        )
     assert detail["result"]["signal"] == "SIGKILL"
 
 
@@ -151,9 +162,13 @@ def test_a_timeout_kills_the_whole_process_tree(stack, running_vm):
     body = _run(stack, vm_id, "sleep 301 & (sleep 302 &) ; setsid sleep 303 & sleep 304", timeout=2)
     assert body["timed_out"] is True and body["signal"] == "SIGKILL"
     assert time.monotonic() - started < 60
-    time.sleep(0.5)
-    left = _run(stack, vm_id, "ps -eo args | grep -c '^sleep 30[1-4]' || true")
-    assert left["stdout"].strip() == "0", left
+
+    def no_sleep_left() -> bool:
+        left = _run(stack, vm_id, "ps -eo args | grep -c '^sleep 30[1-4]' || true")
+        return left["stdout"].strip() == "0"
+
+    # The tree is killed at the timeout; give the guest's kernel a moment to take the processes away.
+    wait_until(no_sleep_left, timeout=10, interval=0.5, message="processes of the timed-out exec are still running")
 
 
 def test_twenty_concurrent_execs_all_complete(stack, running_vm):
@@ -178,10 +193,9 @@ def test_stdin_round_trips(stack, running_vm):
             r = client.post(f"/api/v1/vms/{vm_id}/execs/{started['exec_id']}/stdin/", json={"data": chunk})
             assert r.status_code == 200, r.text
         client.post(f"/api/v1/vms/{vm_id}/execs/{started['exec_id']}/stdin/", json={"eof": True})
-        deadline = time.monotonic() + 30
-        while (detail := client.get(f"/api/v1/vms/{vm_id}/execs/{started['exec_id']}/").json())["running"]:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        detail = wait_until(
+            lambda: _finished(client, vm_id, started["exec_id"]), timeout=30, message="sha256sum did not end after EOF"
+        )
     text = "".join(c["data"] for c in detail["chunks"])
     assert text.split()[0] == hashlib.sha256((chunk * 8).encode()).hexdigest()
 
@@ -221,7 +235,13 @@ def test_a_reader_that_reconnects_resumes_from_its_offset(stack, running_vm):
         received += out[1]
     finally:
         ws.close()
-    time.sleep(1)
+    # Resume only once the exec has written more than this reader got, so the reconnect replays it.
+    with stack.client() as client:
+        wait_until(
+            lambda: _output_end(client, vm_id, exec_id) > len(received),
+            timeout=60,
+            message="the exec wrote nothing after the reader left",
+        )
     ws = _ws(stack, vm_id, exec_id, offset=len(received))
     try:
         assert json.loads(ws.recv())["offset"] == len(received)
@@ -237,19 +257,20 @@ def test_restarting_hostd_loses_no_process_and_no_output(stack, running_vm):
     vm_id = running_vm["id"]
     script = 'i=1; while [ $i -le 30 ]; do echo "tick $i"; sleep 0.2; i=$((i+1)); done'
     exec_id = _exec(stack, vm_id, command=script, wait=False, tag="survivor").json()["exec_id"]
-    time.sleep(1)
+    with stack.client() as client:
+        wait_until(lambda: _output_end(client, vm_id, exec_id) > 0, timeout=30, message="the exec printed nothing")
+    # kill() returns once hostd has exited; starting it again (Django, attaching) takes longer
+    # than the exec's 0.2 s ticks, so the guest writes output while no hostd is there to read it.
     stack.kill("hostd")
-    time.sleep(0.5)
     stack.start("hostd")
     stack.wait_hostd()
     with stack.client() as client:
-        deadline = time.monotonic() + 60
-        while True:
+
+        def survivor_ended():
             response = client.get(f"/api/v1/vms/{vm_id}/execs/", params={"tag": "survivor"})
-            if response.status_code == 200 and not response.json()["results"][0]["running"]:
-                break
-            assert time.monotonic() < deadline, response.text
-            time.sleep(0.5)
+            return response.status_code == 200 and not response.json()["results"][0]["running"]
+
+        wait_until(survivor_ended, timeout=60, interval=0.5, message="the exec did not end after the hostd restart")
         detail = client.get(f"/api/v1/vms/{vm_id}/execs/{exec_id}/", params={"offset": 0}).json()
     text = "".join(c["data"] for c in detail["chunks"])
     assert text.splitlines() == [f"tick {i}" for i in range(1, 31)]

@@ -6,12 +6,12 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.system.stack import vmm_pids
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.vm
 
@@ -64,13 +64,12 @@ def test_stop_start_pause_resume_reboot(stack, running_vm):
     op = _post(stack, f"/api/v1/vms/{vm_id}/reboot/").json()
     assert stack.wait_operation(op["id"])["status"] == "succeeded"
     with stack.client() as client:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if client.get(f"/api/v1/vms/{vm_id}/agent/").status_code == 200:
-                break
-            time.sleep(1)
-        else:
-            pytest.fail("agent did not come back after reboot")
+        wait_until(
+            lambda: client.get(f"/api/v1/vms/{vm_id}/agent/").status_code == 200,
+            timeout=120,
+            interval=1,
+            message="agent did not come back after reboot",
+        )
 
 
 def test_resize_of_a_running_qemu_vm_says_a_restart_is_needed(stack, running_vm):
@@ -131,10 +130,20 @@ def test_running_vms_survive_a_restart_of_every_process_of_ours(stack, running_v
     for name in ("web", "worker", "beat"):
         stack.kill(name)
     assert vmm_pids(_runtime(stack, vm_id)) == pids_before
+    worker_log = stack.log_dir / "worker.log"
+    restarted_at = worker_log.stat().st_size
+
+    def reconcile_passes() -> int:
+        with worker_log.open("rb") as log:
+            log.seek(restarted_at)
+            lines = log.read().decode(errors="replace").splitlines()
+        return sum(1 for line in lines if "vms_reconcile_task[" in line and " succeeded in " in line)
+
     for name in ("web", "worker", "beat"):
         stack.start(name)
     stack.wait_web()
-    time.sleep(5)  # a reconcile pass or two
+    # What the VM looks like after the new worker's reconcile has seen it, not before.
+    wait_until(lambda: reconcile_passes() >= 2, timeout=90, interval=0.5, message="two reconcile passes after restart")
     body = stack.wait_vm(vm_id, {"running"})
     assert body["state"] == "running"
     with stack.client() as client:
@@ -143,10 +152,7 @@ def test_running_vms_survive_a_restart_of_every_process_of_ours(stack, running_v
 
 def test_killing_the_worker_mid_boot_ends_in_a_defined_state(stack):
     vm = _post(stack, "/api/v1/vms/", name="interrupted", template="linux-small").json()
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not vmm_pids(_runtime(stack, vm["id"])):
-        time.sleep(0.1)
-    assert vmm_pids(_runtime(stack, vm["id"])), "VMM never started"
+    wait_until(lambda: vmm_pids(_runtime(stack, vm["id"])), timeout=120, interval=0.1, message="VMM never started")
     stack.kill("worker", signal.SIGKILL)
     stack.start("worker")
     body = stack.wait_vm(vm["id"], {"running", "error"}, timeout=400)
