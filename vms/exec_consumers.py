@@ -21,6 +21,7 @@ from urllib.parse import parse_qs
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
+from accounts.context import actor_context, new_request_id
 from sandbox_site.errors import ApplicationError
 from vms import exec_services
 from vms.agent_gateway import AgentChannel
@@ -114,31 +115,38 @@ class VmExecConsumer(AsyncWebsocketConsumer):
     async def receive(self, text_data=None, bytes_data=None):
         if self.channel is None:
             return
-        target = {"vm": self.vm, "actor": self.user, "channel": self.channel, "exec_id": self.exec_id}
+        # Each control message is audited like one REST request (its own request id).
+        client = self.scope.get("client") or (None,)
         try:
-            if bytes_data is not None:
-                await exec_services.vm_exec_stdin_async(**target, data=bytes_data)
-                return
-            message = json.loads(text_data or "{}")
-            if not isinstance(message, dict):
-                raise ValueError("control messages are JSON objects")
-            kind = message.get("type")
-            if kind == "stdin":
-                await exec_services.vm_exec_stdin_async(**target, data=str(message.get("data", "")).encode())
-            elif kind == "eof":
-                await exec_services.vm_exec_stdin_async(**target, data=b"", eof=True)
-            elif kind == "resize":
-                await exec_services.vm_exec_resize_async(**target, rows=int(message["rows"]), cols=int(message["cols"]))
-            elif kind == "signal":
-                await exec_services.vm_exec_signal_async(**target, signal=message.get("signal", "INT"))
-            else:
-                raise ValueError(f"unknown control message {kind!r}")
+            with actor_context(request_id=new_request_id(), source_ip=client[0]):
+                await self._apply(text_data, bytes_data)
         except ApplicationError as exc:
             await self._control({"type": "error", "code": exc.code, "message": exc.message})
             if exc.code == "permission_denied":  # the exec right was taken away: stop watching too
                 await self.close(code=_CLOSE_CODES["permission_denied"])
         except (ValueError, KeyError, TypeError) as exc:
             await self._control({"type": "error", "code": "bad_request", "message": str(exc)})
+
+    async def _apply(self, text_data: str | None, bytes_data: bytes | None) -> None:
+        """stdin, eof, resize and signal through the exec services (same checks as REST)."""
+        target = {"vm": self.vm, "actor": self.user, "channel": self.channel, "exec_id": self.exec_id}
+        if bytes_data is not None:
+            await exec_services.vm_exec_stdin_async(**target, data=bytes_data)
+            return
+        message = json.loads(text_data or "{}")
+        if not isinstance(message, dict):
+            raise ValueError("control messages are JSON objects")
+        kind = message.get("type")
+        if kind == "stdin":
+            await exec_services.vm_exec_stdin_async(**target, data=str(message.get("data", "")).encode())
+        elif kind == "eof":
+            await exec_services.vm_exec_stdin_async(**target, data=b"", eof=True)
+        elif kind == "resize":
+            await exec_services.vm_exec_resize_async(**target, rows=int(message["rows"]), cols=int(message["cols"]))
+        elif kind == "signal":
+            await exec_services.vm_exec_signal_async(**target, signal=message.get("signal", "INT"))
+        else:
+            raise ValueError(f"unknown control message {kind!r}")
 
     async def disconnect(self, code):
         if self.pump is not None:
