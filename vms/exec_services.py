@@ -264,11 +264,6 @@ def vm_exec_signal(*, vm: VM, actor, exec_id: str, signal: str | int = "TERM") -
     return _control_run(vm, actor, _signal_control(exec_id, signal))
 
 
-def vm_exec_resize(*, vm: VM, actor, exec_id: str, rows: int, cols: int) -> dict:
-    """Resize the exec's pty."""
-    return _control_run(vm, actor, _resize_control(exec_id, rows, cols))
-
-
 async def vm_exec_stdin_async(
     *, vm: VM, actor, channel: AgentChannel, exec_id: str, data: bytes, eof: bool = False
 ) -> dict:
@@ -284,7 +279,7 @@ async def vm_exec_signal_async(
 
 
 async def vm_exec_resize_async(*, vm: VM, actor, channel: AgentChannel, exec_id: str, rows: int, cols: int) -> dict:
-    """``vm_exec_resize`` for websocket consumers."""
+    """Resize the exec's pty (websocket only: REST has no resize)."""
     return await _control_run_async(vm, actor, _resize_control(exec_id, rows, cols), channel)
 
 
