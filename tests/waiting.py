@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -21,17 +20,3 @@ def wait_until(predicate: Callable[[], T], timeout: float = 10.0, *, interval: f
         if time.monotonic() >= deadline:
             raise AssertionError(f"condition not met within {timeout}s (last value: {value!r})")
         time.sleep(interval)
-
-
-async def async_wait_until(
-    predicate: Callable[[], Awaitable[T]], timeout: float = 10.0, *, interval: float = 0.05
-) -> T:
-    """``wait_until`` for an async predicate."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"condition not met within {timeout}s (last value: {value!r})")
-        await asyncio.sleep(interval)
