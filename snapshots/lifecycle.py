@@ -19,10 +19,10 @@ from accounts.audit import audit_record
 from sandbox_site.errors import ApplicationError, ConflictError
 from snapshots import selectors
 from snapshots.models import Snapshot, VmLineage
-from vms import hypervisor
+from vms import agent_gateway, hypervisor
 from vms.events import vm_event_publish
 from vms.models import VM, Operation, VmState
-from vms.vmm.base import RuntimeState, VmmError, VmSpec
+from vms.vmm.base import RuntimeState, VmSpec
 from vms.vmm.snapshot import (
     SnapshotIntegrityError,
     SnapshotMeta,
@@ -160,27 +160,6 @@ def _integrity_refusal(snapshot: Snapshot, exc: SnapshotIntegrityError, *, what:
 # --- restore / clone -----------------------------------------------------------------------
 
 
-def _guest_agent_call(vm: VM, spec: VmSpec, op_name: str, args: dict, *, timeout: float = 20.0) -> dict:
-    """One agent request: through the host daemon when it runs (it holds the one agent
-    connection of each VM), else directly."""
-    from vms.hostd.client import HostdClient, HostdError, HostdUnavailable
-
-    client = HostdClient(settings.SANDBOX_HOSTD_SOCKET, timeout=timeout + 5)
-    try:
-        client.connect()
-    except HostdUnavailable:
-        from vms.vmm.agent_client import AgentConnection, agent_socket_path
-
-        transport = hypervisor.driver_capabilities(vm.driver).agent_transport
-        with AgentConnection.open(agent_socket_path(spec), transport, timeout=timeout) as conn:
-            return conn.request(op_name, args, timeout=timeout)
-    with client:
-        try:
-            return client.agent(str(vm.pk), op_name, args, timeout=timeout)[0]
-        except HostdError as exc:
-            raise VmmError(f"agent {op_name}: {exc}") from exc
-
-
 def _identity_apply(op: Operation, vm: VM, spec: VmSpec, *, clone: bool) -> None:
     """After a restore the guest clock stands at the snapshot's time and its RNG state is
     the snapshot's; a clone also takes its own hostname, machine-id, MAC and address."""
@@ -196,8 +175,8 @@ def _identity_apply(op: Operation, vm: VM, spec: VmSpec, *, clone: bool) -> None
             if nic is not None:
                 args["ipv4"] = {"address": f"{nic.ip}/{nic.prefix}", "gateway": nic.gateway}
     try:
-        result = _guest_agent_call(vm, spec, "identity_set", args)
-    except VmmError as exc:
+        result = agent_gateway.agent_call(vm, "identity_set", args, timeout=20.0)[0]
+    except ApplicationError as exc:
         if clone:
             raise ApplicationError(f"The clone's identity could not be set: {exc.message}") from exc
         _log(op, f"warning: guest clock/entropy not refreshed: {exc.message}")
@@ -219,7 +198,7 @@ def _restore_into(op: Operation, vm: VM, snapshot: Snapshot, *, clone: bool) -> 
     result = driver.restore(spec, Path(snapshot.directory))
     VM.objects.filter(pk=vm.pk).update(driver=result.driver, acceleration=result.acceleration, vmm_pid=result.pid)
     vm.refresh_from_db()
-    agent = hypervisor.agent_wait(spec, result.driver, timeout=settings.SANDBOX_BOOT_TIMEOUT)
+    agent = agent_gateway.agent_wait(vm, timeout=settings.SANDBOX_BOOT_TIMEOUT)
     _log(
         op,
         f"guest agent answered {time.monotonic() - started:.2f}s after the restore began "

@@ -13,7 +13,7 @@ class WaitTimeout(AssertionError):
     """The condition did not hold within the time allowed (an AssertionError, so pytest reports a failure)."""
 
 
-def wait_until(predicate: Callable[[], T], *, timeout: float, interval: float = 0.2, message: str = "") -> T:
+def wait_until(predicate: Callable[[], T], timeout: float = 10.0, *, interval: float = 0.2, message: str = "") -> T:
     """Call ``predicate`` until it returns something truthy and return that; it is called at least once.
 
     Polls every ``interval`` seconds for at most ``timeout`` seconds, then raises

@@ -5,7 +5,9 @@ Server -> client: binary frames are output, first byte the stream (1 stdout, 2 s
 between were dropped by the bounded buffer), ``exit`` (result), ``error``.
 Client -> server: binary frames are stdin; text frames ``{"type": "stdin", "data": ".."}``,
 ``{"type": "eof"}``, ``{"type": "resize", "rows", "cols"}``, ``{"type": "signal", "signal"}``.
-Session authentication; the VM's exec permission is checked on connect.
+Session authentication; the VM's exec permission is checked on connect, and stdin, signal
+and resize go through the exec services like their REST twins (permission re-checked,
+signals audited). The output stream and the agent requests use one ``AgentChannel``.
 """
 
 from __future__ import annotations
@@ -18,31 +20,32 @@ from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
-from django.conf import settings
 
-from vms.hostd.client import AsyncHostdClient, HostdError
+from accounts.context import actor_context, new_request_id
+from sandbox_site.errors import ApplicationError
+from vms import exec_services
+from vms.agent_gateway import AgentChannel
 
 logger = logging.getLogger(__name__)
 
 STREAM_BYTES = {"stdout": b"\x01", "stderr": b"\x02", "pty": b"\x03"}
-MAX_CONTROL = 1 << 20
 
 
 @database_sync_to_async
-def _authorise(user, vm_id: str) -> str | None:
-    """None when the user may exec in the VM, else the close reason."""
+def _authorise(user, vm_id: str):
+    """``(vm, None)`` when the user may exec in the VM, else ``(None, close reason)``."""
     from accounts.services import user_has_perm
     from vms import selectors
     from vms.models import VM, VmState
 
     if not selectors.vm_visible_to(user, vm_id):
-        return "not_found"
+        return None, "not_found"
     vm = VM.objects.get(pk=vm_id)
-    if not user_has_perm(user, "vms.exec_vm", vm):
-        return "permission_denied"
+    if not user_has_perm(user, exec_services.EXEC_PERM, vm):
+        return None, "permission_denied"
     if vm.state != VmState.RUNNING:
-        return "not_running"
-    return None
+        return None, "not_running"
+    return vm, None
 
 
 _CLOSE_CODES = {"not_found": 4404, "permission_denied": 4403, "not_running": 4409, "unauthenticated": 4401}
@@ -50,15 +53,15 @@ _CLOSE_CODES = {"not_found": 4404, "permission_denied": 4403, "not_running": 440
 
 class VmExecConsumer(AsyncWebsocketConsumer):
     async def connect(self):
-        self.client: AsyncHostdClient | None = None
+        self.channel: AgentChannel | None = None
         self.pump: asyncio.Task | None = None
-        user = self.scope.get("user")
+        self.user = self.scope.get("user")
         kwargs = self.scope["url_route"]["kwargs"]
         self.vm_id, self.exec_id = kwargs["vm_id"], kwargs["exec_id"]
-        if user is None or not user.is_authenticated:
+        if self.user is None or not self.user.is_authenticated:
             await self.close(code=_CLOSE_CODES["unauthenticated"])
             return
-        reason = await _authorise(user, self.vm_id)
+        self.vm, reason = await _authorise(self.user, self.vm_id)
         if reason is not None:
             await self.close(code=_CLOSE_CODES[reason])
             return
@@ -69,11 +72,11 @@ class VmExecConsumer(AsyncWebsocketConsumer):
             self.cursor = 0
         await self.accept()
         try:
-            self.client = await AsyncHostdClient(settings.SANDBOX_HOSTD_SOCKET, timeout=30).connect()
-            self.sub = await self.client.exec_attach(self.vm_id, self.exec_id, offset=self.cursor)
-        except HostdError as exc:
+            self.channel = await AgentChannel.open(timeout=30)
+            self.sub = await self.channel.exec_attach(self.vm_id, self.exec_id, offset=self.cursor)
+        except ApplicationError as exc:
             await self._control({"type": "error", "code": exc.code, "message": exc.message})
-            await self.close(code=4502 if exc.code != "not_found" else 4404)
+            await self.close(code=4404 if exc.code == "not_found" else 4502)
             return
         await self._control({"type": "attached", "exec_id": self.exec_id, "offset": self.cursor})
         self.pump = asyncio.create_task(self._pump())
@@ -110,42 +113,45 @@ class VmExecConsumer(AsyncWebsocketConsumer):
                 await self.close(code=4500)
 
     async def receive(self, text_data=None, bytes_data=None):
-        if self.client is None:
+        if self.channel is None:
             return
+        # Each control message is audited like one REST request (its own request id).
+        client = self.scope.get("client") or (None,)
         try:
-            if bytes_data is not None:
-                await self.client.agent(self.vm_id, "exec_stdin", {"exec_id": self.exec_id}, bytes_data[:MAX_CONTROL])
-                return
-            message = json.loads(text_data or "{}")
-            if not isinstance(message, dict):
-                raise ValueError("control messages are JSON objects")
-            kind = message.get("type")
-            if kind == "stdin":
-                data = str(message.get("data", "")).encode()[:MAX_CONTROL]
-                await self.client.agent(self.vm_id, "exec_stdin", {"exec_id": self.exec_id}, data)
-            elif kind == "eof":
-                await self.client.agent(self.vm_id, "exec_stdin", {"exec_id": self.exec_id, "eof": True})
-            elif kind == "resize":
-                await self.client.agent(
-                    self.vm_id,
-                    "exec_resize",
-                    {"exec_id": self.exec_id, "rows": int(message["rows"]), "cols": int(message["cols"])},
-                )
-            elif kind == "signal":
-                await self.client.agent(
-                    self.vm_id, "exec_signal", {"exec_id": self.exec_id, "signal": message.get("signal", "INT")}
-                )
-            else:
-                raise ValueError(f"unknown control message {kind!r}")
-        except HostdError as exc:
+            with actor_context(request_id=new_request_id(), source_ip=client[0]):
+                await self._apply(text_data, bytes_data)
+        except ApplicationError as exc:
             await self._control({"type": "error", "code": exc.code, "message": exc.message})
+            if exc.code == "permission_denied":  # the exec right was taken away: stop watching too
+                await self.close(code=_CLOSE_CODES["permission_denied"])
         except (ValueError, KeyError, TypeError) as exc:
             await self._control({"type": "error", "code": "bad_request", "message": str(exc)})
+
+    async def _apply(self, text_data: str | None, bytes_data: bytes | None) -> None:
+        """stdin, eof, resize and signal through the exec services (same checks as REST)."""
+        target = {"vm": self.vm, "actor": self.user, "channel": self.channel, "exec_id": self.exec_id}
+        if bytes_data is not None:
+            await exec_services.vm_exec_stdin_async(**target, data=bytes_data)
+            return
+        message = json.loads(text_data or "{}")
+        if not isinstance(message, dict):
+            raise ValueError("control messages are JSON objects")
+        kind = message.get("type")
+        if kind == "stdin":
+            await exec_services.vm_exec_stdin_async(**target, data=str(message.get("data", "")).encode())
+        elif kind == "eof":
+            await exec_services.vm_exec_stdin_async(**target, data=b"", eof=True)
+        elif kind == "resize":
+            await exec_services.vm_exec_resize_async(**target, rows=int(message["rows"]), cols=int(message["cols"]))
+        elif kind == "signal":
+            await exec_services.vm_exec_signal_async(**target, signal=message.get("signal", "INT"))
+        else:
+            raise ValueError(f"unknown control message {kind!r}")
 
     async def disconnect(self, code):
         if self.pump is not None:
             self.pump.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self.pump
-        if self.client is not None:
-            await self.client.close()
+        if self.channel is not None:
+            await self.channel.close()

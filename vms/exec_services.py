@@ -1,18 +1,19 @@
 """Exec and files in a VM: the business rules (exec permission, VM state, audit, limits).
 
-The transport is the host daemon (``manage.py hostd``), which holds the one connection to
-each guest agent; simple requests fall back to a direct agent connection when hostd is
-not running, streamed transfers need hostd. Views and consumers call only these.
+Every agent request goes through ``vms.agent_gateway`` (hostd, or a direct agent connection
+for single requests when hostd does not run; errors already in the API's shape). Views and
+websocket consumers call only these; the consumers use the ``*_async`` variants, whose
+checks and audit rows are the same as the REST ones.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
-import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
 from typing import Any
 
+from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db import transaction
 
@@ -20,78 +21,13 @@ from accounts.audit import audit_record
 from accounts.models import AuditResult
 from accounts.services import user_has_perm
 from sandbox_site.errors import ApplicationError, ConflictError, NotPermitted
-from vms.hostd.client import HostdClient, HostdError, HostdRequestError, HostdTimeout, HostdUnavailable
+from vms import agent_gateway
+from vms.agent_gateway import AgentChannel, agent_call
 from vms.models import VM, VmState
-
-logger = logging.getLogger(__name__)
 
 EXEC_PERM = "vms.exec_vm"
 MAX_COMMAND_AUDIT = 4000
-MAX_STDIN_BYTES = 1 << 20  # stdin given inline with POST .../exec/ or .../stdin/
-
-# Agent/hostd error codes -> (HTTP status, public code).
-_STATUS = {
-    "not_found": 404,
-    "exists": 409,
-    "conflict": 409,
-    "stdin_closed": 409,
-    "permission_denied": 403,
-    "is_a_directory": 400,
-    "not_a_directory": 400,
-    "not_empty": 409,
-    "bad_request": 400,
-    "too_large": 413,
-    "too_many": 429,
-    "no_space": 507,
-    "read_only": 409,
-    "vm_not_running": 409,
-    "agent_unavailable": 503,
-    "agent_timeout": 504,
-    "timeout": 504,
-    "hostd_unavailable": 503,
-    "checksum_mismatch": 502,
-}
-_RENAMED = {"permission_denied": "guest_permission_denied"}  # not our permission system's 403
-
-
-def agent_error(exc: HostdError) -> ApplicationError:
-    """One place mapping transport/agent errors to the API's error shape."""
-    code = exc.code
-    status = _STATUS.get(code, 502)
-    return ApplicationError(exc.message or code, code=_RENAMED.get(code, code), status_code=status)
-
-
-def hostd_client(*, timeout: float = 30.0) -> HostdClient:
-    return HostdClient(settings.SANDBOX_HOSTD_SOCKET, timeout=timeout)
-
-
-def agent_request(
-    vm_id: str, op: str, args: dict | None = None, data: bytes = b"", *, timeout: float = 30.0, driver: str = "qemu"
-) -> tuple[dict, bytes]:
-    """One agent request through hostd, or over a direct connection when hostd is down.
-    Raises ``HostdError`` subclasses (codes as in PROTOCOL.md / docs/hostd.md)."""
-    try:
-        with hostd_client(timeout=timeout) as client:
-            return client.agent(vm_id, op, args, data, timeout=timeout)
-    except HostdUnavailable:
-        pass
-    from vms.hypervisor import driver_capabilities, runtime_dir
-    from vms.vmm.agent_client import AgentConnection, AgentError, AgentRequestError, AgentTimeout
-
-    try:
-        with AgentConnection.open(
-            runtime_dir(vm_id) / "agent.sock",
-            driver_capabilities(driver).agent_transport,
-            timeout=min(timeout, 10),
-            client="web-direct",
-        ) as conn:
-            return conn.request_data(op, args, data, timeout=timeout)
-    except AgentRequestError as exc:
-        raise HostdRequestError(str(exc.details.get("message", "")), exc.code) from exc  # type: ignore[union-attr]
-    except AgentTimeout as exc:
-        raise HostdTimeout(exc.message) from exc
-    except AgentError as exc:
-        raise HostdRequestError(exc.message, "agent_unavailable") from exc
+MAX_STDIN_BYTES = 1 << 20  # stdin given inline with POST .../exec/, .../stdin/ or a websocket frame
 
 
 def _require_exec(actor, vm: VM, action: str) -> None:
@@ -107,13 +43,6 @@ def _require_running(vm: VM) -> None:
     vm.refresh_from_db(fields=["state", "driver"])
     if vm.state != VmState.RUNNING:
         raise ConflictError(f"The VM is {vm.state}; commands and files need it running.", details={"state": vm.state})
-
-
-def _call(vm: VM, op: str, args: dict | None = None, data: bytes = b"", *, timeout: float = 30.0) -> tuple[dict, bytes]:
-    try:
-        return agent_request(str(vm.pk), op, args, data, timeout=timeout, driver=vm.driver or "qemu")
-    except HostdError as exc:
-        raise agent_error(exc) from exc
 
 
 def _audit(actor, action: str, vm: VM, after: dict, *, result: str = AuditResult.OK, message: str = "") -> None:
@@ -193,7 +122,7 @@ def vm_exec_start(
         "stdin_bytes": len(stdin or b""),
     }
     try:
-        started, _ = _call(vm, "exec_start", args, stdin or b"")
+        started, _ = agent_call(vm, "exec_start", args, stdin or b"")
     except ApplicationError as exc:
         _audit(actor, "vm.exec", vm, audit_after, result=AuditResult.FAILED, message=exc.message)
         raise
@@ -202,7 +131,9 @@ def vm_exec_start(
         return {"exec_id": started["exec_id"], "pid": started["pid"], "tag": started["tag"], "running": True}
     limit = settings.SANDBOX_EXEC_WAIT_MAX_SECONDS
     wait_for = min(limit, timeout + 5) if timeout else limit
-    summary, _ = _call(vm, "exec_wait", {"exec_id": started["exec_id"], "timeout": wait_for}, timeout=wait_for + 10)
+    summary, _ = agent_call(
+        vm, "exec_wait", {"exec_id": started["exec_id"], "timeout": wait_for}, timeout=wait_for + 10
+    )
     return _collect(vm, summary)
 
 
@@ -212,7 +143,7 @@ def _collect(vm: VM, summary: dict) -> dict:
     offset = 0
     base = summary.get("base_offset", 0)
     while True:
-        page, data = _call(vm, "exec_read", {"exec_id": summary["exec_id"], "offset": offset})
+        page, data = agent_call(vm, "exec_read", {"exec_id": summary["exec_id"], "offset": offset})
         pos = 0
         for stream, length in page["chunks"]:
             out.setdefault(stream, bytearray()).extend(data[pos : pos + length])
@@ -241,7 +172,7 @@ def _collect(vm: VM, summary: dict) -> dict:
 def vm_exec_list(*, vm: VM, actor, tag: str | None = None) -> list[dict]:
     _require_exec(actor, vm, "exec_list")
     _require_running(vm)
-    result, _ = _call(vm, "exec_list", {"tag": tag} if tag else {})
+    result, _ = agent_call(vm, "exec_list", {"tag": tag} if tag else {})
     return result["execs"]
 
 
@@ -253,7 +184,7 @@ def vm_exec_output(
     than asked: that is the gap."""
     _require_exec(actor, vm, "exec_output")
     _require_running(vm)
-    page, data = _call(vm, "exec_read", {"exec_id": exec_id, "offset": max(0, offset), "max": max(1, limit)})
+    page, data = agent_call(vm, "exec_read", {"exec_id": exec_id, "offset": max(0, offset), "max": max(1, limit)})
     chunks = []
     pos = 0
     at = page["offset"]
@@ -267,25 +198,89 @@ def vm_exec_output(
     return {**page, "requested_offset": offset, "gap": page["offset"] > offset, "encoding": encoding, "chunks": chunks}
 
 
-def vm_exec_stdin(*, vm: VM, actor, exec_id: str, data: bytes, eof: bool = False) -> dict:
-    _require_exec(actor, vm, "exec_stdin")
-    _require_running(vm)
+@dataclass(frozen=True)
+class _ExecControl:
+    """Input to a running exec (stdin, signal, resize), the same over REST and websockets."""
+
+    action: str  # the permission check's and audit row's action: vm.<action>
+    args: dict
+    data: bytes = b""
+    timeout: float = 30.0
+    audited: bool = False  # written to the audit log (after = args)
+
+    @property
+    def op(self) -> str:
+        return self.action  # the agent's op has the same name
+
+
+def _stdin_control(exec_id: str, data: bytes, eof: bool) -> _ExecControl:
     if len(data) > MAX_STDIN_BYTES:
         raise ApplicationError(f"at most {MAX_STDIN_BYTES} bytes per request", code="too_large", status_code=413)
-    return _call(vm, "exec_stdin", {"exec_id": exec_id, "eof": eof}, data, timeout=60)[0]
+    # The agent answers once the process has less than 1 MiB unread: bounded by this timeout.
+    return _ExecControl("exec_stdin", {"exec_id": exec_id, "eof": eof}, data, timeout=60)
 
 
-def vm_exec_signal(*, vm: VM, actor, exec_id: str, signal: str | int = "TERM") -> dict:
-    _require_exec(actor, vm, "exec_signal")
+def _signal_control(exec_id: str, signal: str | int) -> _ExecControl:
+    return _ExecControl("exec_signal", {"exec_id": exec_id, "signal": signal}, audited=True)
+
+
+def _resize_control(exec_id: str, rows: int, cols: int) -> _ExecControl:
+    return _ExecControl("exec_resize", {"exec_id": exec_id, "rows": rows, "cols": cols})
+
+
+def _control_allowed(vm: VM, actor, control: _ExecControl) -> None:
+    _require_exec(actor, vm, control.action)
     _require_running(vm)
-    result, _ = _call(vm, "exec_signal", {"exec_id": exec_id, "signal": signal})
-    _audit(actor, "vm.exec_signal", vm, {"exec_id": exec_id, "signal": signal})
+
+
+def _control_done(vm: VM, actor, control: _ExecControl) -> None:
+    if control.audited:
+        _audit(actor, f"vm.{control.action}", vm, control.args)
+
+
+def _control_run(vm: VM, actor, control: _ExecControl) -> dict:
+    _control_allowed(vm, actor, control)
+    result = agent_call(vm, control.op, control.args, control.data, timeout=control.timeout)[0]
+    _control_done(vm, actor, control)
     return result
 
 
-def vm_exec_resize(*, vm: VM, actor, exec_id: str, rows: int, cols: int) -> dict:
-    _require_exec(actor, vm, "exec_resize")
-    return _call(vm, "exec_resize", {"exec_id": exec_id, "rows": rows, "cols": cols})[0]
+async def _control_run_async(vm: VM, actor, control: _ExecControl, channel: AgentChannel) -> dict:
+    # Checks and audit in the database thread (short); the agent request on the event loop,
+    # so a guest slow to take stdin never holds the thread every consumer shares.
+    await database_sync_to_async(_control_allowed)(vm, actor, control)
+    result = (await channel.call(str(vm.pk), control.op, control.args, control.data, timeout=control.timeout))[0]
+    await database_sync_to_async(_control_done)(vm, actor, control)
+    return result
+
+
+def vm_exec_stdin(*, vm: VM, actor, exec_id: str, data: bytes, eof: bool = False) -> dict:
+    """Write to the exec's stdin (``eof`` closes it after ``data``)."""
+    return _control_run(vm, actor, _stdin_control(exec_id, data, eof))
+
+
+def vm_exec_signal(*, vm: VM, actor, exec_id: str, signal: str | int = "TERM") -> dict:
+    """Send a signal (name or number; ``KILL`` kills the whole tree). Audited."""
+    return _control_run(vm, actor, _signal_control(exec_id, signal))
+
+
+async def vm_exec_stdin_async(
+    *, vm: VM, actor, channel: AgentChannel, exec_id: str, data: bytes, eof: bool = False
+) -> dict:
+    """``vm_exec_stdin`` for websocket consumers, over their hostd ``channel``."""
+    return await _control_run_async(vm, actor, _stdin_control(exec_id, data, eof), channel)
+
+
+async def vm_exec_signal_async(
+    *, vm: VM, actor, channel: AgentChannel, exec_id: str, signal: str | int = "TERM"
+) -> dict:
+    """``vm_exec_signal`` for websocket consumers (same checks, same audit row)."""
+    return await _control_run_async(vm, actor, _signal_control(exec_id, signal), channel)
+
+
+async def vm_exec_resize_async(*, vm: VM, actor, channel: AgentChannel, exec_id: str, rows: int, cols: int) -> dict:
+    """Resize the exec's pty (websocket only: REST has no resize)."""
+    return await _control_run_async(vm, actor, _resize_control(exec_id, rows, cols), channel)
 
 
 # ----- files -----------------------------------------------------------------------------
@@ -300,19 +295,19 @@ def _path(path: str | None) -> str:
 def vm_file_stat(*, vm: VM, actor, path: str) -> dict:
     _require_exec(actor, vm, "file_stat")
     _require_running(vm)
-    return _call(vm, "file_stat", {"path": _path(path)})[0]
+    return agent_call(vm, "file_stat", {"path": _path(path)})[0]
 
 
 def vm_file_list(*, vm: VM, actor, path: str, limit: int = 10000) -> dict:
     _require_exec(actor, vm, "file_list")
     _require_running(vm)
-    return _call(vm, "file_list", {"path": _path(path), "limit": limit}, timeout=60)[0]
+    return agent_call(vm, "file_list", {"path": _path(path), "limit": limit}, timeout=60)[0]
 
 
 def vm_file_mkdir(*, vm: VM, actor, path: str, mode: int = 0o755, parents: bool = True) -> dict:
     _require_exec(actor, vm, "file_mkdir")
     _require_running(vm)
-    result = _call(vm, "file_mkdir", {"path": _path(path), "mode": mode, "parents": parents})[0]
+    result = agent_call(vm, "file_mkdir", {"path": _path(path), "mode": mode, "parents": parents})[0]
     _audit(actor, "vm.file_mkdir", vm, {"path": path, "mode": oct(mode)})
     return result
 
@@ -320,7 +315,7 @@ def vm_file_mkdir(*, vm: VM, actor, path: str, mode: int = 0o755, parents: bool 
 def vm_file_remove(*, vm: VM, actor, path: str, recursive: bool = False) -> dict:
     _require_exec(actor, vm, "file_remove")
     _require_running(vm)
-    result = _call(vm, "file_remove", {"path": _path(path), "recursive": recursive}, timeout=120)[0]
+    result = agent_call(vm, "file_remove", {"path": _path(path), "recursive": recursive}, timeout=120)[0]
     _audit(actor, "vm.file_remove", vm, {"path": path, "recursive": recursive})
     return result
 
@@ -343,92 +338,35 @@ def vm_file_upload(
     _require_running(vm)
     path = _path(path)
     limit = settings.SANDBOX_FILE_UPLOAD_MAX_BYTES
+    too_large = ApplicationError(
+        f"Uploads are limited to {limit} bytes.", code="too_large", status_code=413, details={"limit": limit}
+    )
     if size is not None and size > limit:
-        raise ApplicationError(
-            f"Uploads are limited to {limit} bytes.", code="too_large", status_code=413, details={"limit": limit}
-        )
+        raise too_large
     after = {"path": path, "mode": oct(mode) if mode is not None else None, "owner": owner}
     try:
-        with hostd_client(timeout=120) as client:
-            result = client.upload(
-                str(vm.pk), path, chunks, mode=mode, owner=owner, overwrite=overwrite, max_bytes=limit, timeout=120
-            )
-    except HostdError as exc:
-        error = agent_error(exc)
-        if exc.code == "too_large":
-            error = ApplicationError(
-                f"Uploads are limited to {limit} bytes.", code="too_large", status_code=413, details={"limit": limit}
-            )
+        result = agent_gateway.file_upload(
+            vm, path, chunks, mode=mode, owner=owner, overwrite=overwrite, max_bytes=limit, timeout=120
+        )
+    except ApplicationError as exc:
+        error = too_large if exc.code == "too_large" else exc
         _audit(actor, "vm.file_write", vm, after, result=AuditResult.FAILED, message=error.message)
-        raise error from exc
+        if error is too_large:
+            raise too_large from exc
+        raise
     _audit(actor, "vm.file_write", vm, {**after, "size": result["size"], "sha256": result["sha256"]})
     return result
 
 
 def vm_file_download_open(*, vm: VM, actor, path: str) -> dict:
     """Open ``path`` for a download: ``{"handle", "size", "mode", "sha256", ...}``; stream
-    it with ``file_download_chunks`` (sync) or the async client in the view."""
+    it with ``file_download_chunks_async``."""
     _require_exec(actor, vm, "file_read")
     _require_running(vm)
-    try:
-        with hostd_client(timeout=600) as client:
-            return client.download_open(str(vm.pk), _path(path), timeout=600)
-    except HostdError as exc:
-        raise agent_error(exc) from exc
+    return agent_gateway.file_download_open(vm, _path(path), timeout=600)
 
 
-def file_download_chunks(vm_id: str, info: dict) -> Iterator[bytes]:
-    with hostd_client(timeout=120) as client:
-        yield from client.download_chunks(vm_id, info["handle"], expected_sha256=info.get("sha256"))
-
-
-async def file_download_chunks_async(vm_id: str, info: dict):
-    """Async generator of the file's bytes (for streaming responses under ASGI)."""
-    import hashlib
-
-    from vms.hostd.client import TRANSFER_WINDOW, AsyncHostdClient
-    from vms.vmm.agent_protocol import MAX_DATA
-
-    client = AsyncHostdClient(settings.SANDBOX_HOSTD_SOCKET, timeout=120)
-    await client.connect()
-    hasher = hashlib.sha256()
-    import asyncio
-
-    pending: list = []
-    eof = False
-    try:
-        while True:
-            while not eof and len(pending) < TRANSFER_WINDOW:
-                pending.append(
-                    asyncio.ensure_future(
-                        client.agent(vm_id, "file_read", {"handle": info["handle"], "max": MAX_DATA}, timeout=120)
-                    )
-                )
-                await asyncio.sleep(0)
-            if not pending:
-                break
-            result, data = await pending.pop(0)
-            if result.get("eof"):
-                eof = True
-                continue
-            hasher.update(data)
-            yield data
-        final, _ = await client.agent(vm_id, "file_read_close", {"handle": info["handle"]})
-        if final.get("sha256") != hasher.hexdigest() or hasher.hexdigest() != info.get("sha256"):
-            # The file changed while it was read: cut the response short so the client notices.
-            raise HostdRequestError("file changed during download", "checksum_mismatch")
-    finally:
-        for fut in pending:
-            fut.cancel()
-        with contextlib.suppress(Exception):
-            if not eof:
-                await client.agent(vm_id, "file_read_close", {"handle": info["handle"]}, timeout=10)
-        await client.close()
-
-
-def vm_agent_status_via_hostd(vm_id: str) -> dict | None:
-    try:
-        with hostd_client(timeout=5) as client:
-            return client.call("vm_status", {"vm_id": vm_id})[0]
-    except HostdError:
-        return None
+def file_download_chunks_async(vm_id: str, info: dict) -> AsyncIterator[bytes]:
+    """Async iterator of the bytes of a file opened with ``vm_file_download_open`` (for
+    streaming responses under ASGI); cut short when the file changed while it was read."""
+    return agent_gateway.file_download_chunks(vm_id, info)

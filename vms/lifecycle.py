@@ -14,7 +14,7 @@ from guardian.models import GroupObjectPermission, UserObjectPermission
 from accounts.audit import audit_record
 from networking.services import nic_plumb, nic_release, nic_unplumb
 from sandbox_site.errors import ApplicationError, ConflictError
-from vms import hypervisor
+from vms import agent_gateway, hypervisor
 from vms.events import vm_event_publish
 from vms.models import VM, Image, Operation, VmState
 from vms.vmm.base import RuntimeState, VmmError
@@ -114,7 +114,7 @@ def _boot(op: Operation, vm: VM) -> None:
         else:
             _log(op, f"VMM already running (pid {info.pid}); waiting for the guest agent", 50)
         _log(op, "waiting for guest agent", 60)
-        agent = hypervisor.agent_wait(spec, name, timeout=settings.SANDBOX_BOOT_TIMEOUT)
+        agent = agent_gateway.agent_wait(vm, timeout=settings.SANDBOX_BOOT_TIMEOUT)
         _log(op, f"guest agent answered (version {agent.get('agent_version', '?')})", 90)
     except Exception as exc:
         message = getattr(exc, "message", None) or str(exc)

@@ -297,17 +297,11 @@ def vm_update(*, vm: VM, actor, name: str | None = None, metadata: dict | None =
 
 def vm_agent_ping(*, vm: VM) -> dict:
     """Ask the guest agent for its version, boot id and uptime."""
-    from vms.hypervisor import agent_ping, vm_spec
-    from vms.vmm.base import VmmError
+    from vms import agent_gateway
 
     if vm.state != S.RUNNING:
         raise ConflictError(f"The VM is {vm.state}; the agent answers only while it runs.")
-    try:
-        return agent_ping(vm_spec(vm), vm.driver, timeout=5.0)
-    except VmmError as exc:
-        raise ApplicationError(
-            f"The guest agent did not answer: {exc.message}", code="agent_unavailable", status_code=503
-        ) from exc
+    return agent_gateway.agent_ping(vm, timeout=5.0)
 
 
 # --- operation execution (runs in Celery workers on the VM's host) --------------------

@@ -4,22 +4,15 @@ real guest agent code on this host (tests/hostd/fake_vmm.py)."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import signal
-import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
 
 import pytest
+from asgiref.sync import async_to_sync
 from guardian.shortcuts import assign_perm
 
 from accounts.models import AuditEvent
-from tests.hostd.test_hostd import FAKE_VMM, Hostd
-from vms.models import VM
+from tests.waiting import wait_until
 
 ENDPOINTS = [
     ("exec", "post", "exec/", {"command": "true"}),
@@ -67,35 +60,6 @@ def test_an_upload_needs_the_exec_permission_too(api, shared_vm, grantee, strang
     assert api.put(url, b"data", content_type="application/octet-stream").status_code == 404
 
 
-@pytest.fixture
-def live_vm(vm, settings):
-    """The owner's VM 'running' on a stand-in VMM, with a real hostd in front of it."""
-    root = Path(tempfile.mkdtemp(prefix="api-", dir="/tmp"))
-    settings.SANDBOX_RUNTIME_DIR = root
-    settings.SANDBOX_HOSTD_SOCKET = root / "hostd.sock"
-    settings.SANDBOX_FILE_UPLOAD_MAX_BYTES = 1 << 20
-    rd = root / str(vm.pk)
-    rd.mkdir()
-    (rd / "spec.json").write_text("{}")
-    proc = subprocess.Popen([sys.executable, str(FAKE_VMM), str(rd)], start_new_session=True)
-    deadline = time.monotonic() + 10
-    while not (rd / "agent.sock").exists():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    hostd = Hostd(root)
-    hostd.start()
-    VM.objects.filter(pk=vm.pk).update(state="running")
-    vm.refresh_from_db()
-    try:
-        yield vm, root
-    finally:
-        hostd.stop()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        subprocess.run(["rm", "-rf", str(root)], check=False)
-
-
 @pytest.mark.django_db(transaction=True)
 def test_exec_and_files_end_to_end(api, owner, live_vm):
     vm, root = live_vm
@@ -107,10 +71,9 @@ def test_exec_and_files_end_to_end(api, owner, live_vm):
     started = api.post(base + "exec/", {"command": "seq 1 5", "wait": False, "tag": "t"}, format="json")
     assert started.status_code == 202
     exec_id = started.json()["exec_id"]
-    time.sleep(0.5)
     listed = api.get(base + "execs/?tag=t").json()["results"]
     assert [e["exec_id"] for e in listed] == [exec_id]
-    page = api.get(base + f"execs/{exec_id}/?offset=4").json()
+    page = wait_until(lambda: _finished(api.get(base + f"execs/{exec_id}/?offset=4").json()))
     assert page["offset"] == 4 and "".join(c["data"] for c in page["chunks"]) == "3\n4\n5\n"
     assert api.get(base + "execs/nope/").status_code == 404
 
@@ -121,6 +84,9 @@ def test_exec_and_files_end_to_end(api, owner, live_vm):
     assert put.json()["sha256"] == hashlib.sha256(blob).hexdigest()
     assert target.read_bytes() == blob and target.stat().st_mode & 0o777 == 0o600
     assert api.get(base + f"files/stat/?path={target}").json()["size"] == len(blob)
+    got = api.get(base + f"files/?path={target}")
+    assert (got.status_code, got["X-Checksum-Sha256"]) == (200, hashlib.sha256(blob).hexdigest())
+    assert async_to_sync(_joined)(got.streaming_content) == blob
     too_big = api.put(
         base + f"files/?path={root}/big.bin", b"x" * ((1 << 20) + 1), content_type="application/octet-stream"
     )
@@ -130,3 +96,11 @@ def test_exec_and_files_end_to_end(api, owner, live_vm):
     assert api.delete(base + f"files/?path={root}/d&recursive=1").status_code == 204
     actions = set(AuditEvent.objects.filter(object_id=str(vm.pk)).values_list("action", flat=True))
     assert {"vm.exec", "vm.file_write", "vm.file_mkdir", "vm.file_remove"} <= actions
+
+
+async def _joined(chunks) -> bytes:
+    return b"".join([chunk async for chunk in chunks])
+
+
+def _finished(page: dict) -> dict | None:
+    return None if page["running"] else page

@@ -2,8 +2,9 @@
 views, Celery tasks and scripts) and ``AsyncHostdClient`` (for Channels consumers).
 
 Both speak the agent framing (``vms.vmm.agent_protocol``) to hostd; see docs/hostd.md.
-Errors: ``HostdUnavailable`` (no daemon), ``HostdRequestError`` (hostd or the agent said
-no; ``code`` is the error code), ``HostdTimeout``.
+Errors (``vms.hostd.errors``, one ``HostdError`` type shared with the daemon):
+``HostdUnavailable`` (no daemon), ``HostdRequestError`` (hostd or the agent said no;
+``code`` is the error code), ``HostdTimeout``.
 """
 
 from __future__ import annotations
@@ -18,33 +19,11 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from vms.hostd.errors import HostdError, HostdRequestError, HostdTimeout, HostdUnavailable
 from vms.vmm.agent_protocol import MAX_DATA, Frame, FrameDecoder, FrameError, check_response, encode_frame
 
 UPLOAD_CHUNK = 256 << 10
 TRANSFER_WINDOW = 8  # chunks in flight during uploads and downloads
-
-
-class HostdError(Exception):
-    def __init__(self, message: str, code: str = "hostd_error") -> None:
-        super().__init__(message)
-        self.message = message
-        self.code = code
-
-
-class HostdUnavailable(HostdError):
-    """hostd is not running (or its socket is not reachable)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, "hostd_unavailable")
-
-
-class HostdTimeout(HostdError):
-    def __init__(self, message: str) -> None:
-        super().__init__(message, "timeout")
-
-
-class HostdRequestError(HostdError):
-    """hostd or the guest agent answered with an error; ``code`` says which."""
 
 
 def _raise_for(frame: Frame) -> tuple[dict[str, Any], bytes]:
@@ -52,7 +31,7 @@ def _raise_for(frame: Frame) -> tuple[dict[str, Any], bytes]:
     if h.get("ok") is True:
         return h.get("result", {}), frame.data
     err = h.get("error") or {}
-    raise HostdRequestError(str(err.get("message", "")), str(err.get("code", "error")))
+    raise HostdRequestError(str(err.get("code", "error")), str(err.get("message", "")))
 
 
 class HostdClient:
@@ -101,7 +80,7 @@ class HostdClient:
         try:
             frame = encode_frame({"id": req_id, "op": op, "args": args}, data)
         except FrameError as exc:
-            raise HostdRequestError(str(exc), "too_large") from exc
+            raise HostdRequestError("too_large", str(exc)) from exc
         self._sock.settimeout(timeout or self.timeout)
         try:
             self._sock.sendall(frame)
@@ -231,7 +210,7 @@ class HostdClient:
             for piece in _rechunk(chunks, UPLOAD_CHUNK):
                 size += len(piece)
                 if max_bytes is not None and size > max_bytes:
-                    raise HostdRequestError(f"upload exceeds the limit of {max_bytes} bytes", "too_large")
+                    raise HostdRequestError("too_large", f"upload exceeds the limit of {max_bytes} bytes")
                 hasher.update(piece)
                 inflight.append(
                     self.send(
@@ -294,7 +273,7 @@ def _download(client: HostdClient, vm_id: str, handle: str, expected: str | None
         raise
     digest = hasher.hexdigest()
     if final.get("sha256") != digest or (expected is not None and expected != digest):
-        raise HostdRequestError(f"downloaded data has sha256 {digest}, expected {expected}", "checksum_mismatch")
+        raise HostdRequestError("checksum_mismatch", f"downloaded data has sha256 {digest}, expected {expected}")
 
 
 def _rechunk(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
@@ -430,7 +409,7 @@ class AsyncHostdClient:
         except TimeoutError as exc:
             raise HostdTimeout(f"hostd did not answer {op} in time") from exc
         except FrameError as exc:
-            raise HostdRequestError(str(exc), "too_large") from exc
+            raise HostdRequestError("too_large", str(exc)) from exc
         finally:
             self._pending.pop(req_id, None)
         return _raise_for(frame)

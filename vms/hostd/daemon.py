@@ -28,6 +28,7 @@ from typing import Any
 
 from vms.hostd.agent_link import AgentLink, AgentUnavailable
 from vms.hostd.console import ConsoleLink, ConsoleUnavailable
+from vms.hostd.errors import HostdError
 from vms.vmm.agent_client import AGENT_SOCKET, AgentError, AgentRequestError, AgentTimeout, AgentTransport
 from vms.vmm.agent_protocol import Frame, FrameDecoder, FrameError, encode_frame
 from vms.vmm.process import running_vmm_pid
@@ -49,13 +50,6 @@ class HostdConfig:
     socket_path: Path
     console_ring_bytes: int = 1 << 20
     scan_seconds: float = 2.0
-
-
-class HostdError(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 def _is_cloud_hypervisor(runtime_dir: Path, pid: int | None) -> bool:

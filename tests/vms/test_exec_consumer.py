@@ -1,0 +1,123 @@
+"""Exec websocket (vms/exec_consumers.py) against a real hostd and a stand-in VMM running the
+real guest agent code (tests/vms/conftest.py): stdin, signal and resize go through the exec
+services, so they are checked and audited exactly like their REST twins."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from channels.db import database_sync_to_async
+from channels.testing import WebsocketCommunicator
+from guardian.shortcuts import assign_perm, remove_perm
+
+from accounts.models import AuditEvent
+from sandbox_site.asgi import application
+from vms import exec_services
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+# Compared between a REST and a websocket signal: everything but ids, times and the exec.
+AUDITED = ("actor_id", "actor_username", "token_id", "source_ip", "action", "object_type", "object_id", "result")
+
+
+async def connect(vm, exec_id, user):
+    comm = WebsocketCommunicator(
+        application,
+        f"/ws/vms/{vm.pk}/execs/{exec_id}/",
+        headers=[(b"origin", b"http://localhost"), (b"host", b"localhost")],
+    )
+    comm.scope["user"] = user
+    comm.scope["client"] = ("127.0.0.1", 40000)  # what the test client's REST requests come from
+    connected, code = await comm.connect(timeout=5)
+    return comm, connected, code
+
+
+async def control(comm, kind, *, timeout=10):
+    """The next JSON control message of ``kind`` (output frames and others are skipped)."""
+    while True:
+        frame = await comm.receive_output(timeout)
+        if frame["type"] == "websocket.close":
+            raise AssertionError(f"socket closed ({frame.get('code')}) before {kind!r}")
+        if frame.get("text") is not None:
+            message = json.loads(frame["text"])
+            if message["type"] == kind:
+                return message
+
+
+@database_sync_to_async
+def start(vm, actor, command, **kwargs):
+    return exec_services.vm_exec_start(vm=vm, actor=actor, command=command, wait=False, **kwargs)["exec_id"]
+
+
+@database_sync_to_async
+def rest_signal(api, vm, actor, exec_id, signal):
+    api.as_user(actor)
+    return api.post(f"/api/v1/vms/{vm.pk}/execs/{exec_id}/signal/", {"signal": signal}, format="json")
+
+
+@database_sync_to_async
+def signal_rows(vm):
+    return list(AuditEvent.objects.filter(object_id=str(vm.pk), action="vm.exec_signal").order_by("id"))
+
+
+async def test_a_websocket_signal_is_audited_like_a_rest_one(api, owner, live_vm):
+    vm, _ = live_vm
+    by_rest = await start(vm, owner, "sleep 60")
+    by_socket = await start(vm, owner, "sleep 60")
+    assert (await rest_signal(api, vm, owner, by_rest, "TERM")).status_code == 200
+
+    comm, connected, _ = await connect(vm, by_socket, owner)
+    assert connected
+    await control(comm, "attached")
+    await comm.send_json_to({"type": "signal", "signal": "TERM"})
+    assert (await control(comm, "exit"))["result"]["signal"] == "SIGTERM"
+    await comm.disconnect()
+
+    rest, socket = await signal_rows(vm)
+    assert [getattr(rest, name) for name in AUDITED] == [getattr(socket, name) for name in AUDITED]
+    assert (rest.result, rest.source_ip) == ("ok", "127.0.0.1")
+    assert (rest.after, socket.after) == (
+        {"exec_id": by_rest, "signal": "TERM"},
+        {"exec_id": by_socket, "signal": "TERM"},
+    )
+    assert rest.request_id and socket.request_id and rest.request_id != socket.request_id
+
+
+async def test_stdin_and_eof_reach_the_process(owner, live_vm):
+    vm, _ = live_vm
+    exec_id = await start(vm, owner, ["cat"], stdin_open=True)
+    comm, connected, _ = await connect(vm, exec_id, owner)
+    assert connected
+    await control(comm, "attached")
+    await comm.send_to(bytes_data=b"typed\n")
+    assert await comm.receive_from(10) == b"\x01typed\n"
+    await comm.send_json_to({"type": "eof"})
+    assert (await control(comm, "exit"))["result"]["exit_code"] == 0
+    await comm.disconnect()
+
+
+async def test_a_user_without_the_exec_right_is_refused(grantee, live_vm):
+    vm, _ = live_vm
+    await database_sync_to_async(assign_perm)("vms.view_vm", grantee, vm)
+    comm, connected, code = await connect(vm, "any", grantee)
+    assert (connected, code) == (False, 4403)
+
+
+async def test_a_signal_after_the_exec_right_was_revoked_is_refused_and_audited(owner, grantee, live_vm):
+    vm, _ = live_vm
+    for perm in ("view_vm", "exec_vm"):
+        await database_sync_to_async(assign_perm)(f"vms.{perm}", grantee, vm)
+    exec_id = await start(vm, owner, "sleep 60")
+    comm, connected, _ = await connect(vm, exec_id, grantee)
+    assert connected
+    await control(comm, "attached")
+    await database_sync_to_async(remove_perm)("vms.exec_vm", grantee, vm)
+
+    await comm.send_json_to({"type": "signal", "signal": "KILL"})
+    assert (await control(comm, "error"))["code"] == "permission_denied"
+    assert (await comm.receive_output(5)) == {"type": "websocket.close", "code": 4403}
+    [denied] = await signal_rows(vm)
+    assert (denied.actor_id, denied.result) == (grantee.pk, "denied")
+    running = await database_sync_to_async(exec_services.vm_exec_list)(vm=vm, actor=owner)
+    assert [e["running"] for e in running if e["exec_id"] == exec_id] == [True]
