@@ -27,6 +27,7 @@ from guardian.shortcuts import assign_perm
 
 from accounts.audit import audit_record
 from accounts.models import AuditResult
+from accounts.permissions import require_perm
 from accounts.services import user_has_perm
 from sandbox_site.errors import ApplicationError, ConflictError, NotPermitted, QuotaExceeded
 from snapshots import selectors
@@ -58,29 +59,12 @@ def _snapshot_audit(snapshot: Snapshot) -> dict:
 
 
 def _require_vm_perm(actor, vm: VM, action: str) -> None:
-    if not user_has_perm(actor, "vms.snapshot_vm", vm):
-        with transaction.atomic():
-            audit_record(
-                actor=actor,
-                action=f"snapshot.{action}",
-                obj=vm,
-                result=AuditResult.DENIED,
-                message="missing vms.snapshot_vm",
-            )
-        raise NotPermitted(f"You do not have permission to {action} snapshots of this VM.")
+    require_perm(actor, "vms.snapshot_vm", vm, action=f"snapshot.{action}")
 
 
 def _require_snapshot_perm(actor, snapshot: Snapshot, action: str) -> None:
-    if not selectors.snapshot_user_can(actor, "snapshot", snapshot):
-        with transaction.atomic():
-            audit_record(
-                actor=actor,
-                action=f"snapshot.{action}",
-                obj=snapshot,
-                result=AuditResult.DENIED,
-                message="missing vms.snapshot_vm",
-            )
-        raise NotPermitted(f"You do not have permission to {action} this snapshot.")
+    allowed = selectors.snapshot_user_can(actor, "snapshot", snapshot)
+    require_perm(actor, "vms.snapshot_vm", snapshot, action=f"snapshot.{action}", allowed=allowed)
 
 
 def _check_storage(owner, *, extra_bytes: int) -> None:

@@ -30,15 +30,18 @@ MAX_CONTROL = 1 << 20
 
 @database_sync_to_async
 def _authorise(user, vm_id: str) -> str | None:
-    """None when the user may exec in the VM, else the close reason."""
-    from accounts.services import user_has_perm
-    from vms import selectors
-    from vms.models import VM, VmState
+    """None when the user may exec in the VM, else the close reason (a refusal is audited)."""
+    from rest_framework.exceptions import NotFound
 
-    if not selectors.vm_visible_to(user, vm_id):
+    from accounts.permissions import vm_for
+    from sandbox_site.errors import NotPermitted
+    from vms.models import VmState
+
+    try:
+        vm = vm_for(user, vm_id, "exec", action="vm.exec_attach")
+    except NotFound:
         return "not_found"
-    vm = VM.objects.get(pk=vm_id)
-    if not user_has_perm(user, "vms.exec_vm", vm):
+    except NotPermitted:
         return "permission_denied"
     if vm.state != VmState.RUNNING:
         return "not_running"

@@ -20,6 +20,7 @@ from guardian.shortcuts import assign_perm
 
 from accounts.audit import audit_record
 from accounts.models import AuditResult
+from accounts.permissions import require_perm
 from accounts.services import user_has_perm
 from networking.services import nic_allocate
 from sandbox_site.errors import ApplicationError, ConflictError, NotPermitted, QuotaExceeded
@@ -83,12 +84,7 @@ def vm_transition(vm: VM, *, expected, new: str, **fields) -> bool:
 
 
 def _require(actor, perm: str, vm: VM, action: str) -> None:
-    if not user_has_perm(actor, perm, vm):
-        with transaction.atomic():
-            audit_record(
-                actor=actor, action=f"vm.{action}", obj=vm, result=AuditResult.DENIED, message=f"missing {perm}"
-            )
-        raise NotPermitted(f"You do not have permission to {action} this VM.")
+    require_perm(actor, perm, vm, action=f"vm.{action}")
 
 
 def _snapshot(vm: VM) -> dict:
