@@ -112,6 +112,7 @@ class ObjectPermissionViewSet(_DeclaredPerms, viewsets.GenericViewSet):
 
     lookup_field = "id"
     base_action_perms = {
+        "create": "add",  # no object yet: the service checks the role's global add right
         "list": "view",
         "retrieve": "view",
         "update": "change",
