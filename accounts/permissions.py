@@ -42,9 +42,12 @@ def visible_queryset(user, queryset, perm: str = "view"):
     return get_objects_for_user(user, codename, klass=queryset, accept_global_perms=True, with_superuser=True)
 
 
-def require_perm(actor, perm: str, obj: Model, *, action: str, allowed: bool | None = None, message: str = "") -> None:
+def require_perm(
+    actor, perm: str, obj: Model | None, *, action: str, allowed: bool | None = None, message: str = ""
+) -> None:
     """Refuse ``action`` on ``obj`` unless ``actor`` holds ``perm`` (``"app.codename"``, held
     globally through a role or on ``obj`` through django-guardian; superusers hold everything).
+    Without ``obj`` only the role's global rights count (creating: there is no object yet).
 
     A refusal writes an audit row (result ``denied``, message ``missing <perm>``) in its own
     transaction and raises ``NotPermitted``. Call it before opening the transaction of the
@@ -60,9 +63,9 @@ def require_perm(actor, perm: str, obj: Model, *, action: str, allowed: bool | N
     codename = perm.split(".", 1)[-1]
     with transaction.atomic():
         audit_record(actor=actor, action=action, obj=obj, result=AuditResult.DENIED, message=f"missing {perm}")
+    where = f"on this {obj._meta.verbose_name}" if obj is not None else "in your role"
     raise NotPermitted(
-        message or f"You do not have the '{codename}' permission on this {obj._meta.verbose_name}.",
-        details={"permission": codename},
+        message or f"You do not have the '{codename}' permission {where}.", details={"permission": codename}
     )
 
 

@@ -191,8 +191,7 @@ def snapshot_clone(*, snapshot: Snapshot, actor, count: int = 1, name_prefix: st
 
     _require_snapshot_perm(actor, snapshot, "clone")
     _require_ready(snapshot)
-    if not user_has_perm(actor, "vms.add_vm"):
-        raise NotPermitted("Your role may not create VMs.")
+    require_perm(actor, "vms.add_vm", None, action="snapshot.clone", message="Your role may not create VMs.")
     if not 1 <= count <= settings.SANDBOX_CLONE_MAX:
         raise ApplicationError(f"count must be between 1 and {settings.SANDBOX_CLONE_MAX}.", details={"count": count})
     prefix = (name_prefix or f"{snapshot.vm_name}-clone")[:55]

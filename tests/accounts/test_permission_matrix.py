@@ -328,6 +328,7 @@ def test_it_refuses_creation_to_viewers(api, viewer):
     response = api.as_user(viewer).post("/api/v1/vms/", {"name": "x", "template": "test-template"}, format="json")
     assert response.status_code == 403
     assert not VM.objects.exists()
+    assert AuditEvent.objects.filter(action="vm.create", result="denied", actor_id=viewer.pk).exists()
 
 
 def test_it_creates_a_vm_with_owner_rights_and_an_operation(api, owner, django_capture_on_commit_callbacks):
