@@ -25,7 +25,6 @@ from typing import Any, ClassVar
 
 import pytest
 from django.apps import apps
-from django.forms.models import model_to_dict
 from guardian.models import GroupObjectPermission, UserObjectPermission
 
 from accounts.models import AuditEvent, Role
@@ -83,7 +82,7 @@ _WATCHED = [
 
 
 def db_state() -> dict[str, list]:
-    state = {label: [model_to_dict(row) for row in apps.get_model(label).objects.order_by("pk")] for label in _WATCHED}
+    state = {label: list(apps.get_model(label).objects.order_by("pk").values()) for label in _WATCHED}
     for model in (UserObjectPermission, GroupObjectPermission):
         state[model.__name__] = sorted(model.objects.values_list("pk", "permission_id", "object_pk"))
     return state
@@ -118,10 +117,19 @@ class PermissionMatrix:
     def target(self, owner) -> Target:
         raise NotImplementedError
 
-    def grant(self, user, rights: set[str], target: Target, endpoint: Endpoint) -> None:
+    def grant(self, user, rights: set[str], target: Target) -> None:
         raise NotImplementedError
 
     # --- the matrix -------------------------------------------------------------------
+
+    def granted(self, persona: str, endpoint: Endpoint) -> set[str]:
+        """The rights shared with ``persona`` on the object (owners and operators hold theirs
+        through ownership and role)."""
+        return {
+            "grantee": {"view", endpoint.perm},
+            "grantee_without": set(self.rights) - {endpoint.perm},
+            "viewer": {"view"},
+        }.get(persona, set())
 
     def expected(self, endpoint: Endpoint, persona: str) -> int:
         """The status ``persona`` must get: the endpoint's status when allowed, else 401/403/404."""
@@ -131,11 +139,8 @@ class PermissionMatrix:
             return 404
         held = {
             "owner": set(self.owner_rights if self.owner_rights is not None else self.rights),
-            "grantee": {"view", endpoint.perm},
-            "grantee_without": set(self.rights) - {endpoint.perm},
-            "viewer": {"view"},
             "operator": set(self.rights),
-        }[persona]
+        }.get(persona) or self.granted(persona, endpoint)
         return endpoint.status if endpoint.perm in held else 403
 
     def user_for(self, persona: str, endpoint: Endpoint, target: Target):
@@ -145,13 +150,8 @@ class PermissionMatrix:
             return target.owner
         role = {"viewer": Role.VIEWER, "operator": Role.OPERATOR}.get(persona, Role.USER)
         user = UserFactory(username=persona, role=role)
-        rights = {
-            "grantee": {"view", endpoint.perm},
-            "grantee_without": set(self.rights) - {endpoint.perm},
-            "viewer": {"view"},
-        }.get(persona, set())
-        if rights:
-            self.grant(user, rights, target, endpoint)
+        if rights := self.granted(persona, endpoint):
+            self.grant(user, rights, target)
         return user
 
     def prepare(self, endpoint: Endpoint, target: Target) -> None:
@@ -292,6 +292,7 @@ def object_routes() -> set[tuple[str, str, str]]:
 
 def covered_routes(tables) -> set[tuple[str, str, str]]:
     """(viewset, method, action) reached by the HTTP endpoints of ``tables``."""
+    import re
     import uuid
 
     from django.urls import resolve
@@ -301,10 +302,7 @@ def covered_routes(tables) -> set[tuple[str, str, str]]:
         for endpoint in table.endpoints:
             if endpoint.method == "ws":
                 continue
-            path = endpoint.path.split("?")[0]
-            path = path.replace("{pf}", "1")
-            for name in ("vm", "snapshot", "network"):
-                path = path.replace("{" + name + "}", str(uuid.uuid4()))
+            path = re.sub(r"\{\w+\}", lambda _: str(uuid.uuid4()), endpoint.path.split("?")[0])
             match = resolve(path)
             covered.add((match.func.cls.__name__, endpoint.method, match.func.actions[endpoint.method]))
     return covered

@@ -25,16 +25,14 @@ from vms.models import VM, Operation
 VM_RIGHTS = ("view", "change", "delete", "power", "console", "exec", "snapshot")
 
 
-def _grant_vm(user, rights, target):
-    for right in rights:
-        assign_perm(f"vms.{right}_vm", user, target.objects["vm"])
-
-
 class VmRights:
+    """Tables whose rights are the VM's (snapshots, exec, files, port forwards follow their VM)."""
+
     rights = VM_RIGHTS
 
-    def grant(self, user, rights, target, endpoint):
-        _grant_vm(user, rights, target)
+    def grant(self, user, rights, target):
+        for right in rights:
+            assign_perm(f"vms.{right}_vm", user, target.objects["vm"])
 
 
 # --- VMs and consoles --------------------------------------------------------------------
@@ -248,7 +246,7 @@ class TestNetworkEndpoints(PermissionMatrix):
         network = services.network_create(name="private", cidr="10.231.30.0/24", owner=owner, actor=None)
         return Target(owner, {"network": network})
 
-    def grant(self, user, rights, target, endpoint):
+    def grant(self, user, rights, target):
         for right in rights:
             assign_perm(f"networking.{right}_network", user, target.objects["network"])
 
