@@ -97,7 +97,8 @@ class _DeclaredPerms:
     action: str | None
 
     def required_perm(self) -> str:
-        perms = {**self.base_action_perms, **self.action_perms}
+        # OPTIONS (DRF's "metadata" action) describes an endpoint: as visible as the object.
+        perms = {"metadata": "view", **self.base_action_perms, **self.action_perms}
         try:
             return perms[self.action or ""]
         except KeyError as exc:  # an action without a declared permission must not be reachable
@@ -133,7 +134,18 @@ class ObjectPermissionViewSet(_DeclaredPerms, viewsets.GenericViewSet):
     def get_queryset(self):
         return visible_queryset(self.request.user, super().get_queryset(), "view")
 
+    def initial(self, request, *args, **kwargs):
+        super().initial(request, *args, **kwargs)  # authentication and token scope first: 401
+        # A detail route checks its object before any handler runs, so none can forget to.
+        self._object = None
+        if (self.lookup_url_kwarg or self.lookup_field) in kwargs:
+            self._object = self._checked_object()
+
     def get_object(self):
+        cached = getattr(self, "_object", None)
+        return cached if cached is not None else self._checked_object()
+
+    def _checked_object(self):
         lookup = {self.lookup_field: self.kwargs[self.lookup_url_kwarg or self.lookup_field]}
         obj = object_or_404(self.filter_queryset(self.get_queryset()), **lookup)
         perm = self.required_perm()
@@ -165,3 +177,6 @@ class VmNestedViewSet(_DeclaredPerms, viewsets.GenericViewSet):
     def initial(self, request, *args, **kwargs):
         super().initial(request, *args, **kwargs)  # authentication and token scope first: 401
         self.vm = vm_for(request.user, kwargs[self.lookup_url_kwarg], self.required_perm(), action=self.audit_action())
+
+    def get_object(self):
+        return self.vm

@@ -319,6 +319,12 @@ def test_it_hides_malformed_ids(api, owner):
         assert response.status_code == 404 and response.json()["error"]["code"] == "not_found", path
 
 
+def test_options_describe_only_what_the_user_may_see(api, owner, stranger, vm):
+    for path in (f"/api/v1/vms/{vm.pk}/", f"/api/v1/vms/{vm.pk}/execs/", f"/api/v1/vms/{vm.pk}/port-forwards/"):
+        assert api.as_user(owner).options(path).status_code == 200, path
+        assert api.as_user(stranger).options(path).status_code == 404, path
+
+
 def test_it_refuses_creation_to_viewers(api, viewer):
     from tests.factories import TemplateFactory
 
