@@ -135,6 +135,28 @@ class TestExecAndFileEndpoints(VmRights, PermissionMatrix):
 S = "/api/v1/snapshots/{snapshot}/"
 
 
+def _snapshot_of(vm):
+    from snapshots.models import Snapshot
+
+    return Snapshot.objects.create(
+        vm=vm,
+        vm_ref=vm.pk,
+        vm_name=vm.name,
+        owner=vm.owner,
+        host=vm.host,
+        template=vm.template,
+        name="s1",
+        state=Snapshot.State.READY,
+        vcpus=1,
+        memory_mib=128,
+        disk_gib=1,
+        size_bytes=1 << 20,
+        driver="qemu",
+        created_at=timezone.now(),
+        directory="/nonexistent/s1",
+    )
+
+
 class TestSnapshotEndpoints(VmRights, PermissionMatrix):
     endpoints = (
         E("vm-snapshots", "get", V + "snapshots/", "view"),
@@ -174,26 +196,8 @@ class TestSnapshotEndpoints(VmRights, PermissionMatrix):
 
     @pytest.fixture
     def target(self, owner):
-        from snapshots.models import Snapshot
-
         vm = VmFactory(owner=owner, name="owned-vm")
-        snapshot = Snapshot.objects.create(
-            vm=vm,
-            vm_ref=vm.pk,
-            vm_name=vm.name,
-            owner=owner,
-            host=vm.host,
-            template=vm.template,
-            name="s1",
-            state=Snapshot.State.READY,
-            vcpus=1,
-            memory_mib=128,
-            disk_gib=1,
-            size_bytes=1 << 20,
-            driver="qemu",
-            created_at=timezone.now(),
-            directory="/nonexistent/s1",
-        )
+        snapshot = _snapshot_of(vm)
         return Target(owner, {"vm": vm, "snapshot": snapshot})
 
 
@@ -310,6 +314,12 @@ def test_it_lists_only_permitted_vms(api, owner, grantee, stranger, shared_vm):
     assert [v["name"] for v in api.as_user(owner).get("/api/v1/vms/").json()["results"]] == ["owned-vm"]
     assert [v["name"] for v in api.as_user(grantee).get("/api/v1/vms/").json()["results"]] == ["owned-vm"]
     assert [v["name"] for v in api.as_user(stranger).get("/api/v1/vms/").json()["results"]] == ["strangers-vm"]
+
+
+def test_it_lists_only_snapshots_of_visible_vms(api, owner, stranger, vm):
+    _snapshot_of(vm)
+    assert [s["name"] for s in api.as_user(owner).get("/api/v1/snapshots/").json()["results"]] == ["s1"]
+    assert api.as_user(stranger).get("/api/v1/snapshots/").json()["results"] == []
 
 
 def test_it_hides_malformed_ids(api, owner):
