@@ -6,11 +6,10 @@ grantee without it, viewer role, operator, stranger and anonymous on each endpoi
 from __future__ import annotations
 
 import pytest
-from django.utils import timezone
 from guardian.shortcuts import assign_perm
 
 from accounts.models import AuditEvent
-from tests.factories import UserFactory, VmFactory
+from tests.factories import SnapshotFactory, UserFactory, VmFactory
 from tests.permission_matrix import (
     ACCEPTED,
     Endpoint,
@@ -135,28 +134,6 @@ class TestExecAndFileEndpoints(VmRights, PermissionMatrix):
 S = "/api/v1/snapshots/{snapshot}/"
 
 
-def _snapshot_of(vm):
-    from snapshots.models import Snapshot
-
-    return Snapshot.objects.create(
-        vm=vm,
-        vm_ref=vm.pk,
-        vm_name=vm.name,
-        owner=vm.owner,
-        host=vm.host,
-        template=vm.template,
-        name="s1",
-        state=Snapshot.State.READY,
-        vcpus=1,
-        memory_mib=128,
-        disk_gib=1,
-        size_bytes=1 << 20,
-        driver="qemu",
-        created_at=timezone.now(),
-        directory="/nonexistent/s1",
-    )
-
-
 class TestSnapshotEndpoints(VmRights, PermissionMatrix):
     endpoints = (
         E("vm-snapshots", "get", V + "snapshots/", "view"),
@@ -197,7 +174,7 @@ class TestSnapshotEndpoints(VmRights, PermissionMatrix):
     @pytest.fixture
     def target(self, owner):
         vm = VmFactory(owner=owner, name="owned-vm")
-        snapshot = _snapshot_of(vm)
+        snapshot = SnapshotFactory(vm=vm, name="s1")
         return Target(owner, {"vm": vm, "snapshot": snapshot})
 
 
@@ -317,7 +294,7 @@ def test_it_lists_only_permitted_vms(api, owner, grantee, stranger, shared_vm):
 
 
 def test_it_lists_only_snapshots_of_visible_vms(api, owner, stranger, vm):
-    _snapshot_of(vm)
+    SnapshotFactory(vm=vm, name="s1")
     assert [s["name"] for s in api.as_user(owner).get("/api/v1/snapshots/").json()["results"]] == ["s1"]
     assert api.as_user(stranger).get("/api/v1/snapshots/").json()["results"] == []
 

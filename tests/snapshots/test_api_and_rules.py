@@ -11,27 +11,13 @@ from guardian.shortcuts import assign_perm
 from accounts.models import AuditEvent
 from snapshots import services
 from snapshots.models import RetentionPolicy, Snapshot, VmLineage
+from tests.factories import SnapshotFactory
 from vms.models import Operation
 
 
 def _snap(vm, name, *, parent=None, age_days=0, state=Snapshot.State.READY):
-    return Snapshot.objects.create(
-        vm=vm,
-        vm_ref=vm.pk,
-        vm_name=vm.name,
-        owner=vm.owner,
-        host=vm.host,
-        template=vm.template,
-        name=name,
-        parent=parent,
-        state=state,
-        vcpus=1,
-        memory_mib=128,
-        disk_gib=1,
-        size_bytes=1 << 20,
-        driver="qemu",
-        created_at=timezone.now() - timedelta(days=age_days),
-        directory=f"/nonexistent/{name}",
+    return SnapshotFactory(
+        vm=vm, name=name, parent=parent, state=state, created_at=timezone.now() - timedelta(days=age_days)
     )
 
 
