@@ -1,16 +1,29 @@
-"""The one place API object permissions are enforced.
+"""The one place object permissions are enforced.
 
-``ObjectPermissionViewSet`` is the base of every API viewset over an owned object:
-- list endpoints return only rows the user may view;
-- an object the user may not view is invisible: 404;
-- a visible object whose action the user may not perform: 403, and an audit row (denied);
-- services re-check the permission inside their transaction before writing.
+- ``require_perm``: checks a right, records a refusal (audit row with result ``denied``) and
+  raises ``NotPermitted`` (403). Services call it before they write; the viewsets and the
+  websocket consumers reach it through ``object_or_404``/``vm_for`` and the two base viewsets.
+- ``vm_for``: the VM named in a URL as a user may use it: invisible (or a malformed id) -> 404,
+  visible but without the right -> 403 + audit. The VM endpoints, the VM's nested resources and
+  the console, exec and events websockets all resolve VMs through it.
+- ``ObjectPermissionViewSet``: base of every API viewset over an owned object (VMs,
+  snapshots, networks): list endpoints return only rows the user may view, an invisible
+  object is a 404, a visible one whose action the user may not perform is a 403 + audit.
+- ``VmNestedViewSet``: base of a VM's nested resources (``/api/v1/vms/{vm_id}/...``:
+  snapshots, execs, files, port forwards, NICs, egress): the VM is resolved with ``vm_for``
+  before any handler runs, with the VM right each action declares.
+
+Every viewset action declares the permission it needs; an action without one is refused.
+tests/permission_matrix.py runs the same persona matrix against every endpoint.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.core.exceptions import ValidationError
 from django.db import transaction
+from django.db.models import Model, QuerySet
 from guardian.shortcuts import get_objects_for_user
 from rest_framework import viewsets
 from rest_framework.exceptions import NotFound
@@ -19,6 +32,7 @@ from accounts.audit import audit_record
 from accounts.models import AuditResult
 from accounts.services import user_has_perm
 from sandbox_site.errors import NotPermitted
+from vms.models import VM
 
 
 def visible_queryset(user, queryset, perm: str = "view"):
@@ -28,52 +42,141 @@ def visible_queryset(user, queryset, perm: str = "view"):
     return get_objects_for_user(user, codename, klass=queryset, accept_global_perms=True, with_superuser=True)
 
 
-def permission_denied(*, user, obj, perm: str, action: str) -> NotPermitted:
-    """Record a denied attempt (in its own transaction) and return the error to raise."""
+def require_perm(
+    actor, perm: str, obj: Model | None, *, action: str, allowed: bool | None = None, message: str = ""
+) -> None:
+    """Refuse ``action`` on ``obj`` unless ``actor`` holds ``perm`` (``"app.codename"``, held
+    globally through a role or on ``obj`` through django-guardian; superusers hold everything).
+    Without ``obj`` only the role's global rights count (creating: there is no object yet).
+
+    A refusal writes an audit row (result ``denied``, message ``missing <perm>``) in its own
+    transaction and raises ``NotPermitted``. Call it before opening the transaction of the
+    write it guards (a re-check inside it is fine, but a refusal there is rolled back with it).
+
+    ``allowed`` is the decision of a model's own rule where guardian alone does not state it
+    (a snapshot follows its VM; everyone may use a shared network): the refusal is the same.
+    """
+    if allowed is None:
+        allowed = user_has_perm(actor, perm, obj)
+    if allowed:
+        return
+    codename = perm.split(".", 1)[-1]
     with transaction.atomic():
-        audit_record(actor=user, action=action, obj=obj, result=AuditResult.DENIED, message=f"missing {perm}")
-    return NotPermitted(f"You do not have the '{perm}' permission on this {obj._meta.verbose_name}.")
+        audit_record(actor=actor, action=action, obj=obj, result=AuditResult.DENIED, message=f"missing {perm}")
+    where = f"on this {obj._meta.verbose_name}" if obj is not None else "in your role"
+    raise NotPermitted(
+        message or f"You do not have the '{codename}' permission {where}.", details={"permission": codename}
+    )
 
 
-class ObjectPermissionViewSet(viewsets.GenericViewSet):
-    """Base viewset for owned objects. Subclasses set ``queryset`` and may extend
-    ``action_perms`` (viewset action name -> permission prefix, e.g. ``"start": "power"``)."""
+def object_or_404(queryset: QuerySet, **lookup: Any) -> Any:
+    """The one row of ``queryset`` (already narrowed to what the user may see) matching
+    ``lookup``; a missing row and a malformed id are the same 404, never a 500."""
+    try:
+        return queryset.get(**lookup)
+    except (queryset.model.DoesNotExist, ValueError, TypeError, ValidationError) as exc:
+        raise NotFound() from exc
+
+
+def vm_for(user, vm_id, perm: str = "view", *, action: str) -> VM:
+    """The VM ``vm_id`` for ``user`` to perform ``action``: ``NotFound`` when the user may not
+    view it (or the id is malformed), ``NotPermitted`` (audited) when they may view it but do
+    not hold ``vms.<perm>_vm``."""
+    vm = object_or_404(visible_queryset(user, VM.objects.select_related("owner", "template", "host")), pk=vm_id)
+    if perm != "view":
+        require_perm(user, f"vms.{perm}_vm", vm, action=action)
+    return vm
+
+
+class _DeclaredPerms:
+    """Per-action permission table shared by both bases."""
+
+    base_action_perms: dict[str, str] = {}
+    action_perms: dict[str, str] = {}
+    audit_prefix = ""
+    action: str | None
+
+    def required_perm(self) -> str:
+        # OPTIONS (DRF's "metadata" action) describes an endpoint: as visible as the object.
+        perms = {"metadata": "view", **self.base_action_perms, **self.action_perms}
+        try:
+            return perms[self.action or ""]
+        except KeyError as exc:  # an action without a declared permission must not be reachable
+            raise NotPermitted(f"Action {self.action!r} has no permission rule.") from exc
+
+    def audit_action(self) -> str:
+        return f"{self.audit_prefix}.{self.action}"
+
+
+class ObjectPermissionViewSet(_DeclaredPerms, viewsets.GenericViewSet):
+    """Base viewset for owned objects. Subclasses set ``queryset`` (``get_queryset`` is what
+    the user may view), ``audit_prefix`` and extend ``action_perms`` (viewset action name ->
+    permission prefix, e.g. ``"start": "power"``). A model whose rights are not plain guardian
+    rights overrides ``has_object_perm``."""
 
     lookup_field = "id"
     base_action_perms = {
+        "create": "add",  # no object yet: the service checks the role's global add right
         "list": "view",
         "retrieve": "view",
         "update": "change",
         "partial_update": "change",
         "destroy": "delete",
     }
-    action_perms: dict[str, str] = {}
-    audit_prefix = ""
-
-    def required_perm(self) -> str:
-        perms = {**self.base_action_perms, **self.action_perms}
-        try:
-            return perms[self.action]
-        except KeyError as exc:  # an action without a declared permission must not be reachable
-            raise NotPermitted(f"Action {self.action!r} has no permission rule.") from exc
 
     def perm_codename(self, perm: str) -> str:
         meta = self.queryset.model._meta
         return f"{meta.app_label}.{perm}_{meta.model_name}"
 
+    def has_object_perm(self, perm: str, obj) -> bool:
+        return user_has_perm(self.request.user, self.perm_codename(perm), obj)
+
     def get_queryset(self):
         return visible_queryset(self.request.user, super().get_queryset(), "view")
 
+    def initial(self, request, *args, **kwargs):
+        super().initial(request, *args, **kwargs)  # authentication and token scope first: 401
+        # A detail route checks its object before any handler runs, so none can forget to.
+        self._object = None
+        if (self.lookup_url_kwarg or self.lookup_field) in kwargs:
+            self._object = self._checked_object()
+
     def get_object(self):
-        queryset = self.filter_queryset(self.get_queryset())
+        cached = getattr(self, "_object", None)
+        return cached if cached is not None else self._checked_object()
+
+    def _checked_object(self):
         lookup = {self.lookup_field: self.kwargs[self.lookup_url_kwarg or self.lookup_field]}
-        try:
-            obj = queryset.get(**lookup)
-        except (queryset.model.DoesNotExist, ValueError, TypeError, ValidationError) as exc:
-            # A malformed id is as invisible as a missing one: 404, never a 500.
-            raise NotFound() from exc
+        obj = object_or_404(self.filter_queryset(self.get_queryset()), **lookup)
         perm = self.required_perm()
-        if perm != "view" and not user_has_perm(self.request.user, self.perm_codename(perm), obj):
-            prefix = self.audit_prefix or self.queryset.model._meta.model_name
-            raise permission_denied(user=self.request.user, obj=obj, perm=perm, action=f"{prefix}.{self.action}")
+        if perm != "view":  # seeing the object is the view right
+            require_perm(
+                self.request.user,
+                self.perm_codename(perm),
+                obj,
+                action=self.audit_action(),
+                allowed=self.has_object_perm(perm, obj),
+            )
         return obj
+
+
+class VmNestedViewSet(_DeclaredPerms, viewsets.GenericViewSet):
+    """Base of a VM's nested resources, ``/api/v1/vms/{vm_id}/<resource>/``.
+
+    Before any handler runs, the VM in the URL is resolved with ``vm_for`` and the VM right
+    the action declares in ``action_perms`` (``view``, ``change``, ``exec``, ``snapshot``...):
+    404 when the VM is invisible, 403 + audit (``<audit_prefix>.<action>``) when the right is
+    missing. Handlers use ``self.vm``; the services they call re-check the right."""
+
+    queryset = VM.objects.all()  # for the schema's path parameter; rows come from vm_for
+    lookup_url_kwarg = "vm_id"
+    audit_prefix = "vm"
+    pagination_class = None
+    vm: VM
+
+    def initial(self, request, *args, **kwargs):
+        super().initial(request, *args, **kwargs)  # authentication and token scope first: 401
+        self.vm = vm_for(request.user, kwargs[self.lookup_url_kwarg], self.required_perm(), action=self.audit_action())
+
+    def get_object(self):
+        return self.vm

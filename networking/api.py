@@ -1,13 +1,13 @@
-"""Networks (``/api/v1/networks/``) and the network side of a VM
-(``/api/v1/vms/{vm_id}/port-forwards/``, ``/nics/``, ``/egress/``), all through
-``ObjectPermissionViewSet``: invisible -> 404, visible but not allowed -> 403 + audit."""
+"""Networks (``/api/v1/networks/``, ``ObjectPermissionViewSet``) and the network side of a VM
+(``/api/v1/vms/{vm_id}/port-forwards/``, ``/nics/``, ``/egress/``, ``VmNestedViewSet``):
+invisible -> 404, visible but not allowed -> 403 + audit."""
 
 from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, status
 from rest_framework.exceptions import NotFound
 from rest_framework.response import Response
 
-from accounts.permissions import ObjectPermissionViewSet
+from accounts.permissions import ObjectPermissionViewSet, VmNestedViewSet
 from networking import selectors, services
 from networking.models import Network, PortForward
 from networking.serializers import (
@@ -19,7 +19,6 @@ from networking.serializers import (
     PortForwardSerializer,
     VmEgressSerializer,
 )
-from vms.models import VM
 
 
 class NetworkViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPermissionViewSet):
@@ -30,6 +29,9 @@ class NetworkViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPer
     def get_queryset(self):
         # Shared networks are visible to everyone signed in, which guardian alone cannot express.
         return selectors.network_list_visible(self.request.user)
+
+    def has_object_perm(self, perm: str, obj) -> bool:
+        return selectors.network_user_can(self.request.user, perm, obj)
 
     @extend_schema(request=NetworkCreateSerializer, responses={201: NetworkSerializer})
     def create(self, request):
@@ -52,29 +54,18 @@ class NetworkViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPer
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
-class _VmNestedViewSet(ObjectPermissionViewSet):
-    """Permission checks on the VM named by ``vm_id`` in the URL."""
-
-    queryset = VM.objects.select_related("owner", "host")
-    lookup_url_kwarg = "vm_id"
-    pagination_class = None
-
-    def vm(self) -> VM:
-        return self.get_object()
-
-
-class VmPortForwardViewSet(_VmNestedViewSet):
+class VmPortForwardViewSet(VmNestedViewSet):
     serializer_class = PortForwardSerializer
     audit_prefix = "portforward"
     action_perms = {"list": "view", "create": "change", "destroy": "change"}
 
     @extend_schema(responses={200: PortForwardSerializer(many=True)})
     def list(self, request, vm_id=None):
-        return Response(PortForwardSerializer(selectors.port_forwards_of(self.vm()), many=True).data)
+        return Response(PortForwardSerializer(selectors.port_forwards_of(self.vm), many=True).data)
 
     @extend_schema(request=PortForwardCreateSerializer, responses={201: PortForwardSerializer})
     def create(self, request, vm_id=None):
-        vm = self.vm()
+        vm = self.vm
         data = PortForwardCreateSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         pf = services.port_forward_create(vm=vm, actor=request.user, **data.validated_data)
@@ -82,7 +73,7 @@ class VmPortForwardViewSet(_VmNestedViewSet):
 
     @extend_schema(request=None, responses={204: None})
     def destroy(self, request, vm_id=None, pk=None):
-        vm = self.vm()
+        vm = self.vm
         pf = PortForward.objects.filter(vm=vm, pk=pk).select_related("vm__host").first() if str(pk).isdigit() else None
         if pf is None:
             raise NotFound()
@@ -90,18 +81,17 @@ class VmPortForwardViewSet(_VmNestedViewSet):
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
-class VmNetworkViewSet(_VmNestedViewSet):
+class VmNetworkViewSet(VmNestedViewSet):
     serializer_class = NicSerializer
-    audit_prefix = "vm"
     action_perms = {"nics": "view", "egress": "change"}
 
     @extend_schema(responses={200: NicSerializer(many=True)})
     def nics(self, request, vm_id=None):
-        return Response(NicSerializer(selectors.nics_of(self.vm()), many=True).data)
+        return Response(NicSerializer(selectors.nics_of(self.vm), many=True).data)
 
     @extend_schema(request=VmEgressSerializer)
     def egress(self, request, vm_id=None):
-        vm = self.vm()
+        vm = self.vm
         data = VmEgressSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         result = services.vm_egress_set(

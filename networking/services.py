@@ -185,6 +185,13 @@ def network_default_ensure() -> Network:
         return existing
 
 
+def _require_network_perm(actor, perm: str, network: Network, *, action: str) -> None:
+    from accounts.permissions import require_perm
+
+    allowed = selectors.network_user_can(actor, perm, network)
+    require_perm(actor, f"networking.{perm}_network", network, action=action, allowed=allowed)
+
+
 def network_update(
     *,
     network: Network,
@@ -195,8 +202,7 @@ def network_update(
     egress_rules: list[dict] | None = None,
 ) -> Network:
     """Change a network. Needs change rights on it; relaxing tenant isolation is for operators only."""
-    if not selectors.network_user_can(actor, "change", network):
-        raise NotPermitted("You do not have the 'change' permission on this network.")
+    _require_network_perm(actor, "change", network, action="network.update")
     if tenant_isolation is not None and tenant_isolation != network.tenant_isolation and not user_is_operator(actor):
         raise NotPermitted("Only operators can change tenant isolation.")
     if egress_mode is not None and egress_mode not in EgressMode.values:
@@ -225,8 +231,7 @@ def network_update(
 
 def network_delete(*, network: Network, actor) -> None:
     """Delete a network that no NIC uses (never the default one)."""
-    if not selectors.network_user_can(actor, "delete", network):
-        raise NotPermitted("You do not have the 'delete' permission on this network.")
+    _require_network_perm(actor, "delete", network, action="network.delete")
     from guardian.models import GroupObjectPermission, UserObjectPermission
 
     with transaction.atomic():
@@ -418,14 +423,9 @@ def network_reconcile(*, host) -> dict[str, int]:
 
 
 def _require_vm_change(actor, vm, action: str) -> None:
-    from accounts.audit import audit_record as record
-    from accounts.models import AuditResult
-    from accounts.services import user_has_perm
+    from accounts.permissions import require_perm
 
-    if not user_has_perm(actor, "vms.change_vm", vm):
-        with transaction.atomic():
-            record(actor=actor, action=action, obj=vm, result=AuditResult.DENIED, message="missing vms.change_vm")
-        raise NotPermitted("You do not have the 'change' permission on this VM.")
+    require_perm(actor, "vms.change_vm", vm, action=action)
 
 
 def vm_egress_set(*, vm, actor, mode: str, rules: list[dict] | None = None) -> dict:

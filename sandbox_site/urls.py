@@ -5,7 +5,7 @@ from rest_framework.routers import DefaultRouter
 
 from accounts.api import AuditEventViewSet, TokenViewSet, UserViewSet
 from networking.api import NetworkViewSet, VmNetworkViewSet, VmPortForwardViewSet
-from snapshots.api import MySnapshotRetentionView, SnapshotViewSet, VmSnapshotRetentionView, VmSnapshotsView
+from snapshots.api import MySnapshotRetentionView, SnapshotViewSet, VmSnapshotViewSet
 from vms.api import OperationViewSet, TemplateViewSet, VmViewSet
 from vms.exec_api import exec_urlpatterns
 
@@ -32,8 +32,16 @@ urlpatterns = [
     ),
     path("api/v1/vms/<str:vm_id>/nics/", VmNetworkViewSet.as_view({"get": "nics"}), name="vm-nics"),
     path("api/v1/vms/<str:vm_id>/egress/", VmNetworkViewSet.as_view({"put": "egress"}), name="vm-egress"),
-    path("api/v1/vms/<str:vm_id>/snapshots/", VmSnapshotsView.as_view(), name="vm-snapshots"),
-    path("api/v1/vms/<str:vm_id>/snapshot-retention/", VmSnapshotRetentionView.as_view(), name="vm-snapshot-retention"),
+    path(
+        "api/v1/vms/<str:vm_id>/snapshots/",
+        VmSnapshotViewSet.as_view({"get": "list", "post": "create"}),
+        name="vm-snapshots",
+    ),
+    path(
+        "api/v1/vms/<str:vm_id>/snapshot-retention/",
+        VmSnapshotViewSet.as_view({"get": "retention", "put": "retention_set"}),
+        name="vm-snapshot-retention",
+    ),
     path("api/v1/snapshot-retention/", MySnapshotRetentionView.as_view(), name="snapshot-retention"),
     *exec_urlpatterns(),
     path("api/v1/", include(router.urls)),

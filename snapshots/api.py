@@ -1,11 +1,10 @@
 from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, status
 from rest_framework.decorators import action
-from rest_framework.exceptions import NotFound
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from accounts.permissions import ObjectPermissionViewSet, permission_denied
+from accounts.permissions import ObjectPermissionViewSet, VmNestedViewSet
 from snapshots import selectors, services
 from snapshots.models import Snapshot
 from snapshots.serializers import (
@@ -14,7 +13,6 @@ from snapshots.serializers import (
     SnapshotCreateSerializer,
     SnapshotSerializer,
 )
-from vms import selectors as vm_selectors
 from vms.serializers import OperationSerializer, VmSerializer
 
 
@@ -27,6 +25,9 @@ class SnapshotViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPe
     audit_prefix = "snapshot"
     action_perms = {"restore": "snapshot", "clone": "snapshot", "destroy": "snapshot"}
 
+    def perm_codename(self, perm: str) -> str:
+        return f"vms.{perm}_vm"
+
     def get_queryset(self):
         qs = selectors.snapshot_list_visible(self.request.user)
         vm = self.request.query_params.get("vm")
@@ -37,20 +38,9 @@ class SnapshotViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPe
             qs = qs.filter(state=state)
         return qs
 
-    def get_object(self):
-        # Permissions of a snapshot are those of its VM (or its owner's once the VM is gone).
-        lookup = self.kwargs[self.lookup_url_kwarg or self.lookup_field]
-        if not selectors.is_uuid(lookup):
-            raise NotFound()
-        obj = self.get_queryset().filter(pk=lookup).first()
-        if obj is None:
-            raise NotFound()
-        perm = self.required_perm()
-        if perm != "view" and not selectors.snapshot_user_can(self.request.user, perm, obj):
-            raise permission_denied(
-                user=self.request.user, obj=obj, perm=f"{perm}_vm", action=f"snapshot.{self.action}"
-            )
-        return obj
+    def has_object_perm(self, perm: str, obj) -> bool:
+        # A snapshot's rights are those of its VM (or its owner's once the VM is gone).
+        return selectors.snapshot_user_can(self.request.user, perm, obj)
 
     @extend_schema(request=None, responses={202: None})
     def destroy(self, request, id=None):
@@ -78,52 +68,43 @@ class SnapshotViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPe
         return Response({"vms": body}, status=status.HTTP_202_ACCEPTED)
 
 
-def _vm_or_404(user, vm_id):
-    vm = vm_selectors.vm_list_visible(user).filter(pk=vm_id).first() if selectors.is_uuid(vm_id) else None
-    if vm is None:
-        raise NotFound()
-    return vm
+class VmSnapshotViewSet(VmNestedViewSet):
+    """``/api/v1/vms/{vm_id}/snapshots/``: ``GET`` the VM's snapshots, ``POST {name,
+    description, include_memory}`` take one; ``/snapshot-retention/``: ``GET``/``PUT
+    {keep_last, keep_days}`` the VM's retention policy (both null removes it)."""
 
-
-class VmSnapshotsView(APIView):
-    """``GET``: the VM's snapshots; ``POST {name, description, include_memory}``: take one."""
+    serializer_class = SnapshotSerializer
+    audit_prefix = "snapshot"
+    action_perms = {"list": "view", "create": "snapshot", "retention": "view", "retention_set": "snapshot"}
 
     @extend_schema(responses={200: SnapshotSerializer(many=True)})
-    def get(self, request, vm_id):
-        vm = _vm_or_404(request.user, vm_id)
-        qs = selectors.snapshot_list_visible(request.user).filter(vm=vm)
+    def list(self, request, vm_id=None):
+        qs = selectors.snapshot_list_visible(request.user).filter(vm=self.vm)
         return Response(SnapshotSerializer(qs, many=True).data)
 
     @extend_schema(request=SnapshotCreateSerializer, responses={202: SnapshotSerializer})
-    def post(self, request, vm_id):
-        vm = _vm_or_404(request.user, vm_id)
+    def create(self, request, vm_id=None):
         data = SnapshotCreateSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        snapshot, op = services.snapshot_create(vm=vm, actor=request.user, **data.validated_data)
+        snapshot, op = services.snapshot_create(vm=self.vm, actor=request.user, **data.validated_data)
         body = SnapshotSerializer(snapshot).data
         body["operation"] = str(op.pk)
         return Response(body, status=status.HTTP_202_ACCEPTED)
 
-
-class VmSnapshotRetentionView(APIView):
-    """``GET``/``PUT {keep_last, keep_days}`` the VM's retention policy (both null removes it)."""
-
     @extend_schema(responses={200: RetentionPolicySerializer})
-    def get(self, request, vm_id):
-        vm = _vm_or_404(request.user, vm_id)
-        policy = selectors.retention_policy_for(vm)
+    def retention(self, request, vm_id=None):
+        policy = selectors.retention_policy_for(self.vm)
         body = RetentionPolicySerializer(policy).data if policy else {"keep_last": None, "keep_days": None}
         body["scope"] = ("vm" if policy.vm_id else "user") if policy else None
         return Response(body)
 
     @extend_schema(request=RetentionPolicySerializer, responses={200: RetentionPolicySerializer})
-    def put(self, request, vm_id):
-        vm = _vm_or_404(request.user, vm_id)
+    def retention_set(self, request, vm_id=None):
         data = RetentionPolicySerializer(data=request.data)
         data.is_valid(raise_exception=True)
         policy = services.retention_policy_set(
             actor=request.user,
-            vm=vm,
+            vm=self.vm,
             keep_last=data.validated_data.get("keep_last"),
             keep_days=data.validated_data.get("keep_days"),
         )

@@ -27,6 +27,7 @@ from guardian.shortcuts import assign_perm
 
 from accounts.audit import audit_record
 from accounts.models import AuditResult
+from accounts.permissions import require_perm
 from accounts.services import user_has_perm
 from sandbox_site.errors import ApplicationError, ConflictError, NotPermitted, QuotaExceeded
 from snapshots import selectors
@@ -59,29 +60,12 @@ def _snapshot_audit(snapshot: Snapshot) -> dict:
 
 
 def _require_vm_perm(actor, vm: VM, action: str) -> None:
-    if not user_has_perm(actor, "vms.snapshot_vm", vm):
-        with transaction.atomic():
-            audit_record(
-                actor=actor,
-                action=f"snapshot.{action}",
-                obj=vm,
-                result=AuditResult.DENIED,
-                message="missing vms.snapshot_vm",
-            )
-        raise NotPermitted(f"You do not have permission to {action} snapshots of this VM.")
+    require_perm(actor, "vms.snapshot_vm", vm, action=f"snapshot.{action}")
 
 
 def _require_snapshot_perm(actor, snapshot: Snapshot, action: str) -> None:
-    if not selectors.snapshot_user_can(actor, "snapshot", snapshot):
-        with transaction.atomic():
-            audit_record(
-                actor=actor,
-                action=f"snapshot.{action}",
-                obj=snapshot,
-                result=AuditResult.DENIED,
-                message="missing vms.snapshot_vm",
-            )
-        raise NotPermitted(f"You do not have permission to {action} this snapshot.")
+    allowed = selectors.snapshot_user_can(actor, "snapshot", snapshot)
+    require_perm(actor, "vms.snapshot_vm", snapshot, action=f"snapshot.{action}", allowed=allowed)
 
 
 def _check_storage(owner, *, extra_bytes: int) -> None:
@@ -209,8 +193,7 @@ def snapshot_clone(*, snapshot: Snapshot, actor, count: int = 1, name_prefix: st
 
     _require_snapshot_perm(actor, snapshot, "clone")
     _require_ready(snapshot)
-    if not user_has_perm(actor, "vms.add_vm"):
-        raise NotPermitted("Your role may not create VMs.")
+    require_perm(actor, "vms.add_vm", None, action="snapshot.clone", message="Your role may not create VMs.")
     if not 1 <= count <= settings.SANDBOX_CLONE_MAX:
         raise ApplicationError(f"count must be between 1 and {settings.SANDBOX_CLONE_MAX}.", details={"count": count})
     prefix = (name_prefix or f"{snapshot.vm_name}-clone")[:55]

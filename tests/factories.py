@@ -1,5 +1,6 @@
 import factory
 from django.contrib.auth import get_user_model
+from django.utils import timezone
 
 from accounts.models import Role
 from accounts.services import user_set_role
@@ -80,3 +81,26 @@ class VmFactory(factory.django.DjangoModelFactory):
 
         for codename in VM.object_permission_codenames():
             assign_perm(f"vms.{codename}", self.owner, self)
+
+
+class SnapshotFactory(factory.django.DjangoModelFactory):
+    """A ready snapshot row of ``vm`` (no files behind it)."""
+
+    class Meta:
+        model = "snapshots.Snapshot"
+
+    vm = factory.SubFactory(VmFactory)
+    vm_ref = factory.SelfAttribute("vm.pk")
+    vm_name = factory.SelfAttribute("vm.name")
+    owner = factory.SelfAttribute("vm.owner")
+    host = factory.SelfAttribute("vm.host")
+    template = factory.SelfAttribute("vm.template")
+    name = factory.Sequence(lambda n: f"snap-{n}")
+    state = "ready"
+    vcpus = 1
+    memory_mib = 128
+    disk_gib = 1
+    size_bytes = 1 << 20
+    driver = "qemu"
+    created_at = factory.LazyFunction(timezone.now)
+    directory = factory.LazyAttribute(lambda s: f"/nonexistent/{s.name}")

@@ -22,8 +22,9 @@ from django.core.cache import cache
 from django.db import transaction
 
 from accounts.audit import audit_record
+from accounts.permissions import require_perm
 from accounts.services import user_has_perm
-from sandbox_site.errors import ApplicationError, ConflictError, NotPermitted
+from sandbox_site.errors import ApplicationError, ConflictError
 from vms import hypervisor
 from vms.hostd.client import AsyncHostdClient, HostdError, HostdRequestError, Subscription
 from vms.models import VM
@@ -62,8 +63,7 @@ def _ticket_key(ticket: str) -> str:
 
 def console_ticket_mint(*, vm: VM, actor) -> str:
     """A single-use ticket, valid SANDBOX_CONSOLE_TICKET_SECONDS, for ``/ws/vms/{id}/console/?ticket=``."""
-    if not console_access(actor, vm).can_view:
-        raise NotPermitted("You may not open this VM's console.")
+    require_perm(actor, "vms.view_vm", vm, action="console.ticket", allowed=console_access(actor, vm).can_view)
     ticket = secrets.token_urlsafe(32)
     cache.set(_ticket_key(ticket), {"user": actor.pk, "vm": str(vm.pk)}, settings.SANDBOX_CONSOLE_TICKET_SECONDS)
     with transaction.atomic():
@@ -113,8 +113,9 @@ def console_writer_refresh(vm_id, *, session: str, username: str) -> bool:
 
 def console_takeover(*, vm: VM, actor, session: str) -> dict:
     """Take the writer role from whoever holds it (explicit; audited; shown to both)."""
-    if not console_access(actor, vm).can_write:
-        raise NotPermitted("You have read-only access to this console.")
+    require_perm(
+        actor, "vms.console_vm", vm, action="console.takeover", message="You have read-only access to this console."
+    )
     previous = console_writer(vm.pk)
     me = {"session": session, "user": actor.username}
     cache.set(_writer_key(vm.pk), me, WRITER_TTL_SECONDS)

@@ -4,9 +4,10 @@ import logging
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer, AsyncWebsocketConsumer
+from rest_framework.exceptions import NotFound
 
+from accounts.permissions import vm_for
 from sandbox_site.errors import ApplicationError
-from vms import selectors
 from vms.events import user_group, vm_group
 
 logger = logging.getLogger(__name__)
@@ -36,8 +37,9 @@ class VmEventsConsumer(AsyncJsonWebsocketConsumer):
         if not isinstance(vm_id, str) or len(self.groups_joined) >= self.max_subscriptions:
             await self.send_json({"error": "bad request"})
             return
-        visible = await database_sync_to_async(selectors.vm_visible_to)(self.scope["user"], vm_id)
-        if not visible:
+        try:
+            await database_sync_to_async(vm_for)(self.scope["user"], vm_id, "view", action="vm.subscribe")
+        except NotFound:
             await self.send_json({"error": "not found", "vm": vm_id})
             return
         await self._join(vm_group(vm_id))
@@ -90,15 +92,13 @@ class VmConsoleConsumer(AsyncWebsocketConsumer):
             await self.close(code=4401)
             return
         self.user = user
-        vm = await database_sync_to_async(selectors.vm_for_console)(user, self.vm_id)
-        if vm is None:
+        try:  # view rights give a read-only console; the console right allows typing
+            vm = await database_sync_to_async(vm_for)(user, self.vm_id, "view", action="console.open")
+        except NotFound:
             await self.close(code=4404)
             return
         self.vm = vm
         access = await database_sync_to_async(consoles.console_access)(user, vm)
-        if not access.can_view:
-            await self.close(code=4403)
-            return
         self.can_write = access.can_write
         try:
             requested: int | None = int((query.get("offset") or [""])[0])

@@ -1,5 +1,6 @@
 """API for exec and files in a VM (docs/exec-and-files.md). Thin: every endpoint needs the
-``exec`` permission on the VM (declared in ``action_perms``) and calls one service."""
+``exec`` permission on the VM (declared in ``action_perms``, enforced by ``VmNestedViewSet``
+before the handler runs) and calls one service."""
 
 from __future__ import annotations
 
@@ -9,10 +10,9 @@ from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
 from rest_framework.response import Response
 
-from accounts.permissions import ObjectPermissionViewSet
+from accounts.permissions import VmNestedViewSet
 from sandbox_site.errors import ApplicationError
 from vms import exec_services as services
-from vms.models import VM
 
 UPLOAD_READ_CHUNK = 256 << 10
 
@@ -51,12 +51,10 @@ class MkdirSerializer(serializers.Serializer):
 _PATH = OpenApiParameter("path", str, required=True, description="absolute path in the guest")
 
 
-class VmExecViewSet(ObjectPermissionViewSet):
-    """``/api/v1/vms/{id}/exec/``, ``/execs/...`` and ``/files/...``."""
+class VmExecViewSet(VmNestedViewSet):
+    """``/api/v1/vms/{vm_id}/exec/``, ``/execs/...`` and ``/files/...``."""
 
-    queryset = VM.objects.select_related("owner", "template", "host")
     serializer_class = ExecCreateSerializer  # schema default; each action declares its own
-    audit_prefix = "vm"
     action_perms = {
         "exec_create": "exec",
         "exec_list": "exec",
@@ -76,8 +74,8 @@ class VmExecViewSet(ObjectPermissionViewSet):
         request=ExecCreateSerializer,
         responses={200: OpenApiTypes.OBJECT, 202: OpenApiTypes.OBJECT},
     )
-    def exec_create(self, request, id=None):
-        vm = self.get_object()
+    def exec_create(self, request, vm_id=None):
+        vm = self.vm
         data = ExecCreateSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         values = dict(data.validated_data)
@@ -90,8 +88,8 @@ class VmExecViewSet(ObjectPermissionViewSet):
     @extend_schema(
         operation_id="vms_execs_list", parameters=[OpenApiParameter("tag", str)], responses=OpenApiTypes.OBJECT
     )
-    def exec_list(self, request, id=None):
-        vm = self.get_object()
+    def exec_list(self, request, vm_id=None):
+        vm = self.vm
         return Response(
             {"results": services.vm_exec_list(vm=vm, actor=request.user, tag=request.query_params.get("tag"))}
         )
@@ -103,8 +101,8 @@ class VmExecViewSet(ObjectPermissionViewSet):
             OpenApiParameter("encoding", str, enum=["text", "base64"]),
         ]
     )
-    def exec_detail(self, request, id=None, exec_id=None):
-        vm = self.get_object()
+    def exec_detail(self, request, vm_id=None, exec_id=None):
+        vm = self.vm
         offset = _int_param(request, "offset", 0)
         limit = min(_int_param(request, "limit", 512 << 10), 512 << 10)
         encoding = "base64" if request.query_params.get("encoding") == "base64" else "text"
@@ -115,8 +113,8 @@ class VmExecViewSet(ObjectPermissionViewSet):
         )
 
     @extend_schema(operation_id="vms_execs_stdin", request=StdinSerializer, responses=OpenApiTypes.OBJECT)
-    def exec_stdin(self, request, id=None, exec_id=None):
-        vm = self.get_object()
+    def exec_stdin(self, request, vm_id=None, exec_id=None):
+        vm = self.vm
         data = StdinSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         return Response(
@@ -130,8 +128,8 @@ class VmExecViewSet(ObjectPermissionViewSet):
         )
 
     @extend_schema(operation_id="vms_execs_signal", request=SignalSerializer, responses=OpenApiTypes.OBJECT)
-    def exec_signal(self, request, id=None, exec_id=None):
-        vm = self.get_object()
+    def exec_signal(self, request, vm_id=None, exec_id=None):
+        vm = self.vm
         data = SignalSerializer(data=request.data or {})
         data.is_valid(raise_exception=True)
         sig = data.validated_data["signal"]
@@ -153,9 +151,9 @@ class VmExecViewSet(ObjectPermissionViewSet):
         request={"application/octet-stream": bytes},
         responses={201: dict, 413: dict},
     )
-    def file_put(self, request, id=None):
+    def file_put(self, request, vm_id=None):
         """Raw body streamed into the guest file (atomic; sha256 verified end to end)."""
-        vm = self.get_object()
+        vm = self.vm
         path = request.query_params.get("path")
         mode = request.query_params.get("mode")
         try:
@@ -190,9 +188,9 @@ class VmExecViewSet(ObjectPermissionViewSet):
         parameters=[_PATH],
         responses={(200, "application/octet-stream"): OpenApiTypes.BINARY},
     )
-    def file_get(self, request, id=None):
+    def file_get(self, request, vm_id=None):
         """The file, streamed; ``X-Checksum-Sha256`` is computed by the guest before sending."""
-        vm = self.get_object()
+        vm = self.vm
         info = services.vm_file_download_open(vm=vm, actor=request.user, path=request.query_params.get("path"))
         response = StreamingHttpResponse(
             services.file_download_chunks_async(str(vm.pk), info), content_type="application/octet-stream"
@@ -206,8 +204,8 @@ class VmExecViewSet(ObjectPermissionViewSet):
     @extend_schema(
         operation_id="vms_files_delete", parameters=[_PATH, OpenApiParameter("recursive", bool)], responses={204: None}
     )
-    def file_delete(self, request, id=None):
-        vm = self.get_object()
+    def file_delete(self, request, vm_id=None):
+        vm = self.vm
         services.vm_file_remove(
             vm=vm,
             actor=request.user,
@@ -217,15 +215,15 @@ class VmExecViewSet(ObjectPermissionViewSet):
         return Response(status=status.HTTP_204_NO_CONTENT)
 
     @extend_schema(operation_id="vms_files_stat", parameters=[_PATH], responses=OpenApiTypes.OBJECT)
-    def file_stat(self, request, id=None):
-        vm = self.get_object()
+    def file_stat(self, request, vm_id=None):
+        vm = self.vm
         return Response(services.vm_file_stat(vm=vm, actor=request.user, path=request.query_params.get("path")))
 
     @extend_schema(
         operation_id="vms_files_list", parameters=[_PATH, OpenApiParameter("limit", int)], responses=OpenApiTypes.OBJECT
     )
-    def file_list(self, request, id=None):
-        vm = self.get_object()
+    def file_list(self, request, vm_id=None):
+        vm = self.vm
         return Response(
             services.vm_file_list(
                 vm=vm,
@@ -236,8 +234,8 @@ class VmExecViewSet(ObjectPermissionViewSet):
         )
 
     @extend_schema(operation_id="vms_files_mkdir", request=MkdirSerializer, responses={201: OpenApiTypes.OBJECT})
-    def file_mkdir(self, request, id=None):
-        vm = self.get_object()
+    def file_mkdir(self, request, vm_id=None):
+        vm = self.vm
         data = MkdirSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         return Response(
@@ -265,7 +263,7 @@ def exec_urlpatterns():
     from django.urls import path
 
     v = VmExecViewSet.as_view
-    prefix = "api/v1/vms/<str:id>/"
+    prefix = "api/v1/vms/<str:vm_id>/"
     return [
         path(prefix + "exec/", v({"post": "exec_create"}), name="vm-exec"),
         path(prefix + "execs/", v({"get": "exec_list"}), name="vm-execs"),

@@ -33,15 +33,18 @@ STREAM_BYTES = {"stdout": b"\x01", "stderr": b"\x02", "pty": b"\x03"}
 
 @database_sync_to_async
 def _authorise(user, vm_id: str):
-    """``(vm, None)`` when the user may exec in the VM, else ``(None, close reason)``."""
-    from accounts.services import user_has_perm
-    from vms import selectors
-    from vms.models import VM, VmState
+    """``(vm, None)`` when the user may exec in the VM, else ``(None, close reason)`` (a refusal is audited)."""
+    from rest_framework.exceptions import NotFound
 
-    if not selectors.vm_visible_to(user, vm_id):
+    from accounts.permissions import vm_for
+    from sandbox_site.errors import NotPermitted
+    from vms.models import VmState
+
+    try:
+        vm = vm_for(user, vm_id, "exec", action="vm.exec_attach")
+    except NotFound:
         return None, "not_found"
-    vm = VM.objects.get(pk=vm_id)
-    if not user_has_perm(user, exec_services.EXEC_PERM, vm):
+    except NotPermitted:
         return None, "permission_denied"
     if vm.state != VmState.RUNNING:
         return None, "not_running"

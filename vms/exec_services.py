@@ -19,8 +19,8 @@ from django.db import transaction
 
 from accounts.audit import audit_record
 from accounts.models import AuditResult
-from accounts.services import user_has_perm
-from sandbox_site.errors import ApplicationError, ConflictError, NotPermitted
+from accounts.permissions import require_perm
+from sandbox_site.errors import ApplicationError, ConflictError
 from vms import agent_gateway
 from vms.agent_gateway import AgentChannel, agent_call
 from vms.models import VM, VmState
@@ -31,12 +31,7 @@ MAX_STDIN_BYTES = 1 << 20  # stdin given inline with POST .../exec/, .../stdin/ 
 
 
 def _require_exec(actor, vm: VM, action: str) -> None:
-    if not user_has_perm(actor, EXEC_PERM, vm):
-        with transaction.atomic():
-            audit_record(
-                actor=actor, action=f"vm.{action}", obj=vm, result=AuditResult.DENIED, message=f"missing {EXEC_PERM}"
-            )
-        raise NotPermitted("You do not have the 'exec' permission on this VM.")
+    require_perm(actor, EXEC_PERM, vm, action=f"vm.{action}")
 
 
 def _require_running(vm: VM) -> None:

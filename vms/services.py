@@ -20,9 +20,9 @@ from guardian.shortcuts import assign_perm
 
 from accounts.audit import audit_record
 from accounts.models import AuditResult
-from accounts.services import user_has_perm
+from accounts.permissions import require_perm
 from networking.services import nic_allocate
-from sandbox_site.errors import ApplicationError, ConflictError, NotPermitted, QuotaExceeded
+from sandbox_site.errors import ApplicationError, ConflictError, QuotaExceeded
 from vms import selectors
 from vms.events import vm_event_publish
 from vms.models import VM, Host, Image, Operation, Template, VmState
@@ -83,12 +83,7 @@ def vm_transition(vm: VM, *, expected, new: str, **fields) -> bool:
 
 
 def _require(actor, perm: str, vm: VM, action: str) -> None:
-    if not user_has_perm(actor, perm, vm):
-        with transaction.atomic():
-            audit_record(
-                actor=actor, action=f"vm.{action}", obj=vm, result=AuditResult.DENIED, message=f"missing {perm}"
-            )
-        raise NotPermitted(f"You do not have permission to {action} this VM.")
+    require_perm(actor, perm, vm, action=f"vm.{action}")
 
 
 def _snapshot(vm: VM) -> dict:
@@ -159,8 +154,7 @@ def vm_create(
 ) -> tuple[VM, Operation]:
     """Record the VM (creating), grant the owner every object permission, and enqueue the
     create (+ boot) operation on the host's queue once the transaction commits."""
-    if not user_has_perm(actor, "vms.add_vm"):
-        raise NotPermitted("Your role may not create VMs.")
+    require_perm(actor, "vms.add_vm", None, action="vm.create", message="Your role may not create VMs.")
     if not template.is_active:
         raise ApplicationError("This template is not available.", details={"template": "inactive"})
     vcpus = vcpus or template.vcpus

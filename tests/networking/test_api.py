@@ -1,12 +1,12 @@
-"""The permission matrix for networks and a VM's port forwards, NICs and egress, with the
-owner, a grantee (view + power on the VM, view on the private network) and a stranger."""
+"""Networks and a VM's port forwards, NICs and egress through the API. Their permission
+matrix is declared with every other endpoint's in tests/accounts/test_permission_matrix.py."""
 
 import pytest
 from guardian.shortcuts import assign_perm
 
 from accounts.models import AuditEvent
 from networking import services
-from networking.models import Network, Nic, PortForward
+from networking.models import Nic, PortForward
 
 
 @pytest.fixture
@@ -22,44 +22,6 @@ def wired_vm(vm, grantee):
         assign_perm(f"vms.{perm}_vm", grantee, vm)
     services.nic_allocate(vm=vm)
     return vm
-
-
-def _new_events(before):
-    return AuditEvent.objects.exclude(id__in=before).exclude(action__startswith="auth.")
-
-
-NETWORK_ENDPOINTS = [
-    # (name, method, suffix, body, owner allowed, grantee allowed, audit action)
-    ("retrieve", "get", "", None, True, True, None),
-    ("update", "patch", "", {"egress_mode": "deny"}, True, False, "network.update"),
-    ("delete", "delete", "", None, False, False, "network.delete"),
-]
-
-
-@pytest.mark.parametrize("endpoint", NETWORK_ENDPOINTS, ids=[e[0] for e in NETWORK_ENDPOINTS])
-@pytest.mark.parametrize("persona", ["owner", "grantee", "stranger", "operator"])
-def test_it_enforces_network_permissions(request, api, private_network, persona, endpoint):
-    name, method, suffix, body, owner_ok, grantee_ok, audit_action = endpoint
-    user = request.getfixturevalue(persona)
-    before = set(AuditEvent.objects.values_list("id", flat=True))
-    response = getattr(api.as_user(user), method)(
-        f"/api/v1/networks/{private_network.pk}/{suffix}", body, format="json"
-    )
-    events = _new_events(before)
-    if persona == "stranger":
-        assert response.status_code == 404, response.content
-        assert not events.exists()
-        return
-    allowed = {"owner": owner_ok, "grantee": grantee_ok, "operator": True}[persona]
-    if not allowed:
-        assert response.status_code == 403, response.content
-        assert response.json()["error"]["code"] == "permission_denied"
-        assert events.filter(result="denied", object_id=str(private_network.pk)).exists()
-        assert Network.objects.filter(pk=private_network.pk, egress_mode="allow").exists()
-        return
-    assert 200 <= response.status_code < 300, response.content
-    if audit_action:
-        assert events.get(action=audit_action, result="ok").actor_id == user.pk
 
 
 def test_it_lists_shared_networks_to_all_and_private_ones_to_their_holders(
@@ -106,47 +68,6 @@ def test_it_refuses_to_delete_a_network_in_use_or_the_default(api, operator, own
     services.nic_allocate(vm=vm, network=net)
     assert api.as_user(operator).delete(f"/api/v1/networks/{net.pk}/").status_code == 409
     assert api.as_user(operator).delete(f"/api/v1/networks/{default.pk}/").status_code == 409
-
-
-VM_ENDPOINTS = [
-    # (name, method, suffix, body, permission, audit action)
-    ("list", "get", "port-forwards/", None, "view", None),
-    ("create", "post", "port-forwards/", {"guest_port": 8080}, "change", "portforward.create"),
-    ("delete", "delete", "port-forwards/{pf}/", None, "change", "portforward.delete"),
-    ("nics", "get", "nics/", None, "view", None),
-    ("egress", "put", "egress/", {"mode": "deny"}, "change", "vm.egress_update"),
-]
-GRANTEE_VM_PERMS = {"view", "power"}
-
-
-@pytest.mark.parametrize("endpoint", VM_ENDPOINTS, ids=[e[0] for e in VM_ENDPOINTS])
-@pytest.mark.parametrize("persona", ["owner", "grantee", "stranger"])
-def test_it_enforces_vm_network_permissions(
-    request, api, wired_vm, owner, persona, endpoint, django_capture_on_commit_callbacks
-):
-    name, method, suffix, body, perm, audit_action = endpoint
-    pf = services.port_forward_create(vm=wired_vm, actor=owner, guest_port=22)
-    user = request.getfixturevalue(persona)
-    before = set(AuditEvent.objects.values_list("id", flat=True))
-    with django_capture_on_commit_callbacks(execute=False) as callbacks:
-        response = getattr(api.as_user(user), method)(
-            f"/api/v1/vms/{wired_vm.pk}/{suffix.format(pf=pf.pk)}", body, format="json"
-        )
-    events = _new_events(before)
-    if persona == "stranger":
-        assert response.status_code == 404, response.content
-        assert not events.exists()
-        return
-    if persona == "grantee" and perm not in GRANTEE_VM_PERMS:
-        assert response.status_code == 403, response.content
-        assert events.filter(result="denied", object_id=str(wired_vm.pk)).exists()
-        assert PortForward.objects.filter(vm=wired_vm).count() == 1
-        assert not callbacks
-        return
-    assert 200 <= response.status_code < 300, response.content
-    if audit_action:
-        assert events.get(action=audit_action, result="ok").actor_id == user.pk
-        assert callbacks, "a write must enqueue the rules apply on the VM's host"
 
 
 def test_it_allocates_forwards_from_the_range_and_refuses_conflicts(api, owner, wired_vm, settings):

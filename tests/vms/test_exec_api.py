@@ -1,6 +1,6 @@
-"""Exec and files API: the permission matrix (owner / grantee without exec / stranger) on
-every endpoint, and the API end to end against a real hostd and a stand-in VMM running the
-real guest agent code on this host (tests/hostd/fake_vmm.py)."""
+"""Exec and files API end to end against a real hostd and a stand-in VMM running the real
+guest agent code on this host (tests/hostd/fake_vmm.py). Its permission matrix is declared
+with every other endpoint's in tests/accounts/test_permission_matrix.py."""
 
 from __future__ import annotations
 
@@ -9,55 +9,9 @@ import os
 
 import pytest
 from asgiref.sync import async_to_sync
-from guardian.shortcuts import assign_perm
 
 from accounts.models import AuditEvent
 from tests.waiting import wait_until
-
-ENDPOINTS = [
-    ("exec", "post", "exec/", {"command": "true"}),
-    ("execs", "get", "execs/", None),
-    ("exec-detail", "get", "execs/abc/", None),
-    ("stdin", "post", "execs/abc/stdin/", {"data": "x"}),
-    ("signal", "post", "execs/abc/signal/", {"signal": "TERM"}),
-    ("file-get", "get", "files/?path=/etc/hostname", None),
-    ("file-delete", "delete", "files/?path=/tmp/x", None),
-    ("file-stat", "get", "files/stat/?path=/", None),
-    ("file-list", "get", "files/list/?path=/", None),
-    ("file-mkdir", "post", "files/mkdir/", {"path": "/tmp/d"}),
-]
-
-
-@pytest.fixture
-def shared_vm(vm, grantee):
-    for perm in ("view", "power", "console"):
-        assign_perm(f"vms.{perm}_vm", grantee, vm)
-    return vm
-
-
-@pytest.mark.parametrize("endpoint", ENDPOINTS, ids=[e[0] for e in ENDPOINTS])
-@pytest.mark.parametrize("persona", ["owner", "grantee", "stranger"])
-def test_it_needs_the_exec_permission(request, api, shared_vm, persona, endpoint):
-    _, method, suffix, body = endpoint
-    user = request.getfixturevalue(persona)
-    api.as_user(user)
-    response = getattr(api, method)(f"/api/v1/vms/{shared_vm.pk}/{suffix}", body, format="json")
-    if persona == "stranger":
-        assert response.status_code == 404
-    elif persona == "grantee":
-        assert response.status_code == 403
-        assert AuditEvent.objects.filter(actor_id=user.pk, result="denied").exists()
-    else:
-        assert response.status_code == 409  # allowed; the VM is stopped
-        assert response.json()["error"]["code"] == "conflict"
-
-
-def test_an_upload_needs_the_exec_permission_too(api, shared_vm, grantee, stranger):
-    url = f"/api/v1/vms/{shared_vm.pk}/files/?path=/root/x"
-    api.as_user(grantee)
-    assert api.put(url, b"data", content_type="application/octet-stream").status_code == 403
-    api.as_user(stranger)
-    assert api.put(url, b"data", content_type="application/octet-stream").status_code == 404
 
 
 @pytest.mark.django_db(transaction=True)
