@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
-
 from django.conf import settings
 from django.db.models import Q, Sum
 
@@ -15,14 +13,6 @@ from vms.models import VM, Operation, Template, VmState
 
 def vm_list_visible(user):
     return visible_queryset(user, VM.objects.select_related("owner", "template", "host"), "view")
-
-
-def vm_visible_to(user, vm_id) -> bool:
-    try:
-        uuid.UUID(str(vm_id))
-    except ValueError:
-        return False
-    return vm_list_visible(user).filter(pk=vm_id).exists()
 
 
 def operation_list_visible(user):
@@ -75,10 +65,3 @@ def vm_samples_rates(*, vm, minutes: int) -> list[dict]:
     since = timezone.now() - timedelta(minutes=minutes)
     samples = list(ResourceSample.objects.filter(vm=vm, taken_at__gte=since).order_by("taken_at")[:5000])
     return samples_as_rates(samples)
-
-
-def vm_for_console(user, vm_id):
-    """The VM if ``user`` may at least view it, else None."""
-    if not vm_visible_to(user, vm_id):
-        return None
-    return VM.objects.select_related("owner").get(pk=vm_id)
