@@ -12,10 +12,12 @@ HOST_NAME=${SANDBOX_HOST_NAME:-local}
 BIND=${BIND:-127.0.0.1}
 PORT=${PORT:-8000}
 # Paths as the settings see them (environment, .env, defaults), so that the processes below and
-# manage.py commands run by hand agree on them.
-paths=$($PY/python -c 'from sandbox_site import settings as s; print(s.DATA_DIR.absolute()); print(s.SANDBOX_REDIS_SOCKET.absolute())')
+# manage.py commands run by hand agree on them; and whether REDIS_URL is set there.
+paths=$($PY/python -c 'import os; from sandbox_site import settings as s
+print(s.DATA_DIR.absolute()); print(s.SANDBOX_REDIS_SOCKET.absolute()); print("own" if os.environ.get("REDIS_URL") else "private")')
 DATA_DIR=$(sed -n 1p <<<"$paths")
 REDIS_SOCKET=$(sed -n 2p <<<"$paths")
+REDIS_KIND=$(sed -n 3p <<<"$paths")
 LOG_DIR=$DATA_DIR/log
 mkdir -p "$LOG_DIR"
 # VM networking (bridges, TAPs, nftables, VMMs) stays in a namespace of its own unless
@@ -33,7 +35,7 @@ cleanup() {
     [ -z "$redis_pid" ] || { kill "$redis_pid" 2>/dev/null || true; wait "$redis_pid" 2>/dev/null || true; }
 }
 trap cleanup EXIT INT TERM
-if [ -z "${REDIS_URL:-}" ]; then
+if [ "$REDIS_KIND" = private ]; then
     export SANDBOX_REDIS_SOCKET=$REDIS_SOCKET
     mkdir -p "$(dirname "$REDIS_SOCKET")"
     if redis-cli -s "$REDIS_SOCKET" ping >/dev/null 2>&1; then
