@@ -177,7 +177,7 @@ def test_live_state_arrives_over_the_events_websocket_and_the_console_takes_inpu
         seen_at = wait_until(
             lambda: observer.state_event(vm_id, "running"), timeout=10, message="the running event in the test"
         )
-        assert abs(shown_at - seen_at) < 3.0, (shown_at, seen_at)  # far below the poll's 10 s
+        assert abs(shown_at - seen_at) < 5.0, (shown_at, seen_at)  # the poll would take up to 10 s
         with stack.client() as client:
             assert client.get(f"/api/v1/vms/{vm_id}/").json()["state"] == "running"
 
