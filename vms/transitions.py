@@ -89,6 +89,11 @@ TRANSITIONS: dict[str, Transition] = {
 }
 
 
+def vm_actions_allowed(state: str) -> list[str]:
+    """The actions a request may ask for a VM in ``state`` (for dashboards and the API)."""
+    return sorted(a for a, rule in TRANSITIONS.items() if a not in ("create", "clone") and state in rule.allowed_from)
+
+
 def vm_transition(vm: VM, *, expected: set[str] | frozenset[str], new: str, **fields) -> bool:
     """Compare-and-set ``vm``'s state from one of ``expected`` to ``new`` (with ``fields``).
     True when this caller won: ``vm`` is refreshed and its event published (after commit
