@@ -124,6 +124,14 @@ def snapshot_take(op: Operation, vm: VM) -> None:
         )
         vm_settle(vm, expected={S.SNAPSHOTTING}, previous=previous, why="snapshot failed")
         raise
+    if previous == S.RUNNING:
+        # An earlier delivery may have died between pause and resume: the VM was running.
+        try:
+            if driver.info(spec).state == RuntimeState.PAUSED:
+                driver.resume(spec)
+                _log(op, "resumed the VM an earlier attempt left paused")
+        except VmmError as exc:
+            _log(op, f"warning: could not check that the VM runs again: {exc.message}")
     _log(op, "writing the integrity manifest", 80)
     try:
         checksum = manifest_write(dest)
@@ -260,8 +268,8 @@ def snapshot_restore_run(op: Operation, vm: VM) -> None:
         _restore_into(op, vm, snapshot, clone=False)
     except Exception as exc:
         message = getattr(exc, "message", None) or str(exc)
-        vm_fail(vm, f"restore failed: {message}", expected={S.STARTING})
-        vmm_kill_quietly(vm, driver_name=snapshot.driver)
+        if vm_fail(vm, f"restore failed: {message}", expected={S.STARTING}):
+            vmm_kill_quietly(vm, driver_name=snapshot.driver)
         raise
     with transaction.atomic():
         if snapshot.shared_layer:

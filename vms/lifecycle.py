@@ -203,8 +203,8 @@ def vm_boot_run(op: Operation, vm: VM) -> None:
     except Exception as exc:
         message = getattr(exc, "message", None) or str(exc)
         operation_log(op, f"boot failed: {message}")
-        vm_fail(vm, f"boot failed: {message}", expected={S.STARTING})
-        vmm_kill_quietly(vm)
+        if vm_fail(vm, f"boot failed: {message}", expected={S.STARTING}):
+            vmm_kill_quietly(vm)  # else a newer operation (stop, delete) owns the VMM now
         raise
     if not vm_transition_done(vm, "start", started_at=timezone.now(), last_error="", last_console=""):
         # Someone stopped or deleted it while it booted; their operation owns the VMM now.

@@ -227,3 +227,17 @@ def _spec(vm):
     from vms import hypervisor
 
     return hypervisor.vm_spec(vm)
+
+
+def test_it_finishes_a_redelivered_snapshot_and_resumes_the_vm_left_paused(fake, owner, run_ops):
+    vm = fake_vm_in(S.RUNNING, owner=owner)
+    snapshot, op = services.snapshot_create(vm=vm, actor=owner, name="s1")
+    # The first delivery wrote the files, paused the VM and died before resuming it.
+    fake.vmm.FakeDriver().snapshot(_spec(vm), Path(snapshot.directory))
+    fake.vmm.FakeDriver().pause(_spec(vm))
+    run_ops()
+    snapshot.refresh_from_db()
+    vm.refresh_from_db()
+    assert snapshot.state == Snapshot.State.READY
+    assert vm.state == S.RUNNING and fake.vmm.fake_vm(str(vm.pk)).state == RuntimeState.RUNNING
+    assert fake.vmm.fake_calls(str(vm.pk)).count("snapshot") == 1  # not taken twice

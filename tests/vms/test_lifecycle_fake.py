@@ -260,3 +260,34 @@ def test_it_hides_the_vm_from_a_stranger(fake, api, owner, stranger):
     assert api.as_user(stranger).post(f"/api/v1/vms/{vm.pk}/stop/").status_code == 404
     vm.refresh_from_db()
     assert vm.state == S.RUNNING
+
+
+# --- hooks other apps join the lifecycle with ---------------------------------------------------
+
+
+def test_it_runs_the_lifecycle_hooks_in_order(fake, owner, run_ops, monkeypatch):
+    from vms import hooks
+
+    seen = []
+    registry = {name: [] for name in hooks.HOOK_NAMES}
+    monkeypatch.setattr(hooks, "_hooks", registry)
+    for name in ("vm_created", "vm_before_launch", "vm_vmm_gone", "vm_row_deleting"):
+        hooks.hook_register(name, lambda name=name, **kwargs: seen.append(name) or [])
+    vm, _ = services.vm_create(owner=owner, actor=owner, name="hooked", template=TemplateFactory())
+    run_ops()
+    vm.refresh_from_db()
+    services.vm_action(vm=vm, action="stop", actor=owner)
+    run_ops()
+    vm.refresh_from_db()
+    services.vm_action(vm=vm, action="delete", actor=owner)
+    run_ops()
+    assert seen == ["vm_created", "vm_before_launch", "vm_vmm_gone", "vm_vmm_gone", "vm_row_deleting"]
+
+
+def test_it_has_networking_registered_on_the_hooks():
+    from networking import services as net_services
+    from vms import hooks
+
+    assert net_services.vm_hook_before_launch in hooks._hooks["vm_before_launch"]
+    assert net_services.vm_hook_nic in hooks._hooks["vm_nic"]
+    assert net_services.vm_hook_row_deleting in hooks._hooks["vm_row_deleting"]
