@@ -81,8 +81,6 @@ def vm_limits_check(
         raise QuotaExceeded("This would exceed your resource limits.", details=over)
 
 
-_check_limits = vm_limits_check  # the old private name
-
 
 def vm_row_init(*, vm: VM, actor) -> None:
     """In the transaction that created ``vm`` (create, clone): grant its owner every object

@@ -22,9 +22,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .base import (
     AgentTransport,
+    Driver,
     DriverCapabilities,
     LaunchResult,
     RuntimeState,
@@ -338,3 +340,7 @@ class FakeDriver:
         with _lock:
             _registry.vms.pop(spec.vm_id, None)
         shutil.rmtree(spec.runtime_dir, ignore_errors=True)
+
+
+if TYPE_CHECKING:
+    _conforms: Driver = FakeDriver()  # mypy checks the whole protocol here
