@@ -81,7 +81,6 @@ def vm_limits_check(
         raise QuotaExceeded("This would exceed your resource limits.", details=over)
 
 
-
 def vm_row_init(*, vm: VM, actor) -> None:
     """In the transaction that created ``vm`` (create, clone): grant its owner every object
     permission and run the ``vm_created`` hooks (e.g. networking takes its address now, so
