@@ -24,7 +24,8 @@ from accounts.audit import audit_record
 from accounts.services import user_has_perm
 from sandbox_site.errors import ApplicationError, ConflictError, NotPermitted
 from vms import hypervisor
-from vms.models import VM, VmState
+from vms.models import VM
+from vms.transitions import vm_guest_running
 
 WRITER_TTL_SECONDS = 90  # refreshed by the writer's heartbeats (every 20 s)
 INPUT_MAX_BYTES = 4096
@@ -158,7 +159,7 @@ def console_input(*, vm: VM, data: bytes) -> None:
     """Send keystrokes to the guest's serial port (blocking, bounded by a timeout)."""
     if len(data) > INPUT_MAX_BYTES:
         raise ApplicationError(f"At most {INPUT_MAX_BYTES} bytes of input at once.")
-    if vm.state != VmState.RUNNING:
+    if not vm_guest_running(vm):
         raise ConflictError(f"The VM is {vm.state}; its console takes no input.")
     # The host daemon holds the serial socket (QEMU serves one client); without it, write directly.
     if settings.SANDBOX_HOSTD_SOCKET.exists():

@@ -33,14 +33,15 @@ def _authorise(user, vm_id: str) -> str | None:
     """None when the user may exec in the VM, else the close reason."""
     from accounts.services import user_has_perm
     from vms import selectors
-    from vms.models import VM, VmState
+    from vms.models import VM
+    from vms.transitions import vm_guest_running
 
     if not selectors.vm_visible_to(user, vm_id):
         return "not_found"
     vm = VM.objects.get(pk=vm_id)
     if not user_has_perm(user, "vms.exec_vm", vm):
         return "permission_denied"
-    if vm.state != VmState.RUNNING:
+    if not vm_guest_running(vm):
         return "not_running"
     return None
 

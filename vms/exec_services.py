@@ -21,7 +21,8 @@ from accounts.models import AuditResult
 from accounts.services import user_has_perm
 from sandbox_site.errors import ApplicationError, ConflictError, NotPermitted
 from vms.hostd.client import HostdClient, HostdError, HostdRequestError, HostdTimeout, HostdUnavailable
-from vms.models import VM, VmState
+from vms.models import VM
+from vms.transitions import vm_guest_running
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def _require_exec(actor, vm: VM, action: str) -> None:
 
 def _require_running(vm: VM) -> None:
     vm.refresh_from_db(fields=["state", "driver"])
-    if vm.state != VmState.RUNNING:
+    if not vm_guest_running(vm):
         raise ConflictError(f"The VM is {vm.state}; commands and files need it running.", details={"state": vm.state})
 
 

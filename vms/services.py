@@ -30,7 +30,12 @@ from vms.operations import (  # noqa: F401 - re-exported for callers of the old 
     operation_worker_alive,
     operation_worker_id,
 )
-from vms.transitions import TRANSITIONS, vm_transition, vm_transition_request  # noqa: F401 - re-exported
+from vms.transitions import (  # noqa: F401 - TRANSITIONS, vm_transition re-exported
+    TRANSITIONS,
+    vm_guest_running,
+    vm_transition,
+    vm_transition_request,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +241,7 @@ def vm_agent_ping(*, vm: VM) -> dict:
     from vms.hypervisor import agent_ping, vm_spec
     from vms.vmm.base import VmmError
 
-    if vm.state != S.RUNNING:
+    if not vm_guest_running(vm):
         raise ConflictError(f"The VM is {vm.state}; the agent answers only while it runs.")
     try:
         return agent_ping(vm_spec(vm), vm.driver, timeout=5.0)

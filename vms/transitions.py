@@ -46,7 +46,7 @@ from django.utils import timezone
 
 from sandbox_site.errors import ConflictError
 from vms.events import vm_event_publish
-from vms.models import VM, VmState
+from vms.models import VM, Operation, VmState
 
 S = VmState
 
@@ -57,6 +57,10 @@ IN_PLACE_STATES = frozenset({S.PAUSING, S.RESUMING, S.REBOOTING, S.RESIZING, S.S
 # Transitional states that replace or remove the VMM.
 REPLACING_STATES = frozenset({S.CREATING, S.STARTING, S.STOPPING, S.DELETING})
 TRANSITIONAL_STATES = IN_PLACE_STATES | REPLACING_STATES
+
+# A resize or snapshot of a running VM keeps the guest running (a snapshot pauses it only
+# for the memory dump), so its agent and console stay usable.
+GUEST_RUNS_DURING = frozenset({S.RESIZING, S.SNAPSHOTTING})
 
 PREVIOUS = "previous"  # ``done`` marker: back to the state the VM had when the action was asked
 
@@ -87,6 +91,26 @@ TRANSITIONS: dict[str, Transition] = {
     "restore": Transition(frozenset({S.RUNNING, S.PAUSED, S.STOPPED, S.ERROR}), S.STARTING, S.RUNNING),
     "delete": Transition(frozenset(set(S.values) - {S.DELETING, S.SNAPSHOTTING}), S.DELETING, None, "vms.delete_vm"),
 }
+
+
+def vm_guest_running(vm: VM) -> bool:
+    """Whether ``vm``'s guest runs, so exec, files, agent and console input may reach it:
+    ``running``, or resizing/snapshotting a VM that was running when the action began."""
+    if vm.state == S.RUNNING:
+        return True
+    if vm.state not in GUEST_RUNS_DURING:
+        return False
+    params = (
+        Operation.objects.filter(
+            vm_id=vm.pk,
+            action__in=["resize", "snapshot"],
+            status__in=[Operation.Status.PENDING, Operation.Status.RUNNING],
+        )
+        .order_by("-created_at")
+        .values_list("params", flat=True)
+        .first()
+    )
+    return bool(params) and params.get("previous_state") == S.RUNNING
 
 
 def vm_actions_allowed(state: str) -> list[str]:

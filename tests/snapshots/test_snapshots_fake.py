@@ -241,3 +241,16 @@ def test_it_finishes_a_redelivered_snapshot_and_resumes_the_vm_left_paused(fake,
     assert snapshot.state == Snapshot.State.READY
     assert vm.state == S.RUNNING and fake.vmm.fake_vm(str(vm.pk)).state == RuntimeState.RUNNING
     assert fake.vmm.fake_calls(str(vm.pk)).count("snapshot") == 1  # not taken twice
+
+
+@pytest.mark.parametrize(("state", "reachable"), [(S.RUNNING, True), (S.PAUSED, False)])
+def test_it_keeps_the_guest_of_a_running_vm_reachable_during_a_snapshot(fake, owner, run_ops, state, reachable):
+    from vms.transitions import vm_guest_running
+
+    vm = fake_vm_in(state, owner=owner)
+    seen = []
+    fake.vmm.fake_during("snapshot", lambda vm_id: seen.append(vm_guest_running(VM.objects.get(pk=vm_id))))
+    _take(vm, owner, run_ops)
+    assert seen == [reachable]
+    vm.refresh_from_db()
+    assert vm_guest_running(vm) is (state == S.RUNNING)

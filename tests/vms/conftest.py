@@ -82,11 +82,9 @@ def run_operations(limit: int = 20) -> list[Operation]:
 
 def fake_vm_in(state: str, *, owner=None, **fields):
     """A VM row in ``state`` whose fake VMM matches it (running/paused VMMs run; others none)."""
-    from vms.lifecycle import _driver
-
     vm = VmFactory(state=state, driver="fake", **({"owner": owner} if owner else {}), **fields)
     spec = hypervisor.vm_spec(vm)
-    driver = _driver(vm)
+    driver = hypervisor.driver_for("fake")
     driver.prepare(spec)
     if state in ("running", "paused", "pausing", "resuming", "rebooting", "resizing", "snapshotting", "stopping"):
         result = driver.launch(spec)
