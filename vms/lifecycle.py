@@ -104,8 +104,9 @@ def vm_settle(vm: VM, *, expected, previous: str | None, why: str) -> str | None
         new = S.STOPPED
     else:
         if runtime not in (RuntimeState.GONE, None):
-            vmm_kill_quietly(vm)
-        return S.ERROR if vm_fail(vm, f"{why}; the VMM is gone.", expected=expected) else None
+            vmm_kill_quietly(vm)  # e.g. a guest that powered off meanwhile: nothing to keep
+        status = runtime.value if runtime is not None else "unknown"
+        return S.ERROR if vm_fail(vm, f"{why}; the VMM is {status}.", expected=expected) else None
     return new if vm_transition(vm, expected=expected, new=new) else None
 
 
