@@ -118,9 +118,9 @@ async def iter_async(
             elif isinstance(step, Sleep):
                 await asyncio.sleep(step.seconds)
             elif isinstance(step, Notify):
-                result = step.callback(*step.args)
-                if inspect.isawaitable(result):
-                    await result
+                outcome = step.callback(*step.args)
+                if inspect.isawaitable(outcome):
+                    await outcome
             elif isinstance(step, Emit):
                 if emit:
                     yield step.item
