@@ -588,15 +588,16 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-o", "--output", choices=("table", "json"), default=argparse.SUPPRESS, help="output format")
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="print less")
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="log requests and ids")
+    S = argparse.SUPPRESS
+    common.add_argument("--url", default=S, help="server URL (default: MSBX_URL, then the profile)")
+    common.add_argument("--token", default=S, help="API token (default: MSBX_TOKEN, then the profile)")
+    common.add_argument("--profile", default=S, help="config profile (default: MSBX_PROFILE, then the default)")
+    common.add_argument("--timeout", type=float, default=S, help="seconds per request (default 30)")
 
     parser = argparse.ArgumentParser(
         prog="msbx", description="Command-line client of microvm-sandbox (docs/cli.md).", parents=[common]
     )
     parser.add_argument("--version", action="version", version=f"msbx {__version__}")
-    parser.add_argument("--url", help="server URL (default: MSBX_URL, then the profile)")
-    parser.add_argument("--token", help="API token (default: MSBX_TOKEN, then the profile)")
-    parser.add_argument("--profile", help="config profile (default: MSBX_PROFILE, then the default profile)")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default 30)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -773,7 +774,8 @@ complete -o default -F _msbx_complete msbx
 def main(argv: Iterable[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(list(argv) if argv is not None else None)
-    for name, default in (("output", "table"), ("quiet", False), ("debug", False)):
+    defaults = {"output": "table", "quiet": False, "debug": False, "url": None, "token": None, "profile": None}
+    for name, default in (*defaults.items(), ("timeout", 30.0)):
         if not hasattr(args, name):
             setattr(args, name, default)
     for name, default in (("no_wait", False), ("wait_timeout", 600.0)):
