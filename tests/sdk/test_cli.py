@@ -148,3 +148,21 @@ def test_cp_uploads_and_downloads(api, capsys, tmp_path):
     assert code == 0 and store["data"] == b"abc" and api.calls("PUT")[0].url.params["path"] == "/tmp/f"
     code, _, _ = run(capsys, "cp", f"{VM_ID}:/tmp/f", str(tmp_path / "back"))
     assert code == 0 and (tmp_path / "back").read_bytes() == b"abc"
+
+
+def test_the_quickstarts_are_short_and_valid():
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    text = (docs / "sdk.md").read_text()
+    block = text.split("## Quickstart", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    lines = [line for line in block.splitlines() if line.strip()]
+    assert len(lines) < 10
+    compile(block, "quickstart", "exec")
+    assert "Sandbox.create" in block and "exec(" in block and "download(" in block
+    cli_block = (docs / "cli.md").read_text().split("## Quickstart", 1)[1].split("```", 2)[1]
+    parser = cli.build_parser()
+    for line in cli_block.strip().splitlines():
+        words = line.split("#", 1)[0].split()
+        assert words[0] == "msbx"
+        parser.parse_args(words[1:])
