@@ -241,6 +241,7 @@ def test_the_cli_exec_tty_is_interactive(sandbox, stack, tmp_path):
         [sys.executable, "-m", "msbx", "exec", "-t", sandbox.id, "--", "/bin/sh"], _cli_env(stack, tmp_path)
     )
     try:
+        cli.expect(b"# ")  # the guest shell's prompt
         cli.send(b"stty size; echo tty-$((5*5))\r")
         cli.expect(b"tty-25")
         cli.send(b"exit 3\r")
@@ -294,6 +295,14 @@ def test_login_stores_a_private_profile(stack, tmp_path):
     assert json.loads(config.read_text())["profiles"]["systest"]["url"] == stack.url
 
 
+_NO_VMS_FOR_STRANGER = """
+from accounts.models import UserQuota
+from django.contrib.auth import get_user_model
+user = get_user_model().objects.get(username="stranger")
+UserQuota.objects.update_or_create(user=user, defaults=dict(max_vms=0, max_vcpus=0, max_memory_mib=0, max_disk_gib=0))
+"""
+
+
 def test_each_exception_class_on_a_real_error(sandbox, client, stack):
     with pytest.raises(msbx.NotFound):
         client.sandbox("00000000-0000-0000-0000-000000000000")
@@ -304,8 +313,17 @@ def test_each_exception_class_on_a_real_error(sandbox, client, stack):
     with pytest.raises(msbx.ValidationError) as invalid:
         client.create_sandbox(template="no-such-template", wait=False)
     assert "template" in invalid.value.fields
-    with pytest.raises(msbx.QuotaExceeded):
-        client.create_sandbox(template="linux-small", memory_mib=1024 * 1024, wait=False)
+    subprocess.run(
+        [sys.executable, "manage.py", "shell", "-c", _NO_VMS_FOR_STRANGER],
+        cwd=ROOT,
+        env=stack.env,
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )
+    with msbx.Client(stack.url, stack.tokens["stranger"]) as stranger, pytest.raises(msbx.QuotaExceeded) as quota:
+        stranger.create_sandbox(template="linux-small", wait=False)
+    assert "vms" in quota.value.details
     with pytest.raises(msbx.AuthenticationError), msbx.Client(stack.url, "msbx_not-a-token") as bad:
         bad.me()
     with stack.client("owner") as raw:

@@ -4,6 +4,7 @@ same surface for asyncio."""
 
 __version__ = "0.1.0"
 
+from msbx._flows import OutputChunk  # noqa: E402
 from msbx.client import (  # noqa: E402
     Client,
     Console,
@@ -35,7 +36,7 @@ from msbx.errors import (  # noqa: E402
     TransportError,
     ValidationError,
 )
-from msbx.models import ExecResult, OutputChunk, TransferResult  # noqa: E402
+from msbx.models import ExecResult, TransferResult  # noqa: E402
 
 __all__ = [
     "ApiError",

@@ -16,7 +16,7 @@ import random
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any, Callable
 
 import httpx
 
@@ -29,7 +29,7 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 RETRY_STATUSES = frozenset({429, 503})
 DEFAULT_TIMEOUT = 30.0
 
-Body = Union[None, bytes, Callable[[], Any]]  # a callable re-creates a streamed body per attempt
+Body = Any  # bytes, None, an iterator, or a callable that re-creates a streamed body per attempt
 ResponseHook = Callable[["RequestLog"], None]
 
 

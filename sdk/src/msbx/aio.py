@@ -17,11 +17,12 @@ import httpx
 
 from msbx import _flows as flows
 from msbx._endpoints import WS_EXEC
+from msbx._flows import OutputChunk
 from msbx._http import AsyncHttp, RequestLog, RetryPolicy, ws_error
 from msbx.client import DEFAULT_BOOT_TIMEOUT, EXEC_WAIT_MAX, FileSource, Progress, _chunks_of
 from msbx.config import credentials_resolve
 from msbx.errors import CommandFailed, IntegrityError, NotFound, SandboxError, Timeout, TransportError
-from msbx.models import TRANSFER_CHUNK, ExecResult, OutputChunk, TransferResult, exec_body, new_name
+from msbx.models import TRANSFER_CHUNK, ExecResult, TransferResult, exec_body, new_name
 
 
 class AsyncClient:

@@ -300,7 +300,8 @@ class _RawTerminal:
             import tty
 
             self.saved = termios.tcgetattr(self.fd)
-            tty.setraw(self.fd)
+            # TCSANOW, not setraw's default TCSAFLUSH: keys typed ahead are kept, not discarded.
+            tty.setraw(self.fd, termios.TCSANOW)
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -382,10 +383,6 @@ def cmd_console(cli: Cli) -> int:
     detach = _detach_byte(cli.args.detach_key)
     console = sandbox.console()
     interactive = sys.stdin.isatty()
-    if not cli.args.quiet:
-        mode = "read-only" if cli.args.read_only else "read-write"
-        sys.stderr.write(f"Connected to {sandbox.name} ({mode}); escape character is {cli.args.detach_key}\r\n")
-        sys.stderr.flush()
     done = threading.Event()
     failure: list[BaseException] = []
 
@@ -405,6 +402,10 @@ def cmd_console(cli: Cli) -> int:
     stdin_fd = sys.stdin.fileno()
     try:
         with _RawTerminal():
+            if not cli.args.quiet:  # once in raw mode: from here on keystrokes reach the console
+                mode = "read-only" if cli.args.read_only else "read-write"
+                sys.stderr.write(f"Connected to {sandbox.name} ({mode}); escape character is {cli.args.detach_key}\r\n")
+                sys.stderr.flush()
             reader.start()
             while not done.is_set():
                 ready, _, _ = select.select([stdin_fd], [], [], 0.2)

@@ -17,10 +17,11 @@ import httpx
 
 from msbx import _flows as flows
 from msbx._endpoints import WS_EXEC
+from msbx._flows import OutputChunk
 from msbx._http import RequestLog, RetryPolicy, SyncHttp, ws_error
 from msbx.config import credentials_resolve
 from msbx.errors import CommandFailed, IntegrityError, SandboxError, Timeout, TransportError
-from msbx.models import TRANSFER_CHUNK, ExecResult, OutputChunk, TransferResult, exec_body, new_name
+from msbx.models import TRANSFER_CHUNK, ExecResult, TransferResult, exec_body, new_name
 
 FileSource = Union[bytes, bytearray, memoryview, str, os.PathLike, BinaryIO, Iterator[bytes]]
 Progress = Optional[Callable[[int, Optional[int]], Any]]
@@ -734,8 +735,8 @@ def _chunks_of(source: FileSource) -> Any:
         return from_file, size
     if hasattr(source, "read"):
         handle: Any = source
-        size = None
-        start = None
+        size: int | None = None
+        start: int | None = None
         try:
             start = handle.tell()
             size = os.fstat(handle.fileno()).st_size - start

@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from msbx._flows import OutputChunk  # noqa: F401 - re-exported
-
 TRANSFER_CHUNK = 256 << 10
 
 
