@@ -453,3 +453,39 @@ def test_sync_and_async_clients_have_the_same_surface():
     for sync_cls, async_cls in pairs:
         public = {n for n in dir(sync_cls) if not n.startswith("_")}
         assert public <= set(dir(async_cls)), (sync_cls, public - set(dir(async_cls)))
+
+
+class _Pipe:
+    """A readable that cannot seek (like stdin)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.stream = __import__("io").BytesIO(data)
+
+    def read(self, n: int = -1) -> bytes:
+        return self.stream.read(n)
+
+    def tell(self) -> int:
+        raise OSError("Illegal seek")
+
+
+def test_uploads_are_replayed_after_a_503_unless_they_come_from_a_pipe(api, client):
+    received = []
+
+    def put(request):
+        data = request.read()
+        received.append(data)
+        if len(received) == 1:
+            return error(503, "unavailable")
+        return answer(201, {"path": "/x", "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+
+    api.route("GET", f"/api/v1/vms/{VM_ID}/", VM)
+    api.route("PUT", f"/api/v1/vms/{VM_ID}/files/", put)
+    sandbox = client.sandbox(VM_ID)
+    payload = os.urandom(700 << 10)
+    assert sandbox.files.write("/x", payload).size == len(payload)
+    assert received == [payload, payload]
+    received.clear()
+    with pytest.raises(msbx.ServiceUnavailable):
+        sandbox.files.write("/x", _Pipe(payload))
+    assert received == [payload]  # read once, chunked, not replayed
+    assert "Content-Length" not in api.calls("PUT")[-1].headers

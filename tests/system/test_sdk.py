@@ -339,3 +339,30 @@ def test_each_exception_class_on_a_real_error(sandbox, client, stack):
         client.create_sandbox(template="broken", timeout=120)
     with pytest.raises(msbx.TransportError), msbx.Client("http://127.0.0.1:9", "x", retries=0) as nowhere:
         nowhere.me()
+
+
+async def test_the_async_client_has_the_same_surface_on_the_real_stack(sandbox, stack):
+    from msbx.aio import AsyncClient, AsyncSandbox
+
+    async with AsyncClient(stack.url, stack.tokens["owner"], timeout=60) as aclient:
+        sb = await AsyncSandbox.connect(sandbox.id, client=aclient)
+        assert sb.state == "running" and sb.id in [s.id async for s in aclient.sandboxes()]
+        seen = []
+
+        async def on_stdout(text):
+            seen.append(text)
+
+        result = await sb.exec("echo a; sleep 0.2; echo b; exit 5", on_stdout=on_stdout)
+        assert (result.exit_code, "".join(seen)) == (5, "a\nb\n")
+        written = await sb.files.write("/tmp/async.bin", b"x" * 300_000)
+        assert (await sb.files.read("/tmp/async.bin")) == b"x" * 300_000
+        assert written.size == 300_000
+        async with await sb.pty("/bin/sh") as term:
+            await term.send(b"echo pty-$((3*3)); exit 2\r")
+            output = b"".join([chunk async for chunk in term])
+        assert b"pty-9" in output and term.result.exit_code == 2
+        async with await sb.console() as console:
+            await console.send(b"\recho async-console-$((1+1))\r")
+            got = b""
+            while b"async-console-2" not in got:
+                got += await console.recv(timeout=60) or b""

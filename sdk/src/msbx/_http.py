@@ -238,7 +238,7 @@ class SyncHttp(_HttpBase):
                     raise _wrap(exc, ep.method, url) from exc
             else:
                 self._log(response, started, attempt)
-                delay = self._decide(response, attempt)
+                delay = self._decide(response, attempt) if _replayable(content) else None
                 if delay is None:
                     if response.status_code >= 400:
                         response.read()
@@ -270,6 +270,9 @@ class SyncHttp(_HttpBase):
         from websockets.sync.client import connect
 
         try:
+            # __enter__: websockets >= 17.1 returns a connector to use as a context manager (and
+            # warns about direct use); older versions return the connection, whose __enter__ is
+            # itself. The caller closes the connection.
             return connect(
                 ws_url(self.base_url, path),
                 additional_headers=self.ws_headers(),
@@ -277,7 +280,7 @@ class SyncHttp(_HttpBase):
                 open_timeout=open_timeout or self.timeout,
                 close_timeout=5,
                 max_size=16 << 20,
-            )
+            ).__enter__()
         except Exception as exc:
             raise ws_error(exc, path) from exc
 
@@ -328,7 +331,7 @@ class AsyncHttp(_HttpBase):
                     raise _wrap(exc, ep.method, url) from exc
             else:
                 self._log(response, started, attempt)
-                delay = self._decide(response, attempt)
+                delay = self._decide(response, attempt) if _replayable(content) else None
                 if delay is None:
                     if response.status_code >= 400:
                         await response.aread()

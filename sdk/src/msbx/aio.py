@@ -711,17 +711,17 @@ class AsyncFiles:
         on_progress: Progress = None,
         timeout: float | None = 3600.0,
     ) -> TransferResult:
-        factory, size = _chunks_of(data)  # type: ignore[arg-type]
+        if hasattr(data, "__aiter__"):
+            factory, size, replayable = (lambda: data), None, False
+        else:
+            factory, size, replayable = _chunks_of(data)  # type: ignore[arg-type]
         digests = [hashlib.sha256()]
         counted = [0]
 
         async def body() -> AsyncIterator[bytes]:
             digest = digests[0] = hashlib.sha256()  # a replay after a retry starts over
             counted[0] = 0
-            if factory is not None:
-                source: Any = factory()
-            else:
-                source = data
+            source: Any = factory()
             if hasattr(source, "__aiter__"):
                 async for piece in source:
                     yield self._count(piece, digest, counted, size, on_progress)
@@ -741,7 +741,7 @@ class AsyncFiles:
                 "owner": owner,
                 "overwrite": overwrite,
             },
-            content=body if factory is not None else body(),
+            content=body if replayable else body(),
             headers=headers,
             timeout=timeout,
         )

@@ -715,11 +715,12 @@ class Console:
 
 
 def _chunks_of(source: FileSource) -> Any:
-    """(factory of a chunk iterator or None, size or None) for an upload source. A factory can be
-    called again to replay the upload after a retry; an iterator cannot."""
+    """(factory of a chunk iterator, size or None, replayable) for an upload source. A replayable
+    factory can be called again to send the upload again after a retry; a pipe or an iterator
+    can be read once."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         blob = bytes(source)
-        return (lambda: (blob[i : i + TRANSFER_CHUNK] for i in range(0, len(blob), TRANSFER_CHUNK))), len(blob)
+        return (lambda: (blob[i : i + TRANSFER_CHUNK] for i in range(0, len(blob), TRANSFER_CHUNK))), len(blob), True
     if isinstance(source, (str, os.PathLike)):
         local = Path(source)
         size = local.stat().st_size
@@ -732,7 +733,7 @@ def _chunks_of(source: FileSource) -> Any:
                         return
                     yield piece
 
-        return from_file, size
+        return from_file, size, True
     if hasattr(source, "read"):
         handle: Any = source
         size: int | None = None
@@ -752,8 +753,8 @@ def _chunks_of(source: FileSource) -> Any:
                     return
                 yield piece
 
-        return (from_handle if start is not None else None), size if start is not None else None
-    return None, None
+        return from_handle, (size if start is not None else None), start is not None
+    return (lambda: iter(source)), None, False
 
 
 class _Hashing:
@@ -799,11 +800,11 @@ class Files:
     ) -> TransferResult:
         """Write ``data`` (bytes, a local path, a binary file or an iterator of bytes) to ``path``
         atomically; raises ``IntegrityError`` if the guest's sha256 differs from what was sent."""
-        factory, size = _chunks_of(data)
+        factory, size, replayable = _chunks_of(data)
         holder: list[_Hashing] = []
 
         def body() -> Iterator[bytes]:
-            hashing = _Hashing(factory() if factory is not None else iter(data), size, on_progress)  # type: ignore[arg-type]
+            hashing = _Hashing(factory(), size, on_progress)
             holder[:] = [hashing]
             return iter(hashing)
 
@@ -821,7 +822,7 @@ class Files:
                     "owner": owner,
                     "overwrite": overwrite,
                 },
-                content=body if factory is not None else body(),
+                content=body if replayable else body(),
                 headers=headers,
                 timeout=timeout,
             )
