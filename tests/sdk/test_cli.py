@@ -166,3 +166,14 @@ def test_the_quickstarts_are_short_and_valid():
         words = line.split("#", 1)[0].split()
         assert words[0] == "msbx"
         parser.parse_args(words[1:])
+
+
+def test_the_sdk_imports_no_django():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = Path(msbx.__file__).resolve().parents[1]
+    code = "import sys, msbx, msbx.aio, msbx.cli; sys.exit(any(m.split('.')[0] == 'django' for m in sys.modules))"
+    env = {"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, timeout=60).returncode == 0
