@@ -17,7 +17,7 @@ import pytest
 
 from sandbox_site.errors import ApplicationError
 from tests.factories import VmFactory
-from tests.hostd.test_hostd import FAKE_VMM, Hostd
+from tests.hostd.runner import FAKE_VMM, Hostd
 from tests.waiting import wait_until
 from vms import agent_gateway, hypervisor
 from vms.models import VM, Operation

@@ -27,13 +27,11 @@ from guardian.shortcuts import assign_perm
 from accounts.models import AuditEvent
 from sandbox_site.asgi import application
 from tests.factories import UserFactory, VmFactory
+from tests.hostd.runner import FAKE_VMM, Hostd
 from vms.consoles import ConsoleUnavailable, HostdConsole
-from vms.hostd.client import HostdClient
-from vms.hostd.daemon import HostDaemon, HostdConfig
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-FAKE_VMM = Path(__file__).resolve().parents[1] / "hostd" / "fake_vmm.py"
 WINDOW = 4096
 SCROLLBACK = 1000
 
@@ -46,55 +44,6 @@ def wait_for(condition, timeout: float = 15.0, what: str = "condition"):
             return value
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
-
-
-class Hostd:
-    """hostd on its own event loop thread, as ``manage.py hostd`` runs it (restartable)."""
-
-    def __init__(self, root: Path) -> None:
-        self.config = HostdConfig(
-            runtime_dir=root, socket_path=root / "hostd.sock", scan_seconds=0.3, console_ring_bytes=4096
-        )
-        self.thread: threading.Thread | None = None
-        self.daemon: HostDaemon | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
-
-    def start(self) -> None:
-        ready = threading.Event()
-
-        def run() -> None:
-            self.loop = asyncio.new_event_loop()
-            self.daemon = HostDaemon(self.config)
-            self.loop.run_until_complete(self.daemon.start())
-            ready.set()
-            self.loop.run_until_complete(self.daemon._stopped.wait())
-            self.loop.run_until_complete(self.daemon.stop())
-            self.loop.close()
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        assert ready.wait(10)
-
-    def stop(self) -> None:
-        if self.thread is None or not self.thread.is_alive():
-            return
-        assert self.loop and self.daemon
-        self.loop.call_soon_threadsafe(self.daemon.request_stop)
-        self.thread.join(10)
-
-    def viewer_write_buffers(self) -> list[int]:
-        """Bytes hostd has queued (not yet taken by the client) per client connection."""
-        assert self.loop and self.daemon
-        daemon = self.daemon
-
-        async def sizes() -> list[int]:
-            return [s.writer.transport.get_write_buffer_size() for s in daemon.sessions]
-
-        return asyncio.run_coroutine_threadsafe(sizes(), self.loop).result(10)
-
-    def console_info(self, vm_id) -> dict:
-        with HostdClient(self.config.socket_path, timeout=10) as client:
-            return client.call("console_info", {"vm_id": str(vm_id)})[0]
 
 
 @pytest.fixture
