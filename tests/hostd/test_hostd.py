@@ -16,9 +16,11 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from vms.hostd.agent_link import LinkBudget
 from vms.hostd.client import AsyncHostdClient, HostdClient, HostdRequestError
 from vms.hostd.daemon import HostDaemon, HostdConfig
 
@@ -28,9 +30,13 @@ FAKE_VMM = Path(__file__).with_name("fake_vmm.py")
 class Hostd:
     """A HostDaemon running on its own event loop thread (restartable)."""
 
-    def __init__(self, root: Path, *, scan_seconds: float = 0.3) -> None:
+    def __init__(self, root: Path, *, scan_seconds: float = 0.3, **config: Any) -> None:
         self.config = HostdConfig(
-            runtime_dir=root, socket_path=root / "hostd.sock", scan_seconds=scan_seconds, console_ring_bytes=4096
+            runtime_dir=root,
+            socket_path=root / "hostd.sock",
+            scan_seconds=scan_seconds,
+            console_ring_bytes=4096,
+            **config,
         )
         self.thread: threading.Thread | None = None
         self.daemon: HostDaemon | None = None
@@ -327,6 +333,64 @@ def test_a_hostile_guest_is_cut_off_and_hostd_carries_on(
     finally:
         os.killpg(bad.pid, signal.SIGKILL)
         bad.wait()
+
+
+def _ping_latencies(client: HostdClient, seconds: float) -> list[float]:
+    latencies = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        started = time.monotonic()
+        client.agent("vm1", "ping", timeout=20)
+        latencies.append(time.monotonic() - started)
+        time.sleep(0.05)
+    return latencies
+
+
+def test_a_guest_repeating_fake_frame_headers_does_not_freeze_hostd(root: Path, hostd: Hostd, vmm) -> None:
+    # Before its hello answer a link resynchronises; a guest repeating a 16-byte header that
+    # claims a 1 MiB frame used to cost a megabyte of CRC per byte skipped (seconds of
+    # blocked event loop per read, for every VM). Now the cost is linear in bytes received.
+    with hostd.client() as client:
+        assert client.agent_wait("vm1", timeout=10)["protocol"] == 2
+        bad = _vmm(root, "evil", "--hostile", "resync-flood")
+        try:
+            deadline = time.monotonic() + 15
+            while client.call("vm_status", {"vm_id": "evil"})[0]["agent"]["bytes_received"] < (8 << 20):
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            latencies = _ping_latencies(client, 3.0)
+            status = client.call("vm_status", {"vm_id": "evil"})[0]["agent"]
+        finally:
+            os.killpg(bad.pid, signal.SIGKILL)
+            bad.wait()
+    assert max(latencies) < 1.0, latencies
+    assert status["crc_bytes"] <= 2 * status["bytes_received"] + (4 << 20), status
+
+
+def test_a_guest_flooding_unsolicited_frames_is_cut_off_and_counted(root: Path, vmm) -> None:
+    budget = LinkBudget(window_seconds=2.0, unsolicited_bytes=4 << 20, penalty_seconds=60.0)
+    daemon = Hostd(root, agent_budget=budget)
+    daemon.start()
+    bad = _vmm(root, "evil", "--hostile", "event-flood")
+    try:
+        with daemon.client() as client:
+            deadline = time.monotonic() + 15
+            while True:
+                status = client.call("vm_status", {"vm_id": "evil"})[0]["agent"]
+                if status["abuse_disconnects"] >= 1:
+                    break
+                assert time.monotonic() < deadline, status
+                time.sleep(0.1)
+            assert "unsolicited" in status["last_abuse"] and not status["connected"]
+            received = status["bytes_received"]
+            assert client.agent_wait("vm1", timeout=10)["protocol"] == 2  # the others are unaffected
+            time.sleep(1.0)  # the penalty keeps the flooder disconnected
+            status = client.call("vm_status", {"vm_id": "evil"})[0]["agent"]
+            assert status["bytes_received"] == received and status["abuse_disconnects"] == 1
+    finally:
+        os.killpg(bad.pid, signal.SIGKILL)
+        bad.wait()
+        daemon.stop()
 
 
 def test_a_slow_console_reader_does_not_hold_up_others(hostd: Hostd, vmm) -> None:
