@@ -63,9 +63,7 @@ def running_vm(vm):
 
 
 @pytest.mark.parametrize(("step", "limit"), [(None, "bytes"), (1, "iterations")])
-def test_it_stops_collecting_when_the_agent_claims_endless_output(
-    running_vm, owner, monkeypatch, step, limit
-) -> None:
+def test_it_stops_collecting_when_the_agent_claims_endless_output(running_vm, owner, monkeypatch, step, limit) -> None:
     fake = HostileAgent(step=step, page_bytes=1 << 20 if step is None else 0)
     monkeypatch.setattr(exec_services, "agent_call", fake)
     result = exec_services.vm_exec_start(vm=running_vm, actor=owner, command="yes", buffer_bytes=BUFFER)
