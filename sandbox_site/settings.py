@@ -277,6 +277,13 @@ SANDBOX_HOSTD_SOCKET = Path(env.str("SANDBOX_HOSTD_SOCKET", default=str(SANDBOX_
 SANDBOX_HOSTD_SCAN_SECONDS = env.float("SANDBOX_HOSTD_SCAN_SECONDS", default=2.0)
 SANDBOX_CONSOLE_RING_BYTES = env.int("SANDBOX_CONSOLE_RING_BYTES", default=1 << 20)
 SANDBOX_FILE_UPLOAD_MAX_BYTES = env.int("SANDBOX_FILE_UPLOAD_MAX_BYTES", default=1 << 30)
+# Request bodies, checked by daphne as they arrive (sandbox_site/daphne_limits.py). 2 MiB: a
+# 1 MiB inline exec stdin in JSON, with escaping.
+SANDBOX_REQUEST_MAX_BYTES = env.int("SANDBOX_REQUEST_MAX_BYTES", default=2 << 20)
+SANDBOX_ANONYMOUS_REQUEST_MAX_BYTES = env.int("SANDBOX_ANONYMOUS_REQUEST_MAX_BYTES", default=64 << 10)
+# Responses and websocket messages: unsent bytes per connection before the sender waits.
+SANDBOX_SEND_BUFFER_BYTES = env.int("SANDBOX_SEND_BUFFER_BYTES", default=256 << 10)
+SANDBOX_SEND_STALL_SECONDS = env.float("SANDBOX_SEND_STALL_SECONDS", default=300.0)
 SANDBOX_EXEC_BUFFER_BYTES = env.int("SANDBOX_EXEC_BUFFER_BYTES", default=1 << 20)
 SANDBOX_EXEC_WAIT_MAX_SECONDS = env.float("SANDBOX_EXEC_WAIT_MAX_SECONDS", default=300.0)
 SANDBOX_EXEC_WAITS_PER_USER = env.int("SANDBOX_EXEC_WAITS_PER_USER", default=4)  # per web process
