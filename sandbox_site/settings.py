@@ -276,6 +276,10 @@ SANDBOX_PORT_FORWARDS_PER_VM = env.int("SANDBOX_PORT_FORWARDS_PER_VM", default=1
 SANDBOX_HOSTD_SOCKET = Path(env.str("SANDBOX_HOSTD_SOCKET", default=str(SANDBOX_RUNTIME_DIR / "hostd.sock")))
 SANDBOX_HOSTD_SCAN_SECONDS = env.float("SANDBOX_HOSTD_SCAN_SECONDS", default=2.0)
 SANDBOX_CONSOLE_RING_BYTES = env.int("SANDBOX_CONSOLE_RING_BYTES", default=1 << 20)
+SANDBOX_CONSOLE_LOG_MAX_BYTES = env.int("SANDBOX_CONSOLE_LOG_MAX_BYTES", default=16 << 20)
+# New work is refused (507) when less than this is free (vms/host_disk.py).
+SANDBOX_DISK_RESERVE_BYTES = env.int("SANDBOX_DISK_RESERVE_BYTES", default=1 << 30)
+SANDBOX_DISK_RESERVE_PERCENT = env.int("SANDBOX_DISK_RESERVE_PERCENT", default=5)
 SANDBOX_FILE_UPLOAD_MAX_BYTES = env.int("SANDBOX_FILE_UPLOAD_MAX_BYTES", default=1 << 30)
 # Request bodies, checked by daphne as they arrive (sandbox_site/daphne_limits.py). 2 MiB: a
 # 1 MiB inline exec stdin in JSON, with escaping.

@@ -26,6 +26,7 @@ from accounts.permissions import require_perm
 from sandbox_site.errors import ApplicationError, ConflictError
 from vms import agent_gateway
 from vms.agent_gateway import AgentChannel, agent_call
+from vms.host_disk import require_disk_space
 from vms.models import VM, VmState
 
 EXEC_PERM = "vms.exec_vm"
@@ -416,6 +417,7 @@ def vm_file_upload(
     nothing is left in the guest."""
     _require_exec(actor, vm, "file_write")
     _require_running(vm)
+    require_disk_space(action="upload a file")
     path = _path(path)
     limit = settings.SANDBOX_FILE_UPLOAD_MAX_BYTES
     too_large = ApplicationError(

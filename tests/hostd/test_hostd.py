@@ -313,6 +313,54 @@ def test_console_offsets_older_than_the_ring_come_from_the_log(hostd: Hostd, vmm
     asyncio.run(scenario())
 
 
+def test_the_console_log_is_capped_and_offsets_stay_valid(root: Path, vmm) -> None:
+    cap = 256 << 10
+    daemon = Hostd(root, console_log_max_bytes=cap)
+    daemon.start()
+    log_path = root / "vm1" / "serial.log"
+    line = b"".join(b"%07d " % n + b"y" * 55 + b"\n" for n in range(1024))  # 64 KiB, offsets readable
+    try:
+
+        async def scenario() -> None:
+            async with AsyncHostdClient(daemon.config.socket_path) as client:
+                await _console_ready(client)
+                with open(log_path, "ab", buffering=0) as log:  # what QEMU's logappend=on does
+                    for _ in range(64):  # 4 MiB, 16 times the cap
+                        log.write(line)
+                        await asyncio.sleep(0.005)
+                size = log_path.stat().st_size
+                deadline = time.monotonic() + 15
+                while True:
+                    info = (await client.call("console_info", {"vm_id": "vm1"}))[0]
+                    if info["end_offset"] >= size and info["log_bytes"] <= cap:
+                        break
+                    assert time.monotonic() < deadline, info
+                    await asyncio.sleep(0.1)
+                assert info["log_start"] > 0 and info["log_dropped"] >= size - cap
+                assert log_path.stat().st_blocks * 512 <= cap  # on disk: under the cap
+                assert log_path.stat().st_size >= size  # offsets are file positions still
+                # A replay from 0 starts where the log starts now (the gap is visible) and
+                # its bytes are the log's bytes at those offsets.
+                sub = await client.console_attach("vm1", offset=0)
+                frame = await asyncio.wait_for(sub.__aiter__().__anext__(), 10)
+                assert frame.header["offset"] == info["log_start"]
+                with open(log_path, "rb") as fh:
+                    fh.seek(info["log_start"])
+                    assert frame.data == fh.read(len(frame.data))
+                assert b"\x00" not in frame.data
+                await sub.close()
+
+        asyncio.run(scenario())
+        daemon.stop()
+        daemon = Hostd(root, console_log_max_bytes=cap)  # a restarted hostd finds the same start
+        daemon.start()
+        with daemon.client() as client:
+            info = client.call("vm_register", {"vm_id": "vm1"})[0]["console"]
+            assert info["log_start"] > 0 and info["log_start"] % 4096 == 0
+    finally:
+        daemon.stop()
+
+
 @pytest.mark.parametrize(
     "mode", ["garbage", "bad-crc", "huge-length", "not-json", "not-object", "bad-fields", "bad-event"]
 )

@@ -51,6 +51,7 @@ class HostdConfig:
     console_ring_bytes: int = 1 << 20
     scan_seconds: float = 2.0
     agent_budget: LinkBudget = LinkBudget()
+    console_log_max_bytes: int = 16 << 20
 
 
 def _is_cloud_hypervisor(runtime_dir: Path, pid: int | None) -> bool:
@@ -76,7 +77,11 @@ class VmHandle:
         transport = AgentTransport.HYBRID_VSOCK if cloud_hypervisor else AgentTransport.VIRTIO_SERIAL
         self.agent = AgentLink(vm_id, runtime_dir / AGENT_SOCKET, transport, budget=config.agent_budget)
         self.console = ConsoleLink(
-            vm_id, runtime_dir, ring_bytes=config.console_ring_bytes, qemu_log=not cloud_hypervisor
+            vm_id,
+            runtime_dir,
+            ring_bytes=config.console_ring_bytes,
+            qemu_log=not cloud_hypervisor,
+            log_max_bytes=config.console_log_max_bytes,
         )
 
     def start(self) -> None:
