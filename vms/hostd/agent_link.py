@@ -84,7 +84,7 @@ class LinkBudget:
 
     window_seconds: float = 5.0
     cpu_seconds: float = 2.5  # half a core, averaged over the window
-    unsolicited_bytes: int = 16 << 20
+    unsolicited_bytes: int = 8 << 20  # below the 16 MiB a resync may skip: floods meet the penalty
     penalty_seconds: float = 30.0  # before reconnecting a link cut off for abuse
 
 
@@ -129,6 +129,7 @@ class AgentLink:
         self.vm_id = vm_id
         self.budget = budget or LinkBudget()
         self.abuse_disconnects = 0
+        self.malformed_disconnects = 0
         self.last_abuse = ""
         self.bytes_received = 0
         self.crc_bytes = 0
@@ -196,6 +197,7 @@ class AgentLink:
                     penalty,
                 )
             except FrameError as exc:
+                self.malformed_disconnects += 1
                 self.last_error = f"malformed data from the guest: {exc}"
                 logger.error("vm %s: closing agent connection: %s", self.vm_id, self.last_error)
             except (OSError, EOFError, TimeoutError, AgentError) as exc:
@@ -411,5 +413,6 @@ class AgentLink:
             "bytes_received": self.bytes_received,
             "crc_bytes": self.crc_bytes,
             "abuse_disconnects": self.abuse_disconnects,
+            "malformed_disconnects": self.malformed_disconnects,
             "last_abuse": self.last_abuse,
         }
