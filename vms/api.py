@@ -170,7 +170,10 @@ class VmViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPermissi
             minutes = min(max(int(request.query_params.get("minutes", 30)), 1), 360)
         except ValueError:
             minutes = 30
-        return Response({"vm": str(vm.pk), "points": selectors.vm_samples_rates(vm=vm, minutes=minutes)})
+        from vms.consoles import console_log_bytes
+
+        points = selectors.vm_samples_rates(vm=vm, minutes=minutes)
+        return Response({"vm": str(vm.pk), "points": points, "console_log_bytes": console_log_bytes(vm.pk)})
 
     @action(detail=True, methods=["get"])
     def agent(self, request, id=None):

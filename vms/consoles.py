@@ -54,6 +54,14 @@ def console_log_open(vm_id):
     return fh, start
 
 
+def console_log_bytes(vm_id) -> int:
+    """Disk the VM's console log occupies (holes excluded; capped by hostd)."""
+    try:
+        return console_log_path(vm_id).stat().st_blocks * 512
+    except OSError:
+        return 0
+
+
 def console_group(vm_id) -> str:
     return f"vms.console.{vm_id}"
 
