@@ -176,6 +176,8 @@ class ConsoleLink:
         )
         if len(data) < want:  # the file no longer holds it (rotated): skip to the ring
             return ring.base, ring.read(ring.base, max_bytes)
+        if offset < self.log_start:  # the cap punched these bytes out while they were read
+            return await self.read(self.log_start, max_bytes)
         return offset, data
 
     async def _log_loop(self) -> None:
