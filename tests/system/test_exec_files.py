@@ -57,16 +57,24 @@ def _ws_collect(ws, *, stop_after: int | None = None):
     out = {1: bytearray(), 2: bytearray(), 3: bytearray()}
     got = 0
     control = None
+    offset = acked = window = 0
     while True:
         opcode, data = ws.recv_data()
         if opcode == websocket.ABNF.OPCODE_BINARY:
             out[data[0]] += data[1:]
             got += len(data) - 1
+            offset += len(data) - 1
+            if window and offset - acked >= window // 2:  # flow control (docs/exec-and-files.md)
+                acked = offset
+                ws.send(json.dumps({"type": "ack", "offset": offset}))
             if stop_after is not None and got >= stop_after:
                 return out, control, got
         elif opcode == websocket.ABNF.OPCODE_TEXT:
             control = json.loads(data)
             assert control["type"] != "gap", control
+            if control["type"] == "attached":
+                offset = acked = control["offset"]
+                window = control["window"]
             if control["type"] in ("exit", "error"):
                 return out, control, got
         else:
