@@ -291,7 +291,7 @@ SANDBOX_SEND_STALL_SECONDS = env.float("SANDBOX_SEND_STALL_SECONDS", default=300
 SANDBOX_EXEC_BUFFER_BYTES = env.int("SANDBOX_EXEC_BUFFER_BYTES", default=1 << 20)
 SANDBOX_EXEC_WAIT_MAX_SECONDS = env.float("SANDBOX_EXEC_WAIT_MAX_SECONDS", default=300.0)
 SANDBOX_EXEC_WINDOW_BYTES = env.int("SANDBOX_EXEC_WINDOW_BYTES", default=256 * 1024)  # exec websocket flow control
-SANDBOX_EXEC_WAITS_PER_USER = env.int("SANDBOX_EXEC_WAITS_PER_USER", default=4)  # per web process
+SANDBOX_EXEC_WAITS_PER_USER = env.int("SANDBOX_EXEC_WAITS_PER_USER", default=32)  # per web process
 
 # --- snapshots ------------------------------------------------------------------------------
 # Snapshot files (frozen disk layers, saved VM state). Must be on the same filesystem as

@@ -351,9 +351,9 @@ def test_an_upload_over_the_limit_is_413_and_leaves_nothing(stack, running_vm):
     vm_id = running_vm["id"]
     limit = int(stack.env["SANDBOX_FILE_UPLOAD_MAX_BYTES"])
     auth = {"Authorization": f"Bearer {stack.tokens['owner']}"}
-    # daphne hands a request over only once its body has arrived (spooled to disk), so
-    # even a declared oversize body is sent in full before the 413; none of it reaches
-    # Django or the guest.
+    # daphne answers 413 as the headers (declared size) or the chunks (streamed size) pass the
+    # limit, before anything is written (tests/web/test_daphne_limits.py); none of it
+    # reaches Django or the guest.
     with httpx.Client(base_url=stack.url, timeout=300) as client:
         declared = client.put(
             f"/api/v1/vms/{vm_id}/files/",
