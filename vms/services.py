@@ -89,6 +89,24 @@ def vm_row_init(*, vm: VM, actor) -> None:
     hook_run("vm_created", vm=vm, actor=actor)
 
 
+def image_minimums_check(*, image: Image | None, template: Template, memory_mib: int, disk_gib: int, actor) -> None:
+    """The image a new VM boots must be usable (``vms.images.image_usable_check`` for a picked
+    one; a template's must have a disk and not be deprecated) and fit its minimum sizes."""
+    from vms.images import image_usable_check
+
+    boot = image or template.image
+    if image is not None:
+        image_usable_check(image=image, actor=actor)
+    elif boot.status == Image.Status.MISSING or boot.deprecated_at is not None:
+        reason = "has no disk yet" if boot.status == Image.Status.MISSING else "is deprecated"
+        raise ConflictError(f"The template's image {boot.name} {reason}.", details={"image": boot.name})
+    if memory_mib < boot.min_memory_mib or disk_gib < boot.min_disk_gib:
+        raise ApplicationError(
+            f"Image {boot.name} needs {boot.min_memory_mib} MiB of memory and {boot.min_disk_gib} GiB of disk.",
+            details={"min_memory_mib": boot.min_memory_mib, "min_disk_gib": boot.min_disk_gib},
+        )
+
+
 def vm_create(
     *,
     owner,
@@ -99,16 +117,19 @@ def vm_create(
     disk_gib: int | None = None,
     metadata: dict | None = None,
     start: bool = True,
+    image: Image | None = None,
     actor,
 ) -> tuple[VM, Operation]:
     """Record the VM (creating), grant the owner every object permission, and enqueue the
-    create (+ boot) operation on the host's queue once the transaction commits."""
+    create (+ boot) operation on the host's queue once the transaction commits. ``image``
+    (any image the actor may see, ready and not deprecated) replaces the template's."""
     require_perm(actor, "vms.add_vm", None, action="vm.create", message="Your role may not create VMs.")
     if not template.is_active:
         raise ApplicationError("This template is not available.", details={"template": "inactive"})
     vcpus = vcpus or template.vcpus
     memory_mib = memory_mib or template.memory_mib
     disk_gib = disk_gib or template.disk_gib
+    image_minimums_check(image=image, template=template, memory_mib=memory_mib, disk_gib=disk_gib, actor=actor)
     if metadata is not None and (not isinstance(metadata, dict) or len(str(metadata)) > 16384):
         raise ApplicationError("metadata must be an object of at most 16 KiB.")
     with transaction.atomic():
@@ -121,6 +142,7 @@ def vm_create(
             name=name,
             owner=owner,
             template=template,
+            image=image,
             host=local_host(),
             vcpus=vcpus,
             memory_mib=memory_mib,
