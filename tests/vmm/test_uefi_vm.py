@@ -21,9 +21,11 @@ from vms.vmm.qemu import QemuDriver
 
 from .agent_ops import agent_get, agent_put, agent_run
 from .conftest import IMAGE_DIR, _short_runtime_root
+from .installer_checks import INSTALLER_CHECKS
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(600)]
 
+AGENT_DIR = Path(__file__).resolve().parents[2] / "guest_agents" / "linux"
 UEFI_IMAGE_DIR = Path(os.environ.get("SANDBOX_UEFI_IMAGE_DIR", str(IMAGE_DIR)))
 
 
@@ -95,3 +97,17 @@ def test_exec_and_files_work_on_the_uefi_guest(uefi_vm: tuple[VmSpec, float]) ->
         assert back == payload and sha == written["sha256"]
         result, out = agent_run(conn, shell="cat; exit 3", stdin=b"hello uefi")
         assert result["exit_code"] == 3 and out == b"hello uefi"
+
+
+def test_the_agent_installer_runs_inside_the_vm(uefi_vm: tuple[VmSpec, float]) -> None:
+    """guest_agents/linux/install.sh copied in through the agent's file operations (what the
+    files API uses) and run against fresh directory layouts in the guest."""
+    spec, _ = uefi_vm
+    with AgentConnection.open(spec.runtime_dir / "agent.sock", AgentTransport.VIRTIO_SERIAL, timeout=30) as conn:
+        for name in ("install.sh", "sandbox_agent.py", "sandbox-agent.service"):
+            agent_put(conn, f"/root/inst/{name}", (AGENT_DIR / name).read_bytes(), mkdirs=True)
+        agent_put(conn, "/root/checks.sh", INSTALLER_CHECKS.encode())
+        result, out = agent_run(
+            conn, shell="rm -rf /root/work && mkdir /root/work && sh /root/checks.sh /root/inst /root/work"
+        )
+        assert result["exit_code"] == 0 and b"INSTALLER-OK" in out, out.decode(errors="replace")
