@@ -284,3 +284,49 @@ def image_build_default(*, progress) -> Image:
             actor=None, action="image.build", obj=image, after={"digest": artifacts.digest, "size_bytes": size}
         )
     return image
+
+
+def image_build_uefi(*, progress) -> Image:
+    """Build the UEFI Linux image (GPT disk booted by firmware; cached like the default one),
+    record it as ``linux-uefi`` and give it a ``linux-uefi`` template."""
+    import json
+
+    from vms.vmm.image_uefi import build_uefi_image
+
+    image, _ = Image.objects.get_or_create(
+        name="linux-uefi",
+        defaults={"boot_mode": "uefi", "description": "Debian 12 booted by UEFI firmware (GRUB on an ESP)"},
+    )
+    try:
+        artifacts = build_uefi_image(settings.SANDBOX_IMAGE_DIR, progress=progress)
+    except Exception:
+        Image.objects.filter(pk=image.pk).update(status=Image.Status.FAILED)
+        raise
+    manifest = json.loads((artifacts.disk.parent / "manifest.json").read_text())
+    changed = image.digest != artifacts.digest or image.status != Image.Status.READY
+    image.boot_mode = "uefi"
+    image.disk_format = "raw"
+    image.kernel_path = image.initramfs_path = ""
+    image.rootfs_path = str(artifacts.disk)
+    image.digest = artifacts.digest
+    image.sha256 = manifest.get("sha256", "")
+    image.size_bytes = artifacts.disk.stat().st_blocks * 512
+    image.virtual_size_bytes = artifacts.disk.stat().st_size
+    image.min_memory_mib = 256  # OVMF alone wants ~128 MiB
+    image.min_disk_gib = 2
+    image.status = Image.Status.READY
+    image.save()
+    Template.objects.get_or_create(
+        name="linux-uefi",
+        defaults={
+            "description": "Debian 12 booted through UEFI firmware (q35 + OVMF under QEMU)",
+            "image": image,
+            "memory_mib": 512,
+            "max_memory_mib": 4096,
+            "disk_gib": 2,
+            "max_disk_gib": 20,
+        },
+    )
+    if changed:
+        audit_record(actor=None, action="image.build", obj=image, after={"digest": artifacts.digest, "boot": "uefi"})
+    return image

@@ -284,3 +284,24 @@ def test_the_admin_uploads_through_the_same_checks(client, admin_user, store, qc
         response = client.post("/admin/vms/image/add/", {**form, "disk": fh}, follow=True)
     assert response.status_code == 200
     assert Image.objects.get(name="my-image").status == "ready"
+
+
+def test_build_image_uefi_records_the_firmware_image_and_template(monkeypatch, tmp_path, gpt_disk):
+    import json
+
+    from vms import services
+    from vms.vmm import image_uefi
+
+    manifest = {"sha256": sha(gpt_disk)}
+    (gpt_disk.parent / "manifest.json").write_text(json.dumps(manifest))
+    art = image_uefi.UefiImageArtifacts(disk=gpt_disk, digest="d" * 64, base=None)  # type: ignore[arg-type]
+    monkeypatch.setattr(image_uefi, "build_uefi_image", lambda out_dir, progress: art)
+    image = services.image_build_uefi(progress=print)
+    assert (image.name, image.boot_mode, image.status, image.rootfs_path) == (
+        "linux-uefi",
+        "uefi",
+        "ready",
+        str(gpt_disk),
+    )
+    assert image.sha256 == manifest["sha256"]
+    assert image.templates.get().name == "linux-uefi"
