@@ -239,10 +239,15 @@ def image_deprecate(*, image: Image, actor, deprecated: bool = True) -> Image:
 
 
 def image_users(image: Image) -> dict[str, list[str]]:
-    """Names of the templates and VMs that boot ``image`` (a VM through its template too)."""
+    """Names of the templates and ids of the VMs (a VM through its template too) and
+    snapshots that boot ``image``."""
     templates = list(Template.objects.filter(image=image).values_list("name", flat=True))
     vms = VM.objects.filter(Q(image=image) | Q(image__isnull=True, template__image=image))
-    return {"templates": templates, "vms": [str(pk) for pk in vms.values_list("pk", flat=True)[:50]]}
+    users = {"templates": templates, "vms": [str(pk) for pk in vms.values_list("pk", flat=True)[:50]]}
+    snapshots = image.snapshots.values_list("pk", flat=True)[:50]
+    if snapshots:
+        users["snapshots"] = [str(pk) for pk in snapshots]  # clones of them would boot it
+    return users
 
 
 def image_delete(*, image: Image, actor) -> None:
@@ -252,7 +257,7 @@ def image_delete(*, image: Image, actor) -> None:
     with transaction.atomic():
         locked = Image.objects.select_for_update().get(pk=image.pk)
         users = image_users(locked)
-        if users["templates"] or users["vms"]:
+        if users["templates"] or users["vms"] or users.get("snapshots"):
             raise ConflictError(f"Image {locked.name} is in use.", details=users)
         disk = Path(locked.rootfs_path) if locked.rootfs_path else None
         audit_record(

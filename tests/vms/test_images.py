@@ -305,3 +305,21 @@ def test_build_image_uefi_records_the_firmware_image_and_template(monkeypatch, t
     )
     assert image.sha256 == manifest["sha256"]
     assert image.templates.get().name == "linux-uefi"
+
+
+def test_clones_boot_the_image_their_snapshot_was_taken_on(owner, operator):
+    from sandbox_site.errors import ConflictError
+    from snapshots.services import snapshot_clone
+    from tests.factories import SnapshotFactory
+    from vms.images import image_delete
+
+    image = ImageFactory(name="uefi-img", boot_mode="uefi")
+    source = VmFactory(owner=owner, name="src", image=image)
+    snapshot = SnapshotFactory(vm=source, image=image)
+    [(clone, _)] = snapshot_clone(snapshot=snapshot, actor=owner)
+    assert clone.boot_image == image
+    clone.delete()
+    source.delete()
+    with pytest.raises(ConflictError) as exc:  # the snapshot still needs it: its clones would boot it
+        image_delete(image=image, actor=operator)
+    assert exc.value.details["snapshots"] == [str(snapshot.pk)]
