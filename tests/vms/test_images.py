@@ -323,3 +323,49 @@ def test_clones_boot_the_image_their_snapshot_was_taken_on(owner, operator):
     with pytest.raises(ConflictError) as exc:  # the snapshot still needs it: its clones would boot it
         image_delete(image=image, actor=operator)
     assert exc.value.details["snapshots"] == [str(snapshot.pk)]
+
+
+def test_an_image_upload_over_the_limit_is_refused_before_it_is_read(settings):
+    import asyncio
+
+    from vms.upload_limit import UploadLimitMiddleware
+
+    settings.SANDBOX_IMAGE_MAX_UPLOAD_BYTES = 1000
+    called, sent = [], []
+
+    async def app(scope, receive, send):
+        called.append(scope["path"])
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    def scope(method, path, length):
+        return {"type": "http", "method": method, "path": path, "headers": [(b"content-length", length)]}
+
+    middleware = UploadLimitMiddleware(app)
+    asyncio.run(middleware(scope("POST", "/api/v1/images/", b"5000"), receive, send))
+    assert not called and sent[0]["status"] == 413
+    asyncio.run(middleware(scope("POST", "/api/v1/images/", b"500"), receive, send))
+    asyncio.run(middleware(scope("GET", "/api/v1/images/", b"5000"), receive, send))
+    assert called == ["/api/v1/images/", "/api/v1/images/"]
+
+
+def test_the_dashboard_create_form_offers_the_images_a_user_may_pick(client, owner, django_capture_on_commit_callbacks):
+    from tests.factories import PASSWORD
+
+    TemplateFactory()
+    ImageFactory(name="picked", boot_mode="uefi")
+    ImageFactory(name="hidden-one", is_public=False)
+    ImageFactory(name="old-one", deprecated_at="2026-01-01T00:00:00Z")
+    client.login(username=owner.username, password=PASSWORD)
+    page = client.get("/vms/new/").content.decode()
+    assert 'value="picked"' in page and "hidden-one" not in page and "old-one" not in page
+    with django_capture_on_commit_callbacks(execute=False):
+        response = client.post("/vms/new/", {"name": "web", "template": "test-template", "image": "picked"})
+    assert response.status_code == 302
+    from vms.models import VM
+
+    assert VM.objects.get(name="web").boot_image.name == "picked"
