@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +33,10 @@ UEFI_IMAGE_DIR = Path(os.environ.get("SANDBOX_UEFI_IMAGE_DIR", str(IMAGE_DIR)))
 @pytest.fixture(scope="module")
 def uefi_image(image: ImageArtifacts) -> UefiImageArtifacts:
     if not Path("/usr/share/OVMF/OVMF_CODE_4M.fd").is_file():
-        pytest.skip("needs Debian's ovmf package")
+        pytest.skip("needs Debian's ovmf package (requirements/apt-vmm.txt)")
+    missing = [tool for tool in ("grub-mkstandalone", "mkfs.vfat", "mcopy", "sgdisk") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)} (grub-efi-amd64-bin, dosfstools, mtools, gdisk)")
     started = time.monotonic()
     art = build_uefi_image(UEFI_IMAGE_DIR, base_dir=IMAGE_DIR, progress=lambda msg: print(f"[uefi] {msg}"))
     print(f"uefi-image-ready: {time.monotonic() - started:.1f}s")

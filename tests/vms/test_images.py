@@ -369,3 +369,20 @@ def test_the_dashboard_create_form_offers_the_images_a_user_may_pick(client, own
     from vms.models import VM
 
     assert VM.objects.get(name="web").boot_image.name == "picked"
+
+
+def test_a_vm_on_a_picked_uefi_image_goes_through_the_lifecycle(fake, owner, run_ops):
+    """Create -> running through the operations and the (fake) driver: the spec the driver
+    launched says firmware boot and the image's disk."""
+    from vms import services
+    from vms.models import VM
+    from vms.vmm.base import VmSpec
+
+    template = TemplateFactory()
+    image = ImageFactory(name="uefi-disk", boot_mode="uefi", disk_format="qcow2", rootfs_path="/store/u.qcow2")
+    vm, _ = services.vm_create(owner=owner, actor=owner, name="fw", template=template, image=image)
+    run_ops()
+    vm = VM.objects.get(pk=vm.pk)
+    assert vm.state == "running", (vm.state, vm.last_error)
+    spec = VmSpec.from_json((fake.runtime / str(vm.pk) / "spec.json").read_text())
+    assert (spec.boot_mode, spec.base_format, str(spec.base_image)) == ("uefi", "qcow2", "/store/u.qcow2")
