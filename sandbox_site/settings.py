@@ -233,7 +233,7 @@ SANDBOX_IMAGE_MAX_UPLOAD_BYTES = env.int("SANDBOX_IMAGE_MAX_UPLOAD_BYTES", defau
 SANDBOX_IMAGE_MAX_VIRTUAL_BYTES = env.int("SANDBOX_IMAGE_MAX_VIRTUAL_BYTES", default=256 << 30)
 # Firmware boot: QEMU's OVMF (Debian's ovmf package), cloud-hypervisor's CLOUDHV.fd or
 # rust-hypervisor-firmware (no Debian package: the operator installs it), and the virtio-win
-# driver ISO attached to Windows guests as a second CD-ROM when set.
+# driver ISO attached to Windows guests as a CD-ROM (after the disk in boot order) when set.
 SANDBOX_QEMU_OVMF_CODE = env.str("SANDBOX_QEMU_OVMF_CODE", default="/usr/share/OVMF/OVMF_CODE_4M.fd")
 SANDBOX_QEMU_OVMF_VARS = env.str("SANDBOX_QEMU_OVMF_VARS", default="/usr/share/OVMF/OVMF_VARS_4M.fd")
 SANDBOX_CLOUD_HYPERVISOR_FIRMWARE = env.str("SANDBOX_CLOUD_HYPERVISOR_FIRMWARE", default="")
