@@ -101,11 +101,14 @@ class ImageAdmin(admin.ModelAdmin):
             return HttpResponseRedirect(request.path)
 
     def delete_model(self, request, obj):
-        images.image_delete(image=obj, actor=request.user)
+        self.delete_queryset(request, [obj])
 
     def delete_queryset(self, request, queryset):
         for image in queryset:
-            images.image_delete(image=image, actor=request.user)
+            try:
+                images.image_delete(image=image, actor=request.user)
+            except ApplicationError as exc:  # in use: say so instead of a server error
+                self.message_user(request, f"{image.name}: {exc.message} {exc.details or ''}", level=messages.ERROR)
 
     @admin.action(description="Deprecate the selected images (no new VMs)")
     def deprecate_selected(self, request, queryset):

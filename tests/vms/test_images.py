@@ -386,3 +386,14 @@ def test_a_vm_on_a_picked_uefi_image_goes_through_the_lifecycle(fake, owner, run
     assert vm.state == "running", (vm.state, vm.last_error)
     spec = VmSpec.from_json((fake.runtime / str(vm.pk) / "spec.json").read_text())
     assert (spec.boot_mode, spec.base_format, str(spec.base_image)) == ("uefi", "qcow2", "/store/u.qcow2")
+
+
+def test_the_admin_refuses_to_delete_an_image_in_use(client, admin_user):
+    from tests.factories import PASSWORD
+
+    image = ImageFactory(name="busy")
+    TemplateFactory(name="uses-busy", image=image)
+    client.login(username=admin_user.username, password=PASSWORD)
+    response = client.post(f"/admin/vms/image/{image.pk}/delete/", {"post": "yes"}, follow=True)
+    assert response.status_code == 200 and b"Cannot delete image" in response.content  # PROTECT, before our rule
+    assert Image.objects.filter(pk=image.pk).exists()
