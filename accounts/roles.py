@@ -26,6 +26,7 @@ ROLE_GLOBAL_PERMS: dict[str, tuple[str, ...]] = {
         "vms.change_template",
         "vms.delete_template",
         "vms.view_template",
+        *(f"vms.{p}_image" for p in ("add", "change", "delete", "view")),
         "vms.view_operation",
         "accounts.view_auditevent",
         "accounts.add_userquota",

@@ -225,6 +225,19 @@ if SANDBOX_ACCEL not in ("auto", "kvm", "tcg"):
 SANDBOX_HOST_NAME = env.str("SANDBOX_HOST_NAME", default="local")
 SANDBOX_RUNTIME_DIR = Path(env.str("SANDBOX_RUNTIME_DIR", default=str(DATA_DIR / "run")))
 SANDBOX_IMAGE_DIR = Path(env.str("SANDBOX_IMAGE_DIR", default=str(DATA_DIR / "images")))
+# Images operators upload or register (vms.images): where their disks live, where registered
+# ones are taken from, and the limits every one is checked against.
+SANDBOX_IMAGE_STORE = Path(env.str("SANDBOX_IMAGE_STORE", default=str(DATA_DIR / "image-store")))
+SANDBOX_IMAGE_IMPORT_DIR = Path(env.str("SANDBOX_IMAGE_IMPORT_DIR", default=str(DATA_DIR / "image-import")))
+SANDBOX_IMAGE_MAX_UPLOAD_BYTES = env.int("SANDBOX_IMAGE_MAX_UPLOAD_BYTES", default=64 << 30)
+SANDBOX_IMAGE_MAX_VIRTUAL_BYTES = env.int("SANDBOX_IMAGE_MAX_VIRTUAL_BYTES", default=256 << 30)
+# Firmware boot: QEMU's OVMF (Debian's ovmf package), cloud-hypervisor's CLOUDHV.fd or
+# rust-hypervisor-firmware (no Debian package: the operator installs it), and the virtio-win
+# driver ISO attached to Windows guests as a CD-ROM (after the disk in boot order) when set.
+SANDBOX_QEMU_OVMF_CODE = env.str("SANDBOX_QEMU_OVMF_CODE", default="/usr/share/OVMF/OVMF_CODE_4M.fd")
+SANDBOX_QEMU_OVMF_VARS = env.str("SANDBOX_QEMU_OVMF_VARS", default="/usr/share/OVMF/OVMF_VARS_4M.fd")
+SANDBOX_CLOUD_HYPERVISOR_FIRMWARE = env.str("SANDBOX_CLOUD_HYPERVISOR_FIRMWARE", default="")
+SANDBOX_VIRTIO_WIN_ISO = env.str("SANDBOX_VIRTIO_WIN_ISO", default="")
 SANDBOX_BOOT_TIMEOUT = env.float("SANDBOX_BOOT_TIMEOUT", default=120.0)
 SANDBOX_STOP_TIMEOUT = env.float("SANDBOX_STOP_TIMEOUT", default=30.0)
 SANDBOX_RECONCILE_SECONDS = env.float("SANDBOX_RECONCILE_SECONDS", default=5.0)

@@ -8,6 +8,7 @@ from networking.api import NetworkViewSet, VmNetworkViewSet, VmPortForwardViewSe
 from snapshots.api import MySnapshotRetentionView, SnapshotViewSet, VmSnapshotViewSet
 from vms.api import OperationViewSet, TemplateViewSet, VmViewSet
 from vms.exec_api import exec_urlpatterns
+from vms.images_api import ImageViewSet
 
 router = DefaultRouter()
 router.register("tokens", TokenViewSet, basename="token")
@@ -16,6 +17,7 @@ router.register("audit-events", AuditEventViewSet, basename="auditevent")
 router.register("vms", VmViewSet, basename="vm")
 router.register("operations", OperationViewSet, basename="operation")
 router.register("templates", TemplateViewSet, basename="template")
+router.register("images", ImageViewSet, basename="image")
 router.register("networks", NetworkViewSet, basename="network")
 router.register("snapshots", SnapshotViewSet, basename="snapshot")
 

@@ -24,6 +24,8 @@ class Snapshot(models.Model):
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="snapshots")
     host = models.ForeignKey("vms.Host", on_delete=models.PROTECT, related_name="snapshots")
     template = models.ForeignKey("vms.Template", on_delete=models.PROTECT, related_name="snapshots")
+    # The image the VM booted when it was not its template's (clones boot the same way).
+    image = models.ForeignKey("vms.Image", on_delete=models.PROTECT, related_name="snapshots", null=True, blank=True)
     name = models.CharField(max_length=100)
     description = models.CharField(max_length=1000, blank=True)
     include_memory = models.BooleanField(default=True)

@@ -71,6 +71,7 @@ class Target:
 # Everything a refused request must leave alone.
 _WATCHED = [
     "vms.VM",
+    "vms.Image",
     "vms.Operation",
     "snapshots.Snapshot",
     "snapshots.RetentionPolicy",

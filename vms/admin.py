@@ -1,14 +1,119 @@
-from django.contrib import admin
+from django import forms
+from django.contrib import admin, messages
 from guardian.admin import GuardedModelAdmin
 
-from vms.models import VM, Host, Image, Operation, Template
+from sandbox_site.errors import ApplicationError
+from vms import images
+from vms.models import VM, BootMode, DiskFormat, Host, Image, Operation, OsType, Template
+
+
+class ImageAddForm(forms.ModelForm):
+    """Upload a disk or register one from SANDBOX_IMAGE_IMPORT_DIR; ``vms.images`` checks it."""
+
+    disk = forms.FileField(required=False, help_text="Upload a raw or qcow2 disk ...")
+    import_path = forms.CharField(required=False, help_text="... or a path relative to SANDBOX_IMAGE_IMPORT_DIR.")
+    sha256 = forms.CharField(min_length=64, max_length=64, help_text="SHA-256 of the disk file.")
+    disk_format = forms.ChoiceField(choices=DiskFormat.choices)
+    boot_mode = forms.ChoiceField(choices=BootMode.choices, initial=BootMode.UEFI)
+    os_type = forms.ChoiceField(choices=OsType.choices)
+
+    class Meta:
+        model = Image
+        fields = ["name", "description", "min_disk_gib", "min_memory_mib", "is_public"]
+
+    def clean(self):
+        data = super().clean()
+        if bool(data.get("disk")) == bool(data.get("import_path")):
+            raise forms.ValidationError("Give exactly one of an uploaded disk or an import path.")
+        return data
+
+    def validate_unique(self):
+        pass  # the service answers a taken name (and fills a "missing" image of that name)
 
 
 @admin.register(Image)
 class ImageAdmin(admin.ModelAdmin):
-    list_display = ["name", "os_type", "status", "digest", "size_bytes", "updated_at"]
-    list_filter = ["status", "os_type"]
-    search_fields = ["name", "digest"]
+    """Images are added, deprecated and deleted through ``vms.images`` (same checks as the API)."""
+
+    list_display = [
+        "name",
+        "os_type",
+        "boot_mode",
+        "disk_format",
+        "status",
+        "deprecated_at",
+        "size_bytes",
+        "updated_at",
+    ]
+    list_filter = ["status", "os_type", "boot_mode", "source"]
+    search_fields = ["name", "digest", "sha256"]
+    actions = ["deprecate_selected"]
+    readonly_fields = [
+        "status", "source", "kernel_path", "initramfs_path", "rootfs_path", "digest", "sha256",
+        "size_bytes", "virtual_size_bytes", "deprecated_at", "created_by", "created_at",
+    ]  # fmt: skip
+
+    def get_form(self, request, obj=None, **kwargs):
+        if obj is None:
+            kwargs["form"] = ImageAddForm
+        return super().get_form(request, obj, **kwargs)
+
+    def get_readonly_fields(self, request, obj=None):
+        return self.readonly_fields if obj is not None else []
+
+    def get_fields(self, request, obj=None):
+        if obj is None:
+            return ["name", "description", "disk", "import_path", "sha256", "disk_format", "boot_mode", "os_type",
+                    "min_disk_gib", "min_memory_mib", "is_public"]  # fmt: skip
+        return super().get_fields(request, obj)
+
+    def save_model(self, request, obj, form, change):
+        if change:
+            images.image_update(
+                image=obj,
+                actor=request.user,
+                **{k: form.cleaned_data[k] for k in ("description", "min_disk_gib", "min_memory_mib", "is_public")},
+            )
+            return
+        data = form.cleaned_data
+        fields = {
+            k: data[k]
+            for k in ("name", "description", "sha256", "disk_format", "boot_mode", "os_type", "min_disk_gib",
+                      "min_memory_mib", "is_public")
+        }  # fmt: skip
+        try:
+            if data.get("disk"):
+                created = images.image_upload(actor=request.user, chunks=data["disk"].chunks(), **fields)
+            else:
+                created = images.image_register(actor=request.user, path=data["import_path"], **fields)
+        except ApplicationError as exc:
+            raise forms.ValidationError(exc.message) from exc
+        obj.pk = created.pk
+        obj._state.adding = False
+
+    def add_view(self, request, form_url="", extra_context=None):
+        try:
+            return super().add_view(request, form_url, extra_context)
+        except forms.ValidationError as exc:
+            self.message_user(request, f"Image refused: {' '.join(exc.messages)}", level=messages.ERROR)
+            from django.http import HttpResponseRedirect
+
+            return HttpResponseRedirect(request.path)
+
+    def delete_model(self, request, obj):
+        self.delete_queryset(request, [obj])
+
+    def delete_queryset(self, request, queryset):
+        for image in queryset:
+            try:
+                images.image_delete(image=image, actor=request.user)
+            except ApplicationError as exc:  # in use: say so instead of a server error
+                self.message_user(request, f"{image.name}: {exc.message} {exc.details or ''}", level=messages.ERROR)
+
+    @admin.action(description="Deprecate the selected images (no new VMs)")
+    def deprecate_selected(self, request, queryset):
+        for image in queryset:
+            images.image_deprecate(image=image, actor=request.user)
 
 
 @admin.register(Template)

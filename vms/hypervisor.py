@@ -35,11 +35,17 @@ def driver_for(name: str) -> Driver:
     if name == "cloud-hypervisor":
         from vms.vmm.cloud_hypervisor import CloudHypervisorDriver
 
-        return CloudHypervisorDriver(binary=settings.SANDBOX_CLOUD_HYPERVISOR_BINARY)
+        return CloudHypervisorDriver(
+            binary=settings.SANDBOX_CLOUD_HYPERVISOR_BINARY, firmware=settings.SANDBOX_CLOUD_HYPERVISOR_FIRMWARE
+        )
     if name == "qemu":
         from vms.vmm.qemu import QemuDriver
 
-        return QemuDriver(accel=settings.SANDBOX_ACCEL)
+        return QemuDriver(
+            accel=settings.SANDBOX_ACCEL,
+            ovmf_code=settings.SANDBOX_QEMU_OVMF_CODE,
+            ovmf_vars=settings.SANDBOX_QEMU_OVMF_VARS,
+        )
     if name == "fake":
         from vms.vmm.fake import FakeDriver
 
@@ -59,7 +65,7 @@ def runtime_dir(vm_id) -> Path:
 def vm_spec(vm: VM) -> VmSpec:
     from vms.hooks import hook_first
 
-    image = vm.template.image
+    image = vm.boot_image
     nic = hook_first("vm_nic", vm=vm)
     cmdline = " ".join(
         part
@@ -87,7 +93,22 @@ def vm_spec(vm: VM) -> VmSpec:
         mac=nic.mac if nic else None,
         # Every VMM of this host runs in the namespace of our bridges and TAPs.
         netns=settings.SANDBOX_NETNS or None,
+        **image_boot_args(image),
     )
+
+
+def image_boot_args(image) -> dict:
+    """The ``VmSpec`` fields that come from the image: boot mode, OS type, base disk format
+    and, for Windows, the virtio-win driver ISO as a CD-ROM (when the operator set one)."""
+    cdroms: tuple[str, ...] = ()
+    if image.os_type == "windows" and settings.SANDBOX_VIRTIO_WIN_ISO:
+        cdroms = (settings.SANDBOX_VIRTIO_WIN_ISO,)
+    return {
+        "boot_mode": image.boot_mode,
+        "os_type": image.os_type,
+        "extra": {"base_format": image.disk_format},
+        "cdroms": cdroms,
+    }
 
 
 def serial_tail(vm_id, *, lines: int = 50) -> str:

@@ -146,7 +146,7 @@ def vm_delete_row(vm: VM, *, actor) -> None:
 
 
 def _image_ready(vm: VM) -> None:
-    image = vm.template.image
+    image = vm.boot_image
     if image.status != Image.Status.READY:
         raise ApplicationError(f"Image {image.name} is not built yet (run `manage.py build_image`).")
 

@@ -15,28 +15,70 @@ class OsType(models.TextChoices):
     WINDOWS = "windows", "Windows"
 
 
+class BootMode(models.TextChoices):
+    KERNEL = "kernel", "Direct kernel boot"
+    UEFI = "uefi", "UEFI firmware"
+
+
+class DiskFormat(models.TextChoices):
+    RAW = "raw", "raw"
+    QCOW2 = "qcow2", "qcow2"
+
+
 class Image(models.Model):
-    """A bootable guest image: kernel, initramfs and a read-only base disk that VMs overlay."""
+    """A bootable guest image: a read-only base disk that VMs overlay, booted either directly
+    (``kernel_path`` + ``initramfs_path``, the disk is the root filesystem) or by UEFI
+    firmware (the disk is a whole GPT disk with an EFI system partition).
+
+    Built here (``build_image``), uploaded or registered by operators (``vms.images``).
+    A deprecated image stays usable by the VMs and templates that have it, but no new VM
+    may pick it."""
 
     class Status(models.TextChoices):
         BUILDING = "building", "Building"
         READY = "ready", "Ready"
         FAILED = "failed", "Failed"
+        MISSING = "missing", "Waiting for a disk"  # defined (e.g. windows) but nothing uploaded yet
+
+    class Source(models.TextChoices):
+        BUILT = "built", "Built here"
+        UPLOADED = "uploaded", "Uploaded"
+        REGISTERED = "registered", "Registered from the import directory"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     name = models.SlugField(max_length=64, unique=True)
+    description = models.CharField(max_length=200, blank=True)
     os_type = models.CharField(max_length=16, choices=OsType.choices, default=OsType.LINUX)
+    boot_mode = models.CharField(max_length=8, choices=BootMode.choices, default=BootMode.KERNEL)
+    disk_format = models.CharField(max_length=8, choices=DiskFormat.choices, default=DiskFormat.RAW)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.BUILDING)
+    source = models.CharField(max_length=16, choices=Source.choices, default=Source.BUILT)
     kernel_path = models.CharField(max_length=500, blank=True)
     initramfs_path = models.CharField(max_length=500, blank=True)
-    rootfs_path = models.CharField(max_length=500, blank=True)
-    digest = models.CharField(max_length=64, blank=True)
+    rootfs_path = models.CharField(max_length=500, blank=True, help_text="The base disk VMs overlay.")
+    digest = models.CharField(max_length=64, blank=True, help_text="Build input digest (built images).")
+    sha256 = models.CharField(max_length=64, blank=True, help_text="SHA-256 of the base disk file.")
     size_bytes = models.BigIntegerField(default=0)
+    virtual_size_bytes = models.BigIntegerField(default=0)
+    min_disk_gib = models.PositiveSmallIntegerField(default=1, validators=[MinValueValidator(1)])
+    min_memory_mib = models.PositiveIntegerField(default=64, validators=[MinValueValidator(64)])
+    is_public = models.BooleanField(default=True, help_text="Every signed-in user may pick it (else: shared).")
+    deprecated_at = models.DateTimeField(null=True, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
     created_at = models.DateTimeField(default=timezone.now)
     updated_at = models.DateTimeField(auto_now=True)
 
+    class Meta:
+        ordering = ["name"]
+
     def __str__(self) -> str:
         return self.name
+
+    @staticmethod
+    def object_permission_codenames() -> tuple[str, ...]:
+        return ("view_image", "change_image", "delete_image")
 
 
 class Template(models.Model):
@@ -104,6 +146,14 @@ class VM(models.Model):
     name = models.CharField(max_length=63, validators=[name_validator])
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="vms")
     template = models.ForeignKey(Template, on_delete=models.PROTECT, related_name="vms")
+    image = models.ForeignKey(
+        Image,
+        on_delete=models.PROTECT,
+        related_name="vms",
+        null=True,
+        blank=True,
+        help_text="The image picked at creation; empty: the template's.",
+    )
     host = models.ForeignKey(Host, on_delete=models.PROTECT, related_name="vms", null=True, blank=True)
     state = models.CharField(max_length=16, choices=VmState.choices, default=VmState.CREATING, db_index=True)
     vcpus = models.PositiveSmallIntegerField()
@@ -132,6 +182,11 @@ class VM(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def boot_image(self) -> Image:
+        """The image this VM boots: the one picked at creation, else its template's."""
+        return self.image if self.image_id else self.template.image
 
     @staticmethod
     def object_permission_codenames() -> tuple[str, ...]:

@@ -1,11 +1,78 @@
 from rest_framework import serializers
 
-from vms.models import VM, Operation, Template, name_validator
+from vms.models import VM, BootMode, DiskFormat, Image, Operation, OsType, Template, name_validator
+
+
+class ImageSerializer(serializers.ModelSerializer):
+    created_by = serializers.CharField(source="created_by.username", read_only=True, default=None)
+    deprecated = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Image
+        fields = [
+            "id",
+            "name",
+            "description",
+            "os_type",
+            "boot_mode",
+            "disk_format",
+            "status",
+            "source",
+            "sha256",
+            "size_bytes",
+            "virtual_size_bytes",
+            "min_disk_gib",
+            "min_memory_mib",
+            "is_public",
+            "deprecated",
+            "deprecated_at",
+            "created_by",
+            "created_at",
+            "updated_at",
+        ]
+        read_only_fields = fields
+
+    def get_deprecated(self, image: Image) -> bool:
+        return image.deprecated_at is not None
+
+
+class ImageCreateSerializer(serializers.Serializer):
+    """Upload (multipart, ``file``) or register (``path`` under SANDBOX_IMAGE_IMPORT_DIR)."""
+
+    name = serializers.SlugField(max_length=64)
+    sha256 = serializers.CharField(max_length=64, min_length=64)
+    disk_format = serializers.ChoiceField(choices=DiskFormat.choices)
+    boot_mode = serializers.ChoiceField(choices=BootMode.choices, default=BootMode.UEFI)
+    os_type = serializers.ChoiceField(choices=OsType.choices, default=OsType.LINUX)
+    min_disk_gib = serializers.IntegerField(min_value=1, max_value=4096, default=1)
+    min_memory_mib = serializers.IntegerField(min_value=64, max_value=1024 * 1024, default=256)
+    description = serializers.CharField(max_length=200, required=False, default="", allow_blank=True)
+    is_public = serializers.BooleanField(default=True)
+    file = serializers.FileField(required=False, allow_empty_file=True)
+    path = serializers.CharField(max_length=500, required=False)
+
+    def validate(self, attrs):
+        if ("file" in attrs) == ("path" in attrs):
+            raise serializers.ValidationError("Give exactly one of file (upload) or path (register).")
+        return attrs
+
+
+class ImageUpdateSerializer(serializers.Serializer):
+    description = serializers.CharField(max_length=200, required=False, allow_blank=True)
+    min_disk_gib = serializers.IntegerField(min_value=1, max_value=4096, required=False)
+    min_memory_mib = serializers.IntegerField(min_value=64, max_value=1024 * 1024, required=False)
+    is_public = serializers.BooleanField(required=False)
+
+
+class ImageDeprecateSerializer(serializers.Serializer):
+    deprecated = serializers.BooleanField(default=True)
 
 
 class TemplateSerializer(serializers.ModelSerializer):
     image = serializers.SlugRelatedField(slug_field="name", read_only=True)
     image_status = serializers.CharField(source="image.status", read_only=True)
+    boot_mode = serializers.CharField(source="image.boot_mode", read_only=True)
+    os_type = serializers.CharField(source="image.os_type", read_only=True)
 
     class Meta:
         model = Template
@@ -15,6 +82,8 @@ class TemplateSerializer(serializers.ModelSerializer):
             "description",
             "image",
             "image_status",
+            "boot_mode",
+            "os_type",
             "vcpus",
             "max_vcpus",
             "memory_mib",
@@ -29,6 +98,7 @@ class TemplateSerializer(serializers.ModelSerializer):
 class VmSerializer(serializers.ModelSerializer):
     owner = serializers.CharField(source="owner.username", read_only=True)
     template = serializers.CharField(source="template.name", read_only=True)
+    image = serializers.CharField(source="boot_image.name", read_only=True)
     host = serializers.CharField(source="host.name", read_only=True, default=None)
     actions = serializers.SerializerMethodField(help_text="Actions the VM's state allows now (vms.transitions).")
 
@@ -39,6 +109,7 @@ class VmSerializer(serializers.ModelSerializer):
             "name",
             "owner",
             "template",
+            "image",
             "host",
             "state",
             "actions",
@@ -70,6 +141,12 @@ class VmCreateSerializer(serializers.Serializer):
     disk_gib = serializers.IntegerField(min_value=1, max_value=4096, required=False)
     metadata = serializers.DictField(required=False)
     start = serializers.BooleanField(default=True)
+    image = serializers.SlugRelatedField(
+        slug_field="name",
+        queryset=Image.objects.all(),
+        required=False,
+        help_text="Boot this image, not the template's.",
+    )
 
 
 class VmUpdateSerializer(serializers.Serializer):

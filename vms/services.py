@@ -90,6 +90,24 @@ def vm_row_init(*, vm: VM, actor) -> None:
     hook_run("vm_created", vm=vm, actor=actor)
 
 
+def image_minimums_check(*, image: Image | None, template: Template, memory_mib: int, disk_gib: int, actor) -> None:
+    """The image a new VM boots must be usable (``vms.images.image_usable_check`` for a picked
+    one; a template's must have a disk and not be deprecated) and fit its minimum sizes."""
+    from vms.images import image_usable_check
+
+    boot = image or template.image
+    if image is not None:
+        image_usable_check(image=image, actor=actor)
+    elif boot.status == Image.Status.MISSING or boot.deprecated_at is not None:
+        reason = "has no disk yet" if boot.status == Image.Status.MISSING else "is deprecated"
+        raise ConflictError(f"The template's image {boot.name} {reason}.", details={"image": boot.name})
+    if memory_mib < boot.min_memory_mib or disk_gib < boot.min_disk_gib:
+        raise ApplicationError(
+            f"Image {boot.name} needs {boot.min_memory_mib} MiB of memory and {boot.min_disk_gib} GiB of disk.",
+            details={"min_memory_mib": boot.min_memory_mib, "min_disk_gib": boot.min_disk_gib},
+        )
+
+
 def vm_create(
     *,
     owner,
@@ -100,10 +118,12 @@ def vm_create(
     disk_gib: int | None = None,
     metadata: dict | None = None,
     start: bool = True,
+    image: Image | None = None,
     actor,
 ) -> tuple[VM, Operation]:
     """Record the VM (creating), grant the owner every object permission, and enqueue the
-    create (+ boot) operation on the host's queue once the transaction commits."""
+    create (+ boot) operation on the host's queue once the transaction commits. ``image``
+    (any image the actor may see, ready and not deprecated) replaces the template's."""
     require_perm(actor, "vms.add_vm", None, action="vm.create", message="Your role may not create VMs.")
     require_disk_space(action="create a VM")
     if not template.is_active:
@@ -111,6 +131,7 @@ def vm_create(
     vcpus = vcpus or template.vcpus
     memory_mib = memory_mib or template.memory_mib
     disk_gib = disk_gib or template.disk_gib
+    image_minimums_check(image=image, template=template, memory_mib=memory_mib, disk_gib=disk_gib, actor=actor)
     if metadata is not None and (not isinstance(metadata, dict) or len(str(metadata)) > 16384):
         raise ApplicationError("metadata must be an object of at most 16 KiB.")
     with transaction.atomic():
@@ -123,6 +144,7 @@ def vm_create(
             name=name,
             owner=owner,
             template=template,
+            image=image,
             host=local_host(),
             vcpus=vcpus,
             memory_mib=memory_mib,
@@ -265,4 +287,50 @@ def image_build_default(*, progress) -> Image:
         audit_record(
             actor=None, action="image.build", obj=image, after={"digest": artifacts.digest, "size_bytes": size}
         )
+    return image
+
+
+def image_build_uefi(*, progress) -> Image:
+    """Build the UEFI Linux image (GPT disk booted by firmware; cached like the default one),
+    record it as ``linux-uefi`` and give it a ``linux-uefi`` template."""
+    import json
+
+    from vms.vmm.image_uefi import build_uefi_image
+
+    image, _ = Image.objects.get_or_create(
+        name="linux-uefi",
+        defaults={"boot_mode": "uefi", "description": "Debian 12 booted by UEFI firmware (GRUB on an ESP)"},
+    )
+    try:
+        artifacts = build_uefi_image(settings.SANDBOX_IMAGE_DIR, progress=progress)
+    except Exception:
+        Image.objects.filter(pk=image.pk).update(status=Image.Status.FAILED)
+        raise
+    manifest = json.loads((artifacts.disk.parent / "manifest.json").read_text())
+    changed = image.digest != artifacts.digest or image.status != Image.Status.READY
+    image.boot_mode = "uefi"
+    image.disk_format = "raw"
+    image.kernel_path = image.initramfs_path = ""
+    image.rootfs_path = str(artifacts.disk)
+    image.digest = artifacts.digest
+    image.sha256 = manifest.get("sha256", "")
+    image.size_bytes = artifacts.disk.stat().st_blocks * 512
+    image.virtual_size_bytes = artifacts.disk.stat().st_size
+    image.min_memory_mib = 256  # OVMF alone wants ~128 MiB
+    image.min_disk_gib = 2
+    image.status = Image.Status.READY
+    image.save()
+    Template.objects.get_or_create(
+        name="linux-uefi",
+        defaults={
+            "description": "Debian 12 booted through UEFI firmware (q35 + OVMF under QEMU)",
+            "image": image,
+            "memory_mib": 512,
+            "max_memory_mib": 4096,
+            "disk_gib": 2,
+            "max_disk_gib": 20,
+        },
+    )
+    if changed:
+        audit_record(actor=None, action="image.build", obj=image, after={"digest": artifacts.digest, "boot": "uefi"})
     return image

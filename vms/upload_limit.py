@@ -4,6 +4,7 @@ any view runs, so the upload size limit is enforced here, while the body arrives
 ``PUT /api/v1/vms/<id>/files/`` with a Content-Length over SANDBOX_FILE_UPLOAD_MAX_BYTES
 is answered 413 before a byte is read; a chunked body that grows past the limit is cut
 off (Django sees a disconnect and runs no view) and answered 413. Nothing reaches the guest.
+Image uploads (``POST /api/v1/images/``) get the same guard with SANDBOX_IMAGE_MAX_UPLOAD_BYTES.
 """
 
 from __future__ import annotations
@@ -14,6 +15,17 @@ import re
 from django.conf import settings
 
 _UPLOAD_PATH = re.compile(r"^/api/v1/vms/[^/]+/files/$")
+_IMAGE_UPLOAD_PATH = "/api/v1/images/"
+
+
+def _upload_limit(scope) -> int | None:
+    """The byte limit of this request's body, or None when it is not an upload."""
+    method, path = scope.get("method"), scope.get("path", "")
+    if method == "PUT" and _UPLOAD_PATH.match(path):
+        return settings.SANDBOX_FILE_UPLOAD_MAX_BYTES
+    if method == "POST" and path == _IMAGE_UPLOAD_PATH:
+        return settings.SANDBOX_IMAGE_MAX_UPLOAD_BYTES
+    return None
 
 
 def _too_large_body(limit: int) -> bytes:
@@ -33,9 +45,9 @@ class UploadLimitMiddleware:
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope.get("method") != "PUT" or not _UPLOAD_PATH.match(scope.get("path", "")):
+        limit = _upload_limit(scope) if scope["type"] == "http" else None
+        if limit is None:
             return await self.app(scope, receive, send)
-        limit = settings.SANDBOX_FILE_UPLOAD_MAX_BYTES
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > limit:

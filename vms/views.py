@@ -12,6 +12,7 @@ from accounts.services import user_has_perm
 from sandbox_site.errors import ApplicationError
 from vms import selectors, services
 from vms.forms import VmCreateForm
+from vms.models import Image
 
 
 @login_required
@@ -23,7 +24,10 @@ def home(request):
 @login_required
 def vm_create(request):
     templates = selectors.template_list_active()
-    form = VmCreateForm(request.POST or None, templates=templates, initial={"start": True})
+    from vms.images import images_visible
+
+    images = images_visible(request.user).filter(status=Image.Status.READY, deprecated_at__isnull=True)
+    form = VmCreateForm(request.POST or None, templates=templates, images=images, initial={"start": True})
     if request.method == "POST" and form.is_valid():
         data = {k: v for k, v in form.cleaned_data.items() if v not in (None, "")}
         try:

@@ -232,6 +232,32 @@ class TestNetworkEndpoints(PermissionMatrix):
             assign_perm(f"networking.{right}_network", user, target.objects["network"])
 
 
+class TestImageEndpoints(PermissionMatrix):
+    """A private image the owner was given view, change and delete on (operators hold them
+    through their role); public images are visible to everyone (tests/vms/test_images.py)."""
+
+    rights = ("view", "change", "delete")
+    I = "/api/v1/images/{image}/"  # noqa: E741
+    endpoints = (
+        E("retrieve", "get", I, "view", obj="image"),
+        E("update", "patch", I, "change", {"description": "mine"}, audit="image.update", obj="image"),
+        E("deprecate", "post", I + "deprecate/", "change", {}, audit="image.deprecate", obj="image"),
+        E("delete", "delete", I, "delete", status=204, audit="image.delete", obj="image"),
+    )
+
+    @pytest.fixture
+    def target(self, owner):
+        from tests.factories import ImageFactory
+
+        image = ImageFactory(name="private-image", is_public=False, boot_mode="uefi", disk_format="qcow2")
+        self.grant(owner, set(self.rights), Target(owner, {"image": image}))
+        return Target(owner, {"image": image})
+
+    def grant(self, user, rights, target):
+        for right in rights:
+            assign_perm(f"vms.{right}_image", user, target.objects["image"])
+
+
 # --- every route has a row ----------------------------------------------------------------
 
 TABLES = (
@@ -240,6 +266,7 @@ TABLES = (
     TestSnapshotEndpoints,
     TestVmNetworkEndpoints,
     TestNetworkEndpoints,
+    TestImageEndpoints,
 )
 # Collections, not objects: what they list or create is checked by the tests below.
 COLLECTIONS = {
@@ -248,6 +275,8 @@ COLLECTIONS = {
     ("SnapshotViewSet", "get", "list"),
     ("NetworkViewSet", "get", "list"),
     ("NetworkViewSet", "post", "create"),
+    ("ImageViewSet", "get", "list"),  # tests/vms/test_images.py
+    ("ImageViewSet", "post", "create"),
 }
 
 

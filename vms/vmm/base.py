@@ -69,9 +69,27 @@ class RuntimeState(str, enum.Enum):
     GONE = "gone"  # no VMM process
 
 
+BOOT_KERNEL = "kernel"  # direct kernel boot: ``kernel`` + ``initramfs`` + ``cmdline``, base disk = root fs
+BOOT_UEFI = "uefi"  # UEFI firmware boots the base disk (GPT + EFI system partition); kernel unused
+BOOT_MODES = (BOOT_KERNEL, BOOT_UEFI)
+OS_LINUX = "linux"
+OS_WINDOWS = "windows"
+# Words of ``VmSpec.cmdline`` with this prefix reach a firmware-booted guest as SMBIOS
+# OEM strings (type 11): its own boot loader owns the kernel command line.
+GUEST_ARG_PREFIX = "sandbox."
+
+
 @dataclass(frozen=True)
 class VmSpec:
-    """Everything a driver needs to launch one VM."""
+    """Everything a driver needs to launch one VM.
+
+    ``boot_mode`` is ``BOOT_KERNEL`` (direct kernel boot) or ``BOOT_UEFI`` (firmware boots
+    ``base_image``; ``kernel``/``initramfs`` are ignored and the ``sandbox.*`` words of
+    ``cmdline`` travel as SMBIOS OEM strings, see ``guest_oem_strings``). ``os_type`` picks
+    guest-specific devices (Hyper-V enlightenments for Windows). ``cdroms`` are read-only ISO
+    images attached as CD-ROMs (e.g. the virtio-win drivers) where the VMM has CD-ROMs.
+    ``extra["base_format"]`` is the base image's format (``raw`` default, or ``qcow2``).
+    """
 
     vm_id: str
     runtime_dir: Path
@@ -89,6 +107,27 @@ class VmSpec:
     netns: str | None = None  # network namespace (under /run/netns) the VMM runs in; None = ours
     vsock_cid: int = 3
     extra: dict[str, str] = field(default_factory=dict)
+    boot_mode: str = BOOT_KERNEL
+    os_type: str = OS_LINUX
+    cdroms: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.boot_mode not in BOOT_MODES:
+            raise ValueError(f"unknown boot mode {self.boot_mode!r}")
+        if self.os_type not in (OS_LINUX, OS_WINDOWS):
+            raise ValueError(f"unknown OS type {self.os_type!r}")
+        if self.os_type == OS_WINDOWS and self.boot_mode != BOOT_UEFI:
+            raise ValueError("Windows guests boot through UEFI firmware only")
+
+    @property
+    def base_format(self) -> str:
+        """Format of ``base_image``: ``raw`` unless ``extra["base_format"]`` says ``qcow2``."""
+        return self.extra.get("base_format", "raw")
+
+    def guest_oem_strings(self) -> list[str]:
+        """The ``sandbox.*`` words of ``cmdline`` (hostname, VM id, network): what a
+        firmware-booted guest reads from SMBIOS type 11 instead of ``/proc/cmdline``."""
+        return [word for word in self.cmdline.split() if word.startswith(GUEST_ARG_PREFIX)]
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -104,6 +143,7 @@ class VmSpec:
             data[key] = Path(data[key])
         if data.get("initramfs"):
             data["initramfs"] = Path(data["initramfs"])
+        data["cdroms"] = tuple(data.get("cdroms") or ())
         return cls(**data)
 
 

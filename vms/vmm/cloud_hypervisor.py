@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Any, TypedDict
 import httpx
 
 from vms.vmm.base import (
+    BOOT_KERNEL,
+    OS_WINDOWS,
     AgentTransport,
     Driver,
     DriverCapabilities,
@@ -71,6 +73,7 @@ __all__ = [
     "EventMonitorReader",
     "EventStreamParser",
     "GuestHistory",
+    "build_payload",
     "build_vm_config",
     "cloud_hypervisor_available",
     "event_to_state",
@@ -716,19 +719,40 @@ def _check_socket_paths(paths: ChRuntimePaths) -> None:
         )
 
 
-def build_vm_config(spec: VmSpec) -> JsonObject:
+def build_payload(spec: VmSpec, *, firmware: str = "") -> tuple[JsonObject, JsonObject]:
+    """``(payload, platform)`` of the ``VmConfig``: kernel + initramfs + cmdline (direct
+    boot), or the operator's firmware (``CLOUDHV.fd`` / rust-hypervisor-firmware) booting the
+    disk, the ``sandbox.*`` words reaching the guest as SMBIOS OEM strings (firmware boot)."""
+    if spec.boot_mode == BOOT_KERNEL:
+        payload: JsonObject = {"kernel": str(spec.kernel)}
+        if spec.cmdline:
+            payload["cmdline"] = spec.cmdline
+        if spec.initramfs is not None:
+            payload["initramfs"] = str(spec.initramfs)
+        return payload, {}
+    if not firmware:
+        raise VmmError("firmware boot needs a firmware file (set SANDBOX_CLOUD_HYPERVISOR_FIRMWARE)")
+    platform: JsonObject = {}
+    strings = spec.guest_oem_strings()
+    if strings:
+        platform["oem_strings"] = strings
+    return {"firmware": firmware}, platform
+
+
+def build_vm_config(spec: VmSpec, *, firmware: str = "") -> JsonObject:
     """The ``VmConfig`` for ``vm.create``: serial on a socket (the host daemon attaches to it),
     virtio-console off, hybrid vsock for the guest agent, overlay disk, optional TAP, and a
-    pvpanic device so a guest panic reaches the event monitor."""
+    pvpanic device so a guest panic reaches the event monitor. Firmware boot (``spec.boot_mode``)
+    needs ``firmware``; Windows guests get Hyper-V enlightenments (``kvm_hyperv``). CH has no
+    CD-ROM: ``spec.cdroms`` are ignored (install Windows under QEMU, see docs/images.md)."""
     paths = ChRuntimePaths(spec.runtime_dir)
-    payload: JsonObject = {"kernel": str(spec.kernel)}
-    if spec.cmdline:
-        payload["cmdline"] = spec.cmdline
-    if spec.initramfs is not None:
-        payload["initramfs"] = str(spec.initramfs)
+    payload, platform = build_payload(spec, firmware=firmware)
+    cpus: JsonObject = {"boot_vcpus": spec.vcpus, "max_vcpus": max(spec.vcpus, spec.max_vcpus)}
+    if spec.os_type == OS_WINDOWS:
+        cpus["kvm_hyperv"] = True
     config: JsonObject = {
         "payload": payload,
-        "cpus": {"boot_vcpus": spec.vcpus, "max_vcpus": max(spec.vcpus, spec.max_vcpus)},
+        "cpus": cpus,
         "memory": {"size": spec.memory_mib * MIB},
         "disks": [
             {
@@ -744,6 +768,8 @@ def build_vm_config(spec: VmSpec) -> JsonObject:
         "vsock": {"cid": spec.vsock_cid, "socket": str(paths.agent_socket)},
         "pvpanic": True,
     }
+    if platform:
+        config["platform"] = platform
     hotplug = spec.max_memory_mib - spec.memory_mib
     if hotplug > 0:
         config["memory"]["hotplug_size"] = hotplug * MIB
@@ -776,7 +802,7 @@ def rewrite_snapshot_config(config: JsonObject, spec: VmSpec, *, original_dir: s
         return value
 
     config = moved(config)
-    fresh = build_vm_config(spec)
+    fresh = build_vm_config(spec, firmware=str((config.get("payload") or {}).get("firmware") or ""))
     config["serial"] = fresh["serial"]
     config["console"] = fresh["console"]
     if isinstance(config.get("vsock"), dict):
@@ -839,8 +865,10 @@ class CloudHypervisorDriver:
         api_timeout: float = DEFAULT_API_TIMEOUT,
         seccomp: str = "true",
         base_image_format: str = "raw",
+        firmware: str = "",
     ) -> None:
         self.binary = binary
+        self.firmware = firmware  # CLOUDHV.fd / rust-hypervisor-firmware for firmware boot
         self.qemu_img = qemu_img
         self.api_timeout = api_timeout
         self.seccomp = seccomp
@@ -1011,7 +1039,11 @@ class CloudHypervisorDriver:
                 state = None  # no VM in this VMM yet
             try:
                 if state is None:
-                    self._create_vm(api, build_vm_config(spec), timeout=max(1.0, deadline - time.monotonic()))
+                    self._create_vm(
+                        api,
+                        build_vm_config(spec, firmware=self.firmware),
+                        timeout=max(1.0, deadline - time.monotonic()),
+                    )
                     _write_atomic(paths.hotplugs, "0\n")
                     state = "Created"
                 if state in ("Created", "Shutdown"):

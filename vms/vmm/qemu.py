@@ -32,6 +32,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .base import (
+    BOOT_KERNEL,
+    BOOT_UEFI,
+    OS_WINDOWS,
     AgentTransport,
     Driver,
     DriverCapabilities,
@@ -74,6 +77,15 @@ SERIAL_LOG = "serial.log"
 AGENT_SOCKET = "agent.sock"
 OVERLAY = "overlay.qcow2"
 SPEC_FILE = "spec.json"
+UEFI_VARS = "OVMF_VARS.fd"  # this VM's UEFI variable store (boot entries), copied from the template
+# Debian's ``ovmf`` package; 4M builds (the 2M ones cannot hold Windows' variables).
+OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+OVMF_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"
+# Hyper-V enlightenments for Windows guests (QEMU docs/system/i386/hyperv.rst): without them
+# Windows spins on locks and its timers drift. QEMU 7.2 under TCG accepts these four ...
+HYPERV_ENLIGHTENMENTS: tuple[str, ...] = ("hv_relaxed", "hv_vapic", "hv_spinlocks=0x1fff", "hv_time")
+# ... and refuses hv_vpindex (which synic and stimer need) without KVM: KVM only.
+HYPERV_KVM_ENLIGHTENMENTS: tuple[str, ...] = ("hv_vpindex", "hv_runtime", "hv_synic", "hv_stimer", "hv_frequencies")
 
 TCG_TB_SIZE_MIB = 64  # TCG translation cache; QEMU default (1 GiB) would dominate per-VM RSS
 _UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
@@ -256,10 +268,14 @@ class QemuDriver:
         binary: str = QEMU_BINARY,
         qemu_img: str = QEMU_IMG,
         accel: str = "auto",
+        ovmf_code: str = OVMF_CODE,
+        ovmf_vars: str = OVMF_VARS,
     ) -> None:
         self.binary = binary
         self.qemu_img = qemu_img
         self.accel = accel_choice(accel)
+        self.ovmf_code = ovmf_code
+        self.ovmf_vars = ovmf_vars
 
     def capabilities(self) -> DriverCapabilities:
         """No hotplug of any kind on microvm; memory and disk-only snapshots; shared layers."""
@@ -300,12 +316,17 @@ class QemuDriver:
         spec_tmp = spec.runtime_dir / (SPEC_FILE + ".tmp")
         spec_tmp.write_text(spec.to_json())
         os.replace(spec_tmp, spec.runtime_dir / SPEC_FILE)
+        self.prepare_firmware(spec)
         overlay = spec.runtime_dir / OVERLAY
         if overlay.exists():
             return
         if not spec.base_image.is_file():
             raise VmmError("base image not found", details={"path": str(spec.base_image)})
-        size = max(spec.disk_gib << 30, spec.base_image.stat().st_size)
+        if spec.base_format == "qcow2":
+            base_size = _qcow2_virtual_size(spec.base_image)
+        else:
+            base_size = spec.base_image.stat().st_size
+        size = max(spec.disk_gib << 30, base_size)
         tmp = spec.runtime_dir / (OVERLAY + ".tmp")
         try:
             subprocess.run(  # noqa: S603
@@ -318,7 +339,7 @@ class QemuDriver:
                     "-b",
                     str(spec.base_image.resolve()),
                     "-F",
-                    "raw",
+                    spec.base_format,
                     str(tmp),
                     str(size),
                 ],
@@ -333,25 +354,34 @@ class QemuDriver:
             raise VmmTimeout("qemu-img create timed out") from exc
         os.replace(tmp, overlay)
 
+    def prepare_firmware(self, spec: VmSpec) -> None:
+        """Firmware boot: check OVMF is installed and give the VM its own copy of the UEFI
+        variable store (kept across boots, like a machine's NVRAM). Nothing for direct boot."""
+        if spec.boot_mode != BOOT_UEFI:
+            return
+        for path in (self.ovmf_code, self.ovmf_vars):
+            if not Path(path).is_file():
+                raise VmmError(
+                    "UEFI firmware not found (apt-get install ovmf, or set SANDBOX_QEMU_OVMF_CODE/_VARS)",
+                    details={"path": path},
+                )
+        store = spec.runtime_dir / UEFI_VARS
+        if not store.exists():
+            tmp = spec.runtime_dir / (UEFI_VARS + ".tmp")
+            shutil.copyfile(self.ovmf_vars, tmp)
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, store)
+
     def build_argv(self, spec: VmSpec, *, acceleration: str, incoming: bool = False) -> list[str]:
         """The full QEMU command line for ``spec`` (public for tests and debugging). With
         ``incoming`` QEMU waits for ``migrate-incoming`` (restore from a snapshot)."""
         rd = spec.runtime_dir.resolve()
-        cmdline = _DEFAULT_CMDLINE
-        if acceleration == "tcg":
-            cmdline += f" tsc_early_khz={host_tsc_khz()}"
-        if spec.cmdline:
-            cmdline += " " + spec.cmdline
+        bus = _device_suffix(spec)
         argv = [
             self.binary,
             "-name",
             f"{spec.vm_id},debug-threads=on",
-            "-M",
-            "microvm,acpi=on,pcie=off,rtc=on,isa-serial=on",
-            "-accel",
-            acceleration if acceleration == "kvm" else f"tcg,thread=multi,tb-size={TCG_TB_SIZE_MIB}",
-            "-cpu",
-            "host" if acceleration == "kvm" else "max",
+            *self.machine_argv(spec, acceleration=acceleration),
             "-smp",
             str(spec.vcpus),
             "-m",
@@ -359,39 +389,96 @@ class QemuDriver:
             "-nodefaults",
             "-no-user-config",
             "-nographic",
-            "-kernel",
-            str(spec.kernel.resolve()),
-            "-append",
-            cmdline,
+            *self.boot_argv(spec, acceleration=acceleration),
             "-chardev",
             f"socket,id=serial0,path={rd / SERIAL_SOCKET},server=on,wait=off,logfile={rd / SERIAL_LOG},logappend=on",
             "-serial",
             "chardev:serial0",
-            "-drive",
-            f"id=root,file={rd / OVERLAY},format=qcow2,if=none,cache=writeback,discard=unmap",
+            *self.disk_argv(spec),
             "-device",
-            "virtio-blk-device,drive=root",
-            "-device",
-            "virtio-serial-device,max_ports=4",
+            f"virtio-serial-{bus},max_ports=4",
             "-chardev",
             f"socket,id=agent0,path={rd / AGENT_SOCKET},server=on,wait=off",
             "-device",
             f"virtserialport,chardev=agent0,name={AGENT_PORT_NAME}",
             "-device",
-            "virtio-rng-device",
+            f"virtio-rng-{bus}",
             "-qmp",
             f"unix:{rd / QMP_SOCKET},server=on,wait=off",
         ]
-        if spec.initramfs is not None:
-            argv += ["-initrd", str(spec.initramfs.resolve())]
         if spec.tap:
             argv += ["-netdev", f"tap,id=net0,ifname={spec.tap},script=no,downscript=no"]
-            dev = "virtio-net-device,netdev=net0"
+            dev = f"virtio-net-{bus},netdev=net0"
             if spec.mac:
                 dev += f",mac={spec.mac}"
             argv += ["-device", dev]
         if incoming:
             argv += ["-incoming", "defer"]
+        return argv
+
+    def machine_argv(self, spec: VmSpec, *, acceleration: str) -> list[str]:
+        """Machine, accelerator and CPU model: ``microvm`` for direct kernel boot; ``q35``
+        for firmware boot (microvm has no firmware that boots a disk), with Hyper-V
+        enlightenments for Windows guests."""
+        accel = acceleration if acceleration == "kvm" else f"tcg,thread=multi,tb-size={TCG_TB_SIZE_MIB}"
+        cpu = "host" if acceleration == "kvm" else "max"
+        if spec.boot_mode == BOOT_KERNEL:
+            return ["-M", "microvm,acpi=on,pcie=off,rtc=on,isa-serial=on", "-accel", accel, "-cpu", cpu]
+        if spec.os_type == OS_WINDOWS:
+            flags = HYPERV_ENLIGHTENMENTS + (HYPERV_KVM_ENLIGHTENMENTS if acceleration == "kvm" else ())
+            cpu += "," + ",".join(flags)
+        # smm=off: the non-secure-boot OVMF build needs no SMM, and TCG runs faster without it.
+        return ["-M", "q35,smm=off,vmport=off", "-accel", accel, "-cpu", cpu]
+
+    def boot_argv(self, spec: VmSpec, *, acceleration: str) -> list[str]:
+        """How the guest starts: ``-kernel/-initrd/-append`` (direct boot), or OVMF's code
+        (read-only, shared) and this VM's own copy of the UEFI variable store as pflash, plus
+        the ``sandbox.*`` command-line words as SMBIOS OEM strings (firmware boot)."""
+        if spec.boot_mode == BOOT_KERNEL:
+            cmdline = _DEFAULT_CMDLINE
+            if acceleration == "tcg":
+                cmdline += f" tsc_early_khz={host_tsc_khz()}"
+            if spec.cmdline:
+                cmdline += " " + spec.cmdline
+            argv = ["-kernel", str(spec.kernel.resolve()), "-append", cmdline]
+            if spec.initramfs is not None:
+                argv += ["-initrd", str(spec.initramfs.resolve())]
+            return argv
+        rd = spec.runtime_dir.resolve()
+        argv = [
+            "-drive",
+            f"if=pflash,format=raw,unit=0,readonly=on,file={_qemu_escape(str(Path(self.ovmf_code).resolve()))}",
+            "-drive",
+            f"if=pflash,format=raw,unit=1,file={rd / UEFI_VARS}",
+        ]
+        strings = spec.guest_oem_strings()
+        if strings:
+            argv += ["-smbios", "type=11," + ",".join(f"value={_qemu_escape(s)}" for s in strings)]
+        if spec.os_type == OS_WINDOWS:
+            # Windows keeps its clock in local time; a delayed PIT tick is replayed, not lost.
+            argv += ["-rtc", "base=localtime,driftfix=slew"]
+            if acceleration == "kvm":
+                argv += ["-global", "kvm-pit.lost_tick_policy=delay"]
+        return argv
+
+    def disk_argv(self, spec: VmSpec) -> list[str]:
+        """Root disk (the qcow2 overlay on virtio-blk) and, with firmware boot, the read-only
+        CD-ROMs of ``spec.cdroms`` on the q35 AHCI controller (e.g. the virtio-win ISO)."""
+        rd = spec.runtime_dir.resolve()
+        argv = [
+            "-drive",
+            f"id=root,file={rd / OVERLAY},format=qcow2,if=none,cache=writeback,discard=unmap",
+            "-device",
+            f"virtio-blk-{_device_suffix(spec)},drive=root" + (",bootindex=0" if spec.boot_mode == BOOT_UEFI else ""),
+        ]
+        if spec.boot_mode == BOOT_UEFI:
+            for index, iso in enumerate(spec.cdroms):
+                argv += [
+                    "-drive",
+                    f"id=cd{index},file={_qemu_escape(str(Path(iso).resolve()))},format=raw,if=none,media=cdrom,readonly=on",
+                    "-device",
+                    f"ide-cd,drive=cd{index},bus=ide.{index + 1},bootindex={index + 1}",
+                ]
         return argv
 
     def launch(self, spec: VmSpec, *, timeout: float = 30.0) -> LaunchResult:
@@ -687,6 +774,7 @@ class QemuDriver:
         spec_tmp = spec.runtime_dir / (SPEC_FILE + ".tmp")
         spec_tmp.write_text(spec.to_json())
         os.replace(spec_tmp, spec.runtime_dir / SPEC_FILE)
+        self.prepare_firmware(spec)
         tmp = spec.runtime_dir / (OVERLAY + ".tmp")
         self._overlay_create(tmp, backing=layer, size=spec.disk_gib << 30)
         os.replace(tmp, spec.runtime_dir / OVERLAY)
@@ -820,6 +908,16 @@ class QemuDriver:
     def _remove_sockets(spec: VmSpec) -> None:
         for name in (QMP_SOCKET, SERIAL_SOCKET, AGENT_SOCKET):
             remove_path_quietly(spec.runtime_dir / name)
+
+
+def _device_suffix(spec: VmSpec) -> str:
+    """virtio devices are MMIO (``-device``) on microvm, PCI (``-pci``) on q35."""
+    return "device" if spec.boot_mode == BOOT_KERNEL else "pci"
+
+
+def _qemu_escape(value: str) -> str:
+    """A value inside a QEMU ``key=value,...`` option: commas are doubled."""
+    return value.replace(",", ",,")
 
 
 def _cmdline_of(pid: int) -> list[str]:
