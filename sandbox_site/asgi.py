@@ -11,16 +11,19 @@ from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E40
 
 from accounts.authentication import BearerTokenWebsocketMiddleware  # noqa: E402
 from sandbox_site import daphne_spool  # noqa: E402
+from sandbox_site.metrics import AsgiMetricsMiddleware  # noqa: E402
 from sandbox_site.routing import websocket_urlpatterns  # noqa: E402
 from vms.upload_limit import UploadLimitMiddleware  # noqa: E402
 
 daphne_spool.install()  # large request bodies: spooled to disk, not held in daphne's memory
 
-application = ProtocolTypeRouter(
-    {
-        "http": UploadLimitMiddleware(django_asgi_app),
-        "websocket": AllowedHostsOriginValidator(
-            AuthMiddlewareStack(BearerTokenWebsocketMiddleware(URLRouter(websocket_urlpatterns)))
-        ),
-    }
+application = AsgiMetricsMiddleware(
+    ProtocolTypeRouter(
+        {
+            "http": UploadLimitMiddleware(django_asgi_app),
+            "websocket": AllowedHostsOriginValidator(
+                AuthMiddlewareStack(BearerTokenWebsocketMiddleware(URLRouter(websocket_urlpatterns)))
+            ),
+        }
+    )
 )

@@ -29,6 +29,13 @@ def vms_reconcile_task() -> None:
 
 
 @shared_task(ignore_result=True)
+def hosts_check_task() -> None:
+    from vms.operations import hosts_check
+
+    hosts_check()
+
+
+@shared_task(ignore_result=True)
 def vms_sample_task() -> None:
     from vms.sampling import vms_sample
     from vms.services import local_host

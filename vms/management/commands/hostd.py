@@ -20,5 +20,8 @@ class Command(BaseCommand):
             socket_path=settings.SANDBOX_HOSTD_SOCKET,
             console_ring_bytes=settings.SANDBOX_CONSOLE_RING_BYTES,
             scan_seconds=settings.SANDBOX_HOSTD_SCAN_SECONDS,
+            metrics_port=settings.SANDBOX_HOSTD_METRICS_PORT,
+            metrics_bind=settings.SANDBOX_METRICS_BIND,
+            socket_group=settings.SANDBOX_HOSTD_SOCKET_GROUP,
         )
         main_run(config)
