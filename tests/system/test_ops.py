@@ -190,7 +190,8 @@ def test_json_log_lines_carry_the_request_id_from_the_api_into_the_celery_task(s
 
     lines = wait_until(worker_lines, timeout=30, message="worker lines with the request id")
     assert any(line["msg"].endswith("succeeded") for line in lines), lines
-    assert all(line.get("operation_id") and line.get("vm_id") == vm_id for line in lines if "operation" in line["msg"])
+    ours = [line for line in lines if line["logger"] == "vms.operations"]
+    assert ours and all(line.get("operation_id") and line.get("vm_id") == vm_id for line in ours), lines
     assert any(line.get("task_id") for line in lines)
     assert any(line.get("user") == "owner" for line in lines)
     with stack.client() as client:
