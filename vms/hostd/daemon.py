@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import shutil
@@ -31,7 +32,7 @@ from vms.hostd import metrics as hostd_metrics
 from vms.hostd.agent_link import AgentLink, AgentUnavailable
 from vms.hostd.console import ConsoleLink, ConsoleUnavailable
 from vms.hostd.errors import HostdError
-from vms.hostd.logcontext import log_context
+from vms.hostd.logcontext import log_context, log_context_set
 from vms.vmm.agent_client import AGENT_SOCKET, AgentError, AgentRequestError, AgentTimeout, AgentTransport
 from vms.vmm.agent_protocol import Frame, FrameDecoder, FrameError, encode_frame
 from vms.vmm.process import running_vmm_pid
@@ -203,7 +204,9 @@ class HostDaemon:
             return existing
         handle = VmHandle(vm_id, runtime_dir, pid, self.config)
         self.vms[vm_id] = handle
-        handle.start()
+        # The links outlive the request that attached them: their tasks start in a context of
+        # their own, so their log lines carry this VM's id, not that request's.
+        contextvars.Context().run(_start_in_own_context, handle)
         logger.info("vm %s: attached (pid %s, %s)", vm_id, pid, handle.agent.transport.value)
         return handle
 
@@ -228,6 +231,11 @@ class HostDaemon:
         finally:
             self.sessions.discard(session)
             session.close()
+
+
+def _start_in_own_context(handle: VmHandle) -> None:
+    log_context_set(vm_id=handle.vm_id)
+    handle.start()
 
 
 def _scan_runtime(root: Path) -> dict[str, tuple[Path, int | None]]:
