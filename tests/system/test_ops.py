@@ -196,3 +196,40 @@ def test_json_log_lines_carry_the_request_id_from_the_api_into_the_celery_task(s
     assert any(line.get("user") == "owner" for line in lines)
     with stack.client() as client:
         client.delete(f"/api/v1/vms/{vm_id}/")
+
+
+def _restart_worker(stack, **env: str) -> None:
+    stack.kill("worker")
+    saved = dict(stack.env)
+    stack.env.update(env)
+    try:
+        stack.start("worker")
+    finally:
+        stack.env.clear()
+        stack.env.update(saved)
+
+
+def _host_up(stack) -> str | None:
+    for line in httpx.get(stack.url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith('msbx_host_up{host="systest"}'):
+            return line.split()[-1]
+    return None
+
+
+def test_a_host_whose_hostd_stops_answering_is_down_and_its_vms_unknown(stack, running_vm):
+    vm_id = running_vm["id"]
+    _restart_worker(stack, SANDBOX_HOST_DOWN_SECONDS="6")  # the worker runs hosts_check
+    try:
+        wait_until(lambda: _host_up(stack) == "1.0", timeout=60, message="host up")
+        stack.kill("hostd")
+        try:
+            assert stack.wait_vm(vm_id, {"unknown"}, timeout=90)["state"] == "unknown"
+            assert _host_up(stack) == "0.0"
+        finally:
+            stack.start("hostd")
+            stack.wait_hostd()
+        # Back to what the VMM reports (it kept running all along).
+        assert stack.wait_vm(vm_id, {"running"}, timeout=90)["state"] == "running"
+        wait_until(lambda: _host_up(stack) == "1.0", timeout=60, message="host up again")
+    finally:
+        _restart_worker(stack)
