@@ -7,22 +7,35 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import REGISTRY, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 logger = logging.getLogger("vms.hostd")
 
-AGENT_SESSIONS = Counter("msbx_hostd_agent_sessions", "Agent sessions started (first connects and reconnects)")
-AGENT_DISCONNECTS = Counter("msbx_hostd_agent_disconnects", "Agent sessions that ended while up")
-AGENT_FRAMES = Counter("msbx_hostd_agent_frames", "Frames exchanged with guest agents", ["direction"])
-AGENT_BYTES = Counter("msbx_hostd_agent_bytes", "Bytes exchanged with guest agents", ["direction"])
-HOSTILE = Counter(
-    "msbx_hostd_hostile_frames", "Guest data refused (malformed frames, ignored flow control), by kind", ["kind"]
+# hostd's own registry: what its listener serves, whatever else the process has registered.
+REGISTRY = CollectorRegistry()
+ProcessCollector(registry=REGISTRY)
+
+AGENT_SESSIONS = Counter(
+    "msbx_hostd_agent_sessions", "Agent sessions started (first connects and reconnects)", registry=REGISTRY
 )
-CONSOLE_BYTES = Counter("msbx_hostd_console_bytes", "Console bytes sent to viewers")
-CONSOLE_VIEWERS = Gauge("msbx_hostd_console_streams", "Console streams open (viewers)")
-CLIENT_REQUESTS = Counter("msbx_hostd_requests", "Client requests by op and outcome", ["op", "outcome"])
+AGENT_DISCONNECTS = Counter("msbx_hostd_agent_disconnects", "Agent sessions that ended while up", registry=REGISTRY)
+AGENT_FRAMES = Counter(
+    "msbx_hostd_agent_frames", "Frames exchanged with guest agents", ["direction"], registry=REGISTRY
+)
+AGENT_BYTES = Counter("msbx_hostd_agent_bytes", "Bytes exchanged with guest agents", ["direction"], registry=REGISTRY)
+HOSTILE = Counter(
+    "msbx_hostd_hostile_frames",
+    "Guest data refused (malformed frames, ignored flow control), by kind",
+    ["kind"],
+    registry=REGISTRY,
+)
+CONSOLE_BYTES = Counter("msbx_hostd_console_bytes", "Console bytes sent to viewers", registry=REGISTRY)
+CONSOLE_VIEWERS = Gauge("msbx_hostd_console_streams", "Console streams open (viewers)", registry=REGISTRY)
+CLIENT_REQUESTS = Counter(
+    "msbx_hostd_requests", "Client requests by op and outcome", ["op", "outcome"], registry=REGISTRY
+)
 
 
 class LinkCollector(Collector):
@@ -59,7 +72,7 @@ def metrics_serve(port: int, address: str, statuses: Callable[[], list[dict[str,
     if port <= 0:
         return False
     try:
-        start_http_server(port, addr=address)
+        start_http_server(port, addr=address, registry=REGISTRY)
     except OSError as exc:
         logger.warning("hostd metrics: cannot listen on %s:%d (%s)", address, port, exc)
         return False
