@@ -6,8 +6,8 @@ operation, task; ``vms.hostd.logcontext`` formats them, as JSON lines when ``LOG
 
 - web: the request id is the one ``accounts.middleware.RequestContextMiddleware`` gives the
   request (``accounts.context``); ``ObservabilityMiddleware`` (sandbox_site.metrics) keeps the
-  request so its user shows once authentication has resolved it (session or token), and views
-  add ``vm_id`` through ``log_context``.
+  request so its user shows once authentication has resolved it (session or token), and the
+  VM its URL names (``vm_id``).
 - Celery: a task sent while handling a request carries its request id and user in the task's
   headers (``msbx_request_id``, ``msbx_user``); the worker restores them, with the task id,
   for the task's run (signals below).
@@ -27,6 +27,7 @@ from vms.hostd.logcontext import (
     log_ids,
     log_provider_register,
     request_user_name,
+    request_vm_id,
 )
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ def _django_ids() -> dict[str, str]:
     request = _request.get()
     if request is not None:
         ids["user"] = request_user_name(request)
+        ids["vm_id"] = request_vm_id(request)
     return ids
 
 

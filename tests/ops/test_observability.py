@@ -71,7 +71,7 @@ def test_request_lines_carry_the_request_id_and_the_resolved_user(api, owner, vm
     handler.setFormatter(type("Keep", (JsonFormatter,), {"format": keep})())
     logger.addHandler(handler)
     try:
-        response = api.as_user(owner).get("/api/v1/vms/not-a-vm-at-all/")
+        response = api.as_user(owner).get("/api/v1/vms/00000000-0000-0000-0000-000000000000/")
     finally:
         logger.removeHandler(handler)
     assert response.status_code == 404
@@ -79,6 +79,7 @@ def test_request_lines_carry_the_request_id_and_the_resolved_user(api, owner, vm
     assert warnings, captured
     assert warnings[0]["request_id"] == response["X-Request-ID"]
     assert warnings[0]["user"] == "owner"
+    assert warnings[0]["vm_id"] == "00000000-0000-0000-0000-000000000000"  # the VM the URL names
 
 
 def test_the_request_id_travels_to_celery_tasks_in_their_headers():

@@ -74,13 +74,30 @@ def request_user_name(request: object) -> str:
     return ""
 
 
+def request_vm_id(request: object) -> str:
+    """The VM a (Django) request is about, from its resolved URL (``vm_id``, or ``id``/``pk``
+    of a ``vm-*`` route); empty when it is about none."""
+    match = getattr(request, "resolver_match", None)
+    kwargs = getattr(match, "kwargs", None)
+    if not isinstance(kwargs, dict):
+        return ""
+    vm = kwargs.get("vm_id")
+    if vm is None and str(getattr(match, "url_name", "") or "").startswith("vm-"):
+        vm = kwargs.get("id", kwargs.get("pk"))
+    return str(vm)[:64] if vm is not None else ""
+
+
 def _record_ids(record: logging.LogRecord) -> dict[str, str]:
     # Django logs a request's 4xx/5xx after its middleware finished, with the request in
     # ``extra``: its ids come from there.
     request = getattr(record, "request", None)
     if request is None:
         return {}
-    ids = {"request_id": str(getattr(request, "request_id", "") or ""), "user": request_user_name(request)}
+    ids = {
+        "request_id": str(getattr(request, "request_id", "") or ""),
+        "user": request_user_name(request),
+        "vm_id": request_vm_id(request),
+    }
     return {k: v for k, v in ids.items() if v}
 
 
