@@ -7,7 +7,7 @@ TEST_ENV := DATABASE_URL=postgres://postgres@127.0.0.1:5432/microvm_sandbox \
 	REDIS_URL=redis://127.0.0.1:6379/0 SECRET_KEY=test-only-secret-key DEBUG=0 \
 	SANDBOX_IMAGE_DIR=$(CURDIR)/var/images
 
-.PHONY: run test system venv lock env image lint check-deploy clean benchmarks static-vendor
+.PHONY: run test system venv lock env image lint check-deploy clean benchmarks static-vendor install
 
 system:
 	./scripts/install-system-packages.sh
@@ -56,6 +56,11 @@ run: system venv env static-vendor
 	$(PY) manage.py bootstrap_admin
 	$(PY) manage.py build_image
 	./scripts/run.sh
+
+# Install as systemd services on this Debian host (docs/operations.md): code in /opt/microvm-sandbox,
+# settings in /etc/microvm-sandbox/env, data in /var/lib/microvm-sandbox.
+install: static-vendor
+	./scripts/install.sh
 
 test: system venv static-vendor
 	./scripts/ensure-services.sh

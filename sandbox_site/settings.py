@@ -6,6 +6,7 @@ With nothing set, the site runs on an embedded default that behaves like product
 DATABASE_URL (PostgreSQL) and REDIS_URL it runs the production setup.
 """
 
+import ipaddress
 from pathlib import Path
 
 import environ
@@ -58,6 +59,7 @@ MIDDLEWARE = [
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "accounts.middleware.RequestContextMiddleware",
+    "sandbox_site.metrics.ObservabilityMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
@@ -206,14 +208,46 @@ SESSION_COOKIE_HTTPONLY = True
 X_FRAME_OPTIONS = "DENY"
 SECURE_CONTENT_TYPE_NOSNIFF = True
 
+# Logs: JSON lines by default with DEBUG off (plain text with DEBUG on), each line with the ids of
+# the request, user, VM, operation and Celery task being handled (sandbox_site/logs.py).
+LOG_FORMAT = env.str("LOG_FORMAT", default="plain" if DEBUG else "json")
+if LOG_FORMAT not in ("json", "plain"):
+    raise ImproperlyConfigured(f"LOG_FORMAT must be json or plain, not {LOG_FORMAT!r}.")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"context": {"()": "vms.hostd.logcontext.LogContextFilter"}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s [%(ctx)s] %(message)s"},
+        "json": {"()": "vms.hostd.logcontext.JsonFormatter"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT, "filters": ["context"]}},
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
     "loggers": {"django.db.backends": {"level": "WARNING"}},
 }
+# Celery replaces the root logger's handlers in workers and beat unless told not to: keep ours.
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# Process logs written by scripts/run.sh (make run): size cap per file and rotated copies kept.
+SANDBOX_LOG_MAX_BYTES = env.int("SANDBOX_LOG_MAX_BYTES", default=50 << 20)
+SANDBOX_LOG_BACKUPS = env.int("SANDBOX_LOG_BACKUPS", default=5)
+
+# --- monitoring (docs/operations.md) -----------------------------------------------------
+# /metrics of the web process: with a token only with `Authorization: Bearer <token>`, else only
+# from these networks. Workers and hostd serve theirs on SANDBOX_METRICS_BIND (0 = no listener).
+SANDBOX_METRICS_TOKEN = env.str("SANDBOX_METRICS_TOKEN", default="")
+SANDBOX_METRICS_NETWORKS = [
+    ipaddress.ip_network(n.strip(), strict=False)
+    for n in env.list("SANDBOX_METRICS_NETWORKS", default=["127.0.0.0/8", "::1/128"])
+    if n.strip()
+]
+SANDBOX_METRICS_BIND = env.str("SANDBOX_METRICS_BIND", default="127.0.0.1")
+SANDBOX_WORKER_METRICS_PORT = env.int("SANDBOX_WORKER_METRICS_PORT", default=9101)
+SANDBOX_HOSTD_METRICS_PORT = env.int("SANDBOX_HOSTD_METRICS_PORT", default=9102)
+# A host is down (its VMs `unknown`) when its worker's heartbeat, or its hostd's answer to it, is
+# older than this; beat checks every host on the shared queue.
+SANDBOX_HOST_DOWN_SECONDS = env.float("SANDBOX_HOST_DOWN_SECONDS", default=30.0)
+# /readyz: free space the data directory needs.
+SANDBOX_READY_MIN_FREE_BYTES = env.int("SANDBOX_READY_MIN_FREE_BYTES", default=1 << 30)
 
 # --- microVMs ---------------------------------------------------------------------------
 SANDBOX_HYPERVISOR = env.str("SANDBOX_HYPERVISOR", default="auto")  # auto | cloud-hypervisor | qemu
@@ -264,6 +298,12 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": SANDBOX_RECONCILE_SECONDS,
         "options": {"queue": f"host.{SANDBOX_HOST_NAME}", "expires": SANDBOX_RECONCILE_SECONDS * 2},
     },
+    # Any worker: hosts whose heartbeat stopped are marked down and their VMs `unknown`.
+    "hosts-check": {
+        "task": "vms.tasks.hosts_check_task",
+        "schedule": SANDBOX_RECONCILE_SECONDS,
+        "options": {"queue": "shared", "expires": SANDBOX_RECONCILE_SECONDS * 2},
+    },
 }
 
 # --- networking ---------------------------------------------------------------------------
@@ -287,6 +327,8 @@ SANDBOX_PORT_FORWARDS_PER_VM = env.int("SANDBOX_PORT_FORWARDS_PER_VM", default=1
 
 # --- host daemon, exec and files (docs/hostd.md, docs/exec-and-files.md) -----------------------
 SANDBOX_HOSTD_SOCKET = Path(env.str("SANDBOX_HOSTD_SOCKET", default=str(SANDBOX_RUNTIME_DIR / "hostd.sock")))
+# A group that may use hostd's socket too (0660): the web process's, when it runs unprivileged.
+SANDBOX_HOSTD_SOCKET_GROUP = env.str("SANDBOX_HOSTD_SOCKET_GROUP", default="")
 SANDBOX_HOSTD_SCAN_SECONDS = env.float("SANDBOX_HOSTD_SCAN_SECONDS", default=2.0)
 SANDBOX_CONSOLE_RING_BYTES = env.int("SANDBOX_CONSOLE_RING_BYTES", default=1 << 20)
 SANDBOX_CONSOLE_LOG_MAX_BYTES = env.int("SANDBOX_CONSOLE_LOG_MAX_BYTES", default=16 << 20)

@@ -4,7 +4,8 @@
 # Without REDIS_URL it first starts a private Redis (Debian's redis-server) on a Unix socket
 # (SANDBOX_REDIS_SOCKET, default var/redis.sock; no TCP port, nothing saved to disk) for the
 # channel layer, the cache and Celery's broker, and stops it with the rest. Logs go to
-# <SANDBOX_DATA_DIR>/log (var/log).
+# <SANDBOX_DATA_DIR>/log (var/log), each file capped at SANDBOX_LOG_MAX_BYTES with
+# SANDBOX_LOG_BACKUPS rotated copies (scripts/logpipe.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin
@@ -14,10 +15,13 @@ PORT=${PORT:-8000}
 # Paths as the settings see them (environment, .env, defaults), so that the processes below and
 # manage.py commands run by hand agree on them; and whether REDIS_URL is set there.
 paths=$($PY/python -c 'import os; from sandbox_site import settings as s
-print(s.DATA_DIR.absolute()); print(s.SANDBOX_REDIS_SOCKET.absolute()); print("own" if os.environ.get("REDIS_URL") else "private")')
+print(s.DATA_DIR.absolute()); print(s.SANDBOX_REDIS_SOCKET.absolute()); print("own" if os.environ.get("REDIS_URL") else "private")
+print(s.SANDBOX_LOG_MAX_BYTES); print(s.SANDBOX_LOG_BACKUPS)')
 DATA_DIR=$(sed -n 1p <<<"$paths")
 REDIS_SOCKET=$(sed -n 2p <<<"$paths")
 REDIS_KIND=$(sed -n 3p <<<"$paths")
+LOG_MAX_BYTES=$(sed -n 4p <<<"$paths")
+LOG_BACKUPS=$(sed -n 5p <<<"$paths")
 LOG_DIR=$DATA_DIR/log
 mkdir -p "$LOG_DIR"
 # VM networking (bridges, TAPs, nftables, VMMs) stays in a namespace of its own unless
@@ -26,6 +30,9 @@ if [ -z "${SANDBOX_NETNS+set}" ]; then
     export SANDBOX_NETNS=msbx-local
     [ -e /run/netns/$SANDBOX_NETNS ] || { ip netns add $SANDBOX_NETNS && ip -n $SANDBOX_NETNS link set lo up; }
 fi
+# Each process writes through a rotating pipe (a process substitution: $! stays the process's
+# pid); the pipe ends when the process closes its output.
+logto() { $PY/python scripts/logpipe.py "$LOG_DIR/$1.log" --max-bytes "$LOG_MAX_BYTES" --backups "$LOG_BACKUPS"; }
 pids=()
 redis_pid=
 cleanup() {
@@ -49,18 +56,18 @@ if [ "$REDIS_KIND" = private ]; then
     redis-server --port 0 --unixsocket "$REDIS_SOCKET" --unixsocketperm 700 \
         --save "" --appendonly no --dir "$(dirname "$REDIS_SOCKET")" \
         --maxmemory 256mb --maxmemory-policy volatile-lru \
-        --logfile "$LOG_DIR/redis.log" --daemonize no &
+        --logfile "" --daemonize no > >(logto redis) 2>&1 &
     redis_pid=$!
     for _ in $(seq 1 50); do redis-cli -s "$REDIS_SOCKET" ping >/dev/null 2>&1 && break; sleep 0.1; done
     redis-cli -s "$REDIS_SOCKET" ping >/dev/null || { echo "Redis did not start; see $LOG_DIR/redis.log" >&2; exit 1; }
 fi
-$PY/celery -A sandbox_site worker -Q "shared,host.$HOST_NAME" -n "worker@$HOST_NAME" --concurrency 4 -l INFO >>"$LOG_DIR"/worker.log 2>&1 &
+$PY/celery -A sandbox_site worker -Q "shared,host.$HOST_NAME" -n "worker@$HOST_NAME" --concurrency 4 -l INFO > >(logto worker) 2>&1 &
 pids+=($!)
-$PY/celery -A sandbox_site beat -s "$DATA_DIR/celerybeat-schedule" -l INFO >>"$LOG_DIR"/beat.log 2>&1 &
+$PY/celery -A sandbox_site beat -s "$DATA_DIR/celerybeat-schedule" -l INFO > >(logto beat) 2>&1 &
 pids+=($!)
-$PY/python manage.py hostd >>"$LOG_DIR"/hostd.log 2>&1 &
+$PY/python manage.py hostd > >(logto hostd) 2>&1 &
 pids+=($!)
-$PY/daphne -b "$BIND" -p "$PORT" sandbox_site.asgi:application >>"$LOG_DIR"/web.log 2>&1 &
+$PY/daphne -b "$BIND" -p "$PORT" sandbox_site.asgi:application > >(logto web) 2>&1 &
 pids+=($!)
 sleep 2
 echo

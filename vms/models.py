@@ -112,7 +112,13 @@ class Host(models.Model):
     is_active = models.BooleanField(default=True)
     driver = models.CharField(max_length=32, blank=True, help_text="Driver the host's workers use.")
     acceleration = models.CharField(max_length=8, blank=True)
-    last_seen_at = models.DateTimeField(null=True, blank=True)
+    last_seen_at = models.DateTimeField(
+        null=True, blank=True, help_text="Last heartbeat of the host's worker (its reconcile pass)."
+    )
+    hostd_seen_at = models.DateTimeField(null=True, blank=True, help_text="Last time hostd answered the heartbeat.")
+    hostd_status = models.JSONField(default=dict, blank=True, help_text="hostd's answer: VMs attached, agent links up.")
+    cpus = models.PositiveIntegerField(default=0, help_text="CPUs of the host, as its heartbeat reports them.")
+    memory_mib = models.PositiveIntegerField(default=0, help_text="Memory of the host, as its heartbeat reports it.")
 
     def __str__(self) -> str:
         return self.name
@@ -139,6 +145,7 @@ class VmState(models.TextChoices):
     REBOOTING = "rebooting", "Rebooting"
     RESIZING = "resizing", "Resizing"
     SNAPSHOTTING = "snapshotting", "Snapshotting"
+    UNKNOWN = "unknown", "Unknown (host down)"
 
 
 class VM(models.Model):

@@ -23,10 +23,12 @@ from django.utils import timezone
 
 from accounts.audit import audit_record
 from accounts.models import AuditResult
+from sandbox_site import metrics
 from sandbox_site.errors import ApplicationError
 from vms import hypervisor
+from vms.hostd.logcontext import log_context
 from vms.models import VM, Host, Operation, VmState
-from vms.transitions import IN_PLACE_STATES, TRANSITIONAL_STATES
+from vms.transitions import IN_PLACE_STATES, TRANSITIONAL_STATES, vm_host_back, vm_host_down
 from vms.vmm.base import RuntimeState, VmmError, VmSpec
 
 logger = logging.getLogger(__name__)
@@ -130,9 +132,21 @@ def operation_run(op: Operation) -> None:
 def operation_execute(op_id) -> Operation | None:
     """Claim and run one operation; idempotent (a redelivered task resumes or finishes cleanly)."""
     op = Operation.objects.filter(pk=op_id).first()
-    if op is None or not operation_claim(op):
+    if op is None:
+        return op
+    with log_context(operation_id=op.pk, vm_id=op.vm_ref, request_id=op.request_id):
+        return _operation_execute(op)
+
+
+def _operation_execute(op: Operation) -> Operation | None:
+    if not operation_claim(op):
         return op
     op.refresh_from_db()
+    if op.attempts == 1 and op.started_at is not None:
+        metrics.OPERATION_QUEUE_WAIT.labels(op.action).observe(
+            max(0.0, (op.started_at - op.created_at).total_seconds())
+        )
+    logger.info("operation %s (%s) started, attempt %d", op.pk, op.action, op.attempts)
     try:
         operation_run(op)
     except Exception as exc:
@@ -152,11 +166,14 @@ def operation_execute(op_id) -> Operation | None:
                 result=AuditResult.FAILED,
                 message=message[:2000],
             )
+        metrics.operation_observe(op, "failed")
     else:
         operation_log(op, "done", progress=100)
         Operation.objects.filter(pk=op.pk).update(
             status=Operation.Status.SUCCEEDED, finished_at=timezone.now(), progress=100
         )
+        metrics.operation_observe(op, "succeeded")
+        logger.info("operation %s (%s) succeeded", op.pk, op.action)
     op.refresh_from_db()
     return op
 
@@ -229,9 +246,16 @@ def vms_reconcile(host: Host) -> dict[str, int]:
     from vms import lifecycle
 
     counts = {"died": 0, "powered_off": 0, "stuck": 0, "orphans": 0}
+    recovered = 0
     now = timezone.now()
+    hostd_up = host_heartbeat(host, now)
     for vm in VM.objects.filter(host=host).select_related("template__image", "host"):
-        if vm.state in (S.RUNNING, S.PAUSED) and vm.driver:
+        if vm.state == S.UNKNOWN:
+            # Back to what the VMM reports only once hostd answers again (hosts_check marks
+            # VMs unknown while it does not: deciding here without it would flap).
+            if hostd_up and vm.driver:
+                recovered += _host_back(vm)
+        elif vm.state in (S.RUNNING, S.PAUSED) and vm.driver:
             try:
                 info = hypervisor.driver_for(vm.driver).info(hypervisor.vm_spec(vm), timeout=3.0)
             except VmmError:
@@ -251,5 +275,92 @@ def vms_reconcile(host: Host) -> dict[str, int]:
     root = settings.SANDBOX_RUNTIME_DIR
     if root.is_dir():
         counts["orphans"] = _orphans_remove(root)
-    Host.objects.filter(pk=host.pk).update(last_seen_at=now)
+    for result, n in {**counts, "recovered": recovered}.items():
+        if n:
+            metrics.RECONCILE.labels(result).inc(n)
+    metrics.RECONCILE.labels("pass").inc()
+    return counts
+
+
+def _host_back(vm: VM) -> int:
+    """An ``unknown`` VM whose host answers again: the state its VMM reports."""
+    from vms import lifecycle
+
+    try:
+        info = hypervisor.driver_for(vm.driver).info(hypervisor.vm_spec(vm), timeout=3.0)
+    except VmmError:
+        return 0
+    if info.state == RuntimeState.RUNNING:
+        return int(vm_host_back(vm, S.RUNNING))
+    if info.state == RuntimeState.PAUSED:
+        return int(vm_host_back(vm, S.PAUSED))
+    if info.state == RuntimeState.SHUTDOWN:
+        if vm_host_back(vm, S.RUNNING):
+            return int(lifecycle.vm_powered_off(vm, reason=info.reason or "the guest powered off"))
+        return 0
+    message = "The VMM was gone when the host came back." + (f" ({info.reason})" if info.reason else "")
+    return int(lifecycle.vm_fail(vm, message, expected={S.UNKNOWN}))
+
+
+def _host_capacity() -> tuple[int, int]:
+    memory_mib = 0
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    memory_mib = int(line.split()[1]) // 1024
+                    break
+    except (OSError, ValueError):
+        pass
+    return os.cpu_count() or 0, memory_mib
+
+
+def host_heartbeat(host: Host, now) -> bool:
+    """This host's worker is alive (it runs this): record it, with the host's capacity and
+    whether its hostd answers (True) or not (the host then counts as down)."""
+    from vms.hostd.client import HostdClient
+    from vms.hostd.errors import HostdError
+
+    cpus, memory_mib = _host_capacity()
+    fields: dict = {"last_seen_at": now, "cpus": cpus, "memory_mib": memory_mib}
+    try:
+        with HostdClient(settings.SANDBOX_HOSTD_SOCKET, timeout=2.0) as client:
+            hello, _ = client.call("hello", timeout=2.0)
+            listing, _ = client.call("vm_list", timeout=2.0)
+    except (HostdError, OSError) as exc:
+        fields["hostd_status"] = {"up": False, "error": str(exc)[:500]}
+        up = False
+    else:
+        vms = listing.get("vms", [])
+        links = sum(1 for v in vms if (v.get("agent") or {}).get("connected"))
+        fields["hostd_status"] = {
+            "up": True,
+            "version": hello.get("hostd_version"),
+            "pid": hello.get("pid"),
+            "vms": len(vms),
+            "agent_links_up": links,
+        }
+        fields["hostd_seen_at"] = now
+        up = True
+    Host.objects.filter(pk=host.pk).update(**fields)
+    return up
+
+
+def hosts_check(now=None) -> dict[str, int]:
+    """Any worker (beat, shared queue): the running and paused VMs of every host whose
+    heartbeat stopped (worker or hostd, ``SANDBOX_HOST_DOWN_SECONDS``) become ``unknown``."""
+    from vms.selectors import host_is_up
+
+    now = now or timezone.now()
+    counts = {"hosts_down": 0, "unknown": 0}
+    for host in Host.objects.filter(is_active=True):
+        if host_is_up(host, now):
+            continue
+        counts["hosts_down"] += 1
+        for vm in VM.objects.filter(host=host, state__in=[S.RUNNING, S.PAUSED]):
+            if vm_host_down(vm):
+                counts["unknown"] += 1
+    if counts["unknown"]:
+        logger.warning("%d host(s) down: %d VM(s) now unknown", counts["hosts_down"], counts["unknown"])
+        metrics.RECONCILE.labels("unknown").inc(counts["unknown"])
     return counts

@@ -3,12 +3,66 @@
 from __future__ import annotations
 
 from django.conf import settings
-from django.db.models import Q, Sum
+from django.db.models import Count, Q, Sum
 
 from accounts.models import UserQuota
 from accounts.permissions import visible_queryset
 from accounts.roles import user_is_operator
 from vms.models import VM, Operation, Template, VmState
+
+# States whose VM holds its vCPUs and memory on its host.
+HOST_LOAD_STATES = (
+    "running", "paused", "starting", "pausing", "resuming", "rebooting", "resizing", "snapshotting", "stopping",
+    "unknown",
+)  # fmt: skip
+
+
+def host_heartbeat_age(host, now) -> float | None:
+    """Seconds since the host last answered (the older of its worker's and hostd's
+    heartbeat), or None when it never did."""
+    if host.last_seen_at is None or host.hostd_seen_at is None:
+        return None
+    return (now - min(host.last_seen_at, host.hostd_seen_at)).total_seconds()
+
+
+def host_is_up(host, now) -> bool:
+    """Whether the host's worker and hostd answered within ``SANDBOX_HOST_DOWN_SECONDS``."""
+    age = host_heartbeat_age(host, now)
+    return age is not None and age <= settings.SANDBOX_HOST_DOWN_SECONDS
+
+
+def host_list_with_usage(now):
+    """Active hosts with ``up``, ``heartbeat_age``, VM counts and vCPUs/memory given to VMs."""
+    from vms.models import Host
+
+    load = HOST_LOAD_STATES
+    hosts = list(Host.objects.order_by("name"))
+    for host in hosts:
+        vms = VM.objects.filter(host=host)
+        used = vms.filter(state__in=load).aggregate(v=Sum("vcpus"), m=Sum("memory_mib"))
+        host.up = host_is_up(host, now)
+        host.heartbeat_age = host_heartbeat_age(host, now)
+        host.vm_count = vms.count()
+        host.vm_states = dict(vms.values_list("state").annotate(n=Count("pk")).values_list("state", "n"))
+        host.vcpus_used = used["v"] or 0
+        host.memory_used_mib = used["m"] or 0
+    return hosts
+
+
+def operation_list_failing(*, since):
+    """Operations that failed since ``since``, newest first (operator pages)."""
+    return Operation.objects.filter(status=Operation.Status.FAILED, finished_at__gte=since).select_related(
+        "vm", "requested_by"
+    )
+
+
+def operation_list_running():
+    """Operations pending or running, oldest first (operator pages)."""
+    return (
+        Operation.objects.filter(status__in=[Operation.Status.PENDING, Operation.Status.RUNNING])
+        .select_related("vm", "requested_by")
+        .order_by("created_at")
+    )
 
 
 def vm_list_visible(user):

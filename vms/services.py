@@ -16,6 +16,7 @@ from guardian.shortcuts import assign_perm
 
 from accounts.audit import audit_record
 from accounts.permissions import require_perm
+from sandbox_site import metrics
 from sandbox_site.errors import ApplicationError, ConflictError, QuotaExceeded
 from vms import selectors
 from vms.hooks import hook_run
@@ -78,6 +79,8 @@ def vm_limits_check(
         if usage[key] + asked > quota[f"max_{key}"]:
             over[key] = f"{usage[key]} used + {asked} asked > limit {quota[f'max_{key}']}"
     if over:
+        for resource in over:
+            metrics.QUOTA_DENIALS.labels(resource).inc()
         raise QuotaExceeded("This would exceed your resource limits.", details=over)
 
 

@@ -1,6 +1,8 @@
 """Celery tasks: thin wrappers that take ids and call one service."""
 
 import logging
+import threading
+import time
 
 from celery import shared_task
 from celery.signals import worker_ready
@@ -29,6 +31,13 @@ def vms_reconcile_task() -> None:
 
 
 @shared_task(ignore_result=True)
+def hosts_check_task() -> None:
+    from vms.operations import hosts_check
+
+    hosts_check()
+
+
+@shared_task(ignore_result=True)
 def vms_sample_task() -> None:
     from vms.sampling import vms_sample
     from vms.services import local_host
@@ -51,3 +60,28 @@ def _reconcile_on_start(sender=None, **kwargs) -> None:
         hook_run("host_worker_ready", host=local_host())
     except Exception:
         logger.exception("worker-start hooks failed")
+
+
+@worker_ready.connect
+def _heartbeat_start(sender=None, **kwargs) -> None:
+    # The host's heartbeat comes from a thread of the worker's main process, not from a task:
+    # a pool busy with long boots must not make its host look down.
+    threading.Thread(target=_heartbeat_loop, name="msbx-host-heartbeat", daemon=True).start()
+
+
+def _heartbeat_loop() -> None:
+    from django.conf import settings
+    from django.db import connection
+    from django.utils import timezone
+
+    from vms.operations import host_heartbeat
+    from vms.services import local_host
+
+    while True:
+        try:
+            host_heartbeat(local_host(), timezone.now())
+        except Exception:
+            logger.warning("host heartbeat failed", exc_info=True)
+        finally:
+            connection.close()
+        time.sleep(settings.SANDBOX_RECONCILE_SECONDS)

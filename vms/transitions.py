@@ -18,7 +18,7 @@ clone      (row is created ``creating``)                          creating      
                                                                                 restore)
 start      stopped, error                                         starting      running
 stop       running, paused, starting, error, pausing, resuming,   stopping      stopped
-           rebooting, resizing
+           rebooting, resizing, unknown
 reboot     running                                                rebooting     running
 pause      running                                                pausing       paused
 resume     paused                                                 resuming      running
@@ -35,6 +35,13 @@ Stop and delete are refused (409) while a snapshot is being taken: the snapshot 
 first, then the VM can be stopped or deleted. The reconciler adds: running/paused ->
 ``error`` (VMM gone) or ``stopped`` (guest powered off); a transitional state whose worker
 died is retried, then settled (``vms.operations.vms_reconcile``).
+
+Host heartbeats (``HOST_DOWN_FROM``): a running or paused VM whose host stops answering (its
+worker's heartbeat or its hostd, ``vms.operations.hosts_check``) becomes ``unknown``, never
+by a request; when the host answers again its reconcile puts the VM in the state its VMM
+reports (``running``/``paused``; ``error`` when the VMM is gone, ``stopped`` when the guest
+powered off). An ``unknown`` VM can be stopped or deleted (the operation runs once its host
+is back).
 """
 
 from __future__ import annotations
@@ -51,6 +58,10 @@ from vms.models import VM, Operation, VmState
 S = VmState
 
 STABLE_STATES = frozenset({S.STOPPED, S.RUNNING, S.PAUSED, S.ERROR})
+# The reconciler's own moves (no action, no operation): running/paused -> unknown while the
+# VM's host is down; unknown -> what the VMM reports (HOST_BACK_TO) once it answers again.
+HOST_DOWN_FROM = frozenset({S.RUNNING, S.PAUSED})
+HOST_BACK_TO = frozenset({S.RUNNING, S.PAUSED, S.STOPPED, S.ERROR})
 # Transitional states whose VMM keeps running (or stays stopped) while the operation runs:
 # when it fails, the VM settles to what the VMM reports rather than to error.
 IN_PLACE_STATES = frozenset({S.PAUSING, S.RESUMING, S.REBOOTING, S.RESIZING, S.SNAPSHOTTING})
@@ -78,7 +89,9 @@ TRANSITIONS: dict[str, Transition] = {
     "clone": Transition(frozenset({S.CREATING}), S.CREATING, S.STARTING),
     "start": Transition(frozenset({S.STOPPED, S.ERROR}), S.STARTING, S.RUNNING, "vms.power_vm"),
     "stop": Transition(
-        frozenset({S.RUNNING, S.PAUSED, S.STARTING, S.ERROR, S.PAUSING, S.RESUMING, S.REBOOTING, S.RESIZING}),
+        frozenset(
+            {S.RUNNING, S.PAUSED, S.STARTING, S.ERROR, S.PAUSING, S.RESUMING, S.REBOOTING, S.RESIZING, S.UNKNOWN}
+        ),
         S.STOPPING,
         S.STOPPED,
         "vms.power_vm",
@@ -151,6 +164,18 @@ def vm_transition_request(vm: VM, action: str, *, allowed: frozenset[str] | None
         f"Cannot {action} a VM that is {vm.state}.",
         details={"state": vm.state, "allowed_from": sorted(allowed)},
     )
+
+
+def vm_host_down(vm: VM) -> bool:
+    """The VM's host stopped answering: running/paused -> ``unknown`` (compare-and-set)."""
+    return vm_transition(vm, expected=HOST_DOWN_FROM, new=S.UNKNOWN)
+
+
+def vm_host_back(vm: VM, new: str, **fields) -> bool:
+    """The VM's host answers again: ``unknown`` -> what its VMM reports (``HOST_BACK_TO``)."""
+    if new not in HOST_BACK_TO:
+        raise ValueError(f"unknown -> {new} is not a reconcile outcome")
+    return vm_transition(vm, expected={S.UNKNOWN}, new=new, **fields)
 
 
 def vm_transition_done(vm: VM, action: str, *, previous: str | None = None, **fields) -> bool:

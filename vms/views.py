@@ -1,10 +1,15 @@
 """Dashboard pages. Reads come from selectors; writes go through services (forms) or the
 JSON API (buttons, with the session's CSRF token)."""
 
+from datetime import timedelta
+
+from django.conf import settings
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.http import Http404
 from django.shortcuts import redirect, render
+from django.utils import timezone
 
 from accounts import selectors as account_selectors
 from accounts.roles import user_is_operator
@@ -55,6 +60,42 @@ def vm_detail(request, vm_id):
     }
     events = account_selectors.audit_events_visible(request.user).filter(object_id=str(vm.pk))[:50]
     return render(request, "vms/detail.html", {"vm": vm, "perms": perms, "events": events})
+
+
+def _operator_only(request) -> None:
+    if not user_is_operator(request.user):
+        raise PermissionDenied
+
+
+@login_required
+def host_list(request):
+    """Operators: each host's capacity, what its VMs use, hostd's link state, last heartbeat."""
+    _operator_only(request)
+    hosts = selectors.host_list_with_usage(timezone.now())
+    return render(request, "vms/hosts.html", {"hosts": hosts, "down_after": settings.SANDBOX_HOST_DOWN_SECONDS})
+
+
+@login_required
+def system_status(request):
+    """Operators: queue depths, failing and stuck operations, this web process's readiness."""
+    from sandbox_site.health import readiness_checks
+    from sandbox_site.metrics import queue_depths
+
+    _operator_only(request)
+    checks = readiness_checks()
+    failed = selectors.operation_list_failing(since=timezone.now() - timedelta(hours=24))
+    return render(
+        request,
+        "vms/system.html",
+        {
+            "checks": checks,
+            "ready": all(c["ok"] for c in checks.values()),
+            "queues": queue_depths(),
+            "failed": failed[:50],
+            "failed_count": failed.count(),
+            "running": selectors.operation_list_running()[:50],
+        },
+    )
 
 
 @login_required

@@ -103,6 +103,7 @@ class Stack:
     tokens: dict[str, str]
     netns: str = ""
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    metrics_ports: dict[str, int] = field(default_factory=dict)  # the worker's and hostd's listeners
     data_dir: Path | None = None  # the embedded stack's SANDBOX_DATA_DIR (removed at stop)
 
     def client(self, persona: str = "owner") -> httpx.Client:
@@ -266,6 +267,9 @@ def stack_start(work_dir: Path, log_dir: Path) -> Stack:
         "SANDBOX_STOP_TIMEOUT": "20",
         "SANDBOX_BOOT_TIMEOUT": "150",
         "SANDBOX_FILE_UPLOAD_MAX_BYTES": str(256 << 20),
+        "SANDBOX_WORKER_METRICS_PORT": str(_free_port()),
+        "SANDBOX_HOSTD_METRICS_PORT": str(_free_port()),
+        "LOG_FORMAT": "json",
         "PYTHONUNBUFFERED": "1",
     }
     netns = f"msbx-systest-{os.getpid()}"
@@ -284,6 +288,10 @@ def stack_start(work_dir: Path, log_dir: Path) -> Stack:
         log_dir=log_dir,
         tokens=tokens,
         netns=netns,
+        metrics_ports={
+            "worker": int(env["SANDBOX_WORKER_METRICS_PORT"]),
+            "hostd": int(env["SANDBOX_HOSTD_METRICS_PORT"]),
+        },
     )
     try:
         _netns_create(netns)
@@ -326,6 +334,8 @@ def embedded_stack_start(log_dir: Path) -> Stack:
             "SANDBOX_STOP_TIMEOUT": "20",
             "SANDBOX_BOOT_TIMEOUT": "150",
             "SANDBOX_NETNS": netns,
+            "SANDBOX_WORKER_METRICS_PORT": str(_free_port()),
+            "SANDBOX_HOSTD_METRICS_PORT": str(_free_port()),
             "BIND": "127.0.0.1",
             "PORT": str(port),
             "PYTHONUNBUFFERED": "1",

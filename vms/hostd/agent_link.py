@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from vms.hostd import metrics as hostd_metrics
 from vms.vmm.agent_client import (
     AGENT_VSOCK_PORT,
     HELLO_RESEND_SECONDS,
@@ -198,10 +199,13 @@ class AgentLink:
                 )
             except FrameError as exc:
                 self.malformed_disconnects += 1
+                hostd_metrics.HOSTILE.labels("malformed").inc()
                 self.last_error = f"malformed data from the guest: {exc}"
                 logger.error("vm %s: closing agent connection: %s", self.vm_id, self.last_error)
             except (OSError, EOFError, TimeoutError, AgentError) as exc:
                 synced = self.sessions > before
+                if synced:
+                    hostd_metrics.AGENT_DISCONNECTS.inc()
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 logger.log(logging.INFO if synced else logging.DEBUG, "vm %s: agent link down: %s", self.vm_id, exc)
             except Exception as exc:  # never let one VM's link take hostd down
@@ -248,6 +252,7 @@ class AgentLink:
         decoder.scanning = False
         decoder.skipped = 0
         self.sessions += 1
+        hostd_metrics.AGENT_SESSIONS.inc()
         self.last_error = ""
         self.ready.set()
         logger.info("vm %s: agent session %d up (agent %s)", self.vm_id, self.sessions, self.hello.get("agent_version"))
@@ -257,10 +262,12 @@ class AgentLink:
             data = await reader.read(256 << 10)
             if not data:
                 raise EOFError("agent connection closed")
+            hostd_metrics.AGENT_BYTES.labels("in").inc(len(data))
             started, crc_before = time.thread_time(), decoder.crc_bytes
             junk = 0
             try:
                 for frame in decoder.feed(data):
+                    hostd_metrics.AGENT_FRAMES.labels("in").inc()
                     if not self._dispatch(frame):
                         junk += frame.size
             finally:
@@ -390,6 +397,8 @@ class AgentLink:
                 except TimeoutError as exc:
                     raise AgentTimeout("the guest agent is not reading") from exc
             writer.write(frame)
+            hostd_metrics.AGENT_FRAMES.labels("out").inc()
+            hostd_metrics.AGENT_BYTES.labels("out").inc(len(frame))
 
     # ----- subscriptions -------------------------------------------------------------
 

@@ -20,10 +20,20 @@ from pathlib import Path
 from typing import Any
 
 from vms.hostd.errors import HostdError, HostdRequestError, HostdTimeout, HostdUnavailable
+from vms.hostd.logcontext import log_ids
 from vms.vmm.agent_protocol import MAX_DATA, Frame, FrameDecoder, FrameError, check_response, encode_frame
 
 UPLOAD_CHUNK = 256 << 10
 TRANSFER_WINDOW = 8  # chunks in flight during uploads and downloads
+
+
+def _request_header(req_id: int, op: str, args: dict[str, Any]) -> dict[str, Any]:
+    """A request's header, with the id of the web request or task sending it (for hostd's logs)."""
+    header: dict[str, Any] = {"id": req_id, "op": op, "args": args}
+    request_id = log_ids().get("request_id")
+    if request_id:
+        header["request"] = request_id
+    return header
 
 
 def _raise_for(frame: Frame) -> tuple[dict[str, Any], bytes]:
@@ -78,7 +88,7 @@ class HostdClient:
         assert self._sock is not None
         req_id = next(self._ids)
         try:
-            frame = encode_frame({"id": req_id, "op": op, "args": args}, data)
+            frame = encode_frame(_request_header(req_id, op, args), data)
         except FrameError as exc:
             raise HostdRequestError("too_large", str(exc)) from exc
         self._sock.settimeout(timeout or self.timeout)
@@ -403,7 +413,7 @@ class AsyncHostdClient:
         fut: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
         self._pending[req_id] = fut
         try:
-            self._writer.write(encode_frame({"id": req_id, "op": op, "args": args or {}}, data))
+            self._writer.write(encode_frame(_request_header(req_id, op, args or {}), data))
             await asyncio.wait_for(self._writer.drain(), timeout)
             frame = await asyncio.wait_for(fut, timeout)
         except TimeoutError as exc:

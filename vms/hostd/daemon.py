@@ -18,17 +18,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vms.hostd import metrics as hostd_metrics
 from vms.hostd.agent_link import AgentLink, AgentUnavailable, LinkBudget
 from vms.hostd.console import ConsoleLink, ConsoleUnavailable
 from vms.hostd.errors import HostdError
+from vms.hostd.logcontext import log_context, log_context_set
 from vms.vmm.agent_client import AGENT_SOCKET, AgentError, AgentRequestError, AgentTimeout, AgentTransport
 from vms.vmm.agent_protocol import Frame, FrameDecoder, FrameError, encode_frame
 from vms.vmm.process import running_vmm_pid
@@ -52,6 +56,9 @@ class HostdConfig:
     scan_seconds: float = 2.0
     agent_budget: LinkBudget = LinkBudget()
     console_log_max_bytes: int = 16 << 20
+    metrics_port: int = 0  # 0: no metrics listener
+    metrics_bind: str = "127.0.0.1"
+    socket_group: str = ""  # a group that may use the socket too (0660), e.g. the web's user
 
 
 def _is_cloud_hypervisor(runtime_dir: Path, pid: int | None) -> bool:
@@ -123,8 +130,16 @@ class HostDaemon:
         finally:
             os.umask(old_umask)
         os.chmod(path, 0o600)
+        if self.config.socket_group:
+            # The web process runs unprivileged (deploy/systemd): its group may connect.
+            group = self.config.socket_group
+            shutil.chown(path, group=int(group) if group.isdigit() else group)
+            os.chmod(path, 0o660)
         await self.scan()
         self._scan_task = asyncio.create_task(self._scan_loop(), name="hostd-scan")
+        hostd_metrics.metrics_serve(
+            self.config.metrics_port, self.config.metrics_bind, lambda: [vm.status() for vm in list(self.vms.values())]
+        )
         logger.info("hostd listening on %s; %d running VM(s) attached", path, len(self.vms))
 
     async def run_forever(self) -> None:
@@ -199,7 +214,9 @@ class HostDaemon:
             return existing
         handle = VmHandle(vm_id, runtime_dir, pid, self.config)
         self.vms[vm_id] = handle
-        handle.start()
+        # The links outlive the request that attached them: their tasks start in a context of
+        # their own, so their log lines carry this VM's id, not that request's.
+        contextvars.Context().run(_start_in_own_context, handle)
         logger.info("vm %s: attached (pid %s, %s)", vm_id, pid, handle.agent.transport.value)
         return handle
 
@@ -224,6 +241,11 @@ class HostDaemon:
         finally:
             self.sessions.discard(session)
             session.close()
+
+
+def _start_in_own_context(handle: VmHandle) -> None:
+    log_context_set(vm_id=handle.vm_id)
+    handle.start()
 
 
 def _scan_runtime(root: Path) -> dict[str, tuple[Path, int | None]]:
@@ -300,9 +322,19 @@ class ClientSession:
 
     async def _handle(self, frame: Frame) -> None:
         h = frame.header
+        # The request id of the web request or task that sent this (clients add it), for logs.
+        request = h.get("request")
+        args = h.get("args", {})
+        vm_id = args.get("vm_id") if isinstance(args, dict) else None
+        with log_context(
+            request_id=request if isinstance(request, str) and len(request) <= 64 else None,
+            vm_id=vm_id if isinstance(vm_id, str) and len(vm_id) <= 64 else None,
+        ):
+            await self._handle_in_context(frame, h, args)
+
+    async def _handle_in_context(self, frame: Frame, h: dict[str, Any], args: Any) -> None:
         req_id = h.get("id")
         op = h.get("op")
-        args = h.get("args", {})
         try:
             if not isinstance(op, str) or not isinstance(args, dict):
                 raise HostdError("bad_request", "a request needs a string 'op' and an object 'args'")
@@ -310,11 +342,14 @@ class ClientSession:
             if handler is None:
                 raise HostdError("unknown_op", f"unknown op {op!r}")
             result, data = await handler(args, frame.data)
+            hostd_metrics.CLIENT_REQUESTS.labels(op, "ok").inc()
             if req_id is not None:
                 self.send({"id": req_id, "ok": True, "result": result}, data)
         except asyncio.CancelledError:
             raise
         except HostdError as exc:
+            if exc.code != "unknown_op":  # not a label per junk op name
+                hostd_metrics.CLIENT_REQUESTS.labels(str(op)[:32], exc.code).inc()
             self._error(req_id, exc.code, exc.message)
         except AgentRequestError as exc:
             self._error(
@@ -464,6 +499,7 @@ class ExecStream:
         self.queued += len(frame.data)
         if self.queued > 2 * EXEC_WINDOW + (1 << 20):
             logger.error("vm %s: agent ignored flow control on exec %s; reconnecting", self.vm.vm_id, self.exec_id)
+            hostd_metrics.HOSTILE.labels("flow_control").inc()
             self.vm.agent.kick()
             return
         self.queue.put_nowait(frame)
@@ -545,11 +581,19 @@ class ConsoleStream:
         self.cursor = offset
 
     async def run(self) -> None:
+        hostd_metrics.CONSOLE_VIEWERS.inc()
+        try:
+            await self._run()
+        finally:
+            hostd_metrics.CONSOLE_VIEWERS.dec()
+
+    async def _run(self) -> None:
         console = self.vm.console
         try:
             while True:
                 start, data = await console.read(self.cursor)
                 if data:
+                    hostd_metrics.CONSOLE_BYTES.inc(len(data))
                     self.session.send({"ev": "console", "sub": self.sub, "offset": start}, data)
                     self.cursor = start + len(data)
                     await self.session.drain()

@@ -21,5 +21,8 @@ class Command(BaseCommand):
             console_ring_bytes=settings.SANDBOX_CONSOLE_RING_BYTES,
             console_log_max_bytes=settings.SANDBOX_CONSOLE_LOG_MAX_BYTES,
             scan_seconds=settings.SANDBOX_HOSTD_SCAN_SECONDS,
+            metrics_port=settings.SANDBOX_HOSTD_METRICS_PORT,
+            metrics_bind=settings.SANDBOX_METRICS_BIND,
+            socket_group=settings.SANDBOX_HOSTD_SOCKET_GROUP,
         )
         main_run(config)
