@@ -242,10 +242,10 @@ def vmm_cgroup_create(
             logger.warning("no cgroup hierarchy found: VMM %s runs without CPU/memory/pids limits", name)
             return None
     except OSError as exc:
-        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTSUP):
-            logger.warning("cgroups are not writable here (%s): VMM %s runs without CPU/memory/pids limits", exc, name)
-            return None
-        raise
+        # Not writable (a container, a development machine) or set up in a way we cannot use
+        # (e.g. v2 processes in the parent): say so loudly, and launch without limits.
+        logger.warning("cgroups are not writable here (%s): VMM %s runs without CPU/memory/pids limits", exc, name)
+        return None
     if group.skipped:
         logger.info("cgroup of VMM %s: this host cannot apply %s", name, ", ".join(group.skipped))
     return group

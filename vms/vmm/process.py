@@ -296,6 +296,8 @@ def tap_open(name: str, *, netns: str | None = None) -> int:
     does not exist, or is attached elsewhere (``EBUSY``: another VMM still has it)."""
 
     def attach() -> int:
+        # TUNSETIFF would create a missing TAP (we have CAP_NET_ADMIN): look it up first.
+        socket.if_nametoindex(name)
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
         try:
             ifreq = struct.pack("16sH22x", name.encode(), _IFF_TAP | _IFF_NO_PI | _IFF_VNET_HDR)
