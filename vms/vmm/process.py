@@ -113,6 +113,11 @@ if failed:
     os.waitpid(pid, 0)
     os.write(report, b"E" + failed.replace(b"\n", b" ") + b"\n")
 else:
+    # The pid file is written here, before reporting: a caller killed meanwhile (a worker
+    # SIGKILLed mid-boot) must not leave a running VMM that nobody can find.
+    with open("vmm.pid.tmp", "w") as fh:
+        fh.write(f"{pid}\n")
+    os.replace("vmm.pid.tmp", "vmm.pid")
     os.write(report, str(pid).encode() + b"\n")
 """
 
@@ -250,11 +255,7 @@ def spawn_detached(
                 "log_tail": log_tail(runtime_dir),
             },
         )
-    pid = int(report)
-    tmp = runtime_dir / (PID_FILE + ".tmp")
-    tmp.write_text(f"{pid}\n")
-    os.replace(tmp, runtime_dir / PID_FILE)
-    return pid
+    return int(report)  # the launcher wrote it to runtime_dir/vmm.pid already
 
 
 _STAGE_MESSAGES = {
