@@ -26,10 +26,13 @@ import psycopg
 from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 
+from vms.vmm.cgroups import cgroup_name, vmm_cgroup_remove
+
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 # Overridable so two system-test runs on one machine do not share a database or queues.
 DB_NAME = os.environ.get("SANDBOX_SYSTEST_DB", "microvm_sandbox_system")
+SYSTEST_CGROUP = "msbx-systest"
 REDIS_DB = int(os.environ.get("SANDBOX_SYSTEST_REDIS_DB", "3"))
 
 
@@ -259,6 +262,8 @@ def stack_start(work_dir: Path, log_dir: Path) -> Stack:
         "SANDBOX_STOP_TIMEOUT": "20",
         "SANDBOX_BOOT_TIMEOUT": "150",
         "SANDBOX_FILE_UPLOAD_MAX_BYTES": str(256 << 20),
+        # VMM cgroups apart from a `make run` on the same host; removed by stack_stop.
+        "SANDBOX_VMM_CGROUP": SYSTEST_CGROUP,
         "PYTHONUNBUFFERED": "1",
     }
     netns = f"msbx-systest-{os.getpid()}"
@@ -290,11 +295,19 @@ def stack_start(work_dir: Path, log_dir: Path) -> Stack:
     return stack
 
 
+def _remove_vmm_cgroups(runtime_dir: Path) -> None:
+    """The cgroups of the VMMs killed at the end (their VMs were never cleaned up)."""
+    for vm_dir in runtime_dir.iterdir() if runtime_dir.is_dir() else []:
+        if vm_dir.is_dir():
+            vmm_cgroup_remove(SYSTEST_CGROUP, cgroup_name(vm_dir.name, vm_dir))
+
+
 def stack_stop(stack: Stack) -> None:
     try:
         for name in list(stack.procs):
             stack.kill(name)
         _kill_vmms(stack.runtime_dir)
+        _remove_vmm_cgroups(stack.runtime_dir)
         shutil.rmtree(stack.runtime_dir, ignore_errors=True)
     finally:
         # Bridges, TAPs and nftables tables go with the namespace once no VMM is left in it.
