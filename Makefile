@@ -13,11 +13,13 @@ system:
 	./scripts/install-system-packages.sh
 
 # Dependencies are declared in pyproject.toml and pinned in requirements/lock.txt: install exactly
-# the lock, then our own packages (editable) without resolving anything again.
-$(VENV)/.installed: pyproject.toml requirements/lock.txt
+# the lock, then our own packages (editable: the server, and the SDK in sdk/) without resolving
+# anything again.
+$(VENV)/.installed: pyproject.toml sdk/pyproject.toml requirements/lock.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements/lock.txt
 	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip install -q --no-deps -e sdk   # the SDK and `msbx` (its dependencies are in the lock)
 	touch $@
 
 venv: $(VENV)/.installed

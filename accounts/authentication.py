@@ -50,3 +50,33 @@ class BearerTokenScheme(OpenApiAuthenticationExtension):
 
     def get_security_definition(self, auto_schema):
         return {"type": "http", "scheme": "bearer", "description": "API token from POST /api/v1/tokens/"}
+
+
+class BearerTokenWebsocketMiddleware:
+    """Websocket handshakes with ``Authorization: Bearer <token>`` (API clients such as the
+    SDK and ``msbx``) authenticate as the token's user; without the header the session's user
+    (``AuthMiddlewareStack``, which wraps this) stays. Read-only tokens are anonymous here
+    (the consumers answer 4401): exec and console websockets carry input."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    async def __call__(self, scope, receive, send):
+        secret = _bearer_secret(scope.get("headers") or ())
+        if secret is None:
+            return await self.inner(scope, receive, send)
+        from channels.db import database_sync_to_async
+        from django.contrib.auth.models import AnonymousUser
+
+        token = await database_sync_to_async(services.token_authenticate)(secret)
+        user = token.user if token is not None and not token.read_only else AnonymousUser()
+        return await self.inner({**scope, "user": user}, receive, send)
+
+
+def _bearer_secret(headers) -> str | None:
+    for name, value in headers:
+        if name.lower() == b"authorization":
+            parts = value.split()
+            if len(parts) == 2 and parts[0].lower() == b"bearer":
+                return parts[1].decode("ascii", "replace")
+    return None

@@ -138,6 +138,8 @@ class ObjectPermissionViewSet(_DeclaredPerms, viewsets.GenericViewSet):
         super().initial(request, *args, **kwargs)  # authentication and token scope first: 401
         # A detail route checks its object before any handler runs, so none can forget to.
         self._object = None
+        if self.action is None:
+            return  # no handler for this method: DRF answers 405, touching nothing
         if (self.lookup_url_kwarg or self.lookup_field) in kwargs:
             self._object = self._checked_object()
 
@@ -176,6 +178,8 @@ class VmNestedViewSet(_DeclaredPerms, viewsets.GenericViewSet):
 
     def initial(self, request, *args, **kwargs):
         super().initial(request, *args, **kwargs)  # authentication and token scope first: 401
+        if self.action is None:
+            return  # no handler for this method: DRF answers 405, touching nothing
         self.vm = vm_for(request.user, kwargs[self.lookup_url_kwarg], self.required_perm(), action=self.audit_action())
 
     def get_object(self):

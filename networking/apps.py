@@ -4,3 +4,16 @@ from django.apps import AppConfig
 class NetworkingConfig(AppConfig):
     name = "networking"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        # vms calls these at its lifecycle points and never imports networking.
+        from networking import services
+        from vms.hooks import hook_register
+
+        hook_register("vm_created", services.vm_hook_created)
+        hook_register("vm_before_launch", services.vm_hook_before_launch)
+        hook_register("vm_vmm_gone", services.vm_hook_vmm_gone)
+        hook_register("vm_row_deleting", services.vm_hook_row_deleting)
+        hook_register("vm_nic", services.vm_hook_nic)
+        hook_register("vm_counters", services.vm_hook_counters)
+        hook_register("host_worker_ready", services.host_hook_worker_ready)

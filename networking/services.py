@@ -1,12 +1,13 @@
 """Networking business rules: networks, address management, host plumbing, port forwards,
 egress policy. Views, tasks and the VM lifecycle call these and nothing else.
 
-Integration with the VM lifecycle (called by vms, see docs/networking.md):
+Integration with the VM lifecycle: ``NetworkingConfig.ready`` registers the ``vm_hook_*``
+functions below with ``vms.hooks`` (vms never imports networking; see docs/networking.md):
 
 - ``nic_allocate(vm=...)`` inside the VM create transaction: MAC + IP from the database;
 - ``nic_spec(vm=...)`` when building the ``VmSpec`` (tap, mac, kernel arguments);
-- ``nic_plumb(vm=...)`` on the VM's host before the VMM is launched;
-- ``nic_unplumb(vm=...)`` on the VM's host after the VMM is gone (delete);
+- ``nic_plumb(vm=...)`` on the VM's host before the VMM is launched or restored;
+- ``nic_unplumb(vm=...)`` on the VM's host after the VMM is gone (stop, delete);
 - ``nic_release(vm=...)`` in the transaction that deletes the VM row;
 - ``network_reconcile(host=...)`` at worker start on each host.
 
@@ -524,3 +525,40 @@ def port_forward_delete(*, port_forward: PortForward, actor) -> None:
                 },
             )
             _rules_apply_enqueue(vm.host)
+
+
+# --- VM lifecycle hooks (registered with vms.hooks from NetworkingConfig.ready) ---------------
+
+
+def vm_hook_created(*, vm, actor) -> None:
+    """A new VM (create or clone) gets its NIC on the default network, in its create transaction."""
+    if settings.SANDBOX_NETWORKING:
+        nic_allocate(vm=vm, network=None, actor=actor)
+
+
+def vm_hook_before_launch(*, vm) -> list[str]:
+    """Plumb the VM's NICs before its VMM opens the TAPs by name; lines for the operation log."""
+    return [f"{n.tap} {n.ip}/{n.prefix}" for n in nic_plumb(vm=vm)]
+
+
+def vm_hook_vmm_gone(*, vm) -> None:
+    """Unplumb the NICs of a VM whose VMM stopped (a VM without NICs touches no host rules)."""
+    if selectors.nics_of(vm):
+        nic_unplumb(vm=vm)
+
+
+def vm_hook_row_deleting(*, vm) -> None:
+    nic_release(vm=vm, actor=None)
+
+
+def vm_hook_nic(*, vm) -> NicSpec | None:
+    return nic_spec(vm=vm)
+
+
+def vm_hook_counters(*, vm) -> dict[str, dict[str, int]]:
+    return nic_counters(vm=vm)
+
+
+def host_hook_worker_ready(*, host) -> None:
+    # Our own leftover TAPs/bridges go, plumbed NICs come back, rules re-applied atomically.
+    network_reconcile(host=host)

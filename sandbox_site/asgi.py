@@ -9,6 +9,7 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
+from accounts.authentication import BearerTokenWebsocketMiddleware  # noqa: E402
 from sandbox_site import daphne_spool  # noqa: E402
 from sandbox_site.routing import websocket_urlpatterns  # noqa: E402
 from vms.upload_limit import UploadLimitMiddleware  # noqa: E402
@@ -18,6 +19,8 @@ daphne_spool.install()  # large request bodies: spooled to disk, not held in dap
 application = ProtocolTypeRouter(
     {
         "http": UploadLimitMiddleware(django_asgi_app),
-        "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+        "websocket": AllowedHostsOriginValidator(
+            AuthMiddlewareStack(BearerTokenWebsocketMiddleware(URLRouter(websocket_urlpatterns)))
+        ),
     }
 )

@@ -1,7 +1,8 @@
 """Settings, all from the environment (see docs/configuration.md).
 
-With nothing set, the site runs on an embedded default: SQLite, an in-process channel
-layer and Celery on a filesystem broker, so a newcomer needs no services. With
+With nothing set, the site runs on an embedded default that behaves like production: SQLite
+(WAL, immediate write transactions, a busy timeout) and a private Redis on a Unix socket that
+``make run`` starts (scripts/run.sh) for the channel layer, the cache and Celery's broker. With
 DATABASE_URL (PostgreSQL) and REDIS_URL it runs the production setup.
 """
 
@@ -84,43 +85,42 @@ DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{DATA_DIR / '
 DATABASES["default"]["ATOMIC_REQUESTS"] = False
 DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("DB_CONN_MAX_AGE", default=0))
 if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
-    DATABASES["default"].setdefault("OPTIONS", {})["timeout"] = 20
+    # Several processes write at once (web, Celery worker and beat). WAL lets readers go on
+    # while one writes; BEGIN IMMEDIATE takes the write lock when a transaction starts, so
+    # two transactions never both read and then fail to upgrade ("database is locked" at
+    # once, whatever the timeout); a writer that finds the lock taken waits up to 20 s.
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        {
+            "transaction_mode": "IMMEDIATE",
+            "timeout": 20,
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL",
+        }
+    )
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
-REDIS_URL = env.str("REDIS_URL", default="")
+# Without REDIS_URL: the private Redis that `make run` starts (scripts/run.sh) on this Unix
+# socket, with no TCP port. Connections are opened on first use, so manage.py commands that
+# need none of the channel layer, cache or broker (migrate, bootstrap_admin, build_image...)
+# work while it is not running.
+SANDBOX_REDIS_SOCKET = Path(env.str("SANDBOX_REDIS_SOCKET", default=str(DATA_DIR / "redis.sock")))
+REDIS_URL = env.str("REDIS_URL", default="") or f"unix://{SANDBOX_REDIS_SOCKET.absolute()}"
 
-if REDIS_URL:
-    CHANNEL_LAYERS = {
-        "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "capacity": 200, "expiry": 30},
-        }
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {"hosts": [REDIS_URL], "capacity": 200, "expiry": 30},
     }
-    CELERY_BROKER_URL = REDIS_URL
-else:
-    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
-    CELERY_BROKER_URL = "filesystem://"
-    _broker_dir = DATA_DIR / "celery-broker"
-    for _sub in ("processed", "control"):
-        (_broker_dir / _sub).mkdir(parents=True, exist_ok=True)
-    CELERY_BROKER_TRANSPORT_OPTIONS = {
-        "data_folder_in": str(_broker_dir),
-        "data_folder_out": str(_broker_dir),
-        "processed_folder": str(_broker_dir / "processed"),
-        "control_folder": str(_broker_dir / "control"),
-        "store_processed": False,
+}
+# Celery (kombu) spells a Unix socket redis+socket:///path.
+CELERY_BROKER_URL = REDIS_URL.replace("unix://", "redis+socket://", 1) if REDIS_URL.startswith("unix://") else REDIS_URL
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": "msbx",
+        "TIMEOUT": 300,
     }
-if REDIS_URL:
-    CACHES = {
-        "default": {
-            "BACKEND": "django.core.cache.backends.redis.RedisCache",
-            "LOCATION": REDIS_URL,
-            "KEY_PREFIX": "msbx",
-            "TIMEOUT": 300,
-        }
-    }
-else:
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+}
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True

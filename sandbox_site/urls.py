@@ -53,4 +53,5 @@ urlpatterns = [
 ]
 
 handler404 = "sandbox_site.views.not_found"
+handler403 = "sandbox_site.views.permission_denied"
 handler500 = "sandbox_site.views.server_error"

@@ -1,13 +1,25 @@
 #!/usr/bin/env bash
 # Runs the host daemon (agent and console connections), the web server (daphne), a Celery worker
 # for this host's queue and the shared queue, and Celery beat, in the foreground; Ctrl-C stops them (running VMs keep running).
+# Without REDIS_URL it first starts a private Redis (Debian's redis-server) on a Unix socket
+# (SANDBOX_REDIS_SOCKET, default var/redis.sock; no TCP port, nothing saved to disk) for the
+# channel layer, the cache and Celery's broker, and stops it with the rest. Logs go to
+# <SANDBOX_DATA_DIR>/log (var/log).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin
 HOST_NAME=${SANDBOX_HOST_NAME:-local}
 BIND=${BIND:-127.0.0.1}
 PORT=${PORT:-8000}
-mkdir -p var/log
+# Paths as the settings see them (environment, .env, defaults), so that the processes below and
+# manage.py commands run by hand agree on them; and whether REDIS_URL is set there.
+paths=$($PY/python -c 'import os; from sandbox_site import settings as s
+print(s.DATA_DIR.absolute()); print(s.SANDBOX_REDIS_SOCKET.absolute()); print("own" if os.environ.get("REDIS_URL") else "private")')
+DATA_DIR=$(sed -n 1p <<<"$paths")
+REDIS_SOCKET=$(sed -n 2p <<<"$paths")
+REDIS_KIND=$(sed -n 3p <<<"$paths")
+LOG_DIR=$DATA_DIR/log
+mkdir -p "$LOG_DIR"
 # VM networking (bridges, TAPs, nftables, VMMs) stays in a namespace of its own unless
 # SANDBOX_NETNS is set; SANDBOX_NETNS= (empty) means the host namespace, for real hosts.
 if [ -z "${SANDBOX_NETNS+set}" ]; then
@@ -15,18 +27,43 @@ if [ -z "${SANDBOX_NETNS+set}" ]; then
     [ -e /run/netns/$SANDBOX_NETNS ] || { ip netns add $SANDBOX_NETNS && ip -n $SANDBOX_NETNS link set lo up; }
 fi
 pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
+redis_pid=
+cleanup() {
+    kill "${pids[@]}" 2>/dev/null || true
+    wait "${pids[@]}" 2>/dev/null || true
+    # Redis last: the others may still publish while they stop.
+    [ -z "$redis_pid" ] || { kill "$redis_pid" 2>/dev/null || true; wait "$redis_pid" 2>/dev/null || true; }
+}
 trap cleanup EXIT INT TERM
-$PY/celery -A sandbox_site worker -Q "shared,host.$HOST_NAME" -n "worker@$HOST_NAME" --concurrency 4 -l INFO >>var/log/worker.log 2>&1 &
+if [ "$REDIS_KIND" = private ]; then
+    export SANDBOX_REDIS_SOCKET=$REDIS_SOCKET
+    mkdir -p "$(dirname "$REDIS_SOCKET")"
+    if redis-cli -s "$REDIS_SOCKET" ping >/dev/null 2>&1; then
+        echo "Another Redis already answers on $REDIS_SOCKET (is make run already running?)" >&2
+        exit 1
+    fi
+    rm -f "$REDIS_SOCKET"
+    # Events, cache entries and queued tasks only: no snapshots or AOF (tasks whose message is
+    # lost are re-run by reconcile), and a memory bound that evicts only keys with a TTL
+    # (channel messages, cache), never queued tasks.
+    redis-server --port 0 --unixsocket "$REDIS_SOCKET" --unixsocketperm 700 \
+        --save "" --appendonly no --dir "$(dirname "$REDIS_SOCKET")" \
+        --maxmemory 256mb --maxmemory-policy volatile-lru \
+        --logfile "$LOG_DIR/redis.log" --daemonize no &
+    redis_pid=$!
+    for _ in $(seq 1 50); do redis-cli -s "$REDIS_SOCKET" ping >/dev/null 2>&1 && break; sleep 0.1; done
+    redis-cli -s "$REDIS_SOCKET" ping >/dev/null || { echo "Redis did not start; see $LOG_DIR/redis.log" >&2; exit 1; }
+fi
+$PY/celery -A sandbox_site worker -Q "shared,host.$HOST_NAME" -n "worker@$HOST_NAME" --concurrency 4 -l INFO >>"$LOG_DIR"/worker.log 2>&1 &
 pids+=($!)
-$PY/celery -A sandbox_site beat -s var/celerybeat-schedule -l INFO >>var/log/beat.log 2>&1 &
+$PY/celery -A sandbox_site beat -s "$DATA_DIR/celerybeat-schedule" -l INFO >>"$LOG_DIR"/beat.log 2>&1 &
 pids+=($!)
-$PY/python manage.py hostd >>var/log/hostd.log 2>&1 &
+$PY/python manage.py hostd >>"$LOG_DIR"/hostd.log 2>&1 &
 pids+=($!)
-$PY/daphne -b "$BIND" -p "$PORT" sandbox_site.asgi:application >>var/log/web.log 2>&1 &
+$PY/daphne -b "$BIND" -p "$PORT" sandbox_site.asgi:application >>"$LOG_DIR"/web.log 2>&1 &
 pids+=($!)
 sleep 2
 echo
 echo "microvm-sandbox is running: http://$BIND:$PORT/  (API docs: http://$BIND:$PORT/api/docs/)"
-echo "Logs in var/log/. Press Ctrl-C to stop (VMs keep running; they are re-attached on the next start)."
-wait -n "${pids[@]}"
+echo "Logs in $LOG_DIR/. Press Ctrl-C to stop (VMs keep running; they are re-attached on the next start)."
+wait -n "${pids[@]}" ${redis_pid:+"$redis_pid"}

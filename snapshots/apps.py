@@ -7,8 +7,8 @@ class SnapshotsConfig(AppConfig):
 
     def ready(self) -> None:
         from snapshots import lifecycle
-        from vms.lifecycle import register_operation_handler
+        from vms.operations import operation_handler_register
 
-        register_operation_handler("snapshot", lifecycle.snapshot_take)
-        register_operation_handler("restore", lifecycle.snapshot_restore_run)
-        register_operation_handler("clone", lifecycle.snapshot_clone_run)
+        operation_handler_register("snapshot", lifecycle.snapshot_take)
+        operation_handler_register("restore", lifecycle.snapshot_restore_run)
+        operation_handler_register("clone", lifecycle.snapshot_clone_run)

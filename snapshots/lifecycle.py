@@ -1,7 +1,11 @@
 """Worker-side steps of the snapshot operations (``snapshot``, ``restore``, ``clone``),
-registered with ``vms.lifecycle`` from ``SnapshotsConfig.ready``, and the file side of
+registered with ``vms.operations`` from ``SnapshotsConfig.ready``, and the file side of
 deleting. Run on the host that holds the VM and the snapshot files. Each step is
-idempotent: a redelivered task finishes the job or leaves a defined state."""
+idempotent: a redelivered task finishes the job or leaves a defined state.
+
+They use only public vms functions (``vms.transitions``, ``vms.operations``,
+``vms.lifecycle``, ``vms.agent_gateway``) and never hold the VM's row lock while the VMM
+works: the request put the VM in ``snapshotting`` (or ``starting`` for a restore)."""
 
 from __future__ import annotations
 
@@ -20,9 +24,11 @@ from sandbox_site.errors import ApplicationError, ConflictError
 from snapshots import selectors
 from snapshots.models import Snapshot, VmLineage
 from vms import agent_gateway, hypervisor
-from vms.events import vm_event_publish
+from vms.lifecycle import vm_agent_wait, vm_before_launch, vm_fail, vm_runtime_cleanup, vm_settle, vmm_kill_quietly
 from vms.models import VM, Operation, VmState
-from vms.vmm.base import RuntimeState, VmSpec
+from vms.operations import operation_log
+from vms.transitions import vm_transition, vm_transition_done
+from vms.vmm.base import RuntimeState, VmmError, VmSpec
 from vms.vmm.snapshot import (
     SnapshotIntegrityError,
     SnapshotMeta,
@@ -38,14 +44,10 @@ S = VmState
 
 
 def _log(op: Operation, line: str, progress: int | None = None) -> None:
-    from vms.services import operation_log
-
     operation_log(op, line, progress=progress)
 
 
 def _cas(vm: VM, expected, new: str, **fields) -> bool:
-    from vms.services import vm_transition
-
     return vm_transition(vm, expected=expected, new=new, **fields)
 
 
@@ -65,37 +67,58 @@ def snapshot_take(op: Operation, vm: VM) -> None:
     snapshot = Snapshot.objects.get(pk=op.params["snapshot"])
     if snapshot.state != Snapshot.State.CREATING:
         return
+    if vm.state != S.SNAPSHOTTING:
+        # The request moved the VM to snapshotting; anything else means a delivery of this
+        # operation already finished it, or the VM was settled without it.
+        Snapshot.objects.filter(pk=snapshot.pk, state=Snapshot.State.CREATING).update(
+            state=Snapshot.State.FAILED, error=f"the VM was {vm.state} when the snapshot was to be taken"
+        )
+        raise ConflictError(f"Cannot snapshot a VM that is {vm.state}.")
+    previous = op.params.get("previous_state") or S.RUNNING
     dest = Path(snapshot.directory)
     try:
-        with transaction.atomic():
-            # The row lock keeps stop/pause/delete requests waiting while the VM is paused here.
-            locked = VM.objects.select_for_update(of=("self",)).select_related("template__image").get(pk=vm.pk)
-            if locked.state not in (S.RUNNING, S.PAUSED, S.STOPPED):
-                raise ConflictError(f"Cannot snapshot a VM that is {locked.state}.")
-            if snapshot.include_memory and locked.state == S.STOPPED:
-                raise ConflictError("The VM stopped before its memory could be saved.")
-            driver = hypervisor.driver_for(locked.driver or hypervisor.driver_name_select())
-            spec = hypervisor.vm_spec(locked)
-            if (dest / "snapshot.json").exists():
-                # A previous attempt got past the freeze: the VM's disk already sits on it.
-                meta = SnapshotMeta.read(dest)
-                _log(op, "snapshot files already written by an earlier attempt", 60)
-            else:
-                shutil.rmtree(dest, ignore_errors=True)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                _log(op, f"pausing the VM to save its {'memory and ' if snapshot.include_memory else ''}disk state", 20)
-                meta = _take(driver, spec, dest, snapshot)
-                _log(op, f"VM paused for {meta.pause_ms} ms; resumed", 60)
+        # No transaction or row lock here: the VM stays "snapshotting" (state changes are
+        # refused) while the VMM pauses and saves it; other API writes go on.
+        if snapshot.include_memory and previous == S.STOPPED:
+            raise ConflictError("The VM stopped before its memory could be saved.")
+        driver = hypervisor.driver_for(vm.driver or hypervisor.driver_name_select())
+        spec = hypervisor.vm_spec(vm)
+        if (dest / "snapshot.json").exists():
+            # A previous attempt got past the freeze: the VM's disk already sits on it.
+            meta = SnapshotMeta.read(dest)
+            _log(op, "snapshot files already written by an earlier attempt", 60)
+        else:
+            shutil.rmtree(dest, ignore_errors=True)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _log(op, f"pausing the VM to save its {'memory and ' if snapshot.include_memory else ''}disk state", 20)
+            meta = _take(driver, spec, dest, snapshot)
+            _log(op, f"VM paused for {meta.pause_ms} ms; resumed", 60)
     except Exception as exc:
         if not (dest / "snapshot.json").exists():
             shutil.rmtree(dest, ignore_errors=True)
         Snapshot.objects.filter(pk=snapshot.pk).update(
             state=Snapshot.State.FAILED, error=(getattr(exc, "message", None) or str(exc))[:2000]
         )
+        vm_settle(vm, expected={S.SNAPSHOTTING}, previous=previous, why="snapshot failed")
         raise
+    if previous == S.RUNNING:
+        # An earlier delivery may have died between pause and resume: the VM was running.
+        try:
+            if driver.info(spec).state == RuntimeState.PAUSED:
+                driver.resume(spec)
+                _log(op, "resumed the VM an earlier attempt left paused")
+        except VmmError as exc:
+            _log(op, f"warning: could not check that the VM runs again: {exc.message}")
     _log(op, "writing the integrity manifest", 80)
-    checksum = manifest_write(dest)
-    files = manifest_verify(dest, expected_checksum=checksum)
+    try:
+        checksum = manifest_write(dest)
+        files = manifest_verify(dest, expected_checksum=checksum)
+    except Exception as exc:
+        Snapshot.objects.filter(pk=snapshot.pk).update(
+            state=Snapshot.State.FAILED, error=(getattr(exc, "message", None) or str(exc))[:2000]
+        )
+        vm_settle(vm, expected={S.SNAPSHOTTING}, previous=previous, why="snapshot failed")
+        raise
     with transaction.atomic():
         parent = selectors.vm_lineage_snapshot(vm)
         layer = dest / (meta.disk_layer or "disk.qcow2")
@@ -129,7 +152,8 @@ def snapshot_take(op: Operation, vm: VM) -> None:
                 "parent": str(parent.pk) if parent else None,
             },
         )
-    vm_event_publish(vm)
+        if not vm_transition_done(vm, "snapshot", previous=previous):
+            _log(op, "the VM's state changed during the snapshot; leaving it as it is")
 
 
 # --- verify -------------------------------------------------------------------------------
@@ -189,28 +213,20 @@ def _restore_into(op: Operation, vm: VM, snapshot: Snapshot, *, clone: bool) -> 
     spec = hypervisor.vm_spec(vm)
     if driver.info(spec).state != RuntimeState.GONE:
         driver.shutdown(spec, graceful_timeout=0, force=True)
-    if getattr(settings, "SANDBOX_NETWORKING", False):
-        from networking.services import nic_plumb
-
-        nic_plumb(vm=vm)  # the VMM opens its TAP by name
+    plumbed = vm_before_launch(vm)  # the VMM opens its TAP by name
+    if plumbed:
+        _log(op, "network: " + ", ".join(plumbed), 30)
     _log(op, f"starting {snapshot.driver} from snapshot {snapshot.name!r}", 40)
     started = time.monotonic()
     result = driver.restore(spec, Path(snapshot.directory))
     VM.objects.filter(pk=vm.pk).update(driver=result.driver, acceleration=result.acceleration, vmm_pid=result.pid)
     vm.refresh_from_db()
-    agent = agent_gateway.agent_wait(vm, timeout=settings.SANDBOX_BOOT_TIMEOUT)
-    _log(
-        op,
-        f"guest agent answered {time.monotonic() - started:.2f}s after the restore began "
-        f"(version {agent.get('agent_version', '?')})",
-        80,
-    )
+    vm_agent_wait(op, vm)
+    _log(op, f"guest agent answered {time.monotonic() - started:.2f}s after the restore began", 80)
     _identity_apply(op, vm, spec, clone=clone)
 
 
 def snapshot_restore_run(op: Operation, vm: VM) -> None:
-    from vms.lifecycle import _fail, _kill_quietly
-
     if vm.state != S.STARTING:
         return
     snapshot = Snapshot.objects.select_related("template__image").get(pk=op.params["snapshot"])
@@ -229,28 +245,26 @@ def snapshot_restore_run(op: Operation, vm: VM) -> None:
         _restore_into(op, vm, snapshot, clone=False)
     except Exception as exc:
         message = getattr(exc, "message", None) or str(exc)
-        _fail(vm, f"restore failed: {message}", expected={S.STARTING})
-        _kill_quietly(hypervisor.driver_for(snapshot.driver), hypervisor.vm_spec(vm))
+        if vm_fail(vm, f"restore failed: {message}", expected={S.STARTING}):
+            vmm_kill_quietly(vm, driver_name=snapshot.driver)
         raise
     with transaction.atomic():
         if snapshot.shared_layer:
             _lineage_set(vm, snapshot)
-        won = _cas(vm, {S.STARTING}, S.RUNNING, started_at=timezone.now(), last_error="", last_console="")
+        won = vm_transition_done(vm, "restore", started_at=timezone.now(), last_error="", last_console="")
         audit_record(actor=op.requested_by, action="snapshot.restored", obj=snapshot, after={"vm": str(vm.pk)})
     if not won:
         _log(op, "state changed during the restore; leaving it to the newer operation")
 
 
 def snapshot_clone_run(op: Operation, vm: VM) -> None:
-    from vms.lifecycle import _cleanup_quietly, _fail
-
     snapshot = Snapshot.objects.select_related("template__image").get(pk=op.params["snapshot"])
     if vm.state == S.CREATING:
         try:
             _log(op, "verifying the snapshot's files", 10)
             snapshot_chain_verify(snapshot)
         except SnapshotIntegrityError as exc:
-            _fail(vm, f"clone failed: {exc.message}", expected={S.CREATING})
+            vm_fail(vm, f"clone failed: {exc.message}", expected={S.CREATING})
             raise _integrity_refusal(snapshot, exc, what="No VM was started.") from exc
         if not _cas(vm, {S.CREATING}, S.STARTING):
             return
@@ -260,8 +274,8 @@ def snapshot_clone_run(op: Operation, vm: VM) -> None:
         _restore_into(op, vm, snapshot, clone=True)
     except Exception as exc:
         message = getattr(exc, "message", None) or str(exc)
-        _cleanup_quietly(vm)
-        _fail(vm, f"clone failed: {message}", expected={S.STARTING})
+        vm_runtime_cleanup(vm)
+        vm_fail(vm, f"clone failed: {message}", expected={S.STARTING})
         raise
     with transaction.atomic():
         if snapshot.shared_layer:
@@ -282,9 +296,9 @@ def snapshot_files_delete(snapshot_id) -> None:
     new_backing = Path(snapshot.backing_chain[0]) if snapshot.backing_chain else None
     deps = selectors.snapshot_dependents(snapshot)
     if deps["snapshots"] or deps["vms"]:
-        from snapshots.services import _merge_target
+        from snapshots.services import snapshot_merge_target
 
-        target = _merge_target(snapshot, deps)
+        target = snapshot_merge_target(snapshot, deps)
         if target is None:
             Snapshot.objects.filter(pk=snapshot.pk).update(
                 state=Snapshot.State.READY, error="deletion refused: the layer came into use"

@@ -2,7 +2,10 @@
 
 - ``snapshot_create``: records the snapshot (creating) and a ``snapshot`` operation on the
   VM's host queue; the worker pauses the VM only to save its state and freeze its disk.
-- ``snapshot_restore``: the VM goes ``starting`` (compare-and-set through vms TRANSITIONS);
+- ``snapshot_create``: the VM goes ``snapshotting`` (compare-and-set through
+  ``vms.transitions``) until the worker is done; stop, delete and other actions are refused
+  (409) meanwhile, API writes that do not change the state (name, metadata) are not blocked.
+- ``snapshot_restore``: the VM goes ``starting`` (compare-and-set through ``vms.transitions``);
   the worker verifies every file of the snapshot chain first and, if one is bad, puts the
   VM back in the state it was in without touching it.
 - ``snapshot_clone``: N new VMs (``creating``) owned by the actor, each with a ``clone``
@@ -23,7 +26,6 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.utils import timezone
-from guardian.shortcuts import assign_perm
 
 from accounts.audit import audit_record
 from accounts.models import AuditResult
@@ -35,8 +37,9 @@ from snapshots.models import RetentionPolicy, Snapshot
 from vms import hypervisor
 from vms import selectors as vm_selectors
 from vms import services as vm_services
-from vms.events import vm_event_publish
 from vms.models import VM, VmState
+from vms.operations import operation_enqueue, operation_new
+from vms.transitions import TRANSITIONS, vm_transition_request
 
 logger = logging.getLogger(__name__)
 
@@ -89,9 +92,12 @@ def snapshot_create(*, vm: VM, actor, name: str, description: str = "", include_
     name = (name or "").strip()
     if not name or len(name) > 100:
         raise ApplicationError("Give the snapshot a name of 1 to 100 characters.", details={"name": "required"})
-    rule = vm_services.TRANSITIONS["snapshot"]
+    rule = TRANSITIONS["snapshot"]
     with transaction.atomic():
-        locked = VM.objects.select_for_update(of=("self",)).select_related("host").get(pk=vm.pk)
+        locked = VM.objects.select_related("host").get(pk=vm.pk)
+        busy = Snapshot.objects.filter(vm=locked, state=Snapshot.State.CREATING).exists()
+        if busy or locked.state == S.SNAPSHOTTING:
+            raise ConflictError("A snapshot of this VM is already being taken.", code="snapshot_in_progress")
         if locked.state not in rule.allowed_from:
             raise ConflictError(
                 f"Cannot snapshot a VM that is {locked.state}.",
@@ -107,9 +113,6 @@ def snapshot_create(*, vm: VM, actor, name: str, description: str = "", include_
                 f"{locked.driver or 'This driver'} snapshots always include memory.",
                 details={"include_memory": "required"},
             )
-        busy = Snapshot.objects.filter(vm=locked, state=Snapshot.State.CREATING).exists()
-        if busy:
-            raise ConflictError("A snapshot of this VM is already being taken.", code="snapshot_in_progress")
         count = Snapshot.objects.filter(vm=locked).exclude(state=Snapshot.State.DELETING).count()
         if count >= settings.SANDBOX_SNAPSHOTS_PER_VM:
             raise QuotaExceeded(
@@ -136,8 +139,13 @@ def snapshot_create(*, vm: VM, actor, name: str, description: str = "", include_
         )
         snapshot.directory = str(snapshot_root() / str(snapshot.pk))
         snapshot.save(update_fields=["directory"])
-        op = vm_services._operation_new(
-            vm=locked, action="snapshot", actor=actor, params={"snapshot": str(snapshot.pk)}
+        # Last: the compare-and-set holds the VM's row until commit, and a concurrent request
+        # that changed the state since the checks above makes this one lose (409).
+        previous = vm_transition_request(
+            locked, "snapshot", allowed=rule.allowed_from - {S.STOPPED} if include_memory else None
+        )
+        op = operation_new(
+            vm=locked, action="snapshot", actor=actor, params={"snapshot": str(snapshot.pk), "previous_state": previous}
         )
         audit_record(
             actor=actor,
@@ -145,7 +153,7 @@ def snapshot_create(*, vm: VM, actor, name: str, description: str = "", include_
             obj=snapshot,
             after={**_snapshot_audit(snapshot), "operation": str(op.pk)},
         )
-        vm_services._operation_enqueue(op, locked)
+        operation_enqueue(op, locked)
     return snapshot, op
 
 
@@ -160,19 +168,12 @@ def snapshot_restore(*, snapshot: Snapshot, actor):
     _require_ready(snapshot)
     if snapshot.vm_id is None:
         raise ConflictError("The VM of this snapshot was deleted; clone the snapshot into a new VM instead.")
-    rule = vm_services.TRANSITIONS["restore"]
     with transaction.atomic():
-        vm = VM.objects.select_for_update(of=("self",)).select_related("host").get(pk=snapshot.vm_id)
+        vm = VM.objects.select_related("host").get(pk=snapshot.vm_id)
         if vm.host_id != snapshot.host_id:
             raise ConflictError("The VM moved to another host than the one holding this snapshot.")
-        before = vm.state
-        if not vm_services.vm_state_cas(vm.pk, expected=rule.allowed_from, new=rule.during):
-            raise ConflictError(
-                f"Cannot restore a VM that is {vm.state}.",
-                details={"state": vm.state, "allowed_from": sorted(rule.allowed_from)},
-            )
-        vm.refresh_from_db()
-        op = vm_services._operation_new(
+        before = vm_transition_request(vm, "restore")
+        op = operation_new(
             vm=vm, action="restore", actor=actor, params={"snapshot": str(snapshot.pk), "previous_state": before}
         )
         audit_record(
@@ -182,8 +183,7 @@ def snapshot_restore(*, snapshot: Snapshot, actor):
             before={"vm_state": before},
             after={"operation": str(op.pk), "vm": str(vm.pk)},
         )
-        vm_services._operation_enqueue(op, vm)
-        transaction.on_commit(lambda: vm_event_publish(vm))
+        operation_enqueue(op, vm)
     return op
 
 
@@ -210,7 +210,7 @@ def snapshot_clone(*, snapshot: Snapshot, actor, count: int = 1, name_prefix: st
         if taken:
             raise ConflictError(f"You already have VMs named {sorted(taken)}.", details={"name_prefix": "taken"})
         for name in names:
-            vm_services._check_limits(
+            vm_services.vm_limits_check(
                 owner=actor,
                 template=snapshot.template,
                 vcpus=snapshot.vcpus,
@@ -230,20 +230,15 @@ def snapshot_clone(*, snapshot: Snapshot, actor, count: int = 1, name_prefix: st
             )
             vm.full_clean()
             vm.save()
-            for codename in VM.object_permission_codenames():
-                assign_perm(f"vms.{codename}", actor, vm)
-            if getattr(settings, "SANDBOX_NETWORKING", False):
-                from networking.services import nic_allocate
-
-                nic_allocate(vm=vm, network=None, actor=actor)  # its own MAC and address
-            op = vm_services._operation_new(vm=vm, action="clone", actor=actor, params={"snapshot": str(snapshot.pk)})
+            vm_services.vm_row_init(vm=vm, actor=actor)  # permissions; its own MAC and address
+            op = operation_new(vm=vm, action="clone", actor=actor, params={"snapshot": str(snapshot.pk)})
             audit_record(
                 actor=actor,
                 action="vm.create",
                 obj=vm,
                 after={"name": name, "cloned_from": str(snapshot.pk), "operation": str(op.pk)},
             )
-            vm_services._operation_enqueue(op, vm)
+            operation_enqueue(op, vm)
             created.append((vm, op))
         audit_record(
             actor=actor,
@@ -273,7 +268,7 @@ def snapshot_delete(*, snapshot: Snapshot, actor, reason: str = "") -> Snapshot:
         deps = selectors.snapshot_dependents(locked)
         merge_into = None
         if deps["snapshots"] or deps["vms"]:
-            merge_into = _merge_target(locked, deps)
+            merge_into = snapshot_merge_target(locked, deps)
             if merge_into is None:
                 raise ConflictError(_dependents_message(locked, deps), code="snapshot_in_use", details=deps)
         before = _snapshot_audit(locked)
@@ -305,7 +300,7 @@ def _dependents_message(snapshot: Snapshot, deps: dict[str, list[str]]) -> str:
     )
 
 
-def _merge_target(snapshot: Snapshot, deps: dict[str, list[str]]) -> str | None:
+def snapshot_merge_target(snapshot: Snapshot, deps: dict[str, list[str]]) -> str | None:
     """The one dependent this layer can be merged into safely: a single child snapshot or a
     single VM, with no VM running on anything built on that dependent (a running QEMU keeps
     its backing files open and cached, so they must not be rewritten under it)."""

@@ -4,3 +4,8 @@ from django.apps import AppConfig
 class VmsConfig(AppConfig):
     name = "vms"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from vms import lifecycle
+
+        lifecycle.handlers_register()

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import secrets
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +31,6 @@ from vms import hypervisor
 from vms.hostd.client import AsyncHostdClient, HostdError, HostdRequestError, Subscription
 from vms.models import VM
 
-WRITER_TTL_SECONDS = 90  # refreshed by the writer's heartbeats (every 20 s)
 INPUT_MAX_BYTES = 4096
 
 
@@ -85,30 +86,83 @@ def console_ticket_consume(ticket: str, vm_id: str):
 
 
 # --- the writer role ------------------------------------------------------------------
+#
+# One writer per VM, recorded in the cache (Redis: shared by every web process) under a short
+# TTL that only the writer's live connection refreshes (VmConsoleConsumer, every
+# WRITER_REFRESH_SECONDS). A connection releases the role when it ends, also when its consumer
+# failed; if even that did not happen (the process died), the claim lapses within
+# WRITER_TTL_SECONDS. A claim made by a connection of this process that is no longer open is
+# free at once.
+
+WRITER_TTL_SECONDS = 15
+WRITER_REFRESH_SECONDS = 5.0
+
+_PROCESS_TAG = secrets.token_hex(4)
+_live_sessions: set[str] = set()  # console connections open in this process
+
+
+def _process_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{_PROCESS_TAG}"
+
+
+def console_session_open(session: str) -> None:
+    """Record that a console connection of this process is open (its channel name)."""
+    _live_sessions.add(session)
+
+
+def console_session_close(session: str) -> None:
+    """Record that the connection ended: a claim it still holds is free from now on."""
+    _live_sessions.discard(session)
 
 
 def _writer_key(vm_id) -> str:
     return f"console-writer:{vm_id}"
 
 
+def _writer_record(session: str, username: str) -> dict:
+    return {"session": session, "user": username, "process": _process_id()}
+
+
+def _held_by(holder: dict | None, session: str, username: str) -> bool:
+    return holder is not None and holder.get("session") == session and holder.get("user") == username
+
+
+def _session_gone(holder: dict) -> bool:
+    """True when the holder's connection was opened in this process and has ended (a claim
+    from another process is only known to be gone when it lapses)."""
+    return holder.get("process") == _process_id() and holder.get("session") not in _live_sessions
+
+
 def console_writer(vm_id) -> dict | None:
+    """The writer's ``{"session", "user", "process"}``, or None."""
     return cache.get(_writer_key(vm_id))
 
 
 def console_writer_claim(vm_id, *, session: str, username: str) -> bool:
-    """Become the writer if nobody is; True when this session holds the role."""
-    me = {"session": session, "user": username}
-    if cache.add(_writer_key(vm_id), me, WRITER_TTL_SECONDS):
+    """Become the writer if nobody is (or the holder's connection is gone); True when this
+    session holds the role."""
+    key = _writer_key(vm_id)
+    me = _writer_record(session, username)
+    if cache.add(key, me, WRITER_TTL_SECONDS):
         return True
-    return console_writer(vm_id) == me
+    holder = console_writer(vm_id)
+    if _held_by(holder, session, username):
+        return True
+    if holder is not None and _session_gone(holder):
+        if console_writer(vm_id) == holder:
+            cache.delete(key)
+        holder = None
+    return holder is None and cache.add(key, me, WRITER_TTL_SECONDS)
 
 
 def console_writer_refresh(vm_id, *, session: str, username: str) -> bool:
-    me = {"session": session, "user": username}
-    if console_writer(vm_id) == me:
-        cache.set(_writer_key(vm_id), me, WRITER_TTL_SECONDS)
+    """Keep this session's claim alive (its connection is); claims it again if it lapsed and
+    nobody took it. False when somebody else holds the role."""
+    holder = console_writer(vm_id)
+    if _held_by(holder, session, username):
+        cache.touch(_writer_key(vm_id), WRITER_TTL_SECONDS)
         return True
-    return False
+    return holder is None and cache.add(_writer_key(vm_id), _writer_record(session, username), WRITER_TTL_SECONDS)
 
 
 def console_takeover(*, vm: VM, actor, session: str) -> dict:
@@ -117,7 +171,7 @@ def console_takeover(*, vm: VM, actor, session: str) -> dict:
         actor, "vms.console_vm", vm, action="console.takeover", message="You have read-only access to this console."
     )
     previous = console_writer(vm.pk)
-    me = {"session": session, "user": actor.username}
+    me = _writer_record(session, actor.username)
     cache.set(_writer_key(vm.pk), me, WRITER_TTL_SECONDS)
     with transaction.atomic():
         audit_record(
@@ -131,7 +185,9 @@ def console_takeover(*, vm: VM, actor, session: str) -> dict:
 
 
 def console_writer_release(vm_id, *, session: str, username: str) -> bool:
-    if console_writer(vm_id) == {"session": session, "user": username}:
+    """Give the role up if this session holds it; True when it did."""
+    holder = console_writer(vm_id)
+    if _held_by(holder, session, username):
         cache.delete(_writer_key(vm_id))
         return True
     return False

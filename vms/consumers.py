@@ -68,11 +68,24 @@ class VmConsoleConsumer(AsyncWebsocketConsumer):
 
     Close codes: 4401/4403/4404 refused (no retry); 4409 the VM is not running or stopped,
     4503 hostd unreachable (the page retries with backoff, from its offset).
+
+    The writer role is tied to this connection: refreshed every
+    ``consoles.WRITER_REFRESH_SECONDS`` while it lives, released when it ends, also when
+    connect or receive raised or the task was cancelled (``_cleanup`` runs from
+    ``__call__``, not only from ``disconnect``).
     """
 
     heartbeat_seconds = 20.0
     CLOSE_VM_NOT_RUNNING = 4409
     CLOSE_UNAVAILABLE = 4503
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # Channels calls disconnect() only for a client's close: not when a handler raised
+            # or the task was cancelled. Shielded, so a second cancel cannot cut it short.
+            await asyncio.shield(self._cleanup())
 
     async def connect(self):
         from urllib.parse import parse_qs
@@ -81,7 +94,7 @@ class VmConsoleConsumer(AsyncWebsocketConsumer):
 
         from vms import consoles
 
-        self.opened = False
+        self.opened = self.in_group = self.cleaned_up = False
         self.vm_id = str(self.scope["url_route"]["kwargs"]["vm_id"])
         query = parse_qs(self.scope.get("query_string", b"").decode(errors="replace"))
         user = self.scope.get("user")
@@ -108,6 +121,8 @@ class VmConsoleConsumer(AsyncWebsocketConsumer):
             requested = None
         self.window = max(1, settings.SANDBOX_CONSOLE_WINDOW_BYTES)
         self.console = consoles.HostdConsole(self.vm_id)
+        self.writer = False
+        consoles.console_session_open(self.channel_name)
         await self.accept()
         try:
             start = await self.console.attach(requested, scrollback=settings.SANDBOX_CONSOLE_SCROLLBACK_BYTES)
@@ -116,8 +131,8 @@ class VmConsoleConsumer(AsyncWebsocketConsumer):
             return
         self.offset = self.acked = start.offset  # next byte to send / bytes the viewer confirmed
         self.acked_changed = asyncio.Event()
-        self.writer = False
         await self.channel_layer.group_add(consoles.console_group(self.vm_id), self.channel_name)
+        self.in_group = True
         if self.can_write:
             self.writer = await database_sync_to_async(consoles.console_writer_claim)(
                 self.vm_id, session=self.channel_name, username=user.username
@@ -140,6 +155,7 @@ class VmConsoleConsumer(AsyncWebsocketConsumer):
         await database_sync_to_async(self._audit)("console.open")
         self.pump = asyncio.create_task(self._pump())
         self.beat = asyncio.create_task(self._heartbeat())
+        self.keeper = asyncio.create_task(self._keep_writer_claim())
 
     async def dispatch(self, message):
         # Channels runs close_old_connections() on the shared database thread before every
@@ -198,14 +214,30 @@ class VmConsoleConsumer(AsyncWebsocketConsumer):
             await self.close(code=1011)
 
     async def _heartbeat(self) -> None:
-        from vms import consoles
-
         while True:
             await asyncio.sleep(self.heartbeat_seconds)
             await self._send_json({"type": "ping", "offset": self.offset})
-            if self.writer:
-                self.writer = await database_sync_to_async(consoles.console_writer_refresh)(
+
+    async def _keep_writer_claim(self) -> None:
+        """Refresh the writer claim while this connection lives (it lapses soon after)."""
+        from vms import consoles
+
+        while True:
+            await asyncio.sleep(consoles.WRITER_REFRESH_SECONDS)
+            if not self.writer:
+                continue
+            try:
+                held = await database_sync_to_async(consoles.console_writer_refresh)(
                     self.vm_id, session=self.channel_name, username=self.user.username
+                )
+                holder = None if held else await database_sync_to_async(consoles.console_writer)(self.vm_id)
+            except Exception:  # the cache is unreachable: try again next time (the claim may lapse)
+                logger.warning("console of VM %s: could not refresh the writer claim", self.vm_id, exc_info=True)
+                continue
+            if not held and self.writer:
+                self.writer = False
+                await self._send_json(
+                    {"type": "role", "writer": False, "writer_user": holder and holder["user"], "taken_from_you": True}
                 )
 
     async def _input(self, data: bytes) -> None:
@@ -267,17 +299,44 @@ class VmConsoleConsumer(AsyncWebsocketConsumer):
         )
 
     async def disconnect(self, code):
+        await self._cleanup()
+
+    async def _cleanup(self) -> None:
+        """End this connection's part: stream, writer role, group, audit. Runs once, from
+        ``disconnect`` or after a failure; each step runs even when an earlier one failed."""
         from vms import consoles
 
-        for task in (getattr(self, "pump", None), getattr(self, "beat", None)):
+        if getattr(self, "cleaned_up", True):  # connect never started
+            return
+        self.cleaned_up = True
+        consoles.console_session_close(self.channel_name)  # from now on its claim is free here
+        for task in (getattr(self, "pump", None), getattr(self, "beat", None), getattr(self, "keeper", None)):
             if task is not None:
                 task.cancel()
-        console = getattr(self, "console", None)
-        if console is not None:
-            await console.close()
-        if not getattr(self, "opened", False):
-            return
-        await self.channel_layer.group_discard(consoles.console_group(self.vm_id), self.channel_name)
+        user = getattr(self, "user", None)
+        steps = []
+        if getattr(self, "console", None) is not None:
+            steps.append(("closing the hostd stream", self.console.close))
+        if user is not None and getattr(self, "can_write", False):
+            steps.append(("releasing the writer role", self._release_writer))
+        if getattr(self, "in_group", False):
+            steps.append(
+                (
+                    "leaving the console group",
+                    lambda: self.channel_layer.group_discard(consoles.console_group(self.vm_id), self.channel_name),
+                )
+            )
+        if getattr(self, "opened", False):
+            steps.append(("auditing the close", lambda: database_sync_to_async(self._audit)("console.close")))
+        for what, step in steps:
+            try:
+                await step()
+            except Exception:
+                logger.warning("console of VM %s: %s failed", self.vm_id, what, exc_info=True)
+
+    async def _release_writer(self) -> None:
+        from vms import consoles
+
         released = await database_sync_to_async(consoles.console_writer_release)(
             self.vm_id, session=self.channel_name, username=self.user.username
         )
@@ -285,4 +344,3 @@ class VmConsoleConsumer(AsyncWebsocketConsumer):
             await self.channel_layer.group_send(
                 consoles.console_group(self.vm_id), {"type": "console.role", "session": "", "user": None}
             )
-        await database_sync_to_async(self._audit)("console.close")

@@ -38,7 +38,7 @@ def _authorise(user, vm_id: str):
 
     from accounts.permissions import vm_for
     from sandbox_site.errors import NotPermitted
-    from vms.models import VmState
+    from vms.transitions import vm_guest_running
 
     try:
         vm = vm_for(user, vm_id, "exec", action="vm.exec_attach")
@@ -46,7 +46,7 @@ def _authorise(user, vm_id: str):
         return None, "not_found"
     except NotPermitted:
         return None, "permission_denied"
-    if vm.state != VmState.RUNNING:
+    if not vm_guest_running(vm):
         return None, "not_running"
     return vm, None
 

@@ -23,7 +23,8 @@ from accounts.permissions import require_perm
 from sandbox_site.errors import ApplicationError, ConflictError
 from vms import agent_gateway
 from vms.agent_gateway import AgentChannel, agent_call
-from vms.models import VM, VmState
+from vms.models import VM
+from vms.transitions import vm_guest_running
 
 EXEC_PERM = "vms.exec_vm"
 MAX_COMMAND_AUDIT = 4000
@@ -36,7 +37,7 @@ def _require_exec(actor, vm: VM, action: str) -> None:
 
 def _require_running(vm: VM) -> None:
     vm.refresh_from_db(fields=["state", "driver"])
-    if vm.state != VmState.RUNNING:
+    if not vm_guest_running(vm):
         raise ConflictError(f"The VM is {vm.state}; commands and files need it running.", details={"state": vm.state})
 
 

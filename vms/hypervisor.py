@@ -52,6 +52,10 @@ def driver_for(name: str) -> Driver:
         from vms.vmm.qemu import QemuDriver
 
         return QemuDriver(accel=settings.SANDBOX_ACCEL, confinement=vmm_confinement())
+    if name == "fake":
+        from vms.vmm.fake import FakeDriver
+
+        return FakeDriver()
     raise ValueError(f"unknown driver {name!r}")
 
 
@@ -65,10 +69,10 @@ def runtime_dir(vm_id) -> Path:
 
 
 def vm_spec(vm: VM) -> VmSpec:
-    from networking.services import nic_spec
+    from vms.hooks import hook_first
 
     image = vm.template.image
-    nic = nic_spec(vm=vm)
+    nic = hook_first("vm_nic", vm=vm)
     cmdline = " ".join(
         part
         for part in (

@@ -1,6 +1,13 @@
-"""Worker-side steps of each VM operation. Called only from ``services.operation_execute``
-(and the reconciler), on the VM's host. Every step is idempotent so a redelivered task
-(worker killed mid-way) finishes the job or leaves a defined state."""
+"""Worker-side steps of each VM operation, registered with ``vms.operations`` (and called by
+its reconciler), on the VM's host. Every step is idempotent so a redelivered task (worker
+killed mid-way) finishes the job or leaves a defined state.
+
+No step holds a transaction or the VM's row lock while it talks to the VMM: the request moved
+the VM to the action's transitional state (``vms.transitions``), the step calls the VMM, then
+compare-and-sets the outcome. The public helpers below (``vm_fail``, ``vm_settle``,
+``vmm_kill_quietly``, ``vm_runtime_cleanup``, ``vm_before_launch``, ``vm_agent_wait``,
+``vm_delete_row``) are what other apps' operations (snapshots) use.
+"""
 
 from __future__ import annotations
 
@@ -12,175 +19,110 @@ from django.utils import timezone
 from guardian.models import GroupObjectPermission, UserObjectPermission
 
 from accounts.audit import audit_record
-from networking.services import nic_plumb, nic_release, nic_unplumb
-from sandbox_site.errors import ApplicationError, ConflictError
+from sandbox_site.errors import ApplicationError
 from vms import agent_gateway, hypervisor
 from vms.events import vm_event_publish
+from vms.hooks import hook_run
 from vms.models import VM, Image, Operation, VmState
-from vms.vmm.base import RuntimeState, VmmError
+from vms.operations import operation_handler_register, operation_log
+from vms.transitions import TRANSITIONS, vm_transition, vm_transition_done
+from vms.vmm.base import Driver, RuntimeState, VmmError
 
 logger = logging.getLogger(__name__)
 S = VmState
 
 
-def _log(op: Operation, line: str, progress: int | None = None) -> None:
-    from vms.services import operation_log
-
-    operation_log(op, line, progress=progress)
+def _driver(vm: VM, name: str | None = None) -> Driver:
+    return hypervisor.driver_for(name or vm.driver or hypervisor.driver_name_select())
 
 
-def _cas(vm: VM, expected, new: str, **fields) -> bool:
-    from vms.services import vm_transition
-
-    return vm_transition(vm, expected=expected, new=new, **fields)
+# --- helpers other apps' operations use -------------------------------------------------------
 
 
-def _fail(vm: VM, message: str, *, expected) -> None:
+def vm_fail(vm: VM, message: str, *, expected) -> bool:
+    """Compare-and-set ``vm`` to error, keeping ``message`` and the last console lines."""
     console = hypervisor.serial_tail(vm.pk)
-    _cas(vm, expected, S.ERROR, last_error=message[:2000], last_console=console[-8000:])
+    return vm_transition(vm, expected=expected, new=S.ERROR, last_error=message[:2000], last_console=console[-8000:])
 
 
-def run(op: Operation) -> None:
-    vm = VM.objects.select_related("template__image", "owner").filter(pk=op.vm_id).first()
-    if vm is None:
-        if op.action == "delete":
-            return
-        raise ApplicationError("The VM no longer exists.")
-    handler = _HANDLERS[op.action]
-    handler(op, vm)
-
-
-def register_operation_handler(action: str, fn) -> None:
-    """Let another app run its own operations (e.g. snapshots registers "snapshot",
-    "restore", "clone" from its AppConfig.ready): ``fn(op, vm)``, idempotent like ours."""
-    existing = _HANDLERS.get(action)
-    if existing is not None and existing is not fn:
-        raise ValueError(f"operation {action!r} already has a handler")
-    _HANDLERS[action] = fn
-
-
-def _image_ready(vm: VM) -> None:
-    image = vm.template.image
-    if image.status != Image.Status.READY:
-        raise ApplicationError(f"Image {image.name} is not built yet (run `manage.py build_image`).")
-
-
-def _create(op: Operation, vm: VM) -> None:
-    if vm.state != S.CREATING:
-        # Redelivered after the VM moved on: the earlier run got this far.
-        if vm.state == S.STARTING:
-            _boot(op, vm)
-        return
+def vmm_kill_quietly(vm: VM, *, driver_name: str | None = None) -> None:
+    """Kill the VM's VMM at once, logging (not raising) a failure."""
     try:
-        _image_ready(vm)
-        name = hypervisor.driver_name_select()
-        driver = hypervisor.driver_for(name)
-        spec = hypervisor.vm_spec(vm)
-        _log(op, f"preparing disk overlay ({name})", 10)
-        driver.prepare(spec)
-    except Exception as exc:
-        _cleanup_quietly(vm)
-        _fail(vm, f"create failed: {getattr(exc, 'message', exc)}", expected={S.CREATING})
-        raise
-    VM.objects.filter(pk=vm.pk).update(driver=name)
-    vm.driver = name
-    if op.params.get("start", True):
-        if _cas(vm, {S.CREATING}, S.STARTING):
-            _boot(op, vm)
+        _driver(vm, driver_name).shutdown(hypervisor.vm_spec(vm), graceful_timeout=0, force=True)
+    except Exception:
+        logger.warning("could not kill VMM of %s", vm.pk, exc_info=True)
+
+
+def vm_runtime_cleanup(vm: VM) -> None:
+    """Kill any VMM, remove the runtime directory and unplumb the VM's network; logs failures."""
+    try:
+        _driver(vm).cleanup(hypervisor.vm_spec(vm))
+    except Exception:
+        logger.warning("cleanup of %s failed", vm.pk, exc_info=True)
+    try:
+        hook_run("vm_vmm_gone", vm=vm)
+    except Exception:
+        logger.warning("network clean-up of %s failed", vm.pk, exc_info=True)
+
+
+def vm_before_launch(vm: VM) -> list[str]:
+    """Run the hooks that must precede a VMM launch or restore (network plumbing: the VMM
+    opens its TAP by name); returns lines for the operation log."""
+    lines: list[str] = []
+    for result in hook_run("vm_before_launch", vm=vm):
+        lines.extend(result or [])
+    return lines
+
+
+def vm_agent_wait(op: Operation, vm: VM) -> dict:
+    """Block until the guest agent answers (``SANDBOX_BOOT_TIMEOUT``); logs its version."""
+    operation_log(op, "waiting for guest agent", progress=60)
+    agent = agent_gateway.agent_wait(vm, timeout=settings.SANDBOX_BOOT_TIMEOUT)
+    operation_log(op, f"guest agent answered (version {agent.get('agent_version', '?')})", progress=90)
+    return agent
+
+
+def vm_settle(vm: VM, *, expected, previous: str | None, why: str) -> str | None:
+    """After an in-place action (pause, resume, reboot, resize, snapshot) failed or was lost:
+    put the VM in the state its VMM reports (running/paused; stopped when it was stopped
+    before and still is; error when the VMM is gone). Returns the new state, or None when
+    someone else moved the VM meanwhile."""
+    runtime: RuntimeState | None = None
+    unknown = False
+    if vm.driver:
+        try:
+            runtime = _driver(vm).info(hypervisor.vm_spec(vm), timeout=3.0).state
+        except VmmError:
+            unknown = True  # the VMM does not answer: assume the action changed nothing
+    if runtime == RuntimeState.RUNNING:
+        new = S.RUNNING
+    elif runtime == RuntimeState.PAUSED:
+        new = S.PAUSED
+    elif unknown:
+        new = previous or S.RUNNING
+    elif previous == S.STOPPED and runtime in (RuntimeState.GONE, None):
+        new = S.STOPPED
     else:
-        _cas(vm, {S.CREATING}, S.STOPPED)
+        if runtime not in (RuntimeState.GONE, None):
+            vmm_kill_quietly(vm)  # e.g. a guest that powered off meanwhile: nothing to keep
+        status = runtime.value if runtime is not None else "unknown"
+        return S.ERROR if vm_fail(vm, f"{why}; the VMM is {status}.", expected=expected) else None
+    return new if vm_transition(vm, expected=expected, new=new) else None
 
 
-def _boot(op: Operation, vm: VM) -> None:
-    if vm.state != S.STARTING:
-        return
-    name = vm.driver or hypervisor.driver_name_select()
-    driver = hypervisor.driver_for(name)
-    spec = hypervisor.vm_spec(vm)
+def vm_powered_off(vm: VM, *, reason: str) -> bool:
+    """The guest powered itself off while the VMM stayed up: shut the VMM down and record the
+    VM as stopped, with ``reason`` in ``last_error``. False when the VM was no longer
+    running or paused (someone else's operation owns it)."""
+    if not vm_transition(vm, expected={S.RUNNING, S.PAUSED}, new=S.STOPPING):
+        return False
     try:
-        _image_ready(vm)
-        info = driver.info(spec)
-        if info.state == RuntimeState.GONE:
-            driver.prepare(spec)
-            plumbed = nic_plumb(vm=vm)  # the VMM opens its TAP by name: it must exist first
-            if plumbed:
-                _log(op, "network: " + ", ".join(f"{n.tap} {n.ip}/{n.prefix}" for n in plumbed), 25)
-            _log(op, "launching VMM", 30)
-            result = driver.launch(spec)
-            VM.objects.filter(pk=vm.pk).update(
-                driver=result.driver, acceleration=result.acceleration, vmm_pid=result.pid
-            )
-            _log(op, f"{result.driver} started (pid {result.pid}, {result.acceleration})", 50)
-        else:
-            _log(op, f"VMM already running (pid {info.pid}); waiting for the guest agent", 50)
-        _log(op, "waiting for guest agent", 60)
-        agent = agent_gateway.agent_wait(vm, timeout=settings.SANDBOX_BOOT_TIMEOUT)
-        _log(op, f"guest agent answered (version {agent.get('agent_version', '?')})", 90)
+        _driver(vm).shutdown(hypervisor.vm_spec(vm), graceful_timeout=0, force=True)
+        hook_run("vm_vmm_gone", vm=vm)
     except Exception as exc:
-        message = getattr(exc, "message", None) or str(exc)
-        _log(op, f"boot failed: {message}")
-        _fail(vm, f"boot failed: {message}", expected={S.STARTING})
-        _kill_quietly(driver, spec)
-        raise
-    if not _cas(vm, {S.STARTING}, S.RUNNING, started_at=timezone.now(), last_error="", last_console=""):
-        # Someone stopped or deleted it while it booted; their operation owns the VMM now.
-        _log(op, "state changed during boot; leaving it to the newer operation")
-
-
-def _start(op: Operation, vm: VM) -> None:
-    _boot(op, vm)
-
-
-def _stop(op: Operation, vm: VM) -> None:
-    if vm.state != S.STOPPING:
-        return
-    driver = hypervisor.driver_for(vm.driver or hypervisor.driver_name_select())
-    spec = hypervisor.vm_spec(vm)
-    force = bool(op.params.get("force"))
-    _log(
-        op,
-        "forcing power off" if force else f"asking the guest to power off ({settings.SANDBOX_STOP_TIMEOUT:.0f}s)",
-        20,
-    )
-    driver.shutdown(spec, graceful_timeout=settings.SANDBOX_STOP_TIMEOUT, force=force)
-    _cas(vm, {S.STOPPING}, S.STOPPED, vmm_pid=None, started_at=None)
-
-
-def _simple(action: str, expected: str, new: str):
-    def handler(op: Operation, vm: VM) -> None:
-        with transaction.atomic():
-            locked = VM.objects.select_for_update().get(pk=vm.pk)
-            if locked.state != expected:
-                raise ConflictError(f"Cannot {action} a VM that is {locked.state}.")
-            driver = hypervisor.driver_for(locked.driver)
-            getattr(driver, action)(hypervisor.vm_spec(locked))
-            if new != locked.state:
-                VM.objects.filter(pk=locked.pk).update(state=new, updated_at=timezone.now())
-        vm.refresh_from_db()
-        vm_event_publish(vm)
-
-    return handler
-
-
-def _resize(op: Operation, vm: VM) -> None:
-    vcpus, memory_mib = op.params["vcpus"], op.params["memory_mib"]
-    with transaction.atomic():
-        locked = VM.objects.select_for_update().get(pk=vm.pk)
-        driver = hypervisor.driver_for(locked.driver)
-        driver.resize(hypervisor.vm_spec(locked), vcpus=vcpus, memory_mib=memory_mib)
-        VM.objects.filter(pk=locked.pk).update(vcpus=vcpus, memory_mib=memory_mib)
-    vm.refresh_from_db()
-    vm_event_publish(vm)
-
-
-def _delete(op: Operation, vm: VM) -> None:
-    if vm.state != S.DELETING:
-        return
-    _log(op, "stopping VMM and removing runtime files", 30)
-    name = vm.driver or hypervisor.driver_name_select()
-    hypervisor.driver_for(name).cleanup(hypervisor.vm_spec(vm))
-    nic_unplumb(vm=vm)  # the VMM is gone: its TAP and rules can go
-    vm_delete_row(vm, actor=op.requested_by)
+        vm_fail(vm, f"The guest powered off but its VMM could not be stopped: {exc}", expected={S.STOPPING})
+        return False
+    return vm_transition(vm, expected={S.STOPPING}, new=S.STOPPED, vmm_pid=None, started_at=None, last_error=reason)
 
 
 def vm_delete_row(vm: VM, *, actor) -> None:
@@ -194,118 +136,158 @@ def vm_delete_row(vm: VM, *, actor) -> None:
         ).delete()
         audit_record(actor=actor, action="vm.deleted", obj=vm, before={"state": vm.state})
         Operation.objects.filter(vm=vm).update(vm=None)
-        nic_release(vm=vm, actor=None)
+        hook_run("vm_row_deleting", vm=vm)
         VM.objects.filter(pk=vm.pk).delete()
     vm.state = S.DELETING
     vm_event_publish(vm, kind="vm.deleted")
 
 
-def _kill_quietly(driver, spec) -> None:
-    try:
-        driver.shutdown(spec, graceful_timeout=0, force=True)
-    except Exception:
-        logger.warning("could not kill VMM of %s", spec.vm_id, exc_info=True)
+# --- handlers ---------------------------------------------------------------------------------
 
 
-def _cleanup_quietly(vm: VM) -> None:
+def _image_ready(vm: VM) -> None:
+    image = vm.template.image
+    if image.status != Image.Status.READY:
+        raise ApplicationError(f"Image {image.name} is not built yet (run `manage.py build_image`).")
+
+
+def vm_create_run(op: Operation, vm: VM) -> None:
+    if vm.state != S.CREATING:
+        # Redelivered after the VM moved on: the earlier run got this far.
+        if vm.state == S.STARTING:
+            vm_boot_run(op, vm)
+        return
     try:
-        hypervisor.driver_for(vm.driver or hypervisor.driver_name_select()).cleanup(hypervisor.vm_spec(vm))
-    except Exception:
-        logger.warning("cleanup of %s failed", vm.pk, exc_info=True)
+        _image_ready(vm)
+        name = hypervisor.driver_name_select()
+        driver = hypervisor.driver_for(name)
+        spec = hypervisor.vm_spec(vm)
+        operation_log(op, f"preparing disk overlay ({name})", progress=10)
+        driver.prepare(spec)
+    except Exception as exc:
+        vm_runtime_cleanup(vm)
+        vm_fail(vm, f"create failed: {getattr(exc, 'message', exc)}", expected={S.CREATING})
+        raise
+    VM.objects.filter(pk=vm.pk).update(driver=name)
+    vm.driver = name
+    if op.params.get("start", True):
+        if vm_transition(vm, expected={S.CREATING}, new=S.STARTING):
+            vm_boot_run(op, vm)
+    else:
+        vm_transition(vm, expected={S.CREATING}, new=S.STOPPED)
+
+
+def vm_boot_run(op: Operation, vm: VM) -> None:
+    """starting -> running once the agent answers (launching the VMM unless it already runs)."""
+    if vm.state != S.STARTING:
+        return
+    driver = _driver(vm)
+    spec = hypervisor.vm_spec(vm)
     try:
-        nic_unplumb(vm=vm)
+        _image_ready(vm)
+        info = driver.info(spec)
+        if info.state == RuntimeState.GONE:
+            driver.prepare(spec)
+            plumbed = vm_before_launch(vm)
+            if plumbed:
+                operation_log(op, "network: " + ", ".join(plumbed), progress=25)
+            operation_log(op, "launching VMM", progress=30)
+            result = driver.launch(spec)
+            VM.objects.filter(pk=vm.pk).update(
+                driver=result.driver, acceleration=result.acceleration, vmm_pid=result.pid
+            )
+            vm.driver, vm.acceleration, vm.vmm_pid = result.driver, result.acceleration, result.pid
+            operation_log(op, f"{result.driver} started (pid {result.pid}, {result.acceleration})", progress=50)
+        else:
+            operation_log(op, f"VMM already running (pid {info.pid}); waiting for the guest agent", progress=50)
+        vm_agent_wait(op, vm)
+    except Exception as exc:
+        message = getattr(exc, "message", None) or str(exc)
+        operation_log(op, f"boot failed: {message}")
+        if vm_fail(vm, f"boot failed: {message}", expected={S.STARTING}):
+            vmm_kill_quietly(vm)  # else a newer operation (stop, delete) owns the VMM now
+        raise
+    if not vm_transition_done(vm, "start", started_at=timezone.now(), last_error="", last_console=""):
+        # Someone stopped or deleted it while it booted; their operation owns the VMM now.
+        operation_log(op, "state changed during boot; leaving it to the newer operation")
+
+
+def vm_stop_run(op: Operation, vm: VM) -> None:
+    if vm.state != S.STOPPING:
+        return
+    force = bool(op.params.get("force"))
+    operation_log(
+        op,
+        "forcing power off" if force else f"asking the guest to power off ({settings.SANDBOX_STOP_TIMEOUT:.0f}s)",
+        progress=20,
+    )
+    try:
+        _driver(vm).shutdown(hypervisor.vm_spec(vm), graceful_timeout=settings.SANDBOX_STOP_TIMEOUT, force=force)
+    except Exception as exc:
+        vmm_kill_quietly(vm)
+        vm_fail(vm, f"stop failed: {getattr(exc, 'message', None) or exc}", expected={S.STOPPING})
+        raise
+    try:
+        hook_run("vm_vmm_gone", vm=vm)
     except Exception:
         logger.warning("network clean-up of %s failed", vm.pk, exc_info=True)
+    vm_transition_done(vm, "stop", vmm_pid=None, started_at=None)
 
 
-_HANDLERS = {
-    "create": _create,
-    "start": _start,
-    "stop": _stop,
-    "reboot": _simple("reboot", S.RUNNING, S.RUNNING),
-    "pause": _simple("pause", S.RUNNING, S.PAUSED),
-    "resume": _simple("resume", S.PAUSED, S.RUNNING),
-    "resize": _resize,
-    "delete": _delete,
-}
+def _in_place(action: str, call):
+    """Handler of an action that talks to a running VMM without replacing it: the VM is in
+    the action's transitional state (set by the request) while ``call`` runs, outside any
+    transaction; then the outcome is compare-and-set."""
+
+    def handler(op: Operation, vm: VM) -> None:
+        rule = TRANSITIONS[action]
+        if vm.state != rule.during:
+            return  # done by an earlier delivery, or someone else moved the VM
+        previous = op.params.get("previous_state")
+        try:
+            fields = call(_driver(vm), hypervisor.vm_spec(vm), op) or {}
+        except Exception as exc:
+            settled = vm_settle(vm, expected={rule.during}, previous=previous, why=f"{action} failed")
+            operation_log(op, f"{action} failed; the VM is {settled or vm.state}")
+            raise ApplicationError(f"Could not {action} the VM: {getattr(exc, 'message', None) or exc}") from exc
+        if not vm_transition_done(vm, action, previous=previous, **fields):
+            operation_log(op, f"state changed during {action}; leaving it to the newer operation")
+
+    handler.__name__ = f"vm_{action}_run"
+    return handler
 
 
-# --- reconciliation ---------------------------------------------------------------------
-
-MAX_ATTEMPTS = 3
-
-
-def _settle_transitional(vm: VM, now) -> int:
-    """A VM in a transitional state belongs to its live operation. When that operation's
-    worker died, re-enqueue it (it is idempotent) up to MAX_ATTEMPTS, then give up: stop the
-    VMM and mark the VM error. Returns 1 when something had to be done."""
-    from vms.services import _operation_enqueue, operation_worker_alive
-
-    live = (
-        Operation.objects.filter(vm=vm, status__in=[Operation.Status.PENDING, Operation.Status.RUNNING])
-        .order_by("-created_at")
-        .first()
-    )
-    if live is not None and live.status == Operation.Status.PENDING:
-        if (now - live.created_at).total_seconds() < PENDING_LIMIT_SECONDS:
-            return 0  # queued behind other work
-    elif live is not None and operation_worker_alive(live.worker):
-        limit = settings.SANDBOX_BOOT_TIMEOUT + settings.SANDBOX_STOP_TIMEOUT + STUCK_GRACE_SECONDS
-        if (now - (live.started_at or live.created_at)).total_seconds() < limit:
-            return 0
-    if live is not None and live.attempts < MAX_ATTEMPTS and live.status == Operation.Status.RUNNING:
-        if Operation.objects.filter(pk=live.pk, status=Operation.Status.RUNNING, worker=live.worker).update(
-            status=Operation.Status.PENDING
-        ):
-            _log(live, f"worker {live.worker} was lost; retrying (attempt {live.attempts + 1})")
-            _operation_enqueue(live, vm)
-        return 1
-    if live is not None:
-        Operation.objects.filter(pk=live.pk).update(
-            status=Operation.Status.FAILED, error="The worker running this operation was lost.", finished_at=now
-        )
-    if vm.driver:
-        _kill_quietly(hypervisor.driver_for(vm.driver), hypervisor.vm_spec(vm))
-    _fail(vm, f"Operation lost while {vm.state}; the VMM was stopped.", expected={vm.state})
-    return 1
+def _resize_call(driver: Driver, spec, op: Operation) -> dict:
+    vcpus, memory_mib = op.params["vcpus"], op.params["memory_mib"]
+    driver.resize(spec, vcpus=vcpus, memory_mib=memory_mib)
+    return {"vcpus": vcpus, "memory_mib": memory_mib}
 
 
-STUCK_GRACE_SECONDS = 60
-PENDING_LIMIT_SECONDS = 3600
+vm_pause_run = _in_place("pause", lambda driver, spec, op: driver.pause(spec))
+vm_resume_run = _in_place("resume", lambda driver, spec, op: driver.resume(spec))
+vm_reboot_run = _in_place("reboot", lambda driver, spec, op: driver.reboot(spec))
+vm_resize_run = _in_place("resize", _resize_call)
 
 
-def vms_reconcile(host) -> dict[str, int]:
-    """Compare recorded state with what runs on this host: a dead VMM turns its VM to error
-    (keeping the last console lines); a transitional state whose operation died is settled;
-    runtime directories of VMs that no longer exist are removed."""
-    counts = {"died": 0, "stuck": 0, "orphans": 0}
-    now = timezone.now()
-    for vm in VM.objects.filter(host=host).select_related("template__image"):
-        if vm.state in (S.RUNNING, S.PAUSED) and vm.driver:
-            try:
-                info = hypervisor.driver_for(vm.driver).info(hypervisor.vm_spec(vm), timeout=3.0)
-            except VmmError:
-                continue
-            if info.state == RuntimeState.GONE:
-                _fail(vm, "The VMM process exited unexpectedly.", expected={vm.state})
-                counts["died"] += 1
-        elif vm.state in (S.STARTING, S.STOPPING, S.CREATING, S.DELETING):
-            counts["stuck"] += _settle_transitional(vm, now)
-    root = settings.SANDBOX_RUNTIME_DIR
-    if root.is_dir():
-        known = {str(pk) for pk in VM.objects.values_list("pk", flat=True)}
-        for entry in root.iterdir():
-            if entry.is_dir() and entry.name not in known and len(entry.name) == 36:
-                from vms.vmm.base import VmSpec
+def vm_delete_run(op: Operation, vm: VM) -> None:
+    if vm.state != S.DELETING:
+        return
+    operation_log(op, "stopping VMM and removing runtime files", progress=30)
+    _driver(vm).cleanup(hypervisor.vm_spec(vm))
+    hook_run("vm_vmm_gone", vm=vm)  # the VMM is gone: its TAP and rules can go
+    vm_delete_row(vm, actor=op.requested_by)
 
-                orphan = VmSpec(vm_id=entry.name, runtime_dir=entry, kernel=entry, base_image=entry)
-                for name in ("qemu", "cloud-hypervisor"):
-                    try:
-                        hypervisor.driver_for(name).cleanup(orphan)
-                    except Exception:
-                        logger.warning("orphan cleanup of %s failed", entry, exc_info=True)
-                counts["orphans"] += 1
-    from vms.models import Host
 
-    Host.objects.filter(pk=host.pk).update(last_seen_at=now)
-    return counts
+def handlers_register() -> None:
+    """Called from ``VmsConfig.ready``."""
+    for action, fn in (
+        ("create", vm_create_run),
+        ("start", vm_boot_run),
+        ("stop", vm_stop_run),
+        ("reboot", vm_reboot_run),
+        ("pause", vm_pause_run),
+        ("resume", vm_resume_run),
+        ("resize", vm_resize_run),
+        ("delete", vm_delete_run),
+    ):
+        operation_handler_register(action, fn)

@@ -81,6 +81,9 @@ class Host(models.Model):
 
 
 class VmState(models.TextChoices):
+    """Stable states, and the transitional ones an operation holds while it talks to the VMM
+    (the table of allowed changes is ``vms.transitions.TRANSITIONS``)."""
+
     CREATING = "creating", "Creating"
     STOPPED = "stopped", "Stopped"
     STARTING = "starting", "Starting"
@@ -89,6 +92,11 @@ class VmState(models.TextChoices):
     STOPPING = "stopping", "Stopping"
     ERROR = "error", "Error"
     DELETING = "deleting", "Deleting"
+    PAUSING = "pausing", "Pausing"
+    RESUMING = "resuming", "Resuming"
+    REBOOTING = "rebooting", "Rebooting"
+    RESIZING = "resizing", "Resizing"
+    SNAPSHOTTING = "snapshotting", "Snapshotting"
 
 
 class VM(models.Model):

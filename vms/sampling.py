@@ -31,10 +31,12 @@ def _process_usage(pid: int) -> tuple[float, int] | None:
 
 
 def _net_counters(vm: VM) -> tuple[int, int]:
-    try:
-        from networking.services import nic_counters
+    from vms.hooks import hook_run
 
-        counters = nic_counters(vm=vm)
+    counters: dict = {}
+    try:
+        for extra in hook_run("vm_counters", vm=vm):
+            counters.update(extra or {})
     except Exception:  # networking is optional for sampling
         return 0, 0
     rx = sum(c.get("rx_bytes", 0) for c in counters.values())

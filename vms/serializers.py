@@ -30,6 +30,7 @@ class VmSerializer(serializers.ModelSerializer):
     owner = serializers.CharField(source="owner.username", read_only=True)
     template = serializers.CharField(source="template.name", read_only=True)
     host = serializers.CharField(source="host.name", read_only=True, default=None)
+    actions = serializers.SerializerMethodField(help_text="Actions the VM's state allows now (vms.transitions).")
 
     class Meta:
         model = VM
@@ -40,6 +41,7 @@ class VmSerializer(serializers.ModelSerializer):
             "template",
             "host",
             "state",
+            "actions",
             "vcpus",
             "memory_mib",
             "disk_gib",
@@ -53,6 +55,11 @@ class VmSerializer(serializers.ModelSerializer):
             "updated_at",
         ]
         read_only_fields = fields
+
+    def get_actions(self, vm: VM) -> list[str]:
+        from vms.transitions import vm_actions_allowed
+
+        return vm_actions_allowed(vm.state)
 
 
 class VmCreateSerializer(serializers.Serializer):

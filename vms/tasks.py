@@ -1,15 +1,19 @@
 """Celery tasks: thin wrappers that take ids and call one service."""
 
+import logging
+
 from celery import shared_task
 from celery.signals import worker_ready
 
 from accounts.context import actor_context
 
+logger = logging.getLogger(__name__)
+
 
 @shared_task(acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def operation_run_task(operation_id: str) -> None:
     from vms.models import Operation
-    from vms.services import operation_execute
+    from vms.operations import operation_execute
 
     request_id = Operation.objects.filter(pk=operation_id).values_list("request_id", flat=True).first() or ""
     with actor_context(request_id=request_id):
@@ -18,7 +22,7 @@ def operation_run_task(operation_id: str) -> None:
 
 @shared_task(ignore_result=True)
 def vms_reconcile_task() -> None:
-    from vms.lifecycle import vms_reconcile
+    from vms.operations import vms_reconcile
     from vms.services import local_host
 
     vms_reconcile(local_host())
@@ -34,19 +38,16 @@ def vms_sample_task() -> None:
 
 @worker_ready.connect
 def _reconcile_on_start(sender=None, **kwargs) -> None:
-    import logging
-
-    from vms.lifecycle import vms_reconcile
+    from vms.hooks import hook_run
+    from vms.operations import vms_reconcile
     from vms.services import local_host
 
     try:
         vms_reconcile(local_host())
     except Exception:  # a failed first pass must not stop the worker; beat retries
-        logging.getLogger(__name__).exception("reconcile at worker start failed")
-    from networking.services import network_reconcile
-
+        logger.exception("reconcile at worker start failed")
     try:
-        # Our own leftover TAPs/bridges go, plumbed NICs come back, rules re-applied atomically.
-        network_reconcile(host=local_host())
+        # e.g. networking: our own leftover TAPs/bridges go, plumbed NICs come back.
+        hook_run("host_worker_ready", host=local_host())
     except Exception:
-        logging.getLogger(__name__).exception("network reconcile at worker start failed")
+        logger.exception("worker-start hooks failed")

@@ -37,6 +37,12 @@
     if (vm.last_error !== undefined) { err.hidden = !vm.last_error; err.textContent = vm.last_error || ""; }
     if (vm.driver) document.getElementById("vm-driver").textContent = vm.driver + (vm.acceleration ? ` (${vm.acceleration})` : "");
     if (vm.vcpus) document.getElementById("vm-size").textContent = `${vm.vcpus} vCPU · ${vm.memory_mib} MiB`;
+    if (vm.actions) {
+      // Only what the state machine allows now (a transitional state such as "snapshotting" allows little).
+      document.querySelectorAll(".toolbar button[data-action]").forEach((button) => {
+        button.disabled = !vm.actions.includes(button.dataset.action);
+      });
+    }
     document.dispatchEvent(new CustomEvent("vm-state", { detail: vm.state }));
   }
   async function refresh() {
@@ -46,6 +52,7 @@
   }
   liveEvents((event) => { if (event.vm === vmId) { if (event.kind === "vm.deleted") location.href = "/"; else refresh(); } }, [vmId]);
   setInterval(refresh, 10000);
+  refresh();
 
   /* --- actions --- */
   document.querySelectorAll(".toolbar button[data-action]").forEach((button) => {

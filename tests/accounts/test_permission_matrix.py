@@ -399,3 +399,12 @@ def test_services_refuse_and_audit_on_their_own(owner, grantee, vm):
         with pytest.raises(NotPermitted):
             call()
         assert AuditEvent.objects.filter(action=action, result="denied", actor_id=grantee.pk).exists(), action
+
+
+@pytest.mark.django_db
+def test_it_answers_405_for_a_method_a_route_does_not_have(client):
+    owner = UserFactory()
+    vm = VmFactory(owner=owner)
+    client.force_login(owner)
+    assert client.post(f"/api/v1/vms/{vm.pk}/").status_code == 405
+    assert client.delete(f"/api/v1/vms/{vm.pk}/nics/").status_code == 405

@@ -12,58 +12,14 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from vms.hostd.client import AsyncHostdClient, HostdClient, HostdRequestError
-from vms.hostd.daemon import HostDaemon, HostdConfig
-
-FAKE_VMM = Path(__file__).with_name("fake_vmm.py")
-
-
-class Hostd:
-    """A HostDaemon running on its own event loop thread (restartable)."""
-
-    def __init__(self, root: Path, *, scan_seconds: float = 0.3) -> None:
-        self.config = HostdConfig(
-            runtime_dir=root, socket_path=root / "hostd.sock", scan_seconds=scan_seconds, console_ring_bytes=4096
-        )
-        self.thread: threading.Thread | None = None
-        self.daemon: HostDaemon | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
-
-    def start(self) -> None:
-        ready = threading.Event()
-
-        def run() -> None:
-            self.loop = asyncio.new_event_loop()
-            self.daemon = HostDaemon(self.config)
-            self.loop.run_until_complete(self.daemon.start())
-            ready.set()
-            self.loop.run_until_complete(self.daemon._stopped.wait())
-            self.loop.run_until_complete(self.daemon.stop())
-            self.loop.close()
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        assert ready.wait(10)
-
-    def stop(self) -> None:
-        assert self.loop and self.daemon and self.thread
-        self.loop.call_soon_threadsafe(self.daemon.request_stop)
-        self.thread.join(10)
-
-    def client(self) -> HostdClient:
-        return HostdClient(self.config.socket_path, timeout=20)
-
-    def scan(self) -> None:
-        """One runtime-directory scan now, on hostd's loop."""
-        assert self.loop and self.daemon
-        asyncio.run_coroutine_threadsafe(self.daemon.scan(), self.loop).result(10)
+from tests.hostd.runner import FAKE_VMM, Hostd
+from vms.hostd.client import AsyncHostdClient, HostdRequestError
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.system.stack import ROOT, Stack, stack_start, stack_stop, vmm_pids  # noqa: F401
+from tests.system.stack import ROOT, Stack, embedded_stack_start, stack_start, stack_stop, vmm_pids  # noqa: F401
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +29,23 @@ def stack(tmp_path_factory) -> Stack:
         if started is not None:
             stack_stop(started)
         shutil.rmtree(work_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def embedded_stack() -> Stack:
+    """The embedded default (no DATABASE_URL, no REDIS_URL: SQLite and the private Redis that
+    scripts/run.sh starts), as ``make run`` runs it; logs in test-artifacts/system-embedded/."""
+    for binary in ("qemu-system-x86_64", "redis-server"):
+        if shutil.which(binary) is None:
+            pytest.skip(f"{binary} is not installed (make test installs it)")
+    log_dir = Path(os.environ.get("SANDBOX_TEST_ARTIFACTS", ROOT / "test-artifacts")) / "system-embedded"
+    started = None
+    try:
+        started = embedded_stack_start(log_dir)
+        yield started
+    finally:
+        if started is not None:
+            stack_stop(started)
 
 
 @pytest.fixture(scope="session")

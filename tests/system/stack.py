@@ -1,6 +1,10 @@
 """A real stack for end-to-end tests and benchmarks: its own PostgreSQL database, Redis, daphne, a Celery
 worker and beat, and real VMs under QEMU. The test process talks to it over HTTP only.
 
+``embedded_stack_start`` runs the embedded default instead, the way ``make run`` does: no
+DATABASE_URL and no REDIS_URL (SQLite in its data directory; scripts/run.sh starts the private
+Redis on a Unix socket, then hostd, daphne, the Celery worker and beat).
+
 Networking stays in a network namespace of the stack's own (``msbx-systest-<pid>``,
 ``SANDBOX_NETNS`` of every process): bridges, TAPs, nftables tables and the VMMs live there, it
 has no link to the host namespace, and it is removed at stop, also after a failure.
@@ -17,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +106,7 @@ class Stack:
     tokens: dict[str, str]
     netns: str = ""
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    data_dir: Path | None = None  # the embedded stack's SANDBOX_DATA_DIR (removed at stop)
 
     def client(self, persona: str = "owner") -> httpx.Client:
         return httpx.Client(
@@ -142,6 +148,7 @@ class Stack:
                 str(self.log_dir / "beat-schedule"),
             ],
             "hostd": [sys.executable, "manage.py", "hostd"],
+            "run": ["bash", "scripts/run.sh"],  # the embedded stack: everything, as make run starts it
         }[name]
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
         self.procs[name] = subprocess.Popen(
@@ -302,6 +309,68 @@ def _remove_vmm_cgroups(runtime_dir: Path) -> None:
             vmm_cgroup_remove(SYSTEST_CGROUP, cgroup_name(vm_dir.name, vm_dir))
 
 
+def embedded_stack_start(log_dir: Path) -> Stack:
+    """The embedded default as ``make run`` runs it: no DATABASE_URL, no REDIS_URL, a data
+    directory of its own. migrate, build_image and the seed run before any Redis exists (like
+    make run's steps before scripts/run.sh); then scripts/run.sh starts the private Redis on
+    ``<data dir>/redis.sock``, hostd, daphne, the Celery worker and beat. Its logs (run.sh's
+    ``<data dir>/log``) are ``log_dir``."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    for old in log_dir.glob("*.log"):
+        old.unlink()
+    # Short: VM sockets live under it (Unix socket paths are limited to 107 bytes).
+    data_dir = Path(tempfile.mkdtemp(prefix="msbx-emb-", dir="/tmp")) / "var"
+    data_dir.parent.chmod(0o711)  # the VMM user reaches its runtime and snapshot directories
+    data_dir.mkdir()
+    (data_dir / "log").symlink_to(log_dir.absolute())
+    unset = ("DATABASE_URL", "REDIS_URL", "SANDBOX_RUNTIME_DIR", "SANDBOX_HOSTD_SOCKET", "SANDBOX_SNAPSHOT_DIR")
+    port = _free_port()
+    netns = f"msbx-systest-emb-{os.getpid()}"
+    env = {k: v for k, v in os.environ.items() if k not in unset and not k.startswith("SANDBOX_REDIS")}
+    env.update(
+        {
+            "SECRET_KEY": "system-test-secret-key",
+            "DEBUG": "0",
+            "SANDBOX_ENV_FILE": "/nonexistent",
+            "SANDBOX_DATA_DIR": str(data_dir),
+            "SANDBOX_HOST_NAME": "systest",
+            "SANDBOX_IMAGE_DIR": os.environ.get("SANDBOX_IMAGE_DIR", str(ROOT / "var" / "images")),
+            "SANDBOX_RECONCILE_SECONDS": "2",
+            "SANDBOX_STOP_TIMEOUT": "20",
+            "SANDBOX_BOOT_TIMEOUT": "150",
+            "SANDBOX_NETNS": netns,
+            "SANDBOX_VMM_CGROUP": SYSTEST_CGROUP,
+            "BIND": "127.0.0.1",
+            "PORT": str(port),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    manage = [sys.executable, "manage.py"]
+    subprocess.run([*manage, "migrate", "--noinput", "-v", "0"], cwd=ROOT, env=env, check=True, timeout=300)
+    subprocess.run([*manage, "build_image"], cwd=ROOT, env=env, check=True, timeout=1800, stdout=subprocess.DEVNULL)
+    seeded = subprocess.run(
+        [*manage, "shell", "-c", _SEED], cwd=ROOT, env=env, check=True, timeout=120, capture_output=True, text=True
+    )
+    stack = Stack(
+        url=f"http://127.0.0.1:{port}",
+        env=env,
+        runtime_dir=data_dir / "run",
+        log_dir=log_dir,
+        tokens=json.loads(seeded.stdout.split("TOKENS=", 1)[1]),
+        netns=netns,
+        data_dir=data_dir,
+    )
+    try:
+        _netns_create(netns)
+        stack.start("run")
+        stack.wait_web(timeout=120)
+        stack.wait_hostd()
+    except BaseException:
+        stack_stop(stack)
+        raise
+    return stack
+
+
 def stack_stop(stack: Stack) -> None:
     try:
         for name in list(stack.procs):
@@ -309,6 +378,8 @@ def stack_stop(stack: Stack) -> None:
         _kill_vmms(stack.runtime_dir)
         _remove_vmm_cgroups(stack.runtime_dir)
         shutil.rmtree(stack.runtime_dir, ignore_errors=True)
+        if stack.data_dir is not None:
+            shutil.rmtree(stack.data_dir.parent, ignore_errors=True)  # the log symlink, not its target
     finally:
         # Bridges, TAPs and nftables tables go with the namespace once no VMM is left in it.
         _netns_remove(stack.netns)

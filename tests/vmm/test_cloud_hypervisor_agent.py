@@ -5,16 +5,13 @@ run on this host, so only harmless ones are used."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.hostd.runner import Hostd
 from tests.vmm.test_cloud_hypervisor import driver, images, make_spec, short_dir  # noqa: F401 - fixtures
-from vms.hostd.client import HostdClient
-from vms.hostd.daemon import HostDaemon, HostdConfig
 from vms.vmm.agent_client import AgentConnection, AgentError, AgentTimeout, agent_ping, wait_for_agent
 from vms.vmm.base import AgentTransport, VmSpec
 from vms.vmm.cloud_hypervisor import CloudHypervisorDriver
@@ -74,40 +71,12 @@ def test_a_reboot_ends_the_connection_and_changes_the_boot_id(driver: CloudHyper
     assert wait_for_agent(running, AgentTransport.HYBRID_VSOCK, timeout=15)["boot_id"] != before
 
 
-class Hostd:
-    """A HostDaemon on its own event-loop thread, scanning ``root``."""
-
-    def __init__(self, root: Path) -> None:
-        self.config = HostdConfig(runtime_dir=root, socket_path=root / "hostd.sock", scan_seconds=0.3)
-        self.loop = asyncio.new_event_loop()
-        self.daemon = HostDaemon(self.config)
-        ready = threading.Event()
-
-        def run() -> None:
-            self.loop.run_until_complete(self.daemon.start())
-            ready.set()
-            self.loop.run_until_complete(self.daemon._stopped.wait())
-            self.loop.run_until_complete(self.daemon.stop())
-            self.loop.close()
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        assert ready.wait(10)
-
-    def client(self) -> HostdClient:
-        return HostdClient(self.config.socket_path, timeout=20)
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.daemon.request_stop)
-        self.thread.join(10)
-
-
 def test_hostd_reaches_the_agent_over_hybrid_vsock_and_reconnects_after_a_restore(
     driver: CloudHypervisorDriver,  # noqa: F811
     running: VmSpec,
     short_dir: Path,  # noqa: F811
 ) -> None:
-    hostd = Hostd(short_dir)
+    hostd = Hostd(short_dir).start()
     try:
         with hostd.client() as client:
             ping = client.agent_wait("vm1", timeout=15)

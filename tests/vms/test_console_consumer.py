@@ -27,13 +27,11 @@ from guardian.shortcuts import assign_perm
 from accounts.models import AuditEvent
 from sandbox_site.asgi import application
 from tests.factories import UserFactory, VmFactory
+from tests.hostd.runner import FAKE_VMM, Hostd
 from vms.consoles import ConsoleUnavailable, HostdConsole
-from vms.hostd.client import HostdClient
-from vms.hostd.daemon import HostDaemon, HostdConfig
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-FAKE_VMM = Path(__file__).resolve().parents[1] / "hostd" / "fake_vmm.py"
 WINDOW = 4096
 SCROLLBACK = 1000
 
@@ -46,55 +44,6 @@ def wait_for(condition, timeout: float = 15.0, what: str = "condition"):
             return value
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
-
-
-class Hostd:
-    """hostd on its own event loop thread, as ``manage.py hostd`` runs it (restartable)."""
-
-    def __init__(self, root: Path) -> None:
-        self.config = HostdConfig(
-            runtime_dir=root, socket_path=root / "hostd.sock", scan_seconds=0.3, console_ring_bytes=4096
-        )
-        self.thread: threading.Thread | None = None
-        self.daemon: HostDaemon | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
-
-    def start(self) -> None:
-        ready = threading.Event()
-
-        def run() -> None:
-            self.loop = asyncio.new_event_loop()
-            self.daemon = HostDaemon(self.config)
-            self.loop.run_until_complete(self.daemon.start())
-            ready.set()
-            self.loop.run_until_complete(self.daemon._stopped.wait())
-            self.loop.run_until_complete(self.daemon.stop())
-            self.loop.close()
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        assert ready.wait(10)
-
-    def stop(self) -> None:
-        if self.thread is None or not self.thread.is_alive():
-            return
-        assert self.loop and self.daemon
-        self.loop.call_soon_threadsafe(self.daemon.request_stop)
-        self.thread.join(10)
-
-    def viewer_write_buffers(self) -> list[int]:
-        """Bytes hostd has queued (not yet taken by the client) per client connection."""
-        assert self.loop and self.daemon
-        daemon = self.daemon
-
-        async def sizes() -> list[int]:
-            return [s.writer.transport.get_write_buffer_size() for s in daemon.sessions]
-
-        return asyncio.run_coroutine_threadsafe(sizes(), self.loop).result(10)
-
-    def console_info(self, vm_id) -> dict:
-        with HostdClient(self.config.socket_path, timeout=10) as client:
-            return client.call("console_info", {"vm_id": str(vm_id)})[0]
 
 
 @pytest.fixture
@@ -509,3 +458,100 @@ async def test_input_errors_say_why(root, hostd):
         await console.write(b"x")
     assert err.value.code == "hostd_unavailable" and "hostd" in err.value.message
     await console.close()
+
+
+# --- the writer role outlives no connection --------------------------------------------
+
+
+async def _writer_after_connect(vm, user) -> tuple[WebsocketCommunicator, dict]:
+    comm, connected, _ = await connect(vm, user)
+    assert connected
+    return comm, await hello(comm)
+
+
+async def test_a_console_that_fails_after_claiming_leaves_the_keyboard_to_the_next_viewer(
+    console_vm, owner, monkeypatch
+):
+    from django.db import OperationalError
+
+    from vms.consumers import VmConsoleConsumer
+
+    audit = VmConsoleConsumer._audit
+
+    def locked_on_open(self, action):  # what SQLite's "database is locked" did after the claim
+        if action == "console.open":
+            raise OperationalError("database is locked")
+        audit(self, action)
+
+    monkeypatch.setattr(VmConsoleConsumer, "_audit", locked_on_open)
+    first, first_hello = await _writer_after_connect(console_vm, owner)
+    assert first_hello["writer"] is True
+    with pytest.raises(OperationalError):
+        await first.receive_output(timeout=10)  # the consumer died with the error
+    monkeypatch.setattr(VmConsoleConsumer, "_audit", audit)
+
+    second, second_hello = await _writer_after_connect(console_vm, owner)
+    assert second_hello["writer"] is True  # at once: no lapse to wait for
+    await second.send_to(bytes_data=b"after the crash\n")
+    await read_until(second, b"echo: after the crash\n")
+    await second.disconnect()
+
+
+async def test_a_cancelled_console_task_leaves_the_keyboard_to_the_next_viewer(console_vm, owner):
+    from vms.consoles import console_writer
+
+    first, first_hello = await _writer_after_connect(console_vm, owner)
+    assert first_hello["writer"] is True
+    first.future.cancel()  # e.g. the server shutting the connection's task down
+    with contextlib.suppress(asyncio.CancelledError):
+        await first.future
+    second, second_hello = await _writer_after_connect(console_vm, owner)
+    assert second_hello["writer"] is True
+    holder = await database_sync_to_async(console_writer)(console_vm.pk)
+    assert holder["user"] == "owner" and holder["session"] != first_hello.get("session")
+    await second.disconnect()
+
+
+async def test_a_claim_whose_connection_ended_unreleased_is_free_at_once(console_vm, owner, monkeypatch):
+    """Even when releasing failed (the cache did not answer), a claim whose connection ended
+    in this process does not lock the next viewer out."""
+    from vms import consoles
+
+    monkeypatch.setattr(consoles, "console_writer_release", lambda *a, **kw: False)
+    first, first_hello = await _writer_after_connect(console_vm, owner)
+    assert first_hello["writer"] is True
+    await first.disconnect()
+    assert (await database_sync_to_async(consoles.console_writer)(console_vm.pk))["user"] == "owner"  # left behind
+    second, second_hello = await _writer_after_connect(console_vm, owner)
+    assert second_hello["writer"] is True
+    await second.disconnect()
+
+
+async def test_a_live_writer_keeps_its_claim_and_a_dead_process_claim_lapses(console_vm, owner, monkeypatch):
+    from vms import consoles
+
+    monkeypatch.setattr(consoles, "WRITER_TTL_SECONDS", 1)
+    monkeypatch.setattr(consoles, "WRITER_REFRESH_SECONDS", 0.2)
+    grantee = await database_sync_to_async(UserFactory)(username="grantee")
+    for perm in ("vms.view_vm", "vms.console_vm"):
+        await database_sync_to_async(assign_perm)(perm, grantee, console_vm)
+    writer, writer_hello = await _writer_after_connect(console_vm, owner)
+    assert writer_hello["writer"] is True
+    await asyncio.sleep(2.5)  # longer than the claim's TTL: only the refreshes keep it
+    other, other_hello = await _writer_after_connect(console_vm, grantee)
+    assert other_hello["writer"] is False and other_hello["writer_user"] == "owner"
+    await other.disconnect()
+    await writer.disconnect()
+
+    # A claim made by a process that died (nothing here knows its connection): it lapses.
+    crashed = {"session": "specific.gone!1", "user": "owner", "process": "elsewhere:1:dead"}
+    await database_sync_to_async(cache.set)(f"console-writer:{console_vm.pk}", crashed, consoles.WRITER_TTL_SECONDS)
+    other, other_hello = await _writer_after_connect(console_vm, grantee)
+    assert other_hello["writer"] is False
+    await other.disconnect()
+    await asyncio.to_thread(
+        wait_for, lambda: consoles.console_writer(console_vm.pk) is None, timeout=3, what="the claim to lapse"
+    )
+    other, other_hello = await _writer_after_connect(console_vm, grantee)
+    assert other_hello["writer"] is True
+    await other.disconnect()

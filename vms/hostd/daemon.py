@@ -133,6 +133,10 @@ class HostDaemon:
     def request_stop(self) -> None:
         self._stopped.set()
 
+    async def wait_stopped(self) -> None:
+        """Until ``request_stop`` (or a signal under ``run_forever``)."""
+        await self._stopped.wait()
+
     async def stop(self) -> None:
         if self._scan_task is not None:
             self._scan_task.cancel()

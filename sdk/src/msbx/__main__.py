@@ -1,0 +1,5 @@
+import sys
+
+from msbx.cli import main
+
+sys.exit(main())

@@ -1,0 +1,58 @@
+"""Points where other apps join the VM lifecycle without vms importing them.
+
+An app registers its functions from its ``AppConfig.ready`` (networking: NIC allocation,
+plumbing, release; see ``networking.apps``), the way snapshots registers its operation
+handlers with ``vms.operations.operation_handler_register``. vms calls ``hook_run`` and never
+imports those apps. Hooks run in registration order; an exception propagates to the caller
+(which decides whether the step fails or only logs).
+
+Hook names and their keyword arguments:
+
+- ``vm_created(vm, actor)``: in the transaction that creates the VM row (create and clone);
+- ``vm_before_launch(vm) -> list[str]``: on the VM's host, before a VMM is launched or
+  restored; returns lines for the operation log;
+- ``vm_vmm_gone(vm)``: on the VM's host, after its VMM stopped (stop, delete, failed create);
+- ``vm_row_deleting(vm)``: in the transaction that deletes the VM row;
+- ``vm_nic(vm) -> object | None``: the first NIC (``tap``, ``mac``, ``kernel_args``) for the VmSpec;
+- ``vm_counters(vm) -> dict``: extra counters in ``Driver.counters``' shape (sampling);
+- ``host_worker_ready(host)``: once when a worker of ``host`` starts, after the VM reconcile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+HOOK_NAMES = (
+    "vm_created",
+    "vm_before_launch",
+    "vm_vmm_gone",
+    "vm_row_deleting",
+    "vm_nic",
+    "vm_counters",
+    "host_worker_ready",
+)
+
+_hooks: dict[str, list[Callable[..., Any]]] = {name: [] for name in HOOK_NAMES}
+
+
+def hook_register(name: str, fn: Callable[..., Any]) -> None:
+    """Add ``fn`` to hook ``name`` (idempotent: registering the same function twice is a no-op)."""
+    if name not in _hooks:
+        raise ValueError(f"unknown VM hook {name!r}")
+    if fn not in _hooks[name]:
+        _hooks[name].append(fn)
+
+
+def hook_run(name: str, **kwargs: Any) -> list[Any]:
+    """Call every function of hook ``name``; returns their results in order."""
+    return [fn(**kwargs) for fn in _hooks[name]]
+
+
+def hook_first(name: str, **kwargs: Any) -> Any:
+    """The first non-None result of hook ``name``, or None."""
+    for fn in _hooks[name]:
+        result = fn(**kwargs)
+        if result is not None:
+            return result
+    return None
