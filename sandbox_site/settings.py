@@ -287,9 +287,22 @@ SANDBOX_PORT_FORWARDS_PER_VM = env.int("SANDBOX_PORT_FORWARDS_PER_VM", default=1
 SANDBOX_HOSTD_SOCKET = Path(env.str("SANDBOX_HOSTD_SOCKET", default=str(SANDBOX_RUNTIME_DIR / "hostd.sock")))
 SANDBOX_HOSTD_SCAN_SECONDS = env.float("SANDBOX_HOSTD_SCAN_SECONDS", default=2.0)
 SANDBOX_CONSOLE_RING_BYTES = env.int("SANDBOX_CONSOLE_RING_BYTES", default=1 << 20)
+SANDBOX_CONSOLE_LOG_MAX_BYTES = env.int("SANDBOX_CONSOLE_LOG_MAX_BYTES", default=16 << 20)
+# New work is refused (507) when less than this is free (vms/host_disk.py).
+SANDBOX_DISK_RESERVE_BYTES = env.int("SANDBOX_DISK_RESERVE_BYTES", default=1 << 30)
+SANDBOX_DISK_RESERVE_PERCENT = env.int("SANDBOX_DISK_RESERVE_PERCENT", default=5)
 SANDBOX_FILE_UPLOAD_MAX_BYTES = env.int("SANDBOX_FILE_UPLOAD_MAX_BYTES", default=1 << 30)
+# Request bodies, checked by daphne as they arrive (sandbox_site/daphne_limits.py). 2 MiB: a
+# 1 MiB inline exec stdin in JSON, with escaping.
+SANDBOX_REQUEST_MAX_BYTES = env.int("SANDBOX_REQUEST_MAX_BYTES", default=2 << 20)
+SANDBOX_ANONYMOUS_REQUEST_MAX_BYTES = env.int("SANDBOX_ANONYMOUS_REQUEST_MAX_BYTES", default=64 << 10)
+# Responses and websocket messages: unsent bytes per connection before the sender waits.
+SANDBOX_SEND_BUFFER_BYTES = env.int("SANDBOX_SEND_BUFFER_BYTES", default=256 << 10)
+SANDBOX_SEND_STALL_SECONDS = env.float("SANDBOX_SEND_STALL_SECONDS", default=300.0)
 SANDBOX_EXEC_BUFFER_BYTES = env.int("SANDBOX_EXEC_BUFFER_BYTES", default=1 << 20)
 SANDBOX_EXEC_WAIT_MAX_SECONDS = env.float("SANDBOX_EXEC_WAIT_MAX_SECONDS", default=300.0)
+SANDBOX_EXEC_WINDOW_BYTES = env.int("SANDBOX_EXEC_WINDOW_BYTES", default=256 * 1024)  # exec websocket flow control
+SANDBOX_EXEC_WAITS_PER_USER = env.int("SANDBOX_EXEC_WAITS_PER_USER", default=32)  # per web process
 
 # --- snapshots ------------------------------------------------------------------------------
 # Snapshot files (frozen disk layers, saved VM state). Must be on the same filesystem as

@@ -37,6 +37,7 @@ from snapshots.models import RetentionPolicy, Snapshot
 from vms import hypervisor
 from vms import selectors as vm_selectors
 from vms import services as vm_services
+from vms.host_disk import require_disk_space
 from vms.models import VM, VmState
 from vms.operations import operation_enqueue, operation_new
 from vms.transitions import TRANSITIONS, vm_transition_request
@@ -89,6 +90,7 @@ def snapshot_create(*, vm: VM, actor, name: str, description: str = "", include_
     """Record a snapshot of ``vm`` and enqueue the operation that takes it. Returns
     ``(snapshot, operation)``."""
     _require_vm_perm(actor, vm, "create")
+    require_disk_space(action="take a snapshot")
     name = (name or "").strip()
     if not name or len(name) > 100:
         raise ApplicationError("Give the snapshot a name of 1 to 100 characters.", details={"name": "required"})
@@ -192,6 +194,7 @@ def snapshot_clone(*, snapshot: Snapshot, actor, count: int = 1, name_prefix: st
     from vms.models import name_validator
 
     _require_snapshot_perm(actor, snapshot, "clone")
+    require_disk_space(action="clone a snapshot")
     _require_ready(snapshot)
     require_perm(actor, "vms.add_vm", None, action="snapshot.clone", message="Your role may not create VMs.")
     if not 1 <= count <= settings.SANDBOX_CLONE_MAX:

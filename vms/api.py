@@ -149,18 +149,18 @@ class VmViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPermissi
         """Everything the guest wrote to its serial console, as a text download."""
         from django.http import FileResponse
 
-        from vms.consoles import console_log_path
+        from vms.consoles import console_log_open
 
         vm = self.get_object()
-        path = console_log_path(vm.pk)
-        if not path.exists():
-            raise NotFound("This VM has no console log (yet).")
-        return FileResponse(
-            path.open("rb"),
-            as_attachment=True,
-            filename=f"{vm.name}-console.log",
-            content_type="text/plain; charset=utf-8",
+        try:
+            log, start = console_log_open(vm.pk)  # from the oldest byte kept (the log is capped)
+        except OSError:
+            raise NotFound("This VM has no console log (yet).") from None
+        response = FileResponse(
+            log, as_attachment=True, filename=f"{vm.name}-console.log", content_type="text/plain; charset=utf-8"
         )
+        response["X-Console-Log-Offset"] = str(start)
+        return response
 
     @action(detail=True, methods=["get"])
     def samples(self, request, id=None):
@@ -170,7 +170,10 @@ class VmViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPermissi
             minutes = min(max(int(request.query_params.get("minutes", 30)), 1), 360)
         except ValueError:
             minutes = 30
-        return Response({"vm": str(vm.pk), "points": selectors.vm_samples_rates(vm=vm, minutes=minutes)})
+        from vms.consoles import console_log_bytes
+
+        points = selectors.vm_samples_rates(vm=vm, minutes=minutes)
+        return Response({"vm": str(vm.pk), "points": points, "console_log_bytes": console_log_bytes(vm.pk)})
 
     @action(detail=True, methods=["get"])
     def agent(self, request, id=None):

@@ -39,6 +39,30 @@ def console_log_path(vm_id) -> Path:
     return hypervisor.runtime_dir(vm_id) / "serial.log"
 
 
+def console_log_open(vm_id):
+    """``(file, offset)``: the console log opened at its oldest byte still on disk (hostd
+    caps the log by punching a hole over the oldest bytes, see vms/hostd/console.py), and
+    that byte's console offset. Raises ``OSError`` when there is no log."""
+    import errno
+    import os
+
+    fh = console_log_path(vm_id).open("rb")
+    try:
+        start = os.lseek(fh.fileno(), 0, os.SEEK_DATA)
+    except OSError as exc:
+        start = os.fstat(fh.fileno()).st_size if exc.errno == errno.ENXIO else 0
+    fh.seek(start)
+    return fh, start
+
+
+def console_log_bytes(vm_id) -> int:
+    """Disk the VM's console log occupies (holes excluded; capped by hostd)."""
+    try:
+        return console_log_path(vm_id).stat().st_blocks * 512
+    except OSError:
+        return 0
+
+
 def console_group(vm_id) -> str:
     return f"vms.console.{vm_id}"
 

@@ -1,10 +1,13 @@
 """``/ws/vms/{id}/execs/{exec_id}/?offset=N``: an exec's output live, stdin and resize back.
 
 Server -> client: binary frames are output, first byte the stream (1 stdout, 2 stderr,
-3 pty) then the bytes; text frames are JSON control: ``attached``, ``gap`` (bytes in
-between were dropped by the bounded buffer), ``exit`` (result), ``error``.
+3 pty) then the bytes; text frames are JSON control: ``attached`` (``offset``, ``window``),
+``gap`` (bytes in between were dropped by the bounded buffer), ``exit`` (result), ``error``.
 Client -> server: binary frames are stdin; text frames ``{"type": "stdin", "data": ".."}``,
-``{"type": "eof"}``, ``{"type": "resize", "rows", "cols"}``, ``{"type": "signal", "signal"}``.
+``{"type": "eof"}``, ``{"type": "resize", "rows", "cols"}``, ``{"type": "signal", "signal"}``,
+``{"type": "ack", "offset": N}`` (flow control, like the console's: the server never sends
+more than ``window`` output bytes beyond the last acknowledged offset; an ack beyond what
+was sent counts as what was sent, so acknowledging unread data gains nothing).
 Session authentication; the VM's exec permission is checked on connect, and stdin, signal
 and resize go through the exec services like their REST twins (permission re-checked,
 signals audited). The output stream and the agent requests use one ``AgentChannel``.
@@ -20,6 +23,7 @@ from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
 
 from accounts.context import actor_context, new_request_id
 from sandbox_site.errors import ApplicationError
@@ -73,6 +77,9 @@ class VmExecConsumer(AsyncWebsocketConsumer):
             self.cursor = max(0, int(query.get("offset", ["0"])[0]))
         except ValueError:
             self.cursor = 0
+        self.window = max(1, settings.SANDBOX_EXEC_WINDOW_BYTES)
+        self.acked = self.cursor  # output offset the client confirmed
+        self.acked_changed = asyncio.Event()
         await self.accept()
         try:
             self.channel = await AgentChannel.open(timeout=30)
@@ -81,7 +88,7 @@ class VmExecConsumer(AsyncWebsocketConsumer):
             await self._control({"type": "error", "code": exc.code, "message": exc.message})
             await self.close(code=4404 if exc.code == "not_found" else 4502)
             return
-        await self._control({"type": "attached", "exec_id": self.exec_id, "offset": self.cursor})
+        await self._control({"type": "attached", "exec_id": self.exec_id, "offset": self.cursor, "window": self.window})
         self.pump = asyncio.create_task(self._pump())
 
     async def _control(self, message: dict) -> None:
@@ -95,8 +102,10 @@ class VmExecConsumer(AsyncWebsocketConsumer):
                     offset = h.get("offset", self.cursor)
                     if offset > self.cursor:
                         await self._control({"type": "gap", "from": self.cursor, "to": offset})
-                    await self.send(bytes_data=STREAM_BYTES.get(h.get("stream"), b"\x01") + frame.data)
-                    self.cursor = offset + len(frame.data)
+                        self.cursor = offset
+                        self.acked = max(self.acked, offset)
+                    data = frame.data[max(0, self.cursor - offset) :]  # never send a byte twice
+                    await self._send_output(STREAM_BYTES.get(h.get("stream"), b"\x01"), data)
                 elif h["ev"] == "exit":
                     await self._control({"type": "exit", "end_offset": h.get("end_offset"), "result": h.get("result")})
                     await self.close(code=1000)
@@ -115,9 +124,34 @@ class VmExecConsumer(AsyncWebsocketConsumer):
             with contextlib.suppress(Exception):
                 await self.close(code=4500)
 
+    async def _send_output(self, stream: bytes, data: bytes) -> None:
+        """Send ``data`` without ever having more than ``window`` bytes unacknowledged;
+        while the window is full this task stops reading hostd's stream (which stops
+        crediting the agent), so nothing piles up anywhere."""
+        while data:
+            room = self.window - (self.cursor - self.acked)
+            if room <= 0:
+                self.acked_changed.clear()
+                await self.acked_changed.wait()
+                continue
+            piece, data = data[:room], data[room:]
+            self.cursor += len(piece)
+            await self.send(bytes_data=stream + piece)
+
+    def _ack(self, offset: object) -> None:
+        if isinstance(offset, int) and not isinstance(offset, bool):
+            self.acked = max(self.acked, min(offset, self.cursor))  # never beyond what was sent
+            self.acked_changed.set()
+
     async def receive(self, text_data=None, bytes_data=None):
         if self.channel is None:
             return
+        if text_data and '"ack"' in text_data:  # flow control: no service, no audit
+            with contextlib.suppress(ValueError):
+                message = json.loads(text_data)
+                if isinstance(message, dict) and message.get("type") == "ack":
+                    self._ack(message.get("offset"))
+                    return
         # Each control message is audited like one REST request (its own request id).
         client = self.scope.get("client") or (None,)
         try:

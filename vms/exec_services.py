@@ -9,13 +9,16 @@ checks and audit rows are the same as the REST ones.
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator, Iterable
+import contextlib
+import threading
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from channels.db import database_sync_to_async
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 
 from accounts.audit import audit_record
 from accounts.models import AuditResult
@@ -23,12 +26,16 @@ from accounts.permissions import require_perm
 from sandbox_site.errors import ApplicationError, ConflictError
 from vms import agent_gateway
 from vms.agent_gateway import AgentChannel, agent_call
+from vms.host_disk import require_disk_space
 from vms.models import VM
 from vms.transitions import vm_guest_running
 
 EXEC_PERM = "vms.exec_vm"
 MAX_COMMAND_AUDIT = 4000
 MAX_STDIN_BYTES = 1 << 20  # stdin given inline with POST .../exec/, .../stdin/ or a websocket frame
+COLLECT_PAGE_BYTES = 512 << 10  # what one exec_read may return (guest_agents/PROTOCOL.md)
+COLLECT_SECONDS = 60.0  # reading a finished exec's output back, at most
+OUTPUT_STREAMS = ("stdout", "stderr", "pty")
 
 
 def _require_exec(actor, vm: VM, action: str) -> None:
@@ -101,6 +108,7 @@ def vm_exec_start(
             "stdin_eof": bool(stdin) and not stdin_open,
         }
     )
+    buffer_limit = args["buffer_bytes"]
     if pty:
         args["pty"] = {
             "rows": int(pty.get("rows", 24)),
@@ -117,41 +125,110 @@ def vm_exec_start(
         "pty": bool(pty),
         "stdin_bytes": len(stdin or b""),
     }
+    with _wait_slot(actor) if wait else contextlib.nullcontext():
+        try:
+            started, _ = agent_call(vm, "exec_start", args, stdin or b"")
+        except ApplicationError as exc:
+            _audit(actor, "vm.exec", vm, audit_after, result=AuditResult.FAILED, message=exc.message)
+            raise
+        _audit(actor, "vm.exec", vm, {**audit_after, "exec_id": started["exec_id"]})
+        if not wait:
+            return {"exec_id": started["exec_id"], "pid": started["pid"], "tag": started["tag"], "running": True}
+        limit = settings.SANDBOX_EXEC_WAIT_MAX_SECONDS
+        wait_for = min(limit, timeout + 5) if timeout else limit
+        _release_database_connection()  # nothing below needs it; a wait must not hold one
+        summary, _ = agent_call(
+            vm, "exec_wait", {"exec_id": started["exec_id"], "timeout": wait_for}, timeout=wait_for + 10
+        )
+        return _collect(vm, summary, max_bytes=buffer_limit)
+
+
+# Concurrent ``wait: true`` execs per user in this web process: each holds a server thread.
+_waits: dict[object, int] = {}
+_waits_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _wait_slot(actor) -> Iterator[None]:
+    """One of the actor's SANDBOX_EXEC_WAITS_PER_USER slots for a waiting exec, or 429."""
+    key = getattr(actor, "pk", None)
+    limit = settings.SANDBOX_EXEC_WAITS_PER_USER
+    with _waits_lock:
+        if _waits.get(key, 0) >= limit:
+            raise ApplicationError(
+                f"At most {limit} commands with wait=true may run at once per user; "
+                "start more with wait=false and read their output.",
+                code="too_many",
+                status_code=429,
+                details={"limit": limit},
+            )
+        _waits[key] = _waits.get(key, 0) + 1
     try:
-        started, _ = agent_call(vm, "exec_start", args, stdin or b"")
-    except ApplicationError as exc:
-        _audit(actor, "vm.exec", vm, audit_after, result=AuditResult.FAILED, message=exc.message)
-        raise
-    _audit(actor, "vm.exec", vm, {**audit_after, "exec_id": started["exec_id"]})
-    if not wait:
-        return {"exec_id": started["exec_id"], "pid": started["pid"], "tag": started["tag"], "running": True}
-    limit = settings.SANDBOX_EXEC_WAIT_MAX_SECONDS
-    wait_for = min(limit, timeout + 5) if timeout else limit
-    summary, _ = agent_call(
-        vm, "exec_wait", {"exec_id": started["exec_id"], "timeout": wait_for}, timeout=wait_for + 10
-    )
-    return _collect(vm, summary)
+        yield
+    finally:
+        with _waits_lock:
+            _waits[key] -= 1
+            if not _waits[key]:
+                del _waits[key]
 
 
-def _collect(vm: VM, summary: dict) -> dict:
-    """Whole output of a finished (or still running) exec, split into stdout and stderr."""
-    out = {"stdout": bytearray(), "stderr": bytearray(), "pty": bytearray()}
+def _release_database_connection() -> None:
+    # Django opens one connection per thread and keeps it until the request ends; a
+    # command waited on for minutes would hold it all that time. Reopened on demand.
+    if not connection.in_atomic_block:
+        connection.close()
+
+
+def _collect(vm: VM, summary: dict, *, max_bytes: int) -> dict:
+    """Output of a finished (or still running) exec, split into stdout and stderr.
+
+    Nothing the guest answers is trusted: at most ``max_bytes`` (the buffer the host asked
+    the agent to keep) are collected, in at most as many pages as that takes, within
+    COLLECT_SECONDS; offsets must advance and chunk lengths must fit the data. Hitting a
+    limit stops the loop with ``truncated`` and ``collect_limit`` saying which."""
+    out = {name: bytearray() for name in OUTPUT_STREAMS}
+    exec_id = summary["exec_id"]
     offset = 0
     base = summary.get("base_offset", 0)
-    while True:
-        page, data = agent_call(vm, "exec_read", {"exec_id": summary["exec_id"], "offset": offset})
+    total = 0
+    limit_hit = None
+    max_pages = max_bytes // COLLECT_PAGE_BYTES + 8
+    deadline = time.monotonic() + COLLECT_SECONDS
+    for _ in range(max_pages):
+        want = min(COLLECT_PAGE_BYTES, max_bytes - total)
+        page, data = agent_call(vm, "exec_read", {"exec_id": exec_id, "offset": offset, "max": want})
+        next_offset, end_offset = page.get("next_offset"), page.get("end_offset")
+        chunks = page.get("chunks")
+        if not (_is_int(next_offset) and _is_int(end_offset) and isinstance(chunks, list)):
+            raise _bad_agent_answer("exec_read without integer offsets and a chunk list")
         pos = 0
-        for stream, length in page["chunks"]:
-            out.setdefault(stream, bytearray()).extend(data[pos : pos + length])
+        for chunk in chunks:
+            if not (isinstance(chunk, list) and len(chunk) == 2 and chunk[0] in out and _is_int(chunk[1])):
+                raise _bad_agent_answer("exec_read chunk is not [stream, length]")
+            length = min(chunk[1], len(data) - pos, max_bytes - total)
+            if length < 0:
+                raise _bad_agent_answer("exec_read chunk lengths exceed its data")
+            out[chunk[0]].extend(data[pos : pos + length])
             pos += length
-        if page["next_offset"] <= offset or page["next_offset"] >= page["end_offset"]:
-            summary = page
+            total += length
+        summary = page
+        if next_offset <= offset or next_offset >= end_offset:
             break
-        offset = page["next_offset"]
+        if total >= max_bytes:
+            limit_hit = "bytes"
+            break
+        if time.monotonic() > deadline:
+            limit_hit = "time"
+            break
+        offset = next_offset
+    else:
+        limit_hit = "iterations"
     result = summary.get("result") or {}
+    if not isinstance(result, dict):
+        result = {}
     return {
-        "exec_id": summary["exec_id"],
-        "running": summary["running"],
+        "exec_id": exec_id,
+        "running": bool(summary.get("running")),
         "exit_code": result.get("exit_code"),
         "signal": result.get("signal"),
         "timed_out": result.get("timed_out", False),
@@ -160,9 +237,18 @@ def _collect(vm: VM, summary: dict) -> dict:
         "duration_ms": result.get("duration_ms"),
         "cpu_ms": result.get("cpu_ms"),
         "max_rss_kib": result.get("max_rss_kib"),
-        "truncated": base > 0 or summary.get("base_offset", 0) > 0,
+        "truncated": base > 0 or summary.get("base_offset", 0) > 0 or limit_hit is not None,
+        "collect_limit": limit_hit,
         "end_offset": summary.get("end_offset"),
     }
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _bad_agent_answer(why: str) -> ApplicationError:
+    return ApplicationError(f"The guest agent answered nonsense: {why}.", code="agent_error", status_code=502)
 
 
 def vm_exec_list(*, vm: VM, actor, tag: str | None = None) -> list[dict]:
@@ -332,6 +418,7 @@ def vm_file_upload(
     nothing is left in the guest."""
     _require_exec(actor, vm, "file_write")
     _require_running(vm)
+    require_disk_space(action="upload a file")
     path = _path(path)
     limit = settings.SANDBOX_FILE_UPLOAD_MAX_BYTES
     too_large = ApplicationError(

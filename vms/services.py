@@ -19,6 +19,7 @@ from accounts.permissions import require_perm
 from sandbox_site.errors import ApplicationError, ConflictError, QuotaExceeded
 from vms import selectors
 from vms.hooks import hook_run
+from vms.host_disk import require_disk_space
 from vms.models import VM, Host, Image, Operation, Template, VmState
 from vms.operations import (  # noqa: F401 - re-exported for callers of the old names
     operation_claim,
@@ -104,6 +105,7 @@ def vm_create(
     """Record the VM (creating), grant the owner every object permission, and enqueue the
     create (+ boot) operation on the host's queue once the transaction commits."""
     require_perm(actor, "vms.add_vm", None, action="vm.create", message="Your role may not create VMs.")
+    require_disk_space(action="create a VM")
     if not template.is_active:
         raise ApplicationError("This template is not available.", details={"template": "inactive"})
     vcpus = vcpus or template.vcpus
@@ -144,6 +146,8 @@ def vm_action(*, vm: VM, action: str, actor, force: bool = False) -> Operation:
     if action not in ACTION_PERMS or action == "resize":
         raise ApplicationError(f"Unknown action {action!r}.")
     _require(actor, ACTION_PERMS[action], vm, action)
+    if action == "start":
+        require_disk_space(action="start a VM")
     with transaction.atomic():
         before = _snapshot(vm)
         previous = vm_transition_request(vm, action)

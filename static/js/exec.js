@@ -34,18 +34,27 @@
         const bytes = new Uint8Array(msg.data);
         const payload = bytes.subarray(1);
         run.offset += payload.length;
+        // Flow control: the server sends at most `window` bytes beyond our last ack.
+        if (run.window && run.offset - run.acked >= run.window / 2) {
+          run.acked = run.offset;
+          socket.send(JSON.stringify({ type: "ack", offset: run.offset }));
+        }
         if (bytes[0] === 2 && !run.pty) { term.write("\x1b[31m"); term.write(payload); term.write("\x1b[0m"); }
         else term.write(payload);
         return;
       }
       const m = JSON.parse(msg.data);
-      if (m.type === "exit") {
+      if (m.type === "attached") {
+        run.window = m.window || 0;
+        run.offset = run.acked = m.offset;
+      } else if (m.type === "exit") {
         run.done = true;
         const r = m.result || m;
         const how = r.signal ? `killed by signal ${r.signal}` : `exit code ${r.exit_code}`;
         statusEl.textContent = `Finished: ${how}` + (r.duration_ms !== undefined ? ` in ${r.duration_ms} ms` : "") + ".";
         window.sandboxExec.lastExit = r;
       } else if (m.type === "gap") {
+        run.offset = run.acked = m.to;
         term.write("\r\n[output dropped by the bounded buffer]\r\n");
       } else if (m.type === "error") {
         statusEl.textContent = `Error: ${m.message}`;

@@ -3,7 +3,10 @@ directory (so ``running_vmm_pid`` accepts it), serving
 
 - ``agent.sock``: the real guest agent code (guest_agents/linux/sandbox_agent.py) running
   here on the host, one client at a time like QEMU's chardev; or, with ``--hostile``,
-  a peer that answers hello properly and then sends malformed frames;
+  a peer that answers hello properly and then sends malformed frames; or floods: with
+  ``--hostile resync-flood`` it never answers hello and repeats a fake 16-byte header that
+  claims a 1 MiB frame (the CRC-per-skipped-byte attack), with ``--hostile event-flood``
+  it answers hello then sends valid events for a subscription nobody holds, nonstop;
 - ``serial.sock`` + ``serial.log``: a fake serial port that logs (like QEMU's
   ``logfile=``) every line it prints; input is echoed back as ``echo: <line>``.
 
@@ -52,7 +55,44 @@ def _raw_frame(agent, head: bytes, data: bytes) -> bytes:
     return agent.MAGIC + lengths + struct.pack(">I", crc) + head + data
 
 
+def fake_header(agent) -> bytes:
+    """16 bytes that look like the start of a frame of about 1 MiB (wrong CRC)."""
+    return agent.MAGIC + (2).to_bytes(4, "big") + ((1 << 20) - 2).to_bytes(4, "big") + bytes(4)
+
+
+def serve_flood(path: Path, agent, mode: str) -> None:
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(path))
+    srv.listen(1)
+    junk = fake_header(agent) * 4096 if mode == "resync-flood" else b""
+    event = agent.encode_frame({"ev": "out", "sub": 999999, "offset": 0}, b"z" * 65536)
+    while True:
+        conn, _ = srv.accept()
+        try:
+            if mode == "event-flood":
+                reader = agent.FrameReader()
+                while not junk:
+                    data = conn.recv(65536)
+                    if not data:
+                        raise OSError("closed")
+                    for header, _ in reader.feed(data):
+                        req = json.loads(header)
+                        if req.get("op") == "hello":
+                            result = {"protocol": 2, "nonce": req["args"]["nonce"], "agent_version": "flood"}
+                            conn.sendall(agent.encode_frame({"id": req["id"], "ok": True, "result": result}))
+                            junk = event * 16
+            while True:
+                conn.sendall(junk)
+        except OSError:
+            pass
+        conn.close()
+        junk = fake_header(agent) * 4096 if mode == "resync-flood" else b""
+
+
 def serve_hostile(path: Path, agent, mode: str) -> None:
+    if mode.endswith("-flood"):
+        serve_flood(path, agent, mode)
+        return
     srv = socket.socket(socket.AF_UNIX)
     srv.bind(str(path))
     srv.listen(1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from pathlib import Path
+from typing import Any
 
 from vms.hostd.client import HostdClient
 from vms.hostd.daemon import HostDaemon, HostdConfig
@@ -14,12 +15,10 @@ FAKE_VMM = Path(__file__).with_name("fake_vmm.py")
 
 
 class Hostd:
-    def __init__(self, root: Path, *, scan_seconds: float = 0.3, console_ring_bytes: int = 4096) -> None:
+    def __init__(self, root: Path, *, scan_seconds: float = 0.3, **config: Any) -> None:
+        config.setdefault("console_ring_bytes", 4096)
         self.config = HostdConfig(
-            runtime_dir=root,
-            socket_path=root / "hostd.sock",
-            scan_seconds=scan_seconds,
-            console_ring_bytes=console_ring_bytes,
+            runtime_dir=root, socket_path=root / "hostd.sock", scan_seconds=scan_seconds, **config
         )
         self.thread: threading.Thread | None = None
         self.daemon: HostDaemon | None = None

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from tests.hostd.runner import FAKE_VMM, Hostd
-from vms.hostd.client import AsyncHostdClient, HostdRequestError
+from vms.hostd.agent_link import LinkBudget
+from vms.hostd.client import AsyncHostdClient, HostdClient, HostdRequestError
 
 
 @pytest.fixture
@@ -263,6 +264,54 @@ def test_console_offsets_older_than_the_ring_come_from_the_log(hostd: Hostd, vmm
     asyncio.run(scenario())
 
 
+def test_the_console_log_is_capped_and_offsets_stay_valid(root: Path, vmm) -> None:
+    cap = 256 << 10
+    daemon = Hostd(root, console_log_max_bytes=cap)
+    daemon.start()
+    log_path = root / "vm1" / "serial.log"
+    line = b"".join(b"%07d " % n + b"y" * 55 + b"\n" for n in range(1024))  # 64 KiB, offsets readable
+    try:
+
+        async def scenario() -> None:
+            async with AsyncHostdClient(daemon.config.socket_path) as client:
+                await _console_ready(client)
+                with open(log_path, "ab", buffering=0) as log:  # what QEMU's logappend=on does
+                    for _ in range(64):  # 4 MiB, 16 times the cap
+                        log.write(line)
+                        await asyncio.sleep(0.005)
+                size = log_path.stat().st_size
+                deadline = time.monotonic() + 15
+                while True:
+                    info = (await client.call("console_info", {"vm_id": "vm1"}))[0]
+                    if info["end_offset"] >= size and info["log_bytes"] <= cap:
+                        break
+                    assert time.monotonic() < deadline, info
+                    await asyncio.sleep(0.1)
+                assert info["log_start"] > 0 and info["log_dropped"] >= size - cap
+                assert log_path.stat().st_blocks * 512 <= cap  # on disk: under the cap
+                assert log_path.stat().st_size >= size  # offsets are file positions still
+                # A replay from 0 starts where the log starts now (the gap is visible) and
+                # its bytes are the log's bytes at those offsets.
+                sub = await client.console_attach("vm1", offset=0)
+                frame = await asyncio.wait_for(sub.__aiter__().__anext__(), 10)
+                assert frame.header["offset"] == info["log_start"]
+                with open(log_path, "rb") as fh:
+                    fh.seek(info["log_start"])
+                    assert frame.data == fh.read(len(frame.data))
+                assert b"\x00" not in frame.data
+                await sub.close()
+
+        asyncio.run(scenario())
+        daemon.stop()
+        daemon = Hostd(root, console_log_max_bytes=cap)  # a restarted hostd finds the same start
+        daemon.start()
+        with daemon.client() as client:
+            info = client.call("vm_register", {"vm_id": "vm1"})[0]["console"]
+            assert info["log_start"] > 0 and info["log_start"] % 4096 == 0
+    finally:
+        daemon.stop()
+
+
 @pytest.mark.parametrize(
     "mode", ["garbage", "bad-crc", "huge-length", "not-json", "not-object", "bad-fields", "bad-event"]
 )
@@ -283,6 +332,64 @@ def test_a_hostile_guest_is_cut_off_and_hostd_carries_on(
     finally:
         os.killpg(bad.pid, signal.SIGKILL)
         bad.wait()
+
+
+def _ping_latencies(client: HostdClient, seconds: float) -> list[float]:
+    latencies = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        started = time.monotonic()
+        client.agent("vm1", "ping", timeout=20)
+        latencies.append(time.monotonic() - started)
+        time.sleep(0.05)
+    return latencies
+
+
+def test_a_guest_repeating_fake_frame_headers_does_not_freeze_hostd(root: Path, hostd: Hostd, vmm) -> None:
+    # Before its hello answer a link resynchronises; a guest repeating a 16-byte header that
+    # claims a 1 MiB frame used to cost a megabyte of CRC per byte skipped (seconds of
+    # blocked event loop per read, for every VM). Now the cost is linear in bytes received.
+    with hostd.client() as client:
+        assert client.agent_wait("vm1", timeout=10)["protocol"] == 2
+        bad = _vmm(root, "evil", "--hostile", "resync-flood")
+        try:
+            deadline = time.monotonic() + 15
+            while client.call("vm_status", {"vm_id": "evil"})[0]["agent"]["bytes_received"] < (8 << 20):
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            latencies = _ping_latencies(client, 3.0)
+            status = client.call("vm_status", {"vm_id": "evil"})[0]["agent"]
+        finally:
+            os.killpg(bad.pid, signal.SIGKILL)
+            bad.wait()
+    assert max(latencies) < 1.0, latencies
+    assert status["crc_bytes"] <= 2 * status["bytes_received"] + (4 << 20), status
+
+
+def test_a_guest_flooding_unsolicited_frames_is_cut_off_and_counted(root: Path, vmm) -> None:
+    budget = LinkBudget(window_seconds=2.0, unsolicited_bytes=4 << 20, penalty_seconds=60.0)
+    daemon = Hostd(root, agent_budget=budget)
+    daemon.start()
+    bad = _vmm(root, "evil", "--hostile", "event-flood")
+    try:
+        with daemon.client() as client:
+            deadline = time.monotonic() + 15
+            while True:
+                status = client.call("vm_status", {"vm_id": "evil"})[0]["agent"]
+                if status["abuse_disconnects"] >= 1:
+                    break
+                assert time.monotonic() < deadline, status
+                time.sleep(0.1)
+            assert "unsolicited" in status["last_abuse"] and not status["connected"]
+            received = status["bytes_received"]
+            assert client.agent_wait("vm1", timeout=10)["protocol"] == 2  # the others are unaffected
+            time.sleep(1.0)  # the penalty keeps the flooder disconnected
+            status = client.call("vm_status", {"vm_id": "evil"})[0]["agent"]
+            assert status["bytes_received"] == received and status["abuse_disconnects"] == 1
+    finally:
+        os.killpg(bad.pid, signal.SIGKILL)
+        bad.wait()
+        daemon.stop()
 
 
 def test_a_slow_console_reader_does_not_hold_up_others(hostd: Hostd, vmm) -> None:

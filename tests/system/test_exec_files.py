@@ -57,16 +57,24 @@ def _ws_collect(ws, *, stop_after: int | None = None):
     out = {1: bytearray(), 2: bytearray(), 3: bytearray()}
     got = 0
     control = None
+    offset = acked = window = 0
     while True:
         opcode, data = ws.recv_data()
         if opcode == websocket.ABNF.OPCODE_BINARY:
             out[data[0]] += data[1:]
             got += len(data) - 1
+            offset += len(data) - 1
+            if window and offset - acked >= window // 2:  # flow control (docs/exec-and-files.md)
+                acked = offset
+                ws.send(json.dumps({"type": "ack", "offset": offset}))
             if stop_after is not None and got >= stop_after:
                 return out, control, got
         elif opcode == websocket.ABNF.OPCODE_TEXT:
             control = json.loads(data)
             assert control["type"] != "gap", control
+            if control["type"] == "attached":
+                offset = acked = control["offset"]
+                window = control["window"]
             if control["type"] in ("exit", "error"):
                 return out, control, got
         else:
@@ -343,9 +351,9 @@ def test_an_upload_over_the_limit_is_413_and_leaves_nothing(stack, running_vm):
     vm_id = running_vm["id"]
     limit = int(stack.env["SANDBOX_FILE_UPLOAD_MAX_BYTES"])
     auth = {"Authorization": f"Bearer {stack.tokens['owner']}"}
-    # daphne hands a request over only once its body has arrived (spooled to disk), so
-    # even a declared oversize body is sent in full before the 413; none of it reaches
-    # Django or the guest.
+    # daphne answers 413 as the headers (declared size) or the chunks (streamed size) pass the
+    # limit, before anything is written (tests/web/test_daphne_limits.py); none of it
+    # reaches Django or the guest.
     with httpx.Client(base_url=stack.url, timeout=300) as client:
         declared = client.put(
             f"/api/v1/vms/{vm_id}/files/",

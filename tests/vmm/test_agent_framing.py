@@ -90,6 +90,59 @@ def test_a_scanning_decoder_skips_garbage_and_torn_frames() -> None:
         FrameDecoder(scanning=True, max_skip=100).feed(b"z" * 1000)
 
 
+class _CountingZlib:
+    """Stands in for the decoder's ``zlib``: counts CRC bytes, fails once over ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+
+    def crc32(self, data: bytes | memoryview, value: int = 0) -> int:
+        self.count += len(data)
+        if self.count > self.limit:
+            raise AssertionError(f"{self.count} bytes of CRC: not linear in the input")
+        return zlib.crc32(data, value)
+
+
+def _fake_header(length: int = MAX_FRAME - 2) -> bytes:
+    return MAGIC + struct.pack(">II", 2, length) + bytes(4)
+
+
+@pytest.mark.parametrize("chunk", [16, 4096, 256 << 10])
+def test_resynchronising_costs_crc_work_linear_in_the_bytes_received(monkeypatch, chunk: int) -> None:
+    # Overlapping fake headers, one every 16 bytes, each claiming a ~1 MiB frame: a decoder
+    # that CRCs every complete candidate runs ~1 MiB of CRC per byte skipped (64 GiB here).
+    stream = _fake_header() * (2 * MAX_FRAME // 16) + bytes(MAX_FRAME)
+    good = encode_frame({"id": 0, "ok": True, "result": {"nonce": "n"}})
+    stream += good
+    from vms.vmm import agent_protocol
+
+    counter = _CountingZlib(limit=2 * len(stream) + 2 * MAX_FRAME)
+    monkeypatch.setattr(agent_protocol, "zlib", counter)
+    decoder = FrameDecoder(scanning=True, max_skip=len(stream))
+    frames = []
+    started = time.thread_time()
+    for i in range(0, len(stream), chunk):
+        frames += decoder.feed(stream[i : i + chunk])
+    assert [f.header["id"] for f in frames] == [0]  # the good frame after the flood is found
+    assert decoder.crc_bytes == counter.count <= counter.limit
+    assert decoder.received == len(stream)
+    assert time.thread_time() - started < 20  # generous: the point is the CRC count above
+
+
+def test_a_strict_decoder_crcs_each_byte_once(monkeypatch) -> None:
+    from vms.vmm import agent_protocol
+
+    frames = b"".join(encode_frame({"id": i, "ok": True, "result": {}}, b"d" * 5000) for i in range(200))
+    counter = _CountingZlib(limit=len(frames))
+    monkeypatch.setattr(agent_protocol, "zlib", counter)
+    decoder = FrameDecoder()
+    out = []
+    for i in range(0, len(frames), 777):
+        out += decoder.feed(frames[i : i + 777])
+    assert len(out) == 200 and decoder.crc_bytes == counter.count
+
+
 def test_random_garbage_never_escapes_as_another_exception() -> None:
     rng = random.Random(1234)
     for _ in range(2000):

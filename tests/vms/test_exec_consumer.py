@@ -121,3 +121,31 @@ async def test_a_signal_after_the_exec_right_was_revoked_is_refused_and_audited(
     assert (denied.actor_id, denied.result) == (grantee.pk, "denied")
     running = await database_sync_to_async(exec_services.vm_exec_list)(vm=vm, actor=owner)
     assert [e["running"] for e in running if e["exec_id"] == exec_id] == [True]
+
+
+async def _output_until_quiet(comm, quiet: float = 1.5) -> int:
+    """Output bytes received until nothing arrives for ``quiet`` seconds."""
+    got = 0
+    while True:
+        if await comm.receive_nothing(quiet):
+            return got
+        frame = await comm.receive_output(5)
+        if frame.get("bytes") is not None:
+            got += len(frame["bytes"]) - 1
+
+
+async def test_output_stops_at_the_window_until_acknowledged_and_overacking_gains_nothing(owner, live_vm, settings):
+    settings.SANDBOX_EXEC_WINDOW_BYTES = 64 << 10
+    vm, _ = live_vm
+    exec_id = await start(vm, owner, "head -c 1000000 /dev/zero", buffer_bytes=4 << 20)
+    comm, connected, _ = await connect(vm, exec_id, owner)
+    assert connected
+    attached = await control(comm, "attached")
+    assert attached["window"] == 64 << 10
+    assert await _output_until_quiet(comm) == 64 << 10  # not a byte more without an ack
+    # Acknowledging far more than was sent counts as acknowledging what was sent.
+    await comm.send_json_to({"type": "ack", "offset": 10**12})
+    assert await _output_until_quiet(comm) == 64 << 10
+    await comm.send_json_to({"type": "ack", "offset": 128 << 10})
+    assert await _output_until_quiet(comm) == 64 << 10
+    await comm.disconnect()

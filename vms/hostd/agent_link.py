@@ -7,6 +7,14 @@ or the guest sends anything malformed (a ``FrameError``: logged, never raised fu
 pending requests fail, every subscription is told (``on_reset``) so it can re-attach
 from its own offset, and the link reconnects with a bounded backoff.
 
+A guest cannot make its link expensive for hostd: decoding costs CPU linear in the bytes
+received (see agent_protocol), and each link has a budget (``LinkBudget``) per window of
+time: CPU spent decoding and dispatching what it sent, and bytes nobody asked for
+(garbage skipped while resynchronising, responses to no pending request, events for no
+subscription). A link over budget is disconnected, counted (``abuse_disconnects`` in
+``status()``, i.e. hostd's ``vm_status``), logged, and reconnected only after
+``LinkBudget.penalty_seconds``: a flooding guest costs hostd a bounded share of a core.
+
 Each connection records the pid of the VMM it reached (``vmm_pid``: the peer of the Unix
 socket, i.e. the process listening on it), so a VMM replaced under the same socket path
 (a snapshot restore) resets only a connection that still belongs to the old one.
@@ -21,6 +29,8 @@ import logging
 import secrets
 import socket
 import struct
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -63,6 +73,41 @@ class AgentUnavailable(AgentError):
     """The link to the agent is not up (the VM is booting, paused or gone)."""
 
 
+class LinkAbuse(AgentError):
+    """The guest went over its link's budget (CPU or unsolicited bytes)."""
+
+
+@dataclass(frozen=True)
+class LinkBudget:
+    """What one agent link may cost hostd per ``window_seconds``. An honest agent only
+    answers requests and sends credit-limited stream events: it never comes near."""
+
+    window_seconds: float = 5.0
+    cpu_seconds: float = 2.5  # half a core, averaged over the window
+    unsolicited_bytes: int = 8 << 20  # below the 16 MiB a resync may skip: floods meet the penalty
+    penalty_seconds: float = 30.0  # before reconnecting a link cut off for abuse
+
+
+class _BudgetMeter:
+    def __init__(self, budget: LinkBudget) -> None:
+        self.budget = budget
+        self.started = time.monotonic()
+        self.cpu = 0.0
+        self.junk = 0
+
+    def charge(self, cpu: float, junk: int) -> None:
+        now = time.monotonic()
+        if now - self.started >= self.budget.window_seconds:
+            self.started, self.cpu, self.junk = now, 0.0, 0
+        self.cpu += cpu
+        self.junk += junk
+        window = self.budget.window_seconds
+        if self.cpu > self.budget.cpu_seconds:
+            raise LinkAbuse(f"the guest cost {self.cpu:.2f}s of CPU within {window:.0f}s")
+        if self.junk > self.budget.unsolicited_bytes:
+            raise LinkAbuse(f"the guest sent {self.junk} unsolicited bytes within {window:.0f}s")
+
+
 class Subscriber(Protocol):
     def on_event(self, frame: Frame) -> None: ...
 
@@ -72,8 +117,22 @@ class Subscriber(Protocol):
 class AgentLink:
     """One persistent, self-healing session with a guest agent."""
 
-    def __init__(self, vm_id: str, path: Path, transport: AgentTransport, *, name: str = "hostd") -> None:
+    def __init__(
+        self,
+        vm_id: str,
+        path: Path,
+        transport: AgentTransport,
+        *,
+        name: str = "hostd",
+        budget: LinkBudget | None = None,
+    ) -> None:
         self.vm_id = vm_id
+        self.budget = budget or LinkBudget()
+        self.abuse_disconnects = 0
+        self.malformed_disconnects = 0
+        self.last_abuse = ""
+        self.bytes_received = 0
+        self.crc_bytes = 0
         self.path = path
         self.transport = transport
         self.name = name
@@ -122,11 +181,23 @@ class AgentLink:
         while True:
             before = self.sessions
             synced = False
+            penalty = 0.0
             try:
                 await self._session()
             except asyncio.CancelledError:
                 raise
+            except LinkAbuse as exc:
+                self.abuse_disconnects += 1
+                self.last_abuse = self.last_error = f"link over budget: {exc}"
+                penalty = self.budget.penalty_seconds
+                logger.warning(
+                    "vm %s: closing agent connection (%s); reconnecting in %.0fs",
+                    self.vm_id,
+                    self.last_error,
+                    penalty,
+                )
             except FrameError as exc:
+                self.malformed_disconnects += 1
                 self.last_error = f"malformed data from the guest: {exc}"
                 logger.error("vm %s: closing agent connection: %s", self.vm_id, self.last_error)
             except (OSError, EOFError, TimeoutError, AgentError) as exc:
@@ -140,7 +211,7 @@ class AgentLink:
                 self._teardown(AgentUnavailable(f"connection to the agent was lost ({self.last_error})"))
             if synced or self.sessions > before:
                 backoff = BACKOFF_MIN
-            await asyncio.sleep(backoff)
+            await asyncio.sleep(max(backoff, penalty))
             backoff = min(BACKOFF_MAX, backoff * 2)
 
     def _teardown(self, error: AgentError) -> None:
@@ -172,7 +243,8 @@ class AgentLink:
             if not line.startswith(b"OK "):
                 raise AgentError(f"hybrid vsock handshake refused: {line[:64]!r}")
         decoder = FrameDecoder(scanning=True)
-        frames = await self._sync(reader, writer, decoder)
+        meter = _BudgetMeter(self.budget)
+        frames = await self._sync(reader, writer, decoder, meter)
         decoder.scanning = False
         decoder.skipped = 0
         self.sessions += 1
@@ -185,11 +257,19 @@ class AgentLink:
             data = await reader.read(256 << 10)
             if not data:
                 raise EOFError("agent connection closed")
-            for frame in decoder.feed(data):
-                self._dispatch(frame)
+            started, crc_before = time.thread_time(), decoder.crc_bytes
+            junk = 0
+            try:
+                for frame in decoder.feed(data):
+                    if not self._dispatch(frame):
+                        junk += frame.size
+            finally:
+                self.bytes_received += len(data)
+                self.crc_bytes += decoder.crc_bytes - crc_before
+            meter.charge(time.thread_time() - started, junk)
 
     async def _sync(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, decoder: FrameDecoder
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, decoder: FrameDecoder, meter: _BudgetMeter
     ) -> list[Frame]:
         """Send hello (same nonce, re-sent every second, zero bytes before the re-sends to
         complete a frame an earlier host left half-written) until its answer arrives."""
@@ -213,7 +293,14 @@ class AgentLink:
                     break
                 if not data:
                     raise EOFError("agent connection closed during hello")
-                frames = decoder.feed(data)
+                started, skipped, crc_before = time.thread_time(), decoder.skipped, decoder.crc_bytes
+                try:
+                    frames = decoder.feed(data)
+                finally:
+                    self.bytes_received += len(data)
+                    self.crc_bytes += decoder.crc_bytes - crc_before
+                # Everything before the hello answer is unsolicited (stale frames, garbage).
+                meter.charge(time.thread_time() - started, decoder.skipped - skipped + sum(f.size for f in frames))
                 for i, frame in enumerate(frames):
                     h = frame.header
                     result = h.get("result")
@@ -224,24 +311,28 @@ class AgentLink:
                         self.hello = result
                         return frames[i + 1 :]
 
-    def _dispatch(self, frame: Frame) -> None:
+    def _dispatch(self, frame: Frame) -> bool:
+        """Route one frame; False when nobody asked for it (counted against the budget)."""
         check_response(frame.header)  # FrameError -> the session ends, logged by _run
         h = frame.header
         if "ev" in h:
             sub = self._subs.get(h["sub"])
-            if sub is not None:
-                try:
-                    sub.on_event(frame)
-                except Exception:
-                    logger.exception("vm %s: subscriber failed", self.vm_id)
-            return
+            if sub is None:
+                return False
+            try:
+                sub.on_event(frame)
+            except Exception:
+                logger.exception("vm %s: subscriber failed", self.vm_id)
+            return True
         req_id = h.get("id")
         if req_id is None:
-            logger.warning("vm %s: agent rejected a frame: %s", self.vm_id, h.get("error"))
-            return
+            logger.debug("vm %s: agent rejected a frame: %s", self.vm_id, h.get("error"))
+            return False
         fut = self._pending.pop(req_id, None)
-        if fut is not None and not fut.done():
-            fut.set_result(frame)
+        if fut is None or fut.done():
+            return False
+        fut.set_result(frame)
+        return True
 
     # ----- requests ----------------------------------------------------------------
 
@@ -319,4 +410,9 @@ class AgentLink:
             "boot_id": self.hello.get("boot_id"),
             "last_error": self.last_error,
             "pending": len(self._pending),
+            "bytes_received": self.bytes_received,
+            "crc_bytes": self.crc_bytes,
+            "abuse_disconnects": self.abuse_disconnects,
+            "malformed_disconnects": self.malformed_disconnects,
+            "last_abuse": self.last_abuse,
         }

@@ -10,6 +10,15 @@ Offsets are absolute byte positions in the VM's console history. The history liv
 - cloud-hypervisor has no log file: hostd appends what it reads from the socket to
   ``serial.log`` (output while hostd is down is lost there; documented in docs/hostd.md).
 
+The log is capped (``log_max_bytes``, SANDBOX_CONSOLE_LOG_MAX_BYTES): once the bytes kept
+on disk pass the cap, hostd punches a hole over the oldest ones (``fallocate`` with
+``FALLOC_FL_PUNCH_HOLE``: the blocks are freed, the file keeps its size), leaving the newest
+three quarters of the cap. QEMU keeps appending (``logappend=on``: O_APPEND) and every
+offset stays what it was; offsets below ``log_start`` were dropped and a read from there
+answers from ``log_start`` on (a gap the viewer is told about). On a filesystem without
+hole punching the log is truncated instead (offsets continue after the truncation, see
+below). While hostd is down nothing caps the log; it is capped again when hostd starts.
+
 A reader keeps its own cursor: replay comes from the ring, or from the file when older
 than the ring; a reader that falls behind never holds anything up (it reads on from its
 cursor when it is ready). If the log shrinks (truncated or rotated), offsets keep growing:
@@ -20,6 +29,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
+import errno
 import logging
 import os
 from pathlib import Path
@@ -34,6 +46,9 @@ LOG_POLL_SECONDS = 0.25
 READ_CHUNK = 64 << 10
 MAX_CATCHUP = 1 << 20  # bytes of log read per wakeup
 WRITE_TIMEOUT = 5.0
+LOG_MAX_BYTES = 16 << 20
+PUNCH_ALIGN = 4096
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 
 
 class ConsoleUnavailable(Exception):
@@ -67,8 +82,13 @@ class ConsoleRing:
 
 
 class ConsoleLink:
-    def __init__(self, vm_id: str, runtime_dir: Path, *, ring_bytes: int, qemu_log: bool) -> None:
+    def __init__(
+        self, vm_id: str, runtime_dir: Path, *, ring_bytes: int, qemu_log: bool, log_max_bytes: int = LOG_MAX_BYTES
+    ) -> None:
         self.vm_id = vm_id
+        self.log_max_bytes = max(log_max_bytes, 4 * PUNCH_ALIGN)
+        self._data_start = 0  # file position of the oldest byte still on disk
+        self.log_dropped = 0  # bytes dropped by the cap, ever (this hostd)
         self.runtime_dir = runtime_dir
         self.qemu_log = qemu_log
         self.log_path = runtime_dir / SERIAL_LOG
@@ -111,7 +131,8 @@ class ConsoleLink:
         except OSError:
             return
         self._inode = st.st_ino
-        start = max(0, st.st_size - self.ring.limit)
+        self._data_start = _first_data(self.log_path, st.st_size)
+        start = max(self._data_start, st.st_size - self.ring.limit)
         try:
             with open(self.log_path, "rb") as fh:
                 fh.seek(start)
@@ -121,6 +142,7 @@ class ConsoleLink:
         self.ring = ConsoleRing(self.ring.limit, base=start)
         self.ring.append(data)
         self._pos = start + len(data)
+        self._enforce_cap(st.st_size)
 
     # ----- output --------------------------------------------------------------------
 
@@ -143,8 +165,9 @@ class ConsoleLink:
         offset = max(0, min(offset, ring.end))
         if offset >= ring.base:
             return offset, ring.read(offset, max_bytes)
-        if offset < self.log_base:
-            offset = self.log_base
+        floor = self.log_start
+        if offset < floor:
+            offset = floor
             if offset >= ring.base:
                 return offset, ring.read(offset, max_bytes)
         want = min(max_bytes, ring.base - offset)
@@ -153,6 +176,8 @@ class ConsoleLink:
         )
         if len(data) < want:  # the file no longer holds it (rotated): skip to the ring
             return ring.base, ring.read(ring.base, max_bytes)
+        if offset < self.log_start:  # the cap punched these bytes out while they were read
+            return await self.read(self.log_start, max_bytes)
         return offset, data
 
     async def _log_loop(self) -> None:
@@ -180,12 +205,49 @@ class ConsoleLink:
                 logger.info("vm %s: serial.log was replaced or truncated; offsets continue", self.vm_id)
             self.log_base = self.ring.end
             self._pos = 0
+            self._data_start = 0
             self._inode = st.st_ino
         if st.st_size <= self._pos:
             return b""
         data = _pread(self.log_path, self._pos, min(MAX_CATCHUP, st.st_size - self._pos))
         self._pos += len(data)
+        self._enforce_cap(st.st_size)
         return data
+
+    @property
+    def log_start(self) -> int:
+        """Absolute offset of the oldest console byte still in the log."""
+        return self.log_base + self._data_start
+
+    def _enforce_cap(self, size: int | None = None) -> None:
+        """Keep at most ``log_max_bytes`` of the log on disk (runs in a worker thread or at
+        start; only this method moves ``_data_start`` forward)."""
+        if size is None:
+            try:
+                size = os.stat(self.log_path).st_size
+            except OSError:
+                return
+        if size - self._data_start <= self.log_max_bytes:
+            return
+        keep = self.log_max_bytes * 3 // 4
+        # Never past what the ring holds or the reader took: those bytes are not elsewhere yet.
+        target = min(size - keep, self._pos) // PUNCH_ALIGN * PUNCH_ALIGN
+        if target <= self._data_start:
+            return
+        try:
+            _punch(self.log_path, self._data_start, target - self._data_start)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                self.last_error = f"capping {self.log_path.name}: {exc}"
+                return
+            # No hole punching here: truncate; _read_new sees the file shrink and continues
+            # the offsets after the last byte read.
+            logger.warning("vm %s: cannot punch holes in serial.log (%s); truncating it", self.vm_id, exc)
+            with contextlib.suppress(OSError):
+                os.truncate(self.log_path, 0)
+            return
+        self.log_dropped += target - self._data_start
+        self._data_start = target
 
     # ----- the socket ------------------------------------------------------------------
 
@@ -212,7 +274,7 @@ class ConsoleLink:
                     if self.qemu_log:
                         self._poke.set()  # QEMU logged it too: take it from the log
                     else:
-                        await asyncio.get_running_loop().run_in_executor(None, _append, self.log_path, data)
+                        await asyncio.get_running_loop().run_in_executor(None, self._append_log, data)
                         self.ring.append(data)
                         self._notify()
             except OSError as exc:
@@ -222,6 +284,15 @@ class ConsoleLink:
                 self.vmm_pid = None
                 writer.close()
             await asyncio.sleep(backoff)
+
+    def _append_log(self, data: bytes) -> None:
+        _append(self.log_path, data)
+        try:
+            size = os.stat(self.log_path).st_size
+        except OSError:
+            return
+        self._pos = size  # everything in the file came through the ring
+        self._enforce_cap(size)
 
     def kick_unless(self, pid: int | None) -> bool:
         """Drop the serial socket connection unless it reached the VMM ``pid``; the socket
@@ -253,6 +324,10 @@ class ConsoleLink:
             "base_offset": self.ring.base,
             "end_offset": self.ring.end,
             "log_base": self.log_base,
+            "log_start": self.log_start,
+            "log_bytes": _allocated(self.log_path),
+            "log_max_bytes": self.log_max_bytes,
+            "log_dropped": self.log_dropped,
             "source": "serial.log (QEMU)" if self.qemu_log else "serial socket",
             "last_error": self.last_error,
         }
@@ -264,6 +339,51 @@ def _pread(path: Path, offset: int, size: int) -> bytes:
             return os.pread(fh.fileno(), size, offset)
     except OSError:
         return b""
+
+
+def _allocated(path: Path) -> int:
+    """Bytes the log occupies on disk (holes excluded)."""
+    try:
+        return os.stat(path).st_blocks * 512
+    except OSError:
+        return 0
+
+
+def _first_data(path: Path, size: int) -> int:
+    """File position of the first byte that is not in a hole (``size`` when all is hole)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return 0
+    try:
+        return os.lseek(fd, 0, os.SEEK_DATA)
+    except OSError as exc:
+        return size if exc.errno == errno.ENXIO else 0
+    finally:
+        os.close(fd)
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def _punch(path: Path, offset: int, length: int) -> None:
+    """Free ``length`` bytes at ``offset`` of ``path`` (the file keeps its size)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        rc = _libc.fallocate(
+            fd,
+            ctypes.c_int(_FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE),
+            ctypes.c_longlong(offset),
+            ctypes.c_longlong(length),
+        )
+        if rc != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        os.close(fd)
 
 
 def _append(path: Path, data: bytes) -> None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vms.hostd.agent_link import AgentLink, AgentUnavailable
+from vms.hostd.agent_link import AgentLink, AgentUnavailable, LinkBudget
 from vms.hostd.console import ConsoleLink, ConsoleUnavailable
 from vms.hostd.errors import HostdError
 from vms.vmm.agent_client import AGENT_SOCKET, AgentError, AgentRequestError, AgentTimeout, AgentTransport
@@ -50,6 +50,8 @@ class HostdConfig:
     socket_path: Path
     console_ring_bytes: int = 1 << 20
     scan_seconds: float = 2.0
+    agent_budget: LinkBudget = LinkBudget()
+    console_log_max_bytes: int = 16 << 20
 
 
 def _is_cloud_hypervisor(runtime_dir: Path, pid: int | None) -> bool:
@@ -73,9 +75,13 @@ class VmHandle:
         self.pid = pid
         cloud_hypervisor = _is_cloud_hypervisor(runtime_dir, pid)
         transport = AgentTransport.HYBRID_VSOCK if cloud_hypervisor else AgentTransport.VIRTIO_SERIAL
-        self.agent = AgentLink(vm_id, runtime_dir / AGENT_SOCKET, transport)
+        self.agent = AgentLink(vm_id, runtime_dir / AGENT_SOCKET, transport, budget=config.agent_budget)
         self.console = ConsoleLink(
-            vm_id, runtime_dir, ring_bytes=config.console_ring_bytes, qemu_log=not cloud_hypervisor
+            vm_id,
+            runtime_dir,
+            ring_bytes=config.console_ring_bytes,
+            qemu_log=not cloud_hypervisor,
+            log_max_bytes=config.console_log_max_bytes,
         )
 
     def start(self) -> None:

@@ -11,6 +11,14 @@ The same framing is spoken between hostd and its local clients.
   meant for an earlier host);
 - strict (default): the first invalid byte raises ``FrameError``; the caller closes the
   connection. A hostile peer can cost at most ``MAX_FRAME`` bytes of buffer.
+
+Cost is linear in the bytes received whatever the peer sends: the magic is found with
+``bytearray.find``, a CRC is computed only over a complete candidate frame, and a scanning
+decoder pays for candidates from a CRC credit earned by received bytes
+(``CRC_CREDIT_PER_BYTE``, banked up to ``CRC_CREDIT_MAX``). A candidate the credit cannot
+pay for is skipped without a CRC: a stream of overlapping fake headers (each claiming a
+1 MiB frame, one every 16 bytes) costs at most ``CRC_CREDIT_PER_BYTE`` CRC bytes per byte
+received instead of a megabyte of CRC per byte skipped. ``crc_bytes`` counts the work.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ PREFIX = struct.Struct(">4sIII")
 MAX_FRAME = 1 << 20  # header + data bytes of one frame
 MAX_DATA = 512 << 10  # data bytes per frame senders should use
 READ_CHUNK = 256 << 10
+CRC_CREDIT_PER_BYTE = 2  # CRC bytes a scanning decoder may spend per byte received
+CRC_CREDIT_MAX = 4 * MAX_FRAME  # credit a quiet stream can bank
 
 
 class FrameError(Exception):
@@ -37,6 +47,7 @@ class FrameError(Exception):
 class Frame:
     header: dict[str, Any]
     data: bytes = b""
+    size: int = 0  # bytes on the wire (set by ``FrameDecoder``)
 
 
 def encode_frame(header: dict[str, Any], data: bytes = b"") -> bytes:
@@ -67,6 +78,9 @@ class FrameDecoder:
     scanning: bool = False
     max_skip: int = 16 << 20  # bytes a scanning decoder may discard before giving up
     skipped: int = 0
+    received: int = 0  # bytes fed, ever
+    crc_bytes: int = 0  # bytes run through CRC-32, ever (the decoder's work)
+    crc_credit: int = 2 * MAX_FRAME
     _buf: bytearray = field(default_factory=bytearray)
 
     @property
@@ -75,6 +89,8 @@ class FrameDecoder:
 
     def feed(self, data: bytes) -> list[Frame]:
         self._buf += data
+        self.received += len(data)
+        self.crc_credit = min(CRC_CREDIT_MAX, self.crc_credit + CRC_CREDIT_PER_BYTE * len(data))
         out: list[Frame] = []
         while True:
             frame = self._next()
@@ -120,6 +136,15 @@ class FrameDecoder:
             end = PREFIX.size + hlen + dlen
             if len(buf) < end:
                 return None
+            cost = end - 8  # the lengths and header + data: what the CRC covers
+            if self.scanning:
+                if cost > self.crc_credit:
+                    # Overlapping fake candidates: skip this one unchecked rather than
+                    # run the same bytes through CRC again for every byte skipped.
+                    self._bad("no CRC credit left for this candidate frame")
+                    continue
+                self.crc_credit -= cost
+            self.crc_bytes += cost
             with memoryview(buf) as view:
                 actual = zlib.crc32(view[PREFIX.size : end], zlib.crc32(view[4:12]))
                 head = bytes(view[PREFIX.size : PREFIX.size + hlen]) if actual == crc else b""
@@ -134,7 +159,7 @@ class FrameDecoder:
                 if not self.scanning:
                     raise
                 continue
-            return Frame(header, data)
+            return Frame(header, data, end)
 
 
 def check_response(header: dict[str, Any]) -> None:

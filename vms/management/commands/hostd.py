@@ -19,6 +19,7 @@ class Command(BaseCommand):
             runtime_dir=settings.SANDBOX_RUNTIME_DIR,
             socket_path=settings.SANDBOX_HOSTD_SOCKET,
             console_ring_bytes=settings.SANDBOX_CONSOLE_RING_BYTES,
+            console_log_max_bytes=settings.SANDBOX_CONSOLE_LOG_MAX_BYTES,
             scan_seconds=settings.SANDBOX_HOSTD_SCAN_SECONDS,
         )
         main_run(config)
