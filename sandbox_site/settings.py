@@ -256,6 +256,17 @@ SANDBOX_CLOUD_HYPERVISOR_BINARY = env.str("SANDBOX_CLOUD_HYPERVISOR_BINARY", def
 SANDBOX_ACCEL = env.str("SANDBOX_ACCEL", default="auto").strip().lower()
 if SANDBOX_ACCEL not in ("auto", "kvm", "tcg"):
     raise ImproperlyConfigured(f"SANDBOX_ACCEL must be auto, kvm or tcg, not {SANDBOX_ACCEL!r}.")
+# VMM confinement (docs/security.md): the user every VMM runs as (empty = the caller, for
+# development), the cgroup below which each VMM gets its own, and that cgroup's limits.
+SANDBOX_VMM_USER = env.str("SANDBOX_VMM_USER", default="msbx-vmm")
+SANDBOX_VMM_CGROUP = env.str("SANDBOX_VMM_CGROUP", default="microvm-sandbox")
+SANDBOX_VMM_MEMORY_OVERHEAD_MIB = env.int("SANDBOX_VMM_MEMORY_OVERHEAD_MIB", default=256)
+SANDBOX_VMM_PIDS_MAX = env.int("SANDBOX_VMM_PIDS_MAX", default=256)
+SANDBOX_VMM_IO_WEIGHT = env.int("SANDBOX_VMM_IO_WEIGHT", default=100)
+if SANDBOX_VMM_MEMORY_OVERHEAD_MIB < 0 or SANDBOX_VMM_PIDS_MAX < 16 or not 1 <= SANDBOX_VMM_IO_WEIGHT <= 10000:
+    raise ImproperlyConfigured(
+        "SANDBOX_VMM_MEMORY_OVERHEAD_MIB must be >= 0, SANDBOX_VMM_PIDS_MAX >= 16, SANDBOX_VMM_IO_WEIGHT 1..10000."
+    )
 SANDBOX_HOST_NAME = env.str("SANDBOX_HOST_NAME", default="local")
 SANDBOX_RUNTIME_DIR = Path(env.str("SANDBOX_RUNTIME_DIR", default=str(DATA_DIR / "run")))
 SANDBOX_IMAGE_DIR = Path(env.str("SANDBOX_IMAGE_DIR", default=str(DATA_DIR / "images")))

@@ -13,6 +13,7 @@ from django.conf import settings
 
 from vms.models import VM
 from vms.vmm.base import Driver, DriverCapabilities, VmSpec
+from vms.vmm.confinement import VmmConfinement
 
 logger = logging.getLogger(__name__)
 
@@ -31,12 +32,25 @@ def driver_name_select() -> str:
     return "cloud-hypervisor" if cloud_hypervisor_available(settings.SANDBOX_CLOUD_HYPERVISOR_BINARY) else "qemu"
 
 
+def vmm_confinement() -> VmmConfinement:
+    """The VMMs' user and cgroup limits from the ``SANDBOX_VMM_*`` settings."""
+    return VmmConfinement(
+        user=settings.SANDBOX_VMM_USER,
+        cgroup_parent=settings.SANDBOX_VMM_CGROUP,
+        memory_overhead_mib=settings.SANDBOX_VMM_MEMORY_OVERHEAD_MIB,
+        pids_max=settings.SANDBOX_VMM_PIDS_MAX,
+        io_weight=settings.SANDBOX_VMM_IO_WEIGHT,
+    )
+
+
 def driver_for(name: str) -> Driver:
     if name == "cloud-hypervisor":
         from vms.vmm.cloud_hypervisor import CloudHypervisorDriver
 
         return CloudHypervisorDriver(
-            binary=settings.SANDBOX_CLOUD_HYPERVISOR_BINARY, firmware=settings.SANDBOX_CLOUD_HYPERVISOR_FIRMWARE
+            binary=settings.SANDBOX_CLOUD_HYPERVISOR_BINARY,
+            firmware=settings.SANDBOX_CLOUD_HYPERVISOR_FIRMWARE,
+            confinement=vmm_confinement(),
         )
     if name == "qemu":
         from vms.vmm.qemu import QemuDriver
@@ -45,6 +59,7 @@ def driver_for(name: str) -> Driver:
             accel=settings.SANDBOX_ACCEL,
             ovmf_code=settings.SANDBOX_QEMU_OVMF_CODE,
             ovmf_vars=settings.SANDBOX_QEMU_OVMF_VARS,
+            confinement=vmm_confinement(),
         )
     if name == "fake":
         from vms.vmm.fake import FakeDriver

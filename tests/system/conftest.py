@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,12 +18,17 @@ def stack(tmp_path_factory) -> Stack:
         pytest.skip("qemu-system-x86_64 is not installed (make test installs it)")
     log_dir = Path(os.environ.get("SANDBOX_TEST_ARTIFACTS", ROOT / "test-artifacts")) / "system"
     started = None
+    # VMMs run as the unprivileged VMM user, which must reach the runtime and snapshot
+    # directories: not below pytest's private (0700) tmp root.
+    work_dir = Path(tempfile.mkdtemp(prefix="msbx-systest-", dir="/tmp"))
+    work_dir.chmod(0o711)
     try:
-        started = stack_start(tmp_path_factory.mktemp("stack"), log_dir)
+        started = stack_start(work_dir, log_dir)
         yield started
     finally:
         if started is not None:
             stack_stop(started)
+        shutil.rmtree(work_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -31,10 +31,13 @@ import psycopg
 from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 
+from vms.vmm.cgroups import cgroup_name, vmm_cgroup_remove
+
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 # Overridable so two system-test runs on one machine do not share a database or queues.
 DB_NAME = os.environ.get("SANDBOX_SYSTEST_DB", "microvm_sandbox_system")
+SYSTEST_CGROUP = "msbx-systest"
 REDIS_DB = int(os.environ.get("SANDBOX_SYSTEST_REDIS_DB", "3"))
 
 
@@ -270,6 +273,8 @@ def stack_start(work_dir: Path, log_dir: Path) -> Stack:
         "SANDBOX_WORKER_METRICS_PORT": str(_free_port()),
         "SANDBOX_HOSTD_METRICS_PORT": str(_free_port()),
         "LOG_FORMAT": "json",
+        # VMM cgroups apart from a `make run` on the same host; removed by stack_stop.
+        "SANDBOX_VMM_CGROUP": SYSTEST_CGROUP,
         "PYTHONUNBUFFERED": "1",
     }
     netns = f"msbx-systest-{os.getpid()}"
@@ -305,6 +310,13 @@ def stack_start(work_dir: Path, log_dir: Path) -> Stack:
     return stack
 
 
+def _remove_vmm_cgroups(runtime_dir: Path) -> None:
+    """The cgroups of the VMMs killed at the end (their VMs were never cleaned up)."""
+    for vm_dir in runtime_dir.iterdir() if runtime_dir.is_dir() else []:
+        if vm_dir.is_dir():
+            vmm_cgroup_remove(SYSTEST_CGROUP, cgroup_name(vm_dir.name, vm_dir))
+
+
 def embedded_stack_start(log_dir: Path) -> Stack:
     """The embedded default as ``make run`` runs it: no DATABASE_URL, no REDIS_URL, a data
     directory of its own. migrate, build_image and the seed run before any Redis exists (like
@@ -316,6 +328,7 @@ def embedded_stack_start(log_dir: Path) -> Stack:
         old.unlink()
     # Short: VM sockets live under it (Unix socket paths are limited to 107 bytes).
     data_dir = Path(tempfile.mkdtemp(prefix="msbx-emb-", dir="/tmp")) / "var"
+    data_dir.parent.chmod(0o711)  # the VMM user reaches its runtime and snapshot directories
     data_dir.mkdir()
     (data_dir / "log").symlink_to(log_dir.absolute())
     unset = ("DATABASE_URL", "REDIS_URL", "SANDBOX_RUNTIME_DIR", "SANDBOX_HOSTD_SOCKET", "SANDBOX_SNAPSHOT_DIR")
@@ -336,6 +349,7 @@ def embedded_stack_start(log_dir: Path) -> Stack:
             "SANDBOX_NETNS": netns,
             "SANDBOX_WORKER_METRICS_PORT": str(_free_port()),
             "SANDBOX_HOSTD_METRICS_PORT": str(_free_port()),
+            "SANDBOX_VMM_CGROUP": SYSTEST_CGROUP,
             "BIND": "127.0.0.1",
             "PORT": str(port),
             "PYTHONUNBUFFERED": "1",
@@ -372,6 +386,7 @@ def stack_stop(stack: Stack) -> None:
         for name in list(stack.procs):
             stack.kill(name)
         _kill_vmms(stack.runtime_dir)
+        _remove_vmm_cgroups(stack.runtime_dir)
         shutil.rmtree(stack.runtime_dir, ignore_errors=True)
         if stack.data_dir is not None:
             shutil.rmtree(stack.data_dir.parent, ignore_errors=True)  # the log symlink, not its target

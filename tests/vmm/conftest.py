@@ -15,11 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from vms.vmm.base import VmSpec
+from vms.vmm.base import VmmError, VmSpec
+from vms.vmm.confinement import VmmConfinement
 from vms.vmm.image import ImageArtifacts, build_image
 from vms.vmm.qemu import QemuDriver
 
 IMAGE_DIR = Path(os.environ.get("SANDBOX_IMAGE_DIR", "/work/main/var/images"))
+# Real VMs run confined as in production: the VMM user (created by
+# scripts/install-system-packages.sh, which `make test` runs) and a cgroup per VMM.
+VMM_USER = os.environ.get("SANDBOX_VMM_USER", "msbx-vmm")
+TEST_CGROUP_PARENT = "msbx-test"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -34,13 +39,26 @@ def image() -> ImageArtifacts:
 
 
 @pytest.fixture(scope="session")
-def driver() -> QemuDriver:
-    return QemuDriver()
+def confinement() -> VmmConfinement:
+    conf = VmmConfinement(user=VMM_USER, cgroup_parent=TEST_CGROUP_PARENT)
+    try:
+        conf.vmm_user()
+    except VmmError as exc:
+        pytest.fail(exc.message)
+    return conf
+
+
+@pytest.fixture(scope="session")
+def driver(confinement: VmmConfinement) -> QemuDriver:
+    return QemuDriver(confinement=confinement)
 
 
 def _short_runtime_root() -> Path:
     # Unix socket paths are limited to 107 bytes: keep runtime dirs short (not tmp_path).
-    return Path(tempfile.mkdtemp(prefix="vmt-", dir="/tmp"))
+    # Traversable (not listable) for the VMM user, which must reach its runtime directory.
+    root = Path(tempfile.mkdtemp(prefix="vmt-", dir="/tmp"))
+    root.chmod(0o711)
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -30,6 +30,7 @@ SERIAL_BYTES = 2 << 20  # the 16550 takes ~50 KB/s under TCG here: 8 times the c
 @pytest.fixture(scope="module")
 def pair(image: ImageArtifacts, driver: QemuDriver) -> Iterator[tuple[InProcessHostd, list[VmSpec]]]:
     root = Path(tempfile.mkdtemp(prefix="hg-", dir="/tmp"))
+    root.chmod(0o711)  # the VMMs run as the VMM user, which must reach their runtime directories
     specs = [
         VmSpec(
             vm_id=name,

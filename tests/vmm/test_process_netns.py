@@ -72,3 +72,33 @@ def test_call_in_netns_returns_results_and_raises_errors(netns: str) -> None:
     start = time.monotonic()
     assert call_in_netns(netns, time.sleep, 0) is None
     assert time.monotonic() - start < 5
+
+
+def test_a_tap_is_opened_by_us_in_its_namespace_and_handed_over_as_an_fd(netns: str, tmp_path: Path) -> None:
+    """The VMM gets an open TAP (``-netdev tap,fd=N``), not the right to open one: root opens
+    it in the namespace that holds it; a TAP another process still has open is refused."""
+    from pyroute2 import IPRoute
+
+    from vms.vmm.process import tap_open
+
+    with IPRoute(netns=netns) as ipr:
+        ipr.link("add", ifname="msbtconf0", kind="tuntap", mode="tap", ifr={"no_pi": True, "vnet_hdr": True})
+    with pytest.raises(VmmError, match="cannot open TAP device msbtconf0"):
+        tap_open("msbtconf0")  # not in our namespace
+    fd = tap_open("msbtconf0", netns=netns)
+    try:
+        assert not os.get_inheritable(fd)
+        with pytest.raises(VmmError, match="busy"):
+            tap_open("msbtconf0", netns=netns)
+        pid = spawn_detached(
+            ["sh", "-c", f"ls -l /proc/self/fd/{fd}; sleep 30", str(tmp_path)], tmp_path, pass_fds=(fd,)
+        )
+        try:
+            deadline = time.monotonic() + 5
+            while "/dev/net/tun" not in (tmp_path / "vmm.log").read_text():
+                assert time.monotonic() < deadline, (tmp_path / "vmm.log").read_text()
+                time.sleep(0.05)
+        finally:
+            kill_vmm(pid, tmp_path, term_timeout=2.0)
+    finally:
+        os.close(fd)

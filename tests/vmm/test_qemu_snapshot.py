@@ -3,6 +3,8 @@ place; clone beside the original with its own identity; integrity manifest."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,8 +42,12 @@ def _agent(spec: VmSpec, op: str, args: dict[str, object] | None = None) -> dict
 
 
 @pytest.fixture(scope="module")
-def snap_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("snaps")
+def snap_root() -> Iterator[Path]:
+    # Not below pytest's 0700 tmp root: a VMM restoring a snapshot (as the VMM user) reads it.
+    root = Path(tempfile.mkdtemp(prefix="vmt-snaps-", dir="/tmp"))
+    root.chmod(0o711)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +76,12 @@ def test_it_snapshots_a_running_vm_and_restores_file_and_memory(
     assert backing_chain(spec.runtime_dir / "overlay.qcow2")[0] == str((snap_root / "s1" / DISK_LAYER).resolve())
     assert driver.info(spec).state == RuntimeState.RUNNING
     layer_sum = sha256_file(snap_root / "s1" / DISK_LAYER)
+    # Confined: the frozen layer goes back to root, readable (not writable) by the VMM group;
+    # the state file was written by QEMU through an fd we opened, so it is ours too.
+    layer_stat = (snap_root / "s1" / DISK_LAYER).stat()
+    assert (layer_stat.st_uid, layer_stat.st_mode & 0o777) == (0, 0o640)
+    assert (snap_root / "s1" / STATE_FILE).stat().st_uid == 0
+    assert (spec.runtime_dir / "overlay.qcow2").stat().st_uid != 0
 
     _sh(spec, "echo after > /root/marker && sync")
     _sh(spec, f"kill {pid}")

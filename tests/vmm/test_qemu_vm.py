@@ -14,9 +14,12 @@ import pytest
 
 from vms.vmm.agent_client import AgentTimeout, AgentTransport, agent_ping, wait_for_agent
 from vms.vmm.base import RuntimeState, VmmNotRunning, VmmUnsupported, VmSpec
+from vms.vmm.cgroups import CPU_PERIOD_US, cgroup_layout, cgroup_of, vmm_cgroup_dirs
+from vms.vmm.confinement import VmmConfinement
 from vms.vmm.process import read_pid
 from vms.vmm.qemu import QemuDriver
 
+from .conftest import TEST_CGROUP_PARENT
 from .test_process_detach import _children, _wait_dead, _zombie_children
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
@@ -63,6 +66,61 @@ def test_it_boots_and_the_agent_answers_ping(booted: tuple[VmSpec, dict[str, obj
     assert info.state == RuntimeState.RUNNING
     assert info.pid == read_pid(spec.runtime_dir)
     assert info.vcpus == 1 and info.memory_mib == 256
+
+
+def _status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
+
+
+def test_the_vmm_runs_confined(
+    booted: tuple[VmSpec, dict[str, object]], driver: QemuDriver, confinement: VmmConfinement
+) -> None:
+    """Unprivileged user, seccomp filter, no_new_privs, no capabilities, its own cgroup with
+    the VM's limits; and the VM still works (agent ping)."""
+    spec, _ = booted
+    pid = read_pid(spec.runtime_dir)
+    assert pid is not None
+    user = confinement.vmm_user()
+    assert user is not None
+    status = _status(pid)
+    assert status["Uid"].split() == [str(user.uid)] * 4
+    assert status["Gid"].split() == [str(user.gid)] * 4
+    assert "0" not in status["Groups"].split()
+    assert status["Seccomp"] == "2"  # filter mode: QEMU's -sandbox
+    assert status["NoNewPrivs"] == "1"
+    assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert b"on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny" in cmdline
+    # Its cgroup, with the limits the VM's size gives it.
+    name = confinement.cgroup_name(spec)
+    limits = confinement.limits_for(spec)
+    assert limits.memory_bytes == (256 + confinement.memory_overhead_mib) << 20
+    group = cgroup_of(pid)
+    layout = cgroup_layout()
+    if layout.v2 is not None:
+        path = layout.v2 / TEST_CGROUP_PARENT / name
+        assert group[""] == f"/{TEST_CGROUP_PARENT}/{name}"
+        assert (path / "memory.max").read_text().strip() == str(limits.memory_bytes)
+        assert (path / "cpu.max").read_text().split() == [str(CPU_PERIOD_US), str(CPU_PERIOD_US)]
+        assert (path / "pids.max").read_text().strip() == str(limits.pids_max)
+    else:
+        for controller in ("cpu", "memory", "pids"):
+            assert group[controller] == f"/{TEST_CGROUP_PARENT}/{name}", group
+        v1 = {c: layout.v1[c] / TEST_CGROUP_PARENT / name for c in ("cpu", "memory", "pids")}
+        assert (v1["memory"] / "memory.limit_in_bytes").read_text().strip() == str(limits.memory_bytes)
+        assert (v1["cpu"] / "cpu.cfs_quota_us").read_text().strip() == str(CPU_PERIOD_US)  # 1 vCPU
+        assert (v1["cpu"] / "cpu.cfs_period_us").read_text().strip() == str(CPU_PERIOD_US)
+        assert (v1["pids"] / "pids.max").read_text().strip() == str(limits.pids_max)
+        assert 0 < int((v1["pids"] / "pids.current").read_text()) < limits.pids_max
+        usage = int((v1["memory"] / "memory.usage_in_bytes").read_text())
+        assert 0 < usage <= limits.memory_bytes
+    # Files: the VMM writes its overlay and serial log; our files stay ours.
+    assert (spec.runtime_dir / "overlay.qcow2").stat().st_uid == user.uid
+    assert (spec.runtime_dir / "serial.log").stat().st_uid == user.uid
+    assert (spec.runtime_dir / "spec.json").stat().st_uid == 0
+    assert spec.runtime_dir.stat().st_mode & 0o7777 == 0o1770
+    assert agent_ping(spec, SERIAL, timeout=10)["agent_version"]
 
 
 def test_it_logs_serial_output_written_while_nobody_is_connected(booted: tuple[VmSpec, dict[str, object]]) -> None:
@@ -129,6 +187,9 @@ def test_it_reboots_with_a_new_boot_id(booted: tuple[VmSpec, dict[str, object]],
 def test_graceful_shutdown_then_cleanup_leaves_nothing(
     booted: tuple[VmSpec, dict[str, object]], driver: QemuDriver
 ) -> None:
+    def confinement_name(spec: VmSpec) -> str:
+        return driver.confinement.cgroup_name(spec)
+
     spec, _ = booted
     pid = read_pid(spec.runtime_dir)
     assert pid is not None
@@ -138,6 +199,8 @@ def test_graceful_shutdown_then_cleanup_leaves_nothing(
     assert driver.info(spec).state == RuntimeState.GONE
     assert not Path(f"/proc/{pid}").exists() or b"qemu" not in Path(f"/proc/{pid}/cmdline").read_bytes()
     assert b"reboot: Power down" in (spec.runtime_dir / "serial.log").read_bytes()
+    # The VMM's cgroup goes with it.
+    assert not any(path.exists() for path in vmm_cgroup_dirs(TEST_CGROUP_PARENT, confinement_name(spec)))
     with pytest.raises(VmmNotRunning):
         driver.pause(spec)
     driver.cleanup(spec)

@@ -49,9 +49,11 @@ from vms.vmm.base import (
     VmmNotRunning,
     VmmStateError,
     VmmTimeout,
+    VmmUnsupported,
     VmRuntimeInfo,
     VmSpec,
 )
+from vms.vmm.confinement import VmmConfinement
 from vms.vmm.process import (
     LOG_FILE,
     PID_FILE,
@@ -63,7 +65,7 @@ from vms.vmm.process import (
     spawn_detached,
     wait_pid_exit,
 )
-from vms.vmm.snapshot import SnapshotMeta
+from vms.vmm.snapshot import SnapshotMeta, backing_chain
 
 __all__ = [
     "API_BASE_URL",
@@ -866,6 +868,7 @@ class CloudHypervisorDriver:
         seccomp: str = "true",
         base_image_format: str = "raw",
         firmware: str = "",
+        confinement: VmmConfinement | None = None,
     ) -> None:
         self.binary = binary
         self.firmware = firmware  # CLOUDHV.fd / rust-hypervisor-firmware for firmware boot
@@ -873,6 +876,8 @@ class CloudHypervisorDriver:
         self.api_timeout = api_timeout
         self.seccomp = seccomp
         self.base_image_format = base_image_format
+        # User and cgroup of the VMM (SANDBOX_VMM_*; default none: it runs as the caller).
+        self.confinement = confinement or VmmConfinement()
 
     # -- contract extras ------------------------------------------------------------------
 
@@ -934,9 +939,22 @@ class CloudHypervisorDriver:
             self.seccomp,
             "--no-shutdown",
         ]
+        if spec.tap and self.confinement.user:
+            # CH opens a TAP by name and brings it up itself (SIOCSIFFLAGS: CAP_NET_ADMIN),
+            # which an unprivileged VMM cannot; handing it the TAP as an fd (vm.add-net with
+            # SCM_RIGHTS) is not implemented yet. Refuse clearly rather than fail at boot.
+            raise VmmUnsupported(
+                "cloud-hypervisor cannot open its TAP device as an unprivileged user yet: "
+                "run it without a NIC, or set SANDBOX_VMM_USER= (empty) to run VMMs as root",
+                details={"tap": spec.tap, "user": self.confinement.user},
+            )
+        readable = [spec.kernel, *([spec.initramfs] if spec.initramfs else [])]
+        readable += [Path(p) for p in backing_chain(paths.overlay)]
+        # Joins its cgroup and drops to the VMM user in the launcher, before exec.
+        plan = self.confinement.launch_plan(spec, readable=readable)
         try:
             # The TAP is opened by name: start CH in the namespace that holds it.
-            return spawn_detached(argv, spec.runtime_dir, netns=spec.netns)
+            return spawn_detached(argv, spec.runtime_dir, netns=spec.netns, plan=plan)
         except OSError as exc:
             raise VmmError(f"cannot start {self.binary}: {exc}", details={"argv": argv}) from exc
 
@@ -1186,6 +1204,8 @@ class CloudHypervisorDriver:
                 raise VmmError("cloud-hypervisor did not die after SIGKILL", details={"pid": pid}) from exc
         self._remove_stale_sockets(paths)
         _unlink(paths.pid_file)
+        if pid is not None:
+            self.confinement.cgroup_remove(spec)
 
     def resize(self, spec: VmSpec, *, vcpus: int | None, memory_mib: int | None, timeout: float = 10.0) -> None:
         """``vm.resize``, validated first against what the running VMM allows (``vm.info``,
@@ -1319,7 +1339,13 @@ class CloudHypervisorDriver:
                     api.vm_pause()
                 try:
                     if include_memory:
-                        api.vm_snapshot(_file_url(dest_dir), timeout=timeout)
+                        # CH writes the snapshot itself, as the VMM user; afterwards it is
+                        # given back to root (no VMM may change a snapshot; clones read it).
+                        self.confinement.give(dest_dir)
+                        try:
+                            api.vm_snapshot(_file_url(dest_dir), timeout=timeout)
+                        finally:
+                            self.confinement.reclaim(dest_dir)
                     _copy_file(paths.overlay, dest_dir / SNAPSHOT_OVERLAY)
                     extra_disks = self._copy_extra_disks(config, paths, dest_dir)
                 except BaseException:

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
+import json
 import os
 import re
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .base import VmmError, VmmTimeout
+from .confinement import LaunchPlan
 
 PID_FILE = "vmm.pid"
 LOG_FILE = "vmm.log"
@@ -43,43 +47,77 @@ T = TypeVar("T")
 _DEFAULT_TSC_KHZ = 2_000_000
 ACCEL_CHOICES = ("auto", "kvm", "tcg")
 SPAWN_TIMEOUT = 30.0
-_REPORT_MAX = 64
+_REPORT_MAX = 4096
 _LAUNCHER_EXIT_TIMEOUT = 5.0
 
-# The launcher of ``spawn_detached``, run as ``python -I -S -c _LAUNCHER <report fd> argv...``
+# The launcher of ``spawn_detached``, run as ``python -I -S -c _LAUNCHER <report fd> <plan> argv...``
 # (single-threaded, so forking there is safe, unlike in our threaded workers). It forks the
-# VMM, which starts a session of its own and execs; the launcher reports the VMM's pid, or
-# the exec's errno (``E<errno>``), on the report pipe and exits, so the VMM is never a child
-# of the calling process.
+# VMM, which starts a session of its own, confines itself as the plan says (joins its cgroup,
+# drops to the VMM user, no_new_privs, checks the files it must read) and execs; the launcher
+# reports the VMM's pid, or why it failed (``E<stage> <errno> <detail>``), on the report pipe
+# and exits, so the VMM is never a child of the calling process.
 _LAUNCHER = r"""
-import os, signal, sys
+import ctypes, json, os, signal, sys
+import warnings  # os.execvp needs it; import it before the VMM user may lose access to the stdlib
 report = int(sys.argv[1])
-argv = sys.argv[2:]
+plan = json.loads(sys.argv[2])
+argv = sys.argv[3:]
 os.set_inheritable(report, False)
 status_r, status_w = os.pipe()  # close-on-exec: EOF without data = the exec succeeded
 pid = os.fork()
 if pid == 0:
     os.close(status_r)
+    stage, detail = "exec", ""
     try:
         # Python ignores these at start-up; the VMM gets the defaults (as subprocess does).
         for name in ("SIGPIPE", "SIGXFSZ"):
             signal.signal(getattr(signal, name), signal.SIG_DFL)
         os.setsid()
+        stage = "cgroup"
+        for procs in plan.get("cgroup_procs", []):
+            detail = procs
+            with open(procs, "w") as fh:
+                fh.write(str(os.getpid()))
+        stage, detail = "user", ""
+        if plan.get("uid") is not None:
+            os.setgroups(plan["groups"])
+            os.setgid(plan["gid"])
+            os.setuid(plan["uid"])
+        if plan.get("no_new_privs"):
+            stage = "no_new_privs"
+            if ctypes.CDLL(None, use_errno=True).prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+                raise OSError(ctypes.get_errno(), "prctl")
+        stage = "access"
+        for path in plan.get("readable", []):
+            detail = path
+            os.close(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+        for path in plan.get("writable_dirs", []):
+            detail = path
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise PermissionError(13, "not writable")
+        stage, detail = "exec", argv[0]
         os.execvp(argv[0], argv)
     except OSError as exc:
-        os.write(status_w, str(exc.errno or 0).encode())
+        os.write(status_w, f"{stage} {exc.errno or 0} {detail}".encode()[:3000])
+    except BaseException as exc:  # anything else must not pass for a successful exec
+        os.write(status_w, f"{stage} 0 {exc!r}".encode()[:3000])
     os._exit(127)
 os.close(status_w)
 failed = b""
 while True:
-    chunk = os.read(status_r, 64)
+    chunk = os.read(status_r, 4096)
     if not chunk:
         break
     failed += chunk
 if failed:
     os.waitpid(pid, 0)
-    os.write(report, b"E" + failed + b"\n")
+    os.write(report, b"E" + failed.replace(b"\n", b" ") + b"\n")
 else:
+    # The pid file is written here, before reporting: a caller killed meanwhile (a worker
+    # SIGKILLed mid-boot) must not leave a running VMM that nobody can find.
+    with open("vmm.pid.tmp", "w") as fh:
+        fh.write(f"{pid}\n")
+    os.replace("vmm.pid.tmp", "vmm.pid")
     os.write(report, str(pid).encode() + b"\n")
 """
 
@@ -138,6 +176,8 @@ def spawn_detached(
     *,
     env: dict[str, str] | None = None,
     netns: str | None = None,
+    plan: LaunchPlan | None = None,
+    pass_fds: Sequence[int] = (),
     timeout: float = SPAWN_TIMEOUT,
 ) -> int:
     """Start ``argv`` detached and return its pid, also written to ``runtime_dir/vmm.pid``.
@@ -148,9 +188,15 @@ def spawn_detached(
     so the VMM is not our child: init (or the nearest subreaper) adopts and reaps it, and no
     defunct VMM stays behind under a worker that launched it. With ``netns`` it starts inside
     that network namespace (``call_in_netns``), so a TAP device opened by name is found there.
+    ``pass_fds`` stay open, under the same numbers, in the VMM (TAP devices opened by us).
+
+    With ``plan`` (``confinement.VmmConfinement.launch_plan``) the VMM-to-be joins its cgroup,
+    drops to the VMM user, sets ``no_new_privs`` and checks that it can read the files it
+    needs, all before exec: it never runs a single instruction of the VMM unconfined.
 
     Raises ``VmmError`` when the program cannot be executed (e.g. not found; no pid file is
-    written) or the launcher fails, ``VmmTimeout`` when it does not report within
+    written), when confining it fails (the message names the step and the file), or the
+    launcher fails, ``VmmTimeout`` when it does not report within
     ``timeout``. Early exits of the VMM itself are the caller's to detect (``pid_is_vmm``,
     ``wait_for_unix_socket(..., pid=...)``; the reason is in ``log_tail``).
     """
@@ -158,19 +204,20 @@ def spawn_detached(
         raise ValueError("spawn_detached needs a program to run")
     runtime_dir.mkdir(parents=True, exist_ok=True)
     log_path = runtime_dir / LOG_FILE
+    plan_json = json.dumps(plan.to_launcher() if plan is not None else {})
     report_r, report_w = os.pipe()
     try:
         with open(log_path, "ab") as log:
 
             def popen() -> subprocess.Popen[bytes]:
                 return subprocess.Popen(  # noqa: S603 - argv built by the driver, no shell
-                    [sys.executable or "python3", "-I", "-S", "-c", _LAUNCHER, str(report_w), *argv],
+                    [sys.executable or "python3", "-I", "-S", "-c", _LAUNCHER, str(report_w), plan_json, *argv],
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
                     close_fds=True,
-                    pass_fds=(report_w,),
+                    pass_fds=(report_w, *pass_fds),
                     cwd=str(runtime_dir),
                     env=env,
                 )
@@ -198,11 +245,7 @@ def spawn_detached(
             launcher.kill()
             launcher.wait()
     if report.startswith(b"E"):
-        code = int(report[1:]) if report[1:].isdigit() else 0
-        raise VmmError(
-            f"cannot execute {argv[0]}: {os.strerror(code) if code else 'unknown error'}",
-            details={"argv": list(argv), "errno": code},
-        )
+        raise _launch_error(report[1:].decode("utf-8", "replace"), argv, plan, runtime_dir)
     if not report.isdigit():
         raise VmmError(
             "the VMM launcher failed",
@@ -212,11 +255,63 @@ def spawn_detached(
                 "log_tail": log_tail(runtime_dir),
             },
         )
-    pid = int(report)
-    tmp = runtime_dir / (PID_FILE + ".tmp")
-    tmp.write_text(f"{pid}\n")
-    os.replace(tmp, runtime_dir / PID_FILE)
-    return pid
+    return int(report)  # the launcher wrote it to runtime_dir/vmm.pid already
+
+
+_STAGE_MESSAGES = {
+    "cgroup": "cannot put the VMM into its cgroup ({detail}): {reason}",
+    "user": "cannot switch the VMM to its user: {reason}",
+    "no_new_privs": "cannot set no_new_privs for the VMM: {reason}",
+    "access": (
+        "the VMM user {user} cannot use {detail} ({reason}): make it and every directory above "
+        "it reachable for that user, or set SANDBOX_VMM_USER= (empty) to run VMMs as the caller"
+    ),
+}
+
+
+def _launch_error(failure: str, argv: Sequence[str], plan: LaunchPlan | None, runtime_dir: Path) -> VmmError:
+    """The ``VmmError`` for the launcher's ``<stage> <errno> <detail>`` report."""
+    stage, _, rest = failure.partition(" ")
+    code_text, _, detail = rest.partition(" ")
+    code = int(code_text) if code_text.isdigit() else 0
+    reason = os.strerror(code) if code else "unknown error"
+    user = plan.user.name if plan is not None and plan.user is not None else str(os.geteuid())
+    template = _STAGE_MESSAGES.get(stage)
+    message = template.format(detail=detail, reason=reason, user=user) if template else None
+    if message is None:
+        message = f"cannot execute {argv[0]}: {reason}"
+    return VmmError(message, details={"argv": list(argv), "errno": code, "stage": stage, "path": detail})
+
+
+_TUNSETIFF = 0x400454CA
+_IFF_TAP = 0x0002
+_IFF_NO_PI = 0x1000
+_IFF_VNET_HDR = 0x4000
+
+
+def tap_open(name: str, *, netns: str | None = None) -> int:
+    """Open the existing TAP device ``name`` (in ``netns``) as root and return its fd (not
+    inheritable; pass it with ``spawn_detached(pass_fds=...)``): the VMM gets the device, not
+    the right to open or configure any other (no ``/dev/net/tun``, no ``CAP_NET_ADMIN``).
+    Flags as the VMMs use them: no packet info, virtio-net header. ``VmmError`` when the TAP
+    does not exist, or is attached elsewhere (``EBUSY``: another VMM still has it)."""
+
+    def attach() -> int:
+        # TUNSETIFF would create a missing TAP (we have CAP_NET_ADMIN): look it up first.
+        socket.if_nametoindex(name)
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            ifreq = struct.pack("16sH22x", name.encode(), _IFF_TAP | _IFF_NO_PI | _IFF_VNET_HDR)
+            fcntl.ioctl(fd, _TUNSETIFF, ifreq)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    try:
+        return call_in_netns(netns, attach)
+    except OSError as exc:
+        raise VmmError(f"cannot open TAP device {name}: {exc.strerror or exc}", details={"tap": name}) from exc
 
 
 def _read_report(fd: int, timeout: float) -> bytes:

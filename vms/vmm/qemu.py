@@ -48,6 +48,7 @@ from .base import (
     VmRuntimeInfo,
     VmSpec,
 )
+from .confinement import VmmConfinement
 from .process import (
     accel_choice,
     detect_acceleration,
@@ -58,6 +59,7 @@ from .process import (
     remove_path_quietly,
     running_vmm_pid,
     spawn_detached,
+    tap_open,
     wait_for_unix_socket,
     wait_pid_exit,
 )
@@ -91,6 +93,9 @@ TCG_TB_SIZE_MIB = 64  # TCG translation cache; QEMU default (1 GiB) would domina
 _UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
 QMP_MAX_LINE = 1 << 20  # a QMP reply bigger than this is treated as a protocol error
 _DEFAULT_CMDLINE = "console=ttyS0 root=/dev/vda rw panic=-1 quiet loglevel=4"
+# QEMU's seccomp filter: no obsolete syscalls, no set*uid/gid, no fork/exec, no scheduler or
+# priority changes (checked against QEMU 7.2, Debian 12).
+SANDBOX_OPTION = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 
 class QmpError(VmmError):
@@ -258,6 +263,8 @@ class QemuDriver:
     ``binary``/``qemu_img`` may point to other executables; ``accel`` is ``"auto"`` (KVM
     when ``process.kvm_usable`` says it really works, detected per launch), ``"kvm"`` or
     ``"tcg"`` (the ``SANDBOX_ACCEL`` setting). ``ValueError`` for another value.
+    ``confinement`` (the ``SANDBOX_VMM_*`` settings): the user and cgroup QEMU runs in
+    (default: none, QEMU runs as the caller); QEMU's own seccomp sandbox is always on.
     """
 
     name = "qemu"
@@ -270,12 +277,14 @@ class QemuDriver:
         accel: str = "auto",
         ovmf_code: str = OVMF_CODE,
         ovmf_vars: str = OVMF_VARS,
+        confinement: VmmConfinement | None = None,
     ) -> None:
         self.binary = binary
         self.qemu_img = qemu_img
         self.accel = accel_choice(accel)
         self.ovmf_code = ovmf_code
         self.ovmf_vars = ovmf_vars
+        self.confinement = confinement or VmmConfinement()
 
     def capabilities(self) -> DriverCapabilities:
         """No hotplug of any kind on microvm; memory and disk-only snapshots; shared layers."""
@@ -371,10 +380,14 @@ class QemuDriver:
             shutil.copyfile(self.ovmf_vars, tmp)
             os.chmod(tmp, 0o600)
             os.replace(tmp, store)
+        self.confinement.give(store)  # OVMF writes its variables as the VMM user
 
-    def build_argv(self, spec: VmSpec, *, acceleration: str, incoming: bool = False) -> list[str]:
+    def build_argv(
+        self, spec: VmSpec, *, acceleration: str, incoming: bool = False, tap_fd: int | None = None
+    ) -> list[str]:
         """The full QEMU command line for ``spec`` (public for tests and debugging). With
-        ``incoming`` QEMU waits for ``migrate-incoming`` (restore from a snapshot)."""
+        ``incoming`` QEMU waits for ``migrate-incoming`` (restore from a snapshot); with
+        ``tap_fd`` the NIC uses that open TAP instead of opening ``spec.tap`` itself."""
         rd = spec.runtime_dir.resolve()
         bus = _device_suffix(spec)
         argv = [
@@ -386,6 +399,8 @@ class QemuDriver:
             str(spec.vcpus),
             "-m",
             f"{spec.memory_mib}M",
+            "-sandbox",
+            SANDBOX_OPTION,
             "-nodefaults",
             "-no-user-config",
             "-nographic",
@@ -407,7 +422,10 @@ class QemuDriver:
             f"unix:{rd / QMP_SOCKET},server=on,wait=off",
         ]
         if spec.tap:
-            argv += ["-netdev", f"tap,id=net0,ifname={spec.tap},script=no,downscript=no"]
+            if tap_fd is not None:
+                argv += ["-netdev", f"tap,id=net0,fd={tap_fd}"]
+            else:
+                argv += ["-netdev", f"tap,id=net0,ifname={spec.tap},script=no,downscript=no"]
             dev = f"virtio-net-{bus},netdev=net0"
             if spec.mac:
                 dev += f",mac={spec.mac}"
@@ -501,9 +519,22 @@ class QemuDriver:
         ``migrate-incoming`` instead of booting)."""
         for name in (QMP_SOCKET, SERIAL_SOCKET, AGENT_SOCKET):
             remove_path_quietly(spec.runtime_dir / name)
-        # QEMU opens the TAP by name, so it must start in the namespace that holds it.
-        argv = self.build_argv(spec, acceleration=accel, incoming=incoming)
-        pid = spawn_detached(argv, spec.runtime_dir, netns=spec.netns)
+        overlay = spec.runtime_dir / OVERLAY
+        readable = [spec.kernel.resolve(), *([spec.initramfs.resolve()] if spec.initramfs else [])]
+        readable += [Path(p) for p in backing_chain(overlay)]
+        # Joins its cgroup and drops to the VMM user in the launcher, before exec.
+        plan = self.confinement.launch_plan(spec, readable=readable)
+        # The TAP is opened here (root) and handed over; QEMU still starts in the namespace
+        # that holds it, where its host-side counters are read.
+        tap_fd = tap_open(spec.tap, netns=spec.netns) if spec.tap else None
+        try:
+            argv = self.build_argv(spec, acceleration=accel, incoming=incoming, tap_fd=tap_fd)
+            pid = spawn_detached(
+                argv, spec.runtime_dir, netns=spec.netns, plan=plan, pass_fds=() if tap_fd is None else (tap_fd,)
+            )
+        finally:
+            if tap_fd is not None:
+                os.close(tap_fd)
         deadline = time.monotonic() + timeout
         try:
             wait_for_unix_socket(self.qmp_path(spec), timeout, pid=pid, runtime_dir=spec.runtime_dir)
@@ -577,9 +608,11 @@ class QemuDriver:
             else:
                 if wait_pid_exit(pid, spec.runtime_dir, graceful_timeout):
                     self._remove_sockets(spec)
+                    self.confinement.cgroup_remove(spec)
                     return
         kill_vmm(pid, spec.runtime_dir, term_timeout=3.0)
         self._remove_sockets(spec)
+        self.confinement.cgroup_remove(spec)
 
     def resize(self, spec: VmSpec, *, vcpus: int | None, memory_mib: int | None, timeout: float = 10.0) -> None:
         """Always raises ``VmmUnsupported``: microvm has no CPU/memory hotplug."""
@@ -625,6 +658,7 @@ class QemuDriver:
         pid = running_vmm_pid(spec.runtime_dir)
         if pid is not None:
             kill_vmm(pid, spec.runtime_dir, term_timeout=2.0)
+        self.confinement.cgroup_remove(spec)
         shutil.rmtree(spec.runtime_dir, ignore_errors=True)
         if spec.runtime_dir.exists():
             raise VmmError("could not remove runtime directory", details={"path": str(spec.runtime_dir)})
@@ -810,6 +844,7 @@ class QemuDriver:
             raise VmmError(f"cannot move the disk overlay: {exc}") from exc
         try:
             self._overlay_create(fresh, backing=layer, size=size)
+            self.confinement.give(fresh)  # QEMU opens it read-write as the VMM user
             os.replace(fresh, overlay)
             if qmp is not None:
                 qmp.execute(
@@ -820,6 +855,8 @@ class QemuDriver:
             remove_path_quietly(fresh)
             os.replace(layer, overlay)
             raise
+        # Frozen: other VMs (clones) may build on it, so no VMM may write it any more.
+        self.confinement.reclaim(layer)
 
     def _overlay_create(self, path: Path, *, backing: Path, size: int) -> None:
         # -u: do not open the backing file (a running QEMU holds locks on it).
