@@ -27,6 +27,9 @@ if not SECRET_KEY:
 
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+# Websockets from a browser are accepted only from the dashboard's own scheme://host:port
+# (exactly: another port of the same host is another origin) or from these origins.
+SANDBOX_TRUSTED_ORIGINS = env.list("SANDBOX_TRUSTED_ORIGINS", default=[])
 
 DATA_DIR = Path(env.str("SANDBOX_DATA_DIR", default=str(BASE_DIR / "var")))
 
