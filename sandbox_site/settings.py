@@ -35,7 +35,7 @@ DATA_DIR = Path(env.str("SANDBOX_DATA_DIR", default=str(BASE_DIR / "var")))
 
 INSTALLED_APPS = [
     "daphne",
-    "django.contrib.admin",
+    "accounts.admin_audit.SandboxAdminConfig",  # django.contrib.admin with audited changes
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -155,9 +155,14 @@ LOGOUT_REDIRECT_URL = "login"
 GUARDIAN_RAISE_403 = False
 ANONYMOUS_USER_NAME = None
 
-# Lockout after repeated failed logins (dashboard, admin and HTTP basic alike).
+# Failed logins (dashboard, admin and HTTP basic alike): THRESHOLD failures lock one
+# (account, client address) pair for LOCKOUT_SECONDS; past ACCOUNT_CEILING failures from all
+# addresses together, each attempt on the account waits a doubling delay (at most
+# BACKOFF_MAX_SECONDS) instead of locking it. See docs/security.md.
 SANDBOX_LOCKOUT_THRESHOLD = env.int("SANDBOX_LOCKOUT_THRESHOLD", default=5)
 SANDBOX_LOCKOUT_SECONDS = env.int("SANDBOX_LOCKOUT_SECONDS", default=900)
+SANDBOX_LOGIN_ACCOUNT_CEILING = env.int("SANDBOX_LOGIN_ACCOUNT_CEILING", default=50)
+SANDBOX_LOGIN_BACKOFF_MAX_SECONDS = env.int("SANDBOX_LOGIN_BACKOFF_MAX_SECONDS", default=60)
 SANDBOX_TOKEN_MAX_PER_USER = env.int("SANDBOX_TOKEN_MAX_PER_USER", default=50)
 
 LANGUAGE_CODE = "en-us"

@@ -1,6 +1,7 @@
 import asyncio
 import json
 import logging
+import time
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer, AsyncWebsocketConsumer
@@ -95,6 +96,8 @@ class VmConsoleConsumer(AsyncWebsocketConsumer):
         from vms import consoles
 
         self.opened = self.in_group = self.cleaned_up = False
+        self.bytes_in = self.bytes_out = 0  # keystrokes written, console bytes sent: in the close audit row
+        self.opened_at = time.monotonic()
         self.vm_id = str(self.scope["url_route"]["kwargs"]["vm_id"])
         query = parse_qs(self.scope.get("query_string", b"").decode(errors="replace"))
         user = self.scope.get("user")
@@ -171,8 +174,13 @@ class VmConsoleConsumer(AsyncWebsocketConsumer):
 
         from accounts.audit import audit_record
 
+        after = {"writer": self.writer, "can_write": self.can_write}
+        if action == "console.close":
+            after.update(
+                bytes_in=self.bytes_in, bytes_out=self.bytes_out, seconds=round(time.monotonic() - self.opened_at, 1)
+            )
         with transaction.atomic():
-            audit_record(actor=self.user, action=action, obj=self.vm, after={"writer": self.writer})
+            audit_record(actor=self.user, action=action, obj=self.vm, after=after)
 
     async def _send_json(self, message: dict) -> None:
         await self.send(text_data=json.dumps(message))
@@ -206,6 +214,7 @@ class VmConsoleConsumer(AsyncWebsocketConsumer):
                         continue
                     piece, data = data[:room], data[room:]
                     self.offset += len(piece)
+                    self.bytes_out += len(piece)
                     await self.send(bytes_data=piece)
         except consoles.ConsoleUnavailable as exc:
             await self._end(exc)
@@ -248,6 +257,7 @@ class VmConsoleConsumer(AsyncWebsocketConsumer):
             return
         try:
             await self.console.write(data)
+            self.bytes_in += len(data)
         except ApplicationError as exc:
             await self._send_json({"type": "error", "code": exc.code, "message": exc.message})
 

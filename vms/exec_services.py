@@ -202,7 +202,8 @@ class _ExecControl:
     args: dict
     data: bytes = b""
     timeout: float = 30.0
-    audited: bool = False  # written to the audit log (after = args)
+    audited: bool = False  # written to the audit log (after = args + audit_extra)
+    audit_extra: dict | None = None
 
     @property
     def op(self) -> str:
@@ -213,7 +214,10 @@ def _stdin_control(exec_id: str, data: bytes, eof: bool) -> _ExecControl:
     if len(data) > MAX_STDIN_BYTES:
         raise ApplicationError(f"at most {MAX_STDIN_BYTES} bytes per request", code="too_large", status_code=413)
     # The agent answers once the process has less than 1 MiB unread: bounded by this timeout.
-    return _ExecControl("exec_stdin", {"exec_id": exec_id, "eof": eof}, data, timeout=60)
+    # Audited on every transport (REST and websocket) with its size, never its content.
+    return _ExecControl(
+        "exec_stdin", {"exec_id": exec_id, "eof": eof}, data, timeout=60, audited=True, audit_extra={"bytes": len(data)}
+    )
 
 
 def _signal_control(exec_id: str, signal: str | int) -> _ExecControl:
@@ -231,7 +235,7 @@ def _control_allowed(vm: VM, actor, control: _ExecControl) -> None:
 
 def _control_done(vm: VM, actor, control: _ExecControl) -> None:
     if control.audited:
-        _audit(actor, f"vm.{control.action}", vm, control.args)
+        _audit(actor, f"vm.{control.action}", vm, {**control.args, **(control.audit_extra or {})})
 
 
 def _control_run(vm: VM, actor, control: _ExecControl) -> dict:
@@ -359,7 +363,14 @@ def vm_file_download_open(*, vm: VM, actor, path: str) -> dict:
     it with ``file_download_chunks_async``."""
     _require_exec(actor, vm, "file_read")
     _require_running(vm)
-    return agent_gateway.file_download_open(vm, _path(path), timeout=600)
+    path = _path(path)
+    try:
+        info = agent_gateway.file_download_open(vm, path, timeout=600)
+    except ApplicationError as exc:
+        _audit(actor, "vm.file_read", vm, {"path": path}, result=AuditResult.FAILED, message=exc.message)
+        raise
+    _audit(actor, "vm.file_read", vm, {"path": path, "size": info.get("size"), "sha256": info.get("sha256")})
+    return info
 
 
 def file_download_chunks_async(vm_id: str, info: dict) -> AsyncIterator[bytes]:
