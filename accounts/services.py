@@ -26,6 +26,14 @@ TOKEN_PREFIX = "msb_"
 _LAST_USED_GRANULARITY = timedelta(seconds=60)
 
 
+def owner_quota_lock(owner) -> None:
+    """Serialise the quota checks of one owner: call it first inside the transaction that
+    checks a limit and writes what counts against it (VMs, sizes, clones, snapshots, port
+    forwards, background execs, tokens), then count. A row lock on the owner's user row
+    (PostgreSQL); SQLite's immediate transactions are serialised already."""
+    list(User.objects.select_for_update().filter(pk=owner.pk).values_list("pk", flat=True))
+
+
 def token_hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
@@ -39,11 +47,12 @@ def token_create(
         raise ApplicationError("Token name must be 1 to 100 characters.", details={"name": "required"})
     if expires_at is not None and expires_at <= timezone.now():
         raise ApplicationError("Expiry must be in the future.", details={"expires_at": "in the past"})
-    active = ApiToken.objects.filter(user=user, revoked_at__isnull=True).count()
-    if active >= settings.SANDBOX_TOKEN_MAX_PER_USER:
-        raise ApplicationError(f"At most {settings.SANDBOX_TOKEN_MAX_PER_USER} active tokens per user.")
     secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
     with transaction.atomic():
+        owner_quota_lock(user)  # then count: parallel creates cannot all see room for one more
+        active = ApiToken.objects.filter(user=user, revoked_at__isnull=True).count()
+        if active >= settings.SANDBOX_TOKEN_MAX_PER_USER:
+            raise ApplicationError(f"At most {settings.SANDBOX_TOKEN_MAX_PER_USER} active tokens per user.")
         token = ApiToken.objects.create(
             user=user,
             name=name,

@@ -30,6 +30,7 @@ from guardian.shortcuts import assign_perm
 
 from accounts.audit import audit_record
 from accounts.roles import user_is_operator
+from accounts.services import owner_quota_lock
 from networking import netlink, nft, selectors
 from networking.models import EgressMode, EgressRule, Network, Nic, PortForward, Protocol
 from sandbox_site.errors import ApplicationError, ConflictError, NotPermitted
@@ -473,6 +474,7 @@ def port_forward_create(
     from vms.models import Host
 
     with transaction.atomic():
+        owner_quota_lock(vm.owner)  # the per-VM count is checked under the owner's quota lock
         Host.objects.select_for_update().get(pk=vm.host_id)  # serialises port choice per host
         if not Nic.objects.filter(vm=vm).exists():
             raise ConflictError("This VM has no network interface.", code="no_nic")

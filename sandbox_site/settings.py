@@ -287,6 +287,8 @@ SANDBOX_CONSOLE_RING_BYTES = env.int("SANDBOX_CONSOLE_RING_BYTES", default=1 << 
 SANDBOX_FILE_UPLOAD_MAX_BYTES = env.int("SANDBOX_FILE_UPLOAD_MAX_BYTES", default=1 << 30)
 SANDBOX_EXEC_BUFFER_BYTES = env.int("SANDBOX_EXEC_BUFFER_BYTES", default=1 << 20)
 SANDBOX_EXEC_WAIT_MAX_SECONDS = env.float("SANDBOX_EXEC_WAIT_MAX_SECONDS", default=300.0)
+# Background commands (exec with wait=false) running at once in one VM.
+SANDBOX_EXEC_BACKGROUND_PER_VM = env.int("SANDBOX_EXEC_BACKGROUND_PER_VM", default=32)
 
 # --- snapshots ------------------------------------------------------------------------------
 # Snapshot files (frozen disk layers, saved VM state). Must be on the same filesystem as

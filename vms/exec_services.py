@@ -9,6 +9,7 @@ checks and audit rows are the same as the REST ones.
 from __future__ import annotations
 
 import base64
+import contextlib
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,8 @@ from django.db import transaction
 from accounts.audit import audit_record
 from accounts.models import AuditResult
 from accounts.permissions import require_perm
-from sandbox_site.errors import ApplicationError, ConflictError
+from accounts.services import owner_quota_lock
+from sandbox_site.errors import ApplicationError, ConflictError, QuotaExceeded
 from vms import agent_gateway
 from vms.agent_gateway import AgentChannel, agent_call
 from vms.models import VM
@@ -118,7 +120,8 @@ def vm_exec_start(
         "stdin_bytes": len(stdin or b""),
     }
     try:
-        started, _ = agent_call(vm, "exec_start", args, stdin or b"")
+        with _background_exec_slot(vm, background=not wait):
+            started, _ = agent_call(vm, "exec_start", args, stdin or b"")
     except ApplicationError as exc:
         _audit(actor, "vm.exec", vm, audit_after, result=AuditResult.FAILED, message=exc.message)
         raise
@@ -131,6 +134,27 @@ def vm_exec_start(
         vm, "exec_wait", {"exec_id": started["exec_id"], "timeout": wait_for}, timeout=wait_for + 10
     )
     return _collect(vm, summary)
+
+
+@contextlib.contextmanager
+def _background_exec_slot(vm: VM, *, background: bool):
+    """Room for one more background exec in ``vm`` (at most SANDBOX_EXEC_BACKGROUND_PER_VM
+    running): counted and started under the owner's quota lock, so parallel requests cannot
+    all see the same free slot. The lock is held for two short agent requests (timeouts)."""
+    if not background:
+        yield
+        return
+    with transaction.atomic():
+        owner_quota_lock(vm.owner)
+        listing, _ = agent_call(vm, "exec_list", {}, timeout=10)
+        running = sum(1 for e in listing.get("execs", ()) if e.get("running"))
+        limit = settings.SANDBOX_EXEC_BACKGROUND_PER_VM
+        if running >= limit:
+            raise QuotaExceeded(
+                f"At most {limit} background commands may run in a VM; wait for some to end.",
+                details={"running": running, "limit": limit},
+            )
+        yield
 
 
 def _collect(vm: VM, summary: dict) -> dict:
