@@ -38,6 +38,9 @@ class TokenScopePermission(permissions.BasePermission):
 
     def has_permission(self, request, view):
         if not (request.user and request.user.is_authenticated and request.user.is_active):
+            from sandbox_site.throttling import anonymous_throttle_check
+
+            anonymous_throttle_check(request, view)  # a flood of anonymous calls: 429 before the 401
             return False
         if isinstance(request.auth, ApiToken) and request.auth.read_only:
             return request.method in permissions.SAFE_METHODS

@@ -183,12 +183,29 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.BasicAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["accounts.authentication.TokenScopePermission"],
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "DEFAULT_PAGINATION_CLASS": "sandbox_site.pagination.ApiPagination",
     "PAGE_SIZE": 50,
+    "DEFAULT_THROTTLE_CLASSES": [
+        "sandbox_site.throttling.AnonRateLimit",
+        "sandbox_site.throttling.UserRateLimit",
+        "sandbox_site.throttling.ExpensiveActionRateLimit",
+    ],
     "EXCEPTION_HANDLER": "sandbox_site.errors.api_exception_handler",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_FILTER_BACKENDS": [],
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+}
+# Largest ?limit= of a list endpoint.
+SANDBOX_PAGE_MAX = env.int("SANDBOX_PAGE_MAX", default=500)
+# Rate limits (sandbox_site/throttling.py, docs/security.md): "<requests>/<s|m|h|d>", empty = none.
+SANDBOX_RATE_LIMITS = {
+    "anon": env.str("SANDBOX_RATE_ANON", default="60/min"),
+    "user": env.str("SANDBOX_RATE_USER", default="1200/min"),
+    "create": env.str("SANDBOX_RATE_CREATE", default="30/min"),
+    "exec": env.str("SANDBOX_RATE_EXEC", default="300/min"),
+    "upload": env.str("SANDBOX_RATE_UPLOAD", default="60/min"),
+    "snapshot": env.str("SANDBOX_RATE_SNAPSHOT", default="20/min"),
+    "clone": env.str("SANDBOX_RATE_CLONE", default="10/min"),
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "microvm-sandbox API",
@@ -236,6 +253,10 @@ SANDBOX_IMAGE_DIR = Path(env.str("SANDBOX_IMAGE_DIR", default=str(DATA_DIR / "im
 SANDBOX_BOOT_TIMEOUT = env.float("SANDBOX_BOOT_TIMEOUT", default=120.0)
 SANDBOX_STOP_TIMEOUT = env.float("SANDBOX_STOP_TIMEOUT", default=30.0)
 SANDBOX_RECONCILE_SECONDS = env.float("SANDBOX_RECONCILE_SECONDS", default=5.0)
+# Fair scheduling: operations of one owner running at once (create, start, snapshot, clone...);
+# the owner's further operations wait (re-queued after DEFER_SECONDS), other owners' proceed.
+SANDBOX_OPERATIONS_PER_OWNER = env.int("SANDBOX_OPERATIONS_PER_OWNER", default=4)
+SANDBOX_OPERATIONS_DEFER_SECONDS = env.float("SANDBOX_OPERATIONS_DEFER_SECONDS", default=2.0)
 SANDBOX_DEFAULT_QUOTA = {
     "max_vms": env.int("SANDBOX_DEFAULT_MAX_VMS", default=10),
     "max_vcpus": env.int("SANDBOX_DEFAULT_MAX_VCPUS", default=8),
