@@ -6,6 +6,7 @@ With nothing set, the site runs on an embedded default that behaves like product
 DATABASE_URL (PostgreSQL) and REDIS_URL it runs the production setup.
 """
 
+import ipaddress
 from pathlib import Path
 
 import environ
@@ -290,6 +291,15 @@ SANDBOX_NETWORKING = env.bool("SANDBOX_NETWORKING", default=True)
 SANDBOX_NETNS = env.str("SANDBOX_NETNS", default="")
 SANDBOX_NETWORK_DEFAULT_CIDR = env.str("SANDBOX_NETWORK_DEFAULT_CIDR", default="10.231.0.0/24")
 SANDBOX_NETWORK_DEFAULT_EGRESS = env.str("SANDBOX_NETWORK_DEFAULT_EGRESS", default="allow")  # allow|deny|allowlist
+# Guests never reach link-local (169.254.0.0/16: cloud metadata), private ranges, or the host's
+# own networks, whatever their egress policy; except these destinations (CIDRs), opened by an
+# operator (e.g. an internal package mirror). See docs/networking.md.
+SANDBOX_EGRESS_EXCEPTIONS = env.list("SANDBOX_EGRESS_EXCEPTIONS", default=[])
+for _cidr in SANDBOX_EGRESS_EXCEPTIONS:
+    try:
+        ipaddress.ip_network(_cidr, strict=False)
+    except ValueError as _exc:
+        raise ImproperlyConfigured(f"SANDBOX_EGRESS_EXCEPTIONS: {_cidr!r} is not a CIDR") from _exc
 # Turn on IPv4 forwarding in the namespace when rules are applied (needed for egress NAT and
 # port forwards from other machines). It is namespace-wide: off leaves the host's setting alone.
 SANDBOX_NETWORK_IP_FORWARD = env.bool("SANDBOX_NETWORK_IP_FORWARD", default=True)
