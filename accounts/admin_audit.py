@@ -64,6 +64,7 @@ class AuditedModelAdminMixin:
             before = {k: before.get(k) for k in sorted(changed)}
             after = {k: after[k] for k in sorted(changed)}
             _secret_changed(before, after, old, obj)
+        _rights_changed_by(obj)
         audit_record(
             actor=request.user,
             action="admin.change" if change else "admin.add",
@@ -92,8 +93,27 @@ def _owner_id(obj) -> int | None:
     return obj.pk if obj._meta.label_lower == "auth.user" else None
 
 
+def _rights_changed_by(obj) -> None:
+    """An admin edit of a user, group, token or object permission: that user's (or group's)
+    open websockets re-check their rights."""
+    from django.contrib.auth.models import Group
+
+    from accounts.rights import rights_changed, rights_changed_for_group
+
+    if isinstance(obj, Group):
+        rights_changed_for_group(obj)
+    elif obj._meta.label_lower == "auth.user":
+        rights_changed([obj.pk])
+    elif isinstance(getattr(obj, "user_id", None), int):
+        rights_changed([obj.user_id])
+    elif isinstance(getattr(obj, "group", None), Group):
+        rights_changed_for_group(obj.group)
+
+
 def _audit_delete(request, obj) -> None:
     from accounts.audit import audit_record
+
+    _rights_changed_by(obj)
 
     audit_record(
         actor=request.user,

@@ -73,7 +73,9 @@ class BearerTokenWebsocketMiddleware:
 
         token = await database_sync_to_async(services.token_authenticate)(secret)
         user = token.user if token is not None and not token.read_only else AnonymousUser()
-        return await self.inner({**scope, "user": user}, receive, send)
+        # The token is re-checked while the connection lives (accounts.rights): revoking it closes it.
+        token_id = token.pk if token is not None else None
+        return await self.inner({**scope, "user": user, "token_id": token_id}, receive, send)
 
 
 def _bearer_secret(headers) -> str | None:

@@ -17,6 +17,7 @@ from guardian.shortcuts import assign_perm, get_perms, remove_perm
 
 from accounts.audit import audit_record
 from accounts.models import ApiToken, AuditResult, LoginThrottle, Role
+from accounts.rights import rights_changed, rights_changed_for_group
 from sandbox_site.errors import ApplicationError, NotPermitted
 
 User = get_user_model()
@@ -76,6 +77,7 @@ def token_revoke(*, token: ApiToken, actor) -> ApiToken:
         updated = ApiToken.objects.filter(pk=token.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
         if updated:
             audit_record(actor=actor, action="token.revoke", obj=token, object_owner_id=token.user_id)
+            rights_changed([token.user_id])  # websockets opened with it close
     token.refresh_from_db()
     return token
 
@@ -127,6 +129,7 @@ def user_set_role(*, user, role: str, actor, _audit: bool = True) -> None:
         user.save(update_fields=["is_superuser", "is_staff"])
         if _audit:
             audit_record(actor=actor, action="user.set_role", obj=user, before={"roles": before}, after={"role": role})
+        rights_changed([user.pk])
 
 
 def user_has_perm(user, perm: str, obj=None) -> bool:
@@ -180,6 +183,10 @@ def object_perms_revoke(*, obj, perms: list[str] | None, actor, user=None, group
         for perm in perms or before:
             remove_perm(f"{app_label}.{perm}", target, obj)
         after = sorted(get_perms(target, obj))
+        if user is not None:
+            rights_changed([user.pk])
+        else:
+            rights_changed_for_group(group)
         audit_record(
             actor=actor,
             action="permission.revoke",

@@ -268,6 +268,9 @@ SANDBOX_DEFAULT_QUOTA = {
 SANDBOX_CONSOLE_SCROLLBACK_BYTES = env.int("SANDBOX_CONSOLE_SCROLLBACK_BYTES", default=256 * 1024)
 SANDBOX_CONSOLE_WINDOW_BYTES = env.int("SANDBOX_CONSOLE_WINDOW_BYTES", default=256 * 1024)
 SANDBOX_CONSOLE_TICKET_SECONDS = env.int("SANDBOX_CONSOLE_TICKET_SECONDS", default=60)
+# Open console/exec/events websockets re-check their rights this often (and at once when a
+# service changes rights): a revoked token, removed share or deactivated user closes them.
+SANDBOX_WS_RECHECK_SECONDS = env.float("SANDBOX_WS_RECHECK_SECONDS", default=10.0)
 SANDBOX_SAMPLE_SECONDS = env.float("SANDBOX_SAMPLE_SECONDS", default=10.0)
 SANDBOX_SAMPLE_RETENTION_SECONDS = env.int("SANDBOX_SAMPLE_RETENTION_SECONDS", default=6 * 3600)
 CELERY_BEAT_SCHEDULE = {
