@@ -5,7 +5,14 @@ from accounts import services
 
 
 def client_address(request) -> str:
+    """The client's address: REMOTE_ADDR, or behind our reverse proxy (SANDBOX_BEHIND_PROXY)
+    the last X-Forwarded-For entry, the one the proxy appended (earlier ones are the client's)."""
+    from django.conf import settings
+
     meta = getattr(request, "META", None) or {}
+    forwarded = meta.get("HTTP_X_FORWARDED_FOR", "")
+    if settings.SANDBOX_BEHIND_PROXY and forwarded:
+        return forwarded.split(",")[-1].strip()[:45]
     return meta.get("REMOTE_ADDR") or ""
 
 

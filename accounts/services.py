@@ -275,6 +275,8 @@ def login_attempt_begin(*, username: str, address: str | None) -> None:
     if refused is not None:
         login_blocked(username=username, message=refused.message)
         raise refused
+    if secrets.randbelow(100) == 0:  # rows of guessed usernames and old failures: drop now and then
+        LoginThrottle.objects.filter(last_failure_at__lt=now - 2 * window).delete()
 
 
 def login_refusal(*, username: str, address: str | None) -> LoginRefused | None:

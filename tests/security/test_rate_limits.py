@@ -48,6 +48,7 @@ def test_anonymous_calls_are_limited_per_client_address(settings):
     here, there = APIClient(REMOTE_ADDR="203.0.113.1"), APIClient(REMOTE_ADDR="203.0.113.2")
     assert [here.get("/api/v1/vms/").status_code for _ in range(2)] == [401, 401]
     _assert_throttled(here.get("/api/v1/vms/"))
+    _assert_throttled(here.get("/api/v1/vms/", HTTP_X_FORWARDED_FOR="198.51.100.99"))  # not the client's to choose
     assert there.get("/api/v1/vms/").status_code == 401
 
 
