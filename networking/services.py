@@ -211,6 +211,22 @@ def network_update(
     if egress_mode is not None and egress_mode not in EgressMode.values:
         raise ApplicationError("Unknown egress mode.", details={"egress_mode": EgressMode.values})
     rules = _egress_rules_validated(egress_rules) if egress_rules is not None else None
+    if egress_mode is not None or rules is not None:
+        # The owner of a private network may narrow its egress; wider is an operator's call.
+        current_rules = list(network.egress_rules.all())
+        new_mode = egress_mode if egress_mode is not None else network.egress_mode
+        if not selectors.egress_within(
+            new_mode, rules if rules is not None else current_rules, network.egress_mode, current_rules
+        ):
+            from accounts.permissions import require_perm
+
+            require_perm(
+                actor,
+                "networking.change_network",
+                None,
+                action="network.update",
+                message="Only an operator can widen a network's egress.",
+            )
     with transaction.atomic():
         locked = Network.objects.select_for_update().get(pk=network.pk)
         before = _network_snapshot(locked)

@@ -131,3 +131,14 @@ def test_default_egress_reaches_no_link_local_private_or_host_network(lab, make_
     finally:
         for server in servers:
             server.close()
+
+
+def test_the_owner_of_a_private_network_can_only_narrow_its_egress(api, owner, operator):
+    network = services.network_create(
+        name="private", cidr="10.231.90.0/24", actor=operator, owner=owner, egress_mode=EgressMode.DENY
+    )
+    url = f"/api/v1/networks/{network.pk}/"
+    assert api.as_user(owner).patch(url, {"egress_mode": "allow"}, format="json").status_code == 403
+    assert AuditEvent.objects.filter(action="network.update", result="denied").exists()
+    assert api.as_user(operator).patch(url, {"egress_mode": "allow"}, format="json").status_code == 200
+    assert api.as_user(owner).patch(url, {"egress_mode": "deny"}, format="json").status_code == 200
