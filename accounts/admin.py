@@ -37,8 +37,18 @@ class AuditEventAdmin(admin.ModelAdmin):
 
 @admin.register(LoginThrottle)
 class LoginThrottleAdmin(admin.ModelAdmin):
-    list_display = ["username", "failures", "last_failure_at", "locked_until"]
-    search_fields = ["username"]
+    list_display = ["username", "address", "failures", "last_failure_at", "locked_until", "next_attempt_at"]
+    search_fields = ["username", "address"]
+    actions = ["unlock"]
+
+    @admin.action(description="Unlock these accounts (every address)")
+    def unlock(self, request, queryset):
+        from accounts.services import user_unlock
+
+        names = sorted(set(queryset.values_list("username", flat=True)))
+        for username in names:
+            user_unlock(username=username, actor=request.user)
+        self.message_user(request, f"Unlocked {', '.join(names)}.")
 
 
 @admin.register(UserQuota)

@@ -62,6 +62,14 @@ class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         user = services.user_create(actor=request.user, **data.validated_data)
         return Response(UserSerializer(user).data, status=status.HTTP_201_CREATED)
 
+    @extend_schema(request=None, responses={200: UserSerializer})
+    @action(detail=True, methods=["post"])
+    def unlock(self, request, id=None):
+        """Clear the user's login locks and back-off (operators and admins; audited)."""
+        user = self.get_object()  # others see only themselves: 404 for a stranger
+        services.user_unlock(username=user.username, actor=request.user)
+        return Response(UserSerializer(user).data)
+
     @action(detail=False, methods=["get"])
     def me(self, request):
         return Response(UserSerializer(request.user).data)

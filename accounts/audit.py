@@ -52,6 +52,9 @@ def _canonical(value: Any) -> Any:
 
 def audit_event_hash(event: AuditEvent, prev_hash: str) -> str:
     payload = {name: _canonical(getattr(event, name)) for name in _HASHED_FIELDS}
+    # Hashed only when set, so rows written before the field existed keep their hashes.
+    if event.client_request_id:
+        payload["client_request_id"] = event.client_request_id
     payload["id"] = event.id
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256((prev_hash + text).encode()).hexdigest()
@@ -103,6 +106,7 @@ def audit_record(
             token_id=ctx.token_id,
             source_ip=ctx.source_ip,
             request_id=ctx.request_id,
+            client_request_id=ctx.client_request_id,
             action=action,
             object_type=object_type,
             object_id=object_id,

@@ -38,6 +38,9 @@ class TokenScopePermission(permissions.BasePermission):
 
     def has_permission(self, request, view):
         if not (request.user and request.user.is_authenticated and request.user.is_active):
+            from sandbox_site.throttling import anonymous_throttle_check
+
+            anonymous_throttle_check(request, view)  # a flood of anonymous calls: 429 before the 401
             return False
         if isinstance(request.auth, ApiToken) and request.auth.read_only:
             return request.method in permissions.SAFE_METHODS
@@ -70,7 +73,9 @@ class BearerTokenWebsocketMiddleware:
 
         token = await database_sync_to_async(services.token_authenticate)(secret)
         user = token.user if token is not None and not token.read_only else AnonymousUser()
-        return await self.inner({**scope, "user": user}, receive, send)
+        # The token is re-checked while the connection lives (accounts.rights): revoking it closes it.
+        token_id = token.pk if token is not None else None
+        return await self.inner({**scope, "user": user, "token_id": token_id}, receive, send)
 
 
 def _bearer_secret(headers) -> str | None:

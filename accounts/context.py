@@ -11,7 +11,8 @@ from dataclasses import dataclass, replace
 
 @dataclass(frozen=True)
 class ActorContext:
-    request_id: str = ""
+    request_id: str = ""  # generated here, never taken from the client
+    client_request_id: str = ""  # a client's X-Request-ID, kept apart and labelled as such
     source_ip: str | None = None
     token_id: uuid.UUID | None = None
 

@@ -7,14 +7,19 @@ from accounts import services
 class LoginForm(AuthenticationForm):
     error_messages = {
         **AuthenticationForm.error_messages,
-        "locked": "Too many failed logins: this account is locked for a while. Try again later.",
+        "locked": "Too many failed logins: sign-in is locked for a while. Try again in %(seconds)s seconds.",
     }
 
     def clean(self):
+        from accounts.backends import client_address
+
         username = self.cleaned_data.get("username")
-        if username and services.login_is_locked(username):
-            services.login_blocked(username=username)
-            raise forms.ValidationError(self.error_messages["locked"], code="locked")
+        refusal = username and services.login_refusal(username=username, address=client_address(self.request))
+        if refusal:
+            services.login_blocked(username=username, message=refusal.message)
+            raise forms.ValidationError(
+                self.error_messages["locked"], code="locked", params={"seconds": refusal.retry_after}
+            )
         return super().clean()
 
 

@@ -44,15 +44,23 @@ class ApiToken(models.Model):
 
 
 class LoginThrottle(models.Model):
-    """Failed logins per username, for lockout."""
+    """Failed logins of one account from one client address (``address`` set: locks that
+    pair after SANDBOX_LOCKOUT_THRESHOLD failures), or of the account from everywhere
+    (``address`` empty: past SANDBOX_LOGIN_ACCOUNT_CEILING failures it only slows attempts
+    down with a growing delay, so nobody can lock somebody else out). See docs/security.md."""
 
-    username = models.CharField(max_length=150, unique=True)
+    username = models.CharField(max_length=150)
+    address = models.CharField(max_length=45, blank=True, help_text="client address; empty = the whole account")
     failures = models.PositiveIntegerField(default=0)
     last_failure_at = models.DateTimeField(null=True, blank=True)
     locked_until = models.DateTimeField(null=True, blank=True)
+    next_attempt_at = models.DateTimeField(null=True, blank=True, help_text="account-wide back-off")
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["username", "address"], name="loginthrottle_user_address")]
 
     def __str__(self) -> str:
-        return self.username
+        return f"{self.username} from {self.address or 'anywhere'}"
 
 
 class UserQuota(models.Model):
@@ -93,6 +101,8 @@ class AuditEvent(models.Model):
     token_id = models.UUIDField(null=True, blank=True)
     source_ip = models.GenericIPAddressField(null=True, blank=True)
     request_id = models.CharField(max_length=64, blank=True, db_index=True)
+    # What the client sent as X-Request-ID: its own label, not trusted, not our request id.
+    client_request_id = models.CharField(max_length=64, blank=True)
     action = models.CharField(max_length=64, db_index=True)
     object_type = models.CharField(max_length=64, blank=True, db_index=True)
     object_id = models.CharField(max_length=64, blank=True, db_index=True)

@@ -48,6 +48,7 @@ class AuditEventSerializer(serializers.ModelSerializer):
             "token_id",
             "source_ip",
             "request_id",
+            "client_request_id",
             "action",
             "object_type",
             "object_id",

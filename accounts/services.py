@@ -17,6 +17,7 @@ from guardian.shortcuts import assign_perm, get_perms, remove_perm
 
 from accounts.audit import audit_record
 from accounts.models import ApiToken, AuditResult, LoginThrottle, Role
+from accounts.rights import rights_changed, rights_changed_for_group
 from sandbox_site.errors import ApplicationError, NotPermitted
 
 User = get_user_model()
@@ -24,6 +25,14 @@ User = get_user_model()
 TOKEN_PREFIX = "msb_"
 # Only refresh last_used_at this often, so each API call does not write a row.
 _LAST_USED_GRANULARITY = timedelta(seconds=60)
+
+
+def owner_quota_lock(owner) -> None:
+    """Serialise the quota checks of one owner: call it first inside the transaction that
+    checks a limit and writes what counts against it (VMs, sizes, clones, snapshots, port
+    forwards, background execs, tokens), then count. A row lock on the owner's user row
+    (PostgreSQL); SQLite's immediate transactions are serialised already."""
+    list(User.objects.select_for_update().filter(pk=owner.pk).values_list("pk", flat=True))
 
 
 def token_hash(secret: str) -> str:
@@ -39,11 +48,12 @@ def token_create(
         raise ApplicationError("Token name must be 1 to 100 characters.", details={"name": "required"})
     if expires_at is not None and expires_at <= timezone.now():
         raise ApplicationError("Expiry must be in the future.", details={"expires_at": "in the past"})
-    active = ApiToken.objects.filter(user=user, revoked_at__isnull=True).count()
-    if active >= settings.SANDBOX_TOKEN_MAX_PER_USER:
-        raise ApplicationError(f"At most {settings.SANDBOX_TOKEN_MAX_PER_USER} active tokens per user.")
     secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
     with transaction.atomic():
+        owner_quota_lock(user)  # then count: parallel creates cannot all see room for one more
+        active = ApiToken.objects.filter(user=user, revoked_at__isnull=True).count()
+        if active >= settings.SANDBOX_TOKEN_MAX_PER_USER:
+            raise ApplicationError(f"At most {settings.SANDBOX_TOKEN_MAX_PER_USER} active tokens per user.")
         token = ApiToken.objects.create(
             user=user,
             name=name,
@@ -67,6 +77,7 @@ def token_revoke(*, token: ApiToken, actor) -> ApiToken:
         updated = ApiToken.objects.filter(pk=token.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
         if updated:
             audit_record(actor=actor, action="token.revoke", obj=token, object_owner_id=token.user_id)
+            rights_changed([token.user_id])  # websockets opened with it close
     token.refresh_from_db()
     return token
 
@@ -118,6 +129,7 @@ def user_set_role(*, user, role: str, actor, _audit: bool = True) -> None:
         user.save(update_fields=["is_superuser", "is_staff"])
         if _audit:
             audit_record(actor=actor, action="user.set_role", obj=user, before={"roles": before}, after={"role": role})
+        rights_changed([user.pk])
 
 
 def user_has_perm(user, perm: str, obj=None) -> bool:
@@ -171,6 +183,10 @@ def object_perms_revoke(*, obj, perms: list[str] | None, actor, user=None, group
         for perm in perms or before:
             remove_perm(f"{app_label}.{perm}", target, obj)
         after = sorted(get_perms(target, obj))
+        if user is not None:
+            rights_changed([user.pk])
+        else:
+            rights_changed_for_group(group)
         audit_record(
             actor=actor,
             action="permission.revoke",
@@ -186,28 +202,101 @@ def _grantee(user, group) -> str:
 
 
 # --- login lockout ---------------------------------------------------------------------
+#
+# Two counters per account, both in LoginThrottle rows, both counted before the password is
+# checked (under a row lock, so parallel guesses cannot slip past the limit):
+# - (account, client address): SANDBOX_LOCKOUT_THRESHOLD failures lock this pair for
+#   SANDBOX_LOCKOUT_SECONDS. Other addresses (the real user) are not affected.
+# - the account from everywhere: past SANDBOX_LOGIN_ACCOUNT_CEILING failures each further
+#   attempt must wait a delay that doubles up to SANDBOX_LOGIN_BACKOFF_MAX_SECONDS: a
+#   distributed guesser is slowed down, but nobody can lock an account (the admin's) for long.
+# A success clears both. Operators unlock in the admin, with POST /api/v1/users/{id}/unlock/
+# or ``manage.py unlock_user`` (from the console, also for the admin itself).
 
 
-def login_is_locked(username: str) -> bool:
-    row = LoginThrottle.objects.filter(username=username).first()
-    return bool(row and row.locked_until and row.locked_until > timezone.now())
+class LoginRefused(Exception):
+    """The attempt is refused before the password is checked (locked pair or back-off)."""
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+def _throttle_row(username: str, address: str) -> LoginThrottle:
+    LoginThrottle.objects.get_or_create(username=username, address=address)
+    return LoginThrottle.objects.select_for_update().get(username=username, address=address)
+
+
+def _backoff_seconds(failures: int) -> int:
+    over = failures - settings.SANDBOX_LOGIN_ACCOUNT_CEILING
+    if over < 0:
+        return 0
+    return int(min(settings.SANDBOX_LOGIN_BACKOFF_MAX_SECONDS, 2 ** min(over, 30)))
+
+
+def login_attempt_begin(*, username: str, address: str | None) -> None:
+    """Count this attempt before the password is checked; raise ``LoginRefused`` when the
+    (account, address) pair is locked or the account is in back-off. Atomic per account."""
+    username, address = username[:150], (address or "")[:45]
+    now = timezone.now()
+    window = timedelta(seconds=settings.SANDBOX_LOCKOUT_SECONDS)
+    refused: LoginRefused | None = None
+    with transaction.atomic():
+        account = _throttle_row(username, "")
+        pair = _throttle_row(username, address) if address else None
+        for row in (account, pair):
+            if row is not None and row.last_failure_at and now - row.last_failure_at > window:
+                row.failures, row.locked_until, row.next_attempt_at = 0, None, None
+        if pair is not None and pair.locked_until and pair.locked_until > now:
+            refused = LoginRefused(
+                "Too many failed logins from your address: try again later.",
+                retry_after=int((pair.locked_until - now).total_seconds()) + 1,
+            )
+        elif account.next_attempt_at and account.next_attempt_at > now:
+            refused = LoginRefused(
+                "Too many failed logins for this account: slow down.",
+                retry_after=int((account.next_attempt_at - now).total_seconds()) + 1,
+            )
+        else:
+            # Counted as failed until the password proves otherwise (login_succeeded clears it).
+            for row in (account, pair):
+                if row is None:
+                    continue
+                row.failures += 1
+                row.last_failure_at = now
+            if pair is not None and pair.failures >= settings.SANDBOX_LOCKOUT_THRESHOLD:
+                pair.locked_until = now + window
+            delay = _backoff_seconds(account.failures)
+            account.next_attempt_at = now + timedelta(seconds=delay) if delay else None
+        for row in (account, pair):
+            if row is not None:
+                row.save()
+    if refused is not None:
+        login_blocked(username=username, message=refused.message)
+        raise refused
+    if secrets.randbelow(100) == 0:  # rows of guessed usernames and old failures: drop now and then
+        LoginThrottle.objects.filter(last_failure_at__lt=now - 2 * window).delete()
+
+
+def login_refusal(*, username: str, address: str | None) -> LoginRefused | None:
+    """Read-only: why an attempt now would be refused (for the login form's message), or None."""
+    now = timezone.now()
+    window = timedelta(seconds=settings.SANDBOX_LOCKOUT_SECONDS)
+    found = LoginThrottle.objects.filter(username=username[:150], address__in=["", address or ""])
+    rows = {r.address: r for r in found}
+    pair, account = rows.get(address or "") if address else None, rows.get("")
+    if pair is not None and pair.locked_until and pair.locked_until > now and now - pair.last_failure_at <= window:
+        return LoginRefused("locked", retry_after=int((pair.locked_until - now).total_seconds()) + 1)
+    if account is not None and account.next_attempt_at and account.next_attempt_at > now:
+        return LoginRefused("slow down", retry_after=int((account.next_attempt_at - now).total_seconds()) + 1)
+    return None
 
 
 def login_failed(*, username: str) -> None:
-    """Count a failure; lock the username once the threshold is reached."""
-    now = timezone.now()
+    """Audit a wrong password (the attempt was already counted by ``login_attempt_begin``)."""
+    user = User.objects.filter(username=username).first()
     with transaction.atomic():
-        row, _ = LoginThrottle.objects.select_for_update().get_or_create(username=username[:150])
-        if row.locked_until and row.locked_until <= now:
-            row.failures = 0
-            row.locked_until = None
-        row.failures += 1
-        row.last_failure_at = now
-        locked_now = row.failures >= settings.SANDBOX_LOCKOUT_THRESHOLD and row.locked_until is None
-        if locked_now:
-            row.locked_until = now + timedelta(seconds=settings.SANDBOX_LOCKOUT_SECONDS)
-        row.save()
-        user = User.objects.filter(username=username).first()
         audit_record(
             actor=None,
             action="auth.login_failed",
@@ -216,27 +305,60 @@ def login_failed(*, username: str) -> None:
             object_repr=username[:150],
             object_owner_id=user.pk if user else None,
             result=AuditResult.DENIED,
-            message="locked out" if locked_now else f"failure {row.failures}",
         )
 
 
-def login_blocked(*, username: str) -> None:
+def login_blocked(*, username: str, message: str = "attempt while locked out") -> None:
     user = User.objects.filter(username=username).first()
-    audit_record(
-        actor=None,
-        action="auth.login_locked",
-        object_type="auth.user",
-        object_id=str(user.pk) if user else "",
-        object_repr=username[:150],
-        object_owner_id=user.pk if user else None,
-        result=AuditResult.DENIED,
-        message="attempt while locked out",
-    )
+    with transaction.atomic():
+        audit_record(
+            actor=None,
+            action="auth.login_locked",
+            object_type="auth.user",
+            object_id=str(user.pk) if user else "",
+            object_repr=username[:150],
+            object_owner_id=user.pk if user else None,
+            result=AuditResult.DENIED,
+            message=message,
+        )
 
 
-def login_succeeded(*, user) -> None:
-    """Clear the failure count (every successful authentication, HTTP basic included)."""
-    LoginThrottle.objects.filter(username=user.username).delete()
+def login_succeeded(*, user, address: str | None = None) -> None:
+    """Clear the failure counts (every successful authentication, HTTP basic included): the
+    pair's and the account's, since the right password came."""
+    LoginThrottle.objects.filter(username=user.username, address__in=["", (address or "")[:45]]).delete()
+
+
+def user_unlock(*, username: str, actor) -> int:
+    """Clear every lock and back-off of ``username`` (operators; ``manage.py unlock_user``
+    passes ``actor=None`` from the console). Returns the rows removed."""
+    if actor is not None:
+        from accounts.roles import user_is_operator
+
+        if not user_is_operator(actor):
+            with transaction.atomic():
+                audit_record(
+                    actor=actor,
+                    action="auth.unlock",
+                    object_type="auth.user",
+                    object_repr=username[:150],
+                    result=AuditResult.DENIED,
+                    message="not an operator",
+                )
+            raise NotPermitted("Only operators can unlock accounts.")
+    with transaction.atomic():
+        removed, _ = LoginThrottle.objects.filter(username=username).delete()
+        user = User.objects.filter(username=username).first()
+        audit_record(
+            actor=actor,
+            action="auth.unlock",
+            object_type="auth.user",
+            object_id=str(user.pk) if user else "",
+            object_repr=username[:150],
+            object_owner_id=user.pk if user else None,
+            message=f"{removed} throttle rows cleared" + ("" if actor is not None else " from the console"),
+        )
+    return removed
 
 
 def session_login_recorded(*, user) -> None:

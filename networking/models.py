@@ -125,6 +125,11 @@ class Nic(models.Model):
     egress_mode = models.CharField(
         max_length=16, choices=EgressMode.choices, blank=True, help_text="Empty: the network's policy applies."
     )
+    egress_widened = models.BooleanField(
+        default=False,
+        help_text="Set by an operator: the VM's own egress may be wider than its network's "
+        "(otherwise it only narrows it).",
+    )
     plumbed = models.BooleanField(default=False, help_text="Its TAP exists on the VM's host and rules include it.")
     created_at = models.DateTimeField(default=timezone.now, editable=False)
 

@@ -210,6 +210,25 @@ def link_get(name: str, *, netns: str | None = None) -> LinkInfo | None:
     return _netlink(netns, op)
 
 
+def host_networks(*, netns: str | None = None) -> list[str]:
+    """Networks (CIDR) of the addresses on interfaces of ``netns`` that are not ours (the
+    host's uplinks and LANs), loopback excluded: guests' default egress may not reach them."""
+
+    def op(ipr: IPRoute) -> list[str]:
+        names = {msg["index"]: msg.get_attr("IFLA_IFNAME") or "" for msg in ipr.get_links()}
+        found = set()
+        for msg in ipr.get_addr():
+            name = names.get(msg["index"], "")
+            if name == "lo" or name.startswith((TAP_PREFIX, BRIDGE_PREFIX)):
+                continue
+            address = msg.get_attr("IFA_ADDRESS")
+            if address:
+                found.add(str(ipaddress.ip_interface(f"{address}/{msg['prefixlen']}").network))
+        return sorted(found)
+
+    return _netlink(netns, op)
+
+
 def link_counters(name: str, *, netns: str | None = None) -> dict[str, int]:
     """Host-side counters of a link (``rx_bytes``, ``tx_bytes``, ``rx_packets``, ``tx_packets``);
     empty when the link does not exist."""

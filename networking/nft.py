@@ -36,6 +36,28 @@ NFT_BINARY = "nft"
 NFT_TIMEOUT = 15.0
 FAMILIES = ("inet", "bridge")
 
+# Destinations the default egress never reaches: "this" network, private ranges (RFC 1918,
+# shared address space, unique local IPv6), loopback, link-local (cloud metadata services at
+# 169.254.169.254 live here), multicast and reserved. The host's own networks are added by
+# the caller; operators open exceptions with SANDBOX_EGRESS_EXCEPTIONS.
+DEFAULT_EGRESS_BLOCKED = (
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.0.0.0/24",
+    "192.168.0.0/16",
+    "198.18.0.0/15",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+    "::1/128",
+    "fc00::/7",
+    "fe80::/10",
+    "ff00::/8",
+)
+
 EGRESS_ALLOW = "allow"
 EGRESS_DENY = "deny"
 EGRESS_ALLOWLIST = "allowlist"
@@ -98,6 +120,10 @@ class HostRules:
 
     networks: tuple[NetworkRules, ...] = ()
     port_forwards: tuple[PortForwardRules, ...] = ()
+    # Guests' traffic to these is dropped whatever their egress policy says, except to
+    # ``egress_exceptions`` (operator-set). Traffic inside a VM's own network is not affected.
+    egress_blocked: tuple[str, ...] = DEFAULT_EGRESS_BLOCKED
+    egress_exceptions: tuple[str, ...] = ()
 
 
 # --- expression builders (libnftables JSON) ------------------------------------------------
@@ -191,6 +217,24 @@ def _egress_rules(rule: Callable[..., None], bridge: str, nic: NicRules) -> None
     rule(*src, COUNTER, DROP, comment=f"egress deny {nic.tap}")
 
 
+def _collapsed(cidrs: Iterable[str], version: int) -> list[Any]:
+    nets = [ipaddress.ip_network(c, strict=False) for c in cidrs]
+    # An anonymous interval set refuses overlapping elements: merge them first.
+    return [_addr(str(n)) for n in ipaddress.collapse_addresses(n for n in nets if n.version == version)]
+
+
+def _blocked_rules(rule: Callable[..., None], rules: HostRules) -> None:
+    for version, family in ((4, "ip"), (6, "ip6")):
+        blocked = _collapsed(rules.egress_blocked, version)
+        if not blocked:
+            continue
+        expr = [_match(_meta("iifname"), BRIDGES_SET), _match(_payload(family, "daddr"), _set(blocked))]
+        exceptions = _collapsed(rules.egress_exceptions, version)
+        if exceptions:
+            expr.append(_match(_payload(family, "daddr"), _set(exceptions), op="!="))
+        rule(*expr, COUNTER, DROP, comment=f"no egress to link-local, private or host networks ({family})")
+
+
 def _tenant_ips(network: NetworkRules) -> dict[str, list[str]]:
     tenants: dict[str, list[str]] = defaultdict(list)
     for nic in network.nics:
@@ -244,6 +288,7 @@ def render(rules: HostRules) -> dict[str, Any]:
         comment="port forwards",
     )
     fwd(_match(_meta("oifname"), BRIDGES_SET), COUNTER, DROP, comment="no unsolicited inbound")
+    _blocked_rules(fwd, rules)
     for network in sorted(rules.networks, key=lambda n: n.bridge):
         for nic in sorted(network.nics, key=lambda n: n.tap):
             _egress_rules(fwd, network.bridge, nic)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 from django.conf import settings
 from django.db.models import Q
 from guardian.shortcuts import get_objects_for_user
@@ -57,6 +59,46 @@ def port_forward_address(pf: PortForward) -> str:
     return f"{host}:{pf.host_port}"
 
 
+EGRESS_ORDER = {EgressMode.DENY: 0, EgressMode.ALLOWLIST: 1, EgressMode.ALLOW: 2}
+
+
+def _ports_within(inner: str, outer: str) -> bool:
+    if not outer:
+        return True
+    if not inner:
+        return False
+    ranges = [p if isinstance(p, tuple) else (p, p) for p in parse_ports(outer)]
+    for port in parse_ports(inner):
+        low, high = port if isinstance(port, tuple) else (port, port)
+        if not any(a <= low and high <= b for a, b in ranges):
+            return False
+    return True
+
+
+def egress_rule_within(rule, allowed) -> bool:
+    """Whether allow-list entry ``rule`` permits nothing that ``allowed`` does not."""
+    inner, outer = ipaddress.ip_network(rule.cidr, strict=False), ipaddress.ip_network(allowed.cidr, strict=False)
+    if inner.version != outer.version or not inner.subnet_of(outer):
+        return False
+    if allowed.protocol and rule.protocol != allowed.protocol:
+        return False
+    return _ports_within(rule.ports, allowed.ports)
+
+
+def egress_within(mode: str, rules, network_mode: str, network_rules) -> bool:
+    """Whether a VM policy (``mode``, ``rules``) only narrows its network's:
+    deny ⊂ allow-list ⊂ allow, and an allow-list within an allow-list names only parts of
+    the network's entries. "" (the network's own policy) is always within."""
+    if not mode:
+        return True
+    if EGRESS_ORDER[mode] != EGRESS_ORDER[network_mode]:
+        return EGRESS_ORDER[mode] < EGRESS_ORDER[network_mode]
+    if mode != EgressMode.ALLOWLIST:
+        return True
+    network_rules = list(network_rules)
+    return all(any(egress_rule_within(r, n) for n in network_rules) for r in rules)
+
+
 def _egress_allow(rules) -> tuple[nft.EgressAllow, ...]:
     return tuple(nft.EgressAllow(cidr=r.cidr, protocol=r.protocol, ports=parse_ports(r.ports)) for r in rules)
 
@@ -73,10 +115,12 @@ def host_rules(host) -> nft.HostRules:
     by_network: dict = {n.pk: [] for n in networks}
     first_ip: dict = {}
     for nic in nics:
-        if nic.egress_mode:
-            mode, allow = nic.egress_mode, vm_rules.get(nic.vm_id, [])
-        else:
-            mode, allow = nic.network.egress_mode, network_rules_by_id[nic.network_id]
+        mode, allow = nic.network.egress_mode, network_rules_by_id[nic.network_id]
+        own = vm_rules.get(nic.vm_id, [])
+        # A VM's own policy applies when it narrows the network's (also after an operator
+        # narrowed the network later), or when an operator widened it on purpose.
+        if nic.egress_mode and (nic.egress_widened or egress_within(nic.egress_mode, own, mode, allow)):
+            mode, allow = nic.egress_mode, own
         policy = nft.EgressPolicy(mode=mode, allow=_egress_allow(allow) if mode == EgressMode.ALLOWLIST else ())
         by_network[nic.network_id].append(
             nft.NicRules(tap=nic.tap, mac=nic.mac, ip=nic.ip, tenant=str(nic.vm.owner_id), egress=policy)

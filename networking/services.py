@@ -17,6 +17,7 @@ namespace) and only on interfaces and tables we named.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import secrets
@@ -30,6 +31,7 @@ from guardian.shortcuts import assign_perm
 
 from accounts.audit import audit_record
 from accounts.roles import user_is_operator
+from accounts.services import owner_quota_lock
 from networking import netlink, nft, selectors
 from networking.models import EgressMode, EgressRule, Network, Nic, PortForward, Protocol
 from sandbox_site.errors import ApplicationError, ConflictError, NotPermitted
@@ -209,6 +211,22 @@ def network_update(
     if egress_mode is not None and egress_mode not in EgressMode.values:
         raise ApplicationError("Unknown egress mode.", details={"egress_mode": EgressMode.values})
     rules = _egress_rules_validated(egress_rules) if egress_rules is not None else None
+    if egress_mode is not None or rules is not None:
+        # The owner of a private network may narrow its egress; wider is an operator's call.
+        current_rules = list(network.egress_rules.all())
+        new_mode = egress_mode if egress_mode is not None else network.egress_mode
+        if not selectors.egress_within(
+            new_mode, rules if rules is not None else current_rules, network.egress_mode, current_rules
+        ):
+            from accounts.permissions import require_perm
+
+            require_perm(
+                actor,
+                "networking.change_network",
+                None,
+                action="network.update",
+                message="Only an operator can widen a network's egress.",
+            )
     with transaction.atomic():
         locked = Network.objects.select_for_update().get(pk=network.pk)
         before = _network_snapshot(locked)
@@ -375,7 +393,11 @@ def network_rules_apply(*, host) -> nft.HostRules:
     host, and rendered after taking the lock, so the last apply always sees every commit."""
     with transaction.atomic():
         _lock_host_rules(host)
-        rules = selectors.host_rules(host)
+        rules = dataclasses.replace(
+            selectors.host_rules(host),
+            egress_blocked=(*nft.DEFAULT_EGRESS_BLOCKED, *netlink.host_networks(netns=_netns())),
+            egress_exceptions=tuple(settings.SANDBOX_EGRESS_EXCEPTIONS),
+        )
         if settings.SANDBOX_NETWORK_IP_FORWARD and any(n.nics for n in rules.networks):
             netlink.sysctl_write("net.ipv4.ip_forward", "1", netns=_netns())
         nft.apply(nft.render(rules), netns=_netns())
@@ -429,23 +451,45 @@ def _require_vm_change(actor, vm, action: str) -> None:
     require_perm(actor, "vms.change_vm", vm, action=action)
 
 
+def _egress_widens(vm, mode: str, rules: list[EgressRule]) -> bool:
+    for nic in Nic.objects.filter(vm=vm).select_related("network"):
+        network = nic.network
+        if not selectors.egress_within(mode, rules, network.egress_mode, network.egress_rules.all()):
+            return True
+    return False
+
+
 def vm_egress_set(*, vm, actor, mode: str, rules: list[dict] | None = None) -> dict:
-    """Per-VM egress: ``mode`` allow / deny / allowlist (with ``rules``) or "" for the network's."""
+    """Per-VM egress: ``mode`` allow / deny / allowlist (with ``rules``) or "" for the network's.
+    The VM's owner may only narrow the network's policy (deny ⊂ allow-list ⊂ allow, allow-list
+    entries within the network's); a wider policy needs an operator (the global
+    ``networking.change_network`` right), refused and audited otherwise."""
+    from accounts.permissions import require_perm
+
     _require_vm_change(actor, vm, "vm.egress_update")
     if mode not in ("", *EgressMode.values):
         raise ApplicationError("Unknown egress mode.", details={"mode": ["", *EgressMode.values]})
     validated = _egress_rules_validated(rules or [])
+    widens = _egress_widens(vm, mode, validated)
+    if widens:
+        require_perm(
+            actor,
+            "networking.change_network",
+            None,
+            action="vm.egress_update",
+            message="Only an operator can give a VM wider egress than its network's.",
+        )
     with transaction.atomic():
         nics = Nic.objects.select_for_update().filter(vm=vm)
         if not nics.exists():
             raise ConflictError("This VM has no network interface.", code="no_nic")
         before = {"mode": nics[0].egress_mode, "rules": _egress_snapshot(EgressRule.objects.filter(vm=vm))}
-        nics.update(egress_mode=mode)
+        nics.update(egress_mode=mode, egress_widened=widens)
         EgressRule.objects.filter(vm=vm).delete()
         for rule in validated:
             rule.vm = vm
             rule.save()
-        after = {"mode": mode, "rules": _egress_snapshot(validated)}
+        after = {"mode": mode, "rules": _egress_snapshot(validated), "widened": widens}
         audit_record(actor=actor, action="vm.egress_update", obj=vm, before=before, after=after)
         if vm.host_id:
             _rules_apply_enqueue(vm.host)
@@ -473,6 +517,7 @@ def port_forward_create(
     from vms.models import Host
 
     with transaction.atomic():
+        owner_quota_lock(vm.owner)  # the per-VM count is checked under the owner's quota lock
         Host.objects.select_for_update().get(pk=vm.host_id)  # serialises port choice per host
         if not Nic.objects.filter(vm=vm).exists():
             raise ConflictError("This VM has no network interface.", code="no_nic")

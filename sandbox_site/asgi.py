@@ -7,12 +7,12 @@ django_asgi_app = get_asgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
 from accounts.authentication import BearerTokenWebsocketMiddleware  # noqa: E402
 from sandbox_site import daphne_limits, daphne_spool  # noqa: E402
 from sandbox_site.metrics import AsgiMetricsMiddleware  # noqa: E402
 from sandbox_site.routing import websocket_urlpatterns  # noqa: E402
+from sandbox_site.websocket_origin import SameOriginWebsocketValidator  # noqa: E402
 from vms.upload_limit import UploadLimitMiddleware  # noqa: E402
 
 daphne_spool.install()  # large request bodies: spooled to disk, not held in daphne's memory
@@ -22,7 +22,7 @@ application = AsgiMetricsMiddleware(
     ProtocolTypeRouter(
         {
             "http": UploadLimitMiddleware(django_asgi_app),
-            "websocket": AllowedHostsOriginValidator(
+            "websocket": SameOriginWebsocketValidator(
                 AuthMiddlewareStack(BearerTokenWebsocketMiddleware(URLRouter(websocket_urlpatterns)))
             ),
         }

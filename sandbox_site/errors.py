@@ -88,6 +88,11 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
     code = next((c for cls, c in _DRF_CODES.items() if isinstance(exc, cls)), "error")
     if isinstance(exc, exceptions.ValidationError):
         response.data = error_body(code, "Invalid input.", response.data)
+    elif isinstance(exc, exceptions.Throttled):
+        wait = int(exc.wait) + 1 if exc.wait is not None else None
+        if wait is not None:
+            response["Retry-After"] = str(wait)
+        response.data = error_body(code, "Too many requests: slow down.", {"retry_after": wait})
     else:
         detail = response.data.get("detail") if isinstance(response.data, dict) else response.data
         response.data = error_body(code, str(detail), None)

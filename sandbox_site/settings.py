@@ -28,12 +28,15 @@ if not SECRET_KEY:
 
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+# Websockets from a browser are accepted only from the dashboard's own scheme://host:port
+# (exactly: another port of the same host is another origin) or from these origins.
+SANDBOX_TRUSTED_ORIGINS = env.list("SANDBOX_TRUSTED_ORIGINS", default=[])
 
 DATA_DIR = Path(env.str("SANDBOX_DATA_DIR", default=str(BASE_DIR / "var")))
 
 INSTALLED_APPS = [
     "daphne",
-    "django.contrib.admin",
+    "accounts.admin_audit.SandboxAdminConfig",  # django.contrib.admin with audited changes
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -154,9 +157,14 @@ LOGOUT_REDIRECT_URL = "login"
 GUARDIAN_RAISE_403 = False
 ANONYMOUS_USER_NAME = None
 
-# Lockout after repeated failed logins (dashboard, admin and HTTP basic alike).
+# Failed logins (dashboard, admin and HTTP basic alike): THRESHOLD failures lock one
+# (account, client address) pair for LOCKOUT_SECONDS; past ACCOUNT_CEILING failures from all
+# addresses together, each attempt on the account waits a doubling delay (at most
+# BACKOFF_MAX_SECONDS) instead of locking it. See docs/security.md.
 SANDBOX_LOCKOUT_THRESHOLD = env.int("SANDBOX_LOCKOUT_THRESHOLD", default=5)
 SANDBOX_LOCKOUT_SECONDS = env.int("SANDBOX_LOCKOUT_SECONDS", default=900)
+SANDBOX_LOGIN_ACCOUNT_CEILING = env.int("SANDBOX_LOGIN_ACCOUNT_CEILING", default=50)
+SANDBOX_LOGIN_BACKOFF_MAX_SECONDS = env.int("SANDBOX_LOGIN_BACKOFF_MAX_SECONDS", default=60)
 SANDBOX_TOKEN_MAX_PER_USER = env.int("SANDBOX_TOKEN_MAX_PER_USER", default=50)
 
 LANGUAGE_CODE = "en-us"
@@ -177,12 +185,29 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.BasicAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["accounts.authentication.TokenScopePermission"],
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "DEFAULT_PAGINATION_CLASS": "sandbox_site.pagination.ApiPagination",
     "PAGE_SIZE": 50,
+    "DEFAULT_THROTTLE_CLASSES": [
+        "sandbox_site.throttling.AnonRateLimit",
+        "sandbox_site.throttling.UserRateLimit",
+        "sandbox_site.throttling.ExpensiveActionRateLimit",
+    ],
     "EXCEPTION_HANDLER": "sandbox_site.errors.api_exception_handler",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_FILTER_BACKENDS": [],
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+}
+# Largest ?limit= of a list endpoint.
+SANDBOX_PAGE_MAX = env.int("SANDBOX_PAGE_MAX", default=500)
+# Rate limits (sandbox_site/throttling.py, docs/security.md): "<requests>/<s|m|h|d>", empty = none.
+SANDBOX_RATE_LIMITS = {
+    "anon": env.str("SANDBOX_RATE_ANON", default="60/min"),
+    "user": env.str("SANDBOX_RATE_USER", default="1200/min"),
+    "create": env.str("SANDBOX_RATE_CREATE", default="30/min"),
+    "exec": env.str("SANDBOX_RATE_EXEC", default="300/min"),
+    "upload": env.str("SANDBOX_RATE_UPLOAD", default="60/min"),
+    "snapshot": env.str("SANDBOX_RATE_SNAPSHOT", default="20/min"),
+    "clone": env.str("SANDBOX_RATE_CLONE", default="10/min"),
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "microvm-sandbox API",
@@ -203,7 +228,11 @@ SECURE_SSL_REDIRECT = SANDBOX_HTTPS and env.bool("SECURE_SSL_REDIRECT", default=
 SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=31536000 if SANDBOX_HTTPS else 0)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = SANDBOX_HTTPS
 SECURE_HSTS_PRELOAD = SANDBOX_HTTPS
-SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if env.bool("SANDBOX_BEHIND_PROXY", False) else None
+SANDBOX_BEHIND_PROXY = env.bool("SANDBOX_BEHIND_PROXY", False)
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if SANDBOX_BEHIND_PROXY else None
+# Client addresses for rate limits and login lockout: REMOTE_ADDR, or behind the proxy the
+# address it appended to X-Forwarded-For (never one a client wrote there itself).
+REST_FRAMEWORK["NUM_PROXIES"] = 1 if SANDBOX_BEHIND_PROXY else 0
 SESSION_COOKIE_HTTPONLY = True
 X_FRAME_OPTIONS = "DENY"
 SECURE_CONTENT_TYPE_NOSNIFF = True
@@ -286,6 +315,10 @@ SANDBOX_VIRTIO_WIN_ISO = env.str("SANDBOX_VIRTIO_WIN_ISO", default="")
 SANDBOX_BOOT_TIMEOUT = env.float("SANDBOX_BOOT_TIMEOUT", default=120.0)
 SANDBOX_STOP_TIMEOUT = env.float("SANDBOX_STOP_TIMEOUT", default=30.0)
 SANDBOX_RECONCILE_SECONDS = env.float("SANDBOX_RECONCILE_SECONDS", default=5.0)
+# Fair scheduling: operations of one owner running at once (create, start, snapshot, clone...);
+# the owner's further operations wait (re-queued after DEFER_SECONDS), other owners' proceed.
+SANDBOX_OPERATIONS_PER_OWNER = env.int("SANDBOX_OPERATIONS_PER_OWNER", default=4)
+SANDBOX_OPERATIONS_DEFER_SECONDS = env.float("SANDBOX_OPERATIONS_DEFER_SECONDS", default=2.0)
 SANDBOX_DEFAULT_QUOTA = {
     "max_vms": env.int("SANDBOX_DEFAULT_MAX_VMS", default=10),
     "max_vcpus": env.int("SANDBOX_DEFAULT_MAX_VCPUS", default=8),
@@ -296,6 +329,9 @@ SANDBOX_DEFAULT_QUOTA = {
 SANDBOX_CONSOLE_SCROLLBACK_BYTES = env.int("SANDBOX_CONSOLE_SCROLLBACK_BYTES", default=256 * 1024)
 SANDBOX_CONSOLE_WINDOW_BYTES = env.int("SANDBOX_CONSOLE_WINDOW_BYTES", default=256 * 1024)
 SANDBOX_CONSOLE_TICKET_SECONDS = env.int("SANDBOX_CONSOLE_TICKET_SECONDS", default=60)
+# Open console/exec/events websockets re-check their rights this often (and at once when a
+# service changes rights): a revoked token, removed share or deactivated user closes them.
+SANDBOX_WS_RECHECK_SECONDS = env.float("SANDBOX_WS_RECHECK_SECONDS", default=10.0)
 SANDBOX_SAMPLE_SECONDS = env.float("SANDBOX_SAMPLE_SECONDS", default=10.0)
 SANDBOX_SAMPLE_RETENTION_SECONDS = env.int("SANDBOX_SAMPLE_RETENTION_SECONDS", default=6 * 3600)
 CELERY_BEAT_SCHEDULE = {
@@ -325,6 +361,15 @@ SANDBOX_NETWORKING = env.bool("SANDBOX_NETWORKING", default=True)
 SANDBOX_NETNS = env.str("SANDBOX_NETNS", default="")
 SANDBOX_NETWORK_DEFAULT_CIDR = env.str("SANDBOX_NETWORK_DEFAULT_CIDR", default="10.231.0.0/24")
 SANDBOX_NETWORK_DEFAULT_EGRESS = env.str("SANDBOX_NETWORK_DEFAULT_EGRESS", default="allow")  # allow|deny|allowlist
+# Guests never reach link-local (169.254.0.0/16: cloud metadata), private ranges, or the host's
+# own networks, whatever their egress policy; except these destinations (CIDRs), opened by an
+# operator (e.g. an internal package mirror). See docs/networking.md.
+SANDBOX_EGRESS_EXCEPTIONS = env.list("SANDBOX_EGRESS_EXCEPTIONS", default=[])
+for _cidr in SANDBOX_EGRESS_EXCEPTIONS:
+    try:
+        ipaddress.ip_network(_cidr, strict=False)
+    except ValueError as _exc:
+        raise ImproperlyConfigured(f"SANDBOX_EGRESS_EXCEPTIONS: {_cidr!r} is not a CIDR") from _exc
 # Turn on IPv4 forwarding in the namespace when rules are applied (needed for egress NAT and
 # port forwards from other machines). It is namespace-wide: off leaves the host's setting alone.
 SANDBOX_NETWORK_IP_FORWARD = env.bool("SANDBOX_NETWORK_IP_FORWARD", default=True)
@@ -358,6 +403,8 @@ SANDBOX_EXEC_BUFFER_BYTES = env.int("SANDBOX_EXEC_BUFFER_BYTES", default=1 << 20
 SANDBOX_EXEC_WAIT_MAX_SECONDS = env.float("SANDBOX_EXEC_WAIT_MAX_SECONDS", default=300.0)
 SANDBOX_EXEC_WINDOW_BYTES = env.int("SANDBOX_EXEC_WINDOW_BYTES", default=256 * 1024)  # exec websocket flow control
 SANDBOX_EXEC_WAITS_PER_USER = env.int("SANDBOX_EXEC_WAITS_PER_USER", default=32)  # per web process
+# Background commands (exec with wait=false) running at once in one VM.
+SANDBOX_EXEC_BACKGROUND_PER_VM = env.int("SANDBOX_EXEC_BACKGROUND_PER_VM", default=32)
 
 # --- snapshots ------------------------------------------------------------------------------
 # Snapshot files (frozen disk layers, saved VM state). Must be on the same filesystem as

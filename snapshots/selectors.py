@@ -37,7 +37,11 @@ def snapshot_storage_bytes(owner, *, exclude_deleting: bool = True) -> int:
     qs = Snapshot.objects.filter(owner=owner)
     if exclude_deleting:
         qs = qs.exclude(state=Snapshot.State.DELETING)
-    return qs.aggregate(total=Sum("size_bytes"))["total"] or 0
+    done = qs.exclude(state=Snapshot.State.CREATING).aggregate(total=Sum("size_bytes"))["total"] or 0
+    # A snapshot being taken has no size yet: it holds what its memory image will take, so
+    # parallel snapshot requests cannot all count the same free room.
+    taking = qs.filter(state=Snapshot.State.CREATING, include_memory=True).aggregate(mib=Sum("memory_mib"))["mib"]
+    return done + ((taking or 0) << 20)
 
 
 def snapshot_storage_gib(owner) -> int:

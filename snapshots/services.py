@@ -23,14 +23,13 @@ from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
-from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.utils import timezone
 
 from accounts.audit import audit_record
 from accounts.models import AuditResult
 from accounts.permissions import require_perm
-from accounts.services import user_has_perm
+from accounts.services import owner_quota_lock, user_has_perm
 from sandbox_site.errors import ApplicationError, ConflictError, NotPermitted, QuotaExceeded
 from snapshots import selectors
 from snapshots.models import RetentionPolicy, Snapshot
@@ -96,6 +95,7 @@ def snapshot_create(*, vm: VM, actor, name: str, description: str = "", include_
         raise ApplicationError("Give the snapshot a name of 1 to 100 characters.", details={"name": "required"})
     rule = TRANSITIONS["snapshot"]
     with transaction.atomic():
+        owner_quota_lock(vm.owner)  # snapshot count and storage are checked under it
         locked = VM.objects.select_related("host").get(pk=vm.pk)
         busy = Snapshot.objects.filter(vm=locked, state=Snapshot.State.CREATING).exists()
         if busy or locked.state == S.SNAPSHOTTING:
@@ -209,7 +209,7 @@ def snapshot_clone(*, snapshot: Snapshot, actor, count: int = 1, name_prefix: st
             raise ApplicationError(f"{name!r} is not a valid VM name.", details={"name_prefix": str(exc)}) from exc
     created = []
     with transaction.atomic():
-        get_user_model().objects.select_for_update().get(pk=actor.pk)
+        owner_quota_lock(actor)  # clones count against the cloner's quota, checked under it
         taken = set(VM.objects.filter(owner=actor, name__in=names).values_list("name", flat=True))
         if taken:
             raise ConflictError(f"You already have VMs named {sorted(taken)}.", details={"name_prefix": "taken"})

@@ -18,6 +18,13 @@ def _fast_password_hashing(settings):
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
+@pytest.fixture(autouse=True)
+def _no_rate_limits(settings):
+    # The suite sends far more requests per user and from 127.0.0.1 than any budget allows;
+    # tests/security/test_rate_limits.py sets its own.
+    settings.SANDBOX_RATE_LIMITS = {}
+
+
 @pytest.fixture
 def api():
     """An API client; ``api.as_user(user)`` logs in with a session."""

@@ -1,14 +1,17 @@
 import asyncio
 import json
 import logging
+import time
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer, AsyncWebsocketConsumer
 from rest_framework.exceptions import NotFound
 
 from accounts.permissions import vm_for
+from accounts.rights import websocket_rights_hold
 from sandbox_site.errors import ApplicationError
 from vms.events import user_group, vm_group
+from vms.rights_watch import CLOSE_RIGHTS_GONE, RightsWatch
 
 logger = logging.getLogger(__name__)
 
@@ -25,8 +28,31 @@ class VmEventsConsumer(AsyncJsonWebsocketConsumer):
             await self.close(code=4401)
             return
         self.groups_joined: set[str] = set()
+        self.subscribed: set[str] = set()
         await self._join(user_group(user.pk))
         await self.accept()
+        token_id = self.scope.get("token_id")
+        self.rights = RightsWatch(
+            self,
+            user_id=user.pk,
+            check=lambda: websocket_rights_hold(user_id=user.pk, token_id=token_id),
+            on_lost=lambda: self.close(code=CLOSE_RIGHTS_GONE),
+        )
+        await self.rights.start()
+
+    async def rights_changed(self, event):
+        await self.rights.recheck()
+        if self.rights.lost:
+            return
+        # Subscriptions to VMs the user may no longer view end (the own-VM group stays).
+        for vm_id in sorted(self.subscribed):
+            if not await database_sync_to_async(websocket_rights_hold)(
+                user_id=self.scope["user"].pk, vm_id=vm_id, perm="view"
+            ):
+                self.subscribed.discard(vm_id)
+                self.groups_joined.discard(vm_group(vm_id))
+                await self.channel_layer.group_discard(vm_group(vm_id), self.channel_name)
+                await self.send_json({"unsubscribed": vm_id, "reason": "permission_denied"})
 
     async def _join(self, group: str) -> None:
         await self.channel_layer.group_add(group, self.channel_name)
@@ -43,9 +69,12 @@ class VmEventsConsumer(AsyncJsonWebsocketConsumer):
             await self.send_json({"error": "not found", "vm": vm_id})
             return
         await self._join(vm_group(vm_id))
+        self.subscribed.add(vm_id)
         await self.send_json({"subscribed": vm_id})
 
     async def disconnect(self, code):
+        if getattr(self, "rights", None) is not None:
+            await self.rights.stop()
         for group in getattr(self, "groups_joined", ()):
             await self.channel_layer.group_discard(group, self.channel_name)
 
@@ -95,6 +124,8 @@ class VmConsoleConsumer(AsyncWebsocketConsumer):
         from vms import consoles
 
         self.opened = self.in_group = self.cleaned_up = False
+        self.bytes_in = self.bytes_out = 0  # keystrokes written, console bytes sent: in the close audit row
+        self.opened_at = time.monotonic()
         self.vm_id = str(self.scope["url_route"]["kwargs"]["vm_id"])
         query = parse_qs(self.scope.get("query_string", b"").decode(errors="replace"))
         user = self.scope.get("user")
@@ -153,6 +184,14 @@ class VmConsoleConsumer(AsyncWebsocketConsumer):
             await self._send_json({"type": "gap", "from": start.restarted_from, "to": self.offset})
         self.opened = True
         await database_sync_to_async(self._audit)("console.open")
+        token_id = self.scope.get("token_id") if not ticket else None
+        self.rights = RightsWatch(
+            self,
+            user_id=user.pk,
+            check=lambda: websocket_rights_hold(user_id=user.pk, token_id=token_id, vm_id=self.vm_id, perm="view"),
+            on_lost=self._rights_lost,
+        )
+        await self.rights.start()
         self.pump = asyncio.create_task(self._pump())
         self.beat = asyncio.create_task(self._heartbeat())
         self.keeper = asyncio.create_task(self._keep_writer_claim())
@@ -171,8 +210,13 @@ class VmConsoleConsumer(AsyncWebsocketConsumer):
 
         from accounts.audit import audit_record
 
+        after = {"writer": self.writer, "can_write": self.can_write}
+        if action == "console.close":
+            after.update(
+                bytes_in=self.bytes_in, bytes_out=self.bytes_out, seconds=round(time.monotonic() - self.opened_at, 1)
+            )
         with transaction.atomic():
-            audit_record(actor=self.user, action=action, obj=self.vm, after={"writer": self.writer})
+            audit_record(actor=self.user, action=action, obj=self.vm, after=after)
 
     async def _send_json(self, message: dict) -> None:
         await self.send(text_data=json.dumps(message))
@@ -206,6 +250,7 @@ class VmConsoleConsumer(AsyncWebsocketConsumer):
                         continue
                     piece, data = data[:room], data[room:]
                     self.offset += len(piece)
+                    self.bytes_out += len(piece)
                     await self.send(bytes_data=piece)
         except consoles.ConsoleUnavailable as exc:
             await self._end(exc)
@@ -248,6 +293,7 @@ class VmConsoleConsumer(AsyncWebsocketConsumer):
             return
         try:
             await self.console.write(data)
+            self.bytes_in += len(data)
         except ApplicationError as exc:
             await self._send_json({"type": "error", "code": exc.code, "message": exc.message})
 
@@ -286,6 +332,31 @@ class VmConsoleConsumer(AsyncWebsocketConsumer):
         elif kind == "input" and isinstance(message.get("data"), str):
             await self._input(message["data"].encode()[: consoles.INPUT_MAX_BYTES])
 
+    async def rights_changed(self, event):
+        await self.rights.recheck()
+        if self.rights.lost or not self.can_write:
+            return
+        # Still a viewer, but perhaps no longer allowed to type: give the keyboard up.
+        user_id = self.user.pk
+        if not await database_sync_to_async(websocket_rights_hold)(user_id=user_id, vm_id=self.vm_id, perm="console"):
+            self.can_write = False
+            if self.writer:
+                self.writer = False
+                await self._release_writer_quietly()
+                await self._send_json({"type": "role", "writer": False, "writer_user": None, "taken_from_you": True})
+
+    async def _release_writer_quietly(self) -> None:
+        try:
+            await self._release_writer()
+        except Exception:
+            logger.warning("console of VM %s: releasing the writer role failed", self.vm_id, exc_info=True)
+
+    async def _rights_lost(self) -> None:
+        await self._send_json(
+            {"type": "error", "code": "permission_denied", "message": "Your access was revoked.", "closing": True}
+        )
+        await self.close(code=CLOSE_RIGHTS_GONE)
+
     async def console_role(self, event):
         was_writer = self.writer
         self.writer = event["session"] == self.channel_name
@@ -313,6 +384,8 @@ class VmConsoleConsumer(AsyncWebsocketConsumer):
         for task in (getattr(self, "pump", None), getattr(self, "beat", None), getattr(self, "keeper", None)):
             if task is not None:
                 task.cancel()
+        if getattr(self, "rights", None) is not None:
+            await self.rights.stop()
         user = getattr(self, "user", None)
         steps = []
         if getattr(self, "console", None) is not None:

@@ -26,9 +26,11 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from accounts.context import actor_context, new_request_id
+from accounts.rights import websocket_rights_hold
 from sandbox_site.errors import ApplicationError
 from vms import exec_services
 from vms.agent_gateway import AgentChannel
+from vms.rights_watch import RightsWatch
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +64,7 @@ class VmExecConsumer(AsyncWebsocketConsumer):
     async def connect(self):
         self.channel: AgentChannel | None = None
         self.pump: asyncio.Task | None = None
+        self.rights: RightsWatch | None = None
         self.user = self.scope.get("user")
         kwargs = self.scope["url_route"]["kwargs"]
         self.vm_id, self.exec_id = kwargs["vm_id"], kwargs["exec_id"]
@@ -89,7 +92,23 @@ class VmExecConsumer(AsyncWebsocketConsumer):
             await self.close(code=4404 if exc.code == "not_found" else 4502)
             return
         await self._control({"type": "attached", "exec_id": self.exec_id, "offset": self.cursor, "window": self.window})
+        user_id, vm_id, token_id = self.user.pk, str(self.vm.pk), self.scope.get("token_id")
+        self.rights = RightsWatch(
+            self,
+            user_id=user_id,
+            check=lambda: websocket_rights_hold(user_id=user_id, token_id=token_id, vm_id=vm_id, perm="exec"),
+            on_lost=self._rights_lost,
+        )
+        await self.rights.start()
         self.pump = asyncio.create_task(self._pump())
+
+    async def rights_changed(self, event):
+        if self.rights is not None:
+            await self.rights.recheck()
+
+    async def _rights_lost(self) -> None:
+        await self._control({"type": "error", "code": "permission_denied", "message": "Your access was revoked."})
+        await self.close(code=_CLOSE_CODES["permission_denied"])
 
     async def _control(self, message: dict) -> None:
         await self.send(text_data=json.dumps(message))
@@ -186,6 +205,8 @@ class VmExecConsumer(AsyncWebsocketConsumer):
             raise ValueError(f"unknown control message {kind!r}")
 
     async def disconnect(self, code):
+        if getattr(self, "rights", None) is not None:
+            await self.rights.stop()
         if self.pump is not None:
             self.pump.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

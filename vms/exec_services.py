@@ -23,7 +23,8 @@ from django.db import connection, transaction
 from accounts.audit import audit_record
 from accounts.models import AuditResult
 from accounts.permissions import require_perm
-from sandbox_site.errors import ApplicationError, ConflictError
+from accounts.services import owner_quota_lock
+from sandbox_site.errors import ApplicationError, ConflictError, QuotaExceeded
 from vms import agent_gateway
 from vms.agent_gateway import AgentChannel, agent_call
 from vms.host_disk import require_disk_space
@@ -127,7 +128,8 @@ def vm_exec_start(
     }
     with _wait_slot(actor) if wait else contextlib.nullcontext():
         try:
-            started, _ = agent_call(vm, "exec_start", args, stdin or b"")
+            with _background_exec_slot(vm, background=not wait):
+                started, _ = agent_call(vm, "exec_start", args, stdin or b"")
         except ApplicationError as exc:
             _audit(actor, "vm.exec", vm, audit_after, result=AuditResult.FAILED, message=exc.message)
             raise
@@ -177,6 +179,27 @@ def _release_database_connection() -> None:
     # command waited on for minutes would hold it all that time. Reopened on demand.
     if not connection.in_atomic_block:
         connection.close()
+
+
+@contextlib.contextmanager
+def _background_exec_slot(vm: VM, *, background: bool):
+    """Room for one more background exec in ``vm`` (at most SANDBOX_EXEC_BACKGROUND_PER_VM
+    running): counted and started under the owner's quota lock, so parallel requests cannot
+    all see the same free slot. The lock is held for two short agent requests (timeouts)."""
+    if not background:
+        yield
+        return
+    with transaction.atomic():
+        owner_quota_lock(vm.owner)
+        listing, _ = agent_call(vm, "exec_list", {}, timeout=10)
+        running = sum(1 for e in listing.get("execs", ()) if e.get("running"))
+        limit = settings.SANDBOX_EXEC_BACKGROUND_PER_VM
+        if running >= limit:
+            raise QuotaExceeded(
+                f"At most {limit} background commands may run in a VM; wait for some to end.",
+                details={"running": running, "limit": limit},
+            )
+        yield
 
 
 def _collect(vm: VM, summary: dict, *, max_bytes: int) -> dict:
@@ -288,7 +311,8 @@ class _ExecControl:
     args: dict
     data: bytes = b""
     timeout: float = 30.0
-    audited: bool = False  # written to the audit log (after = args)
+    audited: bool = False  # written to the audit log (after = args + audit_extra)
+    audit_extra: dict | None = None
 
     @property
     def op(self) -> str:
@@ -299,7 +323,10 @@ def _stdin_control(exec_id: str, data: bytes, eof: bool) -> _ExecControl:
     if len(data) > MAX_STDIN_BYTES:
         raise ApplicationError(f"at most {MAX_STDIN_BYTES} bytes per request", code="too_large", status_code=413)
     # The agent answers once the process has less than 1 MiB unread: bounded by this timeout.
-    return _ExecControl("exec_stdin", {"exec_id": exec_id, "eof": eof}, data, timeout=60)
+    # Audited on every transport (REST and websocket) with its size, never its content.
+    return _ExecControl(
+        "exec_stdin", {"exec_id": exec_id, "eof": eof}, data, timeout=60, audited=True, audit_extra={"bytes": len(data)}
+    )
 
 
 def _signal_control(exec_id: str, signal: str | int) -> _ExecControl:
@@ -317,7 +344,7 @@ def _control_allowed(vm: VM, actor, control: _ExecControl) -> None:
 
 def _control_done(vm: VM, actor, control: _ExecControl) -> None:
     if control.audited:
-        _audit(actor, f"vm.{control.action}", vm, control.args)
+        _audit(actor, f"vm.{control.action}", vm, {**control.args, **(control.audit_extra or {})})
 
 
 def _control_run(vm: VM, actor, control: _ExecControl) -> dict:
@@ -446,7 +473,14 @@ def vm_file_download_open(*, vm: VM, actor, path: str) -> dict:
     it with ``file_download_chunks_async``."""
     _require_exec(actor, vm, "file_read")
     _require_running(vm)
-    return agent_gateway.file_download_open(vm, _path(path), timeout=600)
+    path = _path(path)
+    try:
+        info = agent_gateway.file_download_open(vm, path, timeout=600)
+    except ApplicationError as exc:
+        _audit(actor, "vm.file_read", vm, {"path": path}, result=AuditResult.FAILED, message=exc.message)
+        raise
+    _audit(actor, "vm.file_read", vm, {"path": path, "size": info.get("size"), "sha256": info.get("sha256")})
+    return info
 
 
 def file_download_chunks_async(vm_id: str, info: dict) -> AsyncIterator[bytes]:

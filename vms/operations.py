@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from types import SimpleNamespace
 
 from django.conf import settings
 from django.db import transaction
@@ -103,14 +104,32 @@ def operation_worker_alive(worker: str) -> bool:
         return False
 
 
+class OperationDeferred(Exception):
+    """The owner already runs SANDBOX_OPERATIONS_PER_OWNER operations: this one waits."""
+
+
 def operation_claim(op: Operation) -> bool:
     """Compare-and-set the operation to running for this worker. A pending operation, or a
-    running one whose worker died, can be claimed; anything else belongs to someone else."""
+    running one whose worker died, can be claimed; anything else belongs to someone else.
+    A pending one whose owner already runs SANDBOX_OPERATIONS_PER_OWNER operations raises
+    ``OperationDeferred`` (counted under the owner's quota lock): one tenant's burst cannot
+    hold every worker slot."""
     me = operation_worker_id()
     fields = {"status": Operation.Status.RUNNING, "worker": me, "attempts": F("attempts") + 1}
-    if Operation.objects.filter(pk=op.pk, status=Operation.Status.PENDING).update(
-        started_at=op.started_at or timezone.now(), **fields
-    ):
+    with transaction.atomic():
+        # (Not with eager tasks, a debugging mode: a deferral would run again at once, forever.)
+        capped = op.vm_owner_id is not None and not settings.CELERY_TASK_ALWAYS_EAGER
+        if capped and op.status == Operation.Status.PENDING:
+            from accounts.services import owner_quota_lock
+
+            owner_quota_lock(SimpleNamespace(pk=op.vm_owner_id))
+            running = Operation.objects.filter(vm_owner_id=op.vm_owner_id, status=Operation.Status.RUNNING).count()
+            if running >= settings.SANDBOX_OPERATIONS_PER_OWNER:
+                raise OperationDeferred(f"owner {op.vm_owner_id} runs {running} operations")
+        claimed = Operation.objects.filter(pk=op.pk, status=Operation.Status.PENDING).update(
+            started_at=op.started_at or timezone.now(), **fields
+        )
+    if claimed:
         return True
     if op.status == Operation.Status.RUNNING and op.worker != me and not operation_worker_alive(op.worker):
         return bool(
@@ -139,7 +158,11 @@ def operation_execute(op_id) -> Operation | None:
 
 
 def _operation_execute(op: Operation) -> Operation | None:
-    if not operation_claim(op):
+    try:
+        if not operation_claim(op):
+            return op
+    except OperationDeferred:
+        _operation_defer(op)  # the worker slot goes to another owner's operation meanwhile
         return op
     op.refresh_from_db()
     if op.attempts == 1 and op.started_at is not None:
@@ -176,6 +199,14 @@ def _operation_execute(op: Operation) -> Operation | None:
         logger.info("operation %s (%s) succeeded", op.pk, op.action)
     op.refresh_from_db()
     return op
+
+
+def _operation_defer(op: Operation) -> None:
+    from vms.tasks import operation_run_task
+
+    vm = VM.objects.select_related("host").filter(pk=op.vm_id).first()
+    queue = vm.host.queue if vm is not None and vm.host_id else "shared"
+    operation_run_task.apply_async(args=[str(op.pk)], queue=queue, countdown=settings.SANDBOX_OPERATIONS_DEFER_SECONDS)
 
 
 # --- reconciliation ---------------------------------------------------------------------

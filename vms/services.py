@@ -10,12 +10,12 @@ from __future__ import annotations
 import logging
 
 from django.conf import settings
-from django.contrib.auth import get_user_model
 from django.db import transaction
 from guardian.shortcuts import assign_perm
 
 from accounts.audit import audit_record
 from accounts.permissions import require_perm
+from accounts.services import owner_quota_lock
 from sandbox_site import metrics
 from sandbox_site.errors import ApplicationError, ConflictError, QuotaExceeded
 from vms import selectors
@@ -138,8 +138,7 @@ def vm_create(
     if metadata is not None and (not isinstance(metadata, dict) or len(str(metadata)) > 16384):
         raise ApplicationError("metadata must be an object of at most 16 KiB.")
     with transaction.atomic():
-        # Serialise creates per owner so two concurrent requests cannot both pass the quota check.
-        get_user_model().objects.select_for_update().get(pk=owner.pk)
+        owner_quota_lock(owner)  # then check: concurrent requests cannot both pass the quota check
         vm_limits_check(owner=owner, template=template, vcpus=vcpus, memory_mib=memory_mib, disk_gib=disk_gib)
         if VM.objects.filter(owner=owner, name=name).exists():
             raise ConflictError(f"You already have a VM named {name!r}.", details={"name": "taken"})
@@ -198,15 +197,18 @@ def vm_resize(*, vm: VM, actor, vcpus: int | None = None, memory_mib: int | None
     memory_mib = memory_mib or vm.memory_mib
     if vcpus == vm.vcpus and memory_mib == vm.memory_mib:
         return vm
-    vm_limits_check(
-        owner=vm.owner,
-        template=vm.template,
-        vcpus=vcpus,
-        memory_mib=memory_mib,
-        disk_gib=vm.disk_gib,
-        exclude_vm_id=vm.pk,
-    )
     with transaction.atomic():
+        # Checked under the owner's quota lock, against usage that includes every other
+        # resize that committed first (parallel resizes cannot all fit into the same room).
+        owner_quota_lock(vm.owner)
+        vm_limits_check(
+            owner=vm.owner,
+            template=vm.template,
+            vcpus=vcpus,
+            memory_mib=memory_mib,
+            disk_gib=vm.disk_gib,
+            exclude_vm_id=vm.pk,
+        )
         before = _snapshot(vm)
         # A stopped VM: the new size is only a row change (compare-and-set on "stopped").
         if vm_transition(vm, expected={S.STOPPED}, new=S.STOPPED, vcpus=vcpus, memory_mib=memory_mib):

@@ -18,7 +18,7 @@ def test_it_locks_an_account_after_repeated_failures(owner, settings):
     response = _login("owner", PASSWORD)
     assert response.status_code == 200
     assert b"locked" in response.content
-    assert LoginThrottle.objects.get(username="owner").locked_until is not None
+    assert LoginThrottle.objects.get(username="owner", address="127.0.0.1").locked_until is not None
     assert AuditEvent.objects.filter(action="auth.login_failed", result="denied").count() == 3
     assert AuditEvent.objects.filter(action="auth.login_locked").exists()
 

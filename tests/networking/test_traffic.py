@@ -16,9 +16,12 @@ UPLINK_IP = "10.231.250.1"
 
 
 @pytest.fixture
-def lab(db, make_netns, host_ns, operator):
+def lab(db, make_netns, host_ns, operator, settings):
     """Network "lan" (10.231.60.0/24) with guests a1, a2 (owner A) and b1 (owner B), network
-    "other" (10.231.61.0/24) with a3 (owner A), and an outside namespace on the uplink."""
+    "other" (10.231.61.0/24) with a3 (owner A), and an outside namespace on the uplink. The
+    outside stands for the internet but has a private address: an operator exception opens it
+    (default egress never reaches private ranges)."""
+    settings.SANDBOX_EGRESS_EXCEPTIONS = ["10.231.250.0/24"]
     host = HostFactory()
     services.network_default_ensure()
     owner_a, owner_b = UserFactory(username="tenant-a"), UserFactory(username="tenant-b")

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 async def _close_code(vm_id, headers) -> int:
     communicator = WebsocketCommunicator(
-        application, f"/ws/vms/{vm_id}/execs/e1/", headers=[(b"origin", b"http://127.0.0.1"), *headers]
+        application, f"/ws/vms/{vm_id}/execs/e1/", headers=[(b"host", b"127.0.0.1"), *headers]
     )
     connected, code = await communicator.connect(timeout=10)
     await communicator.disconnect()

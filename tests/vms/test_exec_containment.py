@@ -32,6 +32,8 @@ class HostileAgent:
     def __call__(self, vm, op, args=None, data=b"", *, timeout=30.0):
         if op == "exec_start":
             return {"exec_id": "e1", "pid": 1, "tag": ""}, b""
+        if op == "exec_list":  # background execs are counted first
+            return {"execs": []}, b""
         if op == "exec_wait":
             self.db_open_during_wait = connection.connection is not None
             self.in_wait.set()
@@ -84,6 +86,8 @@ def test_it_refuses_an_agent_page_that_is_not_well_formed(running_vm, owner, mon
     def broken(vm, op, args=None, data=b"", *, timeout=30.0):
         if op == "exec_start":
             return {"exec_id": "e1", "pid": 1, "tag": ""}, b""
+        if op == "exec_list":  # background execs are counted first
+            return {"execs": []}, b""
         if op == "exec_wait":
             return {"exec_id": "e1", "running": False}, b""
         return {"next_offset": "1e99", "end_offset": 5, "chunks": "no"}, b""

@@ -1,0 +1,76 @@
+"""Rights of open websockets, re-checked when they change.
+
+A console, exec or events websocket holds rights checked at connect time. When something that
+grants them changes (a token revoked, a share removed, a user deactivated or given another
+role, an admin-site edit of users, tokens or permissions), the service that changed it calls
+``rights_changed`` for the users concerned: after commit, one small event goes to each user's
+group ``accounts.rights.<user id>``, and every connection of that user re-checks at once
+(``websocket_rights_hold``) and closes (4403) when its right is gone. Connections also
+re-check every SANDBOX_WS_RECHECK_SECONDS, so a lost event (channel layer down, a change made
+outside the services) closes them within that time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from django.db import transaction
+
+logger = logging.getLogger(__name__)
+
+
+def rights_group(user_id) -> str:
+    return f"accounts.rights.{user_id}"
+
+
+def rights_changed(user_ids: Iterable[int]) -> None:
+    """Tell the users' open websockets to re-check their rights (after the transaction commits;
+    best effort: the periodic re-check covers a lost event)."""
+    ids = sorted({int(pk) for pk in user_ids if pk is not None})
+    if not ids:
+        return
+
+    def send() -> None:
+        from asgiref.sync import async_to_sync
+        from channels.layers import get_channel_layer
+
+        layer = get_channel_layer()
+        if layer is None:
+            return
+        for pk in ids:
+            try:
+                async_to_sync(layer.group_send)(rights_group(pk), {"type": "rights.changed"})
+            except Exception:
+                logger.warning("could not tell the websockets of user %s that rights changed", pk, exc_info=True)
+
+    transaction.on_commit(send)
+
+
+def rights_changed_for_group(group) -> None:
+    rights_changed(group.user_set.values_list("pk", flat=True))
+
+
+def websocket_rights_hold(*, user_id, token_id=None, vm_id=None, perm: str | None = None) -> bool:
+    """Whether a websocket opened by ``user_id`` (with API token ``token_id``, if any) may stay
+    open: the user is active, the token is neither revoked nor expired, and the user still
+    holds ``vms.<perm>_vm`` on VM ``vm_id`` (when given). Fresh rows: no cached permissions."""
+    from django.contrib.auth import get_user_model
+
+    from accounts.models import ApiToken
+    from accounts.services import user_has_perm
+
+    user = get_user_model().objects.filter(pk=user_id, is_active=True).first()
+    if user is None:
+        return False
+    if token_id is not None:
+        token = ApiToken.objects.filter(pk=token_id).first()
+        if token is None or not token.is_active:
+            return False
+    if vm_id is not None and perm is not None:
+        from vms.models import VM
+
+        vm = VM.objects.filter(pk=vm_id).first()
+        if vm is None or not user_has_perm(user, f"vms.{perm}_vm", vm):
+            return False
+    return True
