@@ -17,6 +17,7 @@ from networking.serializers import (
     NicSerializer,
     PortForwardCreateSerializer,
     PortForwardSerializer,
+    VmEgressResultSerializer,
     VmEgressSerializer,
 )
 
@@ -89,7 +90,7 @@ class VmNetworkViewSet(VmNestedViewSet):
     def nics(self, request, vm_id=None):
         return Response(NicSerializer(selectors.nics_of(self.vm), many=True).data)
 
-    @extend_schema(request=VmEgressSerializer)
+    @extend_schema(request=VmEgressSerializer, responses={200: VmEgressResultSerializer})
     def egress(self, request, vm_id=None):
         vm = self.vm
         data = VmEgressSerializer(data=request.data)

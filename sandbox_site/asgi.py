@@ -10,11 +10,12 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
 from accounts.authentication import BearerTokenWebsocketMiddleware  # noqa: E402
-from sandbox_site import daphne_spool  # noqa: E402
+from sandbox_site import daphne_limits, daphne_spool  # noqa: E402
 from sandbox_site.routing import websocket_urlpatterns  # noqa: E402
 from vms.upload_limit import UploadLimitMiddleware  # noqa: E402
 
 daphne_spool.install()  # large request bodies: spooled to disk, not held in daphne's memory
+daphne_limits.install()  # requests Twisted refuses get an answer in the API's error shape
 
 application = ProtocolTypeRouter(
     {

@@ -11,7 +11,7 @@ from rest_framework import serializers, status
 from rest_framework.response import Response
 
 from accounts.permissions import VmNestedViewSet
-from sandbox_site.errors import ApplicationError
+from sandbox_site.validation import int_checked
 from vms import exec_services as services
 
 UPLOAD_READ_CHUNK = 256 << 10
@@ -95,16 +95,18 @@ class VmExecViewSet(VmNestedViewSet):
         )
 
     @extend_schema(
+        operation_id="vms_execs_retrieve",
+        responses={200: OpenApiTypes.OBJECT},
         parameters=[
             OpenApiParameter("offset", int),
             OpenApiParameter("limit", int),
             OpenApiParameter("encoding", str, enum=["text", "base64"]),
-        ]
+        ],
     )
     def exec_detail(self, request, vm_id=None, exec_id=None):
         vm = self.vm
-        offset = _int_param(request, "offset", 0)
-        limit = min(_int_param(request, "limit", 512 << 10), 512 << 10)
+        offset = _int_param(request, "offset", 0, maximum=1 << 62)
+        limit = min(_int_param(request, "limit", 512 << 10, minimum=1), 512 << 10)
         encoding = "base64" if request.query_params.get("encoding") == "base64" else "text"
         return Response(
             services.vm_exec_output(
@@ -132,11 +134,8 @@ class VmExecViewSet(VmNestedViewSet):
         vm = self.vm
         data = SignalSerializer(data=request.data or {})
         data.is_valid(raise_exception=True)
-        sig = data.validated_data["signal"]
         return Response(
-            services.vm_exec_signal(
-                vm=vm, actor=request.user, exec_id=exec_id, signal=int(sig) if sig.isdigit() else sig
-            )
+            services.vm_exec_signal(vm=vm, actor=request.user, exec_id=exec_id, signal=data.validated_data["signal"])
         )
 
     # ----- files ---------------------------------------------------------------------
@@ -149,17 +148,13 @@ class VmExecViewSet(VmNestedViewSet):
             OpenApiParameter("overwrite", bool),
         ],
         request={"application/octet-stream": bytes},
-        responses={201: dict, 413: dict},
+        responses={201: OpenApiTypes.OBJECT},
     )
     def file_put(self, request, vm_id=None):
         """Raw body streamed into the guest file (atomic; sha256 verified end to end)."""
         vm = self.vm
         path = request.query_params.get("path")
-        mode = request.query_params.get("mode")
-        try:
-            mode_value = int(mode, 8) if mode else None
-        except ValueError as exc:
-            raise ApplicationError("mode must be octal, e.g. 0644.") from exc
+        mode_value = services.mode_checked(request.query_params.get("mode"))
         length = request.META.get("CONTENT_LENGTH")
         size = int(length) if length and length.isdigit() else None
         raw = request._request  # the Django request: its body is read as a stream, never parsed
@@ -229,7 +224,7 @@ class VmExecViewSet(VmNestedViewSet):
                 vm=vm,
                 actor=request.user,
                 path=request.query_params.get("path"),
-                limit=min(max(_int_param(request, "limit", 10000), 1), 10000),
+                limit=min(_int_param(request, "limit", 10000, minimum=1), 10000),
             )
         )
 
@@ -243,14 +238,11 @@ class VmExecViewSet(VmNestedViewSet):
         )
 
 
-def _int_param(request, name: str, default: int) -> int:
+def _int_param(request, name: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
     raw = request.query_params.get(name)
     if raw is None or raw == "":
         return default
-    try:
-        return int(raw)
-    except ValueError as exc:
-        raise ApplicationError(f"{name} must be an integer.") from exc
+    return int_checked(raw, name, minimum=minimum, maximum=maximum)
 
 
 def _b64hex(hexdigest: str) -> str:
