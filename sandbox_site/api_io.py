@@ -52,7 +52,7 @@ class SafeJSONRenderer(JSONRenderer):
 
 
 class ApiPagination(LimitOffsetPagination):
-    """``?limit=`` (1..MAX_PAGE_SIZE, larger asks get MAX_PAGE_SIZE) and ``?offset=``
+    """``?limit=`` (at least 1; larger than MAX_PAGE_SIZE is answered with MAX_PAGE_SIZE) and ``?offset=``
     (0..MAX_OFFSET); anything else that is not an integer is a 400."""
 
     max_limit = MAX_PAGE_SIZE
@@ -62,6 +62,16 @@ class ApiPagination(LimitOffsetPagination):
         if raw is None or raw == "":
             return self.default_limit
         return min(int_checked(raw, "limit", minimum=1, maximum=None), self.max_limit)
+
+    def get_schema_operation_parameters(self, view):
+        bounds = {
+            self.limit_query_param: {"type": "integer", "minimum": 1},
+            self.offset_query_param: {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET},
+        }
+        parameters = super().get_schema_operation_parameters(view)
+        for parameter in parameters:
+            parameter["schema"] = bounds.get(parameter["name"], parameter["schema"])
+        return parameters
 
     def get_offset(self, request):
         raw = request.query_params.get(self.offset_query_param)

@@ -192,3 +192,10 @@ async def test_unknown_websocket_paths_close_with_4404(path, owner):
     out = await comm.receive_output(timeout=5)
     assert out == {"type": "websocket.close", "code": 4404}
     await comm.wait(timeout=5)
+
+
+def test_malformed_port_forward_ids_are_a_404(api, owner, vm):
+    client = api.as_user(owner)
+    for pk in ("%C2%B2", "9" * 40, "-1", "1.5"):
+        response = client.delete(f"/api/v1/vms/{vm.pk}/port-forwards/{pk}/")
+        assert response.status_code == 404, (pk, response.content)

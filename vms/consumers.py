@@ -8,7 +8,7 @@ from rest_framework.exceptions import NotFound
 
 from accounts.permissions import vm_for
 from sandbox_site.errors import ApplicationError
-from sandbox_site.validation import ws_control_frame
+from sandbox_site.validation import int_checked, ws_control_frame
 from vms.events import user_group, vm_group
 
 logger = logging.getLogger(__name__)
@@ -125,8 +125,8 @@ class VmConsoleConsumer(AsyncWebsocketConsumer):
         access = await database_sync_to_async(consoles.console_access)(user, vm)
         self.can_write = access.can_write
         try:
-            requested: int | None = int((query.get("offset") or [""])[0])
-        except ValueError:
+            requested: int | None = int_checked((query.get("offset") or [""])[0], "offset", maximum=1 << 62)
+        except ApplicationError:
             requested = None
         if requested is not None and requested < 0:
             requested = None

@@ -156,7 +156,7 @@ class VmExecViewSet(VmNestedViewSet):
         path = request.query_params.get("path")
         mode_value = services.mode_checked(request.query_params.get("mode"))
         length = request.META.get("CONTENT_LENGTH")
-        size = int(length) if length and length.isdigit() else None
+        size = int(length) if length and length.isascii() and length.isdigit() else None
         raw = request._request  # the Django request: its body is read as a stream, never parsed
 
         def chunks():

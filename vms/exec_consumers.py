@@ -23,7 +23,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 
 from accounts.context import actor_context, new_request_id
 from sandbox_site.errors import ApplicationError
-from sandbox_site.validation import ws_control_frame
+from sandbox_site.validation import int_checked, ws_control_frame
 from vms import exec_services
 from vms.agent_gateway import AgentChannel
 
@@ -71,8 +71,8 @@ class VmExecConsumer(AsyncWebsocketConsumer):
             return
         query = parse_qs(self.scope.get("query_string", b"").decode())
         try:
-            self.cursor = max(0, int(query.get("offset", ["0"])[0]))
-        except ValueError:
+            self.cursor = int_checked(query.get("offset", ["0"])[0], "offset", minimum=0, maximum=1 << 62)
+        except ApplicationError:
             self.cursor = 0
         await self.accept()
         try:
