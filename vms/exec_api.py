@@ -39,7 +39,9 @@ class StdinSerializer(serializers.Serializer):
 
 
 class SignalSerializer(serializers.Serializer):
-    signal = serializers.CharField(required=False, default="TERM", max_length=16)
+    signal = serializers.CharField(
+        required=False, default="TERM", max_length=16, help_text="a number 1-64 or a name like TERM or SIGKILL"
+    )
 
 
 class MkdirSerializer(serializers.Serializer):
@@ -48,7 +50,7 @@ class MkdirSerializer(serializers.Serializer):
     parents = serializers.BooleanField(required=False, default=True)
 
 
-_PATH = OpenApiParameter("path", str, required=True, description="absolute path in the guest")
+_PATH = OpenApiParameter("path", str, required=True, description="absolute path in the guest", pattern="^/")
 
 
 class VmExecViewSet(VmNestedViewSet):
@@ -143,8 +145,13 @@ class VmExecViewSet(VmNestedViewSet):
     @extend_schema(
         parameters=[
             _PATH,
-            OpenApiParameter("mode", str, description="octal, e.g. 0644"),
-            OpenApiParameter("owner", str),
+            OpenApiParameter("mode", str, description="octal, e.g. 0644", pattern="^[0-7]{1,4}$"),
+            OpenApiParameter(
+                "owner",
+                str,
+                description="user, user:group or :group",
+                pattern=r"^([A-Za-z0-9_][A-Za-z0-9_.-]{0,31})?(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,31})?$",
+            ),
             OpenApiParameter("overwrite", bool),
         ],
         request={"application/octet-stream": bytes},
