@@ -18,6 +18,7 @@ from django.utils import timezone
 
 from accounts.context import current_context
 from accounts.models import AuditEvent, AuditResult
+from sandbox_site.validation import text_escape
 
 GENESIS_HASH = "0" * 64
 # Any constant works: it names the advisory lock that serialises appends to the chain.
@@ -67,7 +68,8 @@ def _lock_chain() -> None:
 
 
 def _json_safe(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str)) if value is not None else None
+    # NUL and lone surrogates escaped: an audit row must be storable and always render.
+    return text_escape(json.loads(json.dumps(value, default=str))) if value is not None else None
 
 
 def audit_record(
@@ -109,13 +111,13 @@ def audit_record(
             client_request_id=ctx.client_request_id,
             action=action,
             object_type=object_type,
-            object_id=object_id,
-            object_repr=object_repr[:200],
+            object_id=text_escape(object_id),
+            object_repr=text_escape(object_repr[:200]),
             object_owner_id=object_owner_id,
             before=_json_safe(before),
             after=_json_safe(after),
             result=result,
-            message=message[:2000],
+            message=text_escape(message[:2000]),
             prev_hash=prev_hash,
             hash="",
         )

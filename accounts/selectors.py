@@ -3,11 +3,10 @@ from __future__ import annotations
 from datetime import datetime
 
 from django.db.models import Q
-from django.utils.dateparse import parse_datetime
 
 from accounts.models import ApiToken, AuditEvent
 from accounts.roles import user_is_operator
-from sandbox_site.errors import ApplicationError
+from sandbox_site.validation import datetime_checked
 
 
 def token_list_for(user):
@@ -24,10 +23,7 @@ def audit_events_visible(user):
 
 
 def _parse_time(value: str, name: str) -> datetime:
-    parsed = parse_datetime(value)
-    if parsed is None:
-        raise ApplicationError(f"{name} must be an ISO 8601 date-time.", details={name: value[:64]})
-    return parsed
+    return datetime_checked(value, name)
 
 
 def audit_events_filter(qs, params):

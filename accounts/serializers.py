@@ -20,6 +20,8 @@ class TokenCreateSerializer(serializers.Serializer):
 
 class UserSerializer(serializers.ModelSerializer):
     role = serializers.SerializerMethodField()
+    # Not format "email": users created without one have "".
+    email = serializers.CharField(read_only=True, help_text="may be empty")
 
     class Meta:
         model = get_user_model()

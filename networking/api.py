@@ -2,6 +2,8 @@
 (``/api/v1/vms/{vm_id}/port-forwards/``, ``/nics/``, ``/egress/``, ``VmNestedViewSet``):
 invisible -> 404, visible but not allowed -> 403 + audit."""
 
+import re
+
 from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, status
 from rest_framework.exceptions import NotFound
@@ -17,6 +19,7 @@ from networking.serializers import (
     NicSerializer,
     PortForwardCreateSerializer,
     PortForwardSerializer,
+    VmEgressResultSerializer,
     VmEgressSerializer,
 )
 
@@ -74,7 +77,8 @@ class VmPortForwardViewSet(VmNestedViewSet):
     @extend_schema(request=None, responses={204: None})
     def destroy(self, request, vm_id=None, pk=None):
         vm = self.vm
-        pf = PortForward.objects.filter(vm=vm, pk=pk).select_related("vm__host").first() if str(pk).isdigit() else None
+        wellformed = re.fullmatch(r"[0-9]{1,18}", str(pk), re.ASCII)  # "²" and 40 digits are 404s, not 500s
+        pf = PortForward.objects.filter(vm=vm, pk=pk).select_related("vm__host").first() if wellformed else None
         if pf is None:
             raise NotFound()
         services.port_forward_delete(port_forward=pf, actor=request.user)
@@ -89,7 +93,7 @@ class VmNetworkViewSet(VmNestedViewSet):
     def nics(self, request, vm_id=None):
         return Response(NicSerializer(selectors.nics_of(self.vm), many=True).data)
 
-    @extend_schema(request=VmEgressSerializer)
+    @extend_schema(request=VmEgressSerializer, responses={200: VmEgressResultSerializer})
     def egress(self, request, vm_id=None):
         vm = self.vm
         data = VmEgressSerializer(data=request.data)

@@ -31,7 +31,7 @@ def validate_ipv4_cidr(value: str) -> None:
         raise ValidationError("Use a prefix between /16 and /29.")
 
 
-_PORTS_RE = re.compile(r"^\d{1,5}(-\d{1,5})?(,\d{1,5}(-\d{1,5})?)*$")
+_PORTS_RE = re.compile(r"^[0-9]{1,5}(-[0-9]{1,5})?(,[0-9]{1,5}(-[0-9]{1,5})?)*$", re.ASCII)
 
 
 def parse_ports(text: str) -> tuple[int | tuple[int, int], ...]:
@@ -179,7 +179,10 @@ class EgressRule(models.Model):
             ipaddress.IPv4Network(self.cidr, strict=False)
         except ValueError as exc:
             raise ValidationError({"cidr": str(exc)}) from exc
-        parse_ports(self.ports)
+        try:
+            parse_ports(self.ports)
+        except ValidationError as exc:
+            raise ValidationError({"ports": exc.messages}) from exc
         if self.ports and not self.protocol:
             raise ValidationError({"ports": "Ports need a protocol (tcp or udp)."})
 

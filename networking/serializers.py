@@ -1,4 +1,5 @@
 from django.contrib.auth import get_user_model
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from networking import selectors
@@ -14,7 +15,9 @@ class EgressRuleSerializer(serializers.Serializer):
 
 
 class NetworkSerializer(serializers.ModelSerializer):
-    owner = serializers.CharField(source="owner.username", read_only=True, default=None)
+    owner = serializers.CharField(
+        source="owner.username", read_only=True, default=None, allow_null=True, help_text="null: a shared network"
+    )
     egress_rules = serializers.SerializerMethodField()
 
     class Meta:
@@ -35,6 +38,7 @@ class NetworkSerializer(serializers.ModelSerializer):
         ]
         read_only_fields = fields
 
+    @extend_schema_field(EgressRuleSerializer(many=True))
     def get_egress_rules(self, obj) -> list[dict]:
         return [
             {"cidr": r.cidr, "protocol": r.protocol, "ports": r.ports} for r in EgressRule.objects.filter(network=obj)
@@ -67,6 +71,8 @@ class NicSerializer(serializers.ModelSerializer):
     network = serializers.CharField(source="network.name", read_only=True)
     gateway = serializers.CharField(source="network.gateway", read_only=True)
     prefix = serializers.IntegerField(source="network.ip_network.prefixlen", read_only=True)
+    # Not the model's choices: "" means "the network's" and is not in that enum.
+    egress_mode = serializers.CharField(read_only=True, help_text="allow, deny, allowlist or empty (the network's)")
     egress_rules = serializers.SerializerMethodField()
 
     class Meta:
@@ -74,6 +80,7 @@ class NicSerializer(serializers.ModelSerializer):
         fields = ["id", "index", "network", "mac", "ip", "prefix", "gateway", "tap", "egress_mode", "egress_rules"]
         read_only_fields = fields
 
+    @extend_schema_field(EgressRuleSerializer(many=True))
     def get_egress_rules(self, obj) -> list[dict]:
         return [
             {"cidr": r.cidr, "protocol": r.protocol, "ports": r.ports} for r in EgressRule.objects.filter(vm=obj.vm_id)
@@ -85,6 +92,13 @@ class VmEgressSerializer(serializers.Serializer):
         max_length=16, allow_blank=True, help_text="allow, deny, allowlist or empty (network's)"
     )
     rules = EgressRuleSerializer(many=True, required=False)
+
+
+class VmEgressResultSerializer(serializers.Serializer):
+    """What ``PUT /vms/{id}/egress/`` answers: the VM's egress as now set."""
+
+    mode = serializers.CharField(help_text="allow, deny, allowlist or empty (the network's)")
+    rules = EgressRuleSerializer(many=True)
 
 
 class PortForwardSerializer(serializers.ModelSerializer):

@@ -9,7 +9,7 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from accounts.authentication import BearerTokenWebsocketMiddleware  # noqa: E402
-from sandbox_site import daphne_limits, daphne_spool  # noqa: E402
+from sandbox_site import daphne_http_errors, daphne_limits, daphne_spool  # noqa: E402
 from sandbox_site.metrics import AsgiMetricsMiddleware  # noqa: E402
 from sandbox_site.routing import websocket_urlpatterns  # noqa: E402
 from sandbox_site.websocket_origin import SameOriginWebsocketValidator  # noqa: E402
@@ -17,6 +17,7 @@ from vms.upload_limit import UploadLimitMiddleware  # noqa: E402
 
 daphne_spool.install()  # large request bodies: spooled to disk, not held in daphne's memory
 daphne_limits.install()  # body limits as bytes arrive; sends paced to the client's reading
+daphne_http_errors.install()  # requests Twisted refuses get an answer in the API's error shape
 
 application = AsgiMetricsMiddleware(
     ProtocolTypeRouter(

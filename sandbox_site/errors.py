@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import PermissionDenied, RequestDataTooBig, SuspiciousOperation
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.http import Http404
 from rest_framework import exceptions, status
@@ -69,12 +69,19 @@ _DRF_CODES = {
 
 
 def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    """The one place an exception becomes the error shape. Client errors carry our own
+    messages (never an exception's text); anything unexpected returns None, so Django logs it
+    and answers 500 through ``sandbox_site.views.server_error`` (same shape, a request id)."""
     # Imported here: rest_framework.views imports the API settings, which import our
     # authentication classes, which import services that raise these errors.
     from rest_framework.views import exception_handler
 
     if isinstance(exc, ApplicationError):
         return Response(error_body(exc.code, exc.message, exc.details), status=exc.status_code)
+    if isinstance(exc, RequestDataTooBig):
+        return Response(error_body("too_large", "The request body is too large."), status=413)
+    if isinstance(exc, SuspiciousOperation):  # too many fields, a malformed multipart body...
+        return Response(error_body("bad_request", "The request is malformed."), status=400)
     if isinstance(exc, DjangoValidationError):
         details = exc.message_dict if hasattr(exc, "error_dict") else exc.messages
         return Response(error_body("invalid", "Invalid input.", details), status=400)

@@ -63,6 +63,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "accounts.middleware.RequestContextMiddleware",
     "sandbox_site.metrics.ObservabilityMiddleware",
+    "sandbox_site.api_io.ApiInputMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
@@ -186,6 +187,15 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["accounts.authentication.TokenScopePermission"],
     "DEFAULT_PAGINATION_CLASS": "sandbox_site.pagination.ApiPagination",
+    "DEFAULT_PARSER_CLASSES": [
+        "sandbox_site.api_io.CheckedJSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
+    "DEFAULT_RENDERER_CLASSES": [
+        "sandbox_site.api_io.SafeJSONRenderer",
+        "rest_framework.renderers.BrowsableAPIRenderer",
+    ],
     "PAGE_SIZE": 50,
     "DEFAULT_THROTTLE_CLASSES": [
         "sandbox_site.throttling.AnonRateLimit",
@@ -218,6 +228,14 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    "ENUM_NAME_OVERRIDES": {
+        "VmStateEnum": "vms.models.VmState",
+        "SnapshotStateEnum": "snapshots.models.Snapshot.State",
+    },
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "sandbox_site.api_schema.error_responses",
+    ],
 }
 
 # HTTPS deployment: `manage.py check --deploy` is clean with SANDBOX_HTTPS=true.

@@ -58,6 +58,7 @@ urlpatterns = [
     path("", include("vms.urls")),
 ]
 
+handler400 = "sandbox_site.views.bad_request"
 handler404 = "sandbox_site.views.not_found"
 handler403 = "sandbox_site.views.permission_denied"
 handler500 = "sandbox_site.views.server_error"

@@ -43,3 +43,15 @@ def server_error(request):
         path = "/"
     html = loader.get_template("500.html").render({"request_id": request_id, "path": path})
     return HttpResponseServerError(html)
+
+
+def bad_request(request, exception=None):
+    """Django's 400 (a malformed request refused before any view: too many fields, a body
+    over DATA_UPLOAD_MAX_MEMORY_SIZE, a bad multipart body): the error shape under /api/."""
+    if request.path.startswith("/api/"):
+        from django.core.exceptions import RequestDataTooBig
+
+        if isinstance(exception, RequestDataTooBig):
+            return JsonResponse(error_body("too_large", "The request body is too large."), status=413)
+        return JsonResponse(error_body("bad_request", "The request is malformed."), status=400)
+    return render(request, "400.html", {"request_id": _request_id(request)}, status=400)

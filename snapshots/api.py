@@ -1,4 +1,4 @@
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import mixins, status
 from rest_framework.decorators import action
 from rest_framework.response import Response
@@ -8,12 +8,16 @@ from accounts.permissions import ObjectPermissionViewSet, VmNestedViewSet
 from snapshots import selectors, services
 from snapshots.models import Snapshot
 from snapshots.serializers import (
+    RetentionPolicyResultSerializer,
     RetentionPolicySerializer,
     SnapshotCloneSerializer,
+    SnapshotCreatedSerializer,
     SnapshotCreateSerializer,
     SnapshotSerializer,
+    VmRetentionPolicyResultSerializer,
+    retention_body,
 )
-from vms.serializers import OperationSerializer, VmSerializer
+from vms.serializers import OperationSerializer, VmCreatedSerializer, VmSerializer
 
 
 class SnapshotViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPermissionViewSet):
@@ -42,7 +46,7 @@ class SnapshotViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPe
         # A snapshot's rights are those of its VM (or its owner's once the VM is gone).
         return selectors.snapshot_user_can(self.request.user, perm, obj)
 
-    @extend_schema(request=None, responses={202: None})
+    @extend_schema(request=None, responses={202: SnapshotSerializer})
     def destroy(self, request, id=None):
         snapshot = services.snapshot_delete(snapshot=self.get_object(), actor=request.user)
         return Response(SnapshotSerializer(snapshot).data, status=status.HTTP_202_ACCEPTED)
@@ -53,7 +57,10 @@ class SnapshotViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPe
         op = services.snapshot_restore(snapshot=self.get_object(), actor=request.user)
         return Response(OperationSerializer(op).data, status=status.HTTP_202_ACCEPTED)
 
-    @extend_schema(request=SnapshotCloneSerializer, responses={202: VmSerializer(many=True)})
+    @extend_schema(
+        request=SnapshotCloneSerializer,
+        responses={202: inline_serializer("SnapshotCloneResult", {"vms": VmCreatedSerializer(many=True)})},
+    )
     @action(detail=True, methods=["post"])
     def clone(self, request, id=None):
         snapshot = self.get_object()
@@ -82,7 +89,7 @@ class VmSnapshotViewSet(VmNestedViewSet):
         qs = selectors.snapshot_list_visible(request.user).filter(vm=self.vm)
         return Response(SnapshotSerializer(qs, many=True).data)
 
-    @extend_schema(request=SnapshotCreateSerializer, responses={202: SnapshotSerializer})
+    @extend_schema(request=SnapshotCreateSerializer, responses={202: SnapshotCreatedSerializer})
     def create(self, request, vm_id=None):
         data = SnapshotCreateSerializer(data=request.data)
         data.is_valid(raise_exception=True)
@@ -91,14 +98,13 @@ class VmSnapshotViewSet(VmNestedViewSet):
         body["operation"] = str(op.pk)
         return Response(body, status=status.HTTP_202_ACCEPTED)
 
-    @extend_schema(responses={200: RetentionPolicySerializer})
+    @extend_schema(responses={200: VmRetentionPolicyResultSerializer})
     def retention(self, request, vm_id=None):
         policy = selectors.retention_policy_for(self.vm)
-        body = RetentionPolicySerializer(policy).data if policy else {"keep_last": None, "keep_days": None}
-        body["scope"] = ("vm" if policy.vm_id else "user") if policy else None
-        return Response(body)
+        body = {**retention_body(policy), "scope": ("vm" if policy.vm_id else "user") if policy else None}
+        return Response(VmRetentionPolicyResultSerializer(body).data)
 
-    @extend_schema(request=RetentionPolicySerializer, responses={200: RetentionPolicySerializer})
+    @extend_schema(request=RetentionPolicySerializer, responses={200: RetentionPolicyResultSerializer})
     def retention_set(self, request, vm_id=None):
         data = RetentionPolicySerializer(data=request.data)
         data.is_valid(raise_exception=True)
@@ -108,20 +114,20 @@ class VmSnapshotViewSet(VmNestedViewSet):
             keep_last=data.validated_data.get("keep_last"),
             keep_days=data.validated_data.get("keep_days"),
         )
-        return Response(RetentionPolicySerializer(policy).data if policy else {"keep_last": None, "keep_days": None})
+        return Response(RetentionPolicyResultSerializer(retention_body(policy)).data)
 
 
 class MySnapshotRetentionView(APIView):
     """``GET``/``PUT`` the signed-in user's default retention policy for all their VMs."""
 
-    @extend_schema(responses={200: RetentionPolicySerializer})
+    @extend_schema(responses={200: RetentionPolicyResultSerializer})
     def get(self, request):
         from snapshots.models import RetentionPolicy
 
         policy = RetentionPolicy.objects.filter(user=request.user).first()
-        return Response(RetentionPolicySerializer(policy).data if policy else {"keep_last": None, "keep_days": None})
+        return Response(RetentionPolicyResultSerializer(retention_body(policy)).data)
 
-    @extend_schema(request=RetentionPolicySerializer, responses={200: RetentionPolicySerializer})
+    @extend_schema(request=RetentionPolicySerializer, responses={200: RetentionPolicyResultSerializer})
     def put(self, request):
         data = RetentionPolicySerializer(data=request.data)
         data.is_valid(raise_exception=True)
@@ -131,4 +137,4 @@ class MySnapshotRetentionView(APIView):
             keep_last=data.validated_data.get("keep_last"),
             keep_days=data.validated_data.get("keep_days"),
         )
-        return Response(RetentionPolicySerializer(policy).data if policy else {"keep_last": None, "keep_days": None})
+        return Response(RetentionPolicyResultSerializer(retention_body(policy)).data)

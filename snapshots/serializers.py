@@ -51,6 +51,14 @@ class SnapshotSerializer(serializers.ModelSerializer):
         return [str(pk) for pk in obj.children.values_list("pk", flat=True)]
 
 
+class SnapshotCreatedSerializer(SnapshotSerializer):
+    operation = serializers.UUIDField(read_only=True)
+
+    class Meta(SnapshotSerializer.Meta):
+        fields = [*SnapshotSerializer.Meta.fields, "operation"]
+        read_only_fields = fields
+
+
 class SnapshotCreateSerializer(serializers.Serializer):
     name = serializers.CharField(max_length=100)
     description = serializers.CharField(max_length=1000, required=False, allow_blank=True, default="")
@@ -60,6 +68,26 @@ class SnapshotCreateSerializer(serializers.Serializer):
 class SnapshotCloneSerializer(serializers.Serializer):
     count = serializers.IntegerField(min_value=1, max_value=100, default=1)
     name_prefix = serializers.CharField(max_length=55, required=False, allow_blank=True, default="")
+
+
+class RetentionPolicyResultSerializer(serializers.Serializer):
+    """A retention policy as the API answers it; all null when there is none."""
+
+    keep_last = serializers.IntegerField(allow_null=True)
+    keep_days = serializers.IntegerField(allow_null=True)
+    updated_at = serializers.DateTimeField(allow_null=True)
+
+
+class VmRetentionPolicyResultSerializer(RetentionPolicyResultSerializer):
+    scope = serializers.ChoiceField(
+        choices=["vm", "user"], allow_null=True, help_text="vm: the VM's own policy; user: its owner's default"
+    )
+
+
+def retention_body(policy) -> dict:
+    if policy is None:
+        return {"keep_last": None, "keep_days": None, "updated_at": None}
+    return {"keep_last": policy.keep_last, "keep_days": policy.keep_days, "updated_at": policy.updated_at}
 
 
 class RetentionPolicySerializer(serializers.ModelSerializer):

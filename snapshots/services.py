@@ -261,7 +261,7 @@ def snapshot_delete(*, snapshot: Snapshot, actor, reason: str = "") -> Snapshot:
     if actor is not None:
         _require_snapshot_perm(actor, snapshot, "delete")
     with transaction.atomic():
-        locked = Snapshot.objects.select_for_update().get(pk=snapshot.pk)
+        locked = _lock_neighbours(snapshot)
         if locked.state in (Snapshot.State.CREATING, Snapshot.State.DELETING):
             raise ConflictError(f"The snapshot is {locked.state}.")
         if locked.parent_id and locked.parent.state == Snapshot.State.DELETING:
@@ -273,6 +273,12 @@ def snapshot_delete(*, snapshot: Snapshot, actor, reason: str = "") -> Snapshot:
         deps = selectors.snapshot_dependents(locked)
         merge_into = None
         if deps["snapshots"] or deps["vms"]:
+            if locked.children.filter(state=Snapshot.State.DELETING).exists():
+                # Its layer would be merged into a layer that is going away.
+                raise ConflictError(
+                    f"A snapshot built on {locked.name!r} is being deleted; try again when that has finished.",
+                    code="snapshot_busy",
+                )
             merge_into = snapshot_merge_target(locked, deps)
             if merge_into is None:
                 raise ConflictError(_dependents_message(locked, deps), code="snapshot_in_use", details=deps)
@@ -291,6 +297,20 @@ def snapshot_delete(*, snapshot: Snapshot, actor, reason: str = "") -> Snapshot:
         queue = locked.host.queue
         transaction.on_commit(lambda: snapshot_delete_task.apply_async(args=[str(locked.pk)], queue=queue))
     return locked
+
+
+def _lock_neighbours(snapshot: Snapshot) -> Snapshot:
+    """Lock ``snapshot``, its parent and its children (in id order, so two deletes never
+    deadlock): deletes of neighbours in one chain, which merge layers into each other, run one
+    after the other and the second sees the first's ``deleting``. Returns the locked row."""
+    ids = {snapshot.pk, *Snapshot.objects.filter(parent_id=snapshot.pk).values_list("pk", flat=True)}
+    parent_id = Snapshot.objects.filter(pk=snapshot.pk).values_list("parent_id", flat=True).first()
+    if parent_id:
+        ids.add(parent_id)
+    rows = {row.pk: row for row in Snapshot.objects.select_for_update().filter(pk__in=ids).order_by("pk")}
+    if snapshot.pk not in rows:
+        raise Snapshot.DoesNotExist()
+    return rows[snapshot.pk]
 
 
 def _dependents_message(snapshot: Snapshot, deps: dict[str, list[str]]) -> str:

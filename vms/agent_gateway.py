@@ -18,12 +18,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
 from django.conf import settings
 
 from sandbox_site.errors import ApplicationError
+from sandbox_site.validation import text_escape
 from vms import hypervisor
 from vms.hostd.client import TRANSFER_WINDOW, AsyncHostdClient, HostdClient, Subscription
 from vms.hostd.errors import HostdError, HostdUnavailable
@@ -33,6 +35,7 @@ from vms.vmm.agent_client import wait_for_agent as _wait_direct
 from vms.vmm.agent_protocol import MAX_DATA
 from vms.vmm.base import AgentTransport
 
+logger = logging.getLogger(__name__)
 DIRECT_CONNECT_TIMEOUT = 10.0
 
 # Agent/hostd error code -> HTTP status; anything else is 502 (the guest side failed).
@@ -56,14 +59,21 @@ _STATUS = {
     "timeout": 504,
     "hostd_unavailable": 503,
     "checksum_mismatch": 502,
+    "io_error": 422,  # the guest could not read or write that file (EIO...): not our fault
 }
 # The guest refusing a path is not our permission system's 403.
 _RENAMED = {"permission_denied": "guest_permission_denied"}
 
 
 def agent_error(code: str, message: str) -> ApplicationError:
-    """The API error for an agent or hostd error ``code`` (the one mapping)."""
-    return ApplicationError(message or code, code=_RENAMED.get(code, code), status_code=_STATUS.get(code, 502))
+    """The API error for an agent or hostd error ``code`` (the one mapping). An ``internal``
+    error's text is a guest-side exception: logged, never sent to the client."""
+    if code == "internal":
+        logger.warning("guest agent internal error: %s", message)
+        message = "The guest agent failed on this request."
+    return ApplicationError(
+        text_escape(message or code), code=_RENAMED.get(code, code), status_code=_STATUS.get(code, 502)
+    )
 
 
 @contextlib.contextmanager
@@ -183,6 +193,7 @@ async def file_download_chunks(vm_id: str, info: dict, *, timeout: float = 120.0
     channel = await AgentChannel.open(timeout=timeout)
     handle = info["handle"]
     hasher = hashlib.sha256()
+    sent = 0
     pending: list[asyncio.Task[tuple[dict, bytes]]] = []
     eof = False
     try:
@@ -197,6 +208,9 @@ async def file_download_chunks(vm_id: str, info: dict, *, timeout: float = 120.0
                 eof = True
                 continue
             hasher.update(data)
+            sent += len(data)
+            if sent > info.get("size", 0):  # more than was hashed at open: it grows, never ends
+                raise agent_error("checksum_mismatch", "file changed during download")
             yield data
         final, _ = await channel.call(vm_id, "file_read_close", {"handle": handle}, timeout=timeout)
         digest = hasher.hexdigest()

@@ -1,8 +1,9 @@
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
 from guardian.shortcuts import get_groups_with_perms, get_users_with_perms
-from rest_framework import mixins, status, viewsets
+from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import NotFound
 from rest_framework.response import Response
@@ -17,9 +18,29 @@ from vms.serializers import (
     RevokeSerializer,
     TemplateSerializer,
     VmActionSerializer,
+    VmCreatedSerializer,
     VmCreateSerializer,
     VmSerializer,
     VmUpdateSerializer,
+)
+
+_PERMISSIONS = inline_serializer(
+    "VmPermissions",
+    {
+        "users": inline_serializer(
+            "VmUserPermissions",
+            {"user": serializers.CharField(), "permissions": serializers.ListField(child=serializers.CharField())},
+            many=True,
+        ),
+        "groups": inline_serializer(
+            "VmGroupPermissions",
+            {"group": serializers.CharField(), "permissions": serializers.ListField(child=serializers.CharField())},
+            many=True,
+        ),
+    },
+)
+_GRANTED = inline_serializer(
+    "VmPermissionsGranted", {"permissions": serializers.ListField(child=serializers.CharField())}
 )
 
 
@@ -57,7 +78,7 @@ class VmViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPermissi
             qs = qs.filter(name__icontains=name[:63])
         return qs
 
-    @extend_schema(request=VmCreateSerializer, responses={202: VmSerializer})
+    @extend_schema(request=VmCreateSerializer, responses={202: VmCreatedSerializer})
     def create(self, request):
         data = VmCreateSerializer(data=request.data)
         data.is_valid(raise_exception=True)
@@ -125,6 +146,19 @@ class VmViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPermissi
         page = self.paginate_queryset(vm.operations.all())
         return self.get_paginated_response(OperationSerializer(page, many=True).data)
 
+    @extend_schema(
+        request=None,
+        responses={
+            201: inline_serializer(
+                "ConsoleTicket",
+                {
+                    "ticket": serializers.CharField(),
+                    "expires_in": serializers.IntegerField(),
+                    "url": serializers.CharField(),
+                },
+            )
+        },
+    )
     @action(detail=True, methods=["post"], url_path="console-ticket")
     def console_ticket(self, request, id=None):
         """A short-lived single-use ticket for ``/ws/vms/{id}/console/?ticket=`` (non-browser clients).
@@ -144,6 +178,7 @@ class VmViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPermissi
             status=status.HTTP_201_CREATED,
         )
 
+    @extend_schema(responses={(200, "text/plain"): OpenApiTypes.BINARY})
     @action(detail=True, methods=["get"], url_path="console/log")
     def console_log(self, request, id=None):
         """Everything the guest wrote to its serial console, as a text download."""
@@ -162,6 +197,15 @@ class VmViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPermissi
         response["X-Console-Log-Offset"] = str(start)
         return response
 
+    @extend_schema(
+        parameters=[OpenApiParameter("minutes", int, description="1-360, default 30")],
+        responses={
+            200: inline_serializer(
+                "VmSamples",
+                {"vm": serializers.UUIDField(), "points": serializers.ListField(child=serializers.DictField())},
+            )
+        },
+    )
     @action(detail=True, methods=["get"])
     def samples(self, request, id=None):
         """Resource usage over time: CPU %, RSS, disk and network rates (``?minutes=``, max 360)."""
@@ -175,11 +219,19 @@ class VmViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPermissi
         points = selectors.vm_samples_rates(vm=vm, minutes=minutes)
         return Response({"vm": str(vm.pk), "points": points, "console_log_bytes": console_log_bytes(vm.pk)})
 
+    @extend_schema(
+        responses={
+            200: OpenApiResponse(
+                OpenApiTypes.OBJECT, description="agent_version, protocol, boot_id, uptime_s, hostname"
+            )
+        }
+    )
     @action(detail=True, methods=["get"])
     def agent(self, request, id=None):
         """Ping the guest agent: its version, boot id and uptime (409 unless running)."""
         return Response(services.vm_agent_ping(vm=self.get_object()))
 
+    @extend_schema(responses={200: _PERMISSIONS})
     @action(detail=True, methods=["get"])
     def permissions(self, request, id=None):
         """Who holds which rights on this VM."""
@@ -193,7 +245,7 @@ class VmViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPermissi
             }
         )
 
-    @extend_schema(request=GrantSerializer)
+    @extend_schema(request=GrantSerializer, responses={200: _GRANTED})
     @permissions.mapping.post
     def grant(self, request, id=None):
         vm = self.get_object()
@@ -205,7 +257,7 @@ class VmViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPermissi
         )
         return Response({"permissions": perms})
 
-    @extend_schema(request=RevokeSerializer)
+    @extend_schema(request=RevokeSerializer, responses={200: _GRANTED})
     @permissions.mapping.delete
     def revoke(self, request, id=None):
         vm = self.get_object()

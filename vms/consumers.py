@@ -10,6 +10,7 @@ from rest_framework.exceptions import NotFound
 from accounts.permissions import vm_for
 from accounts.rights import websocket_rights_hold
 from sandbox_site.errors import ApplicationError
+from sandbox_site.validation import int_checked, ws_control_frame
 from vms.events import user_group, vm_group
 from vms.rights_watch import CLOSE_RIGHTS_GONE, RightsWatch
 
@@ -58,19 +59,29 @@ class VmEventsConsumer(AsyncJsonWebsocketConsumer):
         await self.channel_layer.group_add(group, self.channel_name)
         self.groups_joined.add(group)
 
+    async def receive(self, text_data=None, bytes_data=None, **kwargs):
+        # Every frame is checked (ws_control_frame): garbage, binary or deep JSON is answered
+        # with an error frame; the socket stays open.
+        try:
+            content = ws_control_frame(text_data)
+        except ApplicationError as exc:
+            await self.send_json({"error": "bad request", "message": exc.message})
+            return
+        await self.receive_json(content)
+
     async def receive_json(self, content, **kwargs):
         vm_id = content.get("subscribe") if isinstance(content, dict) else None
         if not isinstance(vm_id, str) or len(self.groups_joined) >= self.max_subscriptions:
             await self.send_json({"error": "bad request"})
             return
         try:
-            await database_sync_to_async(vm_for)(self.scope["user"], vm_id, "view", action="vm.subscribe")
+            vm = await database_sync_to_async(vm_for)(self.scope["user"], vm_id, "view", action="vm.subscribe")
         except NotFound:
-            await self.send_json({"error": "not found", "vm": vm_id})
+            await self.send_json({"error": "not found", "vm": vm_id[:64]})
             return
-        await self._join(vm_group(vm_id))
-        self.subscribed.add(vm_id)
-        await self.send_json({"subscribed": vm_id})
+        await self._join(vm_group(str(vm.pk)))  # the canonical id: a group name allows no braces
+        self.subscribed.add(str(vm.pk))
+        await self.send_json({"subscribed": str(vm.pk)})
 
     async def disconnect(self, code):
         if getattr(self, "rights", None) is not None:
@@ -145,8 +156,8 @@ class VmConsoleConsumer(AsyncWebsocketConsumer):
         access = await database_sync_to_async(consoles.console_access)(user, vm)
         self.can_write = access.can_write
         try:
-            requested: int | None = int((query.get("offset") or [""])[0])
-        except ValueError:
+            requested: int | None = int_checked((query.get("offset") or [""])[0], "offset", maximum=1 << 62)
+        except ApplicationError:
             requested = None
         if requested is not None and requested < 0:
             requested = None
@@ -306,11 +317,11 @@ class VmConsoleConsumer(AsyncWebsocketConsumer):
             await self._input(bytes_data)
             return
         try:
-            message = json.loads(text_data or "")
-            kind = message.get("type")
-        except (ValueError, AttributeError):
-            await self._send_json({"type": "error", "code": "bad_request", "message": "bad control frame"})
+            message = ws_control_frame(text_data)
+        except ApplicationError as exc:
+            await self._send_json({"type": "error", "code": exc.code, "message": exc.message})
             return
+        kind = message.get("type")
         offset = message.get("offset")
         if kind == "ack" and isinstance(offset, int) and not isinstance(offset, bool):
             self.acked = max(self.acked, min(offset, self.offset))  # never beyond what was sent
@@ -331,6 +342,8 @@ class VmConsoleConsumer(AsyncWebsocketConsumer):
             )
         elif kind == "input" and isinstance(message.get("data"), str):
             await self._input(message["data"].encode()[: consoles.INPUT_MAX_BYTES])
+        elif kind not in ("ack", "resize", "input", "pong"):
+            await self._send_json({"type": "error", "code": "bad_request", "message": "Unknown control message type."})
 
     async def rights_changed(self, event):
         await self.rights.recheck()

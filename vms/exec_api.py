@@ -11,7 +11,7 @@ from rest_framework import serializers, status
 from rest_framework.response import Response
 
 from accounts.permissions import VmNestedViewSet
-from sandbox_site.errors import ApplicationError
+from sandbox_site.validation import int_checked
 from vms import exec_services as services
 
 UPLOAD_READ_CHUNK = 256 << 10
@@ -39,7 +39,9 @@ class StdinSerializer(serializers.Serializer):
 
 
 class SignalSerializer(serializers.Serializer):
-    signal = serializers.CharField(required=False, default="TERM", max_length=16)
+    signal = serializers.CharField(
+        required=False, default="TERM", max_length=16, help_text="a number 1-64 or a name like TERM or SIGKILL"
+    )
 
 
 class MkdirSerializer(serializers.Serializer):
@@ -48,7 +50,7 @@ class MkdirSerializer(serializers.Serializer):
     parents = serializers.BooleanField(required=False, default=True)
 
 
-_PATH = OpenApiParameter("path", str, required=True, description="absolute path in the guest")
+_PATH = OpenApiParameter("path", str, required=True, description="absolute path in the guest", pattern="^/")
 
 
 class VmExecViewSet(VmNestedViewSet):
@@ -95,16 +97,18 @@ class VmExecViewSet(VmNestedViewSet):
         )
 
     @extend_schema(
+        operation_id="vms_execs_retrieve",
+        responses={200: OpenApiTypes.OBJECT},
         parameters=[
             OpenApiParameter("offset", int),
             OpenApiParameter("limit", int),
             OpenApiParameter("encoding", str, enum=["text", "base64"]),
-        ]
+        ],
     )
     def exec_detail(self, request, vm_id=None, exec_id=None):
         vm = self.vm
-        offset = _int_param(request, "offset", 0)
-        limit = min(_int_param(request, "limit", 512 << 10), 512 << 10)
+        offset = _int_param(request, "offset", 0, maximum=1 << 62)
+        limit = min(_int_param(request, "limit", 512 << 10, minimum=1), 512 << 10)
         encoding = "base64" if request.query_params.get("encoding") == "base64" else "text"
         return Response(
             services.vm_exec_output(
@@ -132,11 +136,8 @@ class VmExecViewSet(VmNestedViewSet):
         vm = self.vm
         data = SignalSerializer(data=request.data or {})
         data.is_valid(raise_exception=True)
-        sig = data.validated_data["signal"]
         return Response(
-            services.vm_exec_signal(
-                vm=vm, actor=request.user, exec_id=exec_id, signal=int(sig) if sig.isdigit() else sig
-            )
+            services.vm_exec_signal(vm=vm, actor=request.user, exec_id=exec_id, signal=data.validated_data["signal"])
         )
 
     # ----- files ---------------------------------------------------------------------
@@ -144,24 +145,25 @@ class VmExecViewSet(VmNestedViewSet):
     @extend_schema(
         parameters=[
             _PATH,
-            OpenApiParameter("mode", str, description="octal, e.g. 0644"),
-            OpenApiParameter("owner", str),
+            OpenApiParameter("mode", str, description="octal, e.g. 0644", pattern="^[0-7]{1,4}$"),
+            OpenApiParameter(
+                "owner",
+                str,
+                description="user, user:group or :group",
+                pattern=r"^([A-Za-z0-9_][A-Za-z0-9_.-]{0,31})?(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,31})?$",
+            ),
             OpenApiParameter("overwrite", bool),
         ],
         request={"application/octet-stream": bytes},
-        responses={201: dict, 413: dict},
+        responses={201: OpenApiTypes.OBJECT},
     )
     def file_put(self, request, vm_id=None):
         """Raw body streamed into the guest file (atomic; sha256 verified end to end)."""
         vm = self.vm
         path = request.query_params.get("path")
-        mode = request.query_params.get("mode")
-        try:
-            mode_value = int(mode, 8) if mode else None
-        except ValueError as exc:
-            raise ApplicationError("mode must be octal, e.g. 0644.") from exc
+        mode_value = services.mode_checked(request.query_params.get("mode"))
         length = request.META.get("CONTENT_LENGTH")
-        size = int(length) if length and length.isdigit() else None
+        size = int(length) if length and length.isascii() and length.isdigit() else None
         raw = request._request  # the Django request: its body is read as a stream, never parsed
 
         def chunks():
@@ -229,7 +231,7 @@ class VmExecViewSet(VmNestedViewSet):
                 vm=vm,
                 actor=request.user,
                 path=request.query_params.get("path"),
-                limit=min(max(_int_param(request, "limit", 10000), 1), 10000),
+                limit=min(_int_param(request, "limit", 10000, minimum=1), 10000),
             )
         )
 
@@ -243,14 +245,11 @@ class VmExecViewSet(VmNestedViewSet):
         )
 
 
-def _int_param(request, name: str, default: int) -> int:
+def _int_param(request, name: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
     raw = request.query_params.get(name)
     if raw is None or raw == "":
         return default
-    try:
-        return int(raw)
-    except ValueError as exc:
-        raise ApplicationError(f"{name} must be an integer.") from exc
+    return int_checked(raw, name, minimum=minimum, maximum=maximum)
 
 
 def _b64hex(hexdigest: str) -> str:

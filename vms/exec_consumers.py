@@ -28,6 +28,7 @@ from django.conf import settings
 from accounts.context import actor_context, new_request_id
 from accounts.rights import websocket_rights_hold
 from sandbox_site.errors import ApplicationError
+from sandbox_site.validation import int_checked, ws_control_frame
 from vms import exec_services
 from vms.agent_gateway import AgentChannel
 from vms.rights_watch import RightsWatch
@@ -77,8 +78,8 @@ class VmExecConsumer(AsyncWebsocketConsumer):
             return
         query = parse_qs(self.scope.get("query_string", b"").decode())
         try:
-            self.cursor = max(0, int(query.get("offset", ["0"])[0]))
-        except ValueError:
+            self.cursor = int_checked(query.get("offset", ["0"])[0], "offset", minimum=0, maximum=1 << 62)
+        except ApplicationError:
             self.cursor = 0
         self.window = max(1, settings.SANDBOX_EXEC_WINDOW_BYTES)
         self.acked = self.cursor  # output offset the client confirmed
@@ -177,11 +178,10 @@ class VmExecConsumer(AsyncWebsocketConsumer):
             with actor_context(request_id=new_request_id(), source_ip=client[0]):
                 await self._apply(text_data, bytes_data)
         except ApplicationError as exc:
+            # Malformed frames included (validation): answered, and the socket stays open.
             await self._control({"type": "error", "code": exc.code, "message": exc.message})
             if exc.code == "permission_denied":  # the exec right was taken away: stop watching too
                 await self.close(code=_CLOSE_CODES["permission_denied"])
-        except (ValueError, KeyError, TypeError) as exc:
-            await self._control({"type": "error", "code": "bad_request", "message": str(exc)})
 
     async def _apply(self, text_data: str | None, bytes_data: bytes | None) -> None:
         """stdin, eof, resize and signal through the exec services (same checks as REST)."""
@@ -189,27 +189,43 @@ class VmExecConsumer(AsyncWebsocketConsumer):
         if bytes_data is not None:
             await exec_services.vm_exec_stdin_async(**target, data=bytes_data)
             return
-        message = json.loads(text_data or "{}")
-        if not isinstance(message, dict):
-            raise ValueError("control messages are JSON objects")
+        message = ws_control_frame(text_data)
         kind = message.get("type")
         if kind == "stdin":
-            await exec_services.vm_exec_stdin_async(**target, data=str(message.get("data", "")).encode())
+            data = message.get("data", "")
+            if not isinstance(data, str):
+                raise ApplicationError("stdin data must be a string.", code="bad_request")
+            await exec_services.vm_exec_stdin_async(**target, data=data.encode())
         elif kind == "eof":
             await exec_services.vm_exec_stdin_async(**target, data=b"", eof=True)
         elif kind == "resize":
-            await exec_services.vm_exec_resize_async(**target, rows=int(message["rows"]), cols=int(message["cols"]))
+            await exec_services.vm_exec_resize_async(**target, rows=message.get("rows"), cols=message.get("cols"))
         elif kind == "signal":
             await exec_services.vm_exec_signal_async(**target, signal=message.get("signal", "INT"))
         else:
-            raise ValueError(f"unknown control message {kind!r}")
+            raise ApplicationError("Unknown control message type.", code="bad_request")
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # Channels calls disconnect() only for a client's close, not when the task is
+            # cancelled (e.g. the server's close timeout): the stream must not outlive it.
+            await asyncio.shield(self._cleanup())
 
     async def disconnect(self, code):
-        if getattr(self, "rights", None) is not None:
-            await self.rights.stop()
-        if self.pump is not None:
-            self.pump.cancel()
+        await self._cleanup()
+
+    async def _cleanup(self) -> None:
+        rights, self.rights = getattr(self, "rights", None), None
+        if rights is not None:
+            await rights.stop()
+        pump, channel = getattr(self, "pump", None), getattr(self, "channel", None)
+        self.pump = self.channel = None
+        if pump is not None:
+            pump.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self.pump
-        if self.channel is not None:
-            await self.channel.close()
+                await pump
+        if channel is not None:
+            with contextlib.suppress(Exception):
+                await channel.close()

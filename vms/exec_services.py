@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
@@ -25,6 +26,7 @@ from accounts.models import AuditResult
 from accounts.permissions import require_perm
 from accounts.services import owner_quota_lock
 from sandbox_site.errors import ApplicationError, ConflictError, QuotaExceeded
+from sandbox_site.validation import int_checked, invalid, text_problem
 from vms import agent_gateway
 from vms.agent_gateway import AgentChannel, agent_call
 from vms.host_disk import require_disk_space
@@ -33,6 +35,9 @@ from vms.transitions import vm_guest_running
 
 EXEC_PERM = "vms.exec_vm"
 MAX_COMMAND_AUDIT = 4000
+# The guest hashes a file before it is sent; it gives up after 120 s (guest agent's
+# HASH_MAX_SECONDS), and so does the host a little later.
+FILE_OPEN_TIMEOUT = 150.0
 MAX_STDIN_BYTES = 1 << 20  # stdin given inline with POST .../exec/, .../stdin/ or a websocket frame
 COLLECT_PAGE_BYTES = 512 << 10  # what one exec_read may return (guest_agents/PROTOCOL.md)
 COLLECT_SECONDS = 60.0  # reading a finished exec's output back, at most
@@ -111,11 +116,7 @@ def vm_exec_start(
     )
     buffer_limit = args["buffer_bytes"]
     if pty:
-        args["pty"] = {
-            "rows": int(pty.get("rows", 24)),
-            "cols": int(pty.get("cols", 80)),
-            "term": str(pty.get("term", "")),
-        }
+        args["pty"] = _pty_checked(pty)
     audit_after = {
         "command": command_line[:MAX_COMMAND_AUDIT],
         "cwd": cwd,
@@ -200,6 +201,36 @@ def _background_exec_slot(vm: VM, *, background: bool):
                 details={"running": running, "limit": limit},
             )
         yield
+
+
+PTY_MAX_SIDE = 1000
+_TERM = re.compile(r"^[A-Za-z0-9._+-]{0,64}$", re.ASCII)
+# A signal by number (1-64) or by name, with or without SIG (the agent knows the names).
+_SIGNAL_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9+]{0,15}$", re.ASCII)
+
+
+def _pty_checked(pty: Any) -> dict:
+    if not isinstance(pty, dict):
+        raise invalid("pty", "pty must be an object {rows, cols, term}.")
+    term = pty.get("term", "")
+    if not isinstance(term, str) or not _TERM.match(term):
+        raise invalid("pty.term", "pty.term must be a terminal name like xterm-256color.")
+    return {
+        "rows": int_checked(pty.get("rows", 24), "pty.rows", minimum=1, maximum=PTY_MAX_SIDE),
+        "cols": int_checked(pty.get("cols", 80), "pty.cols", minimum=1, maximum=PTY_MAX_SIDE),
+        "term": term,
+    }
+
+
+def signal_checked(value: Any) -> str | int:
+    """A signal as the agent takes it: a number 1-64 or a name (``TERM``, ``SIGKILL``)."""
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return int_checked(value, "signal", minimum=1, maximum=64)
+    if isinstance(value, str) and _SIGNAL_NAME.match(value):
+        return value.upper()
+    raise invalid("signal", "signal must be a number (1-64) or a name like TERM.")
 
 
 def _collect(vm: VM, summary: dict, *, max_bytes: int) -> dict:
@@ -329,11 +360,13 @@ def _stdin_control(exec_id: str, data: bytes, eof: bool) -> _ExecControl:
     )
 
 
-def _signal_control(exec_id: str, signal: str | int) -> _ExecControl:
-    return _ExecControl("exec_signal", {"exec_id": exec_id, "signal": signal}, audited=True)
+def _signal_control(exec_id: str, signal: Any) -> _ExecControl:
+    return _ExecControl("exec_signal", {"exec_id": exec_id, "signal": signal_checked(signal)}, audited=True)
 
 
-def _resize_control(exec_id: str, rows: int, cols: int) -> _ExecControl:
+def _resize_control(exec_id: str, rows: Any, cols: Any) -> _ExecControl:
+    rows = int_checked(rows, "rows", minimum=1, maximum=PTY_MAX_SIDE)
+    cols = int_checked(cols, "cols", minimum=1, maximum=PTY_MAX_SIDE)
     return _ExecControl("exec_resize", {"exec_id": exec_id, "rows": rows, "cols": cols})
 
 
@@ -396,9 +429,30 @@ async def vm_exec_resize_async(*, vm: VM, actor, channel: AgentChannel, exec_id:
 
 
 def _path(path: str | None) -> str:
-    if not path or not path.startswith("/") or "\x00" in path or len(path) > 4096:
+    if not path or not path.startswith("/") or text_problem(path) or len(path) > 4096:
         raise ApplicationError("path must be an absolute path in the guest.", details={"path": "invalid"})
     return path
+
+
+# user[:group], names or numeric ids (useradd's rules, ASCII).
+_OWNER = re.compile(r"^(?:[A-Za-z0-9_][A-Za-z0-9_.-]{0,31})?(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,31})?$", re.ASCII)
+
+
+def owner_checked(owner: str | None) -> str | None:
+    if owner is None or owner == "":
+        return None
+    if not _OWNER.match(owner):
+        raise invalid("owner", "owner must be user, user:group or :group (names or numeric ids).")
+    return owner
+
+
+def mode_checked(mode: str | None) -> int | None:
+    """A file mode from a query string: octal digits, 0-7777."""
+    if mode is None or mode == "":
+        return None
+    if not re.fullmatch(r"[0-7]{1,4}", mode.removeprefix("0o"), re.ASCII):
+        raise invalid("mode", "mode must be octal between 0 and 7777, e.g. 0644.")
+    return int(mode.removeprefix("0o"), 8)
 
 
 def vm_file_stat(*, vm: VM, actor, path: str) -> dict:
@@ -447,6 +501,9 @@ def vm_file_upload(
     _require_running(vm)
     require_disk_space(action="upload a file")
     path = _path(path)
+    owner = owner_checked(owner)
+    if mode is not None and not 0 <= mode <= 0o7777:
+        raise invalid("mode", "mode must be octal between 0 and 7777, e.g. 0644.")
     limit = settings.SANDBOX_FILE_UPLOAD_MAX_BYTES
     too_large = ApplicationError(
         f"Uploads are limited to {limit} bytes.", code="too_large", status_code=413, details={"limit": limit}
@@ -475,7 +532,7 @@ def vm_file_download_open(*, vm: VM, actor, path: str) -> dict:
     _require_running(vm)
     path = _path(path)
     try:
-        info = agent_gateway.file_download_open(vm, path, timeout=600)
+        info = agent_gateway.file_download_open(vm, path, timeout=FILE_OPEN_TIMEOUT)
     except ApplicationError as exc:
         _audit(actor, "vm.file_read", vm, {"path": path}, result=AuditResult.FAILED, message=exc.message)
         raise

@@ -133,6 +133,16 @@ class VmSerializer(serializers.ModelSerializer):
         return vm_actions_allowed(vm.state)
 
 
+class VmCreatedSerializer(VmSerializer):
+    """A VM just created (or cloned): the VM and the operation that builds it."""
+
+    operation = serializers.UUIDField(read_only=True)
+
+    class Meta(VmSerializer.Meta):
+        fields = [*VmSerializer.Meta.fields, "operation"]
+        read_only_fields = fields
+
+
 class VmCreateSerializer(serializers.Serializer):
     name = serializers.CharField(max_length=63, validators=[name_validator])
     template = serializers.SlugRelatedField(slug_field="name", queryset=Template.objects.filter(is_active=True))

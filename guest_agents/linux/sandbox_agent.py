@@ -73,6 +73,8 @@ EXIT_DRAIN_GRACE = 2.0  # after the main process exits, wait this long for pipes
 MAX_VSOCK_CONNECTIONS = 16
 MAX_LIST_ENTRIES = 10000
 HASH_SLICE = 4 << 20  # bytes hashed per loop turn by background checksum tasks
+HASH_MAX_SECONDS = 120.0  # a download's checksum at open: given up (timeout) after this long
+READ_MAX_BYTES = 64 << 30  # larger files (or ones that keep growing while hashed) are refused
 
 _SETSID = shutil.which("setsid")
 _SETPRIV = shutil.which("setpriv")
@@ -1763,11 +1765,15 @@ class Agent:
 
     def op_file_read_open(self, conn: Conn, req_id, args: dict, data: bytes):
         path = _path_arg(args)
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        # Only regular files are sent: a device (/dev/zero), FIFO or socket never ends or
+        # blocks. Checked before open (opening some devices has effects) and after (O_NONBLOCK:
+        # a FIFO swapped in meanwhile must not wait for a writer).
+        _regular_file_checked(path, os.stat(path))
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         try:
             st = os.fstat(fd)
-            if stat.S_ISDIR(st.st_mode):
-                raise OpError("is_a_directory", f"{path} is a directory")
+            _regular_file_checked(path, st)
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
             h = FileHandle("read", fd, path, conn, conn.epoch)
             handle_id = self._new_handle(h)
         except BaseException:
@@ -1786,10 +1792,23 @@ class Agent:
         def checksum():
             hasher = sha256()
             pos = 0
+            deadline = time.monotonic() + HASH_MAX_SECONDS
             while True:
                 if handle_id not in self.handles:
                     return
-                chunk = os.pread(fd, HASH_SLICE, pos)
+                failure = None
+                try:
+                    chunk = os.pread(fd, HASH_SLICE, pos)
+                except OSError as exc:  # /proc/self/mem and friends: EIO
+                    chunk, failure = b"", os_error(exc)
+                if not failure and pos + len(chunk) > READ_MAX_BYTES:
+                    failure = OpError("too_large", f"{path} is larger than {READ_MAX_BYTES} bytes")
+                if not failure and time.monotonic() > deadline:
+                    failure = OpError("timeout", f"{path} could not be read within {HASH_MAX_SECONDS:.0f}s")
+                if failure is not None:
+                    self._handle_discard(handle_id)
+                    conn.respond(epoch, req_id, error=failure)
+                    return
                 if not chunk:
                     break
                 hasher.update(chunk)
@@ -1858,6 +1877,13 @@ def _killpg_quietly(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except OSError:
         pass
+
+
+def _regular_file_checked(path: str, st: os.stat_result) -> None:
+    if stat.S_ISDIR(st.st_mode):
+        raise OpError("is_a_directory", f"{path} is a directory")
+    if not stat.S_ISREG(st.st_mode):
+        raise OpError("bad_request", f"{path} is not a regular file (devices, FIFOs and sockets are not sent)")
 
 
 def _owner_arg(args: dict) -> tuple:

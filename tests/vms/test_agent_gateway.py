@@ -21,7 +21,8 @@ from vms.vmm.base import AgentTransport
         ("agent_unavailable", "agent_unavailable", 503),
         ("agent_timeout", "agent_timeout", 504),
         ("hostd_unavailable", "hostd_unavailable", 503),
-        ("io_error", "io_error", 502),  # anything else: the guest side failed
+        ("io_error", "io_error", 422),  # the guest could not read or write that file
+        ("cross_device", "cross_device", 502),  # anything else: the guest side failed
     ],
 )
 def test_it_maps_agent_and_hostd_codes_to_the_api_shape(code, api_code, status):
