@@ -25,6 +25,7 @@ from accounts.audit import audit_record
 from accounts.models import AuditResult
 from sandbox_site.errors import ApplicationError
 from vms import hypervisor
+from vms.events import operation_event_publish
 from vms.models import VM, Host, Operation, VmState
 from vms.transitions import IN_PLACE_STATES, TRANSITIONAL_STATES
 from vms.vmm.base import RuntimeState, VmmError, VmSpec
@@ -82,6 +83,7 @@ def operation_log(op: Operation, line: str, *, progress: int | None = None) -> N
         op.progress = progress
         fields["progress"] = progress
     Operation.objects.filter(pk=op.pk).update(**fields)
+    operation_event_publish(op)  # the VM page shows the step and percent live
 
 
 def operation_worker_id() -> str:
@@ -158,6 +160,7 @@ def operation_execute(op_id) -> Operation | None:
             status=Operation.Status.SUCCEEDED, finished_at=timezone.now(), progress=100
         )
     op.refresh_from_db()
+    operation_event_publish(op)
     return op
 
 
