@@ -18,6 +18,7 @@ from accounts.roles import user_is_operator
 from accounts.services import user_has_perm
 from sandbox_site.errors import ApplicationError
 from vms import selectors, services
+from vms.events import operation_step
 from vms.forms import VmCreateForm
 from vms.hooks import hook_run
 from vms.models import Operation, VmState
@@ -142,6 +143,7 @@ def vm_detail(request, vm_id):
             "resize_states": resize_states,
             "operation": current,
             "operation_elapsed": _elapsed(current),
+            "operation_step": operation_step(current.log) if current else "",
             "uptime_since": vm.started_at if vm.state == VmState.RUNNING else None,
             "upload_max_bytes": settings.SANDBOX_FILE_UPLOAD_MAX_BYTES,
         },

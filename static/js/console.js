@@ -201,12 +201,12 @@
 
   /* --- the overview's boot console (read-only, only while the VM boots) --- */
   const bootMount = document.getElementById("boot-console");
-  let boot = null;
+  let boot = null, bootText = "";
   document.addEventListener("boot-console", (e) => {
     if (e.detail && !boot && bootMount) {
       boot = makeConsole({ mount: bootMount, readOnly: true, fontSize: 12, onStatus() {}, onRole() {} });
       boot.start();
-    } else if (!e.detail && boot) { boot.stop(); boot = null; bootMount.replaceChildren(); }
+    } else if (!e.detail && boot) { bootText = boot.text(); boot.stop(); boot = null; bootMount.replaceChildren(); }
   });
 
   const again = () => { main.retryNow(); if (boot) boot.retryNow(); };
@@ -226,6 +226,6 @@
     status() { return statusEl.textContent; },
     badge() { return badge.hidden ? "" : roleEl.textContent; },
     text() { return main.text(); },
-    bootText() { return boot ? boot.text() : ""; },
+    bootText() { return boot ? boot.text() : bootText; },  // the last boot's, once it is over
   };
 })();

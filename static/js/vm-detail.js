@@ -99,9 +99,14 @@
   /* --- live progress of the VM's long operation (events carry step, percent, elapsed) --- */
   const progress = document.getElementById("vm-progress");
   let opShown = null, opElapsed = 0, opSince = 0, opRunning = false, hideTimer = null;
+  const seen = [];  // what the progress card showed (window.sandboxVm, for tests)
   function showOperation(op) {
     if (gone) return;
     if (opShown && op.id !== opShown && !["pending", "running"].includes(op.status)) return;  // an older one ended
+    const bar = document.getElementById("vm-progress-bar");
+    const live = ["pending", "running"].includes(op.status);
+    if (op.id === opShown && live && op.progress < bar.value) return;  // a slower poll answered after an event
+    seen.push({ id: op.id, action: op.action, status: op.status, progress: op.progress, step: op.step || "", elapsed: op.elapsed });
     opShown = op.id;
     clearTimeout(hideTimer);
     progress.hidden = false;
@@ -110,7 +115,6 @@
     const status = document.getElementById("vm-progress-status");
     status.textContent = op.status;
     status.className = `state op-${op.status}`;
-    const bar = document.getElementById("vm-progress-bar");
     bar.value = op.progress;
     bar.textContent = `${op.progress}%`;
     const step = document.getElementById("vm-progress-step");
@@ -129,7 +133,7 @@
   setInterval(() => { if (!progress.hidden) tickElapsed(); }, 1000);
   if (progress.dataset.op) {
     showOperation({ id: progress.dataset.op, action: progress.dataset.action, status: progress.dataset.status,
-      progress: Number(progress.dataset.progress), elapsed: Number(progress.dataset.elapsed), step: "" });
+      progress: Number(progress.dataset.progress), elapsed: Number(progress.dataset.elapsed), step: progress.dataset.step });
   }
 
   /* While the VM boots the overview shows its console (read-only: it never takes the keyboard). */
@@ -141,6 +145,7 @@
     }
   }
 
+  window.sandboxVm = { get operations() { return seen.slice(); }, get gone() { return gone; } };
   liveEvents((event) => {
     if (event.vm !== vmId) return;
     if (event.kind === "vm.deleted") showGone();

@@ -78,10 +78,12 @@ SPEC_FILE = "spec.json"
 TCG_TB_SIZE_MIB = 64  # TCG translation cache; QEMU default (1 GiB) would dominate per-VM RSS
 _UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
 QMP_MAX_LINE = 1 << 20  # a QMP reply bigger than this is treated as a protocol error
-# pci=off: the microvm machine runs with pcie=off (virtio-mmio devices, found through ACPI), so
-# a PCI probe can only fail, and it prints "PCI: Fatal: No config space access function found"
-# at the top of every boot console.
-_DEFAULT_CMDLINE = "console=ttyS0 root=/dev/vda rw panic=-1 quiet loglevel=4 pci=off"
+# The microvm machine runs with pcie=off (virtio-mmio devices, found through ACPI): pci=off skips
+# probing for a PCI host that is not there. The kernel still reports the missing config space at
+# KERN_ERR ("PCI: Fatal: No config space access function found", whatever pci= says), so the
+# console shows only critical messages (loglevel=3, the usual quiet boot); the guest's dmesg
+# keeps everything. Not pcie=on: a different machine could not restore older snapshots.
+_DEFAULT_CMDLINE = "console=ttyS0 root=/dev/vda rw panic=-1 quiet loglevel=3 pci=off"
 
 
 class QmpError(VmmError):
