@@ -134,7 +134,7 @@
   function roleText({ writer, canWrite, holder, refused }) {
     if (refused) return "";
     if (writer) return "";
-    if (!canWrite) return "Read-only: you have view rights." + (holder ? ` ${holder === me ? "You are" : holder + " is"} typing elsewhere.` : "");
+    if (!canWrite) return "Read-only: you have view rights." + (holder ? ` ${holder === me ? "Your other session has" : holder + " has"} the keyboard.` : "");
     if (holder === me) return "Read-only: your other session has the keyboard.";
     return holder ? `Read-only: ${holder} is typing.` : "Read-only: nobody is typing.";
   }
@@ -159,7 +159,7 @@
     },
   });
 
-  function startMain() {
+  function startMain(focus) {
     const fresh = !main.term;
     main.start();
     if (fresh) {
@@ -178,7 +178,7 @@
       });
       if (term.textarea) term.textarea.setAttribute("aria-label", "Console input");
     }
-    main.term.focus();
+    if (focus) main.term.focus();  // not when the tab is shown: arrow keys stay in the tab list
   }
 
   if (takeoverBtn) takeoverBtn.addEventListener("click", () => { main.send(JSON.stringify({ type: "takeover" })); main.term && main.term.focus(); });
@@ -216,7 +216,7 @@
   window.addEventListener("beforeunload", () => { main.stop(); if (boot) boot.stop(); });
 
   document.addEventListener("tab-shown", (e) => { if (e.detail === "console") startMain(); });
-  if (location.hash === "#console") startMain();
+  if (location.hash === "#console") startMain(true);
   /* For tests and power users: the terminals' text and state. */
   window.sandboxConsole = {
     get offset() { return main.offset; },

@@ -70,7 +70,8 @@
     tr.dataset.name = entry.name;
     let name;
     if (entry.type === "directory") {
-      name = button(`${entry.name}/`, () => open(path), "link-like", `Open folder ${entry.name}`);
+      name = button(`${entry.name}/`, () => open(path), "link-like");
+      name.title = `Open the folder ${entry.name}`;
     } else {
       name = document.createElement("span");
       name.textContent = entry.type === "symlink" ? `${entry.name} → ${entry.target || "?"}` : entry.name;

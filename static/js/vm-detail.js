@@ -33,6 +33,10 @@
   });
   const initial = document.getElementById("tab-" + location.hash.slice(1));
   select(initial || tabs[0]);
+  window.addEventListener("hashchange", () => {  // a link to another tab of this page
+    const tab = document.getElementById("tab-" + location.hash.slice(1));
+    if (tab && tab.getAttribute("aria-selected") !== "true") select(tab);
+  });
 
   /* --- state: buttons follow the state's allowed actions (the API's `actions`) --- */
   const allowed = stateActions();

@@ -130,9 +130,10 @@ def _buttons(driver, scope) -> dict[str, bool]:
     )
 
 
-def _axe(driver, shots, name):
+def _axe(driver, shots, name, failures: list | None = None):
     """Run axe-core in the page (loaded from the npm lock's copy, by this test only) and fail
-    on serious or critical violations; the full result goes next to the screenshots."""
+    on serious or critical violations (or collect them in ``failures``); the full result goes
+    next to the screenshots."""
     if not AXE.exists():
         pytest.skip("static/vendor/axe.min.js is missing (make static-vendor copies it)")
     if not _js(driver, "return !!window.axe"):
@@ -145,6 +146,9 @@ def _axe(driver, shots, name):
     )
     (shots / f"axe-{name}.json").write_text(json.dumps(violations, indent=2))
     bad = [v for v in violations if v["impact"] in ("serious", "critical")]
+    if failures is not None:
+        failures.extend({"page": name, **v} for v in bad)
+        return
     assert bad == [], f"{name}: {json.dumps(bad, indent=2)}"
 
 
@@ -495,7 +499,8 @@ def test_every_page_and_tab_passes_an_accessibility_audit(stack, browser_vm, own
 
     driver = owner_browser
     driver.get(browser_vm["url"])
-    _axe(driver, shots, "vm-overview")
+    failures: list[dict] = []
+    _axe(driver, shots, "vm-overview", failures)
     # Keyboard: the tabs are reachable and move with the arrow keys.
     overview = driver.find_element(By.ID, "tab-overview")
     overview.send_keys(Keys.ARROW_RIGHT)
@@ -507,11 +512,12 @@ def test_every_page_and_tab_passes_an_accessibility_audit(stack, browser_vm, own
         if tab == "files":
             _wait(driver, lambda: "/root:" in driver.find_element(By.ID, "files-status").text, what="files listed")
         time.sleep(0.5)
-        _axe(driver, shots, f"vm-{tab}")
+        _axe(driver, shots, f"vm-{tab}", failures)
     for page, name in (("/operations/", "operations"), ("/audit/", "audit"), ("/tokens/", "tokens")):
         driver.get(stack.url + page)
-        _axe(driver, shots, name)
+        _axe(driver, shots, name, failures)
         driver.save_screenshot(str(shots / f"{name}.png"))
+    assert failures == [], json.dumps(failures, indent=2)
     assert _console_errors(driver) == []
 
 

@@ -369,6 +369,20 @@ async def test_view_only_users_are_read_only_and_cannot_take_over(console_vm):
     await comm.disconnect()
 
 
+async def test_a_view_only_connection_never_takes_the_keyboard(console_vm, owner):
+    """The VM page's boot console (``?view=1``) watches without claiming the writer role, so
+    the owner's Console tab still gets the keyboard."""
+    watcher, connected, _ = await connect(console_vm, owner, "?view=1")
+    assert connected
+    first = await hello(watcher)
+    assert first["can_write"] is False and first["writer"] is False
+    typist, connected, _ = await connect(console_vm, owner)
+    assert connected
+    assert (await hello(typist))["writer"] is True
+    await watcher.disconnect()
+    await typist.disconnect()
+
+
 async def test_tickets_work_once_and_only_for_their_vm(console_vm, owner):
     from vms.consoles import console_ticket_mint
 
