@@ -108,6 +108,8 @@
         if (!writer) { if (onRole) onRole({ writer, canWrite, holder: holderName, nudge: true }); return; }
         send(encoder.encode(text));
       },
+      /** Drop the connection and resume from the offset (as after a network failure). */
+      reconnect() { if (socket) socket.close(1000); },
       /** Connect again at once (the VM's state changed: no need to wait for the backoff). */
       retryNow() { if (term && !socket && !stopped) { retry = 1000; connect(); } },
       stop() {
@@ -224,6 +226,7 @@
     get canWrite() { return main.canWrite; },
     get refused() { return main.refused; },
     status() { return statusEl.textContent; },
+    reconnect() { main.reconnect(); },
     badge() { return badge.hidden ? "" : roleEl.textContent; },
     text() { return main.text(); },
     bootText() { return boot ? boot.text() : bootText; },  // the last boot's, once it is over

@@ -277,8 +277,13 @@ def test_the_console_two_viewers_and_your_other_session(stack, browser_vm, brows
     driver.get(browser_vm["url"] + "#console")
     _wait(driver, lambda: _js(driver, "return window.sandboxConsole.writer"), what="console writer role")
     # The boot log is in the replay, without the PCI error line.
+    _wait(
+        driver,
+        lambda: "sandbox: init done" in _js(driver, "return window.sandboxConsole.text()"),
+        what="the boot log in the replay",
+    )
     text = _js(driver, "return window.sandboxConsole.text()")
-    assert "sandbox: init done" in text and "PCI: Fatal" not in text, text[-800:]
+    assert "PCI: Fatal" not in text, text[-800:]
     term = driver.find_element(By.CSS_SELECTOR, "#console-term textarea")
     term.send_keys("\n")
     time.sleep(1)
@@ -473,7 +478,7 @@ def test_a_view_only_viewer_gets_the_read_only_console_and_only_its_tabs(stack, 
     viewer.save_screenshot(str(shots / "vm-console-view-only.png"))
 
 
-def test_console_refusals_close_with_the_application_codes(stack, browser_vm, browsers):
+def test_console_refusals_close_with_the_application_codes(stack, browser_vm, browsers, shots):
     """A refused console is accepted, told why, then closed with 4401/4404 (not a 1006 at the
     handshake), so a page can stop retrying and say why."""
     stranger = browsers()
@@ -491,6 +496,26 @@ def test_console_refusals_close_with_the_application_codes(stack, browser_vm, br
     stranger.get(stack.url + "/login/")
     code, message = stranger.execute_async_script(probe, browser_vm["id"])
     assert code == 4401 and message["code"] == "not_authenticated", (code, message)
+
+    # A page whose viewer lost access: its next connect is refused, and it stops and says why.
+    viewer = browsers()
+    _login(viewer, stack, "grantee")
+    viewer.get(browser_vm["url"] + "#console")
+    _wait(viewer, lambda: _js(viewer, "return window.sandboxConsole.offset") > 0, what="viewer's console")
+    permissions = f"/api/v1/vms/{browser_vm['id']}/permissions/"
+    with stack.client() as client:
+        assert client.request("DELETE", permissions, json={"user": "grantee"}).status_code in (200, 204)
+    try:
+        _js(viewer, "window.sandboxConsole.reconnect()")
+        _wait(viewer, lambda: _js(viewer, "return window.sandboxConsole.refused"), what="the refusal")
+        status = _js(viewer, "return window.sandboxConsole.status()")
+        assert status.startswith("no access:") and "not shared with you" in status, status
+        time.sleep(3)  # no retry: the status stays
+        assert _js(viewer, "return window.sandboxConsole.status()") == status
+        viewer.save_screenshot(str(shots / "vm-console-refused.png"))
+    finally:
+        with stack.client() as client:
+            client.post(permissions, json={"user": "grantee", "permissions": ["view_vm"]})
 
 
 def test_every_page_and_tab_passes_an_accessibility_audit(stack, browser_vm, owner_browser, shots):
