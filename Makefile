@@ -42,6 +42,8 @@ static/vendor/.installed: frontend/package.json frontend/package-lock.json
 	cp frontend/node_modules/@xterm/xterm/lib/xterm.js frontend/node_modules/@xterm/xterm/css/xterm.css \
 	   frontend/node_modules/@xterm/addon-fit/lib/addon-fit.js \
 	   frontend/node_modules/chart.js/dist/chart.umd.min.js static/vendor/
+	# For the browser tests' accessibility audit only (no page loads it).
+	cp frontend/node_modules/axe-core/axe.min.js static/vendor/
 	touch $@
 
 static-vendor: static/vendor/.installed

@@ -7,7 +7,7 @@ class NetworkingConfig(AppConfig):
 
     def ready(self) -> None:
         # vms calls these at its lifecycle points and never imports networking.
-        from networking import services
+        from networking import selectors, services
         from vms.hooks import hook_register
 
         hook_register("vm_created", services.vm_hook_created)
@@ -16,4 +16,5 @@ class NetworkingConfig(AppConfig):
         hook_register("vm_row_deleting", services.vm_hook_row_deleting)
         hook_register("vm_nic", services.vm_hook_nic)
         hook_register("vm_counters", services.vm_hook_counters)
+        hook_register("vm_addresses", selectors.addresses_of)
         hook_register("host_worker_ready", services.host_hook_worker_ready)

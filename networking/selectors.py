@@ -49,6 +49,14 @@ def nics_of(vm) -> list[Nic]:
     return list(Nic.objects.filter(vm=vm).select_related("network").order_by("index"))
 
 
+def addresses_of(vm_ids) -> dict[str, list[str]]:
+    """The IPv4 addresses of these VMs (one query), by VM id, in NIC order."""
+    found: dict[str, list[str]] = {}
+    for vm_id, ip in Nic.objects.filter(vm_id__in=list(vm_ids)).order_by("vm_id", "index").values_list("vm_id", "ip"):
+        found.setdefault(str(vm_id), []).append(ip)
+    return found
+
+
 def port_forwards_of(vm):
     return PortForward.objects.filter(vm=vm).select_related("host").order_by("protocol", "host_port")
 

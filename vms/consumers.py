@@ -94,7 +94,7 @@ class VmEventsConsumer(AsyncJsonWebsocketConsumer):
 
 
 class VmConsoleConsumer(AsyncWebsocketConsumer):
-    """``/ws/vms/<id>/console/[?offset=N][&ticket=T]``: serial console of one VM, served from
+    """``/ws/vms/<id>/console/[?offset=N][&ticket=T][&view=1]``: serial console of one VM, served from
     the host daemon's console stream (one ``consoles.HostdConsole`` per websocket).
 
     Server -> client: binary frames = console bytes (in order, from ``offset``); text JSON:
@@ -106,7 +106,8 @@ class VmConsoleConsumer(AsyncWebsocketConsumer):
     ``offset`` the viewer gets the last SANDBOX_CONSOLE_SCROLLBACK_BYTES first, then live
     output; a reconnecting viewer passes the offset it reached and gets exactly what it missed.
 
-    Close codes: 4401/4403/4404 refused (no retry); 4409 the VM is not running or stopped,
+    Close codes: 4401/4403/4404 refused (accepted first, then an ``error`` with ``closing``
+    and the close, so browsers see the code; no retry); 4409 the VM is not running or stopped,
     4503 hostd unreachable (the page retries with backoff, from its offset).
 
     The writer role is tied to this connection: refreshed every
@@ -144,17 +145,18 @@ class VmConsoleConsumer(AsyncWebsocketConsumer):
         if ticket:
             user = await database_sync_to_async(consoles.console_ticket_consume)(ticket, self.vm_id)
         if user is None or not user.is_authenticated:
-            await self.close(code=4401)
+            await self._refuse(4401, "not_authenticated", "Log in to use the console.")
             return
         self.user = user
         try:  # view rights give a read-only console; the console right allows typing
             vm = await database_sync_to_async(vm_for)(user, self.vm_id, "view", action="console.open")
         except NotFound:
-            await self.close(code=4404)
+            await self._refuse(4404, "not_found", "This VM does not exist or is not shared with you.")
             return
         self.vm = vm
         access = await database_sync_to_async(consoles.console_access)(user, vm)
-        self.can_write = access.can_write
+        # ?view=1: a viewer that never types (the VM page's boot console) leaves the keyboard.
+        self.can_write = access.can_write and (query.get("view") or [""])[0] != "1"
         try:
             requested: int | None = int_checked((query.get("offset") or [""])[0], "offset", maximum=1 << 62)
         except ApplicationError:
@@ -215,6 +217,14 @@ class VmConsoleConsumer(AsyncWebsocketConsumer):
             await self.websocket_receive(message)
             return
         await super().dispatch(message)
+
+    async def _refuse(self, code: int, reason: str, message: str) -> None:
+        """Accept, say why, and close with the application's code: a refusal at the handshake
+        reaches browsers only as 1006, so a page could not tell it from a network failure
+        (and would retry forever)."""
+        await self.accept()
+        await self._send_json({"type": "error", "code": reason, "message": message, "closing": True})
+        await self.close(code=code)
 
     def _audit(self, action: str) -> None:
         from django.db import transaction

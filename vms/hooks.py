@@ -15,6 +15,7 @@ Hook names and their keyword arguments:
 - ``vm_row_deleting(vm)``: in the transaction that deletes the VM row;
 - ``vm_nic(vm) -> object | None``: the first NIC (``tap``, ``mac``, ``kernel_args``) for the VmSpec;
 - ``vm_counters(vm) -> dict``: extra counters in ``Driver.counters``' shape (sampling);
+- ``vm_addresses(vm_ids) -> dict[str, list[str]]``: the IP addresses of those VMs by VM id (pages);
 - ``host_worker_ready(host)``: once when a worker of ``host`` starts, after the VM reconcile.
 """
 
@@ -30,6 +31,7 @@ HOOK_NAMES = (
     "vm_row_deleting",
     "vm_nic",
     "vm_counters",
+    "vm_addresses",
     "host_worker_ready",
 )
 

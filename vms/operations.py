@@ -27,6 +27,7 @@ from accounts.models import AuditResult
 from sandbox_site import metrics
 from sandbox_site.errors import ApplicationError
 from vms import hypervisor
+from vms.events import operation_event_publish
 from vms.hostd.logcontext import log_context
 from vms.models import VM, Host, Operation, VmState
 from vms.transitions import IN_PLACE_STATES, TRANSITIONAL_STATES, vm_host_back, vm_host_down
@@ -85,6 +86,7 @@ def operation_log(op: Operation, line: str, *, progress: int | None = None) -> N
         op.progress = progress
         fields["progress"] = progress
     Operation.objects.filter(pk=op.pk).update(**fields)
+    operation_event_publish(op)  # the VM page shows the step and percent live
 
 
 def operation_worker_id() -> str:
@@ -198,6 +200,7 @@ def _operation_execute(op: Operation) -> Operation | None:
         metrics.operation_observe(op, "succeeded")
         logger.info("operation %s (%s) succeeded", op.pk, op.action)
     op.refresh_from_db()
+    operation_event_publish(op)
     return op
 
 

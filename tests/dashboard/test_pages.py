@@ -29,7 +29,7 @@ def test_the_detail_page_shows_only_allowed_controls(grantee, vm):
     assign_perm("vms.view_vm", grantee, vm)
     page = _client(grantee).get(f"/vms/{vm.pk}/").content.decode()
     assert 'data-action="start"' not in page
-    assert "You may not use this VM's console." in page
+    assert "you see the console but cannot type" in page
     assign_perm("vms.power_vm", grantee, vm)
     page = _client(grantee).get(f"/vms/{vm.pk}/").content.decode()
     assert 'data-action="start"' in page
@@ -64,3 +64,169 @@ def test_the_audit_page_filters_and_reports_bad_input(owner, vm):
     client.post("/login/", {"username": owner.username, "password": PASSWORD})
     assert b"auth.login" in client.get("/audit/?action=auth.*").content
     assert b"must be an ISO 8601" in client.get("/audit/?since=nope").content
+
+
+# --- pages that follow state and rights (issue 11) ----------------------------------------
+
+
+def _buttons(page: str) -> dict[str, bool]:
+    """{action: enabled} of the page's action buttons (the first button of each action)."""
+    import re
+
+    found: dict[str, bool] = {}
+    for attrs in re.findall(r"<button ([^>]*data-action=[^>]*)>", page):
+        action = re.search(r'data-action="([^"]+)"', attrs).group(1)
+        found.setdefault(action, " disabled" not in attrs)
+    return found
+
+
+def test_it_enables_only_the_actions_the_state_allows_in_the_list(owner):
+    from tests.factories import VmFactory
+
+    VmFactory(owner=owner, name="up", state="running")
+    page = _client(owner).get("/").content.decode()
+    assert _buttons(page) == {"start": False, "stop": True}
+    VM.objects.filter(name="up").update(state="stopped")
+    assert _buttons(_client(owner).get("/").content.decode()) == {"start": True, "stop": False}
+    VM.objects.filter(name="up").update(state="snapshotting")
+    assert _buttons(_client(owner).get("/").content.decode()) == {"start": False, "stop": False}
+
+
+def test_it_shows_no_row_actions_without_the_power_right(grantee, vm):
+    assign_perm("vms.view_vm", grantee, vm)
+    page = _client(grantee).get("/").content.decode()
+    assert vm.name in page and 'data-action="start"' not in page
+    assert 'data-shared="1"' in page  # the page subscribes to shared VMs' events
+
+
+def test_the_list_and_the_overview_show_the_ip_address(owner, settings):
+    from networking.services import nic_allocate
+    from tests.factories import VmFactory
+
+    settings.SANDBOX_NETWORKING = True
+    vm = VmFactory(owner=owner, name="net", state="running")
+    nic = nic_allocate(vm=vm)
+    ip = str(vm.nics.get().ip)
+    assert ip and nic
+    assert f"<code>{ip}</code>" in _client(owner).get("/").content.decode()
+    assert f"<code>{ip}</code>" in _client(owner).get(f"/vms/{vm.pk}/").content.decode()
+
+
+def test_the_list_renders_the_state_table_for_live_updates(owner, vm):
+    import json
+    import re
+
+    page = _client(owner).get("/").content.decode()
+    table = json.loads(re.search(r'<script id="state-actions" type="application/json">(.*?)</script>', page).group(1))
+    assert "start" in table["stopped"] and "start" not in table["running"]
+    assert table["snapshotting"] == []
+
+
+def test_the_detail_page_enables_actions_by_state(owner):
+    from tests.factories import VmFactory
+
+    vm = VmFactory(owner=owner, name="run", state="running")
+    buttons = _buttons(_client(owner).get(f"/vms/{vm.pk}/").content.decode())
+    assert buttons == {
+        "start": False,
+        "stop": True,
+        "reboot": True,
+        "pause": True,
+        "resume": False,
+        "delete": True,
+    }
+    VM.objects.filter(pk=vm.pk).update(state="creating")
+    buttons = _buttons(_client(owner).get(f"/vms/{vm.pk}/").content.decode())
+    assert buttons["start"] is False and buttons["reboot"] is False and buttons["delete"] is True
+
+
+def test_resize_is_offered_on_a_running_vm_only_when_the_driver_can_live_resize(owner):
+    from tests.factories import VmFactory
+
+    qemu = VmFactory(owner=owner, name="q", state="running", driver="qemu")
+    page = _client(owner).get(f"/vms/{qemu.pk}/").content.decode()
+    assert '<fieldset id="resize-fields" class="bare" disabled>' in page
+    assert 'data-states="stopped"' in page and "cannot resize a running VM" in page
+    VM.objects.filter(pk=qemu.pk).update(state="stopped")
+    assert '<fieldset id="resize-fields" class="bare">' in _client(owner).get(f"/vms/{qemu.pk}/").content.decode()
+    fake = VmFactory(owner=owner, name="f", state="running", driver="fake")  # live_resize=True
+    page = _client(owner).get(f"/vms/{fake.pk}/").content.decode()
+    assert '<fieldset id="resize-fields" class="bare">' in page
+    assert {"running", "paused", "stopped"} <= set(page.split('data-states="', 1)[1].split('"', 1)[0].split(","))
+
+
+def test_a_view_only_viewer_gets_the_read_only_console_and_no_exec_files_or_snapshot_tabs(grantee, vm):
+    assign_perm("vms.view_vm", grantee, vm)
+    page = _client(grantee).get(f"/vms/{vm.pk}/").content.decode()
+    assert 'id="tab-console"' in page and 'id="console-term"' in page
+    assert "you see the console but cannot type" in page
+    for hidden in ("tab-exec", "tab-files", "tab-snapshots", "console-takeover", "console-cad", 'data-keys="ctrl-c"'):
+        assert hidden not in page, hidden
+    assert "You may not" not in page
+    assign_perm("vms.exec_vm", grantee, vm)
+    assign_perm("vms.console_vm", grantee, vm)
+    page = _client(grantee).get(f"/vms/{vm.pk}/").content.decode()
+    assert 'id="tab-exec"' in page and 'id="tab-files"' in page and 'id="console-takeover"' in page
+    assert 'id="tab-snapshots"' not in page
+
+
+def test_the_owner_sees_every_tab_and_the_file_manager(owner, vm, settings):
+    settings.SANDBOX_FILE_UPLOAD_MAX_BYTES = 5 << 20
+    page = _client(owner).get(f"/vms/{vm.pk}/").content.decode()
+    for tab in ("overview", "console", "exec", "files", "snapshots", "network", "operations", "audit", "sharing"):
+        assert f'id="tab-{tab}"' in page, tab
+    assert 'data-upload-max="5242880"' in page and "5.0\xa0MB" in page
+    assert 'id="files-drop"' in page and "js/files.js" in page
+
+
+def test_the_overview_shows_the_running_operation(owner, vm):
+    from vms.operations import operation_log, operation_new
+
+    VM.objects.filter(pk=vm.pk).update(state="starting")
+    op = operation_new(vm=vm, action="start", actor=owner)
+    operation_log(op, "waiting for the guest agent", progress=60)
+    page = _client(owner).get(f"/vms/{vm.pk}/").content.decode()
+    assert f'data-op="{op.pk}"' in page and 'data-progress="60"' in page and 'data-action="start"' in page
+    assert 'id="vm-progress" aria-labelledby="vm-progress-title" hidden' not in page
+
+
+def test_the_create_form_is_filled_with_the_template_defaults(owner):
+    import json
+    import re
+
+    from vms.models import Template
+
+    Template.objects.update(is_active=False)
+    TemplateFactory(vcpus=2, memory_mib=384, disk_gib=3)
+    page = _client(owner).get("/vms/new/").content.decode()
+    assert '<input type="number" name="vcpus" value="2"' in page
+    assert '<input type="number" name="memory_mib" value="384"' in page
+    assert '<input type="number" name="disk_gib" value="3"' in page
+    defaults = json.loads(re.search(r'<script id="template-defaults" type="application/json">(.*?)</script>', page)[1])
+    assert defaults["test-template"]["disk_gib"] == 3 and defaults["test-template"]["max_vcpus"] == 2
+
+
+def test_operation_progress_is_published_to_the_vm_page(owner, vm, monkeypatch):
+    from vms import events
+    from vms.models import Operation
+    from vms.operations import operation_log, operation_new
+
+    sent = []
+    monkeypatch.setattr(events, "_publish", lambda vm_id, owner_id, message: sent.append((vm_id, owner_id, message)))
+    op = operation_new(vm=vm, action="start", actor=owner)
+    Operation.objects.filter(pk=op.pk).update(status="running")
+    op.refresh_from_db()
+    operation_log(op, "waiting for the guest agent", progress=40)
+    vm_id, owner_id, message = sent[-1]
+    assert (str(vm_id), owner_id) == (str(vm.pk), owner.pk)
+    assert message["kind"] == "operation" and message["vm"] == str(vm.pk)
+    assert message["operation"]["step"] == "waiting for the guest agent"
+    assert message["operation"]["progress"] == 40 and message["operation"]["action"] == "start"
+    assert message["operation"]["elapsed"] >= 0
+
+
+def test_operation_step_drops_the_time_stamp():
+    from vms.events import operation_step
+
+    assert operation_step("08:00:01 launching\n08:00:03 waiting for the guest agent\n") == "waiting for the guest agent"
+    assert operation_step("") == ""

@@ -192,13 +192,22 @@ async def closed_with(comm) -> tuple[dict, int]:
     return error, code
 
 
-async def test_it_refuses_anonymous_and_strangers(root, owner):
+async def refused_with(comm, connected) -> int:
+    """A refusal is accepted, explained, then closed with its code (a browser sees 1006 for a
+    handshake refusal and could not tell it from a network failure)."""
+    assert connected
+    error, code = await closed_with(comm)
+    assert error["message"], error
+    return code
+
+
+async def test_it_refuses_anonymous_and_strangers_with_the_application_codes(root, owner):
     vm = await database_sync_to_async(VmFactory)(owner=owner, state="running", name="con")
     stranger = await database_sync_to_async(UserFactory)(username="stranger")
-    comm, connected, code = await connect(vm)
-    assert not connected and code == 4401
-    comm, connected, code = await connect(vm, stranger)
-    assert not connected and code == 4404
+    comm, connected, _ = await connect(vm)
+    assert await refused_with(comm, connected) == 4401
+    comm, connected, _ = await connect(vm, stranger)
+    assert await refused_with(comm, connected) == 4404
 
 
 async def test_it_replays_the_scrollback_then_streams_live(make_vm, owner):
@@ -309,20 +318,34 @@ async def test_view_only_users_are_read_only_and_cannot_take_over(console_vm):
     await comm.disconnect()
 
 
+async def test_a_view_only_connection_never_takes_the_keyboard(console_vm, owner):
+    """The VM page's boot console (``?view=1``) watches without claiming the writer role, so
+    the owner's Console tab still gets the keyboard."""
+    watcher, connected, _ = await connect(console_vm, owner, "?view=1")
+    assert connected
+    first = await hello(watcher)
+    assert first["can_write"] is False and first["writer"] is False
+    typist, connected, _ = await connect(console_vm, owner)
+    assert connected
+    assert (await hello(typist))["writer"] is True
+    await watcher.disconnect()
+    await typist.disconnect()
+
+
 async def test_tickets_work_once_and_only_for_their_vm(console_vm, owner):
     from vms.consoles import console_ticket_mint
 
     other = await database_sync_to_async(VmFactory)(owner=owner, state="running", name="other")
     ticket = await database_sync_to_async(console_ticket_mint)(vm=console_vm, actor=owner)
-    comm, connected, code = await connect(other, None, f"?ticket={ticket}")
-    assert not connected  # wrong VM burns nothing but is refused
+    comm, connected, _ = await connect(other, None, f"?ticket={ticket}")
+    assert await refused_with(comm, connected) == 4401  # wrong VM burns nothing but is refused
     ticket = await database_sync_to_async(console_ticket_mint)(vm=console_vm, actor=owner)
     comm, connected, _ = await connect(console_vm, None, f"?ticket={ticket}")
     assert connected
     await hello(comm)
     await comm.disconnect()
-    comm, connected, code = await connect(console_vm, None, f"?ticket={ticket}")
-    assert not connected and code == 4401
+    comm, connected, _ = await connect(console_vm, None, f"?ticket={ticket}")
+    assert await refused_with(comm, connected) == 4401
 
 
 async def test_a_viewer_never_has_more_than_a_window_unacknowledged(make_vm, owner):

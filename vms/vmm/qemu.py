@@ -92,7 +92,12 @@ HYPERV_KVM_ENLIGHTENMENTS: tuple[str, ...] = ("hv_vpindex", "hv_runtime", "hv_sy
 TCG_TB_SIZE_MIB = 64  # TCG translation cache; QEMU default (1 GiB) would dominate per-VM RSS
 _UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
 QMP_MAX_LINE = 1 << 20  # a QMP reply bigger than this is treated as a protocol error
-_DEFAULT_CMDLINE = "console=ttyS0 root=/dev/vda rw panic=-1 quiet loglevel=4"
+# The microvm machine runs with pcie=off (virtio-mmio devices, found through ACPI): pci=off skips
+# probing for a PCI host that is not there. The kernel still reports the missing config space at
+# KERN_ERR ("PCI: Fatal: No config space access function found", whatever pci= says), so the
+# console shows only critical messages (loglevel=3, the usual quiet boot); the guest's dmesg
+# keeps everything. Not pcie=on: a different machine could not restore older snapshots.
+_DEFAULT_CMDLINE = "console=ttyS0 root=/dev/vda rw panic=-1 quiet loglevel=3 pci=off"
 # QEMU's seccomp filter: no obsolete syscalls, no set*uid/gid, no fork/exec, no scheduler or
 # priority changes (checked against QEMU 7.2, Debian 12).
 SANDBOX_OPTION = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
