@@ -273,6 +273,9 @@ def stack_start(work_dir: Path, log_dir: Path) -> Stack:
         "SANDBOX_WORKER_METRICS_PORT": str(_free_port()),
         "SANDBOX_HOSTD_METRICS_PORT": str(_free_port()),
         "LOG_FORMAT": "json",
+        # The networking test's "outside" namespace stands in for the internet; it sits in a private
+        # range, which default egress denies (docs/security.md), so the operator exception opens it.
+        "SANDBOX_EGRESS_EXCEPTIONS": "10.231.250.0/24",
         # VMM cgroups apart from a `make run` on the same host; removed by stack_stop.
         "SANDBOX_VMM_CGROUP": SYSTEST_CGROUP,
         "PYTHONUNBUFFERED": "1",
