@@ -4,7 +4,7 @@ from vms.models import VM, BootMode, DiskFormat, Image, Operation, OsType, Templ
 
 
 class ImageSerializer(serializers.ModelSerializer):
-    created_by = serializers.CharField(source="created_by.username", read_only=True, default=None)
+    created_by = serializers.CharField(source="created_by.username", read_only=True, default=None, allow_null=True)
     deprecated = serializers.SerializerMethodField()
 
     class Meta:

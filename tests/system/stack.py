@@ -276,6 +276,15 @@ def stack_start(work_dir: Path, log_dir: Path) -> Stack:
         # The networking test's "outside" namespace stands in for the internet; it sits in a private
         # range, which default egress denies (docs/security.md), so the operator exception opens it.
         "SANDBOX_EGRESS_EXCEPTIONS": "10.231.250.0/24",
+        # Rate limits are tested in tests/security; here they would turn the schemathesis stage's
+        # generated requests into 429s and leave the logic behind them untested.
+        "SANDBOX_RATE_USER": "100000/min",
+        "SANDBOX_RATE_ANON": "100000/min",
+        "SANDBOX_RATE_EXEC": "100000/min",
+        "SANDBOX_RATE_UPLOAD": "100000/min",
+        "SANDBOX_RATE_CREATE": "1000/min",
+        "SANDBOX_RATE_SNAPSHOT": "1000/min",
+        "SANDBOX_RATE_CLONE": "1000/min",
         # VMM cgroups apart from a `make run` on the same host; removed by stack_stop.
         "SANDBOX_VMM_CGROUP": SYSTEST_CGROUP,
         "PYTHONUNBUFFERED": "1",
