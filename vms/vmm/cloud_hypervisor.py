@@ -948,7 +948,9 @@ class CloudHypervisorDriver:
                 "run it without a NIC, or set SANDBOX_VMM_USER= (empty) to run VMMs as root",
                 details={"tap": spec.tap, "user": self.confinement.user},
             )
-        readable = [spec.kernel, *([spec.initramfs] if spec.initramfs else [])]
+        readable: list[Path] = []
+        if spec.boot_mode == BOOT_KERNEL:  # firmware boot reads no kernel: the disk carries it
+            readable += [spec.kernel, *([spec.initramfs] if spec.initramfs else [])]
         readable += [Path(p) for p in backing_chain(paths.overlay)]
         # Joins its cgroup and drops to the VMM user in the launcher, before exec.
         plan = self.confinement.launch_plan(spec, readable=readable)

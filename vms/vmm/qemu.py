@@ -525,7 +525,9 @@ class QemuDriver:
         for name in (QMP_SOCKET, SERIAL_SOCKET, AGENT_SOCKET):
             remove_path_quietly(spec.runtime_dir / name)
         overlay = spec.runtime_dir / OVERLAY
-        readable = [spec.kernel.resolve(), *([spec.initramfs.resolve()] if spec.initramfs else [])]
+        readable: list[Path] = []
+        if spec.boot_mode != BOOT_UEFI:  # firmware boot reads no kernel: the disk carries it
+            readable += [spec.kernel.resolve(), *([spec.initramfs.resolve()] if spec.initramfs else [])]
         readable += [Path(p) for p in backing_chain(overlay)]
         # Joins its cgroup and drops to the VMM user in the launcher, before exec.
         plan = self.confinement.launch_plan(spec, readable=readable)

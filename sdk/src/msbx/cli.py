@@ -314,9 +314,10 @@ class _RawTerminal:
 def _terminal_size() -> tuple:
     try:
         size = os.get_terminal_size(sys.stdout.fileno())
-        return size.lines, size.columns
     except OSError:
         return 24, 80
+    # A terminal that reports no size (0 x 0, e.g. a fresh pseudo-terminal) gets the classic one.
+    return size.lines or 24, size.columns or 80
 
 
 def _exec_tty(sandbox: Sandbox, command: list[str], env: dict[str, str], args: argparse.Namespace) -> int:
