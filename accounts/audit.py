@@ -67,6 +67,12 @@ def _lock_chain() -> None:
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_CHAIN_LOCK_ID])
 
 
+def audit_chain_lock() -> None:
+    """Take the audit chain's lock now, before any row lock of the transaction: a service that
+    locks rows and then audits would otherwise deadlock with one that audits and then locks."""
+    _lock_chain()
+
+
 def _json_safe(value: Any) -> Any:
     # NUL and lone surrogates escaped: an audit row must be storable and always render.
     return text_escape(json.loads(json.dumps(value, default=str))) if value is not None else None
