@@ -66,6 +66,9 @@ OPERATION_QUEUE_WAIT = Histogram(
 )
 RECONCILE = Counter("msbx_reconcile_results", "What reconcile passes found and did, by result", ["result"])
 QUOTA_DENIALS = Counter("msbx_quota_denials", "Requests refused by a user quota, by resource", ["resource"])
+ADMISSION_DENIALS = Counter(
+    "msbx_admission_denials", "VM launches refused because the host was full", ["host", "resource"]
+)
 
 WEBSOCKET_KINDS = (("console", re.compile(r"/console/$")), ("exec", re.compile(r"/execs/")), ("events", re.compile("")))
 

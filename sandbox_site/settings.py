@@ -315,6 +315,17 @@ if SANDBOX_VMM_MEMORY_OVERHEAD_MIB < 0 or SANDBOX_VMM_PIDS_MAX < 16 or not 1 <= 
         "SANDBOX_VMM_MEMORY_OVERHEAD_MIB must be >= 0, SANDBOX_VMM_PIDS_MAX >= 16, SANDBOX_VMM_IO_WEIGHT 1..10000."
     )
 SANDBOX_HOST_NAME = env.str("SANDBOX_HOST_NAME", default="local")
+# Host admission (vms.admission, docs/security.md): a VM starts only if the vCPUs and memory
+# (guest RAM + SANDBOX_VMM_MEMORY_OVERHEAD_MIB) of the VMs holding them on its host still fit into
+# (CPUs - reserve) x CPU overcommit and (memory - reserve) x memory overcommit. Hosts may override each.
+SANDBOX_CPU_OVERCOMMIT = env.float("SANDBOX_CPU_OVERCOMMIT", default=8.0)
+SANDBOX_MEMORY_OVERCOMMIT = env.float("SANDBOX_MEMORY_OVERCOMMIT", default=1.0)
+SANDBOX_HOST_RESERVE_MEMORY_MIB = env.int("SANDBOX_HOST_RESERVE_MEMORY_MIB", default=1024)
+SANDBOX_HOST_RESERVE_CPUS = env.int("SANDBOX_HOST_RESERVE_CPUS", default=0)
+if not (0.1 <= SANDBOX_CPU_OVERCOMMIT <= 64 and 0.1 <= SANDBOX_MEMORY_OVERCOMMIT <= 4):
+    raise ImproperlyConfigured("SANDBOX_CPU_OVERCOMMIT must be 0.1..64 and SANDBOX_MEMORY_OVERCOMMIT 0.1..4.")
+if SANDBOX_HOST_RESERVE_MEMORY_MIB < 0 or SANDBOX_HOST_RESERVE_CPUS < 0:
+    raise ImproperlyConfigured("SANDBOX_HOST_RESERVE_MEMORY_MIB and SANDBOX_HOST_RESERVE_CPUS must be >= 0.")
 SANDBOX_RUNTIME_DIR = Path(env.str("SANDBOX_RUNTIME_DIR", default=str(DATA_DIR / "run")))
 SANDBOX_IMAGE_DIR = Path(env.str("SANDBOX_IMAGE_DIR", default=str(DATA_DIR / "images")))
 # Images operators upload or register (vms.images): where their disks live, where registered

@@ -175,6 +175,7 @@ def snapshot_restore(*, snapshot: Snapshot, actor):
         vm = VM.objects.select_related("host").get(pk=snapshot.vm_id)
         if vm.host_id != snapshot.host_id:
             raise ConflictError("The VM moved to another host than the one holding this snapshot.")
+        vm_services.host_admission_check(host=vm.host, vcpus=snapshot.vcpus, memory_mib=snapshot.memory_mib, vm=vm)
         before = vm_transition_request(vm, "restore")
         op = operation_new(
             vm=vm, action="restore", actor=actor, params={"snapshot": str(snapshot.pk), "previous_state": before}
@@ -213,6 +214,10 @@ def snapshot_clone(*, snapshot: Snapshot, actor, count: int = 1, name_prefix: st
         taken = set(VM.objects.filter(owner=actor, name__in=names).values_list("name", flat=True))
         if taken:
             raise ConflictError(f"You already have VMs named {sorted(taken)}.", details={"name_prefix": "taken"})
+        # All clones at once: each starts on the snapshot's host.
+        vm_services.host_admission_check(
+            host=snapshot.host, vcpus=snapshot.vcpus, memory_mib=snapshot.memory_mib, count=count
+        )
         for name in names:
             vm_services.vm_limits_check(
                 owner=actor,

@@ -125,9 +125,53 @@ class TemplateAdmin(admin.ModelAdmin):
 
 @admin.register(Host)
 class HostAdmin(admin.ModelAdmin):
-    list_display = ["name", "is_active", "driver", "acceleration", "last_seen_at"]
+    """Capacity comes from the host's heartbeat; admission ratios and reserves are the operator's
+    (empty: the site-wide settings, ``vms.admission``)."""
+
+    list_display = [
+        "name",
+        "is_active",
+        "driver",
+        "acceleration",
+        "cpus",
+        "memory_mib",
+        "cpu_overcommit",
+        "memory_overcommit",
+        "last_seen_at",
+    ]
     list_filter = ["is_active"]
     search_fields = ["name"]
+    readonly_fields = ["cpus", "memory_mib", "last_seen_at", "hostd_seen_at", "hostd_status", "admits"]
+    fieldsets = [
+        (None, {"fields": ["name", "is_active", "driver", "acceleration"]}),
+        (
+            "Admission",
+            {
+                "fields": [
+                    "cpus",
+                    "memory_mib",
+                    "cpu_overcommit",
+                    "memory_overcommit",
+                    "reserve_cpus",
+                    "reserve_memory_mib",
+                    "admits",
+                ]
+            },
+        ),
+        ("Heartbeat", {"fields": ["last_seen_at", "hostd_seen_at", "hostd_status"]}),
+    ]
+
+    @admin.display(description="Admits now")
+    def admits(self, host: Host) -> str:
+        from vms.admission import host_room
+
+        if host.pk is None:
+            return "-"
+        room = host_room(host)
+        return (
+            f"{room.vcpus_used} of {room.vcpus_allowed} vCPUs and {room.memory_used_mib} of "
+            f"{room.memory_allowed_mib} MiB held by {room.vms} VM(s)"
+        )
 
 
 @admin.register(VM)

@@ -119,6 +119,28 @@ class Host(models.Model):
     hostd_status = models.JSONField(default=dict, blank=True, help_text="hostd's answer: VMs attached, agent links up.")
     cpus = models.PositiveIntegerField(default=0, help_text="CPUs of the host, as its heartbeat reports them.")
     memory_mib = models.PositiveIntegerField(default=0, help_text="Memory of the host, as its heartbeat reports it.")
+    # Admission (vms.admission): empty = the site-wide setting.
+    cpu_overcommit = models.FloatField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0.1), MaxValueValidator(64)],
+        help_text="vCPUs admitted per host CPU (empty: SANDBOX_CPU_OVERCOMMIT).",
+    )
+    memory_overcommit = models.FloatField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0.1), MaxValueValidator(4)],
+        help_text="VM memory (guest RAM + VMM overhead) admitted per MiB of host memory left after the reserve "
+        "(empty: SANDBOX_MEMORY_OVERCOMMIT).",
+    )
+    reserve_memory_mib = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="Host memory kept for the host itself (empty: SANDBOX_HOST_RESERVE_MEMORY_MIB).",
+    )
+    reserve_cpus = models.PositiveSmallIntegerField(
+        null=True, blank=True, help_text="Host CPUs kept for the host itself (empty: SANDBOX_HOST_RESERVE_CPUS)."
+    )
 
     def __str__(self) -> str:
         return self.name

@@ -336,26 +336,14 @@ def _host_back(vm: VM) -> int:
     return int(lifecycle.vm_fail(vm, message, expected={S.UNKNOWN}))
 
 
-def _host_capacity() -> tuple[int, int]:
-    memory_mib = 0
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemTotal:"):
-                    memory_mib = int(line.split()[1]) // 1024
-                    break
-    except (OSError, ValueError):
-        pass
-    return os.cpu_count() or 0, memory_mib
-
-
 def host_heartbeat(host: Host, now) -> bool:
     """This host's worker is alive (it runs this): record it, with the host's capacity and
     whether its hostd answers (True) or not (the host then counts as down)."""
+    from vms.admission import machine_capacity
     from vms.hostd.client import HostdClient
     from vms.hostd.errors import HostdError
 
-    cpus, memory_mib = _host_capacity()
+    cpus, memory_mib = machine_capacity()
     fields: dict = {"last_seen_at": now, "cpus": cpus, "memory_mib": memory_mib}
     try:
         with HostdClient(settings.SANDBOX_HOSTD_SOCKET, timeout=2.0) as client:

@@ -10,10 +10,10 @@ from accounts.permissions import visible_queryset
 from accounts.roles import user_is_operator
 from vms.models import VM, Operation, Template, VmState
 
-# States whose VM holds its vCPUs and memory on its host.
+# States whose VM holds its vCPUs and memory on its host (``creating``: a create boots).
 HOST_LOAD_STATES = (
-    "running", "paused", "starting", "pausing", "resuming", "rebooting", "resizing", "snapshotting", "stopping",
-    "unknown",
+    "creating", "running", "paused", "starting", "pausing", "resuming", "rebooting", "resizing", "snapshotting",
+    "stopping", "unknown",
 )  # fmt: skip
 
 
@@ -32,7 +32,9 @@ def host_is_up(host, now) -> bool:
 
 
 def host_list_with_usage(now):
-    """Active hosts with ``up``, ``heartbeat_age``, VM counts and vCPUs/memory given to VMs."""
+    """Active hosts with ``up``, ``heartbeat_age``, VM counts, vCPUs/memory given to VMs and
+    ``room`` (what admission allows and what VMs hold, ``vms.admission.host_room``)."""
+    from vms.admission import host_room
     from vms.models import Host
 
     load = HOST_LOAD_STATES
@@ -46,6 +48,13 @@ def host_list_with_usage(now):
         host.vm_states = dict(vms.values_list("state").annotate(n=Count("pk")).values_list("state", "n"))
         host.vcpus_used = used["v"] or 0
         host.memory_used_mib = used["m"] or 0
+        host.room = host_room(host)
+        host.vcpus_percent = (
+            round(100 * host.room.vcpus_used / host.room.vcpus_allowed) if host.room.vcpus_allowed else 0
+        )
+        host.memory_percent = (
+            round(100 * host.room.memory_used_mib / host.room.memory_allowed_mib) if host.room.memory_allowed_mib else 0
+        )
     return hosts
 
 
@@ -92,14 +101,21 @@ def usage_of(user, *, exclude_vm_id=None) -> dict[str, int]:
     qs = VM.objects.filter(owner=user).exclude(state=VmState.DELETING)
     if exclude_vm_id is not None:
         qs = qs.exclude(pk=exclude_vm_id)
-    agg = qs.aggregate(vcpus=Sum("vcpus"), memory_mib=Sum("memory_mib"), disk_gib=Sum("disk_gib"))
+    agg = qs.aggregate(vcpus=Sum("vcpus"), memory_mib=Sum("memory_mib"), disk_gib=Sum("disk_gib"), n=Count("pk"))
+    vms = agg["n"] or 0
     return {
-        "vms": qs.count(),
+        "vms": vms,
         "vcpus": agg["vcpus"] or 0,
         "memory_mib": agg["memory_mib"] or 0,
-        # Snapshot storage counts against the same disk limit (snapshots app).
-        "disk_gib": (agg["disk_gib"] or 0) + _snapshot_storage_gib(user),
+        # Snapshot storage and the VMs' console logs count against the same disk limit.
+        "disk_gib": (agg["disk_gib"] or 0) + _snapshot_storage_gib(user) + console_logs_gib(vms),
     }
+
+
+def console_logs_gib(vm_count: int) -> int:
+    """Disk the console logs of ``vm_count`` VMs may take, in whole GiB: hostd keeps each
+    ``serial.log`` at most ``SANDBOX_CONSOLE_LOG_MAX_BYTES`` long, so each VM is counted at that cap."""
+    return -(-vm_count * settings.SANDBOX_CONSOLE_LOG_MAX_BYTES // (1 << 30))
 
 
 def _snapshot_storage_gib(user) -> int:

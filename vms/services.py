@@ -19,6 +19,7 @@ from accounts.services import owner_quota_lock
 from sandbox_site import metrics
 from sandbox_site.errors import ApplicationError, ConflictError, QuotaExceeded
 from vms import selectors
+from vms.admission import host_admission_check
 from vms.hooks import hook_run
 from vms.host_disk import require_disk_space
 from vms.models import VM, Host, Image, Operation, Template, VmState
@@ -75,6 +76,8 @@ def vm_limits_check(
     over = {}
     if exclude_vm_id is None and usage["vms"] + 1 > quota["max_vms"]:
         over["vms"] = f"{usage['vms']} of {quota['max_vms']} VMs used"
+    # The VM's console log is counted with its disk (usage leaves this VM out in both cases).
+    disk_gib += selectors.console_logs_gib(usage["vms"] + 1) - selectors.console_logs_gib(usage["vms"])
     for key, asked in (("vcpus", vcpus), ("memory_mib", memory_mib), ("disk_gib", disk_gib)):
         if usage[key] + asked > quota[f"max_{key}"]:
             over[key] = f"{usage[key]} used + {asked} asked > limit {quota[f'max_{key}']}"
@@ -142,12 +145,15 @@ def vm_create(
         vm_limits_check(owner=owner, template=template, vcpus=vcpus, memory_mib=memory_mib, disk_gib=disk_gib)
         if VM.objects.filter(owner=owner, name=name).exists():
             raise ConflictError(f"You already have a VM named {name!r}.", details={"name": "taken"})
+        host = local_host()
+        if start:
+            host_admission_check(host=host, vcpus=vcpus, memory_mib=memory_mib)
         vm = VM(
             name=name,
             owner=owner,
             template=template,
             image=image,
-            host=local_host(),
+            host=host,
             vcpus=vcpus,
             memory_mib=memory_mib,
             disk_gib=disk_gib,
@@ -174,6 +180,8 @@ def vm_action(*, vm: VM, action: str, actor, force: bool = False) -> Operation:
         require_disk_space(action="start a VM")
     with transaction.atomic():
         before = _snapshot(vm)
+        if action == "start":
+            host_admission_check(host=vm.host or local_host(), vcpus=vm.vcpus, memory_mib=vm.memory_mib, vm=vm)
         previous = vm_transition_request(vm, action)
         op = operation_new(vm=vm, action=action, actor=actor, params={"force": force, "previous_state": previous})
         audit_record(
@@ -221,6 +229,7 @@ def vm_resize(*, vm: VM, actor, vcpus: int | None = None, memory_mib: int | None
                 "stop the VM, resize, then start it.",
                 code="restart_required",
             )
+        host_admission_check(host=vm.host or local_host(), vcpus=vcpus, memory_mib=memory_mib, vm=vm)
         previous = vm_transition_request(vm, "resize")
         op = operation_new(
             vm=vm,

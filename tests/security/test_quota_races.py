@@ -17,7 +17,7 @@ from networking.models import PortForward
 from sandbox_site.errors import ApplicationError
 from snapshots import services as snapshot_services
 from snapshots.models import Snapshot
-from tests.factories import SnapshotFactory, TemplateFactory, VmFactory
+from tests.factories import HostFactory, SnapshotFactory, TemplateFactory, VmFactory
 from vms import exec_services
 from vms import services as vm_services
 from vms.models import VM
@@ -92,7 +92,7 @@ def test_parallel_clones_stay_within_the_vm_count(owner):
 
 def test_parallel_snapshots_stay_within_the_storage_quota(owner):
     vms = [VmFactory(owner=owner, state="running", memory_mib=1024, disk_gib=1) for _ in range(N)]
-    _quota(owner, max_disk_gib=N + 3)  # VM disks + room for three 1 GiB memory images
+    _quota(owner, max_disk_gib=N + 1 + 3)  # VM disks, their console logs (20 x 16 MiB), three 1 GiB memory images
     ok, refused = parallel(lambda i: snapshot_services.snapshot_create(vm=vms[i], actor=owner, name=f"s{i}"))
     assert ok == 3 and Snapshot.objects.filter(owner=owner).count() == 3
 
@@ -134,3 +134,17 @@ def test_parallel_token_creates_stay_within_the_limit(owner, settings):
     settings.SANDBOX_TOKEN_MAX_PER_USER = 3
     ok, refused = parallel(lambda i: account_services.token_create(user=owner, name=f"t{i}", actor=owner))
     assert ok == 3 and ApiToken.objects.filter(user=owner).count() == 3
+
+
+def test_parallel_starts_stay_within_the_host_capacity(owner, settings):
+    # (4096 - 1024) = 3072 MiB admitted, 5 x 384 held by running VMs: room for three more.
+    settings.SANDBOX_VMM_MEMORY_OVERHEAD_MIB = 256
+    settings.SANDBOX_MEMORY_OVERCOMMIT = 1.0
+    settings.SANDBOX_HOST_RESERVE_MEMORY_MIB = 1024
+    host = HostFactory(name=settings.SANDBOX_HOST_NAME, cpus=64, memory_mib=4096)
+    for _ in range(5):
+        VmFactory(owner=owner, host=host, state="running", memory_mib=128)
+    stopped = [VmFactory(owner=owner, host=host, state="stopped", memory_mib=128) for _ in range(N)]
+    ok, refused = parallel(lambda i: vm_services.vm_action(vm=stopped[i], action="start", actor=owner))
+    assert ok == 3 and VM.objects.filter(owner=owner, state="starting").count() == 3
+    assert all(exc.code == "host_full" for exc in refused)

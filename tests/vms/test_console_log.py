@@ -31,3 +31,28 @@ def test_the_vm_usage_reports_the_console_log_on_disk(api, owner, vm, settings, 
     response = api.get(f"/api/v1/vms/{vm.pk}/samples/")
     assert response.status_code == 200
     assert response.json()["console_log_bytes"] == os.stat(log).st_blocks * 512 >= 100000
+
+
+def test_console_logs_count_against_the_owners_disk_quota(owner, settings) -> None:
+    from accounts.models import UserQuota
+    from sandbox_site.errors import QuotaExceeded
+    from tests.factories import TemplateFactory
+    from vms import selectors, services
+
+    settings.SANDBOX_NETWORKING = False
+    settings.SANDBOX_CONSOLE_LOG_MAX_BYTES = 1 << 30  # each VM's log may hold 1 GiB
+    UserQuota.objects.update_or_create(
+        user=owner, defaults={"max_vms": 10, "max_vcpus": 10, "max_memory_mib": 10_000, "max_disk_gib": 3}
+    )
+    template = TemplateFactory()  # 1 GiB disks
+    services.vm_create(owner=owner, name="first", template=template, start=False, actor=owner)
+    assert selectors.usage_of(owner)["disk_gib"] == 2  # its disk + its console log
+    try:
+        services.vm_create(owner=owner, name="second", template=template, start=False, actor=owner)
+    except QuotaExceeded as exc:
+        assert exc.details["disk_gib"] == "2 used + 2 asked > limit 3"
+    else:
+        raise AssertionError("the second VM's console log did not count")
+    settings.SANDBOX_CONSOLE_LOG_MAX_BYTES = 16 << 20  # 64 logs of 16 MiB make one GiB
+    assert selectors.console_logs_gib(1) == 1 and selectors.console_logs_gib(64) == 1
+    assert selectors.console_logs_gib(65) == 2 and selectors.console_logs_gib(0) == 0
