@@ -8,7 +8,8 @@ connection is answered ``413`` with the API's JSON error shape at once, the rest
 body is read and discarded for at most ``LINGER_SECONDS`` (so the client sees the answer
 instead of a reset), and nothing is written anywhere. Limits per request (``body_limit``):
 
-- ``PUT /api/v1/vms/<id>/files/`` with credentials: SANDBOX_FILE_UPLOAD_MAX_BYTES;
+- the upload routes of ``sandbox_site.body_limits`` (file and image uploads) with credentials:
+  their own limit (SANDBOX_FILE_UPLOAD_MAX_BYTES, SANDBOX_IMAGE_MAX_UPLOAD_BYTES);
 - any other request with credentials (a session cookie or an Authorization header):
   SANDBOX_REQUEST_MAX_BYTES;
 - without credentials: SANDBOX_ANONYMOUS_REQUEST_MAX_BYTES.
@@ -32,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import tempfile
 from io import BytesIO
 
@@ -40,7 +40,6 @@ logger = logging.getLogger(__name__)
 
 MEMORY_BODY_BYTES = 1 << 20
 LINGER_SECONDS = 2.0
-_UPLOAD_PATH = re.compile(rb"^/api/v1/vms/[^/]+/files/$")
 
 
 def body_limit(method: bytes, path: bytes, headers) -> int:
@@ -52,8 +51,12 @@ def body_limit(method: bytes, path: bytes, headers) -> int:
     credentials = headers.hasHeader(b"authorization") or session in cookies
     if not credentials:
         return settings.SANDBOX_ANONYMOUS_REQUEST_MAX_BYTES
-    if method == b"PUT" and _UPLOAD_PATH.match(path.split(b"?", 1)[0]):
-        return max(settings.SANDBOX_FILE_UPLOAD_MAX_BYTES, settings.SANDBOX_REQUEST_MAX_BYTES)
+    from sandbox_site.body_limits import upload_limit
+
+    route = path.split(b"?", 1)[0].decode("latin-1")
+    upload = upload_limit(method.decode("latin-1"), route)
+    if upload is not None:
+        return max(upload, settings.SANDBOX_REQUEST_MAX_BYTES)
     return settings.SANDBOX_REQUEST_MAX_BYTES
 
 

@@ -4,28 +4,20 @@ any view runs, so the upload size limit is enforced here, while the body arrives
 ``PUT /api/v1/vms/<id>/files/`` with a Content-Length over SANDBOX_FILE_UPLOAD_MAX_BYTES
 is answered 413 before a byte is read; a chunked body that grows past the limit is cut
 off (Django sees a disconnect and runs no view) and answered 413. Nothing reaches the guest.
-Image uploads (``POST /api/v1/images/``) get the same guard with SANDBOX_IMAGE_MAX_UPLOAD_BYTES.
+Image uploads (``POST /api/v1/images/``) get the same guard with SANDBOX_IMAGE_MAX_UPLOAD_BYTES
+(the routes and limits: ``sandbox_site.body_limits``, shared with daphne's layer).
 """
 
 from __future__ import annotations
 
 import json
-import re
 
-from django.conf import settings
-
-_UPLOAD_PATH = re.compile(r"^/api/v1/vms/[^/]+/files/$")
-_IMAGE_UPLOAD_PATH = "/api/v1/images/"
+from sandbox_site.body_limits import upload_limit
 
 
 def _upload_limit(scope) -> int | None:
     """The byte limit of this request's body, or None when it is not an upload."""
-    method, path = scope.get("method"), scope.get("path", "")
-    if method == "PUT" and _UPLOAD_PATH.match(path):
-        return settings.SANDBOX_FILE_UPLOAD_MAX_BYTES
-    if method == "POST" and path == _IMAGE_UPLOAD_PATH:
-        return settings.SANDBOX_IMAGE_MAX_UPLOAD_BYTES
-    return None
+    return upload_limit(scope.get("method") or "", scope.get("path") or "")
 
 
 def _too_large_body(limit: int) -> bytes:

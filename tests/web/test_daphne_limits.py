@@ -24,6 +24,7 @@ from tests.waiting import wait_until
 ROOT = Path(__file__).resolve().parents[2]
 DAPHNE = Path(sys.executable).with_name("daphne")
 LIMIT = 1 << 20  # SANDBOX_FILE_UPLOAD_MAX_BYTES in these daphnes
+IMAGE_LIMIT = 2 << 20  # SANDBOX_IMAGE_MAX_UPLOAD_BYTES
 
 
 class Daphne:
@@ -37,6 +38,7 @@ class Daphne:
             "TMPDIR": str(self.spool),
             "SANDBOX_ENV_FILE": "/nonexistent",
             "SANDBOX_FILE_UPLOAD_MAX_BYTES": str(LIMIT),
+            "SANDBOX_IMAGE_MAX_UPLOAD_BYTES": str(IMAGE_LIMIT),
             "SANDBOX_REQUEST_MAX_BYTES": str(256 << 10),
             "SANDBOX_ANONYMOUS_REQUEST_MAX_BYTES": str(16 << 10),
             "SANDBOX_SEND_BUFFER_BYTES": str(256 << 10),
@@ -173,6 +175,21 @@ def test_anonymous_requests_get_a_small_limit(web: Daphne) -> None:
             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
         )
         assert not _read_response(sock, 30).startswith(b"HTTP/1.1 413")
+
+
+def test_image_uploads_get_the_image_limit_not_the_request_limit(web: Daphne) -> None:
+    head = (
+        b"POST /api/v1/images/ HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer nope\r\n"
+        b"Content-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n"
+    )
+    body = b"x" * (512 << 10)  # over SANDBOX_REQUEST_MAX_BYTES (256 KiB), under the image limit
+    with web.connect() as sock:
+        sock.sendall(head % len(body) + body)
+        response = _read_response(sock, 30)
+        assert response.startswith(b"HTTP/1.1 401"), response[:200]  # reached the application
+    with web.connect() as sock:
+        sock.sendall(head % (IMAGE_LIMIT + 1))
+        _assert_413(_read_response(sock, 10), IMAGE_LIMIT)
 
 
 # ----- slow clients ---------------------------------------------------------------------------
