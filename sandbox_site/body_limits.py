@@ -5,6 +5,7 @@ limited to ``SANDBOX_REQUEST_MAX_BYTES`` (or the anonymous limit) by the daphne 
 
 from __future__ import annotations
 
+import json
 import re
 
 from django.conf import settings
@@ -23,3 +24,16 @@ def upload_limit(method: str, path: str) -> int | None:
         if method == route_method and pattern.match(path):
             return int(getattr(settings, setting))
     return None
+
+
+def too_large_body(limit: int) -> bytes:
+    """The 413 answer of both layers, in the API's error shape."""
+    return json.dumps(
+        {
+            "error": {
+                "code": "too_large",
+                "message": f"Request bodies here are limited to {limit} bytes.",
+                "details": {"limit": limit},
+            }
+        }
+    ).encode()

@@ -31,10 +31,11 @@ websockets. A client that takes nothing for SANDBOX_SEND_STALL_SECONDS is discon
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import tempfile
 from io import BytesIO
+
+from sandbox_site.body_limits import too_large_body, upload_limit
 
 logger = logging.getLogger(__name__)
 
@@ -51,25 +52,11 @@ def body_limit(method: bytes, path: bytes, headers) -> int:
     credentials = headers.hasHeader(b"authorization") or session in cookies
     if not credentials:
         return settings.SANDBOX_ANONYMOUS_REQUEST_MAX_BYTES
-    from sandbox_site.body_limits import upload_limit
-
     route = path.split(b"?", 1)[0].decode("latin-1")
     upload = upload_limit(method.decode("latin-1"), route)
     if upload is not None:
         return max(upload, settings.SANDBOX_REQUEST_MAX_BYTES)
     return settings.SANDBOX_REQUEST_MAX_BYTES
-
-
-def too_large_body(limit: int) -> bytes:
-    return json.dumps(
-        {
-            "error": {
-                "code": "too_large",
-                "message": f"Request bodies here are limited to {limit} bytes.",
-                "details": {"limit": limit},
-            }
-        }
-    ).encode()
 
 
 class _Discard:

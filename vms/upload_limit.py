@@ -10,26 +10,12 @@ Image uploads (``POST /api/v1/images/``) get the same guard with SANDBOX_IMAGE_M
 
 from __future__ import annotations
 
-import json
-
-from sandbox_site.body_limits import upload_limit
+from sandbox_site.body_limits import too_large_body, upload_limit
 
 
 def _upload_limit(scope) -> int | None:
     """The byte limit of this request's body, or None when it is not an upload."""
     return upload_limit(scope.get("method") or "", scope.get("path") or "")
-
-
-def _too_large_body(limit: int) -> bytes:
-    return json.dumps(
-        {
-            "error": {
-                "code": "too_large",
-                "message": f"Uploads are limited to {limit} bytes.",
-                "details": {"limit": limit},
-            }
-        }
-    ).encode()
 
 
 class UploadLimitMiddleware:
@@ -66,7 +52,7 @@ class UploadLimitMiddleware:
 
 
 async def _respond_413(send, limit: int) -> None:
-    body = _too_large_body(limit)
+    body = too_large_body(limit)
     await send(
         {
             "type": "http.response.start",
