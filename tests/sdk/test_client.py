@@ -436,6 +436,40 @@ async def test_the_async_client_uploads_with_sha256(api, aclient):
     assert result.size == 2000 and result.sha256 == hashlib.sha256(b"a" * 1000 + b"b" * 1000).hexdigest()
 
 
+async def test_the_async_client_reads_a_slow_pipe_without_stalling_the_event_loop(api, aclient):
+    import asyncio
+    import threading
+
+    def put(request):
+        data = request.read()
+        return answer(201, {"path": "/x", "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+
+    api.route("GET", f"/api/v1/vms/{VM_ID}/", VM)
+    api.route("PUT", f"/api/v1/vms/{VM_ID}/files/", put)
+    sandbox = await aclient.sandbox(VM_ID)
+    read_end, write_end = os.pipe()
+    writer_may_write = threading.Event()
+
+    def slow_writer():  # writes only once the event loop ran meanwhile; else sends nothing
+        if writer_may_write.wait(5):
+            os.write(write_end, b"late data")
+        os.close(write_end)
+
+    threading.Thread(target=slow_writer, daemon=True).start()
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        for _ in range(20):  # the pipe stays empty until the loop has run 20 times
+            await asyncio.sleep(0.01)
+            ticks += 1
+        writer_may_write.set()
+
+    with os.fdopen(read_end, "rb", buffering=0) as source:
+        result, _ = await asyncio.wait_for(asyncio.gather(sandbox.files.write("/x", source), ticker()), 30)
+    assert ticks == 20 and result.size == len(b"late data")
+
+
 def test_sync_and_async_clients_have_the_same_surface():
     from msbx import aio, client
 

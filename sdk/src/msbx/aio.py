@@ -726,7 +726,10 @@ class AsyncFiles:
                 async for piece in source:
                     yield self._count(piece, digest, counted, size, on_progress)
             else:
-                for piece in source:
+                # A file or a pipe: each read runs in a thread, so a slow source (a pipe that
+                # waits for its writer, a slow disk) never stalls the event loop.
+                chunks = iter(source)
+                while (piece := await asyncio.to_thread(next, chunks, None)) is not None:
                     yield self._count(piece, digest, counted, size, on_progress)
 
         headers = {"Content-Type": "application/octet-stream"}
@@ -796,9 +799,10 @@ class AsyncFiles:
     async def download(self, path: str, dest: str | os.PathLike | BinaryIO, **kwargs: Any) -> TransferResult:
         digest = hashlib.sha256()
         size = 0
+        # Writes run in a thread: a slow disk or a full pipe never stalls the event loop.
         if hasattr(dest, "write"):
             async for piece in self.iter_read(path, **kwargs):
-                dest.write(piece)  # type: ignore[union-attr]
+                await asyncio.to_thread(dest.write, piece)  # type: ignore[union-attr]
                 digest.update(piece)
                 size += len(piece)
             return TransferResult(str(path), size, digest.hexdigest())
@@ -807,7 +811,7 @@ class AsyncFiles:
         try:
             with tmp.open("wb") as handle:
                 async for piece in self.iter_read(path, **kwargs):
-                    handle.write(piece)
+                    await asyncio.to_thread(handle.write, piece)
                     digest.update(piece)
                     size += len(piece)
             os.replace(tmp, target)
