@@ -139,6 +139,9 @@ def _base_image(engine: str) -> str | None:
     return BASE if imported.returncode == 0 else None
 
 
+# Its own steps allow up to 20 min (debootstrap of the base image on a machine without one) and
+# 40 min (the build): the suite-wide 600 s would cut a cold first build short.
+@pytest.mark.timeout(3600)
 def test_it_builds_the_container_image():
     engine = _engine()
     if engine is None:
