@@ -18,18 +18,11 @@ from accounts.audit import audit_chain_verify, audit_record
 from accounts.models import AuditEvent, UserQuota
 from accounts.services import owner_quota_lock
 from tests.factories import VmFactory
+from tests.security.test_quota_races import _postgresql_and_quiet  # noqa: F401 - autouse fixture
 from vms import services as vm_services
 from vms.models import VM
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture(autouse=True)
-def _postgresql(settings):
-    if connection.vendor != "postgresql":
-        pytest.skip("concurrent transactions need PostgreSQL (SQLite serialises every write transaction)")
-    settings.SANDBOX_NETWORKING = False
-    settings.CELERY_TASK_ALWAYS_EAGER = False
 
 
 def together(*steps: Callable[[], object]) -> None:
