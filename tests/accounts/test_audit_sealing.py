@@ -119,3 +119,20 @@ def test_the_admin_lists_events_in_chain_order_and_filters_unsealed_ones(admin_u
     ][:3]
     unsealed = client.get("/admin/accounts/auditevent/?chain_seq__isempty=1")
     assert [e.pk for e in unsealed.context["cl"].result_list] == [pending.pk]
+
+
+def test_metrics_show_how_long_the_oldest_row_has_waited_for_its_seal(owner):
+    import re
+
+    from django.test import Client
+
+    def scraped() -> float:
+        body = Client(REMOTE_ADDR="127.0.0.1").get("/metrics").content.decode()
+        return float(re.search(r"^msbx_audit_oldest_unsealed_seconds (\S+)$", body, re.M).group(1))
+
+    assert scraped() == 0
+    stuck = _record(owner, 0)
+    AuditEvent.objects.filter(pk=stuck.pk).update(created_at=stuck.created_at - timedelta(hours=1))
+    assert scraped() >= 3600
+    audit_chain_seal()
+    assert scraped() == 0
