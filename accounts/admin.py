@@ -17,8 +17,19 @@ class ApiTokenAdmin(admin.ModelAdmin):
 
 @admin.register(AuditEvent)
 class AuditEventAdmin(admin.ModelAdmin):
-    list_display = ["created_at", "actor_username", "action", "object_type", "object_repr", "result", "source_ip"]
-    list_filter = ["result", "action", "object_type", "created_at"]
+    # In chain (seal) order, like audit_verify; "-" in the chain column: not sealed yet.
+    list_display = [
+        "chain_seq",
+        "created_at",
+        "actor_username",
+        "action",
+        "object_type",
+        "object_repr",
+        "result",
+        "source_ip",
+    ]
+    list_display_links = ["created_at"]
+    list_filter = ["result", "action", "object_type", "created_at", ("chain_seq", admin.EmptyFieldListFilter)]
     search_fields = ["actor_username", "action", "object_id", "object_repr", "request_id", "message"]
     date_hierarchy = "created_at"
 

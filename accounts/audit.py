@@ -1,8 +1,38 @@
 """Append-only, hash-chained audit log.
 
 Service functions call ``audit_record`` explicitly (not request signals), so work done by
-Celery workers is recorded with the same detail. Each row stores the hash of the row before
-it; ``audit_chain_verify`` recomputes the chain and reports the first broken link.
+Celery workers is recorded with the same detail.
+
+Writing and chaining are two steps, so that the chain's lock is never held by a transaction
+that takes other locks:
+
+1. ``audit_record`` inserts the row **unsealed** (``chain_seq`` null, no hashes) inside the
+   caller's transaction, taking no lock: an action that rolls back leaves no row behind, and
+   services may lock rows (owner quota, host, VM, NIC rows) before or after auditing in any order.
+2. ``audit_chain_seal`` **seals** committed rows: in its own short transaction it takes the
+   chain's advisory lock, reads the tail, and gives each unsealed row, in id order, the next
+   ``chain_seq``, the tail's hash as ``prev_hash`` and its own ``hash``. It runs after every
+   commit that wrote audit rows (``transaction.on_commit``) and periodically (Celery beat,
+   ``SANDBOX_AUDIT_SEAL_SECONDS``) for rows whose commit-time sealing did not happen (a process
+   that died between commit and callback, a lock timeout).
+
+Why this and not taking the chain lock first in every write transaction: the lock was held
+until the outer transaction committed, so any transaction that audited and then locked a row
+could deadlock with one that locked that row and then audited (PostgreSQL aborts one, the
+client gets a 500), and every audited write in the system was serialised for its whole
+duration. Taking the lock first everywhere would need one entry point covering every writer
+(requests, Celery tasks, consumers, management commands, hostd callbacks) and would serialise
+them all. Here the only transaction that ever holds the chain lock is the sealer's, which takes
+no lock but that one and the row locks of the unsealed rows it updates (no other writer
+updates audit rows): a deadlock with it is impossible by construction, whatever order callers
+lock in.
+
+What the chain proves is unchanged: ``audit_chain_verify`` walks the sealed rows in
+``chain_seq`` order and reports the first one that is missing (a gap in the sequence or a
+broken link), altered (its hash), or moved (its link); the chain order is the seal order,
+which is the commit order up to the sealer's batches. Unsealed rows are counted, and any older
+than ``SANDBOX_AUDIT_SEAL_GRACE_SECONDS`` fail the verification: a row that is not sealed soon
+after its commit is not protected by the chain, so it is reported rather than trusted.
 """
 
 from __future__ import annotations
@@ -10,8 +40,10 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
+from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import Model
 from django.utils import timezone
@@ -21,8 +53,12 @@ from accounts.models import AuditEvent, AuditResult
 from sandbox_site.validation import text_escape
 
 GENESIS_HASH = "0" * 64
-# Any constant works: it names the advisory lock that serialises appends to the chain.
+# Any constant works: it names the advisory lock that serialises sealing.
 _CHAIN_LOCK_ID = 727_105_001
+_SEAL_LOCK_TIMEOUT_MS = 10_000
+# Rows sealed per transaction, and per call of ``audit_chain_seal`` (the rest: the next call).
+_SEAL_BATCH = 500
+_SEAL_MAX_ROWS = 20_000
 
 _HASHED_FIELDS = (
     "created_at",
@@ -64,13 +100,15 @@ def audit_event_hash(event: AuditEvent, prev_hash: str) -> str:
 def _lock_chain() -> None:
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
+            # Bounded: a sealer that cannot get the lock leaves its rows to the next one. The
+            # transaction's own setting is put back once the lock is held.
+            cursor.execute("SELECT current_setting('lock_timeout')")
+            (previous,) = cursor.fetchone()
+            cursor.execute("SELECT set_config('lock_timeout', %s, true)", [f"{_SEAL_LOCK_TIMEOUT_MS}ms"])
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_CHAIN_LOCK_ID])
-
-
-def audit_chain_lock() -> None:
-    """Take the audit chain's lock now, before any row lock of the transaction: a service that
-    locks rows and then audits would otherwise deadlock with one that audits and then locks."""
-    _lock_chain()
+            cursor.execute("SELECT set_config('lock_timeout', %s, true)", [previous])
+    # SQLite: the sealer's transaction is BEGIN IMMEDIATE (settings), which already excludes
+    # every other writer.
 
 
 def _json_safe(value: Any) -> Any:
@@ -92,9 +130,10 @@ def audit_record(
     result: str = AuditResult.OK,
     message: str = "",
 ) -> AuditEvent:
-    """Append one audit event. Runs inside the caller's transaction when there is one, so an
-    action that rolls back leaves no "ok" row behind; denied/failed attempts should be
-    recorded outside the rolled-back transaction."""
+    """Append one audit event, unsealed: it joins the hash chain when the caller's transaction
+    has committed (see the module docstring). Runs inside the caller's transaction when there
+    is one, so an action that rolls back leaves no "ok" row behind; denied/failed attempts
+    should be recorded outside the rolled-back transaction. Takes no lock."""
     ctx = current_context()
     if obj is not None:
         object_type = object_type or obj._meta.label_lower
@@ -103,35 +142,68 @@ def audit_record(
         if object_owner_id is None:
             object_owner_id = getattr(obj, "owner_id", None)
     actor_id = getattr(actor, "pk", None) if actor is not None and getattr(actor, "is_authenticated", False) else None
-    with transaction.atomic():
-        _lock_chain()
-        last = AuditEvent.objects.order_by("-id").values_list("hash", flat=True).first()
-        prev_hash = last or GENESIS_HASH
-        event = AuditEvent(
-            created_at=timezone.now(),
-            actor_id=actor_id,
-            actor_username=getattr(actor, "username", "") if actor_id else "",
-            token_id=ctx.token_id,
-            source_ip=ctx.source_ip,
-            request_id=ctx.request_id,
-            client_request_id=ctx.client_request_id,
-            action=action,
-            object_type=object_type,
-            object_id=text_escape(object_id),
-            object_repr=text_escape(object_repr[:200]),
-            object_owner_id=object_owner_id,
-            before=_json_safe(before),
-            after=_json_safe(after),
-            result=result,
-            message=text_escape(message[:2000]),
-            prev_hash=prev_hash,
-            hash="",
-        )
-        event.save()
-        # The id is part of the hash so that deleting a row is detected even at the tail's end.
-        event.hash = audit_event_hash(event, prev_hash)
-        AuditEvent.objects.filter(pk=event.pk).update(hash=event.hash)
+    event = AuditEvent(
+        created_at=timezone.now(),
+        actor_id=actor_id,
+        actor_username=getattr(actor, "username", "") if actor_id else "",
+        token_id=ctx.token_id,
+        source_ip=ctx.source_ip,
+        request_id=ctx.request_id,
+        client_request_id=ctx.client_request_id,
+        action=action,
+        object_type=object_type,
+        object_id=text_escape(object_id),
+        object_repr=text_escape(object_repr[:200]),
+        object_owner_id=object_owner_id,
+        before=_json_safe(before),
+        after=_json_safe(after),
+        result=result,
+        message=text_escape(message[:2000]),
+        chain_seq=None,
+        prev_hash="",
+        hash="",
+    )
+    event.save()
+    # Right away when there is no transaction. A failure is logged, not raised: the action has
+    # committed, and the periodic sealer picks the row up.
+    transaction.on_commit(_seal_after_commit, robust=True)
     return event
+
+
+def _seal_after_commit() -> None:
+    audit_chain_seal()
+
+
+def audit_chain_seal(*, max_rows: int = _SEAL_MAX_ROWS) -> int:
+    """Seal committed, unsealed audit rows into the chain, in id order, in short transactions
+    of their own that take the chain lock and nothing else; returns how many were sealed. Must
+    not run inside another transaction that holds locks (it is called after commit and from a
+    periodic task)."""
+    sealed = 0
+    while sealed < max_rows:
+        if not AuditEvent.objects.filter(chain_seq__isnull=True).exists():  # the usual case: no lock
+            break
+        with transaction.atomic():
+            _lock_chain()
+            tail = AuditEvent.objects.filter(chain_seq__isnull=False).order_by("-chain_seq")
+            seq, prev_hash = tail.values_list("chain_seq", "hash").first() or (0, GENESIS_HASH)
+            batch = list(
+                AuditEvent.objects.filter(chain_seq__isnull=True).order_by("id")[: min(_SEAL_BATCH, max_rows - sealed)]
+            )
+            for event in batch:
+                seq += 1
+                # The id is part of the hash so that a row cannot be swapped for a copy.
+                event.hash = audit_event_hash(event, prev_hash)
+                updated = AuditEvent.objects.filter(pk=event.pk, chain_seq__isnull=True).update(
+                    chain_seq=seq, prev_hash=prev_hash, hash=event.hash
+                )
+                if updated != 1:  # deleted under us: roll the batch back, the next call redoes it
+                    raise RuntimeError(f"audit event {event.pk} vanished while being sealed")
+                prev_hash = event.hash
+        sealed += len(batch)
+        if len(batch) < _SEAL_BATCH:
+            break
+    return sealed
 
 
 @dataclass(frozen=True)
@@ -140,17 +212,38 @@ class ChainReport:
     checked: int
     broken_id: int | None = None
     reason: str = ""
+    # Committed rows not sealed into the chain yet (not covered by ``checked``).
+    unsealed: int = 0
 
 
-def audit_chain_verify() -> ChainReport:
-    """Walk the chain in id order; return the first row whose link or content does not match."""
+def audit_chain_verify(*, grace_seconds: float | None = None) -> ChainReport:
+    """Walk the sealed rows in chain order; return the first one whose place, link or content
+    does not match, or else the oldest row left unsealed for longer than ``grace_seconds``
+    (default ``SANDBOX_AUDIT_SEAL_GRACE_SECONDS``)."""
+    if grace_seconds is None:
+        grace_seconds = settings.SANDBOX_AUDIT_SEAL_GRACE_SECONDS
     prev_hash = GENESIS_HASH
     checked = 0
-    for event in AuditEvent.objects.order_by("id").iterator(chunk_size=2000):
-        if event.prev_hash != prev_hash:
+    sealed = AuditEvent.objects.filter(chain_seq__isnull=False).order_by("chain_seq")
+    for event in sealed.iterator(chunk_size=2000):
+        if event.chain_seq != checked + 1 or event.prev_hash != prev_hash:
             return ChainReport(False, checked, event.id, "previous row is missing or was altered")
         if audit_event_hash(event, prev_hash) != event.hash:
             return ChainReport(False, checked, event.id, "row content was altered")
         prev_hash = event.hash
         checked += 1
-    return ChainReport(True, checked)
+    unsealed = AuditEvent.objects.filter(chain_seq__isnull=True)
+    count = unsealed.count()
+    cutoff = timezone.now() - timedelta(seconds=grace_seconds)
+    stale = unsealed.filter(created_at__lt=cutoff).order_by("id")
+    oldest = stale.values_list("id", flat=True).first()
+    if oldest is not None:
+        return ChainReport(
+            False,
+            checked,
+            oldest,
+            f"{stale.count()} row(s) not sealed into the chain within {grace_seconds:g} s"
+            " (is the periodic audit sealer running?)",
+            unsealed=count,
+        )
+    return ChainReport(True, checked, unsealed=count)

@@ -83,8 +83,10 @@ class AuditResult(models.TextChoices):
 
 
 class AuditEvent(models.Model):
-    """Append-only audit trail. Each row holds the hash of the previous row (a hash chain);
-    ``manage.py audit_verify`` finds the first broken link."""
+    """Append-only audit trail. Rows are written unsealed (``chain_seq`` null) in the caller's
+    transaction and sealed into a hash chain after commit (``accounts.audit``): each sealed row
+    holds its place in the chain and the hash of the row before it; ``manage.py audit_verify``
+    finds the first broken link."""
 
     id = models.BigAutoField(primary_key=True)
     created_at = models.DateTimeField(default=timezone.now, db_index=True, editable=False)
@@ -112,11 +114,18 @@ class AuditEvent(models.Model):
     after = models.JSONField(null=True, blank=True)
     result = models.CharField(max_length=8, choices=AuditResult.choices, default=AuditResult.OK)
     message = models.TextField(blank=True)
-    prev_hash = models.CharField(max_length=64, editable=False)
-    hash = models.CharField(max_length=64, editable=False)
+    # Set together when the row is sealed into the chain; null / empty while it is not yet.
+    chain_seq = models.BigIntegerField(null=True, blank=True, unique=True, editable=False)
+    prev_hash = models.CharField(max_length=64, blank=True, editable=False)
+    hash = models.CharField(max_length=64, blank=True, editable=False)
 
     class Meta:
-        ordering = ["-id"]
+        # Newest first in seal order; rows not sealed yet (the newest) before all of them.
+        ordering = [models.F("chain_seq").desc(nulls_first=True), "-id"]
+        indexes = [
+            # The sealer's work list stays small whatever the size of the log.
+            models.Index(fields=["id"], condition=models.Q(chain_seq__isnull=True), name="auditevent_unsealed"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.created_at:%Y-%m-%d %H:%M:%S} {self.actor_username or '-'} {self.action} {self.result}"

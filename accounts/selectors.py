@@ -22,6 +22,11 @@ def audit_events_visible(user):
     return qs.filter(Q(object_owner_id=user.pk) | Q(actor_id=user.pk))
 
 
+def audit_oldest_unsealed_at() -> datetime | None:
+    """When the oldest audit row not yet sealed into the chain was written (None: none is)."""
+    return AuditEvent.objects.filter(chain_seq__isnull=True).order_by("id").values_list("created_at", flat=True).first()
+
+
 def _parse_time(value: str, name: str) -> datetime:
     return datetime_checked(value, name)
 

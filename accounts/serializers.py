@@ -59,6 +59,7 @@ class AuditEventSerializer(serializers.ModelSerializer):
             "after",
             "result",
             "message",
+            "chain_seq",
             "hash",
         ]
         read_only_fields = fields

@@ -29,7 +29,7 @@ from django.core.exceptions import ValidationError
 from django.db import IntegrityError, connection, transaction
 from guardian.shortcuts import assign_perm
 
-from accounts.audit import audit_chain_lock, audit_record
+from accounts.audit import audit_record
 from accounts.roles import user_is_operator
 from accounts.services import owner_quota_lock
 from networking import netlink, nft, selectors
@@ -480,12 +480,12 @@ def vm_egress_set(*, vm, actor, mode: str, rules: list[dict] | None = None) -> d
             message="Only an operator can give a VM wider egress than its network's.",
         )
     with transaction.atomic():
-        audit_chain_lock()  # lock order: the audit chain first, then the VM's NIC rows
-        nics = Nic.objects.select_for_update().filter(vm=vm)
-        if not nics.exists():
+        # All the VM's NIC rows at once, in one order: two updates of one VM queue, never cross.
+        locked = list(Nic.objects.select_for_update().filter(vm=vm).order_by("pk"))
+        if not locked:
             raise ConflictError("This VM has no network interface.", code="no_nic")
-        before = {"mode": nics[0].egress_mode, "rules": _egress_snapshot(EgressRule.objects.filter(vm=vm))}
-        nics.update(egress_mode=mode, egress_widened=widens)
+        before = {"mode": locked[0].egress_mode, "rules": _egress_snapshot(EgressRule.objects.filter(vm=vm))}
+        Nic.objects.filter(vm=vm).update(egress_mode=mode, egress_widened=widens)
         EgressRule.objects.filter(vm=vm).delete()
         for rule in validated:
             rule.vm = vm

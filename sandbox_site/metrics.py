@@ -4,8 +4,8 @@
   kind (``files``, ``exec``, ``api``, ``page``), websocket connections and bytes by kind
   (``console``, ``exec``, ``events``: console viewers and console bytes), and what the database
   says at scrape time: VMs by state/driver/host, host heartbeats and capacity used, operations
-  pending/running and the oldest running one, queue depths in Redis, free space of the data
-  directory.
+  pending/running and the oldest running one, the oldest audit row not sealed yet, queue depths
+  in Redis, free space of the data directory.
 - workers: operations (count and duration by action and outcome, queue wait), reconcile
   results, quota denials. A worker runs its tasks in pool processes, so its metrics use
   prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, a fresh directory per
@@ -211,6 +211,14 @@ class StateCollector:
             if row["start"] is not None:
                 oldest.add_metric([row["action"]], (now - row["start"]).total_seconds())
         yield from (inflight, oldest)
+        from accounts.selectors import audit_oldest_unsealed_at
+
+        unsealed_at = audit_oldest_unsealed_at()
+        yield GaugeMetricFamily(
+            "msbx_audit_oldest_unsealed_seconds",
+            "Age of the oldest audit row not sealed into the hash chain yet (0: none)",
+            value=(now - unsealed_at).total_seconds() if unsealed_at else 0,
+        )
         queues = GaugeMetricFamily("msbx_queue_depth", "Celery messages waiting in Redis, by queue", labels=["queue"])
         for name, depth in queue_depths().items():
             queues.add_metric([name], depth)

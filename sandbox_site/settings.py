@@ -381,6 +381,16 @@ CELERY_BEAT_SCHEDULE = {
         "options": {"queue": "shared", "expires": SANDBOX_RECONCILE_SECONDS * 2},
     },
 }
+# Audit rows join the hash chain right after their transaction commits; this periodic sealer
+# catches any that did not (accounts/audit.py). ``audit_verify`` fails on rows still unsealed
+# after the grace time.
+SANDBOX_AUDIT_SEAL_SECONDS = env.float("SANDBOX_AUDIT_SEAL_SECONDS", default=60.0)
+SANDBOX_AUDIT_SEAL_GRACE_SECONDS = env.float("SANDBOX_AUDIT_SEAL_GRACE_SECONDS", default=600.0)
+CELERY_BEAT_SCHEDULE["audit-seal"] = {
+    "task": "accounts.tasks.audit_chain_seal_task",
+    "schedule": SANDBOX_AUDIT_SEAL_SECONDS,
+    "options": {"queue": "shared", "expires": SANDBOX_AUDIT_SEAL_SECONDS * 2},
+}
 
 # --- networking ---------------------------------------------------------------------------
 # Give every new VM a NIC on the default network (off: VMs without network devices).

@@ -2,9 +2,12 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
-from accounts.audit import audit_chain_verify, audit_record
+from accounts.audit import GENESIS_HASH, audit_chain_verify, audit_record
 from accounts.models import AuditEvent
 from tests.factories import VmFactory
+
+# Rows join the chain when their transaction commits: these tests commit for real.
+pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture
@@ -15,9 +18,12 @@ def chain(owner):
 
 
 def test_it_links_each_row_to_the_previous_one(chain):
+    assert [row.chain_seq for row in chain] == [1, 2, 3, 4, 5]
+    assert chain[0].prev_hash == GENESIS_HASH
     for prev, row in zip(chain, chain[1:], strict=False):
-        assert row.prev_hash == prev.hash
-    assert audit_chain_verify().ok
+        assert len(row.hash) == 64 and row.prev_hash == prev.hash
+    report = audit_chain_verify()
+    assert report.ok and report.checked == 5 and report.unsealed == 0
 
 
 def test_it_detects_an_altered_row(chain, capsys):

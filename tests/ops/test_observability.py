@@ -197,8 +197,8 @@ def test_operators_see_the_hosts_and_system_pages(client, operator, owner, vm):
 # --- audit export -------------------------------------------------------------------------
 
 
-@pytest.mark.django_db
-def test_audit_export_writes_json_lines_in_id_order(owner, tmp_path):
+@pytest.mark.django_db(transaction=True)  # rows are exported once sealed, after their commit
+def test_audit_export_writes_json_lines_in_chain_order(owner, tmp_path):
     with actor_context(request_id="exp1"):
         for n in range(3):
             audit_record(actor=owner, action=f"test.event{n}", object_type="t", object_id=str(n))
@@ -208,6 +208,10 @@ def test_audit_export_writes_json_lines_in_id_order(owner, tmp_path):
     ours = [r for r in rows if r["action"].startswith("test.event")]
     assert [r["action"] for r in ours] == ["test.event0", "test.event1", "test.event2"]
     assert ours[0]["request_id"] == "exp1" and ours[0]["actor_username"] == "owner" and len(ours[0]["hash"]) == 64
+    assert ours[1]["prev_hash"] == ours[0]["hash"] and ours[1]["chain_seq"] == ours[0]["chain_seq"] + 1
+    resumed = io.StringIO()
+    call_command("audit_export", "--after-seq", str(ours[1]["chain_seq"]), stdout=resumed, stderr=io.StringIO())
+    assert [json.loads(line)["action"] for line in resumed.getvalue().splitlines()] == ["test.event2"]
     later = io.StringIO()
     call_command("audit_export", "--after-id", str(ours[1]["id"]), stdout=later, stderr=io.StringIO())
     assert [json.loads(line)["action"] for line in later.getvalue().splitlines()][-1] == "test.event2"

@@ -2,10 +2,14 @@
 
     manage.py audit_export --since 24h                 # the last day, to stdout
     manage.py audit_export --since 2026-11-01T00:00Z --until 2026-12-01T00:00Z -o nov.jsonl
-    manage.py audit_export --after-id 41234            # incremental: events after the last one shipped
+    manage.py audit_export --after-seq 41234           # incremental: events after the last one shipped
 
-One object per line in id order, with every column including the hash chain (``prev_hash``,
-``hash``: ``audit_verify`` checks it), so a shipper can resume from the last ``id`` it sent.
+One object per line in chain (seal) order, with every column including the hash chain
+(``chain_seq``, ``prev_hash``, ``hash``: ``audit_verify`` checks it), so a shipper can resume from
+the last ``chain_seq`` it sent. Only sealed events are exported: a row joins the chain moments
+after its transaction commits (accounts/audit.py), and is exported by the next run; how many
+were left for later is said on standard error. ``--after-id`` is not a resume point: ids are
+taken when a transaction writes its row, and a transaction that commits later is sealed later.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from accounts.models import AuditEvent
 
 FIELDS = (
     "id", "created_at", "actor_id", "actor_username", "token_id", "source_ip", "request_id", "action", "object_type",
-    "object_id", "object_repr", "object_owner_id", "before", "after", "result", "message", "prev_hash", "hash",
+    "client_request_id", "object_id", "object_repr", "object_owner_id", "before", "after", "result", "message",
+    "chain_seq", "prev_hash", "hash",
 )  # fmt: skip
 
 _DURATION = re.compile(r"^(\d+)([smhd])$")
@@ -43,16 +48,19 @@ def parse_when(text: str):
 
 
 class Command(BaseCommand):
-    help = "Export audit events as JSON lines (one event per line, in id order) for a SIEM."
+    help = "Export sealed audit events as JSON lines (one event per line, in chain order) for a SIEM."
 
     def add_arguments(self, parser):
         parser.add_argument("--since", help="ISO 8601 time or a duration back from now (24h, 7d)")
         parser.add_argument("--until", help="ISO 8601 time or duration; events before it")
+        parser.add_argument("--after-seq", type=int, default=None, help="only events with a larger chain_seq (resume)")
         parser.add_argument("--after-id", type=int, default=None, help="only events with a larger id")
         parser.add_argument("-o", "--output", default="-", help="file to write (default: standard output)")
 
-    def handle(self, *args, since=None, until=None, after_id=None, output="-", **options):
-        qs = AuditEvent.objects.order_by("id")
+    def handle(self, *args, since=None, until=None, after_seq=None, after_id=None, output="-", **options):
+        qs = AuditEvent.objects.filter(chain_seq__isnull=False).order_by("chain_seq")
+        if after_seq is not None:
+            qs = qs.filter(chain_seq__gt=after_seq)
         if since:
             qs = qs.filter(created_at__gte=parse_when(since))
         if until:
@@ -72,4 +80,6 @@ class Command(BaseCommand):
         finally:
             if out is not self.stdout:
                 out.close()
-        self.stderr.write(f"{count} audit event(s) exported")
+        unsealed = AuditEvent.objects.filter(chain_seq__isnull=True).count()
+        later = f", {unsealed} not sealed yet (exported once sealed)" if unsealed else ""
+        self.stderr.write(f"{count} audit event(s) exported{later}")
