@@ -12,12 +12,9 @@ outside the services) closes them within that time.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 
 from django.db import transaction
-
-logger = logging.getLogger(__name__)
 
 
 def rights_group(user_id) -> str:
@@ -32,17 +29,13 @@ def rights_changed(user_ids: Iterable[int]) -> None:
         return
 
     def send() -> None:
-        from asgiref.sync import async_to_sync
-        from channels.layers import get_channel_layer
+        from sandbox_site.group_events import group_events_publish
 
-        layer = get_channel_layer()
-        if layer is None:
-            return
-        for pk in ids:
-            try:
-                async_to_sync(layer.group_send)(rights_group(pk), {"type": "rights.changed"})
-            except Exception:
-                logger.warning("could not tell the websockets of user %s that rights changed", pk, exc_info=True)
+        group_events_publish(
+            [rights_group(pk) for pk in ids],
+            {"type": "rights.changed"},
+            what=f"rights change of user {ids[0]}" if len(ids) == 1 else f"rights change of {len(ids)} users",
+        )
 
     transaction.on_commit(send)
 

@@ -5,7 +5,7 @@ from rest_framework.routers import DefaultRouter
 
 from accounts.api import AuditEventViewSet, TokenViewSet, UserViewSet
 from networking.api import NetworkViewSet, VmNetworkViewSet, VmPortForwardViewSet
-from sandbox_site import health, metrics
+from sandbox_site import health, metrics, views
 from snapshots.api import MySnapshotRetentionView, SnapshotViewSet, VmSnapshotViewSet
 from vms.api import OperationViewSet, TemplateViewSet, VmViewSet
 from vms.exec_api import exec_urlpatterns
@@ -26,6 +26,7 @@ urlpatterns = [
     path("healthz", health.healthz, name="healthz"),
     path("readyz", health.readyz, name="readyz"),
     path("metrics", metrics.metrics_view, name="metrics"),
+    path("favicon.ico", views.favicon, name="favicon"),
     path(
         "api/v1/vms/<str:vm_id>/port-forwards/",
         VmPortForwardViewSet.as_view({"get": "list", "post": "create"}),

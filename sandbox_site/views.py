@@ -1,11 +1,12 @@
 """Error pages: JSON in the API's one error shape under /api/, styled pages elsewhere, each
-with the request id (also in the X-Request-ID header and the logs)."""
+with the request id (also in the X-Request-ID header and the logs); and /favicon.ico."""
 
 import logging
 
 from django.http import HttpResponseServerError, JsonResponse
-from django.shortcuts import render
+from django.shortcuts import redirect, render
 from django.template import loader
+from django.templatetags.static import static
 from django.utils.http import url_has_allowed_host_and_scheme
 
 from accounts.context import current_context, new_request_id
@@ -55,3 +56,9 @@ def bad_request(request, exception=None):
             return JsonResponse(error_body("too_large", "The request body is too large."), status=413)
         return JsonResponse(error_body("bad_request", "The request is malformed."), status=400)
     return render(request, "400.html", {"request_id": _request_id(request)}, status=400)
+
+
+def favicon(request):
+    """Pages that name no icon (the admin, the API docs) make browsers ask for /favicon.ico:
+    the dashboard's icon, not a 404 (and a logged warning) per browser."""
+    return redirect(static("favicon.svg"), permanent=True)

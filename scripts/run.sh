@@ -68,8 +68,18 @@ pids+=($!)
 $PY/python manage.py hostd > >(logto hostd) 2>&1 &
 pids+=($!)
 $PY/daphne -b "$BIND" -p "$PORT" sandbox_site.asgi:application > >(logto web) 2>&1 &
-pids+=($!)
-sleep 2
+web_pid=$!
+pids+=($web_pid)
+# Say "running" once the web server accepts connections (it takes seconds to import everything),
+# so that the address printed below answers when opened at once; bounded to about 2 minutes.
+case $BIND in 0.0.0.0) probe=127.0.0.1 ;; ::) probe=::1 ;; *) probe=$BIND ;; esac
+up=no
+for _ in $(seq 1 240); do
+    (exec 3<>"/dev/tcp/$probe/$PORT") 2>/dev/null && { up=yes; break; }
+    kill -0 "$web_pid" 2>/dev/null || { echo "The web server stopped; see $LOG_DIR/web.log" >&2; exit 1; }
+    sleep 0.5
+done
+[ "$up" = yes ] || echo "The web server does not answer on $probe:$PORT yet; see $LOG_DIR/web.log" >&2
 echo
 echo "microvm-sandbox is running: http://$BIND:$PORT/  (API docs: http://$BIND:$PORT/api/docs/)"
 echo "Logs in $LOG_DIR/. Press Ctrl-C to stop (VMs keep running; they are re-attached on the next start)."

@@ -81,3 +81,29 @@ def test_every_operation_documents_errors_in_the_error_shape(schema):
 def test_page_bounds_are_in_the_schema(schema):
     parameters = {p["name"]: p["schema"] for p in schema["paths"]["/api/v1/vms/"]["get"]["parameters"]}
     assert parameters["limit"]["minimum"] == 1 and parameters["offset"]["minimum"] == 0
+
+
+def test_the_vm_list_documents_its_state_and_name_filters(schema):
+    params = {p["name"]: p for p in schema["paths"]["/api/v1/vms/"]["get"]["parameters"] if p["in"] == "query"}
+    assert "running" in params["state"]["schema"]["enum"]
+    assert "name" in params and "case-insensitive" in params["name"]["description"]
+
+
+def test_the_vm_list_filters_by_name_and_state_and_the_detail_ignores_them(api, owner, stranger):
+    from tests.factories import VmFactory
+
+    web = VmFactory(owner=owner, name="web", state="running")
+    VmFactory(owner=owner, name="web-2", state="stopped")
+    VmFactory(owner=owner, name="db", state="running")
+    VmFactory(owner=stranger, name="web")  # not visible to owner
+    client = api.as_user(owner)
+
+    def names(query):
+        response = client.get(f"/api/v1/vms/?{query}")
+        assert response.status_code == 200
+        return sorted(vm["name"] for vm in response.json()["results"])
+
+    assert names("name=WEB") == ["web", "web-2"]
+    assert names("name=web&state=running") == ["web"]
+    assert names("state=stopped") == ["web-2"]
+    assert client.get(f"/api/v1/vms/{web.pk}/?name=db&state=stopped").json()["name"] == "web"

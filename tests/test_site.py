@@ -96,3 +96,15 @@ def test_every_admin_page_renders_for_an_admin(admin_user, vm):
         response = client.get(url)
         assert response.status_code == 200, url
     assert client.get(reverse("admin:vms_vm_change", args=[vm.pk])).status_code == 200
+
+
+def test_browsers_asking_for_favicon_ico_get_the_dashboards_icon(client, admin_user):
+    """The admin and the API docs name no icon, so browsers ask for /favicon.ico: no 404."""
+    from django.contrib.staticfiles import finders
+    from django.templatetags.static import static
+
+    response = client.get("/favicon.ico")
+    assert response.status_code == 301 and response["Location"] == static("favicon.svg")
+    assert finders.find("favicon.svg") is not None
+    client.force_login(admin_user)
+    assert f'<link rel="icon" href="{static("favicon.svg")}"' in client.get("/").content.decode()

@@ -11,7 +11,7 @@ from rest_framework.response import Response
 from accounts import services as account_services
 from accounts.permissions import ObjectPermissionViewSet
 from vms import selectors, services
-from vms.models import VM, Operation
+from vms.models import VM, Operation, VmState
 from vms.serializers import (
     GrantSerializer,
     OperationSerializer,
@@ -70,6 +70,8 @@ class VmViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPermissi
 
     def get_queryset(self):
         qs = super().get_queryset()
+        if self.action != "list":  # the filters narrow the list only, never a lookup by id
+            return qs
         state = self.request.query_params.get("state")
         if state:
             qs = qs.filter(state=state)
@@ -77,6 +79,20 @@ class VmViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPermissi
         if name:
             qs = qs.filter(name__icontains=name[:63])
         return qs
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("state", str, enum=VmState.values, description="only VMs in this state"),
+            OpenApiParameter(
+                "name",
+                str,
+                description="only VMs whose name contains this (case-insensitive; the first 63 characters "
+                "count). Clients resolve a VM name with it and keep the exact match.",
+            ),
+        ]
+    )
+    def list(self, request, *args, **kwargs):
+        return super().list(request, *args, **kwargs)
 
     @extend_schema(request=VmCreateSerializer, responses={202: VmCreatedSerializer})
     def create(self, request):

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import logging
-
-from asgiref.sync import async_to_sync
-from channels.layers import get_channel_layer
-
-logger = logging.getLogger(__name__)
+from sandbox_site.group_events import group_events_publish
 
 
 def vm_group(vm_id) -> str:
@@ -19,15 +14,8 @@ def user_group(user_id) -> str:
 
 
 def _publish(vm_id, owner_id, message: dict) -> None:
-    layer = get_channel_layer()
-    if layer is None:
-        return
-    try:
-        async_to_sync(layer.group_send)(vm_group(vm_id), message)
-        if owner_id is not None:
-            async_to_sync(layer.group_send)(user_group(owner_id), message)
-    except Exception:  # the event is a hint; the database is the truth
-        logger.warning("could not publish %s for vm %s", message.get("kind"), vm_id, exc_info=True)
+    groups = [vm_group(vm_id)] + ([user_group(owner_id)] if owner_id is not None else [])
+    group_events_publish(groups, message, what=f"{message.get('kind')} event of vm {vm_id}")
 
 
 def vm_event_publish(vm, *, kind: str = "vm.state", extra: dict | None = None) -> None:

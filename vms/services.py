@@ -96,6 +96,17 @@ def vm_row_init(*, vm: VM, actor) -> None:
     hook_run("vm_created", vm=vm, actor=actor)
 
 
+def template_image_refusal(template: Template) -> str | None:
+    """Why a new VM cannot boot ``template``'s own image ("has no disk yet", "is deprecated"),
+    or None when it can. A VM that picks another image does not need it."""
+    image = template.image
+    if image.status == Image.Status.MISSING:
+        return "has no disk yet"
+    if image.deprecated_at is not None:
+        return "is deprecated"
+    return None
+
+
 def image_minimums_check(*, image: Image | None, template: Template, memory_mib: int, disk_gib: int, actor) -> None:
     """The image a new VM boots must be usable (``vms.images.image_usable_check`` for a picked
     one; a template's must have a disk and not be deprecated) and fit its minimum sizes."""
@@ -104,8 +115,7 @@ def image_minimums_check(*, image: Image | None, template: Template, memory_mib:
     boot = image or template.image
     if image is not None:
         image_usable_check(image=image, actor=actor)
-    elif boot.status == Image.Status.MISSING or boot.deprecated_at is not None:
-        reason = "has no disk yet" if boot.status == Image.Status.MISSING else "is deprecated"
+    elif (reason := template_image_refusal(template)) is not None:
         raise ConflictError(f"The template's image {boot.name} {reason}.", details={"image": boot.name})
     if memory_mib < boot.min_memory_mib or disk_gib < boot.min_disk_gib:
         raise ApplicationError(

@@ -87,8 +87,10 @@ def vm_create(request):
 
     images = images_visible(request.user).filter(status=Image.Status.READY, deprecated_at__isnull=True)
     initial = {"start": True}
-    first = templates.first()
-    if first is not None:  # the fields show the template's defaults (the page follows the choice)
+    # The fields show the first template's defaults (the page follows the choice); preferably
+    # one whose own image can boot.
+    first = next((t for t in templates if services.template_image_refusal(t) is None), templates.first())
+    if first is not None:
         initial.update(template=first.name, vcpus=first.vcpus, memory_mib=first.memory_mib, disk_gib=first.disk_gib)
     form = VmCreateForm(request.POST or None, templates=templates, images=images, initial=initial)
     if request.method == "POST" and form.is_valid():

@@ -230,3 +230,55 @@ def test_operation_step_drops_the_time_stamp():
 
     assert operation_step("08:00:01 launching\n08:00:03 waiting for the guest agent\n") == "waiting for the guest agent"
     assert operation_step("") == ""
+
+
+def _template_with_a_diskless_image():
+    from tests.factories import ImageFactory
+    from vms.models import Image
+
+    image = ImageFactory(name="windows-like", status=Image.Status.MISSING)
+    return TemplateFactory(name="a-diskless", image=image)
+
+
+def test_the_create_form_marks_templates_whose_image_has_no_disk(owner):
+    """The migrated windows-default template waits for an operator's disk (the API would answer
+    409): its option says so, and the form starts on a template that can boot."""
+    import re
+
+    TemplateFactory()
+    _template_with_a_diskless_image()  # sorts first
+    page = _client(owner).get("/vms/new/").content.decode()
+    assert '<option value="windows-default">windows-default — its image has no disk yet</option>' in page
+    assert '<option value="a-diskless">a-diskless — its image has no disk yet</option>' in page
+    selected = re.search(r'<option value="([^"]+)" selected>([^<]*)</option>', page)
+    assert selected is not None and "its image" not in selected[2]
+
+
+def test_the_create_form_marks_deprecated_template_images(owner):
+    from django.utils import timezone
+
+    from tests.factories import ImageFactory
+
+    TemplateFactory(name="old", image=ImageFactory(name="old-image", deprecated_at=timezone.now()))
+    page = _client(owner).get("/vms/new/").content.decode()
+    assert '<option value="old">old — its image is deprecated</option>' in page
+
+
+def test_the_create_form_refuses_a_diskless_template_before_the_api_does(owner):
+    response = _client(owner).post("/vms/new/", {"name": "win", "template": "windows-default"})
+    assert response.status_code == 200
+    page = response.content.decode()
+    assert "Template windows-default&#x27;s image windows has no disk yet" in page
+    assert 'class="field has-error"' in page and 'id="vm-create-form"' in page
+    assert not VM.objects.exists()
+
+
+def test_the_create_form_takes_a_diskless_template_with_another_image(owner, django_capture_on_commit_callbacks):
+    _template_with_a_diskless_image()
+    TemplateFactory()  # its image test-image is ready
+    with django_capture_on_commit_callbacks(execute=False):
+        response = _client(owner).post(
+            "/vms/new/", {"name": "win", "template": "a-diskless", "image": "test-image", "start": "on"}
+        )
+    assert response.status_code == 302, response.content.decode()[-3000:]
+    assert VM.objects.filter(name="win").exists()

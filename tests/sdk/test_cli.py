@@ -11,7 +11,7 @@ import pytest
 from msbx import _http, cli
 
 from tests.sdk.fake import TOKEN, URL, FakeApi, answer, error
-from tests.sdk.test_client import VM, VM_ID, _exec_routes, _page
+from tests.sdk.test_client import VM, VM_ID, _exec_routes, _page, vm_list_answer
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ def run(capsys, *argv):
 
 
 def test_vm_ls_prints_a_table_or_json(api, capsys):
-    api.route("GET", "/api/v1/vms/", {"count": 1, "next": None, "results": [VM]})
+    api.route("GET", "/api/v1/vms/", vm_list_answer([VM]))
     code, out, _ = run(capsys, "vm", "ls")
     assert code == 0
     header, row = out.splitlines()
@@ -57,6 +57,8 @@ def test_errors_are_one_line_with_an_exit_code_and_debug_shows_the_request_id(ap
     api.route("GET", "/api/v1/vms/", {"count": 0, "next": None, "results": []})
     code, out, err = run(capsys, "vm", "show", "nope")
     assert code == 5 and out == "" and err.count("\n") == 1 and err.startswith("msbx: error: no VM 'nope'")
+    # A name is looked up with the list's filter, never as an id (a 404 logged on the server).
+    assert [r.url.path for r in api.requests] == ["/api/v1/vms/"]
     api.route("POST", "/api/v1/vms/.*/start/", error(409, "vm_not_running", "The VM is busy."))
     api.route("GET", f"/api/v1/vms/{VM_ID}/", VM)
     code, _, err = run(capsys, "--debug", "vm", "start", VM_ID)

@@ -114,18 +114,58 @@ def test_validation_errors_carry_field_details(api, client):
     assert "memory_mib: too small" in str(caught.value)
 
 
-def test_it_iterates_over_pages(api, client):
-    rows = [{**VM, "id": f"id-{i}", "name": f"vm-{i}", "state": "running" if i % 2 else "stopped"} for i in range(7)]
+def vm_list_answer(rows):
+    """The VM list as the server answers it: ``?state=`` and ``?name=`` (substring,
+    case-insensitive) filters, then a page by ``limit``/``offset``."""
 
     def page(request):
-        offset, limit = int(request.url.params["offset"]), int(request.url.params["limit"])
-        more = offset + limit < len(rows)
-        return {"count": len(rows), "next": "x" if more else None, "results": rows[offset : offset + limit]}
+        params = request.url.params
+        state, name = params.get("state"), params.get("name", "").lower()
+        found = [r for r in rows if (not state or r["state"] == state) and name in r["name"].lower()]
+        offset, limit = int(params.get("offset", 0)), int(params.get("limit", 50))
+        more = offset + limit < len(found)
+        return {"count": len(found), "next": "x" if more else None, "results": found[offset : offset + limit]}
 
-    api.route("GET", "/api/v1/vms/", page)
+    return page
+
+
+def test_it_iterates_over_pages(api, client):
+    rows = [{**VM, "id": f"id-{i}", "name": f"vm-{i}", "state": "running" if i % 2 else "stopped"} for i in range(7)]
+    api.route("GET", "/api/v1/vms/", vm_list_answer(rows))
     assert [sb.name for sb in client.sandboxes(page_size=3)] == [f"vm-{i}" for i in range(7)]
     assert len(api.calls("GET", "/api/v1/vms/")) == 3
     assert [sb.name for sb in client.sandboxes(state="running", page_size=3)] == ["vm-1", "vm-3", "vm-5"]
+    assert api.requests[-1].url.params["state"] == "running"  # the server filters
+
+
+NAMED = [
+    {**VM, "id": "aaaaaaaa-0000-0000-0000-000000000001", "name": "box-2"},
+    {**VM, "id": "aaaaaaaa-0000-0000-0000-000000000002", "name": "web"},
+    VM,  # "box"
+]
+
+
+def test_it_finds_a_vm_by_exact_name_with_the_list_filter_and_never_asks_the_detail_for_it(api, client):
+    api.route("GET", "/api/v1/vms/", vm_list_answer(NAMED))
+    assert client.sandbox("box").id == VM_ID
+    assert [r.url.path for r in api.requests] == ["/api/v1/vms/"]
+    assert api.requests[0].url.params["name"] == "box"
+    assert msbx.Sandbox.connect("web", client=client).name == "web"
+    with pytest.raises(msbx.NotFound, match="no VM 'bo'"):
+        client.sandbox("bo")  # a substring of two names is neither of them
+    assert not api.calls("GET", "/api/v1/vms/bo")
+
+
+def test_it_refuses_a_name_several_visible_vms_share(api, client):
+    api.route("GET", "/api/v1/vms/", vm_list_answer([VM, {**VM, "id": "aaaaaaaa-0000-0000-0000-000000000009"}]))
+    with pytest.raises(msbx.SandboxError, match="2 VMs are named 'box': use the id"):
+        client.sandbox("box")
+
+
+def test_it_reads_a_vm_id_straight_from_its_detail(api, client):
+    api.route("GET", f"/api/v1/vms/{VM_ID}/", VM)
+    assert client.sandbox(VM_ID).name == "box"
+    assert [r.url.path for r in api.requests] == [f"/api/v1/vms/{VM_ID}/"]
 
 
 def test_it_refuses_fields_the_endpoint_table_does_not_declare():
@@ -394,6 +434,18 @@ async def test_the_async_client_retries_and_pages(api, aclient):
     assert (await aclient.sandbox(VM_ID)).name == "box"
     api.route("GET", "/api/v1/vms/", [{"count": 2, "next": "x", "results": [VM]}, {"count": 2, "results": [VM]}])
     assert len([sb async for sb in aclient.sandboxes()]) == 2
+
+
+async def test_the_async_client_finds_vms_by_name_and_id_as_the_sync_one_does(api, aclient):
+    api.route("GET", "/api/v1/vms/", vm_list_answer(NAMED))
+    api.route("GET", f"/api/v1/vms/{VM_ID}/", VM)
+    assert (await aclient.sandbox("box")).id == VM_ID
+    assert (await aclient.sandbox(VM_ID)).name == "box"
+    assert [r.url.path for r in api.requests] == ["/api/v1/vms/", f"/api/v1/vms/{VM_ID}/"]
+    assert api.requests[0].url.params["name"] == "box"
+    with pytest.raises(msbx.NotFound):
+        await aclient.sandbox("bo")
+    assert [sb.name async for sb in aclient.sandboxes(state="running", name="WEB")] == ["web"]
 
 
 async def test_the_async_client_streams_exec_output_and_maps_errors(api, aclient):

@@ -43,7 +43,7 @@ _PAGE = ("limit", "offset")
 
 ENDPOINTS: dict[str, Endpoint] = {
     # VMs
-    "vm_list": Endpoint("GET", "/api/v1/vms/", query=_PAGE, reads=_VM_FIELDS, paginated=True),
+    "vm_list": Endpoint("GET", "/api/v1/vms/", query=(*_PAGE, "state", "name"), reads=_VM_FIELDS, paginated=True),
     "vm_create": Endpoint(
         "POST",
         "/api/v1/vms/",

@@ -14,11 +14,20 @@ import base64
 import codecs
 import inspect
 import time
-from collections.abc import AsyncIterator, Generator, Iterator
+import uuid
+from collections.abc import AsyncIterator, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from msbx.errors import ApiError, OperationFailed, SandboxError, ServiceUnavailable, Timeout, TransportError
+from msbx.errors import (
+    ApiError,
+    NotFound,
+    OperationFailed,
+    SandboxError,
+    ServiceUnavailable,
+    Timeout,
+    TransportError,
+)
 
 # Operation statuses that are final; anything else (queued, running, states a newer server
 # adds) means "not yet".
@@ -209,6 +218,27 @@ def vm_wait_state(vm_id: str, states: set[str], *, timeout: float | None, poll: 
         if deadline.expired():
             raise Timeout(f"VM {vm_id} did not reach {sorted(states)} in {timeout} s (state {vm.get('state')})")
         yield Sleep(poll)
+
+
+def is_vm_id(ref: str) -> bool:
+    """Whether ``ref`` is a VM id (a UUID) rather than a name."""
+    try:
+        uuid.UUID(ref)
+    except ValueError:
+        return False
+    return True
+
+
+def vm_named(name: str, rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """The one VM called exactly ``name`` among ``rows`` (the list's ``?name=`` answer, which
+    matches substrings): NotFound when none, SandboxError when several VMs you can see (yours
+    and shared ones) have that name."""
+    matches = [row for row in rows if row.get("name") == name]
+    if len(matches) > 1:
+        raise SandboxError(f"{len(matches)} VMs are named {name!r}: use the id")
+    if not matches:
+        raise NotFound(f"no VM {name!r}", status=404)
+    return matches[0]
 
 
 @dataclass

@@ -17,7 +17,7 @@ import httpx
 
 from msbx import _flows as flows
 from msbx._endpoints import WS_EXEC
-from msbx._flows import OutputChunk
+from msbx._flows import OutputChunk, is_vm_id, vm_named
 from msbx._http import AsyncHttp, RequestLog, RetryPolicy, ws_error
 from msbx.client import DEFAULT_BOOT_TIMEOUT, EXEC_WAIT_MAX, FileSource, Progress, _chunks_of
 from msbx.config import credentials_resolve
@@ -68,11 +68,10 @@ class AsyncClient:
     async def sandboxes(
         self, *, state: str | None = None, name: str | None = None, page_size: int = 50
     ) -> AsyncIterator[AsyncSandbox]:
-        async for data in self.http.pages("vm_list", page_size=page_size):
-            if state and data.get("state") != state:
-                continue
-            if name and name.lower() not in str(data.get("name", "")).lower():
-                continue
+        """Every VM you can see, page by page (``state``: only that state; ``name``: names
+        containing it, case-insensitive), filtered by the server."""
+        params = {"state": state or None, "name": name or None}
+        async for data in self.http.pages("vm_list", page_size=page_size, params=params):
             yield AsyncSandbox(self, data)
 
     async def create_sandbox(
@@ -105,8 +104,13 @@ class AsyncClient:
             await sandbox.wait_ready(timeout=timeout, on_progress=on_progress, start=start)
         return sandbox
 
-    async def sandbox(self, vm_id: str) -> AsyncSandbox:
-        return AsyncSandbox(self, await self.http.json("vm_get", path={"id": vm_id}))
+    async def sandbox(self, ref: str) -> AsyncSandbox:
+        """A VM by id, or by exact name (looked up with the list's name filter; NotFound when
+        no VM you can see has it, SandboxError when several do: use the id)."""
+        if is_vm_id(ref):
+            return AsyncSandbox(self, await self.http.json("vm_get", path={"id": ref}))
+        rows = [row async for row in self.http.pages("vm_list", params={"name": ref})]
+        return AsyncSandbox(self, vm_named(ref, rows))
 
     async def operation(self, op_id: str) -> AsyncOperation:
         return AsyncOperation(self, await self.http.json("operation_get", path={"id": op_id}))

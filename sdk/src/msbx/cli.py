@@ -19,7 +19,7 @@ from typing import Any, Callable
 from msbx import __version__
 from msbx.client import Client, Operation, Sandbox
 from msbx.config import config_save_profile
-from msbx.errors import ApiError, NotFound, SandboxError
+from msbx.errors import ApiError, SandboxError
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -82,17 +82,8 @@ class Cli:
 
     # ----- helpers ------------------------------------------------------------------------------
     def sandbox(self, ref: str) -> Sandbox:
-        """A VM by id, else by exact name."""
-        try:
-            return self.client.sandbox(ref)
-        except NotFound:
-            pass
-        matches = [sb for sb in self.client.sandboxes(name=ref) if sb.name == ref]
-        if len(matches) == 1:
-            return matches[0]
-        if len(matches) > 1:
-            raise SandboxError(f"{len(matches)} VMs are named {ref!r}: use the id")
-        raise NotFound(f"no VM {ref!r}", status=404)
+        """A VM by id or exact name (``Client.sandbox``)."""
+        return self.client.sandbox(ref)
 
     def finish(self, op: Operation, label: str) -> None:
         if not self.args.no_wait:

@@ -17,7 +17,7 @@ import httpx
 
 from msbx import _flows as flows
 from msbx._endpoints import WS_EXEC
-from msbx._flows import OutputChunk
+from msbx._flows import OutputChunk, is_vm_id, vm_named
 from msbx._http import RequestLog, RetryPolicy, SyncHttp, ws_error
 from msbx.config import credentials_resolve
 from msbx.errors import CommandFailed, IntegrityError, SandboxError, Timeout, TransportError
@@ -74,12 +74,10 @@ class Client:
 
     # ----- sandboxes -----------------------------------------------------------------------
     def sandboxes(self, *, state: str | None = None, name: str | None = None, page_size: int = 50) -> Iterator[Sandbox]:
-        """Every VM you can see, page by page (filtered here by ``state`` and name substring)."""
-        for data in self.http.pages("vm_list", page_size=page_size):
-            if state and data.get("state") != state:
-                continue
-            if name and name.lower() not in str(data.get("name", "")).lower():
-                continue
+        """Every VM you can see, page by page (``state``: only that state; ``name``: names
+        containing it, case-insensitive), filtered by the server."""
+        params = {"state": state or None, "name": name or None}
+        for data in self.http.pages("vm_list", page_size=page_size, params=params):
             yield Sandbox(self, data)
 
     def create_sandbox(
@@ -112,8 +110,12 @@ class Client:
             sandbox.wait_ready(timeout=timeout, on_progress=on_progress, start=start)
         return sandbox
 
-    def sandbox(self, vm_id: str) -> Sandbox:
-        return Sandbox(self, self.http.json("vm_get", path={"id": vm_id}))
+    def sandbox(self, ref: str) -> Sandbox:
+        """A VM by id, or by exact name (looked up with the list's name filter; NotFound when
+        no VM you can see has it, SandboxError when several do: use the id)."""
+        if is_vm_id(ref):
+            return Sandbox(self, self.http.json("vm_get", path={"id": ref}))
+        return Sandbox(self, vm_named(ref, self.http.pages("vm_list", params={"name": ref})))
 
     def operation(self, op_id: str) -> Operation:
         return Operation(self, self.http.json("operation_get", path={"id": op_id}))
