@@ -10,7 +10,7 @@ VMs in ``HOST_LOAD_STATES`` (running, paused, booting, ...; ``creating`` too, si
 boots) hold their size on their host. ``host_admission_check`` runs inside the request's
 transaction, under the host row's lock, before the transition that makes the VM hold its size:
 two requests cannot both take the last room. Lock order: the owner's quota lock, then the host,
-then VM rows, then the audit chain.
+then VM rows (audit rows take no lock in the request's transaction: ``accounts.audit``).
 """
 
 from __future__ import annotations
