@@ -105,9 +105,12 @@ def audit_record(
     actor_id = getattr(actor, "pk", None) if actor is not None and getattr(actor, "is_authenticated", False) else None
     with transaction.atomic():
         _lock_chain()
-        last = AuditEvent.objects.order_by("-id").values_list("hash", flat=True).first()
+        # Read after the lock, in a statement of its own: a statement's snapshot is taken
+        # when it starts, so reading in the locking statement could miss the last row.
+        event_id, last = _next_id_and_last_hash()
         prev_hash = last or GENESIS_HASH
         event = AuditEvent(
+            id=event_id,
             created_at=timezone.now(),
             actor_id=actor_id,
             actor_username=getattr(actor, "username", "") if actor_id else "",
@@ -127,11 +130,29 @@ def audit_record(
             prev_hash=prev_hash,
             hash="",
         )
-        event.save()
-        # The id is part of the hash so that deleting a row is detected even at the tail's end.
-        event.hash = audit_event_hash(event, prev_hash)
-        AuditEvent.objects.filter(pk=event.pk).update(hash=event.hash)
+        if event.id is not None:  # PostgreSQL: the id is known before the insert
+            event.hash = audit_event_hash(event, prev_hash)
+            AuditEvent.objects.bulk_create([event])  # an insert only (save() refuses a preset id)
+        else:
+            event.save()
+            # The id is part of the hash so that deleting a row is detected even at the tail's end.
+            event.hash = audit_event_hash(event, prev_hash)
+            AuditEvent.objects.filter(pk=event.pk).update(hash=event.hash)
     return event
+
+
+def _next_id_and_last_hash() -> tuple[int | None, str | None]:
+    """The id the new row gets (PostgreSQL: taken from the sequence, so its hash is known
+    before the insert: one statement instead of an insert and an update) and the hash of
+    the last row, in one round trip. Elsewhere: no id yet (``None``)."""
+    table = AuditEvent._meta.db_table
+    if connection.vendor != "postgresql":
+        return None, AuditEvent.objects.order_by("-id").values_list("hash", flat=True).first()
+    with connection.cursor() as cursor:
+        last_hash = f'(SELECT "hash" FROM "{table}" ORDER BY "id" DESC LIMIT 1)'  # noqa: S608 - the model's table
+        cursor.execute(f"SELECT nextval(pg_get_serial_sequence(%s, %s)), {last_hash}", [table, "id"])
+        event_id, last = cursor.fetchone()
+    return event_id, last
 
 
 @dataclass(frozen=True)

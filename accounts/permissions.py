@@ -32,7 +32,7 @@ from accounts.audit import audit_record
 from accounts.models import AuditResult
 from accounts.services import user_has_perm
 from sandbox_site.errors import NotPermitted
-from vms.models import VM
+from vms.models import VM, VM_ROW_RELATED
 
 
 def visible_queryset(user, queryset, perm: str = "view"):
@@ -82,7 +82,7 @@ def vm_for(user, vm_id, perm: str = "view", *, action: str) -> VM:
     """The VM ``vm_id`` for ``user`` to perform ``action``: ``NotFound`` when the user may not
     view it (or the id is malformed), ``NotPermitted`` (audited) when they may view it but do
     not hold ``vms.<perm>_vm``."""
-    vm = object_or_404(visible_queryset(user, VM.objects.select_related("owner", "template", "host")), pk=vm_id)
+    vm = object_or_404(visible_queryset(user, VM.objects.select_related(*VM_ROW_RELATED)), pk=vm_id)
     if perm != "view":
         require_perm(user, f"vms.{perm}_vm", vm, action=action)
     return vm

@@ -11,7 +11,7 @@ from rest_framework.response import Response
 from accounts import services as account_services
 from accounts.permissions import ObjectPermissionViewSet
 from vms import selectors, services
-from vms.models import VM, Operation
+from vms.models import VM, VM_ROW_RELATED, Operation
 from vms.serializers import (
     GrantSerializer,
     OperationSerializer,
@@ -49,7 +49,7 @@ def _operation_response(op) -> Response:
 
 
 class VmViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPermissionViewSet):
-    queryset = VM.objects.select_related("owner", "template", "host")
+    queryset = VM.objects.select_related(*VM_ROW_RELATED)
     serializer_class = VmSerializer
     audit_prefix = "vm"
     action_perms = {
@@ -143,7 +143,7 @@ class VmViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPermissi
     @action(detail=True, methods=["get"])
     def operations(self, request, id=None):
         vm = self.get_object()
-        page = self.paginate_queryset(vm.operations.all())
+        page = self.paginate_queryset(vm.operations.select_related("requested_by"))
         return self.get_paginated_response(OperationSerializer(page, many=True).data)
 
     @extend_schema(
