@@ -90,6 +90,8 @@ def _database(name: str, *, create: bool) -> None:
 @contextlib.contextmanager
 def standin_stack(db_name: str) -> Iterator[StandinStack]:
     """Start everything (fresh database ``db_name``), yield the stack, stop and remove it all."""
+    # A benchmark stopped with SIGTERM still stops what it started (the finally below).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(tempfile.mkdtemp(prefix="bsi-", dir="/tmp"))  # Unix socket paths are short
     runtime = work / "run"
     runtime.mkdir()

@@ -9,7 +9,7 @@ from rest_framework.exceptions import NotFound
 from rest_framework.response import Response
 
 from accounts import services as account_services
-from accounts.permissions import ObjectPermissionViewSet
+from accounts.permissions import ObjectPermissionViewSet, vm_for
 from vms import selectors, services
 from vms.models import VM, VM_ROW_RELATED, Operation
 from vms.serializers import (
@@ -67,6 +67,10 @@ class VmViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPermissi
         "console_ticket": "view",
         "console_log": "view",
     }
+
+    def _checked_object(self):
+        # The one VM lookup of every VM endpoint (same 404/403 + audit as the base's).
+        return vm_for(self.request.user, self.kwargs["id"], self.required_perm(), action=self.audit_action())
 
     def get_queryset(self):
         qs = super().get_queryset()

@@ -42,6 +42,7 @@ MAX_STDIN_BYTES = 1 << 20  # stdin given inline with POST .../exec/, .../stdin/ 
 COLLECT_PAGE_BYTES = 512 << 10  # what one exec_read may return (guest_agents/PROTOCOL.md)
 COLLECT_SECONDS = 60.0  # reading a finished exec's output back, at most
 OUTPUT_STREAMS = ("stdout", "stderr", "pty")
+ROW_FRESH_SECONDS = 1.0  # a VM row read this recently is not read again to check its state
 
 
 def _require_exec(actor, vm: VM, action: str) -> None:
@@ -49,7 +50,10 @@ def _require_exec(actor, vm: VM, action: str) -> None:
 
 
 def _require_running(vm: VM) -> None:
-    vm.refresh_from_db(fields=["state", "driver"])
+    # A row read in the last moment (``vm_for`` of this request) is as fresh as a re-read
+    # would be; a VM object kept longer (a websocket's) is read again.
+    if time.monotonic() - getattr(vm, "read_at", float("-inf")) > ROW_FRESH_SECONDS:
+        vm.refresh_from_db(fields=["state", "driver"])
     if not vm_guest_running(vm):
         raise ConflictError(f"The VM is {vm.state}; commands and files need it running.", details={"state": vm.state})
 
