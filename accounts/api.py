@@ -52,7 +52,7 @@ class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
     def get_queryset(self):
         from django.contrib.auth import get_user_model
 
-        qs = get_user_model().objects.order_by("username")
+        qs = get_user_model().objects.order_by("username").prefetch_related("groups")
         return qs if user_is_operator(self.request.user) else qs.filter(pk=self.request.user.pk)
 
     @extend_schema(request=UserCreateSerializer, responses={201: UserSerializer})

@@ -1,4 +1,5 @@
 from accounts.context import ActorContext, _current, new_request_id
+from accounts.rights import request_perm_cache
 
 CLIENT_REQUEST_ID_MAX = 64
 
@@ -32,7 +33,8 @@ class RequestContextMiddleware:
             )
         )
         try:
-            response = self.get_response(request)
+            with request_perm_cache():  # accounts.services.user_has_perm
+                response = self.get_response(request)
         finally:
             _current.reset(token)
         response["X-Request-ID"] = request_id

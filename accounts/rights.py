@@ -12,7 +12,9 @@ outside the services) closes them within that time.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import contextvars
+from collections.abc import Iterable, Iterator
 
 from django.db import transaction
 
@@ -21,9 +23,40 @@ def rights_group(user_id) -> str:
     return f"accounts.rights.{user_id}"
 
 
+# Object permissions read during one HTTP request, per user (``accounts.services.user_has_perm``):
+# set by ``request_perm_cache`` around each request, emptied whenever rights change.
+_request_checkers: contextvars.ContextVar[dict | None] = contextvars.ContextVar("request_perm_checkers", default=None)
+
+
+@contextlib.contextmanager
+def request_perm_cache() -> Iterator[None]:
+    """Object permission lookups within the block are kept (one request: RequestContextMiddleware)."""
+    token = _request_checkers.set({})
+    try:
+        yield
+    finally:
+        _request_checkers.reset(token)
+
+
+def request_perm_checker(user):
+    """The request's guardian checker for ``user`` (it keeps what it read), or None outside one."""
+    checkers = _request_checkers.get()
+    if checkers is None:
+        return None
+    from guardian.core import ObjectPermissionChecker
+
+    checker = checkers.get(user.pk)
+    if checker is None or checker.user is not user:
+        checker = checkers[user.pk] = ObjectPermissionChecker(user)
+    return checker
+
+
 def rights_changed(user_ids: Iterable[int]) -> None:
     """Tell the users' open websockets to re-check their rights (after the transaction commits;
-    best effort: the periodic re-check covers a lost event)."""
+    best effort: the periodic re-check covers a lost event). Forgets what this request read."""
+    checkers = _request_checkers.get()
+    if checkers:
+        checkers.clear()
     ids = sorted({int(pk) for pk in user_ids if pk is not None})
     if not ids:
         return

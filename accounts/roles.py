@@ -61,7 +61,7 @@ def roles_sync() -> None:
 def user_role(user) -> str | None:
     if user.is_superuser:
         return Role.ADMIN
-    names = set(user.groups.values_list("name", flat=True))
+    names = {group.name for group in user.groups.all()}  # lists prefetch ``groups``
     for role in (Role.ADMIN, Role.OPERATOR, Role.USER, Role.VIEWER):
         if role in names:
             return role

@@ -17,7 +17,7 @@ from guardian.shortcuts import assign_perm, get_perms, remove_perm
 
 from accounts.audit import audit_record
 from accounts.models import ApiToken, AuditResult, LoginThrottle, Role
-from accounts.rights import rights_changed, rights_changed_for_group
+from accounts.rights import request_perm_checker, rights_changed, rights_changed_for_group
 from sandbox_site.errors import ApplicationError, NotPermitted
 
 User = get_user_model()
@@ -133,12 +133,19 @@ def user_set_role(*, user, role: str, actor, _audit: bool = True) -> None:
 
 
 def user_has_perm(user, perm: str, obj=None) -> bool:
-    """Global permission (roles) or object permission (guardian), superusers always."""
+    """Global permission (roles) or object permission (guardian), superusers always.
+
+    Within one HTTP request (``request_perm_cache``) a user's object permissions on an object
+    are read once: the viewset's check and the service's re-check cost one lookup, not two.
+    Anywhere else (websockets, tasks) every call reads them fresh."""
     if not user.is_authenticated or not user.is_active:
         return False
     if user.has_perm(perm):
         return True
-    return obj is not None and user.has_perm(perm, obj)
+    if obj is None:
+        return False
+    checker = request_perm_checker(user)
+    return checker.has_perm(perm, obj) if checker is not None else user.has_perm(perm, obj)
 
 
 def object_perms_grant(*, obj, perms: list[str], actor, user=None, group=None) -> list[str]:

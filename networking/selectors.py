@@ -18,7 +18,7 @@ NETWORK_PERMS = ("view", "change", "delete", "use")
 
 def network_list_visible(user):
     """Operators see every network; others the shared ones and those they hold view rights on."""
-    qs = Network.objects.select_related("owner")
+    qs = Network.objects.select_related("owner").prefetch_related("egress_rules")
     if not getattr(user, "is_authenticated", False):
         return qs.none()
     if user_is_operator(user):

@@ -40,9 +40,8 @@ class NetworkSerializer(serializers.ModelSerializer):
 
     @extend_schema_field(EgressRuleSerializer(many=True))
     def get_egress_rules(self, obj) -> list[dict]:
-        return [
-            {"cidr": r.cidr, "protocol": r.protocol, "ports": r.ports} for r in EgressRule.objects.filter(network=obj)
-        ]
+        # Lists prefetch ``egress_rules`` (networking.selectors.network_list_visible).
+        return [{"cidr": r.cidr, "protocol": r.protocol, "ports": r.ports} for r in obj.egress_rules.all()]
 
 
 class NetworkCreateSerializer(serializers.Serializer):

@@ -90,6 +90,19 @@ TEMPLATES = [
 DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{DATA_DIR / 'db.sqlite3'}")}
 DATABASES["default"]["ATOMIC_REQUESTS"] = False
 DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("DB_CONN_MAX_AGE", default=0))
+# The web process (sandbox_site/asgi.py turns it on) keeps PostgreSQL connections in a pool:
+# under ASGI every request runs in a thread of its own, so without one each request paid a
+# new connection (~14 ms here, docs/benchmarks.md). Bounded: at most DB_POOL_MAX_SIZE
+# connections per process; a request waits at most DB_POOL_TIMEOUT seconds for one (then 500).
+# Off in Celery workers (prefork: a pool must not cross fork()) and in manage.py commands.
+DB_POOL = env.bool("DB_POOL", default=False) and DATABASES["default"]["ENGINE"].endswith("postgresql")
+if DB_POOL:
+    DATABASES["default"]["CONN_MAX_AGE"] = 0  # the pool keeps them instead (Django requires 0)
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": env.int("DB_POOL_MIN_SIZE", default=2),
+        "max_size": env.int("DB_POOL_MAX_SIZE", default=20),
+        "timeout": env.float("DB_POOL_TIMEOUT", default=10.0),
+    }
 if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
     # Several processes write at once (web, Celery worker and beat). WAL lets readers go on
     # while one writes; BEGIN IMMEDIATE takes the write lock when a transaction starts, so

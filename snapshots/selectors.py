@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import uuid
 
-from django.db.models import Q, Sum
+from django.db.models import Prefetch, Q, Sum
 
 from accounts.permissions import visible_queryset
 from accounts.roles import user_is_operator
@@ -19,7 +19,9 @@ GIB = 1 << 30
 
 
 def snapshot_list_visible(user):
-    qs = Snapshot.objects.select_related("owner", "vm", "parent", "host")
+    qs = Snapshot.objects.select_related("owner", "vm", "parent", "host").prefetch_related(
+        Prefetch("children", queryset=Snapshot.objects.only("pk", "parent_id"))
+    )
     if user_is_operator(user):
         return qs
     vm_ids = visible_queryset(user, VM.objects.all(), "view").values("pk")

@@ -20,7 +20,7 @@ import contextlib
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Iterable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from django.conf import settings
 
@@ -115,23 +115,53 @@ def _hostd_or_none(timeout: float) -> HostdClient | None:
 # ----- single requests ------------------------------------------------------------------
 
 
-def agent_call(
-    vm: VM, op: str, args: dict | None = None, data: bytes = b"", *, timeout: float = 30.0
-) -> tuple[dict, bytes]:
-    """One agent request (guest_agents/PROTOCOL.md); returns ``(result, data)``.
-    Raises ``ApplicationError`` (``agent_error``)."""
+class AgentSession(Protocol):
+    def __call__(
+        self, op: str, args: dict | None = None, data: bytes = b"", *, timeout: float = 30.0
+    ) -> tuple[dict, bytes]: ...
+
+
+@contextlib.contextmanager
+def agent_session(vm: VM, *, timeout: float = 30.0) -> Iterator[AgentSession]:
+    """One connection (to hostd, else directly to the agent) for several agent requests in a
+    row, e.g. an exec's start, wait and read: each request on it is ``agent_call``'s, without
+    a connection (and hostd's handshake) per request. ``timeout`` bounds the connect."""
     with _mapped_errors():
         client = _hostd_or_none(timeout)
         if client is not None:
             with client:
-                return client.agent(str(vm.pk), op, args, data, timeout=timeout)
+
+                def via_hostd(
+                    op: str, args: dict | None = None, data: bytes = b"", *, timeout: float = 30.0
+                ) -> tuple[dict, bytes]:
+                    with _mapped_errors():
+                        return client.agent(str(vm.pk), op, args, data, timeout=timeout)
+
+                yield via_hostd
+            return
         with AgentConnection.open(
             hypervisor.runtime_dir(vm.pk) / AGENT_SOCKET,
             agent_transport(vm),
             timeout=min(timeout, DIRECT_CONNECT_TIMEOUT),
             client="web-direct",
         ) as conn:
-            return conn.request_data(op, args, data, timeout=timeout)
+
+            def direct(
+                op: str, args: dict | None = None, data: bytes = b"", *, timeout: float = 30.0
+            ) -> tuple[dict, bytes]:
+                with _mapped_errors():
+                    return conn.request_data(op, args, data, timeout=timeout)
+
+            yield direct
+
+
+def agent_call(
+    vm: VM, op: str, args: dict | None = None, data: bytes = b"", *, timeout: float = 30.0
+) -> tuple[dict, bytes]:
+    """One agent request (guest_agents/PROTOCOL.md); returns ``(result, data)``.
+    Raises ``ApplicationError`` (``agent_error``)."""
+    with agent_session(vm, timeout=timeout) as call:
+        return call(op, args, data, timeout=timeout)
 
 
 def agent_ping(vm: VM, *, timeout: float = 5.0) -> dict:

@@ -28,7 +28,7 @@ from accounts.services import owner_quota_lock
 from sandbox_site.errors import ApplicationError, ConflictError, QuotaExceeded
 from sandbox_site.validation import int_checked, invalid, text_problem
 from vms import agent_gateway
-from vms.agent_gateway import AgentChannel, agent_call
+from vms.agent_gateway import AgentChannel, AgentSession, agent_call, agent_session
 from vms.host_disk import require_disk_space
 from vms.models import VM
 from vms.transitions import vm_guest_running
@@ -42,6 +42,7 @@ MAX_STDIN_BYTES = 1 << 20  # stdin given inline with POST .../exec/, .../stdin/ 
 COLLECT_PAGE_BYTES = 512 << 10  # what one exec_read may return (guest_agents/PROTOCOL.md)
 COLLECT_SECONDS = 60.0  # reading a finished exec's output back, at most
 OUTPUT_STREAMS = ("stdout", "stderr", "pty")
+ROW_FRESH_SECONDS = 1.0  # a VM row read this recently is not read again to check its state
 
 
 def _require_exec(actor, vm: VM, action: str) -> None:
@@ -49,14 +50,18 @@ def _require_exec(actor, vm: VM, action: str) -> None:
 
 
 def _require_running(vm: VM) -> None:
-    vm.refresh_from_db(fields=["state", "driver"])
+    # A row read in the last moment (``vm_for`` of this request) is as fresh as a re-read
+    # would be; a VM object kept longer (a websocket's) is read again.
+    if time.monotonic() - getattr(vm, "read_at", float("-inf")) > ROW_FRESH_SECONDS:
+        vm.refresh_from_db(fields=["state", "driver"])
     if not vm_guest_running(vm):
         raise ConflictError(f"The VM is {vm.state}; commands and files need it running.", details={"state": vm.state})
 
 
 def _audit(actor, action: str, vm: VM, after: dict, *, result: str = AuditResult.OK, message: str = "") -> None:
-    with transaction.atomic():
-        audit_record(actor=actor, action=action, obj=vm, after=after, result=result, message=message[:2000])
+    audit_record(
+        actor=actor, action=action, obj=vm, after=after, result=result, message=message[:2000]
+    )  # own transaction
 
 
 # ----- exec ----------------------------------------------------------------------------
@@ -127,10 +132,11 @@ def vm_exec_start(
         "pty": bool(pty),
         "stdin_bytes": len(stdin or b""),
     }
-    with _wait_slot(actor) if wait else contextlib.nullcontext():
+    # One connection to hostd (or the agent) for the start, the wait and the output.
+    with _wait_slot(actor) if wait else contextlib.nullcontext(), agent_session(vm) as call:
         try:
-            with _background_exec_slot(vm, background=not wait):
-                started, _ = agent_call(vm, "exec_start", args, stdin or b"")
+            with _background_exec_slot(vm, call, background=not wait):
+                started, _ = call("exec_start", args, stdin or b"")
         except ApplicationError as exc:
             _audit(actor, "vm.exec", vm, audit_after, result=AuditResult.FAILED, message=exc.message)
             raise
@@ -140,10 +146,8 @@ def vm_exec_start(
         limit = settings.SANDBOX_EXEC_WAIT_MAX_SECONDS
         wait_for = min(limit, timeout + 5) if timeout else limit
         _release_database_connection()  # nothing below needs it; a wait must not hold one
-        summary, _ = agent_call(
-            vm, "exec_wait", {"exec_id": started["exec_id"], "timeout": wait_for}, timeout=wait_for + 10
-        )
-        return _collect(vm, summary, max_bytes=buffer_limit)
+        summary, _ = call("exec_wait", {"exec_id": started["exec_id"], "timeout": wait_for}, timeout=wait_for + 10)
+        return _collect(call, summary, max_bytes=buffer_limit)
 
 
 # Concurrent ``wait: true`` execs per user in this web process: each holds a server thread.
@@ -183,7 +187,7 @@ def _release_database_connection() -> None:
 
 
 @contextlib.contextmanager
-def _background_exec_slot(vm: VM, *, background: bool):
+def _background_exec_slot(vm: VM, call: AgentSession, *, background: bool):
     """Room for one more background exec in ``vm`` (at most SANDBOX_EXEC_BACKGROUND_PER_VM
     running): counted and started under the owner's quota lock, so parallel requests cannot
     all see the same free slot. The lock is held for two short agent requests (timeouts)."""
@@ -192,7 +196,7 @@ def _background_exec_slot(vm: VM, *, background: bool):
         return
     with transaction.atomic():
         owner_quota_lock(vm.owner)
-        listing, _ = agent_call(vm, "exec_list", {}, timeout=10)
+        listing, _ = call("exec_list", {}, timeout=10)
         running = sum(1 for e in listing.get("execs", ()) if e.get("running"))
         limit = settings.SANDBOX_EXEC_BACKGROUND_PER_VM
         if running >= limit:
@@ -233,13 +237,14 @@ def signal_checked(value: Any) -> str | int:
     raise invalid("signal", "signal must be a number (1-64) or a name like TERM.")
 
 
-def _collect(vm: VM, summary: dict, *, max_bytes: int) -> dict:
+def _collect(call: AgentSession, summary: dict, *, max_bytes: int) -> dict:
     """Output of a finished (or still running) exec, split into stdout and stderr.
 
     Nothing the guest answers is trusted: at most ``max_bytes`` (the buffer the host asked
     the agent to keep) are collected, in at most as many pages as that takes, within
     COLLECT_SECONDS; offsets must advance and chunk lengths must fit the data. Hitting a
-    limit stops the loop with ``truncated`` and ``collect_limit`` saying which."""
+    limit stops the loop with ``truncated`` and ``collect_limit`` saying which. A finished
+    exec that wrote nothing (``end_offset`` 0) needs no read at all."""
     out = {name: bytearray() for name in OUTPUT_STREAMS}
     exec_id = summary["exec_id"]
     offset = 0
@@ -248,9 +253,10 @@ def _collect(vm: VM, summary: dict, *, max_bytes: int) -> dict:
     limit_hit = None
     max_pages = max_bytes // COLLECT_PAGE_BYTES + 8
     deadline = time.monotonic() + COLLECT_SECONDS
-    for _ in range(max_pages):
+    nothing_written = summary.get("end_offset") == 0 and not summary.get("running")
+    for _ in range(0 if nothing_written else max_pages):
         want = min(COLLECT_PAGE_BYTES, max_bytes - total)
-        page, data = agent_call(vm, "exec_read", {"exec_id": exec_id, "offset": offset, "max": want})
+        page, data = call("exec_read", {"exec_id": exec_id, "offset": offset, "max": want})
         next_offset, end_offset = page.get("next_offset"), page.get("end_offset")
         chunks = page.get("chunks")
         if not (_is_int(next_offset) and _is_int(end_offset) and isinstance(chunks, list)):
@@ -276,7 +282,8 @@ def _collect(vm: VM, summary: dict, *, max_bytes: int) -> dict:
             break
         offset = next_offset
     else:
-        limit_hit = "iterations"
+        if not nothing_written:
+            limit_hit = "iterations"
     result = summary.get("result") or {}
     if not isinstance(result, dict):
         result = {}

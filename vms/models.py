@@ -170,6 +170,11 @@ class VmState(models.TextChoices):
     UNKNOWN = "unknown", "Unknown (host down)"
 
 
+# What a VM row shows besides its own fields (owner, template, boot image, host): lists and
+# detail views join them in the same query (``boot_image`` reads ``template.image``).
+VM_ROW_RELATED = ("owner", "template__image", "image", "host")
+
+
 class VM(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     name = models.CharField(max_length=63, validators=[name_validator])

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.db.models import Count, Q, Sum
+from django.db.models.functions import Coalesce
 
 from accounts.models import UserQuota
 from accounts.permissions import visible_queryset
 from accounts.roles import user_is_operator
-from vms.models import VM, Operation, Template, VmState
+from vms.models import VM, VM_ROW_RELATED, Operation, Template, VmState
 
 # States whose VM holds its vCPUs and memory on its host (``creating``: a create boots).
 HOST_LOAD_STATES = (
@@ -37,17 +38,23 @@ def host_list_with_usage(now):
     from vms.admission import host_room
     from vms.models import Host
 
-    load = HOST_LOAD_STATES
-    hosts = list(Host.objects.order_by("name"))
+    loaded = Q(vms__state__in=HOST_LOAD_STATES)
+    hosts = list(
+        Host.objects.order_by("name").annotate(
+            vm_count=Count("vms"),
+            vcpus_used=Coalesce(Sum("vms__vcpus", filter=loaded), 0),
+            memory_used_mib=Coalesce(Sum("vms__memory_mib", filter=loaded), 0),
+        )
+    )
+    states: dict[int, dict[str, int]] = {}
+    for host_id, state, n in (
+        VM.objects.filter(host__isnull=False).values_list("host_id", "state").annotate(n=Count("pk")).order_by()
+    ):
+        states.setdefault(host_id, {})[state] = n
     for host in hosts:
-        vms = VM.objects.filter(host=host)
-        used = vms.filter(state__in=load).aggregate(v=Sum("vcpus"), m=Sum("memory_mib"))
         host.up = host_is_up(host, now)
         host.heartbeat_age = host_heartbeat_age(host, now)
-        host.vm_count = vms.count()
-        host.vm_states = dict(vms.values_list("state").annotate(n=Count("pk")).values_list("state", "n"))
-        host.vcpus_used = used["v"] or 0
-        host.memory_used_mib = used["m"] or 0
+        host.vm_states = states.get(host.pk, {})
         host.room = host_room(host)
         host.vcpus_percent = (
             round(100 * host.room.vcpus_used / host.room.vcpus_allowed) if host.room.vcpus_allowed else 0
@@ -75,11 +82,11 @@ def operation_list_running():
 
 
 def vm_list_visible(user):
-    return visible_queryset(user, VM.objects.select_related("owner", "template", "host"), "view")
+    return visible_queryset(user, VM.objects.select_related(*VM_ROW_RELATED), "view")
 
 
 def operation_list_visible(user):
-    qs = Operation.objects.select_related("requested_by")
+    qs = Operation.objects.select_related("requested_by", "vm")
     if user_is_operator(user):
         return qs
     vm_ids = vm_list_visible(user).values("pk")

@@ -8,7 +8,9 @@ directory (so ``running_vmm_pid`` accepts it), serving
   claims a 1 MiB frame (the CRC-per-skipped-byte attack), with ``--hostile event-flood``
   it answers hello then sends valid events for a subscription nobody holds, nonstop;
 - ``serial.sock`` + ``serial.log``: a fake serial port that logs (like QEMU's
-  ``logfile=``) every line it prints; input is echoed back as ``echo: <line>``.
+  ``logfile=``) every line it prints; input is echoed back as ``echo: <line>``. The input
+  line ``flood <bytes>`` makes it print that many bytes of 100-byte lines as fast as it can
+  (benchmarks/console.py), then write when it started and ended to ``flood.json``.
 
 Usage: ``python fake_vmm.py RUNTIME_DIR [--hostile MODE]``.
 """
@@ -122,15 +124,28 @@ def serve_serial(runtime_dir: Path) -> None:
     srv.bind(str(runtime_dir / "serial.sock"))
     srv.listen(1)
     state = {"conn": None}
+    lock = threading.Lock()
 
     def emit(data: bytes) -> None:
-        log.write(data)
-        conn = state["conn"]
-        if conn is not None:
-            try:
-                conn.sendall(data)
-            except OSError:
-                pass
+        with lock:
+            log.write(data)
+            conn = state["conn"]
+            if conn is not None:
+                try:
+                    conn.sendall(data)
+                except OSError:
+                    pass
+
+    def flood(total: int) -> None:
+        line = b"%09d " + b"x" * 89 + b"\n"  # 100 bytes
+        started = time.time()
+        sent = n = 0
+        while sent < total:
+            block = b"".join(line % (n + i) for i in range(640))[: total - sent]  # 64000 bytes
+            n += 640
+            emit(block)
+            sent += len(block)
+        (runtime_dir / "flood.json").write_text(json.dumps({"bytes": sent, "started": started, "ended": time.time()}))
 
     def ticker() -> None:
         n = 0
@@ -153,6 +168,9 @@ def serve_serial(runtime_dir: Path) -> None:
                 while b"\n" in buf:
                     line, buf = buf.split(b"\n", 1)
                     emit(b"echo: " + line + b"\n")
+                    word, _, count = line.strip().partition(b" ")
+                    if word == b"flood" and count.isdigit():
+                        threading.Thread(target=flood, args=(int(count),), daemon=True).start()
         except OSError:
             pass
         state["conn"] = None

@@ -4,6 +4,7 @@ owner's quota lock and counts again inside the transaction."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 
@@ -123,7 +124,12 @@ def test_parallel_background_execs_stay_within_the_limit(owner, settings, monkey
                 return {"exec_id": running[-1], "pid": 1, "tag": ""}, b""
         raise AssertionError(op)
 
+    @contextlib.contextmanager
+    def agent_session(vm, *, timeout=30.0):  # an exec's requests share one connection
+        yield lambda op, args=None, data=b"", *, timeout=30.0: agent_call(vm, op, args, data, timeout=timeout)
+
     monkeypatch.setattr(exec_services, "agent_call", agent_call)
+    monkeypatch.setattr(exec_services, "agent_session", agent_session)
     monkeypatch.setattr(exec_services, "_require_running", lambda vm: None)
     ok, refused = parallel(lambda i: exec_services.vm_exec_start(vm=vm, actor=owner, command="sleep 60", wait=False))
     assert ok == 3 == len(running)

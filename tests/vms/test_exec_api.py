@@ -58,3 +58,36 @@ async def _joined(chunks) -> bytes:
 
 def _finished(page: dict) -> dict | None:
     return None if page["running"] else page
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_waited_exec_uses_one_hostd_connection_and_reads_output_only_when_there_is_some(
+    api, owner, live_vm, monkeypatch
+):
+    from vms.hostd.client import HostdClient
+
+    vm, _root = live_vm
+    connects, ops = [], []
+    real_connect, real_agent = HostdClient.connect, HostdClient.agent
+
+    def connect(self):
+        if self._sock is None:
+            connects.append(self)
+        return real_connect(self)
+
+    def agent(self, vm_id, op, *args, **kwargs):
+        ops.append(op)
+        return real_agent(self, vm_id, op, *args, **kwargs)
+
+    monkeypatch.setattr(HostdClient, "connect", connect)
+    monkeypatch.setattr(HostdClient, "agent", agent)
+    api.as_user(owner)
+    url = f"/api/v1/vms/{vm.pk}/exec/"
+    quiet = api.post(url, {"command": ["true"]}, format="json").json()
+    assert (quiet["exit_code"], quiet["stdout"], quiet["truncated"]) == (0, "", False)
+    assert (ops, len(connects)) == (["exec_start", "exec_wait"], 1)
+    ops.clear(), connects.clear()
+    loud = api.post(url, {"command": "echo hi"}, format="json").json()
+    assert (loud["exit_code"], loud["stdout"]) == (0, "hi\n")
+    assert (ops, len(connects)) == (["exec_start", "exec_wait", "exec_read"], 1)
+    assert AuditEvent.objects.filter(object_id=str(vm.pk), action="vm.exec").count() == 2

@@ -5,6 +5,7 @@ would (monkeypatched gateway); no VM boots."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import pytest
@@ -57,6 +58,17 @@ class HostileAgent:
         return page, blob
 
 
+def _agent_is(monkeypatch, fake) -> None:
+    """Every agent request of the exec services (single ones and sessions) goes to ``fake``."""
+
+    @contextlib.contextmanager
+    def session(vm, *, timeout=30.0):
+        yield lambda op, args=None, data=b"", *, timeout=30.0: fake(vm, op, args, data, timeout=timeout)
+
+    monkeypatch.setattr(exec_services, "agent_call", fake)
+    monkeypatch.setattr(exec_services, "agent_session", session)
+
+
 @pytest.fixture
 def running_vm(vm):
     VM.objects.filter(pk=vm.pk).update(state="running")
@@ -67,7 +79,7 @@ def running_vm(vm):
 @pytest.mark.parametrize(("step", "limit"), [(None, "bytes"), (1, "iterations")])
 def test_it_stops_collecting_when_the_agent_claims_endless_output(running_vm, owner, monkeypatch, step, limit) -> None:
     fake = HostileAgent(step=step, page_bytes=1 << 20 if step is None else 0)
-    monkeypatch.setattr(exec_services, "agent_call", fake)
+    _agent_is(monkeypatch, fake)
     result = exec_services.vm_exec_start(vm=running_vm, actor=owner, command="yes", buffer_bytes=BUFFER)
     assert result["truncated"] is True and result["collect_limit"] == limit
     assert len(result["stdout"]) <= BUFFER
@@ -76,7 +88,7 @@ def test_it_stops_collecting_when_the_agent_claims_endless_output(running_vm, ow
 
 def test_it_stops_collecting_after_its_time_limit(running_vm, owner, monkeypatch) -> None:
     fake = HostileAgent(page_bytes=1)
-    monkeypatch.setattr(exec_services, "agent_call", fake)
+    _agent_is(monkeypatch, fake)
     monkeypatch.setattr(exec_services, "COLLECT_SECONDS", 0.0)
     result = exec_services.vm_exec_start(vm=running_vm, actor=owner, command="yes", buffer_bytes=BUFFER)
     assert result["collect_limit"] == "time" and fake.reads == 1
@@ -92,7 +104,7 @@ def test_it_refuses_an_agent_page_that_is_not_well_formed(running_vm, owner, mon
             return {"exec_id": "e1", "running": False}, b""
         return {"next_offset": "1e99", "end_offset": 5, "chunks": "no"}, b""
 
-    monkeypatch.setattr(exec_services, "agent_call", broken)
+    _agent_is(monkeypatch, broken)
     with pytest.raises(ApplicationError) as err:
         exec_services.vm_exec_start(vm=running_vm, actor=owner, command="true")
     assert (err.value.code, err.value.status_code) == ("agent_error", 502)
@@ -101,7 +113,7 @@ def test_it_refuses_an_agent_page_that_is_not_well_formed(running_vm, owner, mon
 @pytest.mark.django_db(transaction=True)
 def test_a_waiting_exec_holds_no_database_connection(running_vm, owner, monkeypatch) -> None:
     fake = HostileAgent(page_bytes=0, step=0)
-    monkeypatch.setattr(exec_services, "agent_call", fake)
+    _agent_is(monkeypatch, fake)
     exec_services.vm_exec_start(vm=running_vm, actor=owner, command="sleep 100")
     assert fake.db_open_during_wait is False
 
@@ -111,7 +123,7 @@ def test_concurrent_waits_are_capped_per_user(running_vm, owner, settings, monke
     settings.SANDBOX_EXEC_WAITS_PER_USER = 1
     fake = HostileAgent(page_bytes=0, step=0)
     fake.release.clear()
-    monkeypatch.setattr(exec_services, "agent_call", fake)
+    _agent_is(monkeypatch, fake)
     errors: list[BaseException] = []
 
     def first() -> None:

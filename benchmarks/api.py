@@ -1,0 +1,247 @@
+"""API latency at scale: 1,000 VMs (fake driver rows, nothing runs) of 100 users in a database of
+its own, read by 20 concurrent clients through a real daphne.
+
+Each client (15 users, each owning 10 VMs, and 5 operators, who see all 1,000) loops over
+the VM list, a VM's detail, the operations list and the audit list (first pages, 50 rows)
+for ``--seconds``. Prints JSON: p50/p99 per endpoint and persona, requests per second.
+Not a test: nothing is asserted (target p99 < 100 ms, docs/benchmarks.md).
+
+    .venv/bin/python benchmarks/api.py --seconds 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+import psycopg  # noqa: E402
+
+DB_NAME = os.environ.get("SANDBOX_BENCH_DB", "msbx_bench_api")
+USERS, VMS_PER_USER, OPERATORS = 100, 10, 5
+OPS_PER_VM, AUDIT_PER_VM = 3, 5
+CLIENTS_USERS, CLIENTS_OPERATORS = 15, 5
+
+SEED = """
+import json, uuid
+from datetime import timedelta
+from django.contrib.auth import get_user_model
+from django.contrib.contenttypes.models import ContentType
+from django.contrib.auth.models import Permission
+from django.utils import timezone
+from guardian.models import UserObjectPermission
+from accounts.audit import audit_record
+from accounts.models import Role
+from accounts.services import token_create, user_set_role
+from vms.models import VM, Host, Image, Operation, Template
+
+USERS, VMS_PER_USER, OPERATORS, OPS_PER_VM, AUDIT_PER_VM = {consts}
+User = get_user_model()
+image = Image.objects.create(name="bench", status="ready", kernel_path="/nonexistent/vmlinuz",
+                             initramfs_path="/nonexistent/initrd", rootfs_path="/nonexistent/rootfs.ext4")
+template = Template.objects.create(name="bench", image=image, vcpus=1, memory_mib=128, disk_gib=1)
+host = Host.objects.create(name="bench-host")
+ct = ContentType.objects.get_for_model(VM)
+perms = list(Permission.objects.filter(content_type=ct, codename__in=VM.object_permission_codenames()))
+now = timezone.now()
+tokens = {{"users": [], "operators": [], "vms": {{}}}}
+for u in range(USERS + OPERATORS):
+    operator = u >= USERS
+    user = User.objects.create_user(username=f"{{'op' if operator else 'user'}}{{u}}", password="bench-password-1")
+    user_set_role(user=user, role=Role.OPERATOR if operator else Role.USER, actor=None, _audit=False)
+    secret = token_create(user=user, name="bench", actor=user)[1]
+    tokens["operators" if operator else "users"].append(secret)
+    if operator:
+        continue
+    vms = VM.objects.bulk_create([
+        VM(name=f"vm-{{u}}-{{i}}", owner=user, template=template, host=host, vcpus=1, memory_mib=128, disk_gib=1,
+           driver="fake", state="running" if i % 2 else "stopped", created_at=now - timedelta(minutes=i))
+        for i in range(VMS_PER_USER)
+    ])
+    tokens["vms"][secret] = [str(vm.pk) for vm in vms]
+    UserObjectPermission.objects.bulk_create([
+        UserObjectPermission(user=user, permission=p, content_type=ct, object_pk=str(vm.pk))
+        for vm in vms for p in perms
+    ])
+    Operation.objects.bulk_create([
+        Operation(vm=vm, vm_ref=vm.pk, vm_owner_id=user.pk, action="start", status="succeeded", requested_by=user,
+                  log="booted\\n" * 20, created_at=now - timedelta(seconds=k))
+        for vm in vms for k in range(OPS_PER_VM)
+    ])
+    for vm in vms:
+        for k in range(AUDIT_PER_VM):
+            audit_record(actor=user, action="vm.start", obj=vm, after={{"n": k}})
+print("TOKENS=" + json.dumps(tokens))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _stats(samples: list[float]) -> dict[str, float]:
+    return {
+        "n": len(samples),
+        "p50_ms": round(statistics.median(samples) * 1000, 1),
+        "p99_ms": round(_pct(samples, 0.99) * 1000, 1),
+        "max_ms": round(max(samples) * 1000, 1),
+    }
+
+
+def _env(work: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/{DB_NAME}",
+        "REDIS_URL": os.environ.get("SANDBOX_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"),
+        "SECRET_KEY": "bench-secret-key",
+        "DEBUG": "0",
+        "SANDBOX_ENV_FILE": "/nonexistent",
+        "SANDBOX_RUNTIME_DIR": str(work / "run"),
+        "SANDBOX_RATE_USER": "1000000/min",
+        "SANDBOX_RATE_ANON": "1000000/min",
+        "LOG_LEVEL": "WARNING",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def seed(env: dict[str, str]) -> dict:
+    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True, connect_timeout=10) as c:
+        c.execute(f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)')
+        c.execute(f'CREATE DATABASE "{DB_NAME}"')
+    manage = [sys.executable, "manage.py"]
+    subprocess.run([*manage, "migrate", "--noinput", "-v", "0"], cwd=ROOT, env=env, check=True, timeout=600)
+    consts = repr((USERS, VMS_PER_USER, OPERATORS, OPS_PER_VM, AUDIT_PER_VM))
+    seeded = subprocess.run(
+        [*manage, "shell", "-c", SEED.format(consts=consts)],
+        cwd=ROOT, env=env, check=True, timeout=1800, capture_output=True, text=True,
+    )  # fmt: skip
+    return json.loads(seeded.stdout.split("TOKENS=", 1)[1])
+
+
+async def client_loop(url: str, token: str, vm_ids: list[str], persona: str, until: float, out: dict) -> None:
+    rng = random.Random(token)
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as client:
+        while time.monotonic() < until:
+            for name, path in (
+                ("vm_list", "/api/v1/vms/"),
+                ("vm_detail", f"/api/v1/vms/{rng.choice(vm_ids)}/"),
+                ("operations", "/api/v1/operations/"),
+                ("audit", "/api/v1/audit-events/"),
+            ):
+                start = time.monotonic()
+                response = await client.get(path)
+                elapsed = time.monotonic() - start
+                if response.status_code != 200:
+                    out.setdefault("errors", []).append(f"{path}: {response.status_code}")
+                    continue
+                out.setdefault(f"{persona}.{name}", []).append(elapsed)
+
+
+async def load(url: str, tokens: dict, seconds: float) -> tuple[dict, float, int]:
+    owners = tokens["users"][:CLIENTS_USERS]
+    all_vms = [vm for vms in tokens["vms"].values() for vm in vms]
+    out: dict = {}
+    start = time.monotonic()
+    until = start + seconds
+    await asyncio.gather(
+        *(client_loop(url, t, tokens["vms"][t], "owner", until, out) for t in owners),
+        *(client_loop(url, t, all_vms, "operator", until, out) for t in tokens["operators"][:CLIENTS_OPERATORS]),
+    )
+    elapsed = time.monotonic() - start
+    return out, elapsed, sum(len(v) for k, v in out.items() if k != "errors")
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=30.0)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-api-"))
+    (work / "run").mkdir()
+    env = _env(work)
+    seed_start = time.monotonic()
+    tokens = seed(env)
+    seed_s = time.monotonic() - seed_start
+    port = _free_port()
+    log = open(work / "web.log", "wb")  # noqa: SIM115 - closed below
+    daphne = str(Path(sys.executable).parent / "daphne")
+    web = subprocess.Popen(
+        [daphne, "-b", "127.0.0.1", "-p", str(port), "sandbox_site.asgi:application"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        asyncio.run(load(url, tokens, 3.0))  # warm up
+        out, elapsed, requests = asyncio.run(load(url, tokens, args.seconds))
+        errors = out.pop("errors", [])
+        result = {
+            "benchmark": "api",
+            "rows": {
+                "users": USERS + OPERATORS,
+                "vms": USERS * VMS_PER_USER,
+                "operations": USERS * VMS_PER_USER * OPS_PER_VM,
+                "audit_events": USERS * VMS_PER_USER * AUDIT_PER_VM,
+            },
+            "clients": {"owner": CLIENTS_USERS, "operator": CLIENTS_OPERATORS},
+            "seconds": round(elapsed, 1),
+            "requests": requests,
+            "requests_per_s": round(requests / elapsed, 1),
+            "errors": len(errors),
+            "latency": {name: _stats(samples) for name, samples in sorted(out.items())},
+            "all": _stats([s for samples in out.values() for s in samples]),
+            "web_peak_rss_mib": round(_rss_kib(web.pid) / 1024, 1),
+            "seed_s": round(seed_s, 1),
+        }
+        print(json.dumps(result, indent=2))
+    finally:
+        os.killpg(web.pid, signal.SIGTERM)
+        web.wait(timeout=30)
+        log.close()
+        shutil.rmtree(work, ignore_errors=True)
+        with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as c:
+            c.execute(f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)')
+
+
+if __name__ == "__main__":
+    main()
