@@ -1,5 +1,6 @@
-"""The UEFI Linux image built here boots under OVMF on q35 (TCG here) to a running agent;
-exec and files work; the sandbox.* settings arrive through SMBIOS OEM strings.
+"""The UEFI Linux image built here (debootstrap, systemd as init, the agent installed as a
+systemd service by install.sh) boots under OVMF on q35 (TCG here) to a running agent; exec
+and files work; the sandbox.* settings arrive through SMBIOS OEM strings.
 
 One boot for the whole module: a firmware boot under TCG costs ~35 s on an idle machine."""
 
@@ -87,6 +88,27 @@ def test_it_boots_through_ovmf_and_the_agent_answers(uefi_vm: tuple[VmSpec, floa
         assert out.decode().split() == ["64", "/dev/vda2"]  # a UEFI boot, root on partition 2
     serial = (spec.runtime_dir / "serial.log").read_bytes()
     assert b"GRUB" in serial and b"sandbox: init done" in serial
+
+
+def test_systemd_runs_the_agent_as_the_installers_service(uefi_vm: tuple[VmSpec, float]) -> None:
+    spec, _ = uefi_vm
+    with AgentConnection.open(spec.runtime_dir / "agent.sock", AgentTransport.VIRTIO_SERIAL, timeout=30) as conn:
+        result, out = agent_run(
+            conn,
+            shell="readlink /proc/1/exe; systemctl is-active sandbox-agent.service;"
+            " systemctl show -p MainPID --value sandbox-agent.service; ps -o ppid= -p $$;"
+            " systemctl show -p FragmentPath --value sandbox-agent.service",
+        )
+        assert result["exit_code"] == 0, out
+        init, state, main_pid, parent, unit = out.decode().split()
+        assert init == "/usr/lib/systemd/systemd" and state == "active"
+        assert parent == main_pid  # this very command was started by the service's process
+        assert unit == "/etc/systemd/system/sandbox-agent.service"  # written by install.sh
+        installed = agent_get(conn, unit)[0].decode()
+        assert "ExecStart=/usr/bin/python3 -u /usr/local/lib/sandbox/sandbox_agent.py" in installed
+        # Nothing failed, nothing still waits: the masked units kept the boot short.
+        result, out = agent_run(conn, shell="systemctl --failed --plain --no-legend; systemctl list-jobs --no-legend")
+        assert result["exit_code"] == 0 and out.strip() == b"", out.decode()
 
 
 def test_exec_and_files_work_on_the_uefi_guest(uefi_vm: tuple[VmSpec, float]) -> None:
