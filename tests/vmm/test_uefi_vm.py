@@ -134,6 +134,8 @@ def test_the_agent_installer_runs_inside_the_vm(uefi_vm: tuple[VmSpec, float]) -
             agent_put(conn, f"/root/inst/{name}", (AGENT_DIR / name).read_bytes(), mkdirs=True)
         agent_put(conn, "/root/checks.sh", INSTALLER_CHECKS.encode())
         result, out = agent_run(
-            conn, shell="rm -rf /root/work && mkdir /root/work && sh /root/checks.sh /root/inst /root/work"
+            conn,
+            shell="rm -rf /root/work && mkdir /root/work && sh /root/checks.sh /root/inst /root/work",
+            wait=300,  # dozens of installer runs: minutes under TCG on a busy machine
         )
         assert result["exit_code"] == 0 and b"INSTALLER-OK" in out, out.decode(errors="replace")

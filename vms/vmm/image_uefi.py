@@ -44,6 +44,7 @@ from pathlib import Path
 from .image import (
     GUEST_SETUP,
     POWERBTN,
+    SUITE,
     ImageArtifacts,
     ImageBuildError,
     _build_lock,
@@ -97,7 +98,8 @@ GUEST_SETUP_SCRIPT = (
     "#!/bin/sh\n# microvm-sandbox: hostname and network from the sandbox.* settings (run by systemd).\n"
     "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
     + _OEM_ARGS
-    + GUEST_SETUP.replace("$(cat /proc/cmdline)", "$(sandbox_args)")
+    + "args=$(sandbox_args)\n"  # once: every process started costs a lot under TCG
+    + GUEST_SETUP.replace("$(cat /proc/cmdline)", "$args")
     + 'echo "sandbox: init done"\n'
 )
 
@@ -106,7 +108,6 @@ GUEST_SETUP_UNIT = """\
 Description=microvm-sandbox guest settings (hostname, network)
 # Early and without the default dependencies: the agent reports the hostname set here.
 DefaultDependencies=no
-After=systemd-remount-fs.service
 Before=sysinit.target sandbox-agent.service
 
 [Service]
@@ -158,15 +159,49 @@ RestartSec=1
 WantedBy=multi-user.target
 """
 
-# Units masked (linked to /dev/null): they wait for things a sandbox does not have, or prompt.
+# Units masked (linked to /dev/null). Under TCG every unit started early competes with the
+# agent for the one vCPU, so the boot runs only what a sandbox uses: journald, tmpfiles, the
+# agent, the guest settings, the console and the power button.
 MASKED_UNITS: tuple[str, ...] = (
+    # wait for things a sandbox does not have, or prompt on the console
     "getty.target",
     "serial-getty@ttyS0.service",
     "systemd-logind.service",  # needs D-Bus; the power button is handled by sandbox-powerbtn
     "systemd-networkd-wait-online.service",
     "systemd-udev-settle.service",
     "systemd-firstboot.service",
+    # on the agent's path to local-fs.target, with nothing to do here: the initramfs mounts
+    # the root read-write, debootstrap created the system users, devtmpfs makes /dev
+    "systemd-remount-fs.service",
+    "systemd-sysusers.service",
+    "systemd-tmpfiles-setup-dev.service",
+    # no kernel modules in the root (the initramfs loads the few needed), no kmod
+    "systemd-modules-load.service",
+    "modprobe@configfs.service",
+    "modprobe@dm_mod.service",
+    "modprobe@drm.service",
+    "modprobe@efi_pstore.service",
+    "modprobe@fuse.service",
+    "modprobe@loop.service",
+    # kernel interfaces and bookkeeping nobody reads in a sandbox
+    "dev-hugepages.mount",
+    "dev-mqueue.mount",
+    "sys-kernel-debug.mount",
+    "sys-kernel-tracing.mount",
+    "sys-kernel-config.mount",
+    "sys-fs-fuse-connections.mount",
+    "proc-sys-fs-binfmt_misc.automount",
+    "systemd-binfmt.service",
+    "systemd-pstore.service",
+    "systemd-sysctl.service",
+    "systemd-random-seed.service",  # virtio-rng seeds the kernel
+    "systemd-journal-flush.service",  # the journal stays in memory
+    "systemd-update-utmp.service",
+    "systemd-update-utmp-runlevel.service",
+    "systemd-user-sessions.service",
+    # periodic jobs
     "systemd-timesyncd.service",
+    "systemd-tmpfiles-clean.timer",
     "apt-daily.timer",
     "apt-daily-upgrade.timer",
     "dpkg-db-backup.timer",
@@ -282,7 +317,7 @@ def build_uefi_image(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
-            _build_root(tmp / "root.ext4", tmp / "root.d", mirror, progress=progress)
+            _build_root(out_dir, tmp / "root.ext4", tmp / "root.d", mirror, progress=progress)
             _build_disk(tmp, base, progress=progress)
             disk = tmp / "disk.raw"
             manifest = {
@@ -304,8 +339,29 @@ def build_uefi_image(
         return UefiImageArtifacts(disk=final / "disk.raw", digest=digest, base=base)
 
 
-def _build_root(out: Path, root: Path, mirror: str, *, progress: Callable[[str], None]) -> None:
+def _debootstrapped(out_dir: Path, root: Path, mirror: str, *, progress: Callable[[str], None]) -> None:
+    """The debootstrap tree at ``root``, unpacked from ``out_dir/debootstrap-<key>.tar`` when
+    an earlier build of the same suite, packages and mirror left one there (a change of the
+    agent or the image's files then costs seconds, not a debootstrap); only the newest such
+    tree is kept."""
+    key = _digest({"suite": SUITE, "variant": "minbase", "packages": sorted(UEFI_PACKAGES), "mirror": mirror})
+    tar = out_dir / f"debootstrap-{key[:16]}.tar"
+    tar_argv = ["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*"]
+    if tar.is_file():
+        root.mkdir(parents=True)
+        _run([*tar_argv, "-xpf", str(tar), "-C", str(root)], progress=progress, timeout=STEP_TIMEOUT, step="untar")
+        return
     debootstrap(root, UEFI_PACKAGES, mirror, progress=progress)
+    part = tar.with_name(tar.name + ".part")
+    _run([*tar_argv, "-cf", str(part), "-C", str(root), "."], progress=progress, timeout=STEP_TIMEOUT, step="tar")
+    os.replace(part, tar)
+    for old in out_dir.glob("debootstrap-*.tar*"):
+        if old != tar:
+            old.unlink()
+
+
+def _build_root(out_dir: Path, out: Path, root: Path, mirror: str, *, progress: Callable[[str], None]) -> None:
+    _debootstrapped(out_dir, root, mirror, progress=progress)
     progress("customising the systemd root")
     install_files(root, ROOT_FILES)
     # The agent as users install it: the project's installer, its systemd unit, no start.
