@@ -5,6 +5,7 @@ Windows layer, ``platform_windows``, cannot run here). Same requests, same answe
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import shutil
 import signal
@@ -435,3 +436,13 @@ def test_the_windows_layer_follows_the_protocol_conventions() -> None:
     assert windows.exit_status(3, killed=False) == (3, None)
     assert windows.exit_status(1, killed=True) == (None, "SIGKILL")  # as the Linux agent reports a kill
     assert _windows_module("platform_windows").PORT_PATH == "\\\\.\\Global\\org.microvm_sandbox.agent.0"
+    assert windows.pty_eof == b"\x1a\r"  # Ctrl-Z, Enter: end of input for console programs
+    assert windows.add_entropy(b"\x00" * 32) is False  # reported as not applied, not faked
+    core = _windows_module("agent_core")
+    abstract = [
+        name
+        for name, member in vars(core.Platform).items()
+        if callable(member) and "NotImplementedError" in inspect.getsource(member)
+    ]
+    missing = [name for name in abstract if name not in vars(type(windows))]
+    assert missing == [], missing  # the Windows layer implements every platform call

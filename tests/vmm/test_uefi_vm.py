@@ -105,7 +105,11 @@ def test_systemd_runs_the_agent_as_the_installers_service(uefi_vm: tuple[VmSpec,
         assert parent == main_pid  # this very command was started by the service's process
         assert unit == "/etc/systemd/system/sandbox-agent.service"  # written by install.sh
         installed = agent_get(conn, unit)[0].decode()
-        assert "ExecStart=/usr/bin/python3 -u /usr/local/lib/sandbox/sandbox_agent.py" in installed
+        assert "ExecStart=/usr/bin/python3 -u -m sandbox_agent" in installed
+        assert "Environment=PYTHONPATH=/usr/local/lib/sandbox" in installed
+        # install.sh compiled the agent inside the image (chroot), so it starts from byte code.
+        result, out = agent_run(conn, shell="ls /usr/local/lib/sandbox/__pycache__")
+        assert result["exit_code"] == 0 and out.startswith(b"sandbox_agent.cpython-"), out
         # Nothing failed, nothing still waits: the masked units kept the boot short.
         result, out = agent_run(conn, shell="systemctl --failed --plain --no-legend; systemctl list-jobs --no-legend")
         assert result["exit_code"] == 0 and out.strip() == b"", out.decode()

@@ -209,6 +209,23 @@ MASKED_UNITS: tuple[str, ...] = (
     "e2scrub_reap.service",
     "fstrim.timer",
 )
+# systemd runs every generator before it starts any unit; these have nothing to find here
+# (no encrypted, verity or integrity volumes, no SysV scripts or rc.local, no resume device,
+# the GPT root is mounted already, the console shell is a unit of the image, and the fixed
+# GRUB command line carries no systemd.* words). Disabled by /dev/null links in /etc.
+MASKED_GENERATORS: tuple[str, ...] = (
+    "systemd-cryptsetup-generator",
+    "systemd-debug-generator",
+    "systemd-getty-generator",
+    "systemd-gpt-auto-generator",
+    "systemd-hibernate-resume-generator",
+    "systemd-integritysetup-generator",
+    "systemd-rc-local-generator",
+    "systemd-run-generator",
+    "systemd-system-update-generator",
+    "systemd-sysv-generator",
+    "systemd-veritysetup-generator",
+)
 ENABLED_UNITS: dict[str, str] = {
     "sandbox-guest-setup.service": "sysinit.target.wants",
     "sandbox-console.service": "multi-user.target.wants",
@@ -270,6 +287,7 @@ def uefi_inputs(base: ImageArtifacts, mirror: str) -> dict[str, object]:
         "grub_cfg_sha256": hashlib.sha256(GRUB_CFG.encode()).hexdigest(),
         "root_files_sha256": hashlib.sha256(json.dumps(ROOT_FILES, sort_keys=True).encode()).hexdigest(),
         "masked": sorted(MASKED_UNITS),
+        "masked_generators": sorted(MASKED_GENERATORS),
         "enabled": ENABLED_UNITS,
         "installer_sha256": {name: _sha256_file(AGENT_DIR / name) for name in INSTALLER_FILES},
     }
@@ -377,6 +395,10 @@ def _build_root(out_dir: Path, out: Path, root: Path, mirror: str, *, progress: 
         if link.is_symlink() or link.exists():
             link.unlink()
         link.symlink_to("/dev/null")
+    generators = root / "etc/systemd/system-generators"
+    generators.mkdir(parents=True, exist_ok=True)
+    for name in MASKED_GENERATORS:
+        (generators / name).symlink_to("/dev/null")
     for unit, wants in ENABLED_UNITS.items():
         (units / wants).mkdir(parents=True, exist_ok=True)
         link = units / wants / unit
