@@ -31,24 +31,34 @@ from vms.vmm.qemu import QemuDriver  # noqa: E402
 ACCEL = os.environ.get("SANDBOX_ACCEL", "auto")
 # Monotonic timestamps (microseconds since the kernel started) systemd keeps.
 _SYSTEMD_PROBE = (
-    "systemctl show -p UserspaceTimestampMonotonic -p FinishTimestampMonotonic --value;"
+    # The agent answers before the boot is finished: wait for the rest (bounded) first.
+    "timeout 300 systemctl is-system-running --wait >/dev/null;"
+    " systemctl show -p UserspaceTimestampMonotonic -p FinishTimestampMonotonic --value;"
     " systemctl show -p ActiveEnterTimestampMonotonic --value sandbox-agent.service;"
     " systemctl show -p ExecMainStartTimestampMonotonic --value sandbox-agent.service"
 )
 
 
+def _lines(sections: list[str], index: int) -> list[str]:
+    return [ln.strip() for ln in sections[index].splitlines() if ln.strip()] if len(sections) > index else []
+
+
 def _guest_timings(conn: AgentConnection) -> dict[str, object]:
-    started = conn.request("exec_start", {"shell": _SYSTEMD_PROBE + "; echo; systemd-analyze blame | head -8"})
-    conn.request("exec_wait", {"exec_id": started["exec_id"], "timeout": 60}, timeout=70)
+    script = _SYSTEMD_PROBE + "; echo; systemd-analyze blame | head -8; echo; systemd-analyze critical-chain"
+    started = conn.request("exec_start", {"shell": script + " sandbox-agent.service | tail -n +3"})
+    conn.request("exec_wait", {"exec_id": started["exec_id"], "timeout": 330}, timeout=340)
     _, out = conn.request_data("exec_read", {"exec_id": started["exec_id"]})
-    lines = out.decode(errors="replace").splitlines()
+    text = out.decode(errors="replace")
+    lines = text.splitlines()
     userspace, finish, agent_active, agent_exec = (int(x) / 1e6 for x in lines[:4])
+    sections = text.split("\n\n")  # timestamps, blame, critical chain
     return {
         "kernel_to_systemd_s": round(userspace, 2),
         "kernel_to_agent_started_s": round(agent_exec, 2),
         "kernel_to_agent_unit_active_s": round(agent_active, 2),
         "kernel_to_boot_finished_s": round(finish, 2),
-        "slowest_units": [ln.strip() for ln in lines[5:] if ln.strip()],
+        "slowest_units": _lines(sections, 1),
+        "agent_critical_chain": _lines(sections, 2),
     }
 
 

@@ -100,18 +100,23 @@ GUEST_SETUP_SCRIPT = (
     + _OEM_ARGS
     + "args=$(sandbox_args)\n"  # once: every process started costs a lot under TCG
     + GUEST_SETUP.replace("$(cat /proc/cmdline)", "$args")
-    + 'echo "sandbox: init done"\n'
+    # Straight to the console (journald forwards the lines above later, when it gets to it):
+    # the marker is there by the time the agent, ordered after this unit, answers.
+    + 'echo "sandbox: init done" >/dev/console\n'
 )
 
 GUEST_SETUP_UNIT = """\
 [Unit]
 Description=microvm-sandbox guest settings (hostname, network)
-# Early and without the default dependencies: the agent reports the hostname set here.
+# Early and without the default dependencies, before the agent: a VM is running when its
+# agent answers, and by then it has its hostname and address (as with the direct-boot image).
 DefaultDependencies=no
 Before=sysinit.target sandbox-agent.service
 
 [Service]
 Type=oneshot
+# On the agent's path: first for the CPU while the system boots, like the agent.
+StartupCPUWeight=1000
 RemainAfterExit=yes
 ExecStart=/usr/local/lib/sandbox/guest-setup
 StandardOutput=journal+console
