@@ -48,7 +48,9 @@ from .image import (
     ImageArtifacts,
     ImageBuildError,
     _build_lock,
+    _digest,
     _run,
+    _sha256_file,
     build_image,
     cached_image,
     debian_mirror,
@@ -267,14 +269,6 @@ class UefiImageArtifacts:
     base: ImageArtifacts
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def uefi_inputs(base: ImageArtifacts, mirror: str) -> dict[str, object]:
     """Everything the UEFI disk depends on; its canonical JSON hash is the cache key."""
     grub = hashlib.sha256()
@@ -296,10 +290,6 @@ def uefi_inputs(base: ImageArtifacts, mirror: str) -> dict[str, object]:
         "enabled": ENABLED_UNITS,
         "installer_sha256": {name: _sha256_file(AGENT_DIR / name) for name in INSTALLER_FILES},
     }
-
-
-def _digest(inputs: dict[str, object]) -> str:
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
 def cached_uefi_image(out_dir: Path, *, base_dir: Path | None = None) -> UefiImageArtifacts | None:
