@@ -66,8 +66,9 @@ install: static-vendor
 
 test: system venv static-vendor
 	./scripts/ensure-services.sh
-	# Build (or reuse) the guest image up front, so its progress shows; it needs no database.
+	# Build (or reuse) the guest images up front, so their progress shows; they need no database.
 	$(PY) -m vms.vmm.image $(CURDIR)/var/images
+	$(PY) -m vms.vmm.image_uefi $(CURDIR)/var/images
 	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: venv

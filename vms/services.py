@@ -323,7 +323,10 @@ def image_build_uefi(*, progress) -> Image:
 
     image, _ = Image.objects.get_or_create(
         name="linux-uefi",
-        defaults={"boot_mode": "uefi", "description": "Debian 12 booted by UEFI firmware (GRUB on an ESP)"},
+        defaults={
+            "boot_mode": "uefi",
+            "description": "Debian 12 with systemd, booted by UEFI firmware (GRUB on an ESP)",
+        },
     )
     try:
         artifacts = build_uefi_image(settings.SANDBOX_IMAGE_DIR, progress=progress)

@@ -12,12 +12,20 @@ like the Linux agent) and answers each request in order; a request that waits
 output pipe filling its ring buffer, and a thread waiting for its exit. All writes to the
 port go through one lock, a frame at a time.
 
-Implemented: hello, ping, health, exec_start (argv or shell; env, cwd, timeout, tag,
-buffer_bytes, stdin pipe + data + stdin_eof), exec_list/get/read/wait/stdin/signal/forget,
-file_stat/list/mkdir/remove/rename, file_write_open/write/close/abort,
-file_read_open/read/close. Not implemented (answered ``unknown_op``; the host then polls
-``exec_read``): exec_attach/exec_credit/exec_detach (streaming), PTYs and exec_resize,
-identity_set, ``user`` other than the agent's own account.
+Implemented: every op of the Linux agent: hello, ping, health, exec_start (argv or shell;
+env, cwd, timeout, tag, buffer_bytes, stdin pipe + data + stdin_eof, ``pty``, ``attach``),
+exec_list/get/read/wait/stdin/signal/resize/forget, exec_attach/credit/detach (streamed
+output events with credit windows), file_*, identity_set/identity_get. Not implemented:
+``user`` other than the agent's own account; ``cpu_ms``/``max_rss_kib`` are 0
+(``memory_source: "none"``).
+
+Streaming: each attachment has a thread that sends ``out`` events from its cursor while it
+has credit, then the ``exit`` event, exactly as the Linux agent's attachments do; the thread
+starts only after the attach answer went out. PTYs: the platform makes the terminal
+(``openpty`` here, ConPTY on Windows) and the core treats it as one stream ``"pty"``:
+stdin is written to it, ``eof`` sends the platform's end-of-input character, ``exec_resize``
+resizes it. identity_set: the core validates and orders the changes, the platform applies
+each one (hostname, machine id, clock, entropy, MAC, IPv4).
 """
 
 from __future__ import annotations
@@ -25,8 +33,10 @@ from __future__ import annotations
 import collections
 import errno
 import hashlib
+import ipaddress
 import json
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -55,6 +65,14 @@ MAX_HANDLES = 64
 MAX_LIST_ENTRIES = 10000
 EXIT_DRAIN_GRACE = 2.0
 STDIN_LIMIT = 1 << 20
+STREAM_CHUNK = 128 << 10  # exec output per event frame
+DEFAULT_WINDOW = 256 << 10
+MAX_WINDOW = 4 << 20
+MAX_SUBS_PER_CONN = 1024
+ATTACH_POLL = 0.5  # an attachment thread re-checks its session at least this often
+HOSTNAME_RE = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+MACHINE_ID_RE = r"[0-9a-f]{32}"
+MAC_RE = r"[0-9a-f]{2}(:[0-9a-f]{2}){5}"
 
 
 def log(msg: str) -> None:
@@ -160,6 +178,12 @@ def _arg(args: dict, name: str, kind: Any, default: Any = None, required: bool =
     return value
 
 
+def _clamp(value: Any, low: int, high: int, default: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        return default
+    return max(low, min(high, value))
+
+
 # ----- the platform interface ---------------------------------------------------------------
 
 
@@ -204,7 +228,9 @@ class Platform:
     def kill_tree(self, proc: Any) -> None:
         raise NotImplementedError
 
-    def send_signal(self, proc: Any, name: str, group: bool) -> bool:
+    def send_signal(self, proc: Any, name: str, group: bool, term: Any = None) -> bool:
+        """Deliver the signal ``name`` (``"INT"``, ``"TERM"``, ...) to the process (its group
+        with ``group``); ``term`` is its terminal for a PTY exec, else None."""
         raise NotImplementedError
 
     def exit_status(self, returncode: int, killed: bool) -> tuple[int | None, str | None]:
@@ -215,6 +241,48 @@ class Platform:
         raise NotImplementedError
 
     def owner_names(self, st: os.stat_result) -> tuple[str, str]:
+        raise NotImplementedError
+
+    # -- terminals
+    pty_eof = b"\x04"
+    """What stdin ``eof`` writes to a terminal: Ctrl-D here (Windows: Ctrl-Z, Enter)."""
+
+    def spawn_pty(self, argv: list[str], *, env: dict[str, str], cwd: str, rows: int, cols: int) -> tuple[Any, Any]:
+        """Start ``argv`` on a new pseudo-terminal of ``rows`` x ``cols``, leading its own
+        session/job: ``(process, terminal)``. ``process`` is Popen-like (``pid``,
+        ``wait(timeout)`` raising ``subprocess.TimeoutExpired``, for ``kill_tree`` and
+        ``send_signal``); ``terminal`` has ``read(n)`` (``b""`` once nothing can write to it
+        any more or it was closed), ``write(data)``, ``resize(rows, cols)`` and ``close()``."""
+        raise NotImplementedError
+
+    # -- identity (identity_set); the core has validated every value
+    def machine_id(self) -> str:
+        """The machine id as 32 lowercase hex digits ("" when unknown)."""
+        raise NotImplementedError
+
+    def set_machine_id(self, value: str) -> None:
+        raise NotImplementedError
+
+    def set_hostname(self, name: str) -> None:
+        raise NotImplementedError
+
+    def set_clock(self, unix: float) -> None:
+        raise NotImplementedError
+
+    def add_entropy(self, blob: bytes) -> bool:
+        """Mix ``blob`` into the OS random pool and reseed; False where the OS offers no way."""
+        raise NotImplementedError
+
+    def interfaces(self) -> dict[str, str]:
+        """Network interfaces except loopback: name -> MAC (``aa:bb:cc:dd:ee:ff``)."""
+        raise NotImplementedError
+
+    def set_mac(self, ifname: str, mac: str) -> None:
+        raise NotImplementedError
+
+    def set_ipv4(self, ifname: str, address: str, gateway: str) -> None:
+        """Replace the IPv4 addresses of ``ifname`` by ``address`` (CIDR); default route via
+        ``gateway`` unless empty."""
         raise NotImplementedError
 
 
@@ -262,15 +330,21 @@ class OutputBuffer:
 
 
 class Exec:
-    def __init__(self, agent: Agent, exec_id: str, argv: list[str], tag: str, buffer_bytes: int) -> None:
+    def __init__(
+        self, agent: Agent, exec_id: str, argv: list[str], tag: str, buffer_bytes: int, pty: bool = False
+    ) -> None:
         self.agent = agent
         self.id = exec_id
         self.argv = argv
         self.tag = tag
+        self.pty = pty
         self.buf = OutputBuffer(buffer_bytes)
         self.lock = threading.Lock()
+        # Notified (under ``lock``) on new output, the end of the exec, credit and detach.
+        self.changed = threading.Condition(self.lock)
         self.done = threading.Event()
         self.proc: Any = None
+        self.term: Any = None  # the platform's terminal of a PTY exec
         self.pid = 0
         self.started_at = time.time()
         self.started_mono = time.monotonic()
@@ -283,29 +357,49 @@ class Exec:
         self.stdin_queue: collections.deque = collections.deque()
         self.stdin_cond = threading.Condition(self.lock)
         self.readers: list[threading.Thread] = []
+        self.attachments: set[Attachment] = set()
 
-    def start(self, *, env: dict[str, str], cwd: str, stdin_pipe: bool, timeout: float | None) -> None:
-        self.proc = self.agent.platform.spawn(self.argv, env=env, cwd=cwd, stdin_pipe=stdin_pipe)
+    def start(
+        self,
+        *,
+        env: dict[str, str],
+        cwd: str,
+        stdin_pipe: bool,
+        timeout: float | None,
+        pty_size: tuple[int, int] | None = None,
+    ) -> None:
+        platform = self.agent.platform
+        if pty_size is not None:
+            self.proc, self.term = platform.spawn_pty(self.argv, env=env, cwd=cwd, rows=pty_size[0], cols=pty_size[1])
+            streams = [(self.term.read, "pty")]
+            self.stdin_open = True  # the terminal takes input as long as the exec runs
+        else:
+            self.proc = platform.spawn(self.argv, env=env, cwd=cwd, stdin_pipe=stdin_pipe)
+            streams = [
+                (getattr(pipe, "read1", pipe.read), name)
+                for pipe, name in ((self.proc.stdout, "stdout"), (self.proc.stderr, "stderr"))
+            ]
+            self.stdin_open = stdin_pipe
         self.pid = self.proc.pid
-        self.stdin_open = stdin_pipe
-        for pipe, name in ((self.proc.stdout, "stdout"), (self.proc.stderr, "stderr")):
-            t = threading.Thread(target=self._read, args=(pipe, name), daemon=True)
+        for read, name in streams:
+            t = threading.Thread(target=self._read, args=(read, name), daemon=True)
             t.start()
             self.readers.append(t)
-        if stdin_pipe:
+        if self.stdin_open:
             threading.Thread(target=self._write_stdin, daemon=True).start()
         threading.Thread(target=self._wait, args=(timeout,), daemon=True).start()
 
-    def _read(self, pipe: Any, name: str) -> None:
+    def _read(self, read: Callable[[int], bytes], name: str) -> None:
         while True:
             try:
-                data = pipe.read1(65536) if hasattr(pipe, "read1") else pipe.read(65536)
+                data = read(65536)
             except (OSError, ValueError):
                 data = b""
             if not data:
                 return
             with self.lock:
                 self.buf.append(name, data)
+                self.changed.notify_all()
 
     def _write_stdin(self) -> None:
         while True:
@@ -316,10 +410,14 @@ class Exec:
                 self.stdin_cond.notify_all()
             try:
                 if item is None:
-                    self.proc.stdin.close()
+                    if self.term is None:
+                        self.proc.stdin.close()
                     return
-                self.proc.stdin.write(item)
-                self.proc.stdin.flush()
+                if self.term is not None:
+                    self.term.write(item)
+                else:
+                    self.proc.stdin.write(item)
+                    self.proc.stdin.flush()
             except (OSError, ValueError):
                 # The process closed its stdin: what it did not read is dropped.
                 with self.lock:
@@ -336,7 +434,10 @@ class Exec:
                 return 0
             if data:
                 self.stdin_queue.append(data)
-            if eof:
+            if eof and self.term is not None:
+                # A terminal stays open: end of input is a character, as typed.
+                self.stdin_queue.append(self.agent.platform.pty_eof)
+            elif eof:
                 self.stdin_queue.append(None)
                 self.stdin_open = False
             self.stdin_cond.notify_all()
@@ -357,7 +458,7 @@ class Exec:
         with self.lock:
             self.exited = True
             self.stdin_open = False
-            self.stdin_queue.clear()
+            self.stdin_queue.append(None)  # ends the stdin writer thread
             self.stdin_cond.notify_all()
         # Background children may keep the pipes open: read on for a moment, then stop.
         deadline = time.monotonic() + EXIT_DRAIN_GRACE
@@ -365,7 +466,11 @@ class Exec:
             t.join(max(0.0, deadline - time.monotonic()))
         if self.timed_out or self.killed:
             self.agent.platform.kill_tree(self.proc)
-        self.done.set()
+        if self.term is not None:
+            self.term.close()
+        with self.lock:
+            self.done.set()
+            self.changed.notify_all()
         self.agent.exec_finished(self)
 
     def kill(self) -> None:
@@ -389,21 +494,100 @@ class Exec:
 
     def summary(self) -> dict[str, Any]:
         with self.lock:
-            return {
-                "exec_id": self.id,
-                "tag": self.tag,
-                "pid": self.pid,
-                "argv": self.argv[:64],
-                "pty": False,
-                "running": not self.done.is_set(),
-                "exited": self.exited,
-                "started_at": self.started_at,
-                "base_offset": self.buf.base,
-                "end_offset": self.buf.end,
-                "buffer_bytes": self.buf.limit,
-                "stdin_open": self.stdin_open,
-                "result": self.result(),
-            }
+            return self._summary_locked()
+
+    def _summary_locked(self) -> dict[str, Any]:
+        return {
+            "exec_id": self.id,
+            "tag": self.tag,
+            "pid": self.pid,
+            "argv": self.argv[:64],
+            "pty": self.pty,
+            "running": not self.done.is_set(),
+            "exited": self.exited,
+            "started_at": self.started_at,
+            "base_offset": self.buf.base,
+            "end_offset": self.buf.end,
+            "buffer_bytes": self.buf.limit,
+            "stdin_open": self.stdin_open,
+            "result": self.result(),
+        }
+
+
+class Attachment:
+    """A session's subscription to one exec's output: a cursor plus a credit window, served
+    by its own thread. Sends ``out`` events while it has credit, then the ``exit`` event once
+    the exec ended and everything was sent; ends with its session, a detach or forget."""
+
+    def __init__(self, conn: Connection, sub: int, ex: Exec, offset: int, window: int) -> None:
+        self.conn = conn
+        self.epoch = conn.epoch
+        self.sub = sub
+        self.exec = ex
+        self.cursor = offset
+        self.window = window
+        self.closed = False
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def credit(self, nbytes: int) -> None:
+        with self.exec.lock:
+            self.window = min(MAX_WINDOW, self.window + max(0, nbytes))
+            self.exec.changed.notify_all()
+
+    def close(self) -> None:
+        ex = self.exec
+        with ex.lock:
+            self.closed = True
+            ex.attachments.discard(self)
+            ex.changed.notify_all()
+        self.conn.drop_sub(self)
+
+    def _next(self) -> tuple[dict[str, Any], bytes] | None:
+        """Under the exec's lock: the next event to send, waiting for output, credit or the
+        end; None once this attachment is over."""
+        ex = self.exec
+        while True:
+            if self.closed or self.conn.epoch != self.epoch:
+                return None
+            if self.cursor < ex.buf.end and self.window > 0:
+                pieces = ex.buf.read(self.cursor, min(self.window, STREAM_CHUNK))
+                if pieces:
+                    offset, stream, data = pieces[0]
+                    # Consecutive pieces of the same stream go in one event.
+                    blob = bytearray(data)
+                    for off2, stream2, data2 in pieces[1:]:
+                        if stream2 != stream or off2 != offset + len(blob):
+                            break
+                        blob += data2
+                    self.cursor = offset + len(blob)
+                    self.window -= len(blob)
+                    header = {"ev": "out", "sub": self.sub, "exec_id": ex.id, "stream": stream, "offset": offset}
+                    return header, bytes(blob)
+            if ex.done.is_set() and self.cursor >= ex.buf.end:
+                self.closed = True
+                ex.attachments.discard(self)
+                header = {
+                    "ev": "exit",
+                    "sub": self.sub,
+                    "exec_id": ex.id,
+                    "end_offset": ex.buf.end,
+                    "result": ex.result(),
+                }
+                return header, b""
+            ex.changed.wait(ATTACH_POLL)
+
+    def _run(self) -> None:
+        while True:
+            with self.exec.lock:
+                event = self._next()
+            if event is None:
+                return
+            self.conn.send_event(self.epoch, *event)
+            if event[0]["ev"] == "exit":
+                self.conn.drop_sub(self)
+                return
 
 
 # ----- connections and the agent --------------------------------------------------------------
@@ -421,6 +605,11 @@ class Connection:
         self.nonce = ""
         self.epoch = 0
         self.reader = FrameReader()
+        self.subs: dict[int, Attachment] = {}
+        self.subs_lock = threading.Lock()
+        # Work an op leaves for after its answer is sent (an attachment's first event must
+        # follow the answer that names it); run by ``Agent.handle``.
+        self.after_response: list[Callable[[], None]] = []
 
     def respond(
         self, epoch: int, req_id: Any, result: Any = None, data: bytes = b"", error: OpError | None = None
@@ -439,6 +628,28 @@ class Connection:
         else:
             header = {"id": req_id, "ok": True, "result": result if result is not None else {}}
         self.send(encode_frame(header, data))
+
+    def send_event(self, epoch: int, header: dict[str, Any], data: bytes = b"") -> None:
+        """An event of the session ``epoch``; dropped if that session is gone."""
+        with self.write_lock:
+            if epoch != self.epoch:
+                return
+            try:
+                self._write(encode_frame(header, data))
+            except OSError as exc:
+                log(f"write failed: {exc!r}")
+
+    def drop_sub(self, att: Attachment) -> None:
+        with self.subs_lock:
+            if self.subs.get(att.sub) is att:
+                del self.subs[att.sub]
+
+    def close_subs(self) -> None:
+        with self.subs_lock:
+            subs = list(self.subs.values())
+            self.subs.clear()
+        for att in subs:
+            att.close()
 
     def send(self, frame: bytes) -> None:
         with self.write_lock:
@@ -533,6 +744,7 @@ class Agent:
         if not isinstance(args, dict):
             conn.respond(epoch, req_id, error=OpError("bad_request", "args must be an object"))
             return
+        conn.after_response = []
         try:
             out = fn(conn, req_id, args, data)
         except OpError as exc:
@@ -545,16 +757,19 @@ class Agent:
             log(f"op {op} failed: {exc!r}")
             conn.respond(conn.epoch, req_id, error=OpError("internal", f"{type(exc).__name__}: {exc}"))
             return
-        if out is DEFERRED:
-            return
-        result, payload = out if isinstance(out, tuple) else (out, b"")
-        conn.respond(conn.epoch, req_id, result, payload)
+        if out is not DEFERRED:
+            result, payload = out if isinstance(out, tuple) else (out, b"")
+            conn.respond(conn.epoch, req_id, result, payload)
+        for after in conn.after_response:
+            after()
+        conn.after_response = []
 
     def session_closed(self, conn: Connection) -> None:
         with self.lock:
             for handle_id, h in list(self.handles.items()):
                 if h.conn is conn:
                     self._discard(handle_id)
+        conn.close_subs()
 
     # -- basics
     def op_hello(self, conn: Connection, req_id: Any, args: dict, data: bytes) -> dict:
@@ -629,8 +844,9 @@ class Agent:
         timeout = _arg(args, "timeout", float)
         if timeout is not None and not 0 < timeout <= 86400 * 7:
             raise OpError("bad_request", "timeout must be between 0 and 7 days")
-        if args.get("pty") is not None:
-            raise OpError("bad_request", "this agent has no PTY support")
+        pty_arg = args.get("pty")
+        if pty_arg is not None and not isinstance(pty_arg, dict):
+            raise OpError("bad_request", "pty must be an object or null")
         user = args.get("user")
         if user not in (None, "", "root", 0):
             raise OpError("bad_request", "this agent runs commands as its own account only")
@@ -645,6 +861,8 @@ class Agent:
             if sum(1 for e in self.execs.values() if not e.done.is_set()) >= MAX_RUNNING_EXECS:
                 raise OpError("too_many", f"at most {MAX_RUNNING_EXECS} execs may run at once")
         env = self.platform.default_env()
+        if pty_arg is not None:
+            env["TERM"] = str(pty_arg.get("term") or "xterm-256color")[:64]
         env.update(env_arg)
         cwd = _arg(args, "cwd", str, "") or self.platform.default_cwd()
         program = argv[0]
@@ -654,9 +872,12 @@ class Agent:
             raise OpError("not_found", f"command not found: {program}")
         if not os.path.isdir(cwd):
             raise OpError("not_found", f"working directory {cwd} does not exist")
-        ex = Exec(self, secrets.token_hex(8), argv, tag, buffer_bytes)
+        ex = Exec(self, secrets.token_hex(8), argv, tag, buffer_bytes, pty=pty_arg is not None)
+        pty_size = None
+        if pty_arg is not None:
+            pty_size = (_clamp(pty_arg.get("rows"), 1, 1000, 24), _clamp(pty_arg.get("cols"), 1, 1000, 80))
         try:
-            ex.start(env=env, cwd=cwd, stdin_pipe=stdin_mode == "pipe", timeout=timeout)
+            ex.start(env=env, cwd=cwd, stdin_pipe=stdin_mode == "pipe", timeout=timeout, pty_size=pty_size)
         except PermissionError as exc:
             raise OpError("permission_denied", f"cannot execute {program}: {exc.strerror}") from exc
         except OSError as exc:
@@ -665,6 +886,9 @@ class Agent:
             self.execs[ex.id] = ex
         if data or args.get("stdin_eof"):
             ex.write_stdin(data, bool(args.get("stdin_eof")))
+        attach = args.get("attach")
+        if isinstance(attach, dict):
+            self._attach(conn, ex, attach)
         return {"exec_id": ex.id, "pid": ex.pid, "tag": tag, "started_at": ex.started_at}
 
     def exec_finished(self, ex: Exec) -> None:
@@ -726,7 +950,55 @@ class Agent:
         if name in ("KILL", "9"):
             ex.kill()
             return {"delivered": True}
-        return {"delivered": self.platform.send_signal(ex.proc, name, bool(args.get("group", True)))}
+        return {"delivered": self.platform.send_signal(ex.proc, name, bool(args.get("group", True)), ex.term)}
+
+    def op_exec_resize(self, conn: Connection, req_id: Any, args: dict, data: bytes) -> dict:
+        ex = self._exec(args)
+        if ex.term is None:
+            raise OpError("bad_request", "this exec has no terminal")
+        rows = _clamp(args.get("rows"), 1, 1000, 24)
+        cols = _clamp(args.get("cols"), 1, 1000, 80)
+        ex.term.resize(rows, cols)
+        return {"rows": rows, "cols": cols}
+
+    def _attach(self, conn: Connection, ex: Exec, args: dict) -> Attachment:
+        sub = _arg(args, "sub", int, required=True)
+        offset = max(0, _arg(args, "offset", int, 0))
+        window = max(1, min(MAX_WINDOW, _arg(args, "window", int, DEFAULT_WINDOW)))
+        att = Attachment(conn, sub, ex, offset, window)
+        with conn.subs_lock:
+            if sub in conn.subs:
+                raise OpError("exists", f"subscription {sub} exists")
+            if len(conn.subs) >= MAX_SUBS_PER_CONN:
+                raise OpError("too_many", "too many subscriptions on this connection")
+            conn.subs[sub] = att
+        with ex.lock:
+            ex.attachments.add(att)
+        conn.after_response.append(att.start)
+        return att
+
+    def op_exec_attach(self, conn: Connection, req_id: Any, args: dict, data: bytes) -> dict:
+        ex = self._exec(args)
+        att = self._attach(conn, ex, args)
+        with ex.lock:
+            summary = ex._summary_locked()
+            summary["offset"] = max(att.cursor, ex.buf.base)
+        return summary
+
+    def op_exec_credit(self, conn: Connection, req_id: Any, args: dict, data: bytes) -> dict:
+        with conn.subs_lock:
+            att = conn.subs.get(_arg(args, "sub", int, required=True))
+        if att is None:
+            return {"known": False}
+        att.credit(_arg(args, "bytes", int, 0))
+        return {"known": True}
+
+    def op_exec_detach(self, conn: Connection, req_id: Any, args: dict, data: bytes) -> dict:
+        with conn.subs_lock:
+            att = conn.subs.get(_arg(args, "sub", int, required=True))
+        if att is not None:
+            att.close()
+        return {"known": att is not None}
 
     def op_exec_forget(self, conn: Connection, req_id: Any, args: dict, data: bytes) -> dict:
         ex = self._exec(args)
@@ -734,7 +1006,86 @@ class Agent:
             raise OpError("conflict", "exec is still running")
         with self.lock:
             self.execs.pop(ex.id, None)
+        with ex.lock:
+            attachments = list(ex.attachments)
+        for att in attachments:
+            att.close()
         return {}
+
+    # -- identity after restore/clone (the snapshots app; PROTOCOL.md)
+    def op_identity_set(self, conn: Connection, req_id: Any, args: dict, data: bytes) -> dict:
+        """Apply the identity the host chose; every key optional: ``hostname``, ``machine_id``
+        (32 hex), ``macs`` ({ifname: mac}, ``"*"`` = the first interface), ``clock_unix``,
+        ``entropy`` (hex), ``ipv4`` ({ifname, address, gateway}). Everything is checked
+        before anything is changed; returns what was applied and the identity now."""
+        p = self.platform
+        clock = _arg(args, "clock_unix", float)
+        entropy = b""
+        if args.get("entropy"):
+            try:
+                entropy = bytes.fromhex(str(args["entropy"]))[:512]
+            except ValueError as exc:
+                raise OpError("bad_request", "entropy must be hex") from exc
+        machine_id = args.get("machine_id") or ""
+        if machine_id and not re.fullmatch(MACHINE_ID_RE, str(machine_id)):
+            raise OpError("bad_request", "machine_id must be 32 lowercase hex digits")
+        hostname = args.get("hostname") or ""
+        if hostname and not re.fullmatch(HOSTNAME_RE, str(hostname)):
+            raise OpError("bad_request", "invalid hostname")
+        ifaces = sorted(p.interfaces()) if args.get("macs") or args.get("ipv4") else []
+        macs: list[tuple[str, str]] = []
+        for ifname, mac in dict(args.get("macs") or {}).items():
+            if ifname == "*":
+                if not ifaces:
+                    continue
+                ifname = ifaces[0]
+            if ifname not in ifaces or not re.fullmatch(MAC_RE, str(mac)):
+                raise OpError("bad_request", f"bad interface or MAC: {ifname} {mac}")
+            macs.append((ifname, str(mac)))
+        ipv4 = args.get("ipv4")
+        if ipv4:
+            if not isinstance(ipv4, dict):
+                raise OpError("bad_request", "ipv4 must be an object")
+            ip_ifname = str(ipv4.get("ifname") or (ifaces[0] if ifaces else ""))
+            if ip_ifname not in ifaces:
+                raise OpError("bad_request", f"no interface {ip_ifname!r}")
+            try:
+                address = str(ipaddress.IPv4Interface(str(ipv4.get("address"))))
+                gateway = str(ipaddress.IPv4Address(str(ipv4["gateway"]))) if ipv4.get("gateway") else ""
+            except (ValueError, KeyError) as exc:
+                raise OpError("bad_request", f"bad ipv4 settings: {exc}") from exc
+        done = []
+        if clock is not None:
+            p.set_clock(clock)
+            done.append("clock")
+        if entropy and p.add_entropy(entropy):
+            done.append("entropy")
+        if machine_id:
+            p.set_machine_id(str(machine_id))
+            done.append("machine_id")
+        if hostname:
+            p.set_hostname(str(hostname))
+            done.append("hostname")
+        for ifname, mac in macs:
+            p.set_mac(ifname, mac)
+            done.append(f"mac:{ifname}")
+        if ipv4:
+            p.set_ipv4(ip_ifname, address, gateway)
+            done.append(f"ipv4:{ip_ifname}")
+        return {"applied": done, "identity": self.identity_report()}
+
+    def op_identity_get(self, conn: Connection, req_id: Any, args: dict, data: bytes) -> dict:
+        return self.identity_report()
+
+    def identity_report(self) -> dict[str, Any]:
+        """Hostname, machine id, interface MACs and wall clock as the guest sees them now."""
+        p = self.platform
+        return {
+            "hostname": p.hostname(),
+            "machine_id": p.machine_id(),
+            "macs": dict(sorted(p.interfaces().items())),
+            "clock_unix": time.time(),
+        }
 
     # -- files
     def _path(self, args: dict, name: str = "path") -> str:

@@ -24,7 +24,8 @@ d=$work/systemd; mkdir -p $d/lib/systemd; touch $d/lib/systemd/systemd
 $inst --destdir $d --prefix /opt/sbx
 check_files $d /opt/sbx
 u=$d/etc/systemd/system/sandbox-agent.service
-grep -qx "ExecStart=/usr/bin/python3 -u /opt/sbx/lib/sandbox/sandbox_agent.py" $u || fail "unit ExecStart"
+grep -qx "ExecStart=/usr/bin/python3 -u -m sandbox_agent" $u || fail "unit ExecStart"
+grep -qx "Environment=PYTHONPATH=/opt/sbx/lib/sandbox" $u || fail "unit PYTHONPATH"
 grep -qx "Restart=always" $u || fail "unit Restart"
 [ "$(readlink $d/etc/systemd/system/multi-user.target.wants/sandbox-agent.service)" = ../sandbox-agent.service ] \
     || fail "unit not enabled"

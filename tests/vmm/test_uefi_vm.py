@@ -1,5 +1,6 @@
-"""The UEFI Linux image built here boots under OVMF on q35 (TCG here) to a running agent;
-exec and files work; the sandbox.* settings arrive through SMBIOS OEM strings.
+"""The UEFI Linux image built here (debootstrap, systemd as init, the agent installed as a
+systemd service by install.sh) boots under OVMF on q35 (TCG here) to a running agent; exec
+and files work; the sandbox.* settings arrive through SMBIOS OEM strings.
 
 One boot for the whole module: a firmware boot under TCG costs ~35 s on an idle machine."""
 
@@ -89,6 +90,37 @@ def test_it_boots_through_ovmf_and_the_agent_answers(uefi_vm: tuple[VmSpec, floa
     assert b"GRUB" in serial and b"sandbox: init done" in serial
 
 
+def test_systemd_runs_the_agent_as_the_installers_service(uefi_vm: tuple[VmSpec, float]) -> None:
+    spec, _ = uefi_vm
+    with AgentConnection.open(spec.runtime_dir / "agent.sock", AgentTransport.VIRTIO_SERIAL, timeout=30) as conn:
+        result, out = agent_run(
+            conn,
+            shell="readlink /proc/1/exe; systemctl is-active sandbox-agent.service;"
+            " systemctl show -p MainPID --value sandbox-agent.service; ps -o ppid= -p $$;"
+            " systemctl show -p FragmentPath --value sandbox-agent.service",
+        )
+        assert result["exit_code"] == 0, out
+        init, state, main_pid, parent, unit = out.decode().split()
+        assert init == "/usr/lib/systemd/systemd" and state == "active"
+        assert parent == main_pid  # this very command was started by the service's process
+        assert unit == "/etc/systemd/system/sandbox-agent.service"  # written by install.sh
+        installed = agent_get(conn, unit)[0].decode()
+        assert "ExecStart=/usr/bin/python3 -u -m sandbox_agent" in installed
+        assert "Environment=PYTHONPATH=/usr/local/lib/sandbox" in installed
+        # install.sh compiled the agent inside the image (chroot), so it starts from byte code.
+        result, out = agent_run(conn, shell="ls /usr/local/lib/sandbox/__pycache__")
+        assert result["exit_code"] == 0 and out.startswith(b"sandbox_agent.cpython-"), out
+        # The agent answers before the rest of the boot is done; once it is, nothing failed
+        # (the masked units are not missed) and no job is left.
+        result, out = agent_run(
+            conn,
+            shell="timeout 300 systemctl is-system-running --wait; systemctl --failed --plain --no-legend;"
+            " systemctl list-jobs --no-legend",
+            wait=330,
+        )
+        assert result["exit_code"] == 0 and out.decode().split("\n") == ["running", ""], out.decode()
+
+
 def test_exec_and_files_work_on_the_uefi_guest(uefi_vm: tuple[VmSpec, float]) -> None:
     spec, _ = uefi_vm
     payload = os.urandom(300_000)
@@ -112,6 +144,8 @@ def test_the_agent_installer_runs_inside_the_vm(uefi_vm: tuple[VmSpec, float]) -
             agent_put(conn, f"/root/inst/{name}", (AGENT_DIR / name).read_bytes(), mkdirs=True)
         agent_put(conn, "/root/checks.sh", INSTALLER_CHECKS.encode())
         result, out = agent_run(
-            conn, shell="rm -rf /root/work && mkdir /root/work && sh /root/checks.sh /root/inst /root/work"
+            conn,
+            shell="rm -rf /root/work && mkdir /root/work && sh /root/checks.sh /root/inst /root/work",
+            wait=300,  # dozens of installer runs: minutes under TCG on a busy machine
         )
         assert result["exit_code"] == 0 and b"INSTALLER-OK" in out, out.decode(errors="replace")

@@ -109,19 +109,9 @@ ttyS0::respawn:/usr/local/lib/sandbox/run-console
 ::shutdown:/usr/local/lib/sandbox/rc.shutdown
 """
 
-RC_SYSINIT = r"""#!/bin/sh
-export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-mountpoint -q /proc || mount -t proc proc /proc
-mountpoint -q /sys || mount -t sysfs sysfs /sys
-mountpoint -q /dev || mount -t devtmpfs devtmpfs /dev
-mkdir -p /dev/pts /dev/shm
-mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
-mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /dev/shm
-mount -t tmpfs -o mode=755,nosuid,nodev tmpfs /run
-mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
-mount -o remount,rw /
-ln -sf /proc/self/fd /dev/fd 2>/dev/null
-name=""
+# Hostname and network from the sandbox.* words (kernel command line here; the UEFI image
+# also reads SMBIOS OEM strings, see image_uefi). Shared by both images' init scripts.
+GUEST_SETUP = r"""name=""
 for arg in $(cat /proc/cmdline); do
     case "$arg" in sandbox.hostname=*) name="${arg#sandbox.hostname=}" ;; esac
 done
@@ -144,10 +134,28 @@ if [ -n "$addr" ]; then
     ip link set eth0 up && ip addr add "$addr" dev eth0 && echo "sandbox: eth0 $addr"
     [ -n "$gw" ] && ip route add default via "$gw" dev eth0
 fi
-# Grow the filesystem to the (overlay) disk size; online, in the background.
+"""
+
+RC_SYSINIT = (
+    r"""#!/bin/sh
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+mountpoint -q /proc || mount -t proc proc /proc
+mountpoint -q /sys || mount -t sysfs sysfs /sys
+mountpoint -q /dev || mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts /dev/shm
+mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
+mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /dev/shm
+mount -t tmpfs -o mode=755,nosuid,nodev tmpfs /run
+mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
+mount -o remount,rw /
+ln -sf /proc/self/fd /dev/fd 2>/dev/null
+"""
+    + GUEST_SETUP
+    + r"""# Grow the filesystem to the (overlay) disk size; online, in the background.
 (resize2fs /dev/vda >/dev/null 2>&1 &)
 echo "sandbox: init done"
 """
+)
 
 RUN_AGENT = r"""#!/bin/sh
 # Respawned by init; the sleep throttles a crash loop. Log kept below 1 MiB.
@@ -423,6 +431,11 @@ def build_image(out_dir: Path, *, progress: Callable[[str], None] = lambda _msg:
     inputs = image_inputs(version, kernel, mirror)
     digest = _digest(inputs)
     final = out_dir / digest
+    # Built images are renamed into place complete: no lock needed to reuse one, so readers
+    # never wait behind another image's build.
+    if (final / "manifest.json").is_file():
+        progress(f"image {digest[:12]} already built")
+        return _artifacts(final, digest)
     with _build_lock(out_dir):
         if (final / "manifest.json").is_file():
             progress(f"image {digest[:12]} already built")
@@ -465,48 +478,63 @@ def _update_current_link(out_dir: Path, digest: str) -> None:
 
 def _build_into(tmp: Path, *, version: str, kernel: Path, mirror: str, progress: Callable[[str], None]) -> None:
     rootfs_dir = tmp / "rootfs.d"
-    _run(
-        ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE, str(rootfs_dir), mirror],
-        progress=progress,
-        timeout=DEBOOTSTRAP_TIMEOUT,
-        step="debootstrap",
-    )
+    debootstrap(rootfs_dir, PACKAGES, mirror, progress=progress)
     progress("customising rootfs")
     _customise_rootfs(rootfs_dir)
-    rootfs = tmp / "rootfs.ext4"
-    with open(rootfs, "wb") as fh:
-        fh.truncate(ROOTFS_SIZE_MIB << 20)
-    _run(
-        [
-            "mkfs.ext4",
-            "-q",
-            "-F",
-            "-L",
-            "sandbox-root",
-            "-E",
-            "lazy_itable_init=1,lazy_journal_init=1",
-            "-d",
-            str(rootfs_dir),
-            str(rootfs),
-        ],
-        progress=progress,
-        timeout=STEP_TIMEOUT,
-        step="mkfs.ext4",
-    )
+    make_ext4(rootfs_dir, tmp / "rootfs.ext4", ROOTFS_SIZE_MIB, label="sandbox-root", progress=progress)
     shutil.rmtree(rootfs_dir)
     progress("building initramfs")
     _build_initramfs(tmp / "initramfs.cpio.gz", version, tmp / "initramfs.d")
     shutil.copyfile(kernel, tmp / "vmlinuz")
 
 
-def _customise_rootfs(root: Path) -> None:
-    for rel, (text, mode) in FILES.items():
+def debootstrap(root: Path, packages: tuple[str, ...], mirror: str, *, progress: Callable[[str], None]) -> None:
+    """``debootstrap --variant=minbase`` of ``SUITE`` with ``packages`` into ``root`` from ``mirror``."""
+    _run(
+        ["debootstrap", "--variant=minbase", f"--include={','.join(packages)}", SUITE, str(root), mirror],
+        progress=progress,
+        timeout=DEBOOTSTRAP_TIMEOUT,
+        step="debootstrap",
+    )
+
+
+def make_ext4(source: Path, out: Path, size_mib: int, *, label: str, progress: Callable[[str], None]) -> None:
+    """A sparse ext4 image of ``size_mib`` holding the tree ``source`` (``mkfs.ext4 -d``, no mount)."""
+    with open(out, "wb") as fh:
+        fh.truncate(size_mib << 20)
+    _run(
+        [
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-L",
+            label,
+            "-E",
+            "lazy_itable_init=1,lazy_journal_init=1",
+            "-d",
+            str(source),
+            str(out),
+        ],
+        progress=progress,
+        timeout=STEP_TIMEOUT,
+        step="mkfs.ext4",
+    )
+
+
+def install_files(root: Path, files: dict[str, tuple[str, int]]) -> None:
+    """Write ``files`` (path relative to ``root`` -> (text, mode)) into the tree at ``root``,
+    replacing what is there (a symlink included)."""
+    for rel, (text, mode) in files.items():
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_symlink() or path.exists():
             path.unlink()
         path.write_text(text)
         os.chmod(path, mode)
+
+
+def _customise_rootfs(root: Path) -> None:
+    install_files(root, FILES)
     agent = root / "usr/local/lib/sandbox/sandbox_agent.py"
     shutil.copyfile(AGENT_SOURCE, agent)
     os.chmod(agent, 0o755)  # noqa: S103 - executables in the guest image
@@ -520,11 +548,19 @@ def _customise_rootfs(root: Path) -> None:
     if init.exists() or init.is_symlink():
         init.unlink()
     init.symlink_to(os.path.relpath(root / "usr/local/bin/busybox", sbin))
-    # Root without password on the serial console (the host controls console access).
+    passwordless_root(root)
+    trim_rootfs(root)
+
+
+def passwordless_root(root: Path) -> None:
+    """Root without password on the serial console (the host controls console access)."""
     shadow = root / "etc/shadow"
     lines = shadow.read_text().splitlines()
     shadow.write_text("\n".join(re.sub(r"^root:[^:]*:", "root::", ln) for ln in lines) + "\n")
-    # Trim what a sandbox does not need; keeps the image small.
+
+
+def trim_rootfs(root: Path) -> None:
+    """Remove what a sandbox does not need (apt caches and lists, docs, locales); keeps the image small."""
     for rel in (
         "var/cache/apt/archives",
         "var/lib/apt/lists",
