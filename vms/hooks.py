@@ -16,7 +16,10 @@ Hook names and their keyword arguments:
 - ``vm_nic(vm) -> object | None``: the first NIC (``tap``, ``mac``, ``kernel_args``) for the VmSpec;
 - ``vm_counters(vm) -> dict``: extra counters in ``Driver.counters``' shape (sampling);
 - ``vm_addresses(vm_ids) -> dict[str, list[str]]``: the IP addresses of those VMs by VM id (pages);
-- ``host_worker_ready(host)``: once when a worker of ``host`` starts, after the VM reconcile.
+- ``host_worker_ready(host)``: once when a worker of ``host`` starts, after the VM reconcile;
+- ``vm_create_source(vm, start) -> (action, params) | None``: in the transaction that creates
+  a VM from a template: the operation that brings it up instead of a cold ``create``
+  (snapshots: ``clone`` from the template's golden snapshot).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ HOOK_NAMES = (
     "vm_counters",
     "vm_addresses",
     "host_worker_ready",
+    "vm_create_source",
 )
 
 _hooks: dict[str, list[Callable[..., Any]]] = {name: [] for name in HOOK_NAMES}

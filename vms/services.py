@@ -19,7 +19,7 @@ from accounts.services import owner_quota_lock
 from sandbox_site import metrics
 from sandbox_site.errors import ApplicationError, ConflictError, QuotaExceeded
 from vms import selectors
-from vms.hooks import hook_run
+from vms.hooks import hook_first, hook_run
 from vms.host_disk import require_disk_space
 from vms.models import VM, Host, Image, Operation, Template, VmState
 from vms.operations import (  # noqa: F401 - re-exported for callers of the old names
@@ -51,6 +51,21 @@ def _require(actor, perm: str, vm: VM, action: str) -> None:
 
 def _snapshot(vm: VM) -> dict:
     return {"state": vm.state, "vcpus": vm.vcpus, "memory_mib": vm.memory_mib, "disk_gib": vm.disk_gib}
+
+
+SYSTEM_USERNAME = "msbx-system"
+
+
+def system_user():
+    """The account that owns golden-snapshot builders and warm-pool VMs until a create takes
+    one. It never signs in (inactive, no usable password) and holds no role."""
+    from django.contrib.auth import get_user_model
+
+    user, created = get_user_model().objects.get_or_create(username=SYSTEM_USERNAME, defaults={"is_active": False})
+    if created:
+        user.set_unusable_password()
+        user.save(update_fields=["password"])
+    return user
 
 
 def local_host() -> Host:
@@ -156,7 +171,9 @@ def vm_create(
         vm.full_clean()
         vm.save()
         vm_row_init(vm=vm, actor=actor)
-        op = operation_new(vm=vm, action="create", actor=actor, params={"start": start})
+        # A golden snapshot of the template (snapshots app) replaces the cold boot.
+        action, params = hook_first("vm_create_source", vm=vm, start=start) or ("create", {"start": start})
+        op = operation_new(vm=vm, action=action, actor=actor, params=params)
         audit_record(
             actor=actor, action="vm.create", obj=vm, after={**_snapshot(vm), "name": name, "template": template.name}
         )
