@@ -194,7 +194,7 @@ def _build_reason(golden: GoldenSnapshot | None, inputs: str, now) -> str:
 def golden_maintain(*, host, now=None) -> dict[str, int]:
     """Beat job of ``host``: build missing, stale and (after a pause) failed golden
     snapshots of the active templates that want one (unless ``SANDBOX_GOLDEN_AUTO_BUILD`` is
-    off); delete replaced ones nothing uses."""
+    off); delete replaced ones nothing uses; then refill the warm pools (``snapshots.pool``)."""
     now = now or timezone.now()
     counts = {"requested": 0, "retired": 0}
     templates = Template.objects.filter(
@@ -211,6 +211,9 @@ def golden_maintain(*, host, now=None) -> dict[str, int]:
         except ConflictError as exc:
             logger.warning("golden snapshot of %s not requested: %s", template.name, exc.message)
     counts["retired"] = golden_retired_delete(host=host)
+    from snapshots.pool import pool_refill
+
+    counts.update(pool_refill(host=host))
     return counts
 
 

@@ -24,6 +24,7 @@ from sandbox_site.errors import ApplicationError, ConflictError
 from snapshots import selectors
 from snapshots.models import Snapshot, VmLineage
 from vms import agent_gateway, hypervisor
+from vms.hooks import hook_run
 from vms.lifecycle import (
     vm_agent_wait,
     vm_before_launch,
@@ -272,6 +273,8 @@ def snapshot_clone_run(op: Operation, vm: VM) -> None:
     the params): that one cold boots instead when the snapshot is gone, fails verification
     or cannot be restored."""
     golden = op.params.get("golden")
+    pool = bool(op.params.get("pool"))
+    golden = golden if not pool else None  # a pool VM that cannot be restored is discarded, not booted
     if golden and op.params.get("cold"):
         vm_create_run(op, vm)  # an earlier delivery already fell back to a cold boot
         return
@@ -291,6 +294,8 @@ def snapshot_clone_run(op: Operation, vm: VM) -> None:
                 Snapshot.objects.filter(pk=snapshot.pk).update(error=exc.message[:2000])
                 _golden_fallback(op, vm, f"it failed verification ({exc.message})")
                 return
+            if pool:
+                _golden_mark_failed(op, f"it failed verification ({exc.message})")
             vm_fail(vm, f"clone failed: {exc.message}", expected={S.CREATING})
             raise _integrity_refusal(snapshot, exc, what="No VM was started.") from exc
         if not _cas(vm, {S.CREATING}, S.STARTING):
@@ -305,23 +310,66 @@ def snapshot_clone_run(op: Operation, vm: VM) -> None:
         if golden and _cas(vm, {S.STARTING}, S.CREATING):
             _golden_fallback(op, vm, f"it could not be restored ({message})")
             return
+        if pool:
+            _golden_mark_failed(op, f"it could not be restored ({message})")
         vm_fail(vm, f"clone failed: {message}", expected={S.STARTING})
         raise
+    if pool:
+        _pool_vm_pause(op, vm)
     with transaction.atomic():
         if snapshot.shared_layer:
             _lineage_set(vm, snapshot)
-        _cas(vm, {S.STARTING}, S.RUNNING, started_at=timezone.now(), last_error="", last_console="")
+        done = S.PAUSED if pool else S.RUNNING
+        _cas(vm, {S.STARTING}, done, started_at=timezone.now(), last_error="", last_console="")
+
+
+def _pool_vm_pause(op: Operation, vm: VM) -> None:
+    """A warm-pool VM waits paused (its guest uses no CPU) until a create takes it."""
+    try:
+        hypervisor.driver_for(vm.driver).pause(hypervisor.vm_spec(vm))
+    except Exception as exc:
+        message = getattr(exc, "message", None) or str(exc)
+        vm_runtime_cleanup(vm)
+        vm_fail(vm, f"pool VM could not be paused: {message}", expected={S.STARTING})
+        raise
+    _log(op, "paused: ready in the warm pool", 90)
+
+
+def pool_take_run(op: Operation, vm: VM) -> None:
+    """A create took this pool VM (``starting``): the new owner's network rules, resume, its
+    identity (hostname = its new name, clock stepped, entropy reseeded), then ``running``."""
+    if vm.state != S.STARTING:
+        return
+    spec = hypervisor.vm_spec(vm)
+    try:
+        hook_run("vm_owner_changed", vm=vm)
+        driver = hypervisor.driver_for(vm.driver)
+        if driver.info(spec).state == RuntimeState.PAUSED:
+            driver.resume(spec)
+        _log(op, "taken from the warm pool: resumed", 50)
+        _identity_apply(op, vm, spec, clone=True)
+    except Exception as exc:
+        message = getattr(exc, "message", None) or str(exc)
+        vm_runtime_cleanup(vm)
+        vm_fail(vm, f"the pool VM could not be started: {message}", expected={S.STARTING})
+        raise
+    _cas(vm, {S.STARTING}, S.RUNNING, started_at=timezone.now(), last_error="", last_console="")
 
 
 # --- golden snapshots ----------------------------------------------------------------------
 
 
+def _golden_mark_failed(op: Operation, why: str) -> None:
+    from snapshots.golden import golden_mark_failed
+
+    if op.params.get("golden"):
+        golden_mark_failed(op.params["golden"], why)
+
+
 def _golden_fallback(op: Operation, vm: VM, why: str) -> None:
     """The create's golden snapshot is unusable: say so in its log, keep later creates off
     it until it is rebuilt, and cold boot the VM (it is ``creating``)."""
-    from snapshots.golden import golden_mark_failed
-
-    golden_mark_failed(op.params["golden"], why)
+    _golden_mark_failed(op, why)
     _log(op, f"golden snapshot not used: {why}; cold boot instead", 10)
     op.params = {**op.params, "cold": True}
     Operation.objects.filter(pk=op.pk).update(params=op.params)

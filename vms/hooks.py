@@ -19,7 +19,12 @@ Hook names and their keyword arguments:
 - ``host_worker_ready(host)``: once when a worker of ``host`` starts, after the VM reconcile;
 - ``vm_create_source(vm, start) -> (action, params) | None``: in the transaction that creates
   a VM from a template: the operation that brings it up instead of a cold ``create``
-  (snapshots: ``clone`` from the template's golden snapshot).
+  (snapshots: ``clone`` from the template's golden snapshot);
+- ``vm_pool_take(owner, vm_name, template, image, vcpus, memory_mib, disk_gib, metadata, start, actor)
+  -> (vm, operation) | None``: in ``vm_create``'s transaction after its quota and name checks:
+  a VM of the template's warm pool taken for the owner instead of a new row (snapshots);
+- ``vm_owner_changed(vm)``: on the VM's host, after a pool VM got its owner and before it
+  runs again (networking re-applies the tenant rules).
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ HOOK_NAMES = (
     "vm_addresses",
     "host_worker_ready",
     "vm_create_source",
+    "vm_pool_take",
+    "vm_owner_changed",
 )
 
 _hooks: dict[str, list[Callable[..., Any]]] = {name: [] for name in HOOK_NAMES}

@@ -103,9 +103,14 @@ def vm_row_init(*, vm: VM, actor) -> None:
     """In the transaction that created ``vm`` (create, clone): grant its owner every object
     permission and run the ``vm_created`` hooks (e.g. networking takes its address now, so
     the address exists exactly when the VM does)."""
+    vm_row_permissions_grant(vm=vm)
+    hook_run("vm_created", vm=vm, actor=actor)
+
+
+def vm_row_permissions_grant(*, vm: VM) -> None:
+    """Give ``vm``'s owner every object permission on it (a new row, or a pool VM just taken)."""
     for codename in VM.object_permission_codenames():
         assign_perm(f"vms.{codename}", vm.owner, vm)
-    hook_run("vm_created", vm=vm, actor=actor)
 
 
 def image_minimums_check(*, image: Image | None, template: Template, memory_mib: int, disk_gib: int, actor) -> None:
@@ -157,6 +162,29 @@ def vm_create(
         vm_limits_check(owner=owner, template=template, vcpus=vcpus, memory_mib=memory_mib, disk_gib=disk_gib)
         if VM.objects.filter(owner=owner, name=name).exists():
             raise ConflictError(f"You already have a VM named {name!r}.", details={"name": "taken"})
+        # A paused VM of the template's warm pool (snapshots app), when one fits and is ready.
+        taken = hook_first(
+            "vm_pool_take",
+            owner=owner,
+            vm_name=name,
+            template=template,
+            image=image,
+            vcpus=vcpus,
+            memory_mib=memory_mib,
+            disk_gib=disk_gib,
+            metadata=metadata,
+            start=start,
+            actor=actor,
+        )
+        if taken is not None:
+            vm, op = taken
+            audit_record(
+                actor=actor,
+                action="vm.create",
+                obj=vm,
+                after={**_snapshot(vm), "name": name, "template": template.name, "from_pool": True},
+            )
+            return vm, op
         vm = VM(
             name=name,
             owner=owner,

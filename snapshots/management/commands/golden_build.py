@@ -1,25 +1,30 @@
 """Build (or rebuild) the golden snapshots of this host's templates."""
 
 import json
+import time
 
 from django.core.management.base import BaseCommand, CommandError
 
 from sandbox_site.errors import ApplicationError
 from snapshots.golden import golden_build
 from snapshots.models import GoldenSnapshot
-from vms.models import Template
+from vms.models import Operation, Template
 from vms.operations import operation_execute
 
 
 class Command(BaseCommand):
     help = (
         "Build the golden snapshot of each given template (default: every active template that wants one) "
-        "on this host. --wait runs the builds in this process instead of on the host's worker."
+        "on this host. --wait waits for each build and prints its outcome (running it in this process when "
+        "no worker has taken it yet)."
     )
 
     def add_arguments(self, parser):
         parser.add_argument("templates", nargs="*", help="Template names (default: all that want one).")
-        parser.add_argument("--wait", action="store_true", help="Run each build here and report its outcome.")
+        parser.add_argument(
+            "--wait", action="store_true", help="Wait for each build (run here unless a worker took it first)."
+        )
+        parser.add_argument("--timeout", type=float, default=900.0, help="Seconds to wait for one build.")
 
     def handle(self, *args, **options):
         qs = Template.objects.filter(is_active=True).select_related("image")
@@ -39,7 +44,7 @@ class Command(BaseCommand):
                 self.stderr.write(f"{template.name}: {exc.message}")
                 continue
             if options["wait"] and golden.operation:
-                operation_execute(golden.operation)
+                self._wait(golden.operation, options["timeout"])
                 golden.refresh_from_db()
             row = {"template": template.name, "status": golden.status, "operation": str(golden.operation)}
             if golden.status == GoldenSnapshot.Status.FAILED:
@@ -48,3 +53,12 @@ class Command(BaseCommand):
             self.stdout.write(json.dumps(row))
         if failed:
             raise CommandError(f"golden snapshot not built for: {', '.join(failed)}")
+
+    def _wait(self, op_id, timeout: float) -> None:
+        operation_execute(op_id)  # claims it when still pending; else a worker runs it
+        deadline = time.monotonic() + timeout
+        done = (Operation.Status.SUCCEEDED, Operation.Status.FAILED)
+        while Operation.objects.filter(pk=op_id).exclude(status__in=done).exists():
+            if time.monotonic() > deadline:
+                raise CommandError(f"build operation {op_id} did not finish within {timeout:.0f}s")
+            time.sleep(1)
