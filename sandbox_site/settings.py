@@ -443,7 +443,7 @@ CELERY_BEAT_SCHEDULE["snapshots-retention"] = {
 # SANDBOX_GOLDEN_AUTO_BUILD off: only on demand (admin action, `manage.py golden_build`).
 SANDBOX_GOLDEN_AUTO_BUILD = env.bool("SANDBOX_GOLDEN_AUTO_BUILD", default=True)
 SANDBOX_GOLDEN_MAINTAIN_SECONDS = env.float("SANDBOX_GOLDEN_MAINTAIN_SECONDS", default=30.0)
-SANDBOX_GOLDEN_RETRY_SECONDS = env.float("SANDBOX_GOLDEN_RETRY_SECONDS", default=600.0)
+SANDBOX_GOLDEN_RETRY_SECONDS = env.float("SANDBOX_GOLDEN_RETRY_SECONDS", default=3600.0)
 # Warm pools are refilled only while the host keeps this much memory free beyond its VMs
 # (interim rule until host admission decides: snapshots.pool.pool_host_has_room).
 SANDBOX_POOL_HOST_RESERVE_MIB = env.int("SANDBOX_POOL_HOST_RESERVE_MIB", default=1024)

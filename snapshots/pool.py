@@ -56,7 +56,11 @@ def pool_vm_take(*, owner, vm_name: str, template: Template, image, vcpus: int, 
     if not start or (image is not None and image.pk != template.image_id) or template.pool_size <= 0:
         return None
     host = vm_services.local_host()
+    golden = golden_usable(template=template, host_id=host.pk, vcpus=vcpus, memory_mib=memory_mib, disk_gib=disk_gib)
+    if golden is None:
+        return None  # none, stale or failed: its pool VMs are discarded by the next refill
     candidates = VM.objects.filter(
+        metadata__golden_snapshot=str(golden.snapshot_id),
         purpose=VmPurpose.POOL,
         state=S.PAUSED,
         template=template,

@@ -180,3 +180,13 @@ def test_pool_vms_of_a_replaced_golden_snapshot_are_discarded(fake, pooled_templ
     assert counts["discarded"] == 2 and counts["filled"] == 2
     assert not VM.objects.filter(pk__in=[vm.pk for vm in old_pool]).exists()
     assert len(pool) == 2
+
+
+@pytest.mark.django_db
+def test_a_create_never_takes_a_pool_vm_of_a_stale_golden_snapshot(fake, pooled_template, run_ops, owner):
+    _fill(run_ops)
+    pooled_template.kernel_cmdline = "quiet"  # the golden snapshot (and its pool) is stale now
+    pooled_template.save()
+    vm, op = vm_services.vm_create(owner=owner, name="fresh", template=pooled_template, actor=owner)
+    assert op.action == "create" and vm.purpose == VmPurpose.USER
+    assert VM.objects.filter(purpose=VmPurpose.POOL).count() == 2

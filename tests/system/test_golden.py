@@ -72,7 +72,7 @@ def _console_echo(stack, vm_id: str, text: str) -> str:
                 seen.extend(frame)
             return f"{text}-42".encode() in seen
 
-        wait_until(echoed, timeout=60, what="console echo")
+        wait_until(echoed, timeout=60, interval=0, message="console echo")
     finally:
         ws.close()
     return seen.decode("utf-8", "replace")
@@ -109,3 +109,40 @@ def test_creates_restore_the_golden_snapshot_with_their_own_identity(stack, gold
                 client.delete(f"/api/v1/vms/{vm['id']}/")
         for vm in vms:
             stack.wait_vm(vm["id"], {"gone"})
+
+
+_POOL = """
+from vms.models import Template, VM
+Template.objects.filter(name="golden-small").update(pool_size=1)
+paused = VM.objects.filter(purpose="pool", state="paused").values_list("pk", flat=True)
+print("POOL=" + ",".join(str(pk) for pk in paused))
+"""
+
+
+def test_a_create_takes_the_paused_pool_vm_nobody_saw_before(stack, golden):
+    def pooled() -> list[str]:
+        out = _manage(stack, "shell", "-c", _POOL)
+        return [pk for pk in out.split("POOL=", 1)[1].strip().split(",") if pk]
+
+    (pool_vm,) = wait_until(pooled, timeout=300, interval=2, message="a paused pool VM")
+    for persona in ("owner", "stranger", "admin"):
+        with stack.client(persona) as client:
+            assert client.get(f"/api/v1/vms/{pool_vm}/").status_code == 404
+            assert pool_vm not in client.get("/api/v1/vms/").text
+    vm = _create(stack, "gold-pooled")
+    try:
+        assert vm["id"] == pool_vm and vm["op"]["action"] == "pool_take", vm["op"]
+        out = _run(stack, vm["id"], "hostname; cat /etc/machine-id")
+        assert out["exit_code"] == 0 and out["stdout"].split() == ["gold-pooled", vm["id"].replace("-", "")], out
+        with stack.client("stranger") as client:
+            assert client.get(f"/api/v1/vms/{vm['id']}/").status_code == 404
+    finally:
+        _manage(
+            stack,
+            "shell",
+            "-c",
+            'from vms.models import Template; Template.objects.filter(name="golden-small").update(pool_size=0)',
+        )
+        with stack.client() as client:
+            client.delete(f"/api/v1/vms/{vm['id']}/")
+        stack.wait_vm(vm["id"], {"gone"})

@@ -9,20 +9,18 @@ from sandbox_site.errors import ApplicationError
 from snapshots.golden import golden_build
 from snapshots.models import GoldenSnapshot
 from vms.models import Operation, Template
-from vms.operations import operation_execute
 
 
 class Command(BaseCommand):
     help = (
         "Build the golden snapshot of each given template (default: every active template that wants one) "
-        "on this host. --wait waits for each build and prints its outcome (running it in this process when "
-        "no worker has taken it yet)."
+        "on this host (the host's Celery worker runs the builds). --wait waits for each and prints its outcome."
     )
 
     def add_arguments(self, parser):
         parser.add_argument("templates", nargs="*", help="Template names (default: all that want one).")
         parser.add_argument(
-            "--wait", action="store_true", help="Wait for each build (run here unless a worker took it first)."
+            "--wait", action="store_true", help="Wait for each build (run by the host's Celery worker)."
         )
         parser.add_argument("--timeout", type=float, default=900.0, help="Seconds to wait for one build.")
 
@@ -55,7 +53,6 @@ class Command(BaseCommand):
             raise CommandError(f"golden snapshot not built for: {', '.join(failed)}")
 
     def _wait(self, op_id, timeout: float) -> None:
-        operation_execute(op_id)  # claims it when still pending; else a worker runs it
         deadline = time.monotonic() + timeout
         done = (Operation.Status.SUCCEEDED, Operation.Status.FAILED)
         while Operation.objects.filter(pk=op_id).exclude(status__in=done).exists():
