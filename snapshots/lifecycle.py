@@ -307,10 +307,13 @@ def snapshot_clone_run(op: Operation, vm: VM) -> None:
     except Exception as exc:
         message = getattr(exc, "message", None) or str(exc)
         vm_runtime_cleanup(vm)
+        # Only the VMM refusing the snapshot says something about it; an agent that did not
+        # answer in time (a loaded host) does not.
+        refused = isinstance(exc, VmmError)
         if golden and _cas(vm, {S.STARTING}, S.CREATING):
-            _golden_fallback(op, vm, f"it could not be restored ({message})")
+            _golden_fallback(op, vm, f"it could not be restored ({message})", mark_failed=refused)
             return
-        if pool:
+        if pool and refused:
             _golden_mark_failed(op, f"it could not be restored ({message})")
         vm_fail(vm, f"clone failed: {message}", expected={S.STARTING})
         raise
@@ -366,10 +369,11 @@ def _golden_mark_failed(op: Operation, why: str) -> None:
         golden_mark_failed(op.params["golden"], why)
 
 
-def _golden_fallback(op: Operation, vm: VM, why: str) -> None:
+def _golden_fallback(op: Operation, vm: VM, why: str, *, mark_failed: bool = True) -> None:
     """The create's golden snapshot is unusable: say so in its log, keep later creates off
-    it until it is rebuilt, and cold boot the VM (it is ``creating``)."""
-    _golden_mark_failed(op, why)
+    it until it is rebuilt (``mark_failed``), and cold boot the VM (it is ``creating``)."""
+    if mark_failed:
+        _golden_mark_failed(op, why)
     _log(op, f"golden snapshot not used: {why}; cold boot instead", 10)
     op.params = {**op.params, "cold": True}
     Operation.objects.filter(pk=op.pk).update(params=op.params)

@@ -194,3 +194,26 @@ def test_the_beat_job_builds_nothing_when_automatic_builds_are_off(fake, templat
     settings.SANDBOX_GOLDEN_AUTO_BUILD = False
     assert golden_maintain(host=vm_services.local_host())["requested"] == 0
     assert not GoldenSnapshot.objects.exists()
+
+
+def test_an_agent_that_does_not_answer_after_the_restore_does_not_condemn_the_golden_snapshot(
+    fake, template, owner, run_ops, monkeypatch
+):
+    golden = _build(template, run_ops)
+    real_call = fake.agent.agent_call
+
+    def identity_times_out(vm, op, args=None, data=b"", *, timeout=30.0):
+        if op == "identity_set" and vm.name == "slow":
+            from sandbox_site.errors import ApplicationError
+
+            raise ApplicationError("the guest agent did not answer identity_set in time")
+        return real_call(vm, op, args, data, timeout=timeout)
+
+    from vms import agent_gateway
+
+    monkeypatch.setattr(agent_gateway, "agent_call", identity_times_out)
+    vm, op = _create(owner, template, run_ops, name="slow")
+    assert op.status == Operation.Status.SUCCEEDED and vm.state == S.RUNNING, op.log
+    assert "it could not be restored" in op.log and "cold boot instead" in op.log
+    golden.refresh_from_db()
+    assert golden.status == GoldenSnapshot.Status.READY  # the next create still restores it
