@@ -25,7 +25,8 @@ from accounts.audit import audit_record
 from snapshots.golden import golden_usable
 from snapshots.models import GoldenSnapshot
 from vms import services as vm_services
-from vms.models import VM, Host, Operation, Template, VmPurpose, VmState
+from vms.events import vm_event_publish
+from vms.models import VM, Host, Operation, ResourceSample, Template, VmPurpose, VmState
 from vms.operations import operation_enqueue, operation_new
 from vms.selectors import HOST_LOAD_STATES
 from vms.transitions import vm_transition_request
@@ -85,6 +86,7 @@ def pool_vm_take(*, owner, vm_name: str, template: Template, image, vcpus: int, 
         vm.full_clean()  # the name, as for a new row (an error rolls the take back)
         # Its history as a pool VM stays the system's: the new owner sees only their create.
         Operation.objects.filter(vm=vm).update(vm=None)
+        ResourceSample.objects.filter(vm=vm).delete()
         from guardian.models import UserObjectPermission
 
         UserObjectPermission.objects.filter(
@@ -93,6 +95,7 @@ def pool_vm_take(*, owner, vm_name: str, template: Template, image, vcpus: int, 
         vm_services.vm_row_permissions_grant(vm=vm)
         op = operation_new(vm=vm, action="pool_take", actor=actor, params={"pooled": True})
         operation_enqueue(op, vm)
+        transaction.on_commit(lambda taken=vm: vm_event_publish(taken))  # the owner's dashboards learn of it
         return vm, op
     return None
 
@@ -135,10 +138,16 @@ def _pool_vm_discard(vm: VM, why: str) -> bool:
     return True
 
 
+# Pool VMs restored at once per host: restores in parallel under TCG starve each other until
+# their agents miss the identity deadline; the beat job fills the rest on its next passes.
+POOL_FILLS_AT_ONCE = 2
+
+
 def pool_refill(*, host: Host) -> dict[str, int]:
     """Beat job of ``host``: per template with a pool size, discard pool VMs that broke or
     belong to a replaced golden snapshot, trim pools above their size, and restore new ones
-    from the golden snapshot until the size is reached or the host has no room left."""
+    from the golden snapshot until the size is reached or the host has no room left
+    (``POOL_FILLS_AT_ONCE`` restores under way per host at most)."""
     counts = {"filled": 0, "discarded": 0, "no_room": 0}
     pooled = VM.objects.filter(purpose=VmPurpose.POOL, host=host)
     for vm in pooled.filter(state=S.ERROR):
@@ -165,6 +174,8 @@ def pool_refill(*, host: Host) -> dict[str, int]:
         if golden is None:
             continue
         for _ in range(template.pool_size - mine.count()):
+            if pooled.filter(state__in=[S.CREATING, S.STARTING]).count() >= POOL_FILLS_AT_ONCE:
+                break
             if not pool_host_has_room(host, vcpus=template.vcpus, memory_mib=template.memory_mib):
                 counts["no_room"] += 1
                 logger.info("pool of %s not refilled: host %s has no room left", template.name, host.name)

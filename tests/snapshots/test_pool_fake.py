@@ -35,9 +35,15 @@ def pooled_template(db, fake, run_ops, settings):
 
 
 def _fill(run_ops) -> list[VM]:
-    counts = pool_refill(host=vm_services.local_host())
-    run_ops()
-    return list(VM.objects.filter(purpose=VmPurpose.POOL).order_by("created_at")), counts
+    """Beat passes until the pool stops growing (a pass restores POOL_FILLS_AT_ONCE at most)."""
+    total: dict[str, int] = {}
+    for _ in range(10):
+        counts = pool_refill(host=vm_services.local_host())
+        run_ops()
+        total = {k: total.get(k, 0) + v for k, v in counts.items()}
+        if counts["filled"] == 0:
+            break
+    return list(VM.objects.filter(purpose=VmPurpose.POOL).order_by("created_at")), total
 
 
 @pytest.mark.django_db
@@ -190,3 +196,15 @@ def test_a_create_never_takes_a_pool_vm_of_a_stale_golden_snapshot(fake, pooled_
     vm, op = vm_services.vm_create(owner=owner, name="fresh", template=pooled_template, actor=owner)
     assert op.action == "create" and vm.purpose == VmPurpose.USER
     assert VM.objects.filter(purpose=VmPurpose.POOL).count() == 2
+
+
+@pytest.mark.django_db
+def test_one_pass_restores_a_bounded_number_of_pool_vms(fake, pooled_template, run_ops):
+    from snapshots.pool import POOL_FILLS_AT_ONCE
+
+    pooled_template.pool_size = POOL_FILLS_AT_ONCE + 3
+    pooled_template.save()
+    assert pool_refill(host=vm_services.local_host())["filled"] == POOL_FILLS_AT_ONCE
+    assert pool_refill(host=vm_services.local_host())["filled"] == 0  # still restoring
+    run_ops()
+    assert pool_refill(host=vm_services.local_host())["filled"] == POOL_FILLS_AT_ONCE
