@@ -148,6 +148,14 @@ def pool_refill(*, host: Host) -> dict[str, int]:
     belong to a replaced golden snapshot, trim pools above their size, and restore new ones
     from the golden snapshot until the size is reached or the host has no room left
     (``POOL_FILLS_AT_ONCE`` restores under way per host at most)."""
+    with transaction.atomic():
+        # One refill per host at a time: beat tasks of several worker processes may overlap,
+        # and each would count the same free room and the same missing pool VMs.
+        Host.objects.select_for_update().filter(pk=host.pk).values_list("pk", flat=True).first()
+        return _pool_refill_locked(host)
+
+
+def _pool_refill_locked(host: Host) -> dict[str, int]:
     counts = {"filled": 0, "discarded": 0, "no_room": 0}
     pooled = VM.objects.filter(purpose=VmPurpose.POOL, host=host)
     for vm in pooled.filter(state=S.ERROR):
