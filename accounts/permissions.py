@@ -40,6 +40,8 @@ def visible_queryset(user, queryset, perm: str = "view"):
     """Rows of ``queryset`` on which ``user`` holds ``perm`` (globally or per object)."""
     model = queryset.model
     codename = f"{model._meta.app_label}.{perm}_{model._meta.model_name}"
+    if hasattr(model, "users_may_see"):  # e.g. warm-pool VMs: nobody's until a create takes one
+        queryset = queryset.filter(model.users_may_see())
     return get_objects_for_user(user, codename, klass=queryset, accept_global_perms=True, with_superuser=True)
 
 

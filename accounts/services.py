@@ -140,6 +140,8 @@ def user_has_perm(user, perm: str, obj=None) -> bool:
     Anywhere else (websockets, tasks) every call reads them fresh."""
     if not user.is_authenticated or not user.is_active:
         return False
+    if obj is not None and not getattr(obj, "user_visible", True):  # e.g. a VM of the warm pool
+        return False
     if user.has_perm(perm):
         return True
     if obj is None:

@@ -18,3 +18,4 @@ class NetworkingConfig(AppConfig):
         hook_register("vm_counters", services.vm_hook_counters)
         hook_register("vm_addresses", selectors.addresses_of)
         hook_register("host_worker_ready", services.host_hook_worker_ready)
+        hook_register("vm_owner_changed", services.vm_hook_owner_changed)

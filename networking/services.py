@@ -597,6 +597,12 @@ def vm_hook_row_deleting(*, vm) -> None:
     nic_release(vm=vm, actor=None)
 
 
+def vm_hook_owner_changed(*, vm) -> None:
+    """A pool VM was taken: its TAP moves to its new owner's tenant before it runs again."""
+    if any(nic.plumbed for nic in selectors.nics_of(vm)):
+        network_rules_apply(host=vm.host)
+
+
 def vm_hook_nic(*, vm) -> NicSpec | None:
     return nic_spec(vm=vm)
 

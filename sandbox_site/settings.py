@@ -470,3 +470,19 @@ CELERY_BEAT_SCHEDULE["snapshots-retention"] = {
     "schedule": SANDBOX_SNAPSHOT_RETENTION_SECONDS,
     "options": {"queue": f"host.{SANDBOX_HOST_NAME}", "expires": SANDBOX_SNAPSHOT_RETENTION_SECONDS * 2},
 }
+
+# Golden snapshots (docs/snapshots.md#golden-snapshots): each host checks this often that every
+# template that wants one has a current golden snapshot (built when missing or stale); a failed
+# one is tried again after SANDBOX_GOLDEN_RETRY_SECONDS.
+# SANDBOX_GOLDEN_AUTO_BUILD off: only on demand (admin action, `manage.py golden_build`).
+SANDBOX_GOLDEN_AUTO_BUILD = env.bool("SANDBOX_GOLDEN_AUTO_BUILD", default=True)
+SANDBOX_GOLDEN_MAINTAIN_SECONDS = env.float("SANDBOX_GOLDEN_MAINTAIN_SECONDS", default=30.0)
+SANDBOX_GOLDEN_RETRY_SECONDS = env.float("SANDBOX_GOLDEN_RETRY_SECONDS", default=3600.0)
+# Warm pools are refilled only while the host keeps this much memory free beyond its VMs
+# (interim rule until host admission decides: snapshots.pool.pool_host_has_room).
+SANDBOX_POOL_HOST_RESERVE_MIB = env.int("SANDBOX_POOL_HOST_RESERVE_MIB", default=1024)
+CELERY_BEAT_SCHEDULE["snapshots-golden-maintain"] = {
+    "task": "snapshots.tasks.golden_maintain_task",
+    "schedule": SANDBOX_GOLDEN_MAINTAIN_SECONDS,
+    "options": {"queue": f"host.{SANDBOX_HOST_NAME}", "expires": SANDBOX_GOLDEN_MAINTAIN_SECONDS * 2},
+}

@@ -1,6 +1,9 @@
-from django.contrib import admin
+from django.contrib import admin, messages
 
-from snapshots.models import RetentionPolicy, Snapshot, VmLineage
+from sandbox_site.errors import ApplicationError
+from snapshots.golden import golden_build
+from snapshots.models import GoldenSnapshot, RetentionPolicy, Snapshot, VmLineage
+from vms.admin import TemplateAdmin
 
 
 @admin.register(Snapshot)
@@ -23,3 +26,55 @@ class RetentionPolicyAdmin(admin.ModelAdmin):
 class VmLineageAdmin(admin.ModelAdmin):
     list_display = ["vm", "snapshot", "updated_at"]
     readonly_fields = ["vm", "snapshot", "updated_at"]
+
+
+@admin.register(GoldenSnapshot)
+class GoldenSnapshotAdmin(admin.ModelAdmin):
+    """Golden snapshots per template and host; "Rebuild" enqueues a build on the host."""
+
+    list_display = ["template", "host", "status", "image_version", "built_at", "size", "checksum", "error"]
+    list_filter = ["status", "host", "template"]
+    readonly_fields = [
+        "template", "host", "snapshot", "status", "image_version", "inputs", "operation", "error", "built_at",
+        "requested_at", "directory", "checksum",
+    ]  # fmt: skip
+    actions = ["rebuild_selected"]
+
+    def has_add_permission(self, request):
+        return False  # built from a template (its admin action, manage.py golden_build, or beat)
+
+    @admin.display(description="directory")
+    def directory(self, obj):
+        return obj.snapshot.directory if obj.snapshot_id else ""
+
+    @admin.display(description="manifest sha256")
+    def checksum(self, obj):
+        return obj.snapshot.checksum if obj.snapshot_id else ""
+
+    @admin.display(description="size (MiB)")
+    def size(self, obj):
+        return obj.snapshot.size_bytes >> 20 if obj.snapshot_id else ""
+
+    @admin.action(description="Rebuild the selected golden snapshots")
+    def rebuild_selected(self, request, queryset):
+        for golden in queryset.select_related("template", "host"):
+            try:
+                golden_build(template=golden.template, host=golden.host, actor=request.user, reason="admin rebuild")
+            except ApplicationError as exc:
+                self.message_user(request, f"{golden.template.name}: {exc.message}", level=messages.ERROR)
+            else:
+                self.message_user(request, f"{golden.template.name}: golden snapshot build requested")
+
+
+@admin.action(description="Build the golden snapshot of the selected templates on this host")
+def template_golden_build(modeladmin, request, queryset):
+    for template in queryset:
+        try:
+            golden_build(template=template, actor=request.user, reason="admin")
+        except ApplicationError as exc:
+            modeladmin.message_user(request, f"{template.name}: {exc.message}", level=messages.ERROR)
+        else:
+            modeladmin.message_user(request, f"{template.name}: golden snapshot build requested")
+
+
+TemplateAdmin.actions = [*(TemplateAdmin.actions or []), template_golden_build]

@@ -6,9 +6,14 @@ class SnapshotsConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from snapshots import lifecycle
+        from snapshots import golden, lifecycle, pool
+        from vms.hooks import hook_register
         from vms.operations import operation_handler_register
 
         operation_handler_register("snapshot", lifecycle.snapshot_take)
         operation_handler_register("restore", lifecycle.snapshot_restore_run)
         operation_handler_register("clone", lifecycle.snapshot_clone_run)
+        operation_handler_register("golden_build", lifecycle.golden_build_run)
+        operation_handler_register("pool_take", lifecycle.pool_take_run)
+        hook_register("vm_create_source", golden.golden_create_source)
+        hook_register("vm_pool_take", pool.pool_vm_take)

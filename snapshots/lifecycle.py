@@ -24,10 +24,21 @@ from sandbox_site.errors import ApplicationError, ConflictError
 from snapshots import selectors
 from snapshots.models import Snapshot, VmLineage
 from vms import agent_gateway, hypervisor
-from vms.lifecycle import vm_agent_wait, vm_before_launch, vm_fail, vm_runtime_cleanup, vm_settle, vmm_kill_quietly
+from vms.hooks import hook_run
+from vms.lifecycle import (
+    vm_agent_wait,
+    vm_before_launch,
+    vm_boot_run,
+    vm_create_run,
+    vm_delete_row,
+    vm_fail,
+    vm_runtime_cleanup,
+    vm_settle,
+    vmm_kill_quietly,
+)
 from vms.models import VM, Operation, VmState
 from vms.operations import operation_log
-from vms.transitions import vm_transition, vm_transition_done
+from vms.transitions import vm_transition, vm_transition_done, vm_transition_request
 from vms.vmm.base import RuntimeState, VmmError, VmSpec
 from vms.vmm.snapshot import (
     SnapshotIntegrityError,
@@ -258,12 +269,33 @@ def snapshot_restore_run(op: Operation, vm: VM) -> None:
 
 
 def snapshot_clone_run(op: Operation, vm: VM) -> None:
-    snapshot = Snapshot.objects.select_related("template__image").get(pk=op.params["snapshot"])
+    """A clone of a snapshot, or a create from the template's golden snapshot (``golden`` in
+    the params): that one cold boots instead when the snapshot is gone, fails verification
+    or cannot be restored."""
+    golden = op.params.get("golden")
+    pool = bool(op.params.get("pool"))
+    golden = golden if not pool else None  # a pool VM that cannot be restored is discarded, not booted
+    if golden and op.params.get("cold"):
+        vm_create_run(op, vm)  # an earlier delivery already fell back to a cold boot
+        return
+    snapshot = Snapshot.objects.select_related("template__image").filter(pk=op.params["snapshot"]).first()
+    if snapshot is None:
+        if golden and vm.state == S.CREATING:
+            _golden_fallback(op, vm, "its snapshot no longer exists")
+            return
+        vm_fail(vm, "clone failed: the snapshot no longer exists", expected={S.CREATING, S.STARTING})
+        raise ApplicationError("The snapshot no longer exists.")
     if vm.state == S.CREATING:
         try:
             _log(op, "verifying the snapshot's files", 10)
             snapshot_chain_verify(snapshot)
         except SnapshotIntegrityError as exc:
+            if golden:
+                Snapshot.objects.filter(pk=snapshot.pk).update(error=exc.message[:2000])
+                _golden_fallback(op, vm, f"it failed verification ({exc.message})")
+                return
+            if pool:
+                _golden_mark_failed(op, f"it failed verification ({exc.message})")
             vm_fail(vm, f"clone failed: {exc.message}", expected={S.CREATING})
             raise _integrity_refusal(snapshot, exc, what="No VM was started.") from exc
         if not _cas(vm, {S.CREATING}, S.STARTING):
@@ -275,12 +307,173 @@ def snapshot_clone_run(op: Operation, vm: VM) -> None:
     except Exception as exc:
         message = getattr(exc, "message", None) or str(exc)
         vm_runtime_cleanup(vm)
+        # Only the VMM refusing the snapshot says something about it; an agent that did not
+        # answer in time (a loaded host) does not.
+        refused = isinstance(exc, VmmError)
+        if golden and _cas(vm, {S.STARTING}, S.CREATING):
+            _golden_fallback(op, vm, f"it could not be restored ({message})", mark_failed=refused)
+            return
+        if pool and refused:
+            _golden_mark_failed(op, f"it could not be restored ({message})")
         vm_fail(vm, f"clone failed: {message}", expected={S.STARTING})
         raise
+    if pool:
+        _pool_vm_pause(op, vm)
     with transaction.atomic():
         if snapshot.shared_layer:
             _lineage_set(vm, snapshot)
-        _cas(vm, {S.STARTING}, S.RUNNING, started_at=timezone.now(), last_error="", last_console="")
+        done = S.PAUSED if pool else S.RUNNING
+        _cas(vm, {S.STARTING}, done, started_at=timezone.now(), last_error="", last_console="")
+
+
+def _pool_vm_pause(op: Operation, vm: VM) -> None:
+    """A warm-pool VM waits paused (its guest uses no CPU) until a create takes it."""
+    try:
+        hypervisor.driver_for(vm.driver).pause(hypervisor.vm_spec(vm))
+    except Exception as exc:
+        message = getattr(exc, "message", None) or str(exc)
+        vm_runtime_cleanup(vm)
+        vm_fail(vm, f"pool VM could not be paused: {message}", expected={S.STARTING})
+        raise
+    _log(op, "paused: ready in the warm pool", 90)
+
+
+def pool_take_run(op: Operation, vm: VM) -> None:
+    """A create took this pool VM (``starting``): the new owner's network rules, resume, its
+    identity (hostname = its new name, clock stepped, entropy reseeded), then ``running``."""
+    if vm.state != S.STARTING:
+        return
+    spec = hypervisor.vm_spec(vm)
+    try:
+        hook_run("vm_owner_changed", vm=vm)
+        driver = hypervisor.driver_for(vm.driver)
+        if driver.info(spec).state == RuntimeState.PAUSED:
+            driver.resume(spec)
+        _log(op, "taken from the warm pool: resumed", 50)
+        _identity_apply(op, vm, spec, clone=True)
+    except Exception as exc:
+        message = getattr(exc, "message", None) or str(exc)
+        vm_runtime_cleanup(vm)
+        vm_fail(vm, f"the pool VM could not be started: {message}", expected={S.STARTING})
+        raise
+    _cas(vm, {S.STARTING}, S.RUNNING, started_at=timezone.now(), last_error="", last_console="")
+
+
+# --- golden snapshots ----------------------------------------------------------------------
+
+
+def _golden_mark_failed(op: Operation, why: str) -> None:
+    from snapshots.golden import golden_mark_failed
+
+    if op.params.get("golden"):
+        golden_mark_failed(op.params["golden"], why)
+
+
+def _golden_fallback(op: Operation, vm: VM, why: str, *, mark_failed: bool = True) -> None:
+    """The create's golden snapshot is unusable: say so in its log, keep later creates off
+    it until it is rebuilt (``mark_failed``), and cold boot the VM (it is ``creating``)."""
+    if mark_failed:
+        _golden_mark_failed(op, why)
+    _log(op, f"golden snapshot not used: {why}; cold boot instead", 10)
+    op.params = {**op.params, "cold": True}
+    Operation.objects.filter(pk=op.pk).update(params=op.params)
+    VM.objects.filter(pk=vm.pk).update(driver="")
+    vm.driver = ""
+    vm_create_run(op, vm)
+
+
+def golden_build_run(op: Operation, vm: VM) -> None:
+    """Boot the builder VM cold to its agent, take a memory+disk snapshot of it, record it as
+    the template's golden snapshot, then remove the builder (its disk layer stays in the
+    snapshot). Any failure marks the golden snapshot failed and removes the builder."""
+    from snapshots.models import GoldenSnapshot
+
+    golden = GoldenSnapshot.objects.filter(pk=op.params["golden"]).first()
+    if golden is None or golden.operation != op.pk:
+        _log(op, "this build was superseded; removing the builder VM")
+        _golden_builder_discard(vm)
+        return
+    try:
+        if vm.state == S.CREATING:
+            vm_create_run(op, vm)
+        elif vm.state == S.STARTING:
+            vm_boot_run(op, vm)
+        vm.refresh_from_db()
+        snapshot = _golden_snapshot_take(op, vm)
+    except Exception as exc:
+        message = getattr(exc, "message", None) or str(exc) or exc.__class__.__name__
+        with transaction.atomic():
+            GoldenSnapshot.objects.filter(pk=golden.pk, operation=op.pk).update(
+                status=GoldenSnapshot.Status.FAILED, error=message[:2000]
+            )
+            audit_record(actor=op.requested_by, action="golden.failed", obj=golden, message=message[:2000])
+        _golden_builder_discard(vm)
+        raise
+    with transaction.atomic():
+        locked = GoldenSnapshot.objects.select_for_update().get(pk=golden.pk)
+        replaced = locked.snapshot_id
+        locked.snapshot = snapshot
+        locked.status = GoldenSnapshot.Status.READY
+        locked.image_version = op.params.get("image_version", "")
+        locked.inputs = op.params.get("inputs", "")
+        locked.error = ""
+        locked.built_at = timezone.now()
+        locked.save()
+        audit_record(
+            actor=op.requested_by,
+            action="golden.built",
+            obj=locked,
+            after={"snapshot": str(snapshot.pk), "checksum": snapshot.checksum, "image_version": locked.image_version},
+        )
+    _log(op, f"golden snapshot ready ({snapshot.size_bytes >> 20} MiB, manifest sha256 {snapshot.checksum[:12]})", 95)
+    _golden_builder_discard(vm)
+    if replaced:
+        from snapshots.golden import golden_retired_delete
+
+        golden_retired_delete(host=vm.host)
+
+
+def _golden_snapshot_take(op: Operation, vm: VM) -> Snapshot:
+    """The builder runs: snapshot it with the ordinary snapshot step (idempotent: a
+    redelivery finds the snapshot recorded in the operation's params)."""
+    from snapshots.golden import GOLDEN_SNAPSHOT_NAME
+    from snapshots.services import snapshot_root
+
+    snapshot = Snapshot.objects.filter(pk=op.params.get("snapshot") or None).first()
+    if snapshot is None:
+        with transaction.atomic():
+            snapshot = Snapshot.objects.create(
+                vm=vm,
+                vm_ref=vm.pk,
+                vm_name=vm.name,
+                owner=vm.owner,
+                host=vm.host,
+                template=vm.template,
+                image=vm.image,
+                name=GOLDEN_SNAPSHOT_NAME,
+                include_memory=True,
+                driver=vm.driver,
+                vcpus=vm.vcpus,
+                memory_mib=vm.memory_mib,
+                disk_gib=vm.disk_gib,
+            )
+            snapshot.directory = str(snapshot_root() / str(snapshot.pk))
+            snapshot.save(update_fields=["directory"])
+            previous = vm_transition_request(vm, "snapshot", allowed=frozenset({S.RUNNING}))
+            op.params = {**op.params, "snapshot": str(snapshot.pk), "previous_state": previous}
+            Operation.objects.filter(pk=op.pk).update(params=op.params)
+    vm.refresh_from_db()
+    snapshot_take(op, vm)
+    snapshot.refresh_from_db()
+    if snapshot.state != Snapshot.State.READY:
+        raise ApplicationError(f"The golden snapshot is {snapshot.state}: {snapshot.error}")
+    return snapshot
+
+
+def _golden_builder_discard(vm: VM) -> None:
+    vm_runtime_cleanup(vm)
+    if VM.objects.filter(pk=vm.pk).exists():
+        vm_delete_row(vm, actor=None)
 
 
 # --- delete (files) --------------------------------------------------------------------------

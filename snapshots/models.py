@@ -111,3 +111,38 @@ class RetentionPolicy(models.Model):
     def __str__(self) -> str:
         target = f"vm {self.vm_id}" if self.vm_id else f"user {self.user_id}"
         return f"retention of {target}: last {self.keep_last}, {self.keep_days} days"
+
+
+class GoldenSnapshot(models.Model):
+    """The golden snapshot of a template on a host: a memory+disk snapshot of a VM of the
+    template booted once to its agent. New VMs of the template restore it (the clone path:
+    their own identity) instead of booting a kernel. ``inputs`` is a digest of what the
+    snapshot was built from (image version, sizes, kernel command line): when the template's
+    current inputs differ, the snapshot is stale and is rebuilt (``snapshots.golden``)."""
+
+    class Status(models.TextChoices):
+        BUILDING = "building", "Building"
+        READY = "ready", "Ready"
+        FAILED = "failed", "Failed"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    template = models.ForeignKey("vms.Template", on_delete=models.CASCADE, related_name="golden_snapshots")
+    host = models.ForeignKey("vms.Host", on_delete=models.CASCADE, related_name="golden_snapshots")
+    snapshot = models.OneToOneField(
+        Snapshot, on_delete=models.SET_NULL, null=True, blank=True, related_name="golden",
+        help_text="The snapshot (directory, manifest checksum) new VMs restore.",
+    )  # fmt: skip
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.BUILDING, db_index=True)
+    image_version = models.CharField(max_length=200, blank=True, help_text="Image name and digest it was built from.")
+    inputs = models.CharField(max_length=64, blank=True, help_text="sha256 of the build inputs (staleness check).")
+    operation = models.UUIDField(null=True, blank=True, help_text="The build operation.")
+    error = models.TextField(blank=True)
+    built_at = models.DateTimeField(null=True, blank=True)
+    requested_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["template__name"]
+        constraints = [models.UniqueConstraint(fields=["template", "host"], name="golden_one_per_template_and_host")]
+
+    def __str__(self) -> str:
+        return f"golden {self.template_id} on {self.host_id}"

@@ -17,3 +17,12 @@ def snapshot_retention_task() -> None:
     from vms.services import local_host
 
     retention_apply(host=local_host())
+
+
+@shared_task(ignore_result=True)
+def golden_maintain_task() -> None:
+    """Beat job, on each host's queue: build missing or stale golden snapshots of this host."""
+    from snapshots.golden import golden_maintain
+    from vms.services import local_host
+
+    golden_maintain(host=local_host())

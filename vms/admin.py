@@ -118,9 +118,13 @@ class ImageAdmin(admin.ModelAdmin):
 
 @admin.register(Template)
 class TemplateAdmin(admin.ModelAdmin):
-    list_display = ["name", "image", "vcpus", "memory_mib", "disk_gib", "max_vcpus", "max_memory_mib", "is_active"]
-    list_filter = ["is_active", "image"]
+    list_display = [
+        "name", "image", "vcpus", "memory_mib", "disk_gib", "max_vcpus", "max_memory_mib", "golden_snapshot",
+        "pool_size", "is_active",
+    ]  # fmt: skip
+    list_filter = ["is_active", "image", "golden_snapshot"]
     search_fields = ["name", "description"]
+    # snapshots.admin adds the golden snapshot build action to `actions`.
 
 
 @admin.register(Host)
@@ -178,8 +182,10 @@ class HostAdmin(admin.ModelAdmin):
 class VmAdmin(GuardedModelAdmin):
     """Object permissions (sharing) are edited from the "Object permissions" button."""
 
-    list_display = ["name", "owner", "state", "template", "host", "vcpus", "memory_mib", "driver", "created_at"]
-    list_filter = ["state", "driver", "template", "host"]
+    list_display = [
+        "name", "owner", "state", "purpose", "template", "host", "vcpus", "memory_mib", "driver", "created_at",
+    ]  # fmt: skip
+    list_filter = ["state", "purpose", "driver", "template", "host"]
     search_fields = ["name", "id", "owner__username"]
     readonly_fields = [
         "id",

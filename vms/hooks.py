@@ -16,7 +16,15 @@ Hook names and their keyword arguments:
 - ``vm_nic(vm) -> object | None``: the first NIC (``tap``, ``mac``, ``kernel_args``) for the VmSpec;
 - ``vm_counters(vm) -> dict``: extra counters in ``Driver.counters``' shape (sampling);
 - ``vm_addresses(vm_ids) -> dict[str, list[str]]``: the IP addresses of those VMs by VM id (pages);
-- ``host_worker_ready(host)``: once when a worker of ``host`` starts, after the VM reconcile.
+- ``host_worker_ready(host)``: once when a worker of ``host`` starts, after the VM reconcile;
+- ``vm_create_source(vm, start) -> (action, params) | None``: in the transaction that creates
+  a VM from a template: the operation that brings it up instead of a cold ``create``
+  (snapshots: ``clone`` from the template's golden snapshot);
+- ``vm_pool_take(owner, vm_name, template, image, vcpus, memory_mib, disk_gib, metadata, start, actor)
+  -> (vm, operation) | None``: in ``vm_create``'s transaction after its quota and name checks:
+  a VM of the template's warm pool taken for the owner instead of a new row (snapshots);
+- ``vm_owner_changed(vm)``: on the VM's host, after a pool VM got its owner and before it
+  runs again (networking re-applies the tenant rules).
 """
 
 from __future__ import annotations
@@ -33,6 +41,9 @@ HOOK_NAMES = (
     "vm_counters",
     "vm_addresses",
     "host_worker_ready",
+    "vm_create_source",
+    "vm_pool_take",
+    "vm_owner_changed",
 )
 
 _hooks: dict[str, list[Callable[..., Any]]] = {name: [] for name in HOOK_NAMES}

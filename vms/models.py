@@ -96,6 +96,16 @@ class Template(models.Model):
     max_disk_gib = models.PositiveSmallIntegerField(default=10, validators=[MinValueValidator(1)])
     kernel_cmdline = models.CharField(max_length=500, blank=True)
     is_active = models.BooleanField(default=True)
+    golden_snapshot = models.BooleanField(
+        default=True,
+        help_text="Create VMs by restoring the template's golden snapshot (booted once, kept per host); "
+        "off: every VM cold boots. Cold boot is also the fallback when the snapshot is missing or bad.",
+    )
+    pool_size = models.PositiveSmallIntegerField(
+        default=0,
+        validators=[MaxValueValidator(100)],
+        help_text="Restored, paused VMs kept ready per host (needs a golden snapshot); a create takes one.",
+    )
 
     class Meta:
         ordering = ["name"]
@@ -175,6 +185,15 @@ class VmState(models.TextChoices):
 VM_ROW_RELATED = ("owner", "template__image", "image", "host")
 
 
+class VmPurpose(models.TextChoices):
+    """Who a VM is for. Only ``user`` VMs are ever shown to users; the others belong to the
+    system account (``vms.services.system_user``) until a create takes a pool VM."""
+
+    USER = "", "User VM"
+    GOLDEN = "golden", "Builds a golden snapshot"
+    POOL = "pool", "Warm pool (not taken yet)"
+
+
 class VM(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     name = models.CharField(max_length=63, validators=[name_validator])
@@ -200,6 +219,9 @@ class VM(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     last_error = models.TextField(blank=True)
     last_console = models.TextField(blank=True, help_text="Last console lines kept when the VM failed.")
+    purpose = models.CharField(
+        max_length=8, choices=VmPurpose.choices, default=VmPurpose.USER, blank=True, db_index=True
+    )
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -216,6 +238,16 @@ class VM(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    @staticmethod
+    def users_may_see() -> models.Q:
+        """The VMs any user may ever see (``accounts.permissions.visible_queryset``): not the
+        golden-snapshot builders nor the warm pool's VMs before a create takes them."""
+        return models.Q(purpose=VmPurpose.USER)
+
+    @property
+    def user_visible(self) -> bool:
+        return self.purpose == VmPurpose.USER
 
     @property
     def boot_image(self) -> Image:

@@ -19,8 +19,8 @@ from accounts.services import owner_quota_lock
 from sandbox_site import metrics
 from sandbox_site.errors import ApplicationError, ConflictError, QuotaExceeded
 from vms import selectors
-from vms.admission import host_admission_check
-from vms.hooks import hook_run
+from vms.admission import host_admission_check, host_room, vm_claim_mib  # noqa: F401 - for snapshots
+from vms.hooks import hook_first, hook_run
 from vms.host_disk import require_disk_space
 from vms.models import VM, Host, Image, Operation, Template, VmState
 from vms.operations import (  # noqa: F401 - re-exported for callers of the old names
@@ -52,6 +52,21 @@ def _require(actor, perm: str, vm: VM, action: str) -> None:
 
 def _snapshot(vm: VM) -> dict:
     return {"state": vm.state, "vcpus": vm.vcpus, "memory_mib": vm.memory_mib, "disk_gib": vm.disk_gib}
+
+
+SYSTEM_USERNAME = "msbx-system"
+
+
+def system_user():
+    """The account that owns golden-snapshot builders and warm-pool VMs until a create takes
+    one. It never signs in (inactive, no usable password) and holds no role."""
+    from django.contrib.auth import get_user_model
+
+    user, created = get_user_model().objects.get_or_create(username=SYSTEM_USERNAME, defaults={"is_active": False})
+    if created:
+        user.set_unusable_password()
+        user.save(update_fields=["password"])
+    return user
 
 
 def local_host() -> Host:
@@ -91,9 +106,14 @@ def vm_row_init(*, vm: VM, actor) -> None:
     """In the transaction that created ``vm`` (create, clone): grant its owner every object
     permission and run the ``vm_created`` hooks (e.g. networking takes its address now, so
     the address exists exactly when the VM does)."""
+    vm_row_permissions_grant(vm=vm)
+    hook_run("vm_created", vm=vm, actor=actor)
+
+
+def vm_row_permissions_grant(*, vm: VM) -> None:
+    """Give ``vm``'s owner every object permission on it (a new row, or a pool VM just taken)."""
     for codename in VM.object_permission_codenames():
         assign_perm(f"vms.{codename}", vm.owner, vm)
-    hook_run("vm_created", vm=vm, actor=actor)
 
 
 def template_image_refusal(template: Template) -> str | None:
@@ -155,6 +175,29 @@ def vm_create(
         vm_limits_check(owner=owner, template=template, vcpus=vcpus, memory_mib=memory_mib, disk_gib=disk_gib)
         if VM.objects.filter(owner=owner, name=name).exists():
             raise ConflictError(f"You already have a VM named {name!r}.", details={"name": "taken"})
+        # A paused VM of the template's warm pool (snapshots app), when one fits and is ready.
+        taken = hook_first(
+            "vm_pool_take",
+            owner=owner,
+            vm_name=name,
+            template=template,
+            image=image,
+            vcpus=vcpus,
+            memory_mib=memory_mib,
+            disk_gib=disk_gib,
+            metadata=metadata,
+            start=start,
+            actor=actor,
+        )
+        if taken is not None:
+            vm, op = taken
+            audit_record(
+                actor=actor,
+                action="vm.create",
+                obj=vm,
+                after={**_snapshot(vm), "name": name, "template": template.name, "from_pool": True},
+            )
+            return vm, op
         host = local_host()
         if start:
             host_admission_check(host=host, vcpus=vcpus, memory_mib=memory_mib)
@@ -172,7 +215,9 @@ def vm_create(
         vm.full_clean()
         vm.save()
         vm_row_init(vm=vm, actor=actor)
-        op = operation_new(vm=vm, action="create", actor=actor, params={"start": start})
+        # A golden snapshot of the template (snapshots app) replaces the cold boot.
+        action, params = hook_first("vm_create_source", vm=vm, start=start) or ("create", {"start": start})
+        op = operation_new(vm=vm, action=action, actor=actor, params=params)
         audit_record(
             actor=actor, action="vm.create", obj=vm, after={**_snapshot(vm), "name": name, "template": template.name}
         )

@@ -28,6 +28,10 @@ restore    running, paused, stopped, error                        starting      
 delete     every state but deleting and snapshotting              deleting      (row removed)
 =========  =====================================================  ============  =================
 
+A create from a template's golden snapshot is a ``clone``; when that snapshot is gone, fails
+verification or cannot be restored, the VM goes back to ``creating`` (its VMM killed) and
+the same operation cold boots it as a ``create`` (``snapshots.lifecycle``).
+
 A failed operation leaves: ``error`` for create/clone/start/restore/stop (the VMM is killed);
 for the in-place actions (pause, resume, reboot, resize, snapshot) the state the VMM reports
 (``running``/``paused``; ``error`` when it is gone, ``stopped`` when it was stopped before).

@@ -37,8 +37,9 @@ ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 # Overridable so two system-test runs on one machine do not share a database or queues.
 DB_NAME = os.environ.get("SANDBOX_SYSTEST_DB", "microvm_sandbox_system")
-SYSTEST_CGROUP = "msbx-systest"
+SYSTEST_CGROUP = os.environ.get("SANDBOX_SYSTEST_CGROUP", "msbx-systest")
 REDIS_DB = int(os.environ.get("SANDBOX_SYSTEST_REDIS_DB", "3"))
+REDIS_PORT = int(os.environ.get("SANDBOX_SYSTEST_REDIS_PORT", "6379"))
 
 
 def _free_port() -> int:
@@ -254,8 +255,13 @@ def stack_start(work_dir: Path, log_dir: Path) -> Stack:
     for old in log_dir.glob("*.log"):
         old.unlink()
     _reset_database()
-    redis_url = f"redis://127.0.0.1:6379/{REDIS_DB}"
-    subprocess.run(["redis-cli", "-n", str(REDIS_DB), "flushdb"], check=True, timeout=10, capture_output=True)
+    redis_url = f"redis://127.0.0.1:{REDIS_PORT}/{REDIS_DB}"
+    subprocess.run(
+        ["redis-cli", "-p", str(REDIS_PORT), "-n", str(REDIS_DB), "flushdb"],
+        check=True,
+        timeout=10,
+        capture_output=True,
+    )
     env = {
         **os.environ,
         "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/{DB_NAME}",
@@ -287,6 +293,9 @@ def stack_start(work_dir: Path, log_dir: Path) -> Stack:
         "SANDBOX_RATE_CLONE": "1000/min",
         # VMM cgroups apart from a `make run` on the same host; removed by stack_stop.
         "SANDBOX_VMM_CGROUP": SYSTEST_CGROUP,
+        # Golden snapshots only where a test builds one (tests/system/test_golden.py): the other
+        # tests cold boot their VMs, and beat does not boot builders beside them.
+        "SANDBOX_GOLDEN_AUTO_BUILD": "0",
         "PYTHONUNBUFFERED": "1",
     }
     netns = f"msbx-systest-{os.getpid()}"
@@ -362,6 +371,7 @@ def embedded_stack_start(log_dir: Path) -> Stack:
             "SANDBOX_WORKER_METRICS_PORT": str(_free_port()),
             "SANDBOX_HOSTD_METRICS_PORT": str(_free_port()),
             "SANDBOX_VMM_CGROUP": SYSTEST_CGROUP,
+            "SANDBOX_GOLDEN_AUTO_BUILD": "0",
             "BIND": "127.0.0.1",
             "PORT": str(port),
             "PYTHONUNBUFFERED": "1",

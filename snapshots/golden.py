@@ -1,0 +1,240 @@
+"""Golden snapshots: the business rules (the worker step is ``snapshots.lifecycle.golden_build_run``).
+
+A golden snapshot is a memory+disk snapshot of a VM of a template, booted once on a host until
+its guest agent answered. A create from that template (``vms.services.vm_create``, through the
+``vm_create_source`` hook) then restores it into the new VM with the clone path
+(``snapshots.lifecycle.snapshot_clone_run``: its own hostname, machine-id, MAC, address, clock
+and entropy) instead of booting a kernel. Cold boot stays for templates with
+``golden_snapshot`` off, VMs whose size or image differ from the snapshot's, and as the
+fallback when the snapshot is missing, fails verification or cannot be restored (the create's
+operation log says why, and the golden snapshot is marked failed).
+
+- ``golden_build``: record a builder VM (owned by the system account, never shown to users)
+  and its ``golden_build`` operation on the host's queue.
+- ``golden_maintain`` (beat, per host): build the missing ones, rebuild the stale ones (the
+  template's image or sizes changed since) and failed ones after ``SANDBOX_GOLDEN_RETRY_SECONDS``,
+  and delete replaced golden snapshots once no VM's disk sits on them any more.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from accounts.audit import audit_record
+from accounts.permissions import require_perm
+from sandbox_site.errors import ConflictError
+from snapshots.models import GoldenSnapshot, Snapshot
+from vms import hypervisor
+from vms import services as vm_services
+from vms.models import VM, Image, Operation, Template, VmPurpose, VmState
+from vms.operations import operation_enqueue, operation_new
+
+logger = logging.getLogger(__name__)
+S = VmState
+GOLDEN_SNAPSHOT_NAME = "golden"
+
+
+def golden_inputs(template: Template) -> tuple[str, str]:
+    """``(image_version, inputs)``: the image a golden snapshot of ``template`` is built from,
+    and a digest of everything a restore must match (image, sizes, hotplug room, command line,
+    driver). A golden snapshot whose ``inputs`` differ from the template's current ones is stale."""
+    image = template.image
+    version = f"{image.name}@{image.digest or image.sha256 or image.rootfs_path}"[:200]
+    raw = [
+        version,
+        image.boot_mode,
+        template.vcpus,
+        template.max_vcpus,
+        template.memory_mib,
+        template.max_memory_mib,
+        template.disk_gib,
+        template.kernel_cmdline,
+        hypervisor.driver_name_select(),
+    ]
+    return version, hashlib.sha256(json.dumps(raw).encode()).hexdigest()
+
+
+def golden_build(*, template: Template, actor, host=None, reason: str = "") -> GoldenSnapshot:
+    """Ask for a (re)build of ``template``'s golden snapshot on ``host`` (default: this one).
+    Idempotent while a build is under way. ``actor`` None: the system (beat, image build)."""
+    if actor is not None:
+        require_perm(
+            actor,
+            "vms.change_template",
+            None,
+            action="golden.build",
+            message="Only operators may build golden snapshots.",
+        )
+    image = template.image
+    if image.status != Image.Status.READY:
+        raise ConflictError(f"The template's image {image.name} is {image.status}.", details={"image": image.status})
+    host = host or vm_services.local_host()
+    version, inputs = golden_inputs(template)
+    with transaction.atomic():
+        # The builder boots like any VM: only on a host with room (its row lock first).
+        vm_services.host_admission_check(host=host, vcpus=template.vcpus, memory_mib=template.memory_mib)
+        GoldenSnapshot.objects.get_or_create(template=template, host=host)
+        golden = GoldenSnapshot.objects.select_for_update().get(template=template, host=host)
+        if golden.status == GoldenSnapshot.Status.BUILDING and golden.operation:
+            busy = Operation.objects.filter(
+                pk=golden.operation, status__in=[Operation.Status.PENDING, Operation.Status.RUNNING]
+            ).exists()
+            if busy:
+                return golden
+        vm = VM(
+            name=f"golden-{uuid.uuid4().hex[:12]}",
+            owner=vm_services.system_user(),
+            template=template,
+            host=host,
+            vcpus=template.vcpus,
+            memory_mib=template.memory_mib,
+            disk_gib=template.disk_gib,
+            purpose=VmPurpose.GOLDEN,
+            metadata={"golden_of": template.name},
+        )
+        vm.full_clean()
+        vm.save()
+        vm_services.vm_row_init(vm=vm, actor=None)  # system permissions; a NIC like any VM
+        op = operation_new(
+            vm=vm,
+            action="golden_build",
+            actor=actor,
+            params={"golden": str(golden.pk), "inputs": inputs, "image_version": version},
+        )
+        before = {"status": golden.status, "image_version": golden.image_version}
+        golden.status = GoldenSnapshot.Status.BUILDING
+        golden.operation = op.pk
+        golden.error = ""
+        golden.requested_at = timezone.now()
+        golden.save(update_fields=["status", "operation", "error", "requested_at"])
+        audit_record(
+            actor=actor,
+            action="golden.build",
+            obj=golden,
+            before=before,
+            after={"template": template.name, "image_version": version, "operation": str(op.pk), "reason": reason},
+        )
+        operation_enqueue(op, vm)
+    return golden
+
+
+def golden_mark_failed(golden_id, why: str) -> bool:
+    """A create found the golden snapshot unusable: no further create tries it (they cold
+    boot) until it is rebuilt. False when it was not ready (already marked, or rebuilding)."""
+    with transaction.atomic():
+        marked = GoldenSnapshot.objects.filter(pk=golden_id, status=GoldenSnapshot.Status.READY).update(
+            status=GoldenSnapshot.Status.FAILED, error=why[:2000]
+        )
+        if marked:
+            golden = GoldenSnapshot.objects.select_related("template", "host").get(pk=golden_id)
+            audit_record(actor=None, action="golden.failed", obj=golden, message=why[:2000])
+    return bool(marked)
+
+
+def golden_usable(*, template: Template, host_id, vcpus: int, memory_mib: int, disk_gib: int) -> GoldenSnapshot | None:
+    """The ready, current golden snapshot of ``template`` on the host that a VM of that size
+    can restore, or None (cold boot)."""
+    if not template.golden_snapshot:
+        return None
+    golden = (
+        GoldenSnapshot.objects.select_related("snapshot")
+        .filter(template=template, host_id=host_id, status=GoldenSnapshot.Status.READY)
+        .first()
+    )
+    if golden is None or golden.snapshot is None or golden.snapshot.state != Snapshot.State.READY:
+        return None
+    snap = golden.snapshot
+    if (snap.vcpus, snap.memory_mib, snap.disk_gib) != (vcpus, memory_mib, disk_gib):
+        return None  # a memory image restores only into the size it was taken at
+    if golden.inputs != golden_inputs(template)[1]:
+        return None  # stale: golden_maintain rebuilds it
+    return golden
+
+
+def golden_create_source(*, vm: VM, start: bool):
+    """Hook ``vm_create_source``: a create of a VM that the template's golden snapshot fits
+    restores it (a ``clone`` operation marked ``golden``) instead of a cold ``create``."""
+    if not start or vm.purpose != VmPurpose.USER or (vm.image_id and vm.image_id != vm.template.image_id):
+        return None
+    golden = golden_usable(
+        template=vm.template, host_id=vm.host_id, vcpus=vm.vcpus, memory_mib=vm.memory_mib, disk_gib=vm.disk_gib
+    )
+    if golden is None:
+        return None
+    VM.objects.filter(pk=vm.pk).update(driver=golden.snapshot.driver)
+    vm.driver = golden.snapshot.driver
+    return "clone", {"snapshot": str(golden.snapshot_id), "golden": str(golden.pk)}
+
+
+def _build_reason(golden: GoldenSnapshot | None, inputs: str, now) -> str:
+    """Why ``golden`` needs a build now, or "" when it does not."""
+    if golden is None:
+        return "missing"
+    if golden.status == GoldenSnapshot.Status.BUILDING:
+        if (
+            golden.operation
+            and Operation.objects.filter(
+                pk=golden.operation, status__in=[Operation.Status.PENDING, Operation.Status.RUNNING]
+            ).exists()
+        ):
+            return ""
+        return "the previous build was lost"
+    if golden.status == GoldenSnapshot.Status.FAILED:
+        retry = timedelta(seconds=settings.SANDBOX_GOLDEN_RETRY_SECONDS)
+        return "failed earlier" if golden.requested_at <= now - retry else ""
+    return "the template or its image changed" if golden.inputs != inputs else ""
+
+
+def golden_maintain(*, host, now=None) -> dict[str, int]:
+    """Beat job of ``host``: build missing, stale and (after a pause) failed golden
+    snapshots of the active templates that want one (unless ``SANDBOX_GOLDEN_AUTO_BUILD`` is
+    off); delete replaced ones nothing uses; then refill the warm pools (``snapshots.pool``)."""
+    now = now or timezone.now()
+    counts = {"requested": 0, "retired": 0}
+    templates = Template.objects.filter(
+        is_active=True, golden_snapshot=True, image__status=Image.Status.READY, image__deprecated_at__isnull=True
+    ).select_related("image")
+    for template in templates if settings.SANDBOX_GOLDEN_AUTO_BUILD else ():
+        golden = GoldenSnapshot.objects.filter(template=template, host=host).first()
+        reason = _build_reason(golden, golden_inputs(template)[1], now)
+        if not reason:
+            continue
+        try:
+            golden_build(template=template, actor=None, host=host, reason=reason)
+            counts["requested"] += 1
+        except ConflictError as exc:
+            logger.warning("golden snapshot of %s not requested: %s", template.name, exc.message)
+    counts["retired"] = golden_retired_delete(host=host)
+    from snapshots.pool import pool_refill
+
+    counts.update(pool_refill(host=host))
+    return counts
+
+
+def golden_retired_delete(*, host) -> int:
+    """Delete the golden snapshots a rebuild replaced, once no VM's disk sits on them."""
+    from snapshots.services import snapshot_delete
+
+    retired = Snapshot.objects.filter(
+        host=host,
+        owner__username=vm_services.SYSTEM_USERNAME,
+        name=GOLDEN_SNAPSHOT_NAME,
+        state=Snapshot.State.READY,
+        golden__isnull=True,
+    )
+    deleted = 0
+    for snapshot in retired:
+        try:
+            snapshot_delete(snapshot=snapshot, actor=None, reason="golden snapshot replaced")
+            deleted += 1
+        except ConflictError:
+            continue  # VMs still sit on its layer: tried again on the next pass
+    return deleted
