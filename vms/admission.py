@@ -65,9 +65,9 @@ def vm_claim_mib(memory_mib: int) -> int:
     return memory_mib + settings.SANDBOX_VMM_MEMORY_OVERHEAD_MIB
 
 
-def host_room(host: Host, *, exclude_vm_id=None) -> HostRoom:
-    """The host's admission limits and current use. A host that never reported its capacity
-    is measured here when it is this machine (its worker has not run yet); another one admits
+def host_admits(host: Host) -> tuple[int, int]:
+    """The vCPUs and memory (MiB) ``host`` admits. A host that never reported its capacity is
+    measured here when it is this machine (its worker has not run yet); another one admits
     nothing until it reports."""
     cpus, memory_mib = host.cpus, host.memory_mib
     if (not cpus or not memory_mib) and host.name == settings.SANDBOX_HOST_NAME:
@@ -78,18 +78,29 @@ def host_room(host: Host, *, exclude_vm_id=None) -> HostRoom:
     reserve_mib = (
         host.reserve_memory_mib if host.reserve_memory_mib is not None else settings.SANDBOX_HOST_RESERVE_MEMORY_MIB
     )
+    return int(max(0, cpus - reserve_cpus) * cpu_ratio), int(max(0, memory_mib - reserve_mib) * mem_ratio)
+
+
+def host_room_of(host: Host, *, vcpus: int, memory_mib: int, vms: int) -> HostRoom:
+    """``host``'s room given what its holding VMs add up to (``vms`` of them, ``vcpus`` and
+    ``memory_mib`` of guest RAM): for callers that summed them already (the hosts page)."""
+    vcpus_allowed, memory_allowed = host_admits(host)
+    return HostRoom(
+        vcpus_allowed=vcpus_allowed,
+        memory_allowed_mib=memory_allowed,
+        vcpus_used=vcpus,
+        memory_used_mib=memory_mib + vms * settings.SANDBOX_VMM_MEMORY_OVERHEAD_MIB,
+        vms=vms,
+    )
+
+
+def host_room(host: Host, *, exclude_vm_id=None) -> HostRoom:
+    """The host's admission limits and what the VMs holding their size there use now."""
     holding = VM.objects.filter(host=host, state__in=HOST_LOAD_STATES)
     if exclude_vm_id is not None:
         holding = holding.exclude(pk=exclude_vm_id)
     used = holding.aggregate(v=Sum("vcpus"), m=Sum("memory_mib"), n=Count("pk"))
-    n = used["n"] or 0
-    return HostRoom(
-        vcpus_allowed=int(max(0, cpus - reserve_cpus) * cpu_ratio),
-        memory_allowed_mib=int(max(0, memory_mib - reserve_mib) * mem_ratio),
-        vcpus_used=used["v"] or 0,
-        memory_used_mib=(used["m"] or 0) + n * settings.SANDBOX_VMM_MEMORY_OVERHEAD_MIB,
-        vms=n,
-    )
+    return host_room_of(host, vcpus=used["v"] or 0, memory_mib=used["m"] or 0, vms=used["n"] or 0)
 
 
 def host_admission_check(*, host: Host, vcpus: int, memory_mib: int, vm: VM | None = None, count: int = 1) -> None:

@@ -35,7 +35,7 @@ def host_is_up(host, now) -> bool:
 def host_list_with_usage(now):
     """Active hosts with ``up``, ``heartbeat_age``, VM counts, vCPUs/memory given to VMs and
     ``room`` (what admission allows and what VMs hold, ``vms.admission.host_room``)."""
-    from vms.admission import host_room
+    from vms.admission import host_room_of
     from vms.models import Host
 
     loaded = Q(vms__state__in=HOST_LOAD_STATES)
@@ -44,6 +44,7 @@ def host_list_with_usage(now):
             vm_count=Count("vms"),
             vcpus_used=Coalesce(Sum("vms__vcpus", filter=loaded), 0),
             memory_used_mib=Coalesce(Sum("vms__memory_mib", filter=loaded), 0),
+            vms_holding=Count("vms", filter=loaded),
         )
     )
     states: dict[int, dict[str, int]] = {}
@@ -55,7 +56,7 @@ def host_list_with_usage(now):
         host.up = host_is_up(host, now)
         host.heartbeat_age = host_heartbeat_age(host, now)
         host.vm_states = states.get(host.pk, {})
-        host.room = host_room(host)
+        host.room = host_room_of(host, vcpus=host.vcpus_used, memory_mib=host.memory_used_mib, vms=host.vms_holding)
         host.vcpus_percent = (
             round(100 * host.room.vcpus_used / host.room.vcpus_allowed) if host.room.vcpus_allowed else 0
         )

@@ -168,9 +168,12 @@ def test_the_refill_stops_at_the_host_reserve(fake, pooled_template, run_ops, se
     pooled_template.pool_size = 5
     pooled_template.save()
     host = vm_services.local_host()
-    # Room for two 128 MiB VMs above the reserve, whatever else the host holds.
-    used = sum(VM.objects.filter(host=host, state__in=selectors.HOST_LOAD_STATES).values_list("memory_mib", flat=True))
-    host.memory_mib = used + settings.SANDBOX_POOL_HOST_RESERVE_MIB + 2 * 128 + 64
+    # The host admits room for two 128 MiB VMs (+ VMM overhead) above the pool's reserve,
+    # whatever else it holds (host admission: memory - host reserve, ratio 1).
+    settings.SANDBOX_MEMORY_OVERCOMMIT = 1.0
+    held = vm_services.host_room(host).memory_used_mib
+    host.reserve_memory_mib, host.cpus = 0, 64
+    host.memory_mib = held + settings.SANDBOX_POOL_HOST_RESERVE_MIB + 2 * vm_services.vm_claim_mib(128) + 64
     host.save()
     pool, counts = _fill(run_ops)
     assert len(pool) == 2 and counts["filled"] == 2 and counts["no_room"] == 1
