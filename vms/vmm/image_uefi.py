@@ -67,9 +67,7 @@ _OEM_ARGS = r"""sandbox_args() {
     done
 }
 """
-RC_SYSINIT_UEFI = RC_SYSINIT.replace("#!/bin/sh\n", "#!/bin/sh\n" + _OEM_ARGS, 1).replace(
-    "$(cat /proc/cmdline)", "$(sandbox_args)"
-)
+RC_SYSINIT_UEFI = RC_SYSINIT.replace("sandbox_args() { $bb cat /proc/cmdline; }\n", _OEM_ARGS, 1)
 ROOT_FILES: dict[str, tuple[str, int]] = {
     "/usr/local/lib/sandbox/rc.sysinit": (RC_SYSINIT_UEFI, 0o755),
     "/etc/fstab": (f"{ROOT_DEVICE} / ext4 rw,relatime 0 1\n", 0o644),
