@@ -128,7 +128,7 @@ def fill(
                     stop_reason = "host admission limit (409 host_full)"
                     max_vms = len(running) + len(booting)
                     continue
-                if response.status_code != 201:
+                if response.status_code not in (201, 202):
                     stop_reason = f"create answered {response.status_code}: {response.text[:300]}"
                     max_vms = len(running) + len(booting)
                     continue
@@ -228,6 +228,7 @@ def main() -> None:
     from tests.system.stack import stack_start, stack_stop
 
     work = Path(tempfile.mkdtemp(prefix="bench-density-"))
+    work.chmod(0o711)  # the VMM user reaches the VMs' runtime directories under it
     stack = stack_start(work, ROOT / "test-artifacts" / "bench-density")
     created: list[str] = []
     try:

@@ -39,6 +39,8 @@ VENV_BIN = Path(sys.executable).parent
 DB_NAME = os.environ.get("SANDBOX_SYSTEST_DB", "microvm_sandbox_system")
 SYSTEST_CGROUP = "msbx-systest"
 REDIS_DB = int(os.environ.get("SANDBOX_SYSTEST_REDIS_DB", "3"))
+# A Redis of its own (e.g. redis://127.0.0.1:6391/0) for a run beside others on one machine.
+REDIS_URL = os.environ.get("SANDBOX_SYSTEST_REDIS_URL", f"redis://127.0.0.1:6379/{REDIS_DB}")
 
 
 def _free_port() -> int:
@@ -254,8 +256,8 @@ def stack_start(work_dir: Path, log_dir: Path) -> Stack:
     for old in log_dir.glob("*.log"):
         old.unlink()
     _reset_database()
-    redis_url = f"redis://127.0.0.1:6379/{REDIS_DB}"
-    subprocess.run(["redis-cli", "-n", str(REDIS_DB), "flushdb"], check=True, timeout=10, capture_output=True)
+    redis_url = REDIS_URL
+    subprocess.run(["redis-cli", "-u", redis_url, "flushdb"], check=True, timeout=10, capture_output=True)
     env = {
         **os.environ,
         "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/{DB_NAME}",

@@ -111,14 +111,16 @@ ttyS0::respawn:/usr/local/lib/sandbox/run-console
 """
 
 RC_SYSINIT = r"""#!/bin/sh
-# Runs before the agent (busybox init waits for sysinit), so it uses the static busybox's applets:
-# under TCG every start of a dynamically linked program costs a good part of a second.
+# Runs before the agent (busybox init waits for sysinit), so it uses shell built-ins and the
+# static busybox's applets (this busybox has no mountpoint or nice): under TCG every start of a
+# dynamically linked program costs a good part of a second.
 bb=/usr/local/bin/busybox
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 sandbox_args() { $bb cat /proc/cmdline; }
-$bb mountpoint -q /proc || $bb mount -t proc proc /proc
-$bb mountpoint -q /sys || $bb mount -t sysfs sysfs /sys
-$bb mountpoint -q /dev || $bb mount -t devtmpfs devtmpfs /dev
+[ -e /proc/mounts ] || $bb mount -t proc proc /proc
+mounted() { while read -r _ dir _; do [ "$dir" = "$1" ] && return 0; done </proc/mounts; return 1; }
+mounted /sys || $bb mount -t sysfs sysfs /sys
+mounted /dev || $bb mount -t devtmpfs devtmpfs /dev
 $bb mkdir -p /dev/pts /dev/shm
 $bb mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
 $bb mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /dev/shm
@@ -151,7 +153,7 @@ if [ -n "$addr" ]; then
 fi
 # Grow the filesystem to the (overlay) disk size; online, in the background, at the lowest
 # priority so that it does not slow the agent's start.
-($bb nice -n 19 resize2fs /dev/vda >/dev/null 2>&1 &)
+(nice -n 19 resize2fs /dev/vda >/dev/null 2>&1 &)
 echo "sandbox: init done"
 """
 
@@ -177,7 +179,7 @@ exec /bin/bash -l
 
 RUN_POWERBTN = r"""#!/bin/sh
 # Started with the agent; nice 19 leaves the boot's single vCPU to the agent first.
-/usr/local/bin/busybox nice -n 19 /usr/bin/python3 -I -S -u /usr/local/lib/sandbox/powerbtn.py \
+/usr/bin/nice -n 19 /usr/bin/python3 -I -S -u /usr/local/lib/sandbox/powerbtn.py \
     >>/var/log/sandbox-powerbtn.log 2>&1
 /usr/local/bin/busybox sleep 1
 """
