@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from vms.vmm import qemu
 from vms.vmm.base import AgentTransport, VmmError, VmSpec
 from vms.vmm.qemu import TCG_TB_SIZE_MIB, QemuDriver
 from vms.vmm.snapshot import backing_chain, layer_rebase
@@ -84,10 +85,11 @@ def _append(argv: list[str]) -> list[str]:
     return argv[argv.index("-append") + 1].split()
 
 
-def test_the_guest_kernel_is_told_to_keep_an_idle_guest_quiet(tmp_path: Path) -> None:
+def test_the_guest_kernel_is_told_to_keep_an_idle_guest_quiet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Under TCG the TSC is trusted (else the clocksource watchdog falls back to jiffies and a
     periodic 250 Hz tick) and mitigations are off (TCG does not speculate); under KVM the guest
     keeps both defaults. The words of the VM's own command line come last, so they win."""
+    monkeypatch.setattr(qemu, "host_uses_tsc", lambda: True)
     spec = VmSpec(
         vm_id="a", runtime_dir=tmp_path, kernel=tmp_path / "k", base_image=tmp_path / "b", cmdline="mitigations=auto"
     )
@@ -110,3 +112,13 @@ def test_guest_memory_is_offered_to_ksm_and_the_translation_cache_is_bounded(tmp
     assert "mem-merge=on" in argv[argv.index("-M") + 1].split(",")
     accel = argv[argv.index("-accel") + 1].split(",")
     assert accel[0] == "tcg" and f"tb-size={TCG_TB_SIZE_MIB}" in accel
+
+
+def test_a_guest_trusts_its_tsc_only_when_the_host_keeps_time_with_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = VmSpec(vm_id="a", runtime_dir=tmp_path, kernel=tmp_path / "k", base_image=tmp_path / "b")
+    monkeypatch.setattr(qemu, "host_uses_tsc", lambda: False)
+    assert "tsc=reliable" not in _append(QemuDriver().build_argv(spec, acceleration="tcg"))
+    monkeypatch.setattr(qemu, "host_uses_tsc", lambda: True)
+    assert "tsc=reliable" in _append(QemuDriver().build_argv(spec, acceleration="tcg"))

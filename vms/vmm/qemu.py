@@ -53,6 +53,7 @@ from .process import (
     accel_choice,
     detect_acceleration,
     host_tsc_khz,
+    host_uses_tsc,
     kill_vmm,
     log_tail,
     netdev_counters,
@@ -117,12 +118,14 @@ _DEFAULT_CMDLINE = (
 #   guest's jiffies lag whenever the host is busy; without this the clocksource watchdog
 #   condemns the TSC within seconds of boot, the guest falls back to the jiffies clocksource,
 #   and with it to a periodic 250 Hz tick that never stops (no dynticks without a
-#   high-resolution clocksource): each idle VM then costs the host hundreds of wakeups a second;
+#   high-resolution clocksource): each idle VM then costs the host hundreds of wakeups a second.
+#   Added only when the host's own clocksource is the TSC (``process.host_uses_tsc``): then it
+#   is stable across the host's CPUs, whichever one a vCPU thread reads it on;
 # - tsc_early_khz: the host's TSC frequency (added per launch), so no PIT calibration, which
 #   fails when several guests boot at once;
 # - mitigations=off: TCG executes nothing speculatively, so Spectre-class mitigations (retpolines,
 #   RSB filling, ...) only cost time. Under KVM the guest keeps its defaults.
-_TCG_CMDLINE = "tsc=reliable mitigations=off"
+_TCG_CMDLINE = "mitigations=off"
 # QEMU's seccomp filter: no obsolete syscalls, no set*uid/gid, no fork/exec, no scheduler or
 # priority changes (checked against QEMU 7.2, Debian 12).
 SANDBOX_OPTION = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
@@ -981,6 +984,8 @@ def guest_cmdline(spec: VmSpec, *, acceleration: str) -> str:
     cmdline = _DEFAULT_CMDLINE
     if acceleration == "tcg":
         cmdline += f" {_TCG_CMDLINE} tsc_early_khz={host_tsc_khz()}"
+        if host_uses_tsc():
+            cmdline += " tsc=reliable"
     if spec.cmdline:
         cmdline += " " + spec.cmdline
     return cmdline
