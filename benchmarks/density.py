@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -244,6 +245,9 @@ def main() -> None:
     os.environ.setdefault("SANDBOX_SYSTEST_BOOT_TIMEOUT", "600")
     from tests.system.stack import stack_start, stack_stop
 
+    # SIGTERM (and SIGINT, whatever a library made of it) end the run through the clean-up below.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
     work = Path(tempfile.mkdtemp(prefix="bench-density-"))
     work.chmod(0o711)  # the VMM user reaches the VMs' runtime directories under it
     stack = stack_start(work, ROOT / "test-artifacts" / "bench-density")
