@@ -81,6 +81,7 @@ def through_api(runs: int) -> list[float]:
     from tests.system.stack import stack_start, stack_stop
 
     work = Path(tempfile.mkdtemp(prefix="bench-stack-"))
+    work.chmod(0o711)  # the VMM user reaches the VMs' runtime directories under it
     stack = stack_start(work, ROOT / "test-artifacts" / "bench")
     times = []
     try:

@@ -11,6 +11,9 @@
 # data directory $DATA; the units of deploy/systemd in /etc/systemd/system; then migrations,
 # static files, the guest image and `systemctl enable --now msbx.target`.
 # Set MSBX_NO_START=1 to install without starting, MSBX_NO_APT=1 to skip the packages.
+# MSBX_KSM=1 also turns on the kernel's same-page merging for this whole host, now and at every
+# boot (a tmpfiles.d entry; docs/operations.md "Host tuning"); MSBX_KSM=0 removes that entry
+# and turns it off again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SRC=$(pwd)
@@ -78,6 +81,21 @@ for unit in deploy/systemd/*; do
     render "$unit" "$UNIT_DIR/$(basename "$unit")"
 done
 systemctl daemon-reload 2>/dev/null || true
+
+# Host tuning, host-wide, so only when the operator asks for it (docs/operations.md).
+KSM_CONF=/etc/tmpfiles.d/microvm-sandbox-ksm.conf
+case "${MSBX_KSM:-}" in
+    1)
+        cat > "$KSM_CONF" <<'KSM'
+# microvm-sandbox (scripts/install.sh MSBX_KSM=1): merge identical pages of the guests' RAM
+# (QEMU offers it with mem-merge=on). docs/operations.md "Host tuning".
+w /sys/kernel/mm/ksm/run - - - - 1
+KSM
+        systemd-tmpfiles --create "$KSM_CONF" ;;
+    0)
+        rm -f "$KSM_CONF"
+        echo 0 > /sys/kernel/mm/ksm/run ;;
+esac
 
 manage() { (cd "$PREFIX" && SANDBOX_ENV_FILE="$ETC/env" "$PREFIX/.venv/bin/python" manage.py "$@"); }
 manage migrate --noinput

@@ -53,6 +53,7 @@ PREFIX = struct.Struct(">4sIII")  # magic, header length, data length, crc32
 MAX_FRAME = 1 << 20  # header + data bytes of one frame
 MAX_DATA = 512 << 10  # data bytes the agent puts in one frame
 STREAM_CHUNK = 128 << 10  # exec output per event frame
+IDLE_WAIT_SECONDS = 60.0  # longest sleep of the event loop with nothing to do (timers end it sooner)
 
 # ----- bounds (every buffer has one; see PROTOCOL.md "Bounds") --------------------------
 OUTQ_SOFT = 2 << 20  # stream events are only queued while a connection's queue is below this
@@ -302,7 +303,9 @@ class Loop:
         self.tasks.append(gen)
 
     def run_once(self) -> None:
-        timeout = 1.0
+        # Idle, the agent sleeps until an fd is ready or its next timer: every wakeup of an
+        # idle guest costs host CPU (under TCG a lot), so nothing here ticks for nothing.
+        timeout = IDLE_WAIT_SECONDS
         if self.tasks:
             timeout = 0
         elif self.timers:
@@ -1026,7 +1029,7 @@ class Agent:
         self.sigchld_r, self.sigchld_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.started = time.monotonic()
         self.reap_interval = reap_interval
-        self.loop.call_later(reap_interval, self._reap_tick)
+        self.reap_timer: Timer | None = None  # runs only while an exec's process may be alive
         self.ops = {
             "hello": self.op_hello,
             "ping": self.op_ping,
@@ -1339,6 +1342,7 @@ class Agent:
             self._attach(conn, ex, attach)
         # The child may have exited before SIGCHLD was handled: check right away.
         self.loop.call_later(0, self.on_sigchld)
+        self._reap_schedule()
         return {"exec_id": exec_id, "pid": ex.pid, "tag": tag, "started_at": ex.started_at}
 
     def _spawn(self, ex: Exec, pw, cwd: str, env: dict, pty_arg, stdin_mode: str) -> None:
@@ -1468,9 +1472,15 @@ class Agent:
 
     def _reap_tick(self) -> None:
         # Safety net for a lost SIGCHLD wakeup (and the only reaper when no signal handler
-        # can be installed, e.g. an agent run in a thread by tests).
+        # can be installed, e.g. an agent run in a thread by tests). It stops once no exec
+        # is left to reap, so an idle agent does not wake up every second.
+        self.reap_timer = None
         self.on_sigchld()
-        self.loop.call_later(self.reap_interval, self._reap_tick)
+        self._reap_schedule()
+
+    def _reap_schedule(self) -> None:
+        if self.reap_timer is None and any(not ex.exited and ex.pid for ex in self.execs.values()):
+            self.reap_timer = self.loop.call_later(self.reap_interval, self._reap_tick)
 
     def exec_finished(self, ex: Exec) -> None:
         self.finished_order.append(ex.id)

@@ -40,6 +40,8 @@ DB_NAME = os.environ.get("SANDBOX_SYSTEST_DB", "microvm_sandbox_system")
 SYSTEST_CGROUP = os.environ.get("SANDBOX_SYSTEST_CGROUP", "msbx-systest")
 REDIS_DB = int(os.environ.get("SANDBOX_SYSTEST_REDIS_DB", "3"))
 REDIS_PORT = int(os.environ.get("SANDBOX_SYSTEST_REDIS_PORT", "6379"))
+# A Redis of its own (e.g. redis://127.0.0.1:6391/0) for a run beside others on one machine.
+REDIS_URL = os.environ.get("SANDBOX_SYSTEST_REDIS_URL", f"redis://127.0.0.1:{REDIS_PORT}/{REDIS_DB}")
 
 
 def _free_port() -> int:
@@ -255,13 +257,8 @@ def stack_start(work_dir: Path, log_dir: Path) -> Stack:
     for old in log_dir.glob("*.log"):
         old.unlink()
     _reset_database()
-    redis_url = f"redis://127.0.0.1:{REDIS_PORT}/{REDIS_DB}"
-    subprocess.run(
-        ["redis-cli", "-p", str(REDIS_PORT), "-n", str(REDIS_DB), "flushdb"],
-        check=True,
-        timeout=10,
-        capture_output=True,
-    )
+    redis_url = REDIS_URL
+    subprocess.run(["redis-cli", "-u", redis_url, "flushdb"], check=True, timeout=10, capture_output=True)
     env = {
         **os.environ,
         "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/{DB_NAME}",
@@ -274,7 +271,8 @@ def stack_start(work_dir: Path, log_dir: Path) -> Stack:
         "SANDBOX_IMAGE_DIR": os.environ.get("SANDBOX_IMAGE_DIR", str(ROOT / "var" / "images")),
         "SANDBOX_RECONCILE_SECONDS": "2",
         "SANDBOX_STOP_TIMEOUT": "20",
-        "SANDBOX_BOOT_TIMEOUT": "150",
+        # A benchmark filling a busy host with VMs may need longer (benchmarks/density.py).
+        "SANDBOX_BOOT_TIMEOUT": os.environ.get("SANDBOX_SYSTEST_BOOT_TIMEOUT", "150"),
         "SANDBOX_FILE_UPLOAD_MAX_BYTES": str(256 << 20),
         "SANDBOX_WORKER_METRICS_PORT": str(_free_port()),
         "SANDBOX_HOSTD_METRICS_PORT": str(_free_port()),

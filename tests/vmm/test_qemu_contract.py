@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from vms.vmm import qemu
 from vms.vmm.base import AgentTransport, VmmError, VmSpec
-from vms.vmm.qemu import QemuDriver
+from vms.vmm.qemu import TCG_TB_SIZE_MIB, QemuDriver
 from vms.vmm.snapshot import backing_chain, layer_rebase
 
 needs_qemu_img = pytest.mark.skipif(
@@ -78,3 +79,46 @@ def test_layer_rebase_reports_qemu_img_errors(tmp_path: Path) -> None:
     assert err.value.message == "merging the snapshot layer failed" and err.value.details["stderr"]  # type: ignore[index]
     with pytest.raises(VmmError, match="cannot run"):
         layer_rebase(tmp_path / "missing.qcow2", None, qemu_img=str(tmp_path / "no-qemu-img"))
+
+
+def _append(argv: list[str]) -> list[str]:
+    return argv[argv.index("-append") + 1].split()
+
+
+def test_the_guest_kernel_is_told_to_keep_an_idle_guest_quiet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under TCG the TSC is trusted (else the clocksource watchdog falls back to jiffies and a
+    periodic 250 Hz tick) and mitigations are off (TCG does not speculate); under KVM the guest
+    keeps both defaults. The words of the VM's own command line come last, so they win."""
+    monkeypatch.setattr(qemu, "host_uses_tsc", lambda: True)
+    spec = VmSpec(
+        vm_id="a", runtime_dir=tmp_path, kernel=tmp_path / "k", base_image=tmp_path / "b", cmdline="mitigations=auto"
+    )
+    tcg = _append(QemuDriver().build_argv(spec, acceleration="tcg"))
+    kvm = _append(QemuDriver().build_argv(spec, acceleration="kvm"))
+    for words in (tcg, kvm):
+        for word in ("nowatchdog", "cryptomgr.notests", "nokaslr", "sysctl.vm.compaction_proactiveness=0"):
+            assert word in words
+        assert words[-1] == "mitigations=auto"
+    assert "tsc=reliable" in tcg and "mitigations=off" in tcg
+    assert any(word.startswith("tsc_early_khz=") for word in tcg)
+    assert tcg.index("mitigations=off") < tcg.index("mitigations=auto")
+    assert "tsc=reliable" not in kvm and "mitigations=off" not in kvm
+    assert not any(word.startswith("tsc_early_khz=") for word in kvm)
+
+
+def test_guest_memory_is_offered_to_ksm_and_the_translation_cache_is_bounded(tmp_path: Path) -> None:
+    spec = VmSpec(vm_id="a", runtime_dir=tmp_path, kernel=tmp_path / "k", base_image=tmp_path / "b")
+    argv = QemuDriver().build_argv(spec, acceleration="tcg")
+    assert "mem-merge=on" in argv[argv.index("-M") + 1].split(",")
+    accel = argv[argv.index("-accel") + 1].split(",")
+    assert accel[0] == "tcg" and f"tb-size={TCG_TB_SIZE_MIB}" in accel
+
+
+def test_a_guest_trusts_its_tsc_only_when_the_host_keeps_time_with_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = VmSpec(vm_id="a", runtime_dir=tmp_path, kernel=tmp_path / "k", base_image=tmp_path / "b")
+    monkeypatch.setattr(qemu, "host_uses_tsc", lambda: False)
+    assert "tsc=reliable" not in _append(QemuDriver().build_argv(spec, acceleration="tcg"))
+    monkeypatch.setattr(qemu, "host_uses_tsc", lambda: True)
+    assert "tsc=reliable" in _append(QemuDriver().build_argv(spec, acceleration="tcg"))

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from vms.vmm.agent_client import AgentTimeout, AgentTransport, agent_ping, wait_for_agent
+from vms.vmm.agent_client import AgentConnection, AgentTimeout, AgentTransport, agent_ping, wait_for_agent
 from vms.vmm.base import RuntimeState, VmmNotRunning, VmmUnsupported, VmSpec
 from vms.vmm.cgroups import CPU_PERIOD_US, cgroup_layout, cgroup_of, vmm_cgroup_dirs
 from vms.vmm.confinement import VmmConfinement
 from vms.vmm.process import read_pid
 from vms.vmm.qemu import QemuDriver
 
+from .agent_ops import agent_run
 from .conftest import TEST_CGROUP_PARENT
 from .test_process_detach import _children, _wait_dead, _zombie_children
 
@@ -276,3 +277,16 @@ def test_four_concurrent_boots_all_reach_agent_ping(driver: QemuDriver, make_spe
     for spec in specs:
         driver.cleanup(spec)
         assert not spec.runtime_dir.exists()
+
+
+def test_the_guest_keeps_a_high_resolution_clocksource(
+    booted: tuple[VmSpec, dict[str, object]], driver: QemuDriver
+) -> None:
+    """Without it (the jiffies fallback the clocksource watchdog picks when TCG's jiffies lag on a
+    busy host) the guest ticks at 250 Hz for ever and every idle VM costs the host CPU."""
+    spec, _ = booted
+    with AgentConnection.open(driver.agent_socket_path(spec), SERIAL, timeout=30) as conn:
+        conn.sync_session(time.monotonic() + 30)
+        result, out = agent_run(conn, argv=["cat", "/sys/devices/system/clocksource/clocksource0/current_clocksource"])
+    assert result["exit_code"] == 0
+    assert out.decode().strip() not in ("jiffies", "refined-jiffies"), out

@@ -101,7 +101,7 @@ GUEST_SETUP_SCRIPT = (
     "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
     + _OEM_ARGS
     + "args=$(sandbox_args)\n"  # once: every process started costs a lot under TCG
-    + GUEST_SETUP.replace("$(cat /proc/cmdline)", "$args")
+    + GUEST_SETUP.replace("$(sandbox_args)", "$args")
     # Straight to the console (journald forwards the lines above later, when it gets to it):
     # the marker is there by the time the agent, ordered after this unit, answers.
     + 'echo "sandbox: init done" >/dev/console\n'

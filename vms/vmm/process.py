@@ -542,6 +542,16 @@ def host_tsc_khz() -> int:
     return _DEFAULT_TSC_KHZ
 
 
+def host_uses_tsc() -> bool:
+    """Whether the host's kernel keeps time with the TSC (its current clocksource): then the TSC
+    is stable across the host's CPUs, and a TCG guest, whose TSC is the host's, may trust it too."""
+    try:
+        current = Path("/sys/devices/system/clocksource/clocksource0/current_clocksource").read_text()
+    except OSError:
+        return False
+    return current.strip() == "tsc"
+
+
 def remove_path_quietly(path: Path) -> None:
     """Unlink ``path`` if it exists (files and sockets)."""
     try:

@@ -53,6 +53,7 @@ from .process import (
     accel_choice,
     detect_acceleration,
     host_tsc_khz,
+    host_uses_tsc,
     kill_vmm,
     log_tail,
     netdev_counters,
@@ -97,7 +98,34 @@ QMP_MAX_LINE = 1 << 20  # a QMP reply bigger than this is treated as a protocol 
 # KERN_ERR ("PCI: Fatal: No config space access function found", whatever pci= says), so the
 # console shows only critical messages (loglevel=3, the usual quiet boot); the guest's dmesg
 # keeps everything. Not pcie=on: a different machine could not restore older snapshots.
-_DEFAULT_CMDLINE = "console=ttyS0 root=/dev/vda rw panic=-1 quiet loglevel=3 pci=off"
+#
+# Idle guests must cost the host nothing, and boots as little as possible (docs/benchmarks.md):
+# - nowatchdog: no soft-lockup hrtimer every 4 s per vCPU (and no false lockup reports when the
+#   host is busy and a TCG vCPU thread waits for a core);
+# - cryptomgr.notests: no crypto self-tests at boot (they test the kernel's own unchanged code);
+# - nokaslr: identical guests keep identical kernel pages, which the host's KSM can merge
+#   (docs/operations.md "Host tuning"). A sandbox's tenant is root in its guest: kernel address
+#   randomisation protects nothing there;
+# - sysctl.vm.compaction_proactiveness=0: kcompactd would otherwise wake twice a second to
+#   look for fragmentation; sysctl.vm.stat_interval=10: per-CPU memory statistics folded every
+#   10 s instead of every second (meminfo may lag that much).
+_DEFAULT_CMDLINE = (
+    "console=ttyS0 root=/dev/vda rw panic=-1 quiet loglevel=3 pci=off nowatchdog cryptomgr.notests nokaslr"
+    " sysctl.vm.compaction_proactiveness=0 sysctl.vm.stat_interval=10"
+)
+# Under TCG only:
+# - tsc=reliable: the guest's TSC is the host's TSC (QEMU reads it with rdtsc), while the
+#   guest's jiffies lag whenever the host is busy; without this the clocksource watchdog
+#   condemns the TSC within seconds of boot, the guest falls back to the jiffies clocksource,
+#   and with it to a periodic 250 Hz tick that never stops (no dynticks without a
+#   high-resolution clocksource): each idle VM then costs the host hundreds of wakeups a second.
+#   Added only when the host's own clocksource is the TSC (``process.host_uses_tsc``): then it
+#   is stable across the host's CPUs, whichever one a vCPU thread reads it on;
+# - tsc_early_khz: the host's TSC frequency (added per launch), so no PIT calibration, which
+#   fails when several guests boot at once;
+# - mitigations=off: TCG executes nothing speculatively, so Spectre-class mitigations (retpolines,
+#   RSB filling, ...) only cost time. Under KVM the guest keeps its defaults.
+_TCG_CMDLINE = "mitigations=off"
 # QEMU's seccomp filter: no obsolete syscalls, no set*uid/gid, no fork/exec, no scheduler or
 # priority changes (checked against QEMU 7.2, Debian 12).
 SANDBOX_OPTION = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
@@ -446,24 +474,20 @@ class QemuDriver:
         accel = acceleration if acceleration == "kvm" else f"tcg,thread=multi,tb-size={TCG_TB_SIZE_MIB}"
         cpu = "host" if acceleration == "kvm" else "max"
         if spec.boot_mode == BOOT_KERNEL:
-            return ["-M", "microvm,acpi=on,pcie=off,rtc=on,isa-serial=on", "-accel", accel, "-cpu", cpu]
+            # mem-merge=on (QEMU's default, stated): guest RAM is offered to the host's KSM.
+            return ["-M", "microvm,acpi=on,pcie=off,rtc=on,isa-serial=on,mem-merge=on", "-accel", accel, "-cpu", cpu]
         if spec.os_type == OS_WINDOWS:
             flags = HYPERV_ENLIGHTENMENTS + (HYPERV_KVM_ENLIGHTENMENTS if acceleration == "kvm" else ())
             cpu += "," + ",".join(flags)
         # smm=off: the non-secure-boot OVMF build needs no SMM, and TCG runs faster without it.
-        return ["-M", "q35,smm=off,vmport=off", "-accel", accel, "-cpu", cpu]
+        return ["-M", "q35,smm=off,vmport=off,mem-merge=on", "-accel", accel, "-cpu", cpu]
 
     def boot_argv(self, spec: VmSpec, *, acceleration: str) -> list[str]:
         """How the guest starts: ``-kernel/-initrd/-append`` (direct boot), or OVMF's code
         (read-only, shared) and this VM's own copy of the UEFI variable store as pflash, plus
         the ``sandbox.*`` command-line words as SMBIOS OEM strings (firmware boot)."""
         if spec.boot_mode == BOOT_KERNEL:
-            cmdline = _DEFAULT_CMDLINE
-            if acceleration == "tcg":
-                cmdline += f" tsc_early_khz={host_tsc_khz()}"
-            if spec.cmdline:
-                cmdline += " " + spec.cmdline
-            argv = ["-kernel", str(spec.kernel.resolve()), "-append", cmdline]
+            argv = ["-kernel", str(spec.kernel.resolve()), "-append", guest_cmdline(spec, acceleration=acceleration)]
             if spec.initramfs is not None:
                 argv += ["-initrd", str(spec.initramfs.resolve())]
             return argv
@@ -952,6 +976,19 @@ class QemuDriver:
     def _remove_sockets(spec: VmSpec) -> None:
         for name in (QMP_SOCKET, SERIAL_SOCKET, AGENT_SOCKET):
             remove_path_quietly(spec.runtime_dir / name)
+
+
+def guest_cmdline(spec: VmSpec, *, acceleration: str) -> str:
+    """The guest kernel's command line for direct boot: the driver's defaults (with the TCG-only
+    words under TCG), then ``spec.cmdline``, whose words come last and so win over ours."""
+    cmdline = _DEFAULT_CMDLINE
+    if acceleration == "tcg":
+        cmdline += f" {_TCG_CMDLINE} tsc_early_khz={host_tsc_khz()}"
+        if host_uses_tsc():
+            cmdline += " tsc=reliable"
+    if spec.cmdline:
+        cmdline += " " + spec.cmdline
+    return cmdline
 
 
 def _device_suffix(spec: VmSpec) -> str:
