@@ -185,6 +185,19 @@ def test_it_reboots_with_a_new_boot_id(booted: tuple[VmSpec, dict[str, object]],
     assert read_pid(spec.runtime_dir) == pid  # same QEMU process
 
 
+def test_the_guest_keeps_a_high_resolution_clocksource(
+    booted: tuple[VmSpec, dict[str, object]], driver: QemuDriver
+) -> None:
+    """Without it (the jiffies fallback the clocksource watchdog picks when TCG's jiffies lag on a
+    busy host) the guest ticks at 250 Hz for ever and every idle VM costs the host CPU."""
+    spec, _ = booted
+    with AgentConnection.open(driver.agent_socket_path(spec), SERIAL, timeout=30) as conn:
+        conn.sync_session(time.monotonic() + 30)
+        result, out = agent_run(conn, argv=["cat", "/sys/devices/system/clocksource/clocksource0/current_clocksource"])
+    assert result["exit_code"] == 0
+    assert out.decode().strip() not in ("jiffies", "refined-jiffies"), out
+
+
 def test_graceful_shutdown_then_cleanup_leaves_nothing(
     booted: tuple[VmSpec, dict[str, object]], driver: QemuDriver
 ) -> None:
@@ -277,16 +290,3 @@ def test_four_concurrent_boots_all_reach_agent_ping(driver: QemuDriver, make_spe
     for spec in specs:
         driver.cleanup(spec)
         assert not spec.runtime_dir.exists()
-
-
-def test_the_guest_keeps_a_high_resolution_clocksource(
-    booted: tuple[VmSpec, dict[str, object]], driver: QemuDriver
-) -> None:
-    """Without it (the jiffies fallback the clocksource watchdog picks when TCG's jiffies lag on a
-    busy host) the guest ticks at 250 Hz for ever and every idle VM costs the host CPU."""
-    spec, _ = booted
-    with AgentConnection.open(driver.agent_socket_path(spec), SERIAL, timeout=30) as conn:
-        conn.sync_session(time.monotonic() + 30)
-        result, out = agent_run(conn, argv=["cat", "/sys/devices/system/clocksource/clocksource0/current_clocksource"])
-    assert result["exit_code"] == 0
-    assert out.decode().strip() not in ("jiffies", "refined-jiffies"), out

@@ -77,6 +77,8 @@ AGENT_PORT_NAME = "org.microvm_sandbox.agent.0"
 QMP_SOCKET = "qmp.sock"
 SERIAL_SOCKET = "serial.sock"
 SERIAL_LOG = "serial.log"
+# A graceful shutdown presses the ACPI power button again this often until QEMU exits.
+POWER_BUTTON_REPEAT_SECONDS = 5.0
 AGENT_SOCKET = "agent.sock"
 OVERLAY = "overlay.qcow2"
 SPEC_FILE = "spec.json"
@@ -626,24 +628,37 @@ class QemuDriver:
         pid = running_vmm_pid(spec.runtime_dir)
         if pid is None:
             return
-        if not force:
-            try:
-                with QmpClient(self.qmp_path(spec), timeout=min(5.0, max(graceful_timeout, 0.5))) as qmp:
-                    status = qmp.execute("query-status")
-                    if status.get("status") in ("paused", "suspended"):
-                        # A paused guest cannot react to the power button.
-                        qmp.execute("cont")
-                    qmp.execute("system_powerdown")
-            except VmmError:
-                pass  # fall through to kill
-            else:
-                if wait_pid_exit(pid, spec.runtime_dir, graceful_timeout):
-                    self._remove_sockets(spec)
-                    self.confinement.cgroup_remove(spec)
-                    return
+        if not force and self._power_down(spec, pid, graceful_timeout):
+            self._remove_sockets(spec)
+            self.confinement.cgroup_remove(spec)
+            return
         kill_vmm(pid, spec.runtime_dir, term_timeout=3.0)
         self._remove_sockets(spec)
         self.confinement.cgroup_remove(spec)
+
+    def _power_down(self, spec: VmSpec, pid: int, timeout: float) -> bool:
+        """Press the ACPI power button until QEMU exits, for at most ``timeout`` seconds; True
+        when it did. The press is repeated every ``POWER_BUTTON_REPEAT_SECONDS``: a guest only
+        sees a press once its watcher has opened the button's input device, so a press early in
+        the boot is lost."""
+        deadline = time.monotonic() + timeout
+        pressed = False
+        while True:
+            try:
+                with QmpClient(self.qmp_path(spec), timeout=min(5.0, max(timeout, 0.5))) as qmp:
+                    if not pressed and qmp.execute("query-status").get("status") in ("paused", "suspended"):
+                        qmp.execute("cont")  # a paused guest cannot react to the power button
+                    qmp.execute("system_powerdown")
+                pressed = True
+            except VmmError:
+                if not pressed:
+                    return False  # no QMP: the caller kills it
+                # QEMU may be closing its monitor while the guest powers off: keep waiting.
+            left = deadline - time.monotonic()
+            if wait_pid_exit(pid, spec.runtime_dir, max(0.0, min(POWER_BUTTON_REPEAT_SECONDS, left))):
+                return True
+            if time.monotonic() >= deadline:
+                return False
 
     def resize(self, spec: VmSpec, *, vcpus: int | None, memory_mib: int | None, timeout: float = 10.0) -> None:
         """Always raises ``VmmUnsupported``: microvm has no CPU/memory hotplug."""
