@@ -46,7 +46,7 @@ for f in glob.glob("/sys/class/virtio-ports/*/name"):
 def kill_agent():
     for cmd in glob.glob("/proc/[0-9]*/cmdline"):
         try:
-            if b"sandbox_agent.py" in open(cmd, "rb").read():
+            if b"sandbox_agent" in open(cmd, "rb").read():  # run as a file or as a module
                 os.kill(int(cmd.split("/")[2]), 9)
         except OSError:
             pass
