@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import uuid
 from datetime import timedelta
 
 from django.conf import settings
@@ -89,20 +88,9 @@ def golden_build(*, template: Template, actor, host=None, reason: str = "") -> G
             ).exists()
             if busy:
                 return golden
-        vm = VM(
-            name=f"golden-{uuid.uuid4().hex[:12]}",
-            owner=vm_services.system_user(),
-            template=template,
-            host=host,
-            vcpus=template.vcpus,
-            memory_mib=template.memory_mib,
-            disk_gib=template.disk_gib,
-            purpose=VmPurpose.GOLDEN,
-            metadata={"golden_of": template.name},
+        vm = vm_services.system_vm_new(
+            purpose=VmPurpose.GOLDEN, template=template, host=host, size=template, metadata={"golden_of": template.name}
         )
-        vm.full_clean()
-        vm.save()
-        vm_services.vm_row_init(vm=vm, actor=None)  # system permissions; a NIC like any VM
         op = operation_new(
             vm=vm,
             action="golden_build",

@@ -14,7 +14,6 @@ are its own since the restore). The beat job refills the pools while the host ha
 from __future__ import annotations
 
 import logging
-import uuid
 
 from django.conf import settings
 from django.db import transaction
@@ -96,21 +95,14 @@ def pool_vm_take(*, owner, vm_name: str, template: Template, image, vcpus: int, 
 def _pool_fill_one(template: Template, host: Host, golden: GoldenSnapshot) -> VM:
     snap = golden.snapshot
     with transaction.atomic():
-        vm = VM(
-            name=f"pool-{uuid.uuid4().hex[:12]}",
-            owner=vm_services.system_user(),
+        vm = vm_services.system_vm_new(
+            purpose=VmPurpose.POOL,
             template=template,
             host=host,
-            vcpus=snap.vcpus,
-            memory_mib=snap.memory_mib,
-            disk_gib=snap.disk_gib,
+            size=snap,
             driver=snap.driver,
-            purpose=VmPurpose.POOL,
             metadata={"pool_of": template.name, "golden_snapshot": str(snap.pk)},
         )
-        vm.full_clean()
-        vm.save()
-        vm_services.vm_row_init(vm=vm, actor=None)  # a NIC (MAC, address) of its own
         op = operation_new(
             vm=vm, action="clone", actor=None, params={"snapshot": str(snap.pk), "golden": str(golden.pk), "pool": True}
         )

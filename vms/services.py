@@ -8,6 +8,7 @@ host queue; each action is an ``Operation`` (``vms.operations``), run by ``vms.l
 from __future__ import annotations
 
 import logging
+import uuid
 
 from django.conf import settings
 from django.db import transaction
@@ -67,6 +68,28 @@ def system_user():
         user.set_unusable_password()
         user.save(update_fields=["password"])
     return user
+
+
+def system_vm_new(*, purpose: str, template: Template, host: Host, size, driver: str = "", metadata: dict) -> VM:
+    """In the caller's transaction: a VM row of the system account (a golden-snapshot builder or
+    a warm-pool VM) named ``<purpose>-<random>``, of ``size``'s vcpus/memory/disk, with the
+    permissions and hooks of any new VM (its own NIC, MAC and address)."""
+    vm = VM(
+        name=f"{purpose}-{uuid.uuid4().hex[:12]}",
+        owner=system_user(),
+        template=template,
+        host=host,
+        vcpus=size.vcpus,
+        memory_mib=size.memory_mib,
+        disk_gib=size.disk_gib,
+        driver=driver,
+        purpose=purpose,
+        metadata=metadata,
+    )
+    vm.full_clean()
+    vm.save()
+    vm_row_init(vm=vm, actor=None)
+    return vm
 
 
 def local_host() -> Host:
