@@ -437,28 +437,12 @@ def _golden_snapshot_take(op: Operation, vm: VM) -> Snapshot:
     """The builder runs: snapshot it with the ordinary snapshot step (idempotent: a
     redelivery finds the snapshot recorded in the operation's params)."""
     from snapshots.golden import GOLDEN_SNAPSHOT_NAME
-    from snapshots.services import snapshot_root
+    from snapshots.services import snapshot_row_new
 
     snapshot = Snapshot.objects.filter(pk=op.params.get("snapshot") or None).first()
     if snapshot is None:
         with transaction.atomic():
-            snapshot = Snapshot.objects.create(
-                vm=vm,
-                vm_ref=vm.pk,
-                vm_name=vm.name,
-                owner=vm.owner,
-                host=vm.host,
-                template=vm.template,
-                image=vm.image,
-                name=GOLDEN_SNAPSHOT_NAME,
-                include_memory=True,
-                driver=vm.driver,
-                vcpus=vm.vcpus,
-                memory_mib=vm.memory_mib,
-                disk_gib=vm.disk_gib,
-            )
-            snapshot.directory = str(snapshot_root() / str(snapshot.pk))
-            snapshot.save(update_fields=["directory"])
+            snapshot = snapshot_row_new(vm=vm, name=GOLDEN_SNAPSHOT_NAME, include_memory=True)
             previous = vm_transition_request(vm, "snapshot", allowed=frozenset({S.RUNNING}))
             op.params = {**op.params, "snapshot": str(snapshot.pk), "previous_state": previous}
             Operation.objects.filter(pk=op.pk).update(params=op.params)

@@ -124,24 +124,9 @@ def snapshot_create(*, vm: VM, actor, name: str, description: str = "", include_
         if Snapshot.objects.filter(vm_ref=locked.pk, name=name).exists():
             raise ConflictError(f"This VM already has a snapshot named {name!r}.", details={"name": "taken"})
         _check_storage(locked.owner, extra_bytes=(locked.memory_mib << 20) if include_memory else 0)
-        snapshot = Snapshot.objects.create(
-            vm=locked,
-            vm_ref=locked.pk,
-            vm_name=locked.name,
-            owner=locked.owner,
-            host=locked.host or vm_services.local_host(),
-            template=locked.template,
-            image=locked.image,
-            name=name,
-            description=(description or "")[:1000],
-            include_memory=include_memory,
-            driver=locked.driver,
-            vcpus=locked.vcpus,
-            memory_mib=locked.memory_mib,
-            disk_gib=locked.disk_gib,
+        snapshot = snapshot_row_new(
+            vm=locked, name=name, description=(description or "")[:1000], include_memory=include_memory
         )
-        snapshot.directory = str(snapshot_root() / str(snapshot.pk))
-        snapshot.save(update_fields=["directory"])
         # Last: the compare-and-set holds the VM's row until commit, and a concurrent request
         # that changed the state since the checks above makes this one lose (409).
         previous = vm_transition_request(
@@ -158,6 +143,30 @@ def snapshot_create(*, vm: VM, actor, name: str, description: str = "", include_
         )
         operation_enqueue(op, locked)
     return snapshot, op
+
+
+def snapshot_row_new(*, vm: VM, name: str, include_memory: bool, description: str = "") -> Snapshot:
+    """In the caller's transaction: the ``pending`` row of a snapshot of ``vm`` at its current
+    size, with its directory under the snapshot root (taken by ``snapshot_take``)."""
+    snapshot = Snapshot.objects.create(
+        vm=vm,
+        vm_ref=vm.pk,
+        vm_name=vm.name,
+        owner=vm.owner,
+        host=vm.host or vm_services.local_host(),
+        template=vm.template,
+        image=vm.image,
+        name=name,
+        description=description,
+        include_memory=include_memory,
+        driver=vm.driver,
+        vcpus=vm.vcpus,
+        memory_mib=vm.memory_mib,
+        disk_gib=vm.disk_gib,
+    )
+    snapshot.directory = str(snapshot_root() / str(snapshot.pk))
+    snapshot.save(update_fields=["directory"])
+    return snapshot
 
 
 def _require_ready(snapshot: Snapshot) -> None:
