@@ -28,6 +28,8 @@ ROLE_GLOBAL_PERMS: dict[str, tuple[str, ...]] = {
         "vms.view_template",
         *(f"vms.{p}_image" for p in ("add", "change", "delete", "view")),
         "vms.view_operation",
+        "vms.view_host",
+        "vms.change_host",
         "accounts.view_auditevent",
         "accounts.add_userquota",
         "accounts.change_userquota",
