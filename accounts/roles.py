@@ -30,6 +30,7 @@ ROLE_GLOBAL_PERMS: dict[str, tuple[str, ...]] = {
         "vms.view_operation",
         "vms.view_host",
         "vms.change_host",
+        "vms.delete_host",
         "accounts.view_auditevent",
         "accounts.add_userquota",
         "accounts.change_userquota",

@@ -146,7 +146,7 @@ class HostAdmin(admin.ModelAdmin):
     ]
     list_filter = ["is_active", "cordoned"]
     search_fields = ["name"]
-    actions = ["cordon_selected", "uncordon_selected"]
+    actions = ["cordon_selected", "uncordon_selected", "remove_selected"]
     readonly_fields = ["cpus", "memory_mib", "disk_free_gib", "last_seen_at", "hostd_seen_at", "hostd_status", "admits"]
     fieldsets = [
         (None, {"fields": ["name", "is_active", "cordoned", "driver", "acceleration"]}),
@@ -181,6 +181,17 @@ class HostAdmin(admin.ModelAdmin):
 
         for host in queryset:
             host_cordon(host=host, cordoned=False, actor=request.user)
+
+    @admin.action(description="Remove the selected hosts (only those without VMs)")
+    def remove_selected(self, request, queryset):
+        from sandbox_site.errors import ApplicationError
+        from vms.hosts import host_remove
+
+        for host in queryset:
+            try:
+                host_remove(host=host, actor=request.user)
+            except ApplicationError as exc:
+                self.message_user(request, f"{host.name}: {exc.message}", level=messages.ERROR)
 
     @admin.display(description="Admits now")
     def admits(self, host: Host) -> str:

@@ -1,5 +1,5 @@
 """``/api/v1/hosts/``: operators list the hypervisor hosts (capacity, what VMs hold, heartbeat)
-and cordon or uncordon one. Thin: a write is one ``vms.hosts`` service call."""
+cordon or uncordon one, and remove an empty one. Thin: a write is one ``vms.hosts`` service call."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from vms.models import Host
 from vms.serializers import HostSerializer
 
 
-class HostViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPermissionViewSet):
-    """Visible to holders of ``vms.view_host`` (the operator role); users see an empty list."""
+class HostViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin, ObjectPermissionViewSet):
+    """Visible to holders of ``vms.view_host`` (the operator role); users see an empty list.
+    Removed (inactive) hosts are listed too, marked ``is_active: false``."""
 
     queryset = Host.objects.all()
     serializer_class = HostSerializer
@@ -32,6 +33,11 @@ class HostViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPermis
         host = self.get_object()
         row = selectors.host_list_with_usage(timezone.now(), hosts=Host.objects.filter(pk=host.pk))[0]
         return Response(HostSerializer(row).data)
+
+    @extend_schema(request=None, responses={204: None})
+    def destroy(self, request, id=None):
+        hosts.host_remove(host=self.get_object(), actor=request.user)
+        return Response(status=204)
 
     @extend_schema(request=None, responses={200: HostSerializer})
     @action(detail=True, methods=["post"])

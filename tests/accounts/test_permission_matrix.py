@@ -262,12 +262,13 @@ class TestHostEndpoints(PermissionMatrix):
     """A host; operators hold view and change on hosts through their role (placement and
     the hosts list itself: tests/vms/test_placement.py)."""
 
-    rights = ("view", "change")
+    rights = ("view", "change", "delete")
     H = "/api/v1/hosts/{host}/"
     endpoints = (
         E("retrieve", "get", H, "view", obj="host"),
         E("cordon", "post", H + "cordon/", "change", {}, audit="host.cordon", obj="host"),
         E("uncordon", "post", H + "uncordon/", "change", {}, obj="host"),
+        E("remove", "delete", H, "delete", status=204, audit="host.remove", obj="host"),
     )
 
     @pytest.fixture

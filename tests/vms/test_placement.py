@@ -180,3 +180,20 @@ def test_parallel_creates_of_many_owners_never_overfill_any_host(settings):
     assert ok == 6 and len(refused) == N - 6
     assert all(exc.code == "host_full" for exc in refused)
     assert sorted(VM.objects.values_list("host__name", flat=True)) == ["p1"] * 3 + ["p2"] * 3
+
+
+def test_an_empty_host_can_be_removed_and_a_busy_one_cannot(api, owner, operator):
+    busy, empty = _up("busy", memory_mib=8192), _up("empty", memory_mib=8192)
+    vm = VmFactory(owner=owner, host=busy, state="stopped")
+    response = api.as_user(operator).delete(f"/api/v1/hosts/{busy.pk}/")
+    assert response.status_code == 409 and response.json()["error"]["code"] == "host_busy"
+    busy.refresh_from_db()
+    assert busy.is_active and not AuditEvent.objects.filter(action="host.remove").exists()
+    assert api.as_user(operator).delete(f"/api/v1/hosts/{empty.pk}/").status_code == 204
+    empty.refresh_from_db()
+    assert not empty.is_active and empty.cordoned
+    assert AuditEvent.objects.get(action="host.remove").object_repr == "empty"
+    after = _create(owner, "after")
+    assert after.host == busy  # the removed host takes nothing
+    VM.objects.filter(pk__in=[vm.pk, after.pk]).delete()
+    assert api.as_user(operator).delete(f"/api/v1/hosts/{busy.pk}/").status_code == 204
