@@ -1,13 +1,18 @@
 """Host lifecycle an operator drives: cordon (placement puts no new VMs there; its VMs keep
-running), uncordon, and remove (an empty host leaves for good). Every change is audited."""
+running), uncordon, remove (an empty host leaves for good), and join (``manage.py host_join``:
+register a host and issue the certificate its hostd's TLS listener presents). Every change is
+audited."""
 
 from __future__ import annotations
 
+from django.core.exceptions import ValidationError
 from django.db import transaction
 
 from accounts.audit import audit_record
 from accounts.permissions import require_perm
-from sandbox_site.errors import ConflictError
+from sandbox_site.errors import ApplicationError, ConflictError
+from vms import pki
+from vms.hostd.tls import parse_listen
 from vms.models import VM, Host
 
 
@@ -49,3 +54,35 @@ def host_remove(*, host: Host, actor) -> Host:
             actor=actor, action="host.remove", obj=locked, before=before, after={"is_active": False, "cordoned": True}
         )
     return locked
+
+
+def host_join(*, name: str, address: str, actor=None) -> tuple[Host, pki.CertFiles]:
+    """Register hypervisor host ``name`` whose hostd listens (mutual TLS) at ``address``
+    (``host:port``) and issue its server certificate (a new one each time: joining again
+    replaces a lost or leaked key). Returns the host and the files to copy to it."""
+    from django.core.validators import validate_slug
+
+    try:
+        validate_slug(name)
+        address_host, _ = parse_listen(address)
+    except (ValidationError, ValueError) as exc:
+        raise ApplicationError(
+            "A host needs a slug name and an address host:port.", details={"name": name, "address": address}
+        ) from exc
+    if len(name) > 63:
+        raise ApplicationError("A host's name is at most 63 characters.", details={"name": "too long"})
+    files = pki.host_cert_issue(name, address_host)
+    pki.control_ensure()
+    with transaction.atomic():
+        host, created = Host.objects.select_for_update().get_or_create(name=name)
+        before = None if created else {"hostd_address": host.hostd_address, "is_active": host.is_active}
+        host.hostd_address, host.is_active = address, True
+        host.save(update_fields=["hostd_address", "is_active"])
+        audit_record(
+            actor=actor,
+            action="host.join",
+            obj=host,
+            before=before,
+            after={"hostd_address": address, "is_active": True},
+        )
+    return host, files

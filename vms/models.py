@@ -128,6 +128,12 @@ class Host(models.Model):
     last_seen_at = models.DateTimeField(
         null=True, blank=True, help_text="Last heartbeat of the host's worker (its reconcile pass)."
     )
+    hostd_address = models.CharField(
+        max_length=255,
+        blank=True,
+        help_text="host:port of hostd's mutual-TLS listener, for web and workers on other hosts "
+        "(empty: reached through the local socket only).",
+    )
     hostd_seen_at = models.DateTimeField(null=True, blank=True, help_text="Last time hostd answered the heartbeat.")
     hostd_status = models.JSONField(default=dict, blank=True, help_text="hostd's answer: VMs attached, agent links up.")
     cpus = models.PositiveIntegerField(default=0, help_text="CPUs of the host, as its heartbeat reports them.")
