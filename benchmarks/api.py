@@ -105,6 +105,9 @@ Operation.objects.bulk_create(op_rows, batch_size=2000)
 AuditEvent.objects.bulk_create(audit_rows, batch_size=2000)
 sealed = audit_chain_seal(max_rows=len(audit_rows) + 10 * len(users))
 chain = audit_chain_verify()
+from django.db import connection
+with connection.cursor() as cursor:  # what autovacuum would have done by now on a live database
+    cursor.execute("ANALYZE")
 print("TOKENS=" + json.dumps({{**tokens, "audit_sealed": sealed, "audit_chain_ok": chain.ok}}))
 """
 
@@ -207,10 +210,20 @@ def _rss_kib(pid: int) -> int:
     return 0
 
 
+def _web_pids(pid: int) -> list[int]:
+    """The daphne processes: the launcher's children, or the launcher itself (it execs daphne)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    found = [int(c) for c in children.read_text().split()] if children.exists() else []
+    return found or [pid]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=30.0, help="how long the clients loop (default 30)")
     parser.add_argument("--clients", type=int, default=CLIENTS, help=f"concurrent clients (default {CLIENTS})")
+    parser.add_argument(
+        "--processes", default=os.environ.get("WEB_PROCESSES", "0"), help="web processes (0 = one per CPU)"
+    )
     parser.add_argument(
         "--seed-only",
         metavar="TOKENS_JSON",
@@ -230,10 +243,13 @@ def main() -> None:
     tokens = seed(env)
     seed_s = time.monotonic() - seed_start
     port = _free_port()
+    from scripts.web import processes_wanted
+
+    processes = str(processes_wanted(args.processes))
     log = open(work / "web.log", "wb")  # noqa: SIM115 - closed below
-    daphne = str(Path(sys.executable).parent / "daphne")
+    # Served the way scripts/run.sh and msbx-web.service serve it (scripts/web.py).
     web = subprocess.Popen(
-        [daphne, "-b", "127.0.0.1", "-p", str(port), "sandbox_site.asgi:application"],
+        [sys.executable, "scripts/web.py", "--bind", "127.0.0.1", "--port", str(port), "--processes", processes],
         cwd=ROOT,
         env=env,
         stdout=log,
@@ -268,7 +284,9 @@ def main() -> None:
             "errors": len(errors),
             "latency": {name: _stats(samples) for name, samples in sorted(out.items())},
             "all": _stats([s for samples in out.values() for s in samples]),
-            "web_peak_rss_mib": round(_rss_kib(web.pid) / 1024, 1),
+            "web_processes": int(processes),
+            "web_peak_rss_mib": round(sum(_rss_kib(pid) for pid in _web_pids(web.pid)) / 1024, 1),
+            "load_average": [round(x, 2) for x in os.getloadavg()],
             "seed_s": round(seed_s, 1),
         }
         print(json.dumps(result, indent=2))
