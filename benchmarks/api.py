@@ -210,6 +210,15 @@ def _rss_kib(pid: int) -> int:
     return 0
 
 
+def _cpu_s(pids: list[int]) -> float:
+    """User + system CPU seconds of ``pids`` so far."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def _web_pids(pid: int) -> list[int]:
     """The daphne processes: the launcher's children, or the launcher itself (it execs daphne)."""
     children = Path(f"/proc/{pid}/task/{pid}/children")
@@ -267,7 +276,10 @@ def main() -> None:
                 pass
             time.sleep(0.3)
         asyncio.run(load(url, tokens, 3.0, args.clients))  # warm up
+        pids = _web_pids(web.pid)
+        web_cpu, client_cpu = _cpu_s(pids), time.process_time()
         out, elapsed, requests = asyncio.run(load(url, tokens, args.seconds, args.clients))
+        web_cpu, client_cpu = _cpu_s(pids) - web_cpu, time.process_time() - client_cpu
         errors = out.pop("errors", [])
         result = {
             "benchmark": "api",
@@ -285,6 +297,9 @@ def main() -> None:
             "latency": {name: _stats(samples) for name, samples in sorted(out.items())},
             "all": _stats([s for samples in out.values() for s in samples]),
             "web_processes": int(processes),
+            # CPU time per request (ms): what the load left to the web server does not change it.
+            "web_cpu_ms_per_request": round(1000 * web_cpu / max(requests, 1), 2),
+            "client_cpu_ms_per_request": round(1000 * client_cpu / max(requests, 1), 2),
             "web_peak_rss_mib": round(sum(_rss_kib(pid) for pid in _web_pids(web.pid)) / 1024, 1),
             "load_average": [round(x, 2) for x in os.getloadavg()],
             "seed_s": round(seed_s, 1),
