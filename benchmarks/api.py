@@ -1,12 +1,15 @@
 """API latency at scale: 1,000 VMs (fake driver rows, nothing runs) of 100 users in a database of
-its own, read by 20 concurrent clients through a real daphne.
+its own, read by 20 concurrent clients through the web server as ``make run`` starts it
+(scripts/web.py: WEB_PROCESSES daphne processes on one socket).
 
-Each client (15 users, each owning 10 VMs, and 5 operators, who see all 1,000) loops over
-the VM list, a VM's detail, the operations list and the audit list (first pages, 50 rows)
-for ``--seconds``. Prints JSON: p50/p99 per endpoint and persona, requests per second.
+Each client (three quarters of them users, each owning 10 VMs, a quarter operators, who see
+all 1,000) loops over the VM list, a VM's detail, the operations list and the audit list (first
+pages, 50 rows) for ``--seconds``. Prints JSON: p50/p99 per endpoint and persona, requests per
+second, the web processes' and the client's CPU time per request, the load average.
 Not a test: nothing is asserted (target p99 < 100 ms, docs/benchmarks.md).
 
-    .venv/bin/python benchmarks/api.py --seconds 30 --clients 20
+    .venv/bin/python benchmarks/api.py --seconds 30 --clients 20 [--processes N]
+    .venv/bin/python benchmarks/api.py --seed-only tokens.json   # keep the database, for profiling
 """
 
 from __future__ import annotations
