@@ -91,5 +91,5 @@ class AuditEventViewSet(viewsets.ReadOnlyModelViewSet):
 
     def list(self, request, *args, **kwargs):
         # values() rows rendered with AuditEventSerializer's fields (sandbox_site/api_rows.py).
-        rows = self.get_queryset().values(*AUDIT_EVENT_ROWS.values)
+        rows = self.filter_queryset(self.get_queryset()).values(*AUDIT_EVENT_ROWS.values)
         return self.get_paginated_response(AUDIT_EVENT_ROWS.render_many(self.paginate_queryset(rows)))

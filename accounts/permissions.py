@@ -24,7 +24,7 @@ from typing import Any
 
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import ValidationError
-from django.db import transaction
+from django.db import connections, transaction
 from django.db.models import Model, QuerySet, UUIDField
 from django.db.models.functions import Cast
 from guardian.models import GroupObjectPermission, UserObjectPermission
@@ -45,14 +45,19 @@ def visible_queryset(user, queryset, perm: str = "view"):
     The same rows as guardian's ``get_objects_for_user`` (superusers and holders of the global
     right: every row; others: rows with the object right given to the user or to one of their
     groups), built as one ``pk IN (user rights UNION group rights)`` subquery on guardian's
-    indexed (user/group, content type, object) columns instead of guardian's nested casts;
-    tests/accounts/test_visible_queryset.py compares the two."""
+    indexed (user/group, content type, object) columns instead of guardian's nested casts
+    (PostgreSQL, UUID keys; elsewhere guardian's own query). tests/web/test_api_rows.py
+    compares the two."""
     model = queryset.model
     codename = f"{perm}_{model._meta.model_name}"
     dotted = f"{model._meta.app_label}.{codename}"
     if hasattr(model, "users_may_see"):  # e.g. warm-pool VMs: nobody's until a create takes one
         queryset = queryset.filter(model.users_may_see())
-    if not user.is_authenticated or not isinstance(model._meta.pk, UUIDField):
+    if (
+        not user.is_authenticated
+        or not isinstance(model._meta.pk, UUIDField)
+        or connections[queryset.db].vendor != "postgresql"  # SQLite keeps UUIDs as bare hex
+    ):
         return get_objects_for_user(user, dotted, klass=queryset, accept_global_perms=True, with_superuser=True)
     if user.is_superuser or user.has_perm(dotted):
         return queryset

@@ -323,7 +323,7 @@ class OperationViewSet(viewsets.ReadOnlyModelViewSet):
 
     def list(self, request, *args, **kwargs):
         # values() rows rendered with OperationSerializer's fields (sandbox_site/api_rows.py).
-        rows = self.get_queryset().values(*OPERATION_ROWS.values)
+        rows = self.filter_queryset(self.get_queryset()).values(*OPERATION_ROWS.values)
         return self.get_paginated_response(OPERATION_ROWS.render_many(self.paginate_queryset(rows)))
 
 
