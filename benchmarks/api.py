@@ -234,7 +234,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0, help="how long the clients loop (default 30)")
     parser.add_argument("--clients", type=int, default=CLIENTS, help=f"concurrent clients (default {CLIENTS})")
     parser.add_argument(
-        "--processes", default=os.environ.get("WEB_PROCESSES", "0"), help="web processes (0 = one per CPU)"
+        "--processes", default=os.environ.get("WEB_PROCESSES", "0"), help="web processes (0 = one per CPU but one, 1-4)"
     )
     parser.add_argument(
         "--seed-only",

@@ -68,7 +68,7 @@ $PY/celery -A sandbox_site beat -s "$DATA_DIR/celerybeat-schedule" -l INFO > >(l
 pids+=($!)
 $PY/python manage.py hostd > >(logto hostd) 2>&1 &
 pids+=($!)
-# WEB_PROCESSES daphne processes on one socket (0: one per CPU, at most 4; scripts/web.py).
+# WEB_PROCESSES daphne processes on one socket (0: one per CPU but one, 1-4; scripts/web.py).
 $PY/python scripts/web.py --bind "$BIND" --port "$PORT" --processes "$WEB_PROCESSES" > >(logto web) 2>&1 &
 web_pid=$!
 pids+=($web_pid)

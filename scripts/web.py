@@ -40,22 +40,24 @@ DEFAULT_MAX_PROCESSES = 4
 
 
 def default_processes() -> int:
-    """One per CPU this process may run on, at most DEFAULT_MAX_PROCESSES."""
+    """One per CPU this process may run on but one (left to PostgreSQL, the worker, hostd and
+    the VMs: on a busy 2-core host a second daphne was slower, docs/benchmarks.md), at least 1
+    and at most DEFAULT_MAX_PROCESSES."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cpus = os.cpu_count() or 1
-    return max(1, min(cpus, DEFAULT_MAX_PROCESSES))
+    return max(1, min(cpus - 1, DEFAULT_MAX_PROCESSES))
 
 
 def processes_wanted(value: str | None) -> int:
-    """``WEB_PROCESSES``/``--processes``: empty or 0 = one per CPU (at most 4); 1..MAX_PROCESSES."""
+    """``WEB_PROCESSES``/``--processes``: empty or 0 = ``default_processes()``; 1..MAX_PROCESSES."""
     if value is None or value.strip() in ("", "0"):
         return default_processes()
     try:
         n = int(value)
     except ValueError:
-        raise SystemExit(f"WEB_PROCESSES must be a whole number (0 = one per CPU, at most 4), not {value!r}") from None
+        raise SystemExit(f"WEB_PROCESSES must be a whole number (0 = the default), not {value!r}") from None
     if not 0 < n <= MAX_PROCESSES:
         raise SystemExit(f"WEB_PROCESSES must be 0..{MAX_PROCESSES}, not {n}")
     return n
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bind", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--processes", default=os.environ.get("WEB_PROCESSES"), help="0 = one per CPU, at most 4")
+    parser.add_argument("--processes", default=os.environ.get("WEB_PROCESSES"), help="0 = one per CPU but one, 1-4")
     parser.add_argument("--stop-seconds", type=float, default=25.0)
     parser.add_argument("daphne_args", nargs="*", help="more daphne options (after --)")
     args = parser.parse_args(argv)
