@@ -441,6 +441,10 @@ SANDBOX_HOSTD_SOCKET = Path(env.str("SANDBOX_HOSTD_SOCKET", default=str(SANDBOX_
 # A group that may use hostd's socket too (0660): the web process's, when it runs unprivileged.
 SANDBOX_HOSTD_SOCKET_GROUP = env.str("SANDBOX_HOSTD_SOCKET_GROUP", default="")
 SANDBOX_HOSTD_SCAN_SECONDS = env.float("SANDBOX_HOSTD_SCAN_SECONDS", default=2.0)
+# Across hosts (docs/scale-out.md): hostd's mutual-TLS listener for other hosts' web and worker
+# processes ("host:port"; empty: the Unix socket only), and the CA and certificates for it.
+SANDBOX_HOSTD_TLS_LISTEN = env.str("SANDBOX_HOSTD_TLS_LISTEN", default="")
+SANDBOX_PKI_DIR = Path(env.str("SANDBOX_PKI_DIR", default=str(DATA_DIR / "pki")))
 SANDBOX_CONSOLE_RING_BYTES = env.int("SANDBOX_CONSOLE_RING_BYTES", default=1 << 20)
 SANDBOX_CONSOLE_LOG_MAX_BYTES = env.int("SANDBOX_CONSOLE_LOG_MAX_BYTES", default=16 << 20)
 # New work is refused (507) when less than this is free (vms/host_disk.py).

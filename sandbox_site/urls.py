@@ -9,6 +9,7 @@ from sandbox_site import health, metrics, views
 from snapshots.api import MySnapshotRetentionView, SnapshotViewSet, VmSnapshotViewSet
 from vms.api import OperationViewSet, TemplateViewSet, VmViewSet
 from vms.exec_api import exec_urlpatterns
+from vms.hosts_api import HostViewSet
 from vms.images_api import ImageViewSet
 
 router = DefaultRouter()
@@ -21,6 +22,7 @@ router.register("templates", TemplateViewSet, basename="template")
 router.register("images", ImageViewSet, basename="image")
 router.register("networks", NetworkViewSet, basename="network")
 router.register("snapshots", SnapshotViewSet, basename="snapshot")
+router.register("hosts", HostViewSet, basename="host")
 
 urlpatterns = [
     path("healthz", health.healthz, name="healthz"),

@@ -120,15 +120,27 @@ class Host(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     name = models.SlugField(max_length=64, unique=True)
     is_active = models.BooleanField(default=True)
+    cordoned = models.BooleanField(
+        default=False, help_text="Placement puts no new VMs here; the VMs already here keep running."
+    )
     driver = models.CharField(max_length=32, blank=True, help_text="Driver the host's workers use.")
     acceleration = models.CharField(max_length=8, blank=True)
     last_seen_at = models.DateTimeField(
         null=True, blank=True, help_text="Last heartbeat of the host's worker (its reconcile pass)."
     )
+    hostd_address = models.CharField(
+        max_length=255,
+        blank=True,
+        help_text="host:port of hostd's mutual-TLS listener, for web and workers on other hosts "
+        "(empty: reached through the local socket only).",
+    )
     hostd_seen_at = models.DateTimeField(null=True, blank=True, help_text="Last time hostd answered the heartbeat.")
     hostd_status = models.JSONField(default=dict, blank=True, help_text="hostd's answer: VMs attached, agent links up.")
     cpus = models.PositiveIntegerField(default=0, help_text="CPUs of the host, as its heartbeat reports them.")
     memory_mib = models.PositiveIntegerField(default=0, help_text="Memory of the host, as its heartbeat reports it.")
+    disk_free_gib = models.FloatField(
+        null=True, blank=True, help_text="Free disk for VM disks above the reserve, as its heartbeat reports it."
+    )
     # Admission (vms.admission): empty = the site-wide setting.
     cpu_overcommit = models.FloatField(
         null=True,

@@ -32,15 +32,18 @@ def host_is_up(host, now) -> bool:
     return age is not None and age <= settings.SANDBOX_HOST_DOWN_SECONDS
 
 
-def host_list_with_usage(now):
-    """Active hosts with ``up``, ``heartbeat_age``, VM counts, vCPUs/memory given to VMs and
-    ``room`` (what admission allows and what VMs hold, ``vms.admission.host_room``)."""
+def host_list_with_usage(now, hosts=None):
+    """Hosts (all, or the ``hosts`` queryset) with ``up``, ``heartbeat_age``, VM counts,
+    vCPUs/memory given to VMs and ``room`` (what admission allows and what VMs hold,
+    ``vms.admission.host_room``)."""
     from vms.admission import host_room_of
     from vms.models import Host
 
     loaded = Q(vms__state__in=HOST_LOAD_STATES)
     hosts = list(
-        Host.objects.order_by("name").annotate(
+        (Host.objects.all() if hosts is None else hosts)
+        .order_by("name")
+        .annotate(
             vm_count=Count("vms"),
             vcpus_used=Coalesce(Sum("vms__vcpus", filter=loaded), 0),
             memory_used_mib=Coalesce(Sum("vms__memory_mib", filter=loaded), 0),

@@ -168,6 +168,34 @@ class VmCreateSerializer(serializers.Serializer):
         required=False,
         help_text="Boot this image, not the template's.",
     )
+    host = serializers.CharField(
+        max_length=64, required=False, help_text="Operators: place the VM on this host (by name)."
+    )
+    anti_affinity = serializers.BooleanField(
+        default=False, help_text="Place the VM on a host holding none of the owner's other VMs."
+    )
+
+
+class HostSerializer(serializers.Serializer):
+    """A host as placement sees it (``vms.selectors.host_list_with_usage`` rows)."""
+
+    id = serializers.UUIDField()
+    name = serializers.CharField()
+    is_active = serializers.BooleanField()
+    cordoned = serializers.BooleanField()
+    up = serializers.BooleanField()
+    driver = serializers.CharField()
+    acceleration = serializers.CharField()
+    cpus = serializers.IntegerField()
+    memory_mib = serializers.IntegerField()
+    disk_free_gib = serializers.FloatField(allow_null=True)
+    last_seen_at = serializers.DateTimeField(allow_null=True)
+    hostd_seen_at = serializers.DateTimeField(allow_null=True)
+    vms = serializers.IntegerField(source="vm_count")
+    vcpus_allowed = serializers.IntegerField(source="room.vcpus_allowed")
+    vcpus_used = serializers.IntegerField(source="room.vcpus_used")
+    memory_allowed_mib = serializers.IntegerField(source="room.memory_allowed_mib")
+    memory_used_mib = serializers.IntegerField(source="room.memory_used_mib")
 
 
 class VmUpdateSerializer(serializers.Serializer):

@@ -33,6 +33,7 @@ from vms.operations import (  # noqa: F401 - re-exported for callers of the old 
     operation_worker_alive,
     operation_worker_id,
 )
+from vms.placement import host_pin_resolve, vm_place
 from vms.transitions import (  # noqa: F401 - TRANSITIONS, vm_transition re-exported
     TRANSITIONS,
     vm_guest_running,
@@ -178,12 +179,17 @@ def vm_create(
     metadata: dict | None = None,
     start: bool = True,
     image: Image | None = None,
+    host: str | None = None,
+    anti_affinity: bool = False,
     actor,
 ) -> tuple[VM, Operation]:
     """Record the VM (creating), grant the owner every object permission, and enqueue the
     create (+ boot) operation on the host's queue once the transaction commits. ``image``
-    (any image the actor may see, ready and not deprecated) replaces the template's."""
+    (any image the actor may see, ready and not deprecated) replaces the template's. The host
+    is placed (``vms.placement``): an operator may pin one by name; ``anti_affinity`` keeps it
+    off the hosts holding the owner's other VMs."""
     require_perm(actor, "vms.add_vm", None, action="vm.create", message="Your role may not create VMs.")
+    pin = host_pin_resolve(name=host, actor=actor)
     require_disk_space(action="create a VM")
     if not template.is_active:
         raise ApplicationError("This template is not available.", details={"template": "inactive"})
@@ -198,19 +204,24 @@ def vm_create(
         vm_limits_check(owner=owner, template=template, vcpus=vcpus, memory_mib=memory_mib, disk_gib=disk_gib)
         if VM.objects.filter(owner=owner, name=name).exists():
             raise ConflictError(f"You already have a VM named {name!r}.", details={"name": "taken"})
-        # A paused VM of the template's warm pool (snapshots app), when one fits and is ready.
-        taken = hook_first(
-            "vm_pool_take",
-            owner=owner,
-            vm_name=name,
-            template=template,
-            image=image,
-            vcpus=vcpus,
-            memory_mib=memory_mib,
-            disk_gib=disk_gib,
-            metadata=metadata,
-            start=start,
-            actor=actor,
+        # A paused VM of the template's warm pool (snapshots app), when one fits and is ready
+        # (a pinned or anti-affine create is placed instead).
+        taken = (
+            None
+            if pin is not None or anti_affinity
+            else hook_first(
+                "vm_pool_take",
+                owner=owner,
+                vm_name=name,
+                template=template,
+                image=image,
+                vcpus=vcpus,
+                memory_mib=memory_mib,
+                disk_gib=disk_gib,
+                metadata=metadata,
+                start=start,
+                actor=actor,
+            )
         )
         if taken is not None:
             vm, op = taken
@@ -221,15 +232,15 @@ def vm_create(
                 after={**_snapshot(vm), "name": name, "template": template.name, "from_pool": True},
             )
             return vm, op
-        host = local_host()
-        if start:
-            host_admission_check(host=host, vcpus=vcpus, memory_mib=memory_mib)
+        placed = vm_place(
+            owner=owner, vcpus=vcpus, memory_mib=memory_mib, start=start, pin=pin, anti_affinity=anti_affinity
+        )
         vm = VM(
             name=name,
             owner=owner,
             template=template,
             image=image,
-            host=host,
+            host=placed,
             vcpus=vcpus,
             memory_mib=memory_mib,
             disk_gib=disk_gib,
@@ -242,7 +253,10 @@ def vm_create(
         action, params = hook_first("vm_create_source", vm=vm, start=start) or ("create", {"start": start})
         op = operation_new(vm=vm, action=action, actor=actor, params=params)
         audit_record(
-            actor=actor, action="vm.create", obj=vm, after={**_snapshot(vm), "name": name, "template": template.name}
+            actor=actor,
+            action="vm.create",
+            obj=vm,
+            after={**_snapshot(vm), "name": name, "template": template.name, "host": placed.name},
         )
         operation_enqueue(op, vm)
     return vm, op

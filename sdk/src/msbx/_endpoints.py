@@ -47,7 +47,7 @@ ENDPOINTS: dict[str, Endpoint] = {
     "vm_create": Endpoint(
         "POST",
         "/api/v1/vms/",
-        body=("name", "template", "vcpus", "memory_mib", "disk_gib", "metadata", "start"),
+        body=("name", "template", "vcpus", "memory_mib", "disk_gib", "metadata", "start", "host", "anti_affinity"),
         reads=_VM_FIELDS,
     ),
     "vm_get": Endpoint("GET", "/api/v1/vms/{id}/", reads=_VM_FIELDS),
