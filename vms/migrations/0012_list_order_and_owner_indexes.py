@@ -6,7 +6,7 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("vms", "0009_golden_snapshot_and_pool"),
+        ("vms", "0011_host_hostd_address"),
     ]
 
     operations = [
