@@ -7,6 +7,7 @@ from accounts import selectors, services
 from accounts.models import ApiToken
 from accounts.roles import user_is_operator
 from accounts.serializers import (
+    AUDIT_EVENT_ROWS,
     AuditEventSerializer,
     TokenCreateSerializer,
     TokenSerializer,
@@ -87,3 +88,8 @@ class AuditEventViewSet(viewsets.ReadOnlyModelViewSet):
     def get_queryset(self):
         qs = selectors.audit_events_visible(self.request.user)
         return selectors.audit_events_filter(qs, self.request.query_params)
+
+    def list(self, request, *args, **kwargs):
+        # values() rows rendered with AuditEventSerializer's fields (sandbox_site/api_rows.py).
+        rows = self.filter_queryset(self.get_queryset()).values(*AUDIT_EVENT_ROWS.values)
+        return self.get_paginated_response(AUDIT_EVENT_ROWS.render_many(self.paginate_queryset(rows)))

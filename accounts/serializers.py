@@ -3,6 +3,7 @@ from rest_framework import serializers
 
 from accounts.models import ApiToken, AuditEvent, Role
 from accounts.roles import user_role
+from sandbox_site.api_rows import RowRenderer
 
 
 class TokenSerializer(serializers.ModelSerializer):
@@ -63,3 +64,7 @@ class AuditEventSerializer(serializers.ModelSerializer):
             "hash",
         ]
         read_only_fields = fields
+
+
+# The audit list (accounts.api.AuditEventViewSet): AuditEventSerializer's output from values() rows.
+AUDIT_EVENT_ROWS = RowRenderer(AuditEventSerializer)

@@ -260,6 +260,9 @@ SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=31536000 if SANDBOX
 SECURE_HSTS_INCLUDE_SUBDOMAINS = SANDBOX_HTTPS
 SECURE_HSTS_PRELOAD = SANDBOX_HTTPS
 SANDBOX_BEHIND_PROXY = env.bool("SANDBOX_BEHIND_PROXY", False)
+# Daphne processes serving the web (scripts/web.py, used by scripts/run.sh and msbx-web.service):
+# 0 = one per CPU but one, 1-4. They share one listening socket; websockets and caches live in Redis.
+WEB_PROCESSES = env.int("WEB_PROCESSES", default=0)
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if SANDBOX_BEHIND_PROXY else None
 # Client addresses for rate limits and login lockout: REMOTE_ADDR, or behind the proxy the
 # address it appended to X-Forwarded-For (never one a client wrote there itself).

@@ -234,7 +234,7 @@ class VM(models.Model):
     purpose = models.CharField(
         max_length=8, choices=VmPurpose.choices, default=VmPurpose.USER, blank=True, db_index=True
     )
-    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    created_at = models.DateTimeField(default=timezone.now, editable=False, db_index=True)
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
@@ -285,7 +285,7 @@ class Operation(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     vm = models.ForeignKey(VM, on_delete=models.SET_NULL, null=True, blank=True, related_name="operations")
     vm_ref = models.UUIDField(null=True, blank=True, db_index=True, help_text="VM id, kept after the VM is deleted.")
-    vm_owner_id = models.BigIntegerField(null=True, blank=True)
+    vm_owner_id = models.BigIntegerField(null=True, blank=True, db_index=True)
     action = models.CharField(max_length=32)
     params = models.JSONField(default=dict, blank=True)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)

@@ -1,5 +1,6 @@
 from rest_framework import serializers
 
+from sandbox_site.api_rows import RowRenderer
 from vms.models import VM, BootMode, DiskFormat, Image, Operation, OsType, Template, name_validator
 
 
@@ -133,6 +134,16 @@ class VmSerializer(serializers.ModelSerializer):
         return vm_actions_allowed(vm.state)
 
 
+def _vm_row_actions(row) -> list[str]:
+    from vms.transitions import vm_actions_allowed
+
+    return vm_actions_allowed(row["state"])
+
+
+# The VM list's rows (vms.selectors.vm_list_rows): VmSerializer's output from values() rows.
+VM_ROWS = RowRenderer(VmSerializer, keys={"image": "boot_image_name"}, computed={"actions": _vm_row_actions})
+
+
 class VmCreatedSerializer(VmSerializer):
     """A VM just created (or cloned): the VM and the operation that builds it."""
 
@@ -220,6 +231,10 @@ class OperationSerializer(serializers.ModelSerializer):
             "finished_at",
         ]
         read_only_fields = fields
+
+
+# Operation lists (vms.selectors.operation_rows): OperationSerializer's output from values() rows.
+OPERATION_ROWS = RowRenderer(OperationSerializer)
 
 
 class GrantSerializer(serializers.Serializer):
