@@ -35,8 +35,9 @@ def snapshot_user_can(user, perm: str, snapshot: Snapshot) -> bool:
     return snapshot.owner_id == getattr(user, "pk", None) or user_has_perm(user, f"vms.{perm}_vm")
 
 
-def snapshot_storage_bytes(owner, *, exclude_deleting: bool = True) -> int:
-    qs = Snapshot.objects.filter(owner=owner)
+def snapshot_storage_bytes(owner, *, exclude_deleting: bool = True, project=None) -> int:
+    """Snapshot storage of ``owner`` (or, with ``owner=None``, of ``project``)."""
+    qs = Snapshot.objects.filter(owner=owner) if owner is not None else Snapshot.objects.filter(project=project)
     if exclude_deleting:
         qs = qs.exclude(state=Snapshot.State.DELETING)
     done = qs.exclude(state=Snapshot.State.CREATING).aggregate(total=Sum("size_bytes"))["total"] or 0
@@ -50,6 +51,11 @@ def snapshot_storage_gib(owner) -> int:
     """Snapshot storage of ``owner`` in whole GiB (rounded up): counted with VM disks in the
     owner's ``max_disk_gib`` limit."""
     return math.ceil(snapshot_storage_bytes(owner) / GIB)
+
+
+def snapshot_storage_gib_of_project(project) -> int:
+    """Snapshot storage of ``project`` in whole GiB (rounded up): counted with its VM disks."""
+    return math.ceil(snapshot_storage_bytes(None, project=project) / GIB)
 
 
 def snapshot_chain(snapshot: Snapshot) -> list[Snapshot]:

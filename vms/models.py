@@ -198,6 +198,9 @@ class VM(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     name = models.CharField(max_length=63, validators=[name_validator])
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="vms")
+    # The project the VM belongs to (its members' roles give rights on it; its quota counts
+    # it); ``owner`` stays the user who created it. Empty on save: the owner's personal project.
+    project = models.ForeignKey("accounts.Project", on_delete=models.PROTECT, related_name="vms")
     template = models.ForeignKey(Template, on_delete=models.PROTECT, related_name="vms")
     image = models.ForeignKey(
         Image,
@@ -238,6 +241,13 @@ class VM(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def save(self, *args, **kwargs):
+        if self.project_id is None and self.owner_id is not None:
+            from accounts.services import project_personal_ensure
+
+            self.project = project_personal_ensure(self.owner)
+        super().save(*args, **kwargs)
 
     @staticmethod
     def users_may_see() -> models.Q:
