@@ -24,25 +24,50 @@ from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.db.models import Model, QuerySet
+from django.db.models import Model, Q, QuerySet
 from guardian.shortcuts import get_objects_for_user
 from rest_framework import viewsets
 from rest_framework.exceptions import NotFound
 
 from accounts.audit import audit_record
+from accounts.context import current_context
 from accounts.models import AuditResult
+from accounts.selectors import project_ids_with
 from accounts.services import user_has_perm
 from sandbox_site.errors import NotPermitted
 from vms.models import VM, VM_ROW_RELATED
 
 
 def visible_queryset(user, queryset, perm: str = "view"):
-    """Rows of ``queryset`` on which ``user`` holds ``perm`` (globally or per object)."""
+    """Rows of ``queryset`` on which ``user`` holds ``perm``: globally, through their role in
+    the row's project, or per object (guardian). A token limited to a project sees only it."""
     model = queryset.model
     codename = f"{model._meta.app_label}.{perm}_{model._meta.model_name}"
     if hasattr(model, "users_may_see"):  # e.g. warm-pool VMs: nobody's until a create takes one
         queryset = queryset.filter(model.users_may_see())
-    return get_objects_for_user(user, codename, klass=queryset, accept_global_perms=True, with_superuser=True)
+    in_projects = _has_project(model)
+    if in_projects:
+        queryset = token_scope_filter(queryset)
+    granted = get_objects_for_user(user, codename, klass=queryset, accept_global_perms=True, with_superuser=True)
+    if not in_projects or not user.is_authenticated or user.is_superuser or user.has_perm(codename):
+        return granted
+    project_ids = project_ids_with(user, codename)
+    if not project_ids:
+        return granted
+    return queryset.filter(Q(pk__in=granted.values("pk")) | Q(project_id__in=project_ids))
+
+
+def _has_project(model) -> bool:
+    return any(f.name == "project" for f in model._meta.get_fields())
+
+
+def token_scope_filter(queryset):
+    """``queryset`` narrowed to the project the request's token is limited to (rows of no
+    project, such as shared networks, stay)."""
+    scope = current_context().token_project_id
+    if scope is None:
+        return queryset
+    return queryset.filter(Q(project_id=scope) | Q(project__isnull=True))
 
 
 def require_perm(

@@ -39,9 +39,23 @@ def project_role_of(user, project) -> str | None:
     return project_roles_of(user).get(getattr(project, "pk", project))
 
 
+def project_role_effective(user, project_id) -> str | None:
+    """``user``'s role in project ``project_id`` as it counts for rights: a user whose global
+    role may not create VMs (a viewer) is at most a viewer in any project."""
+    role = project_roles_of(user).get(project_id)
+    if role not in (None, ProjectRole.VIEWER) and not user.has_perm("vms.add_vm"):
+        return ProjectRole.VIEWER
+    return role
+
+
+# Rights a project role never gives: a private network's owner holds no delete right on it
+# (operators made it for them; the owner's own grants still count).
+PROJECT_ROLE_NEVER = frozenset({"networking.delete_network"})
+
+
 def project_role_allows(role: str | None, perm: str) -> bool:
     """Whether a project ``role`` gives ``perm`` (``"app.<prefix>_<model>"``) on the project's objects."""
-    if role is None:
+    if role is None or perm in PROJECT_ROLE_NEVER:
         return False
     allowed = PROJECT_ROLE_PERMS.get(role)
     if allowed is None:
@@ -52,7 +66,7 @@ def project_role_allows(role: str | None, perm: str) -> bool:
 
 def project_ids_with(user, perm: str) -> list:
     """Projects in which ``user``'s role gives ``perm`` on the objects."""
-    return sorted(pk for pk, role in project_roles_of(user).items() if project_role_allows(role, perm))
+    return sorted(pk for pk in project_roles_of(user) if project_role_allows(project_role_effective(user, pk), perm))
 
 
 def project_list_for(user):

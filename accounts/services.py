@@ -352,21 +352,46 @@ def user_set_role(*, user, role: str, actor, _audit: bool = True) -> None:
 
 
 def user_has_perm(user, perm: str, obj=None) -> bool:
-    """Global permission (roles) or object permission (guardian), superusers always.
+    """Global permission (roles), the user's role in the object's project, or an object
+    permission (guardian: single objects shared across projects); superusers always. A request
+    with a token limited to a project sees no object of another project.
 
     Within one HTTP request (``request_perm_cache``) a user's object permissions on an object
-    are read once: the viewset's check and the service's re-check cost one lookup, not two.
-    Anywhere else (websockets, tasks) every call reads them fresh."""
+    and project roles are read once: the viewset's check and the service's re-check cost one
+    lookup, not two. Anywhere else (websockets, tasks) every call reads them fresh."""
     if not user.is_authenticated or not user.is_active:
         return False
     if obj is not None and not getattr(obj, "user_visible", True):  # e.g. a VM of the warm pool
+        return False
+    if obj is not None and not object_in_token_scope(obj):
         return False
     if user.has_perm(perm):
         return True
     if obj is None:
         return False
+    if project_grants(user, perm, getattr(obj, "project_id", None)):
+        return True
     checker = request_perm_checker(user)
     return checker.has_perm(perm, obj) if checker is not None else user.has_perm(perm, obj)
+
+
+def object_in_token_scope(obj) -> bool:
+    """Whether the request's token (if limited to a project) may see ``obj``: objects of that
+    project, and objects of no project (shared networks, templates, images)."""
+    from accounts.context import current_context
+
+    scope = current_context().token_project_id
+    return scope is None or getattr(obj, "project_id", None) in (None, scope)
+
+
+def project_grants(user, perm: str, project_id) -> bool:
+    """Whether ``user``'s role in project ``project_id`` gives ``perm`` on its objects. A user
+    whose global role may not create VMs (viewer) is at most a viewer in any project."""
+    from accounts.selectors import project_role_allows, project_role_effective
+
+    if project_id is None:
+        return False
+    return project_role_allows(project_role_effective(user, project_id), perm)
 
 
 def object_perms_grant(*, obj, perms: list[str], actor, user=None, group=None) -> list[str]:

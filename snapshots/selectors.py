@@ -9,9 +9,10 @@ import uuid
 
 from django.db.models import Prefetch, Q, Sum
 
-from accounts.permissions import visible_queryset
+from accounts.permissions import token_scope_filter, visible_queryset
 from accounts.roles import user_is_operator
-from accounts.services import user_has_perm
+from accounts.selectors import project_ids_with
+from accounts.services import object_in_token_scope, project_grants, user_has_perm
 from snapshots.models import RetentionPolicy, Snapshot, VmLineage
 from vms.models import VM
 
@@ -22,17 +23,24 @@ def snapshot_list_visible(user):
     qs = Snapshot.objects.select_related("owner", "vm", "parent", "host").prefetch_related(
         Prefetch("children", queryset=Snapshot.objects.only("pk", "parent_id"))
     )
+    qs = token_scope_filter(qs)
     if user_is_operator(user):
         return qs
     vm_ids = visible_queryset(user, VM.objects.all(), "view").values("pk")
-    return qs.filter(Q(vm_id__in=vm_ids) | Q(owner=user))
+    return qs.filter(Q(vm_id__in=vm_ids) | Q(owner=user) | Q(project_id__in=project_ids_with(user, "vms.view_vm")))
 
 
 def snapshot_user_can(user, perm: str, snapshot: Snapshot) -> bool:
     """``perm`` is ``view`` or ``snapshot`` (the VM permission that governs snapshots)."""
     if snapshot.vm_id is not None:
         return user_has_perm(user, f"vms.{perm}_vm", snapshot.vm)
-    return snapshot.owner_id == getattr(user, "pk", None) or user_has_perm(user, f"vms.{perm}_vm")
+    if not object_in_token_scope(snapshot):
+        return False
+    return (
+        snapshot.owner_id == getattr(user, "pk", None)
+        or user_has_perm(user, f"vms.{perm}_vm")
+        or project_grants(user, f"vms.{perm}_vm", snapshot.project_id)
+    )
 
 
 def snapshot_storage_bytes(owner, *, exclude_deleting: bool = True, project=None) -> int:
