@@ -34,7 +34,7 @@ from accounts.context import current_context
 from accounts.models import AuditResult
 from accounts.selectors import project_ids_with
 from accounts.services import user_has_perm
-from sandbox_site.errors import NotPermitted
+from sandbox_site.errors import ApplicationError, NotPermitted
 from vms.models import VM, VM_ROW_RELATED
 
 
@@ -104,6 +104,18 @@ def object_or_404(queryset: QuerySet, **lookup: Any) -> Any:
         return queryset.get(**lookup)
     except (queryset.model.DoesNotExist, ValueError, TypeError, ValidationError) as exc:
         raise NotFound() from exc
+
+
+def project_or_404(user, ref):
+    """The project ``ref`` (id or slug) named in a request, as ``user`` may see it: a project
+    they are not a member of (operators see all; a token limited to a project sees only it),
+    or none by that name, is the same 404."""
+    from accounts.selectors import project_by_ref, project_visible_to
+
+    project = project_by_ref(ref)
+    if project is None or not project_visible_to(user, project):
+        raise ApplicationError("No such project.", code="not_found", status_code=404, details={"project": "unknown"})
+    return project
 
 
 def vm_for(user, vm_id, perm: str = "view", *, action: str) -> VM:

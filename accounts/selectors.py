@@ -71,10 +71,38 @@ def project_ids_with(user, perm: str) -> list:
 
 def project_list_for(user):
     """Projects ``user`` is a member of (operators: all of them)."""
+    from accounts.context import current_context
+
     qs = Project.objects.all()
+    scope = current_context().token_project_id
+    if scope is not None:
+        qs = qs.filter(pk=scope)
     if user_is_operator(user):
         return qs
-    return qs.filter(memberships__user=user)
+    return qs.filter(pk__in=ProjectMembership.objects.filter(user=user).values("project_id"))
+
+
+def project_by_ref(ref) -> Project | None:
+    """The project with this id or slug, or None (callers decide whether the user may see it)."""
+    import uuid
+
+    ref = str(ref or "").strip()
+    if not ref or len(ref) > 63:
+        return None
+    try:
+        return Project.objects.filter(pk=uuid.UUID(ref)).first()
+    except ValueError:
+        return Project.objects.filter(slug=ref).first()
+
+
+def project_visible_to(user, project) -> bool:
+    """Members see their projects, operators every project; a token limited to a project sees only it."""
+    from accounts.context import current_context
+
+    scope = current_context().token_project_id
+    if scope is not None and project.pk != scope:
+        return False
+    return project.pk in project_roles_of(user) or user_is_operator(user)
 
 
 def quota_of_user(user) -> dict[str, int]:

@@ -259,14 +259,20 @@ def token_hash(secret: str) -> str:
 
 
 def token_create(
-    *, user, name: str, read_only: bool = False, expires_at: datetime | None = None, actor
+    *, user, name: str, read_only: bool = False, expires_at: datetime | None = None, project=None, actor
 ) -> tuple[ApiToken, str]:
-    """Create a token for ``user``; returns the row and the secret (shown once, never stored)."""
+    """Create a token for ``user``; returns the row and the secret (shown once, never stored).
+    With ``project`` (one the user is a member of) the token sees and acts only within it."""
     name = (name or "").strip()
     if not name or len(name) > 100:
         raise ApplicationError("Token name must be 1 to 100 characters.", details={"name": "required"})
     if expires_at is not None and expires_at <= timezone.now():
         raise ApplicationError("Expiry must be in the future.", details={"expires_at": "in the past"})
+    if project is not None:
+        from accounts.selectors import project_role_of
+
+        if project_role_of(user, project) is None:
+            raise ApplicationError("You are not a member of that project.", details={"project": "not a member"})
     secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
     with transaction.atomic():
         owner_quota_lock(user)  # then count: parallel creates cannot all see room for one more
@@ -280,13 +286,19 @@ def token_create(
             token_hash=token_hash(secret),
             read_only=read_only,
             expires_at=expires_at,
+            project=project,
         )
         audit_record(
             actor=actor,
             action="token.create",
             obj=token,
             object_owner_id=user.pk,
-            after={"name": name, "read_only": read_only, "expires_at": expires_at},
+            after={
+                "name": name,
+                "read_only": read_only,
+                "expires_at": expires_at,
+                "project": project.slug if project is not None else None,
+            },
         )
     return token, secret
 

@@ -182,7 +182,7 @@ class VmState(models.TextChoices):
 
 # What a VM row shows besides its own fields (owner, template, boot image, host): lists and
 # detail views join them in the same query (``boot_image`` reads ``template.image``).
-VM_ROW_RELATED = ("owner", "template__image", "image", "host")
+VM_ROW_RELATED = ("owner", "project", "template__image", "image", "host")
 
 
 class VmPurpose(models.TextChoices):
