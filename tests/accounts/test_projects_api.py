@@ -125,3 +125,29 @@ def test_a_token_limited_to_a_project_sees_and_acts_only_within_it(api, team, gr
 def test_a_token_is_limited_only_to_a_project_of_its_user(api, team, stranger):
     response = api.as_user(stranger).post("/api/v1/tokens/", {"name": "ci", "project": "team"}, format="json")
     assert response.status_code == 404
+
+
+def test_an_open_websocket_of_a_limited_token_holds_only_vms_of_its_project(team, grantee):
+    from accounts.rights import websocket_rights_hold
+
+    token, _ = services.token_create(user=grantee, name="ws", project=team, actor=grantee)
+    inside = VmFactory(owner=grantee, name="inside", project=team)
+    outside = VmFactory(owner=grantee, name="outside")
+    assert websocket_rights_hold(user_id=grantee.pk, token_id=token.pk, vm_id=inside.pk, perm="view")
+    assert not websocket_rights_hold(user_id=grantee.pk, token_id=token.pk, vm_id=outside.pk, perm="view")
+
+
+def test_removing_a_member_takes_their_rights_on_the_projects_vms(api, team, owner, grantee):
+    vm = VmFactory(owner=owner, name="shared-by-project", project=team)
+    assert api.as_user(grantee).get(f"/api/v1/vms/{vm.pk}/").status_code == 200
+    services.project_member_remove(project=team, user=grantee, actor=owner)
+    assert api.as_user(grantee).get(f"/api/v1/vms/{vm.pk}/").status_code == 404
+
+
+def test_a_single_vm_shared_across_projects_keeps_working(api, team, owner, stranger):
+    from guardian.shortcuts import assign_perm
+
+    vm = VmFactory(owner=owner, name="one-shared", project=team)
+    assign_perm("vms.view_vm", stranger, vm)
+    assert api.as_user(stranger).get(f"/api/v1/vms/{vm.pk}/").status_code == 200
+    assert api.as_user(stranger).post(f"/api/v1/vms/{vm.pk}/start/", {}, format="json").status_code == 403
