@@ -6,6 +6,7 @@ from django.conf import settings
 from django.db.models import Count, Q, Sum
 from django.db.models.functions import Coalesce
 
+from accounts.context import current_context
 from accounts.permissions import visible_queryset
 from accounts.roles import user_is_operator
 from accounts.selectors import quota_of_user
@@ -88,6 +89,8 @@ def vm_list_visible(user):
 
 def operation_list_visible(user):
     qs = Operation.objects.select_related("requested_by", "vm")
+    if (scope := current_context().token_project_id) is not None:  # a token limited to a project
+        qs = qs.filter(vm__project_id=scope)
     if user_is_operator(user):
         return qs
     vm_ids = vm_list_visible(user).values("pk")

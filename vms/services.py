@@ -157,7 +157,11 @@ def vm_row_init(*, vm: VM, actor) -> None:
 
 
 def vm_row_permissions_grant(*, vm: VM) -> None:
-    """Give ``vm``'s owner every object permission on it (a new row, or a pool VM just taken)."""
+    """Give ``vm``'s owner every object permission on it (a new row, or a pool VM just taken)
+    when it is in the owner's personal project. In a team project the creator's rights come
+    from their project role alone, so a member made a viewer, or removed, loses them."""
+    if vm.project.personal_of_id is None:
+        return
     for codename in VM.object_permission_codenames():
         assign_perm(f"vms.{codename}", vm.owner, vm)
 

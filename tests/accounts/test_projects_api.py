@@ -151,3 +151,30 @@ def test_a_single_vm_shared_across_projects_keeps_working(api, team, owner, stra
     assign_perm("vms.view_vm", stranger, vm)
     assert api.as_user(stranger).get(f"/api/v1/vms/{vm.pk}/").status_code == 200
     assert api.as_user(stranger).post(f"/api/v1/vms/{vm.pk}/start/", {}, format="json").status_code == 403
+
+
+def test_a_members_rights_on_vms_they_created_follow_their_project_role(api, team, owner, grantee):
+    TemplateFactory()
+    body = {"name": "mine-in-team", "template": "test-template", "start": False, "project": "team"}
+    vm_id = api.as_user(grantee).post("/api/v1/vms/", body, format="json").json()["id"]
+    services.project_member_set(project=team, user=grantee, role=ProjectRole.VIEWER, actor=owner)
+    client = api.as_user(grantee)
+    assert client.get(f"/api/v1/vms/{vm_id}/").status_code == 200
+    assert client.post(f"/api/v1/vms/{vm_id}/start/", {}, format="json").status_code == 403
+    services.project_member_remove(project=team, user=grantee, actor=owner)
+    assert client.get(f"/api/v1/vms/{vm_id}/").status_code == 404
+    assert api.as_user(owner).get(f"/api/v1/vms/{vm_id}/").status_code == 200  # the project keeps it
+
+
+def test_a_limited_token_lists_only_its_projects_operations(api, team, grantee):
+    from vms.models import Operation
+
+    inside = VmFactory(owner=grantee, name="op-inside", project=team)
+    outside = VmFactory(owner=grantee, name="op-outside")
+    for vm in (inside, outside):
+        Operation.objects.create(vm=vm, vm_ref=vm.pk, action="start", requested_by=grantee, vm_owner_id=grantee.pk)
+    response = api.as_user(grantee).post("/api/v1/tokens/", {"name": "ci", "project": "team"}, format="json")
+    api.logout()
+    api.credentials(HTTP_AUTHORIZATION=f"Bearer {response.json()['token']}")
+    listed = api.get("/api/v1/operations/").json()["results"]
+    assert {row["vm"] for row in listed} == {str(inside.pk)}
