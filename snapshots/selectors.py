@@ -1,6 +1,7 @@
 """Reads about snapshots. Access to a snapshot follows its VM: ``view`` on the VM shows its
 snapshots, ``snapshot`` on the VM allows taking, restoring, cloning and deleting them. Once
-the VM is deleted, the snapshot's owner (and operators) keep access."""
+the VM is deleted, the snapshot's owner (in their personal project), the members of its
+project by their role, and operators keep access."""
 
 from __future__ import annotations
 
@@ -20,14 +21,18 @@ GIB = 1 << 30
 
 
 def snapshot_list_visible(user):
-    qs = Snapshot.objects.select_related("owner", "vm", "parent", "host").prefetch_related(
+    qs = Snapshot.objects.select_related("owner", "project", "vm", "parent", "host").prefetch_related(
         Prefetch("children", queryset=Snapshot.objects.only("pk", "parent_id"))
     )
     qs = token_scope_filter(qs)
     if user_is_operator(user):
         return qs
     vm_ids = visible_queryset(user, VM.objects.all(), "view").values("pk")
-    return qs.filter(Q(vm_id__in=vm_ids) | Q(owner=user) | Q(project_id__in=project_ids_with(user, "vms.view_vm")))
+    return qs.filter(
+        Q(vm_id__in=vm_ids)
+        | Q(owner=user, project__personal_of=user)
+        | Q(project_id__in=project_ids_with(user, "vms.view_vm"))
+    )
 
 
 def snapshot_user_can(user, perm: str, snapshot: Snapshot) -> bool:
@@ -36,11 +41,9 @@ def snapshot_user_can(user, perm: str, snapshot: Snapshot) -> bool:
         return user_has_perm(user, f"vms.{perm}_vm", snapshot.vm)
     if not object_in_token_scope(snapshot):
         return False
-    return (
-        snapshot.owner_id == getattr(user, "pk", None)
-        or user_has_perm(user, f"vms.{perm}_vm")
-        or project_grants(user, f"vms.{perm}_vm", snapshot.project_id)
-    )
+    # Its owner keeps it in their personal project; in a team project the project role decides.
+    mine = snapshot.owner_id == getattr(user, "pk", None) and snapshot.project.personal_of_id == snapshot.owner_id
+    return mine or user_has_perm(user, f"vms.{perm}_vm") or project_grants(user, f"vms.{perm}_vm", snapshot.project_id)
 
 
 def snapshot_storage_bytes(owner, *, exclude_deleting: bool = True, project=None) -> int:

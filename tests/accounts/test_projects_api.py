@@ -178,3 +178,17 @@ def test_a_limited_token_lists_only_its_projects_operations(api, team, grantee):
     api.credentials(HTTP_AUTHORIZATION=f"Bearer {response.json()['token']}")
     listed = api.get("/api/v1/operations/").json()["results"]
     assert {row["vm"] for row in listed} == {str(inside.pk)}
+
+
+def test_a_removed_member_no_longer_sees_the_snapshots_of_their_team_vms(api, team, owner, grantee):
+    from tests.factories import SnapshotFactory
+
+    snapshot = SnapshotFactory(vm=VmFactory(owner=grantee, name="snapped", project=team))
+    client = api.as_user(grantee)
+    assert {row["id"] for row in client.get("/api/v1/snapshots/").json()["results"]} == {str(snapshot.pk)}
+    services.project_member_remove(project=team, user=grantee, actor=owner)
+    from guardian.models import UserObjectPermission
+
+    UserObjectPermission.objects.filter(user=grantee).delete()  # the factory granted the creator rights
+    assert client.get("/api/v1/snapshots/").json()["results"] == []
+    assert client.get(f"/api/v1/snapshots/{snapshot.pk}/").status_code == 404
