@@ -370,6 +370,13 @@ SANDBOX_DEFAULT_QUOTA = {
     "max_memory_mib": env.int("SANDBOX_DEFAULT_MAX_MEMORY_MIB", default=8192),
     "max_disk_gib": env.int("SANDBOX_DEFAULT_MAX_DISK_GIB", default=100),
 }
+# Shared limits of a team project without a quota row (a personal project has its user's).
+SANDBOX_DEFAULT_PROJECT_QUOTA = {
+    "max_vms": env.int("SANDBOX_DEFAULT_PROJECT_MAX_VMS", default=20),
+    "max_vcpus": env.int("SANDBOX_DEFAULT_PROJECT_MAX_VCPUS", default=16),
+    "max_memory_mib": env.int("SANDBOX_DEFAULT_PROJECT_MAX_MEMORY_MIB", default=16384),
+    "max_disk_gib": env.int("SANDBOX_DEFAULT_PROJECT_MAX_DISK_GIB", default=200),
+}
 # Consoles: scrollback replayed to a new viewer, unacknowledged bytes in flight per viewer.
 SANDBOX_CONSOLE_SCROLLBACK_BYTES = env.int("SANDBOX_CONSOLE_SCROLLBACK_BYTES", default=256 * 1024)
 SANDBOX_CONSOLE_WINDOW_BYTES = env.int("SANDBOX_CONSOLE_WINDOW_BYTES", default=256 * 1024)

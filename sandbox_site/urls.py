@@ -3,7 +3,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
-from accounts.api import AuditEventViewSet, TokenViewSet, UserViewSet
+from accounts.api import AuditEventViewSet, ProjectViewSet, TokenViewSet, UserViewSet
 from networking.api import NetworkViewSet, VmNetworkViewSet, VmPortForwardViewSet
 from sandbox_site import health, metrics, views
 from snapshots.api import MySnapshotRetentionView, SnapshotViewSet, VmSnapshotViewSet
@@ -15,6 +15,7 @@ from vms.images_api import ImageViewSet
 router = DefaultRouter()
 router.register("tokens", TokenViewSet, basename="token")
 router.register("users", UserViewSet, basename="user")
+router.register("projects", ProjectViewSet, basename="project")
 router.register("audit-events", AuditEventViewSet, basename="auditevent")
 router.register("vms", VmViewSet, basename="vm")
 router.register("operations", OperationViewSet, basename="operation")

@@ -9,7 +9,7 @@ from rest_framework.exceptions import NotFound
 from rest_framework.response import Response
 
 from accounts import services as account_services
-from accounts.permissions import ObjectPermissionViewSet, vm_for
+from accounts.permissions import ObjectPermissionViewSet, project_or_404, vm_for
 from vms import selectors, services
 from vms.models import VM, VM_ROW_RELATED, Operation, VmState
 from vms.serializers import (
@@ -106,7 +106,10 @@ class VmViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPermissi
     def create(self, request):
         data = VmCreateSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        vm, op = services.vm_create(owner=request.user, actor=request.user, **data.validated_data)
+        values = dict(data.validated_data)
+        if "project" in values:
+            values["project"] = project_or_404(request.user, values["project"])
+        vm, op = services.vm_create(owner=request.user, actor=request.user, **values)
         body = VmSerializer(vm).data
         body["operation"] = str(op.pk)
         return Response(body, status=status.HTTP_202_ACCEPTED)

@@ -194,7 +194,7 @@ class VmState(models.TextChoices):
 
 # What a VM row shows besides its own fields (owner, template, boot image, host): lists and
 # detail views join them in the same query (``boot_image`` reads ``template.image``).
-VM_ROW_RELATED = ("owner", "template__image", "image", "host")
+VM_ROW_RELATED = ("owner", "project", "template__image", "image", "host")
 
 
 class VmPurpose(models.TextChoices):
@@ -210,6 +210,9 @@ class VM(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     name = models.CharField(max_length=63, validators=[name_validator])
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="vms")
+    # The project the VM belongs to (its members' roles give rights on it; its quota counts
+    # it); ``owner`` stays the user who created it. Empty on save: the owner's personal project.
+    project = models.ForeignKey("accounts.Project", on_delete=models.PROTECT, related_name="vms")
     template = models.ForeignKey(Template, on_delete=models.PROTECT, related_name="vms")
     image = models.ForeignKey(
         Image,
@@ -250,6 +253,13 @@ class VM(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def save(self, *args, **kwargs):
+        if self.project_id is None and self.owner_id is not None:
+            from accounts.services import project_personal_ensure
+
+            self.project = project_personal_ensure(self.owner)
+        super().save(*args, **kwargs)
 
     @staticmethod
     def users_may_see() -> models.Q:

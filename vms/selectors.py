@@ -6,9 +6,10 @@ from django.conf import settings
 from django.db.models import Count, Q, Sum
 from django.db.models.functions import Coalesce
 
-from accounts.models import UserQuota
+from accounts.context import current_context
 from accounts.permissions import visible_queryset
 from accounts.roles import user_is_operator
+from accounts.selectors import quota_of_user
 from vms.models import VM, VM_ROW_RELATED, Operation, Template, VmState
 
 # States whose VM holds its vCPUs and memory on its host (``creating``: a create boots).
@@ -98,6 +99,8 @@ def vm_list_visible(user):
 
 def operation_list_visible(user):
     qs = Operation.objects.select_related("requested_by", "vm")
+    if (scope := current_context().token_project_id) is not None:  # a token limited to a project
+        qs = qs.filter(vm__project_id=scope)
     if user_is_operator(user):
         return qs
     # A union of three indexed lookups, not one OR: PostgreSQL cannot use an index for an OR
@@ -114,10 +117,7 @@ def template_list_active():
 
 
 def quota_for(user) -> dict[str, int]:
-    row = UserQuota.objects.filter(user=user).first()
-    if row is None:
-        return dict(settings.SANDBOX_DEFAULT_QUOTA)
-    return {f: getattr(row, f) for f in ("max_vms", "max_vcpus", "max_memory_mib", "max_disk_gib")}
+    return quota_of_user(user)
 
 
 def usage_of(user, *, exclude_vm_id=None) -> dict[str, int]:
@@ -132,6 +132,23 @@ def usage_of(user, *, exclude_vm_id=None) -> dict[str, int]:
         "memory_mib": agg["memory_mib"] or 0,
         # Snapshot storage and the VMs' console logs count against the same disk limit.
         "disk_gib": (agg["disk_gib"] or 0) + _snapshot_storage_gib(user) + console_logs_gib(vms),
+    }
+
+
+def usage_of_project(project, *, exclude_vm_id=None) -> dict[str, int]:
+    """What ``project``'s VMs and snapshots use (the budget its members share)."""
+    from snapshots.selectors import snapshot_storage_gib_of_project
+
+    qs = VM.objects.filter(project=project).exclude(state=VmState.DELETING)
+    if exclude_vm_id is not None:
+        qs = qs.exclude(pk=exclude_vm_id)
+    agg = qs.aggregate(vcpus=Sum("vcpus"), memory_mib=Sum("memory_mib"), disk_gib=Sum("disk_gib"), n=Count("pk"))
+    vms = agg["n"] or 0
+    return {
+        "vms": vms,
+        "vcpus": agg["vcpus"] or 0,
+        "memory_mib": agg["memory_mib"] or 0,
+        "disk_gib": (agg["disk_gib"] or 0) + snapshot_storage_gib_of_project(project) + console_logs_gib(vms),
     }
 
 

@@ -98,6 +98,7 @@ class TemplateSerializer(serializers.ModelSerializer):
 
 class VmSerializer(serializers.ModelSerializer):
     owner = serializers.CharField(source="owner.username", read_only=True)
+    project = serializers.CharField(source="project.slug", read_only=True)
     template = serializers.CharField(source="template.name", read_only=True)
     image = serializers.CharField(source="boot_image.name", read_only=True)
     host = serializers.CharField(source="host.name", read_only=True, default=None)
@@ -109,6 +110,7 @@ class VmSerializer(serializers.ModelSerializer):
             "id",
             "name",
             "owner",
+            "project",
             "template",
             "image",
             "host",
@@ -167,6 +169,12 @@ class VmCreateSerializer(serializers.Serializer):
         queryset=Image.objects.all(),
         required=False,
         help_text="Boot this image, not the template's.",
+    )
+    project = serializers.CharField(
+        max_length=63,
+        required=False,
+        help_text="Id or slug of the project the VM goes into (you must be an owner or member there); "
+        "default: the project your token is limited to, else your personal project.",
     )
     host = serializers.CharField(
         max_length=64, required=False, help_text="Operators: place the VM on this host (by name)."

@@ -16,7 +16,8 @@ from guardian.shortcuts import assign_perm
 
 from accounts.audit import audit_record
 from accounts.permissions import require_perm
-from accounts.services import owner_quota_lock
+from accounts.selectors import quota_of_project
+from accounts.services import owner_quota_lock, project_for_create, project_personal_ensure, project_quota_lock
 from sandbox_site import metrics
 from sandbox_site.errors import ApplicationError, ConflictError, QuotaExceeded
 from vms import selectors
@@ -75,9 +76,11 @@ def system_vm_new(*, purpose: str, template: Template, host: Host, size, driver:
     """In the caller's transaction: a VM row of the system account (a golden-snapshot builder or
     a warm-pool VM) named ``<purpose>-<random>``, of ``size``'s vcpus/memory/disk, with the
     permissions and hooks of any new VM (its own NIC, MAC and address)."""
+    owner = system_user()
     vm = VM(
         name=f"{purpose}-{uuid.uuid4().hex[:12]}",
-        owner=system_user(),
+        owner=owner,
+        project=project_personal_ensure(owner),
         template=template,
         host=host,
         vcpus=size.vcpus,
@@ -99,8 +102,11 @@ def local_host() -> Host:
 
 
 def vm_limits_check(
-    *, owner, template: Template, vcpus: int, memory_mib: int, disk_gib: int, exclude_vm_id=None
+    *, owner, template: Template, vcpus: int, memory_mib: int, disk_gib: int, exclude_vm_id=None, project=None
 ) -> None:
+    """Refuse a VM of this size outside the template's limits (400), or over the quota of its
+    creator ``owner`` or of its ``project`` (403 ``quota_exceeded``). Call it under
+    ``quota_locks(project, owner)``."""
     errors = {}
     if not 1 <= vcpus <= template.max_vcpus:
         errors["vcpus"] = f"must be between 1 and {template.max_vcpus} for template {template.name}"
@@ -110,20 +116,37 @@ def vm_limits_check(
         errors["disk_gib"] = f"must be between {template.disk_gib} and {template.max_disk_gib}"
     if errors:
         raise ApplicationError("VM size is outside the template's limits.", details=errors)
-    quota = selectors.quota_for(owner)
-    usage = selectors.usage_of(owner, exclude_vm_id=exclude_vm_id)
-    over = {}
-    if exclude_vm_id is None and usage["vms"] + 1 > quota["max_vms"]:
-        over["vms"] = f"{usage['vms']} of {quota['max_vms']} VMs used"
-    # The VM's console log is counted with its disk (usage leaves this VM out in both cases).
-    disk_gib += selectors.console_logs_gib(usage["vms"] + 1) - selectors.console_logs_gib(usage["vms"])
-    for key, asked in (("vcpus", vcpus), ("memory_mib", memory_mib), ("disk_gib", disk_gib)):
-        if usage[key] + asked > quota[f"max_{key}"]:
-            over[key] = f"{usage[key]} used + {asked} asked > limit {quota[f'max_{key}']}"
-    if over:
-        for resource in over:
-            metrics.QUOTA_DENIALS.labels(resource).inc()
-        raise QuotaExceeded("This would exceed your resource limits.", details=over)
+    budgets = [("", selectors.quota_for(owner), selectors.usage_of(owner, exclude_vm_id=exclude_vm_id))]
+    if project is not None:
+        budgets.append(
+            (
+                "project ",
+                quota_of_project(project),
+                selectors.usage_of_project(project, exclude_vm_id=exclude_vm_id),
+            )
+        )
+    for label, quota, usage in budgets:
+        over = {}
+        if exclude_vm_id is None and usage["vms"] + 1 > quota["max_vms"]:
+            over["vms"] = f"{label}{usage['vms']} of {quota['max_vms']} VMs used"
+        # The VM's console log is counted with its disk (usage leaves this VM out in both cases).
+        disk = disk_gib + selectors.console_logs_gib(usage["vms"] + 1) - selectors.console_logs_gib(usage["vms"])
+        for key, asked in (("vcpus", vcpus), ("memory_mib", memory_mib), ("disk_gib", disk)):
+            if usage[key] + asked > quota[f"max_{key}"]:
+                over[key] = f"{label}{usage[key]} used + {asked} asked > limit {quota[f'max_{key}']}"
+        if over:
+            for resource in over:
+                metrics.QUOTA_DENIALS.labels(resource).inc()
+            whose = "the project's shared" if label else "your"
+            raise QuotaExceeded(f"This would exceed {whose} resource limits.", details=over)
+
+
+def quota_locks(project, owner) -> None:
+    """The quota locks of a write that counts against ``project``'s and ``owner``'s budgets, in
+    the one lock order: project quota lock -> owner quota lock (-> host row -> VM rows)."""
+    if project is not None:
+        project_quota_lock(project)
+    owner_quota_lock(owner)
 
 
 def vm_row_init(*, vm: VM, actor) -> None:
@@ -135,7 +158,11 @@ def vm_row_init(*, vm: VM, actor) -> None:
 
 
 def vm_row_permissions_grant(*, vm: VM) -> None:
-    """Give ``vm``'s owner every object permission on it (a new row, or a pool VM just taken)."""
+    """Give ``vm``'s owner every object permission on it (a new row, or a pool VM just taken)
+    when it is in the owner's personal project. In a team project the creator's rights come
+    from their project role alone, so a member made a viewer, or removed, loses them."""
+    if vm.project.personal_of_id is None:
+        return
     for codename in VM.object_permission_codenames():
         assign_perm(f"vms.{codename}", vm.owner, vm)
 
@@ -181,14 +208,18 @@ def vm_create(
     image: Image | None = None,
     host: str | None = None,
     anti_affinity: bool = False,
+    project=None,
     actor,
 ) -> tuple[VM, Operation]:
     """Record the VM (creating), grant the owner every object permission, and enqueue the
     create (+ boot) operation on the host's queue once the transaction commits. ``image``
-    (any image the actor may see, ready and not deprecated) replaces the template's. The host
-    is placed (``vms.placement``): an operator may pin one by name; ``anti_affinity`` keeps it
-    off the hosts holding the owner's other VMs."""
+    (any image the actor may see, ready and not deprecated) replaces the template's. The VM
+    goes into ``project`` (``accounts.services.project_for_create``: default the token's
+    project or the owner's personal one) and counts against its quota and the owner's. The
+    host is placed (``vms.placement``): an operator may pin one by name; ``anti_affinity``
+    keeps it off the hosts holding the owner's other VMs."""
     require_perm(actor, "vms.add_vm", None, action="vm.create", message="Your role may not create VMs.")
+    project = project_for_create(actor=actor, owner=owner, project=project, action="vm.create")
     pin = host_pin_resolve(name=host, actor=actor)
     require_disk_space(action="create a VM")
     if not template.is_active:
@@ -200,8 +231,10 @@ def vm_create(
     if metadata is not None and (not isinstance(metadata, dict) or len(str(metadata)) > 16384):
         raise ApplicationError("metadata must be an object of at most 16 KiB.")
     with transaction.atomic():
-        owner_quota_lock(owner)  # then check: concurrent requests cannot both pass the quota check
-        vm_limits_check(owner=owner, template=template, vcpus=vcpus, memory_mib=memory_mib, disk_gib=disk_gib)
+        quota_locks(project, owner)  # then check: concurrent requests cannot both pass the quota check
+        vm_limits_check(
+            owner=owner, project=project, template=template, vcpus=vcpus, memory_mib=memory_mib, disk_gib=disk_gib
+        )
         if VM.objects.filter(owner=owner, name=name).exists():
             raise ConflictError(f"You already have a VM named {name!r}.", details={"name": "taken"})
         # A paused VM of the template's warm pool (snapshots app), when one fits and is ready
@@ -212,6 +245,7 @@ def vm_create(
             else hook_first(
                 "vm_pool_take",
                 owner=owner,
+                project=project,
                 vm_name=name,
                 template=template,
                 image=image,
@@ -238,6 +272,7 @@ def vm_create(
         vm = VM(
             name=name,
             owner=owner,
+            project=project,
             template=template,
             image=image,
             host=placed,
@@ -300,9 +335,10 @@ def vm_resize(*, vm: VM, actor, vcpus: int | None = None, memory_mib: int | None
     with transaction.atomic():
         # Checked under the owner's quota lock, against usage that includes every other
         # resize that committed first (parallel resizes cannot all fit into the same room).
-        owner_quota_lock(vm.owner)
+        quota_locks(vm.project, vm.owner)
         vm_limits_check(
             owner=vm.owner,
+            project=vm.project,
             template=vm.template,
             vcpus=vcpus,
             memory_mib=memory_mib,
