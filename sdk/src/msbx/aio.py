@@ -89,6 +89,7 @@ class AsyncClient:
         on_progress: Callable[[dict[str, Any]], Any] | None = None,
         host: str | None = None,
         anti_affinity: bool = False,
+        project: str | None = None,
     ) -> AsyncSandbox:
         body = create_body(
             template=template,
@@ -100,6 +101,7 @@ class AsyncClient:
             start=start,
             host=host,
             anti_affinity=anti_affinity,
+            project=project,
         )
         data = await self.http.json("vm_create", json=body)
         sandbox = AsyncSandbox(self, data)

@@ -199,6 +199,7 @@ def cmd_vm_create(cli: Cli) -> int:
         on_progress=cli.progress("create"),
         host=args.host,
         anti_affinity=args.anti_affinity,
+        project=args.project,
     )
     cli.emit(sandbox.data, VM_COLUMNS)
     return 0
@@ -621,6 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-start", action="store_true")
     p.add_argument("--host", help="operators: place the VM on this host")
     p.add_argument("--anti-affinity", action="store_true", help="not on a host holding another of your VMs")
+    p.add_argument("--project", help="id or slug of the project the VM goes into")
     waits(p)
     p = command(vm, "show", cmd_vm_show, "show a VM")
     p.add_argument("vm", help="id or name")

@@ -95,6 +95,7 @@ class Client:
         on_progress: Callable[[dict[str, Any]], Any] | None = None,
         host: str | None = None,
         anti_affinity: bool = False,
+        project: str | None = None,
     ) -> Sandbox:
         body = create_body(
             template=template,
@@ -106,6 +107,7 @@ class Client:
             start=start,
             host=host,
             anti_affinity=anti_affinity,
+            project=project,
         )
         data = self.http.json("vm_create", json=body)
         sandbox = Sandbox(self, data)

@@ -63,10 +63,11 @@ def create_body(
     start: bool = True,
     host: str | None = None,
     anti_affinity: bool = False,
+    project: str | None = None,
 ) -> dict[str, Any]:
     """The create request (``None`` fields are left out: the server's defaults apply).
     ``host`` (operators) pins the VM's host; ``anti_affinity`` keeps it off the hosts holding
-    the owner's other VMs."""
+    the owner's other VMs; ``project`` (id or slug) is the project it goes into."""
     return {
         "name": name or new_name(),
         "template": template,
@@ -77,6 +78,7 @@ def create_body(
         "start": start,
         "host": host,
         "anti_affinity": anti_affinity or None,
+        "project": project,
     }
 
 
