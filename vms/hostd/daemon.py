@@ -31,7 +31,7 @@ from typing import Any
 from vms.hostd import metrics as hostd_metrics
 from vms.hostd import tls
 from vms.hostd.agent_link import AgentLink, AgentUnavailable, LinkBudget
-from vms.hostd.console import ConsoleLink, ConsoleUnavailable
+from vms.hostd.console import STREAM_CHUNK, STREAM_READ, ConsoleLink, ConsoleUnavailable
 from vms.hostd.errors import HostdError
 from vms.hostd.logcontext import log_context, log_context_set
 from vms.vmm.agent_client import AGENT_SOCKET, AgentError, AgentRequestError, AgentTimeout, AgentTransport
@@ -336,7 +336,7 @@ class ClientSession:
             task.cancel()
         self.writer.close()
 
-    def send(self, header: dict[str, Any], data: bytes = b"") -> None:
+    def send(self, header: dict[str, Any], data: bytes | memoryview = b"") -> None:
         if not self.closed:
             self.writer.write(encode_frame(header, data))
 
@@ -603,7 +603,10 @@ class ExecStream:
 
 
 class ConsoleStream:
-    """One client's console subscription: a cursor over the ring and the log."""
+    """One client's console subscription: a cursor over the ring and the log. It takes up to
+    ``STREAM_READ`` bytes at once (one hop to a worker thread when they come from the log)
+    and sends them as events of at most ``STREAM_CHUNK`` bytes, each after the previous one
+    was written to the client (``drain``): at most ``STREAM_READ`` bytes held per stream."""
 
     def __init__(self, session: ClientSession, vm: VmHandle, sub: int, offset: int) -> None:
         self.session = session
@@ -622,12 +625,15 @@ class ConsoleStream:
         console = self.vm.console
         try:
             while True:
-                start, data = await console.read(self.cursor)
+                start, data = await console.read(self.cursor, STREAM_READ)
                 if data:
-                    hostd_metrics.CONSOLE_BYTES.inc(len(data))
-                    self.session.send({"ev": "console", "sub": self.sub, "offset": start}, data)
-                    self.cursor = start + len(data)
-                    await self.session.drain()
+                    view = memoryview(data)  # pieces without copies
+                    for at in range(0, len(data), STREAM_CHUNK):
+                        piece = view[at : at + STREAM_CHUNK]
+                        hostd_metrics.CONSOLE_BYTES.inc(len(piece))
+                        self.session.send({"ev": "console", "sub": self.sub, "offset": start + at}, piece)
+                        self.cursor = start + at + len(piece)
+                        await self.session.drain()
                     continue
                 # Nothing from the cursor on exists yet; a read that skipped a gap (rotated log)
                 # moves the cursor, or waiting below would return at once forever.

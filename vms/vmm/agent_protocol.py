@@ -50,7 +50,7 @@ class Frame:
     size: int = 0  # bytes on the wire (set by ``FrameDecoder``)
 
 
-def encode_frame(header: dict[str, Any], data: bytes = b"") -> bytes:
+def encode_frame(header: dict[str, Any], data: bytes | memoryview = b"") -> bytes:
     """Serialise one frame; raises ``FrameError`` when header + data exceed ``MAX_FRAME``."""
     head = json.dumps(header, separators=(",", ":")).encode("utf-8")
     if len(head) + len(data) > MAX_FRAME:
