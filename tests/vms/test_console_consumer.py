@@ -60,14 +60,9 @@ def root(settings):
 
 
 @pytest.fixture
-def hostd_options():
-    """Extra HostdConfig fields (a test parametrizes this to change them)."""
-    return {}
-
-
-@pytest.fixture
-def hostd(root, hostd_options):
-    daemon = Hostd(root, **hostd_options)
+def hostd(root, request):
+    # indirect parametrization passes extra HostdConfig fields
+    daemon = Hostd(root, **getattr(request, "param", {}))
     daemon.start()
     yield daemon
     daemon.stop()
@@ -416,7 +411,7 @@ async def test_output_arrives_in_order_in_large_frames_with_a_large_window(make_
     assert got == vm.vmm.log.read_bytes()[: len(got)]
 
 
-@pytest.mark.parametrize("hostd_options", [{"console_log_max_bytes": 64 << 10}])
+@pytest.mark.parametrize("hostd", [{"console_log_max_bytes": 64 << 10}], indirect=True)
 async def test_a_slow_viewer_skips_with_a_gap_and_never_slows_the_guest(make_vm, owner, hostd):
     """A viewer that does not acknowledge holds up nobody: the guest prints 8 MiB meanwhile
     (the log keeps the newest 48 KiB of them). The viewer is told with ``gap`` messages which
