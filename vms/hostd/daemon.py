@@ -35,7 +35,7 @@ from vms.hostd.console import STREAM_CHUNK, STREAM_READ, ConsoleLink, ConsoleUna
 from vms.hostd.errors import HostdError
 from vms.hostd.logcontext import log_context, log_context_set
 from vms.vmm.agent_client import AGENT_SOCKET, AgentError, AgentRequestError, AgentTimeout, AgentTransport
-from vms.vmm.agent_protocol import Frame, FrameDecoder, FrameError, encode_frame
+from vms.vmm.agent_protocol import Frame, FrameDecoder, FrameError, encode_frame, encode_frame_head
 from vms.vmm.process import running_vmm_pid
 
 logger = logging.getLogger("vms.hostd")
@@ -45,6 +45,7 @@ MAX_CLIENT_INFLIGHT = 64
 MAX_CLIENT_STREAMS = 256
 CLIENT_STALL_SECONDS = 60.0
 EXEC_WINDOW = 256 << 10  # agent -> hostd credit per exec stream
+SPLIT_WRITE_BYTES = 64 << 10  # frames with more data go out as header, then data
 DEFAULT_AGENT_TIMEOUT = 30.0
 MAX_AGENT_TIMEOUT = 3900.0
 
@@ -196,8 +197,11 @@ class HostDaemon:
             self._server.close()
         if self._tls_server is not None:
             self._tls_server.close()
+        pending = [task for session in self.sessions for task in (*session.streams.values(), *session.tasks)]
         for session in list(self.sessions):
             session.close()
+        if pending:  # let cancelled streams finish (one may be in a worker-thread log read)
+            await asyncio.wait(pending, timeout=2.0)
         for vm in list(self.vms.values()):
             await vm.stop()
         self.vms.clear()
@@ -337,8 +341,13 @@ class ClientSession:
         self.writer.close()
 
     def send(self, header: dict[str, Any], data: bytes | memoryview = b"") -> None:
-        if not self.closed:
+        if self.closed:
+            return
+        if len(data) < SPLIT_WRITE_BYTES:
             self.writer.write(encode_frame(header, data))
+        else:  # two writes (the socket takes both at once) instead of copying the data once more
+            self.writer.write(encode_frame_head(header, data))
+            self.writer.write(data)
 
     async def drain(self) -> None:
         try:
