@@ -13,8 +13,8 @@ Prints JSON: the rate into the VMM's log, the rate at the websocket client (firs
 to last), their ratio, bytes the viewer lost (``gap`` messages: the bounded buffers let a slow
 viewer skip, never slow the guest), the web process's RSS before and at peak, the CPU time
 each process (stand-in VMM, hostd, daphne, this client) spent from the ``flood`` command to 2 s
-after the last flood byte (a quiet tail: only the ticker prints), and the load average. Not a test: nothing is asserted (target ratio >= 0.9 with
-bounded memory).
+after the last flood byte (a quiet tail: only the ticker prints), and the load average.
+Not a test: nothing is asserted (target ratio >= 0.9 with bounded memory).
 
     .venv/bin/python benchmarks/console.py --mib 50
 """
