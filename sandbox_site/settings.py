@@ -379,7 +379,7 @@ SANDBOX_DEFAULT_PROJECT_QUOTA = {
 }
 # Consoles: scrollback replayed to a new viewer, unacknowledged bytes in flight per viewer.
 SANDBOX_CONSOLE_SCROLLBACK_BYTES = env.int("SANDBOX_CONSOLE_SCROLLBACK_BYTES", default=256 * 1024)
-SANDBOX_CONSOLE_WINDOW_BYTES = env.int("SANDBOX_CONSOLE_WINDOW_BYTES", default=256 * 1024)
+SANDBOX_CONSOLE_WINDOW_BYTES = env.int("SANDBOX_CONSOLE_WINDOW_BYTES", default=2 << 20)
 SANDBOX_CONSOLE_TICKET_SECONDS = env.int("SANDBOX_CONSOLE_TICKET_SECONDS", default=60)
 # Open console/exec/events websockets re-check their rights this often (and at once when a
 # service changes rights): a revoked token, removed share or deactivated user closes them.

@@ -221,9 +221,10 @@ def console_writer_release(vm_id, *, session: str, username: str) -> bool:
 
 INPUT_TIMEOUT_SECONDS = 5.0  # one console_write, on the event loop
 ATTACH_TIMEOUT_SECONDS = 10.0
-# Console events (hostd sends at most 64 KiB each) a viewer's stream may hold before hostd
-# waits: with the client's read buffers, well under 1 MiB per viewer that stops acking.
-STREAM_QUEUE_FRAMES = 4
+# Console events (hostd sends at most 256 KiB each, vms.hostd.console.STREAM_CHUNK) a viewer's
+# stream may hold before hostd waits: 512 KiB, with the client's read buffers about 1 MiB per
+# viewer that stops acking.
+STREAM_QUEUE_FRAMES = 2
 
 _UNAVAILABLE_MESSAGES = {
     "hostd_unavailable": "The console service (hostd) is not running on the VM's host.",

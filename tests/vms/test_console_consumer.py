@@ -29,6 +29,7 @@ from sandbox_site.asgi import application
 from tests.factories import UserFactory, VmFactory
 from tests.hostd.runner import FAKE_VMM, Hostd
 from vms.consoles import ConsoleUnavailable, HostdConsole
+from vms.hostd.console import STREAM_CHUNK
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -59,8 +60,9 @@ def root(settings):
 
 
 @pytest.fixture
-def hostd(root):
-    daemon = Hostd(root)
+def hostd(root, request):
+    # indirect parametrization passes extra HostdConfig fields
+    daemon = Hostd(root, **getattr(request, "param", {}))
     daemon.start()
     yield daemon
     daemon.stop()
@@ -382,6 +384,83 @@ async def test_a_viewer_that_does_not_ack_makes_hostd_wait_and_then_catches_up(m
         got += await read_bytes(comm, WINDOW)
     await comm.disconnect()
     assert got == vm.vmm.log.read_bytes()[: len(got)]
+
+
+async def test_output_arrives_in_order_in_large_frames_with_a_large_window(make_vm, owner, settings):
+    """hostd batches what is there into chunks of up to 256 KiB and the consumer forwards each
+    as one binary frame (as much as the window allows): the bytes and offsets stay exact
+    across chunk, batch and window boundaries."""
+    settings.SANDBOX_CONSOLE_WINDOW_BYTES = window = 1 << 20
+    blob = os.urandom(3 * window + 4321)
+    vm = await database_sync_to_async(make_vm)(blob)
+    comm, _, _ = await connect(vm, owner, "?offset=0")
+    first = await hello(comm)
+    assert first["window"] == window and first["offset"] == 0
+    got = bytearray()
+    sizes = []
+    while len(got) < len(blob):
+        kind, value = await next_message(comm)
+        assert kind == "bytes", (kind, value)
+        got += value
+        sizes.append(len(value))
+        if len(got) % window >= window // 4 or len(value) >= window // 4:
+            await comm.send_to(text_data=json.dumps({"type": "ack", "offset": len(got)}))
+    await comm.disconnect()
+    assert bytes(got[: len(blob)]) == blob
+    assert max(sizes) == STREAM_CHUNK  # not the 4 KiB ring's or a socket read's size
+    assert got == vm.vmm.log.read_bytes()[: len(got)]
+
+
+@pytest.mark.parametrize("hostd", [{"console_log_max_bytes": 64 << 10}], indirect=True)
+async def test_a_slow_viewer_skips_with_a_gap_and_never_slows_the_guest(make_vm, owner, hostd):
+    """A viewer that does not acknowledge holds up nobody: the guest prints 8 MiB meanwhile
+    (the log keeps the newest 48 KiB of them). The viewer is told with ``gap`` messages which
+    bytes it skipped, the bytes between them are contiguous, and after the last one come the
+    log's bytes from its ``to``."""
+    vm = await database_sync_to_async(make_vm)()
+    comm, _, _ = await connect(vm, owner)
+    start = (await hello(comm))["offset"]
+    flood = 8 << 20
+    await comm.send_to(text_data=json.dumps({"type": "input", "data": f"flood {flood}\n"}))
+    flood_json = vm.vmm.runtime_dir / "flood.json"
+    await asyncio.to_thread(wait_for, flood_json.exists, 60, "the guest's flood to end")
+    assert json.loads(flood_json.read_text())["bytes"] == flood  # all of it, unacknowledged
+    gaps: list[dict] = []
+    after = bytearray()  # bytes since the last gap (or since the start)
+    received = 0
+
+    async def take() -> dict | None:
+        nonlocal after, received
+        kind, value = await next_message(comm)
+        if kind == "bytes":
+            after += value
+            received += len(value)
+            return None
+        if value["type"] == "gap":
+            assert value["from"] == (gaps[-1]["to"] if gaps else start) + len(after)  # contiguous up to it
+            assert value["to"] > value["from"]
+            gaps.append(value)
+            after = bytearray()
+            return None
+        return value
+
+    await comm.send_to(text_data=json.dumps({"type": "ping"}))
+    while (control := await take()) is None or control["type"] != "pong":
+        pass
+    # Unacknowledged, the viewer got a window at most (a gap restarts the count: skipped
+    # bytes need no ack).
+    assert received <= WINDOW * (1 + len(gaps))
+    info = await asyncio.to_thread(hostd.console_info, vm.pk)
+    assert info["log_dropped"] > 0 and info["log_start"] > start + received
+    # Acknowledging again: what the stream still held, a gap (or more) up to the oldest byte
+    # the log kept, and those bytes.
+    while not gaps or gaps[-1]["to"] < info["log_start"] or len(after) < 4096:
+        await comm.send_to(text_data=json.dumps({"type": "ack", "offset": 10**12}))  # = all sent
+        await take()
+    await comm.disconnect()
+    with open(vm.vmm.log, "rb") as fh:  # offsets are file positions: the log's bytes from `to`
+        fh.seek(gaps[-1]["to"])
+        assert bytes(after) == fh.read(len(after))
 
 
 async def test_bytes_that_no_longer_exist_are_reported_as_a_gap(make_vm, owner, hostd):

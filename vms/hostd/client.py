@@ -484,7 +484,7 @@ class AsyncHostdClient:
     async def console_attach(self, vm_id: str, *, offset: int | None = None, queue_frames: int = 64) -> Subscription:
         """Events: ``console`` (header ``offset``; data = bytes), ``end`` when the VM stops.
         ``offset`` None = from the live end; negative = that many bytes back. At most
-        ``queue_frames`` events wait here (each at most 64 KiB of console); then this
+        ``queue_frames`` events wait here (each at most 256 KiB of console); then this
         client stops reading its socket and hostd's stream waits."""
         args: dict[str, Any] = {"vm_id": vm_id}
         if offset is not None:

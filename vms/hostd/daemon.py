@@ -31,11 +31,11 @@ from typing import Any
 from vms.hostd import metrics as hostd_metrics
 from vms.hostd import tls
 from vms.hostd.agent_link import AgentLink, AgentUnavailable, LinkBudget
-from vms.hostd.console import ConsoleLink, ConsoleUnavailable
+from vms.hostd.console import STREAM_CHUNK, STREAM_READ, ConsoleLink, ConsoleUnavailable
 from vms.hostd.errors import HostdError
 from vms.hostd.logcontext import log_context, log_context_set
 from vms.vmm.agent_client import AGENT_SOCKET, AgentError, AgentRequestError, AgentTimeout, AgentTransport
-from vms.vmm.agent_protocol import Frame, FrameDecoder, FrameError, encode_frame
+from vms.vmm.agent_protocol import Frame, FrameDecoder, FrameError, encode_frame, encode_frame_head
 from vms.vmm.process import running_vmm_pid
 
 logger = logging.getLogger("vms.hostd")
@@ -45,6 +45,7 @@ MAX_CLIENT_INFLIGHT = 64
 MAX_CLIENT_STREAMS = 256
 CLIENT_STALL_SECONDS = 60.0
 EXEC_WINDOW = 256 << 10  # agent -> hostd credit per exec stream
+SPLIT_WRITE_BYTES = 64 << 10  # frames with more data go out as header, then data
 DEFAULT_AGENT_TIMEOUT = 30.0
 MAX_AGENT_TIMEOUT = 3900.0
 
@@ -196,8 +197,11 @@ class HostDaemon:
             self._server.close()
         if self._tls_server is not None:
             self._tls_server.close()
+        pending = [task for session in self.sessions for task in (*session.streams.values(), *session.tasks)]
         for session in list(self.sessions):
             session.close()
+        if pending:  # let cancelled streams finish (one may be in a worker-thread log read)
+            await asyncio.wait(pending, timeout=2.0)
         for vm in list(self.vms.values()):
             await vm.stop()
         self.vms.clear()
@@ -336,9 +340,14 @@ class ClientSession:
             task.cancel()
         self.writer.close()
 
-    def send(self, header: dict[str, Any], data: bytes = b"") -> None:
-        if not self.closed:
+    def send(self, header: dict[str, Any], data: bytes | memoryview = b"") -> None:
+        if self.closed:
+            return
+        if len(data) < SPLIT_WRITE_BYTES:
             self.writer.write(encode_frame(header, data))
+        else:  # two writes (the socket takes both at once) instead of copying the data once more
+            self.writer.write(encode_frame_head(header, data))
+            self.writer.write(data)
 
     async def drain(self) -> None:
         try:
@@ -603,7 +612,10 @@ class ExecStream:
 
 
 class ConsoleStream:
-    """One client's console subscription: a cursor over the ring and the log."""
+    """One client's console subscription: a cursor over the ring and the log. It takes up to
+    ``STREAM_READ`` bytes at once (one hop to a worker thread when they come from the log)
+    and sends them as events of at most ``STREAM_CHUNK`` bytes, each after the previous one
+    was written to the client (``drain``): at most ``STREAM_READ`` bytes held per stream."""
 
     def __init__(self, session: ClientSession, vm: VmHandle, sub: int, offset: int) -> None:
         self.session = session
@@ -622,12 +634,15 @@ class ConsoleStream:
         console = self.vm.console
         try:
             while True:
-                start, data = await console.read(self.cursor)
+                start, data = await console.read(self.cursor, STREAM_READ)
                 if data:
-                    hostd_metrics.CONSOLE_BYTES.inc(len(data))
-                    self.session.send({"ev": "console", "sub": self.sub, "offset": start}, data)
-                    self.cursor = start + len(data)
-                    await self.session.drain()
+                    view = memoryview(data)  # pieces without copies
+                    for at in range(0, len(data), STREAM_CHUNK):
+                        piece = view[at : at + STREAM_CHUNK]
+                        hostd_metrics.CONSOLE_BYTES.inc(len(piece))
+                        self.session.send({"ev": "console", "sub": self.sub, "offset": start + at}, piece)
+                        self.cursor = start + at + len(piece)
+                        await self.session.drain()
                     continue
                 # Nothing from the cursor on exists yet; a read that skipped a gap (rotated log)
                 # moves the cursor, or waiting below would return at once forever.

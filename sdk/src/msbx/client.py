@@ -656,7 +656,7 @@ class Console:
         self.ws = ws
         self.hello: dict[str, Any] = {}
         self.offset = 0
-        self.window = 256 << 10
+        self.window = 2 << 20  # the server's, from its hello
         self._acked = 0
         self._lock = threading.Lock()
         self.notices: list[dict[str, Any]] = []  # role changes, gaps and errors the server sent
@@ -680,7 +680,7 @@ class Console:
                 raise ws_error(exc, "console") from exc
             if isinstance(message, bytes):
                 self.offset += len(message)
-                if self.offset - self._acked >= max(1, min(self.window // 2, 32 << 10)):
+                if self.offset - self._acked >= flows.console_ack_every(self.window):
                     self._ack()
                 return message
             control = json.loads(message)
