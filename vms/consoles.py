@@ -29,6 +29,7 @@ from accounts.services import user_has_perm
 from sandbox_site.errors import ApplicationError, ConflictError
 from vms import hypervisor
 from vms.hostd.client import AsyncHostdClient, HostdError, HostdRequestError, Subscription
+from vms.hostd.tls import TlsAddress
 from vms.models import VM
 
 INPUT_MAX_BYTES = 4096
@@ -266,8 +267,9 @@ class HostdConsole:
     Input goes over a second connection, opened on the first keystroke, so that typing
     never waits behind output the viewer has not acknowledged yet."""
 
-    def __init__(self, vm_id, *, socket_path: Path | str | None = None) -> None:
+    def __init__(self, vm_id, *, socket_path: Path | str | TlsAddress | None = None) -> None:
         self.vm_id = str(vm_id)
+        # This machine's hostd, or the VM's host's over mutual TLS (``vms.hostd_address``).
         self.socket_path = socket_path or settings.SANDBOX_HOSTD_SOCKET
         self._output: AsyncHostdClient | None = None
         self._subscription: Subscription | None = None

@@ -657,3 +657,44 @@ async def test_a_live_writer_keeps_its_claim_and_a_dead_process_claim_lapses(con
     other, other_hello = await _writer_after_connect(console_vm, grantee)
     assert other_hello["writer"] is True
     await other.disconnect()
+
+
+@pytest.fixture
+def remote_hostd(root, settings):
+    """hostd of another host "h2": the VMs' runtime directory, reached only over mutual TLS
+    (this machine's socket path leads nowhere)."""
+    from vms import pki
+
+    settings.SANDBOX_PKI_DIR = root / "pki"
+    files = pki.host_cert_issue("h2", "127.0.0.1")
+    daemon = Hostd(root, tls_listen="127.0.0.1:0", tls_cert=files.cert, tls_key=files.key, tls_ca=pki.ca_files().cert)
+    daemon.start()
+    settings.SANDBOX_HOSTD_SOCKET = root / "not-this-host.sock"
+    yield daemon
+    daemon.stop()
+
+
+async def test_a_console_on_another_host_is_served_through_its_hostd_over_mutual_tls(root, remote_hostd, owner):
+    from tests.factories import HostFactory
+
+    def make():
+        host = HostFactory(name="h2", hostd_address=f"127.0.0.1:{remote_hostd.daemon.tls_port}")
+        vm = VmFactory(owner=owner, state="running", name="far", host=host)
+        vmm = Vmm(root / str(vm.pk))
+        vmm.runtime_dir.mkdir()
+        vmm.start()
+        remote_hostd.scan()
+        return vm, vmm
+
+    vm, vmm = await database_sync_to_async(make)()
+    try:
+        comm, connected, _ = await connect(vm, owner)
+        assert connected
+        first = await hello(comm)
+        assert first["writer"] is True
+        await comm.send_to(text_data=json.dumps({"type": "input", "data": "over tls\n"}))
+        got = await read_until(comm, b"echo: over tls")
+        assert got == vmm.log.read_bytes()[first["offset"] : first["offset"] + len(got)]
+        await comm.disconnect()
+    finally:
+        vmm.kill()
