@@ -16,8 +16,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.hostd.runner import FAKE_VMM
 from vms import pki
 
@@ -61,7 +59,8 @@ CLIENT = textwrap.dedent(
         events = list(client.exec_stream("vm1", exec_id, timeout=20))
         info = client.call("console_info", {"vm_id": "vm1"})[0]
     output = b"".join(e["data"] for e in events if e["ev"] == "out").decode()
-    print("RESULT=" + json.dumps({"output": output, "exit": (events[-1].get("result") or {}).get("exit_code"), "console": info}))
+    code = (events[-1].get("result") or {}).get("exit_code")
+    print("RESULT=" + json.dumps({"output": output, "exit": code, "console": info}))
     """
 )
 
