@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Iterable, Iterator
 
 from django.db import transaction
@@ -43,12 +44,45 @@ def request_perm_checker(user):
     checkers = _request_checkers.get()
     if checkers is None:
         return None
-    from guardian.core import ObjectPermissionChecker
-
     checker = checkers.get(user.pk)
     if checker is None or checker.user is not user:
-        checker = checkers[user.pk] = ObjectPermissionChecker(user)
+        checker = checkers[user.pk] = _one_query_checker()(user)
     return checker
+
+
+@functools.cache
+def _one_query_checker():
+    from guardian.core import ObjectPermissionChecker  # needs the app registry: imported on first use
+
+    class OneQueryChecker(ObjectPermissionChecker):
+        """guardian's checker reading a user's object rights on an object in one query (the
+        user's own and its groups', a UNION) instead of guardian's two."""
+
+        def get_perms(self, obj):
+            user = self.user
+            if user is None or not user.is_active or user.is_superuser:
+                return super().get_perms(obj)
+            key = self.get_local_cache_key(obj)
+            if key not in self._obj_perms_cache:
+                self._obj_perms_cache[key] = object_perm_codenames(user, obj)
+            return self._obj_perms_cache[key]
+
+    return OneQueryChecker
+
+
+def object_perm_codenames(user, obj) -> list[str]:
+    """Codenames of the rights ``user`` holds on ``obj`` through django-guardian (its own and
+    its groups'; not global ones), in one query: what guardian's ``get_perms`` answers."""
+    from django.contrib.contenttypes.models import ContentType
+    from guardian.models import GroupObjectPermission, UserObjectPermission
+
+    ctype = ContentType.objects.get_for_model(obj)  # cached per process
+    where = {"content_type": ctype, "object_pk": str(obj.pk), "permission__content_type": ctype}
+    own = UserObjectPermission.objects.filter(user=user, **where).values_list("permission__codename", flat=True)
+    groups = GroupObjectPermission.objects.filter(group__user=user, **where).values_list(
+        "permission__codename", flat=True
+    )
+    return sorted(set(own.union(groups)))
 
 
 def rights_changed(user_ids: Iterable[int]) -> None:

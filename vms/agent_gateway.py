@@ -51,6 +51,7 @@ _STATUS = {
     "bad_request": 400,
     "too_large": 413,
     "too_many": 429,
+    "exec_limit": 429,
     "no_space": 507,
     "read_only": 409,
     "vm_not_running": 409,
@@ -162,6 +163,14 @@ def agent_call(
     Raises ``ApplicationError`` (``agent_error``)."""
     with agent_session(vm, timeout=timeout) as call:
         return call(op, args, data, timeout=timeout)
+
+
+def exec_start_capped(vm: VM, args: dict, stdin: bytes = b"", *, max_running: int, timeout: float = 30.0) -> dict:
+    """Start an exec (the agent's ``exec_start``) unless ``max_running`` already run in the VM:
+    ``exec_limit`` (429) then. hostd counts and starts under one lock per VM, usually without
+    asking the guest first (docs/hostd.md); needs hostd (``hostd_unavailable`` without it)."""
+    with _mapped_errors(), _hostd(timeout) as client:
+        return client.exec_start(str(vm.pk), args, stdin, max_running=max_running, timeout=timeout)
 
 
 def agent_ping(vm: VM, *, timeout: float = 5.0) -> dict:

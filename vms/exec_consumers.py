@@ -44,11 +44,13 @@ def _authorise(user, vm_id: str):
     from rest_framework.exceptions import NotFound
 
     from accounts.permissions import vm_for
+    from accounts.rights import request_perm_cache
     from sandbox_site.errors import NotPermitted
     from vms.transitions import vm_guest_running
 
     try:
-        vm = vm_for(user, vm_id, "exec", action="vm.exec_attach")
+        with request_perm_cache():  # the view and exec rights read in one query, for this check only
+            vm = vm_for(user, vm_id, "exec", action="vm.exec_attach")
     except NotFound:
         return None, "not_found"
     except NotPermitted:

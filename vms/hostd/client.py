@@ -160,6 +160,15 @@ class HostdClient:
             "agent_call", {"vm_id": vm_id, "op": op, "args": args or {}, "timeout": timeout}, data, timeout=timeout + 5
         )
 
+    def exec_start(
+        self, vm_id: str, args: dict[str, Any], data: bytes = b"", *, max_running: int, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """The agent's ``exec_start`` unless ``max_running`` execs already run in the VM
+        (``HostdRequestError`` ``exec_limit``; nothing started)."""
+        timeout = timeout or self.timeout
+        request = {"vm_id": vm_id, "args": args, "max_running": max_running, "timeout": timeout}
+        return self.call("exec_start", request, data, timeout=timeout + 5)[0]
+
     def agent_wait(self, vm_id: str, *, timeout: float) -> dict[str, Any]:
         """Until the VM's agent answers ``ping`` (registers the VM with hostd)."""
         return self.call("agent_wait", {"vm_id": vm_id, "timeout": timeout}, timeout=timeout + 5)[0]
