@@ -9,7 +9,7 @@
 - upload and download throughput (MiB/s), through the host client and through the REST API.
 
 Prints JSON (p50/p99 of each; the REST and websocket overhead over the host client, p50 and
-p99). Not a test: nothing is asserted.
+p99, and the median of the per-round differences). Not a test: nothing is asserted.
 
     .venv/bin/python benchmarks/exec.py --runs 100 --mib 64
 """
@@ -108,6 +108,11 @@ def _overhead(path: dict[str, float], host: dict[str, float]) -> dict[str, float
     }
 
 
+def _paired(path: list[float], host: list[float]) -> float:
+    """Median of the per-round differences (same round, same load): steadier on a busy machine."""
+    return round(statistics.median(p - h for p, h in zip(path, host, strict=True)) * 1000, 2)
+
+
 def transfer_host_client(socket_path: Path, vm_id: str, mib: int) -> dict[str, float]:
     with HostdClient(socket_path, timeout=300) as client:
         start = time.monotonic()
@@ -148,7 +153,8 @@ def transfer_api(stack, vm_id: str, mib: int) -> dict[str, float]:
 
 def measure(stack, vm_id: str, runs: int, mib: int, acceleration: str) -> dict:
     round_trips(stack, vm_id, 5)  # warm up
-    times = {name: _stats(samples) for name, samples in round_trips(stack, vm_id, runs).items()}
+    samples = round_trips(stack, vm_id, runs)
+    times = {name: _stats(values) for name, values in samples.items()}
     host, api, ws = times["host_client"], times["rest_api"], times["websocket"]
     result = {
         "benchmark": "exec",
@@ -159,6 +165,8 @@ def measure(stack, vm_id: str, runs: int, mib: int, acceleration: str) -> dict:
             "websocket": ws,
             "rest_overhead": _overhead(api, host),
             "websocket_overhead": _overhead(ws, host),
+            "rest_overhead_paired_p50_ms": _paired(samples["rest_api"], samples["host_client"]),
+            "websocket_overhead_paired_p50_ms": _paired(samples["websocket"], samples["host_client"]),
         },
     }
     if mib > 0:
