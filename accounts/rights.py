@@ -55,8 +55,9 @@ def _one_query_checker():
     from guardian.core import ObjectPermissionChecker  # needs the app registry: imported on first use
 
     class OneQueryChecker(ObjectPermissionChecker):
-        """guardian's checker reading a user's object rights on an object in one query (the
-        user's own and its groups', a UNION) instead of guardian's two."""
+        """guardian's checker reading a user's rights on an object in one query (its own and
+        its groups' object rights and, the first time, its role's global rights: a UNION)
+        instead of three."""
 
         def get_perms(self, obj):
             user = self.user
@@ -64,25 +65,43 @@ def _one_query_checker():
                 return super().get_perms(obj)
             key = self.get_local_cache_key(obj)
             if key not in self._obj_perms_cache:
-                self._obj_perms_cache[key] = object_perm_codenames(user, obj)
+                global_perms, self._obj_perms_cache[key] = user_rights_read(
+                    user, obj, with_global=not hasattr(user, "_perm_cache")
+                )
+                if global_perms is not None:
+                    # What accounts.backends.LockoutModelBackend.get_all_permissions keeps.
+                    user._perm_cache = global_perms
             return self._obj_perms_cache[key]
 
     return OneQueryChecker
 
 
-def object_perm_codenames(user, obj) -> list[str]:
-    """Codenames of the rights ``user`` holds on ``obj`` through django-guardian (its own and
-    its groups'; not global ones), in one query: what guardian's ``get_perms`` answers."""
+def user_rights_read(user, obj, *, with_global: bool) -> tuple[set[str] | None, list[str]]:
+    """In one query: the codenames of the rights ``user`` holds on ``obj`` through
+    django-guardian (its own and its groups': what guardian's ``get_perms`` answers) and, with
+    ``with_global``, its global rights as ``"app_label.codename"`` (its own and its groups',
+    i.e. its role's: what ``LockoutModelBackend.get_all_permissions`` answers; else None)."""
+    from django.contrib.auth.models import Permission
     from django.contrib.contenttypes.models import ContentType
+    from django.db.models import Value
     from guardian.models import GroupObjectPermission, UserObjectPermission
 
     ctype = ContentType.objects.get_for_model(obj)  # cached per process
     where = {"content_type": ctype, "object_pk": str(obj.pk), "permission__content_type": ctype}
-    own = UserObjectPermission.objects.filter(user=user, **where).values_list("permission__codename", flat=True)
-    groups = GroupObjectPermission.objects.filter(group__user=user, **where).values_list(
-        "permission__codename", flat=True
-    )
-    return sorted(set(own.union(groups)))
+    fields = ("permission__content_type__app_label", "permission__codename", "scope")
+    parts = [
+        UserObjectPermission.objects.filter(user=user, **where).annotate(scope=Value("o")).values_list(*fields),
+        GroupObjectPermission.objects.filter(group__user=user, **where).annotate(scope=Value("o")).values_list(*fields),
+    ]
+    if with_global:
+        fields = ("content_type__app_label", "codename", "scope")
+        parts += [
+            Permission.objects.filter(user=user).annotate(scope=Value("g")).values_list(*fields),
+            Permission.objects.filter(group__user=user).annotate(scope=Value("g")).values_list(*fields),
+        ]
+    rows = set(parts[0].union(*parts[1:]))
+    global_perms = {f"{app}.{codename}" for app, codename, scope in rows if scope == "g"} if with_global else None
+    return global_perms, sorted({codename for _, codename, scope in rows if scope == "o"})
 
 
 def rights_changed(user_ids: Iterable[int]) -> None:

@@ -140,11 +140,18 @@ def vm_exec_start(
         except ApplicationError as exc:
             _audit(actor, "vm.exec", vm, audit_after, result=AuditResult.FAILED, message=exc.message)
             raise
-        _audit(actor, "vm.exec", vm, {**audit_after, "exec_id": started["exec_id"]})
         limit = settings.SANDBOX_EXEC_WAIT_MAX_SECONDS
         wait_for = min(limit, timeout + 5) if timeout else limit
-        _release_database_connection()  # nothing below needs it; a wait must not hold one
-        summary, _ = call("exec_wait", {"exec_id": started["exec_id"], "timeout": wait_for}, timeout=wait_for + 10)
+
+        def audited() -> None:
+            _audit(actor, "vm.exec", vm, {**audit_after, "exec_id": started["exec_id"]})
+            _release_database_connection()  # nothing below needs it; a wait must not hold one
+
+        # The audit row is written while the guest runs the command (after the wait was sent,
+        # before its answer is read): its database round trip costs the request no time.
+        summary, _ = call(
+            "exec_wait", {"exec_id": started["exec_id"], "timeout": wait_for}, timeout=wait_for + 10, meanwhile=audited
+        )
         return _collect(call, summary, max_bytes=buffer_limit)
 
 

@@ -61,7 +61,12 @@ def _agent_is(monkeypatch, fake) -> None:
 
     @contextlib.contextmanager
     def session(vm, *, timeout=30.0):
-        yield lambda op, args=None, data=b"", *, timeout=30.0: fake(vm, op, args, data, timeout=timeout)
+        def call(op, args=None, data=b"", *, timeout=30.0, meanwhile=None):
+            if meanwhile is not None:
+                meanwhile()
+            return fake(vm, op, args, data, timeout=timeout)
+
+        yield call
 
     def capped(vm, args, stdin=b"", *, max_running, timeout=30.0):  # wait=false starts (hostd's cap)
         return fake(vm, "exec_start", args, stdin, timeout=timeout)[0]
