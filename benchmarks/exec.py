@@ -114,8 +114,9 @@ def round_trips(stack, vm_id: str, runs: int, cpu: dict[str, float] | None = Non
             times["rest_api"].append(one_api(api, vm_id))
             middle = _cpu_seconds(web_pid)
             times["websocket"].append(one_websocket(api, stack, vm_id))
-            cpu["rest_api"] = cpu.get("rest_api", 0.0) + middle - before
-            cpu["websocket"] = cpu.get("websocket", 0.0) + _cpu_seconds(web_pid) - middle
+            if web_pid is not None:
+                cpu["rest_api"] = cpu.get("rest_api", 0.0) + middle - before
+                cpu["websocket"] = cpu.get("websocket", 0.0) + _cpu_seconds(web_pid) - middle
     return times
 
 
