@@ -529,3 +529,28 @@ def test_a_capped_start_counts_execs_started_before_hostd_knew_the_vm(root: Path
                 client.agent("vm1", "exec_signal", {"exec_id": exec_id, "signal": "KILL"})
     finally:
         second.stop()
+
+
+def test_the_running_exec_count_is_bounded_and_forgotten_with_the_agent_session() -> None:
+    from vms.hostd.running_execs import MAX_KNOWN, RunningExecs
+
+    asked = []
+
+    async def exec_list() -> dict:
+        asked.append(1)
+        return {"execs": [{"exec_id": "a", "running": True}, {"exec_id": "b", "running": False}]}
+
+    async def scenario() -> None:
+        execs = RunningExecs()
+        assert await execs.count(1, 5, exec_list) == 1 and len(asked) == 1  # unknown: asked
+        execs.started(1, "c")
+        assert await execs.count(1, 5, exec_list) == 2 and len(asked) == 1  # known: not asked
+        execs.seen(1, {"exec_id": "c", "running": False})
+        assert await execs.count(1, 5, exec_list) == 1 and len(asked) == 1
+        assert await execs.count(2, 5, exec_list) == 1 and len(asked) == 2  # a new agent session: asked
+        for n in range(MAX_KNOWN + 1):  # more ids than any agent runs: forgotten, asked again
+            execs.started(2, f"x{n}")
+        assert execs.ids is None
+        assert await execs.count(2, 5, exec_list) == 1 and len(asked) == 3
+
+    asyncio.run(scenario())
