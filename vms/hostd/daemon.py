@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from vms.hostd import metrics as hostd_metrics
+from vms.hostd import tls
 from vms.hostd.agent_link import AgentLink, AgentUnavailable, LinkBudget
 from vms.hostd.console import ConsoleLink, ConsoleUnavailable
 from vms.hostd.errors import HostdError
@@ -60,6 +61,11 @@ class HostdConfig:
     metrics_port: int = 0  # 0: no metrics listener
     metrics_bind: str = "127.0.0.1"
     socket_group: str = ""  # a group that may use the socket too (0660), e.g. the web's user
+    # A TCP listener for other hosts' web and worker processes: mutual TLS only (vms.hostd.tls).
+    tls_listen: str = ""  # "host:port"; empty: the Unix socket only
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
 
 
 def _is_cloud_hypervisor(runtime_dir: Path, pid: int | None) -> bool:
@@ -149,6 +155,7 @@ class HostDaemon:
         self.vms: dict[str, VmHandle] = {}
         self.sessions: set[ClientSession] = set()
         self._server: asyncio.AbstractServer | None = None
+        self._tls_server: asyncio.Server | None = None
         self._scan_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self.started = time.monotonic()
@@ -169,12 +176,34 @@ class HostDaemon:
             group = self.config.socket_group
             shutil.chown(path, group=int(group) if group.isdigit() else group)
             os.chmod(path, 0o660)
+        if self.config.tls_listen:
+            await self._tls_start()
         await self.scan()
         self._scan_task = asyncio.create_task(self._scan_loop(), name="hostd-scan")
         hostd_metrics.metrics_serve(
             self.config.metrics_port, self.config.metrics_bind, lambda: [vm.status() for vm in list(self.vms.values())]
         )
         logger.info("hostd listening on %s; %d running VM(s) attached", path, len(self.vms))
+
+    async def _tls_start(self) -> None:
+        """Listen for remote clients: TLS 1.3 with a CA-signed client certificate, or nothing
+        (a handshake that fails never reaches a session)."""
+        config = self.config
+        if not (config.tls_cert and config.tls_key and config.tls_ca):
+            raise ValueError("a TLS listener needs its certificate, key and the CA (tls_cert, tls_key, tls_ca)")
+        host, port = tls.parse_listen(config.tls_listen, any_port=True)
+        context = tls.server_context(cert=config.tls_cert, key=config.tls_key, ca=config.tls_ca)
+        self._tls_server = await asyncio.start_server(
+            self._on_client, host=host, port=port, ssl=context, ssl_handshake_timeout=10.0, limit=1 << 16
+        )
+        logger.info("hostd listening on %s:%s (mutual TLS)", host, port)
+
+    @property
+    def tls_port(self) -> int | None:
+        """The TLS listener's port (after ``start``; useful with port 0)."""
+        if self._tls_server is None or not self._tls_server.sockets:
+            return None
+        return int(self._tls_server.sockets[0].getsockname()[1])
 
     async def run_forever(self) -> None:
         await self.start()
@@ -199,6 +228,8 @@ class HostDaemon:
                 await self._scan_task
         if self._server is not None:
             self._server.close()
+        if self._tls_server is not None:
+            self._tls_server.close()
         for session in list(self.sessions):
             session.close()
         for vm in list(self.vms.values()):
