@@ -14,7 +14,11 @@ that takes other locks:
    ``chain_seq``, the tail's hash as ``prev_hash`` and its own ``hash``. It runs after every
    commit that wrote audit rows (``transaction.on_commit``) and periodically (Celery beat,
    ``SANDBOX_AUDIT_SEAL_SECONDS``) for rows whose commit-time sealing did not happen (a process
-   that died between commit and callback, a lock timeout).
+   that died between commit and callback, a lock timeout). In an HTTP request
+   (``audit_seal_after_response``, set by ``RequestContextMiddleware``) the commit-time sealing
+   waits until the response has been sent: the rows are committed before the client is
+   answered, only their link into the chain comes a moment later (about 10 statements and the
+   chain lock off every audited request's latency: docs/benchmarks.md, "Exec overhead").
 
 Why this and not taking the chain lock first in every write transaction: the lock was held
 until the outer transaction committed, so any transaction that audited and then locked a row
@@ -37,8 +41,11 @@ after its commit is not protected by the chain, so it is reported rather than tr
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -170,7 +177,32 @@ def audit_record(
     return event
 
 
+@dataclass
+class _SealLater:
+    pending: bool = False
+
+
+_seal_later: contextvars.ContextVar[_SealLater | None] = contextvars.ContextVar("audit_seal_later", default=None)
+
+
+@contextlib.contextmanager
+def audit_seal_after_response() -> Iterator[_SealLater]:
+    """Within the block (one HTTP request), audit rows committed are not sealed at commit;
+    ``pending`` says whether the caller must call ``audit_chain_seal`` once the response is
+    out (``RequestContextMiddleware`` does it when the response is closed)."""
+    later = _SealLater()
+    token = _seal_later.set(later)
+    try:
+        yield later
+    finally:
+        _seal_later.reset(token)
+
+
 def _seal_after_commit() -> None:
+    later = _seal_later.get()
+    if later is not None:
+        later.pending = True
+        return
     audit_chain_seal()
 
 

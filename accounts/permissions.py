@@ -148,14 +148,14 @@ def project_or_404(user, ref):
     return project
 
 
-def vm_for(user, vm_id, perm: str = "view", *, action: str) -> VM:
+def vm_for(user, vm_id, perm: str = "view", *, action: str, related: tuple[str, ...] = VM_ROW_RELATED) -> VM:
     """The VM ``vm_id`` for ``user`` to perform ``action``: ``NotFound`` when the user may not
     view it (or the id is malformed), ``NotPermitted`` (audited) when they may view it but do
-    not hold ``vms.<perm>_vm``."""
+    not hold ``vms.<perm>_vm``. ``related``: the rows read with it (``select_related``)."""
     # The row by id, then the view right on it: the same answer as filtering by
     # ``visible_queryset`` (global right, object right, superuser), without compiling its
     # permission subqueries; the object rights read here serve the next check of this request.
-    vm = object_or_404(VM.objects.select_related(*VM_ROW_RELATED), pk=vm_id)
+    vm = object_or_404(VM.objects.select_related(*related), pk=vm_id)
     vm.read_at = time.monotonic()  # services may skip re-reading its state (vms.exec_services)
     if not user_has_perm(user, "vms.view_vm", vm):
         raise NotFound()
@@ -247,6 +247,7 @@ class VmNestedViewSet(_DeclaredPerms, viewsets.GenericViewSet):
     missing. Handlers use ``self.vm``; the services they call re-check the right."""
 
     queryset = VM.objects.all()  # for the schema's path parameter; rows come from vm_for
+    vm_related: tuple[str, ...] = VM_ROW_RELATED  # what handlers read of the VM's related rows
     lookup_url_kwarg = "vm_id"
     audit_prefix = "vm"
     pagination_class = None
@@ -256,7 +257,13 @@ class VmNestedViewSet(_DeclaredPerms, viewsets.GenericViewSet):
         super().initial(request, *args, **kwargs)  # authentication and token scope first: 401
         if self.action is None:
             return  # no handler for this method: DRF answers 405, touching nothing
-        self.vm = vm_for(request.user, kwargs[self.lookup_url_kwarg], self.required_perm(), action=self.audit_action())
+        self.vm = vm_for(
+            request.user,
+            kwargs[self.lookup_url_kwarg],
+            self.required_perm(),
+            action=self.audit_action(),
+            related=self.vm_related,
+        )
 
     def get_object(self):
         return self.vm

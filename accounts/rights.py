@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Iterable, Iterator
 
 from django.db import transaction
@@ -54,12 +55,64 @@ def request_perm_checker(user):
     checkers = _request_checkers.get()
     if checkers is None:
         return None
-    from guardian.core import ObjectPermissionChecker
-
     checker = checkers.get(user.pk)
     if checker is None or checker.user is not user:
-        checker = checkers[user.pk] = ObjectPermissionChecker(user)
+        checker = checkers[user.pk] = _one_query_checker()(user)
     return checker
+
+
+@functools.cache
+def _one_query_checker():
+    from guardian.core import ObjectPermissionChecker  # needs the app registry: imported on first use
+
+    class OneQueryChecker(ObjectPermissionChecker):
+        """guardian's checker reading a user's rights on an object in one query (its own and
+        its groups' object rights and, the first time, its role's global rights: a UNION)
+        instead of three."""
+
+        def get_perms(self, obj):
+            user = self.user
+            if user is None or not user.is_active or user.is_superuser:
+                return super().get_perms(obj)
+            key = self.get_local_cache_key(obj)
+            if key not in self._obj_perms_cache:
+                global_perms, self._obj_perms_cache[key] = user_rights_read(
+                    user, obj, with_global=not hasattr(user, "_perm_cache")
+                )
+                if global_perms is not None:
+                    # What accounts.backends.LockoutModelBackend.get_all_permissions keeps.
+                    user._perm_cache = global_perms
+            return self._obj_perms_cache[key]
+
+    return OneQueryChecker
+
+
+def user_rights_read(user, obj, *, with_global: bool) -> tuple[set[str] | None, list[str]]:
+    """In one query: the codenames of the rights ``user`` holds on ``obj`` through
+    django-guardian (its own and its groups': what guardian's ``get_perms`` answers) and, with
+    ``with_global``, its global rights as ``"app_label.codename"`` (its own and its groups',
+    i.e. its role's: what ``LockoutModelBackend.get_all_permissions`` answers; else None)."""
+    from django.contrib.auth.models import Permission
+    from django.contrib.contenttypes.models import ContentType
+    from django.db.models import Value
+    from guardian.models import GroupObjectPermission, UserObjectPermission
+
+    ctype = ContentType.objects.get_for_model(obj)  # cached per process
+    where = {"content_type": ctype, "object_pk": str(obj.pk), "permission__content_type": ctype}
+    fields = ("permission__content_type__app_label", "permission__codename", "scope")
+    parts = [
+        UserObjectPermission.objects.filter(user=user, **where).annotate(scope=Value("o")).values_list(*fields),
+        GroupObjectPermission.objects.filter(group__user=user, **where).annotate(scope=Value("o")).values_list(*fields),
+    ]
+    if with_global:
+        fields = ("content_type__app_label", "codename", "scope")
+        parts += [
+            Permission.objects.filter(user=user).annotate(scope=Value("g")).values_list(*fields),
+            Permission.objects.filter(group__user=user).annotate(scope=Value("g")).values_list(*fields),
+        ]
+    rows = set(parts[0].union(*parts[1:]))
+    global_perms = {f"{app}.{codename}" for app, codename, scope in rows if scope == "g"} if with_global else None
+    return global_perms, sorted({codename for _, codename, scope in rows if scope == "o"})
 
 
 def rights_changed(user_ids: Iterable[int]) -> None:

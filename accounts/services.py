@@ -369,21 +369,24 @@ def user_has_perm(user, perm: str, obj=None) -> bool:
     with a token limited to a project sees no object of another project.
 
     Within one HTTP request (``request_perm_cache``) a user's object permissions on an object
-    and project roles are read once: the viewset's check and the service's re-check cost one
-    lookup, not two. Anywhere else (websockets, tasks) every call reads them fresh."""
+    and project roles are read once (the object's and the role's global rights in one query):
+    the viewset's check and the service's re-check cost one lookup, not two. Anywhere else
+    (websockets, tasks) every call reads them fresh."""
     if not user.is_authenticated or not user.is_active:
         return False
     if obj is not None and not getattr(obj, "user_visible", True):  # e.g. a VM of the warm pool
         return False
     if obj is not None and not object_in_token_scope(obj):
         return False
+    checker = request_perm_checker(user) if obj is not None else None
+    if checker is not None and not user.is_superuser:  # (superusers hold everything: no query)
+        checker.get_perms(obj)  # the role's rights come with the object's, in the same query
     if user.has_perm(perm):
         return True
     if obj is None:
         return False
     if project_grants(user, perm, getattr(obj, "project_id", None)):
         return True
-    checker = request_perm_checker(user)
     return checker.has_perm(perm, obj) if checker is not None else user.has_perm(perm, obj)
 
 

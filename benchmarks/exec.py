@@ -9,7 +9,9 @@
 - upload and download throughput (MiB/s), through the host client and through the REST API.
 
 Prints JSON (p50/p99 of each; the REST and websocket overhead over the host client, p50 and
-p99). Not a test: nothing is asserted.
+p99, and the median of the per-round differences; with ``--vmm stand-in`` also the web
+process's CPU per REST and websocket round trip, which the machine's load does not inflate
+the way it inflates wall times). Not a test: nothing is asserted.
 
     .venv/bin/python benchmarks/exec.py --runs 100 --mib 64
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -90,14 +93,30 @@ def one_websocket(client: httpx.Client, stack, vm_id: str) -> float:
     return time.monotonic() - start
 
 
-def round_trips(stack, vm_id: str, runs: int) -> dict[str, list[float]]:
-    """``runs`` rounds of host client, REST and websocket, one of each per round."""
+def _cpu_seconds(pid: int | None) -> float:
+    """User + system CPU of process ``pid`` so far (0 when unknown)."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def round_trips(stack, vm_id: str, runs: int, cpu: dict[str, float] | None = None) -> dict[str, list[float]]:
+    """``runs`` rounds of host client, REST and websocket, one of each per round. With a
+    stand-in stack, ``cpu`` gets the web process's CPU seconds spent during each path."""
     times: dict[str, list[float]] = {"host_client": [], "rest_api": [], "websocket": []}
+    web_pid = getattr(stack, "web_pid", None)
+    cpu = cpu if cpu is not None else {}
     with HostdClient(stack.hostd_socket, timeout=60) as host, stack.client() as api:
         for _ in range(runs):
             times["host_client"].append(one_host_client(host, vm_id))
+            before = _cpu_seconds(web_pid)
             times["rest_api"].append(one_api(api, vm_id))
+            middle = _cpu_seconds(web_pid)
             times["websocket"].append(one_websocket(api, stack, vm_id))
+            if web_pid is not None:
+                cpu["rest_api"] = cpu.get("rest_api", 0.0) + middle - before
+                cpu["websocket"] = cpu.get("websocket", 0.0) + _cpu_seconds(web_pid) - middle
     return times
 
 
@@ -106,6 +125,11 @@ def _overhead(path: dict[str, float], host: dict[str, float]) -> dict[str, float
         "p50_ms": round(path["p50_ms"] - host["p50_ms"], 2),
         "p99_ms": round(path["p99_ms"] - host["p99_ms"], 2),
     }
+
+
+def _paired(path: list[float], host: list[float]) -> float:
+    """Median of the per-round differences (same round, same load): steadier on a busy machine."""
+    return round(statistics.median(p - h for p, h in zip(path, host, strict=True)) * 1000, 2)
 
 
 def transfer_host_client(socket_path: Path, vm_id: str, mib: int) -> dict[str, float]:
@@ -148,7 +172,9 @@ def transfer_api(stack, vm_id: str, mib: int) -> dict[str, float]:
 
 def measure(stack, vm_id: str, runs: int, mib: int, acceleration: str) -> dict:
     round_trips(stack, vm_id, 5)  # warm up
-    times = {name: _stats(samples) for name, samples in round_trips(stack, vm_id, runs).items()}
+    cpu: dict[str, float] = {}
+    samples = round_trips(stack, vm_id, runs, cpu)
+    times = {name: _stats(values) for name, values in samples.items()}
     host, api, ws = times["host_client"], times["rest_api"], times["websocket"]
     result = {
         "benchmark": "exec",
@@ -159,8 +185,13 @@ def measure(stack, vm_id: str, runs: int, mib: int, acceleration: str) -> dict:
             "websocket": ws,
             "rest_overhead": _overhead(api, host),
             "websocket_overhead": _overhead(ws, host),
+            "rest_overhead_paired_p50_ms": _paired(samples["rest_api"], samples["host_client"]),
+            "websocket_overhead_paired_p50_ms": _paired(samples["websocket"], samples["host_client"]),
         },
+        "load_average": os.getloadavg(),
     }
+    if cpu:  # independent of how busy the machine is: CPU the web process spent per request
+        result["web_cpu_ms_per_round_trip"] = {name: round(total / runs * 1000, 2) for name, total in cpu.items()}
     if mib > 0:
         result["transfer_mib"] = mib
         result["transfer_host_client"] = transfer_host_client(stack.hostd_socket, vm_id, mib)

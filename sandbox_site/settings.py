@@ -210,11 +210,7 @@ REST_FRAMEWORK = {
         "rest_framework.renderers.BrowsableAPIRenderer",
     ],
     "PAGE_SIZE": 50,
-    "DEFAULT_THROTTLE_CLASSES": [
-        "sandbox_site.throttling.AnonRateLimit",
-        "sandbox_site.throttling.UserRateLimit",
-        "sandbox_site.throttling.ExpensiveActionRateLimit",
-    ],
+    "DEFAULT_THROTTLE_CLASSES": ["sandbox_site.throttling.ApiRateLimit"],
     "EXCEPTION_HANDLER": "sandbox_site.errors.api_exception_handler",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_FILTER_BACKENDS": [],

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 from django.conf import settings
@@ -51,6 +51,7 @@ _STATUS = {
     "bad_request": 400,
     "too_large": 413,
     "too_many": 429,
+    "exec_limit": 429,
     "no_space": 507,
     "read_only": 409,
     "vm_not_running": 409,
@@ -117,7 +118,13 @@ def _hostd_or_none(timeout: float) -> HostdClient | None:
 
 class AgentSession(Protocol):
     def __call__(
-        self, op: str, args: dict | None = None, data: bytes = b"", *, timeout: float = 30.0
+        self,
+        op: str,
+        args: dict | None = None,
+        data: bytes = b"",
+        *,
+        timeout: float = 30.0,
+        meanwhile: Callable[[], object] | None = None,
     ) -> tuple[dict, bytes]: ...
 
 
@@ -125,17 +132,28 @@ class AgentSession(Protocol):
 def agent_session(vm: VM, *, timeout: float = 30.0) -> Iterator[AgentSession]:
     """One connection (to hostd, else directly to the agent) for several agent requests in a
     row, e.g. an exec's start, wait and read: each request on it is ``agent_call``'s, without
-    a connection (and hostd's handshake) per request. ``timeout`` bounds the connect."""
+    a connection (and hostd's handshake) per request. ``timeout`` bounds the connect.
+    ``meanwhile`` (optional) runs once the request is sent and before its answer is awaited,
+    so that its own round trips (a database write) overlap the guest's work."""
     with _mapped_errors():
         client = _hostd_or_none(timeout)
         if client is not None:
             with client:
 
                 def via_hostd(
-                    op: str, args: dict | None = None, data: bytes = b"", *, timeout: float = 30.0
+                    op: str,
+                    args: dict | None = None,
+                    data: bytes = b"",
+                    *,
+                    timeout: float = 30.0,
+                    meanwhile: Callable[[], object] | None = None,
                 ) -> tuple[dict, bytes]:
                     with _mapped_errors():
-                        return client.agent(str(vm.pk), op, args, data, timeout=timeout)
+                        req_id = client.agent_send(str(vm.pk), op, args, data, timeout=timeout)
+                    if meanwhile is not None:
+                        meanwhile()
+                    with _mapped_errors():
+                        return client.wait(req_id, timeout + 5)
 
                 yield via_hostd
             return
@@ -147,10 +165,19 @@ def agent_session(vm: VM, *, timeout: float = 30.0) -> Iterator[AgentSession]:
         ) as conn:
 
             def direct(
-                op: str, args: dict | None = None, data: bytes = b"", *, timeout: float = 30.0
+                op: str,
+                args: dict | None = None,
+                data: bytes = b"",
+                *,
+                timeout: float = 30.0,
+                meanwhile: Callable[[], object] | None = None,
             ) -> tuple[dict, bytes]:
                 with _mapped_errors():
-                    return conn.request_data(op, args, data, timeout=timeout)
+                    req_id = conn.send_request(op, args, data, timeout=timeout)
+                if meanwhile is not None:
+                    meanwhile()
+                with _mapped_errors():
+                    return conn.read_response(req_id, timeout=timeout)
 
             yield direct
 
@@ -162,6 +189,14 @@ def agent_call(
     Raises ``ApplicationError`` (``agent_error``)."""
     with agent_session(vm, timeout=timeout) as call:
         return call(op, args, data, timeout=timeout)
+
+
+def exec_start_capped(vm: VM, args: dict, stdin: bytes = b"", *, max_running: int, timeout: float = 30.0) -> dict:
+    """Start an exec (the agent's ``exec_start``) unless ``max_running`` already run in the VM:
+    ``exec_limit`` (429) then. hostd counts and starts under one lock per VM, usually without
+    asking the guest first (docs/hostd.md); needs hostd (``hostd_unavailable`` without it)."""
+    with _mapped_errors(), _hostd(timeout) as client:
+        return client.exec_start(str(vm.pk), args, stdin, max_running=max_running, timeout=timeout)
 
 
 def agent_ping(vm: VM, *, timeout: float = 5.0) -> dict:

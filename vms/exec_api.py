@@ -57,6 +57,7 @@ class VmExecViewSet(VmNestedViewSet):
     """``/api/v1/vms/{vm_id}/exec/``, ``/execs/...`` and ``/files/...``."""
 
     serializer_class = ExecCreateSerializer  # schema default; each action declares its own
+    vm_related = ()  # the exec services read the VM's own fields only (state, driver, owner_id)
     action_perms = {
         "exec_create": "exec",
         "exec_list": "exec",

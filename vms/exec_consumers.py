@@ -44,11 +44,13 @@ def _authorise(user, vm_id: str):
     from rest_framework.exceptions import NotFound
 
     from accounts.permissions import vm_for
+    from accounts.rights import request_perm_cache
     from sandbox_site.errors import NotPermitted
     from vms.transitions import vm_guest_running
 
     try:
-        vm = vm_for(user, vm_id, "exec", action="vm.exec_attach")
+        with request_perm_cache():  # the view and exec rights read in one query, for this check only
+            vm = vm_for(user, vm_id, "exec", action="vm.exec_attach", related=())  # the VM's own fields only
     except NotFound:
         return None, "not_found"
     except NotPermitted:
@@ -85,14 +87,6 @@ class VmExecConsumer(AsyncWebsocketConsumer):
         self.acked = self.cursor  # output offset the client confirmed
         self.acked_changed = asyncio.Event()
         await self.accept()
-        try:
-            self.channel = await AgentChannel.open(timeout=30)
-            self.sub = await self.channel.exec_attach(self.vm_id, self.exec_id, offset=self.cursor)
-        except ApplicationError as exc:
-            await self._control({"type": "error", "code": exc.code, "message": exc.message})
-            await self.close(code=4404 if exc.code == "not_found" else 4502)
-            return
-        await self._control({"type": "attached", "exec_id": self.exec_id, "offset": self.cursor, "window": self.window})
         user_id, vm_id, token_id = self.user.pk, str(self.vm.pk), self.scope.get("token_id")
         self.rights = RightsWatch(
             self,
@@ -100,7 +94,24 @@ class VmExecConsumer(AsyncWebsocketConsumer):
             check=lambda: websocket_rights_hold(user_id=user_id, token_id=token_id, vm_id=vm_id, perm="exec"),
             on_lost=self._rights_lost,
         )
-        await self.rights.start()
+        try:
+            self.channel = await AgentChannel.open(timeout=30)
+            # The rights watch joins its group while hostd attaches (two round trips at once);
+            # output flows only once both are done.
+            attached, joined = await asyncio.gather(
+                self.channel.exec_attach(self.vm_id, self.exec_id, offset=self.cursor),
+                self.rights.start(),
+                return_exceptions=True,
+            )
+            for outcome in (joined, attached):
+                if isinstance(outcome, BaseException):
+                    raise outcome
+            self.sub = attached
+        except ApplicationError as exc:
+            await self._control({"type": "error", "code": exc.code, "message": exc.message})
+            await self.close(code=4404 if exc.code == "not_found" else 4502)
+            return
+        await self._control({"type": "attached", "exec_id": self.exec_id, "offset": self.cursor, "window": self.window})
         self.pump = asyncio.create_task(self._pump())
 
     async def rights_changed(self, event):

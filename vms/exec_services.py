@@ -19,12 +19,11 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import connection
 
 from accounts.audit import audit_record
 from accounts.models import AuditResult
 from accounts.permissions import require_perm
-from accounts.services import owner_quota_lock
 from sandbox_site.errors import ApplicationError, ConflictError, QuotaExceeded
 from sandbox_site.validation import int_checked, invalid, text_problem
 from vms import agent_gateway
@@ -132,22 +131,50 @@ def vm_exec_start(
         "pty": bool(pty),
         "stdin_bytes": len(stdin or b""),
     }
+    if not wait:
+        return _exec_start_background(vm, actor, args, stdin or b"", audit_after)
     # One connection to hostd (or the agent) for the start, the wait and the output.
-    with _wait_slot(actor) if wait else contextlib.nullcontext(), agent_session(vm) as call:
+    with _wait_slot(actor), agent_session(vm) as call:
         try:
-            with _background_exec_slot(vm, call, background=not wait):
-                started, _ = call("exec_start", args, stdin or b"")
+            started, _ = call("exec_start", args, stdin or b"")
         except ApplicationError as exc:
             _audit(actor, "vm.exec", vm, audit_after, result=AuditResult.FAILED, message=exc.message)
             raise
-        _audit(actor, "vm.exec", vm, {**audit_after, "exec_id": started["exec_id"]})
-        if not wait:
-            return {"exec_id": started["exec_id"], "pid": started["pid"], "tag": started["tag"], "running": True}
         limit = settings.SANDBOX_EXEC_WAIT_MAX_SECONDS
         wait_for = min(limit, timeout + 5) if timeout else limit
-        _release_database_connection()  # nothing below needs it; a wait must not hold one
-        summary, _ = call("exec_wait", {"exec_id": started["exec_id"], "timeout": wait_for}, timeout=wait_for + 10)
+
+        def audited() -> None:
+            _audit(actor, "vm.exec", vm, {**audit_after, "exec_id": started["exec_id"]})
+            _release_database_connection()  # nothing below needs it; a wait must not hold one
+
+        # The audit row is written while the guest runs the command (after the wait was sent,
+        # before its answer is read): its database round trip costs the request no time.
+        summary, _ = call(
+            "exec_wait", {"exec_id": started["exec_id"], "timeout": wait_for}, timeout=wait_for + 10, meanwhile=audited
+        )
         return _collect(call, summary, max_bytes=buffer_limit)
+
+
+def _exec_start_background(vm: VM, actor, args: dict, stdin: bytes, audit_after: dict) -> dict:
+    """A ``wait: false`` start: at most SANDBOX_EXEC_BACKGROUND_PER_VM commands may run in
+    the VM. hostd counts and starts under one lock per VM (``agent_gateway.exec_start_capped``),
+    so parallel requests cannot all take the last slot, and no database lock is held meanwhile."""
+    limit = settings.SANDBOX_EXEC_BACKGROUND_PER_VM
+    try:
+        started = agent_gateway.exec_start_capped(vm, args, stdin, max_running=limit)
+    except ApplicationError as exc:
+        error = exc
+        if exc.code == "exec_limit":
+            error = QuotaExceeded(
+                f"At most {limit} background commands may run in a VM; wait for some to end.",
+                details={"limit": limit},
+            )
+        _audit(actor, "vm.exec", vm, audit_after, result=AuditResult.FAILED, message=error.message)
+        if error is exc:
+            raise
+        raise error from exc
+    _audit(actor, "vm.exec", vm, {**audit_after, "exec_id": started["exec_id"]})
+    return {"exec_id": started["exec_id"], "pid": started["pid"], "tag": started["tag"], "running": True}
 
 
 # Concurrent ``wait: true`` execs per user in this web process: each holds a server thread.
@@ -184,27 +211,6 @@ def _release_database_connection() -> None:
     # command waited on for minutes would hold it all that time. Reopened on demand.
     if not connection.in_atomic_block:
         connection.close()
-
-
-@contextlib.contextmanager
-def _background_exec_slot(vm: VM, call: AgentSession, *, background: bool):
-    """Room for one more background exec in ``vm`` (at most SANDBOX_EXEC_BACKGROUND_PER_VM
-    running): counted and started under the owner's quota lock, so parallel requests cannot
-    all see the same free slot. The lock is held for two short agent requests (timeouts)."""
-    if not background:
-        yield
-        return
-    with transaction.atomic():
-        owner_quota_lock(vm.owner)
-        listing, _ = call("exec_list", {}, timeout=10)
-        running = sum(1 for e in listing.get("execs", ()) if e.get("running"))
-        limit = settings.SANDBOX_EXEC_BACKGROUND_PER_VM
-        if running >= limit:
-            raise QuotaExceeded(
-                f"At most {limit} background commands may run in a VM; wait for some to end.",
-                details={"running": running, "limit": limit},
-            )
-        yield
 
 
 PTY_MAX_SIDE = 1000

@@ -136,3 +136,27 @@ def test_metrics_show_how_long_the_oldest_row_has_waited_for_its_seal(owner):
     assert scraped() >= 3600
     audit_chain_seal()
     assert scraped() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_rows_of_a_request_are_sealed_once_its_response_is_out_and_elsewhere_at_commit(owner):
+    # In a request the sealer's statements wait until Django closes the response (after its
+    # last byte was sent); the row itself is committed before the response exists.
+    from django.http import HttpResponse
+    from django.test import RequestFactory
+
+    from accounts.middleware import RequestContextMiddleware
+
+    during = []
+
+    def view(request):
+        row = _record(owner, 1)  # autocommit: committed here
+        during.append(AuditEvent.objects.get(pk=row.pk).chain_seq)
+        return HttpResponse("ok")
+
+    response = RequestContextMiddleware(view)(RequestFactory().get("/"))
+    assert during == [None] and AuditEvent.objects.get().chain_seq is None
+    response.close()
+    assert AuditEvent.objects.get().chain_seq == 1 and audit_chain_verify().ok
+    _record(owner, 2)  # outside a request: sealed at commit
+    assert AuditEvent.objects.get(object_id="2").chain_seq == 2

@@ -487,3 +487,106 @@ def test_concurrent_registrations_attach_a_vm_once(root: Path, monkeypatch) -> N
         hostd.stop()
         os.killpg(late.pid, signal.SIGKILL)
         late.wait()
+
+
+def test_capped_exec_starts_stay_within_the_limit_in_parallel(hostd: Hostd, vmm) -> None:
+    with hostd.client() as client:
+        client.agent_wait("vm1", timeout=10)
+
+    def one(n: int) -> str:
+        with hostd.client() as client:
+            try:
+                return client.exec_start("vm1", {"argv": ["sleep", "60"]}, max_running=3)["exec_id"]
+            except HostdRequestError as exc:
+                return exc.code
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(one, range(12)))
+    started = [a for a in answers if a != "exec_limit"]
+    assert len(started) == 3 and answers.count("exec_limit") == 9
+    with hostd.client() as client:
+        running = [e["exec_id"] for e in client.agent("vm1", "exec_list")[0]["execs"] if e["running"]]
+        assert sorted(running) == sorted(started)
+        for exec_id in started:
+            client.agent("vm1", "exec_signal", {"exec_id": exec_id, "signal": "KILL"})
+
+
+def test_a_capped_start_asks_the_agent_only_when_its_count_is_unknown_or_full(hostd: Hostd, vmm) -> None:
+    with hostd.client() as client:
+        client.agent_wait("vm1", timeout=10)
+        listed = []
+        execs = hostd.daemon.vms["vm1"].execs
+        real_count = execs.count
+
+        async def count(session, limit, exec_list):
+            async def counted_list():
+                listed.append(1)
+                return await exec_list()
+
+            return await real_count(session, limit, counted_list)
+
+        execs.count = count
+        first = client.exec_start("vm1", {"argv": ["sleep", "60"]}, max_running=2)["exec_id"]
+        assert len(listed) == 1  # hostd had never counted this VM's execs
+        second = client.exec_start("vm1", {"argv": ["true"]}, max_running=2)["exec_id"]
+        assert len(listed) == 1  # one known, the limit two: no question to the guest
+        client.agent("vm1", "exec_wait", {"exec_id": second, "timeout": 10}, timeout=15)  # seen ending
+        third = client.exec_start("vm1", {"argv": ["sleep", "60"]}, max_running=2)["exec_id"]
+        assert len(listed) == 1
+        with pytest.raises(HostdRequestError) as err:  # two known to run: the agent is asked, and confirms
+            client.exec_start("vm1", {"argv": ["true"]}, max_running=2)
+        assert err.value.code == "exec_limit" and len(listed) == 2
+        client.agent("vm1", "exec_signal", {"exec_id": first, "signal": "KILL"})
+        client.agent("vm1", "exec_wait", {"exec_id": first, "timeout": 10}, timeout=15)
+        client.exec_start("vm1", {"argv": ["true"]}, max_running=2)  # a slot is free again
+        client.agent("vm1", "exec_signal", {"exec_id": third, "signal": "KILL"})
+
+
+def test_a_capped_start_counts_execs_started_before_hostd_knew_the_vm(root: Path, vmm) -> None:
+    # Started with hostd down (a direct agent connection would do the same): a fresh hostd
+    # does not know them, so its first capped start asks the agent.
+    first = Hostd(root)
+    first.start()
+    try:
+        with first.client() as client:
+            client.agent_wait("vm1", timeout=10)
+            running = [client.agent("vm1", "exec_start", {"argv": ["sleep", "60"]})[0]["exec_id"] for _ in range(2)]
+    finally:
+        first.stop()
+    second = Hostd(root)
+    second.start()
+    try:
+        with second.client() as client:
+            client.agent_wait("vm1", timeout=10)
+            with pytest.raises(HostdRequestError) as err:
+                client.exec_start("vm1", {"argv": ["true"]}, max_running=2)
+            assert err.value.code == "exec_limit"
+            for exec_id in running:
+                client.agent("vm1", "exec_signal", {"exec_id": exec_id, "signal": "KILL"})
+    finally:
+        second.stop()
+
+
+def test_the_running_exec_count_is_bounded_and_forgotten_with_the_agent_session() -> None:
+    from vms.hostd.running_execs import MAX_KNOWN, RunningExecs
+
+    asked = []
+
+    async def exec_list() -> dict:
+        asked.append(1)
+        return {"execs": [{"exec_id": "a", "running": True}, {"exec_id": "b", "running": False}]}
+
+    async def scenario() -> None:
+        execs = RunningExecs()
+        assert await execs.count(1, 5, exec_list) == 1 and len(asked) == 1  # unknown: asked
+        execs.started(1, "c")
+        assert await execs.count(1, 5, exec_list) == 2 and len(asked) == 1  # known: not asked
+        execs.seen(1, {"exec_id": "c", "running": False})
+        assert await execs.count(1, 5, exec_list) == 1 and len(asked) == 1
+        assert await execs.count(2, 5, exec_list) == 1 and len(asked) == 2  # a new agent session: asked
+        for n in range(MAX_KNOWN + 1):  # more ids than any agent runs: forgotten, asked again
+            execs.started(2, f"x{n}")
+        assert execs.ids is None
+        assert await execs.count(2, 5, exec_list) == 1 and len(asked) == 3
+
+    asyncio.run(scenario())

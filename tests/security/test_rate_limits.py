@@ -123,3 +123,26 @@ def test_limit_has_a_maximum(owner, settings):
     client = _token_client(owner)
     body = client.get("/api/v1/vms/?limit=1000000").json()
     assert len(body["results"]) == 5 and body["count"] == 7
+
+
+def test_a_refused_request_uses_up_no_budget(owner, settings):
+    # Every budget of a request is checked, and charged only when all have room (one Redis
+    # script): the refused create below costs nothing from the user's budget.
+    settings.SANDBOX_RATE_LIMITS = {"user": "3/min", "create": "1/min"}
+    settings.SANDBOX_NETWORKING = False
+    template = TemplateFactory()
+    client = _token_client(owner)
+    body = {"name": "v1", "template": template.name, "start": False}
+    assert client.post("/api/v1/vms/", body, format="json").status_code == 202
+    _assert_throttled(client.post("/api/v1/vms/", {**body, "name": "v2"}, format="json"))
+    assert [client.get("/api/v1/vms/").status_code for _ in range(2)] == [200, 200]
+    _assert_throttled(client.get("/api/v1/vms/"))
+
+
+def test_retry_after_is_when_the_oldest_request_leaves_the_window(owner, settings):
+    settings.SANDBOX_RATE_LIMITS = {"user": "2/h"}
+    client = _token_client(owner)
+    assert [client.get("/api/v1/vms/").status_code for _ in range(2)] == [200, 200]
+    refused = client.get("/api/v1/vms/")
+    _assert_throttled(refused)
+    assert 3500 <= int(refused["Retry-After"]) <= 3601

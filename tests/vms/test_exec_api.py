@@ -68,19 +68,19 @@ def test_a_waited_exec_uses_one_hostd_connection_and_reads_output_only_when_ther
 
     vm, _root = live_vm
     connects, ops = [], []
-    real_connect, real_agent = HostdClient.connect, HostdClient.agent
+    real_connect, real_agent_send = HostdClient.connect, HostdClient.agent_send
 
     def connect(self):
         if self._sock is None:
             connects.append(self)
         return real_connect(self)
 
-    def agent(self, vm_id, op, *args, **kwargs):
+    def agent_send(self, vm_id, op, *args, **kwargs):  # every agent request goes through it
         ops.append(op)
-        return real_agent(self, vm_id, op, *args, **kwargs)
+        return real_agent_send(self, vm_id, op, *args, **kwargs)
 
     monkeypatch.setattr(HostdClient, "connect", connect)
-    monkeypatch.setattr(HostdClient, "agent", agent)
+    monkeypatch.setattr(HostdClient, "agent_send", agent_send)
     api.as_user(owner)
     url = f"/api/v1/vms/{vm.pk}/exec/"
     quiet = api.post(url, {"command": ["true"]}, format="json").json()

@@ -12,7 +12,7 @@ import pytest
 from django.db import connection
 
 from sandbox_site.errors import ApplicationError
-from vms import exec_services
+from vms import agent_gateway, exec_services
 from vms.models import VM
 
 BUFFER = 2 << 20
@@ -33,8 +33,6 @@ class HostileAgent:
     def __call__(self, vm, op, args=None, data=b"", *, timeout=30.0):
         if op == "exec_start":
             return {"exec_id": "e1", "pid": 1, "tag": ""}, b""
-        if op == "exec_list":  # background execs are counted first
-            return {"execs": []}, b""
         if op == "exec_wait":
             self.db_open_during_wait = connection.connection is not None
             self.in_wait.set()
@@ -63,10 +61,19 @@ def _agent_is(monkeypatch, fake) -> None:
 
     @contextlib.contextmanager
     def session(vm, *, timeout=30.0):
-        yield lambda op, args=None, data=b"", *, timeout=30.0: fake(vm, op, args, data, timeout=timeout)
+        def call(op, args=None, data=b"", *, timeout=30.0, meanwhile=None):
+            if meanwhile is not None:
+                meanwhile()
+            return fake(vm, op, args, data, timeout=timeout)
+
+        yield call
+
+    def capped(vm, args, stdin=b"", *, max_running, timeout=30.0):  # wait=false starts (hostd's cap)
+        return fake(vm, "exec_start", args, stdin, timeout=timeout)[0]
 
     monkeypatch.setattr(exec_services, "agent_call", fake)
     monkeypatch.setattr(exec_services, "agent_session", session)
+    monkeypatch.setattr(agent_gateway, "exec_start_capped", capped)
 
 
 @pytest.fixture
@@ -98,8 +105,6 @@ def test_it_refuses_an_agent_page_that_is_not_well_formed(running_vm, owner, mon
     def broken(vm, op, args=None, data=b"", *, timeout=30.0):
         if op == "exec_start":
             return {"exec_id": "e1", "pid": 1, "tag": ""}, b""
-        if op == "exec_list":  # background execs are counted first
-            return {"execs": []}, b""
         if op == "exec_wait":
             return {"exec_id": "e1", "running": False}, b""
         return {"next_offset": "1e99", "end_offset": 5, "chunks": "no"}, b""

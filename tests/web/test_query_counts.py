@@ -132,3 +132,46 @@ def test_list_endpoints_run_the_same_number_of_queries_for_5_and_50_rows(api, ow
     many = _counts(api, persona, rows, urls)
     grown = {url: (few[url], many[url]) for url in urls if many[url] != few[url]}
     assert not grown, f"query count grows with the rows (5 rows, 50 rows): {grown}"
+
+
+@pytest.mark.parametrize("wait", [True, False])
+def test_an_exec_runs_five_queries(owner, grantee, monkeypatch, wait):
+    """``POST .../exec/`` with a token, for a user holding ``exec`` on the VM through a share:
+    the token, the VM, the user's rights (its role's and its and its groups' rights on the VM,
+    in one query, read once for the view's check and the service's), its project roles, the
+    audit row. Sealing the row into the chain runs after the response (accounts.audit), not in
+    the request."""
+    import contextlib
+
+    from guardian.shortcuts import assign_perm
+    from rest_framework.test import APIClient
+
+    from vms import agent_gateway, exec_services
+
+    vm = VmFactory(owner=owner, state="running")
+    for perm in ("view_vm", "exec_vm"):
+        assign_perm(f"vms.{perm}", grantee, vm)
+
+    def agent(op, args=None, data=b"", *, timeout=30.0, meanwhile=None):
+        if meanwhile is not None:
+            meanwhile()
+        if op == "exec_start":
+            return {"exec_id": "e1", "pid": 1, "tag": ""}, b""
+        assert op == "exec_wait"
+        return {"exec_id": "e1", "running": False, "end_offset": 0, "result": {"exit_code": 0}}, b""
+
+    @contextlib.contextmanager
+    def session(vm, *, timeout=30.0):
+        yield agent
+
+    monkeypatch.setattr(exec_services, "agent_session", session)
+    monkeypatch.setattr(agent_gateway, "exec_start_capped", lambda vm, args, stdin=b"", **kw: agent("exec_start")[0])
+    _, secret = token_create(user=grantee, name="qc-exec", actor=grantee)
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
+    url = f"/api/v1/vms/{vm.pk}/exec/"
+    assert client.post(url, {"command": ["true"], "wait": wait}, format="json").status_code in (200, 202)  # warm
+    with CaptureQueriesContext(connection) as queries:
+        response = client.post(url, {"command": ["true"], "wait": wait}, format="json")
+    assert response.status_code == (200 if wait else 202), response.content
+    assert len(queries) == 5, "\n".join(q["sql"][:160] for q in queries.captured_queries)

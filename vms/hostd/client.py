@@ -173,9 +173,24 @@ class HostdClient:
     ) -> tuple[dict[str, Any], bytes]:
         """Forward one agent request (see guest_agents/PROTOCOL.md) to the VM's agent."""
         timeout = timeout or self.timeout
-        return self.call(
-            "agent_call", {"vm_id": vm_id, "op": op, "args": args or {}, "timeout": timeout}, data, timeout=timeout + 5
-        )
+        return self.wait(self.agent_send(vm_id, op, args, data, timeout=timeout), timeout + 5)
+
+    def agent_send(
+        self, vm_id: str, op: str, args: dict[str, Any] | None = None, data: bytes = b"", *, timeout: float
+    ) -> int:
+        """``agent``'s request, sent: its id for ``wait(id, timeout + 5)`` (other work can be
+        done in between)."""
+        request = {"vm_id": vm_id, "op": op, "args": args or {}, "timeout": timeout}
+        return self.send("agent_call", request, data, timeout=timeout + 5)
+
+    def exec_start(
+        self, vm_id: str, args: dict[str, Any], data: bytes = b"", *, max_running: int, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """The agent's ``exec_start`` unless ``max_running`` execs already run in the VM
+        (``HostdRequestError`` ``exec_limit``; nothing started)."""
+        timeout = timeout or self.timeout
+        request = {"vm_id": vm_id, "args": args, "max_running": max_running, "timeout": timeout}
+        return self.call("exec_start", request, data, timeout=timeout + 5)[0]
 
     def agent_wait(self, vm_id: str, *, timeout: float) -> dict[str, Any]:
         """Until the VM's agent answers ``ping`` (registers the VM with hostd)."""

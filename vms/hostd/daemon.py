@@ -34,6 +34,7 @@ from vms.hostd.agent_link import AgentLink, AgentUnavailable, LinkBudget
 from vms.hostd.console import STREAM_CHUNK, STREAM_READ, ConsoleLink, ConsoleUnavailable
 from vms.hostd.errors import HostdError
 from vms.hostd.logcontext import log_context, log_context_set
+from vms.hostd.running_execs import RunningExecs
 from vms.vmm.agent_client import AGENT_SOCKET, AgentError, AgentRequestError, AgentTimeout, AgentTransport
 from vms.vmm.agent_protocol import Frame, FrameDecoder, FrameError, encode_frame, encode_frame_head
 from vms.vmm.process import running_vmm_pid
@@ -97,6 +98,39 @@ class VmHandle:
             qemu_log=not cloud_hypervisor,
             log_max_bytes=config.console_log_max_bytes,
         )
+        self.execs = RunningExecs()
+
+    async def agent_request(
+        self, op: str, args: dict[str, Any], data: bytes = b"", *, timeout: float
+    ) -> tuple[dict[str, Any], bytes]:
+        """One agent request; what its answer says about execs starting or ending is noted
+        (``RunningExecs``)."""
+        result, out = await self.agent.request(op, args, data, timeout=timeout)
+        session = self.agent.sessions
+        if op == "exec_start":
+            self.execs.started(session, result.get("exec_id"))
+        elif op in ("exec_wait", "exec_get", "exec_read"):
+            self.execs.seen(session, result)
+        elif op == "exec_list":
+            self.execs.listed(session, result)
+        return result, out
+
+    async def exec_start_capped(
+        self, args: dict[str, Any], data: bytes, *, max_running: int, timeout: float
+    ) -> tuple[dict[str, Any], bytes]:
+        """``exec_start`` unless ``max_running`` execs already run in this VM (``exec_limit``)."""
+        async with self.execs.lock:
+            session = self.agent.sessions
+
+            async def exec_list() -> dict[str, Any]:
+                return (await self.agent.request("exec_list", {}, timeout=min(timeout, 10.0)))[0]
+
+            running = await self.execs.count(session, max_running, exec_list)
+            if running >= max_running:
+                raise HostdError(
+                    "exec_limit", f"{running} commands run in this VM; at most {max_running} may run at once"
+                )
+            return await self.agent_request("exec_start", args, data, timeout=timeout)
 
     def start(self) -> None:
         self.agent.start()
@@ -439,7 +473,20 @@ class ClientSession:
         agent_args = args.get("args", {})
         if not isinstance(agent_args, dict):
             raise HostdError("bad_request", "args must be an object")
-        return await vm.agent.request(op, agent_args, data, timeout=timeout)
+        return await vm.agent_request(op, agent_args, data, timeout=timeout)
+
+    async def op_exec_start(self, args: dict[str, Any], data: bytes) -> tuple[dict[str, Any], bytes]:
+        """The agent's ``exec_start`` (``args``; data = stdin) unless ``max_running`` execs
+        already run in the VM: then ``exec_limit``, and nothing starts. Capped starts of one VM
+        are serialised; usually no other guest request is needed (``RunningExecs``)."""
+        vm = await self.daemon.vm(_str(args, "vm_id"))
+        agent_args = args.get("args", {})
+        if not isinstance(agent_args, dict):
+            raise HostdError("bad_request", "args must be an object")
+        max_running = _int(args, "max_running")
+        if max_running < 1:
+            raise HostdError("bad_request", "max_running must be at least 1")
+        return await vm.exec_start_capped(agent_args, data, max_running=max_running, timeout=_timeout(args))
 
     async def op_agent_wait(self, args: dict[str, Any], data: bytes) -> tuple[dict[str, Any], bytes]:
         """Wait until the agent answers ``ping`` (boot), at most ``timeout`` seconds."""
@@ -605,6 +652,7 @@ class ExecStream:
                 self.cursor = offset + len(item.data)
                 await self.vm.agent.notify("exec_credit", {"sub": agent_sub, "bytes": len(item.data)})
             elif h["ev"] == "exit":
+                self.vm.execs.seen(self.vm.agent.sessions, {"exec_id": self.exec_id, "running": False})
                 self.session.send(
                     {"ev": "exit", "sub": self.sub, "end_offset": h.get("end_offset"), "result": h.get("result")}
                 )
