@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any, Protocol
 
 from django.conf import settings
@@ -29,6 +30,8 @@ from sandbox_site.validation import text_escape
 from vms import hypervisor
 from vms.hostd.client import TRANSFER_WINDOW, AsyncHostdClient, HostdClient, Subscription
 from vms.hostd.errors import HostdError, HostdUnavailable
+from vms.hostd.tls import TlsAddress
+from vms.hostd_address import vm_hostd_address
 from vms.models import VM
 from vms.vmm.agent_client import AGENT_SOCKET, AgentConnection, AgentError, AgentRequestError, AgentTimeout
 from vms.vmm.agent_client import wait_for_agent as _wait_direct
@@ -97,18 +100,24 @@ def agent_transport(vm: VM) -> AgentTransport:
     return hypervisor.driver_capabilities(vm.driver).agent_transport
 
 
-def _hostd(timeout: float) -> HostdClient:
-    """A connected client; ``HostdUnavailable`` when hostd does not run."""
-    client = HostdClient(settings.SANDBOX_HOSTD_SOCKET, timeout=timeout + 5)
+def _hostd(timeout: float, vm: VM | None = None) -> HostdClient:
+    """A connected client of ``vm``'s host's hostd (this machine's without a VM: its Unix
+    socket; another host's over mutual TLS, ``vms.hostd_address``); ``HostdUnavailable`` when
+    it does not answer."""
+    address = vm_hostd_address(vm) if vm is not None else settings.SANDBOX_HOSTD_SOCKET
+    client = HostdClient(address, timeout=timeout + 5)
     client.connect()
     return client
 
 
-def _hostd_or_none(timeout: float) -> HostdClient | None:
+def _hostd_or_none(timeout: float, vm: VM) -> HostdClient | None:
     # Only a failed connect falls back to a direct connection: a request that was sent and
-    # then lost its answer is never sent again (exec_start twice would run twice).
+    # then lost its answer is never sent again (exec_start twice would run twice). A VM on
+    # another host has no agent socket here: its hostd is the only way.
+    if isinstance(vm_hostd_address(vm), TlsAddress):
+        return _hostd(timeout, vm)
     try:
-        return _hostd(timeout)
+        return _hostd(timeout, vm)
     except HostdUnavailable:
         return None
 
@@ -136,7 +145,7 @@ def agent_session(vm: VM, *, timeout: float = 30.0) -> Iterator[AgentSession]:
     ``meanwhile`` (optional) runs once the request is sent and before its answer is awaited,
     so that its own round trips (a database write) overlap the guest's work."""
     with _mapped_errors():
-        client = _hostd_or_none(timeout)
+        client = _hostd_or_none(timeout, vm)
         if client is not None:
             with client:
 
@@ -195,7 +204,7 @@ def exec_start_capped(vm: VM, args: dict, stdin: bytes = b"", *, max_running: in
     """Start an exec (the agent's ``exec_start``) unless ``max_running`` already run in the VM:
     ``exec_limit`` (429) then. hostd counts and starts under one lock per VM, usually without
     asking the guest first (docs/hostd.md); needs hostd (``hostd_unavailable`` without it)."""
-    with _mapped_errors(), _hostd(timeout) as client:
+    with _mapped_errors(), _hostd(timeout, vm) as client:
         return client.exec_start(str(vm.pk), args, stdin, max_running=max_running, timeout=timeout)
 
 
@@ -209,7 +218,7 @@ def agent_wait(vm: VM, *, timeout: float) -> dict:
     the ping result. Through hostd this also registers the VM with it. Raises
     ``ApplicationError`` ``agent_timeout`` after ``timeout`` seconds."""
     with _mapped_errors():
-        client = _hostd_or_none(timeout)
+        client = _hostd_or_none(timeout, vm)
         if client is None:
             return _wait_direct(hypervisor.vm_spec(vm), agent_transport(vm), timeout)
         with client:
@@ -237,7 +246,7 @@ def file_upload(
 ) -> dict:
     """Stream ``chunks`` into ``path`` in the guest (atomic; sha256 checked), at most
     ``max_bytes`` (else ``too_large``, nothing left in the guest). ``{"path", "size", "sha256"}``."""
-    with _mapped_errors(), _hostd(timeout) as client:
+    with _mapped_errors(), _hostd(timeout, vm) as client:
         return client.upload(
             str(vm.pk), path, chunks, mode=mode, owner=owner, overwrite=overwrite, max_bytes=max_bytes, timeout=timeout
         )
@@ -246,16 +255,18 @@ def file_upload(
 def file_download_open(vm: VM, path: str, *, timeout: float = 600.0) -> dict:
     """Open ``path`` for reading: ``{"handle", "size", "mode", "sha256", ...}`` (the guest
     hashes the file first, hence the long timeout); read it with ``file_download_chunks``."""
-    with _mapped_errors(), _hostd(timeout) as client:
+    with _mapped_errors(), _hostd(timeout, vm) as client:
         return client.download_open(str(vm.pk), path, timeout=timeout)
 
 
-async def file_download_chunks(vm_id: str, info: dict, *, timeout: float = 120.0) -> AsyncIterator[bytes]:
+async def file_download_chunks(
+    vm_id: str, info: dict, *, address: Path | TlsAddress | None = None, timeout: float = 120.0
+) -> AsyncIterator[bytes]:
     """The bytes of a file opened with ``file_download_open`` (``TRANSFER_WINDOW`` reads in
     flight). When they do not hash to what the guest announced (the file changed while it
     was read), raises ``checksum_mismatch`` after the last chunk, so a streamed response is
     cut short and the client notices."""
-    channel = await AgentChannel.open(timeout=timeout)
+    channel = await AgentChannel.open(timeout=timeout, address=address)
     handle = info["handle"]
     hasher = hashlib.sha256()
     sent = 0
@@ -302,8 +313,10 @@ class AgentChannel:
         self._client = client
 
     @classmethod
-    async def open(cls, *, timeout: float = 30.0) -> AgentChannel:
-        client = AsyncHostdClient(settings.SANDBOX_HOSTD_SOCKET, timeout=timeout)
+    async def open(cls, *, timeout: float = 30.0, address: Path | TlsAddress | None = None) -> AgentChannel:
+        """``address``: the VM's host's hostd (``vms.hostd_address.vm_hostd_address``, read
+        in a sync part of the caller); default this machine's."""
+        client = AsyncHostdClient(address or settings.SANDBOX_HOSTD_SOCKET, timeout=timeout)
         with _mapped_errors():
             await client.connect()
         return cls(client)

@@ -196,7 +196,7 @@ class VmExecViewSet(VmNestedViewSet):
         vm = self.vm
         info = services.vm_file_download_open(vm=vm, actor=request.user, path=request.query_params.get("path"))
         response = StreamingHttpResponse(
-            services.file_download_chunks_async(str(vm.pk), info), content_type="application/octet-stream"
+            services.file_download_chunks_async(vm, info), content_type="application/octet-stream"
         )
         response["Content-Length"] = str(info["size"])
         response["X-Checksum-Sha256"] = info["sha256"]

@@ -46,6 +46,7 @@ def _authorise(user, vm_id: str):
     from accounts.permissions import vm_for
     from accounts.rights import request_perm_cache
     from sandbox_site.errors import NotPermitted
+    from vms.hostd_address import vm_hostd_address
     from vms.transitions import vm_guest_running
 
     try:
@@ -57,6 +58,7 @@ def _authorise(user, vm_id: str):
         return None, "permission_denied"
     if not vm_guest_running(vm):
         return None, "not_running"
+    vm.hostd_address = vm_hostd_address(vm)  # for the stream's connection, opened on the event loop
     return vm, None
 
 
@@ -95,7 +97,7 @@ class VmExecConsumer(AsyncWebsocketConsumer):
             on_lost=self._rights_lost,
         )
         try:
-            self.channel = await AgentChannel.open(timeout=30)
+            self.channel = await AgentChannel.open(timeout=30, address=self.vm.hostd_address)
             # The rights watch joins its group while hostd attaches (two round trips at once);
             # output flows only once both are done.
             attached, joined = await asyncio.gather(

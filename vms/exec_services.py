@@ -29,6 +29,7 @@ from sandbox_site.validation import int_checked, invalid, text_problem
 from vms import agent_gateway
 from vms.agent_gateway import AgentChannel, AgentSession, agent_call, agent_session
 from vms.host_disk import require_disk_space
+from vms.hostd_address import vm_hostd_address
 from vms.models import VM
 from vms.transitions import vm_guest_running
 
@@ -553,7 +554,8 @@ def vm_file_download_open(*, vm: VM, actor, path: str) -> dict:
     return info
 
 
-def file_download_chunks_async(vm_id: str, info: dict) -> AsyncIterator[bytes]:
+def file_download_chunks_async(vm: VM, info: dict) -> AsyncIterator[bytes]:
     """Async iterator of the bytes of a file opened with ``vm_file_download_open`` (for
-    streaming responses under ASGI); cut short when the file changed while it was read."""
-    return agent_gateway.file_download_chunks(vm_id, info)
+    streaming responses under ASGI); cut short when the file changed while it was read.
+    Called from sync code: the VM's hostd address is resolved here, not on the event loop."""
+    return agent_gateway.file_download_chunks(str(vm.pk), info, address=vm_hostd_address(vm))
