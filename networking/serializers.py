@@ -86,6 +86,23 @@ class NicSerializer(serializers.ModelSerializer):
         ]
 
 
+class NicAddSerializer(serializers.Serializer):
+    network = serializers.CharField(max_length=63, help_text="A network's name or id.")
+    ip = serializers.IPAddressField(
+        protocol="IPv4", required=False, help_text="A free host address of the network's range (default: the lowest)."
+    )
+
+
+class NicAddedSerializer(NicSerializer):
+    """A NIC just added; ``operation``: the hot-plug operation of a running VM (null: stopped VM)."""
+
+    operation = serializers.UUIDField(read_only=True, allow_null=True)
+
+    class Meta(NicSerializer.Meta):
+        fields = [*NicSerializer.Meta.fields, "operation"]
+        read_only_fields = fields
+
+
 class VmEgressSerializer(serializers.Serializer):
     mode = serializers.CharField(
         max_length=16, allow_blank=True, help_text="allow, deny, allowlist or empty (network's)"

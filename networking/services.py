@@ -21,6 +21,7 @@ import dataclasses
 import ipaddress
 import logging
 import secrets
+import uuid
 import zlib
 from dataclasses import dataclass
 
@@ -53,6 +54,11 @@ class NicSpec:
     gateway: str
     prefix: int
     index: int = 0
+
+    @property
+    def device_id(self) -> str:
+        """The VMM's device id of this NIC (``net<index>``: what a hot-unplug names)."""
+        return f"net{self.index}"
 
     @property
     def netmask(self) -> str:
@@ -276,20 +282,95 @@ def _random_mac() -> str:
     return "02:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(5))
 
 
-def nic_allocate(*, vm, network: Network | None = None, actor=None) -> NicSpec:
-    """Give ``vm`` a NIC on ``network`` (default network when omitted): the lowest free IPv4
-    address of the subnet and a random locally administered MAC. Call it inside the VM
-    create transaction: the network row lock serialises concurrent allocations, and the
-    unique (network, ip) constraint backs it up."""
+MAX_NICS_PER_VM = 8
+
+
+def nic_requests_resolve(*, actor, nics: list[dict] | None) -> list[tuple[Network, str | None]]:
+    """Check what a request asks for (``[{"network": <name or id>, "ip": <address>?}, ...]``):
+    each network must exist and be visible to ``actor`` (else 400, its existence not told)
+    and usable by them (else 403, audited); a fixed address must be an IPv4 host address of
+    the network's range other than its gateway. Whether it is free is checked at allocation."""
+    if not isinstance(nics, list) or not 1 <= len(nics) <= MAX_NICS_PER_VM:
+        raise ApplicationError(f"nics must be a list of 1 to {MAX_NICS_PER_VM} NICs.", details={"nics": "length"})
+    network_default_ensure()  # so that "default" names it on a fresh installation too
+    resolved: list[tuple[Network, str | None]] = []
+    seen_ips: set[tuple[str, str]] = set()
+    for i, raw in enumerate(nics):
+        if not isinstance(raw, dict):
+            raise ApplicationError("Each NIC is an object {network, ip?}.", details={str(i): "not an object"})
+        network = _network_lookup(actor, raw.get("network"))
+        if network is None:
+            raise ApplicationError(
+                f"Unknown network {str(raw.get('network'))[:63]!r}.", details={str(i): {"network": "unknown"}}
+            )
+        _require_network_perm(actor, "use", network, action="vm.nic_attach")
+        ip = raw.get("ip") or None
+        if ip is not None:
+            ip = _fixed_ip_checked(network, ip, field=str(i))
+            if (str(network.pk), ip) in seen_ips:
+                raise ApplicationError(f"Address {ip} is asked for twice.", details={str(i): {"ip": "duplicate"}})
+            seen_ips.add((str(network.pk), ip))
+        resolved.append((network, ip))
+    return resolved
+
+
+def _network_lookup(actor, ref) -> Network | None:
+    """The network named or identified by ``ref`` if ``actor`` may see it, else None."""
+    if not isinstance(ref, str) or not ref or len(ref) > 63:
+        return None
+    try:
+        by_id = {"pk": uuid.UUID(ref)}
+    except ValueError:
+        by_id = {"name": ref}
+    network = Network.objects.filter(**by_id).first()
+    if network is None or (actor is not None and not selectors.network_user_can(actor, "view", network)):
+        return None
+    return network
+
+
+def _fixed_ip_checked(network: Network, ip, *, field: str = "ip") -> str:
+    try:
+        address = ipaddress.IPv4Address(str(ip))
+    except ValueError as exc:
+        raise ApplicationError(f"{str(ip)[:45]!r} is not an IPv4 address.", details={field: {"ip": "invalid"}}) from exc
+    net = network.ip_network
+    if address not in net or address in (net.network_address, net.broadcast_address):
+        raise ApplicationError(
+            f"{address} is not a host address of network {network.name} ({network.cidr}).",
+            details={field: {"ip": "outside the network's range"}},
+        )
+    if str(address) == network.gateway:
+        raise ApplicationError(
+            f"{address} is the gateway of network {network.name}.", details={field: {"ip": "the gateway"}}
+        )
+    return str(address)
+
+
+def nic_allocate(*, vm, network: Network | None = None, actor=None, ip: str | None = None) -> NicSpec:
+    """Give ``vm`` a NIC on ``network`` (default network when omitted): ``ip`` when given (a
+    free host address of the subnet, else 400), otherwise the lowest free one, and a random
+    locally administered MAC; its index is the lowest free one (eth<index> at creation).
+    Call it inside the VM create transaction: the network row lock serialises concurrent
+    allocations, and the unique (network, ip) constraint backs it up."""
     network = network or network_default_ensure()
     if actor is not None and not selectors.network_user_can(actor, "use", network):
         raise NotPermitted("You may not attach VMs to this network.")
     with transaction.atomic():
         locked = Network.objects.select_for_update().get(pk=network.pk)
-        index = Nic.objects.filter(vm=vm).count()
+        taken_indexes = set(Nic.objects.filter(vm=vm).values_list("index", flat=True))
+        if len(taken_indexes) >= MAX_NICS_PER_VM:
+            raise ConflictError(f"A VM has at most {MAX_NICS_PER_VM} NICs.", code="too_many_nics")
+        index = next(i for i in range(MAX_NICS_PER_VM + 1) if i not in taken_indexes)
         used = set(Nic.objects.filter(network=locked).values_list("ip", flat=True))
         used.add(locked.gateway)
-        ip = next((str(a) for a in locked.ip_network.hosts() if str(a) not in used), None)
+        if ip is not None:
+            ip = _fixed_ip_checked(locked, ip)
+            if ip in used:
+                raise ApplicationError(
+                    f"Address {ip} of network {locked.name} is taken.", details={"ip": "taken"}, code="ip_taken"
+                )
+        else:
+            ip = next((str(a) for a in locked.ip_network.hosts() if str(a) not in used), None)
         if ip is None:
             raise ConflictError(f"Network {locked.name} has no free address left.", code="network_full")
         for _attempt in range(5):
@@ -303,7 +384,10 @@ def nic_allocate(*, vm, network: Network | None = None, actor=None) -> NicSpec:
         else:  # five MAC collisions in a row: something is wrong with the random source
             raise ApplicationError("Could not pick a unique MAC address.")
         audit_record(
-            actor=actor, action="vm.nic_attach", obj=vm, after={"network": locked.name, "ip": ip, "mac": nic.mac}
+            actor=actor,
+            action="vm.nic_attach",
+            obj=vm,
+            after={"network": locked.name, "ip": ip, "mac": nic.mac, "index": index},
         )
     return _nic_spec(Nic.objects.select_related("network").get(pk=nic.pk))
 
@@ -312,6 +396,11 @@ def nic_spec(*, vm) -> NicSpec | None:
     """The first NIC of ``vm`` (what ``VmSpec.tap``/``mac`` and the kernel arguments come from)."""
     nics = selectors.nics_of(vm)
     return _nic_spec(nics[0]) if nics else None
+
+
+def nic_specs(*, vm) -> list[NicSpec]:
+    """Every NIC of ``vm`` in index order (the first one is ``nic_spec``'s)."""
+    return [_nic_spec(n) for n in selectors.nics_of(vm)]
 
 
 def nic_release(*, vm, actor=None) -> int:
@@ -334,6 +423,197 @@ def nic_release(*, vm, actor=None) -> int:
                 },
             )
     return len(nics)
+
+
+# --- NICs of an existing VM ------------------------------------------------------------------
+
+
+def _nic_snapshot(nic: Nic) -> dict:
+    return {"id": str(nic.pk), "network": nic.network.name, "ip": nic.ip, "mac": nic.mac, "index": nic.index}
+
+
+def _hotplug_or_refuse(vm, verb: str) -> None:
+    """A running VM's NICs change by hot-plug when its driver can, else 409 ``restart_required``
+    (as a resize); any other state than stopped or running is a 409 too."""
+    from vms.hypervisor import driver_capabilities
+    from vms.models import VmState
+
+    if vm.state != VmState.RUNNING:
+        raise ConflictError(
+            f"The VM is {vm.state}: NICs are {verb} on a stopped or running VM.",
+            code="invalid_state",
+            details={"state": vm.state},
+        )
+    if not driver_capabilities(vm.driver).nic_hotplug:
+        raise ConflictError(
+            f"The {vm.driver or 'current'} driver cannot hot-plug NICs: stop the VM, change its NICs, then start it.",
+            code="restart_required",
+        )
+
+
+def vm_nic_add(*, vm, actor, network: str, ip: str | None = None) -> tuple[NicSpec, object | None]:
+    """Give an existing VM one more NIC on ``network`` (name or id; as at create: visible,
+    usable, optional free fixed ``ip``). A stopped VM gets it at its next start (no
+    operation); a running VM gets it hot-plugged by an operation (``nic_hotplug``) when its
+    driver can, else 409 ``restart_required``. Returns the NIC and the operation (or None)."""
+    from vms.models import VM, VmState
+    from vms.operations import operation_enqueue, operation_new
+    from vms.transitions import vm_transition_request
+
+    _require_vm_change(actor, vm, "vm.nic_add")
+    if not settings.SANDBOX_NETWORKING:
+        raise ApplicationError("Networking is turned off here.", details={"nics": "off"})
+    [(resolved, fixed)] = nic_requests_resolve(actor=actor, nics=[{"network": network, "ip": ip}])
+    with transaction.atomic():
+        locked = VM.objects.select_for_update().get(pk=vm.pk)  # a start waits for this change
+        if locked.state == VmState.STOPPED:
+            return nic_allocate(vm=locked, network=resolved, actor=actor, ip=fixed), None
+        _hotplug_or_refuse(locked, "added")
+        spec = nic_allocate(vm=locked, network=resolved, actor=actor, ip=fixed)
+        previous = vm_transition_request(locked, "nic_hotplug")
+        op = operation_new(
+            vm=locked,
+            action="nic_hotplug",
+            actor=actor,
+            params={"add": spec.tap, "previous_state": previous},
+        )
+        operation_enqueue(op, locked)
+    return spec, op
+
+
+def vm_nic_remove(*, vm, actor, nic_id) -> object | None:
+    """Remove one NIC of a VM: at once from a stopped VM (its last NIC also takes its port
+    forwards), by a hot-unplug operation from a running one whose driver can (else 409
+    ``restart_required``). Audited as ``vm.nic_detach``. Returns the operation or None."""
+    from vms.models import VM, VmState
+    from vms.operations import operation_enqueue, operation_new
+    from vms.transitions import vm_transition_request
+
+    _require_vm_change(actor, vm, "vm.nic_remove")
+    with transaction.atomic():
+        locked = VM.objects.select_for_update().get(pk=vm.pk)
+        nic = Nic.objects.filter(vm=locked, pk=nic_id).select_related("network").first()
+        if nic is None:
+            raise ApplicationError("No such NIC on this VM.", code="not_found", status_code=404)
+        if locked.state == VmState.STOPPED:
+            _nic_row_delete(nic, actor=actor)
+            return None
+        _hotplug_or_refuse(locked, "removed")
+        previous = vm_transition_request(locked, "nic_hotplug")
+        op = operation_new(
+            vm=locked,
+            action="nic_hotplug",
+            actor=actor,
+            params={"remove": nic.tap, "device_id": f"net{nic.index}", "previous_state": previous},
+        )
+        audit_record(
+            actor=actor, action="vm.nic_detach", obj=locked, before=_nic_snapshot(nic), after={"operation": str(op.pk)}
+        )
+        operation_enqueue(op, locked)
+    return op
+
+
+def _nic_row_delete(nic: Nic, *, actor, audited: bool = True) -> None:
+    """Delete a NIC row (its address is free again); the VM's last NIC takes its port forwards
+    along. Host rules follow on the VM's host."""
+    vm = nic.vm
+    with transaction.atomic():
+        Nic.objects.filter(pk=nic.pk).delete()
+        forwards = []
+        if not Nic.objects.filter(vm_id=nic.vm_id).exists():
+            forwards = [str(pf) for pf in PortForward.objects.filter(vm_id=nic.vm_id)]
+            PortForward.objects.filter(vm_id=nic.vm_id).delete()
+        if audited:
+            audit_record(
+                actor=actor, action="vm.nic_detach", obj=vm, before={**_nic_snapshot(nic), "port_forwards": forwards}
+            )
+        if vm.host_id:
+            _rules_apply_enqueue(vm.host)
+
+
+NIC_CONFIGURE_SCRIPT = r"""mac="$1"; addr="$2"; dev=""; i=0
+while [ -z "$dev" ] && [ "$i" -lt 50 ]; do
+    for d in /sys/class/net/*; do
+        [ "$(cat "$d/address" 2>/dev/null)" = "$mac" ] && dev="${d##*/}"
+    done
+    [ -n "$dev" ] || { sleep 0.2; i=$((i + 1)); }
+done
+[ -n "$dev" ] || { echo "no interface with MAC $mac" >&2; exit 3; }
+ip link set "$dev" up && ip addr replace "$addr" dev "$dev" && echo "$dev $addr"
+"""
+NIC_CONFIGURE_TIMEOUT = 20
+
+
+def nic_guest_configure(*, vm, nics: list[NicSpec]) -> list[str]:
+    """Configure ``nics`` inside the running guest through its agent (an ``exec`` of
+    ``NIC_CONFIGURE_SCRIPT``: the interface with the NIC's MAC gets its static address, up
+    to 10 s after a hot-plug for it to appear). The first NIC is configured by the guest's
+    init from the kernel command line and has the default route; these have none. Returns
+    lines for the operation log; a failure is a line too (the VM keeps running)."""
+    from vms import agent_gateway
+
+    lines = []
+    for nic in nics:
+        argv = ["/bin/sh", "-c", NIC_CONFIGURE_SCRIPT, "sh", nic.mac, f"{nic.ip}/{nic.prefix}"]
+        try:
+            started, _ = agent_gateway.agent_call(
+                vm, "exec_start", {"argv": argv, "timeout": NIC_CONFIGURE_TIMEOUT, "tag": "sandbox-net"}, timeout=10
+            )
+            exec_id = started["exec_id"]
+            summary, _ = agent_gateway.agent_call(
+                vm,
+                "exec_wait",
+                {"exec_id": exec_id, "timeout": NIC_CONFIGURE_TIMEOUT},
+                timeout=NIC_CONFIGURE_TIMEOUT + 10,
+            )
+            if summary.get("exit_code") != 0:
+                _, data = agent_gateway.agent_call(vm, "exec_read", {"exec_id": exec_id, "max": 1024}, timeout=10)
+                raise ApplicationError(data.decode(errors="replace").strip() or f"exit {summary.get('exit_code')}")
+            agent_gateway.agent_call(vm, "exec_forget", {"exec_id": exec_id}, timeout=10)
+            lines.append(f"network: guest {nic.device_id} {nic.ip}/{nic.prefix} configured")
+        except (ApplicationError, KeyError) as exc:
+            lines.append(
+                f"warning: guest NIC {nic.device_id} ({nic.mac}) not configured: {getattr(exc, 'message', exc)}"
+            )
+    return lines
+
+
+def nic_hotplug_call(driver, spec, op) -> dict:
+    """The ``nic_hotplug`` operation on the VM's host (an in-place action, see
+    ``vms.lifecycle.in_place_handler``): plumb the new NIC's TAP, ``driver.nic_add``, configure
+    it in the guest; or ``driver.nic_remove``, then its TAP and row go. A failed hot-plug takes
+    the new NIC's row and TAP away again."""
+    from vms.models import VM
+    from vms.operations import operation_log
+    from vms.vmm.base import NicDevice
+
+    vm = VM.objects.select_related("host").get(pk=op.vm_id)
+    params = op.params
+    if "add" in params:
+        nic = Nic.objects.filter(vm=vm, tap=params["add"]).select_related("network").first()
+        if nic is None:
+            return {}  # removed meanwhile
+        new = _nic_spec(nic)
+        try:
+            nic_plumb(vm=vm)
+            driver.nic_add(spec, NicDevice(tap=new.tap, mac=new.mac, device_id=new.device_id))
+        except Exception:
+            netlink.link_remove(new.tap, netns=_netns())
+            _nic_row_delete(nic, actor=None, audited=False)
+            audit_record(
+                actor=None, action="vm.nic_detach", obj=vm, before={**_nic_snapshot(nic), "reason": "hot-plug failed"}
+            )
+            raise
+        for line in nic_guest_configure(vm=vm, nics=[new]):
+            operation_log(op, line)
+        return {}
+    nic = Nic.objects.filter(vm=vm, tap=params["remove"]).select_related("network").first()
+    driver.nic_remove(spec, params["device_id"])
+    netlink.link_remove(params["remove"], netns=_netns())
+    if nic is not None:
+        _nic_row_delete(nic, actor=None, audited=False)
+    network_rules_apply(host=vm.host)
+    return {}
 
 
 # --- host plumbing (runs on the VM's host) ---------------------------------------------------
@@ -576,10 +856,19 @@ def port_forward_delete(*, port_forward: PortForward, actor) -> None:
 # --- VM lifecycle hooks (registered with vms.hooks from NetworkingConfig.ready) ---------------
 
 
-def vm_hook_created(*, vm, actor) -> None:
-    """A new VM (create or clone) gets its NIC on the default network, in its create transaction."""
-    if settings.SANDBOX_NETWORKING:
+def vm_hook_created(*, vm, actor, nics: list[dict] | None = None) -> None:
+    """A new VM (create or clone) gets its NICs in its create transaction: the ones asked
+    for (``nic_requests_resolve``), else one on the default network. Any refusal rolls the
+    whole create back."""
+    if not settings.SANDBOX_NETWORKING:
+        if nics is not None:
+            raise ApplicationError("Networking is turned off here: a VM cannot have NICs.", details={"nics": "off"})
+        return
+    if nics is None:
         nic_allocate(vm=vm, network=None, actor=actor)
+        return
+    for network, ip in nic_requests_resolve(actor=actor, nics=nics):
+        nic_allocate(vm=vm, network=network, actor=actor, ip=ip)
 
 
 def vm_hook_before_launch(*, vm) -> list[str]:
@@ -603,8 +892,13 @@ def vm_hook_owner_changed(*, vm) -> None:
         network_rules_apply(host=vm.host)
 
 
-def vm_hook_nic(*, vm) -> NicSpec | None:
-    return nic_spec(vm=vm)
+def vm_hook_nics(*, vm) -> list[NicSpec]:
+    return nic_specs(vm=vm)
+
+
+def vm_hook_agent_ready(*, vm) -> list[str]:
+    """The guest agent answers (boot, restore): configure the NICs after the first."""
+    return nic_guest_configure(vm=vm, nics=nic_specs(vm=vm)[1:])
 
 
 def vm_hook_counters(*, vm) -> dict[str, dict[str, int]]:

@@ -143,6 +143,15 @@ class VmCreatedSerializer(VmSerializer):
         read_only_fields = fields
 
 
+class VmNicRequestSerializer(serializers.Serializer):
+    """One NIC asked for at create time (checked by networking: visible, usable, free address)."""
+
+    network = serializers.CharField(max_length=63, help_text="A network's name or id.")
+    ip = serializers.IPAddressField(
+        protocol="IPv4", required=False, help_text="A free host address of the network's range (default: the lowest)."
+    )
+
+
 class VmCreateSerializer(serializers.Serializer):
     name = serializers.CharField(max_length=63, validators=[name_validator])
     template = serializers.SlugRelatedField(slug_field="name", queryset=Template.objects.filter(is_active=True))
@@ -156,6 +165,13 @@ class VmCreateSerializer(serializers.Serializer):
         queryset=Image.objects.all(),
         required=False,
         help_text="Boot this image, not the template's.",
+    )
+    nics = VmNicRequestSerializer(
+        many=True,
+        required=False,
+        max_length=8,
+        min_length=1,
+        help_text="The VM's NICs in guest order (default: one on the default network).",
     )
 
 

@@ -125,12 +125,12 @@ def vm_limits_check(
         raise QuotaExceeded("This would exceed your resource limits.", details=over)
 
 
-def vm_row_init(*, vm: VM, actor) -> None:
+def vm_row_init(*, vm: VM, actor, nics: list[dict] | None = None) -> None:
     """In the transaction that created ``vm`` (create, clone): grant its owner every object
-    permission and run the ``vm_created`` hooks (e.g. networking takes its address now, so
-    the address exists exactly when the VM does)."""
+    permission and run the ``vm_created`` hooks (e.g. networking takes its addresses now, so
+    they exist exactly when the VM does; ``nics``: the NICs asked for, None = the default)."""
     vm_row_permissions_grant(vm=vm)
-    hook_run("vm_created", vm=vm, actor=actor)
+    hook_run("vm_created", vm=vm, actor=actor, nics=nics)
 
 
 def vm_row_permissions_grant(*, vm: VM) -> None:
@@ -178,11 +178,15 @@ def vm_create(
     metadata: dict | None = None,
     start: bool = True,
     image: Image | None = None,
+    nics: list[dict] | None = None,
     actor,
 ) -> tuple[VM, Operation]:
     """Record the VM (creating), grant the owner every object permission, and enqueue the
     create (+ boot) operation on the host's queue once the transaction commits. ``image``
-    (any image the actor may see, ready and not deprecated) replaces the template's."""
+    (any image the actor may see, ready and not deprecated) replaces the template's.
+    ``nics`` (``[{"network", "ip"?}, ...]``, checked by the networking hook) replaces the one
+    NIC on the default network; such a VM is cold booted (warm-pool VMs and golden snapshots
+    have the default NIC)."""
     require_perm(actor, "vms.add_vm", None, action="vm.create", message="Your role may not create VMs.")
     require_disk_space(action="create a VM")
     if not template.is_active:
@@ -193,24 +197,32 @@ def vm_create(
     image_minimums_check(image=image, template=template, memory_mib=memory_mib, disk_gib=disk_gib, actor=actor)
     if metadata is not None and (not isinstance(metadata, dict) or len(str(metadata)) > 16384):
         raise ApplicationError("metadata must be an object of at most 16 KiB.")
+    if nics is not None:
+        # Refused before the transaction, so that a refusal's audit row is kept (checked again
+        # when the NICs are allocated in it).
+        hook_run("vm_nics_check", actor=actor, nics=nics)
     with transaction.atomic():
         owner_quota_lock(owner)  # then check: concurrent requests cannot both pass the quota check
         vm_limits_check(owner=owner, template=template, vcpus=vcpus, memory_mib=memory_mib, disk_gib=disk_gib)
         if VM.objects.filter(owner=owner, name=name).exists():
             raise ConflictError(f"You already have a VM named {name!r}.", details={"name": "taken"})
         # A paused VM of the template's warm pool (snapshots app), when one fits and is ready.
-        taken = hook_first(
-            "vm_pool_take",
-            owner=owner,
-            vm_name=name,
-            template=template,
-            image=image,
-            vcpus=vcpus,
-            memory_mib=memory_mib,
-            disk_gib=disk_gib,
-            metadata=metadata,
-            start=start,
-            actor=actor,
+        taken = (
+            None
+            if nics is not None
+            else hook_first(
+                "vm_pool_take",
+                owner=owner,
+                vm_name=name,
+                template=template,
+                image=image,
+                vcpus=vcpus,
+                memory_mib=memory_mib,
+                disk_gib=disk_gib,
+                metadata=metadata,
+                start=start,
+                actor=actor,
+            )
         )
         if taken is not None:
             vm, op = taken
@@ -237,9 +249,10 @@ def vm_create(
         )
         vm.full_clean()
         vm.save()
-        vm_row_init(vm=vm, actor=actor)
+        vm_row_init(vm=vm, actor=actor, nics=nics)
         # A golden snapshot of the template (snapshots app) replaces the cold boot.
-        action, params = hook_first("vm_create_source", vm=vm, start=start) or ("create", {"start": start})
+        golden = hook_first("vm_create_source", vm=vm, start=start) if nics is None else None
+        action, params = golden or ("create", {"start": start})
         op = operation_new(vm=vm, action=action, actor=actor, params=params)
         audit_record(
             actor=actor, action="vm.create", obj=vm, after={**_snapshot(vm), "name": name, "template": template.name}
