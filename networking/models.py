@@ -71,6 +71,12 @@ class Network(models.Model):
     )
     egress_mode = models.CharField(max_length=16, choices=EgressMode.choices, default=EgressMode.ALLOW)
     is_default = models.BooleanField(default=False)
+    user_created = models.BooleanField(
+        default=False,
+        editable=False,
+        help_text="Created by a user (not an operator): its egress never exceeds the operator's uplink "
+        "policy (the default network's), even after an operator narrows that.",
+    )
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     updated_at = models.DateTimeField(auto_now=True)
 

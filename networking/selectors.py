@@ -111,11 +111,28 @@ def _egress_allow(rules) -> tuple[nft.EgressAllow, ...]:
     return tuple(nft.EgressAllow(cidr=r.cidr, protocol=r.protocol, ports=parse_ports(r.ports)) for r in rules)
 
 
+def network_policies(networks, rules_by_id) -> dict:
+    """Each network's effective egress ``(mode, rules)``: its own, except that a user-created
+    network never exceeds the operator's uplink policy (the default network's) — when it
+    would (the operator narrowed the uplink later), the uplink policy applies instead."""
+    default = next((n for n in networks if n.is_default), None)
+    out = {}
+    for network in networks:
+        mode, rules = network.egress_mode, rules_by_id[network.pk]
+        if network.user_created and default is not None:
+            ceiling = (default.egress_mode, rules_by_id[default.pk])
+            if not egress_within(mode, rules, *ceiling):
+                mode, rules = ceiling
+        out[network.pk] = (mode, rules)
+    return out
+
+
 def host_rules(host) -> nft.HostRules:
     """Everything ``host`` must enforce, from the database: every network (so the drop rules
     cover each of our bridges), the plumbed NICs of its VMs, and their port forwards."""
     networks = list(Network.objects.order_by("name"))
     network_rules_by_id = {n.pk: list(EgressRule.objects.filter(network=n)) for n in networks}
+    policy_by_id = network_policies(networks, network_rules_by_id)
     nics = list(Nic.objects.filter(vm__host=host, plumbed=True).select_related("vm", "network").order_by("tap"))
     vm_rules: dict = {}
     for rule in EgressRule.objects.filter(vm_id__in={n.vm_id for n in nics}):
@@ -123,7 +140,7 @@ def host_rules(host) -> nft.HostRules:
     by_network: dict = {n.pk: [] for n in networks}
     first_ip: dict = {}
     for nic in nics:
-        mode, allow = nic.network.egress_mode, network_rules_by_id[nic.network_id]
+        mode, allow = policy_by_id[nic.network_id]
         own = vm_rules.get(nic.vm_id, [])
         # A VM's own policy applies when it narrows the network's (also after an operator
         # narrowed the network later), or when an operator widened it on purpose.

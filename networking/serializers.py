@@ -33,6 +33,7 @@ class NetworkSerializer(serializers.ModelSerializer):
             "egress_mode",
             "egress_rules",
             "is_default",
+            "user_created",
             "created_at",
             "updated_at",
         ]
@@ -46,7 +47,9 @@ class NetworkSerializer(serializers.ModelSerializer):
 
 class NetworkCreateSerializer(serializers.Serializer):
     name = serializers.SlugField(max_length=63)
-    cidr = serializers.CharField(max_length=18)
+    cidr = serializers.CharField(
+        max_length=18, required=False, help_text="Operators: required. Users: inside the user pool; omitted: picked."
+    )
     gateway = serializers.IPAddressField(protocol="IPv4", required=False)
     owner = serializers.SlugRelatedField(
         slug_field="username",
@@ -55,7 +58,11 @@ class NetworkCreateSerializer(serializers.Serializer):
         allow_null=True,
     )
     tenant_isolation = serializers.BooleanField(default=True)
-    egress_mode = serializers.ChoiceField(choices=EgressMode.choices, default=EgressMode.ALLOW)
+    egress_mode = serializers.ChoiceField(
+        choices=EgressMode.choices,
+        required=False,
+        help_text="Default: allow (operators), the operator's uplink policy (users: theirs can only narrow it).",
+    )
     egress_rules = EgressRuleSerializer(many=True, required=False)
 
 

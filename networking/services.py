@@ -35,7 +35,7 @@ from accounts.roles import user_is_operator
 from accounts.services import owner_quota_lock
 from networking import netlink, nft, selectors
 from networking.models import EgressMode, EgressRule, Network, Nic, PortForward, Protocol
-from sandbox_site.errors import ApplicationError, ConflictError, NotPermitted
+from sandbox_site.errors import ApplicationError, ConflictError, NotPermitted, QuotaExceeded
 
 logger = logging.getLogger(__name__)
 
@@ -126,50 +126,139 @@ def _network_snapshot(network: Network) -> dict:
     }
 
 
+def user_network_limit(user) -> int:
+    """How many private networks ``user`` may create themselves (``SANDBOX_USER_MAX_NETWORKS``).
+    The one place this limit is read: per-user or per-project quota objects replace it here."""
+    return settings.SANDBOX_USER_MAX_NETWORKS
+
+
+def uplink_policy() -> tuple[str, list[EgressRule]]:
+    """The operator's uplink policy, which a user-created network can only narrow: the
+    default network's egress mode and allow-list."""
+    default = network_default_ensure()
+    return default.egress_mode, list(default.egress_rules.all())
+
+
+def _user_subnet_pick(cidr: str | None) -> str:
+    """A user network's subnet: ``cidr`` when it lies inside ``SANDBOX_USER_NETWORK_POOL`` (a
+    /16-/29), else the first free ``SANDBOX_USER_NETWORK_PREFIX`` of the pool. Call it under
+    the network-creation lock."""
+    pool = ipaddress.IPv4Network(settings.SANDBOX_USER_NETWORK_POOL)
+    if cidr:
+        try:
+            net = ipaddress.IPv4Network(cidr, strict=True)
+        except ValueError as exc:
+            raise ApplicationError("Invalid subnet.", details={"cidr": str(exc)}) from exc
+        if not net.subnet_of(pool):
+            raise ApplicationError(
+                f"A user network's subnet lies inside {pool}.", details={"cidr": f"must be inside {pool}"}
+            )
+        return str(net)
+    taken = [n.ip_network for n in Network.objects.all()]
+    for candidate in pool.subnets(new_prefix=max(pool.prefixlen, settings.SANDBOX_USER_NETWORK_PREFIX)):
+        if not any(candidate.overlaps(t) for t in taken):
+            return str(candidate)
+    raise ConflictError(f"No free subnet left in {pool}.", code="network_pool_full")
+
+
 def network_create(
     *,
     name: str,
-    cidr: str,
     actor,
+    cidr: str | None = None,
     gateway: str | None = None,
     owner=None,
     tenant_isolation: bool = True,
-    egress_mode: str = EgressMode.ALLOW,
+    egress_mode: str | None = None,
     egress_rules: list[dict] | None = None,
     is_default: bool = False,
 ) -> Network:
-    """Create a network (operators only). The gateway defaults to the first host address;
-    a private network (``owner``) gives its owner view, change and use rights."""
-    if actor is not None and not (user_is_operator(actor) or actor.has_perm("networking.add_network")):
-        raise NotPermitted("Only operators can create networks.")
-    if egress_mode not in EgressMode.values:
+    """Create a network. The gateway defaults to the first host address; a private network
+    (``owner``) gives its owner view, change and use rights.
+
+    Operators create any network (egress default: allow). Users whose role may create VMs
+    create private networks of their own (``_user_network_checked``): within their limit
+    (``user_network_limit``), tenant-isolated, on a subnet of the user pool (picked when
+    ``cidr`` is omitted), with egress that only narrows the operator's uplink policy
+    (default: that policy itself); they may also delete them."""
+    user_made = actor is not None and not (user_is_operator(actor) or actor.has_perm("networking.add_network"))
+    if user_made:
+        _user_network_checked(actor=actor, owner=owner, tenant_isolation=tenant_isolation, is_default=is_default)
+        owner = actor
+    if egress_mode is not None and egress_mode not in EgressMode.values:
         raise ApplicationError("Unknown egress mode.", details={"egress_mode": EgressMode.values})
-    try:
-        net = ipaddress.IPv4Network(cidr, strict=True)
-    except ValueError as exc:
-        raise ApplicationError("Invalid subnet.", details={"cidr": str(exc)}) from exc
     rules = _egress_rules_validated(egress_rules)
-    network = Network(
-        name=name,
-        cidr=str(net),
-        gateway=gateway or str(next(net.hosts())),
-        owner=owner,
-        tenant_isolation=tenant_isolation,
-        egress_mode=egress_mode,
-        is_default=is_default,
-    )
+    if user_made:
+        ceiling_mode, ceiling_rules = uplink_policy()
+        if egress_mode is None:
+            egress_mode = ceiling_mode
+            rules = (
+                rules
+                if egress_rules is not None
+                else [EgressRule(cidr=r.cidr, protocol=r.protocol, ports=r.ports) for r in ceiling_rules]
+            )
+        if not selectors.egress_within(egress_mode, rules, ceiling_mode, ceiling_rules):
+            from accounts.permissions import require_perm
+
+            require_perm(
+                actor,
+                "networking.change_network",
+                None,
+                action="network.create",
+                message="A network you create can only narrow the operator's uplink policy "
+                f"({ceiling_mode}{': ' + ', '.join(str(r) for r in ceiling_rules) if ceiling_rules else ''}).",
+            )
+    egress_mode = egress_mode or EgressMode.ALLOW
     with transaction.atomic():
-        network.full_clean()
+        if user_made:
+            owner_quota_lock(actor)  # then count: parallel creates cannot pass the limit together
+            count = Network.objects.filter(owner=actor, user_created=True).count()
+            if count >= user_network_limit(actor):
+                raise QuotaExceeded(
+                    "You have reached your limit of private networks.",
+                    details={"networks": f"{count} of {user_network_limit(actor)} used"},
+                )
+            # One creation at a time picks a subnet (the default network's row is the lock).
+            Network.objects.select_for_update().filter(is_default=True).exists()
+            cidr = _user_subnet_pick(cidr)
+        try:
+            net = ipaddress.IPv4Network(cidr or "", strict=True)
+        except ValueError as exc:
+            raise ApplicationError("Invalid subnet.", details={"cidr": str(exc)}) from exc
+        network = Network(
+            name=name,
+            cidr=str(net),
+            gateway=gateway or str(next(net.hosts())),
+            owner=owner,
+            tenant_isolation=tenant_isolation,
+            egress_mode=egress_mode,
+            is_default=is_default,
+            user_created=user_made,
+        )
+        try:
+            network.full_clean()
+        except ValidationError as exc:
+            raise ApplicationError("Invalid network.", details=exc.message_dict) from exc
         network.save()
         for rule in rules:
             rule.network = network
             rule.save()
         if owner is not None:
-            for codename in OWNER_NETWORK_PERMS:
+            for codename in (*OWNER_NETWORK_PERMS, *(("delete_network",) if user_made else ())):
                 assign_perm(f"networking.{codename}", owner, network)
         audit_record(actor=actor, action="network.create", obj=network, after=_network_snapshot(network))
         _rules_apply_everywhere()
     return network
+
+
+def _user_network_checked(*, actor, owner, tenant_isolation: bool, is_default: bool) -> None:
+    from accounts.permissions import require_perm
+
+    require_perm(actor, "vms.add_vm", None, action="network.create", message="Your role may not create networks.")
+    if owner is not None and owner != actor:
+        raise NotPermitted("You can create networks for yourself only.")
+    if not tenant_isolation or is_default:
+        raise NotPermitted("Only operators can create shared, default or non-isolated networks.")
 
 
 def network_default_ensure() -> Network:
