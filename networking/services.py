@@ -33,7 +33,7 @@ from guardian.shortcuts import assign_perm
 from accounts.audit import audit_record
 from accounts.roles import user_is_operator
 from accounts.services import owner_quota_lock
-from networking import netlink, nft, selectors
+from networking import guest, netlink, nft, selectors
 from networking.models import EgressMode, EgressRule, Network, Nic, PortForward, Protocol
 from sandbox_site.errors import ApplicationError, ConflictError, NotPermitted, QuotaExceeded
 
@@ -620,22 +620,12 @@ def _nic_row_delete(nic: Nic, *, actor, audited: bool = True) -> None:
             _rules_apply_enqueue(vm.host)
 
 
-NIC_CONFIGURE_SCRIPT = r"""mac="$1"; addr="$2"; dev=""; i=0
-while [ -z "$dev" ] && [ "$i" -lt 50 ]; do
-    for d in /sys/class/net/*; do
-        [ "$(cat "$d/address" 2>/dev/null)" = "$mac" ] && dev="${d##*/}"
-    done
-    [ -n "$dev" ] || { sleep 0.2; i=$((i + 1)); }
-done
-[ -n "$dev" ] || { echo "no interface with MAC $mac" >&2; exit 3; }
-ip link set "$dev" up && ip addr replace "$addr" dev "$dev" && echo "$dev $addr"
-"""
 NIC_CONFIGURE_TIMEOUT = 20
 
 
 def nic_guest_configure(*, vm, nics: list[NicSpec]) -> list[str]:
     """Configure ``nics`` inside the running guest through its agent (an ``exec`` of
-    ``NIC_CONFIGURE_SCRIPT``: the interface with the NIC's MAC gets its static address, up
+    ``guest.NIC_CONFIGURE_SCRIPT``: the interface with the NIC's MAC gets its static address, up
     to 10 s after a hot-plug for it to appear). The first NIC is configured by the guest's
     init from the kernel command line and has the default route; these have none. Returns
     lines for the operation log; a failure is a line too (the VM keeps running)."""
@@ -643,7 +633,7 @@ def nic_guest_configure(*, vm, nics: list[NicSpec]) -> list[str]:
 
     lines = []
     for nic in nics:
-        argv = ["/bin/sh", "-c", NIC_CONFIGURE_SCRIPT, "sh", nic.mac, f"{nic.ip}/{nic.prefix}"]
+        argv = guest.nic_configure_argv(nic.mac, f"{nic.ip}/{nic.prefix}")
         try:
             started, _ = agent_gateway.agent_call(
                 vm, "exec_start", {"argv": argv, "timeout": NIC_CONFIGURE_TIMEOUT, "tag": "sandbox-net"}, timeout=10
@@ -655,9 +645,13 @@ def nic_guest_configure(*, vm, nics: list[NicSpec]) -> list[str]:
                 {"exec_id": exec_id, "timeout": NIC_CONFIGURE_TIMEOUT},
                 timeout=NIC_CONFIGURE_TIMEOUT + 10,
             )
-            if summary.get("exit_code") != 0:
+            result = summary.get("result") or {}
+            if result.get("exit_code") != 0:
                 _, data = agent_gateway.agent_call(vm, "exec_read", {"exec_id": exec_id, "max": 1024}, timeout=10)
-                raise ApplicationError(data.decode(errors="replace").strip() or f"exit {summary.get('exit_code')}")
+                why = data.decode(errors="replace").strip()[-300:]
+                raise ApplicationError(
+                    why or f"exit {result.get('exit_code')}, {'running' if summary.get('running') else 'done'}"
+                )
             agent_gateway.agent_call(vm, "exec_forget", {"exec_id": exec_id}, timeout=10)
             lines.append(f"network: guest {nic.device_id} {nic.ip}/{nic.prefix} configured")
         except (ApplicationError, KeyError) as exc:

@@ -55,7 +55,8 @@ class FakeAgent:
         if op == "exec_start":
             return {"exec_id": f"x{len(self.calls)}", "pid": 100, "tag": (args or {}).get("tag", "")}, b""
         if op == "exec_wait":
-            return {"exec_id": (args or {}).get("exec_id"), "exit_code": self.exit_code, "running": False}, b""
+            result = {"exit_code": self.exit_code, "signal": None, "timed_out": False}
+            return {"exec_id": (args or {}).get("exec_id"), "running": False, "result": result}, b""
         if op == "exec_read":
             return {"next_offset": 10}, b"stderr out"
         return {}, b""
