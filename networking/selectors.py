@@ -50,10 +50,12 @@ def nics_of(vm) -> list[Nic]:
 
 
 def addresses_of(vm_ids) -> dict[str, list[str]]:
-    """The IPv4 addresses of these VMs (one query), by VM id, in NIC order."""
+    """The addresses of these VMs (one query), by VM id, in NIC order (IPv4, then IPv6 on a
+    dual-stack network): the first is the primary address."""
     found: dict[str, list[str]] = {}
-    for vm_id, ip in Nic.objects.filter(vm_id__in=list(vm_ids)).order_by("vm_id", "index").values_list("vm_id", "ip"):
-        found.setdefault(str(vm_id), []).append(ip)
+    rows = Nic.objects.filter(vm_id__in=list(vm_ids)).order_by("vm_id", "index").values_list("vm_id", "ip", "ip6")
+    for vm_id, ip, ip6 in rows:
+        found.setdefault(str(vm_id), []).extend([ip, *([ip6] if ip6 else [])])
     return found
 
 
@@ -148,12 +150,20 @@ def host_rules(host) -> nft.HostRules:
             mode, allow = nic.egress_mode, own
         policy = nft.EgressPolicy(mode=mode, allow=_egress_allow(allow) if mode == EgressMode.ALLOWLIST else ())
         by_network[nic.network_id].append(
-            nft.NicRules(tap=nic.tap, mac=nic.mac, ip=nic.ip, tenant=str(nic.vm.owner_id), egress=policy)
+            nft.NicRules(
+                tap=nic.tap, mac=nic.mac, ip=nic.ip, ip6=nic.ip6 or "", tenant=str(nic.vm.owner_id), egress=policy
+            )
         )
         if nic.index == 0 or nic.vm_id not in first_ip:
-            first_ip[nic.vm_id] = nic.ip
+            first_ip[nic.vm_id] = (nic.ip, nic.ip6 or "")
     forwards = [
-        nft.PortForwardRules(protocol=pf.protocol, host_port=pf.host_port, ip=first_ip[pf.vm_id], port=pf.guest_port)
+        nft.PortForwardRules(
+            protocol=pf.protocol,
+            host_port=pf.host_port,
+            ip=first_ip[pf.vm_id][0],
+            ip6=first_ip[pf.vm_id][1],
+            port=pf.guest_port,
+        )
         for pf in PortForward.objects.filter(host=host, vm_id__in=first_ip.keys())
     ]
     return nft.HostRules(
@@ -162,6 +172,8 @@ def host_rules(host) -> nft.HostRules:
                 bridge=n.bridge,
                 cidr=n.cidr,
                 gateway=n.gateway,
+                cidr6=n.cidr6,
+                gateway6=n.gateway6 or "",
                 tenant_isolation=n.tenant_isolation,
                 nics=tuple(by_network[n.pk]),
             )

@@ -7,7 +7,7 @@ from networking.models import EgressMode, EgressRule, Network, Nic, PortForward,
 
 
 class EgressRuleSerializer(serializers.Serializer):
-    cidr = serializers.CharField(max_length=18)
+    cidr = serializers.CharField(max_length=43, help_text="IPv4 or IPv6")
     # Plain strings (validated by the service): "" means any protocol / the network's policy,
     # and distinct choice sets with the same field name would collide in the OpenAPI schema.
     protocol = serializers.CharField(max_length=3, default="", allow_blank=True, help_text="tcp, udp or empty (any)")
@@ -28,6 +28,8 @@ class NetworkSerializer(serializers.ModelSerializer):
             "owner",
             "cidr",
             "gateway",
+            "cidr6",
+            "gateway6",
             "bridge",
             "tenant_isolation",
             "egress_mode",
@@ -51,6 +53,9 @@ class NetworkCreateSerializer(serializers.Serializer):
         max_length=18, required=False, help_text="Operators: required. Users: inside the user pool; omitted: picked."
     )
     gateway = serializers.IPAddressField(protocol="IPv4", required=False)
+    cidr6 = serializers.CharField(
+        max_length=43, required=False, allow_blank=True, help_text="Dual-stack: an IPv6 prefix /64-/120 (operators)."
+    )
     owner = serializers.SlugRelatedField(
         slug_field="username",
         queryset=get_user_model().objects.filter(is_active=True),
@@ -77,13 +82,27 @@ class NicSerializer(serializers.ModelSerializer):
     network = serializers.CharField(source="network.name", read_only=True)
     gateway = serializers.CharField(source="network.gateway", read_only=True)
     prefix = serializers.IntegerField(source="network.ip_network.prefixlen", read_only=True)
+    gateway6 = serializers.CharField(source="network.gateway6", read_only=True, allow_null=True)
     # Not the model's choices: "" means "the network's" and is not in that enum.
     egress_mode = serializers.CharField(read_only=True, help_text="allow, deny, allowlist or empty (the network's)")
     egress_rules = serializers.SerializerMethodField()
 
     class Meta:
         model = Nic
-        fields = ["id", "index", "network", "mac", "ip", "prefix", "gateway", "tap", "egress_mode", "egress_rules"]
+        fields = [
+            "id",
+            "index",
+            "network",
+            "mac",
+            "ip",
+            "prefix",
+            "gateway",
+            "ip6",
+            "gateway6",
+            "tap",
+            "egress_mode",
+            "egress_rules",
+        ]
         read_only_fields = fields
 
     @extend_schema_field(EgressRuleSerializer(many=True))

@@ -54,6 +54,9 @@ class NicSpec:
     gateway: str
     prefix: int
     index: int = 0
+    ip6: str = ""  # on a dual-stack network, with its gateway and prefix length
+    gateway6: str = ""
+    prefix6: int = 64
 
     @property
     def device_id(self) -> str:
@@ -84,6 +87,9 @@ def _nic_spec(nic: Nic) -> NicSpec:
         gateway=nic.network.gateway,
         prefix=nic.network.ip_network.prefixlen,
         index=nic.index,
+        ip6=nic.ip6 or "",
+        gateway6=nic.network.gateway6 or "",
+        prefix6=nic.network.ip_network6.prefixlen if nic.network.cidr6 else 64,
     )
 
 
@@ -119,6 +125,7 @@ def _network_snapshot(network: Network) -> dict:
         "name": network.name,
         "cidr": network.cidr,
         "gateway": network.gateway,
+        "cidr6": network.cidr6,
         "owner": network.owner_id,
         "tenant_isolation": network.tenant_isolation,
         "egress_mode": network.egress_mode,
@@ -167,6 +174,7 @@ def network_create(
     actor,
     cidr: str | None = None,
     gateway: str | None = None,
+    cidr6: str = "",
     owner=None,
     tenant_isolation: bool = True,
     egress_mode: str | None = None,
@@ -184,7 +192,15 @@ def network_create(
     user_made = actor is not None and not (user_is_operator(actor) or actor.has_perm("networking.add_network"))
     if user_made:
         _user_network_checked(actor=actor, owner=owner, tenant_isolation=tenant_isolation, is_default=is_default)
+        if cidr6:
+            raise NotPermitted("Only operators can give a network an IPv6 prefix (for now).")
         owner = actor
+    net6 = None
+    if cidr6:
+        try:
+            net6 = ipaddress.IPv6Network(cidr6, strict=True)
+        except ValueError as exc:
+            raise ApplicationError("Invalid IPv6 prefix.", details={"cidr6": str(exc)}) from exc
     if egress_mode is not None and egress_mode not in EgressMode.values:
         raise ApplicationError("Unknown egress mode.", details={"egress_mode": EgressMode.values})
     rules = _egress_rules_validated(egress_rules)
@@ -229,16 +245,15 @@ def network_create(
             name=name,
             cidr=str(net),
             gateway=gateway or str(next(net.hosts())),
+            cidr6=str(net6) if net6 else "",
+            gateway6=str(net6.network_address + 1) if net6 else None,
             owner=owner,
             tenant_isolation=tenant_isolation,
             egress_mode=egress_mode,
             is_default=is_default,
             user_created=user_made,
         )
-        try:
-            network.full_clean()
-        except ValidationError as exc:
-            raise ApplicationError("Invalid network.", details=exc.message_dict) from exc
+        network.full_clean()  # a ValidationError is a 400 (sandbox_site.errors)
         network.save()
         for rule in rules:
             rule.network = network
@@ -462,10 +477,11 @@ def nic_allocate(*, vm, network: Network | None = None, actor=None, ip: str | No
             ip = next((str(a) for a in locked.ip_network.hosts() if str(a) not in used), None)
         if ip is None:
             raise ConflictError(f"Network {locked.name} has no free address left.", code="network_full")
+        ip6 = _free_ip6(locked)
         for _attempt in range(5):
             try:
                 with transaction.atomic():
-                    nic = Nic.objects.create(vm=vm, network=locked, index=index, ip=ip, mac=_random_mac())
+                    nic = Nic.objects.create(vm=vm, network=locked, index=index, ip=ip, ip6=ip6, mac=_random_mac())
                 break
             except IntegrityError:
                 if Nic.objects.filter(network=locked, ip=ip).exists():
@@ -476,9 +492,29 @@ def nic_allocate(*, vm, network: Network | None = None, actor=None, ip: str | No
             actor=actor,
             action="vm.nic_attach",
             obj=vm,
-            after={"network": locked.name, "ip": ip, "mac": nic.mac, "index": index},
+            after={"network": locked.name, "ip": ip, "ip6": ip6, "mac": nic.mac, "index": index},
         )
     return _nic_spec(Nic.objects.select_related("network").get(pk=nic.pk))
+
+
+def _free_ip6(network: Network) -> str | None:
+    """The lowest free IPv6 address of a dual-stack network after its gateway (``::1``), or
+    None on an IPv4-only one. Called under the network's row lock (``nic_allocate``)."""
+    net6 = network.ip_network6
+    if net6 is None:
+        return None
+    used = {
+        ipaddress.IPv6Address(a)
+        for a in Nic.objects.filter(network=network).exclude(ip6=None).values_list("ip6", flat=True)
+    }
+    if network.gateway6:
+        used.add(ipaddress.IPv6Address(network.gateway6))
+    candidate = net6.network_address + 2
+    while candidate in used:
+        candidate += 1
+    if candidate not in net6 or candidate == net6.broadcast_address:
+        raise ConflictError(f"Network {network.name} has no free IPv6 address left.", code="network_full")
+    return str(candidate)
 
 
 def nic_spec(*, vm) -> NicSpec | None:
@@ -623,17 +659,25 @@ def _nic_row_delete(nic: Nic, *, actor, audited: bool = True) -> None:
 NIC_CONFIGURE_TIMEOUT = 20
 
 
-def nic_guest_configure(*, vm, nics: list[NicSpec]) -> list[str]:
+def nic_guest_configure(*, vm, nics: list[NicSpec], with_route6: bool = False) -> list[str]:
     """Configure ``nics`` inside the running guest through its agent (an ``exec`` of
     ``guest.NIC_CONFIGURE_SCRIPT``: the interface with the NIC's MAC gets its static address, up
     to 10 s after a hot-plug for it to appear). The first NIC is configured by the guest's
     init from the kernel command line and has the default route; these have none. Returns
-    lines for the operation log; a failure is a line too (the VM keeps running)."""
+    lines for the operation log; a failure is a line too (the VM keeps running). IPv6
+    addresses of every NIC come this way (the guest's init knows IPv4 only); with
+    ``with_route6`` the first of ``nics`` also gets the IPv6 default route."""
     from vms import agent_gateway
 
     lines = []
     for nic in nics:
-        argv = guest.nic_configure_argv(nic.mac, f"{nic.ip}/{nic.prefix}")
+        first = nic is nics[0] and with_route6
+        argv = guest.nic_configure_argv(
+            nic.mac,
+            f"{nic.ip}/{nic.prefix}",
+            f"{nic.ip6}/{nic.prefix6}" if nic.ip6 else "",
+            nic.gateway6 if nic.ip6 and first else "",
+        )
         try:
             started, _ = agent_gateway.agent_call(
                 vm, "exec_start", {"argv": argv, "timeout": NIC_CONFIGURE_TIMEOUT, "tag": "sandbox-net"}, timeout=10
@@ -653,7 +697,8 @@ def nic_guest_configure(*, vm, nics: list[NicSpec]) -> list[str]:
                     why or f"exit {result.get('exit_code')}, {'running' if summary.get('running') else 'done'}"
                 )
             agent_gateway.agent_call(vm, "exec_forget", {"exec_id": exec_id}, timeout=10)
-            lines.append(f"network: guest {nic.device_id} {nic.ip}/{nic.prefix} configured")
+            six = f" {nic.ip6}/{nic.prefix6}" if nic.ip6 else ""
+            lines.append(f"network: guest {nic.device_id} {nic.ip}/{nic.prefix}{six} configured")
         except (ApplicationError, KeyError) as exc:
             lines.append(
                 f"warning: guest NIC {nic.device_id} ({nic.mac}) not configured: {getattr(exc, 'message', exc)}"
@@ -709,11 +754,22 @@ def nic_plumb(*, vm) -> list[NicSpec]:
         return []
     Nic.objects.filter(pk__in=[n.pk for n in nics]).update(plumbed=True)  # before the TAP exists: reconcile keeps it
     for nic in nics:
-        net = nic.network
-        netlink.bridge_ensure(net.bridge, net.gateway, net.ip_network.prefixlen, netns=_netns())
-        netlink.tap_ensure(nic.tap, net.bridge, netns=_netns())
+        _bridge_ensure(nic.network)
+        netlink.tap_ensure(nic.tap, nic.network.bridge, netns=_netns())
     network_rules_apply(host=vm.host)
     return [_nic_spec(n) for n in nics]
+
+
+def _bridge_ensure(net: Network) -> None:
+    net6 = net.ip_network6
+    netlink.bridge_ensure(
+        net.bridge,
+        net.gateway,
+        net.ip_network.prefixlen,
+        netns=_netns(),
+        gateway6=net.gateway6 or "",
+        prefix6=net6.prefixlen if net6 else 64,
+    )
 
 
 def nic_unplumb(*, vm) -> None:
@@ -763,6 +819,8 @@ def network_rules_apply(*, host) -> nft.HostRules:
         )
         if settings.SANDBOX_NETWORK_IP_FORWARD and any(n.nics for n in rules.networks):
             netlink.sysctl_write("net.ipv4.ip_forward", "1", netns=_netns())
+            if any(n.nics and n.cidr6 for n in rules.networks):
+                netlink.sysctl_write("net.ipv6.conf.all.forwarding", "1", netns=_netns())
         nft.apply(nft.render(rules), netns=_netns())
     return rules
 
@@ -797,9 +855,8 @@ def network_reconcile(*, host) -> dict[str, int]:
         if link.name.startswith(netlink.BRIDGE_PREFIX) and link.name not in wanted_bridges:
             counts["bridges_removed"] += int(netlink.link_remove(link.name, netns=_netns()))
     for nic in plumbed:
-        net = nic.network
-        netlink.bridge_ensure(net.bridge, net.gateway, net.ip_network.prefixlen, netns=_netns())
-        netlink.tap_ensure(nic.tap, net.bridge, netns=_netns())
+        _bridge_ensure(nic.network)
+        netlink.tap_ensure(nic.tap, nic.network.bridge, netns=_netns())
         counts["taps_ensured"] += 1
     network_rules_apply(host=host)
     return counts
@@ -980,8 +1037,12 @@ def vm_hook_nics(*, vm) -> list[NicSpec]:
 
 
 def vm_hook_agent_ready(*, vm) -> list[str]:
-    """The guest agent answers (boot, restore): configure the NICs after the first."""
-    return nic_guest_configure(vm=vm, nics=nic_specs(vm=vm)[1:])
+    """The guest agent answers (boot, restore): configure the NICs after the first, and the
+    first one's IPv6 (with the default route) on a dual-stack network."""
+    specs = nic_specs(vm=vm)
+    if specs and specs[0].ip6:
+        return nic_guest_configure(vm=vm, nics=specs, with_route6=True)
+    return nic_guest_configure(vm=vm, nics=specs[1:])
 
 
 def vm_hook_counters(*, vm) -> dict[str, dict[str, int]]:
