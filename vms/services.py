@@ -207,10 +207,10 @@ def vm_create(
         if VM.objects.filter(owner=owner, name=name).exists():
             raise ConflictError(f"You already have a VM named {name!r}.", details={"name": "taken"})
         # A paused VM of the template's warm pool (snapshots app), when one fits and is ready.
-        taken = (
-            None
-            if nics is not None
-            else hook_first(
+        # (Not for a VM asking for its own NICs: pool VMs have the default one.)
+        taken = None
+        if nics is None:
+            taken = hook_first(
                 "vm_pool_take",
                 owner=owner,
                 vm_name=name,
@@ -223,7 +223,6 @@ def vm_create(
                 start=start,
                 actor=actor,
             )
-        )
         if taken is not None:
             vm, op = taken
             audit_record(
