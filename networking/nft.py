@@ -147,6 +147,11 @@ def _match(left: Any, right: Any, op: str = "==") -> dict[str, Any]:
     return {"match": {"op": op, "left": left, "right": right}}
 
 
+def _raw_th(offset: int, length: int) -> dict[str, Any]:
+    """``@th,<offset>,<length>``: bits of the transport header."""
+    return {"payload": {"base": "th", "offset": offset, "len": length}}
+
+
 def _set(values: Iterable[Any]) -> dict[str, Any]:
     return {"set": list(values)}
 
@@ -418,6 +423,17 @@ def render(rules: HostRules) -> dict[str, Any]:
                     DROP,
                     comment=f"{nic.tap} IPv6 source",
                 )
+                # Neighbour advertisements only for its own address or a link-local one (no
+                # poisoning of the host's entry for another guest). nftables 1.0.6 has no
+                # ``icmpv6 taddr``: the target is matched raw (bytes 8-23 of ICMPv6), 32 bits
+                # at a time (JSON integers are 64-bit signed).
+                advert = [port, _match(_payload("icmpv6", "type"), "nd-neighbor-advert")]
+                target = int(ipaddress.IPv6Address(nic.ip6))
+                words = [(target >> (96 - 32 * i)) & 0xFFFFFFFF for i in range(4)]
+                own = [_match(_raw_th(64 + 32 * i, 32), word) for i, word in enumerate(words)]
+                l2_in(*advert, *own, ACCEPT, comment=f"{nic.tap} ND target own")
+                l2_in(*advert, _match(_raw_th(64, 10), 0x3FA), ACCEPT, comment=f"{nic.tap} ND target link-local")
+                l2_in(*advert, COUNTER, DROP, comment=f"{nic.tap} ND target")
             l2_in(
                 port,
                 _match(_payload("ether", "type"), "ip"),

@@ -5,11 +5,17 @@ fd00:231::/32 and 10.231.0.0/16) lives in namespaces this test created."""
 
 from __future__ import annotations
 
+import ipaddress
+import socket
+import struct
+import time
+
 import pytest
 from pyroute2 import IPRoute
 
 from networking import nft, services
 from networking.models import Nic
+from networking.netlink import netns_call
 from tests.factories import HostFactory, UserFactory, VmFactory
 from tests.networking.netenv import TcpServer, guest_add_ipv6, guest_attach, tcp_fetch, veth_link
 
@@ -137,7 +143,46 @@ def test_the_rules_render_both_families():
     doc = nft.render(rules)
     comments = [i["add"]["rule"].get("comment", "") for i in doc["nftables"] if "rule" in i.get("add", {})]
     assert "msbt0000000001 IPv6 source" in comments and "egress allow msbt0000000001 (ip6)" in comments
+    assert "msbt0000000001 ND target" in comments
     assert "msbt0000000002 IPv4/ARP only" in comments  # an IPv4-only NIC still drops IPv6
     assert "msbt0000000002 IPv6 source" not in comments
     assert "forward tcp/20000 to [fd00:231:80::2]:80" in comments
     assert "NAT msbb0000000001 to the uplink (ip6)" in comments
+
+
+def _send_neighbor_advert(ns: str, *, target: str, mac: str, to: str) -> None:
+    """An unsolicited, overriding ICMPv6 neighbour advertisement from ``ns`` (hop limit 255)."""
+
+    def send() -> None:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+        try:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 255)
+            option = bytes([2, 1]) + bytes.fromhex(mac.replace(":", ""))
+            packet = struct.pack("!BBHI", 136, 0, 0, 0x20000000) + ipaddress.IPv6Address(target).packed + option
+            sock.sendto(packet, (to, 0))  # the kernel fills in the ICMPv6 checksum
+        finally:
+            sock.close()
+
+    netns_call(ns, send)
+
+
+def _host_neighbour_mac(host_ns: str, ip6: str) -> str | None:
+    with IPRoute(netns=host_ns) as ipr:
+        for entry in ipr.get_neighbours(family=10):
+            if entry.get_attr("NDA_DST") == ip6:
+                return entry.get_attr("NDA_LLADDR")
+    return None
+
+
+def test_a_guest_cannot_poison_the_hosts_neighbour_entry_of_another(dual):
+    g, host_ns = dual["guests"], dual["host_ns"]
+    a1_mac = Nic.objects.get(vm=g["a1"]["vm"]).mac
+    b1_mac = Nic.objects.get(vm=g["b1"]["vm"]).mac
+    assert tcp_fetch(host_ns, g["a1"]["ip6"], 8080) == b"v6 hello from a1"  # the host learns a1
+    assert _host_neighbour_mac(host_ns, g["a1"]["ip6"]) == a1_mac
+    for _ in range(3):
+        _send_neighbor_advert(g["b1"]["ns"], target=g["a1"]["ip6"], mac=b1_mac, to=dual["net"].gateway6)
+    time.sleep(0.3)
+    assert _host_neighbour_mac(host_ns, g["a1"]["ip6"]) == a1_mac
+    # Its own address it may advertise.
+    _send_neighbor_advert(g["b1"]["ns"], target=g["b1"]["ip6"], mac=b1_mac, to=dual["net"].gateway6)
