@@ -117,6 +117,9 @@ class NicAddSerializer(serializers.Serializer):
     ip = serializers.IPAddressField(
         protocol="IPv4", required=False, help_text="A free host address of the network's range (default: the lowest)."
     )
+    ip6 = serializers.IPAddressField(
+        protocol="IPv6", required=False, help_text="Dual-stack networks: a free address of the IPv6 prefix."
+    )
 
 
 class NicAddedSerializer(NicSerializer):

@@ -389,15 +389,16 @@ def _random_mac() -> str:
 MAX_NICS_PER_VM = 8
 
 
-def nic_requests_resolve(*, actor, nics: list[dict] | None) -> list[tuple[Network, str | None]]:
-    """Check what a request asks for (``[{"network": <name or id>, "ip": <address>?}, ...]``):
-    each network must exist and be visible to ``actor`` (else 400, its existence not told)
-    and usable by them (else 403, audited); a fixed address must be an IPv4 host address of
-    the network's range other than its gateway. Whether it is free is checked at allocation."""
+def nic_requests_resolve(*, actor, nics: list[dict] | None) -> list[tuple[Network, str | None, str | None]]:
+    """Check what a request asks for (``[{"network": <name or id>, "ip": <IPv4>?, "ip6": <IPv6>?},
+    ...]``): each network must exist and be visible to ``actor`` (else 400, its existence not
+    told) and usable by them (else 403, audited); a fixed address must be a host address of the
+    network's range (``ip6``: of its IPv6 prefix, on a dual-stack network) other than its gateway.
+    Whether it is free is checked at allocation. Returns ``(network, ip, ip6)`` per NIC."""
     if not isinstance(nics, list) or not 1 <= len(nics) <= MAX_NICS_PER_VM:
         raise ApplicationError(f"nics must be a list of 1 to {MAX_NICS_PER_VM} NICs.", details={"nics": "length"})
     network_default_ensure()  # so that "default" names it on a fresh installation too
-    resolved: list[tuple[Network, str | None]] = []
+    resolved: list[tuple[Network, str | None, str | None]] = []
     seen_ips: set[tuple[str, str]] = set()
     for i, raw in enumerate(nics):
         if not isinstance(raw, dict):
@@ -414,7 +415,13 @@ def nic_requests_resolve(*, actor, nics: list[dict] | None) -> list[tuple[Networ
             if (str(network.pk), ip) in seen_ips:
                 raise ApplicationError(f"Address {ip} is asked for twice.", details={str(i): {"ip": "duplicate"}})
             seen_ips.add((str(network.pk), ip))
-        resolved.append((network, ip))
+        ip6 = raw.get("ip6") or None
+        if ip6 is not None:
+            ip6 = _fixed_ip6_checked(network, ip6, field=str(i))
+            if (str(network.pk), ip6) in seen_ips:
+                raise ApplicationError(f"Address {ip6} is asked for twice.", details={str(i): {"ip6": "duplicate"}})
+            seen_ips.add((str(network.pk), ip6))
+        resolved.append((network, ip, ip6))
     return resolved
 
 
@@ -450,7 +457,29 @@ def _fixed_ip_checked(network: Network, ip, *, field: str = "ip") -> str:
     return str(address)
 
 
-def nic_allocate(*, vm, network: Network | None = None, actor=None, ip: str | None = None) -> NicSpec:
+def _fixed_ip6_checked(network: Network, ip6, *, field: str = "ip6") -> str:
+    net6 = network.ip_network6
+    if net6 is None:
+        raise ApplicationError(
+            f"Network {network.name} has no IPv6 prefix.", details={field: {"ip6": "IPv4-only network"}}
+        )
+    try:
+        address = ipaddress.IPv6Address(str(ip6))
+    except ValueError as exc:
+        raise ApplicationError(
+            f"{str(ip6)[:45]!r} is not an IPv6 address.", details={field: {"ip6": "invalid"}}
+        ) from exc
+    if address not in net6 or address == net6.network_address or str(address) == network.gateway6:
+        raise ApplicationError(
+            f"{address} is not a free host address of {network.name}'s prefix {network.cidr6} (or is its gateway).",
+            details={field: {"ip6": "outside the network's range"}},
+        )
+    return str(address)
+
+
+def nic_allocate(
+    *, vm, network: Network | None = None, actor=None, ip: str | None = None, ip6: str | None = None
+) -> NicSpec:
     """Give ``vm`` a NIC on ``network`` (default network when omitted): ``ip`` when given (a
     free host address of the subnet, else 400), otherwise the lowest free one, and a random
     locally administered MAC; its index is the lowest free one (eth<index> at creation).
@@ -477,7 +506,14 @@ def nic_allocate(*, vm, network: Network | None = None, actor=None, ip: str | No
             ip = next((str(a) for a in locked.ip_network.hosts() if str(a) not in used), None)
         if ip is None:
             raise ConflictError(f"Network {locked.name} has no free address left.", code="network_full")
-        ip6 = _free_ip6(locked)
+        if ip6 is not None:
+            ip6 = _fixed_ip6_checked(locked, ip6)
+            if Nic.objects.filter(network=locked, ip6=ip6).exists():
+                raise ApplicationError(
+                    f"Address {ip6} of network {locked.name} is taken.", details={"ip6": "taken"}, code="ip_taken"
+                )
+        else:
+            ip6 = _free_ip6(locked)
         for _attempt in range(5):
             try:
                 with transaction.atomic():
@@ -576,7 +612,9 @@ def _hotplug_or_refuse(vm, verb: str) -> None:
         )
 
 
-def vm_nic_add(*, vm, actor, network: str, ip: str | None = None) -> tuple[NicSpec, object | None]:
+def vm_nic_add(
+    *, vm, actor, network: str, ip: str | None = None, ip6: str | None = None
+) -> tuple[NicSpec, object | None]:
     """Give an existing VM one more NIC on ``network`` (name or id; as at create: visible,
     usable, optional free fixed ``ip``). A stopped VM gets it at its next start (no
     operation); a running VM gets it hot-plugged by an operation (``nic_hotplug``) when its
@@ -588,13 +626,13 @@ def vm_nic_add(*, vm, actor, network: str, ip: str | None = None) -> tuple[NicSp
     _require_vm_change(actor, vm, "vm.nic_add")
     if not settings.SANDBOX_NETWORKING:
         raise ApplicationError("Networking is turned off here.", details={"nics": "off"})
-    [(resolved, fixed)] = nic_requests_resolve(actor=actor, nics=[{"network": network, "ip": ip}])
+    [(resolved, fixed, fixed6)] = nic_requests_resolve(actor=actor, nics=[{"network": network, "ip": ip, "ip6": ip6}])
     with transaction.atomic():
         locked = VM.objects.select_for_update().get(pk=vm.pk)  # a start waits for this change
         if locked.state == VmState.STOPPED:
-            return nic_allocate(vm=locked, network=resolved, actor=actor, ip=fixed), None
+            return nic_allocate(vm=locked, network=resolved, actor=actor, ip=fixed, ip6=fixed6), None
         _hotplug_or_refuse(locked, "added")
-        spec = nic_allocate(vm=locked, network=resolved, actor=actor, ip=fixed)
+        spec = nic_allocate(vm=locked, network=resolved, actor=actor, ip=fixed, ip6=fixed6)
         previous = vm_transition_request(locked, "nic_hotplug")
         op = operation_new(
             vm=locked,
@@ -1007,8 +1045,8 @@ def vm_hook_created(*, vm, actor, nics: list[dict] | None = None) -> None:
     if nics is None:
         nic_allocate(vm=vm, network=None, actor=actor)
         return
-    for network, ip in nic_requests_resolve(actor=actor, nics=nics):
-        nic_allocate(vm=vm, network=network, actor=actor, ip=ip)
+    for network, ip, ip6 in nic_requests_resolve(actor=actor, nics=nics):
+        nic_allocate(vm=vm, network=network, actor=actor, ip=ip, ip6=ip6)
 
 
 def vm_hook_before_launch(*, vm) -> list[str]:

@@ -213,3 +213,31 @@ def test_the_vmms_get_every_nic(tmp_path):
     assert json.loads(spec.to_json())["extra_nics"] == [
         {"tap": "msbt1", "mac": "02:00:00:00:00:02", "device_id": "net1"}
     ]
+
+
+def test_a_dual_stack_nic_takes_a_fixed_ipv6_address_and_gets_it_through_the_agent(
+    api, owner, operator, wired, lab, template
+):
+    services.network_create(name="v6net", cidr="10.231.62.0/24", cidr6="fd00:231:62::/64", actor=operator)
+    response = _create(api, owner, name="six", nics=[{"network": "v6net", "ip6": "fd00:231:62::50"}])
+    assert response.status_code == 202, response.content
+    run_operations()
+    vm = VM.objects.get(pk=response.json()["id"])
+    assert vm.state == "running", vm.last_error
+    nic = Nic.objects.get(vm=vm)
+    assert (nic.ip, nic.ip6) == ("10.231.62.2", "fd00:231:62::50")
+    # The first NIC's IPv4 comes from the kernel command line; its IPv6 and route from the agent.
+    execs = [args for who, op, args in wired.agent.calls if op == "exec_start" and who == str(vm.pk)]
+    assert [e["argv"][4:] for e in execs] == [[nic.mac, "10.231.62.2/24", "fd00:231:62::50/64", "fd00:231:62::1"]]
+    listed = api.as_user(owner).get(f"/api/v1/vms/{vm.pk}/nics/").json()
+    assert listed[0]["ip6"] == "fd00:231:62::50" and listed[0]["gateway6"] == "fd00:231:62::1"
+    before = Nic.objects.count()
+    for nics, words in (
+        ([{"network": "v6net", "ip6": "fd00:231:62::50"}], "taken"),
+        ([{"network": "v6net", "ip6": "fd00:231:63::5"}], "prefix"),
+        ([{"network": "v6net", "ip6": "fd00:231:62::1"}], "gateway"),
+        ([{"network": "lab", "ip6": "fd00:231:62::51"}], "no IPv6 prefix"),
+    ):
+        refused = _create(api, owner, name="six-b", nics=nics)
+        assert refused.status_code == 400 and words in refused.content.decode(), (nics, refused.content)
+    assert Nic.objects.count() == before
