@@ -54,7 +54,10 @@ class NetworkCreateSerializer(serializers.Serializer):
     )
     gateway = serializers.IPAddressField(protocol="IPv4", required=False)
     cidr6 = serializers.CharField(
-        max_length=43, required=False, allow_blank=True, help_text="Dual-stack: an IPv6 prefix /64-/120 (operators)."
+        max_length=43,
+        required=False,
+        allow_blank=True,
+        help_text="Dual-stack: an IPv6 prefix /64-/120 (users: inside the user IPv6 pool).",
     )
     owner = serializers.SlugRelatedField(
         slug_field="username",

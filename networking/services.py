@@ -187,13 +187,22 @@ def network_create(
     Operators create any network (egress default: allow). Users whose role may create VMs
     create private networks of their own (``_user_network_checked``): within their limit
     (``user_network_limit``), tenant-isolated, on a subnet of the user pool (picked when
-    ``cidr`` is omitted), with egress that only narrows the operator's uplink policy
-    (default: that policy itself); they may also delete them."""
+    ``cidr`` is omitted; an IPv6 prefix ``cidr6`` inside ``SANDBOX_USER_NETWORK_POOL6``), with
+    egress that only narrows the operator's uplink policy (default: that policy itself); they
+    may also delete them."""
     user_made = actor is not None and not (user_is_operator(actor) or actor.has_perm("networking.add_network"))
     if user_made:
         _user_network_checked(actor=actor, owner=owner, tenant_isolation=tenant_isolation, is_default=is_default)
         if cidr6:
-            raise NotPermitted("Only operators can give a network an IPv6 prefix (for now).")
+            pool6 = ipaddress.IPv6Network(settings.SANDBOX_USER_NETWORK_POOL6)
+            try:
+                inside = ipaddress.IPv6Network(cidr6, strict=True).subnet_of(pool6)
+            except ValueError as exc:
+                raise ApplicationError("Invalid IPv6 prefix.", details={"cidr6": str(exc)}) from exc
+            if not inside:
+                raise ApplicationError(
+                    f"A user network's IPv6 prefix lies inside {pool6}.", details={"cidr6": f"must be inside {pool6}"}
+                )
         owner = actor
     net6 = None
     if cidr6:

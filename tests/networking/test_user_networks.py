@@ -59,6 +59,11 @@ def test_a_user_network_stays_inside_the_pool_and_isolated(api, owner, viewer, u
     client = api.as_user(owner)
     outside = client.post(URL, {"name": "lan", "cidr": "192.168.1.0/24"}, format="json")
     assert outside.status_code == 400 and "10.232.0.0/16" in outside.content.decode()
+    outside6 = client.post(URL, {"name": "six", "cidr6": "fd00:231:1::/64"}, format="json")
+    assert outside6.status_code == 400 and "fd00:232::/48" in outside6.content.decode()
+    dual = client.post(URL, {"name": "six", "cidr6": "fd00:232:0:7::/64"}, format="json")
+    assert dual.status_code == 201 and dual.json()["gateway6"] == "fd00:232:0:7::1", dual.content
+    Network.objects.filter(name="six").delete()
     open_net = client.post(URL, {"name": "open", "tenant_isolation": False}, format="json")
     assert open_net.status_code == 403
     assert client.post(URL, {"name": "x", "owner": "stranger"}, format="json").status_code in (400, 403)
