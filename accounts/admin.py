@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from accounts.models import ApiToken, AuditEvent, LoginThrottle, UserQuota
+from accounts.models import ApiToken, AuditEvent, LoginThrottle, Project, ProjectMembership, ProjectQuota, UserQuota
 
 
 @admin.register(ApiToken)
@@ -67,3 +67,26 @@ class UserQuotaAdmin(admin.ModelAdmin):
     list_display = ["user", "max_vms", "max_vcpus", "max_memory_mib", "max_disk_gib"]
     search_fields = ["user__username"]
     autocomplete_fields = ["user"]
+
+
+class ProjectMembershipInline(admin.TabularInline):
+    model = ProjectMembership
+    extra = 0
+    autocomplete_fields = ["user"]
+
+
+class ProjectQuotaInline(admin.StackedInline):
+    model = ProjectQuota
+    extra = 0
+    max_num = 1
+
+
+@admin.register(Project)
+class ProjectAdmin(admin.ModelAdmin):
+    """Projects (docs/projects.md). Edits here are audited by the admin site; the API's
+    services also check the rules (one owner, personal projects have one member)."""
+
+    list_display = ["slug", "name", "personal_of", "created_at"]
+    search_fields = ["slug", "name", "memberships__user__username"]
+    readonly_fields = ["id", "personal_of", "created_at"]
+    inlines = [ProjectMembershipInline, ProjectQuotaInline]

@@ -24,7 +24,7 @@ class BearerTokenAuthentication(authentication.BaseAuthentication):
         token = services.token_authenticate(secret)
         if token is None:
             raise exceptions.AuthenticationFailed("Invalid, expired or revoked token.")
-        set_token_id(token.pk)
+        set_token_id(token.pk, token.project_id)
         return token.user, token
 
     def authenticate_header(self, request):
@@ -75,6 +75,12 @@ class BearerTokenWebsocketMiddleware:
         user = token.user if token is not None and not token.read_only else AnonymousUser()
         # The token is re-checked while the connection lives (accounts.rights): revoking it closes it.
         token_id = token.pk if token is not None else None
+        if token is not None and token.project_id is not None:
+            from accounts.context import actor_context
+
+            # A token limited to a project: the consumers' checks (vm_for) see only that project.
+            with actor_context(token_id=token.pk, token_project_id=token.project_id):
+                return await self.inner({**scope, "user": user, "token_id": token_id}, receive, send)
         return await self.inner({**scope, "user": user, "token_id": token_id}, receive, send)
 
 

@@ -15,6 +15,8 @@ class ActorContext:
     client_request_id: str = ""  # a client's X-Request-ID, kept apart and labelled as such
     source_ip: str | None = None
     token_id: uuid.UUID | None = None
+    # The project an API token is limited to: the request sees and acts only within it.
+    token_project_id: uuid.UUID | None = None
 
 
 _current: contextvars.ContextVar[ActorContext] = contextvars.ContextVar("actor_context", default=ActorContext())  # noqa: B039 - frozen dataclass, immutable
@@ -38,5 +40,5 @@ def actor_context(**values: object) -> Iterator[ActorContext]:
         _current.reset(token)
 
 
-def set_token_id(token_id: uuid.UUID) -> None:
-    _current.set(replace(_current.get(), token_id=token_id))
+def set_token_id(token_id: uuid.UUID, project_id: uuid.UUID | None = None) -> None:
+    _current.set(replace(_current.get(), token_id=token_id, token_project_id=project_id))

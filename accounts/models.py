@@ -25,6 +25,14 @@ class ApiToken(models.Model):
     )
     token_hash = models.CharField(max_length=64, unique=True, editable=False)
     read_only = models.BooleanField(default=False)
+    project = models.ForeignKey(
+        "accounts.Project",
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="tokens",
+        help_text="When set, the token sees and acts only within this project.",
+    )
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     expires_at = models.DateTimeField(null=True, blank=True)
     last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
@@ -74,6 +82,69 @@ class UserQuota(models.Model):
 
     def __str__(self) -> str:
         return f"quota of {self.user}"
+
+
+class ProjectRole(models.TextChoices):
+    """A member's role inside one project (docs/projects.md)."""
+
+    OWNER = "owner", "Owner"
+    MEMBER = "member", "Member"
+    VIEWER = "viewer", "Viewer"
+
+
+PERSONAL_SLUG_PREFIX = "personal-"
+
+
+class Project(models.Model):
+    """A group of users that owns VMs, networks and snapshots and shares one quota. Every
+    user has a personal project (``personal_of``), made when the user is."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.CharField(max_length=100)
+    slug = models.SlugField(max_length=63, unique=True)
+    personal_of = models.OneToOneField(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="personal_project",
+        help_text="The user whose personal project this is; empty for a team project.",
+    )
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.slug
+
+
+class ProjectMembership(models.Model):
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="memberships")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="project_memberships")
+    role = models.CharField(max_length=8, choices=ProjectRole.choices)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    class Meta:
+        ordering = ["project", "user"]
+        constraints = [models.UniqueConstraint(fields=["project", "user"], name="projectmembership_unique_pair")]
+
+    def __str__(self) -> str:
+        return f"{self.user} in {self.project} ({self.role})"
+
+
+class ProjectQuota(models.Model):
+    """Resource limits shared by a project's members; a project without a row gets its
+    personal owner's user quota (personal project) or SANDBOX_DEFAULT_PROJECT_QUOTA."""
+
+    project = models.OneToOneField(Project, on_delete=models.CASCADE, related_name="quota")
+    max_vms = models.PositiveIntegerField()
+    max_vcpus = models.PositiveIntegerField()
+    max_memory_mib = models.PositiveIntegerField()
+    max_disk_gib = models.PositiveIntegerField()
+
+    def __str__(self) -> str:
+        return f"quota of project {self.project}"
 
 
 class AuditResult(models.TextChoices):

@@ -38,6 +38,17 @@ def request_perm_cache() -> Iterator[None]:
         _request_checkers.reset(token)
 
 
+def request_cache(key, read):
+    """``read()``, kept for the rest of the HTTP request under ``key`` (emptied with the
+    checkers when rights change); outside a request, always fresh."""
+    checkers = _request_checkers.get()
+    if checkers is None:
+        return read()
+    if key not in checkers:
+        checkers[key] = read()
+    return checkers[key]
+
+
 def request_perm_checker(user):
     """The request's guardian checker for ``user`` (it keeps what it read), or None outside one."""
     checkers = _request_checkers.get()
@@ -93,6 +104,11 @@ def websocket_rights_hold(*, user_id, token_id=None, vm_id=None, perm: str | Non
         token = ApiToken.objects.filter(pk=token_id).first()
         if token is None or not token.is_active:
             return False
+        if token.project_id is not None and vm_id is not None:
+            from vms.models import VM
+
+            if not VM.objects.filter(pk=vm_id, project_id=token.project_id).exists():
+                return False
     if vm_id is not None and perm is not None:
         from vms.models import VM
 

@@ -1,14 +1,21 @@
 from django.contrib.auth import get_user_model
 from rest_framework import serializers
 
-from accounts.models import ApiToken, AuditEvent, Role
+from accounts.models import ApiToken, AuditEvent, Project, ProjectMembership, ProjectRole, Role
 from accounts.roles import user_role
+from sandbox_site.api_rows import RowRenderer
 
 
 class TokenSerializer(serializers.ModelSerializer):
+    project = serializers.SlugRelatedField(
+        slug_field="slug", read_only=True, help_text="The project the token is limited to; null: all of yours."
+    )
+
     class Meta:
         model = ApiToken
-        fields = ["id", "name", "prefix", "read_only", "created_at", "expires_at", "last_used_at", "revoked_at"]
+        fields = [
+            "id", "name", "prefix", "read_only", "project", "created_at", "expires_at", "last_used_at", "revoked_at",
+        ]  # fmt: skip
         read_only_fields = fields
 
 
@@ -16,6 +23,60 @@ class TokenCreateSerializer(serializers.Serializer):
     name = serializers.CharField(max_length=100)
     read_only = serializers.BooleanField(default=False)
     expires_at = serializers.DateTimeField(required=False, allow_null=True)
+    project = serializers.CharField(
+        max_length=63, required=False, help_text="Id or slug of a project of yours: the token acts only within it."
+    )
+
+
+class ProjectMemberSerializer(serializers.ModelSerializer):
+    username = serializers.CharField(source="user.username", read_only=True)
+
+    class Meta:
+        model = ProjectMembership
+        fields = ["username", "role", "created_at"]
+        read_only_fields = fields
+
+
+class ProjectSerializer(serializers.ModelSerializer):
+    personal = serializers.SerializerMethodField()
+    members = ProjectMemberSerializer(source="memberships", many=True, read_only=True)
+
+    class Meta:
+        model = Project
+        fields = ["id", "name", "slug", "personal", "members", "created_at"]
+        read_only_fields = fields
+
+    def get_personal(self, project) -> bool:
+        return project.personal_of_id is not None
+
+
+class ProjectCreateSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=100)
+    slug = serializers.SlugField(max_length=63)
+
+
+class ProjectMemberSetSerializer(serializers.Serializer):
+    username = serializers.CharField(max_length=150)
+    role = serializers.ChoiceField(choices=ProjectRole.choices)
+
+
+class QuotaSerializer(serializers.Serializer):
+    max_vms = serializers.IntegerField(min_value=0, max_value=1_000_000_000)
+    max_vcpus = serializers.IntegerField(min_value=0, max_value=1_000_000_000)
+    max_memory_mib = serializers.IntegerField(min_value=0, max_value=1_000_000_000)
+    max_disk_gib = serializers.IntegerField(min_value=0, max_value=1_000_000_000)
+
+
+class UsageSerializer(serializers.Serializer):
+    vms = serializers.IntegerField()
+    vcpus = serializers.IntegerField()
+    memory_mib = serializers.IntegerField()
+    disk_gib = serializers.IntegerField()
+
+
+class ProjectUsageSerializer(serializers.Serializer):
+    quota = QuotaSerializer()
+    usage = UsageSerializer()
 
 
 class UserSerializer(serializers.ModelSerializer):
@@ -63,3 +124,7 @@ class AuditEventSerializer(serializers.ModelSerializer):
             "hash",
         ]
         read_only_fields = fields
+
+
+# The audit list (accounts.api.AuditEventViewSet): AuditEventSerializer's output from values() rows.
+AUDIT_EVENT_ROWS = RowRenderer(AuditEventSerializer)

@@ -16,9 +16,19 @@ from django.utils import timezone
 from guardian.shortcuts import assign_perm, get_perms, remove_perm
 
 from accounts.audit import audit_record
-from accounts.models import ApiToken, AuditResult, LoginThrottle, Role
+from accounts.models import (
+    PERSONAL_SLUG_PREFIX,
+    ApiToken,
+    AuditResult,
+    LoginThrottle,
+    Project,
+    ProjectMembership,
+    ProjectQuota,
+    ProjectRole,
+    Role,
+)
 from accounts.rights import request_perm_checker, rights_changed, rights_changed_for_group
-from sandbox_site.errors import ApplicationError, NotPermitted
+from sandbox_site.errors import ApplicationError, ConflictError, NotPermitted
 
 User = get_user_model()
 
@@ -35,19 +45,234 @@ def owner_quota_lock(owner) -> None:
     list(User.objects.select_for_update().filter(pk=owner.pk).values_list("pk", flat=True))
 
 
+def project_quota_lock(project) -> None:
+    """Serialise the quota checks of one project (its members share its budget): call it first
+    inside the transaction that checks a project limit and writes what counts against it (VMs,
+    sizes, clones, snapshots), then the creator's ``owner_quota_lock``, then count. Lock order:
+    project quota lock -> owner quota lock -> host row -> VM rows."""
+    list(Project.objects.select_for_update().filter(pk=project.pk).values_list("pk", flat=True))
+
+
+# --- projects --------------------------------------------------------------------------
+
+
+def project_personal_ensure(user) -> Project:
+    """``user``'s personal project (created with the user; made here when missing), of which
+    the user is the owner."""
+    project = Project.objects.filter(personal_of=user).first()
+    if project is not None:
+        return project
+    with transaction.atomic():
+        project, _ = Project.objects.get_or_create(
+            personal_of=user,
+            defaults={"name": f"{user.username} (personal)"[:100], "slug": f"{PERSONAL_SLUG_PREFIX}{user.pk}"},
+        )
+        ProjectMembership.objects.get_or_create(project=project, user=user, defaults={"role": ProjectRole.OWNER})
+    return project
+
+
+def _require_project_owner(project: Project, actor, action: str) -> None:
+    from accounts.selectors import project_role_of
+
+    if project_role_of(actor, project) == ProjectRole.OWNER:
+        return
+    with transaction.atomic():
+        audit_record(actor=actor, action=action, obj=project, result=AuditResult.DENIED, message="not a project owner")
+    raise NotPermitted("Only the project's owners may do this.")
+
+
+def project_create(*, name: str, slug: str, actor) -> Project:
+    """A team project with ``actor`` as its owner. Users who may create VMs may create projects."""
+    from django.core.validators import validate_slug
+
+    if not user_has_perm(actor, "vms.add_vm"):
+        raise NotPermitted("Your role may not create projects.")
+    name, slug = (name or "").strip(), (slug or "").strip()
+    errors = {}
+    if not name or len(name) > 100:
+        errors["name"] = "1 to 100 characters"
+    try:
+        validate_slug(slug)
+        if len(slug) > 63 or slug.startswith(PERSONAL_SLUG_PREFIX):
+            raise ValidationError("reserved")
+    except ValidationError:
+        errors["slug"] = f"letters, digits, - and _, at most 63, not starting with {PERSONAL_SLUG_PREFIX!r}"
+    if errors:
+        raise ApplicationError("Invalid project.", details=errors)
+    with transaction.atomic():
+        if Project.objects.filter(slug=slug).exists():
+            raise ApplicationError("A project with that slug exists.", code="conflict", status_code=409)
+        project = Project.objects.create(name=name, slug=slug)
+        ProjectMembership.objects.create(project=project, user=actor, role=ProjectRole.OWNER)
+        audit_record(actor=actor, action="project.create", obj=project, after={"name": name, "slug": slug})
+    return project
+
+
+def project_member_set(*, project: Project, user, role: str, actor) -> ProjectMembership:
+    """Add ``user`` to ``project`` with ``role``, or change their role (project owners only).
+    A personal project has one member, its user; a project keeps at least one owner."""
+    _require_project_owner(project, actor, "project.member_set")
+    if role not in ProjectRole.values:
+        raise ApplicationError(f"Unknown role {role!r}.", details={"role": f"one of {', '.join(ProjectRole.values)}"})
+    if project.personal_of_id is not None:
+        raise ConflictError("A personal project has no other members; share single objects instead.")
+    if not user.is_active:
+        raise ApplicationError("That user is not active.", details={"user": "inactive"})
+    with transaction.atomic():
+        locked = list(ProjectMembership.objects.select_for_update().filter(project=project))
+        current = next((m for m in locked if m.user_id == user.pk), None)
+        owners = [m for m in locked if m.role == ProjectRole.OWNER]
+        if current is not None and current.role == ProjectRole.OWNER and role != ProjectRole.OWNER and len(owners) == 1:
+            raise ConflictError("A project keeps at least one owner.", code="last_owner")
+        before = current.role if current is not None else None
+        if current is None:
+            current = ProjectMembership.objects.create(project=project, user=user, role=role)
+        elif current.role != role:
+            current.role = role
+            current.save(update_fields=["role"])
+        audit_record(
+            actor=actor,
+            action="project.member_set",
+            obj=project,
+            before={"user": user.username, "role": before},
+            after={"user": user.username, "role": role},
+        )
+        rights_changed([user.pk])
+    return current
+
+
+def project_member_remove(*, project: Project, user, actor) -> None:
+    """Remove ``user`` from ``project`` (project owners, or the member leaving). Their VMs stay
+    in the project; the owners keep managing them."""
+    if actor.pk != user.pk:
+        _require_project_owner(project, actor, "project.member_remove")
+    if project.personal_of_id == user.pk:
+        raise ConflictError("Nobody leaves their personal project.")
+    with transaction.atomic():
+        locked = list(ProjectMembership.objects.select_for_update().filter(project=project))
+        current = next((m for m in locked if m.user_id == user.pk), None)
+        if current is None:
+            raise ApplicationError("Not a member.", code="not_found", status_code=404)
+        owners = [m for m in locked if m.role == ProjectRole.OWNER]
+        if current.role == ProjectRole.OWNER and len(owners) == 1:
+            raise ConflictError("A project keeps at least one owner.", code="last_owner")
+        current.delete()
+        audit_record(
+            actor=actor,
+            action="project.member_remove",
+            obj=project,
+            before={"user": user.username, "role": current.role},
+        )
+        rights_changed([user.pk])
+
+
+def project_for_create(*, actor, owner, project: Project | None = None, action: str) -> Project:
+    """The project a new object of ``owner`` (created by ``actor``) goes into: ``project`` when
+    given, else the project the request's token is limited to, else ``owner``'s personal
+    project. The actor must be an owner or member there (operators may use any project; a
+    limited token only its own): a project the actor cannot see is a 404, a viewer gets 403
+    (audited)."""
+    from accounts.context import current_context
+    from accounts.roles import user_is_operator
+    from accounts.selectors import PROJECT_WRITE_ROLES, project_role_of
+
+    scope = current_context().token_project_id
+    if project is None:
+        project = Project.objects.get(pk=scope) if scope is not None else project_personal_ensure(owner)
+    role = project_role_of(actor, project) if actor is not None else ProjectRole.OWNER
+    if scope is not None and project.pk != scope:
+        role, operator = None, False  # a limited token sees no other project
+    else:
+        operator = actor is not None and user_is_operator(actor)
+    if role in PROJECT_WRITE_ROLES or operator:
+        return project
+    if role is None:
+        raise ApplicationError("No such project.", code="not_found", status_code=404, details={"project": "unknown"})
+    with transaction.atomic():
+        audit_record(actor=actor, action=action, obj=project, result=AuditResult.DENIED, message=f"project {role}")
+    raise NotPermitted("Your role in this project may not create anything in it.", details={"project": role})
+
+
+QUOTA_FIELDS = ("max_vms", "max_vcpus", "max_memory_mib", "max_disk_gib")
+
+
+def _require_operator(actor, action: str, obj) -> None:
+    from accounts.roles import user_is_operator
+
+    if user_is_operator(actor):
+        return
+    with transaction.atomic():
+        audit_record(actor=actor, action=action, obj=obj, result=AuditResult.DENIED, message="not an operator")
+    raise NotPermitted("Only operators may change quotas.")
+
+
+def _quota_values(values: dict) -> dict[str, int]:
+    errors = {}
+    clean = {}
+    for field, value in values.items():
+        if field not in QUOTA_FIELDS:
+            errors[field] = "unknown field"
+        elif isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1_000_000_000:
+            errors[field] = "an integer from 0 to 1000000000"
+        else:
+            clean[field] = value
+    if errors:
+        raise ApplicationError("Invalid quota.", details=errors)
+    return clean
+
+
+def quota_user_set(*, user, values: dict, actor) -> dict[str, int]:
+    """Set some of ``user``'s limits (operators; audited). Missing fields keep their value (the
+    default when the user had no row). Returns the user's quota."""
+    from accounts.models import UserQuota
+    from accounts.selectors import quota_of_user
+
+    _require_operator(actor, "quota.update", user)
+    clean = _quota_values(values)
+    with transaction.atomic():
+        owner_quota_lock(user)
+        before = quota_of_user(user)
+        after = {**before, **clean}
+        UserQuota.objects.update_or_create(user=user, defaults=after)
+        audit_record(actor=actor, action="quota.update", obj=user, object_owner_id=user.pk, before=before, after=after)
+    return after
+
+
+def quota_project_set(*, project: Project, values: dict, actor) -> dict[str, int]:
+    """Set some of ``project``'s shared limits (operators; audited). Missing fields keep their
+    value. Returns the project's quota."""
+    from accounts.selectors import quota_of_project
+
+    _require_operator(actor, "quota.update", project)
+    clean = _quota_values(values)
+    with transaction.atomic():
+        project_quota_lock(project)
+        before = quota_of_project(project)
+        after = {**before, **clean}
+        ProjectQuota.objects.update_or_create(project=project, defaults=after)
+        audit_record(actor=actor, action="quota.update", obj=project, before=before, after=after)
+    return after
+
+
 def token_hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
 def token_create(
-    *, user, name: str, read_only: bool = False, expires_at: datetime | None = None, actor
+    *, user, name: str, read_only: bool = False, expires_at: datetime | None = None, project=None, actor
 ) -> tuple[ApiToken, str]:
-    """Create a token for ``user``; returns the row and the secret (shown once, never stored)."""
+    """Create a token for ``user``; returns the row and the secret (shown once, never stored).
+    With ``project`` (one the user is a member of) the token sees and acts only within it."""
     name = (name or "").strip()
     if not name or len(name) > 100:
         raise ApplicationError("Token name must be 1 to 100 characters.", details={"name": "required"})
     if expires_at is not None and expires_at <= timezone.now():
         raise ApplicationError("Expiry must be in the future.", details={"expires_at": "in the past"})
+    if project is not None:
+        from accounts.selectors import project_role_of
+
+        if project_role_of(user, project) is None:
+            raise ApplicationError("You are not a member of that project.", details={"project": "not a member"})
     secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
     with transaction.atomic():
         owner_quota_lock(user)  # then count: parallel creates cannot all see room for one more
@@ -61,13 +286,19 @@ def token_create(
             token_hash=token_hash(secret),
             read_only=read_only,
             expires_at=expires_at,
+            project=project,
         )
         audit_record(
             actor=actor,
             action="token.create",
             obj=token,
             object_owner_id=user.pk,
-            after={"name": name, "read_only": read_only, "expires_at": expires_at},
+            after={
+                "name": name,
+                "read_only": read_only,
+                "expires_at": expires_at,
+                "project": project.slug if project is not None else None,
+            },
         )
     return token, secret
 
@@ -133,21 +364,46 @@ def user_set_role(*, user, role: str, actor, _audit: bool = True) -> None:
 
 
 def user_has_perm(user, perm: str, obj=None) -> bool:
-    """Global permission (roles) or object permission (guardian), superusers always.
+    """Global permission (roles), the user's role in the object's project, or an object
+    permission (guardian: single objects shared across projects); superusers always. A request
+    with a token limited to a project sees no object of another project.
 
     Within one HTTP request (``request_perm_cache``) a user's object permissions on an object
-    are read once: the viewset's check and the service's re-check cost one lookup, not two.
-    Anywhere else (websockets, tasks) every call reads them fresh."""
+    and project roles are read once: the viewset's check and the service's re-check cost one
+    lookup, not two. Anywhere else (websockets, tasks) every call reads them fresh."""
     if not user.is_authenticated or not user.is_active:
         return False
     if obj is not None and not getattr(obj, "user_visible", True):  # e.g. a VM of the warm pool
+        return False
+    if obj is not None and not object_in_token_scope(obj):
         return False
     if user.has_perm(perm):
         return True
     if obj is None:
         return False
+    if project_grants(user, perm, getattr(obj, "project_id", None)):
+        return True
     checker = request_perm_checker(user)
     return checker.has_perm(perm, obj) if checker is not None else user.has_perm(perm, obj)
+
+
+def object_in_token_scope(obj) -> bool:
+    """Whether the request's token (if limited to a project) may see ``obj``: objects of that
+    project, and objects of no project (shared networks, templates, images)."""
+    from accounts.context import current_context
+
+    scope = current_context().token_project_id
+    return scope is None or getattr(obj, "project_id", None) in (None, scope)
+
+
+def project_grants(user, perm: str, project_id) -> bool:
+    """Whether ``user``'s role in project ``project_id`` gives ``perm`` on its objects. A user
+    whose global role may not create VMs (viewer) is at most a viewer in any project."""
+    from accounts.selectors import project_role_allows, project_role_effective
+
+    if project_id is None:
+        return False
+    return project_role_allows(project_role_effective(user, project_id), perm)
 
 
 def object_perms_grant(*, obj, perms: list[str], actor, user=None, group=None) -> list[str]:

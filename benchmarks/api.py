@@ -1,12 +1,15 @@
 """API latency at scale: 1,000 VMs (fake driver rows, nothing runs) of 100 users in a database of
-its own, read by 20 concurrent clients through a real daphne.
+its own, read by 20 concurrent clients through the web server as ``make run`` starts it
+(scripts/web.py: WEB_PROCESSES daphne processes on one socket).
 
-Each client (15 users, each owning 10 VMs, and 5 operators, who see all 1,000) loops over
-the VM list, a VM's detail, the operations list and the audit list (first pages, 50 rows)
-for ``--seconds``. Prints JSON: p50/p99 per endpoint and persona, requests per second.
+Each client (three quarters of them users, each owning 10 VMs, a quarter operators, who see
+all 1,000) loops over the VM list, a VM's detail, the operations list and the audit list (first
+pages, 50 rows) for ``--seconds``. Prints JSON: p50/p99 per endpoint and persona, requests per
+second, the web processes' and the client's CPU time per request, the load average.
 Not a test: nothing is asserted (target p99 < 100 ms, docs/benchmarks.md).
 
-    .venv/bin/python benchmarks/api.py --seconds 30
+    .venv/bin/python benchmarks/api.py --seconds 30 --clients 20 [--processes N]
+    .venv/bin/python benchmarks/api.py --seed-only tokens.json   # keep the database, for profiling
 """
 
 from __future__ import annotations
@@ -35,18 +38,23 @@ import psycopg  # noqa: E402
 DB_NAME = os.environ.get("SANDBOX_BENCH_DB", "msbx_bench_api")
 USERS, VMS_PER_USER, OPERATORS = 100, 10, 5
 OPS_PER_VM, AUDIT_PER_VM = 3, 5
-CLIENTS_USERS, CLIENTS_OPERATORS = 15, 5
+CLIENTS = 20  # a quarter of them operators (who see every VM), the rest owners of 10 VMs each
 
 SEED = """
-import json, uuid
+# Rows in bulk (one INSERT per table and user, not one per row), each as the services would
+# write it: users with one password hash computed once, roles and tokens through the services,
+# VMs with their guardian object permissions, operations, and audit events that are then sealed
+# into the hash chain by the real sealer (accounts.audit.audit_chain_seal) and verified.
+import json
 from datetime import timedelta
 from django.contrib.auth import get_user_model
+from django.contrib.auth.hashers import make_password
 from django.contrib.contenttypes.models import ContentType
 from django.contrib.auth.models import Permission
 from django.utils import timezone
 from guardian.models import UserObjectPermission
-from accounts.audit import audit_record
-from accounts.models import Role
+from accounts.audit import audit_chain_seal, audit_chain_verify
+from accounts.models import AuditEvent, Role
 from accounts.services import token_create, user_set_role
 from vms.models import VM, Host, Image, Operation, Template
 
@@ -59,34 +67,51 @@ host = Host.objects.create(name="bench-host")
 ct = ContentType.objects.get_for_model(VM)
 perms = list(Permission.objects.filter(content_type=ct, codename__in=VM.object_permission_codenames()))
 now = timezone.now()
+password = make_password("bench-password-1")
+users = User.objects.bulk_create([
+    User(username=f"{{'op' if u >= USERS else 'user'}}{{u}}", password=password) for u in range(USERS + OPERATORS)
+])
 tokens = {{"users": [], "operators": [], "vms": {{}}}}
-for u in range(USERS + OPERATORS):
+vm_rows, perm_rows, op_rows, audit_rows = [], [], [], []
+for u, user in enumerate(users):
     operator = u >= USERS
-    user = User.objects.create_user(username=f"{{'op' if operator else 'user'}}{{u}}", password="bench-password-1")
     user_set_role(user=user, role=Role.OPERATOR if operator else Role.USER, actor=None, _audit=False)
     secret = token_create(user=user, name="bench", actor=user)[1]
     tokens["operators" if operator else "users"].append(secret)
     if operator:
         continue
-    vms = VM.objects.bulk_create([
+    vms = [
         VM(name=f"vm-{{u}}-{{i}}", owner=user, template=template, host=host, vcpus=1, memory_mib=128, disk_gib=1,
            driver="fake", state="running" if i % 2 else "stopped", created_at=now - timedelta(minutes=i))
         for i in range(VMS_PER_USER)
-    ])
+    ]
+    vm_rows += vms
     tokens["vms"][secret] = [str(vm.pk) for vm in vms]
-    UserObjectPermission.objects.bulk_create([
+    perm_rows += [
         UserObjectPermission(user=user, permission=p, content_type=ct, object_pk=str(vm.pk))
         for vm in vms for p in perms
-    ])
-    Operation.objects.bulk_create([
+    ]
+    op_rows += [
         Operation(vm=vm, vm_ref=vm.pk, vm_owner_id=user.pk, action="start", status="succeeded", requested_by=user,
                   log="booted\\n" * 20, created_at=now - timedelta(seconds=k))
         for vm in vms for k in range(OPS_PER_VM)
-    ])
-    for vm in vms:
-        for k in range(AUDIT_PER_VM):
-            audit_record(actor=user, action="vm.start", obj=vm, after={{"n": k}})
-print("TOKENS=" + json.dumps(tokens))
+    ]
+    audit_rows += [
+        AuditEvent(created_at=now, actor_id=user.pk, actor_username=user.username, action="vm.start",
+                   object_type="vms.vm", object_id=str(vm.pk), object_repr=vm.name, object_owner_id=user.pk,
+                   after={{"n": k}}, chain_seq=None, prev_hash="", hash="")
+        for vm in vms for k in range(AUDIT_PER_VM)
+    ]
+VM.objects.bulk_create(vm_rows, batch_size=1000)
+UserObjectPermission.objects.bulk_create(perm_rows, batch_size=2000)
+Operation.objects.bulk_create(op_rows, batch_size=2000)
+AuditEvent.objects.bulk_create(audit_rows, batch_size=2000)
+sealed = audit_chain_seal(max_rows=len(audit_rows) + 10 * len(users))
+chain = audit_chain_verify()
+from django.db import connection
+with connection.cursor() as cursor:  # what autovacuum would have done by now on a live database
+    cursor.execute("ANALYZE")
+print("TOKENS=" + json.dumps({{**tokens, "audit_sealed": sealed, "audit_chain_ok": chain.ok}}))
 """
 
 
@@ -160,15 +185,22 @@ async def client_loop(url: str, token: str, vm_ids: list[str], persona: str, unt
                 out.setdefault(f"{persona}.{name}", []).append(elapsed)
 
 
-async def load(url: str, tokens: dict, seconds: float) -> tuple[dict, float, int]:
-    owners = tokens["users"][:CLIENTS_USERS]
+def _personas(clients: int) -> tuple[int, int]:
+    operators = clients // 4
+    return clients - operators, operators
+
+
+async def load(url: str, tokens: dict, seconds: float, clients: int) -> tuple[dict, float, int]:
+    n_owners, n_operators = _personas(clients)
+    owners = [tokens["users"][i % len(tokens["users"])] for i in range(n_owners)]
+    operators = [tokens["operators"][i % len(tokens["operators"])] for i in range(n_operators)]
     all_vms = [vm for vms in tokens["vms"].values() for vm in vms]
     out: dict = {}
     start = time.monotonic()
     until = start + seconds
     await asyncio.gather(
         *(client_loop(url, t, tokens["vms"][t], "owner", until, out) for t in owners),
-        *(client_loop(url, t, all_vms, "operator", until, out) for t in tokens["operators"][:CLIENTS_OPERATORS]),
+        *(client_loop(url, t, all_vms, "operator", until, out) for t in operators),
     )
     elapsed = time.monotonic() - start
     return out, elapsed, sum(len(v) for k, v in out.items() if k != "errors")
@@ -181,10 +213,41 @@ def _rss_kib(pid: int) -> int:
     return 0
 
 
+def _cpu_s(pids: list[int]) -> float:
+    """User + system CPU seconds of ``pids`` so far."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _web_pids(pid: int) -> list[int]:
+    """The daphne processes: the launcher's children, or the launcher itself (it execs daphne)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    found = [int(c) for c in children.read_text().split()] if children.exists() else []
+    return found or [pid]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--seconds", type=float, default=30.0, help="how long the clients loop (default 30)")
+    parser.add_argument("--clients", type=int, default=CLIENTS, help=f"concurrent clients (default {CLIENTS})")
+    parser.add_argument(
+        "--processes", default=os.environ.get("WEB_PROCESSES", "0"), help="web processes (0 = one per CPU but one, 1-4)"
+    )
+    parser.add_argument(
+        "--seed-only",
+        metavar="TOKENS_JSON",
+        help="seed, write the tokens and VM ids to this file, keep the database and stop (for profiling)",
+    )
     args = parser.parse_args()
+    if args.seed_only:
+        start = time.monotonic()
+        tokens = seed(_env(Path(tempfile.gettempdir())))
+        Path(args.seed_only).write_text(json.dumps(tokens))
+        print(json.dumps({"database": DB_NAME, "seed_s": round(time.monotonic() - start, 1)}))
+        return
     work = Path(tempfile.mkdtemp(prefix="bench-api-"))
     (work / "run").mkdir()
     env = _env(work)
@@ -192,10 +255,13 @@ def main() -> None:
     tokens = seed(env)
     seed_s = time.monotonic() - seed_start
     port = _free_port()
+    from scripts.web import processes_wanted
+
+    processes = str(processes_wanted(args.processes))
     log = open(work / "web.log", "wb")  # noqa: SIM115 - closed below
-    daphne = str(Path(sys.executable).parent / "daphne")
+    # Served the way scripts/run.sh and msbx-web.service serve it (scripts/web.py).
     web = subprocess.Popen(
-        [daphne, "-b", "127.0.0.1", "-p", str(port), "sandbox_site.asgi:application"],
+        [sys.executable, "scripts/web.py", "--bind", "127.0.0.1", "--port", str(port), "--processes", processes],
         cwd=ROOT,
         env=env,
         stdout=log,
@@ -212,8 +278,11 @@ def main() -> None:
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
-        asyncio.run(load(url, tokens, 3.0))  # warm up
-        out, elapsed, requests = asyncio.run(load(url, tokens, args.seconds))
+        asyncio.run(load(url, tokens, 3.0, args.clients))  # warm up
+        pids = _web_pids(web.pid)
+        web_cpu, client_cpu = _cpu_s(pids), time.process_time()
+        out, elapsed, requests = asyncio.run(load(url, tokens, args.seconds, args.clients))
+        web_cpu, client_cpu = _cpu_s(pids) - web_cpu, time.process_time() - client_cpu
         errors = out.pop("errors", [])
         result = {
             "benchmark": "api",
@@ -223,14 +292,19 @@ def main() -> None:
                 "operations": USERS * VMS_PER_USER * OPS_PER_VM,
                 "audit_events": USERS * VMS_PER_USER * AUDIT_PER_VM,
             },
-            "clients": {"owner": CLIENTS_USERS, "operator": CLIENTS_OPERATORS},
+            "clients": dict(zip(("owner", "operator"), _personas(args.clients), strict=True)),
             "seconds": round(elapsed, 1),
             "requests": requests,
             "requests_per_s": round(requests / elapsed, 1),
             "errors": len(errors),
             "latency": {name: _stats(samples) for name, samples in sorted(out.items())},
             "all": _stats([s for samples in out.values() for s in samples]),
-            "web_peak_rss_mib": round(_rss_kib(web.pid) / 1024, 1),
+            "web_processes": int(processes),
+            # CPU time per request (ms): what the load left to the web server does not change it.
+            "web_cpu_ms_per_request": round(1000 * web_cpu / max(requests, 1), 2),
+            "client_cpu_ms_per_request": round(1000 * client_cpu / max(requests, 1), 2),
+            "web_peak_rss_mib": round(sum(_rss_kib(pid) for pid in _web_pids(web.pid)) / 1024, 1),
+            "load_average": [round(x, 2) for x in os.getloadavg()],
             "seed_s": round(seed_s, 1),
         }
         print(json.dumps(result, indent=2))

@@ -53,6 +53,7 @@ class StandinStack:
     vm_id: str
     runtime_dir: Path
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)  # the processes' environment (more web instances)
 
     @property
     def hostd_socket(self) -> Path:
@@ -135,7 +136,7 @@ def standin_stack(db_name: str) -> Iterator[StandinStack]:
                 argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
         stack = StandinStack(url=f"http://127.0.0.1:{port}", token=seed["token"], vm_id=seed["vm"],
-                             runtime_dir=runtime, procs=procs)  # fmt: skip
+                             runtime_dir=runtime, procs=procs, env=env)  # fmt: skip
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:

@@ -72,6 +72,10 @@ class Network(models.Model):
     owner = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.PROTECT, null=True, blank=True, related_name="networks"
     )
+    # Private networks belong to a project (its members may use them); empty with ``owner``.
+    project = models.ForeignKey(
+        "accounts.Project", on_delete=models.PROTECT, null=True, blank=True, related_name="networks"
+    )
     cidr = models.CharField(max_length=18, unique=True, validators=[validate_ipv4_cidr])
     gateway = models.GenericIPAddressField(protocol="IPv4")
     cidr6 = models.CharField(
@@ -109,6 +113,10 @@ class Network(models.Model):
     def save(self, *args, **kwargs):
         if not self.bridge:
             self.bridge = bridge_name(str(self.id))
+        if self.project_id is None and self.owner_id is not None:  # a private network: its owner's project
+            from accounts.services import project_personal_ensure
+
+            self.project = project_personal_ensure(self.owner)
         super().save(*args, **kwargs)
 
     @property

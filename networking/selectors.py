@@ -8,8 +8,10 @@ from django.conf import settings
 from django.db.models import Q
 from guardian.shortcuts import get_objects_for_user
 
+from accounts.permissions import token_scope_filter
 from accounts.roles import user_is_operator
-from accounts.services import user_has_perm
+from accounts.selectors import project_ids_with
+from accounts.services import object_in_token_scope, user_has_perm
 from networking import nft
 from networking.models import EgressMode, EgressRule, Network, Nic, PortForward, parse_ports
 
@@ -21,10 +23,12 @@ def network_list_visible(user):
     qs = Network.objects.select_related("owner").prefetch_related("egress_rules")
     if not getattr(user, "is_authenticated", False):
         return qs.none()
+    qs = token_scope_filter(qs)
     if user_is_operator(user):
         return qs
     granted = get_objects_for_user(user, "networking.view_network", klass=Network, accept_global_perms=True)
-    return qs.filter(Q(owner__isnull=True) | Q(pk__in=granted.values("pk")))
+    in_projects = Q(project_id__in=project_ids_with(user, "networking.view_network"))
+    return qs.filter(Q(owner__isnull=True) | Q(pk__in=granted.values("pk")) | in_projects)
 
 
 def network_user_can(user, perm: str, network: Network) -> bool:
@@ -33,6 +37,8 @@ def network_user_can(user, perm: str, network: Network) -> bool:
     if perm not in NETWORK_PERMS:
         raise ValueError(perm)
     if not getattr(user, "is_authenticated", False) or not user.is_active:
+        return False
+    if not object_in_token_scope(network):
         return False
     if user_is_operator(user):
         return True

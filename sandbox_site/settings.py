@@ -260,6 +260,9 @@ SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=31536000 if SANDBOX
 SECURE_HSTS_INCLUDE_SUBDOMAINS = SANDBOX_HTTPS
 SECURE_HSTS_PRELOAD = SANDBOX_HTTPS
 SANDBOX_BEHIND_PROXY = env.bool("SANDBOX_BEHIND_PROXY", False)
+# Daphne processes serving the web (scripts/web.py, used by scripts/run.sh and msbx-web.service):
+# 0 = one per CPU but one, 1-4. They share one listening socket; websockets and caches live in Redis.
+WEB_PROCESSES = env.int("WEB_PROCESSES", default=0)
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if SANDBOX_BEHIND_PROXY else None
 # Client addresses for rate limits and login lockout: REMOTE_ADDR, or behind the proxy the
 # address it appended to X-Forwarded-For (never one a client wrote there itself).
@@ -367,9 +370,16 @@ SANDBOX_DEFAULT_QUOTA = {
     "max_memory_mib": env.int("SANDBOX_DEFAULT_MAX_MEMORY_MIB", default=8192),
     "max_disk_gib": env.int("SANDBOX_DEFAULT_MAX_DISK_GIB", default=100),
 }
+# Shared limits of a team project without a quota row (a personal project has its user's).
+SANDBOX_DEFAULT_PROJECT_QUOTA = {
+    "max_vms": env.int("SANDBOX_DEFAULT_PROJECT_MAX_VMS", default=20),
+    "max_vcpus": env.int("SANDBOX_DEFAULT_PROJECT_MAX_VCPUS", default=16),
+    "max_memory_mib": env.int("SANDBOX_DEFAULT_PROJECT_MAX_MEMORY_MIB", default=16384),
+    "max_disk_gib": env.int("SANDBOX_DEFAULT_PROJECT_MAX_DISK_GIB", default=200),
+}
 # Consoles: scrollback replayed to a new viewer, unacknowledged bytes in flight per viewer.
 SANDBOX_CONSOLE_SCROLLBACK_BYTES = env.int("SANDBOX_CONSOLE_SCROLLBACK_BYTES", default=256 * 1024)
-SANDBOX_CONSOLE_WINDOW_BYTES = env.int("SANDBOX_CONSOLE_WINDOW_BYTES", default=256 * 1024)
+SANDBOX_CONSOLE_WINDOW_BYTES = env.int("SANDBOX_CONSOLE_WINDOW_BYTES", default=2 << 20)
 SANDBOX_CONSOLE_TICKET_SECONDS = env.int("SANDBOX_CONSOLE_TICKET_SECONDS", default=60)
 # Open console/exec/events websockets re-check their rights this often (and at once when a
 # service changes rights): a revoked token, removed share or deactivated user closes them.
@@ -445,6 +455,10 @@ SANDBOX_HOSTD_SOCKET = Path(env.str("SANDBOX_HOSTD_SOCKET", default=str(SANDBOX_
 # A group that may use hostd's socket too (0660): the web process's, when it runs unprivileged.
 SANDBOX_HOSTD_SOCKET_GROUP = env.str("SANDBOX_HOSTD_SOCKET_GROUP", default="")
 SANDBOX_HOSTD_SCAN_SECONDS = env.float("SANDBOX_HOSTD_SCAN_SECONDS", default=2.0)
+# Across hosts (docs/scale-out.md): hostd's mutual-TLS listener for other hosts' web and worker
+# processes ("host:port"; empty: the Unix socket only), and the CA and certificates for it.
+SANDBOX_HOSTD_TLS_LISTEN = env.str("SANDBOX_HOSTD_TLS_LISTEN", default="")
+SANDBOX_PKI_DIR = Path(env.str("SANDBOX_PKI_DIR", default=str(DATA_DIR / "pki")))
 SANDBOX_CONSOLE_RING_BYTES = env.int("SANDBOX_CONSOLE_RING_BYTES", default=1 << 20)
 SANDBOX_CONSOLE_LOG_MAX_BYTES = env.int("SANDBOX_CONSOLE_LOG_MAX_BYTES", default=16 << 20)
 # New work is refused (507) when less than this is free (vms/host_disk.py).

@@ -3,17 +3,19 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
-from accounts.api import AuditEventViewSet, TokenViewSet, UserViewSet
+from accounts.api import AuditEventViewSet, ProjectViewSet, TokenViewSet, UserViewSet
 from networking.api import NetworkViewSet, VmNetworkViewSet, VmPortForwardViewSet
 from sandbox_site import health, metrics, views
 from snapshots.api import MySnapshotRetentionView, SnapshotViewSet, VmSnapshotViewSet
 from vms.api import OperationViewSet, TemplateViewSet, VmViewSet
 from vms.exec_api import exec_urlpatterns
+from vms.hosts_api import HostViewSet
 from vms.images_api import ImageViewSet
 
 router = DefaultRouter()
 router.register("tokens", TokenViewSet, basename="token")
 router.register("users", UserViewSet, basename="user")
+router.register("projects", ProjectViewSet, basename="project")
 router.register("audit-events", AuditEventViewSet, basename="auditevent")
 router.register("vms", VmViewSet, basename="vm")
 router.register("operations", OperationViewSet, basename="operation")
@@ -21,6 +23,7 @@ router.register("templates", TemplateViewSet, basename="template")
 router.register("images", ImageViewSet, basename="image")
 router.register("networks", NetworkViewSet, basename="network")
 router.register("snapshots", SnapshotViewSet, basename="snapshot")
+router.register("hosts", HostViewSet, basename="host")
 
 urlpatterns = [
     path("healthz", health.healthz, name="healthz"),

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the host daemon (agent and console connections), the web server (daphne), a Celery worker
+# Runs the host daemon (agent and console connections), the web server (daphne, WEB_PROCESSES of them), a Celery worker
 # for this host's queue and the shared queue, and Celery beat, in the foreground; Ctrl-C stops them (running VMs keep running).
 # Without REDIS_URL it first starts a private Redis (Debian's redis-server) on a Unix socket
 # (SANDBOX_REDIS_SOCKET, default var/redis.sock; no TCP port, nothing saved to disk) for the
@@ -16,12 +16,13 @@ PORT=${PORT:-8000}
 # manage.py commands run by hand agree on them; and whether REDIS_URL is set there.
 paths=$($PY/python -c 'import os; from sandbox_site import settings as s
 print(s.DATA_DIR.absolute()); print(s.SANDBOX_REDIS_SOCKET.absolute()); print("own" if os.environ.get("REDIS_URL") else "private")
-print(s.SANDBOX_LOG_MAX_BYTES); print(s.SANDBOX_LOG_BACKUPS)')
+print(s.SANDBOX_LOG_MAX_BYTES); print(s.SANDBOX_LOG_BACKUPS); print(s.WEB_PROCESSES)')
 DATA_DIR=$(sed -n 1p <<<"$paths")
 REDIS_SOCKET=$(sed -n 2p <<<"$paths")
 REDIS_KIND=$(sed -n 3p <<<"$paths")
 LOG_MAX_BYTES=$(sed -n 4p <<<"$paths")
 LOG_BACKUPS=$(sed -n 5p <<<"$paths")
+WEB_PROCESSES=$(sed -n 6p <<<"$paths")
 LOG_DIR=$DATA_DIR/log
 mkdir -p "$LOG_DIR"
 # VM networking (bridges, TAPs, nftables, VMMs) stays in a namespace of its own unless
@@ -67,7 +68,8 @@ $PY/celery -A sandbox_site beat -s "$DATA_DIR/celerybeat-schedule" -l INFO > >(l
 pids+=($!)
 $PY/python manage.py hostd > >(logto hostd) 2>&1 &
 pids+=($!)
-$PY/daphne -b "$BIND" -p "$PORT" sandbox_site.asgi:application > >(logto web) 2>&1 &
+# WEB_PROCESSES daphne processes on one socket (0: one per CPU but one, 1-4; scripts/web.py).
+$PY/python scripts/web.py --bind "$BIND" --port "$PORT" --processes "$WEB_PROCESSES" > >(logto web) 2>&1 &
 web_pid=$!
 pids+=($web_pid)
 # Say "running" once the web server accepts connections (it takes seconds to import everything),

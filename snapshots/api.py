@@ -4,7 +4,7 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from accounts.permissions import ObjectPermissionViewSet, VmNestedViewSet
+from accounts.permissions import ObjectPermissionViewSet, VmNestedViewSet, project_or_404
 from snapshots import selectors, services
 from snapshots.models import Snapshot
 from snapshots.serializers import (
@@ -66,7 +66,10 @@ class SnapshotViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPe
         snapshot = self.get_object()
         data = SnapshotCloneSerializer(data=request.data or {})
         data.is_valid(raise_exception=True)
-        created = services.snapshot_clone(snapshot=snapshot, actor=request.user, **data.validated_data)
+        values = dict(data.validated_data)
+        if "project" in values:
+            values["project"] = project_or_404(request.user, values["project"])
+        created = services.snapshot_clone(snapshot=snapshot, actor=request.user, **values)
         body = []
         for vm, op in created:
             row = VmSerializer(vm).data

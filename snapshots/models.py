@@ -22,6 +22,8 @@ class Snapshot(models.Model):
     vm_ref = models.UUIDField(db_index=True, help_text="VM id, kept after the VM is deleted.")
     vm_name = models.CharField(max_length=63, blank=True)
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="snapshots")
+    # The VM's project when it was taken (empty on save: the VM's, else the owner's personal one).
+    project = models.ForeignKey("accounts.Project", on_delete=models.PROTECT, related_name="snapshots")
     host = models.ForeignKey("vms.Host", on_delete=models.PROTECT, related_name="snapshots")
     template = models.ForeignKey("vms.Template", on_delete=models.PROTECT, related_name="snapshots")
     # The image the VM booted when it was not its template's (clones boot the same way).
@@ -64,6 +66,16 @@ class Snapshot(models.Model):
 
     def __str__(self) -> str:
         return f"{self.vm_name}/{self.name}"
+
+    def save(self, *args, **kwargs):
+        if self.project_id is None:
+            if self.vm_id is not None:
+                self.project_id = self.vm.project_id
+            elif self.owner_id is not None:
+                from accounts.services import project_personal_ensure
+
+                self.project = project_personal_ensure(self.owner)
+        super().save(*args, **kwargs)
 
 
 class VmLineage(models.Model):

@@ -41,7 +41,7 @@ def pool_host_has_room(host: Host, *, vcpus: int, memory_mib: int) -> bool:
     return vcpus <= room.vcpus_free and needed <= room.memory_free_mib
 
 
-def pool_vm_take(*, owner, vm_name: str, template: Template, image, vcpus: int, memory_mib: int, disk_gib: int,
+def pool_vm_take(*, owner, project, vm_name: str, template: Template, image, vcpus: int, memory_mib: int, disk_gib: int,
                  metadata: dict | None, start: bool, actor):  # fmt: skip
     """Hook ``vm_pool_take`` (inside ``vm_create``'s transaction, after its quota and name
     checks): take a paused pool VM of ``template`` on this host that fits, or None. The
@@ -66,6 +66,7 @@ def pool_vm_take(*, owner, vm_name: str, template: Template, image, vcpus: int, 
         won = VM.objects.filter(pk=pk, purpose=VmPurpose.POOL, state=S.PAUSED).update(
             purpose=VmPurpose.USER,
             owner=owner,
+            project=project,
             name=vm_name,
             metadata=metadata or {},
             state=S.STARTING,

@@ -1,6 +1,7 @@
 """Reads about snapshots. Access to a snapshot follows its VM: ``view`` on the VM shows its
 snapshots, ``snapshot`` on the VM allows taking, restoring, cloning and deleting them. Once
-the VM is deleted, the snapshot's owner (and operators) keep access."""
+the VM is deleted, the snapshot's owner (in their personal project), the members of its
+project by their role, and operators keep access."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import uuid
 
 from django.db.models import Prefetch, Q, Sum
 
-from accounts.permissions import visible_queryset
+from accounts.permissions import token_scope_filter, visible_queryset
 from accounts.roles import user_is_operator
-from accounts.services import user_has_perm
+from accounts.selectors import project_ids_with
+from accounts.services import object_in_token_scope, project_grants, user_has_perm
 from snapshots.models import RetentionPolicy, Snapshot, VmLineage
 from vms.models import VM
 
@@ -19,24 +21,34 @@ GIB = 1 << 30
 
 
 def snapshot_list_visible(user):
-    qs = Snapshot.objects.select_related("owner", "vm", "parent", "host").prefetch_related(
+    qs = Snapshot.objects.select_related("owner", "project", "vm", "parent", "host").prefetch_related(
         Prefetch("children", queryset=Snapshot.objects.only("pk", "parent_id"))
     )
+    qs = token_scope_filter(qs)
     if user_is_operator(user):
         return qs
     vm_ids = visible_queryset(user, VM.objects.all(), "view").values("pk")
-    return qs.filter(Q(vm_id__in=vm_ids) | Q(owner=user))
+    return qs.filter(
+        Q(vm_id__in=vm_ids)
+        | Q(owner=user, project__personal_of=user)
+        | Q(project_id__in=project_ids_with(user, "vms.view_vm"))
+    )
 
 
 def snapshot_user_can(user, perm: str, snapshot: Snapshot) -> bool:
     """``perm`` is ``view`` or ``snapshot`` (the VM permission that governs snapshots)."""
     if snapshot.vm_id is not None:
         return user_has_perm(user, f"vms.{perm}_vm", snapshot.vm)
-    return snapshot.owner_id == getattr(user, "pk", None) or user_has_perm(user, f"vms.{perm}_vm")
+    if not object_in_token_scope(snapshot):
+        return False
+    # Its owner keeps it in their personal project; in a team project the project role decides.
+    mine = snapshot.owner_id == getattr(user, "pk", None) and snapshot.project.personal_of_id == snapshot.owner_id
+    return mine or user_has_perm(user, f"vms.{perm}_vm") or project_grants(user, f"vms.{perm}_vm", snapshot.project_id)
 
 
-def snapshot_storage_bytes(owner, *, exclude_deleting: bool = True) -> int:
-    qs = Snapshot.objects.filter(owner=owner)
+def snapshot_storage_bytes(owner, *, exclude_deleting: bool = True, project=None) -> int:
+    """Snapshot storage of ``owner`` (or, with ``owner=None``, of ``project``)."""
+    qs = Snapshot.objects.filter(owner=owner) if owner is not None else Snapshot.objects.filter(project=project)
     if exclude_deleting:
         qs = qs.exclude(state=Snapshot.State.DELETING)
     done = qs.exclude(state=Snapshot.State.CREATING).aggregate(total=Sum("size_bytes"))["total"] or 0
@@ -50,6 +62,11 @@ def snapshot_storage_gib(owner) -> int:
     """Snapshot storage of ``owner`` in whole GiB (rounded up): counted with VM disks in the
     owner's ``max_disk_gib`` limit."""
     return math.ceil(snapshot_storage_bytes(owner) / GIB)
+
+
+def snapshot_storage_gib_of_project(project) -> int:
+    """Snapshot storage of ``project`` in whole GiB (rounded up): counted with its VM disks."""
+    return math.ceil(snapshot_storage_bytes(None, project=project) / GIB)
 
 
 def snapshot_chain(snapshot: Snapshot) -> list[Snapshot]:

@@ -69,6 +69,11 @@ class SnapshotCreateSerializer(serializers.Serializer):
 class SnapshotCloneSerializer(serializers.Serializer):
     count = serializers.IntegerField(min_value=1, max_value=100, default=1)
     name_prefix = serializers.CharField(max_length=55, required=False, allow_blank=True, default="")
+    project = serializers.CharField(
+        max_length=63,
+        required=False,
+        help_text="Id or slug of the project the clones go into; default: the snapshot's, if you may create there.",
+    )
 
 
 class RetentionPolicyResultSerializer(serializers.Serializer):

@@ -29,7 +29,8 @@ from django.utils import timezone
 from accounts.audit import audit_record
 from accounts.models import AuditResult
 from accounts.permissions import require_perm
-from accounts.services import owner_quota_lock, user_has_perm
+from accounts.selectors import PROJECT_WRITE_ROLES, project_role_of, quota_of_project
+from accounts.services import project_for_create, user_has_perm
 from sandbox_site.errors import ApplicationError, ConflictError, NotPermitted, QuotaExceeded
 from snapshots import selectors
 from snapshots.models import RetentionPolicy, Snapshot
@@ -71,18 +72,21 @@ def _require_snapshot_perm(actor, snapshot: Snapshot, action: str) -> None:
     require_perm(actor, "vms.snapshot_vm", snapshot, action=f"snapshot.{action}", allowed=allowed)
 
 
-def _check_storage(owner, *, extra_bytes: int) -> None:
-    """Snapshot storage counts with VM disks against the owner's ``max_disk_gib``."""
-    quota = vm_selectors.quota_for(owner)
-    usage = vm_selectors.usage_of(owner)  # VM disks + snapshot storage already taken
+def _check_storage(owner, *, extra_bytes: int, project=None) -> None:
+    """Snapshot storage counts with VM disks against the owner's ``max_disk_gib`` and the
+    project's (called under ``vm_services.quota_locks(project, owner)``)."""
     asked = math.ceil(extra_bytes / GIB)
-    if usage["disk_gib"] + asked > quota["max_disk_gib"]:
-        raise QuotaExceeded(
-            "This snapshot would exceed your disk limit (VM disks and snapshots count together).",
-            details={
-                "disk_gib": f"{usage['disk_gib']} used + ~{asked} for the snapshot > limit {quota['max_disk_gib']}"
-            },
-        )
+    budgets = [("your", vm_selectors.quota_for(owner), vm_selectors.usage_of(owner))]
+    if project is not None:
+        budgets.append(("the project's", quota_of_project(project), vm_selectors.usage_of_project(project)))
+    for whose, quota, usage in budgets:  # usage: VM disks + snapshot storage already taken
+        if usage["disk_gib"] + asked > quota["max_disk_gib"]:
+            raise QuotaExceeded(
+                f"This snapshot would exceed {whose} disk limit (VM disks and snapshots count together).",
+                details={
+                    "disk_gib": f"{usage['disk_gib']} used + ~{asked} for the snapshot > limit {quota['max_disk_gib']}"
+                },
+            )
 
 
 def snapshot_create(*, vm: VM, actor, name: str, description: str = "", include_memory: bool = True):
@@ -95,7 +99,7 @@ def snapshot_create(*, vm: VM, actor, name: str, description: str = "", include_
         raise ApplicationError("Give the snapshot a name of 1 to 100 characters.", details={"name": "required"})
     rule = TRANSITIONS["snapshot"]
     with transaction.atomic():
-        owner_quota_lock(vm.owner)  # snapshot count and storage are checked under it
+        vm_services.quota_locks(vm.project, vm.owner)  # snapshot count and storage are checked under them
         locked = VM.objects.select_related("host").get(pk=vm.pk)
         busy = Snapshot.objects.filter(vm=locked, state=Snapshot.State.CREATING).exists()
         if busy or locked.state == S.SNAPSHOTTING:
@@ -123,7 +127,9 @@ def snapshot_create(*, vm: VM, actor, name: str, description: str = "", include_
             )
         if Snapshot.objects.filter(vm_ref=locked.pk, name=name).exists():
             raise ConflictError(f"This VM already has a snapshot named {name!r}.", details={"name": "taken"})
-        _check_storage(locked.owner, extra_bytes=(locked.memory_mib << 20) if include_memory else 0)
+        _check_storage(
+            locked.owner, project=locked.project, extra_bytes=(locked.memory_mib << 20) if include_memory else 0
+        )
         snapshot = snapshot_row_new(
             vm=locked, name=name, description=(description or "")[:1000], include_memory=include_memory
         )
@@ -153,6 +159,7 @@ def snapshot_row_new(*, vm: VM, name: str, include_memory: bool, description: st
         vm_ref=vm.pk,
         vm_name=vm.name,
         owner=vm.owner,
+        project_id=vm.project_id,
         host=vm.host or vm_services.local_host(),
         template=vm.template,
         image=vm.image,
@@ -200,8 +207,10 @@ def snapshot_restore(*, snapshot: Snapshot, actor):
     return op
 
 
-def snapshot_clone(*, snapshot: Snapshot, actor, count: int = 1, name_prefix: str = ""):
-    """Create ``count`` VMs owned by ``actor`` from the snapshot; returns ``[(vm, op), ...]``."""
+def snapshot_clone(*, snapshot: Snapshot, actor, count: int = 1, name_prefix: str = "", project=None):
+    """Create ``count`` VMs owned by ``actor`` from the snapshot; returns ``[(vm, op), ...]``.
+    They go into ``project``; by default the snapshot's project when the actor may create
+    there, else where ``accounts.services.project_for_create`` puts them."""
     from vms.models import name_validator
 
     _require_snapshot_perm(actor, snapshot, "clone")
@@ -217,9 +226,12 @@ def snapshot_clone(*, snapshot: Snapshot, actor, count: int = 1, name_prefix: st
             name_validator(name)
         except Exception as exc:
             raise ApplicationError(f"{name!r} is not a valid VM name.", details={"name_prefix": str(exc)}) from exc
+    if project is None and project_role_of(actor, snapshot.project_id) in PROJECT_WRITE_ROLES:
+        project = snapshot.project
+    project = project_for_create(actor=actor, owner=actor, project=project, action="snapshot.clone")
     created = []
     with transaction.atomic():
-        owner_quota_lock(actor)  # clones count against the cloner's quota, checked under it
+        vm_services.quota_locks(project, actor)  # clones count against the cloner's and project's quota
         taken = set(VM.objects.filter(owner=actor, name__in=names).values_list("name", flat=True))
         if taken:
             raise ConflictError(f"You already have VMs named {sorted(taken)}.", details={"name_prefix": "taken"})
@@ -230,6 +242,7 @@ def snapshot_clone(*, snapshot: Snapshot, actor, count: int = 1, name_prefix: st
         for name in names:
             vm_services.vm_limits_check(
                 owner=actor,
+                project=project,
                 template=snapshot.template,
                 vcpus=snapshot.vcpus,
                 memory_mib=snapshot.memory_mib,
@@ -238,6 +251,7 @@ def snapshot_clone(*, snapshot: Snapshot, actor, count: int = 1, name_prefix: st
             vm = VM(
                 name=name,
                 owner=actor,
+                project=project,
                 template=snapshot.template,
                 image=snapshot.image,
                 host=snapshot.host,

@@ -10,7 +10,10 @@ then runs for every persona:
 - ``viewer``: the viewer role, holding ``view`` only;
 - ``operator``: the operator role (global rights, nothing per object);
 - ``stranger``: a user with no right on the object;
-- ``anonymous``: not signed in.
+- ``anonymous``: not signed in;
+- ``project_owner``, ``project_member``, ``project_viewer``: members of a team project the
+  target's objects are moved into (before the call), with that role: owners and members hold
+  the owner's rights through it, viewers ``view`` only. Objects of no project (images): 404.
 
 Expected: allowed -> the endpoint's ``status`` (2xx, or 409 when the request passes the check
 and is then refused by the object's state) and its audit row; visible but not allowed -> 403
@@ -30,7 +33,10 @@ from guardian.models import GroupObjectPermission, UserObjectPermission
 from accounts.models import AuditEvent, Role
 from tests.factories import UserFactory
 
-PERSONAS = ("owner", "grantee", "grantee_without", "viewer", "operator", "stranger", "anonymous")
+PROJECT_PERSONAS = {"project_owner": "owner", "project_member": "member", "project_viewer": "viewer"}
+PERSONAS = ("owner", "grantee", "grantee_without", "viewer", "operator", "stranger", "anonymous", *PROJECT_PERSONAS)
+# Target objects that belong to a project (endpoint ``obj`` names).
+PROJECT_OBJECTS = {"vm", "snapshot", "network"}
 WS_CLOSE = {401: 4401, 403: 4403, 404: 4404}
 ACCEPTED = 0  # a websocket endpoint's "allowed": connected, or closed for a reason other than rights
 
@@ -138,6 +144,12 @@ class PermissionMatrix:
             return 401
         if persona == "stranger":
             return 404
+        if persona in PROJECT_PERSONAS:
+            if endpoint.obj not in PROJECT_OBJECTS:
+                return 404
+            if PROJECT_PERSONAS[persona] == "viewer":
+                return endpoint.status if endpoint.perm == "view" else 403
+            persona = "owner"
         held = {
             "owner": set(self.owner_rights if self.owner_rights is not None else self.rights),
             "operator": set(self.rights),
@@ -149,11 +161,29 @@ class PermissionMatrix:
             return None
         if persona == "owner":
             return target.owner
+        if persona in PROJECT_PERSONAS:
+            from accounts.models import ProjectMembership
+
+            user = UserFactory(username=persona, role=Role.USER)
+            team = self.team_project(target)
+            ProjectMembership.objects.create(project=team, user=user, role=PROJECT_PERSONAS[persona])
+            return user
         role = {"viewer": Role.VIEWER, "operator": Role.OPERATOR}.get(persona, Role.USER)
         user = UserFactory(username=persona, role=role)
         if rights := self.granted(persona, endpoint):
             self.grant(user, rights, target)
         return user
+
+    def team_project(self, target: Target):
+        """The team project of this test, with every target object that has a project in it."""
+        from accounts.models import Project
+
+        team, _ = Project.objects.get_or_create(slug="matrix-team", defaults={"name": "Matrix team"})
+        for obj in target.objects.values():
+            if hasattr(obj, "project_id") and obj.project_id != team.pk:
+                type(obj).objects.filter(pk=obj.pk).update(project=team)
+                obj.project_id = team.pk
+        return team
 
     def prepare(self, endpoint: Endpoint, target: Target) -> None:
         if endpoint.state is not None and "vm" in target.objects:

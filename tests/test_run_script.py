@@ -12,16 +12,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
-# daphne's stand-in: listens on its -b/-p address only after a delay, as daphne does while it
-# imports the project.
+# daphne's stand-in: listens on its -b/-p address (or accepts on the socket it was handed,
+# ``-e fd:fileno=N``) only after a delay, as daphne does while it imports the project.
 _SLOW_WEB = """#!{python}
 import socket, sys, time
 args = sys.argv[1:]
-bind, port = args[args.index("-b") + 1], int(args[args.index("-p") + 1])
 time.sleep(4)
-server = socket.create_server((bind, port))
+if "-e" in args:
+    server = socket.socket(fileno=int(args[args.index("-e") + 1].split("=")[1]))
+else:
+    server = socket.create_server((args[args.index("-b") + 1], int(args[args.index("-p") + 1])))
 while True:
     conn, _ = server.accept()
     conn.close()
@@ -38,7 +42,7 @@ def _free_port() -> int:
 def _checkout(tmp_path: Path) -> Path:
     root = tmp_path / "checkout"
     (root / "scripts").mkdir(parents=True)
-    for name in ("run.sh", "logpipe.py"):
+    for name in ("run.sh", "logpipe.py", "web.py"):
         shutil.copy2(ROOT / "scripts" / name, root / "scripts" / name)
     (root / "manage.py").write_text("import time\ntime.sleep(300)\n")  # hostd's stand-in
     venv = root / ".venv" / "bin"
@@ -51,7 +55,8 @@ def _checkout(tmp_path: Path) -> Path:
     return root
 
 
-def test_it_announces_the_address_only_once_the_web_server_answers(tmp_path):
+@pytest.mark.parametrize("web_processes", ["1", "2"])
+def test_it_announces_the_address_only_once_the_web_server_answers(tmp_path, web_processes):
     root = _checkout(tmp_path)
     port = _free_port()
     env = {
@@ -64,6 +69,7 @@ def test_it_announces_the_address_only_once_the_web_server_answers(tmp_path):
         "REDIS_URL": "redis://127.0.0.1:1/0",  # set: no private Redis is started
         "BIND": "127.0.0.1",
         "PORT": str(port),
+        "WEB_PROCESSES": web_processes,
     }
     proc = subprocess.Popen(
         ["bash", str(root / "scripts" / "run.sh")],

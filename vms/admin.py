@@ -135,6 +135,7 @@ class HostAdmin(admin.ModelAdmin):
     list_display = [
         "name",
         "is_active",
+        "cordoned",
         "driver",
         "acceleration",
         "cpus",
@@ -143,17 +144,19 @@ class HostAdmin(admin.ModelAdmin):
         "memory_overcommit",
         "last_seen_at",
     ]
-    list_filter = ["is_active"]
+    list_filter = ["is_active", "cordoned"]
     search_fields = ["name"]
-    readonly_fields = ["cpus", "memory_mib", "last_seen_at", "hostd_seen_at", "hostd_status", "admits"]
+    actions = ["cordon_selected", "uncordon_selected", "remove_selected"]
+    readonly_fields = ["cpus", "memory_mib", "disk_free_gib", "last_seen_at", "hostd_seen_at", "hostd_status", "admits"]
     fieldsets = [
-        (None, {"fields": ["name", "is_active", "driver", "acceleration"]}),
+        (None, {"fields": ["name", "is_active", "cordoned", "driver", "acceleration"]}),
         (
             "Admission",
             {
                 "fields": [
                     "cpus",
                     "memory_mib",
+                    "disk_free_gib",
                     "cpu_overcommit",
                     "memory_overcommit",
                     "reserve_cpus",
@@ -164,6 +167,31 @@ class HostAdmin(admin.ModelAdmin):
         ),
         ("Heartbeat", {"fields": ["last_seen_at", "hostd_seen_at", "hostd_status"]}),
     ]
+
+    @admin.action(description="Cordon: place no new VMs on the selected hosts")
+    def cordon_selected(self, request, queryset):
+        from vms.hosts import host_cordon
+
+        for host in queryset:
+            host_cordon(host=host, cordoned=True, actor=request.user)
+
+    @admin.action(description="Uncordon the selected hosts")
+    def uncordon_selected(self, request, queryset):
+        from vms.hosts import host_cordon
+
+        for host in queryset:
+            host_cordon(host=host, cordoned=False, actor=request.user)
+
+    @admin.action(description="Remove the selected hosts (only those without VMs)")
+    def remove_selected(self, request, queryset):
+        from sandbox_site.errors import ApplicationError
+        from vms.hosts import host_remove
+
+        for host in queryset:
+            try:
+                host_remove(host=host, actor=request.user)
+            except ApplicationError as exc:
+                self.message_user(request, f"{host.name}: {exc.message}", level=messages.ERROR)
 
     @admin.display(description="Admits now")
     def admits(self, host: Host) -> str:

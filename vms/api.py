@@ -9,10 +9,12 @@ from rest_framework.exceptions import NotFound
 from rest_framework.response import Response
 
 from accounts import services as account_services
-from accounts.permissions import ObjectPermissionViewSet, vm_for
+from accounts.permissions import ObjectPermissionViewSet, project_or_404, vm_for
 from vms import selectors, services
 from vms.models import VM, VM_ROW_RELATED, Operation, VmState
 from vms.serializers import (
+    OPERATION_ROWS,
+    VM_ROWS,
     GrantSerializer,
     OperationSerializer,
     RevokeSerializer,
@@ -96,13 +98,18 @@ class VmViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPermissi
         ]
     )
     def list(self, request, *args, **kwargs):
-        return super().list(request, *args, **kwargs)
+        # values() rows rendered with VmSerializer's fields: no model instances (sandbox_site/api_rows.py).
+        rows = selectors.vm_list_rows(self.filter_queryset(self.get_queryset()), VM_ROWS.values)
+        return self.get_paginated_response(VM_ROWS.render_many(self.paginate_queryset(rows)))
 
     @extend_schema(request=VmCreateSerializer, responses={202: VmCreatedSerializer})
     def create(self, request):
         data = VmCreateSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        vm, op = services.vm_create(owner=request.user, actor=request.user, **data.validated_data)
+        values = dict(data.validated_data)
+        if "project" in values:
+            values["project"] = project_or_404(request.user, values["project"])
+        vm, op = services.vm_create(owner=request.user, actor=request.user, **values)
         body = VmSerializer(vm).data
         body["operation"] = str(op.pk)
         return Response(body, status=status.HTTP_202_ACCEPTED)
@@ -163,8 +170,8 @@ class VmViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPermissi
     @action(detail=True, methods=["get"])
     def operations(self, request, id=None):
         vm = self.get_object()
-        page = self.paginate_queryset(vm.operations.select_related("requested_by"))
-        return self.get_paginated_response(OperationSerializer(page, many=True).data)
+        rows = vm.operations.values(*OPERATION_ROWS.values)
+        return self.get_paginated_response(OPERATION_ROWS.render_many(self.paginate_queryset(rows)))
 
     @extend_schema(
         request=None,
@@ -316,6 +323,11 @@ class OperationViewSet(viewsets.ReadOnlyModelViewSet):
         if vm:
             qs = qs.filter(vm_ref=vm) if _is_uuid(vm) else qs.none()
         return qs
+
+    def list(self, request, *args, **kwargs):
+        # values() rows rendered with OperationSerializer's fields (sandbox_site/api_rows.py).
+        rows = self.filter_queryset(self.get_queryset()).values(*OPERATION_ROWS.values)
+        return self.get_paginated_response(OPERATION_ROWS.render_many(self.paginate_queryset(rows)))
 
 
 def _is_uuid(value: str) -> bool:

@@ -29,6 +29,7 @@ from accounts.services import user_has_perm
 from sandbox_site.errors import ApplicationError, ConflictError
 from vms import hypervisor
 from vms.hostd.client import AsyncHostdClient, HostdError, HostdRequestError, Subscription
+from vms.hostd.tls import TlsAddress
 from vms.models import VM
 
 INPUT_MAX_BYTES = 4096
@@ -221,9 +222,10 @@ def console_writer_release(vm_id, *, session: str, username: str) -> bool:
 
 INPUT_TIMEOUT_SECONDS = 5.0  # one console_write, on the event loop
 ATTACH_TIMEOUT_SECONDS = 10.0
-# Console events (hostd sends at most 64 KiB each) a viewer's stream may hold before hostd
-# waits: with the client's read buffers, well under 1 MiB per viewer that stops acking.
-STREAM_QUEUE_FRAMES = 4
+# Console events (hostd sends at most 256 KiB each, vms.hostd.console.STREAM_CHUNK) a viewer's
+# stream may hold before hostd waits: 512 KiB, with the client's read buffers about 1 MiB per
+# viewer that stops acking.
+STREAM_QUEUE_FRAMES = 2
 
 _UNAVAILABLE_MESSAGES = {
     "hostd_unavailable": "The console service (hostd) is not running on the VM's host.",
@@ -265,8 +267,9 @@ class HostdConsole:
     Input goes over a second connection, opened on the first keystroke, so that typing
     never waits behind output the viewer has not acknowledged yet."""
 
-    def __init__(self, vm_id, *, socket_path: Path | str | None = None) -> None:
+    def __init__(self, vm_id, *, socket_path: Path | str | TlsAddress | None = None) -> None:
         self.vm_id = str(vm_id)
+        # This machine's hostd, or the VM's host's over mutual TLS (``vms.hostd_address``).
         self.socket_path = socket_path or settings.SANDBOX_HOSTD_SOCKET
         self._output: AsyncHostdClient | None = None
         self._subscription: Subscription | None = None

@@ -12,6 +12,7 @@ from accounts.rights import websocket_rights_hold
 from sandbox_site.errors import ApplicationError
 from sandbox_site.validation import int_checked, ws_control_frame
 from vms.events import user_group, vm_group
+from vms.hostd_address import hostd_address
 from vms.rights_watch import CLOSE_RIGHTS_GONE, RightsWatch
 
 logger = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ class VmConsoleConsumer(AsyncWebsocketConsumer):
         if requested is not None and requested < 0:
             requested = None
         self.window = max(1, settings.SANDBOX_CONSOLE_WINDOW_BYTES)
-        self.console = consoles.HostdConsole(self.vm_id)
+        self.console = consoles.HostdConsole(self.vm_id, socket_path=hostd_address(vm.host))
         self.writer = False
         consoles.console_session_open(self.channel_name)
         await self.accept()

@@ -25,6 +25,20 @@ def disk_free(path: Path) -> tuple[int, int]:
     return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
 
 
+def _reserve_bytes(total: int) -> int:
+    return max(settings.SANDBOX_DISK_RESERVE_BYTES, total * settings.SANDBOX_DISK_RESERVE_PERCENT // 100)
+
+
+def disk_room_gib() -> float:
+    """The smallest free space above the reserve (GiB, negative when below it) of the data,
+    runtime and snapshot filesystems: what this host's heartbeat reports to placement."""
+    rooms = []
+    for path in _paths():
+        free, total = disk_free(path)
+        rooms.append((free - _reserve_bytes(total)) / 2**30)
+    return round(min(rooms), 2)
+
+
 def require_disk_space(*, action: str) -> None:
     """Raise 507 ``insufficient_storage`` when a filesystem of the data, runtime or snapshot
     directory has less free than the reserve: SANDBOX_DISK_RESERVE_BYTES or
@@ -39,7 +53,7 @@ def require_disk_space(*, action: str) -> None:
             continue
         seen.add(device)
         free, total = disk_free(probe)
-        reserve = max(settings.SANDBOX_DISK_RESERVE_BYTES, total * settings.SANDBOX_DISK_RESERVE_PERCENT // 100)
+        reserve = _reserve_bytes(total)
         if free < reserve:
             raise ApplicationError(
                 f"The host is short of disk space ({free >> 20} MiB free under {path}, "

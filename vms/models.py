@@ -120,15 +120,27 @@ class Host(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     name = models.SlugField(max_length=64, unique=True)
     is_active = models.BooleanField(default=True)
+    cordoned = models.BooleanField(
+        default=False, help_text="Placement puts no new VMs here; the VMs already here keep running."
+    )
     driver = models.CharField(max_length=32, blank=True, help_text="Driver the host's workers use.")
     acceleration = models.CharField(max_length=8, blank=True)
     last_seen_at = models.DateTimeField(
         null=True, blank=True, help_text="Last heartbeat of the host's worker (its reconcile pass)."
     )
+    hostd_address = models.CharField(
+        max_length=255,
+        blank=True,
+        help_text="host:port of hostd's mutual-TLS listener, for web and workers on other hosts "
+        "(empty: reached through the local socket only).",
+    )
     hostd_seen_at = models.DateTimeField(null=True, blank=True, help_text="Last time hostd answered the heartbeat.")
     hostd_status = models.JSONField(default=dict, blank=True, help_text="hostd's answer: VMs attached, agent links up.")
     cpus = models.PositiveIntegerField(default=0, help_text="CPUs of the host, as its heartbeat reports them.")
     memory_mib = models.PositiveIntegerField(default=0, help_text="Memory of the host, as its heartbeat reports it.")
+    disk_free_gib = models.FloatField(
+        null=True, blank=True, help_text="Free disk for VM disks above the reserve, as its heartbeat reports it."
+    )
     # Admission (vms.admission): empty = the site-wide setting.
     cpu_overcommit = models.FloatField(
         null=True,
@@ -182,7 +194,7 @@ class VmState(models.TextChoices):
 
 # What a VM row shows besides its own fields (owner, template, boot image, host): lists and
 # detail views join them in the same query (``boot_image`` reads ``template.image``).
-VM_ROW_RELATED = ("owner", "template__image", "image", "host")
+VM_ROW_RELATED = ("owner", "project", "template__image", "image", "host")
 
 
 class VmPurpose(models.TextChoices):
@@ -198,6 +210,9 @@ class VM(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     name = models.CharField(max_length=63, validators=[name_validator])
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="vms")
+    # The project the VM belongs to (its members' roles give rights on it; its quota counts
+    # it); ``owner`` stays the user who created it. Empty on save: the owner's personal project.
+    project = models.ForeignKey("accounts.Project", on_delete=models.PROTECT, related_name="vms")
     template = models.ForeignKey(Template, on_delete=models.PROTECT, related_name="vms")
     image = models.ForeignKey(
         Image,
@@ -222,7 +237,7 @@ class VM(models.Model):
     purpose = models.CharField(
         max_length=8, choices=VmPurpose.choices, default=VmPurpose.USER, blank=True, db_index=True
     )
-    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    created_at = models.DateTimeField(default=timezone.now, editable=False, db_index=True)
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
@@ -238,6 +253,13 @@ class VM(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def save(self, *args, **kwargs):
+        if self.project_id is None and self.owner_id is not None:
+            from accounts.services import project_personal_ensure
+
+            self.project = project_personal_ensure(self.owner)
+        super().save(*args, **kwargs)
 
     @staticmethod
     def users_may_see() -> models.Q:
@@ -273,7 +295,7 @@ class Operation(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     vm = models.ForeignKey(VM, on_delete=models.SET_NULL, null=True, blank=True, related_name="operations")
     vm_ref = models.UUIDField(null=True, blank=True, db_index=True, help_text="VM id, kept after the VM is deleted.")
-    vm_owner_id = models.BigIntegerField(null=True, blank=True)
+    vm_owner_id = models.BigIntegerField(null=True, blank=True, db_index=True)
     action = models.CharField(max_length=32)
     params = models.JSONField(default=dict, blank=True)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)

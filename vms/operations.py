@@ -340,11 +340,12 @@ def host_heartbeat(host: Host, now) -> bool:
     """This host's worker is alive (it runs this): record it, with the host's capacity and
     whether its hostd answers (True) or not (the host then counts as down)."""
     from vms.admission import machine_capacity
+    from vms.host_disk import disk_room_gib
     from vms.hostd.client import HostdClient
     from vms.hostd.errors import HostdError
 
     cpus, memory_mib = machine_capacity()
-    fields: dict = {"last_seen_at": now, "cpus": cpus, "memory_mib": memory_mib}
+    fields: dict = {"last_seen_at": now, "cpus": cpus, "memory_mib": memory_mib, "disk_free_gib": disk_room_gib()}
     try:
         with HostdClient(settings.SANDBOX_HOSTD_SOCKET, timeout=2.0) as client:
             hello, _ = client.call("hello", timeout=2.0)

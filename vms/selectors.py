@@ -6,9 +6,10 @@ from django.conf import settings
 from django.db.models import Count, Q, Sum
 from django.db.models.functions import Coalesce
 
-from accounts.models import UserQuota
+from accounts.context import current_context
 from accounts.permissions import visible_queryset
 from accounts.roles import user_is_operator
+from accounts.selectors import quota_of_user
 from vms.models import VM, VM_ROW_RELATED, Operation, Template, VmState
 
 # States whose VM holds its vCPUs and memory on its host (``creating``: a create boots).
@@ -32,15 +33,18 @@ def host_is_up(host, now) -> bool:
     return age is not None and age <= settings.SANDBOX_HOST_DOWN_SECONDS
 
 
-def host_list_with_usage(now):
-    """Active hosts with ``up``, ``heartbeat_age``, VM counts, vCPUs/memory given to VMs and
-    ``room`` (what admission allows and what VMs hold, ``vms.admission.host_room``)."""
+def host_list_with_usage(now, hosts=None):
+    """Hosts (all, or the ``hosts`` queryset) with ``up``, ``heartbeat_age``, VM counts,
+    vCPUs/memory given to VMs and ``room`` (what admission allows and what VMs hold,
+    ``vms.admission.host_room``)."""
     from vms.admission import host_room_of
     from vms.models import Host
 
     loaded = Q(vms__state__in=HOST_LOAD_STATES)
     hosts = list(
-        Host.objects.order_by("name").annotate(
+        (Host.objects.all() if hosts is None else hosts)
+        .order_by("name")
+        .annotate(
             vm_count=Count("vms"),
             vcpus_used=Coalesce(Sum("vms__vcpus", filter=loaded), 0),
             memory_used_mib=Coalesce(Sum("vms__memory_mib", filter=loaded), 0),
@@ -82,16 +86,30 @@ def operation_list_running():
     )
 
 
+def vm_list_rows(queryset, fields):
+    """``queryset``'s VMs as values() rows of ``fields`` (``vms.serializers.VM_ROWS.values``),
+    with ``boot_image_name``: the name of the image the VM boots (its own, else its
+    template's, as ``VM.boot_image``)."""
+    return queryset.annotate(boot_image_name=Coalesce("image__name", "template__image__name")).values(*fields)
+
+
 def vm_list_visible(user):
     return visible_queryset(user, VM.objects.select_related(*VM_ROW_RELATED), "view")
 
 
 def operation_list_visible(user):
     qs = Operation.objects.select_related("requested_by", "vm")
+    if (scope := current_context().token_project_id) is not None:  # a token limited to a project
+        qs = qs.filter(vm__project_id=scope)
     if user_is_operator(user):
         return qs
-    vm_ids = vm_list_visible(user).values("pk")
-    return qs.filter(Q(vm_id__in=vm_ids) | Q(requested_by=user) | Q(vm_owner_id=user.pk))
+    # A union of three indexed lookups, not one OR: PostgreSQL cannot use an index for an OR
+    # across a subquery and two columns, and scanned every operation of every user.
+    ops = Operation.objects.order_by()
+    on_visible_vms = ops.filter(vm_id__in=visible_queryset(user, VM.objects.order_by(), "view").values("pk"))
+    asked = ops.filter(requested_by=user)
+    on_own_vms = ops.filter(vm_owner_id=user.pk)
+    return qs.filter(pk__in=on_visible_vms.values("pk").union(asked.values("pk"), on_own_vms.values("pk"), all=True))
 
 
 def template_list_active():
@@ -99,10 +117,7 @@ def template_list_active():
 
 
 def quota_for(user) -> dict[str, int]:
-    row = UserQuota.objects.filter(user=user).first()
-    if row is None:
-        return dict(settings.SANDBOX_DEFAULT_QUOTA)
-    return {f: getattr(row, f) for f in ("max_vms", "max_vcpus", "max_memory_mib", "max_disk_gib")}
+    return quota_of_user(user)
 
 
 def usage_of(user, *, exclude_vm_id=None) -> dict[str, int]:
@@ -117,6 +132,23 @@ def usage_of(user, *, exclude_vm_id=None) -> dict[str, int]:
         "memory_mib": agg["memory_mib"] or 0,
         # Snapshot storage and the VMs' console logs count against the same disk limit.
         "disk_gib": (agg["disk_gib"] or 0) + _snapshot_storage_gib(user) + console_logs_gib(vms),
+    }
+
+
+def usage_of_project(project, *, exclude_vm_id=None) -> dict[str, int]:
+    """What ``project``'s VMs and snapshots use (the budget its members share)."""
+    from snapshots.selectors import snapshot_storage_gib_of_project
+
+    qs = VM.objects.filter(project=project).exclude(state=VmState.DELETING)
+    if exclude_vm_id is not None:
+        qs = qs.exclude(pk=exclude_vm_id)
+    agg = qs.aggregate(vcpus=Sum("vcpus"), memory_mib=Sum("memory_mib"), disk_gib=Sum("disk_gib"), n=Count("pk"))
+    vms = agg["n"] or 0
+    return {
+        "vms": vms,
+        "vcpus": agg["vcpus"] or 0,
+        "memory_mib": agg["memory_mib"] or 0,
+        "disk_gib": (agg["disk_gib"] or 0) + snapshot_storage_gib_of_project(project) + console_logs_gib(vms),
     }
 
 

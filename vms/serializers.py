@@ -1,5 +1,6 @@
 from rest_framework import serializers
 
+from sandbox_site.api_rows import RowRenderer
 from vms.models import VM, BootMode, DiskFormat, Image, Operation, OsType, Template, name_validator
 
 
@@ -97,6 +98,7 @@ class TemplateSerializer(serializers.ModelSerializer):
 
 class VmSerializer(serializers.ModelSerializer):
     owner = serializers.CharField(source="owner.username", read_only=True)
+    project = serializers.CharField(source="project.slug", read_only=True)
     template = serializers.CharField(source="template.name", read_only=True)
     image = serializers.CharField(source="boot_image.name", read_only=True)
     host = serializers.CharField(source="host.name", read_only=True, default=None)
@@ -108,6 +110,7 @@ class VmSerializer(serializers.ModelSerializer):
             "id",
             "name",
             "owner",
+            "project",
             "template",
             "image",
             "host",
@@ -131,6 +134,16 @@ class VmSerializer(serializers.ModelSerializer):
         from vms.transitions import vm_actions_allowed
 
         return vm_actions_allowed(vm.state)
+
+
+def _vm_row_actions(row) -> list[str]:
+    from vms.transitions import vm_actions_allowed
+
+    return vm_actions_allowed(row["state"])
+
+
+# The VM list's rows (vms.selectors.vm_list_rows): VmSerializer's output from values() rows.
+VM_ROWS = RowRenderer(VmSerializer, keys={"image": "boot_image_name"}, computed={"actions": _vm_row_actions})
 
 
 class VmCreatedSerializer(VmSerializer):
@@ -169,6 +182,18 @@ class VmCreateSerializer(serializers.Serializer):
         required=False,
         help_text="Boot this image, not the template's.",
     )
+    project = serializers.CharField(
+        max_length=63,
+        required=False,
+        help_text="Id or slug of the project the VM goes into (you must be an owner or member there); "
+        "default: the project your token is limited to, else your personal project.",
+    )
+    host = serializers.CharField(
+        max_length=64, required=False, help_text="Operators: place the VM on this host (by name)."
+    )
+    anti_affinity = serializers.BooleanField(
+        default=False, help_text="Place the VM on a host holding none of the owner's other VMs."
+    )
     nics = VmNicRequestSerializer(
         many=True,
         required=False,
@@ -176,6 +201,28 @@ class VmCreateSerializer(serializers.Serializer):
         min_length=1,
         help_text="The VM's NICs in guest order (default: one on the default network).",
     )
+
+
+class HostSerializer(serializers.Serializer):
+    """A host as placement sees it (``vms.selectors.host_list_with_usage`` rows)."""
+
+    id = serializers.UUIDField()
+    name = serializers.CharField()
+    is_active = serializers.BooleanField()
+    cordoned = serializers.BooleanField()
+    up = serializers.BooleanField()
+    driver = serializers.CharField()
+    acceleration = serializers.CharField()
+    cpus = serializers.IntegerField()
+    memory_mib = serializers.IntegerField()
+    disk_free_gib = serializers.FloatField(allow_null=True)
+    last_seen_at = serializers.DateTimeField(allow_null=True)
+    hostd_seen_at = serializers.DateTimeField(allow_null=True)
+    vms = serializers.IntegerField(source="vm_count")
+    vcpus_allowed = serializers.IntegerField(source="room.vcpus_allowed")
+    vcpus_used = serializers.IntegerField(source="room.vcpus_used")
+    memory_allowed_mib = serializers.IntegerField(source="room.memory_allowed_mib")
+    memory_used_mib = serializers.IntegerField(source="room.memory_used_mib")
 
 
 class VmUpdateSerializer(serializers.Serializer):
@@ -211,6 +258,10 @@ class OperationSerializer(serializers.ModelSerializer):
             "finished_at",
         ]
         read_only_fields = fields
+
+
+# Operation lists (vms.selectors.operation_rows): OperationSerializer's output from values() rows.
+OPERATION_ROWS = RowRenderer(OperationSerializer)
 
 
 class GrantSerializer(serializers.Serializer):

@@ -16,7 +16,8 @@ from guardian.shortcuts import assign_perm
 
 from accounts.audit import audit_record
 from accounts.permissions import require_perm
-from accounts.services import owner_quota_lock
+from accounts.selectors import quota_of_project
+from accounts.services import owner_quota_lock, project_for_create, project_personal_ensure, project_quota_lock
 from sandbox_site import metrics
 from sandbox_site.errors import ApplicationError, ConflictError, QuotaExceeded
 from vms import selectors
@@ -33,6 +34,7 @@ from vms.operations import (  # noqa: F401 - re-exported for callers of the old 
     operation_worker_alive,
     operation_worker_id,
 )
+from vms.placement import host_pin_resolve, vm_place
 from vms.transitions import (  # noqa: F401 - TRANSITIONS, vm_transition re-exported
     TRANSITIONS,
     vm_guest_running,
@@ -74,9 +76,11 @@ def system_vm_new(*, purpose: str, template: Template, host: Host, size, driver:
     """In the caller's transaction: a VM row of the system account (a golden-snapshot builder or
     a warm-pool VM) named ``<purpose>-<random>``, of ``size``'s vcpus/memory/disk, with the
     permissions and hooks of any new VM (its own NIC, MAC and address)."""
+    owner = system_user()
     vm = VM(
         name=f"{purpose}-{uuid.uuid4().hex[:12]}",
-        owner=system_user(),
+        owner=owner,
+        project=project_personal_ensure(owner),
         template=template,
         host=host,
         vcpus=size.vcpus,
@@ -98,8 +102,11 @@ def local_host() -> Host:
 
 
 def vm_limits_check(
-    *, owner, template: Template, vcpus: int, memory_mib: int, disk_gib: int, exclude_vm_id=None
+    *, owner, template: Template, vcpus: int, memory_mib: int, disk_gib: int, exclude_vm_id=None, project=None
 ) -> None:
+    """Refuse a VM of this size outside the template's limits (400), or over the quota of its
+    creator ``owner`` or of its ``project`` (403 ``quota_exceeded``). Call it under
+    ``quota_locks(project, owner)``."""
     errors = {}
     if not 1 <= vcpus <= template.max_vcpus:
         errors["vcpus"] = f"must be between 1 and {template.max_vcpus} for template {template.name}"
@@ -109,20 +116,37 @@ def vm_limits_check(
         errors["disk_gib"] = f"must be between {template.disk_gib} and {template.max_disk_gib}"
     if errors:
         raise ApplicationError("VM size is outside the template's limits.", details=errors)
-    quota = selectors.quota_for(owner)
-    usage = selectors.usage_of(owner, exclude_vm_id=exclude_vm_id)
-    over = {}
-    if exclude_vm_id is None and usage["vms"] + 1 > quota["max_vms"]:
-        over["vms"] = f"{usage['vms']} of {quota['max_vms']} VMs used"
-    # The VM's console log is counted with its disk (usage leaves this VM out in both cases).
-    disk_gib += selectors.console_logs_gib(usage["vms"] + 1) - selectors.console_logs_gib(usage["vms"])
-    for key, asked in (("vcpus", vcpus), ("memory_mib", memory_mib), ("disk_gib", disk_gib)):
-        if usage[key] + asked > quota[f"max_{key}"]:
-            over[key] = f"{usage[key]} used + {asked} asked > limit {quota[f'max_{key}']}"
-    if over:
-        for resource in over:
-            metrics.QUOTA_DENIALS.labels(resource).inc()
-        raise QuotaExceeded("This would exceed your resource limits.", details=over)
+    budgets = [("", selectors.quota_for(owner), selectors.usage_of(owner, exclude_vm_id=exclude_vm_id))]
+    if project is not None:
+        budgets.append(
+            (
+                "project ",
+                quota_of_project(project),
+                selectors.usage_of_project(project, exclude_vm_id=exclude_vm_id),
+            )
+        )
+    for label, quota, usage in budgets:
+        over = {}
+        if exclude_vm_id is None and usage["vms"] + 1 > quota["max_vms"]:
+            over["vms"] = f"{label}{usage['vms']} of {quota['max_vms']} VMs used"
+        # The VM's console log is counted with its disk (usage leaves this VM out in both cases).
+        disk = disk_gib + selectors.console_logs_gib(usage["vms"] + 1) - selectors.console_logs_gib(usage["vms"])
+        for key, asked in (("vcpus", vcpus), ("memory_mib", memory_mib), ("disk_gib", disk)):
+            if usage[key] + asked > quota[f"max_{key}"]:
+                over[key] = f"{label}{usage[key]} used + {asked} asked > limit {quota[f'max_{key}']}"
+        if over:
+            for resource in over:
+                metrics.QUOTA_DENIALS.labels(resource).inc()
+            whose = "the project's shared" if label else "your"
+            raise QuotaExceeded(f"This would exceed {whose} resource limits.", details=over)
+
+
+def quota_locks(project, owner) -> None:
+    """The quota locks of a write that counts against ``project``'s and ``owner``'s budgets, in
+    the one lock order: project quota lock -> owner quota lock (-> host row -> VM rows)."""
+    if project is not None:
+        project_quota_lock(project)
+    owner_quota_lock(owner)
 
 
 def vm_row_init(*, vm: VM, actor, nics: list[dict] | None = None) -> None:
@@ -134,7 +158,11 @@ def vm_row_init(*, vm: VM, actor, nics: list[dict] | None = None) -> None:
 
 
 def vm_row_permissions_grant(*, vm: VM) -> None:
-    """Give ``vm``'s owner every object permission on it (a new row, or a pool VM just taken)."""
+    """Give ``vm``'s owner every object permission on it (a new row, or a pool VM just taken)
+    when it is in the owner's personal project. In a team project the creator's rights come
+    from their project role alone, so a member made a viewer, or removed, loses them."""
+    if vm.project.personal_of_id is None:
+        return
     for codename in VM.object_permission_codenames():
         assign_perm(f"vms.{codename}", vm.owner, vm)
 
@@ -178,16 +206,24 @@ def vm_create(
     metadata: dict | None = None,
     start: bool = True,
     image: Image | None = None,
+    host: str | None = None,
+    anti_affinity: bool = False,
+    project=None,
     nics: list[dict] | None = None,
     actor,
 ) -> tuple[VM, Operation]:
     """Record the VM (creating), grant the owner every object permission, and enqueue the
     create (+ boot) operation on the host's queue once the transaction commits. ``image``
-    (any image the actor may see, ready and not deprecated) replaces the template's.
-    ``nics`` (``[{"network", "ip"?}, ...]``, checked by the networking hook) replaces the one
-    NIC on the default network; such a VM is cold booted (warm-pool VMs and golden snapshots
-    have the default NIC)."""
+    (any image the actor may see, ready and not deprecated) replaces the template's. The VM
+    goes into ``project`` (``accounts.services.project_for_create``: default the token's
+    project or the owner's personal one) and counts against its quota and the owner's. The
+    host is placed (``vms.placement``): an operator may pin one by name; ``anti_affinity``
+    keeps it off the hosts holding the owner's other VMs. ``nics`` (``[{"network", "ip"?,
+    "ip6"?}, ...]``, checked by the networking hook) replaces the one NIC on the default
+    network; such a VM is cold booted (warm-pool VMs and golden snapshots have the default NIC)."""
     require_perm(actor, "vms.add_vm", None, action="vm.create", message="Your role may not create VMs.")
+    project = project_for_create(actor=actor, owner=owner, project=project, action="vm.create")
+    pin = host_pin_resolve(name=host, actor=actor)
     require_disk_space(action="create a VM")
     if not template.is_active:
         raise ApplicationError("This template is not available.", details={"template": "inactive"})
@@ -202,17 +238,22 @@ def vm_create(
         # when the NICs are allocated in it).
         hook_run("vm_nics_check", actor=actor, nics=nics)
     with transaction.atomic():
-        owner_quota_lock(owner)  # then check: concurrent requests cannot both pass the quota check
-        vm_limits_check(owner=owner, template=template, vcpus=vcpus, memory_mib=memory_mib, disk_gib=disk_gib)
+        quota_locks(project, owner)  # then check: concurrent requests cannot both pass the quota check
+        vm_limits_check(
+            owner=owner, project=project, template=template, vcpus=vcpus, memory_mib=memory_mib, disk_gib=disk_gib
+        )
         if VM.objects.filter(owner=owner, name=name).exists():
             raise ConflictError(f"You already have a VM named {name!r}.", details={"name": "taken"})
-        # A paused VM of the template's warm pool (snapshots app), when one fits and is ready.
-        # (Not for a VM asking for its own NICs: pool VMs have the default one.)
-        taken = None
-        if nics is None:
-            taken = hook_first(
+        # A paused VM of the template's warm pool (snapshots app), when one fits and is ready
+        # (a pinned or anti-affine create is placed instead; a VM asking for its own NICs is
+        # not taken: pool VMs have the default one).
+        taken = (
+            None
+            if pin is not None or anti_affinity or nics is not None
+            else hook_first(
                 "vm_pool_take",
                 owner=owner,
+                project=project,
                 vm_name=name,
                 template=template,
                 image=image,
@@ -223,6 +264,7 @@ def vm_create(
                 start=start,
                 actor=actor,
             )
+        )
         if taken is not None:
             vm, op = taken
             audit_record(
@@ -232,15 +274,16 @@ def vm_create(
                 after={**_snapshot(vm), "name": name, "template": template.name, "from_pool": True},
             )
             return vm, op
-        host = local_host()
-        if start:
-            host_admission_check(host=host, vcpus=vcpus, memory_mib=memory_mib)
+        placed = vm_place(
+            owner=owner, vcpus=vcpus, memory_mib=memory_mib, start=start, pin=pin, anti_affinity=anti_affinity
+        )
         vm = VM(
             name=name,
             owner=owner,
+            project=project,
             template=template,
             image=image,
-            host=host,
+            host=placed,
             vcpus=vcpus,
             memory_mib=memory_mib,
             disk_gib=disk_gib,
@@ -254,7 +297,10 @@ def vm_create(
         action, params = golden or ("create", {"start": start})
         op = operation_new(vm=vm, action=action, actor=actor, params=params)
         audit_record(
-            actor=actor, action="vm.create", obj=vm, after={**_snapshot(vm), "name": name, "template": template.name}
+            actor=actor,
+            action="vm.create",
+            obj=vm,
+            after={**_snapshot(vm), "name": name, "template": template.name, "host": placed.name},
         )
         operation_enqueue(op, vm)
     return vm, op
@@ -298,9 +344,10 @@ def vm_resize(*, vm: VM, actor, vcpus: int | None = None, memory_mib: int | None
     with transaction.atomic():
         # Checked under the owner's quota lock, against usage that includes every other
         # resize that committed first (parallel resizes cannot all fit into the same room).
-        owner_quota_lock(vm.owner)
+        quota_locks(vm.project, vm.owner)
         vm_limits_check(
             owner=vm.owner,
+            project=vm.project,
             template=vm.template,
             vcpus=vcpus,
             memory_mib=memory_mib,

@@ -18,7 +18,7 @@ from guardian.core import ObjectPermissionChecker
 
 from accounts import selectors as account_selectors
 from accounts.roles import user_is_operator
-from accounts.services import user_has_perm
+from accounts.services import project_grants, user_has_perm
 from sandbox_site.errors import ApplicationError
 from vms import selectors, services
 from vms.events import operation_step
@@ -51,7 +51,31 @@ def vm_rights(user, vms, rights=VM_RIGHTS) -> dict[str, set[str]]:
     checker = ObjectPermissionChecker(user)
     checker.prefetch_perms(list(vms))
     held_globally = {r for r in rights if user.has_perm(f"vms.{r}_vm")}
-    return {str(vm.pk): held_globally | {r for r in rights if checker.has_perm(f"{r}_vm", vm)} for vm in vms}
+    return {
+        str(vm.pk): held_globally
+        | {r for r in rights if checker.has_perm(f"{r}_vm", vm) or project_grants(user, f"vms.{r}_vm", vm.project_id)}
+        for vm in vms
+    }
+
+
+CURRENT_PROJECT = "current_project"  # session key: the project the dashboard shows and creates in
+
+
+def current_project(request):
+    """The dashboard's current project (the switcher's choice, kept in the session), or None
+    for "all projects". ``?project=<slug>`` switches; ``?project=`` shows all again. A project
+    the user can no longer see is forgotten."""
+    if "project" in request.GET:
+        ref = request.GET["project"]
+        request.session[CURRENT_PROJECT] = ref[:63] if ref else None
+    ref = request.session.get(CURRENT_PROJECT)
+    if not ref:
+        return None
+    project = account_selectors.project_by_ref(ref)
+    if project is None or not account_selectors.project_visible_to(request.user, project):
+        request.session[CURRENT_PROJECT] = None
+        return None
+    return project
 
 
 def resize_live(vm) -> bool:
@@ -66,7 +90,9 @@ def resize_live(vm) -> bool:
 
 @login_required
 def home(request):
-    vms = list(selectors.vm_list_visible(request.user))
+    project = current_project(request)
+    visible = selectors.vm_list_visible(request.user)
+    vms = list(visible.filter(project=project) if project is not None else visible)
     rights = vm_rights(request.user, vms, ROW_RIGHTS) if vms else {}
     addresses = vm_addresses(vm.pk for vm in vms) if vms else {}
     for vm in vms:
@@ -76,7 +102,13 @@ def home(request):
     return render(
         request,
         "vms/home.html",
-        {"vms": vms, "can_create": user_has_perm(request.user, "vms.add_vm"), "state_actions": state_actions()},
+        {
+            "vms": vms,
+            "can_create": user_has_perm(request.user, "vms.add_vm"),
+            "state_actions": state_actions(),
+            "projects": account_selectors.project_list_for(request.user).filter(memberships__user=request.user),
+            "current_project": project,
+        },
     )
 
 
@@ -92,11 +124,12 @@ def vm_create(request):
     first = next((t for t in templates if services.template_image_refusal(t) is None), templates.first())
     if first is not None:
         initial.update(template=first.name, vcpus=first.vcpus, memory_mib=first.memory_mib, disk_gib=first.disk_gib)
+    project = current_project(request)
     form = VmCreateForm(request.POST or None, templates=templates, images=images, initial=initial)
     if request.method == "POST" and form.is_valid():
         data = {k: v for k, v in form.cleaned_data.items() if v not in (None, "")}
         try:
-            vm, _ = services.vm_create(owner=request.user, actor=request.user, **data)
+            vm, _ = services.vm_create(owner=request.user, actor=request.user, project=project, **data)
         except ApplicationError as exc:
             form.add_error(None, exc.message)
             for field, message in (exc.details or {}).items() if isinstance(exc.details, dict) else ():
@@ -104,8 +137,10 @@ def vm_create(request):
                     form.add_error(field, str(message))
         else:
             return redirect("dashboard:vm-detail", vm_id=vm.pk)
-    quota = selectors.quota_for(request.user)
-    usage = selectors.usage_of(request.user)
+    if project is not None:
+        quota, usage = account_selectors.quota_of_project(project), selectors.usage_of_project(project)
+    else:
+        quota, usage = selectors.quota_for(request.user), selectors.usage_of(request.user)
     defaults = {
         t.name: {
             "vcpus": t.vcpus,
@@ -120,7 +155,14 @@ def vm_create(request):
     return render(
         request,
         "vms/create.html",
-        {"form": form, "templates": templates, "quota": quota, "usage": usage, "template_defaults": defaults},
+        {
+            "form": form,
+            "templates": templates,
+            "quota": quota,
+            "usage": usage,
+            "template_defaults": defaults,
+            "current_project": project,
+        },
     )
 
 

@@ -1,5 +1,9 @@
 /* Serial console in xterm.js: replay then live, resume from the last byte offset on
    reconnect (nothing duplicated or lost), flow-control acks, one writer with explicit takeover.
+   Acks follow xterm.js: a byte counts as taken once the terminal has parsed it (its write
+   callback), and an ack goes every quarter of the server's window, so a page busy rendering
+   slows its own stream (hostd lets it fall behind, never the guest) instead of piling up
+   output in xterm's write queue.
    The server closes with 4409 while the VM is not running and 4503 while the host daemon is
    unreachable (after an `error` with `closing: true` saying why): both are retried with backoff.
    4401/4403/4404 (not logged in, no right, no such VM) are final: the page says why and stops.
@@ -18,8 +22,9 @@
   const FINAL = { 4401: "Not logged in.", 4403: "No access to this console.", 4404: "This VM does not exist or is not shared with you." };
 
   function makeConsole({ mount, readOnly, onStatus, onRole, fontSize }) {
-    let term = null, fit = null, socket = null, offset = -1, acked = 0, writer = false, canWrite = false;
-    let retry = 1000, stopped = false, pingTimer = null, retryTimer = null, ackEvery = 32768, lastError = "";
+    // offset: bytes received (where a reconnect resumes); done: bytes xterm has parsed; acked: bytes acknowledged
+    let term = null, fit = null, socket = null, offset = -1, done = 0, acked = 0, writer = false, canWrite = false;
+    let retry = 1000, stopped = false, pingTimer = null, retryTimer = null, ackEvery = 65536, lastError = "";
     let holderName = null;
 
     function send(data) { if (socket && socket.readyState === WebSocket.OPEN) socket.send(data); }
@@ -40,26 +45,30 @@
       ws.onmessage = (msg) => {
         if (typeof msg.data !== "string") {
           const bytes = new Uint8Array(msg.data);
-          term.write(bytes);  // xterm decodes UTF-8 across frame boundaries
           offset += bytes.length;
-          if (offset - acked >= ackEvery) { acked = offset; send(JSON.stringify({ type: "ack", offset })); }
+          const end = offset;
+          term.write(bytes, () => {  // xterm decodes UTF-8 across frame boundaries
+            if (socket !== ws || end <= done) return;
+            done = end;
+            if (done - acked >= ackEvery) { acked = done; send(JSON.stringify({ type: "ack", offset: done })); }
+          });
           return;
         }
         const m = JSON.parse(msg.data);
         if (m.type === "hello") {
           retry = 1000; lastError = "";
-          offset = m.offset; acked = offset; canWrite = m.can_write; setRole(m.writer, m.writer_user);
-          if (m.window) ackEvery = Math.max(1, Math.min(32768, Math.floor(m.window / 2)));  // ack well before the window fills
+          offset = m.offset; done = acked = offset; canWrite = m.can_write; setRole(m.writer, m.writer_user);
+          if (m.window) ackEvery = Math.max(1, Math.floor(m.window / 4));  // three quarters still in flight when it leaves
         }
         else if (m.type === "role") {
           setRole(m.writer, m.writer_user);
           if (m.taken_from_you && !readOnly) flash(m.writer_user === me ? "Your other session took over the console input." : `${m.writer_user} took over the console input.`);
         }
-        else if (m.type === "ping") { send(JSON.stringify({ type: "pong" })); acked = offset; send(JSON.stringify({ type: "ack", offset })); }
+        else if (m.type === "ping") { send(JSON.stringify({ type: "pong" })); acked = done; send(JSON.stringify({ type: "ack", offset: done })); }
         else if (m.type === "gap") {
           term.write(m.to > m.from ? `\r\n[${m.to - m.from} bytes of console output no longer exist]\r\n`
             : "\r\n[console log restarted]\r\n");
-          offset = m.to; acked = offset;
+          offset = m.to; done = acked = offset;
         }
         else if (m.type === "error" && m.closing) { lastError = m.message; }  // shown in the status, not flashed on every retry
         else if (m.type === "error" && m.code === "read_only") { if (onRole) onRole({ writer, canWrite, holder: holderName, nudge: true }); }

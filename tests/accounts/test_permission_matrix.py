@@ -262,6 +262,32 @@ class TestImageEndpoints(PermissionMatrix):
             assign_perm(f"vms.{right}_image", user, target.objects["image"])
 
 
+class TestHostEndpoints(PermissionMatrix):
+    """A host; operators hold view and change on hosts through their role (placement and
+    the hosts list itself: tests/vms/test_placement.py)."""
+
+    rights = ("view", "change", "delete")
+    H = "/api/v1/hosts/{host}/"
+    endpoints = (
+        E("retrieve", "get", H, "view", obj="host"),
+        E("cordon", "post", H + "cordon/", "change", {}, audit="host.cordon", obj="host"),
+        E("uncordon", "post", H + "uncordon/", "change", {}, obj="host"),
+        E("remove", "delete", H, "delete", status=204, audit="host.remove", obj="host"),
+    )
+
+    @pytest.fixture
+    def target(self, owner):
+        from tests.factories import HostFactory
+
+        host = HostFactory(name="matrix-host")
+        self.grant(owner, set(self.rights), Target(owner, {"host": host}))
+        return Target(owner, {"host": host})
+
+    def grant(self, user, rights, target):
+        for right in rights:
+            assign_perm(f"vms.{right}_host", user, target.objects["host"])
+
+
 # --- every route has a row ----------------------------------------------------------------
 
 TABLES = (
@@ -271,6 +297,7 @@ TABLES = (
     TestVmNetworkEndpoints,
     TestNetworkEndpoints,
     TestImageEndpoints,
+    TestHostEndpoints,
 )
 # Collections, not objects: what they list or create is checked by the tests below.
 COLLECTIONS = {
@@ -281,6 +308,7 @@ COLLECTIONS = {
     ("NetworkViewSet", "post", "create"),
     ("ImageViewSet", "get", "list"),  # tests/vms/test_images.py
     ("ImageViewSet", "post", "create"),
+    ("HostViewSet", "get", "list"),  # tests/vms/test_placement.py
 }
 
 

@@ -299,3 +299,40 @@ def test_the_network_tab_manages_nics_for_who_may_change_and_the_list_shows_the_
     row = home[home.index("<td data-ip>") :].split("</td>")[0]
     assert "<code>10.231.0.2</code>" in row and "10.231.60.2</code>" not in row
     assert "+1" in row and 'title="10.231.0.2, 10.231.60.2"' in row
+
+
+# --- projects: the switcher -----------------------------------------------------------------
+
+
+def test_the_project_switcher_shows_one_project_and_creates_in_it(
+    owner, grantee, vm, django_capture_on_commit_callbacks
+):
+    from accounts import services as account_services
+
+    team = account_services.project_create(name="Team", slug="team", actor=grantee)
+    account_services.project_member_set(project=team, user=owner, role="member", actor=grantee)
+    from tests.factories import VmFactory
+
+    VmFactory(owner=grantee, name="team-vm", project=team, state="stopped")
+    client = _client(owner)
+    page = client.get("/").content.decode()
+    assert "owned-vm" in page and "team-vm" in page  # all projects
+    assert 'data-action="start"' in page  # a member powers the project's VMs
+    page = client.get("/?project=team").content.decode()
+    assert "team-vm" in page and "owned-vm" not in page
+    assert "team-vm" in client.get("/").content.decode()  # kept in the session
+    TemplateFactory()
+    assert b"Limits of project Team" in client.get("/vms/new/").content
+    with django_capture_on_commit_callbacks(execute=False):
+        client.post("/vms/new/", {"name": "made-in-team", "template": "test-template"})
+    assert VM.objects.get(name="made-in-team").project == team
+    assert "owned-vm" in client.get("/?project=").content.decode()
+
+
+def test_the_switcher_forgets_a_project_the_user_cannot_see(owner, stranger):
+    from accounts import services as account_services
+
+    account_services.project_create(name="Theirs", slug="theirs", actor=stranger)
+    client = _client(owner)
+    assert client.get("/?project=theirs").status_code == 200
+    assert client.session.get("current_project") is None

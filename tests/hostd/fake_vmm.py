@@ -8,7 +8,8 @@ directory (so ``running_vmm_pid`` accepts it), serving
   claims a 1 MiB frame (the CRC-per-skipped-byte attack), with ``--hostile event-flood``
   it answers hello then sends valid events for a subscription nobody holds, nonstop;
 - ``serial.sock`` + ``serial.log``: a fake serial port that logs (like QEMU's
-  ``logfile=``) every line it prints; input is echoed back as ``echo: <line>``. The input
+  ``logfile=``) every line it prints; input is echoed back as ``echo: <line>`` (CR ends a
+  line too, as Enter in a terminal sends it). The input
   line ``flood <bytes>`` makes it print that many bytes of 100-byte lines as fast as it can
   (benchmarks/console.py), then write when it started and ended to ``flood.json``.
 
@@ -164,7 +165,7 @@ def serve_serial(runtime_dir: Path) -> None:
                 data = conn.recv(4096)
                 if not data:
                     break
-                buf += data
+                buf += data.replace(b"\r", b"\n")  # Enter in a terminal sends CR (a tty's ICRNL)
                 while b"\n" in buf:
                     line, buf = buf.split(b"\n", 1)
                     emit(b"echo: " + line + b"\n")

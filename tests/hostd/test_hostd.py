@@ -21,6 +21,7 @@ import pytest
 from tests.hostd.runner import FAKE_VMM, Hostd
 from vms.hostd.agent_link import LinkBudget
 from vms.hostd.client import AsyncHostdClient, HostdClient, HostdRequestError
+from vms.hostd.console import STREAM_CHUNK, STREAM_READ
 
 
 @pytest.fixture
@@ -260,6 +261,41 @@ def test_console_offsets_older_than_the_ring_come_from_the_log(hostd: Hostd, vmm
             await sub.close()
             log = (root / "vm1" / "serial.log").read_bytes()
             assert bytes(seen) == log[: len(seen)]
+
+    asyncio.run(scenario())
+
+
+def test_a_console_stream_batches_in_order_across_chunk_boundaries(hostd: Hostd, vmm, root: Path) -> None:
+    """A stream behind the ring takes the log a batch (STREAM_READ) at a time and sends it as
+    events of at most STREAM_CHUNK: each event starts where the previous one ended, and the
+    bytes are the log's, also where batches and events split lines."""
+    log_path = root / "vm1" / "serial.log"
+    blob = os.urandom(3 * STREAM_READ + 12345)  # not a multiple of any chunk size
+
+    async def scenario() -> None:
+        async with AsyncHostdClient(hostd.config.socket_path) as client:
+            await _console_ready(client)
+            with open(log_path, "ab", buffering=0) as log:  # what QEMU's logfile= does
+                log.write(blob)
+            size = log_path.stat().st_size
+            deadline = time.monotonic() + 15
+            while (await client.call("console_info", {"vm_id": "vm1"}))[0]["end_offset"] < size:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+            sub = await client.console_attach("vm1", offset=0)
+            seen = bytearray()
+            sizes = []
+            async for frame in sub:
+                assert frame.header["offset"] == len(seen)  # contiguous, in order
+                seen += frame.data
+                sizes.append(len(frame.data))
+                if len(seen) >= size:
+                    break
+            await sub.close()
+            assert bytes(seen) == log_path.read_bytes()[: len(seen)]
+            assert blob in seen
+            assert max(sizes) == STREAM_CHUNK  # batched: whole chunks when the bytes are there
+            assert sizes.count(STREAM_CHUNK) >= len(blob) // STREAM_CHUNK - 1
 
     asyncio.run(scenario())
 

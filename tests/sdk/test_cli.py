@@ -179,3 +179,17 @@ def test_the_sdk_imports_no_django():
     code = "import sys, msbx, msbx.aio, msbx.cli; sys.exit(any(m.split('.')[0] == 'django' for m in sys.modules))"
     env = {"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin"}
     assert subprocess.run([sys.executable, "-c", code], env=env, timeout=60).returncode == 0
+
+
+def test_vm_create_sends_placement_and_project_only_when_asked(api, capsys):
+    api.route("POST", "/api/v1/vms/", {**VM, "operation": None})
+    code, _, _ = run(capsys, "vm", "create", "-n", "box", "--no-wait")
+    assert code == 0
+    sent = json.loads(api.requests[-1].content)
+    assert "host" not in sent and "anti_affinity" not in sent  # the server's defaults apply
+    code, _, _ = run(
+        capsys, "vm", "create", "-n", "box2", "--no-wait", "--host", "h2", "--anti-affinity", "--project", "team"
+    )
+    assert code == 0
+    sent = json.loads(api.requests[-1].content)
+    assert sent["host"] == "h2" and sent["anti_affinity"] is True and sent["project"] == "team"

@@ -154,3 +154,24 @@ def test_parallel_starts_stay_within_the_host_capacity(owner, settings):
     ok, refused = parallel(lambda i: vm_services.vm_action(vm=stopped[i], action="start", actor=owner))
     assert ok == 3 and VM.objects.filter(owner=owner, state="starting").count() == 3
     assert all(exc.code == "host_full" for exc in refused)
+
+
+def test_parallel_creates_of_two_members_stay_within_the_project_quota(owner, grantee):
+    from accounts.models import ProjectQuota
+
+    project = account_services.project_create(name="Team", slug="team", actor=owner)
+    account_services.project_member_set(project=project, user=grantee, role="member", actor=owner)
+    _quota(owner)
+    _quota(grantee)  # each member alone has room for far more than the project
+    ProjectQuota.objects.create(project=project, max_vms=3, max_vcpus=100, max_memory_mib=100_000, max_disk_gib=1000)
+    template = TemplateFactory()
+    members = (owner, grantee)
+
+    def create(i):
+        member = members[i % 2]
+        vm_services.vm_create(owner=member, name=f"p{i}", template=template, project=project, actor=member)
+
+    ok, refused = parallel(create)
+    assert VM.objects.filter(project=project).count() == 3 == ok
+    assert all(exc.code == "quota_exceeded" for exc in refused)
+    assert {vm.owner for vm in VM.objects.filter(project=project)} <= set(members)

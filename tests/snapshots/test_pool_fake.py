@@ -127,11 +127,12 @@ def test_one_pool_vm_goes_to_one_create_only(fake, pooled_template, run_ops, own
     pooled_template.save()
     (only,), _ = _fill(run_ops)
     args = dict(template=pooled_template, image=None, vcpus=1, memory_mib=128, disk_gib=1, metadata=None, start=True)
-    first = pool_vm_take(owner=owner, vm_name="first", actor=owner, **args)
-    second = pool_vm_take(owner=stranger, vm_name="second", actor=stranger, **args)
+    mine, theirs = owner.personal_project, stranger.personal_project
+    first = pool_vm_take(owner=owner, project=mine, vm_name="first", actor=owner, **args)
+    second = pool_vm_take(owner=stranger, project=theirs, vm_name="second", actor=stranger, **args)
     assert first[0].pk == only.pk and second is None
     only.refresh_from_db()
-    assert only.owner == owner and only.name == "first"
+    assert only.owner == owner and only.name == "first" and only.project == mine
 
 
 @pytest.mark.django_db(transaction=True)

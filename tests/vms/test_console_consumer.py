@@ -29,6 +29,7 @@ from sandbox_site.asgi import application
 from tests.factories import UserFactory, VmFactory
 from tests.hostd.runner import FAKE_VMM, Hostd
 from vms.consoles import ConsoleUnavailable, HostdConsole
+from vms.hostd.console import STREAM_CHUNK
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -59,8 +60,9 @@ def root(settings):
 
 
 @pytest.fixture
-def hostd(root):
-    daemon = Hostd(root)
+def hostd(root, request):
+    # indirect parametrization passes extra HostdConfig fields
+    daemon = Hostd(root, **getattr(request, "param", {}))
     daemon.start()
     yield daemon
     daemon.stop()
@@ -384,6 +386,83 @@ async def test_a_viewer_that_does_not_ack_makes_hostd_wait_and_then_catches_up(m
     assert got == vm.vmm.log.read_bytes()[: len(got)]
 
 
+async def test_output_arrives_in_order_in_large_frames_with_a_large_window(make_vm, owner, settings):
+    """hostd batches what is there into chunks of up to 256 KiB and the consumer forwards each
+    as one binary frame (as much as the window allows): the bytes and offsets stay exact
+    across chunk, batch and window boundaries."""
+    settings.SANDBOX_CONSOLE_WINDOW_BYTES = window = 1 << 20
+    blob = os.urandom(3 * window + 4321)
+    vm = await database_sync_to_async(make_vm)(blob)
+    comm, _, _ = await connect(vm, owner, "?offset=0")
+    first = await hello(comm)
+    assert first["window"] == window and first["offset"] == 0
+    got = bytearray()
+    sizes = []
+    while len(got) < len(blob):
+        kind, value = await next_message(comm)
+        assert kind == "bytes", (kind, value)
+        got += value
+        sizes.append(len(value))
+        if len(got) % window >= window // 4 or len(value) >= window // 4:
+            await comm.send_to(text_data=json.dumps({"type": "ack", "offset": len(got)}))
+    await comm.disconnect()
+    assert bytes(got[: len(blob)]) == blob
+    assert max(sizes) == STREAM_CHUNK  # not the 4 KiB ring's or a socket read's size
+    assert got == vm.vmm.log.read_bytes()[: len(got)]
+
+
+@pytest.mark.parametrize("hostd", [{"console_log_max_bytes": 64 << 10}], indirect=True)
+async def test_a_slow_viewer_skips_with_a_gap_and_never_slows_the_guest(make_vm, owner, hostd):
+    """A viewer that does not acknowledge holds up nobody: the guest prints 8 MiB meanwhile
+    (the log keeps the newest 48 KiB of them). The viewer is told with ``gap`` messages which
+    bytes it skipped, the bytes between them are contiguous, and after the last one come the
+    log's bytes from its ``to``."""
+    vm = await database_sync_to_async(make_vm)()
+    comm, _, _ = await connect(vm, owner)
+    start = (await hello(comm))["offset"]
+    flood = 8 << 20
+    await comm.send_to(text_data=json.dumps({"type": "input", "data": f"flood {flood}\n"}))
+    flood_json = vm.vmm.runtime_dir / "flood.json"
+    await asyncio.to_thread(wait_for, flood_json.exists, 60, "the guest's flood to end")
+    assert json.loads(flood_json.read_text())["bytes"] == flood  # all of it, unacknowledged
+    gaps: list[dict] = []
+    after = bytearray()  # bytes since the last gap (or since the start)
+    received = 0
+
+    async def take() -> dict | None:
+        nonlocal after, received
+        kind, value = await next_message(comm)
+        if kind == "bytes":
+            after += value
+            received += len(value)
+            return None
+        if value["type"] == "gap":
+            assert value["from"] == (gaps[-1]["to"] if gaps else start) + len(after)  # contiguous up to it
+            assert value["to"] > value["from"]
+            gaps.append(value)
+            after = bytearray()
+            return None
+        return value
+
+    await comm.send_to(text_data=json.dumps({"type": "ping"}))
+    while (control := await take()) is None or control["type"] != "pong":
+        pass
+    # Unacknowledged, the viewer got a window at most (a gap restarts the count: skipped
+    # bytes need no ack).
+    assert received <= WINDOW * (1 + len(gaps))
+    info = await asyncio.to_thread(hostd.console_info, vm.pk)
+    assert info["log_dropped"] > 0 and info["log_start"] > start + received
+    # Acknowledging again: what the stream still held, a gap (or more) up to the oldest byte
+    # the log kept, and those bytes.
+    while not gaps or gaps[-1]["to"] < info["log_start"] or len(after) < 4096:
+        await comm.send_to(text_data=json.dumps({"type": "ack", "offset": 10**12}))  # = all sent
+        await take()
+    await comm.disconnect()
+    with open(vm.vmm.log, "rb") as fh:  # offsets are file positions: the log's bytes from `to`
+        fh.seek(gaps[-1]["to"])
+        assert bytes(after) == fh.read(len(after))
+
+
 async def test_bytes_that_no_longer_exist_are_reported_as_a_gap(make_vm, owner, hostd):
     vm = await database_sync_to_async(make_vm)(b"old " * 5000)
     os.truncate(vm.vmm.log, 0)  # rotated away: hostd's offsets continue after the old end
@@ -578,3 +657,44 @@ async def test_a_live_writer_keeps_its_claim_and_a_dead_process_claim_lapses(con
     other, other_hello = await _writer_after_connect(console_vm, grantee)
     assert other_hello["writer"] is True
     await other.disconnect()
+
+
+@pytest.fixture
+def remote_hostd(root, settings):
+    """hostd of another host "h2": the VMs' runtime directory, reached only over mutual TLS
+    (this machine's socket path leads nowhere)."""
+    from vms import pki
+
+    settings.SANDBOX_PKI_DIR = root / "pki"
+    files = pki.host_cert_issue("h2", "127.0.0.1")
+    daemon = Hostd(root, tls_listen="127.0.0.1:0", tls_cert=files.cert, tls_key=files.key, tls_ca=pki.ca_files().cert)
+    daemon.start()
+    settings.SANDBOX_HOSTD_SOCKET = root / "not-this-host.sock"
+    yield daemon
+    daemon.stop()
+
+
+async def test_a_console_on_another_host_is_served_through_its_hostd_over_mutual_tls(root, remote_hostd, owner):
+    from tests.factories import HostFactory
+
+    def make():
+        host = HostFactory(name="h2", hostd_address=f"127.0.0.1:{remote_hostd.daemon.tls_port}")
+        vm = VmFactory(owner=owner, state="running", name="far", host=host)
+        vmm = Vmm(root / str(vm.pk))
+        vmm.runtime_dir.mkdir()
+        vmm.start()
+        remote_hostd.scan()
+        return vm, vmm
+
+    vm, vmm = await database_sync_to_async(make)()
+    try:
+        comm, connected, _ = await connect(vm, owner)
+        assert connected
+        first = await hello(comm)
+        assert first["writer"] is True
+        await comm.send_to(text_data=json.dumps({"type": "input", "data": "over tls\n"}))
+        got = await read_until(comm, b"echo: over tls")
+        assert got == vmm.log.read_bytes()[first["offset"] : first["offset"] + len(got)]
+        await comm.disconnect()
+    finally:
+        vmm.kill()

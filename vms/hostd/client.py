@@ -1,4 +1,5 @@
-"""Clients of the host daemon's Unix socket (no Django): ``HostdClient`` (blocking, for
+"""Clients of the host daemon (no Django): its Unix socket on the same host, or its mutual-TLS
+listener on another (``vms.hostd.tls.TlsAddress``): ``HostdClient`` (blocking, for
 views, Celery tasks and scripts) and ``AsyncHostdClient`` (for Channels consumers).
 
 Both speak the agent framing (``vms.vmm.agent_protocol``) to hostd; see docs/hostd.md.
@@ -14,6 +15,7 @@ import contextlib
 import hashlib
 import itertools
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
@@ -21,6 +23,7 @@ from typing import Any
 
 from vms.hostd.errors import HostdError, HostdRequestError, HostdTimeout, HostdUnavailable
 from vms.hostd.logcontext import log_ids
+from vms.hostd.tls import TlsAddress
 from vms.vmm.agent_protocol import MAX_DATA, Frame, FrameDecoder, FrameError, check_response, encode_frame
 
 UPLOAD_CHUNK = 256 << 10
@@ -48,7 +51,8 @@ class HostdClient:
     """Blocking client; one request at a time (plus the pipelined file transfers).
     Not thread-safe: use one per thread."""
 
-    def __init__(self, path: Path | str, *, timeout: float = 10.0) -> None:
+    def __init__(self, path: Path | str | TlsAddress, *, timeout: float = 10.0) -> None:
+        self.address = path
         self.path = str(path)
         self.timeout = timeout
         self._sock: socket.socket | None = None
@@ -67,12 +71,25 @@ class HostdClient:
     def connect(self) -> None:
         if self._sock is not None:
             return
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(min(self.timeout, 5.0))
+        address = self.address
+        sock: socket.socket
         try:
-            sock.connect(self.path)
-        except OSError as exc:
-            sock.close()
+            if isinstance(address, TlsAddress):
+                raw = socket.create_connection((address.host, address.port), timeout=min(self.timeout, 5.0))
+                try:
+                    sock = address.context.wrap_socket(raw, server_hostname=address.server_hostname)
+                except (OSError, ssl.SSLError):
+                    raw.close()
+                    raise
+            else:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(min(self.timeout, 5.0))
+                try:
+                    sock.connect(self.path)
+                except OSError:
+                    sock.close()
+                    raise
+        except OSError as exc:  # ssl.SSLError is an OSError: a refused certificate lands here
             raise HostdUnavailable(f"hostd is not reachable at {self.path}: {exc}") from exc
         self._sock = sock
 
@@ -331,7 +348,8 @@ class AsyncHostdClient:
     whose consumer stops reading stops the reader (its queue is bounded), which pushes
     back to hostd instead of buffering: use one client per websocket."""
 
-    def __init__(self, path: Path | str, *, timeout: float = 10.0) -> None:
+    def __init__(self, path: Path | str | TlsAddress, *, timeout: float = 10.0) -> None:
+        self.address = path
         self.path = str(path)
         self.timeout = timeout
         self._reader: asyncio.StreamReader | None = None
@@ -344,9 +362,19 @@ class AsyncHostdClient:
 
     async def connect(self) -> AsyncHostdClient:
         try:
-            self._reader, self._writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(self.path, limit=1 << 16), 5.0
-            )
+            address = self.address
+            if isinstance(address, TlsAddress):
+                opening = asyncio.open_connection(
+                    address.host,
+                    address.port,
+                    ssl=address.context,
+                    server_hostname=address.server_hostname,
+                    ssl_handshake_timeout=5.0,
+                    limit=1 << 16,
+                )
+            else:
+                opening = asyncio.open_unix_connection(self.path, limit=1 << 16)
+            self._reader, self._writer = await asyncio.wait_for(opening, 5.0)
         except (OSError, TimeoutError) as exc:
             raise HostdUnavailable(f"hostd is not reachable at {self.path}: {exc}") from exc
         self._task = asyncio.create_task(self._read_loop())
@@ -456,7 +484,7 @@ class AsyncHostdClient:
     async def console_attach(self, vm_id: str, *, offset: int | None = None, queue_frames: int = 64) -> Subscription:
         """Events: ``console`` (header ``offset``; data = bytes), ``end`` when the VM stops.
         ``offset`` None = from the live end; negative = that many bytes back. At most
-        ``queue_frames`` events wait here (each at most 64 KiB of console); then this
+        ``queue_frames`` events wait here (each at most 256 KiB of console); then this
         client stops reading its socket and hostd's stream waits."""
         args: dict[str, Any] = {"vm_id": vm_id}
         if offset is not None:

@@ -43,7 +43,9 @@ logger = logging.getLogger("vms.hostd.console")
 SERIAL_SOCKET = "serial.sock"
 SERIAL_LOG = "serial.log"
 LOG_POLL_SECONDS = 0.25
-READ_CHUNK = 64 << 10
+SOCKET_READ = 256 << 10  # bytes taken from the serial socket per read
+STREAM_CHUNK = 256 << 10  # console bytes per stream event at most (a stream batches what is there)
+STREAM_READ = 1 << 20  # bytes a stream takes from the ring or the log at once (sent as several events)
 MAX_CATCHUP = 1 << 20  # bytes of log read per wakeup
 WRITE_TIMEOUT = 5.0
 LOG_MAX_BYTES = 16 << 20
@@ -78,7 +80,8 @@ class ConsoleRing:
     def read(self, offset: int, max_bytes: int) -> bytes:
         """Bytes from ``offset`` (which must be >= ``base``), at most ``max_bytes``."""
         start = offset - self.base
-        return bytes(self._buf[start : start + max_bytes])
+        with memoryview(self._buf) as view:  # one copy (a bytearray slice would make two)
+            return bytes(view[start : start + max_bytes])
 
 
 class ConsoleLink:
@@ -158,7 +161,7 @@ class ConsoleLink:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(changed.wait(), timeout)
 
-    async def read(self, offset: int, max_bytes: int = READ_CHUNK) -> tuple[int, bytes]:
+    async def read(self, offset: int, max_bytes: int = STREAM_CHUNK) -> tuple[int, bytes]:
         """``(start, data)`` from ``offset``: from the ring, else from the log file; ``start``
         is greater than ``offset`` when the bytes in between are gone (a gap)."""
         ring = self.ring
@@ -256,7 +259,7 @@ class ConsoleLink:
         path = self.runtime_dir / SERIAL_SOCKET
         while True:
             try:
-                reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 5.0)
+                reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path), limit=SOCKET_READ), 5.0)
             except (OSError, TimeoutError) as exc:
                 self.last_error = f"serial socket: {exc}"
                 await asyncio.sleep(backoff)
@@ -268,7 +271,7 @@ class ConsoleLink:
             self.last_error = ""
             try:
                 while True:
-                    data = await reader.read(READ_CHUNK)
+                    data = await reader.read(SOCKET_READ)
                     if not data:
                         break
                     if self.qemu_log:

@@ -29,12 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from vms.hostd import metrics as hostd_metrics
+from vms.hostd import tls
 from vms.hostd.agent_link import AgentLink, AgentUnavailable, LinkBudget
-from vms.hostd.console import ConsoleLink, ConsoleUnavailable
+from vms.hostd.console import STREAM_CHUNK, STREAM_READ, ConsoleLink, ConsoleUnavailable
 from vms.hostd.errors import HostdError
 from vms.hostd.logcontext import log_context, log_context_set
 from vms.vmm.agent_client import AGENT_SOCKET, AgentError, AgentRequestError, AgentTimeout, AgentTransport
-from vms.vmm.agent_protocol import Frame, FrameDecoder, FrameError, encode_frame
+from vms.vmm.agent_protocol import Frame, FrameDecoder, FrameError, encode_frame, encode_frame_head
 from vms.vmm.process import running_vmm_pid
 
 logger = logging.getLogger("vms.hostd")
@@ -44,6 +45,7 @@ MAX_CLIENT_INFLIGHT = 64
 MAX_CLIENT_STREAMS = 256
 CLIENT_STALL_SECONDS = 60.0
 EXEC_WINDOW = 256 << 10  # agent -> hostd credit per exec stream
+SPLIT_WRITE_BYTES = 64 << 10  # frames with more data go out as header, then data
 DEFAULT_AGENT_TIMEOUT = 30.0
 MAX_AGENT_TIMEOUT = 3900.0
 
@@ -59,6 +61,11 @@ class HostdConfig:
     metrics_port: int = 0  # 0: no metrics listener
     metrics_bind: str = "127.0.0.1"
     socket_group: str = ""  # a group that may use the socket too (0660), e.g. the web's user
+    # A TCP listener for other hosts' web and worker processes: mutual TLS only (vms.hostd.tls).
+    tls_listen: str = ""  # "host:port"; empty: the Unix socket only
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
 
 
 def _is_cloud_hypervisor(runtime_dir: Path, pid: int | None) -> bool:
@@ -115,6 +122,7 @@ class HostDaemon:
         self.vms: dict[str, VmHandle] = {}
         self.sessions: set[ClientSession] = set()
         self._server: asyncio.AbstractServer | None = None
+        self._tls_server: asyncio.Server | None = None
         self._scan_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self.started = time.monotonic()
@@ -135,12 +143,34 @@ class HostDaemon:
             group = self.config.socket_group
             shutil.chown(path, group=int(group) if group.isdigit() else group)
             os.chmod(path, 0o660)
+        if self.config.tls_listen:
+            await self._tls_start()
         await self.scan()
         self._scan_task = asyncio.create_task(self._scan_loop(), name="hostd-scan")
         hostd_metrics.metrics_serve(
             self.config.metrics_port, self.config.metrics_bind, lambda: [vm.status() for vm in list(self.vms.values())]
         )
         logger.info("hostd listening on %s; %d running VM(s) attached", path, len(self.vms))
+
+    async def _tls_start(self) -> None:
+        """Listen for remote clients: TLS 1.3 with a CA-signed client certificate, or nothing
+        (a handshake that fails never reaches a session)."""
+        config = self.config
+        if not (config.tls_cert and config.tls_key and config.tls_ca):
+            raise ValueError("a TLS listener needs its certificate, key and the CA (tls_cert, tls_key, tls_ca)")
+        host, port = tls.parse_listen(config.tls_listen, any_port=True)
+        context = tls.server_context(cert=config.tls_cert, key=config.tls_key, ca=config.tls_ca)
+        self._tls_server = await asyncio.start_server(
+            self._on_client, host=host, port=port, ssl=context, ssl_handshake_timeout=10.0, limit=1 << 16
+        )
+        logger.info("hostd listening on %s:%s (mutual TLS)", host, port)
+
+    @property
+    def tls_port(self) -> int | None:
+        """The TLS listener's port (after ``start``; useful with port 0)."""
+        if self._tls_server is None or not self._tls_server.sockets:
+            return None
+        return int(self._tls_server.sockets[0].getsockname()[1])
 
     async def run_forever(self) -> None:
         await self.start()
@@ -165,8 +195,13 @@ class HostDaemon:
                 await self._scan_task
         if self._server is not None:
             self._server.close()
+        if self._tls_server is not None:
+            self._tls_server.close()
+        pending = [task for session in self.sessions for task in (*session.streams.values(), *session.tasks)]
         for session in list(self.sessions):
             session.close()
+        if pending:  # let cancelled streams finish (one may be in a worker-thread log read)
+            await asyncio.wait(pending, timeout=2.0)
         for vm in list(self.vms.values()):
             await vm.stop()
         self.vms.clear()
@@ -305,9 +340,14 @@ class ClientSession:
             task.cancel()
         self.writer.close()
 
-    def send(self, header: dict[str, Any], data: bytes = b"") -> None:
-        if not self.closed:
+    def send(self, header: dict[str, Any], data: bytes | memoryview = b"") -> None:
+        if self.closed:
+            return
+        if len(data) < SPLIT_WRITE_BYTES:
             self.writer.write(encode_frame(header, data))
+        else:  # two writes (the socket takes both at once) instead of copying the data once more
+            self.writer.write(encode_frame_head(header, data))
+            self.writer.write(data)
 
     async def drain(self) -> None:
         try:
@@ -572,7 +612,10 @@ class ExecStream:
 
 
 class ConsoleStream:
-    """One client's console subscription: a cursor over the ring and the log."""
+    """One client's console subscription: a cursor over the ring and the log. It takes up to
+    ``STREAM_READ`` bytes at once (one hop to a worker thread when they come from the log)
+    and sends them as events of at most ``STREAM_CHUNK`` bytes, each after the previous one
+    was written to the client (``drain``): at most ``STREAM_READ`` bytes held per stream."""
 
     def __init__(self, session: ClientSession, vm: VmHandle, sub: int, offset: int) -> None:
         self.session = session
@@ -591,12 +634,15 @@ class ConsoleStream:
         console = self.vm.console
         try:
             while True:
-                start, data = await console.read(self.cursor)
+                start, data = await console.read(self.cursor, STREAM_READ)
                 if data:
-                    hostd_metrics.CONSOLE_BYTES.inc(len(data))
-                    self.session.send({"ev": "console", "sub": self.sub, "offset": start}, data)
-                    self.cursor = start + len(data)
-                    await self.session.drain()
+                    view = memoryview(data)  # pieces without copies
+                    for at in range(0, len(data), STREAM_CHUNK):
+                        piece = view[at : at + STREAM_CHUNK]
+                        hostd_metrics.CONSOLE_BYTES.inc(len(piece))
+                        self.session.send({"ev": "console", "sub": self.sub, "offset": start + at}, piece)
+                        self.cursor = start + at + len(piece)
+                        await self.session.drain()
                     continue
                 # Nothing from the cursor on exists yet; a read that skipped a gap (rotated log)
                 # moves the cursor, or waiting below would return at once forever.

@@ -50,14 +50,20 @@ class Frame:
     size: int = 0  # bytes on the wire (set by ``FrameDecoder``)
 
 
-def encode_frame(header: dict[str, Any], data: bytes = b"") -> bytes:
+def encode_frame(header: dict[str, Any], data: bytes | memoryview = b"") -> bytes:
     """Serialise one frame; raises ``FrameError`` when header + data exceed ``MAX_FRAME``."""
+    return b"".join((encode_frame_head(header, data), data))
+
+
+def encode_frame_head(header: dict[str, Any], data: bytes | memoryview) -> bytes:
+    """A frame without its data: a sender writes ``data`` right after it, without copying it
+    into one buffer (the CRC covers ``data`` as usual). Raises ``FrameError`` like ``encode_frame``."""
     head = json.dumps(header, separators=(",", ":")).encode("utf-8")
     if len(head) + len(data) > MAX_FRAME:
         raise FrameError(f"frame of {len(head) + len(data)} bytes exceeds the {MAX_FRAME} byte limit")
     lengths = struct.pack(">II", len(head), len(data))
     crc = zlib.crc32(data, zlib.crc32(head, zlib.crc32(lengths)))
-    return b"".join((MAGIC, lengths, struct.pack(">I", crc), head, data))
+    return b"".join((MAGIC, lengths, struct.pack(">I", crc), head))
 
 
 def decode_header(raw: bytes) -> dict[str, Any]:

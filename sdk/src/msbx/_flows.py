@@ -229,6 +229,13 @@ def is_vm_id(ref: str) -> bool:
     return True
 
 
+def console_ack_every(window: int) -> int:
+    """Console bytes to receive between two acks: a quarter of the server's flow-control
+    window (its ``hello``), so three quarters are still in flight when the ack leaves and the
+    stream never waits for it on a fast link (docs/dashboard.md)."""
+    return max(1, window // 4)
+
+
 def vm_named(name: str, rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """The one VM called exactly ``name`` among ``rows`` (the list's ``?name=`` answer, which
     matches substrings): NotFound when none, SandboxError when several VMs you can see (yours

@@ -22,7 +22,7 @@ from msbx._http import AsyncHttp, RequestLog, RetryPolicy, ws_error
 from msbx.client import DEFAULT_BOOT_TIMEOUT, EXEC_WAIT_MAX, FileSource, Progress, _chunks_of
 from msbx.config import credentials_resolve
 from msbx.errors import CommandFailed, IntegrityError, NotFound, SandboxError, Timeout, TransportError
-from msbx.models import TRANSFER_CHUNK, ExecResult, TransferResult, exec_body, new_name
+from msbx.models import TRANSFER_CHUNK, ExecResult, TransferResult, create_body, exec_body, new_name
 
 
 class AsyncClient:
@@ -87,16 +87,22 @@ class AsyncClient:
         wait: bool = True,
         timeout: float = DEFAULT_BOOT_TIMEOUT,
         on_progress: Callable[[dict[str, Any]], Any] | None = None,
+        host: str | None = None,
+        anti_affinity: bool = False,
+        project: str | None = None,
     ) -> AsyncSandbox:
-        body = {
-            "name": name or new_name(),
-            "template": template,
-            "vcpus": vcpus,
-            "memory_mib": memory_mib,
-            "disk_gib": disk_gib,
-            "metadata": metadata,
-            "start": start,
-        }
+        body = create_body(
+            template=template,
+            name=name,
+            vcpus=vcpus,
+            memory_mib=memory_mib,
+            disk_gib=disk_gib,
+            metadata=metadata,
+            start=start,
+            host=host,
+            anti_affinity=anti_affinity,
+            project=project,
+        )
         data = await self.http.json("vm_create", json=body)
         sandbox = AsyncSandbox(self, data)
         sandbox.operation = AsyncOperation(self, {"id": data.get("operation"), "action": "create", "status": "queued"})
@@ -625,7 +631,7 @@ class AsyncConsole:
         self.ws = ws
         self.hello: dict[str, Any] = {}
         self.offset = 0
-        self.window = 256 << 10
+        self.window = 2 << 20  # the server's, from its hello
         self._acked = 0
         self.notices: list[dict[str, Any]] = []
 
@@ -647,7 +653,7 @@ class AsyncConsole:
                 raise ws_error(exc, "console") from exc
             if isinstance(message, bytes):
                 self.offset += len(message)
-                if self.offset - self._acked >= max(1, min(self.window // 2, 32 << 10)):
+                if self.offset - self._acked >= flows.console_ack_every(self.window):
                     await self._ack()
                 return message
             control = json.loads(message)

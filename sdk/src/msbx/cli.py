@@ -197,6 +197,9 @@ def cmd_vm_create(cli: Cli) -> int:
         wait=not args.no_wait,
         timeout=args.wait_timeout,
         on_progress=cli.progress("create"),
+        host=args.host,
+        anti_affinity=args.anti_affinity,
+        project=args.project,
     )
     cli.emit(sandbox.data, VM_COLUMNS)
     return 0
@@ -617,6 +620,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", type=int, help="MiB")
     p.add_argument("--disk", type=int, help="GiB")
     p.add_argument("--no-start", action="store_true")
+    p.add_argument("--host", help="operators: place the VM on this host")
+    p.add_argument("--anti-affinity", action="store_true", help="not on a host holding another of your VMs")
+    p.add_argument("--project", help="id or slug of the project the VM goes into")
     waits(p)
     p = command(vm, "show", cmd_vm_show, "show a VM")
     p.add_argument("vm", help="id or name")

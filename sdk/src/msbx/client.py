@@ -21,7 +21,7 @@ from msbx._flows import OutputChunk, is_vm_id, vm_named
 from msbx._http import RequestLog, RetryPolicy, SyncHttp, ws_error
 from msbx.config import credentials_resolve
 from msbx.errors import CommandFailed, IntegrityError, SandboxError, Timeout, TransportError
-from msbx.models import TRANSFER_CHUNK, ExecResult, TransferResult, exec_body, new_name
+from msbx.models import TRANSFER_CHUNK, ExecResult, TransferResult, create_body, exec_body, new_name
 
 FileSource = Union[bytes, bytearray, memoryview, str, os.PathLike, BinaryIO, Iterator[bytes]]
 Progress = Optional[Callable[[int, Optional[int]], Any]]
@@ -93,16 +93,22 @@ class Client:
         wait: bool = True,
         timeout: float = DEFAULT_BOOT_TIMEOUT,
         on_progress: Callable[[dict[str, Any]], Any] | None = None,
+        host: str | None = None,
+        anti_affinity: bool = False,
+        project: str | None = None,
     ) -> Sandbox:
-        body = {
-            "name": name or new_name(),
-            "template": template,
-            "vcpus": vcpus,
-            "memory_mib": memory_mib,
-            "disk_gib": disk_gib,
-            "metadata": metadata,
-            "start": start,
-        }
+        body = create_body(
+            template=template,
+            name=name,
+            vcpus=vcpus,
+            memory_mib=memory_mib,
+            disk_gib=disk_gib,
+            metadata=metadata,
+            start=start,
+            host=host,
+            anti_affinity=anti_affinity,
+            project=project,
+        )
         data = self.http.json("vm_create", json=body)
         sandbox = Sandbox(self, data)
         sandbox.operation = Operation(self, {"id": data.get("operation"), "action": "create", "status": "queued"})
@@ -650,7 +656,7 @@ class Console:
         self.ws = ws
         self.hello: dict[str, Any] = {}
         self.offset = 0
-        self.window = 256 << 10
+        self.window = 2 << 20  # the server's, from its hello
         self._acked = 0
         self._lock = threading.Lock()
         self.notices: list[dict[str, Any]] = []  # role changes, gaps and errors the server sent
@@ -674,7 +680,7 @@ class Console:
                 raise ws_error(exc, "console") from exc
             if isinstance(message, bytes):
                 self.offset += len(message)
-                if self.offset - self._acked >= max(1, min(self.window // 2, 32 << 10)):
+                if self.offset - self._acked >= flows.console_ack_every(self.window):
                     self._ack()
                 return message
             control = json.loads(message)

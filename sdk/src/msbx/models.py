@@ -52,6 +52,36 @@ class TransferResult:
     sha256: str
 
 
+def create_body(
+    *,
+    template: str,
+    name: str | None = None,
+    vcpus: int | None = None,
+    memory_mib: int | None = None,
+    disk_gib: int | None = None,
+    metadata: dict[str, Any] | None = None,
+    start: bool = True,
+    host: str | None = None,
+    anti_affinity: bool = False,
+    project: str | None = None,
+) -> dict[str, Any]:
+    """The create request (``None`` fields are left out: the server's defaults apply).
+    ``host`` (operators) pins the VM's host; ``anti_affinity`` keeps it off the hosts holding
+    the owner's other VMs; ``project`` (id or slug) is the project it goes into."""
+    return {
+        "name": name or new_name(),
+        "template": template,
+        "vcpus": vcpus,
+        "memory_mib": memory_mib,
+        "disk_gib": disk_gib,
+        "metadata": metadata,
+        "start": start,
+        "host": host,
+        "anti_affinity": anti_affinity or None,
+        "project": project,
+    }
+
+
 def exec_body(
     cmd: Any,
     *,

@@ -7,6 +7,7 @@ import logging
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
+from vms import pki
 from vms.hostd.daemon import HostdConfig, main_run
 
 
@@ -15,6 +16,15 @@ class Command(BaseCommand):
 
     def handle(self, *args, **options):
         logging.getLogger("vms.hostd").setLevel(logging.INFO)
+        tls = {}
+        if settings.SANDBOX_HOSTD_TLS_LISTEN:  # `manage.py host_join` made its certificate
+            files = pki.host_files(settings.SANDBOX_HOST_NAME)
+            tls = {
+                "tls_listen": settings.SANDBOX_HOSTD_TLS_LISTEN,
+                "tls_cert": files.cert,
+                "tls_key": files.key,
+                "tls_ca": pki.ca_files().cert,
+            }
         config = HostdConfig(
             runtime_dir=settings.SANDBOX_RUNTIME_DIR,
             socket_path=settings.SANDBOX_HOSTD_SOCKET,
@@ -24,5 +34,6 @@ class Command(BaseCommand):
             metrics_port=settings.SANDBOX_HOSTD_METRICS_PORT,
             metrics_bind=settings.SANDBOX_METRICS_BIND,
             socket_group=settings.SANDBOX_HOSTD_SOCKET_GROUP,
+            **tls,
         )
         main_run(config)

@@ -5,7 +5,7 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("networking", "0002_egress_widened"),
+        ("networking", "0003_network_project"),
     ]
 
     operations = [

@@ -8,7 +8,7 @@ import networking.models
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("networking", "0003_network_user_created"),
+        ("networking", "0004_network_user_created"),
         ("vms", "0009_golden_snapshot_and_pool"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]

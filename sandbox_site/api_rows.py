@@ -1,0 +1,69 @@
+"""List pages rendered from ``.values()`` rows instead of model instances.
+
+A ModelSerializer over 50 model instances spends most of its time building the instances
+(and their ``select_related`` neighbours) and walking DRF's per-field attribute lookups. The
+hot list endpoints (VMs, operations, audit events) instead read the page as ``.values()``
+dicts and render each with ``RowRenderer``, which applies **the serializer's own field
+objects** (``to_representation`` of each declared field, ``None`` stays ``None``), so the JSON
+is the one the serializer, the OpenAPI schema and the docs describe. The serializer stays the
+single description of the output: a field added to it is rendered here too, or — when its
+source is not a plain column or ``a.b`` relation path — the renderer refuses to build (see
+``RowRenderer.__init__``). tests/web/test_api_rows.py compares both renderings row by row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from rest_framework import serializers
+
+Row = dict[str, Any]
+
+
+class RowRenderer:
+    """Renders ``.values(*renderer.values)`` rows exactly as ``serializer_class`` renders the
+    instances they come from.
+
+    ``keys`` maps a field name to the values() key holding its value when that is not the
+    field's ``source`` with ``.`` turned into ``__`` (e.g. an annotation for a property);
+    ``computed`` maps a field name (a SerializerMethodField) to a function of the row, and
+    ``extra_values`` names the further values() keys those functions read."""
+
+    def __init__(
+        self,
+        serializer_class: type[serializers.Serializer],
+        *,
+        keys: dict[str, str] | None = None,
+        computed: dict[str, Callable[[Row], Any]] | None = None,
+        extra_values: tuple[str, ...] = (),
+    ) -> None:
+        keys = keys or {}
+        computed = computed or {}
+        self._plan: list[tuple[str, str | None, Callable[[Any], Any]]] = []
+        for name, field in serializer_class().fields.items():
+            if field.write_only:
+                continue
+            if name in computed:
+                self._plan.append((name, None, computed[name]))
+                continue
+            if isinstance(field, (serializers.SerializerMethodField, serializers.BaseSerializer)):
+                raise TypeError(f"{serializer_class.__name__}.{name} needs a row function (computed=)")
+            if field.source == "*":
+                raise TypeError(f"{serializer_class.__name__}.{name} reads the whole object: not from a row")
+            self._plan.append((name, keys.get(name, field.source.replace(".", "__")), field.to_representation))
+        plain = tuple(key for _, key, _ in self._plan if key is not None)
+        self.values: tuple[str, ...] = plain + tuple(k for k in extra_values if k not in plain)
+
+    def render(self, row: Row) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, key, represent in self._plan:
+            if key is None:
+                out[name] = represent(row)
+            else:
+                value = row[key]
+                out[name] = None if value is None else represent(value)
+        return out
+
+    def render_many(self, rows: Iterable[Row]) -> list[dict[str, Any]]:
+        return [self.render(row) for row in rows]

@@ -1,0 +1,33 @@
+"""``manage.py host_join NAME --address HOST:PORT``: register a hypervisor host and issue the
+certificate its hostd presents to web and worker processes on other hosts (docs/scale-out.md)."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+from sandbox_site.errors import ApplicationError
+from vms import pki
+from vms.hosts import host_join
+
+
+class Command(BaseCommand):
+    help = "Register a hypervisor host (its hostd's mutual-TLS address) and issue its certificate."
+
+    def add_arguments(self, parser):
+        parser.add_argument("name", help="the host's SANDBOX_HOST_NAME")
+        parser.add_argument("--address", required=True, help="host:port where its hostd listens (TLS)")
+
+    def handle(self, *args, name: str, address: str, **options):
+        try:
+            host, files = host_join(name=name, address=address)
+        except ApplicationError as exc:
+            raise CommandError(f"{exc.message} {exc.details or ''}") from exc
+        port = address.rpartition(":")[2]
+        self.stdout.write(
+            f"Host {host.name} joined; its hostd is reached at {address} over mutual TLS.\n"
+            f"Copy to that host's {settings.SANDBOX_PKI_DIR} (keep the key private, mode 0600):\n"
+            f"  {pki.ca_files().cert}\n  {files.cert} -> hosts/{name}.crt\n  {files.key} -> hosts/{name}.key\n"
+            f"and run its hostd and worker with SANDBOX_HOST_NAME={name} "
+            f"SANDBOX_HOSTD_TLS_LISTEN=<its address>:{port}. Never copy {pki.ca_files().key}."
+        )
