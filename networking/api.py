@@ -3,6 +3,7 @@
 invisible -> 404, visible but not allowed -> 403 + audit."""
 
 import re
+import uuid
 
 from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, status
@@ -11,17 +12,20 @@ from rest_framework.response import Response
 
 from accounts.permissions import ObjectPermissionViewSet, VmNestedViewSet
 from networking import selectors, services
-from networking.models import Network, PortForward
+from networking.models import Network, Nic, PortForward
 from networking.serializers import (
     NetworkCreateSerializer,
     NetworkSerializer,
     NetworkUpdateSerializer,
+    NicAddedSerializer,
+    NicAddSerializer,
     NicSerializer,
     PortForwardCreateSerializer,
     PortForwardSerializer,
     VmEgressResultSerializer,
     VmEgressSerializer,
 )
+from vms.serializers import OperationSerializer
 
 
 class NetworkViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPermissionViewSet):
@@ -87,11 +91,38 @@ class VmPortForwardViewSet(VmNestedViewSet):
 
 class VmNetworkViewSet(VmNestedViewSet):
     serializer_class = NicSerializer
-    action_perms = {"nics": "view", "egress": "change"}
+    audit_prefix = "vm"
+    action_perms = {"nics": "view", "nic_add": "change", "nic_remove": "change", "egress": "change"}
 
     @extend_schema(responses={200: NicSerializer(many=True)})
     def nics(self, request, vm_id=None):
         return Response(NicSerializer(selectors.nics_of(self.vm), many=True).data)
+
+    @extend_schema(request=NicAddSerializer, responses={201: NicAddedSerializer, 202: NicAddedSerializer})
+    def nic_add(self, request, vm_id=None):
+        """Add a NIC: at once on a stopped VM (201), by a hot-plug operation on a running one
+        whose driver can (202), else 409 ``restart_required``."""
+        vm = self.vm
+        data = NicAddSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        spec, op = services.vm_nic_add(vm=vm, actor=request.user, **data.validated_data)
+        nic = Nic.objects.select_related("network").get(tap=spec.tap)
+        body = NicAddedSerializer(nic).data
+        body["operation"] = str(op.pk) if op is not None else None
+        return Response(body, status=status.HTTP_202_ACCEPTED if op is not None else status.HTTP_201_CREATED)
+
+    @extend_schema(request=None, responses={204: None, 202: OperationSerializer})
+    def nic_remove(self, request, vm_id=None, nic_id=None):
+        """Remove a NIC: at once from a stopped VM (204), by a hot-unplug operation from a
+        running one whose driver can (202), else 409 ``restart_required``."""
+        try:
+            uuid.UUID(str(nic_id))
+        except ValueError:
+            raise NotFound() from None
+        op = services.vm_nic_remove(vm=self.vm, actor=request.user, nic_id=nic_id)
+        if op is None:
+            return Response(status=status.HTTP_204_NO_CONTENT)
+        return Response(OperationSerializer(op).data, status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(request=VmEgressSerializer, responses={200: VmEgressResultSerializer})
     def egress(self, request, vm_id=None):

@@ -31,6 +31,15 @@ def validate_ipv4_cidr(value: str) -> None:
         raise ValidationError("Use a prefix between /16 and /29.")
 
 
+def validate_ipv6_prefix(value: str) -> None:
+    try:
+        net = ipaddress.IPv6Network(value, strict=True)
+    except ValueError as exc:
+        raise ValidationError(f"{value!r} is not an IPv6 prefix (like fd00:231::/64): {exc}") from exc
+    if not 64 <= net.prefixlen <= 120:
+        raise ValidationError("Use an IPv6 prefix between /64 and /120.")
+
+
 _PORTS_RE = re.compile(r"^[0-9]{1,5}(-[0-9]{1,5})?(,[0-9]{1,5}(-[0-9]{1,5})?)*$", re.ASCII)
 
 
@@ -69,12 +78,22 @@ class Network(models.Model):
     )
     cidr = models.CharField(max_length=18, unique=True, validators=[validate_ipv4_cidr])
     gateway = models.GenericIPAddressField(protocol="IPv4")
+    cidr6 = models.CharField(
+        max_length=43, blank=True, validators=[validate_ipv6_prefix], help_text="Empty: IPv4 only."
+    )
+    gateway6 = models.GenericIPAddressField(protocol="IPv6", null=True, blank=True)
     bridge = models.CharField(max_length=15, unique=True, blank=True, editable=False)
     tenant_isolation = models.BooleanField(
         default=True, help_text="VMs of different owners on this network cannot reach each other."
     )
     egress_mode = models.CharField(max_length=16, choices=EgressMode.choices, default=EgressMode.ALLOW)
     is_default = models.BooleanField(default=False)
+    user_created = models.BooleanField(
+        default=False,
+        editable=False,
+        help_text="Created by a user (not an operator): its egress never exceeds the operator's uplink "
+        "policy (the default network's), even after an operator narrows that.",
+    )
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -83,7 +102,8 @@ class Network(models.Model):
         constraints = [
             models.UniqueConstraint(
                 fields=["is_default"], condition=models.Q(is_default=True), name="network_one_default"
-            )
+            ),
+            models.UniqueConstraint(fields=["cidr6"], condition=~models.Q(cidr6=""), name="network_unique_cidr6"),
         ]
         permissions = [("use_network", "Attach VMs to the network")]
 
@@ -103,6 +123,10 @@ class Network(models.Model):
     def ip_network(self) -> ipaddress.IPv4Network:
         return ipaddress.IPv4Network(self.cidr)
 
+    @property
+    def ip_network6(self) -> ipaddress.IPv6Network | None:
+        return ipaddress.IPv6Network(self.cidr6) if self.cidr6 else None
+
     @staticmethod
     def object_permission_codenames() -> tuple[str, ...]:
         return ("view_network", "change_network", "delete_network", "use_network")
@@ -117,6 +141,18 @@ class Network(models.Model):
         overlapping = [other.name for other in Network.objects.exclude(pk=self.pk) if other.ip_network.overlaps(net)]
         if overlapping:
             raise ValidationError({"cidr": f"overlaps network(s) {', '.join(overlapping)}"})
+        if self.cidr6:
+            validate_ipv6_prefix(self.cidr6)
+            net6 = ipaddress.IPv6Network(self.cidr6)
+            if self.gateway6 and ipaddress.IPv6Address(self.gateway6) not in net6:
+                raise ValidationError({"gateway6": f"must be an address of {self.cidr6}"})
+            overlapping = [
+                other.name
+                for other in Network.objects.exclude(pk=self.pk).exclude(cidr6="")
+                if other.ip_network6 is not None and other.ip_network6.overlaps(net6)
+            ]
+            if overlapping:
+                raise ValidationError({"cidr6": f"overlaps network(s) {', '.join(overlapping)}"})
 
 
 class Nic(models.Model):
@@ -129,6 +165,7 @@ class Nic(models.Model):
     index = models.PositiveSmallIntegerField(default=0, help_text="eth<index> in the guest")
     mac = models.CharField(max_length=17, unique=True)
     ip = models.GenericIPAddressField(protocol="IPv4")
+    ip6 = models.GenericIPAddressField(protocol="IPv6", null=True, blank=True, help_text="On a dual-stack network.")
     tap = models.CharField(max_length=15, unique=True, blank=True, editable=False)
     egress_mode = models.CharField(
         max_length=16, choices=EgressMode.choices, blank=True, help_text="Empty: the network's policy applies."
@@ -145,6 +182,7 @@ class Nic(models.Model):
         ordering = ["vm", "index"]
         constraints = [
             models.UniqueConstraint(fields=["network", "ip"], name="nic_unique_ip_per_network"),
+            models.UniqueConstraint(fields=["network", "ip6"], name="nic_unique_ip6_per_network"),
             models.UniqueConstraint(fields=["vm", "index"], name="nic_unique_index_per_vm"),
         ]
         verbose_name = "NIC"
@@ -164,7 +202,7 @@ class EgressRule(models.Model):
     id = models.BigAutoField(primary_key=True)
     network = models.ForeignKey(Network, on_delete=models.CASCADE, null=True, blank=True, related_name="egress_rules")
     vm = models.ForeignKey("vms.VM", on_delete=models.CASCADE, null=True, blank=True, related_name="egress_rules")
-    cidr = models.CharField(max_length=18)
+    cidr = models.CharField(max_length=43, help_text="IPv4 or IPv6")
     protocol = models.CharField(max_length=3, choices=Protocol.choices, blank=True, help_text="Empty: any protocol.")
     ports = models.CharField(max_length=200, blank=True, help_text="e.g. 80,443,8000-8100; empty: all ports")
     created_at = models.DateTimeField(default=timezone.now, editable=False)
@@ -184,7 +222,7 @@ class EgressRule(models.Model):
 
     def clean(self) -> None:
         try:
-            ipaddress.IPv4Network(self.cidr, strict=False)
+            ipaddress.ip_network(self.cidr, strict=False)
         except ValueError as exc:
             raise ValidationError({"cidr": str(exc)}) from exc
         try:

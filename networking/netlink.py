@@ -112,6 +112,9 @@ def _link_info(msg: Any) -> LinkInfo:
     )
 
 
+IFA_F_NODAD = 0x02  # linux/if_addr.h: no duplicate address detection (the gateway is ours)
+
+
 def _add_racing(ipr: IPRoute, **link: Any) -> None:
     # Several VMs of one network boot at once (one worker process each): the loser of the
     # race for the bridge finds it created, which is what it wanted.
@@ -122,11 +125,21 @@ def _add_racing(ipr: IPRoute, **link: Any) -> None:
             raise
 
 
-def bridge_ensure(name: str, gateway: str, prefix: int, *, netns: str | None = None) -> LinkInfo:
-    """Create bridge ``name`` (if missing) holding ``gateway/prefix``, and bring it up.
+def bridge_ensure(
+    name: str,
+    gateway: str,
+    prefix: int,
+    *,
+    netns: str | None = None,
+    gateway6: str = "",
+    prefix6: int = 64,
+) -> LinkInfo:
+    """Create bridge ``name`` (if missing) holding ``gateway/prefix`` (and ``gateway6/prefix6``
+    on a dual-stack network, without duplicate address detection), and bring it up.
     Idempotent: an existing bridge keeps its ports; a missing address is added."""
     _check_owned(name)
     iface = ipaddress.ip_interface(f"{gateway}/{prefix}")
+    iface6 = ipaddress.ip_interface(f"{gateway6}/{prefix6}") if gateway6 else None
 
     def op(ipr: IPRoute) -> LinkInfo:
         try:
@@ -142,6 +155,24 @@ def bridge_ensure(name: str, gateway: str, prefix: int, *, netns: str | None = N
                 except NetlinkError as exc:
                     if exc.code != errno.EEXIST:  # added by a concurrent plumb
                         raise
+            if iface6 is not None:
+                have6 = {
+                    (str(ipaddress.ip_address(a.get_attr("IFA_ADDRESS"))), a["prefixlen"])
+                    for a in ipr.get_addr(index=index, family=10)
+                }
+                if (str(iface6.ip), prefix6) not in have6:
+                    try:
+                        ipr.addr(
+                            "add",
+                            index=index,
+                            address=str(iface6.ip),
+                            prefixlen=prefix6,
+                            family=10,
+                            flags=IFA_F_NODAD,
+                        )
+                    except NetlinkError as exc:
+                        if exc.code != errno.EEXIST:
+                            raise
             ipr.link("set", index=index, state="up")
             return _link_info(ipr.get_links(index)[0])
         except NetlinkError as exc:

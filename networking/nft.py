@@ -58,6 +58,8 @@ DEFAULT_EGRESS_BLOCKED = (
     "ff00::/8",
 )
 
+ND_TYPES = ("nd-router-solicit", "nd-neighbor-solicit", "nd-neighbor-advert")
+
 EGRESS_ALLOW = "allow"
 EGRESS_DENY = "deny"
 EGRESS_ALLOWLIST = "allowlist"
@@ -95,6 +97,7 @@ class NicRules:
     ip: str
     tenant: str  # NICs with the same tenant may talk to each other on an isolated network
     egress: EgressPolicy = field(default_factory=EgressPolicy)
+    ip6: str = ""  # on a dual-stack network
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,8 @@ class NetworkRules:
     gateway: str
     tenant_isolation: bool = True
     nics: tuple[NicRules, ...] = ()
+    cidr6: str = ""  # dual-stack: the IPv6 prefix, its gateway on the bridge
+    gateway6: str = ""
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,7 @@ class PortForwardRules:
     host_port: int
     ip: str
     port: int
+    ip6: str = ""  # the guest's IPv6 address: the forward works on the host's IPv6 addresses too
 
 
 @dataclass(frozen=True)
@@ -139,6 +145,11 @@ def _payload(protocol: str, name: str) -> dict[str, Any]:
 
 def _match(left: Any, right: Any, op: str = "==") -> dict[str, Any]:
     return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _raw_th(offset: int, length: int) -> dict[str, Any]:
+    """``@th,<offset>,<length>``: bits of the transport header."""
+    return {"payload": {"base": "th", "offset": offset, "len": length}}
 
 
 def _set(values: Iterable[Any]) -> dict[str, Any]:
@@ -201,20 +212,27 @@ class _Doc:
 
 
 def _egress_rules(rule: Callable[..., None], bridge: str, nic: NicRules) -> None:
-    src = [_match(_meta("iifname"), bridge), _match(_payload("ip", "saddr"), nic.ip)]
-    policy = nic.egress
-    if policy.mode == EGRESS_ALLOW:
-        rule(*src, ACCEPT, comment=f"egress allow {nic.tap}")
-        return
-    if policy.mode == EGRESS_ALLOWLIST:
-        for entry in policy.allow:
-            expr = [*src, _match(_payload("ip", "daddr"), _addr(entry.cidr))]
-            if entry.protocol:
-                expr.append(_match(_meta("l4proto"), entry.protocol))
-                if entry.ports:
-                    expr.append(_match(_payload(entry.protocol, "dport"), _ports(entry.ports)))
-            rule(*expr, ACCEPT, comment=f"egress allowlist {nic.tap}")
-    rule(*src, COUNTER, DROP, comment=f"egress deny {nic.tap}")
+    """Per family the NIC has an address in: allow, the allow-list entries of that family, deny."""
+    for version, family, source in ((4, "ip", nic.ip), (6, "ip6", nic.ip6)):
+        if not source:
+            continue
+        suffix = "" if version == 4 else " (ip6)"
+        src = [_match(_meta("iifname"), bridge), _match(_payload(family, "saddr"), source)]
+        policy = nic.egress
+        if policy.mode == EGRESS_ALLOW:
+            rule(*src, ACCEPT, comment=f"egress allow {nic.tap}{suffix}")
+            continue
+        if policy.mode == EGRESS_ALLOWLIST:
+            for entry in policy.allow:
+                if ipaddress.ip_network(entry.cidr, strict=False).version != version:
+                    continue
+                expr = [*src, _match(_payload(family, "daddr"), _addr(entry.cidr))]
+                if entry.protocol:
+                    expr.append(_match(_meta("l4proto"), entry.protocol))
+                    if entry.ports:
+                        expr.append(_match(_payload(entry.protocol, "dport"), _ports(entry.ports)))
+                rule(*expr, ACCEPT, comment=f"egress allowlist {nic.tap}{suffix}")
+        rule(*src, COUNTER, DROP, comment=f"egress deny {nic.tap}{suffix}")
 
 
 def _collapsed(cidrs: Iterable[str], version: int) -> list[Any]:
@@ -235,11 +253,13 @@ def _blocked_rules(rule: Callable[..., None], rules: HostRules) -> None:
         rule(*expr, COUNTER, DROP, comment=f"no egress to link-local, private or host networks ({family})")
 
 
-def _tenant_ips(network: NetworkRules) -> dict[str, list[str]]:
+def _tenant_ips(network: NetworkRules, version: int = 4) -> dict[str, list[str]]:
     tenants: dict[str, list[str]] = defaultdict(list)
     for nic in network.nics:
-        tenants[nic.tenant].append(nic.ip)
-    return {tenant: sorted(ips, key=ipaddress.IPv4Address) for tenant, ips in tenants.items()}
+        address = nic.ip if version == 4 else nic.ip6
+        if address:
+            tenants[nic.tenant].append(address)
+    return {tenant: sorted(ips, key=ipaddress.ip_address) for tenant, ips in tenants.items()}
 
 
 def render(rules: HostRules) -> dict[str, Any]:
@@ -265,13 +285,24 @@ def render(rules: HostRules) -> dict[str, Any]:
         if not network.tenant_isolation:
             fwd(*same, ACCEPT, comment=f"open network {network.bridge}")
             continue
-        for tenant, ips in sorted(_tenant_ips(network).items()):
+        for version, family in ((4, "ip"), (6, "ip6")):
+            for tenant, ips in sorted(_tenant_ips(network, version).items()):
+                fwd(
+                    *same,
+                    _match(_payload(family, "saddr"), _set(ips)),
+                    _match(_payload(family, "daddr"), _set(ips)),
+                    ACCEPT,
+                    comment=f"tenant {tenant} on {network.bridge}" + ("" if version == 4 else " (ip6)"),
+                )
+        if network.gateway6:
+            # With br_netfilter, bridged IPv6 shows up here too: neighbour discovery goes to
+            # multicast addresses, not to a tenant's; the bridge table keeps it within tenants.
             fwd(
                 *same,
-                _match(_payload("ip", "saddr"), _set(ips)),
-                _match(_payload("ip", "daddr"), _set(ips)),
+                _match(_payload("icmpv6", "type"), _set(ND_TYPES)),
+                _match(_payload("ip6", "hoplimit"), 255),
                 ACCEPT,
-                comment=f"tenant {tenant} on {network.bridge}",
+                comment=f"neighbour discovery on {network.bridge}",
             )
         fwd(*same, COUNTER, DROP, comment=f"tenant isolation on {network.bridge}")
     fwd(
@@ -308,6 +339,22 @@ def render(rules: HostRules) -> dict[str, Any]:
             ACCEPT,
             comment="ping the gateway",
         )
+        if network.gateway6:
+            inp(
+                _match(_meta("iifname"), network.bridge),
+                _match(_payload("ip6", "daddr"), network.gateway6),
+                _match(_payload("icmpv6", "type"), "echo-request"),
+                ACCEPT,
+                comment="ping the gateway (ip6)",
+            )
+    # IPv6 neighbour discovery with the host (the gateway), which ARP does for IPv4.
+    inp(
+        _match(_meta("iifname"), BRIDGES_SET),
+        _match(_payload("icmpv6", "type"), _set(ND_TYPES)),
+        _match(_payload("ip6", "hoplimit"), 255),
+        ACCEPT,
+        comment="neighbour discovery",
+    )
     inp(_match(_meta("iifname"), BRIDGES_SET), COUNTER, DROP, comment="guests may not reach host services")
 
     pre = doc.chain("inet", "prerouting", kind="nat", hook="prerouting", prio=-100)
@@ -321,6 +368,12 @@ def render(rules: HostRules) -> dict[str, Any]:
         # Guests cannot use port forwards (of anyone) through the host: isolation holds.
         pre(_match(_meta("iifname"), BRIDGES_SET, op="!="), local, proto, dport, target, comment=note)
         out(local, _match(_payload("ip", "daddr"), _addr("127.0.0.0/8"), op="!="), proto, dport, target, comment=note)
+        if pf.ip6:
+            target6 = {"dnat": {"family": "ip6", "addr": pf.ip6, "port": pf.port}}
+            v6 = _match(_meta("nfproto"), "ipv6")
+            note6 = f"forward {pf.protocol}/{pf.host_port} to [{pf.ip6}]:{pf.port}"
+            pre(_match(_meta("iifname"), BRIDGES_SET, op="!="), v6, local, proto, dport, target6, comment=note6)
+            out(local, _match(_payload("ip6", "daddr"), "::1", op="!="), proto, dport, target6, comment=note6)
 
     post = doc.chain("inet", "postrouting", kind="nat", hook="postrouting", prio=100)
     for network in sorted(rules.networks, key=lambda n: n.bridge):
@@ -331,6 +384,13 @@ def render(rules: HostRules) -> dict[str, Any]:
                 {"masquerade": None},
                 comment=f"NAT {network.bridge} to the uplink",
             )
+            if network.cidr6:
+                post(
+                    _match(_payload("ip6", "saddr"), _addr(network.cidr6)),
+                    _match(_meta("oifname"), BRIDGES_SET, op="!="),
+                    {"masquerade": None},
+                    comment=f"NAT {network.bridge} to the uplink (ip6)",
+                )
 
     # ---- bridge: layer 2 inside each bridge ----
     doc.table("bridge")
@@ -348,11 +408,32 @@ def render(rules: HostRules) -> dict[str, Any]:
             )
             l2_in(
                 port,
-                _match(_payload("ether", "type"), _set(["ip", "arp"]), op="!="),
+                _match(_payload("ether", "type"), _set(["ip", "arp", *(["ip6"] if nic.ip6 else [])]), op="!="),
                 COUNTER,
                 DROP,
-                comment=f"{nic.tap} IPv4/ARP only",
+                comment=f"{nic.tap} IPv4/ARP{'/IPv6' if nic.ip6 else ''} only",
             )
+            if nic.ip6:
+                # Its own address, link-local (neighbour discovery) and :: (duplicate address detection).
+                l2_in(
+                    port,
+                    _match(_payload("ether", "type"), "ip6"),
+                    _match(_payload("ip6", "saddr"), _set([nic.ip6, _addr("fe80::/10"), "::"]), op="!="),
+                    COUNTER,
+                    DROP,
+                    comment=f"{nic.tap} IPv6 source",
+                )
+                # Neighbour advertisements only for its own address or a link-local one (no
+                # poisoning of the host's entry for another guest). nftables 1.0.6 has no
+                # ``icmpv6 taddr``: the target is matched raw (bytes 8-23 of ICMPv6), 32 bits
+                # at a time (JSON integers are 64-bit signed).
+                advert = [port, _match(_payload("icmpv6", "type"), "nd-neighbor-advert")]
+                target = int(ipaddress.IPv6Address(nic.ip6))
+                words = [(target >> (96 - 32 * i)) & 0xFFFFFFFF for i in range(4)]
+                own = [_match(_raw_th(64 + 32 * i, 32), word) for i, word in enumerate(words)]
+                l2_in(*advert, *own, ACCEPT, comment=f"{nic.tap} ND target own")
+                l2_in(*advert, _match(_raw_th(64, 10), 0x3FA), ACCEPT, comment=f"{nic.tap} ND target link-local")
+                l2_in(*advert, COUNTER, DROP, comment=f"{nic.tap} ND target")
             l2_in(
                 port,
                 _match(_payload("ether", "type"), "ip"),

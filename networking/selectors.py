@@ -56,10 +56,12 @@ def nics_of(vm) -> list[Nic]:
 
 
 def addresses_of(vm_ids) -> dict[str, list[str]]:
-    """The IPv4 addresses of these VMs (one query), by VM id, in NIC order."""
+    """The addresses of these VMs (one query), by VM id, in NIC order (IPv4, then IPv6 on a
+    dual-stack network): the first is the primary address."""
     found: dict[str, list[str]] = {}
-    for vm_id, ip in Nic.objects.filter(vm_id__in=list(vm_ids)).order_by("vm_id", "index").values_list("vm_id", "ip"):
-        found.setdefault(str(vm_id), []).append(ip)
+    rows = Nic.objects.filter(vm_id__in=list(vm_ids)).order_by("vm_id", "index").values_list("vm_id", "ip", "ip6")
+    for vm_id, ip, ip6 in rows:
+        found.setdefault(str(vm_id), []).extend([ip, *([ip6] if ip6 else [])])
     return found
 
 
@@ -117,11 +119,28 @@ def _egress_allow(rules) -> tuple[nft.EgressAllow, ...]:
     return tuple(nft.EgressAllow(cidr=r.cidr, protocol=r.protocol, ports=parse_ports(r.ports)) for r in rules)
 
 
+def network_policies(networks, rules_by_id) -> dict:
+    """Each network's effective egress ``(mode, rules)``: its own, except that a user-created
+    network never exceeds the operator's uplink policy (the default network's) — when it
+    would (the operator narrowed the uplink later), the uplink policy applies instead."""
+    default = next((n for n in networks if n.is_default), None)
+    out = {}
+    for network in networks:
+        mode, rules = network.egress_mode, rules_by_id[network.pk]
+        if network.user_created and default is not None:
+            ceiling = (default.egress_mode, rules_by_id[default.pk])
+            if not egress_within(mode, rules, *ceiling):
+                mode, rules = ceiling
+        out[network.pk] = (mode, rules)
+    return out
+
+
 def host_rules(host) -> nft.HostRules:
     """Everything ``host`` must enforce, from the database: every network (so the drop rules
     cover each of our bridges), the plumbed NICs of its VMs, and their port forwards."""
     networks = list(Network.objects.order_by("name"))
     network_rules_by_id = {n.pk: list(EgressRule.objects.filter(network=n)) for n in networks}
+    policy_by_id = network_policies(networks, network_rules_by_id)
     nics = list(Nic.objects.filter(vm__host=host, plumbed=True).select_related("vm", "network").order_by("tap"))
     vm_rules: dict = {}
     for rule in EgressRule.objects.filter(vm_id__in={n.vm_id for n in nics}):
@@ -129,7 +148,7 @@ def host_rules(host) -> nft.HostRules:
     by_network: dict = {n.pk: [] for n in networks}
     first_ip: dict = {}
     for nic in nics:
-        mode, allow = nic.network.egress_mode, network_rules_by_id[nic.network_id]
+        mode, allow = policy_by_id[nic.network_id]
         own = vm_rules.get(nic.vm_id, [])
         # A VM's own policy applies when it narrows the network's (also after an operator
         # narrowed the network later), or when an operator widened it on purpose.
@@ -137,12 +156,20 @@ def host_rules(host) -> nft.HostRules:
             mode, allow = nic.egress_mode, own
         policy = nft.EgressPolicy(mode=mode, allow=_egress_allow(allow) if mode == EgressMode.ALLOWLIST else ())
         by_network[nic.network_id].append(
-            nft.NicRules(tap=nic.tap, mac=nic.mac, ip=nic.ip, tenant=str(nic.vm.owner_id), egress=policy)
+            nft.NicRules(
+                tap=nic.tap, mac=nic.mac, ip=nic.ip, ip6=nic.ip6 or "", tenant=str(nic.vm.owner_id), egress=policy
+            )
         )
         if nic.index == 0 or nic.vm_id not in first_ip:
-            first_ip[nic.vm_id] = nic.ip
+            first_ip[nic.vm_id] = (nic.ip, nic.ip6 or "")
     forwards = [
-        nft.PortForwardRules(protocol=pf.protocol, host_port=pf.host_port, ip=first_ip[pf.vm_id], port=pf.guest_port)
+        nft.PortForwardRules(
+            protocol=pf.protocol,
+            host_port=pf.host_port,
+            ip=first_ip[pf.vm_id][0],
+            ip6=first_ip[pf.vm_id][1],
+            port=pf.guest_port,
+        )
         for pf in PortForward.objects.filter(host=host, vm_id__in=first_ip.keys())
     ]
     return nft.HostRules(
@@ -151,6 +178,8 @@ def host_rules(host) -> nft.HostRules:
                 bridge=n.bridge,
                 cidr=n.cidr,
                 gateway=n.gateway,
+                cidr6=n.cidr6,
+                gateway6=n.gateway6 or "",
                 tenant_isolation=n.tenant_isolation,
                 nics=tuple(by_network[n.pk]),
             )

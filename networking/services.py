@@ -21,6 +21,7 @@ import dataclasses
 import ipaddress
 import logging
 import secrets
+import uuid
 import zlib
 from dataclasses import dataclass
 
@@ -32,9 +33,9 @@ from guardian.shortcuts import assign_perm
 from accounts.audit import audit_record
 from accounts.roles import user_is_operator
 from accounts.services import owner_quota_lock
-from networking import netlink, nft, selectors
+from networking import guest, netlink, nft, selectors
 from networking.models import EgressMode, EgressRule, Network, Nic, PortForward, Protocol
-from sandbox_site.errors import ApplicationError, ConflictError, NotPermitted
+from sandbox_site.errors import ApplicationError, ConflictError, NotPermitted, QuotaExceeded
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,14 @@ class NicSpec:
     gateway: str
     prefix: int
     index: int = 0
+    ip6: str = ""  # on a dual-stack network, with its gateway and prefix length
+    gateway6: str = ""
+    prefix6: int = 64
+
+    @property
+    def device_id(self) -> str:
+        """The VMM's device id of this NIC (``net<index>``: what a hot-unplug names)."""
+        return f"net{self.index}"
 
     @property
     def netmask(self) -> str:
@@ -78,6 +87,9 @@ def _nic_spec(nic: Nic) -> NicSpec:
         gateway=nic.network.gateway,
         prefix=nic.network.ip_network.prefixlen,
         index=nic.index,
+        ip6=nic.ip6 or "",
+        gateway6=nic.network.gateway6 or "",
+        prefix6=nic.network.ip_network6.prefixlen if nic.network.cidr6 else 64,
     )
 
 
@@ -113,6 +125,7 @@ def _network_snapshot(network: Network) -> dict:
         "name": network.name,
         "cidr": network.cidr,
         "gateway": network.gateway,
+        "cidr6": network.cidr6,
         "owner": network.owner_id,
         "tenant_isolation": network.tenant_isolation,
         "egress_mode": network.egress_mode,
@@ -120,50 +133,156 @@ def _network_snapshot(network: Network) -> dict:
     }
 
 
+def user_network_limit(user) -> int:
+    """How many private networks ``user`` may create themselves (``SANDBOX_USER_MAX_NETWORKS``).
+    The one place this limit is read: per-user or per-project quota objects replace it here."""
+    return settings.SANDBOX_USER_MAX_NETWORKS
+
+
+def uplink_policy() -> tuple[str, list[EgressRule]]:
+    """The operator's uplink policy, which a user-created network can only narrow: the
+    default network's egress mode and allow-list."""
+    default = network_default_ensure()
+    return default.egress_mode, list(default.egress_rules.all())
+
+
+def _user_subnet_pick(cidr: str | None) -> str:
+    """A user network's subnet: ``cidr`` when it lies inside ``SANDBOX_USER_NETWORK_POOL`` (a
+    /16-/29), else the first free ``SANDBOX_USER_NETWORK_PREFIX`` of the pool. Call it under
+    the network-creation lock."""
+    pool = ipaddress.IPv4Network(settings.SANDBOX_USER_NETWORK_POOL)
+    if cidr:
+        try:
+            net = ipaddress.IPv4Network(cidr, strict=True)
+        except ValueError as exc:
+            raise ApplicationError("Invalid subnet.", details={"cidr": str(exc)}) from exc
+        if not net.subnet_of(pool):
+            raise ApplicationError(
+                f"A user network's subnet lies inside {pool}.", details={"cidr": f"must be inside {pool}"}
+            )
+        return str(net)
+    taken = [n.ip_network for n in Network.objects.all()]
+    for candidate in pool.subnets(new_prefix=max(pool.prefixlen, settings.SANDBOX_USER_NETWORK_PREFIX)):
+        if not any(candidate.overlaps(t) for t in taken):
+            return str(candidate)
+    raise ConflictError(f"No free subnet left in {pool}.", code="network_pool_full")
+
+
 def network_create(
     *,
     name: str,
-    cidr: str,
     actor,
+    cidr: str | None = None,
     gateway: str | None = None,
+    cidr6: str = "",
     owner=None,
     tenant_isolation: bool = True,
-    egress_mode: str = EgressMode.ALLOW,
+    egress_mode: str | None = None,
     egress_rules: list[dict] | None = None,
     is_default: bool = False,
 ) -> Network:
-    """Create a network (operators only). The gateway defaults to the first host address;
-    a private network (``owner``) gives its owner view, change and use rights."""
-    if actor is not None and not (user_is_operator(actor) or actor.has_perm("networking.add_network")):
-        raise NotPermitted("Only operators can create networks.")
-    if egress_mode not in EgressMode.values:
+    """Create a network. The gateway defaults to the first host address; a private network
+    (``owner``) gives its owner view, change and use rights.
+
+    Operators create any network (egress default: allow). Users whose role may create VMs
+    create private networks of their own (``_user_network_checked``): within their limit
+    (``user_network_limit``), tenant-isolated, on a subnet of the user pool (picked when
+    ``cidr`` is omitted; an IPv6 prefix ``cidr6`` inside ``SANDBOX_USER_NETWORK_POOL6``), with
+    egress that only narrows the operator's uplink policy (default: that policy itself); they
+    may also delete them."""
+    user_made = actor is not None and not (user_is_operator(actor) or actor.has_perm("networking.add_network"))
+    if user_made:
+        _user_network_checked(actor=actor, owner=owner, tenant_isolation=tenant_isolation, is_default=is_default)
+        if cidr6:
+            pool6 = ipaddress.IPv6Network(settings.SANDBOX_USER_NETWORK_POOL6)
+            try:
+                inside = ipaddress.IPv6Network(cidr6, strict=True).subnet_of(pool6)
+            except ValueError as exc:
+                raise ApplicationError("Invalid IPv6 prefix.", details={"cidr6": str(exc)}) from exc
+            if not inside:
+                raise ApplicationError(
+                    f"A user network's IPv6 prefix lies inside {pool6}.", details={"cidr6": f"must be inside {pool6}"}
+                )
+        owner = actor
+    net6 = None
+    if cidr6:
+        try:
+            net6 = ipaddress.IPv6Network(cidr6, strict=True)
+        except ValueError as exc:
+            raise ApplicationError("Invalid IPv6 prefix.", details={"cidr6": str(exc)}) from exc
+    if egress_mode is not None and egress_mode not in EgressMode.values:
         raise ApplicationError("Unknown egress mode.", details={"egress_mode": EgressMode.values})
-    try:
-        net = ipaddress.IPv4Network(cidr, strict=True)
-    except ValueError as exc:
-        raise ApplicationError("Invalid subnet.", details={"cidr": str(exc)}) from exc
     rules = _egress_rules_validated(egress_rules)
-    network = Network(
-        name=name,
-        cidr=str(net),
-        gateway=gateway or str(next(net.hosts())),
-        owner=owner,
-        tenant_isolation=tenant_isolation,
-        egress_mode=egress_mode,
-        is_default=is_default,
-    )
+    if user_made:
+        ceiling_mode, ceiling_rules = uplink_policy()
+        if egress_mode is None:
+            egress_mode = ceiling_mode
+            rules = (
+                rules
+                if egress_rules is not None
+                else [EgressRule(cidr=r.cidr, protocol=r.protocol, ports=r.ports) for r in ceiling_rules]
+            )
+        if not selectors.egress_within(egress_mode, rules, ceiling_mode, ceiling_rules):
+            from accounts.permissions import require_perm
+
+            require_perm(
+                actor,
+                "networking.change_network",
+                None,
+                action="network.create",
+                message="A network you create can only narrow the operator's uplink policy "
+                f"({ceiling_mode}{': ' + ', '.join(str(r) for r in ceiling_rules) if ceiling_rules else ''}).",
+            )
+    egress_mode = egress_mode or EgressMode.ALLOW
     with transaction.atomic():
-        network.full_clean()
+        if user_made:
+            owner_quota_lock(actor)  # then count: parallel creates cannot pass the limit together
+            count = Network.objects.filter(owner=actor, user_created=True).count()
+            if count >= user_network_limit(actor):
+                raise QuotaExceeded(
+                    "You have reached your limit of private networks.",
+                    details={"networks": f"{count} of {user_network_limit(actor)} used"},
+                )
+            # One creation at a time picks a subnet (the default network's row is the lock).
+            Network.objects.select_for_update().filter(is_default=True).exists()
+            cidr = _user_subnet_pick(cidr)
+        try:
+            net = ipaddress.IPv4Network(cidr or "", strict=True)
+        except ValueError as exc:
+            raise ApplicationError("Invalid subnet.", details={"cidr": str(exc)}) from exc
+        network = Network(
+            name=name,
+            cidr=str(net),
+            gateway=gateway or str(next(net.hosts())),
+            cidr6=str(net6) if net6 else "",
+            gateway6=str(net6.network_address + 1) if net6 else None,
+            owner=owner,
+            tenant_isolation=tenant_isolation,
+            egress_mode=egress_mode,
+            is_default=is_default,
+            user_created=user_made,
+        )
+        network.full_clean()  # a ValidationError is a 400 (sandbox_site.errors)
         network.save()
         for rule in rules:
             rule.network = network
             rule.save()
         if owner is not None:
-            for codename in OWNER_NETWORK_PERMS:
+            for codename in (*OWNER_NETWORK_PERMS, *(("delete_network",) if user_made else ())):
                 assign_perm(f"networking.{codename}", owner, network)
         audit_record(actor=actor, action="network.create", obj=network, after=_network_snapshot(network))
         _rules_apply_everywhere()
     return network
+
+
+def _user_network_checked(*, actor, owner, tenant_isolation: bool, is_default: bool) -> None:
+    from accounts.permissions import require_perm
+
+    require_perm(actor, "vms.add_vm", None, action="network.create", message="Your role may not create networks.")
+    if owner is not None and owner != actor:
+        raise NotPermitted("You can create networks for yourself only.")
+    if not tenant_isolation or is_default:
+        raise NotPermitted("Only operators can create shared, default or non-isolated networks.")
 
 
 def network_default_ensure() -> Network:
@@ -276,26 +395,138 @@ def _random_mac() -> str:
     return "02:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(5))
 
 
-def nic_allocate(*, vm, network: Network | None = None, actor=None) -> NicSpec:
-    """Give ``vm`` a NIC on ``network`` (default network when omitted): the lowest free IPv4
-    address of the subnet and a random locally administered MAC. Call it inside the VM
-    create transaction: the network row lock serialises concurrent allocations, and the
-    unique (network, ip) constraint backs it up."""
+MAX_NICS_PER_VM = 8
+
+
+def nic_requests_resolve(*, actor, nics: list[dict] | None) -> list[tuple[Network, str | None, str | None]]:
+    """Check what a request asks for (``[{"network": <name or id>, "ip": <IPv4>?, "ip6": <IPv6>?},
+    ...]``): each network must exist and be visible to ``actor`` (else 400, its existence not
+    told) and usable by them (else 403, audited); a fixed address must be a host address of the
+    network's range (``ip6``: of its IPv6 prefix, on a dual-stack network) other than its gateway.
+    Whether it is free is checked at allocation. Returns ``(network, ip, ip6)`` per NIC."""
+    if not isinstance(nics, list) or not 1 <= len(nics) <= MAX_NICS_PER_VM:
+        raise ApplicationError(f"nics must be a list of 1 to {MAX_NICS_PER_VM} NICs.", details={"nics": "length"})
+    network_default_ensure()  # so that "default" names it on a fresh installation too
+    resolved: list[tuple[Network, str | None, str | None]] = []
+    seen_ips: set[tuple[str, str]] = set()
+    for i, raw in enumerate(nics):
+        if not isinstance(raw, dict):
+            raise ApplicationError("Each NIC is an object {network, ip?}.", details={str(i): "not an object"})
+        network = _network_lookup(actor, raw.get("network"))
+        if network is None:
+            raise ApplicationError(
+                f"Unknown network {str(raw.get('network'))[:63]!r}.", details={str(i): {"network": "unknown"}}
+            )
+        _require_network_perm(actor, "use", network, action="vm.nic_attach")
+        ip = raw.get("ip") or None
+        if ip is not None:
+            ip = _fixed_ip_checked(network, ip, field=str(i))
+            if (str(network.pk), ip) in seen_ips:
+                raise ApplicationError(f"Address {ip} is asked for twice.", details={str(i): {"ip": "duplicate"}})
+            seen_ips.add((str(network.pk), ip))
+        ip6 = raw.get("ip6") or None
+        if ip6 is not None:
+            ip6 = _fixed_ip6_checked(network, ip6, field=str(i))
+            if (str(network.pk), ip6) in seen_ips:
+                raise ApplicationError(f"Address {ip6} is asked for twice.", details={str(i): {"ip6": "duplicate"}})
+            seen_ips.add((str(network.pk), ip6))
+        resolved.append((network, ip, ip6))
+    return resolved
+
+
+def _network_lookup(actor, ref) -> Network | None:
+    """The network named or identified by ``ref`` if ``actor`` may see it, else None."""
+    if not isinstance(ref, str) or not ref or len(ref) > 63:
+        return None
+    try:
+        by_id = {"pk": uuid.UUID(ref)}
+    except ValueError:
+        by_id = {"name": ref}
+    network = Network.objects.filter(**by_id).first()
+    if network is None or (actor is not None and not selectors.network_user_can(actor, "view", network)):
+        return None
+    return network
+
+
+def _fixed_ip_checked(network: Network, ip, *, field: str = "ip") -> str:
+    try:
+        address = ipaddress.IPv4Address(str(ip))
+    except ValueError as exc:
+        raise ApplicationError(f"{str(ip)[:45]!r} is not an IPv4 address.", details={field: {"ip": "invalid"}}) from exc
+    net = network.ip_network
+    if address not in net or address in (net.network_address, net.broadcast_address):
+        raise ApplicationError(
+            f"{address} is not a host address of network {network.name} ({network.cidr}).",
+            details={field: {"ip": "outside the network's range"}},
+        )
+    if str(address) == network.gateway:
+        raise ApplicationError(
+            f"{address} is the gateway of network {network.name}.", details={field: {"ip": "the gateway"}}
+        )
+    return str(address)
+
+
+def _fixed_ip6_checked(network: Network, ip6, *, field: str = "ip6") -> str:
+    net6 = network.ip_network6
+    if net6 is None:
+        raise ApplicationError(
+            f"Network {network.name} has no IPv6 prefix.", details={field: {"ip6": "IPv4-only network"}}
+        )
+    try:
+        address = ipaddress.IPv6Address(str(ip6))
+    except ValueError as exc:
+        raise ApplicationError(
+            f"{str(ip6)[:45]!r} is not an IPv6 address.", details={field: {"ip6": "invalid"}}
+        ) from exc
+    if address not in net6 or address == net6.network_address or str(address) == network.gateway6:
+        raise ApplicationError(
+            f"{address} is not a free host address of {network.name}'s prefix {network.cidr6} (or is its gateway).",
+            details={field: {"ip6": "outside the network's range"}},
+        )
+    return str(address)
+
+
+def nic_allocate(
+    *, vm, network: Network | None = None, actor=None, ip: str | None = None, ip6: str | None = None
+) -> NicSpec:
+    """Give ``vm`` a NIC on ``network`` (default network when omitted): ``ip`` when given (a
+    free host address of the subnet, else 400), otherwise the lowest free one, and a random
+    locally administered MAC; its index is the lowest free one (eth<index> at creation).
+    Call it inside the VM create transaction: the network row lock serialises concurrent
+    allocations, and the unique (network, ip) constraint backs it up."""
     network = network or network_default_ensure()
     if actor is not None and not selectors.network_user_can(actor, "use", network):
         raise NotPermitted("You may not attach VMs to this network.")
     with transaction.atomic():
         locked = Network.objects.select_for_update().get(pk=network.pk)
-        index = Nic.objects.filter(vm=vm).count()
+        taken_indexes = set(Nic.objects.filter(vm=vm).values_list("index", flat=True))
+        if len(taken_indexes) >= MAX_NICS_PER_VM:
+            raise ConflictError(f"A VM has at most {MAX_NICS_PER_VM} NICs.", code="too_many_nics")
+        index = next(i for i in range(MAX_NICS_PER_VM + 1) if i not in taken_indexes)
         used = set(Nic.objects.filter(network=locked).values_list("ip", flat=True))
         used.add(locked.gateway)
-        ip = next((str(a) for a in locked.ip_network.hosts() if str(a) not in used), None)
+        if ip is not None:
+            ip = _fixed_ip_checked(locked, ip)
+            if ip in used:
+                raise ApplicationError(
+                    f"Address {ip} of network {locked.name} is taken.", details={"ip": "taken"}, code="ip_taken"
+                )
+        else:
+            ip = next((str(a) for a in locked.ip_network.hosts() if str(a) not in used), None)
         if ip is None:
             raise ConflictError(f"Network {locked.name} has no free address left.", code="network_full")
+        if ip6 is not None:
+            ip6 = _fixed_ip6_checked(locked, ip6)
+            if Nic.objects.filter(network=locked, ip6=ip6).exists():
+                raise ApplicationError(
+                    f"Address {ip6} of network {locked.name} is taken.", details={"ip6": "taken"}, code="ip_taken"
+                )
+        else:
+            ip6 = _free_ip6(locked)
         for _attempt in range(5):
             try:
                 with transaction.atomic():
-                    nic = Nic.objects.create(vm=vm, network=locked, index=index, ip=ip, mac=_random_mac())
+                    nic = Nic.objects.create(vm=vm, network=locked, index=index, ip=ip, ip6=ip6, mac=_random_mac())
                 break
             except IntegrityError:
                 if Nic.objects.filter(network=locked, ip=ip).exists():
@@ -303,15 +534,43 @@ def nic_allocate(*, vm, network: Network | None = None, actor=None) -> NicSpec:
         else:  # five MAC collisions in a row: something is wrong with the random source
             raise ApplicationError("Could not pick a unique MAC address.")
         audit_record(
-            actor=actor, action="vm.nic_attach", obj=vm, after={"network": locked.name, "ip": ip, "mac": nic.mac}
+            actor=actor,
+            action="vm.nic_attach",
+            obj=vm,
+            after={"network": locked.name, "ip": ip, "ip6": ip6, "mac": nic.mac, "index": index},
         )
     return _nic_spec(Nic.objects.select_related("network").get(pk=nic.pk))
+
+
+def _free_ip6(network: Network) -> str | None:
+    """The lowest free IPv6 address of a dual-stack network after its gateway (``::1``), or
+    None on an IPv4-only one. Called under the network's row lock (``nic_allocate``)."""
+    net6 = network.ip_network6
+    if net6 is None:
+        return None
+    used = {
+        ipaddress.IPv6Address(a)
+        for a in Nic.objects.filter(network=network).exclude(ip6=None).values_list("ip6", flat=True)
+    }
+    if network.gateway6:
+        used.add(ipaddress.IPv6Address(network.gateway6))
+    candidate = net6.network_address + 2
+    while candidate in used:
+        candidate += 1
+    if candidate not in net6 or candidate == net6.broadcast_address:
+        raise ConflictError(f"Network {network.name} has no free IPv6 address left.", code="network_full")
+    return str(candidate)
 
 
 def nic_spec(*, vm) -> NicSpec | None:
     """The first NIC of ``vm`` (what ``VmSpec.tap``/``mac`` and the kernel arguments come from)."""
     nics = selectors.nics_of(vm)
     return _nic_spec(nics[0]) if nics else None
+
+
+def nic_specs(*, vm) -> list[NicSpec]:
+    """Every NIC of ``vm`` in index order (the first one is ``nic_spec``'s)."""
+    return [_nic_spec(n) for n in selectors.nics_of(vm)]
 
 
 def nic_release(*, vm, actor=None) -> int:
@@ -336,6 +595,202 @@ def nic_release(*, vm, actor=None) -> int:
     return len(nics)
 
 
+# --- NICs of an existing VM ------------------------------------------------------------------
+
+
+def _nic_snapshot(nic: Nic) -> dict:
+    return {"id": str(nic.pk), "network": nic.network.name, "ip": nic.ip, "mac": nic.mac, "index": nic.index}
+
+
+def _hotplug_or_refuse(vm, verb: str) -> None:
+    """A running VM's NICs change by hot-plug when its driver can, else 409 ``restart_required``
+    (as a resize); any other state than stopped or running is a 409 too."""
+    from vms.hypervisor import driver_capabilities
+    from vms.models import VmState
+
+    if vm.state != VmState.RUNNING:
+        raise ConflictError(
+            f"The VM is {vm.state}: NICs are {verb} on a stopped or running VM.",
+            code="invalid_state",
+            details={"state": vm.state},
+        )
+    if not driver_capabilities(vm.driver).nic_hotplug:
+        raise ConflictError(
+            f"The {vm.driver or 'current'} driver cannot hot-plug NICs: stop the VM, change its NICs, then start it.",
+            code="restart_required",
+        )
+
+
+def vm_nic_add(
+    *, vm, actor, network: str, ip: str | None = None, ip6: str | None = None
+) -> tuple[NicSpec, object | None]:
+    """Give an existing VM one more NIC on ``network`` (name or id; as at create: visible,
+    usable, optional free fixed ``ip``). A stopped VM gets it at its next start (no
+    operation); a running VM gets it hot-plugged by an operation (``nic_hotplug``) when its
+    driver can, else 409 ``restart_required``. Returns the NIC and the operation (or None)."""
+    from vms.models import VM, VmState
+    from vms.operations import operation_enqueue, operation_new
+    from vms.transitions import vm_transition_request
+
+    _require_vm_change(actor, vm, "vm.nic_add")
+    if not settings.SANDBOX_NETWORKING:
+        raise ApplicationError("Networking is turned off here.", details={"nics": "off"})
+    [(resolved, fixed, fixed6)] = nic_requests_resolve(actor=actor, nics=[{"network": network, "ip": ip, "ip6": ip6}])
+    with transaction.atomic():
+        locked = VM.objects.select_for_update().get(pk=vm.pk)  # a start waits for this change
+        if locked.state == VmState.STOPPED:
+            return nic_allocate(vm=locked, network=resolved, actor=actor, ip=fixed, ip6=fixed6), None
+        _hotplug_or_refuse(locked, "added")
+        spec = nic_allocate(vm=locked, network=resolved, actor=actor, ip=fixed, ip6=fixed6)
+        previous = vm_transition_request(locked, "nic_hotplug")
+        op = operation_new(
+            vm=locked,
+            action="nic_hotplug",
+            actor=actor,
+            params={"add": spec.tap, "previous_state": previous},
+        )
+        operation_enqueue(op, locked)
+    return spec, op
+
+
+def vm_nic_remove(*, vm, actor, nic_id) -> object | None:
+    """Remove one NIC of a VM: at once from a stopped VM (its last NIC also takes its port
+    forwards), by a hot-unplug operation from a running one whose driver can (else 409
+    ``restart_required``). Audited as ``vm.nic_detach``. Returns the operation or None."""
+    from vms.models import VM, VmState
+    from vms.operations import operation_enqueue, operation_new
+    from vms.transitions import vm_transition_request
+
+    _require_vm_change(actor, vm, "vm.nic_remove")
+    with transaction.atomic():
+        locked = VM.objects.select_for_update().get(pk=vm.pk)
+        nic = Nic.objects.filter(vm=locked, pk=nic_id).select_related("network").first()
+        if nic is None:
+            raise ApplicationError("No such NIC on this VM.", code="not_found", status_code=404)
+        if locked.state == VmState.STOPPED:
+            _nic_row_delete(nic, actor=actor)
+            return None
+        _hotplug_or_refuse(locked, "removed")
+        previous = vm_transition_request(locked, "nic_hotplug")
+        op = operation_new(
+            vm=locked,
+            action="nic_hotplug",
+            actor=actor,
+            params={"remove": nic.tap, "device_id": f"net{nic.index}", "previous_state": previous},
+        )
+        audit_record(
+            actor=actor, action="vm.nic_detach", obj=locked, before=_nic_snapshot(nic), after={"operation": str(op.pk)}
+        )
+        operation_enqueue(op, locked)
+    return op
+
+
+def _nic_row_delete(nic: Nic, *, actor, audited: bool = True) -> None:
+    """Delete a NIC row (its address is free again); the VM's last NIC takes its port forwards
+    along. Host rules follow on the VM's host."""
+    vm = nic.vm
+    with transaction.atomic():
+        Nic.objects.filter(pk=nic.pk).delete()
+        forwards = []
+        if not Nic.objects.filter(vm_id=nic.vm_id).exists():
+            forwards = [str(pf) for pf in PortForward.objects.filter(vm_id=nic.vm_id)]
+            PortForward.objects.filter(vm_id=nic.vm_id).delete()
+        if audited:
+            audit_record(
+                actor=actor, action="vm.nic_detach", obj=vm, before={**_nic_snapshot(nic), "port_forwards": forwards}
+            )
+        if vm.host_id:
+            _rules_apply_enqueue(vm.host)
+
+
+NIC_CONFIGURE_TIMEOUT = 20
+
+
+def nic_guest_configure(*, vm, nics: list[NicSpec], with_route6: bool = False) -> list[str]:
+    """Configure ``nics`` inside the running guest through its agent (an ``exec`` of
+    ``guest.NIC_CONFIGURE_SCRIPT``: the interface with the NIC's MAC gets its static address, up
+    to 10 s after a hot-plug for it to appear). The first NIC is configured by the guest's
+    init from the kernel command line and has the default route; these have none. Returns
+    lines for the operation log; a failure is a line too (the VM keeps running). IPv6
+    addresses of every NIC come this way (the guest's init knows IPv4 only); with
+    ``with_route6`` the first of ``nics`` also gets the IPv6 default route."""
+    from vms import agent_gateway
+
+    lines = []
+    for nic in nics:
+        first = nic is nics[0] and with_route6
+        argv = guest.nic_configure_argv(
+            nic.mac,
+            f"{nic.ip}/{nic.prefix}",
+            f"{nic.ip6}/{nic.prefix6}" if nic.ip6 else "",
+            nic.gateway6 if nic.ip6 and first else "",
+        )
+        try:
+            started, _ = agent_gateway.agent_call(
+                vm, "exec_start", {"argv": argv, "timeout": NIC_CONFIGURE_TIMEOUT, "tag": "sandbox-net"}, timeout=10
+            )
+            exec_id = started["exec_id"]
+            summary, _ = agent_gateway.agent_call(
+                vm,
+                "exec_wait",
+                {"exec_id": exec_id, "timeout": NIC_CONFIGURE_TIMEOUT},
+                timeout=NIC_CONFIGURE_TIMEOUT + 10,
+            )
+            result = summary.get("result") or {}
+            if result.get("exit_code") != 0:
+                _, data = agent_gateway.agent_call(vm, "exec_read", {"exec_id": exec_id, "max": 1024}, timeout=10)
+                why = data.decode(errors="replace").strip()[-300:]
+                raise ApplicationError(
+                    why or f"exit {result.get('exit_code')}, {'running' if summary.get('running') else 'done'}"
+                )
+            agent_gateway.agent_call(vm, "exec_forget", {"exec_id": exec_id}, timeout=10)
+            six = f" {nic.ip6}/{nic.prefix6}" if nic.ip6 else ""
+            lines.append(f"network: guest {nic.device_id} {nic.ip}/{nic.prefix}{six} configured")
+        except (ApplicationError, KeyError) as exc:
+            lines.append(
+                f"warning: guest NIC {nic.device_id} ({nic.mac}) not configured: {getattr(exc, 'message', exc)}"
+            )
+    return lines
+
+
+def nic_hotplug_call(driver, spec, op) -> dict:
+    """The ``nic_hotplug`` operation on the VM's host (an in-place action, see
+    ``vms.lifecycle.in_place_handler``): plumb the new NIC's TAP, ``driver.nic_add``, configure
+    it in the guest; or ``driver.nic_remove``, then its TAP and row go. A failed hot-plug takes
+    the new NIC's row and TAP away again."""
+    from vms.models import VM
+    from vms.operations import operation_log
+    from vms.vmm.base import NicDevice
+
+    vm = VM.objects.select_related("host").get(pk=op.vm_id)
+    params = op.params
+    if "add" in params:
+        nic = Nic.objects.filter(vm=vm, tap=params["add"]).select_related("network").first()
+        if nic is None:
+            return {}  # removed meanwhile
+        new = _nic_spec(nic)
+        try:
+            nic_plumb(vm=vm)
+            driver.nic_add(spec, NicDevice(tap=new.tap, mac=new.mac, device_id=new.device_id))
+        except Exception:
+            netlink.link_remove(new.tap, netns=_netns())
+            _nic_row_delete(nic, actor=None, audited=False)
+            audit_record(
+                actor=None, action="vm.nic_detach", obj=vm, before={**_nic_snapshot(nic), "reason": "hot-plug failed"}
+            )
+            raise
+        for line in nic_guest_configure(vm=vm, nics=[new]):
+            operation_log(op, line)
+        return {}
+    nic = Nic.objects.filter(vm=vm, tap=params["remove"]).select_related("network").first()
+    driver.nic_remove(spec, params["device_id"])
+    netlink.link_remove(params["remove"], netns=_netns())
+    if nic is not None:
+        _nic_row_delete(nic, actor=None, audited=False)
+    network_rules_apply(host=vm.host)
+    return {}
+
+
 # --- host plumbing (runs on the VM's host) ---------------------------------------------------
 
 
@@ -346,11 +801,22 @@ def nic_plumb(*, vm) -> list[NicSpec]:
         return []
     Nic.objects.filter(pk__in=[n.pk for n in nics]).update(plumbed=True)  # before the TAP exists: reconcile keeps it
     for nic in nics:
-        net = nic.network
-        netlink.bridge_ensure(net.bridge, net.gateway, net.ip_network.prefixlen, netns=_netns())
-        netlink.tap_ensure(nic.tap, net.bridge, netns=_netns())
+        _bridge_ensure(nic.network)
+        netlink.tap_ensure(nic.tap, nic.network.bridge, netns=_netns())
     network_rules_apply(host=vm.host)
     return [_nic_spec(n) for n in nics]
+
+
+def _bridge_ensure(net: Network) -> None:
+    net6 = net.ip_network6
+    netlink.bridge_ensure(
+        net.bridge,
+        net.gateway,
+        net.ip_network.prefixlen,
+        netns=_netns(),
+        gateway6=net.gateway6 or "",
+        prefix6=net6.prefixlen if net6 else 64,
+    )
 
 
 def nic_unplumb(*, vm) -> None:
@@ -400,6 +866,8 @@ def network_rules_apply(*, host) -> nft.HostRules:
         )
         if settings.SANDBOX_NETWORK_IP_FORWARD and any(n.nics for n in rules.networks):
             netlink.sysctl_write("net.ipv4.ip_forward", "1", netns=_netns())
+            if any(n.nics and n.cidr6 for n in rules.networks):
+                netlink.sysctl_write("net.ipv6.conf.all.forwarding", "1", netns=_netns())
         nft.apply(nft.render(rules), netns=_netns())
     return rules
 
@@ -434,9 +902,8 @@ def network_reconcile(*, host) -> dict[str, int]:
         if link.name.startswith(netlink.BRIDGE_PREFIX) and link.name not in wanted_bridges:
             counts["bridges_removed"] += int(netlink.link_remove(link.name, netns=_netns()))
     for nic in plumbed:
-        net = nic.network
-        netlink.bridge_ensure(net.bridge, net.gateway, net.ip_network.prefixlen, netns=_netns())
-        netlink.tap_ensure(nic.tap, net.bridge, netns=_netns())
+        _bridge_ensure(nic.network)
+        netlink.tap_ensure(nic.tap, nic.network.bridge, netns=_netns())
         counts["taps_ensured"] += 1
     network_rules_apply(host=host)
     return counts
@@ -576,10 +1043,19 @@ def port_forward_delete(*, port_forward: PortForward, actor) -> None:
 # --- VM lifecycle hooks (registered with vms.hooks from NetworkingConfig.ready) ---------------
 
 
-def vm_hook_created(*, vm, actor) -> None:
-    """A new VM (create or clone) gets its NIC on the default network, in its create transaction."""
-    if settings.SANDBOX_NETWORKING:
+def vm_hook_created(*, vm, actor, nics: list[dict] | None = None) -> None:
+    """A new VM (create or clone) gets its NICs in its create transaction: the ones asked
+    for (``nic_requests_resolve``), else one on the default network. Any refusal rolls the
+    whole create back."""
+    if not settings.SANDBOX_NETWORKING:
+        if nics is not None:
+            raise ApplicationError("Networking is turned off here: a VM cannot have NICs.", details={"nics": "off"})
+        return
+    if nics is None:
         nic_allocate(vm=vm, network=None, actor=actor)
+        return
+    for network, ip, ip6 in nic_requests_resolve(actor=actor, nics=nics):
+        nic_allocate(vm=vm, network=network, actor=actor, ip=ip, ip6=ip6)
 
 
 def vm_hook_before_launch(*, vm) -> list[str]:
@@ -603,8 +1079,17 @@ def vm_hook_owner_changed(*, vm) -> None:
         network_rules_apply(host=vm.host)
 
 
-def vm_hook_nic(*, vm) -> NicSpec | None:
-    return nic_spec(vm=vm)
+def vm_hook_nics(*, vm) -> list[NicSpec]:
+    return nic_specs(vm=vm)
+
+
+def vm_hook_agent_ready(*, vm) -> list[str]:
+    """The guest agent answers (boot, restore): configure the NICs after the first, and the
+    first one's IPv6 (with the default route) on a dual-stack network."""
+    specs = nic_specs(vm=vm)
+    if specs and specs[0].ip6:
+        return nic_guest_configure(vm=vm, nics=specs, with_route6=True)
+    return nic_guest_configure(vm=vm, nics=specs[1:])
 
 
 def vm_hook_counters(*, vm) -> dict[str, dict[str, int]]:

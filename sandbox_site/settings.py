@@ -419,6 +419,13 @@ SANDBOX_NETWORKING = env.bool("SANDBOX_NETWORKING", default=True)
 SANDBOX_NETNS = env.str("SANDBOX_NETNS", default="")
 SANDBOX_NETWORK_DEFAULT_CIDR = env.str("SANDBOX_NETWORK_DEFAULT_CIDR", default="10.231.0.0/24")
 SANDBOX_NETWORK_DEFAULT_EGRESS = env.str("SANDBOX_NETWORK_DEFAULT_EGRESS", default="allow")  # allow|deny|allowlist
+# Private networks users create themselves: at most this many per user, subnets (of
+# SANDBOX_USER_NETWORK_PREFIX by default) inside this pool, which must not overlap the host's.
+SANDBOX_USER_MAX_NETWORKS = env.int("SANDBOX_USER_MAX_NETWORKS", default=3)
+SANDBOX_USER_NETWORK_POOL = env.str("SANDBOX_USER_NETWORK_POOL", default="10.232.0.0/16")
+SANDBOX_USER_NETWORK_PREFIX = env.int("SANDBOX_USER_NETWORK_PREFIX", default=24)
+# ... and their optional IPv6 prefixes (dual-stack) inside this one (unique local addresses).
+SANDBOX_USER_NETWORK_POOL6 = env.str("SANDBOX_USER_NETWORK_POOL6", default="fd00:232::/48")
 # Guests never reach link-local (169.254.0.0/16: cloud metadata), private ranges, or the host's
 # own networks, whatever their egress policy; except these destinations (CIDRs), opened by an
 # operator (e.g. an internal package mirror). See docs/networking.md.

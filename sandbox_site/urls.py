@@ -40,7 +40,12 @@ urlpatterns = [
         VmPortForwardViewSet.as_view({"delete": "destroy"}),
         name="vm-port-forward-detail",
     ),
-    path("api/v1/vms/<str:vm_id>/nics/", VmNetworkViewSet.as_view({"get": "nics"}), name="vm-nics"),
+    path("api/v1/vms/<str:vm_id>/nics/", VmNetworkViewSet.as_view({"get": "nics", "post": "nic_add"}), name="vm-nics"),
+    path(
+        "api/v1/vms/<str:vm_id>/nics/<str:nic_id>/",
+        VmNetworkViewSet.as_view({"delete": "nic_remove"}),
+        name="vm-nic-detail",
+    ),
     path("api/v1/vms/<str:vm_id>/egress/", VmNetworkViewSet.as_view({"put": "egress"}), name="vm-egress"),
     path(
         "api/v1/vms/<str:vm_id>/snapshots/",

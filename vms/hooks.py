@@ -8,12 +8,19 @@ imports those apps. Hooks run in registration order; an exception propagates to 
 
 Hook names and their keyword arguments:
 
-- ``vm_created(vm, actor)``: in the transaction that creates the VM row (create and clone);
+- ``vm_created(vm, actor, nics)``: in the transaction that creates the VM row (create and clone);
+  ``nics`` is what the create request asked for (None: the default);
 - ``vm_before_launch(vm) -> list[str]``: on the VM's host, before a VMM is launched or
   restored; returns lines for the operation log;
 - ``vm_vmm_gone(vm)``: on the VM's host, after its VMM stopped (stop, delete, failed create);
 - ``vm_row_deleting(vm)``: in the transaction that deletes the VM row;
-- ``vm_nic(vm) -> object | None``: the first NIC (``tap``, ``mac``, ``kernel_args``) for the VmSpec;
+- ``vm_nics(vm) -> list | None``: the VM's NICs in guest order (``tap``, ``mac``, ``device_id``;
+  the first also ``kernel_args``) for the VmSpec;
+- ``vm_nics_check(actor, nics)``: before ``vm_create``'s transaction when the request names
+  its NICs: raises when one is refused (unknown network, no right to use it, bad address);
+- ``vm_agent_ready(vm) -> list[str]``: on the VM's host, each time its guest agent answered
+  after a boot or restore (networking configures the NICs after the first); lines for the
+  operation log;
 - ``vm_counters(vm) -> dict``: extra counters in ``Driver.counters``' shape (sampling);
 - ``vm_addresses(vm_ids) -> dict[str, list[str]]``: the IP addresses of those VMs by VM id (pages);
 - ``host_worker_ready(host)``: once when a worker of ``host`` starts, after the VM reconcile;
@@ -37,7 +44,9 @@ HOOK_NAMES = (
     "vm_before_launch",
     "vm_vmm_gone",
     "vm_row_deleting",
-    "vm_nic",
+    "vm_nics",
+    "vm_nics_check",
+    "vm_agent_ready",
     "vm_counters",
     "vm_addresses",
     "host_worker_ready",

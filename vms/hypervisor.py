@@ -12,7 +12,7 @@ from pathlib import Path
 from django.conf import settings
 
 from vms.models import VM
-from vms.vmm.base import Driver, DriverCapabilities, VmSpec
+from vms.vmm.base import Driver, DriverCapabilities, NicDevice, VmSpec
 from vms.vmm.confinement import VmmConfinement
 
 logger = logging.getLogger(__name__)
@@ -81,7 +81,8 @@ def vm_spec(vm: VM) -> VmSpec:
     from vms.hooks import hook_first
 
     image = vm.boot_image
-    nic = hook_first("vm_nic", vm=vm)
+    nics = hook_first("vm_nics", vm=vm) or []
+    nic = nics[0] if nics else None
     cmdline = " ".join(
         part
         for part in (
@@ -106,6 +107,7 @@ def vm_spec(vm: VM) -> VmSpec:
         disk_gib=vm.disk_gib,
         tap=nic.tap if nic else None,
         mac=nic.mac if nic else None,
+        extra_nics=tuple(NicDevice(tap=n.tap, mac=n.mac, device_id=n.device_id) for n in nics[1:]),
         # Every VMM of this host runs in the namespace of our bridges and TAPs.
         netns=settings.SANDBOX_NETNS or None,
         **image_boot_args(image),

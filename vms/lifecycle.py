@@ -79,6 +79,9 @@ def vm_agent_wait(op: Operation, vm: VM) -> dict:
     operation_log(op, "waiting for guest agent", progress=60)
     agent = agent_gateway.agent_wait(vm, timeout=settings.SANDBOX_BOOT_TIMEOUT)
     operation_log(op, f"guest agent answered (version {agent.get('agent_version', '?')})", progress=90)
+    for lines in hook_run("vm_agent_ready", vm=vm):
+        for line in lines or ():
+            operation_log(op, line)
     return agent
 
 
@@ -234,10 +237,11 @@ def vm_stop_run(op: Operation, vm: VM) -> None:
     vm_transition_done(vm, "stop", vmm_pid=None, started_at=None)
 
 
-def _in_place(action: str, call):
+def in_place_handler(action: str, call):
     """Handler of an action that talks to a running VMM without replacing it: the VM is in
     the action's transitional state (set by the request) while ``call`` runs, outside any
-    transaction; then the outcome is compare-and-set."""
+    transaction; then the outcome is compare-and-set. Apps use it for their own in-place
+    actions (networking: ``nic_hotplug``)."""
 
     def handler(op: Operation, vm: VM) -> None:
         rule = TRANSITIONS[action]
@@ -263,10 +267,10 @@ def _resize_call(driver: Driver, spec, op: Operation) -> dict:
     return {"vcpus": vcpus, "memory_mib": memory_mib}
 
 
-vm_pause_run = _in_place("pause", lambda driver, spec, op: driver.pause(spec))
-vm_resume_run = _in_place("resume", lambda driver, spec, op: driver.resume(spec))
-vm_reboot_run = _in_place("reboot", lambda driver, spec, op: driver.reboot(spec))
-vm_resize_run = _in_place("resize", _resize_call)
+vm_pause_run = in_place_handler("pause", lambda driver, spec, op: driver.pause(spec))
+vm_resume_run = in_place_handler("resume", lambda driver, spec, op: driver.resume(spec))
+vm_reboot_run = in_place_handler("reboot", lambda driver, spec, op: driver.reboot(spec))
+vm_resize_run = in_place_handler("resize", _resize_call)
 
 
 def vm_delete_run(op: Operation, vm: VM) -> None:

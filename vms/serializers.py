@@ -156,6 +156,18 @@ class VmCreatedSerializer(VmSerializer):
         read_only_fields = fields
 
 
+class VmNicRequestSerializer(serializers.Serializer):
+    """One NIC asked for at create time (checked by networking: visible, usable, free address)."""
+
+    network = serializers.CharField(max_length=63, help_text="A network's name or id.")
+    ip = serializers.IPAddressField(
+        protocol="IPv4", required=False, help_text="A free host address of the network's range (default: the lowest)."
+    )
+    ip6 = serializers.IPAddressField(
+        protocol="IPv6", required=False, help_text="Dual-stack networks: a free address of the IPv6 prefix."
+    )
+
+
 class VmCreateSerializer(serializers.Serializer):
     name = serializers.CharField(max_length=63, validators=[name_validator])
     template = serializers.SlugRelatedField(slug_field="name", queryset=Template.objects.filter(is_active=True))
@@ -181,6 +193,13 @@ class VmCreateSerializer(serializers.Serializer):
     )
     anti_affinity = serializers.BooleanField(
         default=False, help_text="Place the VM on a host holding none of the owner's other VMs."
+    )
+    nics = VmNicRequestSerializer(
+        many=True,
+        required=False,
+        max_length=8,
+        min_length=1,
+        help_text="The VM's NICs in guest order (default: one on the default network).",
     )
 
 

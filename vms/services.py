@@ -149,12 +149,12 @@ def quota_locks(project, owner) -> None:
     owner_quota_lock(owner)
 
 
-def vm_row_init(*, vm: VM, actor) -> None:
+def vm_row_init(*, vm: VM, actor, nics: list[dict] | None = None) -> None:
     """In the transaction that created ``vm`` (create, clone): grant its owner every object
-    permission and run the ``vm_created`` hooks (e.g. networking takes its address now, so
-    the address exists exactly when the VM does)."""
+    permission and run the ``vm_created`` hooks (e.g. networking takes its addresses now, so
+    they exist exactly when the VM does; ``nics``: the NICs asked for, None = the default)."""
     vm_row_permissions_grant(vm=vm)
-    hook_run("vm_created", vm=vm, actor=actor)
+    hook_run("vm_created", vm=vm, actor=actor, nics=nics)
 
 
 def vm_row_permissions_grant(*, vm: VM) -> None:
@@ -209,6 +209,7 @@ def vm_create(
     host: str | None = None,
     anti_affinity: bool = False,
     project=None,
+    nics: list[dict] | None = None,
     actor,
 ) -> tuple[VM, Operation]:
     """Record the VM (creating), grant the owner every object permission, and enqueue the
@@ -217,7 +218,9 @@ def vm_create(
     goes into ``project`` (``accounts.services.project_for_create``: default the token's
     project or the owner's personal one) and counts against its quota and the owner's. The
     host is placed (``vms.placement``): an operator may pin one by name; ``anti_affinity``
-    keeps it off the hosts holding the owner's other VMs."""
+    keeps it off the hosts holding the owner's other VMs. ``nics`` (``[{"network", "ip"?,
+    "ip6"?}, ...]``, checked by the networking hook) replaces the one NIC on the default
+    network; such a VM is cold booted (warm-pool VMs and golden snapshots have the default NIC)."""
     require_perm(actor, "vms.add_vm", None, action="vm.create", message="Your role may not create VMs.")
     project = project_for_create(actor=actor, owner=owner, project=project, action="vm.create")
     pin = host_pin_resolve(name=host, actor=actor)
@@ -230,6 +233,10 @@ def vm_create(
     image_minimums_check(image=image, template=template, memory_mib=memory_mib, disk_gib=disk_gib, actor=actor)
     if metadata is not None and (not isinstance(metadata, dict) or len(str(metadata)) > 16384):
         raise ApplicationError("metadata must be an object of at most 16 KiB.")
+    if nics is not None:
+        # Refused before the transaction, so that a refusal's audit row is kept (checked again
+        # when the NICs are allocated in it).
+        hook_run("vm_nics_check", actor=actor, nics=nics)
     with transaction.atomic():
         quota_locks(project, owner)  # then check: concurrent requests cannot both pass the quota check
         vm_limits_check(
@@ -238,10 +245,11 @@ def vm_create(
         if VM.objects.filter(owner=owner, name=name).exists():
             raise ConflictError(f"You already have a VM named {name!r}.", details={"name": "taken"})
         # A paused VM of the template's warm pool (snapshots app), when one fits and is ready
-        # (a pinned or anti-affine create is placed instead).
+        # (a pinned or anti-affine create is placed instead; a VM asking for its own NICs is
+        # not taken: pool VMs have the default one).
         taken = (
             None
-            if pin is not None or anti_affinity
+            if pin is not None or anti_affinity or nics is not None
             else hook_first(
                 "vm_pool_take",
                 owner=owner,
@@ -283,9 +291,10 @@ def vm_create(
         )
         vm.full_clean()
         vm.save()
-        vm_row_init(vm=vm, actor=actor)
+        vm_row_init(vm=vm, actor=actor, nics=nics)
         # A golden snapshot of the template (snapshots app) replaces the cold boot.
-        action, params = hook_first("vm_create_source", vm=vm, start=start) or ("create", {"start": start})
+        golden = hook_first("vm_create_source", vm=vm, start=start) if nics is None else None
+        action, params = golden or ("create", {"start": start})
         op = operation_new(vm=vm, action=action, actor=actor, params=params)
         audit_record(
             actor=actor,

@@ -23,6 +23,7 @@ reboot     running                                                rebooting     
 pause      running                                                pausing       paused
 resume     paused                                                 resuming      running
 resize     running, paused (a stopped VM is resized in place)     resizing      state before
+nic_hotplug running (a stopped VM's NICs change in place)          resizing      state before
 snapshot   running, paused, stopped                               snapshotting  state before
 restore    running, paused, stopped, error                        starting      running
 delete     every state but deleting and snapshotting              deleting      (row removed)
@@ -105,6 +106,8 @@ TRANSITIONS: dict[str, Transition] = {
     "resume": Transition(frozenset({S.PAUSED}), S.RESUMING, S.RUNNING, "vms.power_vm"),
     "resize": Transition(frozenset({S.RUNNING, S.PAUSED}), S.RESIZING, PREVIOUS, "vms.change_vm"),
     "snapshot": Transition(frozenset({S.RUNNING, S.PAUSED, S.STOPPED}), S.SNAPSHOTTING, PREVIOUS),
+    # Hot-plug or unplug of a NIC (networking): the guest keeps running, shown as resizing.
+    "nic_hotplug": Transition(frozenset({S.RUNNING}), S.RESIZING, PREVIOUS, "vms.change_vm"),
     "restore": Transition(frozenset({S.RUNNING, S.PAUSED, S.STOPPED, S.ERROR}), S.STARTING, S.RUNNING),
     "delete": Transition(frozenset(set(S.values) - {S.DELETING, S.SNAPSHOTTING}), S.DELETING, None, "vms.delete_vm"),
 }
@@ -120,7 +123,7 @@ def vm_guest_running(vm: VM) -> bool:
     params = (
         Operation.objects.filter(
             vm_id=vm.pk,
-            action__in=["resize", "snapshot"],
+            action__in=["resize", "snapshot", "nic_hotplug"],
             status__in=[Operation.Status.PENDING, Operation.Status.RUNNING],
         )
         .order_by("-created_at")

@@ -1,5 +1,6 @@
-/* Snapshots and network tabs of the VM page: take/restore/clone/delete snapshots, list NICs,
-   add/remove port forwards with a copyable address. */
+/* Snapshots and network tabs of the VM page: take/restore/clone/delete snapshots, list, add
+   and remove NICs (hot-plugged on a running VM where the driver can), add/remove port forwards
+   with a copyable address. */
 (function () {
   "use strict";
   const root = document.getElementById("vm");
@@ -78,7 +79,20 @@
     try {
       const nics = await api("GET", `/api/v1/vms/${vmId}/nics/`);
       const list = nics.results || nics;
-      nicBody.replaceChildren(...list.map((n) => { const tr = document.createElement("tr"); tr.append(cell(n.network || ""), cell(n.ip || ""), cell(n.mac || ""), cell(n.tap || "")); return tr; }));
+      nicBody.replaceChildren(...list.map((n) => {
+        const tr = document.createElement("tr");
+        tr.append(cell(`eth${n.index}`), cell(n.network || ""), cell(n.ip ? `${n.ip}/${n.prefix}` : ""), cell(n.mac || ""));
+        const act = document.createElement("td");
+        if (canChange) act.append(button("Remove", async () => {
+          if (!confirm(`Remove the interface on ${n.network} (${n.ip})?`)) return;
+          try {
+            const op = await api("DELETE", `/api/v1/vms/${vmId}/nics/${n.id}/`);
+            flash(op && op.id ? "Hot-unplug requested." : "Interface removed."); loadNetwork();
+          } catch (e) { flash(e.message, "error"); }
+        }, "danger"));
+        tr.append(act);
+        return tr;
+      }));
       if (!list.length) nicBody.innerHTML = "<tr><td>No network interface.</td></tr>";
     } catch (e) { nicBody.innerHTML = "<tr><td>Could not load.</td></tr>"; }
     try {
@@ -101,6 +115,30 @@
       if (!list.length) pfBody.innerHTML = "<tr><td>No port forwards.</td></tr>";
     } catch (e) { pfBody.innerHTML = "<tr><td>Could not load.</td></tr>"; }
   }
+  const nicForm = document.getElementById("nic-form");
+  if (nicForm) {
+    nicForm.addEventListener("submit", async (e) => {
+      e.preventDefault();
+      const body = { network: document.getElementById("nic-network").value };
+      const ip = document.getElementById("nic-ip").value.trim();
+      if (ip) body.ip = ip;
+      try {
+        const nic = await api("POST", `/api/v1/vms/${vmId}/nics/`, body);
+        flash(nic.operation ? "Hot-plug requested." : `Interface added (${nic.ip}).`);
+        nicForm.reset(); loadNetwork();
+      } catch (err) { flash(err.message, "error"); }
+    });
+  }
+  async function loadNetworkChoices() {
+    const select = document.getElementById("nic-network");
+    if (!select || select.options.length) return;
+    try {
+      const data = await api("GET", "/api/v1/networks/?limit=100");
+      select.replaceChildren(...(data.results || data).map((n) => {
+        const o = document.createElement("option"); o.value = n.name; o.textContent = `${n.name} (${n.cidr})`; return o;
+      }));
+    } catch (e) { /* the form's submit says why */ }
+  }
   const pfForm = document.getElementById("pf-form");
   if (pfForm) {
     pfForm.addEventListener("submit", async (e) => {
@@ -116,8 +154,8 @@
 
   document.addEventListener("tab-shown", (e) => {
     if (e.detail === "snapshots") loadSnapshots();
-    if (e.detail === "network") loadNetwork();
+    if (e.detail === "network") { loadNetwork(); loadNetworkChoices(); }
   });
   if (location.hash === "#snapshots") loadSnapshots();
-  if (location.hash === "#network") loadNetwork();
+  if (location.hash === "#network") { loadNetwork(); loadNetworkChoices(); }
 })();

@@ -195,17 +195,21 @@ class TestVmNetworkEndpoints(VmRights, PermissionMatrix):
         ),
         E("port-forward-delete", "delete", V + "port-forwards/{pf}/", "change", status=204, audit="portforward.delete"),
         E("nics", "get", V + "nics/", "view"),
+        E("nic-add", "post", V + "nics/", "change", {"network": "default"}, status=201, audit="vm.nic_attach"),
+        E("nic-remove", "delete", V + "nics/{nic}/", "change", status=204, audit="vm.nic_detach"),
         E("egress", "put", V + "egress/", "change", {"mode": "deny"}, audit="vm.egress_update"),
     )
 
     @pytest.fixture
     def target(self, owner):
         from networking import services
+        from networking.models import Nic
 
         vm = VmFactory(owner=owner, name="owned-vm")
         services.nic_allocate(vm=vm)
+        second = services.nic_allocate(vm=vm)
         pf = services.port_forward_create(vm=vm, actor=owner, guest_port=22)
-        return Target(owner, {"vm": vm, "pf": pf})
+        return Target(owner, {"vm": vm, "pf": pf, "nic": Nic.objects.get(tap=second.tap)})
 
 
 class TestNetworkEndpoints(PermissionMatrix):

@@ -284,6 +284,23 @@ def test_the_create_form_takes_a_diskless_template_with_another_image(owner, dja
     assert VM.objects.filter(name="win").exists()
 
 
+def test_the_network_tab_manages_nics_for_who_may_change_and_the_list_shows_the_primary_address(
+    owner, grantee, operator, vm
+):
+    from networking import services
+
+    lab = services.network_create(name="lab", cidr="10.231.60.0/24", actor=operator)
+    services.nic_allocate(vm=vm)
+    services.nic_allocate(vm=vm, network=lab)
+    assert 'id="nic-form"' in _client(owner).get(f"/vms/{vm.pk}/").content.decode()
+    assign_perm("vms.view_vm", grantee, vm)
+    assert 'id="nic-form"' not in _client(grantee).get(f"/vms/{vm.pk}/").content.decode()
+    home = _client(owner).get("/").content.decode()
+    row = home[home.index("<td data-ip>") :].split("</td>")[0]
+    assert "<code>10.231.0.2</code>" in row and "10.231.60.2</code>" not in row
+    assert "+1" in row and 'title="10.231.0.2, 10.231.60.2"' in row
+
+
 # --- projects: the switcher -----------------------------------------------------------------
 
 

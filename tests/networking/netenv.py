@@ -47,6 +47,29 @@ def veth_link(*, a_ns: str, a_name: str, a_ip: str, b_ns: str, b_name: str, b_ip
         ipr.link("set", index=index, state="up")
 
 
+def _family(ip: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in ip else socket.AF_INET
+
+
+IFA_F_NODAD = 0x02
+
+
+def guest_add_ipv6(*, guest_ns: str, ip6: str, prefix6: int, gateway6: str | None, ifname: str = "eth0") -> None:
+    """Give an emulated guest an IPv6 address (no duplicate address detection: usable at once)
+    and, with ``gateway6``, the IPv6 default route."""
+    netns_call(guest_ns, lambda: _sysctl(f"net.ipv6.conf.{ifname}.accept_dad", "0"))
+    with IPRoute(netns=guest_ns) as ipr:
+        index = ipr.link_lookup(ifname=ifname)[0]
+        ipr.addr("add", index=index, address=ip6, prefixlen=prefix6, family=10, flags=IFA_F_NODAD)
+        if gateway6:
+            ipr.route("add", dst="::/0", gateway=gateway6, family=10)
+
+
+def _sysctl(key: str, value: str) -> None:
+    with open("/proc/sys/" + key.replace(".", "/"), "w") as fh:
+        fh.write(value)
+
+
 class TcpServer:
     """Accepts connections in ``ns`` on ``ip:port`` and answers each with ``greeting``."""
 
@@ -55,7 +78,7 @@ class TcpServer:
         self.peers: list[str] = []
 
         def bind() -> socket.socket:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock = socket.socket(_family(ip), socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((ip, port))
             sock.listen(16)
@@ -89,7 +112,7 @@ def tcp_fetch(
     """What the server at ``ip:port`` says when connected to from ``ns``; None when unreachable."""
 
     def fetch() -> bytes | None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(_family(ip), socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:
             if source:

@@ -34,14 +34,19 @@ def test_it_lists_shared_networks_to_all_and_private_ones_to_their_holders(
     assert names(stranger) == ["default"]
 
 
-def test_it_lets_only_operators_create_networks_and_relax_isolation(api, owner, operator, private_network):
+def test_it_lets_only_operators_create_networks_anywhere_and_relax_isolation(
+    api, owner, viewer, operator, private_network
+):
     body = {
         "name": "lab",
         "cidr": "10.231.40.0/24",
         "egress_mode": "allowlist",
         "egress_rules": [{"cidr": "10.231.250.0/24", "protocol": "tcp", "ports": "80,443"}],
     }
-    assert api.as_user(owner).post("/api/v1/networks/", body, format="json").status_code == 403
+    assert api.as_user(viewer).post("/api/v1/networks/", body, format="json").status_code == 403
+    # Users create networks of their own inside the user pool only (tests/networking/test_user_networks.py).
+    outside = api.as_user(owner).post("/api/v1/networks/", body, format="json")
+    assert outside.status_code == 400 and "10.232.0.0/16" in outside.content.decode()
     created = api.as_user(operator).post("/api/v1/networks/", body, format="json")
     assert created.status_code == 201, created.content
     assert created.json()["gateway"] == "10.231.40.1"

@@ -25,6 +25,7 @@ from vms.vmm.agent_client import AgentConnection
 from vms.vmm.base import (
     AgentTransport,
     DriverCapabilities,
+    NicDevice,
     RuntimeState,
     VmmError,
     VmmInvalidRequest,
@@ -36,6 +37,7 @@ from vms.vmm.base import (
 from vms.vmm.cloud_hypervisor import (
     MIB,
     ChApiClient,
+    ChRuntimePaths,
     CloudHypervisorDriver,
     EventMonitorReader,
     EventStreamParser,
@@ -1032,3 +1034,30 @@ def test_real_cloud_hypervisor(short_dir: Path, images: tuple[Path, Path]) -> No
         assert driver.info(spec).state is RuntimeState.GONE
     finally:
         driver.cleanup(spec)
+
+
+def test_nics_boot_and_hot_plug_against_the_fake(
+    driver: CloudHypervisorDriver, short_dir: Path, images: tuple[Path, Path]
+) -> None:
+    spec = make_spec(
+        short_dir,
+        images,
+        name="nics",
+        tap="msbt0",
+        mac="02:00:00:00:00:01",
+        extra_nics=(NicDevice("msbt1", "02:00:00:00:00:02", "net1"),),
+    )
+    driver.prepare(spec)
+    driver.launch(spec, timeout=20)
+    try:
+        with ChApiClient(ChRuntimePaths(spec.runtime_dir).api_socket, timeout=5.0) as api:
+            nets = lambda: {n["id"]: n["tap"] for n in api.vm_info()["config"]["net"]}  # noqa: E731
+            assert nets() == {"net0": "msbt0", "net1": "msbt1"}
+            driver.nic_add(spec, NicDevice("msbt2", "02:00:00:00:00:03", "net2"))
+            assert nets() == {"net0": "msbt0", "net1": "msbt1", "net2": "msbt2"}
+            driver.nic_remove(spec, "net1")
+            assert nets() == {"net0": "msbt0", "net2": "msbt2"}
+            with pytest.raises(VmmError):
+                driver.nic_remove(spec, "net1")  # gone: the VMM says so
+    finally:
+        driver.shutdown(spec, force=True)

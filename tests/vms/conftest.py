@@ -32,6 +32,7 @@ class FakeAgent:
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, dict]] = []
         self.fail_wait: str | None = None
+        self.exit_code = 0  # of every exec
 
     def _alive(self, vm) -> bool:
         state = fake_vmm.fake_vm(str(vm.pk))
@@ -51,6 +52,13 @@ class FakeAgent:
             raise ApplicationError("The guest agent did not answer.", code="agent_unavailable", status_code=503)
         if op == "identity_set":
             return {"applied": sorted((args or {}).keys())}, b""
+        if op == "exec_start":
+            return {"exec_id": f"x{len(self.calls)}", "pid": 100, "tag": (args or {}).get("tag", "")}, b""
+        if op == "exec_wait":
+            result = {"exit_code": self.exit_code, "signal": None, "timed_out": False}
+            return {"exec_id": (args or {}).get("exec_id"), "running": False, "result": result}, b""
+        if op == "exec_read":
+            return {"next_offset": 10}, b"stderr out"
         return {}, b""
 
     def agent_ping(self, vm, *, timeout: float = 5.0) -> dict:

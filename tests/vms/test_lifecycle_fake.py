@@ -287,5 +287,5 @@ def test_it_has_networking_registered_on_the_hooks():
     from vms import hooks
 
     assert net_services.vm_hook_before_launch in hooks._hooks["vm_before_launch"]
-    assert net_services.vm_hook_nic in hooks._hooks["vm_nic"]
+    assert net_services.vm_hook_nics in hooks._hooks["vm_nics"]
     assert net_services.vm_hook_row_deleting in hooks._hooks["vm_row_deleting"]

@@ -80,6 +80,16 @@ GUEST_ARG_PREFIX = "sandbox."
 
 
 @dataclass(frozen=True)
+class NicDevice:
+    """A NIC after the first (``VmSpec.tap``/``mac``): its TAP, MAC and VMM device id
+    (``net<index>``, what a hot-unplug names)."""
+
+    tap: str
+    mac: str
+    device_id: str
+
+
+@dataclass(frozen=True)
 class VmSpec:
     """Everything a driver needs to launch one VM.
 
@@ -104,6 +114,7 @@ class VmSpec:
     disk_gib: int = 1
     mac: str | None = None
     tap: str | None = None
+    extra_nics: tuple[NicDevice, ...] = ()  # further NICs, in guest order
     netns: str | None = None  # network namespace (under /run/netns) the VMM runs in; None = ours
     vsock_cid: int = 3
     extra: dict[str, str] = field(default_factory=dict)
@@ -144,6 +155,7 @@ class VmSpec:
         if data.get("initramfs"):
             data["initramfs"] = Path(data["initramfs"])
         data["cdroms"] = tuple(data.get("cdroms") or ())
+        data["extra_nics"] = tuple(NicDevice(**nic) for nic in data.get("extra_nics") or ())
         return cls(**data)
 
 
@@ -218,6 +230,13 @@ class Driver(Protocol):
 
     def resize(self, spec: VmSpec, *, vcpus: int | None, memory_mib: int | None, timeout: float = 10.0) -> None:
         """Hotplug CPUs/memory; raises ``VmmUnsupported`` when a restart is needed."""
+
+    def nic_add(self, spec: VmSpec, nic: NicDevice, *, timeout: float = 10.0) -> None:
+        """Hot-plug ``nic`` (its TAP exists) into the running VM; ``VmmUnsupported`` when the
+        driver or machine cannot (``capabilities().nic_hotplug``): a restart is needed."""
+
+    def nic_remove(self, spec: VmSpec, device_id: str, *, timeout: float = 10.0) -> None:
+        """Hot-unplug the NIC ``device_id`` from the running VM; ``VmmUnsupported`` as ``nic_add``."""
 
     def counters(self, spec: VmSpec, *, timeout: float = 5.0) -> dict[str, dict[str, int]]: ...
 

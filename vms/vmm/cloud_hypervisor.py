@@ -43,6 +43,7 @@ from vms.vmm.base import (
     Driver,
     DriverCapabilities,
     LaunchResult,
+    NicDevice,
     RuntimeState,
     VmmError,
     VmmInvalidRequest,
@@ -780,6 +781,8 @@ def build_vm_config(spec: VmSpec, *, firmware: str = "") -> JsonObject:
         if spec.mac:
             net["mac"] = spec.mac
         config["net"] = [net]
+    for nic in spec.extra_nics:
+        config.setdefault("net", []).append({"id": nic.device_id, "tap": nic.tap, "mac": nic.mac})
     return config
 
 
@@ -939,7 +942,7 @@ class CloudHypervisorDriver:
             self.seccomp,
             "--no-shutdown",
         ]
-        if spec.tap and self.confinement.user:
+        if (spec.tap or spec.extra_nics) and self.confinement.user:
             # CH opens a TAP by name and brings it up itself (SIOCSIFFLAGS: CAP_NET_ADMIN),
             # which an unprivileged VMM cannot; handing it the TAP as an fd (vm.add-net with
             # SCM_RIGHTS) is not implemented yet. Refuse clearly rather than fail at boot.
@@ -1275,6 +1278,23 @@ class CloudHypervisorDriver:
             api.vm_resize(desired_vcpus=vcpus, desired_ram=ram)
             if ram is not None:
                 _write_atomic(paths.hotplugs, f"{self._hotplugs_done(paths) + 1}\n")
+
+    def nic_add(self, spec: VmSpec, nic: NicDevice, *, timeout: float = 10.0) -> None:
+        """``PUT vm.add-net`` with the NIC's device id, TAP (opened by name, as at boot) and MAC."""
+        if self.confinement.user:
+            raise VmmUnsupported(
+                "cloud-hypervisor cannot open a TAP device as an unprivileged user yet",
+                details={"tap": nic.tap, "user": self.confinement.user},
+            )
+        self._require_pid(spec)
+        with self._client(spec, timeout) as api:
+            api.vm_add_net({"id": nic.device_id, "tap": nic.tap, "mac": nic.mac}, timeout=timeout)
+
+    def nic_remove(self, spec: VmSpec, device_id: str, *, timeout: float = 10.0) -> None:
+        """``PUT vm.remove-device`` of the NIC ``device_id``."""
+        self._require_pid(spec)
+        with self._client(spec, timeout) as api:
+            api.vm_remove_device(device_id, timeout=timeout)
 
     def counters(self, spec: VmSpec, *, timeout: float = 5.0) -> dict[str, dict[str, int]]:
         """``vm.counters``: per device id (``disk0``, ``net0``...) its counters."""

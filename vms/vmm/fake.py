@@ -29,6 +29,7 @@ from .base import (
     Driver,
     DriverCapabilities,
     LaunchResult,
+    NicDevice,
     RuntimeState,
     VmmError,
     VmmInvalidRequest,
@@ -69,6 +70,7 @@ class FakeVm:
     reason: str = ""
     boots: int = 0
     restored_from: str = ""
+    nics: dict[str, str] = field(default_factory=dict)  # device id -> TAP, as booted or hot-plugged
 
 
 @dataclass
@@ -193,6 +195,7 @@ class FakeDriver:
             vm.pid = _registry.next_pid
         vm.state, vm.reason = RuntimeState.RUNNING, ""
         vm.vcpus, vm.memory_mib = spec.vcpus, spec.memory_mib
+        vm.nics = {**({"net0": spec.tap} if spec.tap else {}), **{n.device_id: n.tap for n in spec.extra_nics}}
         vm.boots += 1
         fake_console_write(spec.vm_id, f"fake VMM: booting {spec.vm_id}\nLinux version 6.1.0-fake\nsandbox login:\n")
         return LaunchResult(pid=vm.pid, driver=NAME, acceleration="fake", vmm_version=VERSION)
@@ -261,6 +264,23 @@ class FakeDriver:
             vm.memory_mib = memory_mib
         if vcpus is not None:
             vm.vcpus = vcpus
+
+    def nic_add(self, spec: VmSpec, nic: NicDevice, *, timeout: float = 10.0) -> None:
+        self._enter("nic_add", spec)
+        if not self.capabilities().nic_hotplug:
+            raise VmmUnsupported("the fake VMM cannot hot-plug NICs; restart the VM")
+        vm = self._running(spec)
+        if nic.device_id in vm.nics:
+            raise VmmInvalidRequest(f"device {nic.device_id} exists")
+        vm.nics[nic.device_id] = nic.tap
+
+    def nic_remove(self, spec: VmSpec, device_id: str, *, timeout: float = 10.0) -> None:
+        self._enter("nic_remove", spec)
+        if not self.capabilities().nic_hotplug:
+            raise VmmUnsupported("the fake VMM cannot hot-unplug NICs; restart the VM")
+        vm = self._running(spec)
+        if vm.nics.pop(device_id, None) is None:
+            raise VmmInvalidRequest(f"no device {device_id}")
 
     def counters(self, spec: VmSpec, *, timeout: float = 5.0) -> dict[str, dict[str, int]]:
         self._enter("counters", spec)

@@ -39,6 +39,7 @@ from .base import (
     Driver,
     DriverCapabilities,
     LaunchResult,
+    NicDevice,
     RuntimeState,
     VmmError,
     VmmNotRunning,
@@ -418,11 +419,18 @@ class QemuDriver:
         self.confinement.give(store)  # OVMF writes its variables as the VMM user
 
     def build_argv(
-        self, spec: VmSpec, *, acceleration: str, incoming: bool = False, tap_fd: int | None = None
+        self,
+        spec: VmSpec,
+        *,
+        acceleration: str,
+        incoming: bool = False,
+        tap_fd: int | None = None,
+        extra_tap_fds: tuple[int, ...] = (),
     ) -> list[str]:
         """The full QEMU command line for ``spec`` (public for tests and debugging). With
         ``incoming`` QEMU waits for ``migrate-incoming`` (restore from a snapshot); with
-        ``tap_fd`` the NIC uses that open TAP instead of opening ``spec.tap`` itself."""
+        ``tap_fd`` the NIC uses that open TAP instead of opening ``spec.tap`` itself, and
+        ``extra_tap_fds`` (one per ``spec.extra_nics``) do the same for the further NICs."""
         rd = spec.runtime_dir.resolve()
         bus = _device_suffix(spec)
         argv = [
@@ -465,6 +473,12 @@ class QemuDriver:
             if spec.mac:
                 dev += f",mac={spec.mac}"
             argv += ["-device", dev]
+        for i, nic in enumerate(spec.extra_nics):
+            if i < len(extra_tap_fds):
+                argv += ["-netdev", f"tap,id={nic.device_id},fd={extra_tap_fds[i]}"]
+            else:
+                argv += ["-netdev", f"tap,id={nic.device_id},ifname={nic.tap},script=no,downscript=no"]
+            argv += ["-device", f"virtio-net-{bus},netdev={nic.device_id},mac={nic.mac}"]
         if incoming:
             argv += ["-incoming", "defer"]
         return argv
@@ -560,14 +574,18 @@ class QemuDriver:
         # The TAP is opened here (root) and handed over; QEMU still starts in the namespace
         # that holds it, where its host-side counters are read.
         tap_fd = tap_open(spec.tap, netns=spec.netns) if spec.tap else None
+        extra_fds: list[int] = []
         try:
-            argv = self.build_argv(spec, acceleration=accel, incoming=incoming, tap_fd=tap_fd)
-            pid = spawn_detached(
-                argv, spec.runtime_dir, netns=spec.netns, plan=plan, pass_fds=() if tap_fd is None else (tap_fd,)
+            for nic in spec.extra_nics:
+                extra_fds.append(tap_open(nic.tap, netns=spec.netns))
+            argv = self.build_argv(
+                spec, acceleration=accel, incoming=incoming, tap_fd=tap_fd, extra_tap_fds=tuple(extra_fds)
             )
+            pass_fds = (*(() if tap_fd is None else (tap_fd,)), *extra_fds)
+            pid = spawn_detached(argv, spec.runtime_dir, netns=spec.netns, plan=plan, pass_fds=pass_fds)
         finally:
-            if tap_fd is not None:
-                os.close(tap_fd)
+            for fd in (*(() if tap_fd is None else (tap_fd,)), *extra_fds):
+                os.close(fd)
         deadline = time.monotonic() + timeout
         try:
             wait_for_unix_socket(self.qmp_path(spec), timeout, pid=pid, runtime_dir=spec.runtime_dir)
@@ -667,6 +685,20 @@ class QemuDriver:
             details={"vcpus": vcpus, "memory_mib": memory_mib},
         )
 
+    def nic_add(self, spec: VmSpec, nic: NicDevice, *, timeout: float = 10.0) -> None:
+        """Always raises ``VmmUnsupported``: microvm's virtio-mmio devices cannot be hot-plugged."""
+        raise VmmUnsupported(
+            "QEMU microvm cannot hot-plug a NIC; stop the VM, add it, then start it",
+            details={"tap": nic.tap},
+        )
+
+    def nic_remove(self, spec: VmSpec, device_id: str, *, timeout: float = 10.0) -> None:
+        """Always raises ``VmmUnsupported`` (see ``nic_add``)."""
+        raise VmmUnsupported(
+            "QEMU microvm cannot hot-unplug a NIC; stop the VM, remove it, then start it",
+            details={"device": device_id},
+        )
+
     def counters(self, spec: VmSpec, *, timeout: float = 5.0) -> dict[str, dict[str, int]]:
         """I/O counters: ``{"block.<id>": {read_bytes, write_bytes, read_ops, write_ops, flush_ops}}``
         from QMP ``query-blockstats``, plus ``{"net.<tap>": {rx_bytes, tx_bytes, rx_packets,
@@ -688,10 +720,13 @@ class QemuDriver:
                     "flush_ops": int(s.get("flush_operations", 0)),
                 }
         pid = running_vmm_pid(spec.runtime_dir)
-        if spec.tap and pid is not None:
-            host = netdev_counters(pid, spec.tap)
+        taps = [*([spec.tap] if spec.tap else []), *(nic.tap for nic in spec.extra_nics)]
+        for tap in taps:
+            if pid is None:
+                break
+            host = netdev_counters(pid, tap)
             if host:
-                out[f"net.{spec.tap}"] = {
+                out[f"net.{tap}"] = {
                     "rx_bytes": host["tx_bytes"],
                     "tx_bytes": host["rx_bytes"],
                     "rx_packets": host["tx_packets"],
