@@ -13,7 +13,7 @@ We own exactly two tables and touch nothing else:
   open connections to the host itself except ping to their gateway.
 - ``bridge microvm_sandbox``: layer 2 inside a bridge, which the inet hooks never see.
   Anti-spoofing per TAP (source MAC, IPv4 source, ARP sender; IPv4 and ARP only) and
-  tenant isolation: frames between TAPs of different owners on the same bridge are dropped.
+  tenant isolation: frames between TAPs of different projects (tenants) on the same bridge are dropped.
 
 Both tables are replaced in the same transaction (``add``, ``delete``, ``add`` again: the
 first ``add`` makes the ``delete`` valid when the table does not exist yet).

@@ -157,7 +157,7 @@ def host_rules(host) -> nft.HostRules:
         policy = nft.EgressPolicy(mode=mode, allow=_egress_allow(allow) if mode == EgressMode.ALLOWLIST else ())
         by_network[nic.network_id].append(
             nft.NicRules(
-                tap=nic.tap, mac=nic.mac, ip=nic.ip, ip6=nic.ip6 or "", tenant=str(nic.vm.owner_id), egress=policy
+                tap=nic.tap, mac=nic.mac, ip=nic.ip, ip6=nic.ip6 or "", tenant=str(nic.vm.project_id), egress=policy
             )
         )
         if nic.index == 0 or nic.vm_id not in first_ip:
