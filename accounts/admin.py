@@ -89,4 +89,5 @@ class ProjectAdmin(admin.ModelAdmin):
     list_display = ["slug", "name", "personal_of", "created_at"]
     search_fields = ["slug", "name", "memberships__user__username"]
     readonly_fields = ["id", "personal_of", "created_at"]
+    filter_horizontal = ["templates"]
     inlines = [ProjectMembershipInline, ProjectQuotaInline]

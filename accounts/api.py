@@ -109,7 +109,7 @@ class ProjectViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     lookup_value_converter = "uuid"
 
     def get_queryset(self):
-        return selectors.project_list_for(self.request.user).prefetch_related("memberships__user")
+        return selectors.project_list_for(self.request.user).prefetch_related("memberships__user", "templates")
 
     @extend_schema(request=ProjectCreateSerializer, responses={201: ProjectSerializer})
     def create(self, request):

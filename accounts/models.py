@@ -110,6 +110,12 @@ class Project(models.Model):
         related_name="personal_project",
         help_text="The user whose personal project this is; empty for a team project.",
     )
+    templates = models.ManyToManyField(
+        "vms.Template",
+        blank=True,
+        related_name="projects",
+        help_text="The templates the project's VMs may be created from; none chosen: every active template.",
+    )
     created_at = models.DateTimeField(default=timezone.now, editable=False)
 
     class Meta:

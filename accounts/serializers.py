@@ -40,10 +40,11 @@ class ProjectMemberSerializer(serializers.ModelSerializer):
 class ProjectSerializer(serializers.ModelSerializer):
     personal = serializers.SerializerMethodField()
     members = ProjectMemberSerializer(source="memberships", many=True, read_only=True)
+    templates = serializers.SlugRelatedField(slug_field="name", many=True, read_only=True)
 
     class Meta:
         model = Project
-        fields = ["id", "name", "slug", "personal", "members", "created_at"]
+        fields = ["id", "name", "slug", "personal", "members", "templates", "created_at"]
         read_only_fields = fields
 
     def get_personal(self, project) -> bool:

@@ -347,4 +347,11 @@ class TemplateViewSet(viewsets.ReadOnlyModelViewSet):
     lookup_field = "name"
 
     def get_queryset(self):
-        return selectors.template_list_active()
+        """``?project=<id or slug>``: the templates that project may use."""
+        from accounts import selectors as account_selectors
+
+        ref = self.request.query_params.get("project")
+        project = account_selectors.project_by_ref(ref) if ref else None
+        if ref and (project is None or not account_selectors.project_visible_to(self.request.user, project)):
+            return selectors.template_list_active().none()
+        return selectors.template_list_active(project)

@@ -112,8 +112,12 @@ def operation_list_visible(user):
     return qs.filter(pk__in=on_visible_vms.values("pk").union(asked.values("pk"), on_own_vms.values("pk"), all=True))
 
 
-def template_list_active():
-    return Template.objects.filter(is_active=True).select_related("image")
+def template_list_active(project=None):
+    """Active templates; with ``project``, those it may use (all when it names none)."""
+    templates = Template.objects.filter(is_active=True).select_related("image")
+    if project is not None and project.templates.exists():
+        templates = templates.filter(projects=project)
+    return templates
 
 
 def quota_for(user) -> dict[str, int]:

@@ -227,6 +227,11 @@ def vm_create(
     require_disk_space(action="create a VM")
     if not template.is_active:
         raise ApplicationError("This template is not available.", details={"template": "inactive"})
+    if project.templates.exists() and not project.templates.filter(pk=template.pk).exists():
+        raise ApplicationError(
+            f"Project {project.slug} may not use template {template.name}.",
+            details={"template": "not allowed in this project"},
+        )
     vcpus = vcpus or template.vcpus
     memory_mib = memory_mib or template.memory_mib
     disk_gib = disk_gib or template.disk_gib

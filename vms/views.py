@@ -114,8 +114,10 @@ def home(request):
 
 @login_required
 def vm_create(request):
-    templates = selectors.template_list_active()
     from vms.images import images_visible
+
+    project = current_project(request)
+    templates = selectors.template_list_active(project)
 
     images = images_visible(request.user).filter(status=Image.Status.READY, deprecated_at__isnull=True)
     initial = {"start": True}
@@ -124,7 +126,6 @@ def vm_create(request):
     first = next((t for t in templates if services.template_image_refusal(t) is None), templates.first())
     if first is not None:
         initial.update(template=first.name, vcpus=first.vcpus, memory_mib=first.memory_mib, disk_gib=first.disk_gib)
-    project = current_project(request)
     form = VmCreateForm(request.POST or None, templates=templates, images=images, initial=initial)
     if request.method == "POST" and form.is_valid():
         data = {k: v for k, v in form.cleaned_data.items() if v not in (None, "")}

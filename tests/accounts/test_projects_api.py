@@ -192,3 +192,30 @@ def test_a_removed_member_no_longer_sees_the_snapshots_of_their_team_vms(api, te
     UserObjectPermission.objects.filter(user=grantee).delete()  # the factory granted the creator rights
     assert client.get("/api/v1/snapshots/").json()["results"] == []
     assert client.get(f"/api/v1/snapshots/{snapshot.pk}/").status_code == 404
+
+
+def test_a_project_limited_to_some_templates_creates_only_from_them(api, owner, settings):
+    from accounts.services import project_create
+    from sandbox_site.errors import ApplicationError
+    from tests.factories import TemplateFactory
+    from vms import services as vm_services
+    from vms.models import VM
+
+    settings.SANDBOX_NETWORKING = False
+    team = project_create(name="Team", slug="tmpl-team", actor=owner)
+    allowed, other = TemplateFactory(name="allowed-tmpl"), TemplateFactory(name="other-tmpl")
+    vm, _ = vm_services.vm_create(owner=owner, name="any", template=other, project=team, start=False, actor=owner)
+    assert vm.project == team  # no templates named: every active one
+    team.templates.set([allowed])
+    with pytest.raises(ApplicationError) as err:
+        vm_services.vm_create(owner=owner, name="refused", template=other, project=team, start=False, actor=owner)
+    assert err.value.details == {"template": "not allowed in this project"}
+    assert not VM.objects.filter(name="refused").exists()
+    vm_services.vm_create(owner=owner, name="fine", template=allowed, project=team, start=False, actor=owner)
+    api.as_user(owner)
+    names = [t["name"] for t in api.get(f"/api/v1/templates/?project={team.slug}").json()["results"]]
+    assert names == ["allowed-tmpl"]
+    assert api.get(f"/api/v1/projects/{team.pk}/").json()["templates"] == ["allowed-tmpl"]
+    everything = [t["name"] for t in api.get("/api/v1/templates/").json()["results"]]
+    assert {"allowed-tmpl", "other-tmpl"} <= set(everything)
+    assert api.get("/api/v1/templates/?project=not-mine").json()["results"] == []
