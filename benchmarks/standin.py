@@ -91,8 +91,11 @@ def _database(name: str, *, create: bool) -> None:
 @contextlib.contextmanager
 def standin_stack(db_name: str) -> Iterator[StandinStack]:
     """Start everything (fresh database ``db_name``), yield the stack, stop and remove it all."""
-    # A benchmark stopped with SIGTERM still stops what it started (the finally below).
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # A benchmark stopped with SIGTERM still stops what it started (the finally below). Only
+    # until then: under pytest the handler would otherwise outlive the stack, and a process
+    # forked later (pyroute2's namespace helper) that gets SIGTERM would raise SystemExit and
+    # run on as a copy of the test session.
+    previous_sigterm = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(tempfile.mkdtemp(prefix="bsi-", dir="/tmp"))  # Unix socket paths are short
     runtime = work / "run"
     runtime.mkdir()
@@ -163,3 +166,4 @@ def standin_stack(db_name: str) -> Iterator[StandinStack]:
             log.close()
         shutil.rmtree(work, ignore_errors=True)
         _database(db_name, create=False)
+        signal.signal(signal.SIGTERM, previous_sigterm)
