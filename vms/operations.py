@@ -346,6 +346,8 @@ def host_heartbeat(host: Host, now) -> bool:
 
     cpus, memory_mib = machine_capacity()
     fields: dict = {"last_seen_at": now, "cpus": cpus, "memory_mib": memory_mib, "disk_free_gib": disk_room_gib()}
+    if settings.SANDBOX_TUNNEL_ADDRESS:  # validated at start-up (settings)
+        fields["tunnel_address"] = settings.SANDBOX_TUNNEL_ADDRESS
     try:
         with HostdClient(settings.SANDBOX_HOSTD_SOCKET, timeout=2.0) as client:
             hello, _ = client.call("hello", timeout=2.0)

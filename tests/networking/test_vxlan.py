@@ -1,0 +1,220 @@
+"""A network spanning two hosts over VXLAN. The "hosts" are two network namespaces joined by a
+veth underlay (10.231.96.0/24), each with the network's bridge, its VXLAN device and our
+nftables rules (``host_rules`` of that host); the "guests" are namespaces on each host's bridge
+as in test_traffic. Every address lives in namespaces this test created; nothing leaves them."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from pyroute2 import IPRoute
+
+from networking import netlink, nft, selectors, services
+from networking.models import Nic
+from tests.factories import HostFactory, UserFactory, VmFactory
+from tests.networking.netenv import TcpServer, guest_attach, ping, tcp_fetch, veth_link
+
+TUNNEL_A, TUNNEL_B = "10.231.96.1", "10.231.96.2"
+UNDERLAY_MTU = 1500
+
+
+def _ruleset(ns: str) -> list[dict]:
+    """Our nftables objects without kernel handles and counter values (a re-apply resets them)."""
+
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: (None if k == "counter" else strip(v)) for k, v in value.items() if k != "handle"}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+
+    return strip(nft.list_ours(netns=ns))
+
+
+def _fetch_all(ns: str, ip: str, port: int) -> int:
+    """How many bytes the server at ``ip:port`` sends before closing, read from ``ns``."""
+
+    def fetch() -> int:
+        with socket.create_connection((ip, port), timeout=5) as sock:
+            total = 0
+            while chunk := sock.recv(65536):
+                total += len(chunk)
+            return total
+
+    return netlink.netns_call(ns, fetch)
+
+
+def _on(settings, ns: str) -> None:
+    settings.SANDBOX_NETNS = ns  # the services below act on "this machine", i.e. that namespace
+
+
+@pytest.fixture
+def span(request, db, make_netns, operator, settings):
+    ns_a, ns_b = make_netns("ha"), make_netns("hb")
+    # With br_netfilter (Docker hosts; loaded here) bridged IPv4 also passes the inet forward
+    # chain, whose tenant sets must then name the remote NICs; without it only the bridge
+    # table's rules isolate. The sysctl is per namespace.
+    calls = "1" if getattr(request, "param", True) else "0"
+    for ns in (ns_a, ns_b):
+        for family in ("iptables", "ip6tables"):
+            netlink.sysctl_write(f"net.bridge.bridge-nf-call-{family}", calls, netns=ns)
+    veth_link(a_ns=ns_a, a_name="underlay-a", a_ip=TUNNEL_A, b_ns=ns_b, b_name="underlay-b", b_ip=TUNNEL_B)
+    host_a = HostFactory(name="ha", tunnel_address=TUNNEL_A)
+    host_b = HostFactory(name="hb", tunnel_address=TUNNEL_B)
+    hosts = {"ha": (host_a, ns_a), "hb": (host_b, ns_b)}
+    services.network_default_ensure()
+    net = services.network_create(name="span", cidr="10.231.97.0/24", actor=operator)
+    tenant_a, stranger = UserFactory(username="tenant-a"), UserFactory(username="stranger")
+    guests, servers = {}, []
+    for name, owner, host_name in (("a1", tenant_a, "ha"), ("a2", tenant_a, "hb"), ("s2", stranger, "hb")):
+        host, host_ns = hosts[host_name]
+        vm = VmFactory(owner=owner, name=name, host=host, state="running")
+        spec = services.nic_allocate(vm=vm, network=net)
+        _on(settings, host_ns)
+        services._bridge_ensure(net)
+        ns = make_netns(name)
+        guest_attach(
+            host_ns=host_ns, guest_ns=ns, tap=spec.tap, bridge=net.bridge, mac=spec.mac, ip=spec.ip,
+            prefix=spec.prefix, gateway=spec.gateway,
+        )  # fmt: skip
+        # Guests fit the tunnel: underlay MTU - 50 (docs/networking.md).
+        with IPRoute(netns=ns) as ipr:
+            ipr.link("set", index=ipr.link_lookup(ifname="eth0")[0], mtu=UNDERLAY_MTU - netlink.VXLAN_OVERHEAD)
+        Nic.objects.filter(vm=vm).update(plumbed=True)
+        servers.append(TcpServer(ns, spec.ip, 8080, f"hello from {name}".encode()))
+        guests[name] = {"vm": vm, "ns": ns, "ip": spec.ip, "mac": spec.mac}
+    for host, host_ns in hosts.values():
+        _on(settings, host_ns)
+        services.network_reconcile(host=host)
+    yield {"net": net, "hosts": hosts, "guests": guests}
+    for server in servers:
+        server.close()
+
+
+@pytest.mark.parametrize("span", [True, False], ids=["br_netfilter", "bridge-only"], indirect=True)
+def test_vms_of_one_project_on_two_hosts_reach_each_other_and_a_stranger_does_not(span):
+    g = span["guests"]
+    assert ping(g["a1"]["ns"], g["a2"]["ip"], timeout=3)
+    assert tcp_fetch(g["a1"]["ns"], g["a2"]["ip"], 8080) == b"hello from a2"
+    assert tcp_fetch(g["a2"]["ns"], g["a1"]["ip"], 8080) == b"hello from a1"
+    # A bulk transfer (full-size segments at the guests' MTU, underlay - 50) crosses too.
+    bulk = TcpServer(g["a2"]["ns"], g["a2"]["ip"], 8081, b"x" * 200_000)
+    try:
+        assert _fetch_all(g["a1"]["ns"], g["a2"]["ip"], 8081) == 200_000
+    finally:
+        bulk.close()
+    assert tcp_fetch(g["s2"]["ns"], g["a1"]["ip"], 8080) is None  # stranger on host b -> a1 on host a
+    assert tcp_fetch(g["a1"]["ns"], g["s2"]["ip"], 8080) is None  # a1 on host a -> stranger on host b
+    assert not ping(g["s2"]["ns"], g["a1"]["ip"])
+    # On its own host the stranger is still isolated from a2 (local TAPs, as before).
+    assert tcp_fetch(g["s2"]["ns"], g["a2"]["ip"], 8080) is None
+
+
+def test_each_host_has_one_vxlan_device_with_static_fdb_entries_for_the_peer(span, settings):
+    net, g = span["net"], span["guests"]
+    device = netlink.vxlan_name(str(net.pk))
+    assert len(device) <= netlink.IFNAME_MAX and device.startswith(netlink.IFNAME_PREFIX)
+    (host_a, ns_a), (host_b, ns_b) = span["hosts"]["ha"], span["hosts"]["hb"]
+    assert netlink.fdb_entries(device, netns=ns_a) == {
+        (netlink.ZERO_MAC, TUNNEL_B),
+        (g["a2"]["mac"], TUNNEL_B),
+        (g["s2"]["mac"], TUNNEL_B),
+    }
+    assert netlink.fdb_entries(device, netns=ns_b) == {(netlink.ZERO_MAC, TUNNEL_A), (g["a1"]["mac"], TUNNEL_A)}
+    with IPRoute(netns=ns_a) as ipr:
+        link = ipr.get_links(ipr.link_lookup(ifname=device)[0])[0]
+        data = link.get_attr("IFLA_LINKINFO").get_attr("IFLA_INFO_DATA")
+        bridge = ipr.get_links(ipr.link_lookup(ifname=net.bridge)[0])[0]
+        assert data.get_attr("IFLA_VXLAN_ID") == net.vni
+        assert data.get_attr("IFLA_VXLAN_PORT") == 4789
+        assert data.get_attr("IFLA_VXLAN_LEARNING") == 0
+        assert link.get_attr("IFLA_MTU") == UNDERLAY_MTU - 50
+        assert link.get_attr("IFLA_MASTER") == bridge["index"]
+        assert bridge.get_attr("IFLA_MTU") == UNDERLAY_MTU - 50  # follows its smallest port
+    # The tenant sets of host a name the remote NICs; its anti-spoofing names only its own TAP.
+    rules = selectors.host_rules(host_a)
+    span_rules = next(n for n in rules.networks if n.bridge == net.bridge)
+    assert [n.tap for n in span_rules.nics] == [Nic.objects.get(vm=g["a1"]["vm"]).tap]
+    assert sorted(r.ip for r in span_rules.remote_nics) == sorted([g["a2"]["ip"], g["s2"]["ip"]])
+    assert rules.tunnel_peers == (TUNNEL_B,) and rules.tunnel_vnis == (net.vni,)
+
+
+def test_reconcile_is_idempotent_and_the_tunnel_goes_with_the_last_peer(span, settings):
+    net, g = span["net"], span["guests"]
+    device = netlink.vxlan_name(str(net.pk))
+    (host_a, ns_a), (host_b, ns_b) = span["hosts"]["ha"], span["hosts"]["hb"]
+    _on(settings, ns_a)
+    before = _ruleset(ns_a)
+    counts = services.network_reconcile(host=host_a)
+    assert counts["vxlans_ensured"] == 1
+    assert (counts["fdb_added"], counts["fdb_removed"], counts["vxlans_removed"]) == (0, 0, 0)
+    assert _ruleset(ns_a) == before
+    assert tcp_fetch(g["a1"]["ns"], g["a2"]["ip"], 8080) == b"hello from a2"
+
+    # The stranger's VM stops on host b: its MAC leaves host a's forwarding entries.
+    _on(settings, ns_b)
+    services.nic_unplumb(vm=g["s2"]["vm"])
+    _on(settings, ns_a)
+    services.network_peers_sync(host=host_a)
+    assert netlink.fdb_entries(device, netns=ns_a) == {(netlink.ZERO_MAC, TUNNEL_B), (g["a2"]["mac"], TUNNEL_B)}
+
+    # The last VM of the network on host b stops: both hosts drop the tunnel and its rules.
+    _on(settings, ns_b)
+    services.nic_unplumb(vm=g["a2"]["vm"])
+    assert netlink.link_get(device, netns=ns_b) is None
+    _on(settings, ns_a)
+    assert services.network_peers_sync(host=host_a)["vxlans_removed"] == 1
+    assert netlink.link_get(device, netns=ns_a) is None
+    assert not selectors.host_tunnels(host_a)
+    assert "VXLAN" not in str(nft.list_ours(netns=ns_a))
+    assert netlink.link_get(net.bridge, netns=ns_a) is not None  # the bridge and a1 stay
+
+
+def test_a_host_without_a_tunnel_address_takes_no_part(span, settings):
+    host_b, ns_b = span["hosts"]["hb"]
+    host_b.tunnel_address = None
+    host_b.save(update_fields=["tunnel_address"])
+    host_a, ns_a = span["hosts"]["ha"]
+    _on(settings, ns_a)
+    assert services.network_peers_sync(host=host_a)["vxlans_removed"] == 1
+    _on(settings, ns_b)
+    assert services.network_reconcile(host=host_b)["vxlans_removed"] == 1
+    g = span["guests"]
+    assert tcp_fetch(g["a1"]["ns"], g["a2"]["ip"], 8080) is None
+
+
+def test_the_tunnel_rules_render_and_load(make_netns):
+    rules = nft.HostRules(
+        networks=(
+            nft.NetworkRules(
+                bridge="msbb0000000001",
+                cidr="10.231.97.0/24",
+                gateway="10.231.97.1",
+                nics=(nft.NicRules(tap="msbt0000000001", mac="02:00:00:00:00:01", ip="10.231.97.2", tenant="a"),),
+                vxlan="msbv0000000001",
+                remote_nics=(
+                    nft.RemoteNicRules(mac="02:00:00:00:00:02", ip="10.231.97.3", tenant="a", ip6="fd00:231:97::3"),
+                    nft.RemoteNicRules(mac="02:00:00:00:00:03", ip="10.231.97.4", tenant="b"),
+                ),
+            ),
+        ),
+        tunnel_peers=("10.231.96.2",),
+        tunnel_vnis=(4242,),
+    )
+    doc = nft.render(rules)
+    comments = [i["add"]["rule"].get("comment", "") for i in doc["nftables"] if "rule" in i.get("add", {})]
+    for expected in (
+        "VXLAN of our networks from peer hosts only",
+        "tunnels do not reach the host",
+        "the host sends nothing into tunnels",
+        "msbv0000000001 MAC",
+        "msbv0000000001 IPv4 source",
+        "tenant a on msbb0000000001 to other hosts",
+        "tenant a on msbb0000000001 from other hosts",
+        "tenant isolation on msbb0000000001 from other hosts",
+    ):
+        assert expected in comments, expected
+    assert "tenant b on msbb0000000001 to other hosts" not in comments  # no local NIC of b here
+    assert nft._solicited_node_mac("fd00:231:97::3") == "33:33:ff:00:00:03"
+    nft.check(doc, netns=make_netns("chk"))
