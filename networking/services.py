@@ -935,6 +935,17 @@ def network_peers_sync(*, host) -> dict[str, int]:
     return counts
 
 
+def host_hook_tunnel_changed(*, host) -> None:
+    """A host's tunnel address changed: it and every host sharing a network with it re-sync
+    their tunnels and rules (after commit, on their own queues)."""
+    from networking.tasks import network_peers_sync_task
+
+    network_ids = set(Nic.objects.filter(vm__host=host, plumbed=True).values_list("network_id", flat=True))
+    transaction.on_commit(lambda: network_peers_sync_task.apply_async(args=[str(host.pk)], queue=host.queue))
+    if network_ids:
+        _tunnel_peers_notify(host, network_ids)
+
+
 def _tunnel_peers_notify(host, network_ids) -> None:
     """The other hosts with plumbed NICs on these networks re-sync (after commit, on their queues)."""
     from networking.tasks import network_peers_sync_task

@@ -12,6 +12,7 @@ from accounts.audit import audit_record
 from accounts.permissions import require_perm
 from sandbox_site.errors import ApplicationError, ConflictError
 from vms import pki
+from vms.hooks import hook_run
 from vms.hostd.tls import parse_listen
 from vms.models import VM, Host
 
@@ -92,6 +93,7 @@ def host_join(*, name: str, address: str, tunnel_address: str = "", actor=None) 
             }
         )
         host.hostd_address, host.is_active = address, True
+        tunnel_changed = bool(tunnel_address) and tunnel_address != host.tunnel_address
         host.tunnel_address = tunnel_address or host.tunnel_address
         host.save(update_fields=["hostd_address", "is_active", "tunnel_address"])
         audit_record(
@@ -101,4 +103,6 @@ def host_join(*, name: str, address: str, tunnel_address: str = "", actor=None) 
             before=before,
             after={"hostd_address": address, "is_active": True, "tunnel_address": host.tunnel_address},
         )
+        if tunnel_changed:
+            hook_run("host_tunnel_changed", host=host)
     return host, files

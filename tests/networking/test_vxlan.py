@@ -8,6 +8,7 @@ from __future__ import annotations
 import socket
 
 import pytest
+from django.utils import timezone
 from pyroute2 import IPRoute
 
 from networking import netlink, nft, selectors, services
@@ -115,7 +116,7 @@ def test_each_host_has_one_vxlan_device_with_static_fdb_entries_for_the_peer(spa
     net, g = span["net"], span["guests"]
     device = netlink.vxlan_name(str(net.pk))
     assert len(device) <= netlink.IFNAME_MAX and device.startswith(netlink.IFNAME_PREFIX)
-    (host_a, ns_a), (host_b, ns_b) = span["hosts"]["ha"], span["hosts"]["hb"]
+    (host_a, ns_a), (_, ns_b) = span["hosts"]["ha"], span["hosts"]["hb"]
     assert netlink.fdb_entries(device, netns=ns_a) == {
         (netlink.ZERO_MAC, TUNNEL_B),
         (g["a2"]["mac"], TUNNEL_B),
@@ -140,10 +141,12 @@ def test_each_host_has_one_vxlan_device_with_static_fdb_entries_for_the_peer(spa
     assert rules.tunnel_peers == (TUNNEL_B,) and rules.tunnel_vnis == (net.vni,)
 
 
-def test_reconcile_is_idempotent_and_the_tunnel_goes_with_the_last_peer(span, settings):
+def test_reconcile_is_idempotent_and_the_tunnel_goes_with_the_last_peer(
+    span, settings, django_capture_on_commit_callbacks
+):
     net, g = span["net"], span["guests"]
     device = netlink.vxlan_name(str(net.pk))
-    (host_a, ns_a), (host_b, ns_b) = span["hosts"]["ha"], span["hosts"]["hb"]
+    (host_a, ns_a), (_, ns_b) = span["hosts"]["ha"], span["hosts"]["hb"]
     _on(settings, ns_a)
     before = _ruleset(ns_a)
     counts = services.network_reconcile(host=host_a)
@@ -154,7 +157,9 @@ def test_reconcile_is_idempotent_and_the_tunnel_goes_with_the_last_peer(span, se
 
     # The stranger's VM stops on host b: its MAC leaves host a's forwarding entries.
     _on(settings, ns_b)
-    services.nic_unplumb(vm=g["s2"]["vm"])
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        services.nic_unplumb(vm=g["s2"]["vm"])
+    assert _resyncs(callbacks) == 1  # host a is told to re-sync (on its queue)
     _on(settings, ns_a)
     services.network_peers_sync(host=host_a)
     assert netlink.fdb_entries(device, netns=ns_a) == {(netlink.ZERO_MAC, TUNNEL_B), (g["a2"]["mac"], TUNNEL_B)}
@@ -218,3 +223,103 @@ def test_the_tunnel_rules_render_and_load(make_netns):
     assert "tenant b on msbb0000000001 to other hosts" not in comments  # no local NIC of b here
     assert nft._solicited_node_mac("fd00:231:97::3") == "33:33:ff:00:00:03"
     nft.check(doc, netns=make_netns("chk"))
+
+
+def _rule_packets(ns: str, comment: str) -> int:
+    for item in nft.list_ours(netns=ns):
+        rule = item.get("rule")
+        if rule and rule.get("comment") == comment:
+            return sum(e["counter"]["packets"] for e in rule["expr"] if "counter" in e)
+    raise AssertionError(f"no rule {comment!r}")
+
+
+def test_vxlan_from_an_address_that_is_not_a_peer_is_dropped(span, make_netns):
+    """A rogue tunnel endpoint (behind host b, not a peer) sends host a frames of the network's
+    VNI claiming to be a2 (its MAC and address): host a drops them before decapsulation."""
+    net, g = span["net"], span["guests"]
+    (_, ns_a), (_, ns_b) = span["hosts"]["ha"], span["hosts"]["hb"]
+    rogue = make_netns("rogue")
+    veth_link(a_ns=ns_b, a_name="rogue-b", a_ip="10.231.98.1", b_ns=rogue, b_name="eth0", b_ip="10.231.98.2")
+    with IPRoute(netns=rogue) as ipr:
+        ipr.route("add", dst="10.231.96.0/24", gateway="10.231.98.1")
+        ipr.link(
+            "add", ifname="vxrogue", kind="vxlan", vxlan_id=net.vni, vxlan_local="10.231.98.2", vxlan_port=4789,
+            vxlan_learning=0,
+        )  # fmt: skip
+        index = ipr.link_lookup(ifname="vxrogue")[0]
+        ipr.link("set", index=index, address=g["a2"]["mac"], mtu=1400)
+        ipr.addr("add", index=index, address=g["a2"]["ip"], prefixlen=24)
+        ipr.link("set", index=index, state="up")
+        ipr.fdb("append", ifindex=index, lladdr=netlink.ZERO_MAC, dst=TUNNEL_A)
+        # a1's replies would go to the real a2: the rogue knows a1's MAC and sends one-way UDP.
+        ipr.neigh("add", dst=g["a1"]["ip"], lladdr=g["a1"]["mac"], ifindex=index, state=0x80)
+
+    def receiver() -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((g["a1"]["ip"], 9999))
+        sock.settimeout(2.0)
+        return sock
+
+    def send() -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            for _ in range(3):
+                sock.sendto(b"forged", (g["a1"]["ip"], 9999))
+
+    comment = "VXLAN of our networks from peer hosts only"
+    sock = netlink.netns_call(g["a1"]["ns"], receiver)
+    try:
+        netlink.netns_call(rogue, send)
+        with pytest.raises(TimeoutError):
+            sock.recv(100)
+    finally:
+        sock.close()
+    assert _rule_packets(ns_a, comment) >= 3
+    # The real a2 still gets through.
+    assert tcp_fetch(g["a2"]["ns"], g["a1"]["ip"], 8080) == b"hello from a1"
+
+
+def _resyncs(callbacks) -> int:
+    """How many tunnel re-syncs were enqueued (other on-commit work, like the audit seal, aside)."""
+    return sum("tunnel" in fn.__qualname__ for fn in callbacks)
+
+
+def test_host_join_and_the_heartbeat_set_the_tunnel_address_and_resync_the_peers(
+    db, settings, tmp_path, django_capture_on_commit_callbacks
+):
+    from accounts.models import AuditEvent
+    from sandbox_site.errors import ApplicationError
+    from vms import operations
+    from vms.hosts import host_join
+
+    settings.SANDBOX_PKI_DIR = tmp_path / "pki"
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        host, _ = host_join(name="h2", address="127.0.0.1:7443", tunnel_address="10.231.96.2")
+    assert host.tunnel_address == "10.231.96.2" and _resyncs(callbacks) == 1  # its own re-sync
+    event = AuditEvent.objects.filter(action="host.join").latest("id")
+    assert event.after["tunnel_address"] == "10.231.96.2"
+    with pytest.raises(ApplicationError), django_capture_on_commit_callbacks(execute=False) as callbacks:
+        host_join(name="h2", address="127.0.0.1:7443", tunnel_address="not-an-address")
+    host.refresh_from_db()
+    assert host.tunnel_address == "10.231.96.2" and not _resyncs(callbacks)  # nothing changed
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        host_join(name="h2", address="127.0.0.1:7443")  # without one: kept, nothing to re-sync
+    host.refresh_from_db()
+    assert host.tunnel_address == "10.231.96.2" and not _resyncs(callbacks)
+
+    settings.SANDBOX_TUNNEL_ADDRESS = "10.231.96.7"
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        operations.host_heartbeat(host, timezone.now())
+    host.refresh_from_db()
+    assert host.tunnel_address == "10.231.96.7" and _resyncs(callbacks) == 1
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        operations.host_heartbeat(host, timezone.now())  # unchanged: no re-sync
+    assert not _resyncs(callbacks)
+
+
+def test_vnis_are_distinct_24_bit_numbers(db, operator):
+    from networking.models import VNI_MAX, vni_pick
+
+    nets = [services.network_create(name=f"v{i}", cidr=f"10.231.{100 + i}.0/24", actor=operator) for i in range(3)]
+    assert len({n.vni for n in nets}) == 3 and all(1 <= n.vni <= VNI_MAX for n in nets)
+    taken = {n.vni for n in nets}
+    assert vni_pick(nets[0].id, taken=taken) not in taken  # a collision takes the next free one
