@@ -279,11 +279,19 @@ def vxlan_ensure(
             }
             counts = {"fdb_added": 0, "fdb_removed": 0}
             for mac, dst in sorted(have - fdb):
-                ipr.fdb("del", ifindex=index, lladdr=mac, dst=dst)
-                counts["fdb_removed"] += 1
+                try:
+                    ipr.fdb("del", ifindex=index, lladdr=mac, dst=dst)
+                    counts["fdb_removed"] += 1
+                except NetlinkError as exc:
+                    if exc.code != errno.ENOENT:  # removed meanwhile
+                        raise
             for mac, dst in sorted(fdb - have):
-                ipr.fdb("append", ifindex=index, lladdr=mac, dst=dst)
-                counts["fdb_added"] += 1
+                try:
+                    ipr.fdb("append", ifindex=index, lladdr=mac, dst=dst)
+                    counts["fdb_added"] += 1
+                except NetlinkError as exc:
+                    if exc.code != errno.EEXIST:  # added meanwhile
+                        raise
             return counts
         except NetlinkError as exc:
             raise PlumbingError(f"vxlan {name}: {exc}", details={"code": exc.code}) from exc

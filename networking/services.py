@@ -897,6 +897,14 @@ def network_tunnels_sync(*, host) -> dict[str, int]:
     network's bridge, MTU = the underlay's − 50, with exactly the forwarding entries the
     database gives; our VXLAN devices of networks no longer spanning hosts (the last peer
     left, or the network is gone) are removed. Idempotent. The rules are not applied here."""
+    with transaction.atomic():
+        # Serialised with the rules of this host (concurrent plumbs of one network): each sync
+        # reads the database after the previous one finished, so the last one is complete.
+        _lock_host_rules(host)
+        return _tunnels_sync(host)
+
+
+def _tunnels_sync(host) -> dict[str, int]:
     counts = {"vxlans_ensured": 0, "vxlans_removed": 0, "fdb_added": 0, "fdb_removed": 0}
     tunnels = selectors.host_tunnels(host)
     underlay = netlink.underlay_mtu(host.tunnel_address, netns=_netns()) if tunnels else None
