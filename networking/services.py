@@ -979,8 +979,8 @@ def network_reconcile(*, host) -> dict[str, int]:
     """At start-up on ``host``: make sure the default network exists, remove our own leftover
     interfaces (TAPs of NICs that are gone or unplumbed, bridges of deleted networks), bring
     back the bridges and TAPs of plumbed NICs, sync the VXLAN tunnels (``network_tunnels_sync``)
-    and re-apply the rules atomically. Touches
-    only interfaces named with our prefix and our own nftables tables."""
+    and re-apply the rules atomically. Touches only interfaces named with our prefix and our
+    own nftables tables."""
     network_default_ensure()
     counts = {"taps_removed": 0, "bridges_removed": 0, "taps_ensured": 0}
     plumbed = list(Nic.objects.filter(vm__host=host, plumbed=True).select_related("network"))
