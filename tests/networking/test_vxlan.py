@@ -14,7 +14,7 @@ from pyroute2 import IPRoute
 from networking import netlink, nft, selectors, services
 from networking.models import Nic
 from tests.factories import HostFactory, UserFactory, VmFactory
-from tests.networking.netenv import TcpServer, guest_attach, ping, tcp_fetch, veth_link
+from tests.networking.netenv import TcpServer, guest_add_ipv6, guest_attach, ping, tcp_fetch, veth_link
 
 TUNNEL_A, TUNNEL_B = "10.231.96.1", "10.231.96.2"
 UNDERLAY_MTU = 1500
@@ -56,7 +56,8 @@ def span(request, db, make_netns, operator, settings):
     # With br_netfilter (Docker hosts; loaded here) bridged IPv4 also passes the inet forward
     # chain, whose tenant sets must then name the remote NICs; without it only the bridge
     # table's rules isolate. The sysctl is per namespace.
-    calls = "1" if getattr(request, "param", True) else "0"
+    variant = getattr(request, "param", "br_netfilter")  # or "bridge-only", "dual-stack"
+    calls = "0" if variant == "bridge-only" else "1"
     for ns in (ns_a, ns_b):
         for family in ("iptables", "ip6tables"):
             netlink.sysctl_write(f"net.bridge.bridge-nf-call-{family}", calls, netns=ns)
@@ -65,7 +66,8 @@ def span(request, db, make_netns, operator, settings):
     host_b = HostFactory(name="hb", tunnel_address=TUNNEL_B)
     hosts = {"ha": (host_a, ns_a), "hb": (host_b, ns_b)}
     services.network_default_ensure()
-    net = services.network_create(name="span", cidr="10.231.97.0/24", actor=operator)
+    cidr6 = "fd00:231:97::/64" if variant == "dual-stack" else ""
+    net = services.network_create(name="span", cidr="10.231.97.0/24", cidr6=cidr6, actor=operator)
     tenant_a, stranger = UserFactory(username="tenant-a"), UserFactory(username="stranger")
     guests, servers = {}, []
     for name, owner, host_name in (("a1", tenant_a, "ha"), ("a2", tenant_a, "hb"), ("s2", stranger, "hb")):
@@ -84,7 +86,10 @@ def span(request, db, make_netns, operator, settings):
             ipr.link("set", index=ipr.link_lookup(ifname="eth0")[0], mtu=UNDERLAY_MTU - netlink.VXLAN_OVERHEAD)
         Nic.objects.filter(vm=vm).update(plumbed=True)
         servers.append(TcpServer(ns, spec.ip, 8080, f"hello from {name}".encode()))
-        guests[name] = {"vm": vm, "ns": ns, "ip": spec.ip, "mac": spec.mac}
+        if spec.ip6:
+            guest_add_ipv6(guest_ns=ns, ip6=spec.ip6, prefix6=spec.prefix6, gateway6=spec.gateway6)
+            servers.append(TcpServer(ns, spec.ip6, 8080, f"v6 hello from {name}".encode()))
+        guests[name] = {"vm": vm, "ns": ns, "ip": spec.ip, "ip6": spec.ip6, "mac": spec.mac}
     for host, host_ns in hosts.values():
         _on(settings, host_ns)
         services.network_reconcile(host=host)
@@ -93,7 +98,7 @@ def span(request, db, make_netns, operator, settings):
         server.close()
 
 
-@pytest.mark.parametrize("span", [True, False], ids=["br_netfilter", "bridge-only"], indirect=True)
+@pytest.mark.parametrize("span", ["br_netfilter", "bridge-only"], indirect=True)
 def test_vms_of_one_project_on_two_hosts_reach_each_other_and_a_stranger_does_not(span):
     g = span["guests"]
     assert ping(g["a1"]["ns"], g["a2"]["ip"], timeout=3)
@@ -110,6 +115,17 @@ def test_vms_of_one_project_on_two_hosts_reach_each_other_and_a_stranger_does_no
     assert not ping(g["s2"]["ns"], g["a1"]["ip"])
     # On its own host the stranger is still isolated from a2 (local TAPs, as before).
     assert tcp_fetch(g["s2"]["ns"], g["a2"]["ip"], 8080) is None
+
+
+@pytest.mark.parametrize("span", ["dual-stack"], indirect=True)
+def test_ipv6_crosses_hosts_within_a_project_only(span):
+    """Neighbour discovery (solicited-node multicast) goes through the tunnel for the project's
+    remote addresses; a stranger's IPv6 does not get through in either direction."""
+    g = span["guests"]
+    assert tcp_fetch(g["a1"]["ns"], g["a2"]["ip6"], 8080, timeout=6) == b"v6 hello from a2"
+    assert tcp_fetch(g["a2"]["ns"], g["a1"]["ip6"], 8080) == b"v6 hello from a1"
+    assert tcp_fetch(g["s2"]["ns"], g["a1"]["ip6"], 8080) is None
+    assert tcp_fetch(g["a1"]["ns"], g["s2"]["ip6"], 8080) is None
 
 
 def test_each_host_has_one_vxlan_device_with_static_fdb_entries_for_the_peer(span, settings):
