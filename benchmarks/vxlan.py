@@ -161,7 +161,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0)
     args = parser.parse_args()
     if os.geteuid() != 0:
-        sys.exit("needs root (network namespaces)")
+        print(json.dumps({"skipped": "needs root (network namespaces)"}))
+        return
     created: list[str] = []
     try:
         guests = _setup(created)
