@@ -23,4 +23,5 @@ class NetworkingConfig(AppConfig):
         hook_register("vm_addresses", selectors.addresses_of)
         hook_register("host_worker_ready", services.host_hook_worker_ready)
         hook_register("vm_owner_changed", services.vm_hook_owner_changed)
+        hook_register("host_tunnel_changed", services.host_hook_tunnel_changed)
         operation_handler_register("nic_hotplug", in_place_handler("nic_hotplug", services.nic_hotplug_call))

@@ -62,6 +62,18 @@ def parse_ports(text: str) -> tuple[int | tuple[int, int], ...]:
     return tuple(out)
 
 
+VNI_MAX = 2**24 - 1  # VXLAN network identifiers are 24 bits; 0 is not used
+
+
+def vni_pick(network_id: uuid.UUID, *, taken: set) -> int:
+    """The network's VNI: 24 bits of its id, or the next free one when another network has
+    it (the unique constraint backs this up against two creates racing)."""
+    vni = int(network_id.hex[-6:], 16) % VNI_MAX or 1
+    while vni in taken:
+        vni = vni % VNI_MAX + 1
+    return vni
+
+
 class Network(models.Model):
     """A layer-2 network: one Linux bridge per host, a subnet, the gateway address on the
     bridge. ``owner`` empty = shared (any user may attach VMs); otherwise private to the
@@ -83,6 +95,13 @@ class Network(models.Model):
     )
     gateway6 = models.GenericIPAddressField(protocol="IPv6", null=True, blank=True)
     bridge = models.CharField(max_length=15, unique=True, blank=True, editable=False)
+    vni = models.PositiveIntegerField(
+        unique=True,
+        null=True,
+        blank=True,
+        editable=False,
+        help_text="VXLAN network identifier of the network's tunnels between hosts (derived from its id).",
+    )
     tenant_isolation = models.BooleanField(
         default=True, help_text="VMs of different owners on this network cannot reach each other."
     )
@@ -113,6 +132,8 @@ class Network(models.Model):
     def save(self, *args, **kwargs):
         if not self.bridge:
             self.bridge = bridge_name(str(self.id))
+        if self.vni is None:
+            self.vni = vni_pick(self.id, taken=set(Network.objects.exclude(pk=self.pk).values_list("vni", flat=True)))
         if self.project_id is None and self.owner_id is not None:  # a private network: its owner's project
             from accounts.services import project_personal_ensure
 

@@ -29,6 +29,10 @@ T = TypeVar("T")
 IFNAME_PREFIX = "msb"  # every interface we own starts with this
 BRIDGE_PREFIX = "msbb"  # msbb + 10 hex digits of the network id = 14 chars (IFNAMSIZ is 16 incl. NUL)
 TAP_PREFIX = "msbt"  # msbt + 10 hex digits of the NIC id
+VXLAN_PREFIX = "msbv"  # msbv + 10 hex digits of the network id: its tunnel to other hosts
+VXLAN_PORT = 4789  # IANA's VXLAN port
+VXLAN_OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
+ZERO_MAC = "00:00:00:00:00:00"  # FDB entry for broadcast and unknown unicast (head-end replication)
 IFNAME_MAX = 15
 NETNS_CALL_TIMEOUT = 30.0
 
@@ -59,6 +63,11 @@ def bridge_name(network_id: str) -> str:
 def tap_name(nic_id: str) -> str:
     """Interface name of a NIC's TAP device, derived from its id."""
     return TAP_PREFIX + nic_id.replace("-", "")[:10]
+
+
+def vxlan_name(network_id: str) -> str:
+    """Interface name of a network's VXLAN device (its tunnel to the other hosts)."""
+    return VXLAN_PREFIX + network_id.replace("-", "")[:10]
 
 
 def _netlink(netns: str | None, fn: Callable[[IPRoute], T]) -> T:
@@ -208,6 +217,117 @@ def tap_ensure(name: str, bridge: str, *, netns: str | None = None, mtu: int | N
     return _netlink(netns, op)
 
 
+def _vxlan_matches(msg: Any, *, vni: int, local: str) -> bool:
+    linkinfo = msg.get_attr("IFLA_LINKINFO")
+    data = linkinfo.get_attr("IFLA_INFO_DATA") if linkinfo is not None else None
+    if linkinfo is None or linkinfo.get_attr("IFLA_INFO_KIND") != "vxlan" or data is None:
+        return False
+    return (
+        data.get_attr("IFLA_VXLAN_ID") == vni
+        and data.get_attr("IFLA_VXLAN_LOCAL") == local
+        and data.get_attr("IFLA_VXLAN_PORT") == VXLAN_PORT
+        and not data.get_attr("IFLA_VXLAN_LEARNING")
+    )
+
+
+def vxlan_ensure(
+    name: str,
+    *,
+    vni: int,
+    local: str,
+    bridge: str,
+    fdb: set[tuple[str, str]],
+    mtu: int,
+    netns: str | None = None,
+) -> dict[str, int]:
+    """Make VXLAN device ``name`` (``vni``, source ``local``, UDP 4789, learning off) a port of
+    ``bridge`` with MTU ``mtu``, up, whose forwarding entries are exactly ``fdb``: pairs of
+    (MAC, peer tunnel address); ``ZERO_MAC`` entries replicate broadcast and unknown unicast
+    to each peer. A device with other parameters is re-created (the kernel cannot change
+    them in place). Idempotent; returns how many entries were added and removed."""
+    _check_owned(name)
+    _check_owned(bridge)
+
+    def op(ipr: IPRoute) -> dict[str, int]:
+        try:
+            bridge_index = _lookup(ipr, bridge)
+            if bridge_index is None:
+                raise PlumbingError(f"bridge {bridge} does not exist")
+            index = _lookup(ipr, name)
+            if index is not None and not _vxlan_matches(ipr.get_links(index)[0], vni=vni, local=local):
+                ipr.link("del", index=index)
+                index = None
+            if index is None:
+                _add_racing(
+                    ipr,
+                    ifname=name,
+                    kind="vxlan",
+                    vxlan_id=vni,
+                    vxlan_local=local,
+                    vxlan_port=VXLAN_PORT,
+                    vxlan_learning=0,
+                )
+                index = _lookup(ipr, name)
+                assert index is not None
+            ipr.link("set", index=index, mtu=mtu)
+            ipr.link("set", index=index, master=bridge_index)
+            ipr.link("set", index=index, state="up")
+            have = {
+                (str(m.get_attr("NDA_LLADDR")).lower(), m.get_attr("NDA_DST"))
+                for m in ipr.fdb("dump", ifindex=index)
+                if m["ifindex"] == index and m.get_attr("NDA_DST")  # not the bridge's learnt entries
+            }
+            counts = {"fdb_added": 0, "fdb_removed": 0}
+            for mac, dst in sorted(have - fdb):
+                try:
+                    ipr.fdb("del", ifindex=index, lladdr=mac, dst=dst)
+                    counts["fdb_removed"] += 1
+                except NetlinkError as exc:
+                    if exc.code != errno.ENOENT:  # removed meanwhile
+                        raise
+            for mac, dst in sorted(fdb - have):
+                try:
+                    ipr.fdb("append", ifindex=index, lladdr=mac, dst=dst)
+                    counts["fdb_added"] += 1
+                except NetlinkError as exc:
+                    if exc.code != errno.EEXIST:  # added meanwhile
+                        raise
+            return counts
+        except NetlinkError as exc:
+            raise PlumbingError(f"vxlan {name}: {exc}", details={"code": exc.code}) from exc
+
+    return _netlink(netns, op)
+
+
+def fdb_entries(name: str, *, netns: str | None = None) -> set[tuple[str, str]]:
+    """The (MAC, peer address) forwarding entries of VXLAN device ``name`` (empty when it is gone)."""
+
+    def op(ipr: IPRoute) -> set[tuple[str, str]]:
+        index = _lookup(ipr, name)
+        if index is None:
+            return set()
+        return {
+            (str(m.get_attr("NDA_LLADDR")).lower(), m.get_attr("NDA_DST"))
+            for m in ipr.fdb("dump", ifindex=index)
+            if m["ifindex"] == index and m.get_attr("NDA_DST")
+        }
+
+    return _netlink(netns, op)
+
+
+def underlay_mtu(address: str, *, netns: str | None = None) -> int | None:
+    """MTU of the interface holding ``address`` (the host's tunnel address); None when no
+    interface of ``netns`` holds it."""
+
+    def op(ipr: IPRoute) -> int | None:
+        for msg in ipr.get_addr(family=2):
+            if msg.get_attr("IFA_ADDRESS") == address:
+                return int(ipr.get_links(msg["index"])[0].get_attr("IFLA_MTU"))
+        return None
+
+    return _netlink(netns, op)
+
+
 def link_remove(name: str, *, netns: str | None = None) -> bool:
     """Delete one of our links (bridge or TAP); False when it did not exist."""
     _check_owned(name)
@@ -250,7 +370,7 @@ def host_networks(*, netns: str | None = None) -> list[str]:
         found = set()
         for msg in ipr.get_addr():
             name = names.get(msg["index"], "")
-            if name == "lo" or name.startswith((TAP_PREFIX, BRIDGE_PREFIX)):
+            if name == "lo" or name.startswith((TAP_PREFIX, BRIDGE_PREFIX, VXLAN_PREFIX)):
                 continue
             address = msg.get_attr("IFA_ADDRESS")
             if address:

@@ -32,6 +32,7 @@ from typing import Any
 from networking.netlink import netns_call
 
 TABLE = "microvm_sandbox"
+VXLAN_PORT = 4789
 NFT_BINARY = "nft"
 NFT_TIMEOUT = 15.0
 FAMILIES = ("inet", "bridge")
@@ -101,6 +102,16 @@ class NicRules:
 
 
 @dataclass(frozen=True)
+class RemoteNicRules:
+    """A NIC of the same network on another host, reached through the network's VXLAN device."""
+
+    mac: str
+    ip: str
+    tenant: str
+    ip6: str = ""
+
+
+@dataclass(frozen=True)
 class NetworkRules:
     bridge: str
     cidr: str
@@ -109,6 +120,8 @@ class NetworkRules:
     nics: tuple[NicRules, ...] = ()
     cidr6: str = ""  # dual-stack: the IPv6 prefix, its gateway on the bridge
     gateway6: str = ""
+    vxlan: str = ""  # the network's VXLAN port on the bridge when it spans hosts
+    remote_nics: tuple[RemoteNicRules, ...] = ()  # NICs behind ``vxlan`` (on the other hosts)
 
 
 @dataclass(frozen=True)
@@ -130,6 +143,9 @@ class HostRules:
     # ``egress_exceptions`` (operator-set). Traffic inside a VM's own network is not affected.
     egress_blocked: tuple[str, ...] = DEFAULT_EGRESS_BLOCKED
     egress_exceptions: tuple[str, ...] = ()
+    # VXLAN: only these underlay addresses may send us packets of these VNIs.
+    tunnel_peers: tuple[str, ...] = ()
+    tunnel_vnis: tuple[int, ...] = ()
 
 
 # --- expression builders (libnftables JSON) ------------------------------------------------
@@ -255,11 +271,96 @@ def _blocked_rules(rule: Callable[..., None], rules: HostRules) -> None:
 
 def _tenant_ips(network: NetworkRules, version: int = 4) -> dict[str, list[str]]:
     tenants: dict[str, list[str]] = defaultdict(list)
-    for nic in network.nics:
+    for nic in (*network.nics, *network.remote_nics):
         address = nic.ip if version == 4 else nic.ip6
         if address:
             tenants[nic.tenant].append(address)
     return {tenant: sorted(ips, key=ipaddress.ip_address) for tenant, ips in tenants.items()}
+
+
+def _solicited_node_mac(ip6: str) -> str:
+    """The Ethernet multicast address of ``ip6``'s solicited-node group (33:33:ff + its last 24 bits)."""
+    low = ipaddress.IPv6Address(ip6).packed[-3:]
+    return "33:33:ff:" + ":".join(f"{b:02x}" for b in low)
+
+
+def _tunnel_rules(l2_in: Callable[..., None], l2_fwd: Callable[..., None], network: NetworkRules) -> None:
+    """Layer-2 rules for a network's VXLAN port. Frames from the tunnel are treated as coming
+    from the remote NICs the database knows (their MAC and addresses), never as a local TAP's;
+    tenant isolation holds between local TAPs and remote NICs as between local TAPs."""
+    port = _match(_meta("iifname"), network.vxlan)
+    remote = network.remote_nics
+    macs = sorted({r.mac.lower() for r in remote})
+    ips = sorted({r.ip for r in remote}, key=ipaddress.ip_address)
+    ip6s = sorted({r.ip6 for r in remote if r.ip6}, key=ipaddress.ip_address)
+    if not macs:
+        l2_in(port, COUNTER, DROP, comment=f"{network.vxlan} no remote NICs")
+        return
+    l2_in(port, _match(_payload("ether", "saddr"), _set(macs), op="!="), COUNTER, DROP, comment=f"{network.vxlan} MAC")
+    types = ["ip", "arp", *(["ip6"] if ip6s else [])]
+    l2_in(
+        port, _match(_payload("ether", "type"), _set(types), op="!="), COUNTER, DROP, comment=f"{network.vxlan} types"
+    )
+    l2_in(
+        port,
+        _match(_payload("ether", "type"), "ip"),
+        _match(_payload("ip", "saddr"), _set(ips), op="!="),
+        COUNTER,
+        DROP,
+        comment=f"{network.vxlan} IPv4 source",
+    )
+    l2_in(
+        port,
+        _match(_payload("ether", "type"), "arp"),
+        _match(_payload("arp", "saddr ip"), _set(ips), op="!="),
+        COUNTER,
+        DROP,
+        comment=f"{network.vxlan} ARP sender",
+    )
+    if ip6s:
+        l2_in(
+            port,
+            _match(_payload("ether", "type"), "ip6"),
+            _match(_payload("ip6", "saddr"), _set([*ip6s, _addr("fe80::/10"), "::"]), op="!="),
+            COUNTER,
+            DROP,
+            comment=f"{network.vxlan} IPv6 source",
+        )
+    taps = sorted(nic.tap for nic in network.nics)
+    if not network.tenant_isolation or not taps:
+        return
+    local: dict[str, list[str]] = defaultdict(list)
+    for nic in network.nics:
+        local[nic.tenant].append(nic.tap)
+    for tenant in sorted(local):
+        theirs = [r for r in remote if r.tenant == tenant]
+        if not theirs:
+            continue
+        tenant_macs = sorted({r.mac.lower() for r in theirs})
+        same = _set(sorted(local[tenant]))
+        to = ["ff:ff:ff:ff:ff:ff", *tenant_macs, *sorted({_solicited_node_mac(r.ip6) for r in theirs if r.ip6})]
+        l2_fwd(
+            _match(_meta("iifname"), same),
+            _match(_meta("oifname"), network.vxlan),
+            _match(_payload("ether", "daddr"), _set(sorted(set(to)))),
+            ACCEPT,
+            comment=f"tenant {tenant} on {network.bridge} to other hosts",
+        )
+        l2_fwd(
+            port,
+            _match(_meta("oifname"), same),
+            _match(_payload("ether", "saddr"), _set(tenant_macs)),
+            ACCEPT,
+            comment=f"tenant {tenant} on {network.bridge} from other hosts",
+        )
+    l2_fwd(
+        _match(_meta("iifname"), _set(taps)),
+        _match(_meta("oifname"), network.vxlan),
+        COUNTER,
+        DROP,
+        comment=f"tenant isolation on {network.bridge} to other hosts",
+    )
+    l2_fwd(port, COUNTER, DROP, comment=f"tenant isolation on {network.bridge} from other hosts")
 
 
 def render(rules: HostRules) -> dict[str, Any]:
@@ -326,6 +427,19 @@ def render(rules: HostRules) -> dict[str, Any]:
     fwd(_match(_meta("iifname"), BRIDGES_SET), COUNTER, DROP, comment="unknown source")
 
     inp = doc.chain("inet", "input", kind="filter", hook="input", prio=0)
+    if rules.tunnel_vnis:
+        # Anyone on the underlay could send VXLAN packets with forged inner frames: our VNIs are
+        # accepted from the peer hosts' tunnel addresses only (VNI: bits 32-55 of the VXLAN
+        # header, which follows the 8-byte UDP header).
+        inp(
+            _match(_meta("l4proto"), "udp"),
+            _match(_payload("udp", "dport"), VXLAN_PORT),
+            _match(_raw_th(96, 24), _set(rules.tunnel_vnis)),
+            _match(_payload("ip", "saddr"), _set(rules.tunnel_peers), op="!="),
+            COUNTER,
+            DROP,
+            comment="VXLAN of our networks from peer hosts only",
+        )
     inp(
         _match(_meta("iifname"), BRIDGES_SET),
         _match({"ct": {"key": "state"}}, ["established", "related"], op="in"),
@@ -396,7 +510,20 @@ def render(rules: HostRules) -> dict[str, Any]:
     doc.table("bridge")
     l2_in = doc.chain("bridge", "prerouting", kind="filter", hook="prerouting", prio=-200)
     l2_fwd = doc.chain("bridge", "forward", kind="filter", hook="forward", prio=0)
+    vxlans = sorted(n.vxlan for n in rules.networks if n.vxlan)
+    if vxlans:
+        # Each host is the gateway of its own guests only (every host's bridge holds the same
+        # gateway address): nothing from a tunnel reaches this host's stack, and nothing the
+        # host itself sends (ARP replies for the gateway, ...) leaves through one.
+        l2_local_in = doc.chain("bridge", "input", kind="filter", hook="input", prio=0)
+        l2_local_in(_match(_meta("iifname"), _set(vxlans)), COUNTER, DROP, comment="tunnels do not reach the host")
+        l2_local_out = doc.chain("bridge", "output", kind="filter", hook="output", prio=0)
+        l2_local_out(
+            _match(_meta("oifname"), _set(vxlans)), COUNTER, DROP, comment="the host sends nothing into tunnels"
+        )
     for network in sorted(rules.networks, key=lambda n: n.bridge):
+        if network.vxlan:
+            _tunnel_rules(l2_in, l2_fwd, network)
         for nic in sorted(network.nics, key=lambda n: n.tap):
             port = _match(_meta("iifname"), nic.tap)
             l2_in(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import dataclass, field
 
 from django.conf import settings
 from django.db.models import Q
@@ -12,7 +13,7 @@ from accounts.permissions import token_scope_filter
 from accounts.roles import user_is_operator
 from accounts.selectors import project_ids_with
 from accounts.services import object_in_token_scope, user_has_perm
-from networking import nft
+from networking import netlink, nft
 from networking.models import EgressMode, EgressRule, Network, Nic, PortForward, parse_ports
 
 NETWORK_PERMS = ("view", "change", "delete", "use")
@@ -135,6 +136,59 @@ def network_policies(networks, rules_by_id) -> dict:
     return out
 
 
+@dataclass
+class NetworkTunnel:
+    """A network's VXLAN tunnel on one host: to the other hosts with plumbed NICs on it."""
+
+    network: Network
+    device: str
+    vni: int
+    local: str  # this host's tunnel address
+    peers: dict[str, str] = field(default_factory=dict)  # host name -> tunnel address
+    remote_nics: list[Nic] = field(default_factory=list)  # plumbed NICs of this network on the peers
+
+    @property
+    def fdb(self) -> set[tuple[str, str]]:
+        """Forwarding entries: broadcast and unknown unicast to every peer, each remote NIC's
+        MAC to its host (learning is off: the database, not received frames, says where a MAC is)."""
+        entries = {(netlink.ZERO_MAC, address) for address in self.peers.values()}
+        return entries | {(nic.mac.lower(), nic.vm.host.tunnel_address) for nic in self.remote_nics}
+
+
+def host_tunnels(host) -> list[NetworkTunnel]:
+    """The VXLAN tunnels ``host`` must have: one per network with plumbed NICs both here and on
+    another active host, when both hosts have a tunnel address (a host without one takes no
+    part). A network whose last peer left has none."""
+    if not host.tunnel_address:
+        return []
+    local_networks = set(Nic.objects.filter(vm__host=host, plumbed=True).values_list("network_id", flat=True))
+    if not local_networks:
+        return []
+    remote = (
+        Nic.objects.filter(
+            network_id__in=local_networks,
+            plumbed=True,
+            vm__host__is_active=True,
+            vm__host__tunnel_address__isnull=False,
+        )
+        .exclude(vm__host=host)
+        .exclude(vm__host__tunnel_address=host.tunnel_address)  # not a tunnel to ourselves
+        .select_related("vm__host", "network")
+        .order_by("tap")
+    )
+    tunnels: dict = {}
+    for nic in remote:
+        network = nic.network
+        tunnel = tunnels.get(network.pk)
+        if tunnel is None:
+            tunnel = tunnels[network.pk] = NetworkTunnel(
+                network=network, device=netlink.vxlan_name(str(network.pk)), vni=network.vni, local=host.tunnel_address
+            )
+        tunnel.peers[nic.vm.host.name] = nic.vm.host.tunnel_address
+        tunnel.remote_nics.append(nic)
+    return [tunnels[k] for k in sorted(tunnels, key=lambda k: tunnels[k].device)]
+
+
 def host_rules(host) -> nft.HostRules:
     """Everything ``host`` must enforce, from the database: every network (so the drop rules
     cover each of our bridges), the plumbed NICs of its VMs, and their port forwards."""
@@ -162,6 +216,7 @@ def host_rules(host) -> nft.HostRules:
         )
         if nic.index == 0 or nic.vm_id not in first_ip:
             first_ip[nic.vm_id] = (nic.ip, nic.ip6 or "")
+    tunnels = {t.network.pk: t for t in host_tunnels(host)}
     forwards = [
         nft.PortForwardRules(
             protocol=pf.protocol,
@@ -182,8 +237,17 @@ def host_rules(host) -> nft.HostRules:
                 gateway6=n.gateway6 or "",
                 tenant_isolation=n.tenant_isolation,
                 nics=tuple(by_network[n.pk]),
+                vxlan=tunnels[n.pk].device if n.pk in tunnels else "",
+                remote_nics=tuple(
+                    nft.RemoteNicRules(mac=r.mac, ip=r.ip, ip6=r.ip6 or "", tenant=str(r.vm.project_id))
+                    for r in tunnels[n.pk].remote_nics
+                )
+                if n.pk in tunnels
+                else (),
             )
             for n in networks
         ),
         port_forwards=tuple(forwards),
+        tunnel_peers=tuple(sorted({a for t in tunnels.values() for a in t.peers.values()})),
+        tunnel_vnis=tuple(sorted(t.vni for t in tunnels.values())),
     )

@@ -9,7 +9,9 @@ functions below with ``vms.hooks`` (vms never imports networking; see docs/netwo
 - ``nic_plumb(vm=...)`` on the VM's host before the VMM is launched or restored;
 - ``nic_unplumb(vm=...)`` on the VM's host after the VMM is gone (stop, delete);
 - ``nic_release(vm=...)`` in the transaction that deletes the VM row;
-- ``network_reconcile(host=...)`` at worker start on each host.
+- ``network_reconcile(host=...)`` at worker start on each host;
+- ``network_tunnels_sync(host=...)``: the VXLAN devices of networks spanning hosts, after
+  every plumb and unplumb here, and on the peer hosts (their queues) when NICs here change.
 
 Host-side work (netlink, nftables) happens in ``settings.SANDBOX_NETNS`` (empty = host
 namespace) and only on interfaces and tables we named.
@@ -803,7 +805,9 @@ def nic_plumb(*, vm) -> list[NicSpec]:
     for nic in nics:
         _bridge_ensure(nic.network)
         netlink.tap_ensure(nic.tap, nic.network.bridge, netns=_netns())
+    network_tunnels_sync(host=vm.host)
     network_rules_apply(host=vm.host)
+    _tunnel_peers_notify(vm.host, {n.network_id for n in nics})
     return [_nic_spec(n) for n in nics]
 
 
@@ -827,7 +831,9 @@ def nic_unplumb(*, vm) -> None:
     if nics:
         Nic.objects.filter(pk__in=[n.pk for n in nics]).update(plumbed=False)
     if vm.host_id:
+        network_tunnels_sync(host=vm.host)
         network_rules_apply(host=vm.host)
+        _tunnel_peers_notify(vm.host, {n.network_id for n in nics})
 
 
 def nic_counters(*, vm) -> dict[str, dict[str, int]]:
@@ -885,11 +891,96 @@ def _rules_apply_everywhere() -> None:
         _rules_apply_enqueue(host)
 
 
+def network_tunnels_sync(*, host) -> dict[str, int]:
+    """On ``host``: one VXLAN device per network spanning hosts (``selectors.host_tunnels``:
+    plumbed NICs here and on another host, both with a tunnel address), a port of the
+    network's bridge, MTU = the underlay's − 50, with exactly the forwarding entries the
+    database gives; our VXLAN devices of networks no longer spanning hosts (the last peer
+    left, or the network is gone) are removed. Idempotent. The rules are not applied here."""
+    with transaction.atomic():
+        # Serialised with the rules of this host (concurrent plumbs of one network): each sync
+        # reads the database after the previous one finished, so the last one is complete.
+        _lock_host_rules(host)
+        return _tunnels_sync(host)
+
+
+def _tunnels_sync(host) -> dict[str, int]:
+    counts = {"vxlans_ensured": 0, "vxlans_removed": 0, "fdb_added": 0, "fdb_removed": 0}
+    tunnels = selectors.host_tunnels(host)
+    underlay = netlink.underlay_mtu(host.tunnel_address, netns=_netns()) if tunnels else None
+    if tunnels and underlay is None:
+        # A tunnel address no interface here holds: taking part would only blackhole frames.
+        logger.error("host %s: tunnel address %s is on no interface here; no VXLAN", host.name, host.tunnel_address)
+        tunnels = []
+    wanted = set()
+    for tunnel in tunnels:
+        assert underlay is not None
+        _bridge_ensure(tunnel.network)
+        changed = netlink.vxlan_ensure(
+            tunnel.device,
+            vni=tunnel.vni,
+            local=tunnel.local,
+            bridge=tunnel.network.bridge,
+            fdb=tunnel.fdb,
+            mtu=underlay - netlink.VXLAN_OVERHEAD,
+            netns=_netns(),
+        )
+        wanted.add(tunnel.device)
+        counts["vxlans_ensured"] += 1
+        counts["fdb_added"] += changed["fdb_added"]
+        counts["fdb_removed"] += changed["fdb_removed"]
+    for link in netlink.links_owned(netns=_netns()):
+        if link.name.startswith(netlink.VXLAN_PREFIX) and link.name not in wanted:
+            counts["vxlans_removed"] += int(netlink.link_remove(link.name, netns=_netns()))
+    return counts
+
+
+def network_peers_sync(*, host) -> dict[str, int]:
+    """On ``host`` (its queue), after NICs of a network it shares changed on another host:
+    tunnels and rules (the other host's NICs are in this host's tenant sets)."""
+    counts = network_tunnels_sync(host=host)
+    network_rules_apply(host=host)
+    return counts
+
+
+def host_hook_tunnel_changed(*, host) -> None:
+    """A host's tunnel address changed: it and every host sharing a network with it re-sync
+    their tunnels and rules (after commit, on their own queues)."""
+    from networking.tasks import network_peers_sync_task
+
+    network_ids = set(Nic.objects.filter(vm__host=host, plumbed=True).values_list("network_id", flat=True))
+    transaction.on_commit(lambda: network_peers_sync_task.apply_async(args=[str(host.pk)], queue=host.queue))
+    if network_ids:
+        _tunnel_peers_notify(host, network_ids)
+
+
+def _tunnel_peers_notify(host, network_ids) -> None:
+    """The other hosts with plumbed NICs on these networks re-sync (after commit, on their queues)."""
+    from networking.tasks import network_peers_sync_task
+    from vms.models import Host
+
+    peers = (
+        Host.objects.filter(
+            is_active=True,
+            tunnel_address__isnull=False,
+            vms__nics__plumbed=True,
+            vms__nics__network_id__in=list(network_ids),
+        )
+        .exclude(pk=host.pk)
+        .distinct()
+    )
+    for peer in peers:
+        transaction.on_commit(
+            lambda peer=peer: network_peers_sync_task.apply_async(args=[str(peer.pk)], queue=peer.queue)
+        )
+
+
 def network_reconcile(*, host) -> dict[str, int]:
     """At start-up on ``host``: make sure the default network exists, remove our own leftover
     interfaces (TAPs of NICs that are gone or unplumbed, bridges of deleted networks), bring
-    back the bridges and TAPs of plumbed NICs, and re-apply the rules atomically. Touches
-    only interfaces named with our prefix and our own nftables tables."""
+    back the bridges and TAPs of plumbed NICs, sync the VXLAN tunnels (``network_tunnels_sync``)
+    and re-apply the rules atomically. Touches only interfaces named with our prefix and our
+    own nftables tables."""
     network_default_ensure()
     counts = {"taps_removed": 0, "bridges_removed": 0, "taps_ensured": 0}
     plumbed = list(Nic.objects.filter(vm__host=host, plumbed=True).select_related("network"))
@@ -905,6 +996,7 @@ def network_reconcile(*, host) -> dict[str, int]:
         _bridge_ensure(nic.network)
         netlink.tap_ensure(nic.tap, nic.network.bridge, netns=_netns())
         counts["taps_ensured"] += 1
+    counts.update(network_tunnels_sync(host=host))
     network_rules_apply(host=host)
     return counts
 
@@ -1075,8 +1167,10 @@ def vm_hook_row_deleting(*, vm) -> None:
 
 def vm_hook_owner_changed(*, vm) -> None:
     """A pool VM was taken: its TAP moves to its new owner's tenant before it runs again."""
-    if any(nic.plumbed for nic in selectors.nics_of(vm)):
+    nics = selectors.nics_of(vm)
+    if any(nic.plumbed for nic in nics):
         network_rules_apply(host=vm.host)
+        _tunnel_peers_notify(vm.host, {n.network_id for n in nics})  # their tenant sets name it too
 
 
 def vm_hook_nics(*, vm) -> list[NicSpec]:

@@ -438,6 +438,15 @@ for _cidr in SANDBOX_EGRESS_EXCEPTIONS:
 # Turn on IPv4 forwarding in the namespace when rules are applied (needed for egress NAT and
 # port forwards from other machines). It is namespace-wide: off leaves the host's setting alone.
 SANDBOX_NETWORK_IP_FORWARD = env.bool("SANDBOX_NETWORK_IP_FORWARD", default=True)
+# This host's underlay IPv4 address for the VXLAN tunnels of networks spanning hosts (UDP 4789
+# between hosts; docs/scale-out.md). The worker's heartbeat records it on its Host row; empty:
+# left as `manage.py host_join --tunnel-address` set it (none: the host takes no part).
+SANDBOX_TUNNEL_ADDRESS = env.str("SANDBOX_TUNNEL_ADDRESS", default="")
+if SANDBOX_TUNNEL_ADDRESS:
+    try:
+        SANDBOX_TUNNEL_ADDRESS = str(ipaddress.IPv4Address(SANDBOX_TUNNEL_ADDRESS))
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"SANDBOX_TUNNEL_ADDRESS must be an IPv4 address: {exc}") from exc
 _pf_range = env.str("SANDBOX_PORT_FORWARD_RANGE", default="20000-29999").split("-")
 SANDBOX_PORT_FORWARD_RANGE = (int(_pf_range[0]), int(_pf_range[-1]))
 if not 1 <= SANDBOX_PORT_FORWARD_RANGE[0] <= SANDBOX_PORT_FORWARD_RANGE[1] <= 65535:

@@ -147,7 +147,17 @@ class HostAdmin(admin.ModelAdmin):
     list_filter = ["is_active", "cordoned"]
     search_fields = ["name"]
     actions = ["cordon_selected", "uncordon_selected", "remove_selected"]
-    readonly_fields = ["cpus", "memory_mib", "disk_free_gib", "last_seen_at", "hostd_seen_at", "hostd_status", "admits"]
+    readonly_fields = [
+        "cpus",
+        "memory_mib",
+        "disk_free_gib",
+        "last_seen_at",
+        "hostd_seen_at",
+        "hostd_status",
+        "admits",
+        "hostd_address",
+        "tunnel_address",
+    ]
     fieldsets = [
         (None, {"fields": ["name", "is_active", "cordoned", "driver", "acceleration"]}),
         (
@@ -166,6 +176,8 @@ class HostAdmin(admin.ModelAdmin):
             },
         ),
         ("Heartbeat", {"fields": ["last_seen_at", "hostd_seen_at", "hostd_status"]}),
+        # Set by `manage.py host_join` (audited) and the host's heartbeat, not edited here.
+        ("Joined", {"fields": ["hostd_address", "tunnel_address"]}),
     ]
 
     @admin.action(description="Cordon: place no new VMs on the selected hosts")

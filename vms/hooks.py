@@ -30,6 +30,9 @@ Hook names and their keyword arguments:
 - ``vm_pool_take(owner, vm_name, template, image, vcpus, memory_mib, disk_gib, metadata, start, actor)
   -> (vm, operation) | None``: in ``vm_create``'s transaction after its quota and name checks:
   a VM of the template's warm pool taken for the owner instead of a new row (snapshots);
+- ``host_tunnel_changed(host)``: after a host's tunnel address changed (``host_join``, its
+  heartbeat's ``SANDBOX_TUNNEL_ADDRESS``); networking re-syncs the VXLAN tunnels of that host
+  and of its peers (on their queues);
 - ``vm_owner_changed(vm)``: on the VM's host, after a pool VM got its owner and before it
   runs again (networking re-applies the tenant rules).
 """
@@ -53,6 +56,7 @@ HOOK_NAMES = (
     "vm_create_source",
     "vm_pool_take",
     "vm_owner_changed",
+    "host_tunnel_changed",
 )
 
 _hooks: dict[str, list[Callable[..., Any]]] = {name: [] for name in HOOK_NAMES}

@@ -12,6 +12,7 @@ from accounts.audit import audit_record
 from accounts.permissions import require_perm
 from sandbox_site.errors import ApplicationError, ConflictError
 from vms import pki
+from vms.hooks import hook_run
 from vms.hostd.tls import parse_listen
 from vms.models import VM, Host
 
@@ -56,18 +57,25 @@ def host_remove(*, host: Host, actor) -> Host:
     return locked
 
 
-def host_join(*, name: str, address: str, actor=None) -> tuple[Host, pki.CertFiles]:
+def host_join(*, name: str, address: str, tunnel_address: str = "", actor=None) -> tuple[Host, pki.CertFiles]:
     """Register hypervisor host ``name`` whose hostd listens (mutual TLS) at ``address``
     (``host:port``) and issue its server certificate (a new one each time: joining again
-    replaces a lost or leaked key). Returns the host and the files to copy to it."""
+    replaces a lost or leaked key). ``tunnel_address``: its underlay IPv4 address for the
+    VXLAN tunnels of networks spanning hosts (empty: left as it is). Returns the host and
+    the files to copy to it."""
+    import ipaddress
+
     from django.core.validators import validate_slug
 
     try:
         validate_slug(name)
         address_host, _ = parse_listen(address)
+        if tunnel_address:
+            tunnel_address = str(ipaddress.IPv4Address(tunnel_address))
     except (ValidationError, ValueError) as exc:
         raise ApplicationError(
-            "A host needs a slug name and an address host:port.", details={"name": name, "address": address}
+            "A host needs a slug name, an address host:port and, when given, an IPv4 tunnel address.",
+            details={"name": name, "address": address, "tunnel_address": tunnel_address},
         ) from exc
     if len(name) > 63:
         raise ApplicationError("A host's name is at most 63 characters.", details={"name": "too long"})
@@ -75,14 +83,26 @@ def host_join(*, name: str, address: str, actor=None) -> tuple[Host, pki.CertFil
     pki.control_ensure()
     with transaction.atomic():
         host, created = Host.objects.select_for_update().get_or_create(name=name)
-        before = None if created else {"hostd_address": host.hostd_address, "is_active": host.is_active}
+        before = (
+            None
+            if created
+            else {
+                "hostd_address": host.hostd_address,
+                "is_active": host.is_active,
+                "tunnel_address": host.tunnel_address,
+            }
+        )
         host.hostd_address, host.is_active = address, True
-        host.save(update_fields=["hostd_address", "is_active"])
+        tunnel_changed = bool(tunnel_address) and tunnel_address != host.tunnel_address
+        host.tunnel_address = tunnel_address or host.tunnel_address
+        host.save(update_fields=["hostd_address", "is_active", "tunnel_address"])
         audit_record(
             actor=actor,
             action="host.join",
             obj=host,
             before=before,
-            after={"hostd_address": address, "is_active": True},
+            after={"hostd_address": address, "is_active": True, "tunnel_address": host.tunnel_address},
         )
+        if tunnel_changed:
+            hook_run("host_tunnel_changed", host=host)
     return host, files

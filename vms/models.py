@@ -134,6 +134,13 @@ class Host(models.Model):
         help_text="host:port of hostd's mutual-TLS listener, for web and workers on other hosts "
         "(empty: reached through the local socket only).",
     )
+    tunnel_address = models.GenericIPAddressField(
+        protocol="IPv4",
+        null=True,
+        blank=True,
+        help_text="Underlay IPv4 address of the host's VXLAN tunnels to other hosts (networks spanning "
+        "hosts); empty: the host takes no part in them.",
+    )
     hostd_seen_at = models.DateTimeField(null=True, blank=True, help_text="Last time hostd answered the heartbeat.")
     hostd_status = models.JSONField(default=dict, blank=True, help_text="hostd's answer: VMs attached, agent links up.")
     cpus = models.PositiveIntegerField(default=0, help_text="CPUs of the host, as its heartbeat reports them.")

@@ -28,6 +28,7 @@ from sandbox_site import metrics
 from sandbox_site.errors import ApplicationError
 from vms import hypervisor
 from vms.events import operation_event_publish
+from vms.hooks import hook_run
 from vms.hostd.logcontext import log_context
 from vms.models import VM, Host, Operation, VmState
 from vms.transitions import IN_PLACE_STATES, TRANSITIONAL_STATES, vm_host_back, vm_host_down
@@ -346,6 +347,8 @@ def host_heartbeat(host: Host, now) -> bool:
 
     cpus, memory_mib = machine_capacity()
     fields: dict = {"last_seen_at": now, "cpus": cpus, "memory_mib": memory_mib, "disk_free_gib": disk_room_gib()}
+    if settings.SANDBOX_TUNNEL_ADDRESS:  # validated at start-up (settings)
+        fields["tunnel_address"] = settings.SANDBOX_TUNNEL_ADDRESS
     try:
         with HostdClient(settings.SANDBOX_HOSTD_SOCKET, timeout=2.0) as client:
             hello, _ = client.call("hello", timeout=2.0)
@@ -366,6 +369,9 @@ def host_heartbeat(host: Host, now) -> bool:
         fields["hostd_seen_at"] = now
         up = True
     Host.objects.filter(pk=host.pk).update(**fields)
+    if "tunnel_address" in fields and fields["tunnel_address"] != host.tunnel_address:
+        host.tunnel_address = fields["tunnel_address"]
+        hook_run("host_tunnel_changed", host=host)
     return up
 
 

@@ -218,6 +218,7 @@ class HostSerializer(serializers.Serializer):
     disk_free_gib = serializers.FloatField(allow_null=True)
     last_seen_at = serializers.DateTimeField(allow_null=True)
     hostd_seen_at = serializers.DateTimeField(allow_null=True)
+    tunnel_address = serializers.IPAddressField(allow_null=True)
     vms = serializers.IntegerField(source="vm_count")
     vcpus_allowed = serializers.IntegerField(source="room.vcpus_allowed")
     vcpus_used = serializers.IntegerField(source="room.vcpus_used")

@@ -17,10 +17,15 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("name", help="the host's SANDBOX_HOST_NAME")
         parser.add_argument("--address", required=True, help="host:port where its hostd listens (TLS)")
+        parser.add_argument(
+            "--tunnel-address",
+            default="",
+            help="its underlay IPv4 address for VXLAN tunnels of networks spanning hosts (UDP 4789)",
+        )
 
-    def handle(self, *args, name: str, address: str, **options):
+    def handle(self, *args, name: str, address: str, tunnel_address: str = "", **options):
         try:
-            host, files = host_join(name=name, address=address)
+            host, files = host_join(name=name, address=address, tunnel_address=tunnel_address)
         except ApplicationError as exc:
             raise CommandError(f"{exc.message} {exc.details or ''}") from exc
         port = address.rpartition(":")[2]
