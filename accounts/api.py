@@ -4,7 +4,7 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from accounts import selectors, services
-from accounts.models import ApiToken
+from accounts.models import ApiToken, Project
 from accounts.permissions import project_or_404
 from accounts.roles import user_is_operator
 from accounts.serializers import (
@@ -105,6 +105,7 @@ class ProjectViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     (``GET usage/``); operators set the quota (``PATCH quota/``). Every change is audited."""
 
     serializer_class = ProjectSerializer
+    queryset = Project.objects.none()  # for the schema's path parameter; rows come from get_queryset
     lookup_field = "id"
     lookup_value_converter = "uuid"
 

@@ -110,6 +110,8 @@ def user_rights_read(user, obj, *, with_global: bool) -> tuple[set[str] | None, 
             Permission.objects.filter(user=user).annotate(scope=Value("g")).values_list(*fields),
             Permission.objects.filter(group__user=user).annotate(scope=Value("g")).values_list(*fields),
         ]
+    # No ORDER BY in the parts (Permission's default ordering): SQLite refuses one in a UNION's subqueries.
+    parts = [part.order_by() for part in parts]
     rows = set(parts[0].union(*parts[1:]))
     global_perms = {f"{app}.{codename}" for app, codename, scope in rows if scope == "g"} if with_global else None
     return global_perms, sorted({codename for _, codename, scope in rows if scope == "o"})

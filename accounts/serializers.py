@@ -8,7 +8,10 @@ from sandbox_site.api_rows import RowRenderer
 
 class TokenSerializer(serializers.ModelSerializer):
     project = serializers.SlugRelatedField(
-        slug_field="slug", read_only=True, help_text="The project the token is limited to; null: all of yours."
+        slug_field="slug",
+        read_only=True,
+        allow_null=True,
+        help_text="The project the token is limited to; null: all of yours.",
     )
 
     class Meta:

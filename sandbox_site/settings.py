@@ -240,6 +240,8 @@ SPECTACULAR_SETTINGS = {
     "ENUM_NAME_OVERRIDES": {
         "VmStateEnum": "vms.models.VmState",
         "SnapshotStateEnum": "snapshots.models.Snapshot.State",
+        "UserRoleEnum": "accounts.models.Role",
+        "ProjectRoleEnum": "accounts.models.ProjectRole",
     },
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
