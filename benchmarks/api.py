@@ -55,7 +55,7 @@ from django.utils import timezone
 from guardian.models import UserObjectPermission
 from accounts.audit import audit_chain_seal, audit_chain_verify
 from accounts.models import AuditEvent, Role
-from accounts.services import token_create, user_set_role
+from accounts.services import project_personal_ensure, token_create, user_set_role
 from vms.models import VM, Host, Image, Operation, Template
 
 USERS, VMS_PER_USER, OPERATORS, OPS_PER_VM, AUDIT_PER_VM = {consts}
@@ -76,13 +76,15 @@ vm_rows, perm_rows, op_rows, audit_rows = [], [], [], []
 for u, user in enumerate(users):
     operator = u >= USERS
     user_set_role(user=user, role=Role.OPERATOR if operator else Role.USER, actor=None, _audit=False)
+    project = project_personal_ensure(user)  # bulk_create sends no post_save: made here
     secret = token_create(user=user, name="bench", actor=user)[1]
     tokens["operators" if operator else "users"].append(secret)
     if operator:
         continue
     vms = [
-        VM(name=f"vm-{{u}}-{{i}}", owner=user, template=template, host=host, vcpus=1, memory_mib=128, disk_gib=1,
-           driver="fake", state="running" if i % 2 else "stopped", created_at=now - timedelta(minutes=i))
+        VM(name=f"vm-{{u}}-{{i}}", owner=user, project=project, template=template, host=host, vcpus=1,
+           memory_mib=128, disk_gib=1, driver="fake", state="running" if i % 2 else "stopped",
+           created_at=now - timedelta(minutes=i))
         for i in range(VMS_PER_USER)
     ]
     vm_rows += vms
