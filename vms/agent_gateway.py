@@ -100,12 +100,10 @@ def agent_transport(vm: VM) -> AgentTransport:
     return hypervisor.driver_capabilities(vm.driver).agent_transport
 
 
-def _hostd(timeout: float, vm: VM | None = None) -> HostdClient:
-    """A connected client of ``vm``'s host's hostd (this machine's without a VM: its Unix
-    socket; another host's over mutual TLS, ``vms.hostd_address``); ``HostdUnavailable`` when
-    it does not answer."""
-    address = vm_hostd_address(vm) if vm is not None else settings.SANDBOX_HOSTD_SOCKET
-    client = HostdClient(address, timeout=timeout + 5)
+def _hostd(timeout: float, vm: VM) -> HostdClient:
+    """A connected client of ``vm``'s host's hostd (this machine's: its Unix socket; another
+    host's over mutual TLS, ``vms.hostd_address``); ``HostdUnavailable`` when it does not answer."""
+    client = HostdClient(vm_hostd_address(vm), timeout=timeout + 5)
     client.connect()
     return client
 
@@ -114,11 +112,11 @@ def _hostd_or_none(timeout: float, vm: VM) -> HostdClient | None:
     # Only a failed connect falls back to a direct connection: a request that was sent and
     # then lost its answer is never sent again (exec_start twice would run twice). A VM on
     # another host has no agent socket here: its hostd is the only way.
-    if isinstance(vm_hostd_address(vm), TlsAddress):
-        return _hostd(timeout, vm)
     try:
         return _hostd(timeout, vm)
     except HostdUnavailable:
+        if isinstance(vm_hostd_address(vm), TlsAddress):
+            raise
         return None
 
 

@@ -12,7 +12,7 @@ from accounts.rights import websocket_rights_hold
 from sandbox_site.errors import ApplicationError
 from sandbox_site.validation import int_checked, ws_control_frame
 from vms.events import user_group, vm_group
-from vms.hostd_address import hostd_address
+from vms.hostd_address import vm_hostd_address
 from vms.rights_watch import CLOSE_RIGHTS_GONE, RightsWatch
 
 logger = logging.getLogger(__name__)
@@ -94,6 +94,13 @@ class VmEventsConsumer(AsyncJsonWebsocketConsumer):
         await self.send_json({k: v for k, v in event.items() if k != "type"})
 
 
+def _console_access_and_address(user, vm):
+    """What ``user`` may do on ``vm``'s console, and where its host's hostd is."""
+    from vms import consoles
+
+    return consoles.console_access(user, vm), vm_hostd_address(vm)
+
+
 class VmConsoleConsumer(AsyncWebsocketConsumer):
     """``/ws/vms/<id>/console/[?offset=N][&ticket=T][&view=1]``: serial console of one VM, served from
     the host daemon's console stream (one ``consoles.HostdConsole`` per websocket).
@@ -155,7 +162,8 @@ class VmConsoleConsumer(AsyncWebsocketConsumer):
             await self._refuse(4404, "not_found", "This VM does not exist or is not shared with you.")
             return
         self.vm = vm
-        access = await database_sync_to_async(consoles.console_access)(user, vm)
+        # Both read the database (and, for a VM on another host, the TLS credentials): off the loop.
+        access, address = await database_sync_to_async(_console_access_and_address)(user, vm)
         # ?view=1: a viewer that never types (the VM page's boot console) leaves the keyboard.
         self.can_write = access.can_write and (query.get("view") or [""])[0] != "1"
         try:
@@ -165,7 +173,7 @@ class VmConsoleConsumer(AsyncWebsocketConsumer):
         if requested is not None and requested < 0:
             requested = None
         self.window = max(1, settings.SANDBOX_CONSOLE_WINDOW_BYTES)
-        self.console = consoles.HostdConsole(self.vm_id, socket_path=hostd_address(vm.host))
+        self.console = consoles.HostdConsole(self.vm_id, socket_path=address)
         self.writer = False
         consoles.console_session_open(self.channel_name)
         await self.accept()

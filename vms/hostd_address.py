@@ -46,8 +46,8 @@ def vm_hostd_address(vm) -> Path | TlsAddress:
     now = time.monotonic()
     cached = _host_cache.get(key)
     if cached is None or now - cached[0] > HOST_CACHE_SECONDS:
-        host = vm.host if Host in (type(v) for v in vm._state.fields_cache.values()) else None
-        host = host or Host.objects.filter(pk=vm.host_id).first()
+        # The host row when the VM was read with it (select_related), else one query.
+        host = vm._state.fields_cache.get("host") or Host.objects.filter(pk=vm.host_id).first()
         address = hostd_address(host)
         if len(_host_cache) >= _HOST_CACHE_MAX:
             _host_cache.clear()

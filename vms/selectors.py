@@ -124,8 +124,10 @@ def quota_for(user) -> dict[str, int]:
     return quota_of_user(user)
 
 
-def usage_of(user, *, exclude_vm_id=None) -> dict[str, int]:
-    qs = VM.objects.filter(owner=user).exclude(state=VmState.DELETING)
+def _vms_usage(vms_qs, *, exclude_vm_id, snapshot_gib: int) -> dict[str, int]:
+    """What the VMs of ``vms_qs`` (but ``exclude_vm_id``) hold, plus ``snapshot_gib`` of
+    snapshot storage and their console logs: both count against the same disk limit."""
+    qs = vms_qs.exclude(state=VmState.DELETING)
     if exclude_vm_id is not None:
         qs = qs.exclude(pk=exclude_vm_id)
     agg = qs.aggregate(vcpus=Sum("vcpus"), memory_mib=Sum("memory_mib"), disk_gib=Sum("disk_gib"), n=Count("pk"))
@@ -134,26 +136,25 @@ def usage_of(user, *, exclude_vm_id=None) -> dict[str, int]:
         "vms": vms,
         "vcpus": agg["vcpus"] or 0,
         "memory_mib": agg["memory_mib"] or 0,
-        # Snapshot storage and the VMs' console logs count against the same disk limit.
-        "disk_gib": (agg["disk_gib"] or 0) + _snapshot_storage_gib(user) + console_logs_gib(vms),
+        "disk_gib": (agg["disk_gib"] or 0) + snapshot_gib + console_logs_gib(vms),
     }
+
+
+def usage_of(user, *, exclude_vm_id=None) -> dict[str, int]:
+    return _vms_usage(
+        VM.objects.filter(owner=user), exclude_vm_id=exclude_vm_id, snapshot_gib=_snapshot_storage_gib(user)
+    )
 
 
 def usage_of_project(project, *, exclude_vm_id=None) -> dict[str, int]:
     """What ``project``'s VMs and snapshots use (the budget its members share)."""
     from snapshots.selectors import snapshot_storage_gib_of_project
 
-    qs = VM.objects.filter(project=project).exclude(state=VmState.DELETING)
-    if exclude_vm_id is not None:
-        qs = qs.exclude(pk=exclude_vm_id)
-    agg = qs.aggregate(vcpus=Sum("vcpus"), memory_mib=Sum("memory_mib"), disk_gib=Sum("disk_gib"), n=Count("pk"))
-    vms = agg["n"] or 0
-    return {
-        "vms": vms,
-        "vcpus": agg["vcpus"] or 0,
-        "memory_mib": agg["memory_mib"] or 0,
-        "disk_gib": (agg["disk_gib"] or 0) + snapshot_storage_gib_of_project(project) + console_logs_gib(vms),
-    }
+    return _vms_usage(
+        VM.objects.filter(project=project),
+        exclude_vm_id=exclude_vm_id,
+        snapshot_gib=snapshot_storage_gib_of_project(project),
+    )
 
 
 def console_logs_gib(vm_count: int) -> int:

@@ -84,7 +84,7 @@ def test_the_control_plane_reaches_a_remote_hostd_and_its_agents(remote: Hostd, 
         proc.wait()
 
 
-def test_keys_are_private_and_the_ca_key_signs_only_here(ca: Path) -> None:
+def test_the_ca_and_control_plane_keys_are_private(ca: Path) -> None:
     files = pki.control_ensure()
     for path in (pki.ca_files().key, files.key):
         assert path.stat().st_mode & 0o777 == 0o600

@@ -91,8 +91,6 @@ def balanced() -> Iterator[Balanced]:
 
 def test_a_session_made_on_one_instance_works_on_the_other(balanced: Balanced) -> None:
     # Make the session while only web1 is up, use it when only web2 is.
-    from django.contrib.auth import get_user_model  # noqa: F401 - the stack's own database, not the test one
-
     with httpx.Client(base_url=balanced.url, timeout=20, follow_redirects=False) as client:
         page = client.get("/login/")
         csrf = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text).group(1)

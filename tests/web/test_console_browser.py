@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import time
 from urllib.parse import urlparse
 
 import pytest
 
 from benchmarks.standin import ROOT, standin_stack
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.browser
 
@@ -39,16 +39,6 @@ def _browser():
     return driver
 
 
-def _wait(condition, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
-
 @pytest.fixture
 def stack(monkeypatch):
     if not shutil.which("chromium"):
@@ -70,15 +60,16 @@ def test_a_flood_larger_than_the_window_reaches_the_terminal_whole(stack):
         driver.find_element(By.ID, "id_username").send_keys("owner")
         driver.find_element(By.ID, "id_password").send_keys("bench-password-1")
         driver.find_element(By.CSS_SELECTOR, "main form button[type=submit]").click()
-        _wait(lambda: "/login" not in driver.current_url, what="login")
+        wait_until(lambda: "/login" not in driver.current_url, 60, message="login")
         driver.get(f"{stack.url}/vms/{stack.vm_id}/#console")
-        _wait(lambda: driver.execute_script("return window.sandboxConsole.writer"), what="the writer role")
+        wait_until(lambda: driver.execute_script("return window.sandboxConsole.writer"), 60, message="the writer role")
         driver.find_element(By.CSS_SELECTOR, "#console-term textarea").send_keys(f"flood {FLOOD}\n")
         flood_json = stack.vm_dir / "flood.json"
-        _wait(flood_json.exists, what="the guest's flood to end")
+        wait_until(flood_json.exists, 60, message="the guest's flood to end")
         log = stack.vm_dir / "serial.log"
         end = log.stat().st_size
-        _wait(lambda: driver.execute_script("return window.sandboxConsole.offset") >= end, 120, "the page to catch up")
+        page_offset = lambda: driver.execute_script("return window.sandboxConsole.offset")  # noqa: E731
+        wait_until(lambda: page_offset() >= end, 120, message="the page to catch up")
         # The stand-in prints bare LFs, so xterm shows a staircase wrapping at the terminal's
         # width: look for the flood's last line in the text with the line breaks taken out.
         text = "".join(driver.execute_script("return window.sandboxConsole.text()").splitlines())
