@@ -59,6 +59,7 @@ class NicSpec:
     ip6: str = ""  # on a dual-stack network, with its gateway and prefix length
     gateway6: str = ""
     prefix6: int = 64
+    mtu: int = 1500  # what the guest's NIC gets (``host_guest_mtu``)
 
     @property
     def device_id(self) -> str:
@@ -1174,7 +1175,26 @@ def vm_hook_owner_changed(*, vm) -> None:
 
 
 def vm_hook_nics(*, vm) -> list[NicSpec]:
-    return nic_specs(vm=vm)
+    """The NICs a VMM starting on this host gives ``vm`` (with this host's guest MTU)."""
+    mtu = host_guest_mtu(vm.host)
+    return [dataclasses.replace(spec, mtu=mtu) for spec in nic_specs(vm=vm)]
+
+
+def host_guest_mtu(host) -> int:
+    """MTU for the NICs of guests starting on ``host`` (this machine): the underlay's − 50 when
+    the host takes part in networks across hosts (a tunnel address) and its underlay is smaller
+    than 1550, so that no guest frame is too big for a tunnel; 1500 otherwise. A network may
+    span hosts later than its VMs start: the host's MTU applies to all of them."""
+    if host is None or not host.tunnel_address:
+        return netlink.ETHERNET_MTU
+    underlay = netlink.underlay_mtu(host.tunnel_address, netns=_netns())
+    if underlay is None:
+        return netlink.ETHERNET_MTU  # no tunnels either (``_tunnels_sync`` logs it)
+    mtu = min(netlink.ETHERNET_MTU, underlay - netlink.VXLAN_OVERHEAD)
+    if mtu < netlink.MIN_GUEST_MTU:
+        logger.error("host %s: underlay MTU %d leaves guests %d (< 1280): guests keep 1280", host.name, underlay, mtu)
+        return netlink.MIN_GUEST_MTU
+    return mtu
 
 
 def vm_hook_agent_ready(*, vm) -> list[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from django.conf import settings
 
 from vms.models import VM
-from vms.vmm.base import Driver, DriverCapabilities, NicDevice, VmSpec
+from vms.vmm.base import DEFAULT_MTU, Driver, DriverCapabilities, NicDevice, VmSpec
 from vms.vmm.confinement import VmmConfinement
 
 logger = logging.getLogger(__name__)
@@ -108,6 +108,7 @@ def vm_spec(vm: VM) -> VmSpec:
         tap=nic.tap if nic else None,
         mac=nic.mac if nic else None,
         extra_nics=tuple(NicDevice(tap=n.tap, mac=n.mac, device_id=n.device_id) for n in nics[1:]),
+        nic_mtu=nic.mtu if nic else DEFAULT_MTU,
         # Every VMM of this host runs in the namespace of our bridges and TAPs.
         netns=settings.SANDBOX_NETNS or None,
         **image_boot_args(image),

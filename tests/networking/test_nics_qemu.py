@@ -1,8 +1,9 @@
 """A real QEMU guest with two NICs on two dual-stack bridges: the first NIC's IPv4 configured by
 the guest's init from the kernel command line, everything else (the second NIC, both NICs'
 IPv6 and the IPv6 default route) through the agent with the script the host sends
-(``networking.guest``). Bridges, TAPs and the VMM live in a namespace this test creates; the
-only traffic is between the guest and the bridge addresses inside it."""
+(``networking.guest``); both NICs get the MTU the host gives (a tunnel host's, below 1500).
+Bridges, TAPs and the VMM live in a namespace this test creates; the only traffic is between
+the guest and the bridge addresses inside it."""
 
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ def test_a_qemu_guest_gets_both_nics_configured(
         mac=macs[0],
         extra_nics=(NicDevice(taps[1], macs[1], "net1"),),
         cmdline="sandbox.ip=10.231.70.2/24 sandbox.gw=10.231.70.1",
+        nic_mtu=1400,
     )
     driver.launch(spec)
     try:
@@ -56,11 +58,12 @@ def test_a_qemu_guest_gets_both_nics_configured(
             assert result["exit_code"] == 0, out
             again, _ = agent_run(conn, argv=second, wait=30)
             assert again["exit_code"] == 0  # idempotent: run after every boot or restore
-            result, out = agent_run(conn, shell="ip -o addr show; ip route; ip -6 route", wait=30)
+            result, out = agent_run(conn, shell="ip -o addr show; ip -o link show; ip route; ip -6 route", wait=30)
             text = out.decode()
             assert "10.231.70.2/24" in text and "10.231.71.2/24" in text, text
             assert "fd00:231:70::2/64" in text and "fd00:231:71::2/64" in text, text
             assert "default via 10.231.70.1" in text and "default via fd00:231:70::1" in text, text
+            assert text.count("mtu 1400") == 2 and "mtu 1500" not in text, text  # lo is 65536
             for gateway in ("10.231.70.1", "10.231.71.1", "fd00:231:70::1", "fd00:231:71::1"):
                 ping = ["/usr/local/bin/busybox", "ping6" if ":" in gateway else "ping", "-c", "1", "-W", "5", gateway]
                 result, out = agent_run(conn, argv=ping, wait=30)

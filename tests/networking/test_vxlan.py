@@ -339,3 +339,33 @@ def test_vnis_are_distinct_24_bit_numbers(db, operator):
     assert len({n.vni for n in nets}) == 3 and all(1 <= n.vni <= VNI_MAX for n in nets)
     taken = {n.vni for n in nets}
     assert vni_pick(nets[0].id, taken=taken) not in taken  # a collision takes the next free one
+
+
+def test_guests_starting_on_a_tunnel_host_get_the_underlay_mtu_less_the_tunnel_headers(span, settings):
+    from vms.hypervisor import vm_spec
+
+    host_a, ns_a = span["hosts"]["ha"]
+    a1 = span["guests"]["a1"]["vm"]
+    _on(settings, ns_a)
+    assert services.host_guest_mtu(host_a) == UNDERLAY_MTU - 50
+    spec = vm_spec(a1)
+    assert spec.nic_mtu == UNDERLAY_MTU - 50
+    assert f"host_mtu={UNDERLAY_MTU - 50}" in " ".join(_qemu_argv(spec))
+    # A jumbo underlay carries full 1500-byte guest frames; a host without a tunnel address has
+    # no tunnels; an address on no interface here takes no part either.
+    with IPRoute(netns=ns_a) as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname="underlay-a")[0], mtu=9000)
+    assert services.host_guest_mtu(host_a) == 1500
+    with IPRoute(netns=ns_a) as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname="underlay-a")[0], mtu=1300)
+    assert services.host_guest_mtu(host_a) == 1280  # IPv6's minimum, logged as an error
+    host_a.tunnel_address = None
+    assert services.host_guest_mtu(host_a) == 1500
+    host_a.tunnel_address = "10.231.99.99"
+    assert services.host_guest_mtu(host_a) == 1500
+
+
+def _qemu_argv(spec) -> list[str]:
+    from vms.vmm.qemu import QemuDriver
+
+    return QemuDriver().build_argv(spec, acceleration="tcg")

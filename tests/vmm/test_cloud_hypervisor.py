@@ -640,6 +640,12 @@ def test_build_vm_config_matches_the_spec(images: tuple[Path, Path], short_dir: 
     assert config["vsock"] == {"cid": 3, "socket": str(spec.runtime_dir / "agent.sock")}
     assert config["net"] == [{"id": "net0", "tap": "tap0", "mac": "52:54:00:00:00:01"}]
     assert "net" not in build_vm_config(make_spec(short_dir, images))
+    # A tunnel host's smaller MTU reaches every NIC (NetConfig.mtu); 1500 is left to the default.
+    extra = (NicDevice("tap1", "52:54:00:00:00:02", "net1"),)
+    tunnel = build_vm_config(make_spec(short_dir, images, tap="tap0", extra_nics=extra, nic_mtu=1450))
+    assert [net["mtu"] for net in tunnel["net"]] == [1450, 1450]
+    with pytest.raises(ValueError, match="MTU"):
+        make_spec(short_dir, images, nic_mtu=1000)
 
 
 # ------------------------------------------------------------------------------------------

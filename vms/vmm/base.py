@@ -77,6 +77,8 @@ OS_WINDOWS = "windows"
 # Words of ``VmSpec.cmdline`` with this prefix reach a firmware-booted guest as SMBIOS
 # OEM strings (type 11): its own boot loader owns the kernel command line.
 GUEST_ARG_PREFIX = "sandbox."
+DEFAULT_MTU = 1500  # Ethernet's; what guests' NICs get unless a host's tunnels need less
+MIN_MTU = 1280  # IPv6's minimum: a smaller link would carry IPv4 only
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,10 @@ class VmSpec:
     mac: str | None = None
     tap: str | None = None
     extra_nics: tuple[NicDevice, ...] = ()  # further NICs, in guest order
+    # MTU of every NIC as the guest sees it (virtio ``host_mtu`` / cloud-hypervisor ``mtu``):
+    # below 1500 on a host whose networks cross hosts over an underlay too small for 1500-byte
+    # frames plus VXLAN's 50 bytes (docs/scale-out.md).
+    nic_mtu: int = DEFAULT_MTU
     netns: str | None = None  # network namespace (under /run/netns) the VMM runs in; None = ours
     vsock_cid: int = 3
     extra: dict[str, str] = field(default_factory=dict)
@@ -129,6 +135,8 @@ class VmSpec:
             raise ValueError(f"unknown OS type {self.os_type!r}")
         if self.os_type == OS_WINDOWS and self.boot_mode != BOOT_UEFI:
             raise ValueError("Windows guests boot through UEFI firmware only")
+        if not MIN_MTU <= self.nic_mtu <= DEFAULT_MTU:
+            raise ValueError(f"NIC MTU {self.nic_mtu} is outside {MIN_MTU}-{DEFAULT_MTU}")
 
     @property
     def base_format(self) -> str:

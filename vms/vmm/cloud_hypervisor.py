@@ -38,6 +38,7 @@ import httpx
 
 from vms.vmm.base import (
     BOOT_KERNEL,
+    DEFAULT_MTU,
     OS_WINDOWS,
     AgentTransport,
     Driver,
@@ -777,13 +778,19 @@ def build_vm_config(spec: VmSpec, *, firmware: str = "") -> JsonObject:
     if hotplug > 0:
         config["memory"]["hotplug_size"] = hotplug * MIB
     if spec.tap:
-        net: JsonObject = {"id": "net0", "tap": spec.tap}
+        net: JsonObject = {"id": "net0", "tap": spec.tap, **_mtu(spec)}
         if spec.mac:
             net["mac"] = spec.mac
         config["net"] = [net]
     for nic in spec.extra_nics:
-        config.setdefault("net", []).append({"id": nic.device_id, "tap": nic.tap, "mac": nic.mac})
+        config.setdefault("net", []).append({"id": nic.device_id, "tap": nic.tap, "mac": nic.mac, **_mtu(spec)})
     return config
+
+
+def _mtu(spec: VmSpec) -> JsonObject:
+    """``NetConfig.mtu`` where the guest needs less than Ethernet's 1500 (tunnels across hosts);
+    left out otherwise, as before (cloud-hypervisor also sets it on the TAP)."""
+    return {"mtu": spec.nic_mtu} if spec.nic_mtu != DEFAULT_MTU else {}
 
 
 def rewrite_snapshot_config(config: JsonObject, spec: VmSpec, *, original_dir: str) -> JsonObject:
@@ -1288,7 +1295,7 @@ class CloudHypervisorDriver:
             )
         self._require_pid(spec)
         with self._client(spec, timeout) as api:
-            api.vm_add_net({"id": nic.device_id, "tap": nic.tap, "mac": nic.mac}, timeout=timeout)
+            api.vm_add_net({"id": nic.device_id, "tap": nic.tap, "mac": nic.mac, **_mtu(spec)}, timeout=timeout)
 
     def nic_remove(self, spec: VmSpec, device_id: str, *, timeout: float = 10.0) -> None:
         """``PUT vm.remove-device`` of the NIC ``device_id``."""

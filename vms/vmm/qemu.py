@@ -469,7 +469,9 @@ class QemuDriver:
                 argv += ["-netdev", f"tap,id=net0,fd={tap_fd}"]
             else:
                 argv += ["-netdev", f"tap,id=net0,ifname={spec.tap},script=no,downscript=no"]
-            dev = f"virtio-net-{bus},netdev=net0"
+            # host_mtu always (also 1500): the device then always offers the MTU feature, so a
+            # snapshot restores on a host whose tunnels give guests a smaller MTU and back.
+            dev = f"virtio-net-{bus},netdev=net0,host_mtu={spec.nic_mtu}"
             if spec.mac:
                 dev += f",mac={spec.mac}"
             argv += ["-device", dev]
@@ -478,7 +480,7 @@ class QemuDriver:
                 argv += ["-netdev", f"tap,id={nic.device_id},fd={extra_tap_fds[i]}"]
             else:
                 argv += ["-netdev", f"tap,id={nic.device_id},ifname={nic.tap},script=no,downscript=no"]
-            argv += ["-device", f"virtio-net-{bus},netdev={nic.device_id},mac={nic.mac}"]
+            argv += ["-device", f"virtio-net-{bus},netdev={nic.device_id},mac={nic.mac},host_mtu={spec.nic_mtu}"]
         if incoming:
             argv += ["-incoming", "defer"]
         return argv
