@@ -108,12 +108,10 @@ def _lock_chain() -> None:
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
             # Bounded: a sealer that cannot get the lock leaves its rows to the next one. The
-            # transaction's own setting is put back once the lock is held.
-            cursor.execute("SELECT current_setting('lock_timeout')")
-            (previous,) = cursor.fetchone()
+            # setting is the transaction's own (the sealer's: it takes this lock and its rows'
+            # only), gone at its end.
             cursor.execute("SELECT set_config('lock_timeout', %s, true)", [f"{_SEAL_LOCK_TIMEOUT_MS}ms"])
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_CHAIN_LOCK_ID])
-            cursor.execute("SELECT set_config('lock_timeout', %s, true)", [previous])
     # SQLite: the sealer's transaction is BEGIN IMMEDIATE (settings), which already excludes
     # every other writer.
 

@@ -16,6 +16,7 @@ import contextlib
 import contextvars
 import functools
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 from django.db import transaction
 
@@ -39,6 +40,11 @@ def request_perm_cache() -> Iterator[None]:
         _request_checkers.reset(token)
 
 
+def request_cache_has(key) -> bool:
+    checkers = _request_checkers.get()
+    return checkers is not None and key in checkers
+
+
 def request_cache(key, read):
     """``read()``, kept for the rest of the HTTP request under ``key`` (emptied with the
     checkers when rights change); outside a request, always fresh."""
@@ -48,6 +54,14 @@ def request_cache(key, read):
     if key not in checkers:
         checkers[key] = read()
     return checkers[key]
+
+
+def request_cache_put(key, value) -> None:
+    """Keep ``value`` under ``key`` for the rest of the HTTP request (read along with something
+    else); outside a request, nothing."""
+    checkers = _request_checkers.get()
+    if checkers is not None:
+        checkers.setdefault(key, value)
 
 
 def request_perm_checker(user):
@@ -76,45 +90,104 @@ def _one_query_checker():
                 return super().get_perms(obj)
             key = self.get_local_cache_key(obj)
             if key not in self._obj_perms_cache:
-                global_perms, self._obj_perms_cache[key] = user_rights_read(
-                    user, obj, with_global=not hasattr(user, "_perm_cache")
+                roles_key = ("project_roles", user.pk)
+                rights = user_rights_read(
+                    user,
+                    obj,
+                    with_global=not hasattr(user, "_perm_cache"),
+                    with_roles=not request_cache_has(roles_key),
                 )
-                if global_perms is not None:
+                self._obj_perms_cache[key] = rights.object_perms
+                if rights.global_perms is not None:
                     # What accounts.backends.LockoutModelBackend.get_all_permissions keeps.
-                    user._perm_cache = global_perms
+                    user._perm_cache = rights.global_perms
+                if rights.project_roles is not None:  # what accounts.selectors.project_roles_of reads
+                    request_cache_put(roles_key, rights.project_roles)
             return self._obj_perms_cache[key]
 
     return OneQueryChecker
 
 
-def user_rights_read(user, obj, *, with_global: bool) -> tuple[set[str] | None, list[str]]:
+@dataclass(frozen=True)
+class UserRights:
+    object_perms: list[str]  # codenames held on the object through guardian
+    global_perms: set[str] | None  # "app_label.codename" of the user's role (None: not read)
+    project_roles: dict | None  # {project id: role} of the user's memberships (None: not read)
+
+
+def user_rights_read(user, obj, *, with_global: bool, with_roles: bool = False) -> UserRights:
     """In one query: the codenames of the rights ``user`` holds on ``obj`` through
-    django-guardian (its own and its groups': what guardian's ``get_perms`` answers) and, with
+    django-guardian (its own and its groups': what guardian's ``get_perms`` answers); with
     ``with_global``, its global rights as ``"app_label.codename"`` (its own and its groups',
-    i.e. its role's: what ``LockoutModelBackend.get_all_permissions`` answers; else None)."""
-    from django.contrib.auth.models import Permission
+    i.e. its role's: what ``LockoutModelBackend.get_all_permissions`` answers); with
+    ``with_roles``, its project memberships (what ``accounts.selectors.project_roles_of`` reads).
+
+    Plain SQL (``_rights_sql``, built once from the models' tables): every API request on an
+    object runs it, and compiling the five-part UNION through the ORM cost more CPU than the
+    database's answer (issue 15)."""
     from django.contrib.contenttypes.models import ContentType
-    from django.db.models import Value
-    from guardian.models import GroupObjectPermission, UserObjectPermission
+    from django.db import connection
+
+    from accounts.models import ProjectMembership
 
     ctype = ContentType.objects.get_for_model(obj)  # cached per process
-    where = {"content_type": ctype, "object_pk": str(obj.pk), "permission__content_type": ctype}
-    fields = ("permission__content_type__app_label", "permission__codename", "scope")
-    parts = [
-        UserObjectPermission.objects.filter(user=user, **where).annotate(scope=Value("o")).values_list(*fields),
-        GroupObjectPermission.objects.filter(group__user=user, **where).annotate(scope=Value("o")).values_list(*fields),
-    ]
-    if with_global:
-        fields = ("content_type__app_label", "codename", "scope")
-        parts += [
-            Permission.objects.filter(user=user).annotate(scope=Value("g")).values_list(*fields),
-            Permission.objects.filter(group__user=user).annotate(scope=Value("g")).values_list(*fields),
-        ]
-    # No ORDER BY in the parts (Permission's default ordering): SQLite refuses one in a UNION's subqueries.
-    parts = [part.order_by() for part in parts]
-    rows = set(parts[0].union(*parts[1:]))
-    global_perms = {f"{app}.{codename}" for app, codename, scope in rows if scope == "g"} if with_global else None
-    return global_perms, sorted({codename for _, codename, scope in rows if scope == "o"})
+    parts = ["object", *(["global"] if with_global else []), *(["roles"] if with_roles else [])]
+    sql = " UNION ".join(_rights_sql()[part] for part in parts)
+    params: list = [user.pk, ctype.pk, str(obj.pk), ctype.pk] * 2
+    params += [user.pk] * (2 if with_global else 0) + [user.pk] * (1 if with_roles else 0)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        rows = cursor.fetchall()
+    project_roles = None
+    if with_roles:
+        pk_field = ProjectMembership._meta.get_field("project").target_field
+        project_roles = {pk_field.to_python(first): second for first, second, scope in rows if scope == "p"}
+    return UserRights(
+        object_perms=sorted({codename for _, codename, scope in rows if scope == "o"}),
+        global_perms={f"{app}.{codename}" for app, codename, scope in rows if scope == "g"} if with_global else None,
+        project_roles=project_roles,
+    )
+
+
+@functools.cache
+def _rights_sql() -> dict[str, str]:
+    """The parts of ``user_rights_read``'s UNION (PostgreSQL and SQLite), by what they read:
+    ``object`` (params: user, content type, object pk, content type; twice: the user's own
+    and its groups' guardian rights), ``global`` (user; user: the user's and its groups'
+    permissions) and ``roles`` (user: project memberships, the project id as text)."""
+    from django.contrib.auth import get_user_model
+    from django.contrib.auth.models import Group, Permission
+    from django.contrib.contenttypes.models import ContentType
+    from guardian.models import GroupObjectPermission, UserObjectPermission
+
+    from accounts.models import ProjectMembership
+
+    def table(model) -> str:
+        return model._meta.db_table
+
+    user_model = get_user_model()
+    perm, ctype = table(Permission), table(ContentType)
+    user_groups = table(user_model.groups.through)
+    user_perms = table(user_model.user_permissions.through)
+    group_perms = table(Group.permissions.through)
+    named = f'JOIN "{perm}" p ON p.id = x.permission_id JOIN "{ctype}" ct ON ct.id = p.content_type_id'
+    on_object = "x.content_type_id = %s AND x.object_pk = %s AND p.content_type_id = %s"
+    memberships = table(ProjectMembership)
+    # Only the models' own table names are formatted in; every value is a parameter.
+    return {
+        "object": (
+            f"SELECT ct.app_label, p.codename, 'o' FROM \"{table(UserObjectPermission)}\" x {named} "  # noqa: S608
+            f"WHERE x.user_id = %s AND {on_object} UNION "
+            f"SELECT ct.app_label, p.codename, 'o' FROM \"{table(GroupObjectPermission)}\" x {named} "
+            f'JOIN "{user_groups}" ug ON ug.group_id = x.group_id WHERE ug.user_id = %s AND {on_object}'
+        ),
+        "global": (
+            f"SELECT ct.app_label, p.codename, 'g' FROM \"{user_perms}\" x {named} WHERE x.user_id = %s UNION "  # noqa: S608
+            f"SELECT ct.app_label, p.codename, 'g' FROM \"{group_perms}\" x {named} "
+            f'JOIN "{user_groups}" ug ON ug.group_id = x.group_id WHERE ug.user_id = %s'
+        ),
+        "roles": f"SELECT CAST(m.project_id AS TEXT), m.role, 'p' FROM \"{memberships}\" m WHERE m.user_id = %s",  # noqa: S608
+    }
 
 
 def rights_changed(user_ids: Iterable[int]) -> None:
