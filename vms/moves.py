@@ -46,6 +46,7 @@ from vms.operations import OperationHandoff, operation_enqueue, operation_handle
 from vms.selectors import host_is_up
 from vms.transfer import TransferError, host_file_copy_report, host_file_delete
 from vms.transitions import vm_transition, vm_transition_request
+from vms.vmm.base import RuntimeState
 from vms.vmm.snapshot import backing_chain
 
 logger = logging.getLogger(__name__)
@@ -222,7 +223,7 @@ def _copy(op: Operation, vm: VM) -> None:
     copied: list[dict] = []
     files: list[dict] = []
     try:
-        if vm.driver and driver.info(spec, timeout=5.0).state.value != "gone":
+        if vm.driver and driver.info(spec, timeout=5.0).state != RuntimeState.GONE:
             operation_log(
                 op, f"stopping the VM for the move (guest power-off, {settings.SANDBOX_STOP_TIMEOUT:.0f}s)", progress=5
             )
