@@ -318,9 +318,12 @@ def _land(op: Operation, vm: VM) -> None:
                 f"(not found here: {', '.join(elsewhere[:3])}); hosts need the same SANDBOX_IMAGE_DIR "
                 "and SANDBOX_SNAPSHOT_DIR"
             )
+        # Snapshots and frozen layers: root's, readable by the VMMs, as on the source.
         confinement = hypervisor.vmm_confinement()
+        for directory in op.params.get("snapshot_dirs", []):
+            confinement.reclaim(roots["snapshots"] / directory)
         for entry in op.params.get("files", []):
-            if entry["root"] == "snapshots":  # frozen layers: root's, readable by the VMMs
+            if entry["root"] == "snapshots":
                 confinement.reclaim(roots["snapshots"] / entry["path"])
     except Exception as exc:
         message = getattr(exc, "message", None) or str(exc)

@@ -40,7 +40,7 @@ S = VmState
 MAX_ATTEMPTS = 3  # deliveries of one operation before the reconciler gives up on it
 STUCK_GRACE_SECONDS = 60
 PENDING_LIMIT_SECONDS = 3600
-MOVE_STEP_SECONDS = 6 * 3600  # a step of a move (copying a big disk chain) may run this long
+MOVE_STEP_SECONDS = 6 * 3600  # a move (copying a big disk chain) may take this much longer
 ORPHAN_DRIVERS = ("qemu", "cloud-hypervisor")  # drivers whose leftovers an orphan directory may hold
 
 _HANDLERS: dict[str, Callable[[Operation, VM], None]] = {}
@@ -268,8 +268,9 @@ def _settle_transitional(vm: VM, now) -> int:
         .first()
     )
     if live is not None and live.status == Operation.Status.PENDING:
-        if (now - live.created_at).total_seconds() < PENDING_LIMIT_SECONDS:
-            return 0  # queued behind other work
+        limit = PENDING_LIMIT_SECONDS + (MOVE_STEP_SECONDS if live.action == "move" else 0)
+        if (now - live.created_at).total_seconds() < limit:
+            return 0  # queued behind other work (a move: or handed to its next host's queue)
     elif live is not None and operation_worker_alive(live.worker):
         limit = settings.SANDBOX_BOOT_TIMEOUT + settings.SANDBOX_STOP_TIMEOUT + STUCK_GRACE_SECONDS
         if live.action == "snapshot":

@@ -291,3 +291,19 @@ def test_the_api_moves_and_drains(two, api, owner, operator, fake):
     assert [m["name"] for m in body["moves"]] == [vm.name] and body["moves"][0]["target"] == "h1"
     with pytest.raises(ApplicationError):  # h1 was cordoned by nothing; h2 is now: no way back
         vm_move(vm=VM.objects.get(pk=vm.pk), host=Host.objects.get(name="h2"), actor=operator)
+
+
+def test_port_forwards_move_with_the_vm_unless_their_port_is_taken_there(two, owner, operator, fake):
+    from networking.models import PortForward
+
+    vm = _vm_on_h1(two, "stopped", owner)
+    forward = PortForward.objects.create(vm=vm, host=two.hosts["h1"], protocol="tcp", host_port=20022, guest_port=22)
+    other = VmFactory(owner=owner, host=two.hosts["h2"], template=vm.template)
+    taken = PortForward.objects.create(vm=other, host=two.hosts["h2"], protocol="tcp", host_port=20022, guest_port=80)
+    with pytest.raises(ConflictError) as exc:
+        vm_move(vm=vm, host=two.hosts["h2"], actor=operator)
+    assert exc.value.code == "port_taken" and exc.value.details == {"host_ports": ["tcp/20022"]}
+    taken.delete()
+    assert two.run(vm_move(vm=vm, host=two.hosts["h2"], actor=operator)).status == "succeeded"
+    forward.refresh_from_db()
+    assert forward.host.name == "h2"
