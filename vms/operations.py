@@ -88,14 +88,15 @@ def operation_queue(op: Operation, vm: VM | None) -> str:
 
 
 class OperationHandoff(Exception):
-    """Raised by a handler whose step on this host is done and whose next step runs on
-    ``host`` (its worker touches that host's files and VMM): the operation goes back to
-    pending with ``params`` (its step recorded there) and is sent to ``host``'s queue. A cold
-    move copies on its source, lands on its target, cleans up on its source (vms.moves)."""
+    """Raised by a handler whose step here is done and whose next step runs from ``queue``
+    (a host's ``host.<name>``: its worker touches that host's files and VMM): the operation
+    goes back to pending with ``params`` (its step recorded there) and is sent to that queue.
+    A cold move stops on its source, copies from the control plane, lands on its target and
+    cleans up on its source (vms.moves)."""
 
-    def __init__(self, host: Host, params: dict, line: str) -> None:
+    def __init__(self, queue: str, params: dict, line: str) -> None:
         super().__init__(line)
-        self.host = host
+        self.queue = queue
         self.params = params
         self.line = line
 
@@ -232,16 +233,16 @@ def _operation_execute(op: Operation) -> Operation | None:
 
 
 def _operation_hand_off(op: Operation, handoff: OperationHandoff) -> None:
-    """The next step of ``op`` runs on another host: pending again (a fresh count of attempts:
+    """The next step of ``op`` runs from another queue: pending again (a fresh count of attempts:
     the reconciler's retries are per step), on that host's queue."""
-    params = {**handoff.params, "queue": handoff.host.queue}
+    params = {**handoff.params, "queue": handoff.queue}
     operation_log(op, handoff.line)
     Operation.objects.filter(pk=op.pk, status=Operation.Status.RUNNING).update(
         status=Operation.Status.PENDING, params=params, worker="", attempts=0
     )
     op.refresh_from_db()
     operation_enqueue(op, op.vm)
-    logger.info("operation %s (%s) handed to %s", op.pk, op.action, handoff.host.queue)
+    logger.info("operation %s (%s) handed to %s", op.pk, op.action, handoff.queue)
 
 
 def _operation_defer(op: Operation) -> None:

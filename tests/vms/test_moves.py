@@ -58,7 +58,8 @@ class TwoHosts:
             if op.status != Operation.Status.PENDING:
                 break
             queue = op.params.get("queue") or VM.objects.get(pk=op.vm_id).host.queue
-            with self.as_host(queue.removeprefix("host.")):
+            # The transfer queue's worker is the control plane's: on h1 here.
+            with self.as_host("h1" if queue == "shared" else queue.removeprefix("host.")):
                 operation_execute(op.pk)
         op.refresh_from_db()
         return op
@@ -144,6 +145,7 @@ def test_a_stopped_vm_moves_with_its_disk_and_snapshots(two, owner, operator, fa
     assert not (two.root("h1", "run") / str(vm.pk)).exists() and not snap_dir.exists()
     assert not list(two.base.rglob(".*.part"))
     assert "copying 4 file(s) from host h1 to h2" in op.log and "removed 2 director(ies)" in op.log
+    assert "the copy runs from queue shared" in op.log and "4 file(s) verified on h2; landing there" in op.log
     audit = AuditEvent.objects.get(action="vm.move", object_id=str(vm.pk))
     assert (audit.before["host"], audit.after["host"], audit.actor_id) == ("h1", "h2", operator.pk)
 
