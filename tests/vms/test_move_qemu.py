@@ -24,7 +24,7 @@ from vms.models import VM, Operation
 from vms.moves import vm_move
 from vms.operations import operation_execute, operation_new
 
-pytestmark = [pytest.mark.django_db, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.django_db, pytest.mark.vm, pytest.mark.timeout(900)]
 
 IMAGE_DIR = Path(os.environ.get("SANDBOX_IMAGE_DIR", "/work/main/var/images"))
 
