@@ -309,3 +309,25 @@ def test_port_forwards_move_with_the_vm_unless_their_port_is_taken_there(two, ow
     assert two.run(vm_move(vm=vm, host=two.hosts["h2"], actor=operator)).status == "succeeded"
     forward.refresh_from_db()
     assert forward.host.name == "h2"
+
+
+def test_a_moving_vm_refuses_other_actions_and_the_reconciler_waits_for_its_next_step(two, owner, operator, fake):
+    from vms import services
+    from vms.operations import vms_reconcile
+    from vms.transitions import vm_actions_allowed
+
+    vm = _vm_on_h1(two, "stopped", owner)
+    assert "move" not in vm_actions_allowed("stopped")  # an operator's action, not a VM button
+    op = vm_move(vm=vm, host=two.hosts["h2"], actor=operator)
+    for action in ("start", "stop", "delete"):
+        with pytest.raises(ConflictError):
+            services.vm_action(vm=VM.objects.get(pk=vm.pk), action=action, actor=owner)
+    with two.as_host("h1"):
+        operation_execute(op.pk)  # stop step: handed to the transfer queue, pending again
+    op.refresh_from_db()
+    assert (op.status, op.params["step"], op.params["queue"]) == ("pending", "copy", "shared")
+    with two.as_host("h1"):
+        vms_reconcile(two.hosts["h1"])
+    vm.refresh_from_db()
+    assert vm.state == "moving"  # not taken for a lost operation
+    assert two.run(op).status == "succeeded"
