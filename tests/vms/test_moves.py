@@ -331,3 +331,23 @@ def test_a_moving_vm_refuses_other_actions_and_the_reconciler_waits_for_its_next
     vm.refresh_from_db()
     assert vm.state == "moving"  # not taken for a lost operation
     assert two.run(op).status == "succeeded"
+
+
+def test_operators_drain_in_the_admin(two, owner, operator, fake):
+    from django.test import Client
+
+    from tests.factories import PASSWORD
+
+    vm = _vm_on_h1(two, "stopped", owner)
+    client = Client()
+    client.login(username=operator.username, password=PASSWORD)
+    response = client.post(
+        "/admin/vms/host/", {"action": "drain_selected", "_selected_action": [str(two.hosts["h1"].pk)]}, follow=True
+    )
+    assert response.status_code == 200, response.content[:500]
+    shown = [str(m) for m in response.context["messages"]]
+    assert "h1: 1 VM(s) moving away" in shown, shown
+    assert Host.objects.get(name="h1").cordoned
+    op = Operation.objects.get(vm=vm, action="move")
+    assert two.run(op).status == "succeeded"
+    assert VM.objects.get(pk=vm.pk).host.name == "h2"
