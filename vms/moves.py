@@ -87,8 +87,8 @@ def vm_move(*, vm: VM, host: Host, actor) -> Operation:
             # It starts there again: the target must admit it now (409 host_full).
             host_admission_check(host=host, vcpus=vm.vcpus, memory_mib=vm.memory_mib)
         previous = vm_transition_request(vm, "move")
-        if previous != checked:  # started or stopped in between: admission was for the other
-            raise ConflictError(f"The VM changed from {checked} to {previous} meanwhile; try again.")
+        if previous != checked or vm.host_id != source.pk:  # changed since it was read
+            raise ConflictError("The VM changed meanwhile (its state or host); try again.")
         op = operation_new(
             vm=vm,
             action="move",
@@ -149,7 +149,7 @@ def vm_move_run(op: Operation, vm: VM) -> None:
         raise ApplicationError(f"Unknown move step {step!r}.")
 
 
-# --- step 1: copy, on the source ----------------------------------------------------------------
+# --- the steps before the switch: stop (source), copy (control plane), stay (source) -------------
 
 
 def _roots() -> dict[str, Path]:
@@ -323,17 +323,33 @@ def _stay(op: Operation, vm: VM, previous: str | None) -> None:
     vm_transition(vm, expected={S.MOVING}, new=S.STOPPED)
 
 
-# --- step 2: land, on the target ------------------------------------------------------------------
+# --- land, on the target ----------------------------------------------------------------------------
 
 
 def _land(op: Operation, vm: VM) -> None:
-    from vms.lifecycle import vm_boot_run
-
+    """On the target: check the copies, switch the VM's host, start it if it was running,
+    hand the cleanup to the source. A redelivery after the switch goes on from there."""
     target = Host.objects.get(pk=op.params["target"])
     source = Host.objects.get(pk=op.params["source"])
-    previous = op.params.get("previous_state")
-    if vm.state != S.MOVING or vm.host_id != source.pk:
-        return  # done by an earlier delivery, or someone else moved the VM
+    if vm.host_id == source.pk and vm.state == S.MOVING:
+        _land_check(op, target, source)
+        with transaction.atomic():
+            if not VM.objects.filter(pk=vm.pk, state=S.MOVING, host=source).update(host=target):
+                return  # someone else changed it meanwhile
+            vm.refresh_from_db()
+            hook_run("vm_host_changed", vm=vm, source=source, target=target)
+        operation_log(op, f"the VM is on host {target.name} now", progress=75)
+    elif vm.host_id != target.pk:
+        return  # someone else moved the VM
+    boot_error = _land_start(op, vm)
+    params = {**op.params, "step": "cleanup", "boot_error": boot_error}
+    raise OperationHandoff(source.queue, params, f"removing the VM's files from host {source.name}")
+
+
+def _land_check(op: Operation, target: Host, source: Host) -> None:
+    """Before the switch: every copy is in this host's directories and every file named by
+    absolute path is at that path; snapshot files get the VMMs' read access. Otherwise the
+    copies are removed and the VM handed back to its source."""
     roots = _roots()
     try:
         missing = [
@@ -366,28 +382,27 @@ def _land(op: Operation, vm: VM) -> None:
         raise OperationHandoff(
             source.queue, {**op.params, "step": "stay", "error": message}, f"back to host {source.name}"
         ) from exc
-    with transaction.atomic():
-        switched = VM.objects.filter(pk=vm.pk, state=S.MOVING, host=source).update(host=target)
-        if not switched:
-            return
-        vm.refresh_from_db()
-        hook_run("vm_host_changed", vm=vm, source=source, target=target)
-    operation_log(op, f"the VM is on host {target.name} now", progress=75)
-    params = {**op.params, "step": "cleanup"}
-    boot_error = ""
-    if previous == S.RUNNING:
-        if vm_transition(vm, expected={S.MOVING}, new=S.STARTING):
-            try:
-                vm_boot_run(op, vm)
-            except Exception as exc:
-                boot_error = getattr(exc, "message", None) or str(exc)
-    else:
+
+
+def _land_start(op: Operation, vm: VM) -> str:
+    """After the switch: the state it had before the move (a running VM boots here, as a start
+    does: its NICs plumbed on this host). Returns why a boot failed ("" when it did not)."""
+    from vms.lifecycle import vm_boot_run
+
+    if op.params.get("previous_state") != S.RUNNING:
         vm_transition(vm, expected={S.MOVING}, new=S.STOPPED)
-    params["boot_error"] = boot_error
-    raise OperationHandoff(source.queue, params, f"removing the VM's files from host {source.name}")
+        return ""
+    vm_transition(vm, expected={S.MOVING}, new=S.STARTING)
+    if vm.state != S.STARTING:
+        return ""  # booted by an earlier delivery, or someone else's operation owns it now
+    try:
+        vm_boot_run(op, vm)
+    except Exception as exc:
+        return getattr(exc, "message", None) or str(exc)
+    return ""
 
 
-# --- step 3: cleanup, on the source ----------------------------------------------------------------
+# --- cleanup, on the source ---------------------------------------------------------------------------
 
 
 def _cleanup(op: Operation, vm: VM) -> None:

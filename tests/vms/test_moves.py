@@ -351,3 +351,20 @@ def test_operators_drain_in_the_admin(two, owner, operator, fake):
     op = Operation.objects.get(vm=vm, action="move")
     assert two.run(op).status == "succeeded"
     assert VM.objects.get(pk=vm.pk).host.name == "h2"
+
+
+def test_a_landing_redelivered_after_the_switch_goes_on_from_there(two, owner, operator, fake):
+    vm = _vm_on_h1(two, "running", owner)
+    op = vm_move(vm=vm, host=two.hosts["h2"], actor=operator)
+    for host in ("h1", "h1"):  # stop, copy
+        with two.as_host(host):
+            operation_execute(op.pk)
+    op.refresh_from_db()
+    assert op.params["step"] == "land"
+    # The target's worker switched the host, then was lost before it booted the VM.
+    VM.objects.filter(pk=vm.pk).update(host=two.hosts["h2"])
+    op = two.run(op)
+    assert op.status == "succeeded", op.log
+    vm.refresh_from_db()
+    assert (vm.state, vm.host.name) == ("running", "h2")
+    assert not (two.root("h1", "run") / str(vm.pk)).exists()
