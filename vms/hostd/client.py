@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import hashlib
 import itertools
+import os
 import socket
 import ssl
 import time
@@ -28,6 +29,7 @@ from vms.vmm.agent_protocol import MAX_DATA, Frame, FrameDecoder, FrameError, ch
 
 UPLOAD_CHUNK = 256 << 10
 TRANSFER_WINDOW = 8  # chunks in flight during uploads and downloads
+STASH_FRAMES = 2 * TRANSFER_WINDOW  # out-of-order answers a blocking client keeps (``wait``)
 
 
 def _request_header(req_id: int, op: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -58,6 +60,7 @@ class HostdClient:
         self._sock: socket.socket | None = None
         self._decoder = FrameDecoder()
         self._frames: list[Frame] = []
+        self._stash: dict[int, Frame] = {}  # answers that came before the one waited for
         self._ids = itertools.count(1)
         self._subs = itertools.count(1)
 
@@ -97,6 +100,9 @@ class HostdClient:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        self._frames.clear()
+        self._stash.clear()
+        self._decoder = FrameDecoder()  # a new connection starts a new stream of frames
 
     # ----- low level -----------------------------------------------------------------
 
@@ -147,11 +153,23 @@ class HostdClient:
         return self._frames.pop(0)
 
     def wait(self, req_id: int, timeout: float | None = None) -> tuple[dict[str, Any], bytes]:
+        """The answer to request ``req_id``. hostd answers pipelined requests in any order
+        (file reads and writes run on its worker threads): answers to other requests that
+        arrive first are kept for their own ``wait`` (at most ``STASH_FRAMES``; beyond that
+        the oldest is dropped)."""
+        stashed = self._stash.pop(req_id, None)
+        if stashed is not None:
+            return _raise_for(stashed)
         deadline = time.monotonic() + (timeout or self.timeout)
         while True:
             frame = self.next_frame(deadline)
-            if frame.header.get("id") == req_id:
+            frame_id = frame.header.get("id")
+            if frame_id == req_id:
                 return _raise_for(frame)
+            if isinstance(frame_id, int) and "ev" not in frame.header:
+                if len(self._stash) >= STASH_FRAMES:
+                    del self._stash[min(self._stash)]
+                self._stash[frame_id] = frame
 
     def call(
         self, op: str, args: dict[str, Any] | None = None, data: bytes = b"", *, timeout: float | None = None
@@ -287,6 +305,82 @@ class HostdClient:
         """Yield the file's bytes; raises ``HostdRequestError`` (``checksum_mismatch``)
         at the end when they do not hash to ``expected_sha256``."""
         yield from _download(self, vm_id, handle, expected_sha256, timeout)
+
+    # ----- host files (vms.hostd.blobs) ----------------------------------------------------
+
+    def blob_stat(self, root: str, path: str, *, sha256: bool = True, timeout: float = 600.0) -> dict[str, Any]:
+        """``{exists, size, sha256}`` of a file under one of hostd's roots (hashing a large
+        file takes a while: ``timeout``)."""
+        return self.call("blob_stat", {"root": root, "path": path, "sha256": sha256}, timeout=timeout)[0]
+
+    def blob_chunks(self, root: str, path: str, size: int, *, timeout: float = 60.0) -> Iterator[bytes]:
+        """Yield the first ``size`` bytes of a file in order, ``TRANSFER_WINDOW`` reads in
+        flight; ``HostdRequestError`` ``size_mismatch`` when the file is shorter."""
+        inflight: list[tuple[int, int]] = []
+        offset = 0
+        try:
+            while offset < size or inflight:
+                while offset < size and len(inflight) < TRANSFER_WINDOW:
+                    length = min(MAX_DATA, size - offset)
+                    args = {"root": root, "path": path, "offset": offset, "length": length}
+                    inflight.append((self.send("blob_read", args, timeout=timeout), length))
+                    offset += length
+                req, length = inflight.pop(0)
+                data = self.wait(req, timeout)[1]
+                if len(data) != length:
+                    raise HostdRequestError("size_mismatch", f"{path} ended early (changed while being read?)")
+                yield data
+        except BaseException:
+            with contextlib.suppress(HostdError):
+                for req, _ in inflight:
+                    self.wait(req, timeout)
+            raise
+
+    def blob_put(
+        self,
+        root: str,
+        path: str,
+        chunks: Iterable[bytes],
+        *,
+        size: int,
+        sha256: str,
+        overwrite: bool = False,
+        timeout: float = 60.0,
+        commit_timeout: float = 600.0,
+    ) -> dict[str, Any]:
+        """Write ``chunks`` (``size`` bytes in all) to a temporary file on hostd, then commit
+        it under ``path`` when hostd finds the sha256 given (else ``checksum_mismatch``; it
+        hashes the whole file: ``commit_timeout``); any failure aborts the transfer: nothing
+        is left behind."""
+        transfer = os.urandom(16).hex()
+        ident = {"root": root, "path": path, "transfer": transfer}
+        inflight: list[int] = []
+        offset = 0
+        try:
+            for piece in _rechunk(chunks, MAX_DATA):
+                if offset + len(piece) > size:
+                    raise HostdRequestError("size_mismatch", f"more than the {size} bytes announced for {path}")
+                inflight.append(self.send("blob_write", {**ident, "offset": offset, "size": size}, piece))
+                offset += len(piece)
+                if len(inflight) >= TRANSFER_WINDOW:
+                    self.wait(inflight.pop(0), timeout)
+            while inflight:
+                self.wait(inflight.pop(0), timeout)
+            if offset == 0:  # an empty file: its temporary file is made by one empty write
+                self.wait(self.send("blob_write", {**ident, "offset": 0, "size": size}), timeout)
+            commit = {**ident, "size": size, "sha256": sha256, "overwrite": overwrite}
+            return self.call("blob_commit", commit, timeout=max(timeout, commit_timeout))[0]
+        except BaseException:
+            with contextlib.suppress(HostdError):
+                for req in inflight:
+                    self.wait(req, timeout)
+            with contextlib.suppress(HostdError):
+                self.call("blob_abort", ident, timeout=10)
+            raise
+
+    def blob_delete(self, root: str, path: str, *, timeout: float = 30.0) -> bool:
+        """Delete a file (and its parent directories left empty); False when there was none."""
+        return bool(self.call("blob_delete", {"root": root, "path": path}, timeout=timeout)[0].get("deleted"))
 
 
 def _download(client: HostdClient, vm_id: str, handle: str, expected: str | None, timeout: float) -> Iterator[bytes]:
