@@ -59,6 +59,7 @@ class NicSpec:
     ip6: str = ""  # on a dual-stack network, with its gateway and prefix length
     gateway6: str = ""
     prefix6: int = 64
+    mtu: int | None = None  # the guest's MTU on this host (``guest_mtu``); None: the VMM's default
 
     @property
     def device_id(self) -> str:
@@ -802,9 +803,10 @@ def nic_plumb(*, vm) -> list[NicSpec]:
     if not nics:
         return []
     Nic.objects.filter(pk__in=[n.pk for n in nics]).update(plumbed=True)  # before the TAP exists: reconcile keeps it
+    mtu = guest_mtu(vm.host)
     for nic in nics:
         _bridge_ensure(nic.network)
-        netlink.tap_ensure(nic.tap, nic.network.bridge, netns=_netns())
+        netlink.tap_ensure(nic.tap, nic.network.bridge, netns=_netns(), mtu=mtu)
     network_tunnels_sync(host=vm.host)
     network_rules_apply(host=vm.host)
     _tunnel_peers_notify(vm.host, {n.network_id for n in nics})
@@ -992,9 +994,10 @@ def network_reconcile(*, host) -> dict[str, int]:
     for link in netlink.links_owned(netns=_netns()):
         if link.name.startswith(netlink.BRIDGE_PREFIX) and link.name not in wanted_bridges:
             counts["bridges_removed"] += int(netlink.link_remove(link.name, netns=_netns()))
+    mtu = guest_mtu(host)
     for nic in plumbed:
         _bridge_ensure(nic.network)
-        netlink.tap_ensure(nic.tap, nic.network.bridge, netns=_netns())
+        netlink.tap_ensure(nic.tap, nic.network.bridge, netns=_netns(), mtu=mtu)
         counts["taps_ensured"] += 1
     counts.update(network_tunnels_sync(host=host))
     network_rules_apply(host=host)
@@ -1173,8 +1176,21 @@ def vm_hook_owner_changed(*, vm) -> None:
         _tunnel_peers_notify(vm.host, {n.network_id for n in nics})  # their tenant sets name it too
 
 
+def guest_mtu(host) -> int | None:
+    """The MTU of the NICs of guests launched on ``host`` (this machine, its namespace): the
+    underlay's − 50 when the host has a tunnel address on an interface, since any of its
+    networks may come to span hosts over VXLAN while a guest runs and a guest learns its MTU
+    only at boot (virtio ``host_mtu``, cloud-hypervisor's ``mtu``); None (1500) otherwise."""
+    if host is None or not host.tunnel_address:
+        return None
+    underlay = netlink.underlay_mtu(host.tunnel_address, netns=_netns())
+    return underlay - netlink.VXLAN_OVERHEAD if underlay else None
+
+
 def vm_hook_nics(*, vm) -> list[NicSpec]:
-    return nic_specs(vm=vm)
+    specs = nic_specs(vm=vm)
+    mtu = guest_mtu(vm.host) if specs else None
+    return [dataclasses.replace(spec, mtu=mtu) for spec in specs] if mtu else specs
 
 
 def vm_hook_agent_ready(*, vm) -> list[str]:

@@ -108,6 +108,7 @@ def vm_spec(vm: VM) -> VmSpec:
         tap=nic.tap if nic else None,
         mac=nic.mac if nic else None,
         extra_nics=tuple(NicDevice(tap=n.tap, mac=n.mac, device_id=n.device_id) for n in nics[1:]),
+        mtu=getattr(nic, "mtu", None) if nic else None,
         # Every VMM of this host runs in the namespace of our bridges and TAPs.
         netns=settings.SANDBOX_NETNS or None,
         **image_boot_args(image),

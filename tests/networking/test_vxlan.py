@@ -339,3 +339,25 @@ def test_vnis_are_distinct_24_bit_numbers(db, operator):
     assert len({n.vni for n in nets}) == 3 and all(1 <= n.vni <= VNI_MAX for n in nets)
     taken = {n.vni for n in nets}
     assert vni_pick(nets[0].id, taken=taken) not in taken  # a collision takes the next free one
+
+
+def test_guests_on_a_host_with_a_tunnel_address_get_the_tunnels_mtu(span, settings):
+    """A guest's MTU is set at boot (virtio ``host_mtu``): on a host that takes part in VXLAN
+    it is the underlay's − 50 for every NIC, as are its TAPs; elsewhere the VMM's 1500."""
+    host_a, ns_a = span["hosts"]["ha"]
+    _on(settings, ns_a)
+    vm = span["guests"]["a1"]["vm"]
+    assert services.guest_mtu(host_a) == UNDERLAY_MTU - netlink.VXLAN_OVERHEAD
+    (spec,) = services.vm_hook_nics(vm=vm)
+    assert spec.mtu == UNDERLAY_MTU - netlink.VXLAN_OVERHEAD
+    services.network_reconcile(host=host_a)
+    with IPRoute(netns=ns_a) as ipr:
+        tap = ipr.get_links(ipr.link_lookup(ifname=spec.tap)[0])[0]
+    assert tap.get_attr("IFLA_MTU") == UNDERLAY_MTU - netlink.VXLAN_OVERHEAD
+    from vms.hypervisor import vm_spec
+
+    assert vm_spec(vm).mtu == UNDERLAY_MTU - netlink.VXLAN_OVERHEAD
+    host_a.tunnel_address = None
+    host_a.save(update_fields=["tunnel_address"])
+    vm.host.refresh_from_db()
+    assert services.guest_mtu(host_a) is None and services.vm_hook_nics(vm=vm)[0].mtu is None

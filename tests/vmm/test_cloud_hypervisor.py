@@ -1061,3 +1061,11 @@ def test_nics_boot_and_hot_plug_against_the_fake(
                 driver.nic_remove(spec, "net1")  # gone: the VMM says so
     finally:
         driver.shutdown(spec, force=True)
+
+
+def test_the_guests_mtu_goes_into_every_net_config(short_dir: Path, images: tuple[Path, Path]) -> None:
+    extra = NicDevice(tap="tap1", mac="52:54:00:00:00:02", device_id="net1")
+    spec = make_spec(short_dir, images, tap="tap0", mac="52:54:00:00:00:01", extra_nics=(extra,), mtu=1450)
+    assert [net["mtu"] for net in vm_config(spec)["net"]] == [1450, 1450]  # type: ignore[index]
+    plain = make_spec(short_dir, images, "vm2", tap="tap0", mac="52:54:00:00:00:01")
+    assert "mtu" not in vm_config(plain)["net"][0]  # type: ignore[index]

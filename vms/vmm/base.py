@@ -115,6 +115,7 @@ class VmSpec:
     mac: str | None = None
     tap: str | None = None
     extra_nics: tuple[NicDevice, ...] = ()  # further NICs, in guest order
+    mtu: int | None = None  # every NIC's MTU as the guest sees it (networks over VXLAN); None: 1500
     netns: str | None = None  # network namespace (under /run/netns) the VMM runs in; None = ours
     vsock_cid: int = 3
     extra: dict[str, str] = field(default_factory=dict)

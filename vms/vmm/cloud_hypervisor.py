@@ -780,9 +780,14 @@ def build_vm_config(spec: VmSpec, *, firmware: str = "") -> JsonObject:
         net: JsonObject = {"id": "net0", "tap": spec.tap}
         if spec.mac:
             net["mac"] = spec.mac
+        if spec.mtu:
+            net["mtu"] = spec.mtu
         config["net"] = [net]
     for nic in spec.extra_nics:
-        config.setdefault("net", []).append({"id": nic.device_id, "tap": nic.tap, "mac": nic.mac})
+        extra: JsonObject = {"id": nic.device_id, "tap": nic.tap, "mac": nic.mac}
+        if spec.mtu:
+            extra["mtu"] = spec.mtu
+        config.setdefault("net", []).append(extra)
     return config
 
 
@@ -1288,7 +1293,10 @@ class CloudHypervisorDriver:
             )
         self._require_pid(spec)
         with self._client(spec, timeout) as api:
-            api.vm_add_net({"id": nic.device_id, "tap": nic.tap, "mac": nic.mac}, timeout=timeout)
+            net: JsonObject = {"id": nic.device_id, "tap": nic.tap, "mac": nic.mac}
+            if spec.mtu:
+                net["mtu"] = spec.mtu
+            api.vm_add_net(net, timeout=timeout)
 
     def nic_remove(self, spec: VmSpec, device_id: str, *, timeout: float = 10.0) -> None:
         """``PUT vm.remove-device`` of the NIC ``device_id``."""

@@ -472,13 +472,13 @@ class QemuDriver:
             dev = f"virtio-net-{bus},netdev=net0"
             if spec.mac:
                 dev += f",mac={spec.mac}"
-            argv += ["-device", dev]
+            argv += ["-device", dev + _host_mtu(spec)]
         for i, nic in enumerate(spec.extra_nics):
             if i < len(extra_tap_fds):
                 argv += ["-netdev", f"tap,id={nic.device_id},fd={extra_tap_fds[i]}"]
             else:
                 argv += ["-netdev", f"tap,id={nic.device_id},ifname={nic.tap},script=no,downscript=no"]
-            argv += ["-device", f"virtio-net-{bus},netdev={nic.device_id},mac={nic.mac}"]
+            argv += ["-device", f"virtio-net-{bus},netdev={nic.device_id},mac={nic.mac}{_host_mtu(spec)}"]
         if incoming:
             argv += ["-incoming", "defer"]
         return argv
@@ -1069,3 +1069,8 @@ def _qcow2_virtual_size(path: Path) -> int:
 
 if TYPE_CHECKING:  # mypy proves that QemuDriver fulfils the Driver contract
     _CONTRACT_CHECK: type[Driver] = QemuDriver
+
+
+def _host_mtu(spec: VmSpec) -> str:
+    """The virtio-net property giving the guest its MTU (VIRTIO_NET_F_MTU), when set."""
+    return f",host_mtu={spec.mtu}" if spec.mtu else ""
