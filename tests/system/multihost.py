@@ -59,7 +59,7 @@ from tests.system.stack import (
     _netns_remove,
     _reset_database,
 )
-from vms.vmm.cgroups import cgroup_name, vmm_cgroup_remove
+from vms.vmm.cgroups import cgroup_name, vmm_cgroup_dirs, vmm_cgroup_remove
 
 HAPROXY_CFG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
 UNDERLAY_PREFIX = "10.231.98."  # the hosts' tunnel addresses: .1, .2, ...
@@ -405,6 +405,9 @@ def multihost_stop(stack: MultiHostStack) -> None:
                 if vm_dir.is_dir():
                     with contextlib.suppress(OSError):
                         vmm_cgroup_remove(node.cgroup, cgroup_name(vm_dir.name, vm_dir))
+            for parent in vmm_cgroup_dirs(node.cgroup, ""):  # the host's own parent cgroup
+                with contextlib.suppress(OSError):
+                    parent.rmdir()
     finally:
         for node in stack.hosts.values():
             _netns_remove(node.netns)

@@ -7,6 +7,7 @@ balancer unless a test names a web instance."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import shutil
@@ -295,6 +296,84 @@ def test_a_cordoned_host_gets_no_new_vm(mh, vms):
     assert vms["a1"]["host"] in ("h1", "h2")  # the running VMs stayed where they were
     for vm in vms.values():
         assert mh.wait_vm(vm["id"], {"running"}, timeout=5, persona=vm["persona"])
+
+
+# ----- a web instance dies mid-console --------------------------------------------------------
+
+
+def _ws_connects(mh: MultiHostStack, instance: str, vm_id: str) -> int:
+    log = mh.log_dir / f"{instance}.log"
+    return log.read_text(errors="replace").count(f'"WSCONNECT /ws/vms/{vm_id}/console/') if log.exists() else 0
+
+
+def test_a_console_whose_web_instance_dies_resumes_through_the_other_without_a_gap(mh, vms):
+    """The client reconnects through HAProxy from the offset it reached: the bytes of both
+    connections are exactly the serial log's on the VM's host (nothing lost or repeated)."""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    vm = vms["a2"]
+    url = mh.ws_url(f"/ws/vms/{vm['id']}/console/")
+    headers = {"Authorization": f"Bearer {mh.tokens['owner']}"}
+    marker = b"flood-42-done"
+    chunks: list[bytes] = []
+    before = {name: _ws_connects(mh, name, vm["id"]) for name in ("web1", "web2")}
+    killed: list[str] = []
+
+    async def read(ws, offset: int, until) -> int:
+        acked = offset
+        deadline = time.monotonic() + 120
+        while not until(offset) and time.monotonic() < deadline:
+            try:
+                message = await asyncio.wait_for(ws.recv(), 10)
+            except (TimeoutError, ConnectionClosed):
+                break
+            if isinstance(message, bytes):
+                chunks.append(message)
+                offset += len(message)
+                if offset - acked >= 16 << 10:
+                    acked = offset
+                    with contextlib.suppress(ConnectionClosed):
+                        await ws.send(json.dumps({"type": "ack", "offset": acked}))
+            else:
+                assert json.loads(message).get("type") != "gap", message
+        return offset
+
+    async def scenario() -> tuple[int, int]:
+        ws = await connect(url, additional_headers=headers, open_timeout=30)
+        hello = json.loads(await asyncio.wait_for(ws.recv(), 30))
+        start = hello["offset"]
+        await ws.send(json.dumps({"type": "input", "data": "\nseq 1 40000; echo flood-$((6*7))-done\n"}))
+        reached = await read(ws, start, lambda o: o >= start + 40_000)
+        holder = next(n for n in ("web1", "web2") if _ws_connects(mh, n, vm["id"]) > before[n])
+        killed.append(holder)
+        mh.kill(holder, sig=signal.SIGKILL)  # its connections die with it
+        reached = await read(ws, reached, lambda o: False)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(ws.close(), 5)
+        deadline = time.monotonic() + 30
+        while True:  # reconnect through the balancer (to the other instance) from the offset reached
+            try:
+                async with connect(f"{url}?offset={reached}", additional_headers=headers, open_timeout=10) as ws2:
+                    hello = json.loads(await asyncio.wait_for(ws2.recv(), 30))
+                    assert hello["type"] == "hello" and hello["offset"] == reached, hello
+                    reached = await read(ws2, reached, lambda o: marker in b"".join(chunks[-8:]))
+                    return start, reached
+            except (OSError, TimeoutError, ConnectionClosed):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(1)
+
+    try:
+        start, reached = asyncio.run(scenario())
+    finally:
+        for name in killed:
+            mh.restart(name)
+    received = b"".join(chunks)
+    assert marker in received and b"\n40000\r\n" in received
+    assert reached - start == len(received)
+    log = (mh.hosts[vm["host"]].runtime_dir / vm["id"] / "serial.log").read_bytes()
+    assert received == log[start : start + len(received)]  # in order, nothing lost or repeated
 
 
 # ----- a host's hostd dies -----------------------------------------------------------------------
