@@ -412,3 +412,19 @@ def test_a_host_whose_hostd_dies_shows_its_vms_unknown_until_it_returns(mh, vms)
             break
         time.sleep(1)
     assert response.status_code == 200 and response.json()["stdout"].strip() == "again", response.text
+
+
+# ----- a further host ---------------------------------------------------------------------------
+
+
+def test_a_host_added_to_the_running_stack_comes_up_and_takes_pinned_vms(mh, vms):
+    node = mh.add_host("h3")  # namespace on the underlay, host_join, hostd and worker
+    rows = mh.host_rows()
+    assert rows["h3"]["up"] is True and rows["h3"]["tunnel_address"] == node.tunnel_address
+    with mh.client("admin") as admin:
+        response = admin.post(
+            "/api/v1/vms/", json={"name": "mh-h3", "template": "linux-small", "host": "h3", "start": False}
+        )
+        assert response.status_code == 202, response.text
+        assert _host_of(mh, response.json()["id"]) == "h3"
+        assert admin.delete(f"/api/v1/vms/{response.json()['id']}/").status_code in (202, 204)
