@@ -803,9 +803,10 @@ def nic_plumb(*, vm) -> list[NicSpec]:
     if not nics:
         return []
     Nic.objects.filter(pk__in=[n.pk for n in nics]).update(plumbed=True)  # before the TAP exists: reconcile keeps it
+    mtu = host_guest_mtu(vm.host)
     for nic in nics:
         _bridge_ensure(nic.network)
-        netlink.tap_ensure(nic.tap, nic.network.bridge, netns=_netns())
+        netlink.tap_ensure(nic.tap, nic.network.bridge, netns=_netns(), mtu=mtu)
     network_tunnels_sync(host=vm.host)
     network_rules_apply(host=vm.host)
     _tunnel_peers_notify(vm.host, {n.network_id for n in nics})
@@ -993,9 +994,10 @@ def network_reconcile(*, host) -> dict[str, int]:
     for link in netlink.links_owned(netns=_netns()):
         if link.name.startswith(netlink.BRIDGE_PREFIX) and link.name not in wanted_bridges:
             counts["bridges_removed"] += int(netlink.link_remove(link.name, netns=_netns()))
+    mtu = host_guest_mtu(host)
     for nic in plumbed:
         _bridge_ensure(nic.network)
-        netlink.tap_ensure(nic.tap, nic.network.bridge, netns=_netns())
+        netlink.tap_ensure(nic.tap, nic.network.bridge, netns=_netns(), mtu=mtu)
         counts["taps_ensured"] += 1
     counts.update(network_tunnels_sync(host=host))
     network_rules_apply(host=host)

@@ -388,17 +388,23 @@ SANDBOX_CONSOLE_TICKET_SECONDS = env.int("SANDBOX_CONSOLE_TICKET_SECONDS", defau
 SANDBOX_WS_RECHECK_SECONDS = env.float("SANDBOX_WS_RECHECK_SECONDS", default=10.0)
 SANDBOX_SAMPLE_SECONDS = env.float("SANDBOX_SAMPLE_SECONDS", default=10.0)
 SANDBOX_SAMPLE_RETENTION_SECONDS = env.int("SANDBOX_SAMPLE_RETENTION_SECONDS", default=6 * 3600)
+
+
+def _on_every_host(task: str, seconds: float) -> dict:
+    """A beat entry for per-host periodic work: the installation's one beat puts a fan-out on
+    the shared queue, which sends ``task`` to every live host's queue (``vms.hosts.
+    host_periodic_fanout``); each message expires after two periods."""
+    return {
+        "task": "vms.tasks.host_periodic_fanout_task",
+        "schedule": seconds,
+        "args": [task, seconds * 2],
+        "options": {"queue": "shared", "expires": seconds},
+    }
+
+
 CELERY_BEAT_SCHEDULE = {
-    "vms-sample": {
-        "task": "vms.tasks.vms_sample_task",
-        "schedule": SANDBOX_SAMPLE_SECONDS,
-        "options": {"queue": f"host.{SANDBOX_HOST_NAME}", "expires": SANDBOX_SAMPLE_SECONDS * 2},
-    },
-    "vms-reconcile": {
-        "task": "vms.tasks.vms_reconcile_task",
-        "schedule": SANDBOX_RECONCILE_SECONDS,
-        "options": {"queue": f"host.{SANDBOX_HOST_NAME}", "expires": SANDBOX_RECONCILE_SECONDS * 2},
-    },
+    "vms-sample": _on_every_host("vms.tasks.vms_sample_task", SANDBOX_SAMPLE_SECONDS),
+    "vms-reconcile": _on_every_host("vms.tasks.vms_reconcile_task", SANDBOX_RECONCILE_SECONDS),
     # Any worker: hosts whose heartbeat stopped are marked down and their VMs `unknown`.
     "hosts-check": {
         "task": "vms.tasks.hosts_check_task",
@@ -497,11 +503,9 @@ SANDBOX_SNAPSHOT_DIR = Path(env.str("SANDBOX_SNAPSHOT_DIR", default=str(SANDBOX_
 SANDBOX_SNAPSHOTS_PER_VM = env.int("SANDBOX_SNAPSHOTS_PER_VM", default=32)
 SANDBOX_CLONE_MAX = env.int("SANDBOX_CLONE_MAX", default=10)
 SANDBOX_SNAPSHOT_RETENTION_SECONDS = env.float("SANDBOX_SNAPSHOT_RETENTION_SECONDS", default=300.0)
-CELERY_BEAT_SCHEDULE["snapshots-retention"] = {
-    "task": "snapshots.tasks.snapshot_retention_task",
-    "schedule": SANDBOX_SNAPSHOT_RETENTION_SECONDS,
-    "options": {"queue": f"host.{SANDBOX_HOST_NAME}", "expires": SANDBOX_SNAPSHOT_RETENTION_SECONDS * 2},
-}
+CELERY_BEAT_SCHEDULE["snapshots-retention"] = _on_every_host(
+    "snapshots.tasks.snapshot_retention_task", SANDBOX_SNAPSHOT_RETENTION_SECONDS
+)
 
 # Golden snapshots (docs/snapshots.md#golden-snapshots): each host checks this often that every
 # template that wants one has a current golden snapshot (built when missing or stale); a failed
@@ -513,8 +517,6 @@ SANDBOX_GOLDEN_RETRY_SECONDS = env.float("SANDBOX_GOLDEN_RETRY_SECONDS", default
 # Warm pools are refilled only while the host keeps this much memory free beyond its VMs
 # (interim rule until host admission decides: snapshots.pool.pool_host_has_room).
 SANDBOX_POOL_HOST_RESERVE_MIB = env.int("SANDBOX_POOL_HOST_RESERVE_MIB", default=1024)
-CELERY_BEAT_SCHEDULE["snapshots-golden-maintain"] = {
-    "task": "snapshots.tasks.golden_maintain_task",
-    "schedule": SANDBOX_GOLDEN_MAINTAIN_SECONDS,
-    "options": {"queue": f"host.{SANDBOX_HOST_NAME}", "expires": SANDBOX_GOLDEN_MAINTAIN_SECONDS * 2},
-}
+CELERY_BEAT_SCHEDULE["snapshots-golden-maintain"] = _on_every_host(
+    "snapshots.tasks.golden_maintain_task", SANDBOX_GOLDEN_MAINTAIN_SECONDS
+)

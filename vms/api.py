@@ -220,18 +220,18 @@ class VmViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPermissi
     @action(detail=True, methods=["get"], url_path="console/log")
     def console_log(self, request, id=None):
         """Everything the guest wrote to its serial console, as a text download."""
-        from django.http import FileResponse
+        from django.http import StreamingHttpResponse
 
-        from vms.consoles import console_log_open
+        from vms.consoles import console_log_download
 
         vm = self.get_object()
         try:
-            log, start = console_log_open(vm.pk)  # from the oldest byte kept (the log is capped)
-        except OSError:
+            # From the VM's host's hostd, from the oldest byte kept (the log is capped).
+            pieces, start = console_log_download(vm)
+        except FileNotFoundError:
             raise NotFound("This VM has no console log (yet).") from None
-        response = FileResponse(
-            log, as_attachment=True, filename=f"{vm.name}-console.log", content_type="text/plain; charset=utf-8"
-        )
+        response = StreamingHttpResponse(pieces, content_type="text/plain; charset=utf-8")
+        response["Content-Disposition"] = f'attachment; filename="{vm.name}-console.log"'
         response["X-Console-Log-Offset"] = str(start)
         return response
 

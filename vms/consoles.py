@@ -4,7 +4,7 @@ The host daemon (docs/hostd.md) holds each VM's serial port and its history (``s
 the VM's host, the newest part in a ring): output reaches viewers through its console stream
 (absolute byte offsets, replay then live, each viewer an independent cursor), input goes
 through its ``console_write``. Web processes never write to the serial socket or follow the
-log themselves (only the log download reads ``serial.log`` from disk, on the VM's host). Who
+log themselves (the log download, too, asks the VM's host's hostd). Who
 may type (one writer at a time) is decided here, not by hostd.
 """
 
@@ -15,7 +15,7 @@ import hashlib
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,32 +28,62 @@ from accounts.permissions import require_perm
 from accounts.services import user_has_perm
 from sandbox_site.errors import ApplicationError, ConflictError
 from vms import hypervisor
-from vms.hostd.client import AsyncHostdClient, HostdError, HostdRequestError, Subscription
+from vms.hostd.client import AsyncHostdClient, HostdClient, HostdError, HostdRequestError, Subscription
 from vms.hostd.tls import TlsAddress
+from vms.hostd_address import vm_hostd_address
 from vms.models import VM
 
 INPUT_MAX_BYTES = 4096
 
 
 def console_log_path(vm_id) -> Path:
-    """The VM's whole console history on disk (on the VM's host: the log download reads it)."""
+    """The VM's whole console history on disk (on the VM's host; the log download asks that
+    host's hostd for it, ``console_log_download``)."""
     return hypervisor.runtime_dir(vm_id) / "serial.log"
 
 
-def console_log_open(vm_id):
-    """``(file, offset)``: the console log opened at its oldest byte still on disk (hostd
-    caps the log by punching a hole over the oldest bytes, see vms/hostd/console.py), and
-    that byte's console offset. Raises ``OSError`` when there is no log."""
-    import errno
-    import os
+LOG_DOWNLOAD_TIMEOUT = 30.0  # per piece read from hostd
 
-    fh = console_log_path(vm_id).open("rb")
+
+def console_log_download(vm: VM) -> tuple[Iterator[bytes], int]:
+    """``(pieces, start)``: the VM's console log as its host's hostd reads it from that host's
+    disk (this machine's hostd over its socket, another host's over mutual TLS), from the
+    oldest byte still kept (hostd caps the log by punching a hole over the oldest bytes) up
+    to the size it had when the download began, and that first byte's file position.
+    Raises ``FileNotFoundError`` when the VM has no log, ``ApplicationError`` (503
+    ``hostd_unavailable``...) when its host's hostd cannot be asked. The first piece is read
+    here, so errors come before any byte is sent."""
+    from vms.agent_gateway import agent_error
+
+    client = HostdClient(vm_hostd_address(vm), timeout=LOG_DOWNLOAD_TIMEOUT)
     try:
-        start = os.lseek(fh.fileno(), 0, os.SEEK_DATA)
-    except OSError as exc:
-        start = os.fstat(fh.fileno()).st_size if exc.errno == errno.ENXIO else 0
-    fh.seek(start)
-    return fh, start
+        client.connect()
+        head, first = client.call("console_log_read", {"vm_id": str(vm.pk)}, timeout=LOG_DOWNLOAD_TIMEOUT)
+    except HostdError as exc:
+        client.close()
+        if exc.code == "not_found":
+            raise FileNotFoundError(exc.message) from None
+        raise agent_error(exc.code, exc.message) from exc
+    start, end = int(head["offset"]), int(head["size"])
+
+    def pieces() -> Iterator[bytes]:
+        try:
+            position, data = start, first
+            while data:
+                data = data[: max(0, end - position)]  # nothing written after the download began
+                yield data
+                position += len(data)
+                if position >= end:
+                    return
+                head, data = client.call(
+                    "console_log_read", {"vm_id": str(vm.pk), "offset": position}, timeout=LOG_DOWNLOAD_TIMEOUT
+                )
+                # The cap punched the bytes at our position meanwhile: the log skips ahead.
+                position = max(position, int(head["offset"]))
+        finally:
+            client.close()
+
+    return pieces(), start
 
 
 def console_log_bytes(vm_id) -> int:

@@ -1,12 +1,17 @@
 """Host lifecycle an operator drives: cordon (placement puts no new VMs there; its VMs keep
 running), uncordon, remove (an empty host leaves for good), and join (``manage.py host_join``:
 register a host and issue the certificate its hostd's TLS listener presents). Every change is
-audited."""
+audited. Also the fan-out of per-host periodic work to every host's queue."""
 
 from __future__ import annotations
 
+import datetime
+
+from celery import current_app
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
+from django.utils import timezone
 
 from accounts.audit import audit_record
 from accounts.permissions import require_perm
@@ -154,3 +159,33 @@ def host_drain(*, host: Host, actor) -> dict:
     with transaction.atomic():
         audit_record(actor=actor, action="host.drain", obj=host, after=result)
     return result
+
+
+# Periodic work each host's worker does on its own VMs. The installation's one beat
+# (docs/operations.md) cannot address them by its own SANDBOX_HOST_NAME: it schedules
+# ``vms.tasks.host_periodic_fanout_task`` on the shared queue, which sends them to each host.
+HOST_PERIODIC_TASKS = frozenset(
+    {
+        "vms.tasks.vms_reconcile_task",
+        "vms.tasks.vms_sample_task",
+        "snapshots.tasks.snapshot_retention_task",
+        "snapshots.tasks.golden_maintain_task",
+    }
+)
+
+
+def host_periodic_fanout(*, task_name: str, expires: float, now=None) -> list[str]:
+    """Send the periodic ``task_name`` to the queue of every active host whose worker is alive
+    (heartbeat within ``SANDBOX_HOST_DOWN_SECONDS``: a dead worker's queue would only pile up
+    messages; a worker reconciles when it starts anyway). Each message expires after
+    ``expires`` seconds, so a slow worker never runs a backlog. Returns the hosts' names."""
+    if task_name not in HOST_PERIODIC_TASKS:
+        raise ApplicationError(f"{task_name!r} is not a per-host periodic task.", details={"task": task_name})
+    now = now or timezone.now()
+    since = now - datetime.timedelta(seconds=settings.SANDBOX_HOST_DOWN_SECONDS)
+    names = list(
+        Host.objects.filter(is_active=True, last_seen_at__gte=since).order_by("name").values_list("name", flat=True)
+    )
+    for name in names:
+        current_app.send_task(task_name, queue=f"host.{name}", expires=expires)
+    return names

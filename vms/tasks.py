@@ -38,6 +38,13 @@ def hosts_check_task() -> None:
 
 
 @shared_task(ignore_result=True)
+def host_periodic_fanout_task(task_name: str, expires: float) -> None:
+    from vms.hosts import host_periodic_fanout
+
+    host_periodic_fanout(task_name=task_name, expires=expires)
+
+
+@shared_task(ignore_result=True)
 def vms_sample_task() -> None:
     from vms.sampling import vms_sample
     from vms.services import local_host

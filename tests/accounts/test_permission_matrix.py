@@ -5,11 +5,16 @@ grantee without it, viewer role, operator, stranger and anonymous on each endpoi
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from pathlib import Path
+
 import pytest
 from guardian.shortcuts import assign_perm
 
 from accounts.models import AuditEvent
 from tests.factories import SnapshotFactory, UserFactory, VmFactory
+from tests.hostd.runner import Hostd
 from tests.permission_matrix import (
     ACCEPTED,
     Endpoint,
@@ -69,13 +74,18 @@ class TestVmEndpoints(VmRights, PermissionMatrix):
     )
 
     @pytest.fixture
-    def target(self, owner, settings, tmp_path):
+    def target(self, owner, settings):
         vm = VmFactory(owner=owner, name="owned-vm")
         UserFactory(username="other")
-        settings.SANDBOX_RUNTIME_DIR = tmp_path
-        (tmp_path / str(vm.pk)).mkdir()
-        (tmp_path / str(vm.pk) / "serial.log").write_bytes(b"login: ")
-        return Target(owner, {"vm": vm})
+        root = Path(tempfile.mkdtemp(prefix="pm-", dir="/tmp"))  # hostd's socket path is short
+        settings.SANDBOX_RUNTIME_DIR = root
+        settings.SANDBOX_HOSTD_SOCKET = root / "hostd.sock"
+        (root / str(vm.pk)).mkdir()
+        (root / str(vm.pk) / "serial.log").write_bytes(b"login: ")
+        hostd = Hostd(root).start()  # the console log download comes from the VM's host's hostd
+        yield Target(owner, {"vm": vm})
+        hostd.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 class TestVmMoveEndpoint(PermissionMatrix):

@@ -351,6 +351,10 @@ def test_guests_starting_on_a_tunnel_host_get_the_underlay_mtu_less_the_tunnel_h
     spec = vm_spec(a1)
     assert spec.nic_mtu == UNDERLAY_MTU - 50
     assert f"host_mtu={UNDERLAY_MTU - 50}" in " ".join(_qemu_argv(spec))
+    services.network_reconcile(host=host_a)  # its TAPs too
+    with IPRoute(netns=ns_a) as ipr:
+        tap = ipr.get_links(ipr.link_lookup(ifname=spec.tap)[0])[0]
+    assert tap.get_attr("IFLA_MTU") == UNDERLAY_MTU - 50
     # A jumbo underlay carries full 1500-byte guest frames; a host without a tunnel address has
     # no tunnels; an address on no interface here takes no part either.
     with IPRoute(netns=ns_a) as ipr:

@@ -31,7 +31,7 @@ import psycopg
 from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 
-from vms.vmm.cgroups import cgroup_name, vmm_cgroup_remove
+from vms.vmm.cgroups import cgroup_name, vmm_cgroup_dirs, vmm_cgroup_remove
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -334,6 +334,9 @@ def _remove_vmm_cgroups(runtime_dir: Path) -> None:
     for vm_dir in runtime_dir.iterdir() if runtime_dir.is_dir() else []:
         if vm_dir.is_dir():
             vmm_cgroup_remove(SYSTEST_CGROUP, cgroup_name(vm_dir.name, vm_dir))
+    for parent in vmm_cgroup_dirs(SYSTEST_CGROUP, ""):  # empty now: the stack's own parent goes too
+        with contextlib.suppress(OSError):
+            parent.rmdir()
 
 
 def embedded_stack_start(log_dir: Path) -> Stack:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from vms.vmm import qemu
-from vms.vmm.base import AgentTransport, VmmError, VmSpec
+from vms.vmm.base import AgentTransport, NicDevice, VmmError, VmSpec
 from vms.vmm.qemu import TCG_TB_SIZE_MIB, QemuDriver
 from vms.vmm.snapshot import backing_chain, layer_rebase
 
@@ -122,3 +122,15 @@ def test_a_guest_trusts_its_tsc_only_when_the_host_keeps_time_with_it(
     assert "tsc=reliable" not in _append(QemuDriver().build_argv(spec, acceleration="tcg"))
     monkeypatch.setattr(qemu, "host_uses_tsc", lambda: True)
     assert "tsc=reliable" in _append(QemuDriver().build_argv(spec, acceleration="tcg"))
+
+
+def test_the_guests_mtu_is_the_virtio_nets_host_mtu(tmp_path: Path) -> None:
+    nic = NicDevice(tap="tap1", mac="52:54:00:00:00:02", device_id="net1")
+    base = {"vm_id": "a", "runtime_dir": tmp_path, "kernel": tmp_path / "k", "base_image": tmp_path / "b"}
+    spec = VmSpec(**base, tap="tap0", mac="52:54:00:00:00:01", extra_nics=(nic,), nic_mtu=1450)  # type: ignore[arg-type]
+    nets = [arg for arg in QemuDriver().build_argv(spec, acceleration="tcg") if arg.startswith("virtio-net")]
+    assert len(nets) == 2 and all("host_mtu=1450" in net.split(",") for net in nets), nets
+    # 1500 is given too: the device always offers the MTU feature (snapshots restore anywhere).
+    plain = VmSpec(**base, tap="tap0", mac="52:54:00:00:00:01")  # type: ignore[arg-type]
+    nets = [arg for arg in QemuDriver().build_argv(plain, acceleration="tcg") if arg.startswith("virtio-net")]
+    assert nets and all("host_mtu=1500" in net.split(",") for net in nets), nets

@@ -1,6 +1,7 @@
 """A VM on another host: the web API reaches that host's hostd over mutual TLS only (this
 machine's hostd socket leads nowhere, and there is no agent socket to fall back to): exec with
-and without waiting, an exec's output through its websocket, a file round trip."""
+and without waiting, an exec's output through its websocket, a file round trip, the console
+log download."""
 
 from __future__ import annotations
 
@@ -107,3 +108,13 @@ def test_a_vm_on_another_host_is_never_reached_through_this_machine(api, owner, 
         assert response.json()["error"]["code"] == "hostd_unavailable"
     finally:
         live.stop()
+
+
+def test_the_console_log_of_a_vm_on_another_host_comes_from_that_hosts_disk(api, owner, remote_vm, settings, tmp_path):
+    vm, root = remote_vm
+    (root / str(vm.pk) / "serial.log").write_bytes(b"booted on h2\n" * 1000)
+    settings.SANDBOX_RUNTIME_DIR = tmp_path  # this machine's disk has no log of that VM
+    api.as_user(owner)
+    response = api.get(f"/api/v1/vms/{vm.pk}/console/log/")
+    assert response.status_code == 200, response.content
+    assert b"".join(response.streaming_content) == b"booted on h2\n" * 1000

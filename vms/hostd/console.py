@@ -344,6 +344,24 @@ def _pread(path: Path, offset: int, size: int) -> bytes:
         return b""
 
 
+def log_read(path: Path, offset: int | None, max_bytes: int) -> tuple[int, int, bytes]:
+    """``(start, size, data)``: up to ``max_bytes`` of the console log at ``path`` from file
+    position ``offset`` (None: its oldest byte still on disk, after the hole the cap punched;
+    an offset inside that hole also moves there), and the file's size. For the log download,
+    which may come from a web process on another host (blocking: run it in a thread)."""
+    fd = os.open(path, os.O_RDONLY)  # FileNotFoundError: no log (yet)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            first = os.lseek(fd, 0, os.SEEK_DATA)
+        except OSError as exc:
+            first = size if exc.errno == errno.ENXIO else 0
+        start = max(first, min(offset if offset is not None else 0, size))
+        return start, size, os.pread(fd, max(0, min(max_bytes, size - start)), start)
+    finally:
+        os.close(fd)
+
+
 def _allocated(path: Path) -> int:
     """Bytes the log occupies on disk (holes excluded)."""
     try:

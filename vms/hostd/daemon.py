@@ -33,7 +33,14 @@ from vms.hostd import metrics as hostd_metrics
 from vms.hostd import tls
 from vms.hostd.agent_link import AgentLink, AgentUnavailable, LinkBudget
 from vms.hostd.blobs import BlobStore
-from vms.hostd.console import STREAM_CHUNK, STREAM_READ, ConsoleLink, ConsoleUnavailable
+from vms.hostd.console import (
+    SERIAL_LOG,
+    STREAM_CHUNK,
+    STREAM_READ,
+    ConsoleLink,
+    ConsoleUnavailable,
+    log_read,
+)
 from vms.hostd.errors import HostdError
 from vms.hostd.logcontext import log_context, log_context_set
 from vms.hostd.running_execs import RunningExecs
@@ -566,6 +573,25 @@ class ClientSession:
 
     async def op_blob_delete(self, args: dict[str, Any], data: bytes) -> tuple[dict[str, Any], bytes]:
         return await self.daemon.blobs.delete(args), b""
+
+    async def op_console_log_read(self, args: dict[str, Any], data: bytes) -> tuple[dict[str, Any], bytes]:
+        """Up to ``STREAM_CHUNK`` bytes of the VM's ``serial.log`` on this host from file position
+        ``offset`` (absent: its oldest byte kept), also of a VM that no longer runs:
+        ``{"offset": where the data starts, "size": the file's size}``."""
+        vm_id = _str(args, "vm_id")
+        if "/" in vm_id or vm_id in (".", ".."):
+            raise HostdError("bad_request", "vm_id must be a VM id")
+        raw = args.get("offset")
+        if raw is not None and (not isinstance(raw, int) or isinstance(raw, bool) or raw < 0):
+            raise HostdError("bad_request", "offset must be a non-negative integer")
+        path = self.daemon.config.runtime_dir / vm_id / SERIAL_LOG
+        try:
+            start, size, chunk = await asyncio.get_running_loop().run_in_executor(
+                None, log_read, path, raw, STREAM_CHUNK
+            )
+        except FileNotFoundError:
+            raise HostdError("not_found", "this VM has no console log on this host") from None
+        return {"offset": start, "size": size}, chunk
 
     async def op_stream_close(self, args: dict[str, Any], data: bytes) -> tuple[dict[str, Any], bytes]:
         task = self.streams.pop(_int(args, "sub"), None)
