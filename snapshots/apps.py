@@ -17,3 +17,4 @@ class SnapshotsConfig(AppConfig):
         operation_handler_register("pool_take", lifecycle.pool_take_run)
         hook_register("vm_create_source", golden.golden_create_source)
         hook_register("vm_pool_take", pool.pool_vm_take)
+        hook_register("host_golden_holders", golden.golden_holders)

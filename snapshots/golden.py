@@ -147,6 +147,21 @@ def golden_usable(*, template: Template, host_id, vcpus: int, memory_mib: int, d
     return golden
 
 
+def golden_holders(*, template: Template) -> set:
+    """Hook ``host_golden_holders``: ids of the hosts holding a ready, current golden snapshot
+    of ``template`` (placement prefers them among equally roomy hosts)."""
+    if not template.golden_snapshot:
+        return set()
+    return set(
+        GoldenSnapshot.objects.filter(
+            template=template,
+            status=GoldenSnapshot.Status.READY,
+            inputs=golden_inputs(template)[1],
+            snapshot__state=Snapshot.State.READY,
+        ).values_list("host_id", flat=True)
+    )
+
+
 def golden_create_source(*, vm: VM, start: bool):
     """Hook ``vm_create_source``: a create of a VM that the template's golden snapshot fits
     restores it (a ``clone`` operation marked ``golden``) instead of a cold ``create``."""

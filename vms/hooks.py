@@ -34,7 +34,9 @@ Hook names and their keyword arguments:
   heartbeat's ``SANDBOX_TUNNEL_ADDRESS``); networking re-syncs the VXLAN tunnels of that host
   and of its peers (on their queues);
 - ``vm_owner_changed(vm)``: on the VM's host, after a pool VM got its owner and before it
-  runs again (networking re-applies the tenant rules).
+  runs again (networking re-applies the tenant rules);
+- ``host_golden_holders(template) -> set`` of host ids holding a ready golden snapshot of the
+  template (snapshots): placement prefers them among equally roomy hosts.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ HOOK_NAMES = (
     "vm_pool_take",
     "vm_owner_changed",
     "host_tunnel_changed",
+    "host_golden_holders",
 )
 
 _hooks: dict[str, list[Callable[..., Any]]] = {name: [] for name in HOOK_NAMES}

@@ -338,8 +338,10 @@ def _host_back(vm: VM) -> int:
 
 
 def host_heartbeat(host: Host, now) -> bool:
-    """This host's worker is alive (it runs this): record it, with the host's capacity and
-    whether its hostd answers (True) or not (the host then counts as down)."""
+    """This host's worker is alive (it runs this): record it, with the host's capacity, its
+    driver and the boot modes it runs, and whether its hostd answers (True) or not (the host
+    then counts as down). The images it holds are checked by a separate, slower pass
+    (``vms.inventory.host_inventory_update``): hashing must not delay the heartbeat."""
     from vms.admission import machine_capacity
     from vms.host_disk import disk_room_gib
     from vms.hostd.client import HostdClient
@@ -347,6 +349,9 @@ def host_heartbeat(host: Host, now) -> bool:
 
     cpus, memory_mib = machine_capacity()
     fields: dict = {"last_seen_at": now, "cpus": cpus, "memory_mib": memory_mib, "disk_free_gib": disk_room_gib()}
+    # What this host's driver can boot: placement sends a VM only where its image boots.
+    fields["driver"] = hypervisor.driver_name_select()
+    fields["boot_modes"] = hypervisor.driver_boot_modes(fields["driver"])
     if settings.SANDBOX_TUNNEL_ADDRESS:  # validated at start-up (settings)
         fields["tunnel_address"] = settings.SANDBOX_TUNNEL_ADDRESS
     try:
