@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import stat
 from pathlib import Path
 
 from django.conf import settings
@@ -78,12 +79,12 @@ def _file_state(role: str, path: Path, cached: dict) -> dict | None:
         st = os.stat(path)
     except OSError:
         return None
-    if not os.path.isfile(path):
+    if not stat.S_ISREG(st.st_mode):
         return None
     entry = cached.get(role) or {}
-    if (entry.get("path"), entry.get("size"), entry.get("mtime_ns")) == (str(path), st.st_size, st.st_mtime_ns):
-        if entry.get("sha256"):
-            return dict(entry)
+    same = (entry.get("path"), entry.get("size"), entry.get("mtime_ns")) == (str(path), st.st_size, st.st_mtime_ns)
+    if same and entry.get("sha256"):
+        return dict(entry)
     return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": file_sha256(path)}
 
 
