@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import hashlib
 import itertools
+import os
 import socket
 import ssl
 import time
@@ -287,6 +288,81 @@ class HostdClient:
         """Yield the file's bytes; raises ``HostdRequestError`` (``checksum_mismatch``)
         at the end when they do not hash to ``expected_sha256``."""
         yield from _download(self, vm_id, handle, expected_sha256, timeout)
+
+    # ----- host files (vms.hostd.blobs) ----------------------------------------------------
+
+    def blob_stat(self, root: str, path: str, *, sha256: bool = True, timeout: float = 600.0) -> dict[str, Any]:
+        """``{exists, size, sha256}`` of a file under one of hostd's roots (hashing a large
+        file takes a while: ``timeout``)."""
+        return self.call("blob_stat", {"root": root, "path": path, "sha256": sha256}, timeout=timeout)[0]
+
+    def blob_chunks(self, root: str, path: str, size: int, *, timeout: float = 60.0) -> Iterator[bytes]:
+        """Yield the first ``size`` bytes of a file in order, ``TRANSFER_WINDOW`` reads in
+        flight; ``HostdRequestError`` ``size_mismatch`` when the file is shorter."""
+        inflight: list[tuple[int, int]] = []
+        offset = 0
+        try:
+            while offset < size or inflight:
+                while offset < size and len(inflight) < TRANSFER_WINDOW:
+                    length = min(MAX_DATA, size - offset)
+                    args = {"root": root, "path": path, "offset": offset, "length": length}
+                    inflight.append((self.send("blob_read", args, timeout=timeout), length))
+                    offset += length
+                req, length = inflight.pop(0)
+                data = self.wait(req, timeout)[1]
+                if len(data) != length:
+                    raise HostdRequestError("size_mismatch", f"{path} ended early (changed while being read?)")
+                yield data
+        except BaseException:
+            with contextlib.suppress(HostdError):
+                for req, _ in inflight:
+                    self.wait(req, timeout)
+            raise
+
+    def blob_put(
+        self,
+        root: str,
+        path: str,
+        chunks: Iterable[bytes],
+        *,
+        size: int,
+        sha256: str,
+        overwrite: bool = False,
+        timeout: float = 60.0,
+    ) -> dict[str, Any]:
+        """Write ``chunks`` (``size`` bytes in all) to a temporary file on hostd, then commit
+        it under ``path`` when hostd finds the sha256 given (else ``checksum_mismatch``);
+        any failure aborts the transfer: nothing is left behind."""
+        transfer = os.urandom(16).hex()
+        ident = {"root": root, "path": path, "transfer": transfer}
+        inflight: list[int] = []
+        offset = 0
+        try:
+            for piece in _rechunk(chunks, MAX_DATA):
+                if offset + len(piece) > size:
+                    raise HostdRequestError("size_mismatch", f"more than the {size} bytes announced for {path}")
+                inflight.append(self.send("blob_write", {**ident, "offset": offset, "size": size}, piece))
+                offset += len(piece)
+                if len(inflight) >= TRANSFER_WINDOW:
+                    self.wait(inflight.pop(0), timeout)
+            while inflight:
+                self.wait(inflight.pop(0), timeout)
+            if offset == 0:  # an empty file: its temporary file is made by one empty write
+                self.wait(self.send("blob_write", {**ident, "offset": 0, "size": size}), timeout)
+            # hostd hashes the whole file before answering
+            commit = {**ident, "size": size, "sha256": sha256, "overwrite": overwrite}
+            return self.call("blob_commit", commit, timeout=max(timeout, 600.0))[0]
+        except BaseException:
+            with contextlib.suppress(HostdError):
+                for req in inflight:
+                    self.wait(req, timeout)
+            with contextlib.suppress(HostdError):
+                self.call("blob_abort", ident, timeout=10)
+            raise
+
+    def blob_delete(self, root: str, path: str, *, timeout: float = 30.0) -> bool:
+        """Delete a file (and its parent directories left empty); False when there was none."""
+        return bool(self.call("blob_delete", {"root": root, "path": path}, timeout=timeout)[0].get("deleted"))
 
 
 def _download(client: HostdClient, vm_id: str, handle: str, expected: str | None, timeout: float) -> Iterator[bytes]:

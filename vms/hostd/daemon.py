@@ -24,19 +24,21 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vms.hostd import metrics as hostd_metrics
 from vms.hostd import tls
 from vms.hostd.agent_link import AgentLink, AgentUnavailable, LinkBudget
+from vms.hostd.blobs import BlobStore
 from vms.hostd.console import STREAM_CHUNK, STREAM_READ, ConsoleLink, ConsoleUnavailable
 from vms.hostd.errors import HostdError
 from vms.hostd.logcontext import log_context, log_context_set
 from vms.hostd.running_execs import RunningExecs
 from vms.vmm.agent_client import AGENT_SOCKET, AgentError, AgentRequestError, AgentTimeout, AgentTransport
-from vms.vmm.agent_protocol import Frame, FrameDecoder, FrameError, encode_frame, encode_frame_head
+from vms.vmm.agent_protocol import MAX_DATA, Frame, FrameDecoder, FrameError, encode_frame, encode_frame_head
 from vms.vmm.process import running_vmm_pid
 
 logger = logging.getLogger("vms.hostd")
@@ -67,6 +69,9 @@ class HostdConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
+    # Directories whose files the blob ops read and write (vms.hostd.blobs), by root name; the
+    # runtime directory is always the root "runtime".
+    blob_roots: Mapping[str, Path] = field(default_factory=dict)
 
 
 def _is_cloud_hypervisor(runtime_dir: Path, pid: int | None) -> bool:
@@ -160,6 +165,7 @@ class HostDaemon:
         self._scan_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self.started = time.monotonic()
+        self.blobs = BlobStore({"runtime": config.runtime_dir, **config.blob_roots})
 
     async def start(self) -> None:
         path = self.config.socket_path
@@ -538,6 +544,25 @@ class ClientSession:
     async def op_console_info(self, args: dict[str, Any], data: bytes) -> tuple[dict[str, Any], bytes]:
         vm = await self.daemon.vm(_str(args, "vm_id"))
         return vm.console.status(), b""
+
+    async def op_blob_stat(self, args: dict[str, Any], data: bytes) -> tuple[dict[str, Any], bytes]:
+        """A file's ``size`` and ``sha256`` (``exists`` false when there is none): see vms.hostd.blobs."""
+        return await self.daemon.blobs.stat(args), b""
+
+    async def op_blob_read(self, args: dict[str, Any], data: bytes) -> tuple[dict[str, Any], bytes]:
+        return await self.daemon.blobs.read(args, MAX_DATA)
+
+    async def op_blob_write(self, args: dict[str, Any], data: bytes) -> tuple[dict[str, Any], bytes]:
+        return await self.daemon.blobs.write(args, data), b""
+
+    async def op_blob_commit(self, args: dict[str, Any], data: bytes) -> tuple[dict[str, Any], bytes]:
+        return await self.daemon.blobs.commit(args), b""
+
+    async def op_blob_abort(self, args: dict[str, Any], data: bytes) -> tuple[dict[str, Any], bytes]:
+        return await self.daemon.blobs.abort(args), b""
+
+    async def op_blob_delete(self, args: dict[str, Any], data: bytes) -> tuple[dict[str, Any], bytes]:
+        return await self.daemon.blobs.delete(args), b""
 
     async def op_stream_close(self, args: dict[str, Any], data: bytes) -> tuple[dict[str, Any], bytes]:
         task = self.streams.pop(_int(args, "sub"), None)

@@ -34,6 +34,12 @@ class Command(BaseCommand):
             metrics_port=settings.SANDBOX_HOSTD_METRICS_PORT,
             metrics_bind=settings.SANDBOX_METRICS_BIND,
             socket_group=settings.SANDBOX_HOSTD_SOCKET_GROUP,
+            # What host-to-host copies (vms.transfer) read and write besides the runtime directory.
+            blob_roots={
+                "snapshots": settings.SANDBOX_SNAPSHOT_DIR,
+                "images": settings.SANDBOX_IMAGE_DIR,
+                "image_store": settings.SANDBOX_IMAGE_STORE,
+            },
             **tls,
         )
         main_run(config)

@@ -1,0 +1,177 @@
+"""hostd's file ops (vms.hostd.blobs): strict paths, sha256-checked atomic commits, no leftovers."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.hostd.runner import Hostd
+from vms.hostd.client import HostdClient, HostdRequestError
+from vms.vmm.agent_protocol import MAX_DATA
+
+
+@pytest.fixture
+def roots() -> Iterator[tuple[Path, Path]]:
+    base = Path(tempfile.mkdtemp(prefix="hdb-", dir="/tmp"))
+    (base / "run").mkdir()
+    (base / "snap").mkdir()
+    yield base / "run", base / "snap"
+    subprocess.run(["rm", "-rf", str(base)], check=False)
+
+
+@pytest.fixture
+def hostd(roots: tuple[Path, Path]) -> Iterator[Hostd]:
+    run, snap = roots
+    daemon = Hostd(run, blob_roots={"snapshots": snap}).start()
+    yield daemon
+    daemon.stop()
+
+
+@pytest.fixture
+def client(hostd: Hostd) -> Iterator[HostdClient]:
+    with hostd.client() as c:
+        yield c
+
+
+def _leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.rglob(".*.part"))
+
+
+def test_it_reads_stats_and_writes_a_file_in_chunks(client: HostdClient, roots: tuple[Path, Path]) -> None:
+    run, snap = roots
+    data = os.urandom(3 * MAX_DATA + 1234)
+    digest = hashlib.sha256(data).hexdigest()
+    pieces = [data[i : i + 100_000] for i in range(0, len(data), 100_000)]
+    client.blob_put("snapshots", "s1/disk.qcow2", pieces, size=len(data), sha256=digest)
+    assert (snap / "s1" / "disk.qcow2").read_bytes() == data
+    assert client.blob_stat("snapshots", "s1/disk.qcow2") == {"exists": True, "size": len(data), "sha256": digest}
+    assert client.blob_stat("runtime", "s1/disk.qcow2") == {"exists": False}
+    assert b"".join(client.blob_chunks("snapshots", "s1/disk.qcow2", len(data))) == data
+    assert _leftovers(snap) == []
+
+
+def test_it_writes_an_empty_file(client: HostdClient, roots: tuple[Path, Path]) -> None:
+    run, _ = roots
+    client.blob_put("runtime", "vm/empty", [], size=0, sha256=hashlib.sha256(b"").hexdigest())
+    assert (run / "vm" / "empty").read_bytes() == b""
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/etc/passwd",
+        "../escape",
+        "a/../../escape",
+        "a/./b",
+        "",
+        "a//b",
+        ".hidden",
+        "a/.x.0123456789abcdef.part",
+        "a\x00b",
+        "/".join(["d"] * 17),
+    ],
+)
+def test_it_refuses_paths_outside_a_plain_relative_name(client: HostdClient, path: str) -> None:
+    with pytest.raises(HostdRequestError) as exc:
+        client.blob_stat("runtime", path)
+    assert exc.value.code == "bad_path"
+    with pytest.raises(HostdRequestError) as exc:
+        client.blob_put("runtime", path, [b"x"], size=1, sha256=hashlib.sha256(b"x").hexdigest())
+    assert exc.value.code == "bad_path"
+
+
+def test_it_refuses_an_unknown_root(client: HostdClient) -> None:
+    with pytest.raises(HostdRequestError) as exc:
+        client.blob_stat("etc", "passwd")
+    assert exc.value.code == "bad_path"
+
+
+def test_it_refuses_symlinks_out_of_its_root(client: HostdClient, roots: tuple[Path, Path]) -> None:
+    run, _ = roots
+    outside = run.parent / "outside"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"secret")
+    (run / "link").symlink_to(outside)
+    (run / "filelink").symlink_to(outside / "secret")
+    for path in ("link/secret", "filelink"):
+        with pytest.raises(HostdRequestError) as exc:
+            client.call("blob_read", {"root": "runtime", "path": path, "offset": 0, "length": 10})
+        assert exc.value.code == "bad_path"
+    with pytest.raises(HostdRequestError) as exc:
+        client.blob_put("runtime", "link/new", [b"x"], size=1, sha256=hashlib.sha256(b"x").hexdigest())
+    assert exc.value.code == "bad_path"
+    assert sorted(p.name for p in outside.iterdir()) == ["secret"]
+
+
+def test_a_sha256_mismatch_leaves_nothing(client: HostdClient, roots: tuple[Path, Path]) -> None:
+    run, _ = roots
+    data = os.urandom(MAX_DATA + 10)
+    with pytest.raises(HostdRequestError) as exc:
+        client.blob_put("runtime", "vm/disk", [data], size=len(data), sha256=hashlib.sha256(b"other").hexdigest())
+    assert exc.value.code == "checksum_mismatch"
+    assert not (run / "vm" / "disk").exists()
+    assert _leftovers(run) == []
+
+
+def test_a_short_transfer_is_refused_and_more_than_announced_too(client: HostdClient, roots: tuple[Path, Path]) -> None:
+    run, _ = roots
+    data = b"y" * 1000
+    digest = hashlib.sha256(data).hexdigest()
+    with pytest.raises(HostdRequestError) as exc:
+        client.blob_put("runtime", "vm/f", [data[:500]], size=1000, sha256=digest)
+    assert exc.value.code == "size_mismatch"
+    # the daemon's own bound, past the client's: a write beyond the announced size
+    with pytest.raises(HostdRequestError) as exc:
+        client.call(
+            "blob_write", {"root": "runtime", "path": "vm/f", "transfer": "ab" * 8, "offset": 990, "size": 1000}, data
+        )
+    assert exc.value.code == "bad_request"
+    assert not (run / "vm" / "f").exists()
+    assert _leftovers(run) == []
+
+
+def test_it_never_replaces_an_existing_file_unless_asked(client: HostdClient, roots: tuple[Path, Path]) -> None:
+    run, _ = roots
+    (run / "vm").mkdir()
+    (run / "vm" / "disk").write_bytes(b"old")
+    new = b"new contents"
+    digest = hashlib.sha256(new).hexdigest()
+    with pytest.raises(HostdRequestError) as exc:
+        client.blob_put("runtime", "vm/disk", [new], size=len(new), sha256=digest)
+    assert exc.value.code == "exists"
+    assert (run / "vm" / "disk").read_bytes() == b"old"
+    client.blob_put("runtime", "vm/disk", [new], size=len(new), sha256=digest, overwrite=True)
+    assert (run / "vm" / "disk").read_bytes() == new
+    assert _leftovers(run) == []
+
+
+def test_the_file_appears_only_at_commit(client: HostdClient, roots: tuple[Path, Path]) -> None:
+    run, _ = roots
+    ident = {"root": "runtime", "path": "vm/disk", "transfer": "cd" * 8}
+    client.call("blob_write", {**ident, "offset": 0, "size": 6}, b"abc")
+    assert not (run / "vm" / "disk").exists()  # only the temporary file
+    assert _leftovers(run) == [".disk." + "cd" * 8 + ".part"]
+    client.call("blob_write", {**ident, "offset": 3, "size": 6}, b"def")
+    client.call("blob_commit", {**ident, "size": 6, "sha256": hashlib.sha256(b"abcdef").hexdigest()})
+    assert (run / "vm" / "disk").read_bytes() == b"abcdef"
+    client.call("blob_write", {**ident, "path": "vm/other", "offset": 0, "size": 6}, b"abc")
+    assert client.call("blob_abort", {**ident, "path": "vm/other"})[0] == {"aborted": True}
+    assert _leftovers(run) == []
+
+
+def test_it_deletes_a_file_and_its_emptied_directories(client: HostdClient, roots: tuple[Path, Path]) -> None:
+    _, snap = roots
+    (snap / "a" / "b").mkdir(parents=True)
+    (snap / "a" / "b" / "f").write_bytes(b"1")
+    assert client.blob_delete("snapshots", "a/b/f") is True
+    assert client.blob_delete("snapshots", "a/b/f") is False
+    assert list(snap.iterdir()) == []
+    with pytest.raises(HostdRequestError) as exc:
+        client.blob_delete("snapshots", "..")
+    assert exc.value.code == "bad_path"

@@ -1,0 +1,97 @@
+"""Copying files between hypervisor hosts (VM disks and snapshots when a VM moves, images).
+
+Hosts never call each other: a host's certificate is server-only (docs/scale-out.md), so the
+control plane relays. ``host_file_copy`` reads the file from the source host's hostd and
+writes it to the target host's (``blob_read`` / ``blob_write``, vms.hostd.blobs), at most
+``TRANSFER_WINDOW`` chunks in flight each way; the target keeps the bytes in a temporary
+file and renames it into place only when their sha256 is the one the source reported (or
+the caller expected). Anything else leaves nothing on the target.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sandbox_site.errors import ApplicationError
+from vms.hostd.client import HostdClient
+from vms.hostd.errors import HostdError
+from vms.hostd_address import hostd_address
+from vms.models import Host
+
+logger = logging.getLogger("vms.transfer")
+
+COPY_TIMEOUT = 60.0  # per request (a chunk, a read); hashing a file gets 600 s
+
+
+class TransferError(ApplicationError):
+    """A copy between hosts failed; nothing was left under the target path."""
+
+    code = "transfer_failed"
+    status_code = 502
+
+
+def host_file_copy(
+    *, source: Host, target: Host, root: str, path: str, sha256: str | None = None, timeout: float = COPY_TIMEOUT
+) -> str:
+    """Copy ``root``/``path`` from ``source``'s hostd to ``target``'s; return its sha256.
+
+    ``sha256``: what the file must hash to (else the source's own hash is the reference).
+    A file already on the target with that hash is left as it is (not copied again); one
+    with other bytes is an error (``exists``), never overwritten. Raises ``TransferError``
+    (``checksum_mismatch``, ``not_found``, ``hostd_unavailable`` ...) with nothing left behind.
+    """
+    if source.pk == target.pk:
+        raise TransferError("Source and target are the same host.", code="same_host")
+    try:
+        with (
+            HostdClient(hostd_address(source), timeout=timeout) as src,
+            HostdClient(hostd_address(target), timeout=timeout) as dst,
+        ):
+            info = src.blob_stat(root, path)
+            if not info.get("exists"):
+                raise TransferError(
+                    f"{root}/{path} does not exist on host {source.name}.",
+                    code="not_found",
+                    details={"host": source.name, "root": root, "path": path},
+                )
+            size, digest = int(info["size"]), str(info["sha256"])
+            if sha256 is not None and digest != sha256:
+                raise TransferError(
+                    f"{root}/{path} on host {source.name} has sha256 {digest}, expected {sha256}.",
+                    code="checksum_mismatch",
+                    details={"host": source.name, "path": path, "sha256": digest, "expected": sha256},
+                )
+            present = dst.blob_stat(root, path)
+            if present.get("exists"):
+                if present.get("sha256") == digest:
+                    logger.info("%s/%s already on host %s (sha256 %s)", root, path, target.name, digest)
+                    return digest
+                raise TransferError(
+                    f"{root}/{path} exists on host {target.name} with other contents.",
+                    code="exists",
+                    details={"host": target.name, "path": path, "sha256": present.get("sha256"), "expected": digest},
+                )
+            dst.blob_put(root, path, src.blob_chunks(root, path, size, timeout=timeout), size=size, sha256=digest)
+    except HostdError as exc:
+        raise TransferError(
+            f"Copying {root}/{path} from host {source.name} to {target.name} failed: {exc.message}",
+            code=exc.code if exc.code in ("checksum_mismatch", "size_mismatch", "no_space") else "transfer_failed",
+            details={"source": source.name, "target": target.name, "root": root, "path": path, "reason": exc.code},
+        ) from exc
+    logger.info(
+        "copied %s/%s (%d bytes, sha256 %s) from host %s to %s", root, path, size, digest, source.name, target.name
+    )
+    return digest
+
+
+def host_file_delete(*, host: Host, root: str, path: str, timeout: float = 30.0) -> bool:
+    """Delete ``root``/``path`` on ``host`` through its hostd (False: it was not there)."""
+    try:
+        with HostdClient(hostd_address(host), timeout=timeout) as client:
+            return client.blob_delete(root, path, timeout=timeout)
+    except HostdError as exc:
+        raise TransferError(
+            f"Deleting {root}/{path} on host {host.name} failed: {exc.message}",
+            code="transfer_failed",
+            details={"host": host.name, "root": root, "path": path, "reason": exc.code},
+        ) from exc
