@@ -139,6 +139,8 @@ def image_copy_refresh(*, host: Host, image: Image) -> HostImage | None:
         HostImage.objects.filter(host=host, image=image).delete()
         return None
     status, files, error = result
+    if row is not None and (row.status, row.files, row.error) == (status, files, error):
+        return row
     return host_image_record(host=host, image=image, status=status, files=files, error=error)
 
 
