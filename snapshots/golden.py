@@ -13,7 +13,8 @@ operation log says why, and the golden snapshot is marked failed).
   and its ``golden_build`` operation on the host's queue.
 - ``golden_maintain`` (beat, per host): build the missing ones, rebuild the stale ones (the
   template's image or sizes changed since) and failed ones after ``SANDBOX_GOLDEN_RETRY_SECONDS``,
-  and delete replaced golden snapshots once no VM's disk sits on them any more.
+  and delete replaced golden snapshots once no VM's disk sits on them any more. A current golden
+  snapshot of another up host is copied instead of built (``golden_copy``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
+import uuid
 from datetime import timedelta
+from pathlib import Path
 
 from django.conf import settings
 from django.db import transaction
@@ -29,7 +33,7 @@ from django.utils import timezone
 
 from accounts.audit import audit_record
 from accounts.permissions import require_perm
-from sandbox_site.errors import ConflictError
+from sandbox_site.errors import ApplicationError, ConflictError
 from snapshots.models import GoldenSnapshot, Snapshot
 from vms import hypervisor
 from vms import services as vm_services
@@ -177,6 +181,134 @@ def golden_create_source(*, vm: VM, start: bool):
     return "clone", {"snapshot": str(golden.snapshot_id), "golden": str(golden.pk)}
 
 
+def golden_copy(*, template: Template, host, now=None) -> GoldenSnapshot | None:
+    """On ``host``'s worker (this machine): copy a ready, current golden snapshot of
+    ``template`` from another up host instead of building one, and record it as ``host``'s.
+    The image comes first (``vms.distribution``: the snapshot's disk layer sits on it); the
+    manifest is copied checked against the source's recorded checksum and every other file
+    against the manifest's sha256 (``vms.transfer``), then the whole directory is verified
+    here. The directory keeps its name (the source snapshot's id) under this host's snapshot
+    root; the image's files are at the same place on every host. None when no host has one
+    to copy or every copy failed (the caller builds)."""
+    from vms.distribution import image_ensure
+    from vms.selectors import host_is_up
+    from vms.transfer import host_file_copy
+    from vms.vmm.snapshot import MANIFEST_FILE, SnapshotIntegrityError, manifest_verify
+
+    now = now or timezone.now()
+    inputs = golden_inputs(template)[1]
+    sources = [
+        golden
+        for golden in GoldenSnapshot.objects.select_related("snapshot", "host")
+        .filter(
+            template=template,
+            status=GoldenSnapshot.Status.READY,
+            inputs=inputs,
+            snapshot__state=Snapshot.State.READY,
+            host__is_active=True,
+        )
+        .exclude(host=host)
+        .order_by("-built_at")
+        if host_is_up(golden.host, now)
+    ]
+    if not sources:
+        return None
+    root = Path(settings.SANDBOX_SNAPSHOT_DIR)
+    for source in sources:
+        snap = source.snapshot
+        # A snapshot's directory is <snapshot root>/<its id> on every host (snapshot_row_new).
+        relative = Path(Path(snap.directory).name)
+        directory = root / relative
+        existed = directory.exists()
+        try:
+            image_ensure(host=host, image=template.image)
+            host_file_copy(
+                source=source.host,
+                target=host,
+                root="snapshots",
+                path=str(relative / MANIFEST_FILE),
+                sha256=snap.checksum,
+            )
+            listed = json.loads((directory / MANIFEST_FILE).read_text())["files"]
+            for name, entry in sorted(listed.items()):
+                host_file_copy(
+                    source=source.host,
+                    target=host,
+                    root="snapshots",
+                    path=str(relative / name),
+                    sha256=entry["sha256"],
+                )
+            files = manifest_verify(directory, expected_checksum=snap.checksum)
+            missing = [layer for layer in snap.backing_chain if not Path(layer).exists()]
+            if missing:
+                raise ConflictError(f"its disk layers sit on files this host lacks: {', '.join(missing)}")
+        except (ApplicationError, SnapshotIntegrityError, OSError, ValueError, KeyError) as exc:
+            message = getattr(exc, "message", None) or str(exc)
+            logger.warning(
+                "golden snapshot of %s not copied from host %s: %s", template.name, source.host.name, message
+            )
+            if not existed:
+                shutil.rmtree(directory, ignore_errors=True)  # nothing half-copied stays behind
+            continue
+        return _golden_copy_record(
+            template=template, host=host, source=source, directory=directory, files=files, now=now
+        )
+    return None
+
+
+def _golden_copy_record(
+    *, template: Template, host, source: GoldenSnapshot, directory: Path, files: dict, now
+) -> GoldenSnapshot:
+    snap = source.snapshot
+    with transaction.atomic():
+        copy = Snapshot.objects.create(
+            vm=None,
+            vm_ref=uuid.uuid4(),  # a row of its own: its builder VM was on the source host
+            vm_name=snap.vm_name,
+            owner=snap.owner,
+            project_id=snap.project_id,
+            host=host,
+            template=template,
+            image=snap.image,
+            name=GOLDEN_SNAPSHOT_NAME,
+            include_memory=snap.include_memory,
+            state=Snapshot.State.READY,
+            driver=snap.driver,
+            vmm_version=snap.vmm_version,
+            directory=str(directory),
+            disk_layer=str(directory / Path(snap.disk_layer).name) if snap.disk_layer else "",
+            backing_chain=snap.backing_chain,
+            shared_layer=snap.shared_layer,
+            vcpus=snap.vcpus,
+            memory_mib=snap.memory_mib,
+            disk_gib=snap.disk_gib,
+            size_bytes=snap.size_bytes,
+            checksum=snap.checksum,
+            files=files,
+            verified_at=now,
+        )
+        GoldenSnapshot.objects.get_or_create(template=template, host=host)
+        golden = GoldenSnapshot.objects.select_for_update().get(template=template, host=host)
+        before = {"status": golden.status, "image_version": golden.image_version}
+        golden.snapshot = copy
+        golden.status = GoldenSnapshot.Status.READY
+        golden.image_version = source.image_version
+        golden.inputs = source.inputs
+        golden.operation = None
+        golden.error = ""
+        golden.built_at = now
+        golden.save()
+        audit_record(
+            actor=None,
+            action="golden.copied",
+            obj=golden,
+            before=before,
+            after={"snapshot": str(copy.pk), "source": source.host.name, "checksum": copy.checksum},
+        )
+    logger.info("golden snapshot of %s copied from host %s", template.name, source.host.name)
+    return golden
+
+
 def _build_reason(golden: GoldenSnapshot | None, inputs: str, now) -> str:
     """Why ``golden`` needs a build now, or "" when it does not."""
     if golden is None:
@@ -201,7 +333,7 @@ def golden_maintain(*, host, now=None) -> dict[str, int]:
     snapshots of the active templates that want one (unless ``SANDBOX_GOLDEN_AUTO_BUILD`` is
     off); delete replaced ones nothing uses; then refill the warm pools (``snapshots.pool``)."""
     now = now or timezone.now()
-    counts = {"requested": 0, "retired": 0}
+    counts = {"requested": 0, "copied": 0, "retired": 0}
     templates = Template.objects.filter(
         is_active=True, golden_snapshot=True, image__status=Image.Status.READY, image__deprecated_at__isnull=True
     ).select_related("image")
@@ -209,6 +341,10 @@ def golden_maintain(*, host, now=None) -> dict[str, int]:
         golden = GoldenSnapshot.objects.filter(template=template, host=host).first()
         reason = _build_reason(golden, golden_inputs(template)[1], now)
         if not reason:
+            continue
+        # Another host's current golden snapshot is copied rather than built again.
+        if golden_copy(template=template, host=host, now=now) is not None:
+            counts["copied"] += 1
             continue
         try:
             golden_build(template=template, actor=None, host=host, reason=reason)

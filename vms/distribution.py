@@ -61,20 +61,25 @@ def image_ensure_here(*, op: Operation, vm: VM) -> None:
     """On the VM's host, before its VMM starts or restores: make sure the VM's image files are
     here and match their canonical hashes, copying them from another host when not. Raises
     ``ImageUnavailable`` when they are not and cannot be."""
-    image = vm.boot_image
+    host = vm.host or Host.objects.get(name=settings.SANDBOX_HOST_NAME)
+    image_ensure(host=host, image=vm.boot_image, op=op)
+
+
+def image_ensure(*, host: Host, image: Image, op: Operation | None = None) -> None:
+    """``image_ensure_here`` for ``host`` (this machine's host) and ``image``; ``op``: the
+    operation whose log says what happened (None: the worker's log only)."""
     if not image_expected_sha256(image):
         return
-    host = vm.host or Host.objects.get(name=settings.SANDBOX_HOST_NAME)
     row = image_copy_refresh(host=host, image=image)
     if row is not None and row.status == HostImage.Status.PRESENT:
         return
     with _image_lock(image):
         row = image_copy_refresh(host=host, image=image)  # another operation may have copied it
         if row is not None and row.status == HostImage.Status.PRESENT:
-            operation_log(op, f"image {image.name} arrived on this host meanwhile")
+            _log(op, f"image {image.name} arrived on this host meanwhile")
             return
         why = "is not on this host" if row is None else f"is corrupt on this host ({row.error})"
-        operation_log(op, f"image {image.name} {why}: copying it from another host", progress=5)
+        _log(op, f"image {image.name} {why}: copying it from another host", 5)
         image_copy_to(host=host, image=image, op=op, present=row)
 
 

@@ -43,7 +43,7 @@ def hosts(fake, settings):
     over mutual TLS)."""
     base = Path(tempfile.mkdtemp(prefix="dist-", dir="/tmp"))  # Unix socket paths are short
     names = ("h1", "h2", "h3")
-    dirs = {name: {sub: base / name / sub for sub in ("run", "images", "store")} for name in names}
+    dirs = {name: {sub: base / name / sub for sub in ("run", "images", "store", "snap")} for name in names}
     for host_dirs in dirs.values():
         for directory in host_dirs.values():
             directory.mkdir(parents=True)
@@ -52,9 +52,10 @@ def hosts(fake, settings):
     settings.SANDBOX_HOSTD_SOCKET = dirs["h2"]["run"] / "hostd.sock"
     settings.SANDBOX_IMAGE_DIR = dirs["h2"]["images"]
     settings.SANDBOX_IMAGE_STORE = dirs["h2"]["store"]
+    settings.SANDBOX_SNAPSHOT_DIR = dirs["h2"]["snap"]
 
     def roots(name):
-        return {"images": dirs[name]["images"], "image_store": dirs[name]["store"]}
+        return {"images": dirs[name]["images"], "image_store": dirs[name]["store"], "snapshots": dirs[name]["snap"]}
 
     now = timezone.now()
     daemons = [Hostd(dirs["h2"]["run"], blob_roots=roots("h2")).start()]
