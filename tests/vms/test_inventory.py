@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from accounts.models import UserQuota
 from sandbox_site.errors import ConflictError
-from tests.factories import HostFactory, ImageFactory, TemplateFactory
+from tests.factories import PASSWORD, HostFactory, ImageFactory, TemplateFactory
 from vms import hypervisor, inventory, operations, services
 from vms.models import HostImage, Image
 
@@ -218,3 +218,14 @@ def test_operators_see_per_host_which_images_it_holds(api, owner, operator, imag
     ]
     listed = {row["name"]: row for row in api.as_user(operator).get("/api/v1/hosts/").json()}
     assert [i["name"] for i in listed["h1"]["images"]] == ["small"]
+
+
+def test_the_hosts_page_shows_what_each_host_boots_and_which_images_it_holds(client, operator, image_dir):
+    host = _up("h1", driver="qemu", boot_modes=["kernel", "uefi"])
+    _kernel_image(image_dir)
+    (image_dir / "d1" / "vmlinuz").write_bytes(b"tampered")
+    inventory.host_inventory_update(host)
+    client.login(username=operator.username, password=PASSWORD)
+    page = client.get("/hosts/").content.decode()
+    assert "boots: kernel, uefi" in page
+    assert 'data-status="corrupt"' in page and "small (corrupt)" in page
