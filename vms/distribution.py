@@ -70,12 +70,14 @@ def image_ensure(*, host: Host, image: Image, op: Operation | None = None) -> No
     operation whose log says what happened (None: the worker's log only)."""
     if not image_expected_sha256(image):
         return
+    # Unverified: every file here, matching the hashes that are known (the others never were).
+    usable = (HostImage.Status.PRESENT, HostImage.Status.UNVERIFIED)
     row = image_copy_refresh(host=host, image=image)
-    if row is not None and row.status == HostImage.Status.PRESENT:
+    if row is not None and row.status in usable:
         return
     with _image_lock(image):
         row = image_copy_refresh(host=host, image=image)  # another operation may have copied it
-        if row is not None and row.status == HostImage.Status.PRESENT:
+        if row is not None and row.status in usable:
             _log(op, f"image {image.name} arrived on this host meanwhile")
             return
         why = "is not on this host" if row is None else f"is corrupt on this host ({row.error})"
