@@ -39,6 +39,7 @@ from vms import hypervisor
 from vms import services as vm_services
 from vms.models import VM, Image, Operation, Template, VmPurpose, VmState
 from vms.operations import operation_enqueue, operation_new
+from vms.placement import host_runs_image
 
 logger = logging.getLogger(__name__)
 S = VmState
@@ -338,6 +339,8 @@ def golden_maintain(*, host, now=None) -> dict[str, int]:
         is_active=True, golden_snapshot=True, image__status=Image.Status.READY, image__deprecated_at__isnull=True
     ).select_related("image")
     for template in templates if settings.SANDBOX_GOLDEN_AUTO_BUILD else ():
+        if not host_runs_image(host, template.image):
+            continue  # this host's driver cannot boot it: no VM of it is placed here
         golden = GoldenSnapshot.objects.filter(template=template, host=host).first()
         reason = _build_reason(golden, golden_inputs(template)[1], now)
         if not reason:

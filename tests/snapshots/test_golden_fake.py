@@ -208,6 +208,16 @@ def test_the_beat_job_builds_missing_and_stale_golden_snapshots(fake, template, 
     assert not Snapshot.objects.filter(pk=first.pk).exists()
 
 
+def test_the_beat_job_builds_nothing_for_a_template_this_hosts_driver_cannot_boot(fake, template):
+    host = vm_services.local_host()
+    Host.objects.filter(pk=host.pk).update(driver="cloud-hypervisor", boot_modes=["kernel"])
+    host.refresh_from_db()
+    template.image.boot_mode = "uefi"
+    template.image.save()
+    assert golden_maintain(host=host)["requested"] == 0
+    assert not GoldenSnapshot.objects.exists()
+
+
 def test_the_beat_job_builds_nothing_when_automatic_builds_are_off(fake, template, settings):
     settings.SANDBOX_GOLDEN_AUTO_BUILD = False
     assert golden_maintain(host=vm_services.local_host())["requested"] == 0
