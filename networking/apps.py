@@ -24,4 +24,6 @@ class NetworkingConfig(AppConfig):
         hook_register("host_worker_ready", services.host_hook_worker_ready)
         hook_register("vm_owner_changed", services.vm_hook_owner_changed)
         hook_register("host_tunnel_changed", services.host_hook_tunnel_changed)
+        hook_register("vm_move_check", services.vm_hook_move_check)
+        hook_register("vm_host_changed", services.vm_hook_host_changed)
         operation_handler_register("nic_hotplug", in_place_handler("nic_hotplug", services.nic_hotplug_call))

@@ -1173,6 +1173,31 @@ def vm_hook_owner_changed(*, vm) -> None:
         _tunnel_peers_notify(vm.host, {n.network_id for n in nics})  # their tenant sets name it too
 
 
+def vm_hook_move_check(*, vm, target) -> None:
+    """A VM moving to ``target`` keeps its port forwards there: each host port must be free."""
+    taken = [
+        f"{pf.protocol}/{pf.host_port}"
+        for pf in PortForward.objects.filter(vm=vm)
+        if PortForward.objects.filter(host=target, protocol=pf.protocol, host_port=pf.host_port).exists()
+    ]
+    if taken:
+        raise ConflictError(
+            f"Host {target.name} forwards {', '.join(taken)} to another VM already; "
+            "delete or change this VM's port forwards first.",
+            code="port_taken",
+            details={"host_ports": taken},
+        )
+
+
+def vm_hook_host_changed(*, vm, source, target) -> None:
+    """In the transaction recording a moved VM on ``target``: its port forwards move with it;
+    both hosts re-apply their rules (the NICs are plumbed on the target when the VM starts
+    there, which also tells the VXLAN peers)."""
+    if PortForward.objects.filter(vm=vm).update(host=target):
+        _rules_apply_enqueue(source)
+        _rules_apply_enqueue(target)
+
+
 def vm_hook_nics(*, vm) -> list[NicSpec]:
     return nic_specs(vm=vm)
 

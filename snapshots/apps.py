@@ -6,7 +6,7 @@ class SnapshotsConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from snapshots import golden, lifecycle, pool
+        from snapshots import golden, lifecycle, pool, services
         from vms.hooks import hook_register
         from vms.operations import operation_handler_register
 
@@ -18,3 +18,6 @@ class SnapshotsConfig(AppConfig):
         hook_register("vm_create_source", golden.golden_create_source)
         hook_register("vm_pool_take", pool.pool_vm_take)
         hook_register("host_golden_holders", golden.golden_holders)
+        hook_register("vm_move_check", services.snapshots_move_check)
+        hook_register("vm_move_files", services.snapshots_move_files)
+        hook_register("vm_host_changed", services.snapshots_host_changed)

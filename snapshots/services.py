@@ -470,3 +470,53 @@ def retention_apply(*, host=None, now=None) -> dict[str, int]:
                         message=exc.message,
                     )
     return counts
+
+
+# --- moving a VM to another host (vms.moves) -------------------------------------------------
+
+
+def snapshots_move_check(*, vm: VM, target) -> None:
+    """A VM moves with its snapshots: none may be half-taken or being deleted, and no other
+    VM or snapshot may build on one of them (its layer would leave their host)."""
+    from snapshots.models import VmLineage
+
+    own = Snapshot.objects.filter(vm=vm)
+    busy = list(own.filter(state__in=[Snapshot.State.CREATING, Snapshot.State.DELETING]).values_list("name", flat=True))
+    if busy:
+        raise ConflictError(
+            f"Snapshots {', '.join(busy)} of this VM are being taken or deleted; move it afterwards.",
+            code="snapshot_busy",
+            details={"snapshots": busy},
+        )
+    vms = list(VmLineage.objects.filter(snapshot__vm=vm).exclude(vm=vm).values_list("vm__name", flat=True))
+    children = list(
+        Snapshot.objects.filter(parent__vm=vm)
+        .exclude(vm=vm)
+        .exclude(state=Snapshot.State.FAILED)
+        .values_list("name", flat=True)
+    )
+    if vms or children:
+        raise ConflictError(
+            "Other VMs or snapshots are built on this VM's snapshots; it cannot leave their host.",
+            code="snapshot_in_use",
+            details={"vms": vms, "snapshots": children},
+        )
+
+
+def snapshots_move_files(*, vm: VM) -> list[Path]:
+    """The files of ``vm``'s ready snapshots (their whole directories), on this host."""
+    files: list[Path] = []
+    for snapshot in Snapshot.objects.filter(vm=vm, state=Snapshot.State.READY).order_by("created_at"):
+        directory = Path(snapshot.directory)
+        if not directory.is_dir():
+            raise ApplicationError(
+                f"The files of snapshot {snapshot.name!r} are not on this host ({directory}).",
+                code="snapshot_missing",
+            )
+        files.extend(sorted(p for p in directory.iterdir() if p.is_file() and not p.is_symlink()))
+    return files
+
+
+def snapshots_host_changed(*, vm: VM, source, target) -> None:
+    """In the transaction recording a moved VM on ``target``: its ready snapshots are there too."""
+    Snapshot.objects.filter(vm=vm, host=source, state=Snapshot.State.READY).update(host=target)

@@ -10,7 +10,7 @@ from rest_framework.response import Response
 
 from accounts import services as account_services
 from accounts.permissions import ObjectPermissionViewSet, project_or_404, vm_for
-from vms import selectors, services
+from vms import moves, selectors, services
 from vms.models import VM, VM_ROW_RELATED, Operation, VmState
 from vms.serializers import (
     OPERATION_ROWS,
@@ -22,6 +22,7 @@ from vms.serializers import (
     VmActionSerializer,
     VmCreatedSerializer,
     VmCreateSerializer,
+    VmMoveSerializer,
     VmSerializer,
     VmUpdateSerializer,
 )
@@ -68,6 +69,7 @@ class VmViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPermissi
         "samples": "view",
         "console_ticket": "view",
         "console_log": "view",
+        "move": "view",  # and the operator's vms.change_host (vms.moves)
     }
 
     def _checked_object(self):
@@ -165,6 +167,15 @@ class VmViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPermissi
     @action(detail=True, methods=["post"])
     def resume(self, request, id=None):
         return self._act(request, "resume")
+
+    @extend_schema(request=VmMoveSerializer, responses={202: OperationSerializer})
+    @action(detail=True, methods=["post"])
+    def move(self, request, id=None):
+        """Operators: move the VM (stopped or running) to another host (docs/scale-out.md)."""
+        vm = self.get_object()
+        data = VmMoveSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        return _operation_response(moves.vm_move_to(vm=vm, host_name=data.validated_data["host"], actor=request.user))
 
     @extend_schema(responses={200: OperationSerializer(many=True)})
     @action(detail=True, methods=["get"])

@@ -6,6 +6,7 @@ class VmsConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from vms import lifecycle
+        from vms import lifecycle, moves
 
         lifecycle.handlers_register()
+        moves.handlers_register()

@@ -106,3 +106,57 @@ def host_join(*, name: str, address: str, tunnel_address: str = "", actor=None) 
         if tunnel_changed:
             hook_run("host_tunnel_changed", host=host)
     return host, files
+
+
+def vm_mover(vm: VM):
+    """How drain moves ``vm`` off its host: the one place that chooses. Cold move for every VM
+    now (a running VM is stopped, moved and started again); running VMs switch to live
+    migration (``vms.migration.vm_migrate``, same signature) when it is merged."""
+    from vms.moves import vm_move
+
+    return vm_move
+
+
+def host_drain(*, host: Host, actor) -> dict:
+    """Cordon ``host`` and move every VM off it, each to the host placement picks (as for a
+    new VM of its size and owner; a running VM must pass admission there). A VM that fits
+    nowhere, or cannot move now (not stopped or running, a system VM), stays, with the reason
+    in the result's ``stays``. Audited ``host.drain``; each move is an operation (``moves``)."""
+    from vms.models import VmPurpose, VmState
+    from vms.placement import vm_place
+
+    require_perm(actor, "vms.change_host", host, action="host.drain")
+    host = host_cordon(host=host, cordoned=True, actor=actor)
+    moves: list[dict] = []
+    stays: list[dict] = []
+    for vm in (
+        VM.objects.filter(host=host).select_related("host", "owner", "template__image", "image").order_by("created_at")
+    ):
+        row = {"vm": str(vm.pk), "name": vm.name}
+        if vm.purpose != VmPurpose.USER:
+            stays.append({**row, "code": "system_vm", "reason": "a warm-pool or golden-snapshot VM: not moved"})
+            continue
+        if vm.state not in (VmState.RUNNING, VmState.STOPPED):
+            stays.append({**row, "code": "state", "reason": f"the VM is {vm.state}; only stopped and running VMs move"})
+            continue
+        mover = vm_mover(vm)
+        try:
+            with transaction.atomic():
+                target = vm_place(
+                    owner=vm.owner,
+                    vcpus=vm.vcpus,
+                    memory_mib=vm.memory_mib,
+                    start=vm.state == VmState.RUNNING,
+                    image=vm.boot_image,
+                    template=vm.template,
+                    driver=vm.driver,
+                )
+                op = mover(vm=vm, host=target, actor=actor)
+        except ApplicationError as exc:
+            stays.append({**row, "code": exc.code, "reason": exc.message})
+            continue
+        moves.append({**row, "target": target.name, "operation": str(op.pk), "mover": mover.__name__})
+    result = {"host": host.name, "moves": moves, "stays": stays}
+    with transaction.atomic():
+        audit_record(actor=actor, action="host.drain", obj=host, after=result)
+    return result

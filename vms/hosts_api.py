@@ -12,7 +12,7 @@ from rest_framework.response import Response
 from accounts.permissions import ObjectPermissionViewSet
 from vms import hosts, selectors
 from vms.models import Host
-from vms.serializers import HostSerializer
+from vms.serializers import HostDrainSerializer, HostSerializer
 
 
 class HostViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin, ObjectPermissionViewSet):
@@ -23,7 +23,7 @@ class HostViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Destr
     serializer_class = HostSerializer
     audit_prefix = "host"
     pagination_class = None
-    action_perms = {"cordon": "change", "uncordon": "change"}
+    action_perms = {"cordon": "change", "uncordon": "change", "drain": "change"}
 
     def list(self, request):
         rows = selectors.host_list_with_usage(timezone.now(), hosts=self.get_queryset())
@@ -50,3 +50,10 @@ class HostViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Destr
     def uncordon(self, request, id=None):
         hosts.host_cordon(host=self.get_object(), cordoned=False, actor=request.user)
         return self.retrieve(request, id=id)
+
+    @extend_schema(request=None, responses={202: HostDrainSerializer})
+    @action(detail=True, methods=["post"])
+    def drain(self, request, id=None):
+        """Cordon the host and move its VMs away; ``stays`` lists the VMs that fit nowhere."""
+        result = hosts.host_drain(host=self.get_object(), actor=request.user)
+        return Response(HostDrainSerializer(result).data, status=202)

@@ -239,6 +239,7 @@ class VmState(models.TextChoices):
     RESIZING = "resizing", "Resizing"
     SNAPSHOTTING = "snapshotting", "Snapshotting"
     UNKNOWN = "unknown", "Unknown (host down)"
+    MOVING = "moving", "Moving to another host"
 
 
 # What a VM row shows besides its own fields (owner, template, boot image, host): lists and

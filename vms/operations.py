@@ -40,6 +40,7 @@ S = VmState
 MAX_ATTEMPTS = 3  # deliveries of one operation before the reconciler gives up on it
 STUCK_GRACE_SECONDS = 60
 PENDING_LIMIT_SECONDS = 3600
+MOVE_STEP_SECONDS = 6 * 3600  # a step of a move (copying a big disk chain) may run this long
 ORPHAN_DRIVERS = ("qemu", "cloud-hypervisor")  # drivers whose leftovers an orphan directory may hold
 
 _HANDLERS: dict[str, Callable[[Operation, VM], None]] = {}
@@ -73,8 +74,30 @@ def operation_enqueue(op: Operation, vm: VM) -> None:
     """Send the operation's task to the VM's host queue once the transaction commits."""
     from vms.tasks import operation_run_task
 
-    queue = vm.host.queue if vm.host_id else "shared"
+    queue = operation_queue(op, vm)
     transaction.on_commit(lambda: operation_run_task.apply_async(args=[str(op.pk)], queue=queue))
+
+
+def operation_queue(op: Operation, vm: VM | None) -> str:
+    """The queue that runs ``op``: the host a handler handed it to (``OperationHandoff``),
+    else the VM's host's."""
+    queue = (op.params or {}).get("queue")
+    if isinstance(queue, str) and queue:
+        return queue
+    return vm.host.queue if vm is not None and vm.host_id else "shared"
+
+
+class OperationHandoff(Exception):
+    """Raised by a handler whose step on this host is done and whose next step runs on
+    ``host`` (its worker touches that host's files and VMM): the operation goes back to
+    pending with ``params`` (its step recorded there) and is sent to ``host``'s queue. A cold
+    move copies on its source, lands on its target, cleans up on its source (vms.moves)."""
+
+    def __init__(self, host: Host, params: dict, line: str) -> None:
+        super().__init__(line)
+        self.host = host
+        self.params = params
+        self.line = line
 
 
 def operation_log(op: Operation, line: str, *, progress: int | None = None) -> None:
@@ -175,6 +198,9 @@ def _operation_execute(op: Operation) -> Operation | None:
     logger.info("operation %s (%s) started, attempt %d", op.pk, op.action, op.attempts)
     try:
         operation_run(op)
+    except OperationHandoff as handoff:
+        _operation_hand_off(op, handoff)
+        return op
     except Exception as exc:
         message = getattr(exc, "message", None) or str(exc) or exc.__class__.__name__
         logger.exception("operation %s (%s) failed", op.pk, op.action)
@@ -205,11 +231,24 @@ def _operation_execute(op: Operation) -> Operation | None:
     return op
 
 
+def _operation_hand_off(op: Operation, handoff: OperationHandoff) -> None:
+    """The next step of ``op`` runs on another host: pending again (a fresh count of attempts:
+    the reconciler's retries are per step), on that host's queue."""
+    params = {**handoff.params, "queue": handoff.host.queue}
+    operation_log(op, handoff.line)
+    Operation.objects.filter(pk=op.pk, status=Operation.Status.RUNNING).update(
+        status=Operation.Status.PENDING, params=params, worker="", attempts=0
+    )
+    op.refresh_from_db()
+    operation_enqueue(op, op.vm)
+    logger.info("operation %s (%s) handed to %s", op.pk, op.action, handoff.host.queue)
+
+
 def _operation_defer(op: Operation) -> None:
     from vms.tasks import operation_run_task
 
     vm = VM.objects.select_related("host").filter(pk=op.vm_id).first()
-    queue = vm.host.queue if vm is not None and vm.host_id else "shared"
+    queue = operation_queue(op, vm)
     operation_run_task.apply_async(args=[str(op.pk)], queue=queue, countdown=settings.SANDBOX_OPERATIONS_DEFER_SECONDS)
 
 
@@ -235,6 +274,8 @@ def _settle_transitional(vm: VM, now) -> int:
         limit = settings.SANDBOX_BOOT_TIMEOUT + settings.SANDBOX_STOP_TIMEOUT + STUCK_GRACE_SECONDS
         if live.action == "snapshot":
             limit += 3600  # a memory dump of a big VM under TCG takes long
+        elif live.action == "move":
+            limit += MOVE_STEP_SECONDS  # copying a disk and its snapshots to another host
         if (now - (live.started_at or live.created_at)).total_seconds() < limit:
             return 0
     if live is not None and live.attempts < MAX_ATTEMPTS and live.status == Operation.Status.RUNNING:

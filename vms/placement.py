@@ -39,9 +39,12 @@ from vms.models import VM, Host, HostImage, Image, Template, VmState
 from vms.selectors import HOST_LOAD_STATES, host_is_up
 
 
-def host_runs_image(host: Host, image: Image) -> bool:
+def host_runs_image(host: Host, image: Image, *, driver: str = "") -> bool:
     """Whether ``host``'s driver boots ``image`` (its reported boot modes hold the image's; a
-    host that has not reported them yet is assumed to)."""
+    host that has not reported them yet is assumed to) and, for an existing VM that ran under
+    ``driver`` (its disk and firmware state are that driver's), whether the host runs that one."""
+    if driver and host.driver and host.driver != driver:
+        return False
     return not host.boot_modes or image.boot_mode in host.boot_modes
 
 
@@ -53,11 +56,13 @@ def host_candidates(
     template: Template | None = None,
     vcpus: int = 0,
     memory_mib: int = 0,
+    driver: str = "",
     now=None,
 ) -> list[Host]:
     """The hosts a new VM may go to, best first; each carries ``room`` (``HostRoom``),
     ``holds_image`` and ``holds_golden``. ``image``: only hosts that boot it; ``template``
-    and the VM's size: the locality preference among equally roomy hosts."""
+    and the VM's size: the locality preference among equally roomy hosts; ``driver``: only
+    hosts running that driver (a VM that exists already, e.g. one a drain moves)."""
     now = now or timezone.now()
     Host.objects.get_or_create(name=settings.SANDBOX_HOST_NAME)  # as ``vms.services.local_host``
     loaded = Q(vms__state__in=HOST_LOAD_STATES)
@@ -91,7 +96,7 @@ def host_candidates(
             continue
         if host.disk_free_gib is not None and host.disk_free_gib <= 0:
             continue
-        if image is not None and not host_runs_image(host, image):
+        if image is not None and not host_runs_image(host, image, driver=driver):
             continue
         host.room = host_room_of(host, vcpus=host.vcpus_used, memory_mib=host.memory_used_mib, vms=host.vms_holding)
         host.holds_image = host.pk in holders
@@ -117,12 +122,19 @@ def host_candidates(
     return [row[7] for row in ranked]
 
 
-def _boot_refusal(image: Image, hosts: list[Host]) -> ConflictError:
+def host_boot_refusal(image: Image, hosts: list[Host], *, driver: str = "") -> ConflictError:
+    """The 409 ``no_host`` for a VM of ``image`` (that ran under ``driver``) none of ``hosts`` runs."""
     drivers = {host.name: host.driver or "unknown" for host in hosts}
+    listed = ", ".join(f"{n} ({d})" for n, d in drivers.items())
+    if driver:
+        return ConflictError(
+            f"No host can run this VM: it needs the {driver} driver and {image.boot_mode} boot; hosts: {listed}.",
+            code="no_host",
+            details={"driver": driver, "boot_mode": image.boot_mode, "hosts": drivers},
+        )
     return ConflictError(
-        f"No host can boot image {image.name}: it needs {image.boot_mode} boot, which the driver of "
-        f"{'no host that takes VMs' if not hosts else ', '.join(f'{n} ({d})' for n, d in drivers.items())} "
-        "offers (UEFI needs QEMU with OVMF, or cloud-hypervisor with SANDBOX_CLOUD_HYPERVISOR_FIRMWARE).",
+        f"No host can boot image {image.name}: it needs {image.boot_mode} boot, which the driver of none of "
+        f"{listed} offers (UEFI needs QEMU with OVMF, or cloud-hypervisor with SANDBOX_CLOUD_HYPERVISOR_FIRMWARE).",
         code="no_host",
         details={"boot_mode": image.boot_mode, "hosts": drivers},
     )
@@ -138,10 +150,12 @@ def vm_place(
     anti_affinity: bool = False,
     image: Image | None = None,
     template: Template | None = None,
+    driver: str = "",
 ) -> Host:
     """Inside the create's transaction, after the owner's quota lock: the host for a new VM of
-    this size booting ``image`` (default: the template's). 409 ``host_full`` when it fits on no
-    candidate, ``no_host`` when there is none (none up, none whose driver boots the image)."""
+    this size booting ``image`` (default: the template's; ``driver``: an existing VM's). 409
+    ``host_full`` when it fits on no candidate, ``no_host`` when there is none (none up, none
+    whose driver boots the image)."""
     image = image or (template.image if template is not None else None)
     if pin is not None:
         if not pin.is_active or pin.cordoned:
@@ -150,19 +164,25 @@ def vm_place(
                 code="no_host",
                 details={"host": pin.name},
             )
-        if image is not None and not host_runs_image(pin, image):
-            raise _boot_refusal(image, [pin])
+        if image is not None and not host_runs_image(pin, image, driver=driver):
+            raise host_boot_refusal(image, [pin], driver=driver)
         if start:
             host_admission_check(host=pin, vcpus=vcpus, memory_mib=memory_mib)
         return pin
     candidates = host_candidates(
-        owner=owner, anti_affinity=anti_affinity, image=image, template=template, vcpus=vcpus, memory_mib=memory_mib
+        owner=owner,
+        anti_affinity=anti_affinity,
+        image=image,
+        template=template,
+        vcpus=vcpus,
+        memory_mib=memory_mib,
+        driver=driver,
     )
     if not candidates:
         if image is not None:
             others = host_candidates(owner=owner, anti_affinity=anti_affinity)
             if others:
-                raise _boot_refusal(image, others)
+                raise host_boot_refusal(image, others, driver=driver)
         reason = "none is up, uncordoned and above its disk reserve"
         if anti_affinity:
             reason += " (and without your other VMs, as anti_affinity asks)"

@@ -15,7 +15,7 @@ from vms.models import VM, VM_ROW_RELATED, HostImage, Operation, Template, VmSta
 # States whose VM holds its vCPUs and memory on its host (``creating``: a create boots).
 HOST_LOAD_STATES = (
     "creating", "running", "paused", "starting", "pausing", "resuming", "rebooting", "resizing", "snapshotting",
-    "stopping", "unknown",
+    "stopping", "unknown", "moving",
 )  # fmt: skip
 
 

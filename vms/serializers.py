@@ -294,3 +294,28 @@ class GrantSerializer(serializers.Serializer):
 
 class RevokeSerializer(GrantSerializer):
     permissions = serializers.ListField(child=serializers.CharField(max_length=64), required=False, max_length=16)
+
+
+class VmMoveSerializer(serializers.Serializer):
+    host = serializers.SlugField(max_length=63, help_text="The name of the host to move the VM to.")
+
+
+class HostDrainMoveSerializer(serializers.Serializer):
+    vm = serializers.UUIDField()
+    name = serializers.CharField()
+    target = serializers.CharField()
+    operation = serializers.UUIDField()
+    mover = serializers.CharField(help_text="vm_move (cold move) or vm_migrate (live migration).")
+
+
+class HostDrainStaySerializer(serializers.Serializer):
+    vm = serializers.UUIDField()
+    name = serializers.CharField()
+    code = serializers.CharField()
+    reason = serializers.CharField()
+
+
+class HostDrainSerializer(serializers.Serializer):
+    host = serializers.CharField()
+    moves = HostDrainMoveSerializer(many=True)
+    stays = HostDrainStaySerializer(many=True, help_text="VMs that stay on the host, and why.")

@@ -11,6 +11,7 @@ the caller expected). Anything else leaves nothing on the target.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from sandbox_site.errors import ApplicationError
 from vms.hostd.client import HostdClient
@@ -30,9 +31,26 @@ class TransferError(ApplicationError):
     status_code = 502
 
 
+@dataclass(frozen=True)
+class CopyResult:
+    sha256: str
+    size: int
+    copied: bool  # False: the target held the same bytes already
+
+
 def host_file_copy(
     *, source: Host, target: Host, root: str, path: str, sha256: str | None = None, timeout: float = COPY_TIMEOUT
 ) -> str:
+    """Copy ``root``/``path`` from ``source``'s hostd to ``target``'s; return its sha256
+    (``host_file_copy_report`` says whether bytes were copied)."""
+    return host_file_copy_report(
+        source=source, target=target, root=root, path=path, sha256=sha256, timeout=timeout
+    ).sha256
+
+
+def host_file_copy_report(
+    *, source: Host, target: Host, root: str, path: str, sha256: str | None = None, timeout: float = COPY_TIMEOUT
+) -> CopyResult:
     """Copy ``root``/``path`` from ``source``'s hostd to ``target``'s; return its sha256.
 
     ``sha256``: what the file must hash to (else the source's own hash is the reference).
@@ -65,7 +83,7 @@ def host_file_copy(
             if present.get("exists"):
                 if present.get("sha256") == digest:
                     logger.info("%s/%s already on host %s (sha256 %s)", root, path, target.name, digest)
-                    return digest
+                    return CopyResult(sha256=digest, size=size, copied=False)
                 raise TransferError(
                     f"{root}/{path} exists on host {target.name} with other contents.",
                     code="exists",
@@ -81,7 +99,7 @@ def host_file_copy(
     logger.info(
         "copied %s/%s (%d bytes, sha256 %s) from host %s to %s", root, path, size, digest, source.name, target.name
     )
-    return digest
+    return CopyResult(sha256=digest, size=size, copied=True)
 
 
 def host_file_delete(*, host: Host, root: str, path: str, timeout: float = 30.0) -> bool:

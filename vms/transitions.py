@@ -26,8 +26,15 @@ resize     running, paused (a stopped VM is resized in place)     resizing      
 nic_hotplug running (a stopped VM's NICs change in place)          resizing      state before
 snapshot   running, paused, stopped                               snapshotting  state before
 restore    running, paused, stopped, error                        starting      running
-delete     every state but deleting and snapshotting              deleting      (row removed)
+move       running, stopped                                       moving        stopped; starting
+                                                                                (then as start)
+delete     every state but deleting, snapshotting and moving      deleting      (row removed)
 =========  =====================================================  ============  =================
+
+A move (``vms.moves``) keeps the VM ``moving`` on its source host while its files are copied;
+the worker of the target host switches its host and sets ``stopped``, or ``starting`` and
+boots it as a start. A failure before the switch leaves it on the source (stopped, or running
+again when the copy failed on the source's worker).
 
 A create from a template's golden snapshot is a ``clone``; when that snapshot is gone, fails
 verification or cannot be restored, the VM goes back to ``creating`` (its VMM killed) and
@@ -71,7 +78,7 @@ HOST_BACK_TO = frozenset({S.RUNNING, S.PAUSED, S.STOPPED, S.ERROR})
 # when it fails, the VM settles to what the VMM reports rather than to error.
 IN_PLACE_STATES = frozenset({S.PAUSING, S.RESUMING, S.REBOOTING, S.RESIZING, S.SNAPSHOTTING})
 # Transitional states that replace or remove the VMM.
-REPLACING_STATES = frozenset({S.CREATING, S.STARTING, S.STOPPING, S.DELETING})
+REPLACING_STATES = frozenset({S.CREATING, S.STARTING, S.STOPPING, S.DELETING, S.MOVING})
 TRANSITIONAL_STATES = IN_PLACE_STATES | REPLACING_STATES
 
 # A resize or snapshot of a running VM keeps the guest running (a snapshot pauses it only
@@ -109,7 +116,11 @@ TRANSITIONS: dict[str, Transition] = {
     # Hot-plug or unplug of a NIC (networking): the guest keeps running, shown as resizing.
     "nic_hotplug": Transition(frozenset({S.RUNNING}), S.RESIZING, PREVIOUS, "vms.change_vm"),
     "restore": Transition(frozenset({S.RUNNING, S.PAUSED, S.STOPPED, S.ERROR}), S.STARTING, S.RUNNING),
-    "delete": Transition(frozenset(set(S.values) - {S.DELETING, S.SNAPSHOTTING}), S.DELETING, None, "vms.delete_vm"),
+    # A cold move to another host (vms.moves): a running VM is stopped, moved, started there.
+    "move": Transition(frozenset({S.RUNNING, S.STOPPED}), S.MOVING, PREVIOUS),
+    "delete": Transition(
+        frozenset(set(S.values) - {S.DELETING, S.SNAPSHOTTING, S.MOVING}), S.DELETING, None, "vms.delete_vm"
+    ),
 }
 
 
@@ -135,7 +146,9 @@ def vm_guest_running(vm: VM) -> bool:
 
 def vm_actions_allowed(state: str) -> list[str]:
     """The actions a request may ask for a VM in ``state`` (for dashboards and the API)."""
-    return sorted(a for a, rule in TRANSITIONS.items() if a not in ("create", "clone") and state in rule.allowed_from)
+    # A move is an operator's action naming a host (the hosts page and API), not a VM button.
+    internal = ("create", "clone", "move")
+    return sorted(a for a, rule in TRANSITIONS.items() if a not in internal and state in rule.allowed_from)
 
 
 def vm_transition(vm: VM, *, expected: set[str] | frozenset[str], new: str, **fields) -> bool:

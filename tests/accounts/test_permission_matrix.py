@@ -78,6 +78,35 @@ class TestVmEndpoints(VmRights, PermissionMatrix):
         return Target(owner, {"vm": vm})
 
 
+class TestVmMoveEndpoint(PermissionMatrix):
+    """Moving a VM to another host is an operator's action: the VM's own rights (even all of
+    them) are not enough; ``move`` here is the global ``vms.change_host`` of the operator role."""
+
+    rights = (*VM_RIGHTS, "move")
+    owner_rights = VM_RIGHTS
+    endpoints = (
+        E("move", "post", V + "move/", "move", {"host": "matrix-target"}, status=202, audit="vm.move", state="stopped"),
+    )
+
+    @pytest.fixture
+    def target(self, owner):
+        from django.utils import timezone
+
+        from tests.factories import HostFactory
+
+        now = timezone.now()
+        HostFactory(name="matrix-target", cpus=4, memory_mib=8192, last_seen_at=now, hostd_seen_at=now)
+        vm = VmFactory(owner=owner, name="owned-vm")
+        return Target(owner, {"vm": vm})
+
+    def grant(self, user, rights, target):
+        for right in rights:
+            if right == "move":
+                assign_perm("vms.change_host", user)
+            else:
+                assign_perm(f"vms.{right}_vm", user, target.objects["vm"])
+
+
 class TestConsoleWebsocket(VmRights, WebsocketPermissionMatrix):
     endpoints = (
         # Connecting needs the view right (typing needs console: tests/vms/test_console_consumer.py).
@@ -273,6 +302,7 @@ class TestHostEndpoints(PermissionMatrix):
         E("cordon", "post", H + "cordon/", "change", {}, audit="host.cordon", obj="host"),
         E("uncordon", "post", H + "uncordon/", "change", {}, obj="host"),
         E("remove", "delete", H, "delete", status=204, audit="host.remove", obj="host"),
+        E("drain", "post", H + "drain/", "change", {}, status=202, audit="host.drain", obj="host"),
     )
 
     @pytest.fixture
@@ -292,6 +322,7 @@ class TestHostEndpoints(PermissionMatrix):
 
 TABLES = (
     TestVmEndpoints,
+    TestVmMoveEndpoint,
     TestExecAndFileEndpoints,
     TestSnapshotEndpoints,
     TestVmNetworkEndpoints,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.hostd.runner import Hostd
-from vms.hostd.client import HostdClient, HostdRequestError
+from vms.hostd.client import TRANSFER_WINDOW, HostdClient, HostdRequestError
 from vms.vmm.agent_protocol import MAX_DATA
 
 
@@ -44,8 +44,9 @@ def _leftovers(directory: Path) -> list[str]:
 
 
 def test_it_reads_stats_and_writes_a_file_in_chunks(client: HostdClient, roots: tuple[Path, Path]) -> None:
+    """More chunks than the client keeps in flight: hostd answers them in any order."""
     run, snap = roots
-    data = os.urandom(3 * MAX_DATA + 1234)
+    data = os.urandom(4 * TRANSFER_WINDOW * MAX_DATA + 1234)
     digest = hashlib.sha256(data).hexdigest()
     pieces = [data[i : i + 100_000] for i in range(0, len(data), 100_000)]
     client.blob_put("snapshots", "s1/disk.qcow2", pieces, size=len(data), sha256=digest)

@@ -194,6 +194,20 @@ def test_an_operation_waits_with_progress_callbacks_through_unknown_states(api, 
     assert seen == [("queued", 0), ("stopping", 10), ("running", 60), ("succeeded", 100)]
 
 
+def test_a_move_names_the_host_and_waits_through_its_steps_on_both_hosts(api, client):
+    api.route("POST", f"/api/v1/vms/{VM_ID}/move/", {"id": "op-1", "action": "move", "status": "pending"})
+    api.route(
+        "GET",
+        "/api/v1/operations/op-1/",
+        _operation_sequence(("running", 40), ("pending", 70), ("running", 80), ("succeeded", 100), action="move"),
+    )
+    api.route("GET", f"/api/v1/vms/{VM_ID}/", VM)
+    op = client.sandbox(VM_ID).move("h2").wait()
+    assert op.status == "succeeded"
+    move = next(r for r in api.requests if r.method == "POST")
+    assert json.loads(move.content) == {"host": "h2"}
+
+
 def test_a_failed_operation_raises(api, client):
     api.route("GET", "/api/v1/operations/op-1/", _operation_sequence(("failed", 50), error_text="disk full"))
     with pytest.raises(msbx.OperationFailed, match="disk full") as caught:

@@ -15,8 +15,9 @@ from django.utils import timezone
 from accounts.models import UserQuota
 from sandbox_site.errors import ConflictError
 from tests.factories import PASSWORD, HostFactory, ImageFactory, TemplateFactory
+from tests.vms.test_moves import _vm_on_h1, two  # noqa: F401 - two hostds and a VM on h1
 from vms import hypervisor, inventory, operations, services
-from vms.models import HostImage, Image
+from vms.models import Host, HostImage, Image, Operation
 
 pytestmark = pytest.mark.django_db
 
@@ -229,3 +230,25 @@ def test_the_hosts_page_shows_what_each_host_boots_and_which_images_it_holds(cli
     page = client.get("/hosts/").content.decode()
     assert "boots: kernel, uefi" in page
     assert 'data-status="corrupt"' in page and "small (corrupt)" in page
+
+
+def test_a_move_or_drain_goes_only_to_a_host_running_the_vms_driver_and_boot_mode(two, owner, operator, fake):  # noqa: F811
+    from vms import hosts
+    from vms.moves import vm_move
+
+    vm = _vm_on_h1(two, "stopped", owner)
+    assert vm.driver == "fake"
+    Host.objects.filter(name="h2").update(driver="qemu", boot_modes=["kernel", "uefi"])
+    with pytest.raises(ConflictError) as err:  # its disk and firmware state are the fake driver's
+        vm_move(vm=vm, host=Host.objects.get(name="h2"), actor=operator)
+    assert err.value.code == "no_host" and err.value.details["driver"] == "fake"
+    result = hosts.host_drain(host=two.hosts["h1"], actor=operator)
+    assert result["moves"] == [] and result["stays"][0]["code"] == "no_host"
+
+    Host.objects.filter(name="h2").update(driver="fake", boot_modes=["kernel"])
+    Image.objects.filter(pk=vm.boot_image.pk).update(boot_mode="uefi")
+    vm.refresh_from_db()
+    with pytest.raises(ConflictError) as err:
+        vm_move(vm=vm, host=Host.objects.get(name="h2"), actor=operator)
+    assert err.value.code == "no_host" and err.value.details["boot_mode"] == "uefi"
+    assert not Operation.objects.filter(action="move").exists()

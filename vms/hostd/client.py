@@ -29,6 +29,7 @@ from vms.vmm.agent_protocol import MAX_DATA, Frame, FrameDecoder, FrameError, ch
 
 UPLOAD_CHUNK = 256 << 10
 TRANSFER_WINDOW = 8  # chunks in flight during uploads and downloads
+STASH_FRAMES = 2 * TRANSFER_WINDOW  # out-of-order answers a blocking client keeps (``wait``)
 
 
 def _request_header(req_id: int, op: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -59,6 +60,7 @@ class HostdClient:
         self._sock: socket.socket | None = None
         self._decoder = FrameDecoder()
         self._frames: list[Frame] = []
+        self._stash: dict[int, Frame] = {}  # answers that came before the one waited for
         self._ids = itertools.count(1)
         self._subs = itertools.count(1)
 
@@ -98,6 +100,9 @@ class HostdClient:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        self._frames.clear()
+        self._stash.clear()
+        self._decoder = FrameDecoder()  # a new connection starts a new stream of frames
 
     # ----- low level -----------------------------------------------------------------
 
@@ -148,11 +153,23 @@ class HostdClient:
         return self._frames.pop(0)
 
     def wait(self, req_id: int, timeout: float | None = None) -> tuple[dict[str, Any], bytes]:
+        """The answer to request ``req_id``. hostd answers pipelined requests in any order
+        (file reads and writes run on its worker threads): answers to other requests that
+        arrive first are kept for their own ``wait`` (at most ``STASH_FRAMES``; beyond that
+        the oldest is dropped)."""
+        stashed = self._stash.pop(req_id, None)
+        if stashed is not None:
+            return _raise_for(stashed)
         deadline = time.monotonic() + (timeout or self.timeout)
         while True:
             frame = self.next_frame(deadline)
-            if frame.header.get("id") == req_id:
+            frame_id = frame.header.get("id")
+            if frame_id == req_id:
                 return _raise_for(frame)
+            if isinstance(frame_id, int) and "ev" not in frame.header:
+                if len(self._stash) >= STASH_FRAMES:
+                    del self._stash[min(self._stash)]
+                self._stash[frame_id] = frame
 
     def call(
         self, op: str, args: dict[str, Any] | None = None, data: bytes = b"", *, timeout: float | None = None

@@ -7,7 +7,7 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("vms", "0014_host_tunnel_address"),
+        ("vms", "0015_move"),
     ]
 
     operations = [

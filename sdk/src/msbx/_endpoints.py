@@ -69,6 +69,7 @@ ENDPOINTS: dict[str, Endpoint] = {
     "vm_reboot": Endpoint("POST", "/api/v1/vms/{id}/reboot/", body=("force",), reads=_OP_FIELDS),
     "vm_pause": Endpoint("POST", "/api/v1/vms/{id}/pause/", body=("force",), reads=_OP_FIELDS),
     "vm_resume": Endpoint("POST", "/api/v1/vms/{id}/resume/", body=("force",), reads=_OP_FIELDS),
+    "vm_move": Endpoint("POST", "/api/v1/vms/{id}/move/", body=("host",), reads=_OP_FIELDS),
     "vm_operations": Endpoint("GET", "/api/v1/vms/{id}/operations/", query=_PAGE, reads=_OP_FIELDS, paginated=True),
     "vm_agent": Endpoint("GET", "/api/v1/vms/{id}/agent/"),
     "vm_console_ticket": Endpoint("POST", "/api/v1/vms/{id}/console-ticket/"),

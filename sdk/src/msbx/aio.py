@@ -328,6 +328,12 @@ class AsyncSandbox:
         self.operation = AsyncOperation(self.client, await self.client.http.json("vm_delete", path={"id": self.id}))
         return self.operation
 
+    async def move(self, host: str) -> AsyncOperation:
+        """Operators: move the VM to the host named ``host`` (see ``Sandbox.move``)."""
+        data = await self.client.http.json("vm_move", path={"id": self.id}, json={"host": host})
+        self.operation = AsyncOperation(self.client, data)
+        return self.operation
+
     async def resize(self, *, vcpus: int | None = None, memory_mib: int | None = None) -> AsyncOperation:
         response = await self.client.http.send(
             "vm_update", path={"id": self.id}, json={"vcpus": vcpus, "memory_mib": memory_mib}

@@ -229,6 +229,11 @@ def cmd_vm_resize(cli: Cli) -> int:
     return 0
 
 
+def cmd_vm_move(cli: Cli) -> int:
+    cli.finish(cli.sandbox(cli.args.vm).move(cli.args.host), f"move to {cli.args.host}")
+    return 0
+
+
 def cmd_vm_rm(cli: Cli) -> int:
     for ref in cli.args.vm:
         cli.finish(cli.sandbox(ref).delete(), f"delete {ref}")
@@ -636,6 +641,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("vm")
     p.add_argument("--vcpus", type=int)
     p.add_argument("--memory", type=int, help="MiB")
+    waits(p)
+    p = command(vm, "move", cmd_vm_move, "operators: move a VM to another host (a running one restarts there)")
+    p.add_argument("vm")
+    p.add_argument("host", help="the name of the host")
     waits(p)
     p = command(vm, "rm", cmd_vm_rm, "delete VMs")
     p.add_argument("vm", nargs="+")

@@ -341,6 +341,13 @@ class Sandbox:
         self.operation = op
         return op
 
+    def move(self, host: str) -> Operation:
+        """Operators: move the VM (stopped or running) to the host named ``host``; a running VM
+        is stopped, moved with its disk and snapshots, and started there."""
+        op = Operation(self.client, self.client.http.json("vm_move", path={"id": self.id}, json={"host": host}))
+        self.operation = op
+        return op
+
     def resize(self, *, vcpus: int | None = None, memory_mib: int | None = None) -> Operation:
         """Change vCPUs/memory: stopped VMs at once (a finished Operation), running ones where the
         driver can (else ``Conflict`` with code ``restart_required``)."""

@@ -1,0 +1,381 @@
+"""Cold move of a VM to another hypervisor host (operators; drains use it for every VM).
+
+``vm_move`` checks the request and records a ``move`` operation; the VM is ``moving`` until it
+lands. The operation runs in three steps, each on the worker of the host whose files and VMM
+it touches, handed from one host's queue to the next (``vms.operations.OperationHandoff``):
+
+1. **copy**, on the source: stop the VM if it runs (its NICs are unplumbed there), then copy
+   its files to the target through the hostds (``vms.transfer.host_file_copy``, each file
+   verified by sha256 on the target before it takes its name): the runtime directory's disk
+   overlay, UEFI variables and console log, the layers its disk chain stands on, its
+   snapshots' files (``vm_move_files`` hook) and the image files it boots (present already on
+   a target sharing the image: not copied again). A failure deletes what this step copied and
+   leaves the VM where it was, started again if it was running.
+2. **land**, on the target: check the copies are there, then switch ``vm.host`` (and, through
+   the ``vm_host_changed`` hook, its snapshots and port forwards) in one transaction; start
+   the VM there if it was running (its NICs are plumbed on the target, the VXLAN peers told).
+   A failure before the switch deletes the copies and leaves the VM stopped on the source.
+3. **cleanup**, on the source: its files there are deleted (runtime directory, moved
+   snapshots' directories; layers shared with other VMs' snapshots stay).
+
+Nothing is deleted on the source before the target holds verified copies and the database
+says the VM is there. The VM keeps its id, addresses, MACs, snapshots and shares.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from accounts.audit import audit_record
+from accounts.permissions import require_perm
+from accounts.services import user_has_perm
+from sandbox_site.errors import ApplicationError, ConflictError
+from vms import hypervisor
+from vms.admission import host_admission_check
+from vms.hooks import hook_run
+from vms.models import VM, Host, Operation, VmState
+from vms.operations import OperationHandoff, operation_enqueue, operation_handler_register, operation_log, operation_new
+from vms.placement import host_boot_refusal, host_runs_image
+from vms.selectors import host_is_up
+from vms.transfer import TransferError, host_file_copy_report, host_file_delete
+from vms.transitions import vm_transition, vm_transition_request
+from vms.vmm.base import RuntimeState
+from vms.vmm.snapshot import backing_chain
+
+logger = logging.getLogger(__name__)
+S = VmState
+
+# Runtime-directory files that belong to a running VMM (or a half-written file), not to the VM.
+_RUNTIME_SKIP = {"spec.json", "vmm.pid", "vmm.log"}
+_RUNTIME_SKIP_SUFFIXES = (".sock", ".tmp", ".new", ".pid")
+
+
+def vm_move(*, vm: VM, host: Host, actor) -> Operation:
+    """Move ``vm`` (stopped or running) to ``host``: an operator's action (``vms.change_host``),
+    audited ``vm.move``. 409 when the host is the VM's own, removed, cordoned or down, when
+    the VM is neither stopped nor running, and ``host_full`` when a running VM has no room
+    there (admission, as for a start)."""
+    _require_operator(actor, vm)
+    source = vm.host
+    if source is None:
+        raise ConflictError("The VM has no host yet.", code="no_host")
+    if host.pk == source.pk:
+        raise ConflictError(f"The VM is on host {host.name} already.", code="same_host", details={"host": host.name})
+    if not host.is_active or host.cordoned:
+        raise ConflictError(
+            f"Host {host.name} takes no VMs ({'cordoned' if host.cordoned else 'removed'}).",
+            code="no_host",
+            details={"host": host.name},
+        )
+    if not host_is_up(host, timezone.now()):
+        raise ConflictError(f"Host {host.name} is down.", code="host_down", details={"host": host.name})
+    if not host_runs_image(host, vm.boot_image, driver=vm.driver):
+        raise host_boot_refusal(vm.boot_image, [host], driver=vm.driver)
+    hook_run("vm_move_check", vm=vm, target=host)
+    with transaction.atomic():
+        vm.refresh_from_db()
+        checked = vm.state
+        if checked == S.RUNNING:
+            # It starts there again: the target must admit it now (409 host_full).
+            host_admission_check(host=host, vcpus=vm.vcpus, memory_mib=vm.memory_mib)
+        previous = vm_transition_request(vm, "move")
+        if previous != checked:  # started or stopped in between: admission was for the other
+            raise ConflictError(f"The VM changed from {checked} to {previous} meanwhile; try again.")
+        op = operation_new(
+            vm=vm,
+            action="move",
+            actor=actor,
+            params={
+                "previous_state": previous,
+                "source": str(source.pk),
+                "target": str(host.pk),
+                "step": "copy",
+            },
+        )
+        audit_record(
+            actor=actor,
+            action="vm.move",
+            obj=vm,
+            before={"host": source.name, "state": previous},
+            after={"host": host.name, "operation": str(op.pk)},
+        )
+        operation_enqueue(op, vm)
+    return op
+
+
+def vm_move_to(*, vm: VM, host_name: str, actor) -> Operation:
+    """``vm_move`` to the host named ``host_name`` (the API's form): 403 before anything else
+    for non-operators, 400 for a name no host has."""
+    _require_operator(actor, vm)
+    host = Host.objects.filter(name=host_name).first() if isinstance(host_name, str) else None
+    if host is None:
+        raise ApplicationError(f"There is no host named {host_name!r}.", details={"host": "unknown"})
+    return vm_move(vm=vm, host=host, actor=actor)
+
+
+def _require_operator(actor, vm: VM) -> None:
+    require_perm(
+        actor,
+        "vms.change_host",
+        vm,
+        action="vm.move",
+        allowed=user_has_perm(actor, "vms.change_host", None),
+        message="Only operators may move VMs between hosts.",
+    )
+
+
+def vm_move_run(op: Operation, vm: VM) -> None:
+    """The ``move`` operation's handler: the step recorded in its params, on this host."""
+    step = op.params.get("step")
+    if step == "copy":
+        _copy(op, vm)
+    elif step == "land":
+        _land(op, vm)
+    elif step == "cleanup":
+        _cleanup(op, vm)
+    else:
+        raise ApplicationError(f"Unknown move step {step!r}.")
+
+
+# --- step 1: copy, on the source ----------------------------------------------------------------
+
+
+def _roots() -> dict[str, Path]:
+    """This host's directories by the root names its hostd serves them under (``manage.py hostd``)."""
+    return {
+        "runtime": Path(settings.SANDBOX_RUNTIME_DIR),
+        "snapshots": Path(settings.SANDBOX_SNAPSHOT_DIR),
+        "images": Path(settings.SANDBOX_IMAGE_DIR),
+        "image_store": Path(settings.SANDBOX_IMAGE_STORE),
+    }
+
+
+def _relative(path: Path, roots: dict[str, Path]) -> tuple[str, str]:
+    """(root name, path below it) of an absolute path; the first root holding it wins."""
+    real = os.path.realpath(path)
+    for name, root in roots.items():
+        base = os.path.realpath(root)
+        if os.path.commonpath([base, real]) == base and real != base:
+            return name, os.path.relpath(real, base)
+    raise ApplicationError(
+        f"{path} is outside the directories hosts exchange (runtime, snapshots, images); the VM cannot move.",
+        code="not_movable",
+        details={"path": str(path)},
+    )
+
+
+@dataclass(frozen=True)
+class MoveFiles:
+    entries: list[tuple[str, str]]  # (root, path) to copy, what others build on first
+    snapshot_dirs: list[str]  # below the snapshots root: they move with the VM
+    pinned: list[str]  # absolute paths other files and rows name: the same on every host
+
+
+def vm_move_files(vm: VM) -> MoveFiles:
+    """On the VM's host: ``(root, path)`` of every file the VM needs on another host, the ones
+    others build on first (base image, lower layers), its runtime directory's last; the
+    snapshot directories (below the snapshots root) that move with it; and which files are
+    named by absolute path (the target must have them at the same path)."""
+    roots = _roots()
+    runtime = hypervisor.runtime_dir(vm.pk)
+    own: list[Path] = []
+    if runtime.is_dir():
+        for entry in sorted(runtime.iterdir()):
+            name = entry.name
+            if name in _RUNTIME_SKIP or name.startswith(".") or name.endswith(_RUNTIME_SKIP_SUFFIXES):
+                continue
+            if entry.is_file() and not entry.is_symlink():
+                own.append(entry)
+    snapshot_files: list[Path] = [Path(p) for result in hook_run("vm_move_files", vm=vm) for p in (result or [])]
+    below: list[Path] = []
+    image = vm.boot_image
+    for path in (image.rootfs_path, image.kernel_path, image.initramfs_path):
+        if path and Path(path).is_file():
+            below.append(Path(path))
+    for layer in [*own, *snapshot_files]:
+        if layer.suffix == ".qcow2" and layer.is_file():
+            below.extend(Path(p) for p in reversed(backing_chain(layer)))
+    ordered: list[tuple[str, str]] = []
+    for path in [*below, *snapshot_files, *own]:
+        entry = _relative(path, roots)
+        if entry not in ordered:
+            ordered.append(entry)
+    directories = sorted({_relative(p.parent, roots)[1] for p in snapshot_files})
+    # Named by absolute path elsewhere (qcow2 backing files, image and snapshot rows): they
+    # must be at the same path on the target.
+    pinned = sorted({str(p) for p in [*below, *snapshot_files]})
+    return MoveFiles(entries=ordered, snapshot_dirs=directories, pinned=pinned)
+
+
+def _copy(op: Operation, vm: VM) -> None:
+    if vm.state != S.MOVING:
+        return  # done by an earlier delivery, or someone else moved the VM
+    source = vm.host
+    target = Host.objects.get(pk=op.params["target"])
+    previous = op.params.get("previous_state")
+    driver = hypervisor.driver_for(vm.driver or hypervisor.driver_name_select())
+    spec = hypervisor.vm_spec(vm)
+    copied: list[dict] = []
+    files: list[dict] = []
+    try:
+        if vm.driver and driver.info(spec, timeout=5.0).state != RuntimeState.GONE:
+            operation_log(
+                op, f"stopping the VM for the move (guest power-off, {settings.SANDBOX_STOP_TIMEOUT:.0f}s)", progress=5
+            )
+            driver.shutdown(spec, graceful_timeout=settings.SANDBOX_STOP_TIMEOUT, force=False)
+            VM.objects.filter(pk=vm.pk).update(vmm_pid=None, started_at=None)
+            hook_run("vm_vmm_gone", vm=vm)
+        found = vm_move_files(vm)
+        entries = found.entries
+        total = len(entries)
+        operation_log(op, f"copying {total} file(s) from host {source.name} to {target.name}", progress=10)
+        for n, (root, path) in enumerate(entries, 1):
+            result = host_file_copy_report(source=source, target=target, root=root, path=path)
+            entry = {"root": root, "path": path, "sha256": result.sha256, "size": result.size}
+            files.append(entry)
+            if result.copied:
+                copied.append(entry)
+            how = "copied" if result.copied else "already there"
+            operation_log(
+                op,
+                f"{root}/{path}: {how} ({result.size} bytes, sha256 {result.sha256[:16]}…)",
+                progress=10 + int(60 * n / max(total, 1)),
+            )
+    except Exception as exc:
+        message = getattr(exc, "message", None) or str(exc)
+        operation_log(op, f"copy failed: {message}; removing {len(copied)} copied file(s) from {target.name}")
+        _copies_remove(target, copied)
+        _stay(op, vm, previous, restart=True)
+        raise ApplicationError(f"The move failed; the VM stays on host {source.name}: {message}") from exc
+    params = {
+        **op.params,
+        "step": "land",
+        "files": files,
+        "copied": copied,
+        "snapshot_dirs": found.snapshot_dirs,
+        "pinned": found.pinned,
+    }
+    raise OperationHandoff(target, params, f"{len(files)} file(s) verified on {target.name}; landing there")
+
+
+def _copies_remove(target: Host, copied: list[dict]) -> None:
+    """Delete what a failed move copied to ``target`` (through its hostd; logs failures)."""
+    for entry in copied:
+        try:
+            host_file_delete(host=target, root=entry["root"], path=entry["path"])
+        except TransferError:
+            logger.warning("could not remove %s/%s from host %s", entry["root"], entry["path"], target.name)
+
+
+def _stay(op: Operation, vm: VM, previous: str | None, *, restart: bool) -> None:
+    """After a failure before the switch: the VM goes back to what it was on its source (a
+    running one boots again there when ``restart``, i.e. on the source's worker), else stopped."""
+    from vms.lifecycle import vm_boot_run
+
+    if previous == S.RUNNING and restart:
+        if vm_transition(vm, expected={S.MOVING}, new=S.STARTING):
+            operation_log(op, f"starting the VM again on {vm.host.name}")
+            try:
+                vm_boot_run(op, vm)
+            except Exception:
+                logger.warning("restart of %s after a failed move failed", vm.pk, exc_info=True)
+        return
+    why = "" if previous == S.STOPPED else "The VM was stopped for a move that failed; start it again."
+    vm_transition(vm, expected={S.MOVING}, new=S.STOPPED, last_error=why)
+
+
+# --- step 2: land, on the target ------------------------------------------------------------------
+
+
+def _land(op: Operation, vm: VM) -> None:
+    from vms.lifecycle import vm_boot_run
+
+    target = Host.objects.get(pk=op.params["target"])
+    source = Host.objects.get(pk=op.params["source"])
+    previous = op.params.get("previous_state")
+    if vm.state != S.MOVING or vm.host_id != source.pk:
+        return  # done by an earlier delivery, or someone else moved the VM
+    roots = _roots()
+    try:
+        missing = [
+            f"{entry['root']}/{entry['path']}"
+            for entry in op.params.get("files", [])
+            if not (roots[entry["root"]] / entry["path"]).is_file()
+        ]
+        if missing:
+            # Each file was verified by sha256 as it arrived; absent here means this worker's
+            # directories are not the ones its hostd serves.
+            raise ApplicationError(f"copied files are not in this host's directories: {', '.join(missing[:5])}")
+        elsewhere = [p for p in op.params.get("pinned", []) if not Path(p).is_file()]
+        if elsewhere:
+            raise ApplicationError(
+                "this host keeps images or snapshots under other directories than the source "
+                f"(not found here: {', '.join(elsewhere[:3])}); hosts need the same SANDBOX_IMAGE_DIR "
+                "and SANDBOX_SNAPSHOT_DIR"
+            )
+        confinement = hypervisor.vmm_confinement()
+        for entry in op.params.get("files", []):
+            if entry["root"] == "snapshots":  # frozen layers: root's, readable by the VMMs
+                confinement.reclaim(roots["snapshots"] / entry["path"])
+    except Exception as exc:
+        message = getattr(exc, "message", None) or str(exc)
+        operation_log(op, f"landing failed: {message}; removing the copies, the VM stays on {source.name}")
+        _copies_remove(target, op.params.get("copied", []))
+        _stay(op, vm, previous, restart=False)
+        raise ApplicationError(f"The move failed; the VM stays on host {source.name}: {message}") from exc
+    with transaction.atomic():
+        switched = VM.objects.filter(pk=vm.pk, state=S.MOVING, host=source).update(host=target)
+        if not switched:
+            return
+        vm.refresh_from_db()
+        hook_run("vm_host_changed", vm=vm, source=source, target=target)
+    operation_log(op, f"the VM is on host {target.name} now", progress=75)
+    params = {**op.params, "step": "cleanup", "queue": source.queue}
+    boot_error = ""
+    if previous == S.RUNNING:
+        if vm_transition(vm, expected={S.MOVING}, new=S.STARTING):
+            try:
+                vm_boot_run(op, vm)
+            except Exception as exc:
+                boot_error = getattr(exc, "message", None) or str(exc)
+    else:
+        vm_transition(vm, expected={S.MOVING}, new=S.STOPPED)
+    params["boot_error"] = boot_error
+    raise OperationHandoff(source, params, f"removing the VM's files from host {source.name}")
+
+
+# --- step 3: cleanup, on the source ----------------------------------------------------------------
+
+
+def _cleanup(op: Operation, vm: VM) -> None:
+    """Delete the moved files on the source (this host): the VM's runtime directory and the
+    directories of the snapshots that moved with it. Layers it only stood on (the base image,
+    the golden snapshot it was cloned from) stay: others use them here."""
+    source = Host.objects.get(pk=op.params["source"])
+    if vm.host_id == source.pk:
+        raise ApplicationError("The VM is still recorded on this host; its files stay.")
+    roots = _roots()
+    directories = [hypervisor.runtime_dir(vm.pk)]
+    directories += [roots["snapshots"] / path for path in op.params.get("snapshot_dirs", [])]
+    removed = 0
+    for directory in directories:
+        if directory.is_dir():
+            shutil.rmtree(directory, ignore_errors=True)
+            removed += 1
+    operation_log(op, f"removed {removed} director(ies) of the VM from host {source.name}", progress=95)
+    boot_error = op.params.get("boot_error")
+    if boot_error:
+        raise ApplicationError(f"The VM moved to host {vm.host.name} but did not start there: {boot_error}")
+
+
+def handlers_register() -> None:
+    """Called from ``VmsConfig.ready``."""
+    operation_handler_register("move", vm_move_run)
