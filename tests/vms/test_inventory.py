@@ -232,6 +232,15 @@ def test_the_hosts_page_shows_what_each_host_boots_and_which_images_it_holds(cli
     assert 'data-status="corrupt"' in page and "small (corrupt)" in page
 
 
+def test_the_admin_shows_the_images_a_host_holds(client, admin_user, image_dir):
+    host = _up("h1", driver="qemu", boot_modes=["kernel"])
+    _kernel_image(image_dir)
+    inventory.host_inventory_update(host)
+    client.force_login(admin_user)
+    page = client.get(f"/admin/vms/host/{host.pk}/change/").content.decode()
+    assert "Host images" in page and "small" in page and "Present (verified)" in page
+
+
 def test_a_move_or_drain_goes_only_to_a_host_running_the_vms_driver_and_boot_mode(two, owner, operator, fake):  # noqa: F811
     from vms import hosts
     from vms.moves import vm_move
