@@ -307,6 +307,10 @@ SANDBOX_HOSTD_METRICS_PORT = env.int("SANDBOX_HOSTD_METRICS_PORT", default=9102)
 # A host is down (its VMs `unknown`) when its worker's heartbeat, or its hostd's answer to it, is
 # older than this; beat checks every host on the shared queue.
 SANDBOX_HOST_DOWN_SECONDS = env.float("SANDBOX_HOST_DOWN_SECONDS", default=30.0)
+# The queue whose workers relay files between hosts' hostds (moving VMs, vms.transfer): they
+# need the control plane's client certificate (SANDBOX_PKI_DIR/control.crt), which hypervisor
+# hosts do not hold: a queue only control-plane workers consume.
+SANDBOX_TRANSFER_QUEUE = env.str("SANDBOX_TRANSFER_QUEUE", default="shared")
 # /readyz: free space the data directory needs.
 SANDBOX_READY_MIN_FREE_BYTES = env.int("SANDBOX_READY_MIN_FREE_BYTES", default=1 << 30)
 

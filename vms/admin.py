@@ -159,7 +159,7 @@ class HostAdmin(admin.ModelAdmin):
     ]
     list_filter = ["is_active", "cordoned"]
     search_fields = ["name"]
-    actions = ["cordon_selected", "uncordon_selected", "remove_selected"]
+    actions = ["cordon_selected", "uncordon_selected", "drain_selected", "remove_selected"]
     inlines = [HostImageInline]
     readonly_fields = [
         "boot_modes",
@@ -208,6 +208,21 @@ class HostAdmin(admin.ModelAdmin):
 
         for host in queryset:
             host_cordon(host=host, cordoned=False, actor=request.user)
+
+    @admin.action(description="Drain: cordon the selected hosts and move their VMs to other hosts")
+    def drain_selected(self, request, queryset):
+        from sandbox_site.errors import ApplicationError
+        from vms.hosts import host_drain
+
+        for host in queryset:
+            try:
+                result = host_drain(host=host, actor=request.user)
+            except ApplicationError as exc:
+                self.message_user(request, f"{host.name}: {exc.message}", level=messages.ERROR)
+                continue
+            self.message_user(request, f"{host.name}: {len(result['moves'])} VM(s) moving away")
+            for stay in result["stays"]:
+                self.message_user(request, f"{host.name}: {stay['name']} stays: {stay['reason']}", messages.WARNING)
 
     @admin.action(description="Remove the selected hosts (only those without VMs)")
     def remove_selected(self, request, queryset):

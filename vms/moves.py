@@ -1,23 +1,26 @@
 """Cold move of a VM to another hypervisor host (operators; drains use it for every VM).
 
 ``vm_move`` checks the request and records a ``move`` operation; the VM is ``moving`` until it
-lands. The operation runs in three steps, each on the worker of the host whose files and VMM
-it touches, handed from one host's queue to the next (``vms.operations.OperationHandoff``):
+lands. The operation runs in steps, each on the worker that may touch what it touches, handed
+from one queue to the next (``vms.operations.OperationHandoff``):
 
-1. **copy**, on the source: stop the VM if it runs (its NICs are unplumbed there), then copy
-   its files to the target through the hostds (``vms.transfer.host_file_copy``, each file
-   verified by sha256 on the target before it takes its name): the runtime directory's disk
-   overlay, UEFI variables and console log, the layers its disk chain stands on, its
-   snapshots' files (``vm_move_files`` hook) and the image files it boots (present already on
-   a target sharing the image: not copied again). A failure deletes what this step copied and
-   leaves the VM where it was, started again if it was running.
-2. **land**, on the target: check the copies are there, then switch ``vm.host`` (and, through
-   the ``vm_host_changed`` hook, its snapshots and port forwards) in one transaction; start
-   the VM there if it was running (its NICs are plumbed on the target, the VXLAN peers told).
-   A failure before the switch deletes the copies and leaves the VM stopped on the source.
-3. **cleanup**, on the source: its files there are deleted (runtime directory, moved
-   snapshots' directories; layers shared with other VMs' snapshots stay).
+1. **stop**, on the source's worker: stop the VM if it runs (its NICs are unplumbed there) and
+   list its files: the runtime directory's disk overlay, UEFI variables and console log, the
+   layers its disk chain stands on, its snapshots' files (``vm_move_files`` hook) and the image
+   files it boots.
+2. **copy**, on a control-plane worker (``SANDBOX_TRANSFER_QUEUE``: hosts' own certificates
+   cannot call another hostd): each file relayed from the source's hostd to the target's
+   (``vms.transfer.host_file_copy``), verified by sha256 on the target before it takes its
+   name; files the target holds already (the shared image) are not copied again.
+3. **land**, on the target's worker: check the copies are there, then switch ``vm.host`` (and,
+   through the ``vm_host_changed`` hook, its snapshots and port forwards) in one transaction;
+   start the VM there if it was running (its NICs are plumbed on the target, the VXLAN peers
+   told).
+4. **cleanup**, on the source's worker: its files there are deleted (runtime directory, moved
+   snapshots' directories; layers it only stood on stay).
 
+A failure before the switch (copy or landing) deletes what this move copied to the target and
+hands the VM back to its source (**stay**): as it was, a running one started again there.
 Nothing is deleted on the source before the target holds verified copies and the database
 says the VM is there. The VM keeps its id, addresses, MACs, snapshots and shares.
 """
@@ -87,8 +90,8 @@ def vm_move(*, vm: VM, host: Host, actor) -> Operation:
             # It starts there again: the target must admit it now (409 host_full).
             host_admission_check(host=host, vcpus=vm.vcpus, memory_mib=vm.memory_mib)
         previous = vm_transition_request(vm, "move")
-        if previous != checked:  # started or stopped in between: admission was for the other
-            raise ConflictError(f"The VM changed from {checked} to {previous} meanwhile; try again.")
+        if previous != checked or vm.host_id != source.pk:  # changed since it was read
+            raise ConflictError("The VM changed meanwhile (its state or host); try again.")
         op = operation_new(
             vm=vm,
             action="move",
@@ -97,7 +100,7 @@ def vm_move(*, vm: VM, host: Host, actor) -> Operation:
                 "previous_state": previous,
                 "source": str(source.pk),
                 "target": str(host.pk),
-                "step": "copy",
+                "step": "stop",
             },
         )
         audit_record(
@@ -135,8 +138,12 @@ def _require_operator(actor, vm: VM) -> None:
 def vm_move_run(op: Operation, vm: VM) -> None:
     """The ``move`` operation's handler: the step recorded in its params, on this host."""
     step = op.params.get("step")
-    if step == "copy":
+    if step == "stop":
+        _stop(op, vm)
+    elif step == "copy":
         _copy(op, vm)
+    elif step == "stay":
+        _stay_run(op, vm)
     elif step == "land":
         _land(op, vm)
     elif step == "cleanup":
@@ -145,7 +152,7 @@ def vm_move_run(op: Operation, vm: VM) -> None:
         raise ApplicationError(f"Unknown move step {step!r}.")
 
 
-# --- step 1: copy, on the source ----------------------------------------------------------------
+# --- the steps before the switch: stop (source), copy (control plane), stay (source) -------------
 
 
 def _roots() -> dict[str, Path]:
@@ -215,16 +222,14 @@ def vm_move_files(vm: VM) -> MoveFiles:
     return MoveFiles(entries=ordered, snapshot_dirs=directories, pinned=pinned)
 
 
-def _copy(op: Operation, vm: VM) -> None:
+def _stop(op: Operation, vm: VM) -> None:
+    """Step 1, on the source: stop the VM if it runs, list its files, hand the copy to the
+    control plane."""
     if vm.state != S.MOVING:
         return  # done by an earlier delivery, or someone else moved the VM
     source = vm.host
-    target = Host.objects.get(pk=op.params["target"])
-    previous = op.params.get("previous_state")
     driver = hypervisor.driver_for(vm.driver or hypervisor.driver_name_select())
     spec = hypervisor.vm_spec(vm)
-    copied: list[dict] = []
-    files: list[dict] = []
     try:
         if vm.driver and driver.info(spec, timeout=5.0).state != RuntimeState.GONE:
             operation_log(
@@ -234,9 +239,36 @@ def _copy(op: Operation, vm: VM) -> None:
             VM.objects.filter(pk=vm.pk).update(vmm_pid=None, started_at=None)
             hook_run("vm_vmm_gone", vm=vm)
         found = vm_move_files(vm)
-        entries = found.entries
-        total = len(entries)
-        operation_log(op, f"copying {total} file(s) from host {source.name} to {target.name}", progress=10)
+    except Exception as exc:
+        message = getattr(exc, "message", None) or str(exc)
+        operation_log(op, f"the move cannot go on: {message}")
+        _stay(op, vm, op.params.get("previous_state"))
+        raise ApplicationError(f"The move failed; the VM stays on host {source.name}: {message}") from exc
+    params = {
+        **op.params,
+        "step": "copy",
+        "entries": [list(entry) for entry in found.entries],
+        "snapshot_dirs": found.snapshot_dirs,
+        "pinned": found.pinned,
+    }
+    queue = settings.SANDBOX_TRANSFER_QUEUE
+    raise OperationHandoff(queue, params, f"{len(found.entries)} file(s) to copy; the copy runs from queue {queue}")
+
+
+def _copy(op: Operation, vm: VM) -> None:
+    """Step 2, on a worker of the control plane (``SANDBOX_TRANSFER_QUEUE``): relay each file
+    from the source's hostd to the target's; any failure removes what was copied and hands the
+    VM back to its source."""
+    if vm.state != S.MOVING:
+        return
+    source = Host.objects.get(pk=op.params["source"])
+    target = Host.objects.get(pk=op.params["target"])
+    entries = op.params.get("entries", [])
+    copied: list[dict] = []
+    files: list[dict] = []
+    total = len(entries)
+    operation_log(op, f"copying {total} file(s) from host {source.name} to {target.name}", progress=10)
+    try:
         for n, (root, path) in enumerate(entries, 1):
             result = host_file_copy_report(source=source, target=target, root=root, path=path)
             entry = {"root": root, "path": path, "sha256": result.sha256, "size": result.size}
@@ -253,17 +285,20 @@ def _copy(op: Operation, vm: VM) -> None:
         message = getattr(exc, "message", None) or str(exc)
         operation_log(op, f"copy failed: {message}; removing {len(copied)} copied file(s) from {target.name}")
         _copies_remove(target, copied)
-        _stay(op, vm, previous, restart=True)
-        raise ApplicationError(f"The move failed; the VM stays on host {source.name}: {message}") from exc
-    params = {
-        **op.params,
-        "step": "land",
-        "files": files,
-        "copied": copied,
-        "snapshot_dirs": found.snapshot_dirs,
-        "pinned": found.pinned,
-    }
-    raise OperationHandoff(target, params, f"{len(files)} file(s) verified on {target.name}; landing there")
+        raise OperationHandoff(
+            source.queue, {**op.params, "step": "stay", "error": message}, f"back to host {source.name}"
+        ) from exc
+    params = {**op.params, "step": "land", "files": files, "copied": copied}
+    raise OperationHandoff(target.queue, params, f"{len(files)} file(s) verified on {target.name}; landing there")
+
+
+def _stay_run(op: Operation, vm: VM) -> None:
+    """On the source, after a failed copy or landing: the VM as it was (a running one boots
+    again here); the operation fails with the reason."""
+    source = Host.objects.get(pk=op.params["source"])
+    if vm.state == S.MOVING and vm.host_id == source.pk:
+        _stay(op, vm, op.params.get("previous_state"))
+    raise ApplicationError(f"The move failed; the VM stays on host {source.name}: {op.params.get('error', '')}")
 
 
 def _copies_remove(target: Host, copied: list[dict]) -> None:
@@ -275,12 +310,12 @@ def _copies_remove(target: Host, copied: list[dict]) -> None:
             logger.warning("could not remove %s/%s from host %s", entry["root"], entry["path"], target.name)
 
 
-def _stay(op: Operation, vm: VM, previous: str | None, *, restart: bool) -> None:
-    """After a failure before the switch: the VM goes back to what it was on its source (a
-    running one boots again there when ``restart``, i.e. on the source's worker), else stopped."""
+def _stay(op: Operation, vm: VM, previous: str | None) -> None:
+    """On the source, after a failure before the switch: the VM goes back to what it was (a
+    running one boots again here); stopped when that fails too."""
     from vms.lifecycle import vm_boot_run
 
-    if previous == S.RUNNING and restart:
+    if previous == S.RUNNING:
         if vm_transition(vm, expected={S.MOVING}, new=S.STARTING):
             operation_log(op, f"starting the VM again on {vm.host.name}")
             try:
@@ -288,21 +323,36 @@ def _stay(op: Operation, vm: VM, previous: str | None, *, restart: bool) -> None
             except Exception:
                 logger.warning("restart of %s after a failed move failed", vm.pk, exc_info=True)
         return
-    why = "" if previous == S.STOPPED else "The VM was stopped for a move that failed; start it again."
-    vm_transition(vm, expected={S.MOVING}, new=S.STOPPED, last_error=why)
+    vm_transition(vm, expected={S.MOVING}, new=S.STOPPED)
 
 
-# --- step 2: land, on the target ------------------------------------------------------------------
+# --- land, on the target ----------------------------------------------------------------------------
 
 
 def _land(op: Operation, vm: VM) -> None:
-    from vms.lifecycle import vm_boot_run
-
+    """On the target: check the copies, switch the VM's host, start it if it was running,
+    hand the cleanup to the source. A redelivery after the switch goes on from there."""
     target = Host.objects.get(pk=op.params["target"])
     source = Host.objects.get(pk=op.params["source"])
-    previous = op.params.get("previous_state")
-    if vm.state != S.MOVING or vm.host_id != source.pk:
-        return  # done by an earlier delivery, or someone else moved the VM
+    if vm.host_id == source.pk and vm.state == S.MOVING:
+        _land_check(op, target, source)
+        with transaction.atomic():
+            if not VM.objects.filter(pk=vm.pk, state=S.MOVING, host=source).update(host=target):
+                return  # someone else changed it meanwhile
+            vm.refresh_from_db()
+            hook_run("vm_host_changed", vm=vm, source=source, target=target)
+        operation_log(op, f"the VM is on host {target.name} now", progress=75)
+    elif vm.host_id != target.pk:
+        return  # someone else moved the VM
+    boot_error = _land_start(op, vm)
+    params = {**op.params, "step": "cleanup", "boot_error": boot_error}
+    raise OperationHandoff(source.queue, params, f"removing the VM's files from host {source.name}")
+
+
+def _land_check(op: Operation, target: Host, source: Host) -> None:
+    """Before the switch: every copy is in this host's directories and every file named by
+    absolute path is at that path; snapshot files get the VMMs' read access. Otherwise the
+    copies are removed and the VM handed back to its source."""
     roots = _roots()
     try:
         missing = [
@@ -321,38 +371,41 @@ def _land(op: Operation, vm: VM) -> None:
                 f"(not found here: {', '.join(elsewhere[:3])}); hosts need the same SANDBOX_IMAGE_DIR "
                 "and SANDBOX_SNAPSHOT_DIR"
             )
+        # Snapshots and frozen layers: root's, readable by the VMMs, as on the source.
         confinement = hypervisor.vmm_confinement()
+        for directory in op.params.get("snapshot_dirs", []):
+            confinement.reclaim(roots["snapshots"] / directory)
         for entry in op.params.get("files", []):
-            if entry["root"] == "snapshots":  # frozen layers: root's, readable by the VMMs
+            if entry["root"] == "snapshots":
                 confinement.reclaim(roots["snapshots"] / entry["path"])
     except Exception as exc:
         message = getattr(exc, "message", None) or str(exc)
         operation_log(op, f"landing failed: {message}; removing the copies, the VM stays on {source.name}")
         _copies_remove(target, op.params.get("copied", []))
-        _stay(op, vm, previous, restart=False)
-        raise ApplicationError(f"The move failed; the VM stays on host {source.name}: {message}") from exc
-    with transaction.atomic():
-        switched = VM.objects.filter(pk=vm.pk, state=S.MOVING, host=source).update(host=target)
-        if not switched:
-            return
-        vm.refresh_from_db()
-        hook_run("vm_host_changed", vm=vm, source=source, target=target)
-    operation_log(op, f"the VM is on host {target.name} now", progress=75)
-    params = {**op.params, "step": "cleanup", "queue": source.queue}
-    boot_error = ""
-    if previous == S.RUNNING:
-        if vm_transition(vm, expected={S.MOVING}, new=S.STARTING):
-            try:
-                vm_boot_run(op, vm)
-            except Exception as exc:
-                boot_error = getattr(exc, "message", None) or str(exc)
-    else:
+        raise OperationHandoff(
+            source.queue, {**op.params, "step": "stay", "error": message}, f"back to host {source.name}"
+        ) from exc
+
+
+def _land_start(op: Operation, vm: VM) -> str:
+    """After the switch: the state it had before the move (a running VM boots here, as a start
+    does: its NICs plumbed on this host). Returns why a boot failed ("" when it did not)."""
+    from vms.lifecycle import vm_boot_run
+
+    if op.params.get("previous_state") != S.RUNNING:
         vm_transition(vm, expected={S.MOVING}, new=S.STOPPED)
-    params["boot_error"] = boot_error
-    raise OperationHandoff(source, params, f"removing the VM's files from host {source.name}")
+        return ""
+    vm_transition(vm, expected={S.MOVING}, new=S.STARTING)
+    if vm.state != S.STARTING:
+        return ""  # booted by an earlier delivery, or someone else's operation owns it now
+    try:
+        vm_boot_run(op, vm)
+    except Exception as exc:
+        return getattr(exc, "message", None) or str(exc)
+    return ""
 
 
-# --- step 3: cleanup, on the source ----------------------------------------------------------------
+# --- cleanup, on the source ---------------------------------------------------------------------------
 
 
 def _cleanup(op: Operation, vm: VM) -> None:

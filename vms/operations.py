@@ -40,7 +40,7 @@ S = VmState
 MAX_ATTEMPTS = 3  # deliveries of one operation before the reconciler gives up on it
 STUCK_GRACE_SECONDS = 60
 PENDING_LIMIT_SECONDS = 3600
-MOVE_STEP_SECONDS = 6 * 3600  # a step of a move (copying a big disk chain) may run this long
+MOVE_STEP_SECONDS = 6 * 3600  # a move (copying a big disk chain) may take this much longer
 ORPHAN_DRIVERS = ("qemu", "cloud-hypervisor")  # drivers whose leftovers an orphan directory may hold
 
 _HANDLERS: dict[str, Callable[[Operation, VM], None]] = {}
@@ -88,14 +88,15 @@ def operation_queue(op: Operation, vm: VM | None) -> str:
 
 
 class OperationHandoff(Exception):
-    """Raised by a handler whose step on this host is done and whose next step runs on
-    ``host`` (its worker touches that host's files and VMM): the operation goes back to
-    pending with ``params`` (its step recorded there) and is sent to ``host``'s queue. A cold
-    move copies on its source, lands on its target, cleans up on its source (vms.moves)."""
+    """Raised by a handler whose step here is done and whose next step runs from ``queue``
+    (a host's ``host.<name>``: its worker touches that host's files and VMM): the operation
+    goes back to pending with ``params`` (its step recorded there) and is sent to that queue.
+    A cold move stops on its source, copies from the control plane, lands on its target and
+    cleans up on its source (vms.moves)."""
 
-    def __init__(self, host: Host, params: dict, line: str) -> None:
+    def __init__(self, queue: str, params: dict, line: str) -> None:
         super().__init__(line)
-        self.host = host
+        self.queue = queue
         self.params = params
         self.line = line
 
@@ -232,16 +233,16 @@ def _operation_execute(op: Operation) -> Operation | None:
 
 
 def _operation_hand_off(op: Operation, handoff: OperationHandoff) -> None:
-    """The next step of ``op`` runs on another host: pending again (a fresh count of attempts:
+    """The next step of ``op`` runs from another queue: pending again (a fresh count of attempts:
     the reconciler's retries are per step), on that host's queue."""
-    params = {**handoff.params, "queue": handoff.host.queue}
+    params = {**handoff.params, "queue": handoff.queue}
     operation_log(op, handoff.line)
     Operation.objects.filter(pk=op.pk, status=Operation.Status.RUNNING).update(
         status=Operation.Status.PENDING, params=params, worker="", attempts=0
     )
     op.refresh_from_db()
     operation_enqueue(op, op.vm)
-    logger.info("operation %s (%s) handed to %s", op.pk, op.action, handoff.host.queue)
+    logger.info("operation %s (%s) handed to %s", op.pk, op.action, handoff.queue)
 
 
 def _operation_defer(op: Operation) -> None:
@@ -268,8 +269,9 @@ def _settle_transitional(vm: VM, now) -> int:
         .first()
     )
     if live is not None and live.status == Operation.Status.PENDING:
-        if (now - live.created_at).total_seconds() < PENDING_LIMIT_SECONDS:
-            return 0  # queued behind other work
+        limit = PENDING_LIMIT_SECONDS + (MOVE_STEP_SECONDS if live.action == "move" else 0)
+        if (now - live.created_at).total_seconds() < limit:
+            return 0  # queued behind other work (a move: or handed to its next host's queue)
     elif live is not None and operation_worker_alive(live.worker):
         limit = settings.SANDBOX_BOOT_TIMEOUT + settings.SANDBOX_STOP_TIMEOUT + STUCK_GRACE_SECONDS
         if live.action == "snapshot":

@@ -21,7 +21,13 @@ from vms.models import Host
 
 logger = logging.getLogger("vms.transfer")
 
-COPY_TIMEOUT = 60.0  # per request (a chunk, a read); hashing a file gets 600 s
+COPY_TIMEOUT = 60.0  # per request (a chunk, a read); hashing a file: ``hash_seconds``
+HASH_BYTES_PER_SECOND = 50 << 20  # the slowest disk we wait for when a hostd hashes a file
+
+
+def hash_seconds(size: int) -> float:
+    """How long a hostd may take to hash a file of ``size`` bytes (at least 10 minutes)."""
+    return max(600.0, size / HASH_BYTES_PER_SECOND)
 
 
 class TransferError(ApplicationError):
@@ -65,13 +71,15 @@ def host_file_copy_report(
             HostdClient(hostd_address(source), timeout=timeout) as src,
             HostdClient(hostd_address(target), timeout=timeout) as dst,
         ):
-            info = src.blob_stat(root, path)
-            if not info.get("exists"):
+            found = src.blob_stat(root, path, sha256=False)
+            if not found.get("exists"):
                 raise TransferError(
                     f"{root}/{path} does not exist on host {source.name}.",
                     code="not_found",
                     details={"host": source.name, "root": root, "path": path},
                 )
+            hashing = hash_seconds(int(found["size"]))
+            info = src.blob_stat(root, path, timeout=hashing)
             size, digest = int(info["size"]), str(info["sha256"])
             if sha256 is not None and digest != sha256:
                 raise TransferError(
@@ -79,17 +87,20 @@ def host_file_copy_report(
                     code="checksum_mismatch",
                     details={"host": source.name, "path": path, "sha256": digest, "expected": sha256},
                 )
-            present = dst.blob_stat(root, path)
+            present = dst.blob_stat(root, path, sha256=False)
             if present.get("exists"):
+                if present.get("size") == size:
+                    present = dst.blob_stat(root, path, timeout=hashing)
                 if present.get("sha256") == digest:
                     logger.info("%s/%s already on host %s (sha256 %s)", root, path, target.name, digest)
                     return CopyResult(sha256=digest, size=size, copied=False)
                 raise TransferError(
                     f"{root}/{path} exists on host {target.name} with other contents.",
                     code="exists",
-                    details={"host": target.name, "path": path, "sha256": present.get("sha256"), "expected": digest},
+                    details={"host": target.name, "path": path, "size": present.get("size"), "expected": digest},
                 )
-            dst.blob_put(root, path, src.blob_chunks(root, path, size, timeout=timeout), size=size, sha256=digest)
+            chunks = src.blob_chunks(root, path, size, timeout=timeout)
+            dst.blob_put(root, path, chunks, size=size, sha256=digest, commit_timeout=hashing)
     except HostdError as exc:
         raise TransferError(
             f"Copying {root}/{path} from host {source.name} to {target.name} failed: {exc.message}",

@@ -176,3 +176,22 @@ def test_it_deletes_a_file_and_its_emptied_directories(client: HostdClient, root
     with pytest.raises(HostdRequestError) as exc:
         client.blob_delete("snapshots", "..")
     assert exc.value.code == "bad_path"
+
+
+def test_a_restarted_hostd_drops_unfinished_transfers(roots: tuple[Path, Path]) -> None:
+    run, snap = roots
+    daemon = Hostd(run, blob_roots={"snapshots": snap}).start()
+    try:
+        with daemon.client() as client:
+            client.call(
+                "blob_write",
+                {"root": "snapshots", "path": "s/disk", "transfer": "ef" * 8, "offset": 0, "size": 9},
+                b"half",
+            )
+    finally:
+        daemon.stop()
+    (snap / "s" / ".keep.part").write_bytes(b"not ours: no transfer id")
+    assert _leftovers(snap) == [".disk." + "ef" * 8 + ".part", ".keep.part"]
+    daemon = Hostd(run, blob_roots={"snapshots": snap}).start()
+    daemon.stop()
+    assert _leftovers(snap) == [".keep.part"]

@@ -24,7 +24,7 @@ from vms.models import VM, Operation
 from vms.moves import vm_move
 from vms.operations import operation_execute, operation_new
 
-pytestmark = [pytest.mark.django_db, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.django_db, pytest.mark.vm, pytest.mark.timeout(900)]
 
 IMAGE_DIR = Path(os.environ.get("SANDBOX_IMAGE_DIR", "/work/main/var/images"))
 
@@ -98,10 +98,10 @@ def _exec(api, vm, command: str) -> dict:
     return response.json()
 
 
-def _step(env: TwoHosts, op: Operation, host: str) -> Operation:
+def _step(env: TwoHosts, op: Operation, queue: str) -> Operation:
     op.refresh_from_db()
-    assert op.status == "pending" and (op.params.get("queue") or "host.h1") == f"host.{host}", op.log
-    with env.as_host(host):
+    assert op.status == "pending" and (op.params.get("queue") or "host.h1") == queue, op.log
+    with env.as_host("h1" if queue == "shared" else queue.removeprefix("host.")):
         operation_execute(op.pk)
     op.refresh_from_db()
     return op
@@ -110,7 +110,7 @@ def _step(env: TwoHosts, op: Operation, host: str) -> Operation:
 def test_a_running_qemu_vm_moves_with_its_data(qemu_two, api, owner, operator):
     env, vm = qemu_two
     create = operation_new(vm=vm, action="create", actor=owner, params={"start": True})
-    create = _step(env, create, "h1")
+    create = _step(env, create, "host.h1")
     assert create.status == "succeeded", create.log
     api.as_user(owner)
     written = _exec(api, vm, "head -c 300000 /dev/urandom > /root/moved.bin && sync && sha256sum /root/moved.bin")
@@ -118,7 +118,8 @@ def test_a_running_qemu_vm_moves_with_its_data(qemu_two, api, owner, operator):
     digest = written["stdout"].split()[0]
 
     op = vm_move(vm=VM.objects.get(pk=vm.pk), host=env.hosts["h2"], actor=operator)
-    op = _step(env, op, "h1")  # copy: the guest powers off, its files go to h2
+    op = _step(env, op, "host.h1")  # stop: the guest powers off, its files are listed
+    op = _step(env, op, "shared")  # copy, from the control plane (h1 here): the files go to h2
     source_overlay = env.root("h1", "run") / str(vm.pk) / "overlay.qcow2"
     target_overlay = env.root("h2", "run") / str(vm.pk) / "overlay.qcow2"
     copied = {f["path"]: f["sha256"] for f in op.params["files"]}
@@ -127,11 +128,11 @@ def test_a_running_qemu_vm_moves_with_its_data(qemu_two, api, owner, operator):
     assert hashlib.sha256(target_overlay.read_bytes()).hexdigest() == overlay_sha
     assert VM.objects.get(pk=vm.pk).host.name == "h1"  # not switched before the target lands it
 
-    op = _step(env, op, "h2")  # land: recorded on h2, booted there
+    op = _step(env, op, "host.h2")  # land: recorded on h2, booted there
     vm.refresh_from_db()
     assert (vm.state, vm.host.name) == ("running", "h2"), op.log
     assert source_overlay.exists()  # the source keeps its files until the last step
-    op = _step(env, op, "h1")  # cleanup on the source
+    op = _step(env, op, "host.h1")  # cleanup on the source
     assert op.status == "succeeded", op.log
     assert not (env.root("h1", "run") / str(vm.pk)).exists()
 

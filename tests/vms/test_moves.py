@@ -58,7 +58,8 @@ class TwoHosts:
             if op.status != Operation.Status.PENDING:
                 break
             queue = op.params.get("queue") or VM.objects.get(pk=op.vm_id).host.queue
-            with self.as_host(queue.removeprefix("host.")):
+            # The transfer queue's worker is the control plane's: on h1 here.
+            with self.as_host("h1" if queue == "shared" else queue.removeprefix("host.")):
                 operation_execute(op.pk)
         op.refresh_from_db()
         return op
@@ -144,6 +145,7 @@ def test_a_stopped_vm_moves_with_its_disk_and_snapshots(two, owner, operator, fa
     assert not (two.root("h1", "run") / str(vm.pk)).exists() and not snap_dir.exists()
     assert not list(two.base.rglob(".*.part"))
     assert "copying 4 file(s) from host h1 to h2" in op.log and "removed 2 director(ies)" in op.log
+    assert "the copy runs from queue shared" in op.log and "4 file(s) verified on h2; landing there" in op.log
     audit = AuditEvent.objects.get(action="vm.move", object_id=str(vm.pk))
     assert (audit.before["host"], audit.after["host"], audit.actor_id) == ("h1", "h2", operator.pk)
 
@@ -291,3 +293,78 @@ def test_the_api_moves_and_drains(two, api, owner, operator, fake):
     assert [m["name"] for m in body["moves"]] == [vm.name] and body["moves"][0]["target"] == "h1"
     with pytest.raises(ApplicationError):  # h1 was cordoned by nothing; h2 is now: no way back
         vm_move(vm=VM.objects.get(pk=vm.pk), host=Host.objects.get(name="h2"), actor=operator)
+
+
+def test_port_forwards_move_with_the_vm_unless_their_port_is_taken_there(two, owner, operator, fake):
+    from networking.models import PortForward
+
+    vm = _vm_on_h1(two, "stopped", owner)
+    forward = PortForward.objects.create(vm=vm, host=two.hosts["h1"], protocol="tcp", host_port=20022, guest_port=22)
+    other = VmFactory(owner=owner, host=two.hosts["h2"], template=vm.template)
+    taken = PortForward.objects.create(vm=other, host=two.hosts["h2"], protocol="tcp", host_port=20022, guest_port=80)
+    with pytest.raises(ConflictError) as exc:
+        vm_move(vm=vm, host=two.hosts["h2"], actor=operator)
+    assert exc.value.code == "port_taken" and exc.value.details == {"host_ports": ["tcp/20022"]}
+    taken.delete()
+    assert two.run(vm_move(vm=vm, host=two.hosts["h2"], actor=operator)).status == "succeeded"
+    forward.refresh_from_db()
+    assert forward.host.name == "h2"
+
+
+def test_a_moving_vm_refuses_other_actions_and_the_reconciler_waits_for_its_next_step(two, owner, operator, fake):
+    from vms import services
+    from vms.operations import vms_reconcile
+    from vms.transitions import vm_actions_allowed
+
+    vm = _vm_on_h1(two, "stopped", owner)
+    assert "move" not in vm_actions_allowed("stopped")  # an operator's action, not a VM button
+    op = vm_move(vm=vm, host=two.hosts["h2"], actor=operator)
+    for action in ("start", "stop", "delete"):
+        with pytest.raises(ConflictError):
+            services.vm_action(vm=VM.objects.get(pk=vm.pk), action=action, actor=owner)
+    with two.as_host("h1"):
+        operation_execute(op.pk)  # stop step: handed to the transfer queue, pending again
+    op.refresh_from_db()
+    assert (op.status, op.params["step"], op.params["queue"]) == ("pending", "copy", "shared")
+    with two.as_host("h1"):
+        vms_reconcile(two.hosts["h1"])
+    vm.refresh_from_db()
+    assert vm.state == "moving"  # not taken for a lost operation
+    assert two.run(op).status == "succeeded"
+
+
+def test_operators_drain_in_the_admin(two, owner, operator, fake):
+    from django.test import Client
+
+    from tests.factories import PASSWORD
+
+    vm = _vm_on_h1(two, "stopped", owner)
+    client = Client()
+    client.login(username=operator.username, password=PASSWORD)
+    response = client.post(
+        "/admin/vms/host/", {"action": "drain_selected", "_selected_action": [str(two.hosts["h1"].pk)]}, follow=True
+    )
+    assert response.status_code == 200, response.content[:500]
+    shown = [str(m) for m in response.context["messages"]]
+    assert "h1: 1 VM(s) moving away" in shown, shown
+    assert Host.objects.get(name="h1").cordoned
+    op = Operation.objects.get(vm=vm, action="move")
+    assert two.run(op).status == "succeeded"
+    assert VM.objects.get(pk=vm.pk).host.name == "h2"
+
+
+def test_a_landing_redelivered_after_the_switch_goes_on_from_there(two, owner, operator, fake):
+    vm = _vm_on_h1(two, "running", owner)
+    op = vm_move(vm=vm, host=two.hosts["h2"], actor=operator)
+    for host in ("h1", "h1"):  # stop, copy
+        with two.as_host(host):
+            operation_execute(op.pk)
+    op.refresh_from_db()
+    assert op.params["step"] == "land"
+    # The target's worker switched the host, then was lost before it booted the VM.
+    VM.objects.filter(pk=vm.pk).update(host=two.hosts["h2"])
+    op = two.run(op)
+    assert op.status == "succeeded", op.log
+    vm.refresh_from_db()
+    assert (vm.state, vm.host.name) == ("running", "h2")
+    assert not (two.root("h1", "run") / str(vm.pk)).exists()

@@ -40,6 +40,7 @@ _HASH_CHUNK = 1 << 20
 _PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+@=-]{0,254}$")
 _TRANSFER = re.compile(r"^[0-9a-f]{16,64}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_LEFTOVER = re.compile(r"^\..+\.[0-9a-f]{16,64}\.part$")
 
 
 class BlobStore:
@@ -159,6 +160,21 @@ class BlobStore:
         full = self.resolve(args.get("root"), args.get("path"))
         root = self.roots[str(args["root"])]
         return await asyncio.get_running_loop().run_in_executor(None, _delete, full, root)
+
+    def sweep(self) -> int:
+        """Delete temporary files left by transfers a previous hostd was receiving (their
+        connections died with it); returns how many. Blocking: run it on a worker thread."""
+        removed = 0
+        for root in self.roots.values():
+            for directory, _dirs, names in os.walk(root):
+                if directory.count(os.sep) - str(root).count(os.sep) >= MAX_PATH_PARTS:
+                    continue
+                for name in names:
+                    if _LEFTOVER.match(name):
+                        with contextlib.suppress(OSError):
+                            os.unlink(os.path.join(directory, name))
+                            removed += 1
+        return removed
 
     def _forget_stale(self) -> None:
         now = time.monotonic()

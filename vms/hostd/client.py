@@ -346,10 +346,12 @@ class HostdClient:
         sha256: str,
         overwrite: bool = False,
         timeout: float = 60.0,
+        commit_timeout: float = 600.0,
     ) -> dict[str, Any]:
         """Write ``chunks`` (``size`` bytes in all) to a temporary file on hostd, then commit
-        it under ``path`` when hostd finds the sha256 given (else ``checksum_mismatch``);
-        any failure aborts the transfer: nothing is left behind."""
+        it under ``path`` when hostd finds the sha256 given (else ``checksum_mismatch``; it
+        hashes the whole file: ``commit_timeout``); any failure aborts the transfer: nothing
+        is left behind."""
         transfer = os.urandom(16).hex()
         ident = {"root": root, "path": path, "transfer": transfer}
         inflight: list[int] = []
@@ -366,9 +368,8 @@ class HostdClient:
                 self.wait(inflight.pop(0), timeout)
             if offset == 0:  # an empty file: its temporary file is made by one empty write
                 self.wait(self.send("blob_write", {**ident, "offset": 0, "size": size}), timeout)
-            # hostd hashes the whole file before answering
             commit = {**ident, "size": size, "sha256": sha256, "overwrite": overwrite}
-            return self.call("blob_commit", commit, timeout=max(timeout, 600.0))[0]
+            return self.call("blob_commit", commit, timeout=max(timeout, commit_timeout))[0]
         except BaseException:
             with contextlib.suppress(HostdError):
                 for req in inflight:

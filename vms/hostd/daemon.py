@@ -185,6 +185,9 @@ class HostDaemon:
             os.chmod(path, 0o660)
         if self.config.tls_listen:
             await self._tls_start()
+        swept = await asyncio.get_running_loop().run_in_executor(None, self.blobs.sweep)
+        if swept:
+            logger.info("removed %d unfinished file transfer(s) of a previous run", swept)
         await self.scan()
         self._scan_task = asyncio.create_task(self._scan_loop(), name="hostd-scan")
         hostd_metrics.metrics_serve(
