@@ -24,7 +24,6 @@ from sandbox_site.errors import ApplicationError, ConflictError
 from snapshots import selectors
 from snapshots.models import Snapshot, VmLineage
 from vms import agent_gateway, hypervisor
-from vms.distribution import image_ensure_here
 from vms.hooks import hook_run
 from vms.lifecycle import (
     vm_agent_wait,
@@ -225,7 +224,6 @@ def _restore_into(op: Operation, vm: VM, snapshot: Snapshot, *, clone: bool) -> 
     spec = hypervisor.vm_spec(vm)
     if driver.info(spec).state != RuntimeState.GONE:
         driver.shutdown(spec, graceful_timeout=0, force=True)
-    image_ensure_here(op=op, vm=vm)  # the snapshot's disk layers sit on the image
     plumbed = vm_before_launch(vm)  # the VMM opens its TAP by name
     if plumbed:
         _log(op, "network: " + ", ".join(plumbed), 30)

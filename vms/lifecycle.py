@@ -21,7 +21,6 @@ from guardian.models import GroupObjectPermission, UserObjectPermission
 from accounts.audit import audit_record
 from sandbox_site.errors import ApplicationError
 from vms import agent_gateway, hypervisor
-from vms.distribution import image_ensure_here
 from vms.events import vm_event_publish
 from vms.hooks import hook_run
 from vms.models import VM, Image, Operation, VmState
@@ -163,7 +162,6 @@ def vm_create_run(op: Operation, vm: VM) -> None:
         return
     try:
         _image_ready(vm)
-        image_ensure_here(op=op, vm=vm)  # copied from another host when this one lacks it
         name = hypervisor.driver_name_select()
         driver = hypervisor.driver_for(name)
         spec = hypervisor.vm_spec(vm)
@@ -192,7 +190,6 @@ def vm_boot_run(op: Operation, vm: VM) -> None:
         _image_ready(vm)
         info = driver.info(spec)
         if info.state == RuntimeState.GONE:
-            image_ensure_here(op=op, vm=vm)
             driver.prepare(spec)
             plumbed = vm_before_launch(vm)
             if plumbed:

@@ -172,6 +172,14 @@ def operation_run(op: Operation) -> None:
         if op.action == "delete":
             return
         raise ApplicationError("The VM no longer exists.")
+    from vms import distribution
+
+    # Before a VMM starts on the VM's host, its image must be there (vms.distribution): copied
+    # by a control-plane worker, the operation handed there and back (OperationHandoff).
+    if (op.params or {}).get("image_copy"):
+        distribution.image_copy_step(op, vm)
+    elif op.action in distribution.IMAGE_ACTIONS:
+        distribution.image_ensure_here(op=op, vm=vm)
     _HANDLERS[op.action](op, vm)
 
 

@@ -21,7 +21,7 @@ from accounts.models import AuditEvent
 from tests.factories import HostFactory, ImageFactory, TemplateFactory, VmFactory
 from tests.hostd.runner import Hostd
 from vms import pki
-from vms.models import Host, HostImage, Operation, VmState
+from vms.models import VM, Host, HostImage, Operation, VmState
 from vms.operations import operation_execute, operation_new
 
 pytestmark = pytest.mark.django_db
@@ -97,40 +97,59 @@ def hosts(fake, settings):
         subprocess.run(["rm", "-rf", str(base)], check=False)
 
 
-def _create_on(host, owner, image):
+def run_as_workers(op: Operation, settings) -> Operation:
+    """Run ``op``'s steps, each as the worker that consumes the queue it was sent to: the VM's
+    host's ("h2": this machine's hostd socket, image directory) or the control plane's
+    (``SANDBOX_TRANSFER_QUEUE``: no host of its own, it relays between hostds)."""
+    for _ in range(6):
+        op.refresh_from_db()
+        if op.status != Operation.Status.PENDING:
+            break
+        queue = op.params.get("queue") or VM.objects.get(pk=op.vm_id).host.queue
+        settings.SANDBOX_HOST_NAME = "control" if queue == settings.SANDBOX_TRANSFER_QUEUE else queue[len("host.") :]
+        try:
+            operation_execute(op.pk)
+        finally:
+            settings.SANDBOX_HOST_NAME = "h2"
+    op.refresh_from_db()
+    return op
+
+
+def _create_on(host, owner, image, settings):
     vm = VmFactory(owner=owner, host=host, state=VmState.CREATING, template=TemplateFactory(name="small", image=image))
     op = operation_new(vm=vm, action="create", actor=owner, params={"start": True})
-    return vm, operation_execute(op.pk)
+    return vm, run_as_workers(op, settings)
 
 
-def test_a_vm_on_a_host_lacking_its_image_gets_it_copied_and_verified_before_it_boots(hosts, owner, fake):
+def test_a_vm_on_a_host_lacking_its_image_gets_it_copied_and_verified_before_it_boots(hosts, owner, fake, settings):
     rows, image, dirs = hosts
-    vm, op = _create_on(rows["h2"], owner, image)
+    vm, op = _create_on(rows["h2"], owner, image, settings)
     assert op.status == Operation.Status.SUCCEEDED, op.error
     vm.refresh_from_db()
     assert vm.state == VmState.RUNNING
     for path, data in FILES.values():
         assert (dirs["h2"]["images"] / path).read_bytes() == data
-    assert "image small is not on this host: copying it from another host" in op.log
+    assert "image small is not on this host: a control-plane worker copies it from another host" in op.log
     assert "image small copied from host h1" in op.log
+    assert "image small verified on this host" in op.log
     # copied before the VMM was prepared and launched
-    assert op.log.index("copied from host h1") < op.log.index("preparing disk overlay")
+    assert op.log.index("verified on this host") < op.log.index("preparing disk overlay")
     row = HostImage.objects.get(host=rows["h2"], image=image)
     assert row.status == HostImage.Status.PRESENT
     event = AuditEvent.objects.get(action="image.copy")
     assert event.after["host"] == "h2" and event.after["source"] == "h1"
 
     # The next VM finds it there: nothing copied again.
-    _vm2, op2 = _create_on(rows["h2"], owner, image)
+    _vm2, op2 = _create_on(rows["h2"], owner, image, settings)
     assert op2.status == Operation.Status.SUCCEEDED
     assert "copying" not in op2.log
     assert AuditEvent.objects.filter(action="image.copy").count() == 1
 
 
-def test_a_source_whose_copy_does_not_verify_is_marked_corrupt_and_the_next_one_is_used(hosts, owner, fake):
+def test_a_source_whose_copy_does_not_verify_is_marked_corrupt_and_the_next_one_is_used(hosts, owner, fake, settings):
     rows, image, dirs = hosts
     (dirs["h1"]["images"] / FILES["kernel"][0]).write_bytes(b"X" * 5000)  # rotted since h1 last checked
-    vm, op = _create_on(rows["h2"], owner, image)
+    vm, op = _create_on(rows["h2"], owner, image, settings)
     assert op.status == Operation.Status.SUCCEEDED, op.error
     assert "copy from host h1 failed" in op.log and "expected" in op.log
     assert "image small copied from host h3" in op.log
@@ -141,11 +160,11 @@ def test_a_source_whose_copy_does_not_verify_is_marked_corrupt_and_the_next_one_
     assert "a copy to host h2 failed" in source.error
 
 
-def test_when_no_source_verifies_the_create_fails_clearly_and_leaves_no_bad_file(hosts, owner, fake):
+def test_when_no_source_verifies_the_create_fails_clearly_and_leaves_no_bad_file(hosts, owner, fake, settings):
     rows, image, dirs = hosts
     for name in ("h1", "h3"):
         (dirs[name]["images"] / FILES["kernel"][0]).write_bytes(b"X" * 5000)
-    vm, op = _create_on(rows["h2"], owner, image)
+    vm, op = _create_on(rows["h2"], owner, image, settings)
     assert op.status == Operation.Status.FAILED
     assert "could not be copied to host h2" in op.error
     assert "h1: " in op.error and "h3: " in op.error
@@ -159,12 +178,12 @@ def test_when_no_source_verifies_the_create_fails_clearly_and_leaves_no_bad_file
     }
 
 
-def test_a_corrupt_copy_on_the_target_is_replaced_by_a_verified_one(hosts, owner, fake):
+def test_a_corrupt_copy_on_the_target_is_replaced_by_a_verified_one(hosts, owner, fake, settings):
     rows, image, dirs = hosts
     bad = dirs["h2"]["images"] / FILES["rootfs"][0]
     bad.parent.mkdir(parents=True)
     bad.write_bytes(b"corrupt")
-    vm, op = _create_on(rows["h2"], owner, image)
+    vm, op = _create_on(rows["h2"], owner, image, settings)
     assert op.status == Operation.Status.SUCCEEDED, op.error
     assert "is corrupt on this host (rootfs has sha256" in op.log
     assert "deleting the corrupt rootfs here" in op.log
@@ -172,10 +191,10 @@ def test_a_corrupt_copy_on_the_target_is_replaced_by_a_verified_one(hosts, owner
     assert HostImage.objects.get(host=rows["h2"], image=image).status == HostImage.Status.PRESENT
 
 
-def test_no_source_up_fails_the_create_clearly(hosts, owner, fake):
+def test_no_source_up_fails_the_create_clearly(hosts, owner, fake, settings):
     rows, image, _dirs = hosts
     HostImage.objects.filter(host=rows["h1"]).update(status=HostImage.Status.CORRUPT)
     Host.objects.filter(name="h3").update(last_seen_at=timezone.now() - timedelta(hours=1))  # down
-    vm, op = _create_on(rows["h2"], owner, image)
+    vm, op = _create_on(rows["h2"], owner, image, settings)
     assert op.status == Operation.Status.FAILED
     assert "no other host that is up holds a verified copy" in op.error
