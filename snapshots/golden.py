@@ -209,7 +209,7 @@ def golden_copy_request(*, template: Template, host, reason: str) -> GoldenSnaps
     """On ``host``'s worker (``golden_maintain``): ask a control-plane worker
     (``SANDBOX_TRANSFER_QUEUE``: hosts' certificates cannot call another hostd) to copy
     another host's golden snapshot of ``template`` here. The row is ``building`` without an
-    operation meanwhile (``_build_reason`` waits ``SANDBOX_IMAGE_COPY_TIMEOUT`` for it)."""
+    operation meanwhile (``_build_reason`` waits ``SANDBOX_GOLDEN_COPY_TIMEOUT`` for it)."""
     from snapshots.tasks import golden_copy_task
 
     with transaction.atomic():
@@ -360,7 +360,7 @@ def _build_reason(golden: GoldenSnapshot | None, inputs: str, now) -> str:
         return "missing"
     if golden.status == GoldenSnapshot.Status.BUILDING:
         if golden.operation is None and golden.requested_at > now - timedelta(
-            seconds=settings.SANDBOX_IMAGE_COPY_TIMEOUT
+            seconds=settings.SANDBOX_GOLDEN_COPY_TIMEOUT
         ):
             return ""  # a control-plane worker copies it from another host (golden_copy)
         if (

@@ -150,9 +150,18 @@ def image_copy_to(*, host: Host, image: Image, op: Operation | None = None) -> s
             for role in sorted(locations):
                 root, path = locations[role]
                 _log(op, f"copying {role} of {image.name} from host {source.host.name} ({root}/{path})")
-                result = host_file_copy_report(
-                    source=source.host, target=host, root=root, path=path, sha256=expected[role]
-                )
+                try:
+                    result = host_file_copy_report(
+                        source=source.host, target=host, root=root, path=path, sha256=expected[role]
+                    )
+                except TransferError as exc:
+                    if (exc.details or {}).get("reason") != "exists":
+                        raise
+                    # Another operation's copy of the same file landed first: it is kept
+                    # when its bytes are the right ones (checked by a second pass).
+                    result = host_file_copy_report(
+                        source=source.host, target=host, root=root, path=path, sha256=expected[role]
+                    )
                 size += result.size
         except TransferError as exc:
             failures[source.host.name] = exc.message
