@@ -276,16 +276,21 @@ def _settle_transitional(vm: VM, now) -> int:
         .order_by("-created_at")
         .first()
     )
+    # A move, or a boot whose image a control-plane worker copies to this host: handed between
+    # queues, copying big files.
+    copying = live is not None and (
+        live.action == "move" or bool({"image_copy", "image_copied"} & set(live.params or {}))
+    )
     if live is not None and live.status == Operation.Status.PENDING:
-        limit = PENDING_LIMIT_SECONDS + (MOVE_STEP_SECONDS if live.action == "move" else 0)
+        limit = PENDING_LIMIT_SECONDS + (MOVE_STEP_SECONDS if copying else 0)
         if (now - live.created_at).total_seconds() < limit:
             return 0  # queued behind other work (a move: or handed to its next host's queue)
     elif live is not None and operation_worker_alive(live.worker):
         limit = settings.SANDBOX_BOOT_TIMEOUT + settings.SANDBOX_STOP_TIMEOUT + STUCK_GRACE_SECONDS
         if live.action == "snapshot":
             limit += 3600  # a memory dump of a big VM under TCG takes long
-        elif live.action == "move":
-            limit += MOVE_STEP_SECONDS  # copying a disk and its snapshots to another host
+        elif copying:
+            limit += MOVE_STEP_SECONDS  # copying a disk and its snapshots (or an image) between hosts
         if (now - (live.started_at or live.created_at)).total_seconds() < limit:
             return 0
     if live is not None and live.attempts < MAX_ATTEMPTS and live.status == Operation.Status.RUNNING:
