@@ -198,3 +198,19 @@ def test_no_source_up_fails_the_create_clearly(hosts, owner, fake, settings):
     vm, op = _create_on(rows["h2"], owner, image, settings)
     assert op.status == Operation.Status.FAILED
     assert "no other host that is up holds a verified copy" in op.error
+
+
+def test_the_reconciler_gives_a_boot_whose_image_is_being_copied_a_moves_time(fake, owner, settings, monkeypatch):
+    from vms import operations
+
+    monkeypatch.setattr(operations, "host_heartbeat", lambda host, now: True)
+    host = HostFactory(name=settings.SANDBOX_HOST_NAME)
+    vm = VmFactory(owner=owner, host=host, state=VmState.CREATING)
+    op = operation_new(vm=vm, action="create", actor=owner, params={"start": True, "image_copy": {"image": "x"}})
+    started = timezone.now() - timedelta(minutes=30)  # far past a boot's limit, well within a copy's
+    Operation.objects.filter(pk=op.pk).update(status="running", worker="control:1", started_at=started, attempts=1)
+    assert operations.vms_reconcile(host)["stuck"] == 0
+    Operation.objects.filter(pk=op.pk).update(params={"start": True})  # an ordinary boot that long: retried
+    assert operations.vms_reconcile(host)["stuck"] == 1
+    op.refresh_from_db()
+    assert op.status == "pending" and "was lost; retrying" in op.log
