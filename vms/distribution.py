@@ -94,11 +94,11 @@ def image_copy_step(op: Operation, vm: VM) -> None:
     to the VM's host, then hand ``op`` back to that host (``OperationHandoff``). Raises
     ``ImageUnavailable`` (the VM then in ``error``) when no source gives a verified copy."""
     wanted = op.params["image_copy"]
-    image = Image.objects.get(pk=wanted["image"])
+    image = Image.objects.filter(pk=wanted.get("image")).first()
     host = vm.host
     try:
-        if host is None:
-            raise ImageUnavailable("The VM has no host.")
+        if host is None or image is None:
+            raise ImageUnavailable("The VM's host or image no longer exists.")
         source = image_copy_to(host=host, image=image, op=op)
     except ApplicationError as exc:
         _fail(vm, exc)
