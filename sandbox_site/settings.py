@@ -362,6 +362,12 @@ SANDBOX_VIRTIO_WIN_ISO = env.str("SANDBOX_VIRTIO_WIN_ISO", default="")
 SANDBOX_BOOT_TIMEOUT = env.float("SANDBOX_BOOT_TIMEOUT", default=120.0)
 SANDBOX_STOP_TIMEOUT = env.float("SANDBOX_STOP_TIMEOUT", default=30.0)
 SANDBOX_RECONCILE_SECONDS = env.float("SANDBOX_RECONCILE_SECONDS", default=5.0)
+# How often a host's worker checks the image files it holds (vms.inventory; a file is hashed
+# again only when its size or modification time changed).
+SANDBOX_INVENTORY_SECONDS = env.float("SANDBOX_INVENTORY_SECONDS", default=30.0)
+# A host waits at most this long for the control plane's copy of a golden snapshot before it
+# builds its own (snapshots.golden).
+SANDBOX_GOLDEN_COPY_TIMEOUT = env.float("SANDBOX_GOLDEN_COPY_TIMEOUT", default=3600.0)
 # Fair scheduling: operations of one owner running at once (create, start, snapshot, clone...);
 # the owner's further operations wait (re-queued after DEFER_SECONDS), other owners' proceed.
 SANDBOX_OPERATIONS_PER_OWNER = env.int("SANDBOX_OPERATIONS_PER_OWNER", default=4)

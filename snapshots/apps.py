@@ -17,6 +17,7 @@ class SnapshotsConfig(AppConfig):
         operation_handler_register("pool_take", lifecycle.pool_take_run)
         hook_register("vm_create_source", golden.golden_create_source)
         hook_register("vm_pool_take", pool.pool_vm_take)
+        hook_register("host_golden_holders", golden.golden_holders)
         hook_register("vm_move_check", services.snapshots_move_check)
         hook_register("vm_move_files", services.snapshots_move_files)
         hook_register("vm_host_changed", services.snapshots_host_changed)

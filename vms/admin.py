@@ -4,7 +4,7 @@ from guardian.admin import GuardedModelAdmin
 
 from sandbox_site.errors import ApplicationError
 from vms import images
-from vms.models import VM, BootMode, DiskFormat, Host, Image, Operation, OsType, Template
+from vms.models import VM, BootMode, DiskFormat, Host, HostImage, Image, Operation, OsType, Template
 
 
 class ImageAddForm(forms.ModelForm):
@@ -127,6 +127,19 @@ class TemplateAdmin(admin.ModelAdmin):
     # snapshots.admin adds the golden snapshot build action to `actions`.
 
 
+class HostImageInline(admin.TabularInline):
+    """The images the host holds, as its worker's inventory pass found them (read-only)."""
+
+    model = HostImage
+    fields = ["image", "status", "error", "verified_at", "files"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+
 @admin.register(Host)
 class HostAdmin(admin.ModelAdmin):
     """Capacity comes from the host's heartbeat; admission ratios and reserves are the operator's
@@ -147,7 +160,9 @@ class HostAdmin(admin.ModelAdmin):
     list_filter = ["is_active", "cordoned"]
     search_fields = ["name"]
     actions = ["cordon_selected", "uncordon_selected", "drain_selected", "remove_selected"]
+    inlines = [HostImageInline]
     readonly_fields = [
+        "boot_modes",
         "cpus",
         "memory_mib",
         "disk_free_gib",
@@ -159,7 +174,7 @@ class HostAdmin(admin.ModelAdmin):
         "tunnel_address",
     ]
     fieldsets = [
-        (None, {"fields": ["name", "is_active", "cordoned", "driver", "acceleration"]}),
+        (None, {"fields": ["name", "is_active", "cordoned", "driver", "boot_modes", "acceleration"]}),
         (
             "Admission",
             {

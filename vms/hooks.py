@@ -34,7 +34,7 @@ Hook names and their keyword arguments:
   heartbeat's ``SANDBOX_TUNNEL_ADDRESS``); networking re-syncs the VXLAN tunnels of that host
   and of its peers (on their queues);
 - ``vm_owner_changed(vm)``: on the VM's host, after a pool VM got its owner and before it
-  runs again (networking re-applies the tenant rules).
+  runs again (networking re-applies the tenant rules);
 - ``vm_move_check(vm, target)``: in ``vm_move``'s request, before anything changes: raises
   when the VM cannot move to host ``target`` (networking: its forwarded host ports are taken
   there; snapshots: one of its snapshots is being taken or deleted);
@@ -42,7 +42,9 @@ Hook names and their keyword arguments:
   runtime directory that must be on the target (snapshots: its snapshots' files and the
   layers its disk chain stands on);
 - ``vm_host_changed(vm, source, target)``: in the transaction that records a moved VM on its
-  new host (snapshots: its snapshots' host; networking: its port forwards, rules on both).
+  new host (snapshots: its snapshots' host; networking: its port forwards, rules on both);
+- ``host_golden_holders(template) -> set`` of host ids holding a ready golden snapshot of the
+  template (snapshots): placement prefers them among equally roomy hosts.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ HOOK_NAMES = (
     "vm_pool_take",
     "vm_owner_changed",
     "host_tunnel_changed",
+    "host_golden_holders",
     "vm_move_check",
     "vm_move_files",
     "vm_host_changed",

@@ -148,7 +148,13 @@ def host_drain(*, host: Host, actor) -> dict:
         try:
             with transaction.atomic():
                 target = vm_place(
-                    owner=vm.owner, vcpus=vm.vcpus, memory_mib=vm.memory_mib, start=vm.state == VmState.RUNNING
+                    owner=vm.owner,
+                    vcpus=vm.vcpus,
+                    memory_mib=vm.memory_mib,
+                    start=vm.state == VmState.RUNNING,
+                    image=vm.boot_image,
+                    template=vm.template,
+                    driver=vm.driver,
                 )
                 op = mover(vm=vm, host=target, actor=actor)
         except ApplicationError as exc:

@@ -73,6 +73,23 @@ def driver_capabilities(name: str) -> DriverCapabilities:
     return driver_for(name or driver_name_select()).capabilities()
 
 
+def driver_boot_modes(name: str) -> list[str]:
+    """The boot modes driver ``name`` can run on this machine, as configured: direct kernel
+    boot always; UEFI firmware boot when its firmware is there (QEMU: the OVMF code and
+    variable store; cloud-hypervisor: ``SANDBOX_CLOUD_HYPERVISOR_FIRMWARE``). The host's
+    heartbeat reports them and placement matches them with the image's ``boot_mode``."""
+    from vms.vmm.base import BOOT_KERNEL, BOOT_UEFI
+
+    if name == "qemu":
+        firmware = [settings.SANDBOX_QEMU_OVMF_CODE, settings.SANDBOX_QEMU_OVMF_VARS]
+    elif name == "cloud-hypervisor":
+        firmware = [settings.SANDBOX_CLOUD_HYPERVISOR_FIRMWARE]
+    else:  # the fake driver runs anything
+        firmware = []
+    uefi = all(path and Path(path).is_file() for path in firmware)
+    return [BOOT_KERNEL, BOOT_UEFI] if uefi else [BOOT_KERNEL]
+
+
 def runtime_dir(vm_id) -> Path:
     return Path(settings.SANDBOX_RUNTIME_DIR) / str(vm_id)
 

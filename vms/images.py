@@ -171,6 +171,7 @@ def _image_create(
             image.kernel_path = ""
             image.initramfs_path = ""
             image.sha256 = got
+            image.file_sha256 = {"rootfs": got}
             image.size_bytes = size
             image.virtual_size_bytes = info.virtual_bytes
             image.min_disk_gib = max(min_disk_gib, -(-info.virtual_bytes // (1 << 30)))

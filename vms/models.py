@@ -58,6 +58,12 @@ class Image(models.Model):
     rootfs_path = models.CharField(max_length=500, blank=True, help_text="The base disk VMs overlay.")
     digest = models.CharField(max_length=64, blank=True, help_text="Build input digest (built images).")
     sha256 = models.CharField(max_length=64, blank=True, help_text="SHA-256 of the base disk file.")
+    file_sha256 = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="SHA-256 of each file the image boots from, by role (rootfs, kernel, initramfs): what "
+        "hosts check their copies against (vms.inventory). Recorded when the image is built or imported.",
+    )
     size_bytes = models.BigIntegerField(default=0)
     virtual_size_bytes = models.BigIntegerField(default=0)
     min_disk_gib = models.PositiveSmallIntegerField(default=1, validators=[MinValueValidator(1)])
@@ -141,6 +147,12 @@ class Host(models.Model):
         help_text="Underlay IPv4 address of the host's VXLAN tunnels to other hosts (networks spanning "
         "hosts); empty: the host takes no part in them.",
     )
+    boot_modes = models.JSONField(
+        default=list,
+        blank=True,
+        help_text="Boot modes the host's driver can run (kernel, uefi), as its heartbeat reports them; "
+        "empty: not reported yet (placement does not filter such a host by boot mode).",
+    )
     hostd_seen_at = models.DateTimeField(null=True, blank=True, help_text="Last time hostd answered the heartbeat.")
     hostd_status = models.JSONField(default=dict, blank=True, help_text="hostd's answer: VMs attached, agent links up.")
     cpus = models.PositiveIntegerField(default=0, help_text="CPUs of the host, as its heartbeat reports them.")
@@ -177,6 +189,36 @@ class Host(models.Model):
     @property
     def queue(self) -> str:
         return f"host.{self.name}"
+
+
+class HostImage(models.Model):
+    """An image's files as one host holds them (``vms.inventory``): the host's worker hashes
+    them (once per file size and modification time) and compares with the image's
+    ``file_sha256``. Present copies are sources for hosts that lack the image
+    (``vms.distribution``); a corrupt one is never a source and is copied again when a VM
+    needs it there. No row: the host does not hold the image."""
+
+    class Status(models.TextChoices):
+        PRESENT = "present", "Present (verified)"
+        CORRUPT = "corrupt", "Corrupt or incomplete"
+        UNVERIFIED = "unverified", "Present, no recorded SHA-256 to check against"
+
+    id = models.BigAutoField(primary_key=True)
+    host = models.ForeignKey(Host, on_delete=models.CASCADE, related_name="images")
+    image = models.ForeignKey(Image, on_delete=models.CASCADE, related_name="copies")
+    status = models.CharField(max_length=16, choices=Status.choices, db_index=True)
+    files = models.JSONField(
+        default=dict, blank=True, help_text="role -> {path, size, mtime_ns, sha256}: the hash cache of each file."
+    )
+    error = models.CharField(max_length=500, blank=True)
+    verified_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["host__name", "image__name"]
+        constraints = [models.UniqueConstraint(fields=["host", "image"], name="host_image_one_per_host")]
+
+    def __str__(self) -> str:
+        return f"{self.image_id} on {self.host_id}: {self.status}"
 
 
 class VmState(models.TextChoices):

@@ -46,6 +46,7 @@ from vms.admission import host_admission_check
 from vms.hooks import hook_run
 from vms.models import VM, Host, Operation, VmState
 from vms.operations import OperationHandoff, operation_enqueue, operation_handler_register, operation_log, operation_new
+from vms.placement import host_boot_refusal, host_runs_image
 from vms.selectors import host_is_up
 from vms.transfer import TransferError, host_file_copy_report, host_file_delete
 from vms.transitions import vm_transition, vm_transition_request
@@ -79,6 +80,8 @@ def vm_move(*, vm: VM, host: Host, actor) -> Operation:
         )
     if not host_is_up(host, timezone.now()):
         raise ConflictError(f"Host {host.name} is down.", code="host_down", details={"host": host.name})
+    if not host_runs_image(host, vm.boot_image, driver=vm.driver):
+        raise host_boot_refusal(vm.boot_image, [host], driver=vm.driver)
     hook_run("vm_move_check", vm=vm, target=host)
     with transaction.atomic():
         vm.refresh_from_db()

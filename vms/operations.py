@@ -172,6 +172,14 @@ def operation_run(op: Operation) -> None:
         if op.action == "delete":
             return
         raise ApplicationError("The VM no longer exists.")
+    from vms import distribution
+
+    # Before a VMM starts on the VM's host, its image must be there (vms.distribution): copied
+    # by a control-plane worker, the operation handed there and back (OperationHandoff).
+    if (op.params or {}).get("image_copy"):
+        distribution.image_copy_step(op, vm)
+    elif op.action in distribution.IMAGE_ACTIONS:
+        distribution.image_ensure_here(op=op, vm=vm)
     _HANDLERS[op.action](op, vm)
 
 
@@ -268,16 +276,21 @@ def _settle_transitional(vm: VM, now) -> int:
         .order_by("-created_at")
         .first()
     )
+    # A move, or a boot whose image a control-plane worker copies to this host: handed between
+    # queues, copying big files.
+    copying = live is not None and (
+        live.action == "move" or bool({"image_copy", "image_copied"} & set(live.params or {}))
+    )
     if live is not None and live.status == Operation.Status.PENDING:
-        limit = PENDING_LIMIT_SECONDS + (MOVE_STEP_SECONDS if live.action == "move" else 0)
+        limit = PENDING_LIMIT_SECONDS + (MOVE_STEP_SECONDS if copying else 0)
         if (now - live.created_at).total_seconds() < limit:
             return 0  # queued behind other work (a move: or handed to its next host's queue)
     elif live is not None and operation_worker_alive(live.worker):
         limit = settings.SANDBOX_BOOT_TIMEOUT + settings.SANDBOX_STOP_TIMEOUT + STUCK_GRACE_SECONDS
         if live.action == "snapshot":
             limit += 3600  # a memory dump of a big VM under TCG takes long
-        elif live.action == "move":
-            limit += MOVE_STEP_SECONDS  # copying a disk and its snapshots to another host
+        elif copying:
+            limit += MOVE_STEP_SECONDS  # copying a disk and its snapshots (or an image) between hosts
         if (now - (live.started_at or live.created_at)).total_seconds() < limit:
             return 0
     if live is not None and live.attempts < MAX_ATTEMPTS and live.status == Operation.Status.RUNNING:
@@ -381,8 +394,10 @@ def _host_back(vm: VM) -> int:
 
 
 def host_heartbeat(host: Host, now) -> bool:
-    """This host's worker is alive (it runs this): record it, with the host's capacity and
-    whether its hostd answers (True) or not (the host then counts as down)."""
+    """This host's worker is alive (it runs this): record it, with the host's capacity, its
+    driver and the boot modes it runs, and whether its hostd answers (True) or not (the host
+    then counts as down). The images it holds are checked by a separate, slower pass
+    (``vms.inventory.host_inventory_update``): hashing must not delay the heartbeat."""
     from vms.admission import machine_capacity
     from vms.host_disk import disk_room_gib
     from vms.hostd.client import HostdClient
@@ -390,6 +405,9 @@ def host_heartbeat(host: Host, now) -> bool:
 
     cpus, memory_mib = machine_capacity()
     fields: dict = {"last_seen_at": now, "cpus": cpus, "memory_mib": memory_mib, "disk_free_gib": disk_room_gib()}
+    # What this host's driver can boot: placement sends a VM only where its image boots.
+    fields["driver"] = hypervisor.driver_name_select()
+    fields["boot_modes"] = hypervisor.driver_boot_modes(fields["driver"])
     if settings.SANDBOX_TUNNEL_ADDRESS:  # validated at start-up (settings)
         fields["tunnel_address"] = settings.SANDBOX_TUNNEL_ADDRESS
     try:

@@ -10,7 +10,7 @@ from accounts.context import current_context
 from accounts.permissions import visible_queryset
 from accounts.roles import user_is_operator
 from accounts.selectors import quota_of_user
-from vms.models import VM, VM_ROW_RELATED, Operation, Template, VmState
+from vms.models import VM, VM_ROW_RELATED, HostImage, Operation, Template, VmState
 
 # States whose VM holds its vCPUs and memory on its host (``creating``: a create boots).
 HOST_LOAD_STATES = (
@@ -34,8 +34,9 @@ def host_is_up(host, now) -> bool:
 
 
 def host_list_with_usage(now, hosts=None):
-    """Hosts (all, or the ``hosts`` queryset) with ``up``, ``heartbeat_age``, VM counts,
-    vCPUs/memory given to VMs and ``room`` (what admission allows and what VMs hold,
+    """Hosts (all, or the ``hosts`` queryset) with ``up``, ``heartbeat_age``, VM counts, the
+    images they hold (``image_copies``: ``HostImage`` rows), vCPUs/memory given to VMs and
+    ``room`` (what admission allows and what VMs hold,
     ``vms.admission.host_room``)."""
     from vms.admission import host_room_of
     from vms.models import Host
@@ -56,8 +57,14 @@ def host_list_with_usage(now, hosts=None):
         VM.objects.filter(host__isnull=False).values_list("host_id", "state").annotate(n=Count("pk")).order_by()
     ):
         states.setdefault(host_id, {})[state] = n
+    held: dict = {}
+    for row in (
+        HostImage.objects.filter(host__in=[host.pk for host in hosts]).select_related("image").order_by("image__name")
+    ):
+        held.setdefault(row.host_id, []).append(row)
     for host in hosts:
         host.up = host_is_up(host, now)
+        host.image_copies = held.get(host.pk, [])
         host.heartbeat_age = host_heartbeat_age(host, now)
         host.vm_states = states.get(host.pk, {})
         host.room = host_room_of(host, vcpus=host.vcpus_used, memory_mib=host.memory_used_mib, vms=host.vms_holding)

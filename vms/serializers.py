@@ -203,6 +203,20 @@ class VmCreateSerializer(serializers.Serializer):
     )
 
 
+class HostImageSerializer(serializers.Serializer):
+    """An image as one host holds it (``vms.inventory``)."""
+
+    id = serializers.UUIDField(source="image.id")
+    name = serializers.CharField(source="image.name")
+    status = serializers.CharField(help_text="present (verified), corrupt, or unverified (no recorded SHA-256)")
+    sha256 = serializers.SerializerMethodField(help_text="SHA-256 of each file here, by role")
+    error = serializers.CharField()
+    verified_at = serializers.DateTimeField()
+
+    def get_sha256(self, row) -> dict[str, str]:
+        return {role: entry.get("sha256", "") for role, entry in (row.files or {}).items()}
+
+
 class HostSerializer(serializers.Serializer):
     """A host as placement sees it (``vms.selectors.host_list_with_usage`` rows)."""
 
@@ -212,6 +226,7 @@ class HostSerializer(serializers.Serializer):
     cordoned = serializers.BooleanField()
     up = serializers.BooleanField()
     driver = serializers.CharField()
+    boot_modes = serializers.ListField(child=serializers.CharField(), help_text="What its driver boots.")
     acceleration = serializers.CharField()
     cpus = serializers.IntegerField()
     memory_mib = serializers.IntegerField()
@@ -224,6 +239,7 @@ class HostSerializer(serializers.Serializer):
     vcpus_used = serializers.IntegerField(source="room.vcpus_used")
     memory_allowed_mib = serializers.IntegerField(source="room.memory_allowed_mib")
     memory_used_mib = serializers.IntegerField(source="room.memory_used_mib")
+    images = HostImageSerializer(source="image_copies", many=True, help_text="The images it holds.")
 
 
 class VmUpdateSerializer(serializers.Serializer):

@@ -280,7 +280,14 @@ def vm_create(
             )
             return vm, op
         placed = vm_place(
-            owner=owner, vcpus=vcpus, memory_mib=memory_mib, start=start, pin=pin, anti_affinity=anti_affinity
+            owner=owner,
+            vcpus=vcpus,
+            memory_mib=memory_mib,
+            start=start,
+            pin=pin,
+            anti_affinity=anti_affinity,
+            image=image or template.image,
+            template=template,
         )
         vm = VM(
             name=name,
@@ -422,6 +429,7 @@ def vm_agent_ping(*, vm: VM) -> dict:
 
 def image_build_default(*, progress) -> Image:
     """Build the default Linux image (cached by a hash of its inputs) and record its paths."""
+    from vms.inventory import image_file_sha256_record
     from vms.vmm.image import build_image
 
     image, _ = Image.objects.get_or_create(name="linux-default")
@@ -439,9 +447,16 @@ def image_build_default(*, progress) -> Image:
     image.size_bytes = size
     image.status = Image.Status.READY
     image.save()
+    if changed or not image.file_sha256:
+        # The canonical hashes other hosts' copies are checked against (vms.inventory); a
+        # cached build keeps the recorded ones.
+        image_file_sha256_record(image)
     if changed:
         audit_record(
-            actor=None, action="image.build", obj=image, after={"digest": artifacts.digest, "size_bytes": size}
+            actor=None,
+            action="image.build",
+            obj=image,
+            after={"digest": artifacts.digest, "size_bytes": size, "sha256": image.file_sha256},
         )
     return image
 
@@ -473,6 +488,7 @@ def image_build_uefi(*, progress) -> Image:
     image.rootfs_path = str(artifacts.disk)
     image.digest = artifacts.digest
     image.sha256 = manifest.get("sha256", "")
+    image.file_sha256 = {"rootfs": image.sha256} if image.sha256 else {}
     image.size_bytes = artifacts.disk.stat().st_blocks * 512
     image.virtual_size_bytes = artifacts.disk.stat().st_size
     image.min_memory_mib = 256  # OVMF alone wants ~128 MiB

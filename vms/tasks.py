@@ -74,6 +74,9 @@ def _heartbeat_start(sender=None, **kwargs) -> None:
     # The host's heartbeat comes from a thread of the worker's main process, not from a task:
     # a pool busy with long boots must not make its host look down.
     threading.Thread(target=_heartbeat_loop, name="msbx-host-heartbeat", daemon=True).start()
+    # The image inventory has its own thread: hashing a new multi-GiB image takes a while, and
+    # the heartbeat must not wait for it.
+    threading.Thread(target=_inventory_loop, name="msbx-host-inventory", daemon=True).start()
 
 
 def _heartbeat_loop() -> None:
@@ -92,3 +95,20 @@ def _heartbeat_loop() -> None:
         finally:
             connection.close()
         time.sleep(settings.SANDBOX_RECONCILE_SECONDS)
+
+
+def _inventory_loop() -> None:
+    from django.conf import settings
+    from django.db import connection
+
+    from vms.inventory import host_inventory_update
+    from vms.services import local_host
+
+    while True:
+        try:
+            host_inventory_update(local_host())
+        except Exception:
+            logger.warning("host image inventory failed", exc_info=True)
+        finally:
+            connection.close()
+        time.sleep(settings.SANDBOX_INVENTORY_SECONDS)

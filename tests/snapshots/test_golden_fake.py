@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from django.utils import timezone
 
 from accounts.models import AuditEvent
 from accounts.services import user_has_perm
@@ -15,10 +16,10 @@ from sandbox_site.errors import NotPermitted
 from snapshots.golden import golden_build, golden_maintain
 from snapshots.lifecycle import snapshot_files_delete
 from snapshots.models import GoldenSnapshot, Snapshot, VmLineage
-from tests.factories import TemplateFactory
+from tests.factories import HostFactory, TemplateFactory
 from vms import selectors
 from vms import services as vm_services
-from vms.models import VM, Operation, VmPurpose, VmState
+from vms.models import VM, Host, Operation, Template, VmPurpose, VmState
 from vms.vmm.base import VmmError
 
 pytestmark = pytest.mark.django_db
@@ -95,6 +96,23 @@ def test_a_create_restores_the_golden_snapshot_with_its_own_identity(fake, templ
     # Exec and console reach it like any VM: its agent answers (fake) and its row is the owner's.
     assert vm_services.vm_agent_ping(vm=vm)["agent_version"] == "fake-agent"
     assert user_has_perm(owner, "vms.console_vm", vm) and user_has_perm(owner, "vms.exec_vm", vm)
+
+
+def test_placement_prefers_the_host_holding_the_golden_snapshot_among_equally_roomy_ones(
+    fake, template, owner, run_ops, settings
+):
+    golden = _build(template, run_ops)
+    now = timezone.now()
+    room = {"cpus": 4, "memory_mib": 8192, "last_seen_at": now, "hostd_seen_at": now}
+    Host.objects.filter(pk=golden.host_id).update(**room)
+    HostFactory(name="a-other", **room)  # as roomy, sorts first by name, has no golden snapshot
+    vm, op = _create(owner, template, run_ops)
+    assert vm.host_id == golden.host_id and op.action == "clone"
+    VM.objects.filter(pk=vm.pk).update(state=S.STOPPED)  # holds no room: equally roomy again
+    # A stale golden snapshot (the template changed since) does not count.
+    Template.objects.filter(pk=template.pk).update(kernel_cmdline="quiet")
+    template.refresh_from_db()
+    assert vm_services.vm_create(owner=owner, name="second", template=template, actor=owner)[0].host.name == "a-other"
 
 
 @pytest.mark.parametrize("change", ["opt_out", "other_size", "stopped"])
@@ -188,6 +206,16 @@ def test_the_beat_job_builds_missing_and_stale_golden_snapshots(fake, template, 
     assert Snapshot.objects.get(pk=first.pk).state == Snapshot.State.DELETING
     snapshot_files_delete(first.pk)  # the host's delete task
     assert not Snapshot.objects.filter(pk=first.pk).exists()
+
+
+def test_the_beat_job_builds_nothing_for_a_template_this_hosts_driver_cannot_boot(fake, template):
+    host = vm_services.local_host()
+    Host.objects.filter(pk=host.pk).update(driver="cloud-hypervisor", boot_modes=["kernel"])
+    host.refresh_from_db()
+    template.image.boot_mode = "uefi"
+    template.image.save()
+    assert golden_maintain(host=host)["requested"] == 0
+    assert not GoldenSnapshot.objects.exists()
 
 
 def test_the_beat_job_builds_nothing_when_automatic_builds_are_off(fake, template, settings):
