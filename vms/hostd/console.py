@@ -34,6 +34,7 @@ import ctypes.util
 import errno
 import logging
 import os
+import stat
 from pathlib import Path
 
 from vms.hostd.agent_link import peer_pid
@@ -130,18 +131,13 @@ class ConsoleLink:
         """Start with the newest ``ring_bytes`` of the existing log (a restarted hostd
         serves the same offsets as before)."""
         try:
-            st = self.log_path.stat()
+            st = _log_stat(self.log_path)
         except OSError:
             return
         self._inode = st.st_ino
         self._data_start = _first_data(self.log_path, st.st_size)
         start = max(self._data_start, st.st_size - self.ring.limit)
-        try:
-            with open(self.log_path, "rb") as fh:
-                fh.seek(start)
-                data = fh.read(st.st_size - start)
-        except OSError:
-            return
+        data = _pread(self.log_path, start, st.st_size - start)
         self.ring = ConsoleRing(self.ring.limit, base=start)
         self.ring.append(data)
         self._pos = start + len(data)
@@ -200,8 +196,11 @@ class ConsoleLink:
         """What the log gained since the last call (runs in a worker thread; the ring is
         appended by the caller, so it is read here but never changed)."""
         try:
-            st = os.stat(self.log_path)
+            st = _log_stat(self.log_path)
         except FileNotFoundError:
+            return b""
+        except NotALog as exc:
+            self.last_error = exc.strerror
             return b""
         if st.st_ino != self._inode or st.st_size < self._pos:
             if self._inode:
@@ -227,7 +226,7 @@ class ConsoleLink:
         start; only this method moves ``_data_start`` forward)."""
         if size is None:
             try:
-                size = os.stat(self.log_path).st_size
+                size = _log_stat(self.log_path).st_size
             except OSError:
                 return
         if size - self._data_start <= self.log_max_bytes:
@@ -247,7 +246,11 @@ class ConsoleLink:
             # the offsets after the last byte read.
             logger.warning("vm %s: cannot punch holes in serial.log (%s); truncating it", self.vm_id, exc)
             with contextlib.suppress(OSError):
-                os.truncate(self.log_path, 0)
+                fd = _log_open(self.log_path, os.O_WRONLY)
+                try:
+                    os.ftruncate(fd, 0)
+                finally:
+                    os.close(fd)
             return
         self.log_dropped += target - self._data_start
         self._data_start = target
@@ -289,10 +292,11 @@ class ConsoleLink:
             await asyncio.sleep(backoff)
 
     def _append_log(self, data: bytes) -> None:
-        _append(self.log_path, data)
         try:
-            size = os.stat(self.log_path).st_size
-        except OSError:
+            _append(self.log_path, data)
+            size = _log_stat(self.log_path).st_size
+        except OSError as exc:
+            self.last_error = f"writing {self.log_path.name}: {exc}"
             return
         self._pos = size  # everything in the file came through the ring
         self._enforce_cap(size)
@@ -336,12 +340,53 @@ class ConsoleLink:
         }
 
 
+# hostd runs as root; the log sits in the VM's runtime directory, where its (unprivileged,
+# untrusted) VMM can write: a VMM could replace serial.log by a symlink to a file only root may
+# read or write, or by a hard link to another file of its user, or by a FIFO. Every use of the
+# log opens it without following a symlink and without blocking, and goes on only with a
+# regular file of one link (``_log_open``); what the guest (or VMM) put in it is just bytes.
+
+
+class NotALog(OSError):
+    """serial.log is not a regular file with one link (a symlink, FIFO, device or hard link)."""
+
+
+def _log_open(path: Path, flags: int, mode: int = 0o644) -> int:
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO):  # a symlink; a FIFO nobody reads
+            raise NotALog(errno.EPERM, f"{path.name} is not a regular file of one link; not used") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            raise NotALog(errno.EPERM, f"{path.name} is not a regular file of one link; not used")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _log_stat(path: Path) -> os.stat_result:
+    """The log's status without following a symlink (``NotALog`` for anything but a regular file of one link)."""
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        raise NotALog(errno.EPERM, f"{path.name} is not a regular file of one link; not used")
+    return st
+
+
 def _pread(path: Path, offset: int, size: int) -> bytes:
     try:
-        with open(path, "rb") as fh:
-            return os.pread(fh.fileno(), size, offset)
+        fd = _log_open(path, os.O_RDONLY)
     except OSError:
         return b""
+    try:
+        return os.pread(fd, size, offset)
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
 
 
 def log_read(path: Path, offset: int | None, max_bytes: int) -> tuple[int, int, bytes]:
@@ -349,7 +394,7 @@ def log_read(path: Path, offset: int | None, max_bytes: int) -> tuple[int, int, 
     position ``offset`` (None: its oldest byte still on disk, after the hole the cap punched;
     an offset inside that hole also moves there), and the file's size. For the log download,
     which may come from a web process on another host (blocking: run it in a thread)."""
-    fd = os.open(path, os.O_RDONLY)  # FileNotFoundError: no log (yet)
+    fd = _log_open(path, os.O_RDONLY)  # FileNotFoundError: no log (yet); NotALog: not a log
     try:
         size = os.fstat(fd).st_size
         try:
@@ -365,7 +410,7 @@ def log_read(path: Path, offset: int | None, max_bytes: int) -> tuple[int, int, 
 def _allocated(path: Path) -> int:
     """Bytes the log occupies on disk (holes excluded)."""
     try:
-        return os.stat(path).st_blocks * 512
+        return _log_stat(path).st_blocks * 512
     except OSError:
         return 0
 
@@ -373,7 +418,7 @@ def _allocated(path: Path) -> int:
 def _first_data(path: Path, size: int) -> int:
     """File position of the first byte that is not in a hole (``size`` when all is hole)."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = _log_open(path, os.O_RDONLY)
     except OSError:
         return 0
     try:
@@ -392,7 +437,7 @@ def _punch(path: Path, offset: int, length: int) -> None:
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    fd = os.open(path, os.O_WRONLY)
+    fd = _log_open(path, os.O_WRONLY)
     try:
         rc = _libc.fallocate(
             fd,
@@ -408,5 +453,10 @@ def _punch(path: Path, offset: int, length: int) -> None:
 
 
 def _append(path: Path, data: bytes) -> None:
-    with open(path, "ab") as fh:
-        fh.write(data)
+    fd = _log_open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)

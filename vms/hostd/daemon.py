@@ -39,6 +39,7 @@ from vms.hostd.console import (
     STREAM_READ,
     ConsoleLink,
     ConsoleUnavailable,
+    NotALog,
     log_read,
 )
 from vms.hostd.errors import HostdError
@@ -579,7 +580,7 @@ class ClientSession:
         ``offset`` (absent: its oldest byte kept), also of a VM that no longer runs:
         ``{"offset": where the data starts, "size": the file's size}``."""
         vm_id = _str(args, "vm_id")
-        if "/" in vm_id or vm_id in (".", ".."):
+        if "/" in vm_id or "\x00" in vm_id or vm_id in (".", "..") or len(vm_id) > 64:
             raise HostdError("bad_request", "vm_id must be a VM id")
         raw = args.get("offset")
         if raw is not None and (not isinstance(raw, int) or isinstance(raw, bool) or raw < 0):
@@ -590,6 +591,9 @@ class ClientSession:
                 None, log_read, path, raw, STREAM_CHUNK
             )
         except FileNotFoundError:
+            raise HostdError("not_found", "this VM has no console log on this host") from None
+        except NotALog as exc:  # its VMM put something else there: never followed, never read
+            logger.warning("vm %s: %s", vm_id, exc.strerror)
             raise HostdError("not_found", "this VM has no console log on this host") from None
         return {"offset": start, "size": size}, chunk
 
