@@ -200,7 +200,7 @@ class ConsoleLink:
         except FileNotFoundError:
             return b""
         except NotALog as exc:
-            self.last_error = exc.strerror
+            self.last_error = str(exc.strerror)
             return b""
         if st.st_ino != self._inode or st.st_size < self._pos:
             if self._inode:
