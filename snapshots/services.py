@@ -517,6 +517,23 @@ def snapshots_move_files(*, vm: VM) -> list[Path]:
     return files
 
 
+def snapshots_move_layers(*, vm: VM) -> list[str]:
+    """The disk layers recorded for ``vm``: its own snapshots' and those of the snapshot its
+    disk descends from (a clone's golden or source snapshot), each with the layers below it."""
+    from snapshots.models import VmLineage
+
+    layers: list[str] = []
+    snapshots = list(Snapshot.objects.filter(vm=vm).exclude(state=Snapshot.State.FAILED))
+    lineage = VmLineage.objects.filter(vm=vm).select_related("snapshot").first()
+    if lineage is not None:
+        snapshots.append(lineage.snapshot)
+    for snapshot in snapshots:
+        if snapshot.disk_layer:
+            layers.append(snapshot.disk_layer)
+        layers.extend(str(p) for p in (snapshot.backing_chain or []) if isinstance(p, str))
+    return layers
+
+
 def snapshots_host_changed(*, vm: VM, source, target) -> None:
     """In the transaction recording a moved VM on ``target``: its ready snapshots are there too."""
     Snapshot.objects.filter(vm=vm, host=source, state=Snapshot.State.READY).update(host=target)
