@@ -36,9 +36,10 @@ def host_is_up(host, now) -> bool:
 def hosts_with_load(hosts, *, exclude_vm_id=None):
     """``hosts`` (a Host queryset) annotated with what the VMs holding their size there add up
     to: ``vcpus_used``, ``memory_used_mib`` (guest RAM) and ``vms_holding``. A VM holds its size
-    on its host in ``HOST_LOAD_STATES`` and, while ``moving``, on its move's target too (it
-    boots there; ``vms.moves``). The one place a host's load is computed (admission, placement,
-    the hosts page); ``exclude_vm_id``: a VM not counted (the one being admitted)."""
+    on its host in ``HOST_LOAD_STATES`` and, a running VM being moved, on its ``move_target``
+    too (it boots there; ``vms.moves``). The one place a host's load is computed (admission,
+    placement, the hosts page, metrics); ``exclude_vm_id``: a VM not counted (the one being admitted)."""
+
     def total(expression: str, column: str):
         holding = VM.objects.filter(
             Q(host=OuterRef("pk"), state__in=HOST_LOAD_STATES) | Q(move_target=OuterRef("pk"), state=VmState.MOVING)

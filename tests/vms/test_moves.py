@@ -512,3 +512,33 @@ def test_pool_and_golden_builder_vms_do_not_move(two, owner, operator, fake):
             vm_move(vm=VM.objects.get(pk=vm.pk), host=two.hosts["h2"], actor=operator)
         assert exc.value.code == "not_movable"
     assert not Operation.objects.filter(action="move").exists()
+
+
+def test_a_backing_chain_on_the_vms_own_snapshot_layer_moves(two, owner, operator, fake, monkeypatch):
+    from vms import moves
+
+    vm = _vm_on_h1(two, "stopped", owner)
+    snap_dir = two.root("h1", "snap") / "own"
+    snap_dir.mkdir()
+    (snap_dir / "disk.qcow2").write_bytes(b"own snapshot layer")
+    SnapshotFactory(vm=vm, directory=str(snap_dir), disk_layer=str(snap_dir / "disk.qcow2"))
+    overlay = two.root("h1", "run") / str(vm.pk) / "overlay.qcow2"
+    monkeypatch.setattr(
+        moves, "backing_chain", lambda layer: [str(snap_dir / "disk.qcow2")] if layer == overlay else []
+    )
+    op = two.run(vm_move(vm=vm, host=two.hosts["h2"], actor=operator))
+    assert op.status == "succeeded", op.log
+    assert (two.root("h2", "snap") / "own" / "disk.qcow2").read_bytes() == b"own snapshot layer"
+
+
+def test_a_hand_off_of_an_operation_no_longer_running_here_is_not_enqueued(two, owner, operator, fake, monkeypatch):
+    from vms import operations
+
+    vm = _vm_on_h1(two, "stopped", owner)
+    op = vm_move(vm=vm, host=two.hosts["h2"], actor=operator)
+    Operation.objects.filter(pk=op.pk).update(status=Operation.Status.FAILED)  # e.g. the reconciler gave up
+    sent = []
+    monkeypatch.setattr(operations, "operation_enqueue", lambda op, vm: sent.append(op.pk))
+    operations._operation_hand_off(op, operations.OperationHandoff("host.h2", {"step": "land"}, "landing there"))
+    op.refresh_from_db()
+    assert sent == [] and op.status == "failed" and op.params["step"] == "stop"
