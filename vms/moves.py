@@ -90,7 +90,6 @@ def vm_move(*, vm: VM, host: Host, actor) -> Operation:
         raise ConflictError(f"Host {host.name} is down.", code="host_down", details={"host": host.name})
     if not host_runs_image(host, vm.boot_image, driver=vm.driver):
         raise host_boot_refusal(vm.boot_image, [host], driver=vm.driver)
-    hook_run("vm_move_check", vm=vm, target=host)
     with transaction.atomic():
         vm.refresh_from_db()
         checked = vm.state
@@ -108,6 +107,9 @@ def vm_move(*, vm: VM, host: Host, actor) -> Operation:
                 "An earlier move of this VM is still finishing (its cleanup); try again shortly.",
                 code="move_in_progress",
             )
+        # Under the VM row's lock (snapshot deletes and clones lock it too): its snapshots and
+        # port forwards as they are now.
+        hook_run("vm_move_check", vm=vm, target=host)
         if previous == S.RUNNING:
             # It starts there: its size is held on the target from now on (admission, placement,
             # drains), until it lands or stays.
