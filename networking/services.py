@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, connection, transaction
+from django.db.models import Q
 from guardian.shortcuts import assign_perm
 
 from accounts.audit import audit_record
@@ -1195,7 +1196,23 @@ def vm_hook_move_check(*, vm, target) -> None:
 def vm_hook_host_changed(*, vm, source, target) -> None:
     """In the transaction recording a moved VM on ``target``: its port forwards move with it;
     both hosts re-apply their rules (the NICs are plumbed on the target when the VM starts
-    there, which also tells the VXLAN peers)."""
+    there, which also tells the VXLAN peers). 409 ``port_taken`` when a host port was taken
+    on ``target`` since the move was accepted (the move then fails back to ``source``)."""
+    own = list(PortForward.objects.select_for_update().filter(vm=vm).values_list("protocol", "host_port"))
+    wanted = Q()
+    for protocol, port in own:
+        wanted |= Q(protocol=protocol, host_port=port)
+    if own:
+        taken = [
+            f"{pf.protocol}/{pf.host_port}"
+            for pf in PortForward.objects.select_for_update().filter(wanted, host=target).exclude(vm=vm)
+        ]
+        if taken:
+            raise ConflictError(
+                f"Host {target.name} forwards {', '.join(taken)} to another VM now.",
+                code="port_taken",
+                details={"host_ports": taken},
+            )
     if PortForward.objects.filter(vm=vm).update(host=target):
         _rules_apply_enqueue(source)
         _rules_apply_enqueue(target)

@@ -169,11 +169,11 @@ class StateCollector:
 
     def collect(self):
         from django.conf import settings
-        from django.db.models import Count, Min, Sum
+        from django.db.models import Count, Min
         from django.utils import timezone
 
         from vms.models import VM, Host, Operation
-        from vms.selectors import HOST_LOAD_STATES, host_heartbeat_age, host_is_up
+        from vms.selectors import host_heartbeat_age, host_is_up, hosts_with_load
 
         now = timezone.now()
         vms = GaugeMetricFamily("msbx_vms", "VMs by state, driver and host", labels=["state", "driver", "host"])
@@ -188,16 +188,14 @@ class StateCollector:
         memory = GaugeMetricFamily(
             "msbx_host_memory_bytes", "Memory: capacity and given to VMs", labels=["host", "kind"]
         )
-        active = HOST_LOAD_STATES
-        for host in Host.objects.filter(is_active=True):
+        for host in hosts_with_load(Host.objects.filter(is_active=True)):
             heartbeat = host_heartbeat_age(host, now)
             up.add_metric([host.name], 1 if host_is_up(host, now) else 0)
             age.add_metric([host.name], heartbeat if heartbeat is not None else float("inf"))
-            used = VM.objects.filter(host=host, state__in=active).aggregate(v=Sum("vcpus"), m=Sum("memory_mib"))
             vcpus.add_metric([host.name, "capacity"], host.cpus or 0)
-            vcpus.add_metric([host.name, "used"], used["v"] or 0)
+            vcpus.add_metric([host.name, "used"], host.vcpus_used)
             memory.add_metric([host.name, "capacity"], (host.memory_mib or 0) << 20)
-            memory.add_metric([host.name, "used"], (used["m"] or 0) << 20)
+            memory.add_metric([host.name, "used"], host.memory_used_mib << 20)
         yield from (up, age, vcpus, memory)
         inflight = GaugeMetricFamily("msbx_operations_in_flight", "Operations pending or running", labels=["status"])
         oldest = GaugeMetricFamily(

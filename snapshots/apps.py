@@ -21,3 +21,4 @@ class SnapshotsConfig(AppConfig):
         hook_register("vm_move_check", services.snapshots_move_check)
         hook_register("vm_move_files", services.snapshots_move_files)
         hook_register("vm_host_changed", services.snapshots_host_changed)
+        hook_register("vm_move_layers", services.snapshots_move_layers)

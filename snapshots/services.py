@@ -239,6 +239,7 @@ def snapshot_clone(*, snapshot: Snapshot, actor, count: int = 1, name_prefix: st
         vm_services.host_admission_check(
             host=snapshot.host, vcpus=snapshot.vcpus, memory_mib=snapshot.memory_mib, count=count
         )
+        _vm_not_moving(snapshot)
         for name in names:
             vm_services.vm_limits_check(
                 owner=actor,
@@ -282,6 +283,20 @@ def snapshot_clone(*, snapshot: Snapshot, actor, count: int = 1, name_prefix: st
     return created
 
 
+def _vm_not_moving(snapshot: Snapshot) -> None:
+    """Inside the caller's transaction: lock the snapshot's VM row and refuse (409 ``vm_moving``)
+    while that VM moves to another host (its snapshots' files are being copied and then
+    deleted here: ``vms.moves``)."""
+    if snapshot.vm_id is None:
+        return
+    state = VM.objects.select_for_update().filter(pk=snapshot.vm_id).values_list("state", flat=True).first()
+    if state == VmState.MOVING:
+        raise ConflictError(
+            f"The VM of snapshot {snapshot.name!r} is moving to another host; try again when it has landed.",
+            code="vm_moving",
+        )
+
+
 def snapshot_delete(*, snapshot: Snapshot, actor, reason: str = "") -> Snapshot:
     """Delete a snapshot whose disk layer nothing depends on (files are removed on its host).
     When exactly one dependent sits on it and nothing runs on that chain, the layer is
@@ -292,6 +307,7 @@ def snapshot_delete(*, snapshot: Snapshot, actor, reason: str = "") -> Snapshot:
         locked = _lock_neighbours(snapshot)
         if locked.state in (Snapshot.State.CREATING, Snapshot.State.DELETING):
             raise ConflictError(f"The snapshot is {locked.state}.")
+        _vm_not_moving(locked)
         if locked.parent_id and locked.parent.state == Snapshot.State.DELETING:
             raise ConflictError(
                 f"The parent of snapshot {locked.name!r} is being deleted (its layer is merging into this one); "
@@ -515,6 +531,23 @@ def snapshots_move_files(*, vm: VM) -> list[Path]:
             )
         files.extend(sorted(p for p in directory.iterdir() if p.is_file() and not p.is_symlink()))
     return files
+
+
+def snapshots_move_layers(*, vm: VM) -> list[str]:
+    """The disk layers recorded for ``vm``: its own snapshots' and those of the snapshot its
+    disk descends from (a clone's golden or source snapshot), each with the layers below it."""
+    from snapshots.models import VmLineage
+
+    layers: list[str] = []
+    snapshots = list(Snapshot.objects.filter(vm=vm).exclude(state=Snapshot.State.FAILED))
+    lineage = VmLineage.objects.filter(vm=vm).select_related("snapshot").first()
+    if lineage is not None:
+        snapshots.append(lineage.snapshot)
+    for snapshot in snapshots:
+        if snapshot.disk_layer:
+            layers.append(snapshot.disk_layer)
+        layers.extend(str(p) for p in (snapshot.backing_chain or []) if isinstance(p, str))
+    return layers
 
 
 def snapshots_host_changed(*, vm: VM, source, target) -> None:

@@ -7,9 +7,11 @@ VMM's own overhead (``SANDBOX_VMM_MEMORY_OVERHEAD_MIB``, the same figure its cgr
 (``SANDBOX_CPU_OVERCOMMIT``, ``SANDBOX_MEMORY_OVERCOMMIT``, ``SANDBOX_HOST_RESERVE_*``).
 
 VMs in ``HOST_LOAD_STATES`` (running, paused, booting, ...; ``creating`` too, since a create
-boots) hold their size on their host. ``host_admission_check`` runs inside the request's
-transaction, under the host row's lock, before the transition that makes the VM hold its size:
-two requests cannot both take the last room. Lock order: the owner's quota lock, then the host,
+boots) hold their size on their host; a ``moving`` VM on its move's target too
+(``vms.selectors.hosts_with_load``, the one place a host's load is summed).
+``host_admission_check`` runs inside the request's transaction, under the host row's lock,
+before the transition that makes the VM hold its size: two requests cannot both take the last
+room. Lock order: the owner's quota lock, then the host,
 then VM rows (audit rows take no lock in the request's transaction: ``accounts.audit``).
 """
 
@@ -19,12 +21,11 @@ import os
 from dataclasses import dataclass
 
 from django.conf import settings
-from django.db.models import Count, Sum
 
 from sandbox_site import metrics
 from sandbox_site.errors import ConflictError
 from vms.models import VM, Host
-from vms.selectors import HOST_LOAD_STATES
+from vms.selectors import HOST_LOAD_STATES, hosts_with_load
 
 
 def machine_capacity() -> tuple[int, int]:
@@ -96,11 +97,8 @@ def host_room_of(host: Host, *, vcpus: int, memory_mib: int, vms: int) -> HostRo
 
 def host_room(host: Host, *, exclude_vm_id=None) -> HostRoom:
     """The host's admission limits and what the VMs holding their size there use now."""
-    holding = VM.objects.filter(host=host, state__in=HOST_LOAD_STATES)
-    if exclude_vm_id is not None:
-        holding = holding.exclude(pk=exclude_vm_id)
-    used = holding.aggregate(v=Sum("vcpus"), m=Sum("memory_mib"), n=Count("pk"))
-    return host_room_of(host, vcpus=used["v"] or 0, memory_mib=used["m"] or 0, vms=used["n"] or 0)
+    used = hosts_with_load(Host.objects.filter(pk=host.pk), exclude_vm_id=exclude_vm_id).get()
+    return host_room_of(host, vcpus=used.vcpus_used, memory_mib=used.memory_used_mib, vms=used.vms_holding)
 
 
 def host_admission_check(*, host: Host, vcpus: int, memory_mib: int, vm: VM | None = None, count: int = 1) -> None:
@@ -111,8 +109,9 @@ def host_admission_check(*, host: Host, vcpus: int, memory_mib: int, vm: VM | No
     locked = Host.objects.select_for_update().get(pk=host.pk)
     check_vcpus = check_memory = True
     if vm is not None:
-        current = VM.objects.filter(pk=vm.pk).values("state", "vcpus", "memory_mib").first()
-        if current and current["state"] in HOST_LOAD_STATES:  # it holds its size already
+        current = VM.objects.filter(pk=vm.pk).values("state", "vcpus", "memory_mib", "host_id").first()
+        # It holds its size here already (a moving VM landing here is admitted as new).
+        if current and current["state"] in HOST_LOAD_STATES and current["host_id"] == locked.pk:
             check_vcpus, check_memory = vcpus > current["vcpus"], memory_mib > current["memory_mib"]
     if not (check_vcpus or check_memory):
         return

@@ -41,6 +41,9 @@ Hook names and their keyword arguments:
 - ``vm_move_files(vm) -> list[Path]``: on the VM's (source) host: the files besides its
   runtime directory that must be on the target (snapshots: its snapshots' files and the
   layers its disk chain stands on);
+- ``vm_move_layers(vm) -> list[str]``: the absolute paths of the disk layers recorded for the VM
+  (snapshots: its own snapshots' layers and those of the snapshot it descends from): the only
+  files outside the images' directories its disk chain may name for a move to copy;
 - ``vm_host_changed(vm, source, target)``: in the transaction that records a moved VM on its
   new host (snapshots: its snapshots' host; networking: its port forwards, rules on both);
 - ``host_golden_holders(template) -> set`` of host ids holding a ready golden snapshot of the
@@ -70,6 +73,7 @@ HOOK_NAMES = (
     "host_golden_holders",
     "vm_move_check",
     "vm_move_files",
+    "vm_move_layers",
     "vm_host_changed",
 )
 

@@ -273,6 +273,11 @@ class VM(models.Model):
         help_text="The image picked at creation; empty: the template's.",
     )
     host = models.ForeignKey(Host, on_delete=models.PROTECT, related_name="vms", null=True, blank=True)
+    # While a running VM is ``moving``: the host it starts on (its size is held there too,
+    # ``vms.selectors.hosts_with_load``).
+    move_target = models.ForeignKey(
+        Host, on_delete=models.SET_NULL, related_name="vms_incoming", null=True, blank=True, editable=False
+    )
     state = models.CharField(max_length=16, choices=VmState.choices, default=VmState.CREATING, db_index=True)
     vcpus = models.PositiveSmallIntegerField()
     memory_mib = models.PositiveIntegerField()

@@ -64,10 +64,18 @@ _RUNTIME_SKIP_SUFFIXES = (".sock", ".tmp", ".new", ".pid")
 def vm_move(*, vm: VM, host: Host, actor) -> Operation:
     """Move ``vm`` (stopped or running) to ``host``: an operator's action (``vms.change_host``),
     audited ``vm.move``. 409 when the host is the VM's own, removed, cordoned or down, when
-    the VM is neither stopped nor running, and ``host_full`` when a running VM has no room
-    there (admission, as for a start)."""
+    the VM is neither stopped nor running, a warm-pool or golden-builder VM (``not_movable``)
+    or an earlier move of it is still finishing (``move_in_progress``), and ``host_full`` when a
+    running VM has no room there (admission, as for a start). From then on a running VM's size
+    is held on the target too (``move_target``), until it lands or stays."""
     _require_operator(actor, vm)
     source = vm.host
+    if not vm.user_visible:
+        raise ConflictError(
+            "Warm-pool and golden-builder VMs are not moved; their template's pool or golden snapshot is rebuilt.",
+            code="not_movable",
+            details={"purpose": vm.purpose},
+        )
     if source is None:
         raise ConflictError("The VM has no host yet.", code="no_host")
     if host.pk == source.pk:
@@ -82,7 +90,6 @@ def vm_move(*, vm: VM, host: Host, actor) -> Operation:
         raise ConflictError(f"Host {host.name} is down.", code="host_down", details={"host": host.name})
     if not host_runs_image(host, vm.boot_image, driver=vm.driver):
         raise host_boot_refusal(vm.boot_image, [host], driver=vm.driver)
-    hook_run("vm_move_check", vm=vm, target=host)
     with transaction.atomic():
         vm.refresh_from_db()
         checked = vm.state
@@ -92,6 +99,21 @@ def vm_move(*, vm: VM, host: Host, actor) -> Operation:
         previous = vm_transition_request(vm, "move")
         if previous != checked or vm.host_id != source.pk:  # changed since it was read
             raise ConflictError("The VM changed meanwhile (its state or host); try again.")
+        # An earlier move's cleanup (on its old source) may still be queued: not before it is done.
+        if Operation.objects.filter(
+            vm=vm, action="move", status__in=[Operation.Status.PENDING, Operation.Status.RUNNING]
+        ).exists():
+            raise ConflictError(
+                "An earlier move of this VM is still finishing (its cleanup); try again shortly.",
+                code="move_in_progress",
+            )
+        # Under the VM row's lock (snapshot deletes and clones lock it too): its snapshots and
+        # port forwards as they are now.
+        hook_run("vm_move_check", vm=vm, target=host)
+        if previous == S.RUNNING:
+            # It starts there: its size is held on the target from now on (admission, placement,
+            # drains), until it lands or stays.
+            VM.objects.filter(pk=vm.pk).update(move_target=host)
         op = operation_new(
             vm=vm,
             action="move",
@@ -202,6 +224,11 @@ def vm_move_files(vm: VM) -> MoveFiles:
             if entry.is_file() and not entry.is_symlink():
                 own.append(entry)
     snapshot_files: list[Path] = [Path(p) for result in hook_run("vm_move_files", vm=vm) for p in (result or [])]
+    # The overlay's backing chain is read from a file the VMM writes: only layers below the
+    # images' directories and the ones recorded for this VM (never another VM's files) count.
+    recorded = {os.path.realpath(p) for result in hook_run("vm_move_layers", vm=vm) for p in (result or [])}
+    recorded |= {os.path.realpath(p) for p in [*own, *snapshot_files]}
+    image_roots = [os.path.realpath(roots["images"]), os.path.realpath(roots["image_store"])]
     below: list[Path] = []
     image = vm.boot_image
     for path in (image.rootfs_path, image.kernel_path, image.initramfs_path):
@@ -209,7 +236,9 @@ def vm_move_files(vm: VM) -> MoveFiles:
             below.append(Path(path))
     for layer in [*own, *snapshot_files]:
         if layer.suffix == ".qcow2" and layer.is_file():
-            below.extend(Path(p) for p in reversed(backing_chain(layer)))
+            for p in reversed(backing_chain(layer)):
+                _chain_entry_check(vm, layer, p, recorded, image_roots)
+                below.append(Path(p))
     ordered: list[tuple[str, str]] = []
     for path in [*below, *snapshot_files, *own]:
         entry = _relative(path, roots)
@@ -220,6 +249,22 @@ def vm_move_files(vm: VM) -> MoveFiles:
     # must be at the same path on the target.
     pinned = sorted({str(p) for p in [*below, *snapshot_files]})
     return MoveFiles(entries=ordered, snapshot_dirs=directories, pinned=pinned)
+
+
+def _chain_entry_check(vm: VM, layer: Path, entry: str, recorded: set[str], image_roots: list[str]) -> None:
+    """Refuse (nothing copied) a backing file that is neither below the images' directories nor
+    a layer recorded for ``vm``."""
+    real = os.path.realpath(entry)
+    if real in recorded:
+        return
+    if any(os.path.commonpath([root, real]) == root and real != root for root in image_roots):
+        return
+    raise ApplicationError(
+        f"The disk chain of {layer.name} names {entry}, which is neither an image nor one of this VM's "
+        "snapshot layers; the VM is not moved.",
+        code="not_movable",
+        details={"path": str(entry), "vm": str(vm.pk)},
+    )
 
 
 def _stop(op: Operation, vm: VM) -> None:
@@ -264,13 +309,17 @@ def _copy(op: Operation, vm: VM) -> None:
     source = Host.objects.get(pk=op.params["source"])
     target = Host.objects.get(pk=op.params["target"])
     entries = op.params.get("entries", [])
+    owned = _owned(vm, op.params)
     copied: list[dict] = []
     files: list[dict] = []
     total = len(entries)
     operation_log(op, f"copying {total} file(s) from host {source.name} to {target.name}", progress=10)
     try:
         for n, (root, path) in enumerate(entries, 1):
-            result = host_file_copy_report(source=source, target=target, root=root, path=path)
+            # The VM's own files: a stale copy (an earlier, killed attempt) is replaced.
+            result = host_file_copy_report(
+                source=source, target=target, root=root, path=path, overwrite=(root, path) in owned
+            )
             entry = {"root": root, "path": path, "sha256": result.sha256, "size": result.size}
             files.append(entry)
             if result.copied:
@@ -283,8 +332,8 @@ def _copy(op: Operation, vm: VM) -> None:
             )
     except Exception as exc:
         message = getattr(exc, "message", None) or str(exc)
-        operation_log(op, f"copy failed: {message}; removing {len(copied)} copied file(s) from {target.name}")
-        _copies_remove(target, copied)
+        operation_log(op, f"copy failed: {message}; removing the VM's own files from {target.name}")
+        _copies_remove(target, vm, op.params)
         raise OperationHandoff(
             source.queue, {**op.params, "step": "stay", "error": message}, f"back to host {source.name}"
         ) from exc
@@ -301,13 +350,28 @@ def _stay_run(op: Operation, vm: VM) -> None:
     raise ApplicationError(f"The move failed; the VM stays on host {source.name}: {op.params.get('error', '')}")
 
 
-def _copies_remove(target: Host, copied: list[dict]) -> None:
-    """Delete what a failed move copied to ``target`` (through its hostd; logs failures)."""
-    for entry in copied:
+def _owned(vm: VM, params: dict) -> set[tuple[str, str]]:
+    """The entries to copy that belong to ``vm`` alone: its runtime directory's files and its
+    snapshots' directories' (image and golden layers are shared with others)."""
+    directories = tuple(f"{d.rstrip('/')}/" for d in params.get("snapshot_dirs", []))
+    owned = set()
+    for root, path in params.get("entries", []):
+        if (root == "runtime" and path.startswith(f"{vm.pk}/")) or (
+            root == "snapshots" and path.startswith(directories)
+        ):
+            owned.add((root, path))
+    return owned
+
+
+def _copies_remove(target: Host, vm: VM, params: dict) -> None:
+    """After a failed move: delete the VM's own files from ``target`` (its runtime directory's,
+    its snapshots'), whichever attempt copied them; shared layers (images, golden snapshots)
+    stay, others may boot from them by now. Through the target's hostd; logs failures."""
+    for root, path in sorted(_owned(vm, params)):
         try:
-            host_file_delete(host=target, root=entry["root"], path=entry["path"])
+            host_file_delete(host=target, root=root, path=path)
         except TransferError:
-            logger.warning("could not remove %s/%s from host %s", entry["root"], entry["path"], target.name)
+            logger.warning("could not remove %s/%s from host %s", root, path, target.name)
 
 
 def _stay(op: Operation, vm: VM, previous: str | None) -> None:
@@ -315,6 +379,7 @@ def _stay(op: Operation, vm: VM, previous: str | None) -> None:
     running one boots again here); stopped when that fails too."""
     from vms.lifecycle import vm_boot_run
 
+    VM.objects.filter(pk=vm.pk, state=S.MOVING).update(move_target=None)
     if previous == S.RUNNING:
         if vm_transition(vm, expected={S.MOVING}, new=S.STARTING):
             operation_log(op, f"starting the VM again on {vm.host.name}")
@@ -335,12 +400,19 @@ def _land(op: Operation, vm: VM) -> None:
     target = Host.objects.get(pk=op.params["target"])
     source = Host.objects.get(pk=op.params["source"])
     if vm.host_id == source.pk and vm.state == S.MOVING:
-        _land_check(op, target, source)
-        with transaction.atomic():
-            if not VM.objects.filter(pk=vm.pk, state=S.MOVING, host=source).update(host=target):
-                return  # someone else changed it meanwhile
+        _land_check(op, vm, target, source)
+        try:
+            with transaction.atomic():
+                if op.params.get("previous_state") == S.RUNNING:
+                    # It starts here: it must still fit (409 host_full), as a start would.
+                    host_admission_check(host=target, vcpus=vm.vcpus, memory_mib=vm.memory_mib, vm=vm)
+                if not VM.objects.filter(pk=vm.pk, state=S.MOVING, host=source).update(host=target, move_target=None):
+                    return  # someone else changed it meanwhile
+                vm.refresh_from_db()
+                hook_run("vm_host_changed", vm=vm, source=source, target=target)
+        except Exception as exc:  # the switch is rolled back: the VM is still the source's
             vm.refresh_from_db()
-            hook_run("vm_host_changed", vm=vm, source=source, target=target)
+            _land_fail(op, vm, target, source, exc)
         operation_log(op, f"the VM is on host {target.name} now", progress=75)
     elif vm.host_id != target.pk:
         return  # someone else moved the VM
@@ -349,7 +421,17 @@ def _land(op: Operation, vm: VM) -> None:
     raise OperationHandoff(source.queue, params, f"removing the VM's files from host {source.name}")
 
 
-def _land_check(op: Operation, target: Host, source: Host) -> None:
+def _land_fail(op: Operation, vm: VM, target: Host, source: Host, exc: Exception) -> None:
+    """A landing failed before the switch: remove the VM's copies here, hand it back to its source."""
+    message = getattr(exc, "message", None) or str(exc)
+    operation_log(op, f"landing failed: {message}; removing the copies, the VM stays on {source.name}")
+    _copies_remove(target, vm, op.params)
+    raise OperationHandoff(
+        source.queue, {**op.params, "step": "stay", "error": message}, f"back to host {source.name}"
+    ) from exc
+
+
+def _land_check(op: Operation, vm: VM, target: Host, source: Host) -> None:
     """Before the switch: every copy is in this host's directories and every file named by
     absolute path is at that path; snapshot files get the VMMs' read access. Otherwise the
     copies are removed and the VM handed back to its source."""
@@ -379,12 +461,7 @@ def _land_check(op: Operation, target: Host, source: Host) -> None:
             if entry["root"] == "snapshots":
                 confinement.reclaim(roots["snapshots"] / entry["path"])
     except Exception as exc:
-        message = getattr(exc, "message", None) or str(exc)
-        operation_log(op, f"landing failed: {message}; removing the copies, the VM stays on {source.name}")
-        _copies_remove(target, op.params.get("copied", []))
-        raise OperationHandoff(
-            source.queue, {**op.params, "step": "stay", "error": message}, f"back to host {source.name}"
-        ) from exc
+        _land_fail(op, vm, target, source, exc)
 
 
 def _land_start(op: Operation, vm: VM) -> str:

@@ -245,10 +245,13 @@ def _operation_hand_off(op: Operation, handoff: OperationHandoff) -> None:
     the reconciler's retries are per step), on that host's queue."""
     params = {**handoff.params, "queue": handoff.queue}
     operation_log(op, handoff.line)
-    Operation.objects.filter(pk=op.pk, status=Operation.Status.RUNNING).update(
+    handed = Operation.objects.filter(pk=op.pk, status=Operation.Status.RUNNING).update(
         status=Operation.Status.PENDING, params=params, worker="", attempts=0
     )
     op.refresh_from_db()
+    if not handed:  # no longer this worker's (the reconciler gave up on it, or another delivery)
+        logger.warning("operation %s (%s) was no longer running here: not handed on", op.pk, op.action)
+        return
     operation_enqueue(op, op.vm)
     logger.info("operation %s (%s) handed to %s", op.pk, op.action, handoff.queue)
 

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Count, Q, Sum
-from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from accounts.permissions import require_perm
@@ -36,7 +34,7 @@ from sandbox_site.errors import ApplicationError, ConflictError
 from vms.admission import host_admission_check, host_room_of, vm_claim_mib
 from vms.hooks import hook_run
 from vms.models import VM, Host, HostImage, Image, Template, VmState
-from vms.selectors import HOST_LOAD_STATES, host_is_up
+from vms.selectors import host_is_up, hosts_with_load
 
 
 def host_runs_image(host: Host, image: Image, *, driver: str = "") -> bool:
@@ -65,12 +63,7 @@ def host_candidates(
     hosts running that driver (a VM that exists already, e.g. one a drain moves)."""
     now = now or timezone.now()
     Host.objects.get_or_create(name=settings.SANDBOX_HOST_NAME)  # as ``vms.services.local_host``
-    loaded = Q(vms__state__in=HOST_LOAD_STATES)
-    hosts = Host.objects.filter(is_active=True, cordoned=False).annotate(
-        vcpus_used=Coalesce(Sum("vms__vcpus", filter=loaded), 0),
-        memory_used_mib=Coalesce(Sum("vms__memory_mib", filter=loaded), 0),
-        vms_holding=Count("vms", filter=loaded),
-    )
+    hosts = hosts_with_load(Host.objects.filter(is_active=True, cordoned=False))
     if anti_affinity and owner is not None:
         owned = VM.objects.filter(owner=owner).exclude(state=VmState.DELETING).values("host_id")
         hosts = hosts.exclude(pk__in=owned)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from django.conf import settings
-from django.db.models import Count, Q, Sum
+from django.db.models import Count, F, Func, IntegerField, OuterRef, Q, Subquery, Sum
 from django.db.models.functions import Coalesce
 
 from accounts.context import current_context
@@ -33,6 +33,27 @@ def host_is_up(host, now) -> bool:
     return age is not None and age <= settings.SANDBOX_HOST_DOWN_SECONDS
 
 
+def hosts_with_load(hosts, *, exclude_vm_id=None):
+    """``hosts`` (a Host queryset) annotated with what the VMs holding their size there add up
+    to: ``vcpus_used``, ``memory_used_mib`` (guest RAM) and ``vms_holding``. A VM holds its size
+    on its host in ``HOST_LOAD_STATES`` and, a running VM being moved, on its ``move_target``
+    too (it boots there; ``vms.moves``). The one place a host's load is computed (admission,
+    placement, the hosts page, metrics); ``exclude_vm_id``: a VM not counted (the one being admitted)."""
+
+    def total(expression: str, column: str):
+        holding = VM.objects.filter(
+            Q(host=OuterRef("pk"), state__in=HOST_LOAD_STATES) | Q(move_target=OuterRef("pk"), state=VmState.MOVING)
+        )
+        if exclude_vm_id is not None:
+            holding = holding.exclude(pk=exclude_vm_id)
+        summed = holding.order_by().annotate(total=Func(F(column), function=expression)).values("total")
+        return Coalesce(Subquery(summed, output_field=IntegerField()), 0)
+
+    return hosts.annotate(
+        vcpus_used=total("SUM", "vcpus"), memory_used_mib=total("SUM", "memory_mib"), vms_holding=total("COUNT", "pk")
+    )
+
+
 def host_list_with_usage(now, hosts=None):
     """Hosts (all, or the ``hosts`` queryset) with ``up``, ``heartbeat_age``, VM counts, the
     images they hold (``image_copies``: ``HostImage`` rows), vCPUs/memory given to VMs and
@@ -41,16 +62,8 @@ def host_list_with_usage(now, hosts=None):
     from vms.admission import host_room_of
     from vms.models import Host
 
-    loaded = Q(vms__state__in=HOST_LOAD_STATES)
     hosts = list(
-        (Host.objects.all() if hosts is None else hosts)
-        .order_by("name")
-        .annotate(
-            vm_count=Count("vms"),
-            vcpus_used=Coalesce(Sum("vms__vcpus", filter=loaded), 0),
-            memory_used_mib=Coalesce(Sum("vms__memory_mib", filter=loaded), 0),
-            vms_holding=Count("vms", filter=loaded),
-        )
+        hosts_with_load(Host.objects.all() if hosts is None else hosts).order_by("name").annotate(vm_count=Count("vms"))
     )
     states: dict[int, dict[str, int]] = {}
     for host_id, state, n in (

@@ -55,13 +55,21 @@ def host_file_copy(
 
 
 def host_file_copy_report(
-    *, source: Host, target: Host, root: str, path: str, sha256: str | None = None, timeout: float = COPY_TIMEOUT
+    *,
+    source: Host,
+    target: Host,
+    root: str,
+    path: str,
+    sha256: str | None = None,
+    timeout: float = COPY_TIMEOUT,
+    overwrite: bool = False,
 ) -> CopyResult:
     """Copy ``root``/``path`` from ``source``'s hostd to ``target``'s; return its sha256.
 
     ``sha256``: what the file must hash to (else the source's own hash is the reference).
     A file already on the target with that hash is left as it is (not copied again); one
-    with other bytes is an error (``exists``), never overwritten. Raises ``TransferError``
+    with other bytes is an error (``exists``), unless ``overwrite`` (a VM's own file a killed
+    move left there): then it is replaced once the new bytes are verified. Raises ``TransferError``
     (``checksum_mismatch``, ``not_found``, ``hostd_unavailable`` ...) with nothing left behind.
     """
     if source.pk == target.pk:
@@ -94,13 +102,16 @@ def host_file_copy_report(
                 if present.get("sha256") == digest:
                     logger.info("%s/%s already on host %s (sha256 %s)", root, path, target.name, digest)
                     return CopyResult(sha256=digest, size=size, copied=False)
-                raise TransferError(
-                    f"{root}/{path} exists on host {target.name} with other contents.",
-                    code="exists",
-                    details={"host": target.name, "path": path, "size": present.get("size"), "expected": digest},
-                )
+                if overwrite:
+                    logger.info("%s/%s on host %s has other contents: replacing it", root, path, target.name)
+                else:
+                    raise TransferError(
+                        f"{root}/{path} exists on host {target.name} with other contents.",
+                        code="exists",
+                        details={"host": target.name, "path": path, "size": present.get("size"), "expected": digest},
+                    )
             chunks = src.blob_chunks(root, path, size, timeout=timeout)
-            dst.blob_put(root, path, chunks, size=size, sha256=digest, commit_timeout=hashing)
+            dst.blob_put(root, path, chunks, size=size, sha256=digest, overwrite=overwrite, commit_timeout=hashing)
     except HostdError as exc:
         raise TransferError(
             f"Copying {root}/{path} from host {source.name} to {target.name} failed: {exc.message}",

@@ -368,3 +368,177 @@ def test_a_landing_redelivered_after_the_switch_goes_on_from_there(two, owner, o
     vm.refresh_from_db()
     assert (vm.state, vm.host.name) == ("running", "h2")
     assert not (two.root("h1", "run") / str(vm.pk)).exists()
+
+
+def _steps(two, op: Operation, hosts: tuple[str, ...]) -> Operation:
+    for host in hosts:
+        with two.as_host(host):
+            operation_execute(op.pk)
+    op.refresh_from_db()
+    return op
+
+
+def test_a_running_vm_holds_its_size_on_its_target_while_it_moves(two, owner, operator, fake):
+    Host.objects.filter(name="h2").update(memory_mib=128 + 64)  # room for one running VM
+    first, second = _vm_on_h1(two, "running", owner), _vm_on_h1(two, "running", owner)
+    op = vm_move(vm=first, host=two.hosts["h2"], actor=operator)
+    with pytest.raises(ConflictError) as exc:
+        vm_move(vm=second, host=Host.objects.get(name="h2"), actor=operator)
+    assert exc.value.code == "host_full"
+    assert two.run(op).status == "succeeded"
+    assert VM.objects.get(pk=first.pk).move_target is None
+    # A drain sees what its earlier moves hold on the target.
+    Host.objects.filter(name="h2").update(memory_mib=2 * (128 + 64))
+    third = _vm_on_h1(two, "running", owner)
+    result = hosts.host_drain(host=two.hosts["h1"], actor=operator)
+    assert len(result["moves"]) == 1 and [s["code"] for s in result["stays"]] == ["host_full"]
+    assert {m["name"] for m in result["moves"]} | {s["name"] for s in result["stays"]} == {second.name, third.name}
+
+
+def test_a_landing_that_no_longer_fits_goes_back_to_the_source(two, owner, operator, fake):
+    vm = _vm_on_h1(two, "running", owner)
+    op = _steps(two, vm_move(vm=vm, host=two.hosts["h2"], actor=operator), ("h1", "h1"))  # stop, copy
+    assert op.params["step"] == "land"
+    Host.objects.filter(name="h2").update(memory_mib=100)  # the target shrank meanwhile
+    op = two.run(op)
+    assert op.status == "failed" and "no room" in op.error, op.log
+    vm.refresh_from_db()
+    assert (vm.state, vm.host.name, vm.move_target_id) == ("running", "h1", None)
+    assert not (two.root("h2", "run") / str(vm.pk)).exists()
+
+
+def test_a_port_taken_on_the_target_before_the_switch_sends_the_vm_back(two, owner, operator, fake):
+    from networking.models import PortForward
+
+    vm = _vm_on_h1(two, "stopped", owner)
+    forward = PortForward.objects.create(vm=vm, host=two.hosts["h1"], protocol="tcp", host_port=20022, guest_port=22)
+    op = _steps(two, vm_move(vm=vm, host=two.hosts["h2"], actor=operator), ("h1", "h1"))
+    other = VmFactory(owner=owner, host=two.hosts["h2"], template=vm.template)
+    PortForward.objects.create(vm=other, host=two.hosts["h2"], protocol="tcp", host_port=20022, guest_port=80)
+    op = two.run(op)
+    assert op.status == "failed" and "tcp/20022" in op.error, op.log
+    vm.refresh_from_db()
+    forward.refresh_from_db()
+    assert (vm.state, vm.host.name, forward.host.name) == ("stopped", "h1", "h1")
+    assert not (two.root("h2", "run") / str(vm.pk)).exists()
+
+
+def test_no_second_move_while_the_first_one_cleans_up(two, owner, operator, fake):
+    vm = _vm_on_h1(two, "stopped", owner)
+    op = _steps(two, vm_move(vm=vm, host=two.hosts["h2"], actor=operator), ("h1", "h1", "h2"))  # stop, copy, land
+    assert (op.status, op.params["step"]) == ("pending", "cleanup")
+    with pytest.raises(ConflictError) as exc:
+        vm_move(vm=VM.objects.get(pk=vm.pk), host=two.hosts["h1"], actor=operator)
+    assert exc.value.code == "move_in_progress"
+    assert two.run(op).status == "succeeded"
+    assert two.run(vm_move(vm=VM.objects.get(pk=vm.pk), host=two.hosts["h1"], actor=operator)).status == "succeeded"
+
+
+def test_a_moving_vms_snapshots_are_neither_cloned_nor_deleted(two, owner, operator, fake):
+    from snapshots.services import snapshot_clone, snapshot_delete
+
+    vm = _vm_on_h1(two, "stopped", owner)
+    snapshot = SnapshotFactory(vm=vm)
+    vm_move(vm=vm, host=two.hosts["h2"], actor=operator)
+    with pytest.raises(ConflictError) as exc:
+        snapshot_delete(snapshot=snapshot, actor=None, reason="retention")
+    assert exc.value.code == "vm_moving"
+    with pytest.raises(ConflictError) as exc:
+        snapshot_clone(snapshot=snapshot, actor=owner)
+    assert exc.value.code == "vm_moving"
+    snapshot.refresh_from_db()
+    assert snapshot.state == "ready" and VM.objects.filter(metadata__cloned_from=str(snapshot.pk)).count() == 0
+
+
+def test_a_stale_copy_of_an_earlier_attempt_is_replaced(two, owner, operator, fake):
+    vm = _vm_on_h1(two, "stopped", owner)
+    stale = two.root("h2", "run") / str(vm.pk)
+    stale.mkdir()
+    (stale / "overlay.qcow2").write_bytes(b"half of an earlier, killed attempt")
+    op = two.run(vm_move(vm=vm, host=two.hosts["h2"], actor=operator))
+    assert op.status == "succeeded", op.log
+    assert (stale / "overlay.qcow2").read_bytes() == b"disk contents " * 1000
+
+
+def test_a_failed_move_removes_only_the_vms_own_files(two, owner, operator, fake, monkeypatch):
+    from vms import moves
+
+    vm = _vm_on_h1(two, "stopped", owner)
+    stale = two.root("h2", "run") / str(vm.pk)
+    stale.mkdir()
+    (stale / "serial.log").write_bytes(b"console before the move\n")  # an earlier attempt's: "already there"
+    real = moves.host_file_copy_report
+
+    def failing(**kwargs):
+        if kwargs["path"].endswith("serial.log"):
+            raise moves.TransferError("the network broke", code="transfer_failed")
+        return real(**kwargs)
+
+    monkeypatch.setattr(moves, "host_file_copy_report", failing)
+    assert two.run(vm_move(vm=vm, host=two.hosts["h2"], actor=operator)).status == "failed"
+    assert not stale.exists()
+    removed = []
+    monkeypatch.setattr(moves, "host_file_delete", lambda **kw: removed.append((kw["root"], kw["path"])))
+    moves._copies_remove(
+        two.hosts["h2"],
+        vm,
+        {
+            "entries": [["images", "base.img"], ["snapshots", "golden/disk.qcow2"], ["runtime", f"{vm.pk}/a"]],
+            "snapshot_dirs": [],
+        },
+    )
+    assert removed == [("runtime", f"{vm.pk}/a")]  # the shared image and golden layer stay
+
+
+def test_a_backing_chain_naming_another_vms_files_is_refused(two, owner, operator, fake, monkeypatch):
+    from vms import moves
+
+    vm = _vm_on_h1(two, "stopped", owner)
+    victim = _vm_on_h1(two, "stopped", owner, b"another tenant's disk")
+    victim_disk = two.root("h1", "run") / str(victim.pk) / "overlay.qcow2"
+    monkeypatch.setattr(moves, "backing_chain", lambda layer: [str(victim_disk)])
+    op = two.run(vm_move(vm=vm, host=two.hosts["h2"], actor=operator))
+    assert op.status == "failed" and "neither an image" in op.error, op.log
+    vm.refresh_from_db()
+    assert (vm.state, vm.host.name) == ("stopped", "h1")
+    assert not (two.root("h2", "run") / str(victim.pk)).exists() and not (two.root("h2", "run") / str(vm.pk)).exists()
+
+
+def test_pool_and_golden_builder_vms_do_not_move(two, owner, operator, fake):
+    for purpose in ("pool", "golden"):
+        vm = _vm_on_h1(two, "stopped", owner)
+        VM.objects.filter(pk=vm.pk).update(purpose=purpose)
+        with pytest.raises(ConflictError) as exc:
+            vm_move(vm=VM.objects.get(pk=vm.pk), host=two.hosts["h2"], actor=operator)
+        assert exc.value.code == "not_movable"
+    assert not Operation.objects.filter(action="move").exists()
+
+
+def test_a_backing_chain_on_the_vms_own_snapshot_layer_moves(two, owner, operator, fake, monkeypatch):
+    from vms import moves
+
+    vm = _vm_on_h1(two, "stopped", owner)
+    snap_dir = two.root("h1", "snap") / "own"
+    snap_dir.mkdir()
+    (snap_dir / "disk.qcow2").write_bytes(b"own snapshot layer")
+    SnapshotFactory(vm=vm, directory=str(snap_dir), disk_layer=str(snap_dir / "disk.qcow2"))
+    overlay = two.root("h1", "run") / str(vm.pk) / "overlay.qcow2"
+    monkeypatch.setattr(
+        moves, "backing_chain", lambda layer: [str(snap_dir / "disk.qcow2")] if layer == overlay else []
+    )
+    op = two.run(vm_move(vm=vm, host=two.hosts["h2"], actor=operator))
+    assert op.status == "succeeded", op.log
+    assert (two.root("h2", "snap") / "own" / "disk.qcow2").read_bytes() == b"own snapshot layer"
+
+
+def test_a_hand_off_of_an_operation_no_longer_running_here_is_not_enqueued(two, owner, operator, fake, monkeypatch):
+    from vms import operations
+
+    vm = _vm_on_h1(two, "stopped", owner)
+    op = vm_move(vm=vm, host=two.hosts["h2"], actor=operator)
+    Operation.objects.filter(pk=op.pk).update(status=Operation.Status.FAILED)  # e.g. the reconciler gave up
+    sent = []
+    monkeypatch.setattr(operations, "operation_enqueue", lambda op, vm: sent.append(op.pk))
+    operations._operation_hand_off(op, operations.OperationHandoff("host.h2", {"step": "land"}, "landing there"))
+    op.refresh_from_db()
+    assert sent == [] and op.status == "failed" and op.params["step"] == "stop"
