@@ -1,0 +1,145 @@
+"""Live migration of a running QEMU guest between two "hosts": two network namespaces this
+test creates, joined by a veth link (the underlay); each host's QEMU runs in its own namespace
+with its own runtime directory. The disk is mirrored over NBD and the RAM sent over TCP on
+the link; nothing leaves the namespaces. One guest is booted; it carries a background exec
+session (a counter) through the migration."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from tests.vmm.agent_ops import agent_run
+from vms.vmm.agent_client import AgentConnection, AgentTransport, agent_socket_path, wait_for_agent
+from vms.vmm.base import MigrationTarget, RuntimeState, VmmError, VmSpec
+from vms.vmm.process import running_vmm_pid
+from vms.vmm.qemu import QemuDriver
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]
+SERIAL = AgentTransport.VIRTIO_SERIAL
+SOURCE_IP, TARGET_IP = "10.231.120.1", "10.231.120.2"
+COUNTER = "i=0; while :; do i=$((i+1)); echo $i; echo $i > /root/counter; sleep 0.2; done"
+
+
+@pytest.fixture
+def hosts() -> Iterator[tuple[str, str]]:
+    """Two namespaces ("source" and "target" host) joined by a veth pair."""
+    if os.geteuid() != 0 or shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("needs root and qemu")
+    from pyroute2 import IPRoute
+    from pyroute2 import netns as pr_netns
+
+    tag = uuid.uuid4().hex[:6]
+    names = [f"msbtest-lma-{tag}", f"msbtest-lmb-{tag}"]
+    for name in names:
+        pr_netns.create(name)
+    try:
+        with IPRoute(netns=names[0]) as ipr:
+            ipr.link("add", ifname="underlay", kind="veth", peer="underlay-b")
+            ipr.link("set", index=ipr.link_lookup(ifname="underlay-b")[0], net_ns_fd=names[1])
+        for name, ip in zip(names, (SOURCE_IP, TARGET_IP), strict=True):
+            with IPRoute(netns=name) as ipr:
+                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+                ifname = "underlay" if name == names[0] else "underlay-b"
+                index = ipr.link_lookup(ifname=ifname)[0]
+                ipr.addr("add", index=index, address=ip, prefixlen=24)
+                ipr.link("set", index=index, state="up")
+        yield names[0], names[1]
+    finally:
+        for name in names:
+            try:
+                pr_netns.remove(name)
+            except OSError:
+                pass
+
+
+def _request(spec: VmSpec, op: str, args: dict[str, object]) -> dict[str, object]:
+    with AgentConnection.open(agent_socket_path(spec), SERIAL, timeout=10) as conn:
+        return conn.request(op, args, timeout=10)
+
+
+def _sh(spec: VmSpec, command: str) -> str:
+    with AgentConnection.open(agent_socket_path(spec), SERIAL, timeout=10) as conn:
+        result, out = agent_run(conn, shell=command, wait=60)
+    assert result.get("exit_code") == 0, (command, result, out)
+    return out.decode().strip()
+
+
+def _counter(spec: VmSpec) -> int:
+    return int(_sh(spec, "cat /root/counter") or 0)
+
+
+def _wait_counter_above(spec: VmSpec, value: int, timeout: float = 60.0) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        now = _counter(spec)
+        if now > value or time.monotonic() > deadline:
+            return now
+        time.sleep(0.5)
+
+
+def test_it_moves_a_running_guest_with_its_disk_and_a_background_exec_to_another_host(
+    driver: QemuDriver, make_spec: Callable[..., VmSpec], hosts: tuple[str, str]
+) -> None:
+    ns_source, ns_target = hosts
+    source = make_spec("lmig", netns=ns_source)
+    target_spec = make_spec("lmig", netns=ns_target)  # same VM, the other host's runtime directory
+    try:
+        driver.launch(source)
+        wait_for_agent(source, SERIAL, timeout=150)
+        started = _request(source, "exec_start", {"shell": COUNTER})
+        exec_id, guest_pid = started["exec_id"], started["pid"]
+        # Written after boot: lives in the source's overlay only, so the mirror must carry it.
+        digest = _sh(source, "head -c 8M /dev/urandom > /root/blob && sync && sha256sum /root/blob")
+        _sh(source, "echo before-migration > /root/marker && sync")
+        before = _wait_counter_above(source, 0)
+        assert before > 0
+
+        # A target that died after preparing: the send fails and the VM runs on at the source.
+        dead = driver.migrate_receive_prepare(target_spec, listen_host=TARGET_IP)
+        driver.migrate_receive_abort(target_spec)
+        assert not target_spec.runtime_dir.exists()
+        with pytest.raises(VmmError):
+            driver.migrate_send(source, dead, timeout=60)
+        assert driver.info(source).state == RuntimeState.RUNNING
+        assert _wait_counter_above(source, _counter(source)) > before
+
+        # The real move. The target's answer travels between hosts as JSON.
+        prepared = driver.migrate_receive_prepare(target_spec, listen_host=TARGET_IP)
+        assert prepared.host == TARGET_IP and prepared.port > 0 and prepared.disk_port
+        assert prepared.backing_chain == (str(source.base_image.resolve()),)
+        wire = MigrationTarget.from_dict(json.loads(json.dumps(prepared.to_dict())))
+        assert wire == prepared
+        result = driver.migrate_send(source, wire, timeout=600)
+        assert result.disk_sync == "top"  # same base image at the same path: only the overlay moves
+        assert result.disk_bytes > 8 << 20 and result.ram_bytes > 0
+        assert driver.info(source).state == RuntimeState.PAUSED  # stopped, left for cleanup
+        driver.migrate_receive_finish(target_spec)
+        assert driver.info(target_spec).state == RuntimeState.RUNNING
+        driver.cleanup(source)
+        assert running_vmm_pid(source.runtime_dir) is None
+
+        wait_for_agent(target_spec, SERIAL, timeout=60)
+        assert _sh(target_spec, "cat /root/marker") == "before-migration"
+        assert _sh(target_spec, "sha256sum /root/blob") == digest
+        # The background exec is the same process and keeps counting; its output is still there.
+        at_target = _counter(target_spec)
+        assert _wait_counter_above(target_spec, at_target) > at_target
+        info = _request(target_spec, "exec_get", {"exec_id": exec_id})
+        assert info["running"] is True and info["pid"] == guest_pid
+        with AgentConnection.open(agent_socket_path(target_spec), SERIAL, timeout=10) as conn:
+            got, data = conn.request_data("exec_read", {"exec_id": exec_id, "offset": 0}, timeout=10)
+        lines = data.decode().split()
+        assert lines[:3] == ["1", "2", "3"]  # from the start, written on the source
+        # The disk stays writable on the target.
+        _sh(target_spec, "echo after-migration >> /root/marker && sync")
+        assert _sh(target_spec, "cat /root/marker").split() == ["before-migration", "after-migration"]
+    finally:
+        driver.cleanup(target_spec)
+        driver.cleanup(source)
