@@ -210,6 +210,7 @@ class MigrationTarget:
     backing_chain: tuple[str, ...] = ()
     acceleration: str = ""  # the target VMM's ("kvm"/"tcg"): the source's must be the same
     vmm_version: str = ""
+    runtime_dir: str = ""  # the VM's runtime directory on the target host
 
     def to_dict(self) -> dict[str, object]:
         data = asdict(self)
@@ -230,6 +231,7 @@ class MigrationTarget:
             backing_chain=tuple(str(p) for p in chain) if isinstance(chain, (list, tuple)) else (),
             acceleration=str(data.get("acceleration") or ""),
             vmm_version=str(data.get("vmm_version") or ""),
+            runtime_dir=str(data.get("runtime_dir") or ""),
         )
 
 

@@ -22,7 +22,6 @@ Settings arrive as constructor arguments (``accel``, binaries), never from the e
 from __future__ import annotations
 
 import errno
-import ipaddress
 import json
 import os
 import shutil
@@ -61,12 +60,15 @@ from .process import (
     host_tsc_khz,
     host_uses_tsc,
     kill_vmm,
+    listen_address_check,
+    listening_socket,
     log_tail,
     netdev_counters,
     remove_path_quietly,
     running_vmm_pid,
     spawn_detached,
     tap_open,
+    uri_host,
     wait_for_unix_socket,
     wait_pid_exit,
 )
@@ -1040,7 +1042,7 @@ class QemuDriver:
         ``VmmStateError`` when a QEMU already runs for ``spec`` here."""
         if running_vmm_pid(spec.runtime_dir) is not None:
             raise VmmStateError("a QEMU already runs for this VM on the target host")
-        _check_listen_host(listen_host)
+        listen_address_check(listen_host)
         deadline = time.monotonic() + timeout
         accel = detect_acceleration(self.accel)
         base = (backing or spec.base_image).resolve()
@@ -1056,13 +1058,13 @@ class QemuDriver:
         os.replace(tmp, spec.runtime_dir / OVERLAY)
         result = self._spawn(spec, accel, timeout=timeout, incoming=True, start_paused=True)
         try:
-            listener = call_in_netns(spec.netns, _listening_socket, listen_host)
+            listener = call_in_netns(spec.netns, listening_socket, listen_host)
             try:
                 with QmpClient(self.qmp_path(spec), timeout=max(1.0, deadline - time.monotonic())) as qmp:
                     qmp.send_fd(_NBD_LISTEN_FD, listener.fileno())
                     qmp.execute("nbd-server-start", {"addr": {"type": "fd", "data": {"str": _NBD_LISTEN_FD}}})
                     qmp.execute("nbd-server-add", {"device": "root", "name": _NBD_EXPORT, "writable": True})
-                    qmp.execute("migrate-incoming", {"uri": f"tcp:{_uri_host(listen_host)}:0"})
+                    qmp.execute("migrate-incoming", {"uri": f"tcp:{uri_host(listen_host)}:0"})
                     port = _incoming_port(qmp.execute("query-migrate"))
                 disk_port = int(listener.getsockname()[1])
             finally:
@@ -1082,6 +1084,7 @@ class QemuDriver:
             backing_chain=tuple(backing_chain(spec.runtime_dir / OVERLAY)),
             acceleration=accel,
             vmm_version=result.vmm_version,
+            runtime_dir=str(spec.runtime_dir.resolve()),
         )
 
     def prepare_firmware_dir(self, spec: VmSpec) -> None:
@@ -1130,7 +1133,7 @@ class QemuDriver:
                 details={"source": size, "target": target.disk_size},
             )
         sync = "top" if tuple(backing_chain(overlay)) == target.backing_chain else "full"
-        host = _uri_host(target.host)
+        host = uri_host(target.host)
         with QmpClient(self.qmp_path(spec), timeout=min(30.0, timeout)) as qmp:
             status = str(qmp.execute("query-status").get("status"))
             if status not in ("running", "paused"):
@@ -1359,33 +1362,6 @@ def _disk_size(spec: VmSpec) -> int:
 def _is_qcow2(path: Path) -> bool:
     with open(path, "rb") as fh:
         return fh.read(4) == b"QFI\xfb"
-
-
-def _check_listen_host(host: str) -> None:
-    """``host`` must be an IP address (the host's underlay address), not a name."""
-    try:
-        ipaddress.ip_address(host)
-    except ValueError as exc:
-        raise VmmError(f"the migration listen address must be an IP address, not {host!r}") from exc
-
-
-def _uri_host(host: str) -> str:
-    """``host`` inside a ``tcp:``/``nbd://`` URI: IPv6 addresses in brackets."""
-    return f"[{host}]" if ":" in host else host
-
-
-def _listening_socket(host: str) -> socket.socket:
-    """A TCP socket bound to ``host`` on a port the kernel picks, in the calling thread's
-    network namespace (``call_in_netns``); QEMU is handed it (``getfd``) and listens on it."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.bind((host, 0))
-        sock.listen(4)
-    except OSError as exc:
-        sock.close()
-        raise VmmError(f"cannot listen on {host} for the disk copy: {exc}") from exc
-    return sock
 
 
 def _incoming_port(info: object) -> int:
