@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +27,16 @@ pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]
 SERIAL = AgentTransport.VIRTIO_SERIAL
 SOURCE_IP, TARGET_IP = "10.231.120.1", "10.231.120.2"
 COUNTER = "i=0; while :; do i=$((i+1)); echo $i; echo $i > /root/counter; sleep 0.2; done"
+
+
+@pytest.fixture
+def snap_root() -> Iterator[Path]:
+    # Beside the runtime directories (a snapshot moves the overlay by rename), readable for
+    # the VMM user.
+    root = Path(tempfile.mkdtemp(prefix="vmt-lmsnap-", dir="/tmp"))
+    root.chmod(0o711)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
@@ -85,11 +97,12 @@ def _wait_counter_above(spec: VmSpec, value: int, timeout: float = 60.0) -> int:
 
 
 def test_it_moves_a_running_guest_with_its_disk_and_a_background_exec_to_another_host(
-    driver: QemuDriver, make_spec: Callable[..., VmSpec], hosts: tuple[str, str]
+    driver: QemuDriver, make_spec: Callable[..., VmSpec], hosts: tuple[str, str], snap_root: Path
 ) -> None:
     ns_source, ns_target = hosts
     source = make_spec("lmig", netns=ns_source)
     target_spec = make_spec("lmig", netns=ns_target)  # same VM, the other host's runtime directory
+    home = make_spec("lmig", netns=ns_source)  # where it comes back to
     try:
         driver.launch(source)
         wait_for_agent(source, SERIAL, timeout=150)
@@ -140,6 +153,22 @@ def test_it_moves_a_running_guest_with_its_disk_and_a_background_exec_to_another
         # The disk stays writable on the target.
         _sh(target_spec, "echo after-migration >> /root/marker && sync")
         assert _sh(target_spec, "cat /root/marker").split() == ["before-migration", "after-migration"]
-    finally:
+
+        # Back to the first host, from a disk that now sits on a snapshot layer the first host
+        # does not have: the whole disk is copied (sync full), the guest keeps running.
+        layer = driver.snapshot(target_spec, snap_root / "s1", include_memory=False)
+        assert layer.backing_chain == [str(source.base_image.resolve())]
+        back = driver.migrate_receive_prepare(home, listen_host=SOURCE_IP)
+        result = driver.migrate_send(target_spec, back, timeout=600)
+        assert result.disk_sync == "full" and result.disk_bytes >= 2 << 30  # every byte of the 2 GiB disk
+        driver.migrate_receive_finish(home)
         driver.cleanup(target_spec)
-        driver.cleanup(source)
+        wait_for_agent(home, SERIAL, timeout=60)
+        assert _sh(home, "cat /root/marker").split() == ["before-migration", "after-migration"]
+        assert _sh(home, "sha256sum /root/blob") == digest
+        at_home = _counter(home)
+        assert _wait_counter_above(home, at_home) > at_home
+        assert _request(home, "exec_get", {"exec_id": exec_id})["pid"] == guest_pid
+    finally:
+        for spec in (home, target_spec, source):
+            driver.cleanup(spec)
