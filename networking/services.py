@@ -836,6 +836,19 @@ def nic_unplumb(*, vm) -> None:
         _tunnel_peers_notify(vm.host, {n.network_id for n in nics})
 
 
+def nic_unplumb_here(*, vm, host) -> None:
+    """A VM that live-migrated from ``host`` (this machine) to another: its TAPs here go and
+    ``host``'s tunnels and rules are made without it (they are plumbed on its new host, so
+    ``plumbed`` stays). Idempotent."""
+    nics = selectors.nics_of(vm)
+    for nic in nics:
+        netlink.link_remove(nic.tap, netns=_netns())
+    if nics:
+        network_tunnels_sync(host=host)
+        network_rules_apply(host=host)
+        _tunnel_peers_notify(host, {n.network_id for n in nics})
+
+
 def nic_counters(*, vm) -> dict[str, dict[str, int]]:
     """Per-NIC counters from the guest's point of view (host TX is guest RX), in the shape of
     ``Driver.counters``: ``{"net.<tap>": {rx_bytes, tx_bytes, rx_packets, tx_packets}}``."""
@@ -1159,6 +1172,12 @@ def vm_hook_vmm_gone(*, vm) -> None:
     """Unplumb the NICs of a VM whose VMM stopped (a VM without NICs touches no host rules)."""
     if selectors.nics_of(vm):
         nic_unplumb(vm=vm)
+
+
+def vm_hook_migrated_away(*, vm, host) -> None:
+    """After a live migration, on the host the VM left (``vms.migration``)."""
+    if selectors.nics_of(vm):
+        nic_unplumb_here(vm=vm, host=host)
 
 
 def vm_hook_row_deleting(*, vm) -> None:

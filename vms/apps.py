@@ -6,6 +6,7 @@ class VmsConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from vms import lifecycle
+        from vms import lifecycle, migration
 
         lifecycle.handlers_register()
+        migration.handlers_register()

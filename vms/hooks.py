@@ -35,6 +35,10 @@ Hook names and their keyword arguments:
   and of its peers (on their queues);
 - ``vm_owner_changed(vm)``: on the VM's host, after a pool VM got its owner and before it
   runs again (networking re-applies the tenant rules).
+- ``vm_migrated_away(vm, host)``: on ``host``, after the VM live-migrated from it to
+  ``vm.host`` and its VMM there was removed (networking removes its TAPs here and re-syncs).
+- ``vm_migrated(vm, source, target)``: on the target host, once the VM runs there and its row
+  names it (files that belong with the VM, e.g. its snapshots, may follow it from ``source``).
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ HOOK_NAMES = (
     "vm_pool_take",
     "vm_owner_changed",
     "host_tunnel_changed",
+    "vm_migrated_away",
+    "vm_migrated",
 )
 
 _hooks: dict[str, list[Callable[..., Any]]] = {name: [] for name in HOOK_NAMES}

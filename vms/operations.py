@@ -69,12 +69,25 @@ def operation_new(*, vm: VM, action: str, actor, params: dict | None = None) -> 
     )
 
 
-def operation_enqueue(op: Operation, vm: VM) -> None:
-    """Send the operation's task to the VM's host queue once the transaction commits."""
+def operation_enqueue(op: Operation, vm: VM, *, queue: str | None = None) -> None:
+    """Send the operation's task to the VM's host queue (or ``queue``: a step of a live
+    migration runs on the target host) once the transaction commits."""
     from vms.tasks import operation_run_task
 
-    queue = vm.host.queue if vm.host_id else "shared"
+    queue = queue or (vm.host.queue if vm.host_id else "shared")
     transaction.on_commit(lambda: operation_run_task.apply_async(args=[str(op.pk)], queue=queue))
+
+
+class OperationHandoff(Exception):  # noqa: N818 - a signal to operation_execute, not an error
+    """Raised by a handler whose next step must run on another host's worker (a live
+    migration alternates between source and target): the operation goes back to pending,
+    with ``params`` saved, and is sent to ``queue``. Handlers check which step they are at
+    from ``op.params``, so a step delivered to the wrong host hands itself off again."""
+
+    def __init__(self, queue: str, params: dict) -> None:
+        super().__init__(queue)
+        self.queue = queue
+        self.params = params
 
 
 def operation_log(op: Operation, line: str, *, progress: int | None = None) -> None:
@@ -175,6 +188,16 @@ def _operation_execute(op: Operation) -> Operation | None:
     logger.info("operation %s (%s) started, attempt %d", op.pk, op.action, op.attempts)
     try:
         operation_run(op)
+    except OperationHandoff as handoff:
+        Operation.objects.filter(pk=op.pk, status=Operation.Status.RUNNING).update(
+            status=Operation.Status.PENDING, params=handoff.params, worker="", attempts=0
+        )
+        logger.info("operation %s (%s) continues on queue %s", op.pk, op.action, handoff.queue)
+        from vms.tasks import operation_run_task
+
+        queue = handoff.queue
+        transaction.on_commit(lambda: operation_run_task.apply_async(args=[str(op.pk)], queue=queue))
+        return op
     except Exception as exc:
         message = getattr(exc, "message", None) or str(exc) or exc.__class__.__name__
         logger.exception("operation %s (%s) failed", op.pk, op.action)
@@ -235,6 +258,8 @@ def _settle_transitional(vm: VM, now) -> int:
         limit = settings.SANDBOX_BOOT_TIMEOUT + settings.SANDBOX_STOP_TIMEOUT + STUCK_GRACE_SECONDS
         if live.action == "snapshot":
             limit += 3600  # a memory dump of a big VM under TCG takes long
+        if live.action == "migrate":
+            limit += settings.SANDBOX_MIGRATION_TIMEOUT
         if (now - (live.started_at or live.created_at)).total_seconds() < limit:
             return 0
     if live is not None and live.attempts < MAX_ATTEMPTS and live.status == Operation.Status.RUNNING:

@@ -1,0 +1,233 @@
+"""Live migration as an operation (vms/migration.py) on the fake driver: two hosts, each with
+its own runtime directory; every task runs as the worker of the queue it was sent to (this
+process switches ``SANDBOX_HOST_NAME`` and ``SANDBOX_RUNTIME_DIR`` per task), so the steps
+must hand themselves to the right host. The API with its personas, the refusals, and failures
+on either side."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from accounts.models import AuditEvent
+from sandbox_site.errors import ConflictError, NotPermitted
+from tests.factories import HostFactory, UserFactory
+from tests.vms.conftest import fake_vm_in
+from vms import hypervisor
+from vms.migration import vm_migrate
+from vms.models import VM, Operation, VmState
+from vms.operations import operation_execute
+from vms.vmm import fake as fake_vmm
+from vms.vmm.base import RuntimeState, VmmError
+
+pytestmark = pytest.mark.django_db
+S = VmState
+
+
+@pytest.fixture
+def two_hosts(fake, settings, tmp_path, monkeypatch, django_capture_on_commit_callbacks):
+    """Hosts "h1" (this one, the VMs' source) and "h2", both up with room and an underlay
+    address; ``run()`` executes the queued tasks, each as its queue's host would."""
+    now = timezone.now()
+    roots = {"h1": tmp_path / "h1", "h2": tmp_path / "h2"}
+    hosts = {}
+    for i, name in enumerate(roots, start=1):
+        roots[name].mkdir()
+        hosts[name] = HostFactory(
+            name=name,
+            last_seen_at=now,
+            hostd_seen_at=now,
+            cpus=8,
+            memory_mib=16384,
+            disk_free_gib=100,
+            tunnel_address=f"10.231.121.{i}",
+        )
+    settings.SANDBOX_HOST_NAME = "h1"
+    settings.SANDBOX_RUNTIME_DIR = roots["h1"]
+    sent: list[tuple[str, str]] = []
+
+    from vms import tasks
+
+    monkeypatch.setattr(
+        tasks.operation_run_task, "apply_async", lambda args, queue, **kw: sent.append((args[0], queue))
+    )
+
+    def as_host(name: str) -> None:
+        settings.SANDBOX_HOST_NAME = name
+        settings.SANDBOX_RUNTIME_DIR = roots[name]
+
+    def run(limit: int = 20) -> list[str]:
+        """Run the queued tasks in order; returns the queues they ran on."""
+        ran = []
+        for _ in range(limit):
+            if not sent:
+                break
+            op_id, queue = sent.pop(0)
+            as_host(queue.removeprefix("host."))
+            with django_capture_on_commit_callbacks(execute=True):
+                operation_execute(op_id)
+            ran.append(queue)
+        as_host("h1")
+        return ran
+
+    class Env:
+        pass
+
+    env = Env()
+    env.hosts, env.roots, env.sent, env.run, env.as_host = hosts, roots, sent, run, as_host
+    env.capture = django_capture_on_commit_callbacks
+    return env
+
+
+def _running_vm(env, owner):
+    return fake_vm_in("running", owner=owner, host=env.hosts["h1"])
+
+
+def _request(env, vm, actor, host="h2"):
+    with env.capture(execute=True):
+        return vm_migrate(vm=vm, host=host, actor=actor)
+
+
+def test_it_moves_a_running_vm_to_the_other_host(two_hosts, owner, operator):
+    env = two_hosts
+    vm = _running_vm(env, owner)
+    spec_h1 = hypervisor.vm_spec(vm)
+    op = _request(env, vm, operator)
+    vm.refresh_from_db()
+    assert vm.state == S.MIGRATING and vm.host.name == "h1"
+    assert env.sent == [(str(op.pk), "host.h2")]  # prepare runs on the target first
+
+    ran = env.run()
+    assert ran == ["host.h2", "host.h1", "host.h2", "host.h1"]  # prepare, send, finish, cleanup
+    op.refresh_from_db()
+    assert op.status == Operation.Status.SUCCEEDED, op.log
+    vm.refresh_from_db()
+    assert vm.state == S.RUNNING and vm.host.name == "h2"
+    moved = fake_vmm.fake_vm(str(vm.pk))
+    assert moved is not None and moved.migrated_from and moved.state == RuntimeState.RUNNING
+    assert moved.runtime_dir == env.roots["h2"] / str(vm.pk)
+    assert not spec_h1.runtime_dir.exists()  # the source's VMM and files are gone
+    assert vm.vmm_pid == moved.pid
+    calls = fake_vmm.fake_calls(str(vm.pk))
+    assert calls.index("migrate_receive_prepare") < calls.index("migrate_send") < calls.index("migrate_receive_finish")
+    audit = AuditEvent.objects.get(action="vm.migrate", object_id=str(vm.pk))
+    assert audit.before["host"] == "h1" and audit.after["host"] == "h2"
+
+
+def test_a_step_delivered_to_the_wrong_host_hands_itself_over(two_hosts, owner, operator):
+    env = two_hosts
+    vm = _running_vm(env, owner)
+    op = _request(env, vm, operator)
+    env.sent[0] = (str(op.pk), "host.h1")  # e.g. re-enqueued by the source's reconcile
+    ran = env.run()
+    assert ran[:2] == ["host.h1", "host.h2"]
+    op.refresh_from_db()
+    assert op.status == Operation.Status.SUCCEEDED
+    assert VM.objects.get(pk=vm.pk).host.name == "h2"
+
+
+def test_a_failed_send_leaves_the_vm_running_on_its_source(two_hosts, owner, operator):
+    env = two_hosts
+    vm = _running_vm(env, owner)
+    fake_vmm.fake_fail("migrate_send", VmmError("connection refused"))
+    op = _request(env, vm, operator)
+    assert env.run() == ["host.h2", "host.h1", "host.h2"]  # prepare, send (fails), abort on the target
+    op.refresh_from_db()
+    assert op.status == Operation.Status.FAILED and "connection refused" in op.error
+    vm.refresh_from_db()
+    assert vm.state == S.RUNNING and vm.host.name == "h1"
+    assert fake_vmm.fake_vm(str(vm.pk)).state == RuntimeState.RUNNING
+    assert not (env.roots["h2"] / str(vm.pk)).exists()  # the target's half is removed
+    assert "migrate_receive_abort" in fake_vmm.fake_calls(str(vm.pk))
+
+
+def test_a_failed_start_on_the_target_switches_back_and_resumes_the_source(two_hosts, owner, operator):
+    env = two_hosts
+    vm = _running_vm(env, owner)
+    fake_vmm.fake_fail("migrate_receive_finish", VmmError("did not resume"))
+    op = _request(env, vm, operator)
+    assert env.run() == ["host.h2", "host.h1", "host.h2", "host.h1"]  # ..., finish (fails), rollback
+    op.refresh_from_db()
+    assert op.status == Operation.Status.FAILED and "did not resume" in op.error
+    vm.refresh_from_db()
+    assert vm.state == S.RUNNING and vm.host.name == "h1"
+    source = fake_vmm.fake_vm(str(vm.pk))
+    assert source.state == RuntimeState.RUNNING and source.runtime_dir == env.roots["h1"] / str(vm.pk)
+    assert fake_vmm.fake_calls(str(vm.pk))[-1] == "migrate_cancel"
+
+
+def test_a_failed_prepare_changes_nothing(two_hosts, owner, operator):
+    env = two_hosts
+    vm = _running_vm(env, owner)
+    fake_vmm.fake_fail("migrate_receive_prepare", VmmError("no room for the runtime directory"))
+    op = _request(env, vm, operator)
+    assert env.run() == ["host.h2"]
+    op.refresh_from_db()
+    assert op.status == Operation.Status.FAILED and "no room" in op.error
+    vm.refresh_from_db()
+    assert vm.state == S.RUNNING and vm.host.name == "h1"
+    assert "migrate_send" not in fake_vmm.fake_calls(str(vm.pk))
+
+
+@pytest.mark.parametrize(
+    ("setup", "code"),
+    [
+        ("same_host", "same_host"),
+        ("cordoned", "host_unavailable"),
+        ("down", "host_down"),
+        ("no_tunnel", "no_tunnel_address"),
+        ("no_driver_support", "migration_unsupported"),
+        ("stopped", "conflict"),
+    ],
+)
+def test_it_refuses_with_409_and_changes_nothing(two_hosts, owner, operator, setup, code):
+    env = two_hosts
+    target = env.hosts["h2"]
+    vm = fake_vm_in("stopped", owner=owner, host=env.hosts["h1"]) if setup == "stopped" else _running_vm(env, owner)
+    host = "h1" if setup == "same_host" else "h2"
+    if setup == "cordoned":
+        target.cordoned = True
+    elif setup == "down":
+        target.last_seen_at = timezone.now() - timedelta(hours=1)
+    elif setup == "no_tunnel":
+        target.tunnel_address = None
+    elif setup == "no_driver_support":
+        fake_vmm.fake_capabilities_set(live_migration=False)
+    target.save()
+    before = VM.objects.get(pk=vm.pk).state
+    with pytest.raises(ConflictError) as err:
+        _request(env, vm, operator, host=host)
+    assert err.value.code == code
+    assert VM.objects.get(pk=vm.pk).state == before
+    assert not Operation.objects.filter(vm_ref=vm.pk, action="migrate").exists()
+    assert env.sent == []
+
+
+def test_only_operators_may_migrate(two_hosts, owner):
+    env = two_hosts
+    vm = _running_vm(env, owner)
+    with pytest.raises(NotPermitted):
+        _request(env, vm, owner)
+    assert VM.objects.get(pk=vm.pk).state == S.RUNNING
+    denied = AuditEvent.objects.get(action="vm.migrate", object_id=str(vm.pk))
+    assert denied.result == "denied"
+
+
+def test_the_api_answers_202_to_operators_403_to_owners_404_to_strangers(two_hosts, owner, operator, api):
+    env = two_hosts
+    vm = _running_vm(env, owner)
+    url = f"/api/v1/vms/{vm.pk}/migrate/"
+    stranger = UserFactory(username="stranger")
+    assert api.post(url, {"host": "h2"}, format="json").status_code in (401, 403)  # anonymous
+    assert api.as_user(stranger).post(url, {"host": "h2"}, format="json").status_code == 404
+    assert api.as_user(owner).post(url, {"host": "h2"}, format="json").status_code == 403
+    assert api.as_user(operator).post(url, {"host": "nowhere"}, format="json").status_code == 400
+    assert VM.objects.get(pk=vm.pk).state == S.RUNNING
+    with env.capture(execute=True):
+        answer = api.as_user(operator).post(url, {"host": "h2"}, format="json")
+    assert answer.status_code == 202, answer.content
+    assert answer.json()["action"] == "migrate"
+    env.run()
+    assert VM.objects.get(pk=vm.pk).host.name == "h2"
