@@ -14,6 +14,7 @@ from django.utils import timezone
 from accounts.models import AuditEvent
 from sandbox_site.errors import ConflictError, NotPermitted
 from tests.factories import HostFactory, UserFactory
+from tests.networking.conftest import make_netns  # noqa: F401 - fixture
 from tests.vms.conftest import fake_vm_in
 from vms import hypervisor
 from vms.migration import vm_migrate
@@ -46,6 +47,7 @@ def two_hosts(fake, settings, tmp_path, monkeypatch, django_capture_on_commit_ca
         )
     settings.SANDBOX_HOST_NAME = "h1"
     settings.SANDBOX_RUNTIME_DIR = roots["h1"]
+    netns: dict[str, str] = {}  # a test with networking gives each host its namespace
     sent: list[tuple[str, str]] = []
 
     from vms import tasks
@@ -57,6 +59,8 @@ def two_hosts(fake, settings, tmp_path, monkeypatch, django_capture_on_commit_ca
     def as_host(name: str) -> None:
         settings.SANDBOX_HOST_NAME = name
         settings.SANDBOX_RUNTIME_DIR = roots[name]
+        if name in netns:
+            settings.SANDBOX_NETNS = netns[name]
 
     def run(limit: int = 20) -> list[str]:
         """Run the queued tasks in order; returns the queues they ran on."""
@@ -76,7 +80,7 @@ def two_hosts(fake, settings, tmp_path, monkeypatch, django_capture_on_commit_ca
         pass
 
     env = Env()
-    env.hosts, env.roots, env.sent, env.run, env.as_host = hosts, roots, sent, run, as_host
+    env.hosts, env.roots, env.sent, env.run, env.as_host, env.netns = hosts, roots, sent, run, as_host, netns
     env.capture = django_capture_on_commit_callbacks
     return env
 
@@ -231,3 +235,57 @@ def test_the_api_answers_202_to_operators_403_to_owners_404_to_strangers(two_hos
     assert answer.json()["action"] == "migrate"
     env.run()
     assert VM.objects.get(pk=vm.pk).host.name == "h2"
+
+
+def _links(netns: str) -> set[str]:
+    from pyroute2 import IPRoute
+
+    with IPRoute(netns=netns) as ipr:
+        return {link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+
+
+def test_the_vms_nic_moves_to_the_target_hosts_namespace_with_its_rules(
+    two_hosts,
+    operator,
+    api,
+    settings,
+    make_netns,  # noqa: F811 - the imported fixture
+):
+    """With networking: the TAP is made in the target host's namespace before the VM arrives,
+    the target's rules name the VM once it is there, and the source loses both."""
+    from networking import nft
+    from networking.models import Nic
+    from networking.services import network_create
+    from tests.factories import TemplateFactory
+
+    env = two_hosts
+    settings.SANDBOX_NETWORKING = True
+    settings.SANDBOX_NETWORK_IP_FORWARD = False
+    env.netns.update(h1=make_netns("h1"), h2=make_netns("h2"))
+    env.as_host("h1")
+    network_create(name="lab", cidr="10.231.62.0/24", actor=operator)
+    TemplateFactory(name="mig-template")
+    with env.capture(execute=True):
+        created = api.as_user(operator).post(
+            "/api/v1/vms/",
+            {"template": "mig-template", "name": "mover", "host": "h1", "nics": [{"network": "lab"}]},
+            format="json",
+        )
+    assert created.status_code == 202, created.content
+    env.run()
+    vm = VM.objects.get(pk=created.json()["id"])
+    assert vm.state == S.RUNNING and vm.host.name == "h1", vm.last_error
+    nic = Nic.objects.get(vm=vm)
+    assert nic.tap in _links(env.netns["h1"]) and nic.tap not in _links(env.netns["h2"])
+    assert nic.mac in str(nft.list_ours(netns=env.netns["h1"]))
+
+    _request(env, vm, operator)
+    env.run()
+    vm.refresh_from_db()
+    assert vm.state == S.RUNNING and vm.host.name == "h2"
+    nic.refresh_from_db()
+    assert nic.plumbed
+    assert nic.tap in _links(env.netns["h2"]) and nic.tap not in _links(env.netns["h1"])
+    assert nic.mac in str(nft.list_ours(netns=env.netns["h2"]))
+    assert nic.mac not in str(nft.list_ours(netns=env.netns["h1"]))
+    assert fake_vmm.fake_vm(str(vm.pk)).nics == {"net0": nic.tap}
