@@ -27,62 +27,62 @@ pytestmark = pytest.mark.django_db
 S = VmState
 
 
-@pytest.fixture
-def two_hosts(fake, settings, tmp_path, monkeypatch, django_capture_on_commit_callbacks):
-    """Hosts "h1" (this one, the VMs' source) and "h2", both up with room and an underlay
-    address; ``run()`` executes the queued tasks, each as its queue's host would."""
-    now = timezone.now()
-    roots = {"h1": tmp_path / "h1", "h2": tmp_path / "h2"}
-    hosts = {}
-    for i, name in enumerate(roots, start=1):
-        roots[name].mkdir()
-        hosts[name] = HostFactory(
-            name=name,
-            last_seen_at=now,
-            hostd_seen_at=now,
-            cpus=8,
-            memory_mib=16384,
-            disk_free_gib=100,
-            tunnel_address=f"10.231.121.{i}",
+class Hosts:
+    """Hosts "h1" (this one, where VMs start) and "h2", both up with room and an underlay
+    address, each with its own runtime directory (and namespace, when ``netns`` names one);
+    ``run()`` executes the queued tasks, each as the worker of its queue's host would."""
+
+    def __init__(self, settings, monkeypatch, capture, roots, tunnels) -> None:
+        from vms import tasks
+
+        now = timezone.now()
+        self.settings, self.capture, self.roots = settings, capture, roots
+        self.hosts = {}
+        for name, tunnel in tunnels.items():
+            roots[name].mkdir(exist_ok=True)
+            self.hosts[name] = HostFactory(
+                name=name,
+                last_seen_at=now,
+                hostd_seen_at=now,
+                cpus=8,
+                memory_mib=16384,
+                disk_free_gib=100,
+                tunnel_address=tunnel,
+            )
+        self.netns: dict[str, str] = {}
+        self.sent: list[tuple[str, str]] = []
+        monkeypatch.setattr(
+            tasks.operation_run_task, "apply_async", lambda args, queue, **kw: self.sent.append((args[0], queue))
         )
-    settings.SANDBOX_HOST_NAME = "h1"
-    settings.SANDBOX_RUNTIME_DIR = roots["h1"]
-    netns: dict[str, str] = {}  # a test with networking gives each host its namespace
-    sent: list[tuple[str, str]] = []
+        self.as_host("h1")
 
-    from vms import tasks
+    def as_host(self, name: str) -> None:
+        self.settings.SANDBOX_HOST_NAME = name
+        self.settings.SANDBOX_RUNTIME_DIR = self.roots[name]
+        if name in self.netns:
+            self.settings.SANDBOX_NETNS = self.netns[name]
 
-    monkeypatch.setattr(
-        tasks.operation_run_task, "apply_async", lambda args, queue, **kw: sent.append((args[0], queue))
-    )
-
-    def as_host(name: str) -> None:
-        settings.SANDBOX_HOST_NAME = name
-        settings.SANDBOX_RUNTIME_DIR = roots[name]
-        if name in netns:
-            settings.SANDBOX_NETNS = netns[name]
-
-    def run(limit: int = 20) -> list[str]:
+    def run(self, limit: int = 20) -> list[str]:
         """Run the queued tasks in order; returns the queues they ran on."""
         ran = []
         for _ in range(limit):
-            if not sent:
+            if not self.sent:
                 break
-            op_id, queue = sent.pop(0)
-            as_host(queue.removeprefix("host."))
-            with django_capture_on_commit_callbacks(execute=True):
+            op_id, queue = self.sent.pop(0)
+            self.as_host(queue.removeprefix("host."))
+            with self.capture(execute=True):
                 operation_execute(op_id)
             ran.append(queue)
-        as_host("h1")
+        self.as_host("h1")
         return ran
 
-    class Env:
-        pass
 
-    env = Env()
-    env.hosts, env.roots, env.sent, env.run, env.as_host, env.netns = hosts, roots, sent, run, as_host, netns
-    env.capture = django_capture_on_commit_callbacks
-    return env
+@pytest.fixture
+def two_hosts(fake, settings, tmp_path, monkeypatch, django_capture_on_commit_callbacks):
+    roots = {"h1": tmp_path / "h1", "h2": tmp_path / "h2"}
+    return Hosts(
+        settings, monkeypatch, django_capture_on_commit_callbacks, roots, {"h1": "10.231.121.1", "h2": "10.231.121.2"}
+    )
 
 
 def _running_vm(env, owner):
