@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import uuid
 from dataclasses import asdict
+from pathlib import Path
 
 from django.conf import settings
 from django.db import transaction
@@ -249,6 +251,43 @@ def _target_undo(vm: VM, driver: Driver, spec: VmSpec, target: Host) -> None:
         hook_run("vm_migrated_away", vm=vm, host=target)
     except Exception:
         logger.warning("network clean-up of %s on %s failed", vm.pk, target.name, exc_info=True)
+
+
+def migration_leftovers_remove(host: Host) -> int:
+    """Reconcile, on ``host``: the runtime directories here of VMs that live-migrated away
+    and are no longer migrating (their cleanup step was lost or failed) go, with the stopped
+    VMM in them and the VM's TAPs here (hook ``vm_migrated_away``). Only VMs whose ``migrate``
+    operation left this host are touched. Returns how many."""
+    root = Path(settings.SANDBOX_RUNTIME_DIR)
+    if not root.is_dir():
+        return 0
+    ids = []
+    for entry in root.iterdir():
+        try:
+            ids.append(uuid.UUID(entry.name))
+        except ValueError:
+            continue
+    if not ids:
+        return 0
+    left = (
+        VM.objects.filter(pk__in=ids, host__isnull=False)
+        .exclude(host=host)
+        .exclude(state=S.MIGRATING)
+        .exclude(driver="")
+        .select_related("template__image", "host")
+    )
+    removed = 0
+    for vm in left:
+        if not Operation.objects.filter(vm=vm, action="migrate", params__source=host.name).exists():
+            continue  # not ours to judge (e.g. a directory another process is making)
+        try:
+            hypervisor.driver_for(vm.driver).cleanup(hypervisor.vm_spec(vm))
+            hook_run("vm_migrated_away", vm=vm, host=host)
+        except Exception:
+            logger.warning("removing what %s left on %s after its migration failed", vm.pk, host.name, exc_info=True)
+            continue
+        removed += 1
+    return removed
 
 
 def _message(exc: Exception) -> str:

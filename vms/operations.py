@@ -302,7 +302,7 @@ def vms_reconcile(host: Host) -> dict[str, int]:
     """Compare recorded state with what runs on this host: a VMM that is gone turns its VM to
     error (keeping the last console lines); a guest that powered itself off turns it to
     stopped; a transitional state whose operation died is retried or settled; runtime
-    directories of VMs that no longer exist are removed."""
+    directories of VMs that no longer exist, or that live-migrated away, are removed."""
     from vms import lifecycle
 
     counts = {"died": 0, "powered_off": 0, "stuck": 0, "orphans": 0}
@@ -334,7 +334,9 @@ def vms_reconcile(host: Host) -> dict[str, int]:
             counts["stuck"] += _settle_transitional(vm, now)
     root = settings.SANDBOX_RUNTIME_DIR
     if root.is_dir():
-        counts["orphans"] = _orphans_remove(root)
+        from vms.migration import migration_leftovers_remove
+
+        counts["orphans"] = _orphans_remove(root) + migration_leftovers_remove(host)
     for result, n in {**counts, "recovered": recovered}.items():
         if n:
             metrics.RECONCILE.labels(result).inc(n)

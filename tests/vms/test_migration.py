@@ -132,6 +132,23 @@ def test_a_step_delivered_to_the_wrong_host_hands_itself_over(two_hosts, owner, 
     assert VM.objects.get(pk=vm.pk).host.name == "h2"
 
 
+def test_reconcile_removes_what_a_lost_cleanup_left_on_the_source(two_hosts, owner, operator):
+    from vms.operations import vms_reconcile
+
+    env = two_hosts
+    vm = _running_vm(env, owner)
+    left = hypervisor.vm_spec(vm).runtime_dir
+    _request(env, vm, operator)
+    assert env.run(limit=3) == ["host.h2", "host.h1", "host.h2"]
+    env.sent.clear()  # the cleanup task is lost
+    assert left.exists() and VM.objects.get(pk=vm.pk).host.name == "h2"
+    other = fake_vm_in("running", owner=owner, host=env.hosts["h2"])  # never migrated: not touched
+    other_dir = hypervisor.vm_spec(other).runtime_dir
+    assert vms_reconcile(env.hosts["h1"])["orphans"] == 1
+    assert not left.exists() and other_dir.exists()
+    assert fake_vmm.fake_vm(str(vm.pk)).runtime_dir == env.roots["h2"] / str(vm.pk)  # the VM itself runs on
+
+
 def test_a_failed_send_leaves_the_vm_running_on_its_source(two_hosts, owner, operator):
     env = two_hosts
     vm = _running_vm(env, owner)
