@@ -39,6 +39,7 @@ from pathlib import Path
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from accounts.audit import audit_record
@@ -254,10 +255,10 @@ def _target_undo(vm: VM, driver: Driver, spec: VmSpec, target: Host) -> None:
 
 
 def migration_leftovers_remove(host: Host) -> int:
-    """Reconcile, on ``host``: the runtime directories here of VMs that live-migrated away
-    and are no longer migrating (their cleanup step was lost or failed) go, with the stopped
-    VMM in them and the VM's TAPs here (hook ``vm_migrated_away``). Only VMs whose ``migrate``
-    operation left this host are touched. Returns how many."""
+    """Reconcile, on ``host``: the runtime directories here of VMs that are on another host
+    and not migrating, but were migrating from or to this one (a cleanup or abort step that
+    was lost or failed), go with the VMM in them and the VM's TAPs here (hook
+    ``vm_migrated_away``). Returns how many."""
     root = Path(settings.SANDBOX_RUNTIME_DIR)
     if not root.is_dir():
         return 0
@@ -278,7 +279,8 @@ def migration_leftovers_remove(host: Host) -> int:
     )
     removed = 0
     for vm in left:
-        if not Operation.objects.filter(vm=vm, action="migrate", params__source=host.name).exists():
+        ours = Q(params__source=host.name) | Q(params__target=host.name)
+        if not Operation.objects.filter(ours, vm=vm, action="migrate").exists():
             continue  # not ours to judge (e.g. a directory another process is making)
         try:
             hypervisor.driver_for(vm.driver).cleanup(hypervisor.vm_spec(vm))

@@ -149,6 +149,23 @@ def test_reconcile_removes_what_a_lost_cleanup_left_on_the_source(two_hosts, own
     assert fake_vmm.fake_vm(str(vm.pk)).runtime_dir == env.roots["h2"] / str(vm.pk)  # the VM itself runs on
 
 
+def test_reconcile_removes_a_half_received_vm_whose_migration_was_lost(two_hosts, owner, operator):
+    from vms.operations import vms_reconcile
+
+    env = two_hosts
+    vm = _running_vm(env, owner)
+    _request(env, vm, operator)
+    assert env.run(limit=1) == ["host.h2"]  # prepared on the target; then the operation is lost
+    env.sent.clear()
+    VM.objects.filter(pk=vm.pk).update(state=S.RUNNING)  # as the source's reconcile settles it
+    half = env.roots["h2"] / str(vm.pk)
+    assert half.exists()
+    env.as_host("h2")
+    assert vms_reconcile(env.hosts["h2"])["orphans"] == 1
+    assert not half.exists()
+    assert fake_vmm.fake_vm(str(vm.pk)).state == RuntimeState.RUNNING  # the source VM is untouched
+
+
 def test_a_failed_send_leaves_the_vm_running_on_its_source(two_hosts, owner, operator):
     env = two_hosts
     vm = _running_vm(env, owner)
