@@ -14,7 +14,8 @@ prepare    target  NICs plumbed here, ``Driver.migrate_receive_prepare`` on the 
 send       source  ``Driver.migrate_send`` (disk and RAM; on failure the VM runs on here,
                    state back to running) -> finish (failure: abort)
 finish     target  the row switches to this host (compare-and-set on ``migrating`` and the
-                   source), rules and tunnels re-made here with the VM, peers told,
+                   source), rules and tunnels re-made here with the VM, peers told, the
+                   newest 64 KiB of the source's console log put first in this one,
                    ``Driver.migrate_receive_finish`` (the guest runs here), the guest agent
                    reached through this host's hostd, state running, hook ``vm_migrated``
                    -> cleanup (failure: row back to the source, target undone -> rollback)
@@ -31,8 +32,10 @@ VMM's last round of the copy plus one hand-off between the workers (send -> fini
 
 from __future__ import annotations
 
+import base64
 import copy
 import logging
+import os
 import uuid
 from dataclasses import asdict
 from pathlib import Path
@@ -63,6 +66,10 @@ PREPARE, SEND, FINISH, CLEANUP, ABORT, ROLLBACK = "prepare", "send", "finish", "
 ON_TARGET = frozenset({PREPARE, FINISH, ABORT})
 PREPARE_TIMEOUT = 60.0
 FINISH_TIMEOUT = 60.0
+# The newest console output that follows the VM to its new host (the rest of the source's log
+# goes with its runtime directory); kept in the operation's params on the way.
+CONSOLE_CARRY_BYTES = 64 << 10
+SERIAL_LOG = "serial.log"
 
 
 def vm_migrate(*, vm: VM, host: Host | str, actor) -> Operation:
@@ -184,7 +191,7 @@ def _send(op, vm, params, driver: Driver, spec: VmSpec, source: Host, target: Ho
         f"disk {result.disk_bytes >> 20} MiB, {result.disk_sync})",
         progress=70,
     )
-    params.update(phase=FINISH, result=asdict(result))
+    params.update(phase=FINISH, result=asdict(result), console=_console_tail(spec))
     raise OperationHandoff(target.queue, params)
 
 
@@ -198,6 +205,7 @@ def _finish(op, vm, params, driver: Driver, spec: VmSpec, source: Host, target: 
         raise ApplicationError(f"The VM became {vm.state} during its migration; it was not moved.")
     try:
         vm_before_launch(vm)  # this host's tunnels and rules now with the VM; its peers are told
+        _console_carry(spec, params.pop("console", ""))
         driver.migrate_receive_finish(spec, timeout=FINISH_TIMEOUT)
     except Exception as exc:
         VM.objects.filter(pk=vm.pk, state=S.MIGRATING, host_id=target.pk).update(host=source)
@@ -290,6 +298,29 @@ def migration_leftovers_remove(host: Host) -> int:
             continue
         removed += 1
     return removed
+
+
+def _console_tail(spec: VmSpec) -> str:
+    """The newest ``CONSOLE_CARRY_BYTES`` of the source's console log (base64): the guest is
+    stopped, so it is final."""
+    try:
+        with open(spec.runtime_dir / SERIAL_LOG, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - CONSOLE_CARRY_BYTES))
+            return base64.b64encode(fh.read()).decode()
+    except OSError:
+        return ""
+
+
+def _console_carry(spec: VmSpec, tail: str) -> None:
+    """Before the guest resumes on the target: its console log there starts with the source's
+    newest lines (the VMM appends to the file; the guest has written nothing here yet). Only
+    into an empty log: a redelivered step adds nothing twice."""
+    path = spec.runtime_dir / SERIAL_LOG
+    if not tail or (path.exists() and path.stat().st_size > 0):
+        return
+    with open(path, "ab") as fh:
+        fh.write(base64.b64decode(tail)[-CONSOLE_CARRY_BYTES:])
 
 
 def _message(exc: Exception) -> str:

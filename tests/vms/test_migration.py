@@ -114,6 +114,8 @@ def test_it_moves_a_running_vm_to_the_other_host(two_hosts, owner, operator):
     assert moved.runtime_dir == env.roots["h2"] / str(vm.pk)
     assert not spec_h1.runtime_dir.exists()  # the source's VMM and files are gone
     assert vm.vmm_pid == moved.pid
+    # The console's newest output came along, ahead of anything the guest writes there.
+    assert (env.roots["h2"] / str(vm.pk) / "serial.log").read_text().startswith("fake VMM: booting")
     calls = fake_vmm.fake_calls(str(vm.pk))
     assert calls.index("migrate_receive_prepare") < calls.index("migrate_send") < calls.index("migrate_receive_finish")
     audit = AuditEvent.objects.get(action="vm.migrate", object_id=str(vm.pk))
