@@ -107,12 +107,13 @@ def vm_migrate(*, vm: VM, host: Host | str, actor) -> Operation:
         )
     caps = hypervisor.driver_capabilities(vm.driver) if vm.driver else None
     if caps is None or not caps.live_migration or caps.live_migration_disk != MIGRATION_DISK_MIRROR:
+        why = "without shared storage" if caps is not None and caps.live_migration else "while it runs"
         raise ConflictError(
-            f"The {vm.driver or 'current'} driver cannot move a running VM between hosts without shared storage.",
+            f"The {vm.driver or 'current'} driver cannot move a VM between hosts {why}.",
             code="migration_unsupported",
         )
     with transaction.atomic():
-        # The target's row lock until commit: parallel creates and migrations cannot overfill it.
+        # Under the target's row lock until commit; the VM counts there once its row moves.
         host_admission_check(host=host, vcpus=vm.vcpus, memory_mib=vm.memory_mib)
         previous = vm_transition_request(vm, "migrate")
         op = operation_new(
@@ -181,7 +182,12 @@ def _send(op, vm, params, driver: Driver, spec: VmSpec, source: Host, target: Ho
             spec, MigrationTarget.from_dict(params["target_info"]), timeout=settings.SANDBOX_MIGRATION_TIMEOUT
         )
     except Exception as exc:
-        # The driver cancelled the copy: the VM runs on here as before.
+        # The driver cancels its own copy; cancelling again also resumes a source that a
+        # completed send stopped (a redelivered step finds it so): the VM runs on here.
+        try:
+            driver.migrate_cancel(spec)
+        except Exception:
+            logger.warning("cancelling the migration of %s on %s failed", vm.pk, source.name, exc_info=True)
         vm_transition(vm, expected={S.MIGRATING}, new=S.RUNNING)
         params.update(phase=ABORT, error=f"Sending the VM to {target.name} failed: {_message(exc)}")
         raise OperationHandoff(target.queue, params) from exc
