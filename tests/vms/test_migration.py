@@ -7,6 +7,7 @@ on either side."""
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from django.utils import timezone
@@ -50,6 +51,7 @@ class Hosts:
                 tunnel_address=tunnel,
             )
         self.netns: dict[str, str] = {}
+        self.hostd_sockets: dict[str, Path] = {}  # a test with a hostd per host names their sockets
         self.sent: list[tuple[str, str]] = []
         monkeypatch.setattr(
             tasks.operation_run_task, "apply_async", lambda args, queue, **kw: self.sent.append((args[0], queue))
@@ -61,6 +63,8 @@ class Hosts:
         self.settings.SANDBOX_RUNTIME_DIR = self.roots[name]
         if name in self.netns:
             self.settings.SANDBOX_NETNS = self.netns[name]
+        if name in self.hostd_sockets:
+            self.settings.SANDBOX_HOSTD_SOCKET = self.hostd_sockets[name]
 
     def run(self, limit: int = 20) -> list[str]:
         """Run the queued tasks in order; returns the queues they ran on."""

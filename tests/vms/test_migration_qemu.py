@@ -1,8 +1,9 @@
 """The ``migrate`` operation end to end with a real QEMU guest: two hosts in two network
 namespaces this test creates, joined by a veth underlay (the hosts' tunnel addresses), each
-with its own runtime directory; every task runs as its queue's host (tests/vms/test_migration.py's
-``Hosts``). No hostd runs: the agent is reached on the VM's host's socket directly. One guest is
-booted; a background exec started before the move is the same process afterwards."""
+with its own runtime directory and its own hostd (tests/hostd/runner.py); every task runs as its
+queue's host (tests/vms/test_migration.py's ``Hosts``), and agent calls go to the VM's host's
+hostd. One guest is booted; a background exec started before the move is the same process
+afterwards, and the target's hostd streams its output from the start."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from pathlib import Path
 import pytest
 
 from tests.factories import ImageFactory, TemplateFactory, VmFactory
+from tests.hostd.runner import Hostd
 from tests.vms.test_migration import Hosts
 from vms import agent_gateway, hypervisor, services
+from vms.hostd.client import HostdClient
 from vms.migration import vm_migrate
 from vms.models import VM, Operation
 from vms.vmm.process import running_vmm_pid
@@ -25,7 +28,7 @@ from vms.vmm.process import running_vmm_pid
 pytestmark = [pytest.mark.django_db, pytest.mark.vm, pytest.mark.timeout(900)]
 IMAGE_DIR = Path(os.environ.get("SANDBOX_IMAGE_DIR", "/work/main/var/images"))
 UNDERLAY = {"h1": "10.231.123.1", "h2": "10.231.123.2"}
-COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /root/counter; sleep 0.2; done"
+COUNTER = "i=0; while :; do i=$((i+1)); echo $i; echo $i > /root/counter; sleep 0.2; done"
 
 
 @pytest.fixture
@@ -67,18 +70,24 @@ def real_hosts(settings, monkeypatch, django_capture_on_commit_callbacks, underl
     roots = {"h1": top / "h1", "h2": top / "h2"}
     settings.SANDBOX_NETWORKING = False
     settings.SANDBOX_VMM_CGROUP = "msbx-test"
-    settings.SANDBOX_HOSTD_SOCKET = top / "no-hostd.sock"  # the agent is reached directly
     hosts = Hosts(settings, monkeypatch, django_capture_on_commit_callbacks, roots, UNDERLAY)
+    daemons = {}
     for name in roots:
         roots[name].chmod(0o711)
+        daemons[name] = Hostd(roots[name]).start()
+        hosts.hostd_sockets[name] = roots[name] / "hostd.sock"
     hosts.netns.update(underlay)
+    hosts.daemons = daemons
     hosts.as_host("h1")
-    yield hosts
-    for name in roots:
-        hosts.as_host(name)
-        for vm in VM.objects.all():
-            hypervisor.driver_for("qemu").cleanup(hypervisor.vm_spec(vm))
-    shutil.rmtree(top, ignore_errors=True)
+    try:
+        yield hosts
+    finally:
+        for name in roots:
+            daemons[name].stop()
+            hosts.as_host(name)
+            for vm in VM.objects.all():
+                hypervisor.driver_for("qemu").cleanup(hypervisor.vm_spec(vm))
+        shutil.rmtree(top, ignore_errors=True)
 
 
 def _sh(vm, command: str) -> str:
@@ -139,3 +148,20 @@ def test_it_moves_a_running_guest_and_its_background_exec_to_the_other_host(real
     info, _ = agent_gateway.agent_call(vm, "exec_get", {"exec_id": started["exec_id"]}, timeout=10)
     assert info["running"] is True and info["pid"] == started["pid"]
     assert _counter_grows(vm)
+    # The target's hostd streams the exec's output from its first byte (written on the source)
+    # on to what the process printed here.
+    now = int(_sh(vm, "cat /root/counter"))
+    seen = b""
+    with HostdClient(env.hostd_sockets["h2"], timeout=20) as client:
+        for event in client.exec_stream(str(vm.pk), started["exec_id"], offset=0, timeout=20):
+            assert event["ev"] == "out", event
+            seen += event["data"]
+            if str(now).encode() in seen.split():
+                break
+        attached = client.call("vm_list", {})[0]["vms"]
+    numbers = [int(n) for n in seen.split()]
+    assert numbers[:3] == [1, 2, 3] and numbers == list(range(1, len(numbers) + 1))
+    assert [(v["vm_id"], v["pid"]) for v in attached] == [(str(vm.pk), vm.vmm_pid)]
+    env.daemons["h1"].scan()  # the source's hostd lets go of the VM whose VMM is gone
+    with HostdClient(env.hostd_sockets["h1"], timeout=20) as client:
+        assert client.call("vm_list", {})[0]["vms"] == []
