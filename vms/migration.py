@@ -53,7 +53,7 @@ from vms import agent_gateway, hypervisor
 from vms.admission import host_admission_check
 from vms.hooks import hook_run
 from vms.lifecycle import vm_before_launch
-from vms.models import VM, Host, Operation, VmState
+from vms.models import VM, BootMode, Host, Operation, VmState
 from vms.operations import OperationHandoff, operation_enqueue, operation_handler_register, operation_log, operation_new
 from vms.selectors import host_is_up
 from vms.transitions import vm_transition, vm_transition_request
@@ -110,6 +110,11 @@ def vm_migrate(*, vm: VM, host: Host | str, actor) -> Operation:
         why = "without shared storage" if caps is not None and caps.live_migration else "while it runs"
         raise ConflictError(
             f"The {vm.driver or 'current'} driver cannot move a VM between hosts {why}.",
+            code="migration_unsupported",
+        )
+    if vm.boot_image.boot_mode != BootMode.KERNEL:
+        raise ConflictError(
+            "Firmware-booted (UEFI) VMs cannot be live-migrated yet: their UEFI variables would not follow.",
             code="migration_unsupported",
         )
     with transaction.atomic():

@@ -19,7 +19,7 @@ import pytest
 
 from tests.vmm.agent_ops import agent_run
 from vms.vmm.agent_client import AgentConnection, AgentTransport, agent_socket_path, wait_for_agent
-from vms.vmm.base import MigrationTarget, RuntimeState, VmmError, VmSpec
+from vms.vmm.base import MigrationTarget, RuntimeState, VmmError, VmmUnsupported, VmSpec
 from vms.vmm.process import running_vmm_pid
 from vms.vmm.qemu import QemuDriver
 
@@ -172,3 +172,19 @@ def test_it_moves_a_running_guest_with_its_disk_and_a_background_exec_to_another
     finally:
         for spec in (home, target_spec, source):
             driver.cleanup(spec)
+
+
+def test_firmware_booted_vms_are_refused_before_anything_starts(tmp_path: Path) -> None:
+    spec = VmSpec(
+        vm_id="uefi",
+        runtime_dir=tmp_path / "rd",
+        kernel=tmp_path / "k",
+        base_image=tmp_path / "disk",
+        boot_mode="uefi",
+    )
+    driver = QemuDriver()
+    with pytest.raises(VmmUnsupported):
+        driver.migrate_receive_prepare(spec, listen_host="127.0.0.1")
+    with pytest.raises(VmmUnsupported):
+        driver.migrate_send(spec, MigrationTarget(driver="qemu", host="127.0.0.1", port=1))
+    assert not spec.runtime_dir.exists()

@@ -19,7 +19,7 @@ from tests.networking.conftest import make_netns  # noqa: F401 - fixture
 from tests.vms.conftest import fake_vm_in
 from vms import hypervisor
 from vms.migration import vm_migrate
-from vms.models import VM, Operation, VmState
+from vms.models import VM, Image, Operation, VmState
 from vms.operations import operation_execute
 from vms.vmm import fake as fake_vmm
 from vms.vmm.base import RuntimeState, VmmError
@@ -224,6 +224,7 @@ def test_a_failed_prepare_changes_nothing(two_hosts, owner, operator):
         ("no_tunnel", "no_tunnel_address"),
         ("no_driver_support", "migration_unsupported"),
         ("stopped", "conflict"),
+        ("uefi", "migration_unsupported"),
     ],
 )
 def test_it_refuses_with_409_and_changes_nothing(two_hosts, owner, operator, setup, code):
@@ -239,6 +240,9 @@ def test_it_refuses_with_409_and_changes_nothing(two_hosts, owner, operator, set
         target.tunnel_address = None
     elif setup == "no_driver_support":
         fake_vmm.fake_capabilities_set(live_migration=False)
+    elif setup == "uefi":
+        Image.objects.filter(pk=vm.template.image_id).update(boot_mode="uefi")
+        vm.refresh_from_db()
     target.save()
     before = VM.objects.get(pk=vm.pk).state
     with pytest.raises(ConflictError) as err:

@@ -339,7 +339,8 @@ class QemuDriver:
         self.confinement = confinement or VmmConfinement()
 
     def capabilities(self) -> DriverCapabilities:
-        """No hotplug of any kind on microvm; memory and disk-only snapshots; shared layers."""
+        """No hotplug of any kind on microvm; memory and disk-only snapshots; shared layers;
+        live migration with the disk mirrored (direct-boot VMs)."""
         return _CAPABILITIES
 
     # ----- paths -------------------------------------------------------------------
@@ -1040,6 +1041,7 @@ class QemuDriver:
         that overlay (writable: the source mirrors its disk into it) and ``migrate-incoming``
         on ``listen_host``. Both ports are chosen by the kernel and reported in the result.
         ``VmmStateError`` when a QEMU already runs for ``spec`` here."""
+        _check_migratable(spec)
         if running_vmm_pid(spec.runtime_dir) is not None:
             raise VmmStateError("a QEMU already runs for this VM on the target host")
         listen_address_check(listen_host)
@@ -1115,6 +1117,7 @@ class QemuDriver:
         the error is raised."""
         started = time.monotonic()
         deadline = started + timeout
+        _check_migratable(spec)
         if target.driver != self.name:
             raise VmmError(f"the target host prepared a {target.driver} VM, not {self.name}")
         if target.disk_port is None or not target.disk_export:
@@ -1350,6 +1353,13 @@ def _cmdline_of(pid: int) -> list[str]:
         return (Path("/proc") / str(pid) / "cmdline").read_bytes().decode("utf-8", "replace").split("\0")
     except OSError:
         return []
+
+
+def _check_migratable(spec: VmSpec) -> None:
+    """Only direct-boot VMs migrate: a firmware-booted VM's UEFI variable store is a pflash
+    drive of its own that is not copied yet (its boot entries would be lost at the next boot)."""
+    if spec.boot_mode != BOOT_KERNEL:
+        raise VmmUnsupported("live migration of firmware-booted (UEFI) VMs is not built yet")
 
 
 def _disk_size(spec: VmSpec) -> int:
