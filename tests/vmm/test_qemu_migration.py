@@ -19,7 +19,7 @@ import pytest
 
 from tests.vmm.agent_ops import agent_run
 from vms.vmm.agent_client import AgentConnection, AgentTransport, agent_socket_path, wait_for_agent
-from vms.vmm.base import MigrationTarget, RuntimeState, VmmError, VmmUnsupported, VmSpec
+from vms.vmm.base import MigrationTarget, MigrationTls, RuntimeState, VmmError, VmmUnsupported, VmSpec
 from vms.vmm.process import running_vmm_pid
 from vms.vmm.qemu import QemuDriver
 
@@ -154,12 +154,30 @@ def test_it_moves_a_running_guest_with_its_disk_and_a_background_exec_to_another
         _sh(target_spec, "echo after-migration >> /root/marker && sync")
         assert _sh(target_spec, "cat /root/marker").split() == ["before-migration", "after-migration"]
 
-        # Back to the first host, from a disk that now sits on a snapshot layer the first host
-        # does not have: the whole disk is copied (sync full), the guest keeps running.
+        # Back to the first host over TLS, from a disk that now sits on a snapshot layer the first
+        # host does not have: the whole disk is copied (sync full), the guest keeps running.
         layer = driver.snapshot(target_spec, snap_root / "s1", include_memory=False)
         assert layer.backing_chain == [str(source.base_image.resolve())]
-        back = driver.migrate_receive_prepare(home, listen_host=SOURCE_IP)
-        result = driver.migrate_send(target_spec, back, timeout=600)
+        server_tls = _tls(snap_root / "pki", "server", SOURCE_IP)
+        back = driver.migrate_receive_prepare(home, listen_host=SOURCE_IP, tls=server_tls)
+        assert back.tls
+        with pytest.raises(VmmError, match="TLS"):  # plain TCP to a TLS target: refused at once
+            driver.migrate_send(target_spec, back, timeout=60)
+        # The source trusts another CA: it refuses the target. The source's certificate is of
+        # another CA: the target refuses it. Either way the VM runs on where it is.
+        rogue = _tls(snap_root / "rogue", "client", None)
+        with pytest.raises(VmmError, match="known issuer"):
+            driver.migrate_send(target_spec, back, tls=rogue, timeout=60)
+        both = snap_root / "both-cas.pem"  # trusts the target, and its own certificate's CA
+        both.write_bytes(server_tls.ca_cert.read_bytes() + rogue.ca_cert.read_bytes())
+        impostor = MigrationTls(ca_cert=both, cert=rogue.cert, key=rogue.key)
+        with pytest.raises(VmmError, match="TLS"):  # the target hung up in the handshake
+            driver.migrate_send(target_spec, back, tls=impostor, timeout=60)
+        assert driver.info(target_spec).state == RuntimeState.RUNNING
+        driver.migrate_receive_abort(home)
+        back = driver.migrate_receive_prepare(home, listen_host=SOURCE_IP, tls=server_tls)
+        client_tls = _tls(snap_root / "pki", "client", None)
+        result = driver.migrate_send(target_spec, back, tls=client_tls, timeout=600)
         assert result.disk_sync == "full" and result.disk_bytes >= 2 << 30  # every byte of the 2 GiB disk
         driver.migrate_receive_finish(home)
         driver.cleanup(target_spec)
@@ -172,6 +190,64 @@ def test_it_moves_a_running_guest_with_its_disk_and_a_background_exec_to_another
     finally:
         for spec in (home, target_spec, source):
             driver.cleanup(spec)
+
+
+def _tls(directory: Path, role: str, ip: str | None) -> MigrationTls:
+    """A certificate for ``role`` ("server" naming ``ip``, or "client") from the CA in
+    ``directory`` (made on first use): what an installation's PKI would issue each host."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    directory.mkdir(exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key_path, ca_path = directory / "ca.key", directory / "ca.pem"
+    if not ca_path.exists():
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"test CA {directory.name}")])
+        cert = (
+            x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256())
+        )  # fmt: skip
+        ca_key_path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        ca_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), None)
+    ca_cert = x509.load_pem_x509_certificate(ca_path.read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    usage = ExtendedKeyUsageOID.SERVER_AUTH if role == "server" else ExtendedKeyUsageOID.CLIENT_AUTH
+    builder = (
+        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{role} {ip}")]))
+        .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    )  # fmt: skip
+    if ip:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]), critical=False
+        )
+    cert = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    (directory / f"{role}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / f"{role}.key").write_bytes(_key_pem(key))
+    return MigrationTls(ca_cert=ca_path, cert=directory / f"{role}.pem", key=directory / f"{role}.key")
+
+
+def _key_pem(key: object) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.private_bytes(  # type: ignore[attr-defined, no-any-return]
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def test_firmware_booted_vms_are_refused_before_anything_starts(tmp_path: Path) -> None:

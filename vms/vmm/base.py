@@ -211,6 +211,7 @@ class MigrationTarget:
     acceleration: str = ""  # the target VMM's ("kvm"/"tcg"): the source's must be the same
     vmm_version: str = ""
     runtime_dir: str = ""  # the VM's runtime directory on the target host
+    tls: bool = False  # the target only takes the stream (and the disk) over TLS
 
     def to_dict(self) -> dict[str, object]:
         data = asdict(self)
@@ -232,7 +233,19 @@ class MigrationTarget:
             acceleration=str(data.get("acceleration") or ""),
             vmm_version=str(data.get("vmm_version") or ""),
             runtime_dir=str(data.get("runtime_dir") or ""),
+            tls=bool(data.get("tls")),
         )
+
+
+@dataclass(frozen=True)
+class MigrationTls:
+    """Certificates that encrypt and authenticate a migration (PEM files): the CA both ends
+    trust, and this end's certificate and key (the target's a server certificate naming its
+    listen address, the source's a client certificate). Each end verifies the other."""
+
+    ca_cert: Path
+    cert: Path
+    key: Path
 
 
 @dataclass(frozen=True)
@@ -330,21 +343,35 @@ class Driver(Protocol):
     # (the VM runs on the source again) and target ``migrate_receive_abort``.
 
     def migrate_receive_prepare(
-        self, spec: VmSpec, *, listen_host: str, backing: Path | None = None, timeout: float = 60.0
+        self,
+        spec: VmSpec,
+        *,
+        listen_host: str,
+        backing: Path | None = None,
+        tls: MigrationTls | None = None,
+        timeout: float = 60.0,
     ) -> MigrationTarget:
         """Target host: make ``spec``'s runtime directory (a new disk backed by ``backing``,
         default ``spec.base_image``) and start a VMM that waits for the migration stream on
-        ``listen_host`` (this host's underlay address, in ``spec.netns``). ``VmmStateError``
-        when a VMM already runs for ``spec`` here; ``VmmUnsupported`` without live migration."""
+        ``listen_host`` (this host's underlay address, in ``spec.netns``), over TLS with
+        ``tls`` (the source must then send with TLS too). ``VmmStateError`` when a VMM already
+        runs for ``spec`` here; ``VmmUnsupported`` without live migration."""
         ...
 
     def migrate_send(
-        self, spec: VmSpec, target: MigrationTarget, *, timeout: float = 600.0, downtime_ms: int = 500
+        self,
+        spec: VmSpec,
+        target: MigrationTarget,
+        *,
+        tls: MigrationTls | None = None,
+        timeout: float = 600.0,
+        downtime_ms: int = 500,
     ) -> MigrationResult:
         """Source host: copy the disk (when the driver mirrors it) and the running VM to
-        ``target``. Returns once the target holds everything; the source VMM is left stopped
-        (``cleanup`` removes it). On failure or after ``timeout`` the migration is cancelled,
-        the VM runs on here as before, and ``VmmError``/``VmmTimeout`` is raised."""
+        ``target`` (over TLS with ``tls``, verifying the target's certificate). Returns once
+        the target holds everything; the source VMM is left stopped (``cleanup`` removes it).
+        On failure or after ``timeout`` the migration is cancelled, the VM runs on here as
+        before, and ``VmmError``/``VmmTimeout`` is raised."""
         ...
 
     def migrate_receive_finish(self, spec: VmSpec, *, timeout: float = 60.0) -> None:

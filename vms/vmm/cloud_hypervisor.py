@@ -46,6 +46,7 @@ from vms.vmm.base import (
     LaunchResult,
     MigrationResult,
     MigrationTarget,
+    MigrationTls,
     NicDevice,
     RuntimeState,
     VmmError,
@@ -1533,12 +1534,21 @@ class CloudHypervisorDriver:
     # TAP names, and the disk already at that path (``live_migration_disk == "shared"``).
 
     def migrate_receive_prepare(
-        self, spec: VmSpec, *, listen_host: str, backing: Path | None = None, timeout: float = 60.0
+        self,
+        spec: VmSpec,
+        *,
+        listen_host: str,
+        backing: Path | None = None,
+        tls: MigrationTls | None = None,
+        timeout: float = 60.0,
     ) -> MigrationTarget:
         """Target host: start an empty VMM for ``spec`` and ``vm.receive-migration`` on
         ``listen_host`` (a free port picked in ``spec.netns``; retried when it was taken
         meanwhile). The VM's overlay must already be in ``spec.runtime_dir`` (shared storage or
-        a copy): ``VmmError`` otherwise. ``backing`` is unused (no layers move)."""
+        a copy): ``VmmError`` otherwise. ``backing`` is unused (no layers move). ``tls``
+        (Cloud Hypervisor's ``tls_dir``) is not wired yet: ``VmmUnsupported``."""
+        if tls is not None:
+            raise VmmUnsupported("migration over TLS is not wired for cloud-hypervisor yet")
         paths = ChRuntimePaths(spec.runtime_dir)
         if self.vmm_pid(spec) is not None:
             raise VmmStateError("a VMM already runs for this VM on the target host")
@@ -1584,12 +1594,20 @@ class CloudHypervisorDriver:
         )
 
     def migrate_send(
-        self, spec: VmSpec, target: MigrationTarget, *, timeout: float = 600.0, downtime_ms: int = 500
+        self,
+        spec: VmSpec,
+        target: MigrationTarget,
+        *,
+        tls: MigrationTls | None = None,
+        timeout: float = 600.0,
+        downtime_ms: int = 500,
     ) -> MigrationResult:
         """Source host: ``vm.send-migration`` to ``tcp:<target.host>:<target.port>`` (bounded
         by ``timeout`` in the VMM, ``Cancel`` strategy, and here). On success the source VMM
         exits by itself; on failure Cloud Hypervisor resumes the VM here and the error is
-        raised. The target must use the same runtime directory path."""
+        raised. The target must use the same runtime directory path. No ``tls`` yet."""
+        if tls is not None or target.tls:
+            raise VmmUnsupported("migration over TLS is not wired for cloud-hypervisor yet")
         started = time.monotonic()
         if target.driver != self.name:
             raise VmmError(f"the target host prepared a {target.driver} VM, not {self.name}")

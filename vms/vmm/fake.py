@@ -32,6 +32,7 @@ from .base import (
     LaunchResult,
     MigrationResult,
     MigrationTarget,
+    MigrationTls,
     NicDevice,
     RuntimeState,
     VmmError,
@@ -378,7 +379,13 @@ class FakeDriver:
     # --- live migration: the same order and rules as the real drivers -----------------------
 
     def migrate_receive_prepare(
-        self, spec: VmSpec, *, listen_host: str, backing: Path | None = None, timeout: float = 60.0
+        self,
+        spec: VmSpec,
+        *,
+        listen_host: str,
+        backing: Path | None = None,
+        tls: MigrationTls | None = None,
+        timeout: float = 60.0,
     ) -> MigrationTarget:
         """A receiving VMM for ``spec`` (its own runtime directory) "listening" on ``listen_host``."""
         self._enter("migrate_receive_prepare", spec)
@@ -393,6 +400,7 @@ class FakeDriver:
             target = MigrationTarget(
                 driver=NAME, host=listen_host, port=49152 + _registry.next_pid % 1000, disk_port=10809,
                 disk_export="root", disk_size=spec.disk_gib << 30, acceleration="fake", vmm_version=VERSION,
+                tls=tls is not None,
             )  # fmt: skip
             _registry.incoming[spec.vm_id] = (vm, target, False)
         spec.runtime_dir.mkdir(parents=True, exist_ok=True)
@@ -401,9 +409,17 @@ class FakeDriver:
         return target
 
     def migrate_send(
-        self, spec: VmSpec, target: MigrationTarget, *, timeout: float = 600.0, downtime_ms: int = 500
+        self,
+        spec: VmSpec,
+        target: MigrationTarget,
+        *,
+        tls: MigrationTls | None = None,
+        timeout: float = 600.0,
+        downtime_ms: int = 500,
     ) -> MigrationResult:
         """Copies the overlay into the target's runtime directory and marks the source stopped."""
+        if target.tls != (tls is not None):
+            raise VmmError("the source and the target disagree on TLS")
         vm = self._running(spec)
         if vm.state not in (RuntimeState.RUNNING, RuntimeState.PAUSED):
             raise VmmStateError(f"cannot migrate a VM that is {vm.state.value}")

@@ -42,6 +42,7 @@ from .base import (
     LaunchResult,
     MigrationResult,
     MigrationTarget,
+    MigrationTls,
     NicDevice,
     RuntimeState,
     VmmError,
@@ -146,6 +147,8 @@ SANDBOX_OPTION = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecon
 _NBD_EXPORT = "root"
 _NBD_LISTEN_FD = "migrate-nbd"
 _MIRROR_JOB = "migrate-root"
+_TLS_ID = "migrate-tls"  # QEMU's tls-creds-x509 object, and its directory in the runtime dir
+_NBD_NODE = "migrate-target"  # the source's NBD client node when the copy goes over TLS
 
 
 class QmpError(VmmError):
@@ -1032,7 +1035,13 @@ class QemuDriver:
     # ----- live migration ----------------------------------------------------------
 
     def migrate_receive_prepare(
-        self, spec: VmSpec, *, listen_host: str, backing: Path | None = None, timeout: float = 60.0
+        self,
+        spec: VmSpec,
+        *,
+        listen_host: str,
+        backing: Path | None = None,
+        tls: MigrationTls | None = None,
+        timeout: float = 60.0,
     ) -> MigrationTarget:
         """Target host: a fresh runtime directory for ``spec`` whose overlay is backed by
         ``backing`` (default ``spec.base_image``; the same path must hold the same bytes as on
@@ -1040,7 +1049,9 @@ class QemuDriver:
         ``spec.netns`` (its TAPs must exist there), an NBD server on ``listen_host`` exporting
         that overlay (writable: the source mirrors its disk into it) and ``migrate-incoming``
         on ``listen_host``. Both ports are chosen by the kernel and reported in the result.
-        ``VmmStateError`` when a QEMU already runs for ``spec`` here."""
+        With ``tls`` both take only TLS clients whose certificate the CA signed
+        (``tls-creds-x509``, ``verify-peer``). ``VmmStateError`` when a QEMU already runs for
+        ``spec`` here."""
         _check_migratable(spec)
         if running_vmm_pid(spec.runtime_dir) is not None:
             raise VmmStateError("a QEMU already runs for this VM on the target host")
@@ -1058,13 +1069,19 @@ class QemuDriver:
         tmp = spec.runtime_dir / (OVERLAY + ".tmp")
         self._overlay_create(tmp, backing=base, size=size, backing_format=fmt)
         os.replace(tmp, spec.runtime_dir / OVERLAY)
+        tls_dir = self._tls_install(spec, tls, endpoint="server") if tls is not None else None
         result = self._spawn(spec, accel, timeout=timeout, incoming=True, start_paused=True)
         try:
             listener = call_in_netns(spec.netns, listening_socket, listen_host)
             try:
                 with QmpClient(self.qmp_path(spec), timeout=max(1.0, deadline - time.monotonic())) as qmp:
+                    nbd: dict[str, Any] = {"addr": {"type": "fd", "data": {"str": _NBD_LISTEN_FD}}}
+                    if tls_dir is not None:
+                        self._tls_object_add(qmp, tls_dir, endpoint="server")
+                        qmp.execute("migrate-set-parameters", {"tls-creds": _TLS_ID})
+                        nbd["tls-creds"] = _TLS_ID
                     qmp.send_fd(_NBD_LISTEN_FD, listener.fileno())
-                    qmp.execute("nbd-server-start", {"addr": {"type": "fd", "data": {"str": _NBD_LISTEN_FD}}})
+                    qmp.execute("nbd-server-start", nbd)
                     qmp.execute("nbd-server-add", {"device": "root", "name": _NBD_EXPORT, "writable": True})
                     qmp.execute("migrate-incoming", {"uri": f"tcp:{uri_host(listen_host)}:0"})
                     port = _incoming_port(qmp.execute("query-migrate"))
@@ -1087,6 +1104,7 @@ class QemuDriver:
             acceleration=accel,
             vmm_version=result.vmm_version,
             runtime_dir=str(spec.runtime_dir.resolve()),
+            tls=tls is not None,
         )
 
     def prepare_firmware_dir(self, spec: VmSpec) -> None:
@@ -1103,7 +1121,13 @@ class QemuDriver:
         self.prepare_firmware(spec)
 
     def migrate_send(
-        self, spec: VmSpec, target: MigrationTarget, *, timeout: float = 600.0, downtime_ms: int = 500
+        self,
+        spec: VmSpec,
+        target: MigrationTarget,
+        *,
+        tls: MigrationTls | None = None,
+        timeout: float = 600.0,
+        downtime_ms: int = 500,
     ) -> MigrationResult:
         """Source host: mirror the disk into the target's NBD export (``blockdev``
         ``drive-mirror``, write-blocking once in sync, so the copy never falls behind), then
@@ -1137,6 +1161,13 @@ class QemuDriver:
             )
         sync = "top" if tuple(backing_chain(overlay)) == target.backing_chain else "full"
         host = uri_host(target.host)
+        if target.tls != (tls is not None):
+            raise VmmError(
+                "the target takes the migration only over TLS: give the source its certificate"
+                if target.tls
+                else "the target does not listen with TLS"
+            )
+        tls_dir = self._tls_install(spec, tls, endpoint="client") if tls is not None else None
         with QmpClient(self.qmp_path(spec), timeout=min(30.0, timeout)) as qmp:
             status = str(qmp.execute("query-status").get("status"))
             if status not in ("running", "paused"):
@@ -1146,19 +1177,44 @@ class QemuDriver:
                 raise VmmError(f"the VM runs on QEMU {version} here, the target host runs {target.vmm_version}")
             was_running = status == "running"
             try:
-                qmp.execute(
-                    "drive-mirror",
-                    {
-                        "job-id": _MIRROR_JOB,
-                        "device": "root",
-                        "target": f"nbd://{host}:{target.disk_port}/{target.disk_export}",
-                        "format": "raw",
-                        "mode": "existing",
-                        "sync": sync,
-                        "copy-mode": "write-blocking",
-                        "auto-dismiss": False,
-                    },
-                )
+                if tls_dir is None:
+                    qmp.execute(
+                        "drive-mirror",
+                        {
+                            "job-id": _MIRROR_JOB,
+                            "device": "root",
+                            "target": f"nbd://{host}:{target.disk_port}/{target.disk_export}",
+                            "format": "raw",
+                            "mode": "existing",
+                            "sync": sync,
+                            "copy-mode": "write-blocking",
+                            "auto-dismiss": False,
+                        },
+                    )
+                else:
+                    _qmp_quietly(qmp, "blockdev-del", {"node-name": _NBD_NODE})  # an earlier attempt's
+                    self._tls_object_add(qmp, tls_dir, endpoint="client")
+                    qmp.execute(
+                        "blockdev-add",
+                        {
+                            "driver": "nbd",
+                            "node-name": _NBD_NODE,
+                            "server": {"type": "inet", "host": target.host, "port": str(target.disk_port)},
+                            "export": target.disk_export,
+                            "tls-creds": _TLS_ID,
+                        },
+                    )
+                    qmp.execute(
+                        "blockdev-mirror",
+                        {
+                            "job-id": _MIRROR_JOB,
+                            "device": "root",
+                            "target": _NBD_NODE,
+                            "sync": sync,
+                            "copy-mode": "write-blocking",
+                            "auto-dismiss": False,
+                        },
+                    )
                 disk_bytes = self._wait_mirror_ready(qmp, deadline)
                 qmp.execute(
                     "migrate-set-capabilities",
@@ -1166,7 +1222,14 @@ class QemuDriver:
                 )
                 # Snapshots leave huge values behind (a file takes what it can get); a network
                 # copy aims for a short pause and uses the link.
-                qmp.execute("migrate-set-parameters", {"max-bandwidth": 64 << 30, "downtime-limit": downtime_ms})
+                qmp.execute(
+                    "migrate-set-parameters",
+                    {
+                        "max-bandwidth": 64 << 30,
+                        "downtime-limit": downtime_ms,
+                        "tls-creds": _TLS_ID if tls_dir is not None else "",  # "": plain TCP
+                    },
+                )
                 qmp.execute("migrate", {"uri": f"tcp:{host}:{target.port}"})
                 info = self._wait_migration(qmp, deadline, incoming=False, what="migrating the VM")
                 # The source is stopped now: nothing writes the disk any more. Ending a ready
@@ -1219,6 +1282,41 @@ class QemuDriver:
         """Target host: kill the receiving QEMU and remove its runtime directory (the partial
         disk copy with it). Idempotent."""
         self.cleanup(spec)
+
+    def _tls_install(self, spec: VmSpec, tls: MigrationTls, *, endpoint: str) -> Path:
+        """Copy ``tls`` into the runtime directory under the names QEMU's ``tls-creds-x509``
+        reads (``ca-cert.pem``, ``<endpoint>-cert.pem``, ``<endpoint>-key.pem``), readable by
+        the VMM user only."""
+        tls_dir = spec.runtime_dir / _TLS_ID
+        shutil.rmtree(tls_dir, ignore_errors=True)
+        tls_dir.mkdir(mode=0o700)
+        try:
+            for source, name in (
+                (tls.ca_cert, "ca-cert.pem"),
+                (tls.cert, f"{endpoint}-cert.pem"),
+                (tls.key, f"{endpoint}-key.pem"),
+            ):
+                shutil.copyfile(source, tls_dir / name)
+                os.chmod(tls_dir / name, 0o600)
+                self.confinement.give(tls_dir / name)
+        except OSError as exc:
+            raise VmmError(f"cannot install the migration certificates: {exc}") from exc
+        self.confinement.give(tls_dir)
+        return tls_dir
+
+    @staticmethod
+    def _tls_object_add(qmp: QmpClient, tls_dir: Path, *, endpoint: str) -> None:
+        _qmp_quietly(qmp, "object-del", {"id": _TLS_ID})  # an earlier attempt's
+        qmp.execute(
+            "object-add",
+            {
+                "qom-type": "tls-creds-x509",
+                "id": _TLS_ID,
+                "dir": str(tls_dir.resolve()),
+                "endpoint": endpoint,
+                "verify-peer": True,
+            },
+        )
 
     def _wait_mirror_ready(self, qmp: QmpClient, deadline: float) -> int:
         """Wait until the mirror job is in sync; returns the bytes it copied."""
@@ -1353,6 +1451,14 @@ def _cmdline_of(pid: int) -> list[str]:
         return (Path("/proc") / str(pid) / "cmdline").read_bytes().decode("utf-8", "replace").split("\0")
     except OSError:
         return []
+
+
+def _qmp_quietly(qmp: QmpClient, command: str, arguments: dict[str, Any]) -> None:
+    """A clean-up command whose failure (nothing to clean) does not matter."""
+    try:
+        qmp.execute(command, arguments)
+    except QmpError:
+        pass
 
 
 def _check_migratable(spec: VmSpec) -> None:
