@@ -106,3 +106,21 @@ def host_join(*, name: str, address: str, tunnel_address: str = "", actor=None) 
         if tunnel_changed:
             hook_run("host_tunnel_changed", host=host)
     return host, files
+
+
+def host_migration_cert(*, host: Host, actor=None) -> pki.CertFiles:
+    """Issue ``host``'s live-migration certificate (signed by the migration CA, naming its
+    tunnel address), audited ``host.migration_cert``. With it on the host (and the migration
+    CA's certificate), migrations to and from it are encrypted and authenticated; a host that
+    has it takes migrations over TLS only. Needs the host's tunnel address."""
+    if not host.tunnel_address:
+        raise ApplicationError(
+            f"Host {host.name} needs a tunnel address (its underlay) for a migration certificate.",
+            details={"host": host.name},
+        )
+    files = pki.host_migration_cert_issue(host.name, str(host.tunnel_address))
+    with transaction.atomic():
+        audit_record(
+            actor=actor, action="host.migration_cert", obj=host, after={"tunnel_address": str(host.tunnel_address)}
+        )
+    return files

@@ -49,7 +49,7 @@ from accounts.audit import audit_record
 from accounts.permissions import require_perm
 from accounts.services import user_has_perm
 from sandbox_site.errors import ApplicationError, ConflictError
-from vms import agent_gateway, hypervisor
+from vms import agent_gateway, hypervisor, pki
 from vms.admission import host_admission_check
 from vms.hooks import hook_run
 from vms.lifecycle import vm_before_launch
@@ -167,12 +167,15 @@ def _prepare(op, vm, params, driver: Driver, spec: VmSpec, source: Host, target:
         lines = vm_before_launch(on_target)
         if lines:
             operation_log(op, f"{target.name}: network " + ", ".join(lines), progress=10)
-        prepared = driver.migrate_receive_prepare(spec, listen_host=str(target.tunnel_address), timeout=PREPARE_TIMEOUT)
+        prepared = driver.migrate_receive_prepare(
+            spec, listen_host=str(target.tunnel_address), tls=pki.migration_tls_local(), timeout=PREPARE_TIMEOUT
+        )
     except Exception as exc:
         _target_undo(vm, driver, spec, target)
         vm_transition(vm, expected={S.MIGRATING}, new=S.RUNNING)
         raise ApplicationError(f"Could not prepare host {target.name}: {_message(exc)}") from exc
-    operation_log(op, f"{target.name} listens on {prepared.host}:{prepared.port}", progress=20)
+    how = "TLS" if prepared.tls else "plain TCP"
+    operation_log(op, f"{target.name} listens on {prepared.host}:{prepared.port} ({how})", progress=20)
     params.update(phase=SEND, target_info=prepared.to_dict())
     raise OperationHandoff(source.queue, params)
 
@@ -183,9 +186,15 @@ def _send(op, vm, params, driver: Driver, spec: VmSpec, source: Host, target: Ho
         raise OperationHandoff(target.queue, params)
     operation_log(op, f"sending disk and memory to {target.name}", progress=30)
     try:
-        result = driver.migrate_send(
-            spec, MigrationTarget.from_dict(params["target_info"]), timeout=settings.SANDBOX_MIGRATION_TIMEOUT
-        )
+        prepared = MigrationTarget.from_dict(params["target_info"])
+        # Over TLS exactly when the target listens with it (it has its migration certificate).
+        tls = pki.migration_tls_local() if prepared.tls else None
+        if prepared.tls and tls is None:
+            raise ApplicationError(
+                f"{target.name} takes migrations over TLS only and {source.name} has no migration certificate "
+                "(manage.py host_join issues one)."
+            )
+        result = driver.migrate_send(spec, prepared, tls=tls, timeout=settings.SANDBOX_MIGRATION_TIMEOUT)
     except Exception as exc:
         # The driver cancels its own copy; cancelling again also resumes a source that a
         # completed send stopped (a redelivered step finds it so): the VM runs on here.

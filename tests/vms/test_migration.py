@@ -6,6 +6,7 @@ on either side."""
 
 from __future__ import annotations
 
+import ipaddress
 from datetime import timedelta
 from pathlib import Path
 
@@ -170,6 +171,52 @@ def test_reconcile_removes_a_half_received_vm_whose_migration_was_lost(two_hosts
     assert vms_reconcile(env.hosts["h2"])["orphans"] == 1
     assert not half.exists()
     assert fake_vmm.fake_vm(str(vm.pk)).state == RuntimeState.RUNNING  # the source VM is untouched
+
+
+def test_hosts_with_migration_certificates_migrate_over_tls(two_hosts, owner, operator, settings, tmp_path):
+    from cryptography import x509
+
+    from vms import pki
+    from vms.hosts import host_migration_cert
+
+    env = two_hosts
+    settings.SANDBOX_PKI_DIR = tmp_path / "pki"
+    for host in env.hosts.values():
+        files = host_migration_cert(host=host)
+    vm = _running_vm(env, owner)
+    op = _request(env, vm, operator)
+    env.run()
+    op.refresh_from_db()
+    assert op.status == Operation.Status.SUCCEEDED, op.log
+    assert "(TLS)" in op.log and op.params["target_info"]["tls"] is True
+    assert VM.objects.get(pk=vm.pk).host.name == "h2"
+    # Signed by a CA of its own: no hostd (hosts CA) takes a migration certificate as a client.
+    cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
+    hosts_ca = x509.load_pem_x509_certificate(pki.ca_ensure().cert.read_bytes())
+    assert cert.issuer != hosts_ca.subject
+    assert (
+        x509.IPAddress(ipaddress.ip_address("10.231.121.2"))
+        in cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    )
+    assert AuditEvent.objects.filter(action="host.migration_cert").count() == 2
+
+
+def test_a_source_without_a_migration_certificate_cannot_send_to_a_tls_target(
+    two_hosts, owner, operator, settings, tmp_path
+):
+    from vms.hosts import host_migration_cert
+
+    env = two_hosts
+    settings.SANDBOX_PKI_DIR = tmp_path / "pki"
+    host_migration_cert(host=env.hosts["h2"])  # only the target has one
+    vm = _running_vm(env, owner)
+    op = _request(env, vm, operator)
+    assert env.run() == ["host.h2", "host.h1", "host.h2"]
+    op.refresh_from_db()
+    assert op.status == Operation.Status.FAILED and "no migration certificate" in op.error
+    vm.refresh_from_db()
+    assert vm.state == S.RUNNING and vm.host.name == "h1"
+    assert "migrate_send" not in fake_vmm.fake_calls(str(vm.pk))
 
 
 def test_a_failed_send_leaves_the_vm_running_on_its_source(two_hosts, owner, operator):

@@ -3,7 +3,8 @@ namespaces this test creates, joined by a veth underlay (the hosts' tunnel addre
 with its own runtime directory and its own hostd (tests/hostd/runner.py); every task runs as its
 queue's host (tests/vms/test_migration.py's ``Hosts``), and agent calls go to the VM's host's
 hostd. One guest is booted; a background exec started before the move is the same process
-afterwards, and the target's hostd streams its output from the start."""
+afterwards, and the target's hostd streams its output from the start. Both hosts hold
+migration certificates, so the stream and the disk copy go over TLS."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from tests.hostd.runner import Hostd
 from tests.vms.test_migration import Hosts
 from vms import agent_gateway, hypervisor, services
 from vms.hostd.client import HostdClient
+from vms.hosts import host_migration_cert
 from vms.migration import vm_migrate
 from vms.models import VM, Operation
 from vms.vmm.process import running_vmm_pid
@@ -70,7 +72,10 @@ def real_hosts(settings, monkeypatch, django_capture_on_commit_callbacks, underl
     roots = {"h1": top / "h1", "h2": top / "h2"}
     settings.SANDBOX_NETWORKING = False
     settings.SANDBOX_VMM_CGROUP = "msbx-test"
+    settings.SANDBOX_PKI_DIR = top / "pki"
     hosts = Hosts(settings, monkeypatch, django_capture_on_commit_callbacks, roots, UNDERLAY)
+    for host in hosts.hosts.values():  # as manage.py host_join issues them
+        host_migration_cert(host=host)
     daemons = {}
     for name in roots:
         roots[name].chmod(0o711)
@@ -137,6 +142,7 @@ def test_it_moves_a_running_guest_and_its_background_exec_to_the_other_host(real
     op.refresh_from_db()
     assert op.status == Operation.Status.SUCCEEDED, op.log
     assert "top)" in op.log  # only the overlay crossed: the base image is on both hosts
+    assert "(TLS)" in op.log  # both hosts hold migration certificates: stream and disk encrypted
     vm.refresh_from_db()
     assert vm.state == "running" and vm.host.name == "h2"
     assert not source_dir.exists()
