@@ -15,6 +15,7 @@ class NetworkingConfig(AppConfig):
         hook_register("vm_created", services.vm_hook_created)
         hook_register("vm_before_launch", services.vm_hook_before_launch)
         hook_register("vm_vmm_gone", services.vm_hook_vmm_gone)
+        hook_register("vm_migrated_away", services.vm_hook_migrated_away)
         hook_register("vm_row_deleting", services.vm_hook_row_deleting)
         hook_register("vm_nics", services.vm_hook_nics)
         hook_register("vm_nics_check", services.nic_requests_resolve)

@@ -839,6 +839,19 @@ def nic_unplumb(*, vm) -> None:
         _tunnel_peers_notify(vm.host, {n.network_id for n in nics})
 
 
+def nic_unplumb_here(*, vm, host) -> None:
+    """A VM that live-migrated from ``host`` (this machine) to another: its TAPs here go and
+    ``host``'s tunnels and rules are made without it (they are plumbed on its new host, so
+    ``plumbed`` stays). Idempotent."""
+    nics = selectors.nics_of(vm)
+    for nic in nics:
+        netlink.link_remove(nic.tap, netns=_netns())
+    if nics:
+        network_tunnels_sync(host=host)
+        network_rules_apply(host=host)
+        _tunnel_peers_notify(host, {n.network_id for n in nics})
+
+
 def nic_counters(*, vm) -> dict[str, dict[str, int]]:
     """Per-NIC counters from the guest's point of view (host TX is guest RX), in the shape of
     ``Driver.counters``: ``{"net.<tap>": {rx_bytes, tx_bytes, rx_packets, tx_packets}}``."""
@@ -1165,6 +1178,12 @@ def vm_hook_vmm_gone(*, vm) -> None:
         nic_unplumb(vm=vm)
 
 
+def vm_hook_migrated_away(*, vm, host) -> None:
+    """After a live migration, on the host the VM left (``vms.migration``)."""
+    if selectors.nics_of(vm):
+        nic_unplumb_here(vm=vm, host=host)
+
+
 def vm_hook_row_deleting(*, vm) -> None:
     nic_release(vm=vm, actor=None)
 
@@ -1231,7 +1250,11 @@ def host_guest_mtu(host) -> int:
     span hosts later than its VMs start: the host's MTU applies to all of them."""
     if host is None or not host.tunnel_address:
         return netlink.ETHERNET_MTU
-    underlay = netlink.underlay_mtu(host.tunnel_address, netns=_netns())
+    try:
+        underlay = netlink.underlay_mtu(host.tunnel_address, netns=_netns())
+    except netlink.PlumbingError as exc:  # no namespace (yet): nothing to tunnel through either
+        logger.warning("host %s: underlay MTU unknown (%s); guests get 1500", host.name, exc)
+        return netlink.ETHERNET_MTU
     if underlay is None:
         return netlink.ETHERNET_MTU  # no tunnels either (``_tunnels_sync`` logs it)
     mtu = min(netlink.ETHERNET_MTU, underlay - netlink.VXLAN_OVERHEAD)

@@ -361,6 +361,9 @@ SANDBOX_CLOUD_HYPERVISOR_FIRMWARE = env.str("SANDBOX_CLOUD_HYPERVISOR_FIRMWARE",
 SANDBOX_VIRTIO_WIN_ISO = env.str("SANDBOX_VIRTIO_WIN_ISO", default="")
 SANDBOX_BOOT_TIMEOUT = env.float("SANDBOX_BOOT_TIMEOUT", default=120.0)
 SANDBOX_STOP_TIMEOUT = env.float("SANDBOX_STOP_TIMEOUT", default=30.0)
+# Live migration: the longest a VM's copy to another host may take (disk and RAM) before it is
+# cancelled and the VM runs on where it was.
+SANDBOX_MIGRATION_TIMEOUT = env.float("SANDBOX_MIGRATION_TIMEOUT", default=600.0)
 SANDBOX_RECONCILE_SECONDS = env.float("SANDBOX_RECONCILE_SECONDS", default=5.0)
 # How often a host's worker checks the image files it holds (vms.inventory; a file is hashed
 # again only when its size or modification time changed).

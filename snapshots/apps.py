@@ -19,6 +19,7 @@ class SnapshotsConfig(AppConfig):
         hook_register("vm_pool_take", pool.pool_vm_take)
         hook_register("host_golden_holders", golden.golden_holders)
         hook_register("vm_move_check", services.snapshots_move_check)
+        hook_register("vm_migrate_check", services.snapshots_migrate_check)
         hook_register("vm_move_files", services.snapshots_move_files)
         hook_register("vm_host_changed", services.snapshots_host_changed)
         hook_register("vm_move_layers", services.snapshots_move_layers)

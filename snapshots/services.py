@@ -491,6 +491,19 @@ def retention_apply(*, host=None, now=None) -> dict[str, int]:
 # --- moving a VM to another host (vms.moves) -------------------------------------------------
 
 
+def snapshots_migrate_check(*, vm: VM, target) -> None:
+    """A VM with snapshots does not migrate live: their files stay on its host and only a cold
+    move (``vms.moves``) copies them along."""
+    names = list(Snapshot.objects.filter(vm=vm).exclude(state=Snapshot.State.FAILED).values_list("name", flat=True))
+    if names:
+        raise ConflictError(
+            f"This VM has snapshots ({', '.join(names[:5])}); a live migration would leave them behind: "
+            "move it cold (POST .../move/), which copies them.",
+            code="migration_unsupported",
+            details={"snapshots": names},
+        )
+
+
 def snapshots_move_check(*, vm: VM, target) -> None:
     """A VM moves with its snapshots: none may be half-taken or being deleted, and no other
     VM or snapshot may build on one of them (its layer would leave their host)."""

@@ -10,7 +10,7 @@ from rest_framework.response import Response
 
 from accounts import services as account_services
 from accounts.permissions import ObjectPermissionViewSet, project_or_404, vm_for
-from vms import moves, selectors, services
+from vms import migration, moves, selectors, services
 from vms.models import VM, VM_ROW_RELATED, Operation, VmState
 from vms.serializers import (
     OPERATION_ROWS,
@@ -22,6 +22,7 @@ from vms.serializers import (
     VmActionSerializer,
     VmCreatedSerializer,
     VmCreateSerializer,
+    VmMigrateSerializer,
     VmMoveSerializer,
     VmSerializer,
     VmUpdateSerializer,
@@ -70,6 +71,7 @@ class VmViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPermissi
         "console_ticket": "view",
         "console_log": "view",
         "move": "view",  # and the operator's vms.change_host (vms.moves)
+        "migrate": "view",  # seeing it; vms.migration.vm_migrate checks the operator's right
     }
 
     def _checked_object(self):
@@ -176,6 +178,14 @@ class VmViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPermissi
         data = VmMoveSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         return _operation_response(moves.vm_move_to(vm=vm, host_name=data.validated_data["host"], actor=request.user))
+
+    @extend_schema(request=VmMigrateSerializer, responses={202: OperationSerializer})
+    @action(detail=True, methods=["post"])
+    def migrate(self, request, id=None):
+        vm = self.get_object()
+        data = VmMigrateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        return _operation_response(migration.vm_migrate(vm=vm, host=data.validated_data["host"], actor=request.user))
 
     @extend_schema(responses={200: OperationSerializer(many=True)})
     @action(detail=True, methods=["get"])

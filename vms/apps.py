@@ -6,7 +6,8 @@ class VmsConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from vms import lifecycle, moves
+        from vms import lifecycle, migration, moves
 
         lifecycle.handlers_register()
         moves.handlers_register()
+        migration.handlers_register()

@@ -46,6 +46,13 @@ Hook names and their keyword arguments:
   files outside the images' directories its disk chain may name for a move to copy;
 - ``vm_host_changed(vm, source, target)``: in the transaction that records a moved VM on its
   new host (snapshots: its snapshots' host; networking: its port forwards, rules on both);
+- ``vm_migrated_away(vm, host)``: on ``host``, after the VM live-migrated from it to
+  ``vm.host`` and its VMM there was removed (networking removes its TAPs here and re-syncs);
+- ``vm_migrate_check(vm, target)``: in ``vm_migrate``'s request, before anything changes:
+  raises (``migration_unsupported``: drain then cold-moves the VM) when the VM cannot migrate
+  live (snapshots: it has snapshots, whose files only a cold move copies);
+- ``vm_migrated(vm, source, target)``: on the target host, once the VM runs there and its row
+  names it (files that belong with the VM, e.g. its snapshots, may follow it from ``source``);
 - ``host_golden_holders(template) -> set`` of host ids holding a ready golden snapshot of the
   template (snapshots): placement prefers them among equally roomy hosts.
 """
@@ -75,6 +82,9 @@ HOOK_NAMES = (
     "vm_move_files",
     "vm_move_layers",
     "vm_host_changed",
+    "vm_migrated_away",
+    "vm_migrated",
+    "vm_migrate_check",
 )
 
 _hooks: dict[str, list[Callable[..., Any]]] = {name: [] for name in HOOK_NAMES}

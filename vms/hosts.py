@@ -113,13 +113,31 @@ def host_join(*, name: str, address: str, tunnel_address: str = "", actor=None) 
     return host, files
 
 
+# Why a running VM cannot be live-migrated; drain cold-moves it instead (it restarts).
+LIVE_MIGRATION_REFUSALS = frozenset({"migration_unsupported", "no_tunnel_address"})
+
+
 def vm_mover(vm: VM):
-    """How drain moves ``vm`` off its host: the one place that chooses. Cold move for every VM
-    now (a running VM is stopped, moved and started again); running VMs switch to live
-    migration (``vms.migration.vm_migrate``, same signature) when it is merged."""
+    """How drain moves ``vm`` off its host: the one place that chooses. A running VM migrates
+    live (``vms.migration.vm_migrate``: it keeps running) where its driver, boot mode and the
+    target allow, else it is cold-moved (``vms.moves.vm_move``: stopped, moved, started
+    again); a stopped VM is cold-moved."""
+    from vms.models import VmState
     from vms.moves import vm_move
 
-    return vm_move
+    if vm.state != VmState.RUNNING:
+        return vm_move
+    from vms.migration import vm_migrate
+
+    def live_or_cold(*, vm: VM, host: Host, actor):
+        try:
+            return vm_migrate(vm=vm, host=host, actor=actor)
+        except ConflictError as exc:
+            if exc.code not in LIVE_MIGRATION_REFUSALS:
+                raise
+        return vm_move(vm=vm, host=host, actor=actor)
+
+    return live_or_cold
 
 
 def host_drain(*, host: Host, actor) -> dict:
@@ -160,7 +178,7 @@ def host_drain(*, host: Host, actor) -> dict:
         except ApplicationError as exc:
             stays.append({**row, "code": exc.code, "reason": exc.message})
             continue
-        moves.append({**row, "target": target.name, "operation": str(op.pk), "mover": mover.__name__})
+        moves.append({**row, "target": target.name, "operation": str(op.pk), "mover": op.action})
     result = {"host": host.name, "moves": moves, "stays": stays}
     with transaction.atomic():
         audit_record(actor=actor, action="host.drain", obj=host, after=result)
@@ -195,3 +213,21 @@ def host_periodic_fanout(*, task_name: str, expires: float, now=None) -> list[st
     for name in names:
         current_app.send_task(task_name, queue=f"host.{name}", expires=expires)
     return names
+
+
+def host_migration_cert(*, host: Host, actor=None) -> pki.CertFiles:
+    """Issue ``host``'s live-migration certificate (signed by the migration CA, naming its
+    tunnel address), audited ``host.migration_cert``. With it on the host (and the migration
+    CA's certificate), migrations to and from it are encrypted and authenticated; a host that
+    has it takes migrations over TLS only. Needs the host's tunnel address."""
+    if not host.tunnel_address:
+        raise ApplicationError(
+            f"Host {host.name} needs a tunnel address (its underlay) for a migration certificate.",
+            details={"host": host.name},
+        )
+    files = pki.host_migration_cert_issue(host.name, str(host.tunnel_address))
+    with transaction.atomic():
+        audit_record(
+            actor=actor, action="host.migration_cert", obj=host, after={"tunnel_address": str(host.tunnel_address)}
+        )
+    return files

@@ -238,6 +238,7 @@ class VmState(models.TextChoices):
     REBOOTING = "rebooting", "Rebooting"
     RESIZING = "resizing", "Resizing"
     SNAPSHOTTING = "snapshotting", "Snapshotting"
+    MIGRATING = "migrating", "Migrating"
     UNKNOWN = "unknown", "Unknown (host down)"
     MOVING = "moving", "Moving to another host"
 

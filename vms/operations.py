@@ -70,11 +70,12 @@ def operation_new(*, vm: VM, action: str, actor, params: dict | None = None) -> 
     )
 
 
-def operation_enqueue(op: Operation, vm: VM) -> None:
-    """Send the operation's task to the VM's host queue once the transaction commits."""
+def operation_enqueue(op: Operation, vm: VM, *, queue: str | None = None) -> None:
+    """Send the operation's task to the VM's host queue (or ``queue``: a step of a live
+    migration runs on the target host) once the transaction commits."""
     from vms.tasks import operation_run_task
 
-    queue = operation_queue(op, vm)
+    queue = queue or operation_queue(op, vm)
     transaction.on_commit(lambda: operation_run_task.apply_async(args=[str(op.pk)], queue=queue))
 
 
@@ -87,15 +88,17 @@ def operation_queue(op: Operation, vm: VM | None) -> str:
     return vm.host.queue if vm is not None and vm.host_id else "shared"
 
 
-class OperationHandoff(Exception):
+class OperationHandoff(Exception):  # noqa: N818 - a signal to operation_execute, not an error
     """Raised by a handler whose step here is done and whose next step runs from ``queue``
     (a host's ``host.<name>``: its worker touches that host's files and VMM): the operation
-    goes back to pending with ``params`` (its step recorded there) and is sent to that queue.
-    A cold move stops on its source, copies from the control plane, lands on its target and
-    cleans up on its source (vms.moves)."""
+    goes back to pending with ``params`` (its step recorded there) and is sent to that queue;
+    ``line`` goes to its log. A cold move stops on its source, copies from the control plane,
+    lands on its target and cleans up on its source (vms.moves); a live migration alternates
+    between source and target (vms.migration). Handlers check which step they are at from
+    ``op.params``, so a step delivered to the wrong host hands itself off again."""
 
-    def __init__(self, queue: str, params: dict, line: str) -> None:
-        super().__init__(line)
+    def __init__(self, queue: str, params: dict, line: str = "") -> None:
+        super().__init__(line or queue)
         self.queue = queue
         self.params = params
         self.line = line
@@ -244,7 +247,8 @@ def _operation_hand_off(op: Operation, handoff: OperationHandoff) -> None:
     """The next step of ``op`` runs from another queue: pending again (a fresh count of attempts:
     the reconciler's retries are per step), on that host's queue."""
     params = {**handoff.params, "queue": handoff.queue}
-    operation_log(op, handoff.line)
+    if handoff.line:
+        operation_log(op, handoff.line)
     handed = Operation.objects.filter(pk=op.pk, status=Operation.Status.RUNNING).update(
         status=Operation.Status.PENDING, params=params, worker="", attempts=0
     )
@@ -294,6 +298,8 @@ def _settle_transitional(vm: VM, now) -> int:
             limit += 3600  # a memory dump of a big VM under TCG takes long
         elif copying:
             limit += MOVE_STEP_SECONDS  # copying a disk and its snapshots (or an image) between hosts
+        elif live.action == "migrate":
+            limit += settings.SANDBOX_MIGRATION_TIMEOUT
         if (now - (live.started_at or live.created_at)).total_seconds() < limit:
             return 0
     if live is not None and live.attempts < MAX_ATTEMPTS and live.status == Operation.Status.RUNNING:
@@ -336,7 +342,7 @@ def vms_reconcile(host: Host) -> dict[str, int]:
     """Compare recorded state with what runs on this host: a VMM that is gone turns its VM to
     error (keeping the last console lines); a guest that powered itself off turns it to
     stopped; a transitional state whose operation died is retried or settled; runtime
-    directories of VMs that no longer exist are removed."""
+    directories of VMs that no longer exist, or that live-migrated away, are removed."""
     from vms import lifecycle
 
     counts = {"died": 0, "powered_off": 0, "stuck": 0, "orphans": 0}
@@ -368,7 +374,9 @@ def vms_reconcile(host: Host) -> dict[str, int]:
             counts["stuck"] += _settle_transitional(vm, now)
     root = settings.SANDBOX_RUNTIME_DIR
     if root.is_dir():
-        counts["orphans"] = _orphans_remove(root)
+        from vms.migration import migration_leftovers_remove
+
+        counts["orphans"] = _orphans_remove(root) + migration_leftovers_remove(host)
     for result, n in {**counts, "recovered": recovered}.items():
         if n:
             metrics.RECONCILE.labels(result).inc(n)

@@ -15,7 +15,7 @@ from vms.models import VM, VM_ROW_RELATED, HostImage, Operation, Template, VmSta
 # States whose VM holds its vCPUs and memory on its host (``creating``: a create boots).
 HOST_LOAD_STATES = (
     "creating", "running", "paused", "starting", "pausing", "resuming", "rebooting", "resizing", "snapshotting",
-    "stopping", "unknown", "moving",
+    "stopping", "unknown", "moving", "migrating",
 )  # fmt: skip
 
 
@@ -36,13 +36,15 @@ def host_is_up(host, now) -> bool:
 def hosts_with_load(hosts, *, exclude_vm_id=None):
     """``hosts`` (a Host queryset) annotated with what the VMs holding their size there add up
     to: ``vcpus_used``, ``memory_used_mib`` (guest RAM) and ``vms_holding``. A VM holds its size
-    on its host in ``HOST_LOAD_STATES`` and, a running VM being moved, on its ``move_target``
-    too (it boots there; ``vms.moves``). The one place a host's load is computed (admission,
-    placement, the hosts page, metrics); ``exclude_vm_id``: a VM not counted (the one being admitted)."""
+    on its host in ``HOST_LOAD_STATES`` and, a running VM being moved or live-migrated, on its
+    ``move_target`` too (it boots or is received there; ``vms.moves``, ``vms.migration``). The
+    one place a host's load is computed (admission, placement, the hosts page, metrics);
+    ``exclude_vm_id``: a VM not counted (the one being admitted)."""
+    incoming = (VmState.MOVING, VmState.MIGRATING)
 
     def total(expression: str, column: str):
         holding = VM.objects.filter(
-            Q(host=OuterRef("pk"), state__in=HOST_LOAD_STATES) | Q(move_target=OuterRef("pk"), state=VmState.MOVING)
+            Q(host=OuterRef("pk"), state__in=HOST_LOAD_STATES) | Q(move_target=OuterRef("pk"), state__in=incoming)
         )
         if exclude_vm_id is not None:
             holding = holding.exclude(pk=exclude_vm_id)

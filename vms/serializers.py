@@ -253,6 +253,10 @@ class VmActionSerializer(serializers.Serializer):
     force = serializers.BooleanField(default=False)
 
 
+class VmMigrateSerializer(serializers.Serializer):
+    host = serializers.CharField(max_length=63, help_text="Name of the host to move the running VM to.")
+
+
 class OperationSerializer(serializers.ModelSerializer):
     vm = serializers.UUIDField(source="vm_ref", read_only=True)
     requested_by = serializers.CharField(source="requested_by.username", read_only=True, default=None)

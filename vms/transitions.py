@@ -28,7 +28,9 @@ snapshot   running, paused, stopped                               snapshotting  
 restore    running, paused, stopped, error                        starting      running
 move       running, stopped                                       moving        stopped; starting
                                                                                 (then as start)
-delete     every state but deleting, snapshotting and moving      deleting      (row removed)
+migrate    running (live, to another host: ``vms.migration``)     migrating     running
+delete     every state but deleting, snapshotting, moving and     deleting      (row removed)
+           migrating
 =========  =====================================================  ============  =================
 
 A move (``vms.moves``) keeps the VM ``moving`` on its source host while its files are copied;
@@ -43,7 +45,7 @@ the same operation cold boots it as a ``create`` (``snapshots.lifecycle``).
 A failed operation leaves: ``error`` for create/clone/start/restore/stop (the VMM is killed);
 for the in-place actions (pause, resume, reboot, resize, snapshot) the state the VMM reports
 (``running``/``paused``; ``error`` when it is gone, ``stopped`` when it was stopped before).
-Stop and delete are refused (409) while a snapshot is being taken: the snapshot finishes
+Stop and delete are refused (409) while a snapshot is being taken or the VM migrates: the snapshot finishes
 first, then the VM can be stopped or deleted. The reconciler adds: running/paused ->
 ``error`` (VMM gone) or ``stopped`` (guest powered off); a transitional state whose worker
 died is retried, then settled (``vms.operations.vms_reconcile``).
@@ -76,14 +78,15 @@ HOST_DOWN_FROM = frozenset({S.RUNNING, S.PAUSED})
 HOST_BACK_TO = frozenset({S.RUNNING, S.PAUSED, S.STOPPED, S.ERROR})
 # Transitional states whose VMM keeps running (or stays stopped) while the operation runs:
 # when it fails, the VM settles to what the VMM reports rather than to error.
-IN_PLACE_STATES = frozenset({S.PAUSING, S.RESUMING, S.REBOOTING, S.RESIZING, S.SNAPSHOTTING})
+IN_PLACE_STATES = frozenset({S.PAUSING, S.RESUMING, S.REBOOTING, S.RESIZING, S.SNAPSHOTTING, S.MIGRATING})
 # Transitional states that replace or remove the VMM.
 REPLACING_STATES = frozenset({S.CREATING, S.STARTING, S.STOPPING, S.DELETING, S.MOVING})
 TRANSITIONAL_STATES = IN_PLACE_STATES | REPLACING_STATES
 
-# A resize or snapshot of a running VM keeps the guest running (a snapshot pauses it only
-# for the memory dump), so its agent and console stay usable.
-GUEST_RUNS_DURING = frozenset({S.RESIZING, S.SNAPSHOTTING})
+# A resize, snapshot or live migration of a running VM keeps the guest running (a snapshot
+# pauses it only for the memory dump, a migration for its last round; across the host switch the
+# agent is reached on the new host), so its agent and console stay usable.
+GUEST_RUNS_DURING = frozenset({S.RESIZING, S.SNAPSHOTTING, S.MIGRATING})
 
 PREVIOUS = "previous"  # ``done`` marker: back to the state the VM had when the action was asked
 
@@ -118,15 +121,20 @@ TRANSITIONS: dict[str, Transition] = {
     "restore": Transition(frozenset({S.RUNNING, S.PAUSED, S.STOPPED, S.ERROR}), S.STARTING, S.RUNNING),
     # A cold move to another host (vms.moves): a running VM is stopped, moved, started there.
     "move": Transition(frozenset({S.RUNNING, S.STOPPED}), S.MOVING, PREVIOUS),
+    # Live migration (operators: the right is checked by vms.migration on the target host).
+    "migrate": Transition(frozenset({S.RUNNING}), S.MIGRATING, S.RUNNING),
     "delete": Transition(
-        frozenset(set(S.values) - {S.DELETING, S.SNAPSHOTTING, S.MOVING}), S.DELETING, None, "vms.delete_vm"
+        frozenset(set(S.values) - {S.DELETING, S.SNAPSHOTTING, S.MOVING, S.MIGRATING}),
+        S.DELETING,
+        None,
+        "vms.delete_vm",
     ),
 }
 
 
 def vm_guest_running(vm: VM) -> bool:
     """Whether ``vm``'s guest runs, so exec, files, agent and console input may reach it:
-    ``running``, or resizing/snapshotting a VM that was running when the action began."""
+    ``running``, or resizing/snapshotting/migrating a VM that was running when the action began."""
     if vm.state == S.RUNNING:
         return True
     if vm.state not in GUEST_RUNS_DURING:
@@ -134,7 +142,7 @@ def vm_guest_running(vm: VM) -> bool:
     params = (
         Operation.objects.filter(
             vm_id=vm.pk,
-            action__in=["resize", "snapshot", "nic_hotplug"],
+            action__in=["resize", "snapshot", "nic_hotplug", "migrate"],
             status__in=[Operation.Status.PENDING, Operation.Status.RUNNING],
         )
         .order_by("-created_at")

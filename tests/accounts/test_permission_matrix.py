@@ -328,6 +328,38 @@ class TestHostEndpoints(PermissionMatrix):
             assign_perm(f"vms.{right}_host", user, target.objects["host"])
 
 
+class TestVmMigrateEndpoint(VmRights, PermissionMatrix):
+    """Moving a VM between hosts is the operators' (their role's ``vms.change_host``): no right
+    on the VM grants it, so everyone else who sees the VM gets 403 (tests/vms/test_migration.py
+    runs the operation)."""
+
+    endpoints = (
+        E("migrate", "post", V + "migrate/", "migrate", {"host": "matrix-h2"}, status=202, audit="vm.migrate",
+          state="running"),
+    )  # fmt: skip
+
+    def granted(self, persona, endpoint):
+        return {"grantee": {"view"}, "grantee_without": set(VM_RIGHTS), "viewer": {"view"}}.get(persona, set())
+
+    def expected(self, endpoint, persona):
+        if persona in ("anonymous", "stranger"):
+            return super().expected(endpoint, persona)
+        return endpoint.status if persona == "operator" else 403
+
+    @pytest.fixture
+    def target(self, owner):
+        from django.utils import timezone
+
+        from tests.factories import HostFactory
+
+        now = timezone.now()
+        vm = VmFactory(owner=owner, name="owned-vm", driver="fake")
+        HostFactory(
+            name="matrix-h2", last_seen_at=now, hostd_seen_at=now, cpus=8, memory_mib=16384, tunnel_address="10.0.9.2"
+        )
+        return Target(owner, {"vm": vm})
+
+
 # --- every route has a row ----------------------------------------------------------------
 
 TABLES = (
@@ -339,6 +371,7 @@ TABLES = (
     TestNetworkEndpoints,
     TestImageEndpoints,
     TestHostEndpoints,
+    TestVmMigrateEndpoint,
 )
 # Collections, not objects: what they list or create is checked by the tests below.
 COLLECTIONS = {

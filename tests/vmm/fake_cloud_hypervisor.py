@@ -825,6 +825,171 @@ class FakeVmm:
 
     # Restore is dispatched by the HTTP handler (it needs the validator).
 
+    # -- live migration ---------------------------------------------------------------------
+    # Between two fakes over TCP (the real wire format is CH's own binary protocol; the fake
+    # speaks length-prefixed JSON with the same steps: Start, Config, Memory, State, Complete,
+    # or Abandon). Like the real binary, both calls hold the VMM (its API answers nothing else)
+    # until the migration ends; the receiver recreates the VM from the sender's config (same
+    # socket, disk and TAP paths) and resumes it; the sender's VMM exits after a success and
+    # resumes its VM after a failure.
+
+    def receive_migration(self, body: dict[str, Any], api: OpenApi) -> None:
+        head = "The VM migration could not be received"
+        if self.config is not None:
+            raise ApiError(500, head, "VM is already created")
+        if body.get("tls_dir"):
+            raise ApiError(500, head, "TLS is not supported by the fake VMM")
+        if (body.get("memory_mode") or "Precopy") != "Precopy":
+            raise ApiError(500, head, "Postcopy is not supported by the fake VMM")
+        family, address = _migration_address(body["receiver_url"], head)
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(address)
+            listener.listen(1)
+        except OSError as exc:
+            listener.close()
+            raise ApiError(500, head, f"Error binding to socket {body['receiver_url']}", f"{exc}") from exc
+        try:
+            conn, _ = listener.accept()  # like the real binary: waits for the sender, unbounded
+        finally:
+            listener.close()
+        config: dict[str, Any] | None = None
+        state: dict[str, Any] = {}
+        with conn:
+            conn.settimeout(MIGRATION_IO_TIMEOUT)
+            try:
+                while True:
+                    message = _recv_message(conn)
+                    command = message.get("command")
+                    if command == "start":
+                        pass
+                    elif command == "config":
+                        config = message.get("config")
+                        errors = api.errors("VmConfig", config)
+                        if errors:
+                            _send_message(conn, {"status": "error", "error": "invalid config"})
+                            raise ApiError(500, head, "Invalid VM config received", *errors)
+                    elif command == "memory":
+                        if config is None:
+                            raise ApiError(500, head, "Memory received before the config")
+                    elif command == "state":
+                        state = dict(message.get("state") or {})
+                    elif command == "abandon":
+                        raise ApiError(500, head, "Migration abandoned by the source")
+                    elif command == "complete":
+                        if config is None:
+                            raise ApiError(500, head, "Migration completed without a config")
+                        self.config = config
+                        try:
+                            self._start_guest(head)  # sockets and TAPs at the sender's paths
+                        except ApiError as exc:
+                            self.config = None
+                            _send_message(conn, {"status": "error", "error": exc.chain[-1]})
+                            raise
+                        self.boot_id = str(state.get("boot_id") or self.boot_id)
+                        self.hotplug_slots = int(state.get("hotplug_slots") or 0)
+                        if self.agent is not None:
+                            self.agent.set_boot_id(self.boot_id)
+                        self._set_state("Running")
+                        self.events.emit("vm", "resumed")
+                        _send_message(conn, {"status": "ok"})
+                        return
+                    else:
+                        raise ApiError(500, head, f"Unknown migration command {command!r}")
+                    _send_message(conn, {"status": "ok"})
+            except OSError as exc:
+                raise ApiError(500, head, "Migration connection failed", f"{exc}") from exc
+
+    def send_migration(self, body: dict[str, Any]) -> None:
+        head = "The VM could not be migrated"
+        config = self._need_vm(head)
+        if self.state != "Running":
+            raise ApiError(500, head, "VM is not running")
+        if body.get("local") or body.get("tls_dir") or (body.get("memory_mode") or "Precopy") != "Precopy":
+            raise ApiError(500, head, "Only plain precopy migration is supported by the fake VMM")
+        family, address = _migration_address(body["destination_url"], head)
+        deadline = time.monotonic() + int(body.get("timeout_s") or 3600)
+        try:
+            conn = socket.create_connection(address, timeout=min(MIGRATION_IO_TIMEOUT, deadline - time.monotonic()))
+        except OSError as exc:
+            raise ApiError(500, head, f"Error connecting to {body['destination_url']}", f"{exc}") from exc
+        paused = False
+        try:
+            with conn:
+                conn.settimeout(max(0.1, min(MIGRATION_IO_TIMEOUT, deadline - time.monotonic())))
+                self._migration_step(conn, {"command": "start"}, head)
+                self._migration_step(conn, {"command": "config", "config": config}, head)
+                self._migration_step(conn, {"command": "memory", "bytes": self._memory_total()}, head)
+                self.events.emit("vm", "pausing")
+                self._set_state("Paused")
+                paused = True
+                self.events.emit("vm", "paused")
+                state = {"boot_id": self.boot_id, "hotplug_slots": self.hotplug_slots}
+                self._migration_step(conn, {"command": "state", "state": state}, head)
+                self._migration_step(conn, {"command": "complete"}, head)
+        except (ApiError, OSError) as exc:
+            if paused:  # the real binary resumes the VM on the source after a failure
+                self._set_state("Running")
+                self.events.emit("vm", "resumed")
+            if isinstance(exc, ApiError):
+                raise
+            raise ApiError(500, head, "Migration connection failed", f"{exc}") from exc
+        # Sent: the VM lives on the target; this VMM shuts down (sockets stay behind).
+        self._close_sockets(remove_files=False)
+        self._close_taps()
+        self.events.emit("vm", "shutdown")
+        self.exit_event.set()
+
+    @staticmethod
+    def _migration_step(conn: socket.socket, message: dict[str, Any], head: str) -> None:
+        _send_message(conn, message)
+        answer = _recv_message(conn)
+        if answer.get("status") != "ok":
+            raise ApiError(500, head, f"Migration refused by the destination: {answer.get('error', '?')}")
+
+
+MIGRATION_IO_TIMEOUT = 30.0
+MIGRATION_MAX_MESSAGE = 4 * 1024 * 1024
+
+
+def _migration_address(url: str, head: str) -> tuple[socket.AddressFamily, Any]:
+    """``tcp:<host>:<port>`` (IPv6 in brackets) or ``unix:<path>``, like the real binary."""
+    if url.startswith("unix:"):
+        return socket.AF_UNIX, url[len("unix:") :]
+    if url.startswith("tcp:"):
+        host, _, port = url[len("tcp:") :].rpartition(":")
+        if host and port.isdigit():
+            if host.startswith("[") and host.endswith("]"):
+                return socket.AF_INET6, (host[1:-1], int(port))
+            return socket.AF_INET, (host, int(port))
+    raise ApiError(500, head, f"Invalid migration URL {url!r}")
+
+
+def _send_message(conn: socket.socket, message: dict[str, Any]) -> None:
+    data = json.dumps(message).encode()
+    conn.sendall(len(data).to_bytes(8, "big") + data)
+
+
+def _recv_exact(conn: socket.socket, size: int) -> bytes:
+    out = b""
+    while len(out) < size:
+        chunk = conn.recv(size - len(out))
+        if not chunk:
+            raise ConnectionError("migration connection closed")
+        out += chunk
+    return out
+
+
+def _recv_message(conn: socket.socket) -> dict[str, Any]:
+    size = int.from_bytes(_recv_exact(conn, 8), "big")
+    if size > MIGRATION_MAX_MESSAGE:
+        raise ConnectionError("migration message too large")
+    value = json.loads(_recv_exact(conn, size))
+    if not isinstance(value, dict):
+        raise ConnectionError("migration message is not an object")
+    return value
+
 
 # ------------------------------------------------------------------------------------------
 # HTTP over the Unix socket
@@ -900,6 +1065,14 @@ def make_handler(vmm: FakeVmm, api: OpenApi, log: Any) -> type[http.server.BaseH
             if endpoint == "vm.restore":
                 with vmm.lock:
                     vmm.restore_from(body, api)
+                return 204, None
+            if endpoint == "vm.receive-migration":
+                with vmm.lock:
+                    vmm.receive_migration(body, api)
+                return 204, None
+            if endpoint == "vm.send-migration":
+                with vmm.lock:
+                    vmm.send_migration(body)
                 return 204, None
             status, result = vmm.handle(method, endpoint, body)
             if isinstance(result, tuple):

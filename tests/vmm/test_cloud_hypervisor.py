@@ -956,6 +956,8 @@ def test_capabilities_and_version(driver: CloudHypervisorDriver) -> None:
         memory_snapshot=True,
         shared_disk_layers=False,
         agent_transport=AgentTransport.HYBRID_VSOCK,
+        live_migration=True,
+        live_migration_disk="shared",  # CH sends RAM and devices only
     )
     assert driver.version() == "v54.0-fake"
     assert CloudHypervisorDriver(binary="/nonexistent/cloud-hypervisor").version() == ""

@@ -260,7 +260,7 @@ def test_drain_moves_what_fits_and_reports_what_stays(two, owner, operator, fake
 
     assert Host.objects.get(name="h1").cordoned
     assert {m["name"] for m in result["moves"]} == {stopped.name, running.name}
-    assert all(m["target"] == "h2" and m["mover"] == "vm_move" for m in result["moves"])
+    assert all(m["target"] == "h2" and m["mover"] == "move" for m in result["moves"])
     stays = {s["name"]: s["code"] for s in result["stays"]}
     assert stays == {big.name: "host_full", paused.name: "state"}
     for move in result["moves"]:

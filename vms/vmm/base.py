@@ -188,6 +188,85 @@ class DriverCapabilities:
     # Snapshots without guest memory (``include_memory=False``) are possible; a driver that
     # does not say so is assumed to always save memory.
     disk_only_snapshot: bool = False
+    # A running VM can move to another host (``migrate_*``); a driver that does not say so cannot.
+    live_migration: bool = False
+    # How its disk travels: "mirror" (the driver copies it during the migration, no shared
+    # storage) or "shared" (it must already be at the same path on the target host).
+    live_migration_disk: str = ""
+
+
+MIGRATION_DISK_MIRROR = "mirror"
+MIGRATION_DISK_SHARED = "shared"
+
+
+@dataclass(frozen=True)
+class MigrationTarget:
+    """What the receiving side of a live migration tells the sending side: where the target
+    VMM listens (``host``:``port``, plain TCP on the hosts' underlay) and, when the driver
+    copies the disk itself (``live_migration_disk == "mirror"``), the NBD export the source
+    mirrors the disk into (``disk_port``, ``disk_export``), the target disk's virtual size
+    and the backing chain below it (the source copies only its top layer when its own chain
+    is the same, else the whole disk). Plain data: it travels between the hosts' tasks as
+    ``to_dict()`` / ``from_dict()``."""
+
+    driver: str
+    host: str
+    port: int
+    disk_port: int | None = None
+    disk_export: str = ""
+    disk_size: int = 0
+    backing_chain: tuple[str, ...] = ()
+    acceleration: str = ""  # the target VMM's ("kvm"/"tcg"): the source's must be the same
+    vmm_version: str = ""
+    runtime_dir: str = ""  # the VM's runtime directory on the target host
+    tls: bool = False  # the target only takes the stream (and the disk) over TLS
+
+    def to_dict(self) -> dict[str, object]:
+        data = asdict(self)
+        data["backing_chain"] = list(self.backing_chain)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> MigrationTarget:
+        chain = data.get("backing_chain") or ()
+        disk_port = data.get("disk_port")
+        return cls(
+            driver=str(data["driver"]),
+            host=str(data["host"]),
+            port=int(str(data["port"])),
+            disk_port=None if disk_port is None else int(str(disk_port)),
+            disk_export=str(data.get("disk_export") or ""),
+            disk_size=int(str(data.get("disk_size") or 0)),
+            backing_chain=tuple(str(p) for p in chain) if isinstance(chain, (list, tuple)) else (),
+            acceleration=str(data.get("acceleration") or ""),
+            vmm_version=str(data.get("vmm_version") or ""),
+            runtime_dir=str(data.get("runtime_dir") or ""),
+            tls=bool(data.get("tls")),
+        )
+
+
+@dataclass(frozen=True)
+class MigrationTls:
+    """Certificates that encrypt and authenticate a migration (PEM files): the CA both ends
+    trust, and this end's certificate and key (the target's a server certificate naming its
+    listen address, the source's a client certificate). Each end verifies the other."""
+
+    ca_cert: Path
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class MigrationResult:
+    """What the sending side measured: total time, the time the guest stood still (as the
+    VMM reports it; 0 when it does not), bytes sent (memory + device state, and the disk
+    copy), and how the disk was copied (``"top"``, ``"full"`` or ``"shared"``)."""
+
+    total_ms: int
+    downtime_ms: int
+    ram_bytes: int
+    disk_bytes: int
+    disk_sync: str
 
 
 @dataclass(frozen=True)
@@ -265,3 +344,51 @@ class Driver(Protocol):
 
     def cleanup(self, spec: VmSpec) -> None:
         """Kill any VMM left and remove the runtime directory (sockets, overlay, logs). Idempotent."""
+
+    # Live migration (``capabilities().live_migration``), in this order, each on its own host:
+    # target ``migrate_receive_prepare`` -> source ``migrate_send`` -> target
+    # ``migrate_receive_finish`` -> source ``cleanup``. On a failure: source ``migrate_cancel``
+    # (the VM runs on the source again) and target ``migrate_receive_abort``.
+
+    def migrate_receive_prepare(
+        self,
+        spec: VmSpec,
+        *,
+        listen_host: str,
+        backing: Path | None = None,
+        tls: MigrationTls | None = None,
+        timeout: float = 60.0,
+    ) -> MigrationTarget:
+        """Target host: make ``spec``'s runtime directory (a new disk backed by ``backing``,
+        default ``spec.base_image``) and start a VMM that waits for the migration stream on
+        ``listen_host`` (this host's underlay address, in ``spec.netns``), over TLS with
+        ``tls`` (the source must then send with TLS too). ``VmmStateError`` when a VMM already
+        runs for ``spec`` here; ``VmmUnsupported`` without live migration."""
+        ...
+
+    def migrate_send(
+        self,
+        spec: VmSpec,
+        target: MigrationTarget,
+        *,
+        tls: MigrationTls | None = None,
+        timeout: float = 600.0,
+        downtime_ms: int = 500,
+    ) -> MigrationResult:
+        """Source host: copy the disk (when the driver mirrors it) and the running VM to
+        ``target`` (over TLS with ``tls``, verifying the target's certificate). Returns once
+        the target holds everything; the source VMM is left stopped (``cleanup`` removes it).
+        On failure or after ``timeout`` the migration is cancelled, the VM runs on here as
+        before, and ``VmmError``/``VmmTimeout`` is raised."""
+        ...
+
+    def migrate_receive_finish(self, spec: VmSpec, *, timeout: float = 60.0) -> None:
+        """Target host, after ``migrate_send`` returned: close the disk export and run the VM
+        here. ``VmmError`` when the migration did not complete."""
+
+    def migrate_cancel(self, spec: VmSpec, *, timeout: float = 30.0) -> None:
+        """Source host: stop any migration of ``spec`` and let the VM run here again (also
+        after ``migrate_send`` returned, as long as the target has not resumed). Idempotent."""
+
+    def migrate_receive_abort(self, spec: VmSpec) -> None:
+        """Target host: kill the receiving VMM and remove its runtime directory. Idempotent."""

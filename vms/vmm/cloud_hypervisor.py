@@ -39,11 +39,15 @@ import httpx
 from vms.vmm.base import (
     BOOT_KERNEL,
     DEFAULT_MTU,
+    MIGRATION_DISK_SHARED,
     OS_WINDOWS,
     AgentTransport,
     Driver,
     DriverCapabilities,
     LaunchResult,
+    MigrationResult,
+    MigrationTarget,
+    MigrationTls,
     NicDevice,
     RuntimeState,
     VmmError,
@@ -59,12 +63,16 @@ from vms.vmm.confinement import VmmConfinement
 from vms.vmm.process import (
     LOG_FILE,
     PID_FILE,
+    call_in_netns,
     kill_vmm,
     kvm_usable,
+    listen_address_check,
+    listening_socket,
     log_tail,
     pid_is_vmm,
     running_vmm_pid,
     spawn_detached,
+    uri_host,
     wait_pid_exit,
 )
 from vms.vmm.snapshot import SnapshotMeta, backing_chain
@@ -88,6 +96,11 @@ __all__ = [
 
 API_BASE_URL = "http://localhost/api/v1"
 DEFAULT_API_TIMEOUT = 5.0
+# vm.receive-migration answers at once only on an error (e.g. its port is taken); silence
+# this long means it listens.
+RECEIVE_ANSWER_SECONDS = 1.0
+# vm.send-migration is bounded by its own timeout_s; we wait this much longer for its answer.
+SEND_MARGIN_SECONDS = 30.0
 MIB = 1024 * 1024
 
 JsonObject = dict[str, Any]
@@ -370,6 +383,31 @@ class ChApiClient:
         self._action("vm.remove-device", {"id": device_id}, timeout=timeout)
 
     # -- snapshot -------------------------------------------------------------------------
+
+    def vm_receive_migration(self, receiver_url: str, *, answer_within: float) -> bool:
+        """``PUT vm.receive-migration`` (``ReceiveMigrationData``): the VMM listens on
+        ``receiver_url`` and answers only once a migration was received (or failed); its API
+        serves nothing else meanwhile. Waits ``answer_within`` seconds for an early answer
+        (an error, e.g. the port is taken: raised); ``False`` when none came (it listens)."""
+        try:
+            self._action("vm.receive-migration", {"receiver_url": receiver_url}, timeout=answer_within)
+        except VmmTimeout:
+            return False
+        return True
+
+    def vm_send_migration(
+        self, destination_url: str, *, downtime_ms: int, timeout_s: int, timeout: float | None = None
+    ) -> None:
+        """``PUT vm.send-migration`` (``SendMigrationData``): answers once the VM was sent
+        (the VMM then exits) or failed (the VM runs on here); ``timeout_s`` with the
+        ``Cancel`` strategy bounds it inside the VMM too."""
+        body = {
+            "destination_url": destination_url,
+            "downtime_ms": downtime_ms,
+            "timeout_s": timeout_s,
+            "timeout_strategy": "Cancel",
+        }
+        self._action("vm.send-migration", body, timeout=timeout)
 
     def vm_snapshot(self, destination_url: str, *, timeout: float | None = None) -> None:
         """``PUT vm.snapshot`` ``{destination_url: "file:///dir"}``; the VM must be paused and
@@ -901,6 +939,8 @@ class CloudHypervisorDriver:
             memory_snapshot=True,
             shared_disk_layers=False,
             agent_transport=AgentTransport.HYBRID_VSOCK,
+            live_migration=True,
+            live_migration_disk=MIGRATION_DISK_SHARED,
         )
 
     def version(self) -> str:
@@ -1494,6 +1534,147 @@ class CloudHypervisorDriver:
                 exc.details.setdefault("log", log_tail(spec.runtime_dir, 2000))
             raise
         return LaunchResult(pid=pid, driver=self.name, acceleration="kvm", vmm_version=str(ping.get("version", "")))
+
+    # -- live migration -------------------------------------------------------------------
+    # Cloud Hypervisor sends RAM and device state only, and the target recreates the VM from
+    # the source's own config: the same runtime directory path (sockets, overlay), the same
+    # TAP names, and the disk already at that path (``live_migration_disk == "shared"``).
+
+    def migrate_receive_prepare(
+        self,
+        spec: VmSpec,
+        *,
+        listen_host: str,
+        backing: Path | None = None,
+        tls: MigrationTls | None = None,
+        timeout: float = 60.0,
+    ) -> MigrationTarget:
+        """Target host: start an empty VMM for ``spec`` and ``vm.receive-migration`` on
+        ``listen_host`` (a free port picked in ``spec.netns``; retried when it was taken
+        meanwhile). The VM's overlay must already be in ``spec.runtime_dir`` (shared storage or
+        a copy): ``VmmError`` otherwise. ``backing`` is unused (no layers move). ``tls``
+        (Cloud Hypervisor's ``tls_dir``) is not wired yet: ``VmmUnsupported``."""
+        if tls is not None:
+            raise VmmUnsupported("migration over TLS is not wired for cloud-hypervisor yet")
+        paths = ChRuntimePaths(spec.runtime_dir)
+        if self.vmm_pid(spec) is not None:
+            raise VmmStateError("a VMM already runs for this VM on the target host")
+        listen_address_check(listen_host)
+        _check_socket_paths(paths)
+        if not paths.overlay.is_file():
+            raise VmmError(
+                "cloud-hypervisor does not copy disks: the VM's disk must already be on the target host",
+                details={"path": str(paths.overlay)},
+            )
+        deadline = time.monotonic() + timeout
+        _write_atomic(paths.spec_file, spec.to_json())
+        pid = self._spawn(spec)
+        port = 0
+        try:
+            ping = self._wait_for_api(spec, pid, max(0.5, deadline - time.monotonic()))
+            for attempt in range(3):
+                probe = call_in_netns(spec.netns, listening_socket, listen_host)
+                port = int(probe.getsockname()[1])
+                probe.close()
+                with self._client(spec) as api:
+                    try:
+                        answered = api.vm_receive_migration(
+                            f"tcp:{uri_host(listen_host)}:{port}", answer_within=RECEIVE_ANSWER_SECONDS
+                        )
+                    except VmmError as exc:
+                        if attempt < 2 and "in use" in json.dumps(exc.details).lower():
+                            continue  # someone took the port between probe and bind
+                        raise
+                if answered:
+                    raise VmmError("cloud-hypervisor answered vm.receive-migration before any sender connected")
+                break
+        except BaseException:
+            self.shutdown(spec, force=True)
+            raise
+        return MigrationTarget(
+            driver=self.name,
+            host=listen_host,
+            port=port,
+            acceleration="kvm",
+            vmm_version=str(ping.get("version", "")),
+            runtime_dir=str(spec.runtime_dir.resolve()),
+        )
+
+    def migrate_send(
+        self,
+        spec: VmSpec,
+        target: MigrationTarget,
+        *,
+        tls: MigrationTls | None = None,
+        timeout: float = 600.0,
+        downtime_ms: int = 500,
+    ) -> MigrationResult:
+        """Source host: ``vm.send-migration`` to ``tcp:<target.host>:<target.port>`` (bounded
+        by ``timeout`` in the VMM, ``Cancel`` strategy, and here). On success the source VMM
+        exits by itself; on failure Cloud Hypervisor resumes the VM here and the error is
+        raised. The target must use the same runtime directory path. No ``tls`` yet."""
+        if tls is not None or target.tls:
+            raise VmmUnsupported("migration over TLS is not wired for cloud-hypervisor yet")
+        started = time.monotonic()
+        if target.driver != self.name:
+            raise VmmError(f"the target host prepared a {target.driver} VM, not {self.name}")
+        if target.runtime_dir and target.runtime_dir != str(spec.runtime_dir.resolve()):
+            raise VmmError(
+                "cloud-hypervisor recreates the VM at the same paths: the runtime directories differ",
+                details={"source": str(spec.runtime_dir.resolve()), "target": target.runtime_dir},
+            )
+        self._require_pid(spec)
+        with self._client(spec, timeout + SEND_MARGIN_SECONDS) as api:
+            state = str(api.vm_info(timeout=self.api_timeout).get("state"))
+            if state != "Running":
+                raise VmmStateError(f"cannot migrate a VM in state {state}", details={"state": state})
+            here = str(api.vmm_ping(timeout=self.api_timeout).get("version", ""))
+            if target.vmm_version and here and _version_key(target.vmm_version) != _version_key(here):
+                raise VmmError(f"this host runs cloud-hypervisor {here}, the target {target.vmm_version}")
+            api.vm_send_migration(
+                f"tcp:{uri_host(target.host)}:{target.port}",
+                downtime_ms=downtime_ms,
+                timeout_s=max(1, int(timeout)),
+                timeout=timeout + SEND_MARGIN_SECONDS,
+            )
+        total_ms = int((time.monotonic() - started) * 1000)
+        return MigrationResult(total_ms=total_ms, downtime_ms=0, ram_bytes=0, disk_bytes=0, disk_sync="shared")
+
+    def migrate_receive_finish(self, spec: VmSpec, *, timeout: float = 60.0) -> None:
+        """Target host: wait until the received VM runs (Cloud Hypervisor resumes it itself;
+        a paused one is resumed). The API answers nothing while a migration is received, so
+        each look is short. ``VmmError`` when the VMM died or holds no VM (the receive failed)."""
+        deadline = time.monotonic() + timeout
+        pid = self._require_pid(spec)
+        with self._client(spec, 2.0) as api:
+            while True:
+                if not pid_is_vmm(pid, spec.runtime_dir):
+                    raise VmmError("the receiving cloud-hypervisor exited", details={"log": log_tail(spec.runtime_dir)})
+                state: str | None = None
+                try:
+                    state = str(api.vm_info(timeout=2.0).get("state"))
+                except VmmTimeout:
+                    pass  # still receiving
+                except VmmStateError as exc:
+                    raise VmmError("the migration was not received on the target host", details=exc.details) from exc
+                if state == "Paused":
+                    api.vm_resume()
+                    return
+                if state == "Running":
+                    return
+                if time.monotonic() > deadline:
+                    raise VmmTimeout("the migrated VM did not start on the target host", details={"state": state})
+                time.sleep(0.1)
+
+    def migrate_cancel(self, spec: VmSpec, *, timeout: float = 30.0) -> None:
+        """Nothing to do: Cloud Hypervisor has no cancel call and resumes the VM itself when
+        a send fails or reaches its ``timeout_s``; after a successful send the source VMM is
+        gone (the VM lives on the target)."""
+
+    def migrate_receive_abort(self, spec: VmSpec) -> None:
+        """Target host: kill the receiving VMM and remove its sockets and pid file. The
+        runtime directory and the overlay stay: with shared storage that is the VM's disk."""
+        self.shutdown(spec, force=True)
 
 
 def _copy_file(src: Path, dest: Path) -> None:

@@ -25,10 +25,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .base import (
+    MIGRATION_DISK_MIRROR,
     AgentTransport,
     Driver,
     DriverCapabilities,
     LaunchResult,
+    MigrationResult,
+    MigrationTarget,
+    MigrationTls,
     NicDevice,
     RuntimeState,
     VmmError,
@@ -54,6 +58,8 @@ DEFAULT_CAPABILITIES = DriverCapabilities(
     shared_disk_layers=False,
     agent_transport=AgentTransport.VIRTIO_SERIAL,
     disk_only_snapshot=True,
+    live_migration=True,
+    live_migration_disk=MIGRATION_DISK_MIRROR,
 )
 
 
@@ -71,11 +77,16 @@ class FakeVm:
     boots: int = 0
     restored_from: str = ""
     nics: dict[str, str] = field(default_factory=dict)  # device id -> TAP, as booted or hot-plugged
+    migrated_to: str = ""  # "host:port" this VM was sent to (its VMM stays, stopped)
+    migrated_from: bool = False  # arrived by live migration
 
 
 @dataclass
 class _Registry:
     vms: dict[str, FakeVm] = field(default_factory=dict)
+    # Receiving side of a live migration, by VM id: (the target's VM, its listen address,
+    # whether the stream arrived). It replaces ``vms[vm_id]`` once finished.
+    incoming: dict[str, tuple[FakeVm, MigrationTarget, bool]] = field(default_factory=dict)
     failures: dict[str, list[VmmError]] = field(default_factory=dict)
     during: dict[str, Callable[[str], None]] = field(default_factory=dict)
     calls: list[tuple[str, str]] = field(default_factory=list)
@@ -356,11 +367,108 @@ class FakeDriver:
         return self._start_process(vm, spec)
 
     def cleanup(self, spec: VmSpec) -> None:
-        """Forget the VMM and remove the runtime directory. Idempotent."""
+        """Forget the VMM and remove the runtime directory. Idempotent. Only the VM whose
+        runtime directory this is: after a migration the VM id lives on in another one."""
         self._enter("cleanup", spec)
         with _lock:
-            _registry.vms.pop(spec.vm_id, None)
+            vm = _registry.vms.get(spec.vm_id)
+            if vm is not None and vm.runtime_dir == spec.runtime_dir:
+                del _registry.vms[spec.vm_id]
         shutil.rmtree(spec.runtime_dir, ignore_errors=True)
+
+    # --- live migration: the same order and rules as the real drivers -----------------------
+
+    def migrate_receive_prepare(
+        self,
+        spec: VmSpec,
+        *,
+        listen_host: str,
+        backing: Path | None = None,
+        tls: MigrationTls | None = None,
+        timeout: float = 60.0,
+    ) -> MigrationTarget:
+        """A receiving VMM for ``spec`` (its own runtime directory) "listening" on ``listen_host``."""
+        self._enter("migrate_receive_prepare", spec)
+        if not self.capabilities().live_migration:
+            raise VmmUnsupported("the fake VMM cannot migrate a running VM")
+        with _lock:
+            if spec.vm_id in _registry.incoming:
+                raise VmmStateError("a migration into this host is already prepared for this VM")
+            _registry.next_pid += 1
+            vm = FakeVm(vm_id=spec.vm_id, runtime_dir=spec.runtime_dir, pid=_registry.next_pid)
+            vm.state = RuntimeState.CREATED
+            target = MigrationTarget(
+                driver=NAME, host=listen_host, port=49152 + _registry.next_pid % 1000, disk_port=10809,
+                disk_export="root", disk_size=spec.disk_gib << 30, acceleration="fake", vmm_version=VERSION,
+                tls=tls is not None,
+            )  # fmt: skip
+            _registry.incoming[spec.vm_id] = (vm, target, False)
+        spec.runtime_dir.mkdir(parents=True, exist_ok=True)
+        (spec.runtime_dir / "spec.json").write_text(spec.to_json())
+        (spec.runtime_dir / OVERLAY).touch()
+        return target
+
+    def migrate_send(
+        self,
+        spec: VmSpec,
+        target: MigrationTarget,
+        *,
+        tls: MigrationTls | None = None,
+        timeout: float = 600.0,
+        downtime_ms: int = 500,
+    ) -> MigrationResult:
+        """Copies the overlay into the target's runtime directory and marks the source stopped."""
+        if target.tls != (tls is not None):
+            raise VmmError("the source and the target disagree on TLS")
+        vm = self._running(spec)
+        if vm.state not in (RuntimeState.RUNNING, RuntimeState.PAUSED):
+            raise VmmStateError(f"cannot migrate a VM that is {vm.state.value}")
+        was = vm.state
+        vm.state = RuntimeState.PAUSED
+        try:
+            self._enter("migrate_send", spec)  # failures and callbacks happen mid-migration
+            with _lock:
+                entry = _registry.incoming.get(spec.vm_id)
+                if entry is None or (entry[1].host, entry[1].port) != (target.host, target.port):
+                    raise VmmError(f"migrating the VM failed: nothing listens on {target.host}:{target.port}")
+                incoming = entry[0]
+                incoming.vcpus, incoming.memory_mib, incoming.nics = vm.vcpus, vm.memory_mib, dict(vm.nics)
+                incoming.boots, incoming.migrated_from = vm.boots, True
+                _registry.incoming[spec.vm_id] = (incoming, entry[1], True)
+            shutil.copyfile(spec.runtime_dir / OVERLAY, incoming.runtime_dir / OVERLAY)
+        except BaseException:
+            vm.state = was
+            raise
+        vm.migrated_to = f"{target.host}:{target.port}"
+        return MigrationResult(total_ms=1, downtime_ms=1, ram_bytes=vm.memory_mib << 20, disk_bytes=0, disk_sync="top")
+
+    def migrate_receive_finish(self, spec: VmSpec, *, timeout: float = 60.0) -> None:
+        """The received VM runs (and becomes what ``info`` of this VM id reports)."""
+        self._enter("migrate_receive_finish", spec)
+        with _lock:
+            entry = _registry.incoming.get(spec.vm_id)
+            if entry is None:
+                raise VmmNotRunning("no receiving VMM runs for this VM on the target host")
+            vm, _, arrived = entry
+            if not arrived:
+                raise VmmError("the migration stream has not arrived on the target host")
+            del _registry.incoming[spec.vm_id]
+            vm.state = RuntimeState.RUNNING
+            _registry.vms[spec.vm_id] = vm
+
+    def migrate_cancel(self, spec: VmSpec, *, timeout: float = 30.0) -> None:
+        self._enter("migrate_cancel", spec)
+        with _lock:
+            vm = _registry.vms.get(spec.vm_id)
+            if vm is not None and vm.runtime_dir == spec.runtime_dir and vm.migrated_to:
+                vm.migrated_to, vm.state = "", RuntimeState.RUNNING
+
+    def migrate_receive_abort(self, spec: VmSpec) -> None:
+        self._enter("migrate_receive_abort", spec)
+        with _lock:
+            entry = _registry.incoming.pop(spec.vm_id, None)
+        if entry is not None:
+            shutil.rmtree(entry[0].runtime_dir, ignore_errors=True)
 
 
 if TYPE_CHECKING:

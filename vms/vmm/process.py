@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import ipaddress
 import json
 import os
 import re
@@ -561,3 +562,34 @@ def remove_path_quietly(path: Path) -> None:
     except OSError as exc:
         if exc.errno not in (errno.ENOENT,):
             raise
+
+
+# ----- live migration: listening on a host's underlay address -------------------------
+
+
+def listen_address_check(host: str) -> None:
+    """``host`` must be an IP address (the host's underlay address), not a name."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError as exc:
+        raise VmmError(f"the migration listen address must be an IP address, not {host!r}") from exc
+
+
+def uri_host(host: str) -> str:
+    """``host`` inside a ``tcp:``/``nbd://`` URI: IPv6 addresses in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
+def listening_socket(host: str) -> socket.socket:
+    """A TCP socket bound to ``host`` on a port the kernel picks, in the calling thread's
+    network namespace (``call_in_netns``), listening: handed to QEMU (``getfd``), or closed to
+    learn a free port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.bind((host, 0))
+        sock.listen(4)
+    except OSError as exc:
+        sock.close()
+        raise VmmError(f"cannot listen on {host}: {exc}") from exc
+    return sock

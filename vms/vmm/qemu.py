@@ -34,11 +34,15 @@ from typing import TYPE_CHECKING, Any
 from .base import (
     BOOT_KERNEL,
     BOOT_UEFI,
+    MIGRATION_DISK_MIRROR,
     OS_WINDOWS,
     AgentTransport,
     Driver,
     DriverCapabilities,
     LaunchResult,
+    MigrationResult,
+    MigrationTarget,
+    MigrationTls,
     NicDevice,
     RuntimeState,
     VmmError,
@@ -52,16 +56,20 @@ from .base import (
 from .confinement import VmmConfinement
 from .process import (
     accel_choice,
+    call_in_netns,
     detect_acceleration,
     host_tsc_khz,
     host_uses_tsc,
     kill_vmm,
+    listen_address_check,
+    listening_socket,
     log_tail,
     netdev_counters,
     remove_path_quietly,
     running_vmm_pid,
     spawn_detached,
     tap_open,
+    uri_host,
     wait_for_unix_socket,
     wait_pid_exit,
 )
@@ -132,6 +140,15 @@ _TCG_CMDLINE = "mitigations=off"
 # QEMU's seccomp filter: no obsolete syscalls, no set*uid/gid, no fork/exec, no scheduler or
 # priority changes (checked against QEMU 7.2, Debian 12).
 SANDBOX_OPTION = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+
+# Live migration: the NBD export the source mirrors the disk into, the fd name of its
+# listening socket, and the source's mirror job.
+_NBD_EXPORT = "root"
+_NBD_LISTEN_FD = "migrate-nbd"
+_MIRROR_JOB = "migrate-root"
+_TLS_ID = "migrate-tls"  # QEMU's tls-creds-x509 object, and its directory in the runtime dir
+_NBD_NODE = "migrate-target"  # the source's NBD client node when the copy goes over TLS
 
 
 class QmpError(VmmError):
@@ -290,6 +307,8 @@ _CAPABILITIES = DriverCapabilities(
     shared_disk_layers=True,
     agent_transport=AgentTransport.VIRTIO_SERIAL,
     disk_only_snapshot=True,
+    live_migration=True,
+    live_migration_disk=MIGRATION_DISK_MIRROR,
 )
 
 
@@ -323,7 +342,8 @@ class QemuDriver:
         self.confinement = confinement or VmmConfinement()
 
     def capabilities(self) -> DriverCapabilities:
-        """No hotplug of any kind on microvm; memory and disk-only snapshots; shared layers."""
+        """No hotplug of any kind on microvm; memory and disk-only snapshots; shared layers;
+        live migration with the disk mirrored (direct-boot VMs)."""
         return _CAPABILITIES
 
     # ----- paths -------------------------------------------------------------------
@@ -367,11 +387,7 @@ class QemuDriver:
             return
         if not spec.base_image.is_file():
             raise VmmError("base image not found", details={"path": str(spec.base_image)})
-        if spec.base_format == "qcow2":
-            base_size = _qcow2_virtual_size(spec.base_image)
-        else:
-            base_size = spec.base_image.stat().st_size
-        size = max(spec.disk_gib << 30, base_size)
+        size = _disk_size(spec)
         tmp = spec.runtime_dir / (OVERLAY + ".tmp")
         try:
             subprocess.run(  # noqa: S603
@@ -424,11 +440,13 @@ class QemuDriver:
         *,
         acceleration: str,
         incoming: bool = False,
+        start_paused: bool = False,
         tap_fd: int | None = None,
         extra_tap_fds: tuple[int, ...] = (),
     ) -> list[str]:
         """The full QEMU command line for ``spec`` (public for tests and debugging). With
-        ``incoming`` QEMU waits for ``migrate-incoming`` (restore from a snapshot); with
+        ``incoming`` QEMU waits for ``migrate-incoming`` (restore from a snapshot, or a live
+        migration), with ``start_paused`` (``-S``) its vCPUs wait for ``cont``; with
         ``tap_fd`` the NIC uses that open TAP instead of opening ``spec.tap`` itself, and
         ``extra_tap_fds`` (one per ``spec.extra_nics``) do the same for the further NICs."""
         rd = spec.runtime_dir.resolve()
@@ -483,6 +501,8 @@ class QemuDriver:
             argv += ["-device", f"virtio-net-{bus},netdev={nic.device_id},mac={nic.mac},host_mtu={spec.nic_mtu}"]
         if incoming:
             argv += ["-incoming", "defer"]
+        if start_paused:
+            argv.append("-S")
         return argv
 
     def machine_argv(self, spec: VmSpec, *, acceleration: str) -> list[str]:
@@ -561,9 +581,11 @@ class QemuDriver:
         self.prepare(spec)
         return self._spawn(spec, accel, timeout=timeout)
 
-    def _spawn(self, spec: VmSpec, accel: str, *, timeout: float, incoming: bool = False) -> LaunchResult:
+    def _spawn(
+        self, spec: VmSpec, accel: str, *, timeout: float, incoming: bool = False, start_paused: bool = False
+    ) -> LaunchResult:
         """Start QEMU for ``spec`` and wait until QMP answers (``incoming``: QEMU waits for
-        ``migrate-incoming`` instead of booting)."""
+        ``migrate-incoming`` instead of booting; ``start_paused``: and stays paused after it)."""
         for name in (QMP_SOCKET, SERIAL_SOCKET, AGENT_SOCKET):
             remove_path_quietly(spec.runtime_dir / name)
         overlay = spec.runtime_dir / OVERLAY
@@ -581,7 +603,12 @@ class QemuDriver:
             for nic in spec.extra_nics:
                 extra_fds.append(tap_open(nic.tap, netns=spec.netns))
             argv = self.build_argv(
-                spec, acceleration=accel, incoming=incoming, tap_fd=tap_fd, extra_tap_fds=tuple(extra_fds)
+                spec,
+                acceleration=accel,
+                incoming=incoming,
+                start_paused=start_paused,
+                tap_fd=tap_fd,
+                extra_tap_fds=tuple(extra_fds),
             )
             pass_fds = (*(() if tap_fd is None else (tap_fd,)), *extra_fds)
             pid = spawn_detached(argv, spec.runtime_dir, netns=spec.netns, plan=plan, pass_fds=pass_fds)
@@ -941,11 +968,11 @@ class QemuDriver:
         # Frozen: other VMs (clones) may build on it, so no VMM may write it any more.
         self.confinement.reclaim(layer)
 
-    def _overlay_create(self, path: Path, *, backing: Path, size: int) -> None:
+    def _overlay_create(self, path: Path, *, backing: Path, size: int, backing_format: str = "qcow2") -> None:
         # -u: do not open the backing file (a running QEMU holds locks on it).
         argv = [
             self.qemu_img, "create", "-q", "-f", "qcow2", "-u",
-            "-b", str(backing.resolve()), "-F", "qcow2", str(path), str(size),
+            "-b", str(backing.resolve()), "-F", backing_format, str(path), str(size),
         ]  # fmt: skip
         try:
             subprocess.run(argv, check=True, capture_output=True, timeout=60, stdin=subprocess.DEVNULL)  # noqa: S603
@@ -976,24 +1003,26 @@ class QemuDriver:
             raise
 
     @staticmethod
-    def _wait_migration(qmp: QmpClient, deadline: float, *, incoming: bool) -> None:
+    def _wait_migration(qmp: QmpClient, deadline: float, *, incoming: bool, what: str = "") -> dict[str, Any]:
+        """Poll ``query-migrate`` until it completes (returns its last answer), fails
+        (``VmmError``) or ``deadline`` passes (``VmmTimeout``); ``what`` names it in errors."""
+        what = what or ("loading the VM state" if incoming else "saving the VM state")
         delay = 0.01
         while True:
             info = qmp.execute("query-migrate")
-            status = str(info.get("status", "")) if isinstance(info, dict) else ""
+            if not isinstance(info, dict):
+                info = {}
+            status = str(info.get("status", ""))
             if status == "completed":
-                return
+                return info
             if status in ("failed", "cancelled"):
-                raise VmmError(
-                    f"{'loading' if incoming else 'saving'} the VM state failed: {info.get('error-desc', status)}",
-                    details={"migration": info},
-                )
+                raise VmmError(f"{what} failed: {info.get('error-desc', status)}", details={"migration": info})
             if incoming:
                 run = qmp.execute("query-status")
                 if isinstance(run, dict) and run.get("status") == "running":
-                    return
+                    return info
             if time.monotonic() > deadline:
-                raise VmmTimeout(f"{'loading' if incoming else 'saving'} the VM state timed out")
+                raise VmmTimeout(f"{what} timed out", details={"migration": info})
             time.sleep(delay)
             delay = min(delay * 2, 0.2)
 
@@ -1004,6 +1033,372 @@ class QemuDriver:
             q = ver["qemu"]
             return f"{q.get('major')}.{q.get('minor')}.{q.get('micro')}"
         return ""
+
+    # ----- live migration ----------------------------------------------------------
+
+    def migrate_receive_prepare(
+        self,
+        spec: VmSpec,
+        *,
+        listen_host: str,
+        backing: Path | None = None,
+        tls: MigrationTls | None = None,
+        timeout: float = 60.0,
+    ) -> MigrationTarget:
+        """Target host: a fresh runtime directory for ``spec`` whose overlay is backed by
+        ``backing`` (default ``spec.base_image``; the same path must hold the same bytes as on
+        the source for a top-layer copy), then QEMU with ``-incoming defer -S`` in
+        ``spec.netns`` (its TAPs must exist there), an NBD server on ``listen_host`` exporting
+        that overlay (writable: the source mirrors its disk into it) and ``migrate-incoming``
+        on ``listen_host``. Both ports are chosen by the kernel and reported in the result.
+        With ``tls`` both take only TLS clients whose certificate the CA signed
+        (``tls-creds-x509``, ``verify-peer``). ``VmmStateError`` when a QEMU already runs for
+        ``spec`` here."""
+        _check_migratable(spec)
+        if running_vmm_pid(spec.runtime_dir) is not None:
+            raise VmmStateError("a QEMU already runs for this VM on the target host")
+        listen_address_check(listen_host)
+        deadline = time.monotonic() + timeout
+        accel = detect_acceleration(self.accel)
+        base = (backing or spec.base_image).resolve()
+        if not base.is_file():
+            raise VmmError("the disk's backing file is missing on the target host", details={"path": str(base)})
+        # A snapshot layer is qcow2; the base image is what its spec says.
+        fmt = spec.base_format if backing is None else ("qcow2" if _is_qcow2(base) else "raw")
+        size = _disk_size(spec)
+        remove_path_quietly(spec.runtime_dir / OVERLAY)  # a leftover of an earlier attempt
+        self.prepare_firmware_dir(spec)
+        tmp = spec.runtime_dir / (OVERLAY + ".tmp")
+        self._overlay_create(tmp, backing=base, size=size, backing_format=fmt)
+        os.replace(tmp, spec.runtime_dir / OVERLAY)
+        tls_dir = self._tls_install(spec, tls, endpoint="server") if tls is not None else None
+        result = self._spawn(spec, accel, timeout=timeout, incoming=True, start_paused=True)
+        try:
+            listener = call_in_netns(spec.netns, listening_socket, listen_host)
+            try:
+                with QmpClient(self.qmp_path(spec), timeout=max(1.0, deadline - time.monotonic())) as qmp:
+                    nbd: dict[str, Any] = {"addr": {"type": "fd", "data": {"str": _NBD_LISTEN_FD}}}
+                    if tls_dir is not None:
+                        self._tls_object_add(qmp, tls_dir, endpoint="server")
+                        qmp.execute("migrate-set-parameters", {"tls-creds": _TLS_ID})
+                        nbd["tls-creds"] = _TLS_ID
+                    qmp.send_fd(_NBD_LISTEN_FD, listener.fileno())
+                    qmp.execute("nbd-server-start", nbd)
+                    qmp.execute("nbd-server-add", {"device": "root", "name": _NBD_EXPORT, "writable": True})
+                    qmp.execute("migrate-incoming", {"uri": f"tcp:{uri_host(listen_host)}:0"})
+                    port = _incoming_port(qmp.execute("query-migrate"))
+                disk_port = int(listener.getsockname()[1])
+            finally:
+                listener.close()  # QEMU holds its own copy
+        except BaseException as exc:
+            kill_vmm(result.pid, spec.runtime_dir, term_timeout=2.0)
+            if isinstance(exc, VmmError) and exc.details is None:
+                exc.details = {"log_tail": log_tail(spec.runtime_dir)}
+            raise
+        return MigrationTarget(
+            driver=self.name,
+            host=listen_host,
+            port=port,
+            disk_port=disk_port,
+            disk_export=_NBD_EXPORT,
+            disk_size=size,
+            backing_chain=tuple(backing_chain(spec.runtime_dir / OVERLAY)),
+            acceleration=accel,
+            vmm_version=result.vmm_version,
+            runtime_dir=str(spec.runtime_dir.resolve()),
+            tls=tls is not None,
+        )
+
+    def prepare_firmware_dir(self, spec: VmSpec) -> None:
+        """The runtime directory, ``spec.json`` and (firmware boot) the UEFI variable store,
+        without a disk: what a VM arriving by migration needs before its overlay."""
+        longest = spec.runtime_dir.resolve() / SERIAL_SOCKET
+        if len(str(longest).encode()) > _UNIX_PATH_MAX:
+            raise VmmError("runtime directory path too long for Unix sockets", details={"path": str(spec.runtime_dir)})
+        spec.runtime_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(spec.runtime_dir, 0o700)
+        spec_tmp = spec.runtime_dir / (SPEC_FILE + ".tmp")
+        spec_tmp.write_text(spec.to_json())
+        os.replace(spec_tmp, spec.runtime_dir / SPEC_FILE)
+        self.prepare_firmware(spec)
+
+    def migrate_send(
+        self,
+        spec: VmSpec,
+        target: MigrationTarget,
+        *,
+        tls: MigrationTls | None = None,
+        timeout: float = 600.0,
+        downtime_ms: int = 500,
+    ) -> MigrationResult:
+        """Source host: mirror the disk into the target's NBD export (``blockdev``
+        ``drive-mirror``, write-blocking once in sync, so the copy never falls behind), then
+        ``migrate`` RAM and devices to ``tcp:<target.host>:<target.port>`` (auto-converge,
+        downtime at most ``downtime_ms``), then end the mirror job without switching to it.
+        The disk copy is ``sync: top`` (only this VM's overlay) when the target's overlay
+        sits on the same backing chain as ours, else ``full`` (the whole disk).
+
+        Returns with the source QEMU stopped (``postmigrate``). On any failure, or when
+        ``timeout`` runs out, migration and mirror are cancelled and the VM runs on here;
+        the error is raised."""
+        started = time.monotonic()
+        deadline = started + timeout
+        _check_migratable(spec)
+        if target.driver != self.name:
+            raise VmmError(f"the target host prepared a {target.driver} VM, not {self.name}")
+        if target.disk_port is None or not target.disk_export:
+            raise VmmError("the target offers no disk export to mirror into")
+        pid = running_vmm_pid(spec.runtime_dir)
+        if pid is None:
+            raise VmmNotRunning("the VM is not running", details={"vm_id": spec.vm_id})
+        accel = "kvm" if "kvm" in " ".join(_cmdline_of(pid)) else "tcg"
+        if target.acceleration and target.acceleration != accel:
+            raise VmmError(f"the VM runs under {accel} here, the target host runs {target.acceleration}")
+        overlay = spec.runtime_dir / OVERLAY
+        size = _qcow2_virtual_size(overlay)
+        if target.disk_size != size:
+            raise VmmError(
+                "the target's disk differs in size from the VM's",
+                details={"source": size, "target": target.disk_size},
+            )
+        sync = "top" if tuple(backing_chain(overlay)) == target.backing_chain else "full"
+        host = uri_host(target.host)
+        if target.tls != (tls is not None):
+            raise VmmError(
+                "the target takes the migration only over TLS: give the source its certificate"
+                if target.tls
+                else "the target does not listen with TLS"
+            )
+        tls_dir = self._tls_install(spec, tls, endpoint="client") if tls is not None else None
+        with QmpClient(self.qmp_path(spec), timeout=min(30.0, timeout)) as qmp:
+            status = str(qmp.execute("query-status").get("status"))
+            if status not in ("running", "paused"):
+                raise VmmStateError(f"cannot migrate a VM whose QEMU is {status}", details={"status": status})
+            version = self._version_of(qmp)
+            if target.vmm_version and version and target.vmm_version.split(".")[:2] != version.split(".")[:2]:
+                raise VmmError(f"the VM runs on QEMU {version} here, the target host runs {target.vmm_version}")
+            was_running = status == "running"
+            try:
+                if tls_dir is None:
+                    qmp.execute(
+                        "drive-mirror",
+                        {
+                            "job-id": _MIRROR_JOB,
+                            "device": "root",
+                            "target": f"nbd://{host}:{target.disk_port}/{target.disk_export}",
+                            "format": "raw",
+                            "mode": "existing",
+                            "sync": sync,
+                            "copy-mode": "write-blocking",
+                            "auto-dismiss": False,
+                        },
+                    )
+                else:
+                    _qmp_quietly(qmp, "blockdev-del", {"node-name": _NBD_NODE})  # an earlier attempt's
+                    self._tls_object_add(qmp, tls_dir, endpoint="client")
+                    qmp.execute(
+                        "blockdev-add",
+                        {
+                            "driver": "nbd",
+                            "node-name": _NBD_NODE,
+                            "server": {"type": "inet", "host": target.host, "port": str(target.disk_port)},
+                            "export": target.disk_export,
+                            "tls-creds": _TLS_ID,
+                        },
+                    )
+                    qmp.execute(
+                        "blockdev-mirror",
+                        {
+                            "job-id": _MIRROR_JOB,
+                            "device": "root",
+                            "target": _NBD_NODE,
+                            "sync": sync,
+                            "copy-mode": "write-blocking",
+                            "auto-dismiss": False,
+                        },
+                    )
+                disk_bytes = self._wait_mirror_ready(qmp, deadline)
+                qmp.execute(
+                    "migrate-set-capabilities",
+                    {"capabilities": [{"capability": "auto-converge", "state": True}]},
+                )
+                # Snapshots leave huge values behind (a file takes what it can get); a network
+                # copy aims for a short pause and uses the link.
+                qmp.execute(
+                    "migrate-set-parameters",
+                    {
+                        "max-bandwidth": 64 << 30,
+                        "downtime-limit": downtime_ms,
+                        "tls-creds": _TLS_ID if tls_dir is not None else "",  # "": plain TCP
+                    },
+                )
+                qmp.execute("migrate", {"uri": f"tcp:{host}:{target.port}"})
+                info = self._wait_migration(qmp, deadline, incoming=False, what="migrating the VM")
+                # The source is stopped now: nothing writes the disk any more. Ending a ready
+                # mirror with block-job-cancel completes it without switching to the copy.
+                self._end_mirror(qmp, deadline)
+            except BaseException:
+                self._cancel_on(qmp, was_running=was_running)
+                raise
+        ram = info.get("ram") if isinstance(info, dict) else None
+        return MigrationResult(
+            total_ms=int((time.monotonic() - started) * 1000),
+            downtime_ms=int(info.get("downtime", 0)) if isinstance(info, dict) else 0,
+            ram_bytes=int(ram.get("transferred", 0)) if isinstance(ram, dict) else 0,
+            disk_bytes=disk_bytes,
+            disk_sync=sync,
+        )
+
+    def migrate_receive_finish(self, spec: VmSpec, *, timeout: float = 60.0) -> None:
+        """Target host: wait for the incoming migration to be complete, stop the NBD server
+        and resume the VM (``cont``). ``VmmError`` when the migration failed."""
+        deadline = time.monotonic() + timeout
+        if running_vmm_pid(spec.runtime_dir) is None:
+            raise VmmNotRunning("no receiving QEMU runs for this VM on the target host")
+        with QmpClient(self.qmp_path(spec), timeout=min(30.0, timeout)) as qmp:
+            self._wait_migration(qmp, deadline, incoming=True, what="receiving the VM")
+            status = str(qmp.execute("query-status").get("status"))
+            if status == "inmigrate":
+                raise VmmError("the migration stream has not arrived on the target host")
+            try:
+                qmp.execute("nbd-server-stop")
+            except QmpError:
+                pass  # already stopped by an earlier call: finishing is idempotent
+            if status != "running":
+                qmp.execute("cont")
+            status = str(qmp.execute("query-status").get("status"))
+        if status != "running":
+            raise VmmError(f"the migrated VM did not start on the target host: {status}", details={"status": status})
+
+    def migrate_cancel(self, spec: VmSpec, *, timeout: float = 30.0) -> None:
+        """Source host: cancel a migration and the disk mirror of ``spec`` and resume the VM
+        if the migration stopped it. Never call it once the target has resumed (two copies
+        of the VM would then run). Idempotent; nothing to do when no QEMU runs."""
+        if running_vmm_pid(spec.runtime_dir) is None:
+            return
+        with QmpClient(self.qmp_path(spec), timeout=timeout) as qmp:
+            status = str(qmp.execute("query-status").get("status"))
+            self._cancel_on(qmp, was_running=status in ("running", "postmigrate", "finish-migrate"))
+
+    def migrate_receive_abort(self, spec: VmSpec) -> None:
+        """Target host: kill the receiving QEMU and remove its runtime directory (the partial
+        disk copy with it). Idempotent."""
+        self.cleanup(spec)
+
+    def _tls_install(self, spec: VmSpec, tls: MigrationTls, *, endpoint: str) -> Path:
+        """Copy ``tls`` into the runtime directory under the names QEMU's ``tls-creds-x509``
+        reads (``ca-cert.pem``, ``<endpoint>-cert.pem``, ``<endpoint>-key.pem``), readable by
+        the VMM user only."""
+        tls_dir = spec.runtime_dir / _TLS_ID
+        shutil.rmtree(tls_dir, ignore_errors=True)
+        tls_dir.mkdir(mode=0o700)
+        try:
+            for source, name in (
+                (tls.ca_cert, "ca-cert.pem"),
+                (tls.cert, f"{endpoint}-cert.pem"),
+                (tls.key, f"{endpoint}-key.pem"),
+            ):
+                shutil.copyfile(source, tls_dir / name)
+                os.chmod(tls_dir / name, 0o600)
+                self.confinement.give(tls_dir / name)
+        except OSError as exc:
+            raise VmmError(f"cannot install the migration certificates: {exc}") from exc
+        self.confinement.give(tls_dir)
+        return tls_dir
+
+    @staticmethod
+    def _tls_object_add(qmp: QmpClient, tls_dir: Path, *, endpoint: str) -> None:
+        _qmp_quietly(qmp, "object-del", {"id": _TLS_ID})  # an earlier attempt's
+        qmp.execute(
+            "object-add",
+            {
+                "qom-type": "tls-creds-x509",
+                "id": _TLS_ID,
+                "dir": str(tls_dir.resolve()),
+                "endpoint": endpoint,
+                "verify-peer": True,
+            },
+        )
+
+    def _wait_mirror_ready(self, qmp: QmpClient, deadline: float) -> int:
+        """Wait until the mirror job is in sync; returns the bytes it copied."""
+        delay = 0.05
+        while True:
+            job = self._mirror_job(qmp)
+            if job is None:
+                raise VmmError("the disk mirror job vanished")
+            if job.get("status") == "concluded" or job.get("error"):
+                raise VmmError(
+                    f"copying the disk to the target failed: {job.get('error', 'job ended early')}",
+                    details={"job": job},
+                )
+            if job.get("ready"):
+                return int(job.get("offset", 0))
+            if time.monotonic() > deadline:
+                raise VmmTimeout("copying the disk to the target timed out", details={"job": job})
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+    def _end_mirror(self, qmp: QmpClient, deadline: float) -> None:
+        qmp.execute("block-job-cancel", {"device": _MIRROR_JOB})
+        delay = 0.02
+        while True:
+            job = self._mirror_job(qmp)
+            if job is None:
+                return
+            if job.get("status") == "concluded":
+                qmp.execute("job-dismiss", {"id": _MIRROR_JOB})
+                if job.get("error"):
+                    raise VmmError(f"the disk mirror ended with an error: {job['error']}", details={"job": job})
+                return
+            if time.monotonic() > deadline:
+                raise VmmTimeout("ending the disk mirror timed out", details={"job": job})
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+    @staticmethod
+    def _mirror_job(qmp: QmpClient) -> dict[str, Any] | None:
+        jobs = qmp.execute("query-block-jobs")
+        for job in jobs if isinstance(jobs, list) else []:
+            if isinstance(job, dict) and job.get("device") == _MIRROR_JOB:
+                return job
+        return None
+
+    def _cancel_on(self, qmp: QmpClient, *, was_running: bool) -> None:
+        """Best effort, on an open QMP connection: cancel the migration and the mirror job
+        (forced, the copy is thrown away), then ``cont`` if the VM ran before."""
+        for command, args in (
+            ("migrate_cancel", None),
+            ("block-job-cancel", {"device": _MIRROR_JOB, "force": True}),
+        ):
+            try:
+                qmp.execute(command, args)
+            except VmmError:
+                pass
+        end = time.monotonic() + 10.0
+        while time.monotonic() < end:
+            try:
+                info = qmp.execute("query-migrate")
+                job = self._mirror_job(qmp)
+            except VmmError:
+                break
+            migrating = isinstance(info, dict) and info.get("status") in ("active", "setup", "cancelling", "device")
+            if job is not None and job.get("status") == "concluded":
+                try:
+                    qmp.execute("job-dismiss", {"id": _MIRROR_JOB})
+                except VmmError:
+                    pass
+                job = None
+            if not migrating and job is None:
+                break
+            time.sleep(0.05)
+        if was_running:
+            try:
+                if qmp.execute("query-status").get("status") != "running":
+                    # After a completed migration the images are inactive: cont re-activates them.
+                    qmp.execute("cont")
+            except VmmError:
+                pass
 
     # ----- helpers -----------------------------------------------------------------
 
@@ -1058,6 +1453,43 @@ def _cmdline_of(pid: int) -> list[str]:
         return (Path("/proc") / str(pid) / "cmdline").read_bytes().decode("utf-8", "replace").split("\0")
     except OSError:
         return []
+
+
+def _qmp_quietly(qmp: QmpClient, command: str, arguments: dict[str, Any]) -> None:
+    """A clean-up command whose failure (nothing to clean) does not matter."""
+    try:
+        qmp.execute(command, arguments)
+    except QmpError:
+        pass
+
+
+def _check_migratable(spec: VmSpec) -> None:
+    """Only direct-boot VMs migrate: a firmware-booted VM's UEFI variable store is a pflash
+    drive of its own that is not copied yet (its boot entries would be lost at the next boot)."""
+    if spec.boot_mode != BOOT_KERNEL:
+        raise VmmUnsupported("live migration of firmware-booted (UEFI) VMs is not built yet")
+
+
+def _disk_size(spec: VmSpec) -> int:
+    """Virtual size of a new overlay for ``spec``: its disk size, at least the base image's."""
+    qcow2 = spec.base_format == "qcow2"
+    base_size = _qcow2_virtual_size(spec.base_image) if qcow2 else spec.base_image.stat().st_size
+    return max(spec.disk_gib << 30, base_size)
+
+
+def _is_qcow2(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(4) == b"QFI\xfb"
+
+
+def _incoming_port(info: object) -> int:
+    """The port ``migrate-incoming tcp:<host>:0`` listens on (``socket-address`` of the
+    target's ``query-migrate``)."""
+    addresses = info.get("socket-address") if isinstance(info, dict) else None
+    for address in addresses if isinstance(addresses, list) else []:
+        if isinstance(address, dict) and address.get("type") == "inet" and str(address.get("port", "")).isdigit():
+            return int(address["port"])
+    raise VmmError("QEMU did not report the port it listens on for the migration", details={"migration": info})
 
 
 def _qcow2_virtual_size(path: Path) -> int:

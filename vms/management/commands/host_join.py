@@ -8,7 +8,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from sandbox_site.errors import ApplicationError
 from vms import pki
-from vms.hosts import host_join
+from vms.hosts import host_join, host_migration_cert
 
 
 class Command(BaseCommand):
@@ -36,3 +36,11 @@ class Command(BaseCommand):
             f"and run its hostd and worker with SANDBOX_HOST_NAME={name} "
             f"SANDBOX_HOSTD_TLS_LISTEN=<its address>:{port}. Never copy {pki.ca_files().key}."
         )
+        if host.tunnel_address:
+            mig = host_migration_cert(host=host)
+            self.stdout.write(
+                "For live migrations over TLS (to and from this host), also copy:\n"
+                f"  {pki.migration_ca_files().cert}\n  {mig.cert} -> hosts/{name}-migration.crt\n"
+                f"  {mig.key} -> hosts/{name}-migration.key\n"
+                f"Never copy {pki.migration_ca_files().key}."
+            )
