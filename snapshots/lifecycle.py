@@ -174,8 +174,12 @@ def snapshot_chain_verify(snapshot: Snapshot) -> list[Snapshot]:
     """Verify every file of the snapshot and of the ancestors its disk is built on; raises
     ``SnapshotIntegrityError`` naming the first bad file. Returns the chain."""
     chain = selectors.snapshot_chain(snapshot)
+    confinement = hypervisor.vmm_confinement()
     for item in chain:
         manifest_verify(Path(item.directory), expected_checksum=item.checksum or None)
+        # Root's, readable by the VMM group (as when it was taken): a snapshot copied here
+        # from another host (a golden snapshot, a moved VM's) arrived root-only.
+        confinement.reclaim(Path(item.directory))
     Snapshot.objects.filter(pk__in=[s.pk for s in chain]).update(verified_at=timezone.now())
     base = snapshot.backing_chain[-1] if snapshot.backing_chain else None
     if base and not Path(base).exists():

@@ -195,3 +195,23 @@ def test_a_restarted_hostd_drops_unfinished_transfers(roots: tuple[Path, Path]) 
     daemon = Hostd(run, blob_roots={"snapshots": snap}).start()
     daemon.stop()
     assert _leftovers(snap) == [".keep.part"]
+
+
+def test_image_copies_are_readable_by_the_vmms_and_everything_else_root_only(roots: tuple[Path, Path]) -> None:
+    """Every VMM (an unprivileged user) reads the images, as it reads the built ones: a copy into
+    an image root is 0644; a runtime or snapshot file arrives 0600 (the host's worker gives a
+    snapshot layer to the VMM group before a VMM uses it)."""
+    run, snap = roots
+    images = run.parent / "images"
+    images.mkdir()
+    daemon = Hostd(run, blob_roots={"snapshots": snap, "images": images}).start()
+    try:
+        data = b"kernel bytes"
+        with daemon.client() as c:
+            for root in ("images", "snapshots", "runtime"):
+                c.blob_put(root, "d/file", [data], size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    finally:
+        daemon.stop()
+    assert (images / "d/file").stat().st_mode & 0o777 == 0o644
+    assert (snap / "d/file").stat().st_mode & 0o777 == 0o600
+    assert (run / "d/file").stat().st_mode & 0o777 == 0o600

@@ -36,6 +36,12 @@ MAX_PATH_PARTS = 16
 MAX_PENDING = 64  # temporary files one hostd holds at once (each an unfinished transfer)
 PENDING_STALE_SECONDS = 3600.0  # a temporary file untouched this long is dropped
 FREE_SPACE_MARGIN = 64 << 20  # a write must leave this much free on the filesystem
+# Images are read by every VMM (an unprivileged user) as the built ones are: copies into these
+# roots become world-readable, root's (0644); everything else arrives root-only (0600) and the
+# receiving host's worker gives it to the VMM group where a VMM needs it (snapshot layers:
+# ``snapshots.lifecycle.snapshot_chain_verify`` and the move's landing).
+PUBLIC_ROOTS = frozenset({"images", "image_store"})
+PUBLIC_MODE = 0o644
 _HASH_CHUNK = 1 << 20
 _PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+@=-]{0,254}$")
 _TRANSFER = re.compile(r"^[0-9a-f]{16,64}$")
@@ -135,7 +141,8 @@ class BlobStore:
         async with self.lock:
             self.pending.pop(temp, None)  # from now on this transfer's file is this request's
         try:
-            await asyncio.get_running_loop().run_in_executor(None, _commit, temp, full, size, sha256, overwrite)
+            mode = PUBLIC_MODE if args.get("root") in PUBLIC_ROOTS else 0o600
+            await asyncio.get_running_loop().run_in_executor(None, _commit, temp, full, size, sha256, overwrite, mode)
         except BaseException:
             with contextlib.suppress(OSError):
                 temp.unlink()
@@ -259,7 +266,7 @@ def _pwrite(temp: Path, offset: int, data: bytes) -> None:
         os.close(fd)
 
 
-def _commit(temp: Path, full: Path, size: int, sha256: str, overwrite: bool) -> None:
+def _commit(temp: Path, full: Path, size: int, sha256: str, overwrite: bool, mode: int = 0o600) -> None:
     try:
         actual_size, digest = file_sha256(temp)
     except FileNotFoundError as exc:
@@ -270,6 +277,7 @@ def _commit(temp: Path, full: Path, size: int, sha256: str, overwrite: bool) -> 
         raise HostdError("checksum_mismatch", f"received data has sha256 {digest}, expected {sha256}")
     fd = os.open(temp, os.O_RDONLY | os.O_NOFOLLOW)
     try:
+        os.fchmod(fd, mode)
         os.fsync(fd)
     finally:
         os.close(fd)
