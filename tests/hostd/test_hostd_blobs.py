@@ -215,3 +215,40 @@ def test_image_copies_are_readable_by_the_vmms_and_everything_else_root_only(roo
     assert (images / "d/file").stat().st_mode & 0o777 == 0o644
     assert (snap / "d/file").stat().st_mode & 0o777 == 0o600
     assert (run / "d/file").stat().st_mode & 0o777 == 0o600
+
+
+def test_nothing_is_written_below_a_directory_others_than_root_may_change(
+    client: HostdClient, roots: tuple[Path, Path]
+) -> None:
+    """A VMM may write in its VM's runtime directory (mode 1770): a file there is fine (hostd
+    never follows its last part), but a path through a directory it could swap for a symlink
+    between hostd's check and its use is refused."""
+    run, _ = roots
+    vm_dir = run / "vm"
+    vm_dir.mkdir()
+    vm_dir.chmod(0o1770)
+    data = b"x"
+    digest = hashlib.sha256(data).hexdigest()
+    client.blob_put("runtime", "vm/file", [data], size=1, sha256=digest)
+    assert (vm_dir / "file").read_bytes() == data
+    (vm_dir / "sub").mkdir()
+    with pytest.raises(HostdRequestError) as refused:
+        client.blob_put("runtime", "vm/sub/file", [data], size=1, sha256=digest)
+    assert refused.value.code == "bad_path"
+    with pytest.raises(HostdRequestError):
+        client.blob_stat("runtime", "vm/sub/file")
+    assert not (vm_dir / "sub" / "file").exists()
+
+
+def test_a_fifo_is_not_read_and_does_not_block(client: HostdClient, roots: tuple[Path, Path]) -> None:
+    run, _ = roots
+    (run / "vm").mkdir()
+    os.mkfifo(run / "vm" / "disk")
+    calls = (
+        lambda: client.blob_stat("runtime", "vm/disk"),
+        lambda: b"".join(client.blob_chunks("runtime", "vm/disk", 10)),
+    )
+    for call in calls:
+        with pytest.raises(HostdRequestError) as refused:
+            call()
+        assert refused.value.code == "bad_path"

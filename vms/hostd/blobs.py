@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import os
 import re
+import stat
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -77,6 +78,7 @@ class BlobStore:
         real = os.path.realpath(full)
         if os.path.commonpath([real_base, real]) != real_base or real == real_base:
             raise HostdError("bad_path", f"path {path!r} leaves its root")
+        _dirs_fixed(base, parts[:-1], path)
         return full
 
     @staticmethod
@@ -192,6 +194,44 @@ class BlobStore:
                     temp.unlink()
 
 
+def _dirs_fixed(base: Path, dirs: list[str], path: str) -> None:
+    """hostd (root) then acts on ``path``'s last part only in ways that never follow a symlink
+    there (``O_NOFOLLOW``, ``O_EXCL``, link, rename, unlink): that is safe while no one but root
+    can swap a directory on the way. A VMM (unprivileged, untrusted) may write in its VM's
+    runtime directory (mode 1770): it can plant a name there, but it must not be able to swap
+    a directory of the path for a symlink after the check above. So every directory containing
+    a directory of the path (the root, and each but the last) must be root's and writable by
+    root only, and none is a symlink (``bad_path``). Missing directories are created by hostd
+    (root's, 0755)."""
+    current = base
+    chain = [base, *(base.joinpath(*dirs[: i + 1]) for i in range(len(dirs)))]
+    for index, current in enumerate(chain):
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            return  # from here on hostd creates them
+        if not stat.S_ISDIR(st.st_mode):
+            raise HostdError("bad_path", f"path {path!r}: {current.name} is not a directory")
+        holds_next = index < len(chain) - 1
+        if holds_next and (st.st_uid != 0 or st.st_mode & 0o022):
+            raise HostdError("bad_path", f"path {path!r}: {current} may be changed by others than root")
+
+
+def _open_regular(full: Path) -> int:
+    """A read-only descriptor of the regular file ``full`` (a symlink, FIFO or device there:
+    ``bad_path``; never blocks on a FIFO)."""
+    try:
+        fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise HostdError("bad_path", f"cannot read it: {exc.strerror}") from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise HostdError("bad_path", "not a regular file")
+    return fd
+
+
 def _nonneg(args: dict[str, Any], name: str) -> int:
     value = args.get(name)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -203,7 +243,7 @@ def file_sha256(path: Path) -> tuple[int, str]:
     """``(size, sha256)`` of the regular file at ``path`` (symlinks not followed)."""
     hasher = hashlib.sha256()
     size = 0
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    fd = _open_regular(path)
     try:
         while True:
             chunk = os.read(fd, _HASH_CHUNK)
@@ -231,11 +271,9 @@ def _stat(full: Path, want_hash: bool) -> dict[str, Any]:
 
 def _read(full: Path, offset: int, length: int) -> bytes:
     try:
-        fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = _open_regular(full)
     except FileNotFoundError as exc:
         raise HostdError("not_found", "no such file") from exc
-    except OSError as exc:
-        raise HostdError("bad_path", f"cannot read it: {exc.strerror}") from exc
     try:
         return os.pread(fd, length, offset)
     except IsADirectoryError as exc:
