@@ -19,7 +19,6 @@ What a host's driver can boot (``Host.driver``, ``Host.boot_modes``) comes with 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import stat
@@ -30,10 +29,10 @@ from django.db import transaction
 from django.utils import timezone
 
 from vms.models import BootMode, Host, HostImage, Image
+from vms.vmm.snapshot import sha256_file
 
 logger = logging.getLogger(__name__)
 
-HASH_CHUNK = 1 << 20
 
 
 def image_files(image: Image) -> dict[str, Path]:
@@ -53,19 +52,10 @@ def image_expected_sha256(image: Image) -> dict[str, str]:
     return expected
 
 
-def file_sha256(path: Path) -> str:
-    """SHA-256 of the file at ``path`` (read in 1 MiB chunks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(HASH_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def image_file_sha256_record(image: Image) -> dict[str, str]:
     """Hash ``image``'s files on this machine and keep them as the canonical hashes (an image
     built or imported here). Saves ``file_sha256`` and ``sha256`` (the base disk's)."""
-    hashes = {role: file_sha256(path) for role, path in image_files(image).items()}
+    hashes = {role: sha256_file(path) for role, path in image_files(image).items()}
     image.file_sha256 = hashes
     image.sha256 = hashes.get("rootfs", image.sha256)
     Image.objects.filter(pk=image.pk).update(file_sha256=hashes, sha256=image.sha256)
@@ -85,7 +75,7 @@ def _file_state(role: str, path: Path, cached: dict) -> dict | None:
     same = (entry.get("path"), entry.get("size"), entry.get("mtime_ns")) == (str(path), st.st_size, st.st_mtime_ns)
     if same and entry.get("sha256"):
         return dict(entry)
-    return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": file_sha256(path)}
+    return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path)}
 
 
 def image_copy_check(image: Image, *, cached: dict | None = None) -> tuple[str, dict, str] | None:

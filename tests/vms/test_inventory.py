@@ -58,8 +58,8 @@ def test_it_records_the_images_a_host_holds_and_hashes_a_file_again_only_when_it
     image = _kernel_image(image_dir)
     elsewhere = ImageFactory(name="elsewhere", rootfs_path="/nonexistent/disk.raw", file_sha256={"rootfs": "0" * 64})
     hashed: list[str] = []
-    real = inventory.file_sha256
-    monkeypatch.setattr(inventory, "file_sha256", lambda path: hashed.append(Path(path).name) or real(path))
+    real = inventory.sha256_file
+    monkeypatch.setattr(inventory, "sha256_file", lambda path: hashed.append(Path(path).name) or real(path))
 
     assert inventory.host_inventory_update(host) == {"present": 1, "corrupt": 0, "unverified": 0, "gone": 0}
     row = HostImage.objects.get(host=host)

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .base import VmmError
+from .snapshot import sha256_file
 
 BUILDER_VERSION = "2"
 SUITE = "bookworm"
@@ -361,14 +362,6 @@ def module_load_order(modules_dir: Path, wanted: tuple[str, ...]) -> list[str]:
     return order
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def image_inputs(kernel_version: str, kernel_path: Path, mirror: str) -> dict[str, object]:
     """Everything the image depends on; its canonical JSON hash is the cache key."""
     return {
@@ -378,10 +371,10 @@ def image_inputs(kernel_version: str, kernel_path: Path, mirror: str) -> dict[st
         "packages": sorted(PACKAGES),
         "rootfs_size_mib": ROOTFS_SIZE_MIB,
         "kernel_version": kernel_version,
-        "kernel_sha256": _sha256_file(kernel_path),
+        "kernel_sha256": sha256_file(kernel_path),
         "modules": list(INITRAMFS_MODULES),
-        "busybox_sha256": _sha256_file(BUSYBOX),
-        "agent_sha256": _sha256_file(AGENT_SOURCE),
+        "busybox_sha256": sha256_file(BUSYBOX),
+        "agent_sha256": sha256_file(AGENT_SOURCE),
         "initramfs_init_sha256": hashlib.sha256(INITRAMFS_INIT.encode()).hexdigest(),
         "files_sha256": hashlib.sha256(json.dumps(FILES, sort_keys=True).encode()).hexdigest(),
     }

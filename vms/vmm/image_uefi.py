@@ -50,7 +50,6 @@ from .image import (
     _build_lock,
     _digest,
     _run,
-    _sha256_file,
     build_image,
     cached_image,
     debian_mirror,
@@ -60,6 +59,7 @@ from .image import (
     passwordless_root,
     trim_rootfs,
 )
+from .snapshot import sha256_file
 
 UEFI_BUILDER_VERSION = "2"
 ESP_MIB = 64
@@ -288,7 +288,7 @@ def uefi_inputs(base: ImageArtifacts, mirror: str) -> dict[str, object]:
         "masked": sorted(MASKED_UNITS),
         "masked_generators": sorted(MASKED_GENERATORS),
         "enabled": ENABLED_UNITS,
-        "installer_sha256": {name: _sha256_file(AGENT_DIR / name) for name in INSTALLER_FILES},
+        "installer_sha256": {name: sha256_file(AGENT_DIR / name) for name in INSTALLER_FILES},
     }
 
 
@@ -341,7 +341,7 @@ def build_uefi_image(
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "build_seconds": round(time.monotonic() - started, 1),
                 "disk": {"bytes": disk.stat().st_size, "allocated": disk.stat().st_blocks * 512},
-                "sha256": _sha256_file(disk),
+                "sha256": sha256_file(disk),
             }
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
             os.rename(tmp, final)
