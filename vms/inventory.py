@@ -34,7 +34,6 @@ from vms.vmm.snapshot import sha256_file
 logger = logging.getLogger(__name__)
 
 
-
 def image_files(image: Image) -> dict[str, Path]:
     """The files ``image`` boots from, by role: ``rootfs`` always; ``kernel`` and
     ``initramfs`` for direct kernel boot (firmware boot reads only the disk)."""
