@@ -175,13 +175,15 @@ class BlobStore:
         connections died with it); returns how many. Blocking: run it on a worker thread."""
         removed = 0
         for root in self.roots.values():
-            for directory, _dirs, names in os.walk(root):
-                if directory.count(os.sep) - str(root).count(os.sep) >= MAX_PATH_PARTS:
-                    continue
+            for directory, dirs, names in os.walk(root):
+                if directory.count(os.sep) - str(root).count(os.sep) >= MAX_PATH_PARTS - 1:
+                    dirs.clear()  # no transfer goes deeper
                 for name in names:
-                    if _LEFTOVER.match(name):
+                    path = Path(directory, name)
+                    # (a transfer of this run, begun while the sweep walks, is left alone)
+                    if _LEFTOVER.match(name) and path not in self.pending:
                         with contextlib.suppress(OSError):
-                            os.unlink(os.path.join(directory, name))
+                            path.unlink()
                             removed += 1
         return removed
 

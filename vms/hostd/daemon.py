@@ -171,6 +171,7 @@ class HostDaemon:
         self._server: asyncio.AbstractServer | None = None
         self._tls_server: asyncio.Server | None = None
         self._scan_task: asyncio.Task[None] | None = None
+        self._sweep_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self.started = time.monotonic()
         self.blobs = BlobStore({"runtime": config.runtime_dir, **config.blob_roots})
@@ -193,15 +194,19 @@ class HostDaemon:
             os.chmod(path, 0o660)
         if self.config.tls_listen:
             await self._tls_start()
-        swept = await asyncio.get_running_loop().run_in_executor(None, self.blobs.sweep)
-        if swept:
-            logger.info("removed %d unfinished file transfer(s) of a previous run", swept)
         await self.scan()
         self._scan_task = asyncio.create_task(self._scan_loop(), name="hostd-scan")
+        # After the VMs are attached again (walking the image and snapshot trees takes a while).
+        self._sweep_task = asyncio.create_task(self._sweep(), name="hostd-blob-sweep")
         hostd_metrics.metrics_serve(
             self.config.metrics_port, self.config.metrics_bind, lambda: [vm.status() for vm in list(self.vms.values())]
         )
         logger.info("hostd listening on %s; %d running VM(s) attached", path, len(self.vms))
+
+    async def _sweep(self) -> None:
+        swept = await asyncio.get_running_loop().run_in_executor(None, self.blobs.sweep)
+        if swept:
+            logger.info("removed %d unfinished file transfer(s) of a previous run", swept)
 
     async def _tls_start(self) -> None:
         """Listen for remote clients: TLS 1.3 with a CA-signed client certificate, or nothing
@@ -240,10 +245,11 @@ class HostDaemon:
         await self._stopped.wait()
 
     async def stop(self) -> None:
-        if self._scan_task is not None:
-            self._scan_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._scan_task
+        for task in (self._scan_task, self._sweep_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._server is not None:
             self._server.close()
         if self._tls_server is not None:
