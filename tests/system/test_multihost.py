@@ -448,3 +448,82 @@ def test_a_host_added_to_the_running_stack_comes_up_and_takes_pinned_vms(mh, vms
         assert response.status_code == 202, response.text
         assert _host_of(mh, response.json()["id"]) == "h3"
         assert admin.delete(f"/api/v1/vms/{response.json()['id']}/").status_code in (202, 204)
+
+
+# ----- moving running VMs between hosts ---------------------------------------------------------
+
+
+def _operation_done(mh: MultiHostStack, op_id: str, timeout: float = 300.0) -> dict:
+    deadline = time.monotonic() + timeout
+    body: dict = {}
+    with mh.client("admin") as admin:
+        while time.monotonic() < deadline:
+            body = admin.get(f"/api/v1/operations/{op_id}/").json()
+            if body.get("status") in ("succeeded", "failed"):
+                return body
+            time.sleep(1)
+    raise AssertionError(f"operation {op_id} did not finish: {body}")
+
+
+def _exec_output(mh: MultiHostStack, vm: dict, exec_id: str) -> tuple[bool, str]:
+    with mh.client(vm["persona"]) as client:
+        response = client.get(f"/api/v1/vms/{vm['id']}/execs/{exec_id}/")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    return bool(body.get("running")), "".join(chunk["data"] for chunk in body["chunks"])
+
+
+def test_a_running_vm_migrates_live_keeping_its_exec_session_and_drain_moves_the_running_vms(mh, vms):
+    vm = vms["a1"]
+    source = vm["host"]
+    target = "h2" if source == "h1" else "h1"
+    with mh.client("owner") as client:
+        started = client.post(
+            f"/api/v1/vms/{vm['id']}/exec/",
+            json={"command": "i=0; while true; do echo tick-$i; i=$((i+1)); sleep 0.5; done", "wait": False},
+        )
+    assert started.status_code == 202, started.text
+    exec_id = started.json()["exec_id"]
+    time.sleep(2)
+    _, before = _exec_output(mh, vm, exec_id)
+    assert "tick-0" in before
+
+    with mh.client("admin") as admin:
+        response = admin.post(f"/api/v1/vms/{vm['id']}/migrate/", json={"host": target})
+    assert response.status_code == 202, response.text
+    done = _operation_done(mh, response.json()["id"])
+    assert done["status"] == "succeeded", done
+    assert _host_of(mh, vm["id"]) == target
+    vm["host"] = target
+    assert mh.wait_vm(vm["id"], {"running"}, timeout=30)["state"] == "running"
+    # The same exec session, through the new host's hostd: still running, its earlier output
+    # kept and new ticks after it (the guest never rebooted).
+    deadline = time.monotonic() + 30
+    while True:
+        running, after = _exec_output(mh, vm, exec_id)
+        if running and after.count("tick-") > before.count("tick-") + 2 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert running and after.startswith(before.strip().splitlines()[0]) and after.count("tick-") > before.count("tick-")
+    assert _exec(mh, vm, "cat /proc/uptime")[0] == 0
+
+    # Drain the host a1 is on now: its running VMs migrate live to the other host.
+    on_target = [v for v in vms.values() if v["host"] == target]
+    hosts = mh.host_rows()
+    with mh.client("admin") as admin:
+        drained = admin.post(f"/api/v1/hosts/{hosts[target]['id']}/drain/")
+    assert drained.status_code == 202, drained.text
+    result = drained.json()
+    assert sorted(m["name"] for m in result["moves"]) == sorted(v["name"] for v in on_target), result
+    assert all(m["mover"] == "migrate" and m["target"] != target for m in result["moves"]), result
+    for move in result["moves"]:
+        assert _operation_done(mh, move["operation"])["status"] == "succeeded"
+    for v in on_target:
+        v["host"] = _host_of(mh, v["id"])
+        assert v["host"] != target
+        assert mh.wait_vm(v["id"], {"running"}, timeout=30, persona=v["persona"])["state"] == "running"
+        assert _exec(mh, v, "echo drained")[1] == "drained"
+    with mh.client("admin") as admin:
+        assert admin.post(f"/api/v1/hosts/{hosts[target]['id']}/uncordon/").status_code == 200
+        with mh.client("owner") as client:
+            client.post(f"/api/v1/vms/{vm['id']}/execs/{exec_id}/signal/", json={"signal": "KILL"})
