@@ -527,3 +527,32 @@ def test_a_running_vm_migrates_live_keeping_its_exec_session_and_drain_moves_the
         assert admin.post(f"/api/v1/hosts/{hosts[target]['id']}/uncordon/").status_code == 200
         with mh.client("owner") as client:
             client.post(f"/api/v1/vms/{vm['id']}/execs/{exec_id}/signal/", json={"signal": "KILL"})
+
+
+def test_a_cold_move_takes_a_vm_and_its_disk_to_the_other_host(mh, vms):
+    vm = vms["a2"]
+    source = vm["host"]
+    target = "h2" if source == "h1" else "h1"
+    assert _exec(mh, vm, "echo before-the-move > /root/moved.txt && sync")[0] == 0
+    with mh.client("admin") as admin:
+        response = admin.post(f"/api/v1/vms/{vm['id']}/move/", json={"host": target})
+    assert response.status_code == 202, response.text
+    done = _operation_done(mh, response.json()["id"], timeout=600)
+    assert done["status"] == "succeeded", done
+    assert _host_of(mh, vm["id"]) == target
+    vm["host"] = target
+    assert mh.wait_vm(vm["id"], {"running"}, timeout=240)["state"] == "running"
+    deadline = time.monotonic() + 120
+    while True:  # the guest boots again there (a cold move restarts it)
+        with mh.client("owner") as client:
+            response = client.post(
+                f"/api/v1/vms/{vm['id']}/exec/", json={"command": "cat /root/moved.txt", "timeout": 10}
+            )
+        if response.status_code == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert response.status_code == 200 and response.json()["stdout"].strip() == "before-the-move", response.text
+    deadline = time.monotonic() + 60
+    while (mh.hosts[source].runtime_dir / vm["id"]).exists() and time.monotonic() < deadline:
+        time.sleep(1)  # the move's last step, on the source's worker
+    assert not (mh.hosts[source].runtime_dir / vm["id"]).exists()  # the source's files are gone
