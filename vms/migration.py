@@ -46,14 +46,13 @@ from django.db.models import Q
 from django.utils import timezone
 
 from accounts.audit import audit_record
-from accounts.permissions import require_perm
-from accounts.services import user_has_perm
 from sandbox_site.errors import ApplicationError, ConflictError
 from vms import agent_gateway, hypervisor, pki
 from vms.admission import host_admission_check
 from vms.hooks import hook_run
 from vms.lifecycle import vm_before_launch
 from vms.models import VM, BootMode, Host, Operation, VmState
+from vms.moves import require_operator
 from vms.operations import OperationHandoff, operation_enqueue, operation_handler_register, operation_log, operation_new
 from vms.selectors import host_is_up
 from vms.transitions import vm_transition, vm_transition_request
@@ -77,14 +76,7 @@ def vm_migrate(*, vm: VM, host: Host | str, actor) -> Operation:
     only (``vms.change_host``, audited ``vm.migrate``). 409 when the VM is not running, its
     driver cannot live-migrate without shared storage, the host is its own, removed,
     cordoned, down, has no underlay (tunnel) address, or has no room (``host_full``)."""
-    require_perm(
-        actor,
-        "vms.change_host",
-        vm,
-        action="vm.migrate",
-        allowed=user_has_perm(actor, "vms.change_host", None),
-        message="Only operators may move VMs between hosts.",
-    )
+    require_operator(actor, vm, action="vm.migrate")
     if isinstance(host, str):
         found = Host.objects.filter(name=host).first()
         if found is None:

@@ -68,7 +68,7 @@ def vm_move(*, vm: VM, host: Host, actor) -> Operation:
     or an earlier move of it is still finishing (``move_in_progress``), and ``host_full`` when a
     running VM has no room there (admission, as for a start). From then on a running VM's size
     is held on the target too (``move_target``), until it lands or stays."""
-    _require_operator(actor, vm)
+    require_operator(actor, vm, action="vm.move")
     source = vm.host
     if not vm.user_visible:
         raise ConflictError(
@@ -139,19 +139,21 @@ def vm_move(*, vm: VM, host: Host, actor) -> Operation:
 def vm_move_to(*, vm: VM, host_name: str, actor) -> Operation:
     """``vm_move`` to the host named ``host_name`` (the API's form): 403 before anything else
     for non-operators, 400 for a name no host has."""
-    _require_operator(actor, vm)
+    require_operator(actor, vm, action="vm.move")
     host = Host.objects.filter(name=host_name).first() if isinstance(host_name, str) else None
     if host is None:
         raise ApplicationError(f"There is no host named {host_name!r}.", details={"host": "unknown"})
     return vm_move(vm=vm, host=host, actor=actor)
 
 
-def _require_operator(actor, vm: VM) -> None:
+def require_operator(actor, vm: VM, *, action: str) -> None:
+    """Moving a VM between hosts (cold or live) is the operators' (their role's
+    ``vms.change_host``); anyone else who sees the VM gets 403, audited as ``action``."""
     require_perm(
         actor,
         "vms.change_host",
         vm,
-        action="vm.move",
+        action=action,
         allowed=user_has_perm(actor, "vms.change_host", None),
         message="Only operators may move VMs between hosts.",
     )

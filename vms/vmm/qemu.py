@@ -373,15 +373,7 @@ class QemuDriver:
     def prepare(self, spec: VmSpec) -> None:
         """Create the runtime directory, ``spec.json`` and the qcow2 overlay. Idempotent:
         an existing overlay (the VM's disk state) is kept."""
-        longest = spec.runtime_dir.resolve() / SERIAL_SOCKET
-        if len(str(longest).encode()) > _UNIX_PATH_MAX:
-            raise VmmError("runtime directory path too long for Unix sockets", details={"path": str(spec.runtime_dir)})
-        spec.runtime_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(spec.runtime_dir, 0o700)
-        spec_tmp = spec.runtime_dir / (SPEC_FILE + ".tmp")
-        spec_tmp.write_text(spec.to_json())
-        os.replace(spec_tmp, spec.runtime_dir / SPEC_FILE)
-        self.prepare_firmware(spec)
+        self.prepare_firmware_dir(spec)
         overlay = spec.runtime_dir / OVERLAY
         if overlay.exists():
             return
