@@ -49,7 +49,8 @@ from pyroute2 import IPRoute
 from tests.system.stack import (
     _SEED,
     DB_NAME,
-    REDIS_URL,
+    REDIS_DB,
+    REDIS_PORT,
     ROOT,
     SYSTEST_CGROUP,
     VENV_BIN,
@@ -62,6 +63,10 @@ from tests.system.stack import (
 from vms.vmm.cgroups import cgroup_name, vmm_cgroup_dirs, vmm_cgroup_remove
 
 HAPROXY_CFG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
+# A database and Redis db of its own: the single-host stack (session-wide, tests/system/conftest.py)
+# may still run while this module's stack does (its broker's "shared" queue must not be theirs).
+MH_DB_NAME = f"{DB_NAME}_mh"
+MH_REDIS_URL = os.environ.get("SANDBOX_SYSTEST_MH_REDIS_URL", f"redis://127.0.0.1:{REDIS_PORT}/{(REDIS_DB + 1) % 16}")
 UNDERLAY_PREFIX = "10.231.98."  # the hosts' tunnel addresses: .1, .2, ...
 UNDERLAY_MTU = 1500
 
@@ -322,14 +327,14 @@ def multihost_start(work_dir: Path, log_dir: Path, hosts: tuple[str, ...] = ("h1
     log_dir.mkdir(parents=True, exist_ok=True)
     for old in log_dir.glob("*.log"):
         old.unlink()
-    _reset_database()
-    subprocess.run(["redis-cli", "-u", REDIS_URL, "flushdb"], check=True, timeout=10, capture_output=True)
+    _reset_database(MH_DB_NAME)
+    subprocess.run(["redis-cli", "-u", MH_REDIS_URL, "flushdb"], check=True, timeout=10, capture_output=True)
     control_dir = work_dir / "control"
     (control_dir / "run").mkdir(parents=True)
     env = {
         **os.environ,
-        "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/{DB_NAME}",
-        "REDIS_URL": REDIS_URL,
+        "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/{MH_DB_NAME}",
+        "REDIS_URL": MH_REDIS_URL,
         "SECRET_KEY": "system-test-secret-key",
         "DEBUG": "0",
         "SANDBOX_ENV_FILE": "/nonexistent",
