@@ -30,7 +30,11 @@ from vms.vmm.process import running_vmm_pid
 pytestmark = [pytest.mark.django_db, pytest.mark.vm, pytest.mark.timeout(900)]
 IMAGE_DIR = Path(os.environ.get("SANDBOX_IMAGE_DIR", "/work/main/var/images"))
 UNDERLAY = {"h1": "10.231.123.1", "h2": "10.231.123.2"}
-COUNTER = "i=0; while :; do i=$((i+1)); echo $i; echo $i > /root/counter; sleep 0.2; done"
+# The file is replaced by a rename: a reader never sees it empty (``>`` truncates, then writes).
+COUNTER = (
+    "i=0; while :; do i=$((i+1)); echo $i; echo $i > /root/counter.new; mv /root/counter.new /root/counter; "
+    "sleep 0.2; done"
+)
 
 
 @pytest.fixture
@@ -103,11 +107,15 @@ def _sh(vm, command: str) -> str:
     return data.decode().strip()
 
 
+def _counter(vm) -> int:
+    return int(_sh(vm, "cat /root/counter 2>/dev/null || echo 0") or 0)
+
+
 def _counter_grows(vm) -> bool:
-    first = int(_sh(vm, "cat /root/counter"))
+    first = _counter(vm)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        if int(_sh(vm, "cat /root/counter")) > first:
+        if _counter(vm) > first:
             return True
         time.sleep(0.5)
     return False
@@ -156,7 +164,7 @@ def test_it_moves_a_running_guest_and_its_background_exec_to_the_other_host(real
     assert _counter_grows(vm)
     # The target's hostd streams the exec's output from its first byte (written on the source)
     # on to what the process printed here.
-    now = int(_sh(vm, "cat /root/counter"))
+    now = _counter(vm)
     seen = b""
     with HostdClient(env.hostd_sockets["h2"], timeout=20) as client:
         for event in client.exec_stream(str(vm.pk), started["exec_id"], offset=0, timeout=20):
