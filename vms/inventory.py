@@ -24,11 +24,11 @@ import os
 import stat
 from pathlib import Path
 
-from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
 from vms.models import BootMode, Host, HostImage, Image
+from vms.transfer import host_roots, root_of
 from vms.vmm.snapshot import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -173,9 +173,8 @@ def image_file_location(path: Path) -> tuple[str, str]:
     """``(root, relative path)`` of an image file under one of hostd's blob roots
     (``images``: SANDBOX_IMAGE_DIR, built images; ``image_store``: SANDBOX_IMAGE_STORE,
     uploaded and registered ones). ValueError for a file outside them."""
-    resolved = Path(path).resolve()
-    for root, directory in (("images", settings.SANDBOX_IMAGE_DIR), ("image_store", settings.SANDBOX_IMAGE_STORE)):
-        base = Path(directory).resolve()
-        if resolved.is_relative_to(base):
-            return root, str(resolved.relative_to(base))
+    roots = host_roots()
+    found = root_of(path, {name: roots[name] for name in ("images", "image_store")})
+    if found is not None:
+        return found
     raise ValueError(f"{path} is under neither SANDBOX_IMAGE_DIR nor SANDBOX_IMAGE_STORE")

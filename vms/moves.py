@@ -48,7 +48,7 @@ from vms.models import VM, Host, Operation, VmState
 from vms.operations import OperationHandoff, operation_enqueue, operation_handler_register, operation_log, operation_new
 from vms.placement import host_boot_refusal, host_runs_image
 from vms.selectors import host_is_up
-from vms.transfer import TransferError, host_file_copy_report, host_file_delete
+from vms.transfer import TransferError, host_file_copy_report, host_file_delete, host_roots, root_of
 from vms.transitions import vm_transition, vm_transition_request
 from vms.vmm.base import RuntimeState
 from vms.vmm.snapshot import backing_chain
@@ -180,22 +180,14 @@ def vm_move_run(op: Operation, vm: VM) -> None:
 
 
 def _roots() -> dict[str, Path]:
-    """This host's directories by the root names its hostd serves them under (``manage.py hostd``)."""
-    return {
-        "runtime": Path(settings.SANDBOX_RUNTIME_DIR),
-        "snapshots": Path(settings.SANDBOX_SNAPSHOT_DIR),
-        "images": Path(settings.SANDBOX_IMAGE_DIR),
-        "image_store": Path(settings.SANDBOX_IMAGE_STORE),
-    }
+    return host_roots()
 
 
 def _relative(path: Path, roots: dict[str, Path]) -> tuple[str, str]:
     """(root name, path below it) of an absolute path; the first root holding it wins."""
-    real = os.path.realpath(path)
-    for name, root in roots.items():
-        base = os.path.realpath(root)
-        if os.path.commonpath([base, real]) == base and real != base:
-            return name, os.path.relpath(real, base)
+    found = root_of(path, roots)
+    if found is not None:
+        return found
     raise ApplicationError(
         f"{path} is outside the directories hosts exchange (runtime, snapshots, images); the VM cannot move.",
         code="not_movable",

@@ -11,7 +11,11 @@ the caller expected). Anything else leaves nothing on the target.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
+
+from django.conf import settings
 
 from sandbox_site.errors import ApplicationError
 from vms.hostd.client import HostdClient
@@ -23,6 +27,28 @@ logger = logging.getLogger("vms.transfer")
 
 COPY_TIMEOUT = 60.0  # per request (a chunk, a read); hashing a file: ``hash_seconds``
 HASH_BYTES_PER_SECOND = 50 << 20  # the slowest disk we wait for when a hostd hashes a file
+
+
+def host_roots() -> dict[str, Path]:
+    """This host's directories by the root names its hostd serves them under for copies between
+    hosts (``manage.py hostd``): the one map of them."""
+    return {
+        "runtime": Path(settings.SANDBOX_RUNTIME_DIR),
+        "snapshots": Path(settings.SANDBOX_SNAPSHOT_DIR),
+        "images": Path(settings.SANDBOX_IMAGE_DIR),
+        "image_store": Path(settings.SANDBOX_IMAGE_STORE),
+    }
+
+
+def root_of(path: Path, roots: dict[str, Path]) -> tuple[str, str] | None:
+    """``(root name, path below it)`` of ``path`` under one of ``roots`` (the first holding it),
+    symlinks resolved; None when it is under none of them."""
+    real = os.path.realpath(path)
+    for name, root in roots.items():
+        base = os.path.realpath(root)
+        if os.path.commonpath([base, real]) == base and real != base:
+            return name, os.path.relpath(real, base)
+    return None
 
 
 def hash_seconds(size: int) -> float:

@@ -9,6 +9,7 @@ from django.core.management.base import BaseCommand
 
 from vms import pki
 from vms.hostd.daemon import HostdConfig, main_run
+from vms.transfer import host_roots
 
 
 class Command(BaseCommand):
@@ -35,11 +36,7 @@ class Command(BaseCommand):
             metrics_bind=settings.SANDBOX_METRICS_BIND,
             socket_group=settings.SANDBOX_HOSTD_SOCKET_GROUP,
             # What host-to-host copies (vms.transfer) read and write besides the runtime directory.
-            blob_roots={
-                "snapshots": settings.SANDBOX_SNAPSHOT_DIR,
-                "images": settings.SANDBOX_IMAGE_DIR,
-                "image_store": settings.SANDBOX_IMAGE_STORE,
-            },
+            blob_roots={name: path for name, path in host_roots().items() if name != "runtime"},
             **tls,
         )
         main_run(config)
