@@ -134,10 +134,13 @@ CHANNEL_LAYERS = {
 CELERY_BROKER_URL = REDIS_URL.replace("unix://", "redis+socket://", 1) if REDIS_URL.startswith("unix://") else REDIS_URL
 CACHES = {
     "default": {
-        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        # Django's Redis cache with one connection pool per process, not per request thread.
+        "BACKEND": "sandbox_site.redis_cache.SharedPoolRedisCache",
         "LOCATION": REDIS_URL,
         "KEY_PREFIX": "msbx",
         "TIMEOUT": 300,
+        # A Redis that stops answering fails the request instead of stalling its thread.
+        "OPTIONS": {"socket_connect_timeout": 5, "socket_timeout": 10},
     }
 }
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)

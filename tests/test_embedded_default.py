@@ -52,7 +52,7 @@ def test_it_uses_sqlite_in_wal_with_immediate_transactions_and_the_private_redis
     socket = tmp_path / "redis.sock"
     assert shown["layer"]["BACKEND"] == "channels_redis.core.RedisChannelLayer"
     assert shown["layer"]["CONFIG"]["hosts"] == [f"unix://{socket}"]
-    assert shown["cache"]["BACKEND"] == "django.core.cache.backends.redis.RedisCache"
+    assert shown["cache"]["BACKEND"] == "sandbox_site.redis_cache.SharedPoolRedisCache"
     assert shown["cache"]["LOCATION"] == f"unix://{socket}"
     assert shown["broker"] == f"redis+socket://{socket}"
 
