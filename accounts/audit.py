@@ -45,19 +45,24 @@ import contextlib
 import contextvars
 import hashlib
 import json
+import logging
+import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import close_old_connections, connection, transaction
 from django.db.models import Model
 from django.utils import timezone
 
 from accounts.context import current_context
 from accounts.models import AuditEvent, AuditResult
 from sandbox_site.validation import text_escape
+
+logger = logging.getLogger(__name__)
 
 GENESIS_HASH = "0" * 64
 # Any constant works: it names the advisory lock that serialises sealing.
@@ -194,6 +199,63 @@ def audit_seal_after_response() -> Iterator[_SealLater]:
         yield later
     finally:
         _seal_later.reset(token)
+
+
+class _Sealer:
+    """The web process's sealer: one thread that seals what responses left pending, a moment
+    (``SANDBOX_AUDIT_SEAL_DELAY_SECONDS``) after the first of them, so that the requests of that
+    moment share one sealing transaction instead of each running its own after its response.
+    Started on first use (again in a forked child); a failure is logged and the next wake-up
+    or the periodic sealer retries."""
+
+    def __init__(self) -> None:
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def request(self) -> None:
+        self._wake.set()
+        if self._thread is not None and self._pid == os.getpid() and self._thread.is_alive():
+            return
+        with self._lock:
+            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+                self._pid = os.getpid()
+                self._thread = threading.Thread(target=self._run, name="audit-sealer", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            if not self._wake.wait(timeout=60):  # idle: look again (a bounded wait, nothing to do)
+                continue
+            threading.Event().wait(settings.SANDBOX_AUDIT_SEAL_DELAY_SECONDS)  # let others join in
+            # Cleared before sealing: a row committed from here on sets it again (after its
+            # commit), so it is sealed by this pass or the next, never left for the periodic one.
+            self._wake.clear()
+            try:
+                audit_chain_seal()
+            except Exception:
+                logger.exception("sealing audit rows after responses failed; the periodic sealer retries")
+            finally:
+                close_old_connections()  # back to the pool; a broken connection is not reused
+                connection.close()
+
+
+_sealer = _Sealer()
+
+
+def audit_seal_soon() -> None:
+    """Seal the rows a response left pending (``audit_seal_after_response``): with
+    ``SANDBOX_AUDIT_SEAL_DELAY_SECONDS`` > 0 by the process's sealer thread a moment later,
+    together with other requests' rows; with 0 right here. Never raises: the rows are committed,
+    and the periodic sealer picks up any a failure leaves."""
+    if settings.SANDBOX_AUDIT_SEAL_DELAY_SECONDS > 0:
+        _sealer.request()
+        return
+    try:
+        audit_chain_seal()
+    except Exception:
+        logger.exception("sealing audit rows after a response failed; the periodic sealer retries")
 
 
 def _seal_after_commit() -> None:

@@ -1,6 +1,4 @@
-import logging
-
-from accounts.audit import audit_chain_seal, audit_seal_after_response
+from accounts.audit import audit_seal_after_response, audit_seal_soon
 from accounts.context import ActorContext, _current, new_request_id
 from accounts.rights import request_perm_cache
 
@@ -14,16 +12,6 @@ def client_request_id(value: str) -> str:
     if not value or len(value) > CLIENT_REQUEST_ID_MAX or not value.isascii() or not value.isprintable():
         return ""
     return value
-
-
-logger = logging.getLogger(__name__)
-
-
-def _seal_quietly() -> None:
-    try:
-        audit_chain_seal()
-    except Exception:
-        logger.exception("sealing audit rows after a response failed; the periodic sealer retries")
 
 
 class RequestContextMiddleware:
@@ -53,9 +41,8 @@ class RequestContextMiddleware:
         if seal.pending:
             # Audit rows of this request are committed; linking them into the chain waits until
             # the response has been sent (Django closes a response after its last byte went
-            # out, in the request's thread; a closer's failure is swallowed there, and the
-            # periodic sealer picks the rows up).
-            response._resource_closers.append(_seal_quietly)
+            # out), and then a moment more, to seal them with other requests' rows.
+            response._resource_closers.append(audit_seal_soon)
         response["X-Request-ID"] = request_id
         if request.client_request_id:
             response["X-Client-Request-ID"] = request.client_request_id

@@ -24,7 +24,7 @@ from typing import Any
 
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import ValidationError
-from django.db import connections, transaction
+from django.db import connection, connections, transaction
 from django.db.models import Model, Q, QuerySet, UUIDField
 from django.db.models.functions import Cast
 from guardian.models import GroupObjectPermission, UserObjectPermission
@@ -37,6 +37,7 @@ from accounts.context import current_context
 from accounts.models import AuditResult
 from accounts.selectors import project_ids_with
 from accounts.services import user_has_perm
+from sandbox_site import sql_rows
 from sandbox_site.errors import ApplicationError, NotPermitted
 from vms.models import VM, VM_ROW_RELATED
 
@@ -148,6 +149,24 @@ def project_or_404(user, ref):
     return project
 
 
+def _vm_row(vm_id) -> VM:
+    """The VM row alone, in plain SQL (``sandbox_site.sql_rows``: exec and file requests read
+    it on every call); a malformed id is the same 404 as a missing row."""
+    try:
+        pk = VM._meta.pk.to_python(vm_id)
+    except (ValidationError, ValueError, TypeError) as exc:
+        raise NotFound() from exc
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f'SELECT {sql_rows.columns(VM, "v")} FROM "{VM._meta.db_table}" v WHERE v."{VM._meta.pk.column}" = %s',  # noqa: S608
+            [pk],
+        )
+        row = cursor.fetchone()
+    if row is None:
+        raise NotFound()
+    return sql_rows.instance(VM, "v", row)
+
+
 def vm_for(user, vm_id, perm: str = "view", *, action: str, related: tuple[str, ...] = VM_ROW_RELATED) -> VM:
     """The VM ``vm_id`` for ``user`` to perform ``action``: ``NotFound`` when the user may not
     view it (or the id is malformed), ``NotPermitted`` (audited) when they may view it but do
@@ -155,7 +174,7 @@ def vm_for(user, vm_id, perm: str = "view", *, action: str, related: tuple[str, 
     # The row by id, then the view right on it: the same answer as filtering by
     # ``visible_queryset`` (global right, object right, superuser), without compiling its
     # permission subqueries; the object rights read here serve the next check of this request.
-    vm = object_or_404(VM.objects.select_related(*related), pk=vm_id)
+    vm = object_or_404(VM.objects.select_related(*related), pk=vm_id) if related else _vm_row(vm_id)
     vm.read_at = time.monotonic()  # services may skip re-reading its state (vms.exec_services)
     if not user_has_perm(user, "vms.view_vm", vm):
         raise NotFound()

@@ -429,6 +429,10 @@ CELERY_BEAT_SCHEDULE = {
 # after the grace time.
 SANDBOX_AUDIT_SEAL_SECONDS = env.float("SANDBOX_AUDIT_SEAL_SECONDS", default=60.0)
 SANDBOX_AUDIT_SEAL_GRACE_SECONDS = env.float("SANDBOX_AUDIT_SEAL_GRACE_SECONDS", default=600.0)
+# A web process seals its requests' audit rows this long after the first response that left
+# some, all of that moment's in one transaction (accounts.audit.audit_seal_soon); 0: each
+# request's own right after its response.
+SANDBOX_AUDIT_SEAL_DELAY_SECONDS = env.float("SANDBOX_AUDIT_SEAL_DELAY_SECONDS", default=0.2)
 CELERY_BEAT_SCHEDULE["audit-seal"] = {
     "task": "accounts.tasks.audit_chain_seal_task",
     "schedule": SANDBOX_AUDIT_SEAL_SECONDS,

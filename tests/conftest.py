@@ -25,6 +25,14 @@ def _no_rate_limits(settings):
     settings.SANDBOX_RATE_LIMITS = {}
 
 
+@pytest.fixture(autouse=True)
+def _seal_after_each_response(settings):
+    # In-process requests seal their audit rows when their response is closed, in the test's
+    # thread and transaction; the web process's sealer thread (the default) is tested in
+    # tests/accounts/test_audit_sealing.py and runs in every daphne the system tests start.
+    settings.SANDBOX_AUDIT_SEAL_DELAY_SECONDS = 0
+
+
 @pytest.fixture
 def api():
     """An API client; ``api.as_user(user)`` logs in with a session."""

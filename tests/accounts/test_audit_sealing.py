@@ -160,3 +160,42 @@ def test_rows_of_a_request_are_sealed_once_its_response_is_out_and_elsewhere_at_
     assert AuditEvent.objects.get().chain_seq == 1 and audit_chain_verify().ok
     _record(owner, 2)  # outside a request: sealed at commit
     assert AuditEvent.objects.get(object_id="2").chain_seq == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_web_process_seals_the_rows_of_a_moment_together_a_moment_after_their_responses(owner, settings, monkeypatch):
+    # The process's sealer thread: one sealing pass for the requests of the delay, not one each.
+    import threading
+
+    from django.http import HttpResponse
+    from django.test import RequestFactory
+
+    from accounts import audit
+    from accounts.middleware import RequestContextMiddleware
+
+    settings.SANDBOX_AUDIT_SEAL_DELAY_SECONDS = 3.0  # far longer than five requests take
+    passes = []
+    done = threading.Event()
+    real_seal = audit.audit_chain_seal
+
+    def counting_seal(**kwargs):
+        sealed = real_seal(**kwargs)
+        passes.append(sealed)
+        done.set()
+        return sealed
+
+    monkeypatch.setattr(audit, "audit_chain_seal", counting_seal)
+
+    def view(request):
+        _record(owner, request.GET["n"])
+        return HttpResponse("ok")
+
+    for n in range(5):
+        response = RequestContextMiddleware(view)(RequestFactory().get(f"/?n={n}"))
+        response.close()  # the response is out: the request's part is done
+    assert AuditEvent.objects.filter(chain_seq__isnull=True).count() == 5  # nothing sealed in the requests
+    assert done.wait(30), "the sealer thread did not seal"
+    assert passes == [5]
+    in_chain = AuditEvent.objects.order_by("chain_seq").values_list("object_id", flat=True)
+    assert list(in_chain) == ["0", "1", "2", "3", "4"]
+    assert audit_chain_verify().ok

@@ -188,6 +188,9 @@ def main() -> None:
         serve_hostile(runtime_dir / "agent.sock", agent_mod, hostile)
         return
     agent = agent_mod.Agent(cgroup_root=None, reap_interval=0.02)
+    # The agent runs in this process's main thread, as in a guest: children are reaped on
+    # SIGCHLD (not only by the 20 ms safety-net tick, which made every exec wait for it).
+    agent.install_signal_handlers()
     srv = socket.socket(socket.AF_UNIX)
     srv.bind(str(runtime_dir / "agent.sock"))
     srv.listen(8)
