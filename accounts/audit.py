@@ -258,10 +258,24 @@ def audit_seal_soon() -> None:
         logger.exception("sealing audit rows after a response failed; the periodic sealer retries")
 
 
+_web_process = False
+
+
+def audit_seal_by_process_sealer() -> None:
+    """Called once by the web process (sandbox_site/asgi.py): rows its websocket consumers
+    commit outside any request are sealed by its sealer thread too (``audit_seal_soon``), not
+    in the consumers' shared database thread at each commit."""
+    global _web_process
+    _web_process = True
+
+
 def _seal_after_commit() -> None:
     later = _seal_later.get()
     if later is not None:
         later.pending = True
+        return
+    if _web_process and settings.SANDBOX_AUDIT_SEAL_DELAY_SECONDS > 0:
+        _sealer.request()
         return
     audit_chain_seal()
 

@@ -57,17 +57,20 @@ class BearerTokenScheme(OpenApiAuthenticationExtension):
 
 class BearerTokenWebsocketMiddleware:
     """Websocket handshakes with ``Authorization: Bearer <token>`` (API clients such as the
-    SDK and ``msbx``) authenticate as the token's user; without the header the session's user
-    (``AuthMiddlewareStack``, which wraps this) stays. Read-only tokens are anonymous here
-    (the consumers answer 4401): exec and console websockets carry input."""
+    SDK and ``msbx``) authenticate as the token's user and go straight to ``inner``; without
+    the header they go through ``session_stack`` (the session's user: channels'
+    ``AuthMiddlewareStack`` around the same ``inner``), whose session read a token client
+    does not pay for. Read-only tokens are anonymous here (the consumers answer 4401): exec
+    and console websockets carry input."""
 
-    def __init__(self, inner):
+    def __init__(self, inner, session_stack=None):
         self.inner = inner
+        self.session_stack = session_stack or inner
 
     async def __call__(self, scope, receive, send):
         secret = _bearer_secret(scope.get("headers") or ())
         if secret is None:
-            return await self.inner(scope, receive, send)
+            return await self.session_stack(scope, receive, send)
         from channels.db import database_sync_to_async
         from django.contrib.auth.models import AnonymousUser
 

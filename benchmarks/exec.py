@@ -3,9 +3,11 @@
 - round trip of a trivial command (``true``, started and waited for), N times each,
   (a) directly through the host client (``vms.hostd.client.HostdClient`` -> hostd -> agent),
   (b) through the REST API (``POST /api/v1/vms/{id}/exec/`` with ``wait``),
-  (c) through the websocket path: ``POST .../exec/`` with ``wait: false``, then the exec's
+  (c) through the websocket path: the command started on its own websocket
+      (``/ws/vms/{id}/exec/``, a ``start`` frame) and followed there until its ``exit`` message;
+  (d) the websocket attach path: ``POST .../exec/`` with ``wait: false``, then the exec's
       websocket (``/ws/vms/{id}/execs/{exec_id}/``) until its ``exit`` message;
-  interleaved (one of each per round) so that load from other work hits all three alike;
+  interleaved (one of each per round) so that load from other work hits all four alike;
 - upload and download throughput (MiB/s), through the host client and through the REST API.
 
 Prints JSON (p50/p99 of each; the REST and websocket overhead over the host client, p50 and
@@ -75,6 +77,29 @@ def one_api(client: httpx.Client, vm_id: str) -> float:
 
 
 def one_websocket(client: httpx.Client, stack, vm_id: str) -> float:
+    """The command started on its own websocket (``/ws/vms/{id}/exec/``, a ``start`` frame)
+    and followed there until its ``exit`` message: one connection, no REST call."""
+    from websockets.sync.client import connect
+
+    start = time.monotonic()
+    url = stack.url.replace("http://", "ws://") + f"/ws/vms/{vm_id}/exec/"
+    headers = {"Authorization": f"Bearer {stack.tokens['owner']}"}
+    with connect(url, additional_headers=headers, open_timeout=30, close_timeout=5) as ws:
+        ws.send(json.dumps({"type": "start", "command": ["true"]}))
+        for _ in range(1000):  # started, attached, output, exit: a handful of frames
+            message = ws.recv(timeout=30)
+            if isinstance(message, str):
+                kind = json.loads(message).get("type")
+                if kind == "exit":
+                    break
+                assert kind != "error", message
+        else:
+            raise AssertionError("no exit message")
+    return time.monotonic() - start
+
+
+def one_websocket_attach(client: httpx.Client, stack, vm_id: str) -> float:
+    """``POST .../exec/`` with ``wait: false``, then the exec's websocket until ``exit``."""
     from websockets.sync.client import connect
 
     start = time.monotonic()
@@ -104,7 +129,7 @@ def _cpu_seconds(pid: int | None) -> float:
 def round_trips(stack, vm_id: str, runs: int, cpu: dict[str, float] | None = None) -> dict[str, list[float]]:
     """``runs`` rounds of host client, REST and websocket, one of each per round. With a
     stand-in stack, ``cpu`` gets the web process's CPU seconds spent during each path."""
-    times: dict[str, list[float]] = {"host_client": [], "rest_api": [], "websocket": []}
+    times: dict[str, list[float]] = {"host_client": [], "rest_api": [], "websocket": [], "websocket_attach": []}
     web_pid = getattr(stack, "web_pid", None)
     cpu = cpu if cpu is not None else {}
     with HostdClient(stack.hostd_socket, timeout=60) as host, stack.client() as api:
@@ -114,9 +139,12 @@ def round_trips(stack, vm_id: str, runs: int, cpu: dict[str, float] | None = Non
             times["rest_api"].append(one_api(api, vm_id))
             middle = _cpu_seconds(web_pid)
             times["websocket"].append(one_websocket(api, stack, vm_id))
+            after = _cpu_seconds(web_pid)
+            times["websocket_attach"].append(one_websocket_attach(api, stack, vm_id))
             if web_pid is not None:
                 cpu["rest_api"] = cpu.get("rest_api", 0.0) + middle - before
-                cpu["websocket"] = cpu.get("websocket", 0.0) + _cpu_seconds(web_pid) - middle
+                cpu["websocket"] = cpu.get("websocket", 0.0) + after - middle
+                cpu["websocket_attach"] = cpu.get("websocket_attach", 0.0) + _cpu_seconds(web_pid) - after
     return times
 
 
@@ -175,7 +203,7 @@ def measure(stack, vm_id: str, runs: int, mib: int, acceleration: str) -> dict:
     cpu: dict[str, float] = {}
     samples = round_trips(stack, vm_id, runs, cpu)
     times = {name: _stats(values) for name, values in samples.items()}
-    host, api, ws = times["host_client"], times["rest_api"], times["websocket"]
+    host, api, ws, attach = times["host_client"], times["rest_api"], times["websocket"], times["websocket_attach"]
     result = {
         "benchmark": "exec",
         "acceleration": acceleration,
@@ -183,10 +211,13 @@ def measure(stack, vm_id: str, runs: int, mib: int, acceleration: str) -> dict:
             "host_client": host,
             "rest_api": api,
             "websocket": ws,
+            "websocket_attach": attach,
             "rest_overhead": _overhead(api, host),
             "websocket_overhead": _overhead(ws, host),
+            "websocket_attach_overhead": _overhead(attach, host),
             "rest_overhead_paired_p50_ms": _paired(samples["rest_api"], samples["host_client"]),
             "websocket_overhead_paired_p50_ms": _paired(samples["websocket"], samples["host_client"]),
+            "websocket_attach_overhead_paired_p50_ms": _paired(samples["websocket_attach"], samples["host_client"]),
         },
         "load_average": os.getloadavg(),
     }

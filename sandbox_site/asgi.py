@@ -9,6 +9,7 @@ django_asgi_app = get_asgi_application()
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
+from accounts.audit import audit_seal_by_process_sealer  # noqa: E402
 from accounts.authentication import BearerTokenWebsocketMiddleware  # noqa: E402
 from sandbox_site import daphne_http_errors, daphne_limits, daphne_spool  # noqa: E402
 from sandbox_site.metrics import AsgiMetricsMiddleware  # noqa: E402
@@ -19,13 +20,15 @@ from vms.upload_limit import UploadLimitMiddleware  # noqa: E402
 daphne_spool.install()  # large request bodies: spooled to disk, not held in daphne's memory
 daphne_limits.install()  # body limits as bytes arrive; sends paced to the client's reading
 daphne_http_errors.install()  # requests Twisted refuses get an answer in the API's error shape
+audit_seal_by_process_sealer()  # consumers' audit rows too: sealed by the process's sealer thread
 
+websockets = URLRouter(websocket_urlpatterns)
 application = AsgiMetricsMiddleware(
     ProtocolTypeRouter(
         {
             "http": UploadLimitMiddleware(django_asgi_app),
             "websocket": SameOriginWebsocketValidator(
-                AuthMiddlewareStack(BearerTokenWebsocketMiddleware(URLRouter(websocket_urlpatterns)))
+                BearerTokenWebsocketMiddleware(websockets, session_stack=AuthMiddlewareStack(websockets))
             ),
         }
     )

@@ -83,7 +83,6 @@ def _client_address(request) -> str:
 
 def _budgets(request, view, *, anonymous_only: bool = False) -> list[tuple[str, int, int]]:
     """``(key, requests, seconds)`` of every budget this request counts against."""
-    rates = settings.SANDBOX_RATE_LIMITS
     user = getattr(request, "user", None)
     ident = f"user:{user.pk}" if user is not None and user.is_authenticated else None
     found: list[tuple[str, str]] = []
@@ -95,6 +94,11 @@ def _budgets(request, view, *, anonymous_only: bool = False) -> list[tuple[str, 
         scope = EXPENSIVE_ACTIONS.get((type(view).__name__, getattr(view, "action", None) or ""))
         if scope:
             found.append((scope, ident or f"addr:{_client_address(request)}"))
+    return _keyed(found)
+
+
+def _keyed(found: list[tuple[str, str]]) -> list[tuple[str, int, int]]:
+    rates = settings.SANDBOX_RATE_LIMITS
     budgets = []
     for scope, who in found:
         parsed = _parsed(rates.get(scope))
@@ -137,3 +141,13 @@ def anonymous_throttle_check(request, view) -> None:
     wait = _charge(_budgets(request, view, anonymous_only=True))
     if wait:
         raise Throttled(wait=max(1.0, math.ceil(wait)))
+
+
+def user_action_charge(user, scope: str) -> float:
+    """Charge one request of ``user`` and one of the expensive action ``scope`` (a value of
+    ``EXPENSIVE_ACTIONS``) to the same budgets the API's request would count against: 0.0 when
+    both had room, else the seconds to wait (nothing charged). For actions requested over a
+    websocket (an exec started on its stream: vms.exec_consumers)."""
+    ident = f"user:{user.pk}"
+    wait = _charge(_keyed([("user", ident), (scope, ident)]))
+    return max(1.0, math.ceil(wait)) if wait else 0.0

@@ -325,6 +325,13 @@ class AgentChannel:
         with _mapped_errors():
             return await self._client.agent(vm_id, op, args, data, timeout=timeout)
 
+    async def exec_start(
+        self, vm_id: str, args: dict[str, Any], data: bytes = b"", *, max_running: int, timeout: float = 30.0
+    ) -> dict:
+        """``exec_start_capped`` on this connection."""
+        with _mapped_errors():
+            return await self._client.exec_start(vm_id, args, data, max_running=max_running, timeout=timeout)
+
     async def exec_attach(self, vm_id: str, exec_id: str, *, offset: int = 0) -> Subscription:
         """An exec's output from ``offset``: events ``out`` (``stream``, ``offset``; data),
         then ``exit`` (``result``, ``end_offset``) or ``end`` (``error``)."""

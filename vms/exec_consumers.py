@@ -1,4 +1,8 @@
 """``/ws/vms/{id}/execs/{exec_id}/?offset=N``: an exec's output live, stdin and resize back.
+``/ws/vms/{id}/exec/``: the same for a command the socket starts: the client's first frame is
+``{"type": "start", ...}`` with the fields of ``POST /vms/{id}/exec/`` (but ``wait``), checked
+and rate-limited the same way and started by the same service; the server answers ``started``
+(``exec_id``) and then streams it as above (one connection, no REST call before it).
 
 Server -> client: binary frames are output, first byte the stream (1 stdout, 2 stderr,
 3 pty) then the bytes; text frames are JSON control: ``attached`` (``offset``, ``window``),
@@ -19,8 +23,10 @@ import asyncio
 import contextlib
 import json
 import logging
+from functools import partial
 from urllib.parse import parse_qs
 
+from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
@@ -62,6 +68,31 @@ def _authorise(user, vm_id: str):
     return vm, None
 
 
+def _start_fields(fields: dict) -> dict:
+    """A start frame's fields checked as ``POST /vms/{id}/exec/`` checks its body (``wait`` is
+    false: the socket streams the command)."""
+    from vms.exec_api import ExecCreateSerializer
+
+    data = ExecCreateSerializer(data={**fields, "wait": False})
+    if not data.is_valid():
+        raise ApplicationError("Invalid start frame.", code="bad_request", details=dict(data.errors))
+    values = dict(data.validated_data)
+    values.pop("wait")
+    stdin = values.pop("stdin")
+    return {**values, "stdin": stdin.encode() if stdin is not None else None}
+
+
+def _charge_start(user) -> None:
+    """The budgets ``POST /vms/{id}/exec/`` counts against: the user's and the exec budget."""
+    from sandbox_site.throttling import user_action_charge
+
+    wait = user_action_charge(user, "exec")
+    if wait:
+        message = f"Request was throttled. Expected available in {wait:.0f} seconds."
+        raise ApplicationError(message, code="throttled", details={"retry_after": wait}, status_code=429)
+
+
+START_WAIT_SECONDS = 30
 _CLOSE_CODES = {"not_found": 4404, "permission_denied": 4403, "not_running": 4409, "unauthenticated": 4401}
 
 
@@ -72,7 +103,8 @@ class VmExecConsumer(AsyncWebsocketConsumer):
         self.rights: RightsWatch | None = None
         self.user = self.scope.get("user")
         kwargs = self.scope["url_route"]["kwargs"]
-        self.vm_id, self.exec_id = kwargs["vm_id"], kwargs["exec_id"]
+        self.vm_id, self.exec_id = kwargs["vm_id"], kwargs.get("exec_id")  # None: the client starts one
+        self.start_deadline: asyncio.TimerHandle | None = None
         if self.user is None or not self.user.is_authenticated:
             await self.close(code=_CLOSE_CODES["unauthenticated"])
             return
@@ -96,6 +128,25 @@ class VmExecConsumer(AsyncWebsocketConsumer):
             check=lambda: websocket_rights_hold(user_id=user_id, token_id=token_id, vm_id=vm_id, perm="exec"),
             on_lost=self._rights_lost,
         )
+        if self.exec_id is None:
+            # The rights watch joins its group while hostd is connected; then the client's
+            # start frame is awaited (at most START_WAIT_SECONDS).
+            outcomes = await asyncio.gather(
+                AgentChannel.open(timeout=30, address=self.vm.hostd_address),
+                self.rights.start(),
+                return_exceptions=True,
+            )
+            if isinstance(outcomes[0], AgentChannel):
+                self.channel = outcomes[0]
+            for outcome in outcomes:
+                if isinstance(outcome, ApplicationError):
+                    await self._control({"type": "error", "code": outcome.code, "message": outcome.message})
+                    await self.close(code=4502)
+                    return
+                if isinstance(outcome, BaseException):
+                    raise outcome
+            self.start_deadline = asyncio.get_running_loop().call_later(START_WAIT_SECONDS, self._start_expired)
+            return
         try:
             self.channel = await AgentChannel.open(timeout=30, address=self.vm.hostd_address)
             # The rights watch joins its group while hostd attaches (two round trips at once);
@@ -110,11 +161,81 @@ class VmExecConsumer(AsyncWebsocketConsumer):
                     raise outcome
             self.sub = attached
         except ApplicationError as exc:
-            await self._control({"type": "error", "code": exc.code, "message": exc.message})
-            await self.close(code=4404 if exc.code == "not_found" else 4502)
+            await self._fail(exc)
             return
+        await self._attached()
+
+    async def _fail(self, exc: ApplicationError) -> None:
+        await self._control({"type": "error", "code": exc.code, "message": exc.message})
+        await self.close(code=4404 if exc.code == "not_found" else 4502)
+
+    async def _attached(self) -> None:
         await self._control({"type": "attached", "exec_id": self.exec_id, "offset": self.cursor, "window": self.window})
         self.pump = asyncio.create_task(self._pump())
+
+    def _start_expired(self) -> None:
+        if self.exec_id is None and self.channel is not None:
+            asyncio.ensure_future(self._refuse_start(4408, "timeout", "No start frame came in time.", status=408))
+
+    async def _refuse_start(self, code: int, error: str, message: str, **extra) -> None:
+        await self._control({"type": "error", "code": error, "message": message, **extra})
+        await self.close(code=code)
+
+    async def _start(self, text_data: str | None) -> None:
+        """The client's first frame on ``/exec/``: start the command, then stream it."""
+        if self.start_deadline is not None:
+            self.start_deadline.cancel()
+        try:
+            message = ws_control_frame(text_data)
+        except ApplicationError as exc:
+            await self._refuse_start(4400, exc.code, exc.message, status=400)
+            return
+        if message.get("type") != "start":
+            await self._refuse_start(4400, "bad_request", 'The first frame must be {"type": "start", ...}.', status=400)
+            return
+        attach_failed: list[ApplicationError] = []
+
+        async def attach(started: dict) -> None:  # while the service writes the audit row
+            self.exec_id = started["exec_id"]
+            await self._control({"type": "started", "exec_id": self.exec_id})
+            try:
+                self.sub = await self.channel.exec_attach(self.vm_id, self.exec_id, offset=self.cursor)
+            except ApplicationError as exc:
+                attach_failed.append(exc)
+
+        client = self.scope.get("client") or (None,)
+        try:
+            with actor_context(request_id=new_request_id(), source_ip=client[0]):
+                fields = _start_fields({k: v for k, v in message.items() if k != "type"})
+                await exec_services.vm_exec_start_async(
+                    vm=self.vm,
+                    actor=self.user,
+                    channel=self.channel,
+                    before=partial(_charge_start, self.user),
+                    meanwhile=attach,
+                    **fields,
+                )
+        except ApplicationError as exc:
+            if self.exec_id is not None:  # started, then something failed: like a failed attach
+                await self._fail(exc)
+                return
+            # Closed with 4000 + the HTTP status the REST call would have answered (4429, 4409...).
+            extra = {"details": exc.details} if exc.details else {}
+            await self._refuse_start(4000 + exc.status_code, exc.code, exc.message, status=exc.status_code, **extra)
+            return
+        if attach_failed:
+            await self._fail(attach_failed[0])
+            return
+        await self._attached()
+
+    async def dispatch(self, message):
+        # Channels' dispatch first closes stale database connections in a thread hop of its
+        # own, for every message; here every database access is a ``database_sync_to_async``
+        # call, which does that in its own hop already (a hop less per frame).
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
 
     async def rights_changed(self, event):
         if self.rights is not None:
@@ -179,6 +300,9 @@ class VmExecConsumer(AsyncWebsocketConsumer):
     async def receive(self, text_data=None, bytes_data=None):
         if self.channel is None:
             return
+        if self.exec_id is None:
+            await self._start(text_data)
+            return
         if text_data and '"ack"' in text_data:  # flow control: no service, no audit
             with contextlib.suppress(ValueError):
                 message = json.loads(text_data)
@@ -230,6 +354,9 @@ class VmExecConsumer(AsyncWebsocketConsumer):
         await self._cleanup()
 
     async def _cleanup(self) -> None:
+        deadline, self.start_deadline = getattr(self, "start_deadline", None), None
+        if deadline is not None:
+            deadline.cancel()
         rights, self.rights = getattr(self, "rights", None), None
         if rights is not None:
             await rights.stop()

@@ -8,12 +8,13 @@ checks and audit rows are the same as the REST ones.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,40 +99,10 @@ def vm_exec_start(
     """Start a command in the VM. With ``wait`` block until it ends (at most
     SANDBOX_EXEC_WAIT_MAX_SECONDS) and return its output and result; without, return the
     exec id at once. Audited with the command line (never the output)."""
-    _require_exec(actor, vm, "exec")
-    _require_running(vm)
-    args, command_line = _command_args(command)
-    if stdin is not None and len(stdin) > MAX_STDIN_BYTES:
-        raise ApplicationError(
-            f"stdin is limited to {MAX_STDIN_BYTES} bytes here; stream more with .../stdin/.",
-            code="too_large",
-            status_code=413,
-        )
-    args.update(
-        {
-            "env": env or {},
-            "cwd": cwd or "",
-            "user": user or "root",
-            "timeout": timeout,
-            "tag": tag or "",
-            "buffer_bytes": buffer_bytes or settings.SANDBOX_EXEC_BUFFER_BYTES,
-            "stdin": "pipe" if (stdin or stdin_open) else "null",
-            "stdin_eof": bool(stdin) and not stdin_open,
-        }
+    args, audit_after = _exec_start_checked(
+        vm, actor, command, env, cwd, user, timeout, stdin, stdin_open, wait, tag, pty, buffer_bytes
     )
     buffer_limit = args["buffer_bytes"]
-    if pty:
-        args["pty"] = _pty_checked(pty)
-    audit_after = {
-        "command": command_line[:MAX_COMMAND_AUDIT],
-        "cwd": cwd,
-        "user": user or "root",
-        "timeout": timeout,
-        "tag": tag,
-        "wait": wait,
-        "pty": bool(pty),
-        "stdin_bytes": len(stdin or b""),
-    }
     if not wait:
         return _exec_start_background(vm, actor, args, stdin or b"", audit_after)
     # One connection to hostd (or the agent) for the start, the wait and the output.
@@ -156,6 +127,45 @@ def vm_exec_start(
         return _collect(call, summary, max_bytes=buffer_limit)
 
 
+def _exec_start_checked(vm, actor, command, env, cwd, user, timeout, stdin, stdin_open, wait, tag, pty, buffer_bytes):
+    """The rights, the VM's state and the request checked: the agent's ``exec_start`` arguments
+    and the audit row's ``after``."""
+    _require_exec(actor, vm, "exec")
+    _require_running(vm)
+    args, command_line = _command_args(command)
+    if stdin is not None and len(stdin) > MAX_STDIN_BYTES:
+        raise ApplicationError(
+            f"stdin is limited to {MAX_STDIN_BYTES} bytes here; stream more with .../stdin/.",
+            code="too_large",
+            status_code=413,
+        )
+    args.update(
+        {
+            "env": env or {},
+            "cwd": cwd or "",
+            "user": user or "root",
+            "timeout": timeout,
+            "tag": tag or "",
+            "buffer_bytes": buffer_bytes or settings.SANDBOX_EXEC_BUFFER_BYTES,
+            "stdin": "pipe" if (stdin or stdin_open) else "null",
+            "stdin_eof": bool(stdin) and not stdin_open,
+        }
+    )
+    if pty:
+        args["pty"] = _pty_checked(pty)
+    audit_after = {
+        "command": command_line[:MAX_COMMAND_AUDIT],
+        "cwd": cwd,
+        "user": user or "root",
+        "timeout": timeout,
+        "tag": tag,
+        "wait": wait,
+        "pty": bool(pty),
+        "stdin_bytes": len(stdin or b""),
+    }
+    return args, audit_after
+
+
 def _exec_start_background(vm: VM, actor, args: dict, stdin: bytes, audit_after: dict) -> dict:
     """A ``wait: false`` start: at most SANDBOX_EXEC_BACKGROUND_PER_VM commands may run in
     the VM. hostd counts and starts under one lock per VM (``agent_gateway.exec_start_capped``),
@@ -164,18 +174,68 @@ def _exec_start_background(vm: VM, actor, args: dict, stdin: bytes, audit_after:
     try:
         started = agent_gateway.exec_start_capped(vm, args, stdin, max_running=limit)
     except ApplicationError as exc:
-        error = exc
-        if exc.code == "exec_limit":
-            error = QuotaExceeded(
-                f"At most {limit} background commands may run in a VM; wait for some to end.",
-                details={"limit": limit},
-            )
-        _audit(actor, "vm.exec", vm, audit_after, result=AuditResult.FAILED, message=error.message)
-        if error is exc:
-            raise
-        raise error from exc
+        raise _background_refused(vm, actor, audit_after, exc) from exc
+    return _background_started(vm, actor, audit_after, started)
+
+
+def _background_refused(vm: VM, actor, audit_after: dict, exc: ApplicationError) -> ApplicationError:
+    """Audit a background start hostd refused; the error to raise (``exec_limit``: 429)."""
+    error = exc
+    if exc.code == "exec_limit":
+        limit = settings.SANDBOX_EXEC_BACKGROUND_PER_VM
+        error = QuotaExceeded(
+            f"At most {limit} background commands may run in a VM; wait for some to end.", details={"limit": limit}
+        )
+    _audit(actor, "vm.exec", vm, audit_after, result=AuditResult.FAILED, message=error.message)
+    return error
+
+
+def _background_started(vm: VM, actor, audit_after: dict, started: dict) -> dict:
     _audit(actor, "vm.exec", vm, {**audit_after, "exec_id": started["exec_id"]})
     return {"exec_id": started["exec_id"], "pid": started["pid"], "tag": started["tag"], "running": True}
+
+
+async def vm_exec_start_async(
+    *,
+    vm: VM,
+    actor,
+    channel: AgentChannel,
+    stdin: bytes | None = None,
+    before: Callable[[], None] | None = None,
+    meanwhile: Callable[[dict], Awaitable[Any]] | None = None,
+    **fields,
+) -> dict:
+    """``vm_exec_start`` with ``wait: false`` for websocket consumers, over their hostd
+    ``channel``: the same checks, cap and audit row; the checks (after ``before``, e.g. the
+    caller's rate limit) and the audit in the database thread, the start on the event loop
+    (no new hostd connection). ``meanwhile(started)`` runs while the audit row is written
+    (the caller attaches the stream); its exception is raised once the row is in."""
+    f = {"env": None, "cwd": "", "user": "", "timeout": None, "stdin_open": False, "tag": "", "pty": None,
+         "buffer_bytes": None, **fields}  # fmt: skip
+
+    def checked():
+        if before is not None:
+            before()
+        return _exec_start_checked(
+            vm, actor, f["command"], f["env"], f["cwd"], f["user"], f["timeout"], stdin, f["stdin_open"], False,
+            f["tag"], f["pty"], f["buffer_bytes"],
+        )  # fmt: skip
+
+    args, audit_after = await database_sync_to_async(checked)()
+    try:
+        started = await channel.exec_start(
+            str(vm.pk), args, stdin or b"", max_running=settings.SANDBOX_EXEC_BACKGROUND_PER_VM
+        )
+    except ApplicationError as exc:
+        raise await database_sync_to_async(_background_refused)(vm, actor, audit_after, exc) from exc
+    audited = database_sync_to_async(_background_started)(vm, actor, audit_after, started)
+    if meanwhile is None:
+        return await audited
+    result, side = await asyncio.gather(audited, meanwhile(started), return_exceptions=True)
+    for outcome in (result, side):
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return result
 
 
 # Concurrent ``wait: true`` execs per user in this web process: each holds a server thread.

@@ -113,13 +113,34 @@ def test_the_contract_check_catches_what_the_schema_does_not_have(schema):
 
 def test_the_websocket_paths_the_sdk_uses_are_routed():
     from django.urls.resolvers import URLPattern
-    from msbx._endpoints import WS_EXEC
+    from msbx._endpoints import WS_EXEC, WS_EXEC_START
 
     from sandbox_site.routing import websocket_urlpatterns
 
     patterns = [p for p in websocket_urlpatterns if isinstance(p, URLPattern)]
     for path in (
         WS_EXEC.format(id="11111111-2222-3333-4444-555555555555", exec_id="e1"),
+        WS_EXEC_START.format(id="11111111-2222-3333-4444-555555555555"),
         "/ws/vms/11111111-2222-3333-4444-555555555555/console/",
     ):
         assert any(p.resolve(path.lstrip("/")) for p in patterns), path
+
+
+def test_an_exec_sockets_start_reply_gives_the_id_or_the_apis_error():
+    import json
+
+    import msbx
+    from msbx._http import ws_start_reply
+
+    path = "/ws/vms/x/exec/"
+    assert ws_start_reply(json.dumps({"type": "started", "exec_id": "e1"}), path) == "e1"
+    assert ws_start_reply(json.dumps({"type": "attached", "offset": 0}), path) is None
+    assert ws_start_reply(b"\x01out", path) is None
+    throttled = {"type": "error", "code": "throttled", "message": "slow down", "status": 429,
+                 "details": {"retry_after": 7}}  # fmt: skip
+    with pytest.raises(msbx.RateLimited) as limited:
+        ws_start_reply(json.dumps(throttled), path)
+    assert limited.value.retry_after == 7 and limited.value.status == 429
+    invalid = {"type": "error", "code": "bad_request", "message": "no", "status": 400, "details": {"command": ["x"]}}
+    with pytest.raises(msbx.ValidationError):
+        ws_start_reply(json.dumps(invalid), path)

@@ -310,6 +310,8 @@ def test_each_exception_class_on_a_real_error(sandbox, client, stack):
         sandbox.files.stat("/no/such/file")
     with pytest.raises(msbx.Conflict):
         sandbox.start()
+    with pytest.raises(msbx.ValidationError):  # refused on the exec websocket's start frame
+        sandbox.pty("/bin/sh", rows=0, cols=0)
     with pytest.raises(msbx.ValidationError) as invalid:
         client.create_sandbox(template="no-such-template", wait=False)
     assert "template" in invalid.value.fields

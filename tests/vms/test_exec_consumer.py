@@ -9,6 +9,7 @@ import json
 import pytest
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
+from django.core.cache import cache
 from guardian.shortcuts import assign_perm, remove_perm
 
 from accounts.models import AuditEvent
@@ -149,3 +150,133 @@ async def test_output_stops_at_the_window_until_acknowledged_and_overacking_gain
     await comm.send_json_to({"type": "ack", "offset": 128 << 10})
     assert await _output_until_quiet(comm) == 64 << 10
     await comm.disconnect()
+
+
+# ----- /ws/vms/{id}/exec/: the socket starts the command -----------------------------------
+
+
+async def connect_start(vm, user, *, headers=()):
+    comm = WebsocketCommunicator(
+        application,
+        f"/ws/vms/{vm.pk}/exec/",
+        headers=[(b"origin", b"http://localhost"), (b"host", b"localhost"), *headers],
+    )
+    comm.scope["user"] = user
+    comm.scope["client"] = ("127.0.0.1", 40000)
+    connected, code = await comm.connect(timeout=5)
+    return comm, connected, code
+
+
+@database_sync_to_async
+def exec_rows(vm):
+    return list(AuditEvent.objects.filter(object_id=str(vm.pk), action="vm.exec").order_by("id"))
+
+
+async def test_a_socket_starts_its_command_streams_it_and_is_audited_like_a_rest_start(api, owner, live_vm):
+    vm, _ = live_vm
+
+    @database_sync_to_async
+    def rest_start():
+        api.as_user(owner)
+        body = {"command": ["sh", "-c", "cat; echo done"], "stdin": "hi\n", "wait": False}
+        return api.post(f"/api/v1/vms/{vm.pk}/exec/", body, format="json").json()["exec_id"]
+
+    by_rest = await rest_start()
+    comm, connected, _ = await connect_start(vm, owner)
+    assert connected
+    await comm.send_json_to({"type": "start", "command": ["sh", "-c", "cat; echo done"], "stdin": "hi\n"})
+    started = await control(comm, "started")
+    attached = await control(comm, "attached")
+    assert attached["exec_id"] == started["exec_id"] and attached["offset"] == 0
+    output = b""
+    while True:
+        frame = await comm.receive_output(10)
+        if frame.get("bytes") is not None:
+            output += frame["bytes"][1:]
+        elif json.loads(frame["text"])["type"] == "exit":
+            assert json.loads(frame["text"])["result"]["exit_code"] == 0
+            break
+    assert output == b"hi\ndone\n"
+    assert (await comm.receive_output(5)) == {"type": "websocket.close", "code": 1000}
+
+    rest, socket = await exec_rows(vm)
+    assert [getattr(rest, name) for name in AUDITED] == [getattr(socket, name) for name in AUDITED]
+    assert {**rest.after, "exec_id": None} == {**socket.after, "exec_id": None}
+    assert (rest.after["exec_id"], socket.after["exec_id"]) == (by_rest, started["exec_id"])
+    assert socket.after["wait"] is False and socket.after["stdin_bytes"] == 3
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        ({"type": "stdin", "data": "x"}, "bad_request"),  # anything but a start first
+        ({"type": "start"}, "bad_request"),  # no command
+        ({"type": "start", "command": ["true"], "timeout": -1}, "bad_request"),
+        ({"type": "start", "command": ["true"], "pty": {"rows": 0, "cols": 0}}, "invalid"),  # the service's check
+    ],
+)
+async def test_a_bad_start_frame_is_refused_with_a_reason_and_starts_nothing(owner, live_vm, frame, code):
+    vm, _ = live_vm
+    comm, connected, _ = await connect_start(vm, owner)
+    assert connected
+    await comm.send_json_to(frame)
+    error = await control(comm, "error")
+    assert error["code"] == code
+    closed = await comm.receive_output(5)
+    assert closed["type"] == "websocket.close" and 4400 <= closed["code"] < 4500
+    await comm.disconnect()  # the client goes: the consumer cleans up
+    assert [row for row in await exec_rows(vm) if row.result == "ok"] == []
+
+
+async def test_a_binary_first_frame_is_refused(owner, live_vm):
+    vm, _ = live_vm
+    comm, connected, _ = await connect_start(vm, owner)
+    assert connected
+    await comm.send_to(bytes_data=b"true\n")
+    assert (await control(comm, "error"))["code"] == "bad_request"
+    assert (await comm.receive_output(5)) == {"type": "websocket.close", "code": 4400}
+    await comm.disconnect()  # the client goes: the consumer cleans up
+
+
+async def test_a_user_without_the_exec_right_cannot_start_over_a_socket(grantee, live_vm):
+    vm, _ = live_vm
+    await database_sync_to_async(assign_perm)("vms.view_vm", grantee, vm)
+    comm, connected, code = await connect_start(vm, grantee)
+    assert (connected, code) == (False, 4403)
+
+
+async def test_socket_starts_count_against_the_exec_budget_of_the_rest_api(api, owner, live_vm, settings):
+    settings.SANDBOX_RATE_LIMITS = {"exec": "2/min", "user": "100/min"}
+    await database_sync_to_async(cache.clear)()  # budgets charged by earlier runs
+    vm, _ = live_vm
+    comm, connected, _ = await connect_start(vm, owner)
+    assert connected
+    await comm.send_json_to({"type": "start", "command": ["true"]})
+    await control(comm, "exit")
+    await comm.disconnect()
+
+    @database_sync_to_async
+    def rest_exec():
+        api.as_user(owner)
+        return api.post(f"/api/v1/vms/{vm.pk}/exec/", {"command": ["true"]}, format="json").status_code
+
+    assert await rest_exec() == 200  # the budget's second slot
+    comm, connected, _ = await connect_start(vm, owner)
+    assert connected
+    await comm.send_json_to({"type": "start", "command": ["true"]})
+    refused = await control(comm, "error")
+    assert refused["code"] == "throttled" and refused["details"]["retry_after"] >= 1
+    assert (await comm.receive_output(5)) == {"type": "websocket.close", "code": 4429}
+    await comm.disconnect()  # the client goes: the consumer cleans up
+
+
+async def test_a_socket_that_sends_no_start_is_closed(owner, live_vm, monkeypatch):
+    from vms import exec_consumers
+
+    monkeypatch.setattr(exec_consumers, "START_WAIT_SECONDS", 0.5)
+    vm, _ = live_vm
+    comm, connected, _ = await connect_start(vm, owner)
+    assert connected
+    assert (await control(comm, "error"))["code"] == "timeout"
+    assert (await comm.receive_output(5)) == {"type": "websocket.close", "code": 4408}
+    await comm.disconnect()  # the client goes: the consumer cleans up

@@ -585,6 +585,14 @@ class AsyncHostdClient:
             raise
         return sub
 
+    async def exec_start(
+        self, vm_id: str, args: dict[str, Any], data: bytes = b"", *, max_running: int, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """``HostdClient.exec_start`` on the event loop."""
+        timeout = timeout or self.timeout
+        request = {"vm_id": vm_id, "args": args, "max_running": max_running, "timeout": timeout}
+        return (await self.call("exec_start", request, data, timeout=timeout + 5))[0]
+
     async def exec_attach(self, vm_id: str, exec_id: str, *, offset: int = 0) -> Subscription:
         """Events: ``out`` (header ``stream``, ``offset``; data = bytes), then ``exit``
         (``result``, ``end_offset``) or ``end`` (``error``)."""

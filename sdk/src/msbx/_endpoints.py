@@ -126,3 +126,4 @@ ENDPOINTS: dict[str, Endpoint] = {
 # Websocket paths (not in the OpenAPI schema): the exec stream and the console (via a ticket,
 # whose URL the console-ticket endpoint returns).
 WS_EXEC = "/ws/vms/{id}/execs/{exec_id}/"
+WS_EXEC_START = "/ws/vms/{id}/exec/"  # the socket starts the command (a ``start`` frame first)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import random
 import time
 from collections.abc import Iterable, Mapping
@@ -377,7 +378,30 @@ class AsyncHttp(_HttpBase):
 
 
 # Close codes of the exec and console websockets (docs/exec-and-files.md, docs/dashboard.md).
-_WS_CLOSE = {4401: 401, 4403: 403, 4404: 404, 4409: 409, 4502: 503, 4503: 503}
+_WS_CLOSE = {
+    4400: 400, 4401: 401, 4403: 403, 4404: 404, 4408: 408, 4409: 409, 4413: 413, 4429: 429, 4502: 503, 4503: 503,
+}  # fmt: skip
+
+
+def ws_start_reply(message: str | bytes, path: str) -> str | None:
+    """One server frame after an exec websocket's ``start`` frame (``/ws/vms/{id}/exec/``):
+    the exec id once ``started``, None for anything else, the API's error for ``error``."""
+    if not isinstance(message, str):
+        return None
+    control = json.loads(message)
+    if control.get("type") == "started":
+        return str(control["exec_id"])
+    if control.get("type") == "error":
+        details = control.get("details") or {}
+        retry = details.get("retry_after") if isinstance(details, dict) else None
+        raise error_from_response(
+            int(control.get("status") or 400),
+            {"error": {"code": control.get("code"), "message": control.get("message"), "details": details or None}},
+            retry_after=float(retry) if retry else None,
+            method="GET",
+            url=path,
+        )
+    return None
 
 
 def ws_error(exc: BaseException, path: str) -> Exception:

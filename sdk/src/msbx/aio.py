@@ -16,9 +16,9 @@ from typing import Any, BinaryIO, Callable
 import httpx
 
 from msbx import _flows as flows
-from msbx._endpoints import WS_EXEC
+from msbx._endpoints import WS_EXEC_START
 from msbx._flows import OutputChunk, is_vm_id, vm_named
-from msbx._http import AsyncHttp, RequestLog, RetryPolicy, ws_error
+from msbx._http import AsyncHttp, RequestLog, RetryPolicy, ws_error, ws_start_reply
 from msbx.client import DEFAULT_BOOT_TIMEOUT, EXEC_WAIT_MAX, FileSource, Progress, _chunks_of
 from msbx.config import credentials_resolve
 from msbx.errors import CommandFailed, IntegrityError, NotFound, SandboxError, Timeout, TransportError
@@ -432,9 +432,21 @@ class AsyncSandbox:
         body = exec_body(
             cmd, env=merged, cwd=cwd, user=user, wait=False, stdin_open=True, pty={"rows": rows, "cols": cols}
         )
-        data = await self.client.http.json("exec_create", path={"id": self.id}, json=body)
-        ws = await self.client.http.ws_connect(WS_EXEC.format(id=self.id, exec_id=data["exec_id"]))
-        return AsyncPtySession(self, data["exec_id"], ws)
+        # One websocket that starts the command and carries it (no REST call before it).
+        path = WS_EXEC_START.format(id=self.id)
+        ws = await self.client.http.ws_connect(path)
+        try:
+            await ws.send(json.dumps({"type": "start", **{k: v for k, v in body.items() if k != "wait"}}))
+            exec_id = None
+            while exec_id is None:
+                message = await asyncio.wait_for(ws.recv(), self.client.http.timeout)
+                exec_id = ws_start_reply(message, path)
+        except BaseException as exc:
+            await ws.close()
+            if isinstance(exc, SandboxError):
+                raise
+            raise ws_error(exc, path) from exc
+        return AsyncPtySession(self, exec_id, ws)
 
     async def snapshot(
         self,

@@ -16,9 +16,9 @@ from typing import Any, BinaryIO, Callable, Optional, Union
 import httpx
 
 from msbx import _flows as flows
-from msbx._endpoints import WS_EXEC
+from msbx._endpoints import WS_EXEC_START
 from msbx._flows import OutputChunk, is_vm_id, vm_named
-from msbx._http import RequestLog, RetryPolicy, SyncHttp, ws_error
+from msbx._http import RequestLog, RetryPolicy, SyncHttp, ws_error, ws_start_reply
 from msbx.config import credentials_resolve
 from msbx.errors import CommandFailed, IntegrityError, SandboxError, Timeout, TransportError
 from msbx.models import TRANSFER_CHUNK, ExecResult, TransferResult, create_body, exec_body, new_name
@@ -453,9 +453,20 @@ class Sandbox:
         body = exec_body(
             cmd, env=merged, cwd=cwd, user=user, wait=False, stdin_open=True, pty={"rows": rows, "cols": cols}
         )
-        data = self.client.http.json("exec_create", path={"id": self.id}, json=body)
-        ws = self.client.http.ws_connect(WS_EXEC.format(id=self.id, exec_id=data["exec_id"]))
-        return PtySession(self, data["exec_id"], ws)
+        # One websocket that starts the command and carries it (no REST call before it).
+        path = WS_EXEC_START.format(id=self.id)
+        ws = self.client.http.ws_connect(path)
+        try:
+            ws.send(json.dumps({"type": "start", **{k: v for k, v in body.items() if k != "wait"}}))
+            exec_id = None
+            while exec_id is None:
+                exec_id = ws_start_reply(ws.recv(timeout=self.client.http.timeout), path)
+        except BaseException as exc:
+            ws.close()
+            if isinstance(exc, SandboxError):
+                raise
+            raise ws_error(exc, path) from exc
+        return PtySession(self, exec_id, ws)
 
     # ----- snapshots, console --------------------------------------------------------------
     def snapshot(
