@@ -77,14 +77,14 @@ class BearerTokenWebsocketMiddleware:
         token = await database_sync_to_async(services.token_authenticate)(secret)
         user = token.user if token is not None and not token.read_only else AnonymousUser()
         # The token is re-checked while the connection lives (accounts.rights): revoking it closes it.
-        token_id = token.pk if token is not None else None
-        if token is not None and token.project_id is not None:
-            from accounts.context import actor_context
+        if token is None:
+            return await self.inner({**scope, "user": user, "token_id": None}, receive, send)
+        from accounts.context import actor_context
 
-            # A token limited to a project: the consumers' checks (vm_for) see only that project.
-            with actor_context(token_id=token.pk, token_project_id=token.project_id):
-                return await self.inner({**scope, "user": user, "token_id": token_id}, receive, send)
-        return await self.inner({**scope, "user": user, "token_id": token_id}, receive, send)
+        # The token in the actor context, as for a REST request: audit rows name it, and a token
+        # limited to a project lets the consumers' checks (vm_for) see only that project.
+        with actor_context(token_id=token.pk, token_project_id=token.project_id):
+            return await self.inner({**scope, "user": user, "token_id": token.pk}, receive, send)
 
 
 def _bearer_secret(headers) -> str | None:

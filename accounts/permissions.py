@@ -24,7 +24,7 @@ from typing import Any
 
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import ValidationError
-from django.db import connection, connections, transaction
+from django.db import connections, transaction
 from django.db.models import Model, Q, QuerySet, UUIDField
 from django.db.models.functions import Cast
 from guardian.models import GroupObjectPermission, UserObjectPermission
@@ -153,18 +153,9 @@ def _vm_row(vm_id) -> VM:
     """The VM row alone, in plain SQL (``sandbox_site.sql_rows``: exec and file requests read
     it on every call); a malformed id is the same 404 as a missing row."""
     try:
-        pk = VM._meta.pk.to_python(vm_id)
-    except (ValidationError, ValueError, TypeError) as exc:
+        return sql_rows.by_pk(VM, vm_id)
+    except (VM.DoesNotExist, ValidationError, ValueError, TypeError) as exc:
         raise NotFound() from exc
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f'SELECT {sql_rows.columns(VM, "v")} FROM "{VM._meta.db_table}" v WHERE v."{VM._meta.pk.column}" = %s',  # noqa: S608
-            [pk],
-        )
-        row = cursor.fetchone()
-    if row is None:
-        raise NotFound()
-    return sql_rows.instance(VM, "v", row)
 
 
 def vm_for(user, vm_id, perm: str = "view", *, action: str, related: tuple[str, ...] = VM_ROW_RELATED) -> VM:

@@ -216,27 +216,39 @@ def rights_changed_for_group(group) -> None:
     rights_changed(group.user_set.values_list("pk", flat=True))
 
 
-def websocket_rights_hold(*, user_id, token_id=None, vm_id=None, perm: str | None = None) -> bool:
-    """Whether a websocket opened by ``user_id`` (with API token ``token_id``, if any) may stay
-    open: the user is active, the token is neither revoked nor expired, and the user still
-    holds ``vms.<perm>_vm`` on VM ``vm_id`` (when given). Fresh rows: no cached permissions."""
+def websocket_user_fresh(*, user_id, token_id=None, vm_id=None):
+    """The user a websocket acts for, read again, when it is still active and its API token
+    ``token_id`` (if any) is neither revoked nor expired and, when limited to a project, covers
+    VM ``vm_id``; else None. An action a long-lived socket starts is authenticated again, as
+    every REST request is (the user object of the handshake may be stale)."""
     from django.contrib.auth import get_user_model
 
     from accounts.models import ApiToken
-    from accounts.services import user_has_perm
 
     user = get_user_model().objects.filter(pk=user_id, is_active=True).first()
     if user is None:
-        return False
+        return None
     if token_id is not None:
         token = ApiToken.objects.filter(pk=token_id).first()
         if token is None or not token.is_active:
-            return False
+            return None
         if token.project_id is not None and vm_id is not None:
             from vms.models import VM
 
             if not VM.objects.filter(pk=vm_id, project_id=token.project_id).exists():
-                return False
+                return None
+    return user
+
+
+def websocket_rights_hold(*, user_id, token_id=None, vm_id=None, perm: str | None = None) -> bool:
+    """Whether a websocket opened by ``user_id`` (with API token ``token_id``, if any) may stay
+    open: the user is active, the token is neither revoked nor expired, and the user still
+    holds ``vms.<perm>_vm`` on VM ``vm_id`` (when given). Fresh rows: no cached permissions."""
+    from accounts.services import user_has_perm
+
+    user = websocket_user_fresh(user_id=user_id, token_id=token_id, vm_id=vm_id)
+    if user is None:
+        return False
     if vm_id is not None and perm is not None:
         from vms.models import VM
 

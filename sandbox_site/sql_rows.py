@@ -5,7 +5,8 @@ spent answering them (issue 15: about a tenth of an exec's CPU each). Here the c
 a model is built once per process from its metadata, and each row becomes an instance the way
 a queryset makes one: ``Model.from_db`` with every concrete field in order, after the database
 converters Django's compiler would apply. Callers format in only what ``columns`` returns and
-table names from model metadata; every value is a parameter.
+table names from model metadata; every value is a parameter. The converters are looked up once
+per process (the same for every connection of the one PostgreSQL database).
 """
 
 from __future__ import annotations
@@ -49,3 +50,17 @@ def instance(model: type[Model], alias: str, row: tuple | list, start: int = 0) 
             value = converter(value, column, connection)
         values[index] = value
     return model.from_db(connection.alias, attnames, values)
+
+
+def by_pk(model: type[Model], value: Any) -> Any:
+    """The ``model`` row with primary key ``value``, or ``model.DoesNotExist`` (a malformed
+    key too: ``ValidationError``/``ValueError`` from the key field's parsing)."""
+    pk = model._meta.pk
+    key = pk.to_python(value)
+    table, column = model._meta.db_table, pk.column
+    with connection.cursor() as cursor:
+        cursor.execute(f'SELECT {columns(model, "r")} FROM "{table}" r WHERE r."{column}" = %s', [key])  # noqa: S608
+        row = cursor.fetchone()
+    if row is None:
+        raise model.DoesNotExist()
+    return instance(model, "r", row)

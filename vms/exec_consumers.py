@@ -82,17 +82,26 @@ def _start_fields(fields: dict) -> dict:
     return {**values, "stdin": stdin.encode() if stdin is not None else None}
 
 
-def _charge_start(user) -> None:
-    """The budgets ``POST /vms/{id}/exec/`` counts against: the user's and the exec budget."""
+def _start_allowed(user_id, token_id, vm_id: str):
+    """What a REST request does before its handler, for a start frame: the user and the token
+    read again (a handshake's user object may be stale: deactivated, token revoked or expired,
+    role changed), then the budgets ``POST /vms/{id}/exec/`` counts against (the user's and the
+    exec budget). Returns the fresh user, the start's actor."""
+    from accounts.rights import websocket_user_fresh
+    from sandbox_site.errors import NotPermitted
     from sandbox_site.throttling import user_action_charge
 
+    user = websocket_user_fresh(user_id=user_id, token_id=token_id, vm_id=vm_id)
+    if user is None:
+        raise NotPermitted("Your access was revoked.")
     wait = user_action_charge(user, "exec")
     if wait:
         message = f"Request was throttled. Expected available in {wait:.0f} seconds."
         raise ApplicationError(message, code="throttled", details={"retry_after": wait}, status_code=429)
+    return user
 
 
-START_WAIT_SECONDS = 30
+START_WAIT_SECONDS = 10
 _CLOSE_CODES = {"not_found": 4404, "permission_denied": 4403, "not_running": 4409, "unauthenticated": 4401}
 
 
@@ -105,6 +114,8 @@ class VmExecConsumer(AsyncWebsocketConsumer):
         kwargs = self.scope["url_route"]["kwargs"]
         self.vm_id, self.exec_id = kwargs["vm_id"], kwargs.get("exec_id")  # None: the client starts one
         self.start_deadline: asyncio.TimerHandle | None = None
+        self.closing = False  # refused or lost its rights: frames still in flight are dropped
+        self.expiry: asyncio.Task | None = None
         if self.user is None or not self.user.is_authenticated:
             await self.close(code=_CLOSE_CODES["unauthenticated"])
             return
@@ -166,6 +177,7 @@ class VmExecConsumer(AsyncWebsocketConsumer):
         await self._attached()
 
     async def _fail(self, exc: ApplicationError) -> None:
+        self.closing = True
         await self._control({"type": "error", "code": exc.code, "message": exc.message})
         await self.close(code=4404 if exc.code == "not_found" else 4502)
 
@@ -174,10 +186,13 @@ class VmExecConsumer(AsyncWebsocketConsumer):
         self.pump = asyncio.create_task(self._pump())
 
     def _start_expired(self) -> None:
-        if self.exec_id is None and self.channel is not None:
-            asyncio.ensure_future(self._refuse_start(4408, "timeout", "No start frame came in time.", status=408))
+        if self.exec_id is None and self.channel is not None and not self.closing:
+            self.expiry = asyncio.ensure_future(
+                self._refuse_start(4408, "timeout", "No start frame came in time.", status=408)
+            )
 
     async def _refuse_start(self, code: int, error: str, message: str, **extra) -> None:
+        self.closing = True
         await self._control({"type": "error", "code": error, "message": message, **extra})
         await self.close(code=code)
 
@@ -211,7 +226,7 @@ class VmExecConsumer(AsyncWebsocketConsumer):
                     vm=self.vm,
                     actor=self.user,
                     channel=self.channel,
-                    before=partial(_charge_start, self.user),
+                    before=partial(_start_allowed, self.user.pk, self.scope.get("token_id"), self.vm_id),
                     meanwhile=attach,
                     **fields,
                 )
@@ -242,6 +257,7 @@ class VmExecConsumer(AsyncWebsocketConsumer):
             await self.rights.recheck()
 
     async def _rights_lost(self) -> None:
+        self.closing = True
         await self._control({"type": "error", "code": "permission_denied", "message": "Your access was revoked."})
         await self.close(code=_CLOSE_CODES["permission_denied"])
 
@@ -298,8 +314,8 @@ class VmExecConsumer(AsyncWebsocketConsumer):
             self.acked_changed.set()
 
     async def receive(self, text_data=None, bytes_data=None):
-        if self.channel is None:
-            return
+        if self.channel is None or self.closing or (self.rights is not None and self.rights.lost):
+            return  # not ready, or on its way out: nothing the client sends acts any more
         if self.exec_id is None:
             await self._start(text_data)
             return
@@ -357,6 +373,7 @@ class VmExecConsumer(AsyncWebsocketConsumer):
         deadline, self.start_deadline = getattr(self, "start_deadline", None), None
         if deadline is not None:
             deadline.cancel()
+        self.closing = True
         rights, self.rights = getattr(self, "rights", None), None
         if rights is not None:
             await rights.stop()

@@ -201,41 +201,47 @@ async def vm_exec_start_async(
     actor,
     channel: AgentChannel,
     stdin: bytes | None = None,
-    before: Callable[[], None] | None = None,
+    before: Callable[[], Any] | None = None,
     meanwhile: Callable[[dict], Awaitable[Any]] | None = None,
     **fields,
 ) -> dict:
     """``vm_exec_start`` with ``wait: false`` for websocket consumers, over their hostd
-    ``channel``: the same checks, cap and audit row; the checks (after ``before``, e.g. the
-    caller's rate limit) and the audit in the database thread, the start on the event loop
-    (no new hostd connection). ``meanwhile(started)`` runs while the audit row is written
-    (the caller attaches the stream); its exception is raised once the row is in."""
+    ``channel``: the same checks, cap and audit row; the checks and the audit in the database
+    thread, the start on the event loop (no new hostd connection). ``before`` runs first in the
+    checks' thread (the caller's authentication and rate limit) and may return the actor to
+    act as (a fresh user object). ``meanwhile(started)`` runs while the audit row is written
+    (the caller attaches the stream); its exception is raised once the row is in. Once hostd
+    was asked, the start and its audit row (started or refused) finish even if the caller is
+    cancelled (its client gone)."""
     f = {"env": None, "cwd": "", "user": "", "timeout": None, "stdin_open": False, "tag": "", "pty": None,
          "buffer_bytes": None, **fields}  # fmt: skip
 
     def checked():
-        if before is not None:
-            before()
-        return _exec_start_checked(
-            vm, actor, f["command"], f["env"], f["cwd"], f["user"], f["timeout"], stdin, f["stdin_open"], False,
+        acting = (before() if before is not None else None) or actor
+        return acting, *_exec_start_checked(
+            vm, acting, f["command"], f["env"], f["cwd"], f["user"], f["timeout"], stdin, f["stdin_open"], False,
             f["tag"], f["pty"], f["buffer_bytes"],
         )  # fmt: skip
 
-    args, audit_after = await database_sync_to_async(checked)()
-    try:
-        started = await channel.exec_start(
-            str(vm.pk), args, stdin or b"", max_running=settings.SANDBOX_EXEC_BACKGROUND_PER_VM
-        )
-    except ApplicationError as exc:
-        raise await database_sync_to_async(_background_refused)(vm, actor, audit_after, exc) from exc
-    audited = database_sync_to_async(_background_started)(vm, actor, audit_after, started)
-    if meanwhile is None:
-        return await audited
-    result, side = await asyncio.gather(audited, meanwhile(started), return_exceptions=True)
-    for outcome in (result, side):
-        if isinstance(outcome, BaseException):
-            raise outcome
-    return result
+    acting, args, audit_after = await database_sync_to_async(checked)()
+
+    async def start_audited() -> dict:
+        try:
+            started = await channel.exec_start(
+                str(vm.pk), args, stdin or b"", max_running=settings.SANDBOX_EXEC_BACKGROUND_PER_VM
+            )
+        except ApplicationError as exc:
+            raise await database_sync_to_async(_background_refused)(vm, acting, audit_after, exc) from exc
+        audited = database_sync_to_async(_background_started)(vm, acting, audit_after, started)
+        if meanwhile is None:
+            return await audited
+        result, side = await asyncio.gather(audited, meanwhile(started), return_exceptions=True)
+        for outcome in (result, side):
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return result
+
+    return await asyncio.shield(asyncio.ensure_future(start_audited()))
 
 
 # Concurrent ``wait: true`` execs per user in this web process: each holds a server thread.

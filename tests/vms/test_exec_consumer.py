@@ -4,14 +4,19 @@ services, so they are checked and audited exactly like their REST twins."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from datetime import timedelta
 
 import pytest
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
+from django.contrib.auth import get_user_model
 from django.core.cache import cache
+from django.utils import timezone
 from guardian.shortcuts import assign_perm, remove_perm
 
+from accounts import services
 from accounts.models import AuditEvent
 from sandbox_site.asgi import application
 from vms import exec_services
@@ -280,3 +285,209 @@ async def test_a_socket_that_sends_no_start_is_closed(owner, live_vm, monkeypatc
     assert (await control(comm, "error"))["code"] == "timeout"
     assert (await comm.receive_output(5)) == {"type": "websocket.close", "code": 4408}
     await comm.disconnect()  # the client goes: the consumer cleans up
+
+
+# ----- a start frame is authenticated again, as a REST request is -------------------------
+
+
+async def leave(comm):
+    """The client goes (unless the communicator already stopped the consumer)."""
+    if not comm.future.done():
+        await comm.disconnect()
+
+
+async def open_with_token(vm, secret):
+    comm = WebsocketCommunicator(
+        application,
+        f"/ws/vms/{vm.pk}/exec/",
+        headers=[
+            (b"origin", b"http://localhost"),
+            (b"host", b"localhost"),
+            (b"authorization", f"Bearer {secret}".encode()),
+        ],
+    )
+    comm.scope["client"] = ("127.0.0.1", 40000)
+    connected, code = await comm.connect(timeout=5)
+    assert connected, code
+    return comm
+
+
+async def frames_until_close(comm, timeout=5):
+    out = []
+    while True:
+        try:
+            f = await comm.receive_output(timeout)
+        except TimeoutError:
+            return out
+        out.append(json.loads(f["text"]) if f.get("text") else f)
+
+
+@database_sync_to_async
+def ok_exec_rows(vm):
+    return list(AuditEvent.objects.filter(object_id=str(vm.pk), action="vm.exec", result="ok"))
+
+
+async def test_a_frame_after_the_socket_lost_its_token_starts_nothing(owner, live_vm):
+    vm, _ = live_vm
+    token, secret = await database_sync_to_async(services.token_create)(user=owner, name="t", actor=owner)
+    comm = await open_with_token(vm, secret)
+    await database_sync_to_async(services.token_revoke)(token=token, actor=owner)
+    # the rights watch closes the socket (4403) ...
+    while True:
+        f = await comm.receive_output(5)
+        if f["type"] == "websocket.close":
+            assert f["code"] == 4403
+            break
+    # ... and a frame the client sends during the close handshake (daphne still delivers
+    # frames then) acts no more.
+    await comm.send_json_to({"type": "start", "command": ["true"]})
+    await asyncio.sleep(2)
+    assert await ok_exec_rows(vm) == []
+    await leave(comm)
+
+
+async def test_a_token_expired_since_the_handshake_starts_nothing(owner, live_vm, api):
+    vm, _ = live_vm
+    _, secret = await database_sync_to_async(services.token_create)(
+        user=owner, name="t", actor=owner, expires_at=timezone.now() + timedelta(seconds=1.5)
+    )
+    comm = await open_with_token(vm, secret)
+    await asyncio.sleep(2)  # expired now: POST .../exec/ answers 401
+    await comm.send_json_to({"type": "start", "command": ["true"]})
+    frames = await frames_until_close(comm)
+    assert not any(isinstance(f, dict) and f.get("type") == "started" for f in frames), frames
+    await leave(comm)
+
+
+async def test_a_user_deactivated_since_the_handshake_starts_nothing(owner, live_vm):
+    vm, _ = live_vm
+    _, secret = await database_sync_to_async(services.token_create)(user=owner, name="t", actor=owner)
+    comm = await open_with_token(vm, secret)
+    # deactivated (a database edit: no event; the periodic check comes after 10 s)
+    await database_sync_to_async(get_user_model().objects.filter(pk=owner.pk).update)(is_active=False)
+    await comm.send_json_to({"type": "start", "command": ["true"]})
+    frames = await frames_until_close(comm)
+    assert not any(isinstance(f, dict) and f.get("type") == "started" for f in frames), frames
+    await leave(comm)
+
+
+async def test_a_socket_start_is_audited_with_its_token_like_rest(owner, live_vm, api):
+    vm, _ = live_vm
+    token, secret = await database_sync_to_async(services.token_create)(user=owner, name="t", actor=owner)
+
+    @database_sync_to_async
+    def rest():
+        api.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
+        r = api.post(f"/api/v1/vms/{vm.pk}/exec/", {"command": ["true"], "wait": False}, format="json")
+        assert r.status_code == 202, r.content
+
+    await rest()
+    comm = await open_with_token(vm, secret)
+    await comm.send_json_to({"type": "start", "command": ["true"]})
+    await control(comm, "started")
+    await leave(comm)
+    rows = await ok_exec_rows(vm)
+    assert len(rows) == 2
+    assert rows[0].token_id == token.pk
+    assert rows[1].token_id == token.pk, "socket start audited without the token"
+
+
+async def test_a_role_removed_since_the_handshake_starts_nothing(operator, live_vm):
+    vm, _ = live_vm
+    _, secret = await database_sync_to_async(services.token_create)(user=operator, name="t", actor=operator)
+    comm = await open_with_token(vm, secret)
+    await database_sync_to_async(
+        lambda: operator.groups.clear()
+    )()  # no event: ModelBackend's cache on the socket's user
+    await comm.send_json_to({"type": "start", "command": ["true"]})
+    frames = await frames_until_close(comm)
+    assert not any(isinstance(f, dict) and f.get("type") == "started" for f in frames), frames
+    await leave(comm)
+
+
+async def test_an_object_right_removed_since_the_handshake_starts_nothing(grantee, live_vm):
+    from guardian.shortcuts import assign_perm, remove_perm
+
+    vm, _ = live_vm
+    await database_sync_to_async(assign_perm)("vms.view_vm", grantee, vm)
+    await database_sync_to_async(assign_perm)("vms.exec_vm", grantee, vm)
+    _, secret = await database_sync_to_async(services.token_create)(user=grantee, name="t", actor=grantee)
+    comm = await open_with_token(vm, secret)
+    await database_sync_to_async(remove_perm)("vms.exec_vm", grantee, vm)
+    await comm.send_json_to({"type": "start", "command": ["true"]})
+    frames = await frames_until_close(comm)
+    assert not any(isinstance(f, dict) and f.get("type") == "started" for f in frames), frames
+    await leave(comm)
+
+
+async def test_a_refused_socket_starts_nothing_on_a_later_frame(owner, live_vm):
+    vm, _ = live_vm
+    _, secret = await database_sync_to_async(services.token_create)(user=owner, name="t", actor=owner)
+    comm = await open_with_token(vm, secret)
+    await comm.send_json_to({"type": "nope"})
+    assert (await control(comm, "error"))["code"] == "bad_request"
+    assert (await comm.receive_output(5))["code"] == 4400
+    await comm.send_json_to({"type": "start", "command": ["true"]})
+    frames = await frames_until_close(comm, timeout=3)
+    assert not any(isinstance(f, dict) and f.get("type") == "started" for f in frames), frames
+    await leave(comm)
+
+
+async def test_a_start_whose_consumer_is_cancelled_is_still_audited(owner, live_vm, monkeypatch):
+    # daphne cancels a consumer application_close_timeout (10 s) after its client went; a
+    # command hostd started then (a slow agent's reply) still gets its audit row.
+    from vms.agent_gateway import AgentChannel
+
+    real = AgentChannel.exec_start
+    ran = []
+
+    async def slow_reply(self, *a, **kw):
+        result = await real(self, *a, **kw)
+        ran.append(result["exec_id"])
+        await asyncio.sleep(3)  # the reply still in flight
+        return result
+
+    monkeypatch.setattr(AgentChannel, "exec_start", slow_reply)
+    vm, _ = live_vm
+    _, secret = await database_sync_to_async(services.token_create)(user=owner, name="t", actor=owner)
+    comm = await open_with_token(vm, secret)
+    await comm.send_json_to({"type": "start", "command": ["sh", "-c", "sleep 1"]})
+    await asyncio.sleep(1)
+    comm.future.cancel()  # what daphne does to an app that outlives its client by 10 s
+    await asyncio.sleep(3)
+    assert ran, "the command was started in the VM"
+    rows = await database_sync_to_async(
+        lambda: list(AuditEvent.objects.filter(object_id=str(vm.pk), action="vm.exec"))
+    )()
+    assert rows, "started exec without any audit row"
+
+
+async def test_a_project_token_opens_no_exec_socket_outside_its_project(owner, live_vm):
+    vm, _ = live_vm  # owner's VM in no project
+    project = await database_sync_to_async(services.project_create)(name="P", slug="p", actor=owner)
+    _, secret = await database_sync_to_async(services.token_create)(user=owner, name="t", actor=owner, project=project)
+    comm = WebsocketCommunicator(
+        application,
+        f"/ws/vms/{vm.pk}/exec/",
+        headers=[
+            (b"origin", b"http://localhost"),
+            (b"host", b"localhost"),
+            (b"authorization", f"Bearer {secret}".encode()),
+        ],
+    )
+    connected, code = await comm.connect(timeout=5)
+    assert (connected, code) == (False, 4404)
+
+
+async def test_read_only_and_bad_tokens_do_not_fall_back_to_the_session(owner, live_vm):
+    vm, _ = live_vm
+    _, secret = await database_sync_to_async(services.token_create)(user=owner, name="t", actor=owner, read_only=True)
+    for value in (f"Bearer {secret}", "Bearer msb_nonsense", f"bEaReR {secret}"):
+        comm = WebsocketCommunicator(
+            application,
+            f"/ws/vms/{vm.pk}/exec/",
+            headers=[(b"origin", b"http://localhost"), (b"host", b"localhost"), (b"authorization", value.encode())],
+        )
+        comm.scope["user"] = owner  # as if a session cookie had authenticated the owner
+        connected, code = await comm.connect(timeout=5)
+        assert (connected, code) == (False, 4401), value

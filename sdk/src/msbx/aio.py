@@ -443,8 +443,8 @@ class AsyncSandbox:
                 exec_id = ws_start_reply(message, path)
         except BaseException as exc:
             await ws.close()
-            if isinstance(exc, SandboxError):
-                raise
+            if isinstance(exc, SandboxError) or not isinstance(exc, Exception):
+                raise  # the API's error, or a cancellation / Ctrl-C: as it is
             raise ws_error(exc, path) from exc
         return AsyncPtySession(self, exec_id, ws)
 

@@ -463,8 +463,8 @@ class Sandbox:
                 exec_id = ws_start_reply(ws.recv(timeout=self.client.http.timeout), path)
         except BaseException as exc:
             ws.close()
-            if isinstance(exc, SandboxError):
-                raise
+            if isinstance(exc, SandboxError) or not isinstance(exc, Exception):
+                raise  # the API's error, or a cancellation / Ctrl-C: as it is
             raise ws_error(exc, path) from exc
         return PtySession(self, exec_id, ws)
 
