@@ -75,6 +75,7 @@ def test_it_renders_operations_exactly_as_the_serializer(api, owner, grantee, op
         body = api.as_user(persona).get("/api/v1/operations/").json()
         expected = OperationSerializer(list(selectors.operation_list_visible(persona)), many=True).data
         assert body["results"] == _json(expected)
+        assert body["count"] == len(expected) > 0
     body = api.as_user(owner).get(f"/api/v1/vms/{vms[0].pk}/operations/").json()
     assert body["results"] == _json(OperationSerializer(list(vms[0].operations.all()), many=True).data)
     assert body["count"] == 1
