@@ -143,7 +143,17 @@ def _vm_row_actions(row) -> list[str]:
 
 
 # The VM list's rows (vms.selectors.vm_list_rows): VmSerializer's output from values() rows.
-VM_ROWS = RowRenderer(VmSerializer, keys={"image": "boot_image_name"}, computed={"actions": _vm_row_actions})
+VM_ROWS = RowRenderer(
+    VmSerializer,
+    keys={
+        "owner": "owner_username",
+        "project": "project_slug",
+        "template": "template_name",
+        "image": "boot_image_name",
+        "host": "host_name",
+    },
+    computed={"actions": _vm_row_actions},
+)
 
 
 class VmCreatedSerializer(VmSerializer):
