@@ -111,3 +111,17 @@ def _iso_in(zone, field: serializers.DateTimeField) -> Callable[[Any], Any]:
         return field.to_representation(value)
 
     return represent
+
+
+class InstanceRenderer:
+    """Renders one model instance exactly as ``serializer_class(instance).data`` does, with one
+    serializer built once per process: a ModelSerializer builds its fields from the model on
+    every instantiation, which was a fifth of a VM detail request's CPU. Like ``RowRenderer``,
+    only for serializers whose output depends on the instance alone (no request context)."""
+
+    def __init__(self, serializer_class: type[serializers.Serializer]) -> None:
+        self._serializer = serializer_class()
+        self._serializer.fields  # noqa: B018 - built here, once, not on a request's first call
+
+    def render(self, instance: Any) -> dict[str, Any]:
+        return self._serializer.to_representation(instance)

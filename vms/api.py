@@ -15,6 +15,7 @@ from vms import migration, moves, selectors, services
 from vms.models import VM, VM_ROW_RELATED, Operation, VmState
 from vms.serializers import (
     OPERATION_ROWS,
+    VM_DETAIL,
     VM_ROWS,
     GrantSerializer,
     OperationSerializer,
@@ -107,6 +108,9 @@ class VmViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPermissi
         visible = self.filter_queryset(self.get_queryset())
         rows = selectors.vm_list_rows(visible, VM_ROWS.values)
         return self.get_paginated_response(VM_ROWS.render_many(self.paginate_queryset(RowsCountedBy(rows, visible))))
+
+    def retrieve(self, request, *args, **kwargs):
+        return Response(VM_DETAIL.render(self.get_object()))  # VmSerializer's output (sandbox_site/api_rows.py)
 
     @extend_schema(request=VmCreateSerializer, responses={202: VmCreatedSerializer})
     def create(self, request):

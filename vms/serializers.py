@@ -1,6 +1,6 @@
 from rest_framework import serializers
 
-from sandbox_site.api_rows import RowRenderer
+from sandbox_site.api_rows import InstanceRenderer, RowRenderer
 from vms.models import VM, BootMode, DiskFormat, Image, Operation, OsType, Template, name_validator
 
 
@@ -154,6 +154,8 @@ VM_ROWS = RowRenderer(
     },
     computed={"actions": _vm_row_actions},
 )
+# A VM's detail (VmViewSet.retrieve): VmSerializer's output, its fields built once.
+VM_DETAIL = InstanceRenderer(VmSerializer)
 
 
 class VmCreatedSerializer(VmSerializer):

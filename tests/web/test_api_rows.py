@@ -69,6 +69,14 @@ def test_it_renders_the_vm_list_exactly_as_the_serializer(api, owner, grantee, o
         assert body["count"] == len(expected) > 0
 
 
+def test_it_renders_a_vms_detail_exactly_as_the_serializer(api, owner, grantee, operator):
+    vms = _varied_rows(owner, grantee)
+    for persona, visible in ((owner, vms[:2]), (grantee, [vms[0], vms[2]]), (operator, vms)):
+        for vm in visible:
+            body = api.as_user(persona).get(f"/api/v1/vms/{vm.pk}/").json()
+            assert body == _json(VmSerializer(VM.objects.get(pk=vm.pk)).data)
+
+
 def test_it_renders_operations_exactly_as_the_serializer(api, owner, grantee, operator):
     vms = _varied_rows(owner, grantee)
     for persona in (owner, grantee, operator):
