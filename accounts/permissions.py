@@ -27,7 +27,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import ValidationError
-from django.db import connection, connections, transaction
+from django.db import connections, transaction
 from django.db.models import Model, Q, QuerySet, UUIDField
 from django.db.models.expressions import RawSQL
 from guardian.models import GroupObjectPermission, UserObjectPermission
@@ -40,7 +40,6 @@ from accounts.context import current_context
 from accounts.models import AuditResult
 from accounts.selectors import project_ids_with
 from accounts.services import user_has_perm
-from sandbox_site import sql_rows
 from sandbox_site.errors import ApplicationError, NotPermitted
 from vms.models import VM, VM_ROW_RELATED
 
@@ -170,77 +169,6 @@ def project_or_404(user, ref):
     return project
 
 
-def _vm_row(vm_id, related: tuple[str, ...] = ()) -> VM:
-    """The VM row with the rows of ``related`` (forward foreign-key paths, as
-    ``select_related`` takes them), in plain SQL (``sandbox_site.sql_rows``: every request on a
-    VM reads it, and compiling the ORM's seven-table join cost more CPU than the query); the
-    related rows are cached on the instances as ``select_related`` caches them. A malformed id
-    is the same 404 as a missing row."""
-    try:
-        pk = VM._meta.pk.to_python(vm_id)
-    except (ValidationError, ValueError, TypeError) as exc:
-        raise NotFound() from exc
-    sql, joined = _vm_row_sql(related)
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [pk])
-        row = cursor.fetchone()
-    if row is None:
-        raise NotFound()
-    vm = sql_rows.instance(VM, "v", row)
-    objects: dict[str, Any] = {"": vm}
-    start = sql_rows.width(VM)
-    for path, parent, field, alias in joined:
-        model = field.related_model
-        owner = objects[parent]
-        if owner is None or row[start + _pk_index(model)] is None:  # a null key: no row, as select_related
-            objects[path] = None
-        else:
-            objects[path] = sql_rows.instance(model, alias, row, start)
-        if owner is not None:
-            field.set_cached_value(owner, objects[path])
-        start += sql_rows.width(model)
-    return vm
-
-
-def _pk_index(model) -> int:
-    return model._meta.concrete_fields.index(model._meta.pk)
-
-
-@functools.cache
-def _vm_row_sql(related: tuple[str, ...]) -> tuple[str, tuple[tuple[str, str, Any, str], ...]]:
-    """``_vm_row``'s query for ``related`` (param: the VM's key) and its joins, parents first:
-    (path, parent path, foreign key, alias). A nullable key, or one under a nullable key, is a
-    LEFT JOIN; only the models' table and column names are formatted in."""
-    paths: list[str] = []
-    for path in related:
-        parts = path.split("__")
-        paths += ["__".join(parts[: i + 1]) for i in range(len(parts)) if "__".join(parts[: i + 1]) not in paths]
-    joined: list[tuple[str, str, Any, str]] = []
-    selected, joins = [sql_rows.columns(VM, "v")], []
-    models: dict[str, Any] = {"": VM}
-    aliases, outer = {"": "v"}, {"": False}
-    for n, path in enumerate(paths):
-        parent, _, name = path.rpartition("__")
-        field = models[parent]._meta.get_field(name)
-        if not field.many_to_one:
-            raise ValueError(f"{path}: not a forward foreign key")
-        model, alias = field.related_model, f"r{n}"
-        models[path], aliases[path] = model, alias
-        outer[path] = outer[parent] or field.null
-        target = field.target_field.column
-        joins.append(
-            f'{"LEFT JOIN" if outer[path] else "JOIN"} "{model._meta.db_table}" {alias} '
-            f'ON {alias}."{target}" = {aliases[parent]}."{field.column}"'
-        )
-        selected.append(sql_rows.columns(model, alias))
-        joined.append((path, parent, field, alias))
-    sql = (
-        f'SELECT {", ".join(selected)} FROM "{VM._meta.db_table}" v {" ".join(joins)} '  # noqa: S608
-        f'WHERE v."{VM._meta.pk.column}" = %s'
-    )
-    return sql, tuple(joined)
-
-
 def vm_for(user, vm_id, perm: str = "view", *, action: str, related: tuple[str, ...] = VM_ROW_RELATED) -> VM:
     """The VM ``vm_id`` for ``user`` to perform ``action``: ``NotFound`` when the user may not
     view it (or the id is malformed), ``NotPermitted`` (audited) when they may view it but do
@@ -248,7 +176,11 @@ def vm_for(user, vm_id, perm: str = "view", *, action: str, related: tuple[str, 
     # The row by id, then the view right on it: the same answer as filtering by
     # ``visible_queryset`` (global right, object right, superuser), without compiling its
     # permission subqueries; the object rights read here serve the next check of this request.
-    vm = _vm_row(vm_id, related)
+    from vms.selectors import vm_row  # vms.selectors reads visible_queryset from here
+
+    vm = vm_row(vm_id, related)
+    if vm is None:  # a missing row or a malformed id
+        raise NotFound()
     vm.read_at = time.monotonic()  # services may skip re-reading its state (vms.exec_services)
     if not user_has_perm(user, "vms.view_vm", vm):
         raise NotFound()

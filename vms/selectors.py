@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import connection
 from django.db.models import Count, F, Func, IntegerField, OuterRef, Q, Subquery, Sum
 from django.db.models.expressions import RawSQL
 from django.db.models.functions import Coalesce
@@ -11,6 +16,7 @@ from accounts.context import current_context
 from accounts.permissions import visible_queryset
 from accounts.roles import user_is_operator
 from accounts.selectors import quota_of_user
+from sandbox_site import sql_rows
 from vms.models import VM, VM_ROW_RELATED, HostImage, Operation, Template, VmState
 
 # States whose VM holds its vCPUs and memory on its host (``creating``: a create boots).
@@ -148,6 +154,77 @@ def _vm_row_names() -> dict[str, RawSQL]:
         "host_name": RawSQL(name_of("host", "name"), ()),  # noqa: S611
         "boot_image_name": RawSQL(f"COALESCE({name_of('image', 'name')}, {templates_image})", ()),  # noqa: S611
     }
+
+
+def vm_row(vm_id, related: tuple[str, ...] = ()) -> VM | None:
+    """The VM ``vm_id`` with the rows of ``related`` (forward foreign-key paths, as
+    ``select_related`` takes them), or None when there is none or ``vm_id`` is malformed. Plain
+    SQL (``sandbox_site.sql_rows``): every request on a VM reads it (``accounts.permissions.vm_for``),
+    and compiling the ORM's seven-table join cost more CPU than the query. The related rows are
+    cached on the instances as ``select_related`` caches them."""
+    try:
+        pk = VM._meta.pk.to_python(vm_id)
+    except (ValidationError, ValueError, TypeError):
+        return None
+    sql, joined = _vm_row_sql(related)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [pk])
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    vm = sql_rows.instance(VM, "v", row)
+    objects: dict[str, Any] = {"": vm}
+    start = sql_rows.width(VM)
+    for path, parent, field, alias in joined:
+        model = field.related_model
+        owner = objects[parent]
+        if owner is None or row[start + _pk_index(model)] is None:  # a null key: no row, as select_related
+            objects[path] = None
+        else:
+            objects[path] = sql_rows.instance(model, alias, row, start)
+        if owner is not None:
+            field.set_cached_value(owner, objects[path])
+        start += sql_rows.width(model)
+    return vm
+
+
+def _pk_index(model) -> int:
+    return model._meta.concrete_fields.index(model._meta.pk)
+
+
+@functools.cache
+def _vm_row_sql(related: tuple[str, ...]) -> tuple[str, tuple[tuple[str, str, Any, str], ...]]:
+    """``vm_row``'s query for ``related`` (param: the VM's key) and its joins, parents first:
+    (path, parent path, foreign key, alias). A nullable key, or one under a nullable key, is a
+    LEFT JOIN; only the models' table and column names are formatted in."""
+    paths: list[str] = []
+    for path in related:
+        parts = path.split("__")
+        paths += ["__".join(parts[: i + 1]) for i in range(len(parts)) if "__".join(parts[: i + 1]) not in paths]
+    joined: list[tuple[str, str, Any, str]] = []
+    selected, joins = [sql_rows.columns(VM, "v")], []
+    models: dict[str, Any] = {"": VM}
+    aliases, outer = {"": "v"}, {"": False}
+    for n, path in enumerate(paths):
+        parent, _, name = path.rpartition("__")
+        field = models[parent]._meta.get_field(name)
+        if not field.many_to_one:
+            raise ValueError(f"{path}: not a forward foreign key")
+        model, alias = field.related_model, f"r{n}"
+        models[path], aliases[path] = model, alias
+        outer[path] = outer[parent] or field.null
+        target = field.target_field.column
+        joins.append(
+            f'{"LEFT JOIN" if outer[path] else "JOIN"} "{model._meta.db_table}" {alias} '
+            f'ON {alias}."{target}" = {aliases[parent]}."{field.column}"'
+        )
+        selected.append(sql_rows.columns(model, alias))
+        joined.append((path, parent, field, alias))
+    sql = (
+        f'SELECT {", ".join(selected)} FROM "{VM._meta.db_table}" v {" ".join(joins)} '  # noqa: S608
+        f'WHERE v."{VM._meta.pk.column}" = %s'
+    )
+    return sql, tuple(joined)
 
 
 def vm_list_visible(user):

@@ -1,5 +1,5 @@
 """``vm_for`` reads the VM in a URL with its related rows in plain SQL
-(``accounts.permissions._vm_row``): the same instances, with the same related rows cached, as
+(``vms.selectors.vm_row``): the same instances, with the same related rows cached, as
 ``VM.objects.select_related(...)``, and the same 404 for a missing or malformed id."""
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from rest_framework.exceptions import NotFound
 
-from accounts.permissions import _vm_row, vm_for
+from accounts.permissions import vm_for
 from tests.factories import HostFactory, ImageFactory, TemplateFactory, VmFactory
 from vms.models import VM, VM_ROW_RELATED
+from vms.selectors import vm_row
 
 pytestmark = pytest.mark.django_db
 
@@ -31,7 +32,7 @@ def test_it_reads_the_vm_and_its_related_rows_as_select_related(owner):
     for vm in vms:
         for related in (VM_ROW_RELATED, ("template",), ("image", "template__image"), ()):
             expected = VM.objects.select_related(*related).get(pk=vm.pk)
-            got = _vm_row(str(vm.pk), related)
+            got = vm_row(str(vm.pk), related)
             assert _fields(got) == _fields(expected)
             with CaptureQueriesContext(connection) as queries:
                 for path in related:
