@@ -42,11 +42,18 @@ class LockoutModelBackend(ModelBackend):
 
     def get_all_permissions(self, user_obj, obj=None):
         """The user's global permissions (its own and its groups', i.e. its role's) in one
-        query instead of ModelBackend's two; kept on the user object like ModelBackend's
-        (one request's user; websockets re-check rights with a fresh user row)."""
+        query instead of ModelBackend's two (within an HTTP request, the same query reads the
+        user's groups and project roles: ``accounts.rights.request_user_standing``); kept on
+        the user object like ModelBackend's (one request's user; websockets re-check rights
+        with a fresh user row)."""
         if not user_obj.is_active or user_obj.is_anonymous or obj is not None:
             return set()
         if not hasattr(user_obj, "_perm_cache"):
+            from accounts.rights import request_user_standing
+
+            if (standing := request_user_standing(user_obj)) is not None:  # with its role, in one query
+                user_obj._perm_cache = set(standing.global_perms)
+                return user_obj._perm_cache
             if user_obj.is_superuser:
                 perms = Permission.objects.all()
             else:

@@ -154,7 +154,8 @@ def _rights_sql() -> dict[str, str]:
     """The parts of ``user_rights_read``'s UNION (PostgreSQL and SQLite), by what they read:
     ``object`` (params: user, content type, object pk, content type; twice: the user's own
     and its groups' guardian rights), ``global`` (user; user: the user's and its groups'
-    permissions) and ``roles`` (user: project memberships, the project id as text)."""
+    permissions), ``roles`` (user: project memberships, the project id as text) and
+    ``groups`` (user: the names of the user's groups)."""
     from django.contrib.auth import get_user_model
     from django.contrib.auth.models import Group, Permission
     from django.contrib.contenttypes.models import ContentType
@@ -187,7 +188,49 @@ def _rights_sql() -> dict[str, str]:
             f'JOIN "{user_groups}" ug ON ug.group_id = x.group_id WHERE ug.user_id = %s'
         ),
         "roles": f"SELECT CAST(m.project_id AS TEXT), m.role, 'p' FROM \"{memberships}\" m WHERE m.user_id = %s",  # noqa: S608
+        "groups": (
+            f"SELECT g.name, '', 'r' FROM \"{table(Group)}\" g "  # noqa: S608
+            f'JOIN "{user_groups}" ug ON ug.group_id = g.id WHERE ug.user_id = %s'
+        ),
     }
+
+
+@dataclass(frozen=True)
+class UserStanding:
+    global_perms: frozenset[str]  # "app_label.codename" of the user's own and its groups' permissions
+    group_names: frozenset[str]  # the user's groups (its role: accounts.roles.user_role)
+    project_roles: dict  # {project id: role} of the user's memberships
+
+
+def request_user_standing(user) -> UserStanding | None:
+    """Within an HTTP request (``request_perm_cache``), what the list endpoints ask of a user
+    on every request: its global rights (``LockoutModelBackend.get_all_permissions``), its
+    groups (``accounts.roles.user_role``) and its project memberships
+    (``accounts.selectors.project_roles_of``), read together in one plain-SQL query once per
+    request and forgotten when rights change (``rights_changed``). None outside a request or
+    for a superuser or inactive user: callers then read what they need as before."""
+    if _request_checkers.get() is None or not user.is_authenticated or not user.is_active or user.is_superuser:
+        return None
+    standing = request_cache(("standing", user.pk), lambda: _user_standing_read(user))
+    request_cache_put(("project_roles", user.pk), standing.project_roles)  # what project_roles_of keeps
+    return standing
+
+
+def _user_standing_read(user) -> UserStanding:
+    from django.db import connection
+
+    from accounts.models import ProjectMembership
+
+    sql = " UNION ".join((_rights_sql()["global"], _rights_sql()["roles"], _rights_sql()["groups"]))
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [user.pk] * 4)
+        rows = cursor.fetchall()
+    pk_field = ProjectMembership._meta.get_field("project").target_field
+    return UserStanding(
+        global_perms=frozenset(f"{app}.{codename}" for app, codename, scope in rows if scope == "g"),
+        group_names=frozenset(name for name, _, scope in rows if scope == "r"),
+        project_roles={pk_field.to_python(first): second for first, second, scope in rows if scope == "p"},
+    )
 
 
 def rights_changed(user_ids: Iterable[int]) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from django.contrib.auth.models import Group, Permission
 
 from accounts.models import Role
+from accounts.rights import request_user_standing
 
 VM_OBJECT_PERMS = ("view_vm", "change_vm", "delete_vm", "power_vm", "console_vm", "exec_vm", "snapshot_vm")
 
@@ -64,7 +65,13 @@ def roles_sync() -> None:
 def user_role(user) -> str | None:
     if user.is_superuser:
         return Role.ADMIN
-    names = {group.name for group in user.groups.all()}  # lists prefetch ``groups``
+    if (
+        "groups" not in getattr(user, "_prefetched_objects_cache", {})
+        and (standing := request_user_standing(user)) is not None
+    ):
+        names = standing.group_names  # read once per request, with its rights
+    else:
+        names = {group.name for group in user.groups.all()}  # lists prefetch ``groups``
     for role in (Role.ADMIN, Role.OPERATOR, Role.USER, Role.VIEWER):
         if role in names:
             return role

@@ -21,7 +21,20 @@ _pools: dict[tuple, object] = {}
 _pools_lock = threading.Lock()
 
 
+_clients: dict[int, object] = {}
+
+
 class SharedPoolRedisCacheClient(RedisCacheClient):
+    def get_client(self, key=None, *, write=False):
+        # One client object per shared pool (redis-py's clients are thread-safe over a pool):
+        # Django builds a new one, with its response callbacks, for every cache call.
+        pool = self._get_connection_pool(write)
+        client = _clients.get(id(pool))
+        if client is None:
+            with _pools_lock:
+                client = _clients.setdefault(id(pool), self._client(connection_pool=pool))
+        return client
+
     def _get_connection_pool(self, write):
         index = self._get_connection_pool_index(write)
         key = (self._servers[index], tuple(sorted((k, repr(v)) for k, v in self._pool_options.items())))

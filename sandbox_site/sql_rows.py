@@ -50,17 +50,3 @@ def instance(model: type[Model], alias: str, row: tuple | list, start: int = 0) 
             value = converter(value, column, connection)
         values[index] = value
     return model.from_db(connection.alias, attnames, values)
-
-
-def by_pk(model: type[Model], value: Any) -> Any:
-    """The ``model`` row with primary key ``value``, or ``model.DoesNotExist`` (a malformed
-    key too: ``ValidationError``/``ValueError`` from the key field's parsing)."""
-    pk = model._meta.pk
-    key = pk.to_python(value)
-    table, column = model._meta.db_table, pk.column
-    with connection.cursor() as cursor:
-        cursor.execute(f'SELECT {columns(model, "r")} FROM "{table}" r WHERE r."{column}" = %s', [key])  # noqa: S608
-        row = cursor.fetchone()
-    if row is None:
-        raise model.DoesNotExist()
-    return instance(model, "r", row)

@@ -10,10 +10,12 @@ from rest_framework.response import Response
 
 from accounts import services as account_services
 from accounts.permissions import ObjectPermissionViewSet, project_or_404, vm_for
+from sandbox_site.pagination import RowsCountedBy
 from vms import migration, moves, selectors, services
 from vms.models import VM, VM_ROW_RELATED, Operation, VmState
 from vms.serializers import (
     OPERATION_ROWS,
+    VM_DETAIL,
     VM_ROWS,
     GrantSerializer,
     OperationSerializer,
@@ -103,8 +105,12 @@ class VmViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ObjectPermissi
     )
     def list(self, request, *args, **kwargs):
         # values() rows rendered with VmSerializer's fields: no model instances (sandbox_site/api_rows.py).
-        rows = selectors.vm_list_rows(self.filter_queryset(self.get_queryset()), VM_ROWS.values)
-        return self.get_paginated_response(VM_ROWS.render_many(self.paginate_queryset(rows)))
+        visible = self.filter_queryset(self.get_queryset())
+        rows = selectors.vm_list_rows(visible, VM_ROWS.values)
+        return self.get_paginated_response(VM_ROWS.render_many(self.paginate_queryset(RowsCountedBy(rows, visible))))
+
+    def retrieve(self, request, *args, **kwargs):
+        return Response(VM_DETAIL.render(self.get_object()))  # VmSerializer's output (sandbox_site/api_rows.py)
 
     @extend_schema(request=VmCreateSerializer, responses={202: VmCreatedSerializer})
     def create(self, request):
@@ -347,7 +353,8 @@ class OperationViewSet(viewsets.ReadOnlyModelViewSet):
 
     def list(self, request, *args, **kwargs):
         # values() rows rendered with OperationSerializer's fields (sandbox_site/api_rows.py).
-        rows = self.filter_queryset(self.get_queryset()).values(*OPERATION_ROWS.values)
+        visible = self.filter_queryset(self.get_queryset())
+        rows = RowsCountedBy(visible.values(*OPERATION_ROWS.values), visible)
         return self.get_paginated_response(OPERATION_ROWS.render_many(self.paginate_queryset(rows)))
 
 

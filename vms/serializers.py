@@ -1,6 +1,6 @@
 from rest_framework import serializers
 
-from sandbox_site.api_rows import RowRenderer
+from sandbox_site.api_rows import InstanceRenderer, RowRenderer
 from vms.models import VM, BootMode, DiskFormat, Image, Operation, OsType, Template, name_validator
 
 
@@ -143,7 +143,19 @@ def _vm_row_actions(row) -> list[str]:
 
 
 # The VM list's rows (vms.selectors.vm_list_rows): VmSerializer's output from values() rows.
-VM_ROWS = RowRenderer(VmSerializer, keys={"image": "boot_image_name"}, computed={"actions": _vm_row_actions})
+VM_ROWS = RowRenderer(
+    VmSerializer,
+    keys={
+        "owner": "owner_username",
+        "project": "project_slug",
+        "template": "template_name",
+        "image": "boot_image_name",
+        "host": "host_name",
+    },
+    computed={"actions": _vm_row_actions},
+)
+# A VM's detail (VmViewSet.retrieve): VmSerializer's output, its fields built once.
+VM_DETAIL = InstanceRenderer(VmSerializer)
 
 
 class VmCreatedSerializer(VmSerializer):

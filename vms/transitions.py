@@ -60,6 +60,7 @@ is back).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from django.db import transaction
@@ -154,9 +155,14 @@ def vm_guest_running(vm: VM) -> bool:
 
 def vm_actions_allowed(state: str) -> list[str]:
     """The actions a request may ask for a VM in ``state`` (for dashboards and the API)."""
+    return list(_actions_allowed_from(state))
+
+
+@functools.lru_cache(maxsize=64)  # TRANSITIONS is a constant table; a list page asks once per row
+def _actions_allowed_from(state: str) -> tuple[str, ...]:
     # A move is an operator's action naming a host (the hosts page and API), not a VM button.
     internal = ("create", "clone", "move")
-    return sorted(a for a, rule in TRANSITIONS.items() if a not in internal and state in rule.allowed_from)
+    return tuple(sorted(a for a, rule in TRANSITIONS.items() if a not in internal and state in rule.allowed_from))
 
 
 def vm_transition(vm: VM, *, expected: set[str] | frozenset[str], new: str, **fields) -> bool:

@@ -44,3 +44,42 @@ def test_one_query_gives_object_rights_global_rights_and_project_roles(owner):
     assert only_object.object_perms == ["power_vm"]
     assert only_object.global_perms is None and only_object.project_roles is None
     assert user_rights_read(UserFactory(username="nobody"), vm, with_global=False).object_perms == []
+
+
+def test_a_request_reads_a_users_global_rights_groups_and_projects_in_one_query(owner):
+    """``request_user_standing``: within a request, the global rights, the role and the project
+    roles the list endpoints ask for come from one query, with the answers of the reads they
+    replace; a change of rights (``rights_changed``) makes the next call read again, and
+    outside a request nothing is kept."""
+    from accounts.models import Role
+    from accounts.rights import request_perm_cache, request_user_standing, rights_changed
+    from accounts.roles import user_role
+    from accounts.selectors import project_roles_of
+    from accounts.services import user_set_role
+
+    user = UserFactory(username="standing", role=Role.USER)
+    team = Group.objects.create(name="standing-team")
+    user.groups.add(team)
+    assign_perm("vms.view_template", team)
+    assign_perm("accounts.view_auditevent", user)
+    project = Project.objects.create(name="Standing", slug="standing")
+    ProjectMembership.objects.create(project=project, user=user, role=ProjectRole.MEMBER)
+    fresh = type(user).objects.get(pk=user.pk)
+    roles = dict(ProjectMembership.objects.filter(user=user).values_list("project_id", "role"))
+    assert roles[project.pk] == ProjectRole.MEMBER
+    expected = (fresh.get_all_permissions(), set(fresh.groups.values_list("name", flat=True)), roles)
+
+    assert request_user_standing(user) is None  # outside a request
+    with request_perm_cache():
+        user = type(user).objects.get(pk=user.pk)
+        with CaptureQueriesContext(connection) as queries:
+            assert user_role(user) == Role.USER
+            assert user.get_all_permissions() == expected[0]
+            assert set(request_user_standing(user).group_names) == expected[1]
+            assert project_roles_of(user) == expected[2]
+            assert user.has_perm("accounts.view_auditevent") and not user.has_perm("vms.add_template")
+        assert len(queries) == 1, [q["sql"] for q in queries.captured_queries]
+        user_set_role(user=user, role=Role.OPERATOR, actor=None)  # calls rights_changed: read again
+        assert user_role(type(user).objects.get(pk=user.pk)) == Role.OPERATOR
+        rights_changed([user.pk])
+        assert user_role(user) == Role.OPERATOR

@@ -69,12 +69,21 @@ def test_it_renders_the_vm_list_exactly_as_the_serializer(api, owner, grantee, o
         assert body["count"] == len(expected) > 0
 
 
+def test_it_renders_a_vms_detail_exactly_as_the_serializer(api, owner, grantee, operator):
+    vms = _varied_rows(owner, grantee)
+    for persona, visible in ((owner, vms[:2]), (grantee, [vms[0], vms[2]]), (operator, vms)):
+        for vm in visible:
+            body = api.as_user(persona).get(f"/api/v1/vms/{vm.pk}/").json()
+            assert body == _json(VmSerializer(VM.objects.get(pk=vm.pk)).data)
+
+
 def test_it_renders_operations_exactly_as_the_serializer(api, owner, grantee, operator):
     vms = _varied_rows(owner, grantee)
     for persona in (owner, grantee, operator):
         body = api.as_user(persona).get("/api/v1/operations/").json()
         expected = OperationSerializer(list(selectors.operation_list_visible(persona)), many=True).data
         assert body["results"] == _json(expected)
+        assert body["count"] == len(expected) > 0
     body = api.as_user(owner).get(f"/api/v1/vms/{vms[0].pk}/operations/").json()
     assert body["results"] == _json(OperationSerializer(list(vms[0].operations.all()), many=True).data)
     assert body["count"] == 1
@@ -147,3 +156,21 @@ def test_the_vm_list_filters_still_narrow_the_rows(api, owner):
     assert [v["name"] for v in client.get("/api/v1/vms/?name=ALPHA").json()["results"]] == ["alpha-one"]
     page = client.get("/api/v1/vms/?limit=1&offset=1").json()
     assert page["count"] == 2 and len(page["results"]) == 1
+
+
+def test_it_writes_date_times_as_the_serializer_in_any_time_zone(owner, grantee):
+    """Date-times are written without DRF's per-value zone lookup (RowRenderer.render_many):
+    the same text in UTC (``Z``), in zones with an offset, and for a naive value."""
+    from datetime import datetime
+
+    _varied_rows(owner, grantee)
+    rows = RowRenderer(OperationSerializer)
+    created_at = OperationSerializer().fields["created_at"]
+    naive = {**Operation.objects.values(*rows.values).first(), "created_at": datetime(2026, 1, 2, 3, 4, 5)}
+    for zone in ("UTC", "Europe/Paris", "America/St_Johns"):
+        with timezone.override(zone):
+            ops = list(Operation.objects.order_by("pk"))
+            page = list(Operation.objects.order_by("pk").values(*rows.values))
+            assert rows.render_many(page) == OperationSerializer(ops, many=True).data
+            assert rows.render(naive)["created_at"] == created_at.to_representation(naive["created_at"])
+    assert rows.render_many(page)[0]["created_at"].endswith("Z")

@@ -175,3 +175,25 @@ def test_an_exec_runs_four_queries(owner, grantee, monkeypatch, wait):
         response = client.post(url, {"command": ["true"], "wait": wait}, format="json")
     assert response.status_code == (200 if wait else 202), response.content
     assert len(queries) == 4, "\n".join(q["sql"][:160] for q in queries.captured_queries)
+
+
+@pytest.mark.parametrize("persona_name", ["owner", "operator"])
+def test_the_hot_list_endpoints_run_four_queries(owner, operator, persona_name):
+    """With a token, as benchmarks/api.py reads them: the token with its user; the user's
+    global rights, groups and project roles (one query, accounts.rights.request_user_standing);
+    the page's COUNT(*) and the page. A VM's detail: the token, the VM with its related rows,
+    the user's rights on it."""
+    from rest_framework.test import APIClient
+
+    persona = owner if persona_name == "owner" else operator
+    vm = VmFactory(owner=owner)
+    Operation.objects.create(vm=vm, vm_ref=vm.pk, vm_owner_id=owner.pk, action="start", requested_by=owner)
+    audit_record(actor=owner, action="vm.start", obj=vm)
+    _, secret = token_create(user=persona, name="qc-hot", actor=persona)
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
+    expected = {"/api/v1/vms/": 4, "/api/v1/operations/": 4, "/api/v1/audit-events/": 4, f"/api/v1/vms/{vm.pk}/": 3}
+    for url in expected:
+        _count(client, url)  # warm what is cached per process
+    counts = {url: _count(client, url) for url in expected}
+    assert counts == expected

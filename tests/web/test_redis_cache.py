@@ -32,3 +32,12 @@ def test_requests_in_new_threads_reuse_the_processs_redis_connections():
 def test_cache_connections_have_timeouts():
     kwargs = cache._cache._get_connection_pool(True).connection_kwargs
     assert kwargs["socket_timeout"] and kwargs["socket_connect_timeout"]
+
+
+def test_cache_calls_share_one_client_object_per_pool():
+    first = caches["default"]._cache.get_client(write=True)
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(caches["default"]._cache.get_client(write=True)))
+    thread.start()
+    thread.join(10)
+    assert seen == [first] and first.connection_pool is cache._cache._get_connection_pool(True)
