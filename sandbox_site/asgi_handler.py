@@ -1,0 +1,59 @@
+"""Django's ASGI handler with its request threads kept for later requests.
+
+Django runs each request's synchronous part (middleware, views) in a thread-sensitive context
+of its own: asgiref starts a thread for it and, once the request is done, another thread to
+join the first — two thread starts per request. Here a request takes an idle single-thread
+executor of the process (or makes one) and gives it back once its thread is idle again: after
+anything the request still runs there (a view whose client went away is not interrupted) has
+finished, so a request never waits behind another's work. At most ``MAX_IDLE`` idle threads
+are kept; the rest end. Thread-local state is what a threaded WSGI server leaves between the
+requests of one thread: Django closes (or returns to the pool) the request's database
+connections when it finishes (``request_finished``).
+"""
+
+from __future__ import annotations
+
+import collections
+from concurrent.futures import ThreadPoolExecutor
+
+from asgiref.sync import ThreadSensitiveContext
+from django.core.handlers.asgi import ASGIHandler
+
+MAX_IDLE = 32
+_idle: collections.deque[ThreadPoolExecutor] = collections.deque()
+
+
+def _noop() -> None:
+    return None
+
+
+def _take() -> ThreadPoolExecutor:
+    try:
+        return _idle.pop()
+    except IndexError:
+        return ThreadPoolExecutor(max_workers=1, thread_name_prefix="request")
+
+
+def _give_back(executor: ThreadPoolExecutor) -> None:
+    def idle(_future) -> None:  # runs after whatever the request left on the thread
+        if len(_idle) < MAX_IDLE:
+            _idle.append(executor)
+        else:
+            executor.shutdown(wait=False)
+
+    try:
+        executor.submit(_noop).add_done_callback(idle)
+    except RuntimeError:  # shut down (the interpreter is exiting)
+        pass
+
+
+class PooledThreadASGIHandler(ASGIHandler):
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            raise ValueError(f"Django can only handle ASGI/HTTP connections, not {scope['type']}.")
+        executor = _take()
+        try:
+            async with ThreadSensitiveContext(executor=executor):
+                await self.handle(scope, receive, send)
+        finally:
+            _give_back(executor)
