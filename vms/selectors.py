@@ -163,7 +163,8 @@ def vm_row(vm_id, related: tuple[str, ...] = ()) -> VM | None:
     and compiling the ORM's seven-table join cost more CPU than the query. The related rows are
     cached on the instances as ``select_related`` caches them."""
     try:
-        pk = VM._meta.pk.to_python(vm_id)
+        # As the database stores it (SQLite: bare hex, the embedded default; PostgreSQL: uuid).
+        pk = VM._meta.pk.get_db_prep_value(VM._meta.pk.to_python(vm_id), connection)
     except (ValidationError, ValueError, TypeError):
         return None
     sql, joined = _vm_row_sql(related)

@@ -144,3 +144,20 @@ def test_an_exec_sockets_start_reply_gives_the_id_or_the_apis_error():
     invalid = {"type": "error", "code": "bad_request", "message": "no", "status": 400, "details": {"command": ["x"]}}
     with pytest.raises(msbx.ValidationError):
         ws_start_reply(json.dumps(invalid), path)
+
+
+def test_an_exec_sockets_start_frame_leaves_out_what_the_rest_call_leaves_out():
+    import json
+
+    from msbx._http import ws_start_frame
+    from msbx.models import exec_body
+
+    body = exec_body("/bin/sh", env={"TERM": "xterm"}, wait=False, stdin_open=True, pty={"rows": 24, "cols": 80})
+    frame = json.loads(ws_start_frame(body))
+    assert frame == {
+        "type": "start",
+        "command": "/bin/sh",
+        "env": {"TERM": "xterm"},
+        "stdin_open": True,
+        "pty": {"rows": 24, "cols": 80},
+    }

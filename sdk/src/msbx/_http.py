@@ -383,6 +383,12 @@ _WS_CLOSE = {
 }  # fmt: skip
 
 
+def ws_start_frame(body: dict[str, Any]) -> str:
+    """The ``start`` frame for an exec websocket from an exec request body (``models.exec_body``):
+    its fields but ``wait``, unset ones left out as the REST call leaves them out."""
+    return json.dumps({"type": "start", **{k: v for k, v in body.items() if k != "wait" and v is not None}})
+
+
 def ws_start_reply(message: str | bytes, path: str) -> str | None:
     """One server frame after an exec websocket's ``start`` frame (``/ws/vms/{id}/exec/``):
     the exec id once ``started``, None for anything else, the API's error for ``error``."""

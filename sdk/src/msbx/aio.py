@@ -18,7 +18,7 @@ import httpx
 from msbx import _flows as flows
 from msbx._endpoints import WS_EXEC_START
 from msbx._flows import OutputChunk, is_vm_id, vm_named
-from msbx._http import AsyncHttp, RequestLog, RetryPolicy, ws_error, ws_start_reply
+from msbx._http import AsyncHttp, RequestLog, RetryPolicy, ws_error, ws_start_frame, ws_start_reply
 from msbx.client import DEFAULT_BOOT_TIMEOUT, EXEC_WAIT_MAX, FileSource, Progress, _chunks_of
 from msbx.config import credentials_resolve
 from msbx.errors import CommandFailed, IntegrityError, NotFound, SandboxError, Timeout, TransportError
@@ -436,7 +436,7 @@ class AsyncSandbox:
         path = WS_EXEC_START.format(id=self.id)
         ws = await self.client.http.ws_connect(path)
         try:
-            await ws.send(json.dumps({"type": "start", **{k: v for k, v in body.items() if k != "wait"}}))
+            await ws.send(ws_start_frame(body))
             exec_id = None
             while exec_id is None:
                 message = await asyncio.wait_for(ws.recv(), self.client.http.timeout)

@@ -18,7 +18,7 @@ import httpx
 from msbx import _flows as flows
 from msbx._endpoints import WS_EXEC_START
 from msbx._flows import OutputChunk, is_vm_id, vm_named
-from msbx._http import RequestLog, RetryPolicy, SyncHttp, ws_error, ws_start_reply
+from msbx._http import RequestLog, RetryPolicy, SyncHttp, ws_error, ws_start_frame, ws_start_reply
 from msbx.config import credentials_resolve
 from msbx.errors import CommandFailed, IntegrityError, SandboxError, Timeout, TransportError
 from msbx.models import TRANSFER_CHUNK, ExecResult, TransferResult, create_body, exec_body, new_name
@@ -457,7 +457,7 @@ class Sandbox:
         path = WS_EXEC_START.format(id=self.id)
         ws = self.client.http.ws_connect(path)
         try:
-            ws.send(json.dumps({"type": "start", **{k: v for k, v in body.items() if k != "wait"}}))
+            ws.send(ws_start_frame(body))
             exec_id = None
             while exec_id is None:
                 exec_id = ws_start_reply(ws.recv(timeout=self.client.http.timeout), path)
