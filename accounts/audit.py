@@ -48,13 +48,14 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import close_old_connections, connection, transaction
+from django.db import connection, transaction
 from django.db.models import Model
 from django.utils import timezone
 
@@ -216,8 +217,6 @@ class _Sealer:
 
     def request(self) -> None:
         self._wake.set()
-        if self._thread is not None and self._pid == os.getpid() and self._thread.is_alive():
-            return
         with self._lock:
             if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
                 self._pid = os.getpid()
@@ -228,7 +227,7 @@ class _Sealer:
         while True:
             if not self._wake.wait(timeout=60):  # idle: look again (a bounded wait, nothing to do)
                 continue
-            threading.Event().wait(settings.SANDBOX_AUDIT_SEAL_DELAY_SECONDS)  # let others join in
+            time.sleep(settings.SANDBOX_AUDIT_SEAL_DELAY_SECONDS)  # let the moment's other rows join in
             # Cleared before sealing: a row committed from here on sets it again (after its
             # commit), so it is sealed by this pass or the next, never left for the periodic one.
             self._wake.clear()
@@ -237,8 +236,7 @@ class _Sealer:
             except Exception:
                 logger.exception("sealing audit rows after responses failed; the periodic sealer retries")
             finally:
-                close_old_connections()  # back to the pool; a broken connection is not reused
-                connection.close()
+                connection.close()  # this thread's connection: back to the pool, or closed
 
 
 _sealer = _Sealer()
@@ -274,8 +272,8 @@ def _seal_after_commit() -> None:
     if later is not None:
         later.pending = True
         return
-    if _web_process and settings.SANDBOX_AUDIT_SEAL_DELAY_SECONDS > 0:
-        _sealer.request()
+    if _web_process:
+        audit_seal_soon()
         return
     audit_chain_seal()
 

@@ -11,7 +11,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError
-from django.db import connection, transaction
+from django.db import transaction
 from django.utils import timezone
 from guardian.shortcuts import assign_perm, get_perms, remove_perm
 
@@ -323,9 +323,7 @@ def _token_with_user(digest: str) -> ApiToken | None:
         f'ON u."{User._meta.pk.column}" = t."{ApiToken.user.field.column}" '
         "WHERE t.token_hash = %s"
     )
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [digest])
-        row = cursor.fetchone()
+    row = sql_rows.first_row(sql, [digest])
     if row is None:
         return None
     token = sql_rows.instance(ApiToken, "t", row)

@@ -14,6 +14,7 @@ connections when it finishes (``request_finished``).
 from __future__ import annotations
 
 import collections
+import itertools
 from concurrent.futures import ThreadPoolExecutor
 
 from asgiref.sync import ThreadSensitiveContext
@@ -21,6 +22,7 @@ from django.core.handlers.asgi import ASGIHandler
 
 MAX_IDLE = 32
 _idle: collections.deque[ThreadPoolExecutor] = collections.deque()
+_numbers = itertools.count(1)  # each thread's name tells which request thread it is
 
 
 def _noop() -> None:
@@ -31,7 +33,7 @@ def _take() -> ThreadPoolExecutor:
     try:
         return _idle.pop()
     except IndexError:
-        return ThreadPoolExecutor(max_workers=1, thread_name_prefix="request")
+        return ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"request-{next(_numbers)}")
 
 
 def _give_back(executor: ThreadPoolExecutor) -> None:

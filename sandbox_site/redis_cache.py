@@ -14,37 +14,32 @@ The connections' connect and read timeouts are the cache's ``OPTIONS`` (settings
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 from django.core.cache.backends.redis import RedisCache, RedisCacheClient
 
-_pools: dict[tuple, object] = {}
-_pools_lock = threading.Lock()
-
-
-_clients: dict[int, object] = {}
+_clients: dict[tuple, Any] = {}  # (server, pool options) -> a client over the process's pool
+_lock = threading.Lock()
 
 
 class SharedPoolRedisCacheClient(RedisCacheClient):
     def get_client(self, key=None, *, write=False):
-        # One client object per shared pool (redis-py's clients are thread-safe over a pool):
-        # Django builds a new one, with its response callbacks, for every cache call.
-        pool = self._get_connection_pool(write)
-        client = _clients.get(id(pool))
+        # One client per server and process (redis-py's clients are thread-safe over their
+        # pool); Django builds a new one, with its response callbacks, for every cache call.
+        index = self._get_connection_pool_index(write)
+        server = self._servers[index]
+        options = tuple(sorted((k, repr(v)) for k, v in self._pool_options.items()))
+        client = _clients.get((server, options))
         if client is None:
-            with _pools_lock:
-                client = _clients.setdefault(id(pool), self._client(connection_pool=pool))
+            with _lock:
+                client = _clients.get((server, options))
+                if client is None:
+                    pool = self._pool_class.from_url(server, **self._pool_options)
+                    client = _clients[(server, options)] = self._client(connection_pool=pool)
         return client
 
     def _get_connection_pool(self, write):
-        index = self._get_connection_pool_index(write)
-        key = (self._servers[index], tuple(sorted((k, repr(v)) for k, v in self._pool_options.items())))
-        pool = _pools.get(key)
-        if pool is None:
-            with _pools_lock:
-                pool = _pools.get(key)
-                if pool is None:
-                    pool = _pools[key] = self._pool_class.from_url(self._servers[index], **self._pool_options)
-        return pool
+        return self.get_client(write=write).connection_pool
 
 
 class SharedPoolRedisCache(RedisCache):

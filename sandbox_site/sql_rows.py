@@ -50,3 +50,10 @@ def instance(model: type[Model], alias: str, row: tuple | list, start: int = 0) 
             value = converter(value, column, connection)
         values[index] = value
     return model.from_db(connection.alias, attnames, values)
+
+
+def first_row(sql: str, params: list) -> tuple | None:
+    """The first row ``sql`` returns (None when it returns none)."""
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchone()

@@ -139,62 +139,44 @@ class VmExecConsumer(AsyncWebsocketConsumer):
             check=lambda: websocket_rights_hold(user_id=user_id, token_id=token_id, vm_id=vm_id, perm="exec"),
             on_lost=self._rights_lost,
         )
-        if self.exec_id is None:
-            # The rights watch joins its group while hostd is connected; then the client's
-            # start frame is awaited (at most START_WAIT_SECONDS).
-            outcomes = await asyncio.gather(
-                AgentChannel.open(timeout=30, address=self.vm.hostd_address),
-                self.rights.start(),
-                return_exceptions=True,
-            )
-            if isinstance(outcomes[0], AgentChannel):
-                self.channel = outcomes[0]
-            for outcome in outcomes:
-                if isinstance(outcome, ApplicationError):
-                    await self._control({"type": "error", "code": outcome.code, "message": outcome.message})
-                    await self.close(code=4502)
-                    return
-                if isinstance(outcome, BaseException):
-                    raise outcome
-            self.start_deadline = asyncio.get_running_loop().call_later(START_WAIT_SECONDS, self._start_expired)
-            return
         try:
             self.channel = await AgentChannel.open(timeout=30, address=self.vm.hostd_address)
             # The rights watch joins its group while hostd attaches (two round trips at once);
-            # output flows only once both are done.
+            # output flows only once both are done. On ``/exec/`` nothing is attached yet.
+            attaching = self.channel.exec_attach(self.vm_id, self.exec_id, offset=self.cursor) if self.exec_id else None
             attached, joined = await asyncio.gather(
-                self.channel.exec_attach(self.vm_id, self.exec_id, offset=self.cursor),
-                self.rights.start(),
-                return_exceptions=True,
+                attaching or asyncio.sleep(0), self.rights.start(), return_exceptions=True
             )
             for outcome in (joined, attached):
                 if isinstance(outcome, BaseException):
                     raise outcome
-            self.sub = attached
         except ApplicationError as exc:
             await self._fail(exc)
             return
+        if self.exec_id is None:  # the client's start frame comes next, within START_WAIT_SECONDS
+            self.start_deadline = asyncio.get_running_loop().call_later(START_WAIT_SECONDS, self._start_expired)
+            return
+        self.sub = attached
         await self._attached()
 
     async def _fail(self, exc: ApplicationError) -> None:
+        await self._close_with(4404 if exc.code == "not_found" else 4502, exc.code, exc.message)
+
+    async def _close_with(self, code: int, error: str, message: str, **extra) -> None:
+        """An ``error`` frame, then the close; nothing the client still sends acts."""
         self.closing = True
-        await self._control({"type": "error", "code": exc.code, "message": exc.message})
-        await self.close(code=4404 if exc.code == "not_found" else 4502)
+        await self._control({"type": "error", "code": error, "message": message, **extra})
+        await self.close(code=code)
 
     async def _attached(self) -> None:
         await self._control({"type": "attached", "exec_id": self.exec_id, "offset": self.cursor, "window": self.window})
         self.pump = asyncio.create_task(self._pump())
 
     def _start_expired(self) -> None:
-        if self.exec_id is None and self.channel is not None and not self.closing:
+        if self.exec_id is None and not self.closing:
             self.expiry = asyncio.ensure_future(
-                self._refuse_start(4408, "timeout", "No start frame came in time.", status=408)
+                self._close_with(4408, "timeout", "No start frame came in time.", status=408)
             )
-
-    async def _refuse_start(self, code: int, error: str, message: str, **extra) -> None:
-        self.closing = True
-        await self._control({"type": "error", "code": error, "message": message, **extra})
-        await self.close(code=code)
 
     async def _start(self, text_data: str | None) -> None:
         """The client's first frame on ``/exec/``: start the command, then stream it."""
@@ -203,10 +185,10 @@ class VmExecConsumer(AsyncWebsocketConsumer):
         try:
             message = ws_control_frame(text_data)
         except ApplicationError as exc:
-            await self._refuse_start(4400, exc.code, exc.message, status=400)
+            await self._close_with(4400, exc.code, exc.message, status=400)
             return
         if message.get("type") != "start":
-            await self._refuse_start(4400, "bad_request", 'The first frame must be {"type": "start", ...}.', status=400)
+            await self._close_with(4400, "bad_request", 'The first frame must be {"type": "start", ...}.', status=400)
             return
         attach_failed: list[ApplicationError] = []
 
@@ -236,7 +218,7 @@ class VmExecConsumer(AsyncWebsocketConsumer):
                 return
             # Closed with 4000 + the HTTP status the REST call would have answered (4429, 4409...).
             extra = {"details": exc.details} if exc.details else {}
-            await self._refuse_start(4000 + exc.status_code, exc.code, exc.message, status=exc.status_code, **extra)
+            await self._close_with(4000 + exc.status_code, exc.code, exc.message, status=exc.status_code, **extra)
             return
         if attach_failed:
             await self._fail(attach_failed[0])
@@ -257,9 +239,7 @@ class VmExecConsumer(AsyncWebsocketConsumer):
             await self.rights.recheck()
 
     async def _rights_lost(self) -> None:
-        self.closing = True
-        await self._control({"type": "error", "code": "permission_denied", "message": "Your access was revoked."})
-        await self.close(code=_CLOSE_CODES["permission_denied"])
+        await self._close_with(_CLOSE_CODES["permission_denied"], "permission_denied", "Your access was revoked.")
 
     async def _control(self, message: dict) -> None:
         await self.send(text_data=json.dumps(message))
@@ -314,7 +294,7 @@ class VmExecConsumer(AsyncWebsocketConsumer):
             self.acked_changed.set()
 
     async def receive(self, text_data=None, bytes_data=None):
-        if self.channel is None or self.closing or (self.rights is not None and self.rights.lost):
+        if self.channel is None or self.closing:
             return  # not ready, or on its way out: nothing the client sends acts any more
         if self.exec_id is None:
             await self._start(text_data)

@@ -168,9 +168,7 @@ def vm_row(vm_id, related: tuple[str, ...] = ()) -> VM | None:
     except (ValidationError, ValueError, TypeError):
         return None
     sql, joined = _vm_row_sql(related)
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [pk])
-        row = cursor.fetchone()
+    row = sql_rows.first_row(sql, [pk])
     if row is None:
         return None
     vm = sql_rows.instance(VM, "v", row)

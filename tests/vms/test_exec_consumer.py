@@ -327,6 +327,16 @@ def ok_exec_rows(vm):
     return list(AuditEvent.objects.filter(object_id=str(vm.pk), action="vm.exec", result="ok"))
 
 
+async def assert_start_refused(comm, vm, code="permission_denied", close=4403):
+    """The start frame was answered with an error and the close, and nothing was started."""
+    frames = await frames_until_close(comm)
+    assert not any(isinstance(f, dict) and f.get("type") == "started" for f in frames), frames
+    assert [f["code"] for f in frames if isinstance(f, dict) and f.get("type") == "error"] == [code], frames
+    assert {"type": "websocket.close", "code": close} in frames, frames
+    assert await ok_exec_rows(vm) == []
+    await leave(comm)
+
+
 async def test_a_frame_after_the_socket_lost_its_token_starts_nothing(owner, live_vm):
     vm, _ = live_vm
     token, secret = await database_sync_to_async(services.token_create)(user=owner, name="t", actor=owner)
@@ -354,9 +364,7 @@ async def test_a_token_expired_since_the_handshake_starts_nothing(owner, live_vm
     comm = await open_with_token(vm, secret)
     await asyncio.sleep(2)  # expired now: POST .../exec/ answers 401
     await comm.send_json_to({"type": "start", "command": ["true"]})
-    frames = await frames_until_close(comm)
-    assert not any(isinstance(f, dict) and f.get("type") == "started" for f in frames), frames
-    await leave(comm)
+    await assert_start_refused(comm, vm)
 
 
 async def test_a_user_deactivated_since_the_handshake_starts_nothing(owner, live_vm):
@@ -366,9 +374,7 @@ async def test_a_user_deactivated_since_the_handshake_starts_nothing(owner, live
     # deactivated (a database edit: no event; the periodic check comes after 10 s)
     await database_sync_to_async(get_user_model().objects.filter(pk=owner.pk).update)(is_active=False)
     await comm.send_json_to({"type": "start", "command": ["true"]})
-    frames = await frames_until_close(comm)
-    assert not any(isinstance(f, dict) and f.get("type") == "started" for f in frames), frames
-    await leave(comm)
+    await assert_start_refused(comm, vm)
 
 
 async def test_a_socket_start_is_audited_with_its_token_like_rest(owner, live_vm, api):
@@ -400,9 +406,7 @@ async def test_a_role_removed_since_the_handshake_starts_nothing(operator, live_
         lambda: operator.groups.clear()
     )()  # no event: ModelBackend's cache on the socket's user
     await comm.send_json_to({"type": "start", "command": ["true"]})
-    frames = await frames_until_close(comm)
-    assert not any(isinstance(f, dict) and f.get("type") == "started" for f in frames), frames
-    await leave(comm)
+    await assert_start_refused(comm, vm)
 
 
 async def test_an_object_right_removed_since_the_handshake_starts_nothing(grantee, live_vm):
@@ -415,9 +419,7 @@ async def test_an_object_right_removed_since_the_handshake_starts_nothing(grante
     comm = await open_with_token(vm, secret)
     await database_sync_to_async(remove_perm)("vms.exec_vm", grantee, vm)
     await comm.send_json_to({"type": "start", "command": ["true"]})
-    frames = await frames_until_close(comm)
-    assert not any(isinstance(f, dict) and f.get("type") == "started" for f in frames), frames
-    await leave(comm)
+    await assert_start_refused(comm, vm)
 
 
 async def test_a_refused_socket_starts_nothing_on_a_later_frame(owner, live_vm):
@@ -428,8 +430,8 @@ async def test_a_refused_socket_starts_nothing_on_a_later_frame(owner, live_vm):
     assert (await control(comm, "error"))["code"] == "bad_request"
     assert (await comm.receive_output(5))["code"] == 4400
     await comm.send_json_to({"type": "start", "command": ["true"]})
-    frames = await frames_until_close(comm, timeout=3)
-    assert not any(isinstance(f, dict) and f.get("type") == "started" for f in frames), frames
+    assert await frames_until_close(comm, timeout=3) == []  # no answer: the frame did not act
+    assert await ok_exec_rows(vm) == []
     await leave(comm)
 
 

@@ -7,7 +7,7 @@ from django.urls import path
 
 
 def which_thread(request):
-    return HttpResponse(str(threading.get_ident()))
+    return HttpResponse(threading.current_thread().name)  # unique per request thread made
 
 
 urlpatterns = [path("thread/", which_thread)]
