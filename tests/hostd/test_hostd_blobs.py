@@ -6,6 +6,7 @@ import hashlib
 import os
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -193,7 +194,12 @@ def test_a_restarted_hostd_drops_unfinished_transfers(roots: tuple[Path, Path]) 
     (snap / "s" / ".keep.part").write_bytes(b"not ours: no transfer id")
     assert _leftovers(snap) == [".disk." + "ef" * 8 + ".part", ".keep.part"]
     daemon = Hostd(run, blob_roots={"snapshots": snap}).start()
-    daemon.stop()
+    try:  # the sweep runs in the background once the daemon listens
+        deadline = time.monotonic() + 10
+        while _leftovers(snap) != [".keep.part"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        daemon.stop()
     assert _leftovers(snap) == [".keep.part"]
 
 

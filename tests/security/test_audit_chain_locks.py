@@ -140,10 +140,14 @@ def test_rows_are_chained_in_commit_order_and_export_follows_it(owner):
     assert [json.loads(line)["action"] for line in later.getvalue().splitlines()] == ["test.written_first"]
 
 
-def test_an_action_commits_even_when_its_rows_cannot_be_sealed_at_once(owner, monkeypatch, caplog):
+@pytest.mark.parametrize("web_process", [False, True], ids=["worker", "web-process"])
+def test_an_action_commits_even_when_its_rows_cannot_be_sealed_at_once(owner, monkeypatch, caplog, web_process):
+    """Both ways a commit seals: on_commit in a worker, the process's sealer in the web process
+    (whether an earlier test imported the ASGI application must not decide which one runs)."""
     from accounts import audit
 
     monkeypatch.setattr(audit, "_SEAL_LOCK_TIMEOUT_MS", 200)
+    monkeypatch.setattr(audit, "_web_process", web_process)
     held, release = threading.Event(), threading.Event()
 
     def a_sealer_that_hangs():
@@ -157,7 +161,8 @@ def test_an_action_commits_even_when_its_rows_cannot_be_sealed_at_once(owner, mo
     try:
         assert held.wait(10)
         event = audit_record(actor=owner, action="test.while_locked")  # commits, then fails to seal
-        assert "_seal_after_commit" in caplog.text
+        assert "lock timeout" in caplog.text
+        assert ("sealing audit rows after a response failed" if web_process else "_seal_after_commit") in caplog.text
     finally:
         release.set()
         hanging.join(30)

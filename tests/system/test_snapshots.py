@@ -112,7 +112,7 @@ def test_restore_brings_back_the_file_and_the_running_process(stack, source, fir
     op = _post(stack, f"/api/v1/snapshots/{first['id']}/restore/")
     assert op.status_code == 202, op.text
     done = stack.wait_operation(op.json()["id"])
-    assert done["status"] == "succeeded", done
+    assert done["status"] == "succeeded", (done.get("error"), done.get("log"))
     assert stack.wait_vm(vm_id, {"running"})["state"] == "running"
     assert _ok(stack, vm_id, "cat /root/marker") == "before"
     assert guest_sh(stack, vm_id, f"kill -0 {pid}")[0] == 0
