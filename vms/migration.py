@@ -278,9 +278,10 @@ def _target_undo(vm: VM, driver: Driver, spec: VmSpec, target: Host) -> None:
 
 def migration_leftovers_remove(host: Host) -> int:
     """Reconcile, on ``host``: the runtime directories here of VMs that are on another host
-    and not migrating, but were migrating from or to this one (a cleanup or abort step that
-    was lost or failed), go with the VMM in them and the VM's TAPs here (hook
-    ``vm_migrated_away``). Returns how many."""
+    and neither migrating nor moving (a cold move may be copying its disk into this very
+    directory), but were migrating from or to this one (a cleanup or abort step that was lost
+    or failed), go with the VMM in them and the VM's TAPs here (hook ``vm_migrated_away``).
+    Returns how many."""
     root = Path(settings.SANDBOX_RUNTIME_DIR)
     if not root.is_dir():
         return 0
@@ -295,7 +296,7 @@ def migration_leftovers_remove(host: Host) -> int:
     left = (
         VM.objects.filter(pk__in=ids, host__isnull=False)
         .exclude(host=host)
-        .exclude(state=S.MIGRATING)
+        .exclude(state__in=(S.MIGRATING, S.MOVING))
         .exclude(driver="")
         .select_related("template__image", "host")
     )

@@ -258,3 +258,41 @@ def test_a_fifo_is_not_read_and_does_not_block(client: HostdClient, roots: tuple
         with pytest.raises(HostdRequestError) as refused:
             call()
         assert refused.value.code == "bad_path"
+
+
+@pytest.mark.parametrize("moment", ["begin", "commit"])
+def test_the_start_up_sweep_never_takes_a_transfer_of_this_run(
+    roots: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, moment: str
+) -> None:
+    """The sweep walks the trees while this run's first transfers arrive: a temporary file
+    that is being made, or being checked and renamed by its commit, is this run's, not a
+    leftover (a commit used to give up its file before the rename, and a sweep at that moment
+    deleted it: the rename failed with FileNotFoundError)."""
+    import asyncio
+
+    from vms.hostd import blobs
+
+    run, snap = roots
+    store = blobs.BlobStore({"snapshots": snap})
+    swept: list[int] = []
+    real = {"begin": blobs._begin, "commit": blobs._commit}[moment]
+
+    def with_a_sweep(*args, **kwargs):  # the sweep's thread, right at that moment
+        if moment == "commit":  # before the rename
+            swept.append(store.sweep())
+            return real(*args, **kwargs)
+        result = real(*args, **kwargs)  # the temporary file was just made
+        swept.append(store.sweep())
+        return result
+
+    monkeypatch.setattr(blobs, f"_{moment}", with_a_sweep)
+    data = b"a disk"
+    where = {"root": "snapshots", "path": "s/disk", "transfer": "ab" * 8}
+
+    async def transfer() -> None:
+        await store.write({**where, "offset": 0, "size": len(data)}, data)
+        await store.commit({**where, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+
+    asyncio.run(transfer())
+    assert swept == [0]
+    assert (snap / "s" / "disk").read_bytes() == data and _leftovers(snap) == []

@@ -492,7 +492,7 @@ def test_a_running_vm_migrates_live_keeping_its_exec_session_and_drain_moves_the
         response = admin.post(f"/api/v1/vms/{vm['id']}/migrate/", json={"host": target})
     assert response.status_code == 202, response.text
     done = _operation_done(mh, response.json()["id"])
-    assert done["status"] == "succeeded", done
+    assert done["status"] == "succeeded", (done.get("error"), done.get("log"))
     assert _host_of(mh, vm["id"]) == target
     vm["host"] = target
     assert mh.wait_vm(vm["id"], {"running"}, timeout=30)["state"] == "running"
@@ -538,7 +538,7 @@ def test_a_cold_move_takes_a_vm_and_its_disk_to_the_other_host(mh, vms):
         response = admin.post(f"/api/v1/vms/{vm['id']}/move/", json={"host": target})
     assert response.status_code == 202, response.text
     done = _operation_done(mh, response.json()["id"], timeout=600)
-    assert done["status"] == "succeeded", done
+    assert done["status"] == "succeeded", (done.get("error"), done.get("log"))
     assert _host_of(mh, vm["id"]) == target
     vm["host"] = target
     assert mh.wait_vm(vm["id"], {"running"}, timeout=240)["state"] == "running"

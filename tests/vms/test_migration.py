@@ -173,6 +173,29 @@ def test_reconcile_removes_a_half_received_vm_whose_migration_was_lost(two_hosts
     assert fake_vmm.fake_vm(str(vm.pk)).state == RuntimeState.RUNNING  # the source VM is untouched
 
 
+def test_reconcile_leaves_the_files_a_cold_move_back_is_copying_in(two_hosts, owner, operator):
+    """A VM migrated h1 -> h2, then cold-moved back: while the move copies its disk into h1's
+    runtime directory the VM is recorded on h2 (``moving``); h1's reconcile must not take that
+    directory for what the old migration left (it deleted the half-copied disk under the move)."""
+    from vms.operations import vms_reconcile
+
+    env = two_hosts
+    vm = _running_vm(env, owner)
+    _request(env, vm, operator)
+    env.run()
+    assert VM.objects.get(pk=vm.pk).host.name == "h2"
+    VM.objects.filter(pk=vm.pk).update(state=S.MOVING)  # the cold move back to h1 is copying
+    arriving = env.roots["h1"] / str(vm.pk)
+    arriving.mkdir(exist_ok=True)
+    (arriving / ".overlay.qcow2.0123456789abcdef.part").write_bytes(b"half a disk")
+    env.as_host("h1")
+    assert vms_reconcile(env.hosts["h1"])["orphans"] == 0
+    assert (arriving / ".overlay.qcow2.0123456789abcdef.part").exists()
+    VM.objects.filter(pk=vm.pk).update(state=S.RUNNING)  # the move failed and settled on h2: now it is left over
+    assert vms_reconcile(env.hosts["h1"])["orphans"] == 1
+    assert not arriving.exists()
+
+
 def test_hosts_with_migration_certificates_migrate_over_tls(two_hosts, owner, operator, settings, tmp_path):
     from cryptography import x509
 

@@ -120,7 +120,12 @@ class BlobStore:
             if temp not in self.pending:
                 if len(self.pending) >= MAX_PENDING:
                     raise HostdError("too_many", f"{MAX_PENDING} transfers are unfinished on this host")
-                await asyncio.get_running_loop().run_in_executor(None, _begin, full, temp, size)
+                self.pending[temp] = time.monotonic()  # before the file exists: the sweep leaves it
+                try:
+                    await asyncio.get_running_loop().run_in_executor(None, _begin, full, temp, size)
+                except BaseException:
+                    self.pending.pop(temp, None)
+                    raise
             self.pending[temp] = time.monotonic()
         try:
             await asyncio.get_running_loop().run_in_executor(None, _pwrite, temp, offset, data)
@@ -140,8 +145,8 @@ class BlobStore:
         if not isinstance(sha256, str) or not _SHA256.match(sha256):
             raise HostdError("bad_request", "sha256 must be 64 lowercase hex digits")
         overwrite = args.get("overwrite") is True
-        async with self.lock:
-            self.pending.pop(temp, None)  # from now on this transfer's file is this request's
+        async with self.lock:  # still pending while it is checked and renamed: the start-up sweep leaves it
+            self.pending[temp] = time.monotonic()
         try:
             mode = PUBLIC_MODE if args.get("root") in PUBLIC_ROOTS else 0o600
             await asyncio.get_running_loop().run_in_executor(None, _commit, temp, full, size, sha256, overwrite, mode)
@@ -149,6 +154,9 @@ class BlobStore:
             with contextlib.suppress(OSError):
                 temp.unlink()
             raise
+        finally:
+            async with self.lock:
+                self.pending.pop(temp, None)
         return {"size": size, "sha256": sha256}
 
     async def abort(self, args: dict[str, Any]) -> dict[str, Any]:
