@@ -266,20 +266,19 @@ def websocket_user_fresh(*, user_id, token_id=None, vm_id=None):
     every REST request is (the user object of the handshake may be stale)."""
     from django.contrib.auth import get_user_model
 
-    from accounts.models import ApiToken
+    from accounts.services import token_with_user
 
-    user = get_user_model().objects.filter(pk=user_id, is_active=True).first()
-    if user is None:
+    if token_id is None:
+        return get_user_model().objects.filter(pk=user_id, is_active=True).first()
+    token = token_with_user(token_id)  # the token and its user in one query
+    if token is None or not token.is_active or str(token.user_id) != str(user_id) or not token.user.is_active:
         return None
-    if token_id is not None:
-        token = ApiToken.objects.filter(pk=token_id).first()
-        if token is None or not token.is_active:
-            return None
-        if token.project_id is not None and vm_id is not None:
-            from vms.models import VM
+    user = token.user
+    if token.project_id is not None and vm_id is not None:
+        from vms.models import VM
 
-            if not VM.objects.filter(pk=vm_id, project_id=token.project_id).exists():
-                return None
+        if not VM.objects.filter(pk=vm_id, project_id=token.project_id).exists():
+            return None
     return user
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import secrets
 from datetime import datetime, timedelta
+from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 from guardian.shortcuts import assign_perm, get_perms, remove_perm
 
@@ -314,21 +315,34 @@ def token_revoke(*, token: ApiToken, actor) -> ApiToken:
     return token
 
 
-def _token_with_user(digest: str) -> ApiToken | None:
-    """The token with this hash and its user, in one plain-SQL join (``sandbox_site.sql_rows``:
-    every token request runs it; the ORM's compilation of it cost more than the query)."""
+def _token_with_user(digest: str | None = None, *, pk: Any = None) -> ApiToken | None:
+    """The token with this hash (or primary key) and its user, in one plain-SQL join
+    (``sandbox_site.sql_rows``: every token request and every websocket start frame runs it;
+    the ORM's compilation of it cost more than the query)."""
+    column = "token_hash" if pk is None else ApiToken._meta.pk.column
     sql = (
         f"SELECT {sql_rows.columns(ApiToken, 't')}, {sql_rows.columns(User, 'u')} "  # noqa: S608
         f'FROM "{ApiToken._meta.db_table}" t JOIN "{User._meta.db_table}" u '
         f'ON u."{User._meta.pk.column}" = t."{ApiToken.user.field.column}" '
-        "WHERE t.token_hash = %s"
+        f'WHERE t."{column}" = %s'
     )
-    row = sql_rows.first_row(sql, [digest])
+    row = sql_rows.first_row(sql, [digest if pk is None else pk])
     if row is None:
         return None
     token = sql_rows.instance(ApiToken, "t", row)
     ApiToken.user.field.set_cached_value(token, sql_rows.instance(User, "u", row, sql_rows.width(ApiToken)))
     return token
+
+
+def token_with_user(pk) -> ApiToken | None:
+    """Token ``pk`` with its user (one query), whatever their state; None if there is none or
+    ``pk`` is malformed."""
+    field = ApiToken._meta.pk
+    try:  # as the database stores it (SQLite: bare hex; PostgreSQL: uuid)
+        value = field.get_db_prep_value(field.to_python(pk), connection)
+    except (ValidationError, ValueError, TypeError):
+        return None
+    return _token_with_user(pk=value)
 
 
 def token_authenticate(secret: str) -> ApiToken | None:

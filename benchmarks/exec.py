@@ -5,9 +5,12 @@
   (b) through the REST API (``POST /api/v1/vms/{id}/exec/`` with ``wait``),
   (c) through the websocket path: the command started on its own websocket
       (``/ws/vms/{id}/exec/``, a ``start`` frame) and followed there until its ``exit`` message;
-  (d) the websocket attach path: ``POST .../exec/`` with ``wait: false``, then the exec's
+  (d) the same websocket kept open (``"keep_open": true``): one command after another on one
+      connection, as a client running many commands does (the REST path's client keeps its
+      HTTP connection open too);
+  (e) the websocket attach path: ``POST .../exec/`` with ``wait: false``, then the exec's
       websocket (``/ws/vms/{id}/execs/{exec_id}/``) until its ``exit`` message;
-  interleaved (one of each per round) so that load from other work hits all four alike;
+  interleaved (one of each per round) so that load from other work hits all five alike;
 - upload and download throughput (MiB/s), through the host client and through the REST API.
 
 Prints JSON (p50/p99 of each; the REST and websocket overhead over the host client, p50 and
@@ -98,6 +101,22 @@ def one_websocket(client: httpx.Client, stack, vm_id: str) -> float:
     return time.monotonic() - start
 
 
+def one_websocket_kept(ws) -> float:
+    """One command on an open start socket (``keep_open``), from its start frame to its ``exit``."""
+    start = time.monotonic()
+    ws.send(json.dumps({"type": "start", "command": ["true"], "keep_open": True}))
+    for _ in range(1000):  # started, attached, exit
+        message = ws.recv(timeout=30)
+        if isinstance(message, str):
+            kind = json.loads(message).get("type")
+            if kind == "exit":
+                break
+            assert kind != "error", message
+    else:
+        raise AssertionError("no exit message")
+    return time.monotonic() - start
+
+
 def one_websocket_attach(client: httpx.Client, stack, vm_id: str) -> float:
     """``POST .../exec/`` with ``wait: false``, then the exec's websocket until ``exit``."""
     from websockets.sync.client import connect
@@ -129,22 +148,31 @@ def _cpu_seconds(pid: int | None) -> float:
 def round_trips(stack, vm_id: str, runs: int, cpu: dict[str, float] | None = None) -> dict[str, list[float]]:
     """``runs`` rounds of host client, REST and websocket, one of each per round. With a
     stand-in stack, ``cpu`` gets the web process's CPU seconds spent during each path."""
-    times: dict[str, list[float]] = {"host_client": [], "rest_api": [], "websocket": [], "websocket_attach": []}
+    from websockets.sync.client import connect
+
+    paths = {
+        "rest_api": lambda: one_api(api, vm_id),
+        "websocket": lambda: one_websocket(api, stack, vm_id),
+        "websocket_kept": lambda: one_websocket_kept(kept),
+        "websocket_attach": lambda: one_websocket_attach(api, stack, vm_id),
+    }
+    times: dict[str, list[float]] = {"host_client": [], **{name: [] for name in paths}}
     web_pid = getattr(stack, "web_pid", None)
     cpu = cpu if cpu is not None else {}
-    with HostdClient(stack.hostd_socket, timeout=60) as host, stack.client() as api:
+    url = stack.url.replace("http://", "ws://") + f"/ws/vms/{vm_id}/exec/"
+    headers = {"Authorization": f"Bearer {stack.tokens['owner']}"}
+    with (
+        HostdClient(stack.hostd_socket, timeout=60) as host,
+        stack.client() as api,
+        connect(url, additional_headers=headers, open_timeout=30, close_timeout=5) as kept,
+    ):
         for _ in range(runs):
             times["host_client"].append(one_host_client(host, vm_id))
-            before = _cpu_seconds(web_pid)
-            times["rest_api"].append(one_api(api, vm_id))
-            middle = _cpu_seconds(web_pid)
-            times["websocket"].append(one_websocket(api, stack, vm_id))
-            after = _cpu_seconds(web_pid)
-            times["websocket_attach"].append(one_websocket_attach(api, stack, vm_id))
-            if web_pid is not None:
-                cpu["rest_api"] = cpu.get("rest_api", 0.0) + middle - before
-                cpu["websocket"] = cpu.get("websocket", 0.0) + after - middle
-                cpu["websocket_attach"] = cpu.get("websocket_attach", 0.0) + _cpu_seconds(web_pid) - after
+            for name, one in paths.items():
+                before = _cpu_seconds(web_pid)
+                times[name].append(one())
+                if web_pid is not None:
+                    cpu[name] = cpu.get(name, 0.0) + _cpu_seconds(web_pid) - before
     return times
 
 
@@ -203,22 +231,21 @@ def measure(stack, vm_id: str, runs: int, mib: int, acceleration: str) -> dict:
     cpu: dict[str, float] = {}
     samples = round_trips(stack, vm_id, runs, cpu)
     times = {name: _stats(values) for name, values in samples.items()}
-    host, api, ws, attach = times["host_client"], times["rest_api"], times["websocket"], times["websocket_attach"]
+    host = times["host_client"]
+    trips: dict = {"host_client": host}
+    for name, short in (
+        ("rest_api", "rest"),
+        ("websocket", "websocket"),
+        ("websocket_kept", "websocket_kept"),
+        ("websocket_attach", "websocket_attach"),
+    ):
+        trips[name] = times[name]
+        trips[f"{short}_overhead"] = _overhead(times[name], host)
+        trips[f"{short}_overhead_paired_p50_ms"] = _paired(samples[name], samples["host_client"])
     result = {
         "benchmark": "exec",
         "acceleration": acceleration,
-        "trivial_command_round_trip": {
-            "host_client": host,
-            "rest_api": api,
-            "websocket": ws,
-            "websocket_attach": attach,
-            "rest_overhead": _overhead(api, host),
-            "websocket_overhead": _overhead(ws, host),
-            "websocket_attach_overhead": _overhead(attach, host),
-            "rest_overhead_paired_p50_ms": _paired(samples["rest_api"], samples["host_client"]),
-            "websocket_overhead_paired_p50_ms": _paired(samples["websocket"], samples["host_client"]),
-            "websocket_attach_overhead_paired_p50_ms": _paired(samples["websocket_attach"], samples["host_client"]),
-        },
+        "trivial_command_round_trip": trips,
         "load_average": os.getloadavg(),
     }
     if cpu:  # independent of how busy the machine is: CPU the web process spent per request

@@ -508,6 +508,8 @@ SANDBOX_SEND_STALL_SECONDS = env.float("SANDBOX_SEND_STALL_SECONDS", default=300
 SANDBOX_EXEC_BUFFER_BYTES = env.int("SANDBOX_EXEC_BUFFER_BYTES", default=1 << 20)
 SANDBOX_EXEC_WAIT_MAX_SECONDS = env.float("SANDBOX_EXEC_WAIT_MAX_SECONDS", default=300.0)
 SANDBOX_EXEC_WINDOW_BYTES = env.int("SANDBOX_EXEC_WINDOW_BYTES", default=256 * 1024)  # exec websocket flow control
+# A kept exec websocket ("keep_open" start frames) closes when no next start frame comes in this time.
+SANDBOX_EXEC_SOCKET_IDLE_SECONDS = env.float("SANDBOX_EXEC_SOCKET_IDLE_SECONDS", default=30.0)
 SANDBOX_EXEC_WAITS_PER_USER = env.int("SANDBOX_EXEC_WAITS_PER_USER", default=32)  # per web process
 # Background commands (exec with wait=false) running at once in one VM.
 SANDBOX_EXEC_BACKGROUND_PER_VM = env.int("SANDBOX_EXEC_BACKGROUND_PER_VM", default=32)

@@ -2,7 +2,10 @@
 ``/ws/vms/{id}/exec/``: the same for a command the socket starts: the client's first frame is
 ``{"type": "start", ...}`` with the fields of ``POST /vms/{id}/exec/`` (but ``wait``), checked
 and rate-limited the same way and started by the same service; the server answers ``started``
-(``exec_id``) and then streams it as above (one connection, no REST call before it).
+(``exec_id``) and then streams it as above (one connection, no REST call before it). With
+``"keep_open": true`` in a start frame the socket stays open after that command's ``exit`` and
+takes the next start frame (each one authenticated, rate-limited and audited again) within
+``SANDBOX_EXEC_SOCKET_IDLE_SECONDS``: a client running many commands keeps one connection.
 
 Server -> client: binary frames are output, first byte the stream (1 stdout, 2 stderr,
 3 pty) then the bytes; text frames are JSON control: ``attached`` (``offset``, ``window``),
@@ -32,7 +35,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from accounts.context import actor_context, new_request_id
-from accounts.rights import websocket_rights_hold
+from accounts.rights import request_perm_cache, websocket_rights_hold
 from sandbox_site.errors import ApplicationError
 from sandbox_site.validation import int_checked, ws_control_frame
 from vms import exec_services
@@ -50,7 +53,6 @@ def _authorise(user, vm_id: str):
     from rest_framework.exceptions import NotFound
 
     from accounts.permissions import vm_for
-    from accounts.rights import request_perm_cache
     from sandbox_site.errors import NotPermitted
     from vms.hostd_address import vm_hostd_address
     from vms.transitions import vm_guest_running
@@ -115,6 +117,8 @@ class VmExecConsumer(AsyncWebsocketConsumer):
         self.vm_id, self.exec_id = kwargs["vm_id"], kwargs.get("exec_id")  # None: the client starts one
         self.start_deadline: asyncio.TimerHandle | None = None
         self.closing = False  # refused or lost its rights: frames still in flight are dropped
+        self.keep_open = False  # the last start frame asked for another command after this one
+        self.started = 0  # commands this socket started
         self.expiry: asyncio.Task | None = None
         if self.user is None or not self.user.is_authenticated:
             await self.close(code=_CLOSE_CODES["unauthenticated"])
@@ -154,7 +158,7 @@ class VmExecConsumer(AsyncWebsocketConsumer):
             await self._fail(exc)
             return
         if self.exec_id is None:  # the client's start frame comes next, within START_WAIT_SECONDS
-            self.start_deadline = asyncio.get_running_loop().call_later(START_WAIT_SECONDS, self._start_expired)
+            self._await_start(START_WAIT_SECONDS)
             return
         self.sub = attached
         await self._attached()
@@ -172,6 +176,9 @@ class VmExecConsumer(AsyncWebsocketConsumer):
         await self._control({"type": "attached", "exec_id": self.exec_id, "offset": self.cursor, "window": self.window})
         self.pump = asyncio.create_task(self._pump())
 
+    def _await_start(self, seconds: float) -> None:
+        self.start_deadline = asyncio.get_running_loop().call_later(seconds, self._start_expired)
+
     def _start_expired(self) -> None:
         if self.exec_id is None and not self.closing:
             self.expiry = asyncio.ensure_future(
@@ -179,7 +186,8 @@ class VmExecConsumer(AsyncWebsocketConsumer):
             )
 
     async def _start(self, text_data: str | None) -> None:
-        """The client's first frame on ``/exec/``: start the command, then stream it."""
+        """The client's first frame on ``/exec/`` (or its next, on a kept socket between
+        commands): start the command, then stream it."""
         if self.start_deadline is not None:
             self.start_deadline.cancel()
         try:
@@ -188,7 +196,14 @@ class VmExecConsumer(AsyncWebsocketConsumer):
             await self._close_with(4400, exc.code, exc.message, status=400)
             return
         if message.get("type") != "start":
+            if self.started and message.get("type") == "ack":  # the last command's, late: nothing to do
+                self._await_start(settings.SANDBOX_EXEC_SOCKET_IDLE_SECONDS)
+                return
             await self._close_with(4400, "bad_request", 'The first frame must be {"type": "start", ...}.', status=400)
+            return
+        keep_open = message.get("keep_open", False)
+        if not isinstance(keep_open, bool):
+            await self._close_with(4400, "bad_request", "keep_open must be true or false.", status=400)
             return
         attach_failed: list[ApplicationError] = []
 
@@ -202,8 +217,10 @@ class VmExecConsumer(AsyncWebsocketConsumer):
 
         client = self.scope.get("client") or (None,)
         try:
-            with actor_context(request_id=new_request_id(), source_ip=client[0]):
-                fields = _start_fields({k: v for k, v in message.items() if k != "type"})
+            # One start is one request: its rights are read once (as REST's middleware does),
+            # for the fresh user the start acts as.
+            with actor_context(request_id=new_request_id(), source_ip=client[0]), request_perm_cache():
+                fields = _start_fields({k: v for k, v in message.items() if k not in ("type", "keep_open")})
                 await exec_services.vm_exec_start_async(
                     vm=self.vm,
                     actor=self.user,
@@ -223,7 +240,13 @@ class VmExecConsumer(AsyncWebsocketConsumer):
         if attach_failed:
             await self._fail(attach_failed[0])
             return
+        self.keep_open, self.started = keep_open, self.started + 1
         await self._attached()
+
+    def _next_command(self) -> None:
+        """A kept socket after its command's ``exit``: ready for the next start frame."""
+        self.exec_id, self.sub, self.cursor, self.acked = None, None, 0, 0
+        self._await_start(settings.SANDBOX_EXEC_SOCKET_IDLE_SECONDS)
 
     async def dispatch(self, message):
         # Channels' dispatch first closes stale database connections in a thread hop of its
@@ -258,7 +281,10 @@ class VmExecConsumer(AsyncWebsocketConsumer):
                     await self._send_output(STREAM_BYTES.get(h.get("stream"), b"\x01"), data)
                 elif h["ev"] == "exit":
                     await self._control({"type": "exit", "end_offset": h.get("end_offset"), "result": h.get("result")})
-                    await self.close(code=1000)
+                    if self.keep_open and not self.closing:
+                        self._next_command()
+                    else:
+                        await self.close(code=1000)
                     return
                 elif h["ev"] == "end":
                     err = h.get("error") or {}
@@ -335,6 +361,10 @@ class VmExecConsumer(AsyncWebsocketConsumer):
             await exec_services.vm_exec_resize_async(**target, rows=message.get("rows"), cols=message.get("cols"))
         elif kind == "signal":
             await exec_services.vm_exec_signal_async(**target, signal=message.get("signal", "INT"))
+        elif kind == "start":
+            raise ApplicationError(
+                "A command is still running on this socket: start the next one after its exit.", code="conflict"
+            )
         else:
             raise ApplicationError("Unknown control message type.", code="bad_request")
 

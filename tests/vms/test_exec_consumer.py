@@ -493,3 +493,141 @@ async def test_read_only_and_bad_tokens_do_not_fall_back_to_the_session(owner, l
         comm.scope["user"] = owner  # as if a session cookie had authenticated the owner
         connected, code = await comm.connect(timeout=5)
         assert (connected, code) == (False, 4401), value
+
+
+# ----- a kept socket: "keep_open" runs one command after another on one connection ---------
+
+
+async def run_on(comm, command, *, keep_open=True):
+    """Start ``command`` on an open start socket and follow it to its exit: (exec id, output, result)."""
+    await comm.send_json_to({"type": "start", "command": command, "keep_open": keep_open})
+    exec_id, output = None, b""
+    while True:
+        frame = await comm.receive_output(10)
+        if frame["type"] == "websocket.close":
+            raise AssertionError(f"socket closed ({frame.get('code')}) before the exit")
+        if frame.get("bytes") is not None:
+            output += frame["bytes"][1:]
+            continue
+        message = json.loads(frame["text"])
+        assert message["type"] != "error", message
+        if message["type"] == "started":
+            exec_id = message["exec_id"]
+        elif message["type"] == "attached":
+            assert message["exec_id"] == exec_id and message["offset"] == 0
+        elif message["type"] == "exit":
+            return exec_id, output, message["result"]
+
+
+async def test_a_kept_socket_runs_commands_one_after_another_each_audited(owner, live_vm):
+    vm, _ = live_vm
+    comm, connected, _ = await connect_start(vm, owner)
+    assert connected
+    first = await run_on(comm, ["sh", "-c", "echo one"])
+    second = await run_on(comm, ["sh", "-c", "echo two >&2; exit 3"])
+    assert await comm.receive_nothing(0.3)  # still open after the second exit
+    last = await run_on(comm, ["echo", "three"], keep_open=False)
+    assert [(out, result["exit_code"]) for _, out, result in (first, second, last)] == [
+        (b"one\n", 0),
+        (b"two\n", 3),
+        (b"three\n", 0),
+    ]
+    assert len({first[0], second[0], last[0]}) == 3  # three commands, three execs
+    assert (await comm.receive_output(5)) == {"type": "websocket.close", "code": 1000}  # no keep_open: closed
+    rows = sorted(await ok_exec_rows(vm), key=lambda row: row.id)
+    assert [row.after["exec_id"] for row in rows] == [first[0], second[0], last[0]]
+
+
+async def test_a_start_while_a_command_runs_is_refused_and_the_command_goes_on(owner, live_vm):
+    vm, _ = live_vm
+    comm, connected, _ = await connect_start(vm, owner)
+    assert connected
+    await comm.send_json_to(
+        {"type": "start", "command": ["sh", "-c", "read x; echo got $x"], "stdin_open": True, "keep_open": True}
+    )
+    await control(comm, "attached")
+    await comm.send_json_to({"type": "start", "command": ["true"]})
+    assert (await control(comm, "error"))["code"] == "conflict"
+    await comm.send_json_to({"type": "stdin", "data": "late\n"})
+    output = b""
+    while True:
+        frame = await comm.receive_output(10)
+        if frame.get("bytes") is not None:
+            output += frame["bytes"][1:]
+        elif json.loads(frame["text"])["type"] == "exit":
+            break
+    assert output == b"got late\n"
+    assert len(await ok_exec_rows(vm)) == 1  # the refused start started nothing
+    # a late ack of the finished command changes nothing; the next start still runs
+    await comm.send_json_to({"type": "ack", "offset": 9})
+    assert (await run_on(comm, ["echo", "next"]))[1] == b"next\n"
+    await comm.disconnect()
+
+
+async def test_a_kept_socket_with_no_next_start_is_closed(owner, live_vm, settings):
+    settings.SANDBOX_EXEC_SOCKET_IDLE_SECONDS = 0.5
+    vm, _ = live_vm
+    comm, connected, _ = await connect_start(vm, owner)
+    assert connected
+    await run_on(comm, ["true"])
+    assert (await control(comm, "error"))["code"] == "timeout"
+    assert (await comm.receive_output(5)) == {"type": "websocket.close", "code": 4408}
+    await comm.disconnect()
+
+
+async def test_a_kept_socket_authenticates_each_start_again(owner, live_vm):
+    vm, _ = live_vm
+    _, secret = await database_sync_to_async(services.token_create)(user=owner, name="t", actor=owner)
+    comm = await open_with_token(vm, secret)
+    await run_on(comm, ["true"])
+    # deactivated between two commands (a database edit: no event, no periodic check yet)
+    await database_sync_to_async(get_user_model().objects.filter(pk=owner.pk).update)(is_active=False)
+    await comm.send_json_to({"type": "start", "command": ["echo", "after"]})
+    frames = await frames_until_close(comm)
+    assert [f["code"] for f in frames if isinstance(f, dict) and f.get("type") == "error"] == ["permission_denied"]
+    assert {"type": "websocket.close", "code": 4403} in frames
+    assert len(await ok_exec_rows(vm)) == 1  # only the first command
+    await leave(comm)
+
+
+async def test_a_kept_socket_counts_each_start_against_the_exec_budget(owner, live_vm, settings):
+    settings.SANDBOX_RATE_LIMITS = {"exec": "2/min", "user": "100/min"}
+    await database_sync_to_async(cache.clear)()  # budgets charged by earlier runs
+    vm, _ = live_vm
+    comm, connected, _ = await connect_start(vm, owner)
+    assert connected
+    await run_on(comm, ["true"])
+    await run_on(comm, ["true"])
+    await comm.send_json_to({"type": "start", "command": ["true"], "keep_open": True})
+    assert (await control(comm, "error"))["code"] == "throttled"
+    assert (await comm.receive_output(5)) == {"type": "websocket.close", "code": 4429}
+    assert len(await ok_exec_rows(vm)) == 2
+    await comm.disconnect()
+
+
+async def test_keep_open_must_be_a_boolean(owner, live_vm):
+    vm, _ = live_vm
+    comm, connected, _ = await connect_start(vm, owner)
+    assert connected
+    await comm.send_json_to({"type": "start", "command": ["true"], "keep_open": "yes"})
+    assert (await control(comm, "error"))["code"] == "bad_request"
+    assert (await comm.receive_output(5)) == {"type": "websocket.close", "code": 4400}
+    assert await ok_exec_rows(vm) == []
+    await comm.disconnect()
+
+
+async def test_the_hostd_connection_forgets_each_finished_stream(owner, live_vm):
+    """A kept socket's one hostd connection carries stream after stream: each one's entry goes
+    when it ends (hostd ends it with ``exit``), not when the socket closes."""
+    from vms.agent_gateway import AgentChannel
+
+    vm, _ = live_vm
+    channel = await AgentChannel.open(timeout=10)
+    try:
+        for _ in range(3):
+            started = await channel.exec_start(str(vm.pk), {"argv": ["true"]}, max_running=4)
+            sub = await channel.exec_attach(str(vm.pk), started["exec_id"])
+            assert [frame.header["ev"] async for frame in sub][-1] == "exit"
+        assert channel._client._subs == {}
+    finally:
+        await channel.close()

@@ -442,9 +442,11 @@ class Subscription:
             frame = await self.queue.get()
             if frame is None:
                 return
-            yield frame
-            if frame.header.get("ev") in ("exit", "end"):
+            if frame.header.get("ev") in ("exit", "end"):  # hostd's stream is over: forget it
+                self.client._subs.pop(self.sub, None)
+                yield frame
                 return
+            yield frame
 
     async def close(self) -> None:
         self.client._subs.pop(self.sub, None)
