@@ -17,7 +17,7 @@ import collections
 import itertools
 from concurrent.futures import ThreadPoolExecutor
 
-from asgiref.sync import ThreadSensitiveContext
+from asgiref.sync import ThreadSensitiveContext, sync_to_async
 from django.core.handlers.asgi import ASGIHandler
 
 MAX_IDLE = 32
@@ -50,6 +50,18 @@ def _give_back(executor: ThreadPoolExecutor) -> None:
 
 
 class PooledThreadASGIHandler(ASGIHandler):
+    def __init__(self) -> None:
+        # The middleware chain in its synchronous form, run whole in the request's thread (as a
+        # WSGI server runs it). Django's asynchronous form bounced between that thread and the
+        # event loop three more times per request: its synchronous middleware ran in the thread,
+        # the asynchronous-capable rest on the loop, and the (synchronous) view in the thread
+        # again.
+        super(ASGIHandler, self).__init__()
+        self.load_middleware(is_async=False)
+
+    async def get_response_async(self, request):
+        return await sync_to_async(self.get_response, thread_sensitive=True)(request)
+
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             raise ValueError(f"Django can only handle ASGI/HTTP connections, not {scope['type']}.")

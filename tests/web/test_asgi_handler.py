@@ -77,3 +77,23 @@ def test_idle_threads_beyond_the_limit_end(monkeypatch):
             break
         threading.Event().wait(0.01)
     assert list(asgi_handler._idle) == [kept] and extra._shutdown
+
+
+async def test_a_request_runs_its_middleware_and_view_in_its_thread_without_bouncing(monkeypatch):
+    # Django's asynchronous middleware chain ran the synchronous middleware in the request's
+    # thread, went back to the event loop for the rest (async_to_sync) and into the thread
+    # again for the view: the handler runs the synchronous chain whole in the thread.
+    from asgiref import sync
+
+    hops = []
+    real = sync.AsyncToSync.__call__
+
+    def counted(self, *args, **kwargs):
+        hops.append(getattr(self, "awaitable", None))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(sync.AsyncToSync, "__call__", counted)
+    handler = PooledThreadASGIHandler()
+    status, name = await _get(handler, "/thread/")
+    assert status == 200 and name.startswith(b"request-")
+    assert hops == []
