@@ -104,6 +104,8 @@ def _start_allowed(user_id, token_id, vm_id: str):
 
 
 START_WAIT_SECONDS = 10
+# Frames of a kept socket's finished command that may still arrive after its exit.
+_LATE_FRAMES = frozenset({"ack", "stdin", "eof", "resize", "signal"})
 _CLOSE_CODES = {"not_found": 4404, "permission_denied": 4403, "not_running": 4409, "unauthenticated": 4401}
 
 
@@ -181,26 +183,30 @@ class VmExecConsumer(AsyncWebsocketConsumer):
 
     def _start_expired(self) -> None:
         if self.exec_id is None and not self.closing:
+            self.closing = True  # now: a start frame handled before the close task runs acts no more
             self.expiry = asyncio.ensure_future(
                 self._close_with(4408, "timeout", "No start frame came in time.", status=408)
             )
 
-    async def _start(self, text_data: str | None) -> None:
+    async def _start(self, text_data: str | None, bytes_data: bytes | None = None) -> None:
         """The client's first frame on ``/exec/`` (or its next, on a kept socket between
         commands): start the command, then stream it."""
-        if self.start_deadline is not None:
-            self.start_deadline.cancel()
+        if self.started and bytes_data is not None:
+            return  # the finished command's stdin, sent before its exit reached the client
         try:
             message = ws_control_frame(text_data)
         except ApplicationError as exc:
             await self._close_with(4400, exc.code, exc.message, status=400)
             return
         if message.get("type") != "start":
-            if self.started and message.get("type") == "ack":  # the last command's, late: nothing to do
-                self._await_start(settings.SANDBOX_EXEC_SOCKET_IDLE_SECONDS)
+            if self.started and message.get("type") in _LATE_FRAMES:
+                # The finished command's, sent before its exit reached the client: acts on
+                # nothing, and the idle deadline keeps running (only a start ends it).
                 return
             await self._close_with(4400, "bad_request", 'The first frame must be {"type": "start", ...}.', status=400)
             return
+        if self.start_deadline is not None:
+            self.start_deadline.cancel()
         keep_open = message.get("keep_open", False)
         if not isinstance(keep_open, bool):
             await self._close_with(4400, "bad_request", "keep_open must be true or false.", status=400)
@@ -280,10 +286,14 @@ class VmExecConsumer(AsyncWebsocketConsumer):
                     data = frame.data[max(0, self.cursor - offset) :]  # never send a byte twice
                     await self._send_output(STREAM_BYTES.get(h.get("stream"), b"\x01"), data)
                 elif h["ev"] == "exit":
-                    await self._control({"type": "exit", "end_offset": h.get("end_offset"), "result": h.get("result")})
-                    if self.keep_open and not self.closing:
+                    # Ready for the next start before the client can see this exit: ``send``
+                    # returns only once a slow reader took enough (daphne_limits), and a start
+                    # answering the exit must not find the finished command still here.
+                    kept = self.keep_open and not self.closing
+                    if kept:
                         self._next_command()
-                    else:
+                    await self._control({"type": "exit", "end_offset": h.get("end_offset"), "result": h.get("result")})
+                    if not kept:
                         await self.close(code=1000)
                     return
                 elif h["ev"] == "end":
@@ -323,7 +333,7 @@ class VmExecConsumer(AsyncWebsocketConsumer):
         if self.channel is None or self.closing:
             return  # not ready, or on its way out: nothing the client sends acts any more
         if self.exec_id is None:
-            await self._start(text_data)
+            await self._start(text_data, bytes_data)
             return
         if text_data and '"ack"' in text_data:  # flow control: no service, no audit
             with contextlib.suppress(ValueError):

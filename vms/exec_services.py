@@ -54,7 +54,10 @@ def _require_running(vm: VM) -> None:
     # A row read in the last moment (``vm_for`` of this request) is as fresh as a re-read
     # would be; a VM object kept longer (a websocket's) is read again.
     if time.monotonic() - getattr(vm, "read_at", float("-inf")) > ROW_FRESH_SECONDS:
-        vm.refresh_from_db(fields=["state", "driver"])
+        try:
+            vm.refresh_from_db(fields=["state", "driver"])
+        except VM.DoesNotExist:  # deleted since (a kept websocket's next command)
+            raise ApplicationError("The VM no longer exists.", code="not_found", status_code=404) from None
     if not vm_guest_running(vm):
         raise ConflictError(f"The VM is {vm.state}; commands and files need it running.", details={"state": vm.state})
 
