@@ -197,6 +197,17 @@ def test_snapshot_and_clone(sandbox, client):
             clone.delete().wait(timeout=300)
 
 
+def test_a_pty_session_reads_output_far_beyond_the_flow_control_window(sandbox):
+    # The server sends at most 256 KiB beyond the reader's last ack: 2 MiB through a real
+    # pseudo-terminal arrive whole only if the session acknowledges as it reads.
+    size = 2 << 20
+    with sandbox.pty(["sh", "-c", f"head -c {size} /dev/zero | tr '\\0' x; echo; echo done"]) as term:
+        received = 0
+        while (data := term.recv(timeout=60)) is not None:
+            received += data.count(b"x")
+    assert received == size and term.result.exit_code == 0
+
+
 def test_port_forwards_are_listed(sandbox, stack, tmp_path):
     assert sandbox.port_forwards.list() == []
     forward = sandbox.port_forwards.create(8080)

@@ -13,6 +13,7 @@ import asyncio
 import base64
 import codecs
 import inspect
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Generator, Iterable, Iterator
@@ -234,6 +235,35 @@ def console_ack_every(window: int) -> int:
     window (its ``hello``), so three quarters are still in flight when the ack leaves and the
     stream never waits for it on a fast link (docs/dashboard.md)."""
     return max(1, window // 4)
+
+
+class ExecWindow:
+    """The client's side of an exec websocket's flow control (docs/exec-and-files.md): the
+    server sends at most ``window`` output bytes beyond the offset last acknowledged, so a
+    reader acknowledges as it reads (every quarter window, as the console does) or the stream
+    stops for good once a window of output went unacknowledged."""
+
+    def __init__(self) -> None:
+        self.offset = 0  # output bytes received (exec offsets)
+        self.acked = 0
+        self.window = 256 << 10  # the server's, from ``attached``
+
+    def attached(self, control: dict[str, Any]) -> None:
+        self.offset = self.acked = int(control.get("offset") or 0)
+        self.window = int(control.get("window") or self.window)
+
+    def gap(self, control: dict[str, Any]) -> None:
+        """Bytes the bounded buffer dropped: the server counts them as sent and acknowledged."""
+        self.offset = max(self.offset, int(control.get("to") or 0))
+        self.acked = max(self.acked, self.offset)
+
+    def received(self, size: int) -> str | None:
+        """Count ``size`` output bytes; the ack frame to send now, if one is due."""
+        self.offset += size
+        if self.offset - self.acked < console_ack_every(self.window):
+            return None
+        self.acked = self.offset
+        return json.dumps({"type": "ack", "offset": self.offset})
 
 
 def vm_named(name: str, rows: Iterable[dict[str, Any]]) -> dict[str, Any]:

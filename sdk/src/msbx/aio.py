@@ -586,7 +586,12 @@ class AsyncPtySession:
         self.exec_id = exec_id
         self.ws = ws
         self.result: ExecResult | None = None
-        self.offset = 0
+        self.flow = flows.ExecWindow()
+
+    @property
+    def offset(self) -> int:
+        """Output bytes received so far (the exec's offset)."""
+        return self.flow.offset
 
     async def recv(self, timeout: float | None = None) -> bytes | None:
         from websockets.exceptions import ConnectionClosed
@@ -601,12 +606,16 @@ class AsyncPtySession:
                     return None
                 raise ws_error(exc, self.exec_id) from exc
             if isinstance(message, bytes):
-                self.offset += len(message) - 1
+                ack = self.flow.received(len(message) - 1)
+                if ack is not None:
+                    await self.ws.send(ack)
                 return message[1:]
             control = json.loads(message)
             kind = control.get("type")
             if kind == "attached":
-                self.offset = int(control.get("offset") or 0)
+                self.flow.attached(control)
+            elif kind == "gap":
+                self.flow.gap(control)
             elif kind == "exit":
                 self.result = ExecResult.from_api(self.exec_id, control.get("result"))
                 return None

@@ -613,12 +613,18 @@ class PtySession:
         self.exec_id = exec_id
         self.ws = ws
         self.result: ExecResult | None = None
-        self.offset = 0
+        self.flow = flows.ExecWindow()
         self._lock = threading.Lock()
+
+    @property
+    def offset(self) -> int:
+        """Output bytes received so far (the exec's offset)."""
+        return self.flow.offset
 
     def recv(self, timeout: float | None = None) -> bytes | None:
         """The next output bytes; None once the command exited (see ``result``). Raises
-        ``Timeout`` after ``timeout`` seconds without output."""
+        ``Timeout`` after ``timeout`` seconds without output. Acknowledges what it received
+        (the server's flow control), so output never stops for want of an ack."""
         from websockets.exceptions import ConnectionClosed
 
         while True:
@@ -631,12 +637,17 @@ class PtySession:
                     return None
                 raise ws_error(exc, self.exec_id) from exc
             if isinstance(message, bytes):
-                self.offset += len(message) - 1
+                ack = self.flow.received(len(message) - 1)
+                if ack is not None:
+                    with self._lock:
+                        self.ws.send(ack)
                 return message[1:]
             control = json.loads(message)
             kind = control.get("type")
             if kind == "attached":
-                self.offset = int(control.get("offset") or 0)
+                self.flow.attached(control)
+            elif kind == "gap":
+                self.flow.gap(control)
             elif kind == "exit":
                 self.result = ExecResult.from_api(self.exec_id, control.get("result"))
                 return None
