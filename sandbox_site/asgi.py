@@ -18,6 +18,7 @@ from accounts.authentication import BearerTokenWebsocketMiddleware  # noqa: E402
 from sandbox_site import daphne_http_errors, daphne_limits, daphne_spool  # noqa: E402
 from sandbox_site.metrics import AsgiMetricsMiddleware  # noqa: E402
 from sandbox_site.routing import websocket_urlpatterns  # noqa: E402
+from sandbox_site.websocket_limits import WebsocketsPerUserLimit  # noqa: E402
 from sandbox_site.websocket_origin import SameOriginWebsocketValidator  # noqa: E402
 from vms.upload_limit import UploadLimitMiddleware  # noqa: E402
 
@@ -26,7 +27,7 @@ daphne_limits.install()  # body limits as bytes arrive; sends paced to the clien
 daphne_http_errors.install()  # requests Twisted refuses get an answer in the API's error shape
 audit_seal_by_process_sealer()  # consumers' audit rows too: sealed by the process's sealer thread
 
-websockets = URLRouter(websocket_urlpatterns)
+websockets = WebsocketsPerUserLimit(URLRouter(websocket_urlpatterns))  # after authentication: per user
 application = AsgiMetricsMiddleware(
     ProtocolTypeRouter(
         {

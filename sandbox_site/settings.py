@@ -398,6 +398,8 @@ SANDBOX_CONSOLE_TICKET_SECONDS = env.int("SANDBOX_CONSOLE_TICKET_SECONDS", defau
 # Open console/exec/events websockets re-check their rights this often (and at once when a
 # service changes rights): a revoked token, removed share or deactivated user closes them.
 SANDBOX_WS_RECHECK_SECONDS = env.float("SANDBOX_WS_RECHECK_SECONDS", default=10.0)
+# Open websockets (console, exec, events) per user and web process; more are refused (4429).
+SANDBOX_WS_PER_USER = env.int("SANDBOX_WS_PER_USER", default=100)
 SANDBOX_SAMPLE_SECONDS = env.float("SANDBOX_SAMPLE_SECONDS", default=10.0)
 SANDBOX_SAMPLE_RETENTION_SECONDS = env.int("SANDBOX_SAMPLE_RETENTION_SECONDS", default=6 * 3600)
 
