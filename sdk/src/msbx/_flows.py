@@ -266,6 +266,52 @@ class ExecWindow:
         return json.dumps({"type": "ack", "offset": self.offset})
 
 
+_STREAMS = {b"\x01": "stdout", b"\x02": "stderr", b"\x03": "pty"}
+
+
+class ExecSocketReader:
+    """The client's side of an exec websocket that starts its command (``/ws/vms/{id}/exec/``),
+    without I/O: ``take`` each server frame and send back the frames it returns (acks), call the
+    callbacks it returns (output as text, in order); ``result`` is set once the command exited.
+    Until the server's ``started`` an ``error`` frame raises the REST call's exception."""
+
+    def __init__(self, path: str, on_stdout: Callable | None = None, on_stderr: Callable | None = None) -> None:
+        self.path = path
+        self.sink = TextSink(on_stdout, on_stderr)
+        self.flow = ExecWindow()
+        self.exec_id: str | None = None
+        self.result: dict[str, Any] | None = None
+
+    def take(self, message: str | bytes) -> tuple[list[str], list[Notify]]:
+        from msbx._http import ws_start_reply
+
+        if self.exec_id is None:
+            self.exec_id = ws_start_reply(message, self.path)
+            return [], []
+        if isinstance(message, bytes):
+            data = message[1:]
+            chunk = OutputChunk(_STREAMS.get(message[:1], "stdout"), self.flow.offset, data)
+            ack = self.flow.received(len(data))
+            return ([ack] if ack is not None else []), self.sink.feed(chunk)
+        control = json.loads(message)
+        kind = control.get("type")
+        if kind == "attached":
+            self.flow.attached(control)
+        elif kind == "gap":
+            self.flow.gap(control)
+        elif kind == "exit":
+            self.result = control.get("result") or {}
+            return [], self.sink.finish()
+        elif kind == "error":
+            raise SandboxError(f"exec {self.exec_id}: {control.get('code')}: {control.get('message')}")
+        return [], []
+
+    def texts(self) -> dict[str, str]:
+        """The output so far, as text per stream (``exec_collect``'s ``prefix`` when the rest is
+        read over HTTP)."""
+        return {"stdout": self.sink.text("stdout"), "stderr": self.sink.text("stderr")}
+
+
 def vm_named(name: str, rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """The one VM called exactly ``name`` among ``rows`` (the list's ``?name=`` answer, which
     matches substrings): NotFound when none, SandboxError when several VMs you can see (yours

@@ -199,6 +199,9 @@ class SyncHttp(_HttpBase):
         self.client = httpx.Client(
             base_url=self.base_url, headers=self.headers, timeout=self.timeout, transport=transport
         )
+        # A transport of the caller's routes HTTP its own way: websockets cannot follow it, so
+        # what has an HTTP equivalent (exec output) keeps to HTTP then.
+        self.own_transport = transport is not None
 
     def close(self) -> None:
         self.client.close()
@@ -294,6 +297,7 @@ class AsyncHttp(_HttpBase):
         self.client = httpx.AsyncClient(
             base_url=self.base_url, headers=self.headers, timeout=self.timeout, transport=transport
         )
+        self.own_transport = transport is not None  # see SyncHttp
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import hashlib
+import inspect
 import json
 import os
 from collections.abc import AsyncIterator
@@ -390,6 +392,72 @@ class AsyncSandbox:
             tag=tag,
             buffer_bytes=buffer_bytes,
         )
+        streamed = await self._exec_streamed(body, on_stdout, on_stderr) if streaming and not background else None
+        if streamed is not None:
+            result = streamed
+        else:
+            result = await self._exec_rest(
+                body, wait=wait, background=background, on_stdout=on_stdout, on_stderr=on_stderr
+            )
+            if background:
+                return result
+        if check and not result.ok:
+            raise CommandFailed(
+                f"command exited with {result.exit_code if result.exit_code is not None else result.signal}: "
+                f"{result.stderr.strip()[-500:]}",
+                result,
+            )
+        return result
+
+    async def _exec_streamed(
+        self, body: dict[str, Any], on_stdout: Callable[[str], Any] | None, on_stderr: Callable[[str], Any] | None
+    ) -> ExecResult | None:
+        """See ``Sandbox._exec_streamed``; callbacks may be coroutine functions."""
+        from websockets.exceptions import WebSocketException
+
+        if self.client.http.own_transport:
+            return None
+        path = WS_EXEC_START.format(id=self.id)
+        try:
+            ws = await self.client.http.ws_connect(path)
+        except TransportError:
+            return None
+        reader = flows.ExecSocketReader(path, on_stdout, on_stderr)
+        try:
+            await ws.send(ws_start_frame(body))
+            while reader.result is None:
+                try:
+                    message = await asyncio.wait_for(ws.recv(), None if reader.exec_id else self.client.http.timeout)
+                except (WebSocketException, OSError, asyncio.TimeoutError) as exc:
+                    if reader.exec_id is None:
+                        raise ws_error(exc, path) from exc
+                    return await AsyncProcess(self, reader.exec_id).wait(
+                        on_stdout=on_stdout, on_stderr=on_stderr, offset=reader.flow.offset, prefix=reader.texts()
+                    )
+                replies, notify = reader.take(message)
+                for frame in replies:
+                    with contextlib.suppress(WebSocketException, OSError):
+                        await ws.send(frame)
+                for step in notify:
+                    outcome = step.callback(*step.args)
+                    if inspect.isawaitable(outcome):
+                        await outcome
+        finally:
+            await ws.close()
+        assert reader.exec_id is not None
+        stdout, stderr = reader.texts().values()
+        return ExecResult.from_api(reader.exec_id, reader.result, stdout, stderr)
+
+    async def _exec_rest(
+        self,
+        body: dict[str, Any],
+        *,
+        wait: bool,
+        background: bool,
+        on_stdout: Callable[[str], Any] | None,
+        on_stderr: Callable[[str], Any] | None,
+    ) -> Any:
+        timeout = body.get("timeout")
         http_timeout = (min(timeout, EXEC_WAIT_MAX) if timeout else EXEC_WAIT_MAX) + 30 if wait else None
         data = await self.client.http.json("exec_create", path={"id": self.id}, json=body, timeout=http_timeout)
         process = AsyncProcess(self, data["exec_id"])
@@ -404,12 +472,6 @@ class AsyncSandbox:
             )
         else:
             result = await process.wait(on_stdout=on_stdout, on_stderr=on_stderr)
-        if check and not result.ok:
-            raise CommandFailed(
-                f"command exited with {result.exit_code if result.exit_code is not None else result.signal}: "
-                f"{result.stderr.strip()[-500:]}",
-                result,
-            )
         return result
 
     def process(self, exec_id: str) -> AsyncProcess:

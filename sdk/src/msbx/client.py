@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import builtins
+import contextlib
 import hashlib
 import io
 import json
@@ -409,6 +410,71 @@ class Sandbox:
             tag=tag,
             buffer_bytes=buffer_bytes,
         )
+        streamed = self._exec_streamed(body, on_stdout, on_stderr) if streaming and not background else None
+        if streamed is not None:
+            result = streamed
+        else:
+            result = self._exec_rest(body, wait=wait, background=background, on_stdout=on_stdout, on_stderr=on_stderr)
+            if background:
+                return result
+        if check and not result.ok:
+            raise CommandFailed(
+                f"command exited with {result.exit_code if result.exit_code is not None else result.signal}: "
+                f"{result.stderr.strip()[-500:]}",
+                result,
+            )
+        return result
+
+    def _exec_streamed(
+        self, body: dict[str, Any], on_stdout: Callable[[str], Any] | None, on_stderr: Callable[[str], Any] | None
+    ) -> ExecResult | None:
+        """Start the command on its own exec websocket and stream its output there (as it
+        comes: no polling). None when no websocket opens (nothing was started: the caller goes
+        over REST) or the client routes HTTP through a transport of its own. A socket lost after
+        the start goes on over REST from the offset it reached (the guest keeps the output)."""
+        from websockets.exceptions import WebSocketException
+
+        if self.client.http.own_transport:
+            return None
+        path = WS_EXEC_START.format(id=self.id)
+        try:
+            ws = self.client.http.ws_connect(path)
+        except TransportError:
+            return None
+        reader = flows.ExecSocketReader(path, on_stdout, on_stderr)
+        try:
+            ws.send(ws_start_frame(body))
+            while reader.result is None:
+                try:
+                    message = ws.recv(timeout=None if reader.exec_id else self.client.http.timeout)
+                except (WebSocketException, OSError, TimeoutError) as exc:
+                    if reader.exec_id is None:
+                        raise ws_error(exc, path) from exc
+                    return Process(self, reader.exec_id).wait(
+                        on_stdout=on_stdout, on_stderr=on_stderr, offset=reader.flow.offset, prefix=reader.texts()
+                    )
+                replies, notify = reader.take(message)
+                for frame in replies:
+                    with contextlib.suppress(WebSocketException, OSError):
+                        ws.send(frame)
+                for step in notify:
+                    step.callback(*step.args)
+        finally:
+            ws.close()
+        assert reader.exec_id is not None
+        stdout, stderr = reader.texts().values()
+        return ExecResult.from_api(reader.exec_id, reader.result, stdout, stderr)
+
+    def _exec_rest(
+        self,
+        body: dict[str, Any],
+        *,
+        wait: bool,
+        background: bool,
+        on_stdout: Callable[[str], Any] | None,
+        on_stderr: Callable[[str], Any] | None,
+    ) -> Any:
+        timeout = body.get("timeout")
         http_timeout = (min(timeout, EXEC_WAIT_MAX) if timeout else EXEC_WAIT_MAX) + 30 if wait else None
         data = self.client.http.json("exec_create", path={"id": self.id}, json=body, timeout=http_timeout)
         process = Process(self, data["exec_id"])
@@ -423,12 +489,6 @@ class Sandbox:
             )
         else:
             result = process.wait(on_stdout=on_stdout, on_stderr=on_stderr)
-        if check and not result.ok:
-            raise CommandFailed(
-                f"command exited with {result.exit_code if result.exit_code is not None else result.signal}: "
-                f"{result.stderr.strip()[-500:]}",
-                result,
-            )
         return result
 
     def process(self, exec_id: str) -> Process:
