@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from functools import partial
 from urllib.parse import parse_qs
 
@@ -104,6 +105,10 @@ def _start_allowed(user_id, token_id, vm_id: str):
 
 
 START_WAIT_SECONDS = 10
+# stdin, eof, resize and signal frames act as the user read again at most this long ago (a REST
+# request authenticates every time; frames come far more often): a deactivated user, a revoked
+# or expired token, a role or right taken away act no more after this, event or not.
+FRAME_USER_FRESH_SECONDS = 1.0
 # Frames of a kept socket's finished command that may still arrive after its exit.
 _LATE_FRAMES = frozenset({"ack", "stdin", "eof", "resize", "signal"})
 _CLOSE_CODES = {"not_found": 4404, "permission_denied": 4403, "not_running": 4409, "unauthenticated": 4401}
@@ -115,6 +120,7 @@ class VmExecConsumer(AsyncWebsocketConsumer):
         self.pump: asyncio.Task | None = None
         self.rights: RightsWatch | None = None
         self.user = self.scope.get("user")
+        self.user_read_at = time.monotonic()  # the handshake read it
         kwargs = self.scope["url_route"]["kwargs"]
         self.vm_id, self.exec_id = kwargs["vm_id"], kwargs.get("exec_id")  # None: the client starts one
         self.start_deadline: asyncio.TimerHandle | None = None
@@ -352,9 +358,29 @@ class VmExecConsumer(AsyncWebsocketConsumer):
             if exc.code == "permission_denied":  # the exec right was taken away: stop watching too
                 await self.close(code=_CLOSE_CODES["permission_denied"])
 
+    def _frame_user(self):
+        """(In the database thread) The user a frame acts as, read again when the last read is
+        older than ``FRAME_USER_FRESH_SECONDS``; refused when its access is gone."""
+        from accounts.rights import websocket_user_fresh
+        from sandbox_site.errors import NotPermitted
+
+        now = time.monotonic()
+        if now - self.user_read_at >= FRAME_USER_FRESH_SECONDS:
+            user = websocket_user_fresh(user_id=self.user.pk, token_id=self.scope.get("token_id"), vm_id=self.vm_id)
+            if user is None:
+                raise NotPermitted("Your access was revoked.")
+            self.user, self.user_read_at = user, now
+        return self.user
+
     async def _apply(self, text_data: str | None, bytes_data: bytes | None) -> None:
         """stdin, eof, resize and signal through the exec services (same checks as REST)."""
-        target = {"vm": self.vm, "actor": self.user, "channel": self.channel, "exec_id": self.exec_id}
+        target = {
+            "vm": self.vm,
+            "actor": self.user,
+            "channel": self.channel,
+            "exec_id": self.exec_id,
+            "before": self._frame_user,
+        }
         if bytes_data is not None:
             await exec_services.vm_exec_stdin_async(**target, data=bytes_data)
             return

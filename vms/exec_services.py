@@ -470,12 +470,20 @@ def _control_run(vm: VM, actor, control: _ExecControl) -> dict:
     return result
 
 
-async def _control_run_async(vm: VM, actor, control: _ExecControl, channel: AgentChannel) -> dict:
+async def _control_run_async(
+    vm: VM, actor, control: _ExecControl, channel: AgentChannel, before: Callable[[], Any] | None = None
+) -> dict:
     # Checks and audit in the database thread (short); the agent request on the event loop,
-    # so a guest slow to take stdin never holds the thread every consumer shares.
-    await database_sync_to_async(_control_allowed)(vm, actor, control)
+    # so a guest slow to take stdin never holds the thread every consumer shares. ``before``
+    # (the caller's authentication) runs first in the checks' thread and may return the actor.
+    def allowed():
+        acting = (before() if before is not None else None) or actor
+        _control_allowed(vm, acting, control)
+        return acting
+
+    acting = await database_sync_to_async(allowed)()
     result = (await channel.call(str(vm.pk), control.op, control.args, control.data, timeout=control.timeout))[0]
-    await database_sync_to_async(_control_done)(vm, actor, control)
+    await database_sync_to_async(_control_done)(vm, acting, control)
     return result
 
 
@@ -490,22 +498,25 @@ def vm_exec_signal(*, vm: VM, actor, exec_id: str, signal: str | int = "TERM") -
 
 
 async def vm_exec_stdin_async(
-    *, vm: VM, actor, channel: AgentChannel, exec_id: str, data: bytes, eof: bool = False
+    *, vm: VM, actor, channel: AgentChannel, exec_id: str, data: bytes, eof: bool = False, before=None
 ) -> dict:
-    """``vm_exec_stdin`` for websocket consumers, over their hostd ``channel``."""
-    return await _control_run_async(vm, actor, _stdin_control(exec_id, data, eof), channel)
+    """``vm_exec_stdin`` for websocket consumers, over their hostd ``channel`` (``before``: see
+    ``_control_run_async``)."""
+    return await _control_run_async(vm, actor, _stdin_control(exec_id, data, eof), channel, before)
 
 
 async def vm_exec_signal_async(
-    *, vm: VM, actor, channel: AgentChannel, exec_id: str, signal: str | int = "TERM"
+    *, vm: VM, actor, channel: AgentChannel, exec_id: str, signal: str | int = "TERM", before=None
 ) -> dict:
     """``vm_exec_signal`` for websocket consumers (same checks, same audit row)."""
-    return await _control_run_async(vm, actor, _signal_control(exec_id, signal), channel)
+    return await _control_run_async(vm, actor, _signal_control(exec_id, signal), channel, before)
 
 
-async def vm_exec_resize_async(*, vm: VM, actor, channel: AgentChannel, exec_id: str, rows: int, cols: int) -> dict:
+async def vm_exec_resize_async(
+    *, vm: VM, actor, channel: AgentChannel, exec_id: str, rows: int, cols: int, before=None
+) -> dict:
     """Resize the exec's pty (websocket only: REST has no resize)."""
-    return await _control_run_async(vm, actor, _resize_control(exec_id, rows, cols), channel)
+    return await _control_run_async(vm, actor, _resize_control(exec_id, rows, cols), channel, before)
 
 
 # ----- files -----------------------------------------------------------------------------

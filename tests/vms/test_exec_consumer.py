@@ -738,3 +738,31 @@ async def test_a_start_after_the_vm_was_deleted_is_refused_with_not_found(admin_
     assert [f["code"] for f in frames if isinstance(f, dict) and f.get("type") == "error"] == ["not_found"], frames
     assert {"type": "websocket.close", "code": 4404} in frames, frames
     await leave(comm)
+
+
+@pytest.mark.parametrize("frame", ["stdin", "signal"])
+async def test_a_frame_acts_no_more_a_second_after_its_user_was_deactivated(owner, live_vm, frame):
+    """A deactivation made in the database (no event reaches the socket; the periodic re-check
+    comes after 10 s): stdin and signal frames read their user again at most a second old."""
+    vm, _ = live_vm
+    exec_id = await start(vm, owner, ["cat"], stdin_open=True)
+    comm, connected, _ = await connect(vm, exec_id, owner)
+    assert connected
+    await control(comm, "attached")
+    await comm.send_to(bytes_data=b"before\n")
+    assert await comm.receive_from(10) == b"\x01before\n"
+    await database_sync_to_async(get_user_model().objects.filter(pk=owner.pk).update)(is_active=False)
+    await asyncio.sleep(1.1)
+    if frame == "stdin":
+        await comm.send_to(bytes_data=b"after\n")
+    else:
+        await comm.send_json_to({"type": "signal", "signal": "KILL"})
+    frames = await frames_until_close(comm)
+    assert [f["code"] for f in frames if isinstance(f, dict) and f.get("type") == "error"] == ["permission_denied"]
+    assert {"type": "websocket.close", "code": 4403} in frames
+    assert not any(isinstance(f, dict) and f.get("bytes") == b"\x01after\n" for f in frames)
+    await leave(comm)
+    await database_sync_to_async(get_user_model().objects.filter(pk=owner.pk).update)(is_active=True)
+    page = await database_sync_to_async(exec_services.vm_exec_output)(vm=vm, actor=owner, exec_id=exec_id)
+    assert page["running"]  # the KILL never came either
+    assert "".join(chunk["data"] for chunk in page["chunks"]) == "before\n"  # nor the stdin
