@@ -114,6 +114,13 @@ def test_validation_errors_carry_field_details(api, client):
     assert "memory_mib: too small" in str(caught.value)
 
 
+def test_a_field_message_the_answer_already_says_is_not_repeated():
+    same = msbx.ValidationError("pty rows must be 1-1000.", details={"pty.rows": ["pty rows must be 1-1000."]})
+    assert str(same).startswith("pty rows must be 1-1000.") and "pty.rows" not in str(same)
+    more = msbx.ValidationError("pty rows must be 1-1000.", details={"pty.rows": ["x"], "cwd": ["bad"]})
+    assert str(more) == "pty rows must be 1-1000. pty.rows: x; cwd: bad"
+
+
 def vm_list_answer(rows):
     """The VM list as the server answers it: ``?state=`` and ``?name=`` (substring,
     case-insensitive) filters, then a page by ``limit``/``offset``."""

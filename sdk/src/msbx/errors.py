@@ -103,7 +103,12 @@ class ValidationError(ApiError):
         return {}
 
     def __str__(self) -> str:
-        parts = [f"{name}: {' '.join(str(m) for m in messages)}" for name, messages in self.fields.items()]
+        # Field messages the answer's message already says are not repeated.
+        parts = [
+            f"{name}: {' '.join(str(m) for m in messages)}"
+            for name, messages in self.fields.items()
+            if not all(str(m) in self.message for m in messages)
+        ]
         return f"{self.message} {'; '.join(parts)}".strip() if parts else super().__str__()
 
 
