@@ -7,8 +7,9 @@ the web process's and hostd's file descriptors, and every other tenant's console
 requests would fail with them. A handshake beyond the cap is refused with 4429 (before it is
 accepted: the client sees the refusal of its handshake); closing one frees its place at once.
 Counted per process, like ``SANDBOX_EXEC_WAITS_PER_USER``: N web processes allow N times as
-many. Inside the authentication middleware (it needs the user); unauthenticated sockets are
-refused by their consumers anyway.
+many. Inside the authentication middleware (it needs the user); a console opened with a
+single-use ticket (``?ticket=``) counts for the ticket's user. Other unauthenticated sockets are
+refused by their consumers.
 """
 
 from __future__ import annotations
@@ -30,6 +31,14 @@ class WebsocketsPerUserLimit:
     async def __call__(self, scope, receive, send):
         user = scope.get("user")
         key = user.pk if user is not None and user.is_authenticated else None
+        ticket = _ticket(scope)
+        if ticket:  # a console by ticket runs as the ticket's user, whatever else authenticated
+            from channels.db import database_sync_to_async
+
+            from vms.consoles import console_ticket_user_id
+
+            # (a ticket that is not valid changes nothing: ``?ticket=x`` is no way around the cap)
+            key = await database_sync_to_async(console_ticket_user_id)(ticket) or key
         if key is None:
             return await self.app(scope, receive, send)
         if _open.get(key, 0) >= settings.SANDBOX_WS_PER_USER:
@@ -44,3 +53,10 @@ class WebsocketsPerUserLimit:
             _open[key] -= 1
             if not _open[key]:
                 del _open[key]
+
+
+def _ticket(scope) -> str:
+    from urllib.parse import parse_qs
+
+    query = parse_qs(scope.get("query_string", b"").decode(errors="replace"))
+    return (query.get("ticket") or [""])[0]

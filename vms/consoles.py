@@ -127,6 +127,15 @@ def console_ticket_mint(*, vm: VM, actor) -> str:
     return ticket
 
 
+def console_ticket_user_id(ticket: str):
+    """The id of the user a still-valid ticket was minted for, or None; the ticket is not used
+    up (the websocket cap counts a ticket-only console for its user before the consumer runs)."""
+    if not ticket or len(ticket) > 100:
+        return None
+    data = cache.get(_ticket_key(ticket))
+    return data["user"] if data else None
+
+
 def console_ticket_consume(ticket: str, vm_id: str):
     """The user the ticket was minted for, or None. A ticket works once, for its VM only."""
     if not ticket or len(ticket) > 100:

@@ -11,6 +11,7 @@ from channels.testing import WebsocketCommunicator
 from accounts import services
 from sandbox_site.asgi import application
 from sandbox_site.websocket_limits import websockets_open
+from tests.vms.test_console_consumer import connect, console_vm, hostd, make_vm, next_message, root  # noqa: F401
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -46,3 +47,37 @@ async def test_a_user_beyond_the_cap_is_refused_and_others_are_not(owner, operat
     for comm in (second, other, again):
         await comm.disconnect()
     assert websockets_open(owner.pk) == 0 and websockets_open(operator.pk) == 0
+
+
+async def test_ticket_only_console_sockets_count_for_the_tickets_user(console_vm, owner, settings):  # noqa: F811
+    # (no session, no token: the socket runs as the ticket's user)
+    from vms.consoles import console_ticket_mint
+
+    settings.SANDBOX_WS_PER_USER = 2
+    opened = []
+    for _ in range(2):
+        ticket = await database_sync_to_async(console_ticket_mint)(vm=console_vm, actor=owner)
+        comm, connected, _ = await connect(console_vm, None, f"?ticket={ticket}")
+        assert connected
+        kind, hello = await next_message(comm)
+        assert kind == "text" and hello["type"] == "hello"
+        opened.append(comm)
+    try:
+        assert websockets_open(owner.pk) == 2, "ticket consoles are not counted for their user"
+        ticket = await database_sync_to_async(console_ticket_mint)(vm=console_vm, actor=owner)
+        comm, connected, code = await connect(console_vm, None, f"?ticket={ticket}")
+        opened.append(comm)
+        assert (connected, code) == (False, 4429)
+    finally:
+        for comm in opened:
+            await comm.disconnect()
+
+
+async def test_a_bogus_ticket_is_no_way_around_the_cap(owner, settings):
+    settings.SANDBOX_WS_PER_USER = 1
+    first, ok, _ = await open_events(owner)
+    assert ok
+    comm = WebsocketCommunicator(application, "/ws/vms/events/?ticket=not-a-ticket", headers=HEADERS)
+    comm.scope["user"] = owner
+    assert await comm.connect(timeout=5) == (False, 4429)
+    await first.disconnect()

@@ -281,6 +281,7 @@ class ExecSocketReader:
         self.flow = ExecWindow()
         self.exec_id: str | None = None
         self.result: dict[str, Any] | None = None
+        self.lost: dict[str, Any] | None = None  # an ``error`` after the start: go on over REST
 
     def take(self, message: str | bytes) -> tuple[list[str], list[Notify]]:
         from msbx._http import ws_start_reply
@@ -302,8 +303,8 @@ class ExecSocketReader:
         elif kind == "exit":
             self.result = control.get("result") or {}
             return [], self.sink.finish()
-        elif kind == "error":
-            raise SandboxError(f"exec {self.exec_id}: {control.get('code')}: {control.get('message')}")
+        elif kind == "error":  # after the start: the socket (or hostd's stream) is lost, not the command
+            self.lost = control
         return [], []
 
     def texts(self) -> dict[str, str]:

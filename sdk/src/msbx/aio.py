@@ -23,7 +23,7 @@ from msbx._flows import OutputChunk, is_vm_id, vm_named
 from msbx._http import AsyncHttp, RequestLog, RetryPolicy, ws_error, ws_start_frame, ws_start_reply
 from msbx.client import DEFAULT_BOOT_TIMEOUT, EXEC_WAIT_MAX, FileSource, Progress, _chunks_of
 from msbx.config import credentials_resolve
-from msbx.errors import CommandFailed, IntegrityError, NotFound, SandboxError, Timeout, TransportError
+from msbx.errors import ApiError, CommandFailed, IntegrityError, NotFound, SandboxError, Timeout, TransportError
 from msbx.models import TRANSFER_CHUNK, ExecResult, TransferResult, create_body, exec_body, new_name
 
 
@@ -420,20 +420,18 @@ class AsyncSandbox:
         path = WS_EXEC_START.format(id=self.id)
         try:
             ws = await self.client.http.ws_connect(path)
-        except TransportError:
+        except (TransportError, ApiError):  # a refused handshake is a 403 whatever the reason: REST says
             return None
         reader = flows.ExecSocketReader(path, on_stdout, on_stderr)
         try:
             await ws.send(ws_start_frame(body))
-            while reader.result is None:
+            while reader.result is None and reader.lost is None:
                 try:
                     message = await asyncio.wait_for(ws.recv(), None if reader.exec_id else self.client.http.timeout)
                 except (WebSocketException, OSError, asyncio.TimeoutError) as exc:
                     if reader.exec_id is None:
                         raise ws_error(exc, path) from exc
-                    return await AsyncProcess(self, reader.exec_id).wait(
-                        on_stdout=on_stdout, on_stderr=on_stderr, offset=reader.flow.offset, prefix=reader.texts()
-                    )
+                    break
                 replies, notify = reader.take(message)
                 for frame in replies:
                     with contextlib.suppress(WebSocketException, OSError):
@@ -445,6 +443,10 @@ class AsyncSandbox:
         finally:
             await ws.close()
         assert reader.exec_id is not None
+        if reader.result is None:  # lost after the start: the rest over REST (never a second start)
+            return await AsyncProcess(self, reader.exec_id).wait(
+                on_stdout=on_stdout, on_stderr=on_stderr, offset=reader.flow.offset, prefix=reader.texts()
+            )
         stdout, stderr = reader.texts().values()
         return ExecResult.from_api(reader.exec_id, reader.result, stdout, stderr)
 
@@ -656,7 +658,7 @@ class AsyncPtySession:
         return self.flow.offset
 
     async def recv(self, timeout: float | None = None) -> bytes | None:
-        from websockets.exceptions import ConnectionClosed
+        from websockets.exceptions import ConnectionClosed, WebSocketException
 
         while True:
             try:
@@ -670,7 +672,8 @@ class AsyncPtySession:
             if isinstance(message, bytes):
                 ack = self.flow.received(len(message) - 1)
                 if ack is not None:
-                    await self.ws.send(ack)
+                    with contextlib.suppress(WebSocketException, OSError):  # closed after the exit: see PtySession
+                        await self.ws.send(ack)
                 return message[1:]
             control = json.loads(message)
             kind = control.get("type")

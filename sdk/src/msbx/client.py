@@ -21,7 +21,7 @@ from msbx._endpoints import WS_EXEC_START
 from msbx._flows import OutputChunk, is_vm_id, vm_named
 from msbx._http import RequestLog, RetryPolicy, SyncHttp, ws_error, ws_start_frame, ws_start_reply
 from msbx.config import credentials_resolve
-from msbx.errors import CommandFailed, IntegrityError, SandboxError, Timeout, TransportError
+from msbx.errors import ApiError, CommandFailed, IntegrityError, SandboxError, Timeout, TransportError
 from msbx.models import TRANSFER_CHUNK, ExecResult, TransferResult, create_body, exec_body, new_name
 
 FileSource = Union[bytes, bytearray, memoryview, str, os.PathLike, BinaryIO, Iterator[bytes]]
@@ -439,20 +439,18 @@ class Sandbox:
         path = WS_EXEC_START.format(id=self.id)
         try:
             ws = self.client.http.ws_connect(path)
-        except TransportError:
+        except (TransportError, ApiError):  # a refused handshake is a 403 whatever the reason: REST says
             return None
         reader = flows.ExecSocketReader(path, on_stdout, on_stderr)
         try:
             ws.send(ws_start_frame(body))
-            while reader.result is None:
+            while reader.result is None and reader.lost is None:
                 try:
                     message = ws.recv(timeout=None if reader.exec_id else self.client.http.timeout)
                 except (WebSocketException, OSError, TimeoutError) as exc:
                     if reader.exec_id is None:
                         raise ws_error(exc, path) from exc
-                    return Process(self, reader.exec_id).wait(
-                        on_stdout=on_stdout, on_stderr=on_stderr, offset=reader.flow.offset, prefix=reader.texts()
-                    )
+                    break
                 replies, notify = reader.take(message)
                 for frame in replies:
                     with contextlib.suppress(WebSocketException, OSError):
@@ -462,6 +460,10 @@ class Sandbox:
         finally:
             ws.close()
         assert reader.exec_id is not None
+        if reader.result is None:  # lost after the start: the rest over REST (never a second start)
+            return Process(self, reader.exec_id).wait(
+                on_stdout=on_stdout, on_stderr=on_stderr, offset=reader.flow.offset, prefix=reader.texts()
+            )
         stdout, stderr = reader.texts().values()
         return ExecResult.from_api(reader.exec_id, reader.result, stdout, stderr)
 
@@ -685,7 +687,7 @@ class PtySession:
         """The next output bytes; None once the command exited (see ``result``). Raises
         ``Timeout`` after ``timeout`` seconds without output. Acknowledges what it received
         (the server's flow control), so output never stops for want of an ack."""
-        from websockets.exceptions import ConnectionClosed
+        from websockets.exceptions import ConnectionClosed, WebSocketException
 
         while True:
             try:
@@ -699,7 +701,9 @@ class PtySession:
             if isinstance(message, bytes):
                 ack = self.flow.received(len(message) - 1)
                 if ack is not None:
-                    with self._lock:
+                    # The server may have closed after the exit (still buffered here): the next
+                    # recv returns it, or raises what the socket's end means.
+                    with self._lock, contextlib.suppress(WebSocketException, OSError):
                         self.ws.send(ack)
                 return message[1:]
             control = json.loads(message)
