@@ -584,10 +584,13 @@ class Attachment:
                 event = self._next()
             if event is None:
                 return
-            self.conn.send_event(self.epoch, *event)
             if event[0]["ev"] == "exit":
+                # Gone before the host can see the exit: a credit or detach that answers it
+                # finds no attachment (``known: false``), as on the Linux agent.
                 self.conn.drop_sub(self)
+                self.conn.send_event(self.epoch, *event)
                 return
+            self.conn.send_event(self.epoch, *event)
 
 
 # ----- connections and the agent --------------------------------------------------------------
