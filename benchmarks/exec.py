@@ -88,33 +88,27 @@ def one_websocket(client: httpx.Client, stack, vm_id: str) -> float:
     url = stack.url.replace("http://", "ws://") + f"/ws/vms/{vm_id}/exec/"
     headers = {"Authorization": f"Bearer {stack.tokens['owner']}"}
     with connect(url, additional_headers=headers, open_timeout=30, close_timeout=5) as ws:
-        ws.send(json.dumps({"type": "start", "command": ["true"]}))
-        for _ in range(1000):  # started, attached, output, exit: a handful of frames
-            message = ws.recv(timeout=30)
-            if isinstance(message, str):
-                kind = json.loads(message).get("type")
-                if kind == "exit":
-                    break
-                assert kind != "error", message
-        else:
-            raise AssertionError("no exit message")
+        _start_until_exit(ws, keep_open=False)
     return time.monotonic() - start
 
 
 def one_websocket_kept(ws) -> float:
     """One command on an open start socket (``keep_open``), from its start frame to its ``exit``."""
     start = time.monotonic()
-    ws.send(json.dumps({"type": "start", "command": ["true"], "keep_open": True}))
-    for _ in range(1000):  # started, attached, exit
+    _start_until_exit(ws, keep_open=True)
+    return time.monotonic() - start
+
+
+def _start_until_exit(ws, *, keep_open: bool) -> None:
+    ws.send(json.dumps({"type": "start", "command": ["true"], "keep_open": keep_open}))
+    for _ in range(1000):  # started, attached, output, exit: a handful of frames
         message = ws.recv(timeout=30)
         if isinstance(message, str):
             kind = json.loads(message).get("type")
             if kind == "exit":
-                break
+                return
             assert kind != "error", message
-    else:
-        raise AssertionError("no exit message")
-    return time.monotonic() - start
+    raise AssertionError("no exit message")
 
 
 def one_websocket_attach(client: httpx.Client, stack, vm_id: str) -> float:
