@@ -12,7 +12,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError
-from django.db import connection, transaction
+from django.db import transaction
 from django.utils import timezone
 from guardian.shortcuts import assign_perm, get_perms, remove_perm
 
@@ -315,18 +315,17 @@ def token_revoke(*, token: ApiToken, actor) -> ApiToken:
     return token
 
 
-def _token_with_user(digest: str | None = None, *, pk: Any = None) -> ApiToken | None:
-    """The token with this hash (or primary key) and its user, in one plain-SQL join
-    (``sandbox_site.sql_rows``: every token request and every websocket start frame runs it;
-    the ORM's compilation of it cost more than the query)."""
-    column = "token_hash" if pk is None else ApiToken._meta.pk.column
+def _token_with_user(column: str, value: Any) -> ApiToken | None:
+    """The token whose ``column`` is ``value`` (its hash, or its primary key) and its user, in
+    one plain-SQL join (``sandbox_site.sql_rows``: every token request and every websocket start
+    frame runs it; the ORM's compilation of it cost more than the query)."""
     sql = (
         f"SELECT {sql_rows.columns(ApiToken, 't')}, {sql_rows.columns(User, 'u')} "  # noqa: S608
         f'FROM "{ApiToken._meta.db_table}" t JOIN "{User._meta.db_table}" u '
         f'ON u."{User._meta.pk.column}" = t."{ApiToken.user.field.column}" '
         f'WHERE t."{column}" = %s'
     )
-    row = sql_rows.first_row(sql, [digest if pk is None else pk])
+    row = sql_rows.first_row(sql, [value])
     if row is None:
         return None
     token = sql_rows.instance(ApiToken, "t", row)
@@ -337,19 +336,15 @@ def _token_with_user(digest: str | None = None, *, pk: Any = None) -> ApiToken |
 def token_with_user(pk) -> ApiToken | None:
     """Token ``pk`` with its user (one query), whatever their state; None if there is none or
     ``pk`` is malformed."""
-    field = ApiToken._meta.pk
-    try:  # as the database stores it (SQLite: bare hex; PostgreSQL: uuid)
-        value = field.get_db_prep_value(field.to_python(pk), connection)
-    except (ValidationError, ValueError, TypeError):
-        return None
-    return _token_with_user(pk=value)
+    value = sql_rows.pk_param(ApiToken, pk)
+    return None if value is None else _token_with_user(ApiToken._meta.pk.column, value)
 
 
 def token_authenticate(secret: str) -> ApiToken | None:
     """The active token with this secret whose user is active, or None."""
     if not secret.startswith(TOKEN_PREFIX) or len(secret) > 200:
         return None
-    token = _token_with_user(token_hash(secret))
+    token = _token_with_user("token_hash", token_hash(secret))
     if token is None or not token.is_active or not token.user.is_active:
         return None
     now = timezone.now()

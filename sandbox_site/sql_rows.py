@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from django.core.exceptions import ValidationError
 from django.db import connection
 from django.db.models import Model
 
@@ -50,6 +51,16 @@ def instance(model: type[Model], alias: str, row: tuple | list, start: int = 0) 
             value = converter(value, column, connection)
         values[index] = value
     return model.from_db(connection.alias, attnames, values)
+
+
+def pk_param(model: type[Model], value: Any) -> Any:
+    """``value`` as ``model``'s primary key is stored (SQLite keeps UUIDs as bare hex, the
+    embedded default; PostgreSQL as uuid), for a plain-SQL parameter; None when malformed."""
+    field = model._meta.pk
+    try:
+        return field.get_db_prep_value(field.to_python(value), connection)
+    except (ValidationError, ValueError, TypeError):
+        return None
 
 
 def first_row(sql: str, params: list) -> tuple | None:

@@ -27,7 +27,6 @@ import contextlib
 import json
 import logging
 import time
-from functools import partial
 from urllib.parse import parse_qs
 
 from channels.consumer import get_handler_name
@@ -83,25 +82,6 @@ def _start_fields(fields: dict) -> dict:
     values.pop("wait")
     stdin = values.pop("stdin")
     return {**values, "stdin": stdin.encode() if stdin is not None else None}
-
-
-def _start_allowed(user_id, token_id, vm_id: str):
-    """What a REST request does before its handler, for a start frame: the user and the token
-    read again (a handshake's user object may be stale: deactivated, token revoked or expired,
-    role changed), then the budgets ``POST /vms/{id}/exec/`` counts against (the user's and the
-    exec budget). Returns the fresh user, the start's actor."""
-    from accounts.rights import websocket_user_fresh
-    from sandbox_site.errors import NotPermitted
-    from sandbox_site.throttling import user_action_charge
-
-    user = websocket_user_fresh(user_id=user_id, token_id=token_id, vm_id=vm_id)
-    if user is None:
-        raise NotPermitted("Your access was revoked.")
-    wait = user_action_charge(user, "exec")
-    if wait:
-        message = f"Request was throttled. Expected available in {wait:.0f} seconds."
-        raise ApplicationError(message, code="throttled", details={"retry_after": wait}, status_code=429)
-    return user
 
 
 START_WAIT_SECONDS = 10
@@ -237,7 +217,7 @@ class VmExecConsumer(AsyncWebsocketConsumer):
                     vm=self.vm,
                     actor=self.user,
                     channel=self.channel,
-                    before=partial(_start_allowed, self.user.pk, self.scope.get("token_id"), self.vm_id),
+                    before=self._start_allowed,
                     meanwhile=attach,
                     **fields,
                 )
@@ -358,19 +338,39 @@ class VmExecConsumer(AsyncWebsocketConsumer):
             if exc.code == "permission_denied":  # the exec right was taken away: stop watching too
                 await self.close(code=_CLOSE_CODES["permission_denied"])
 
-    def _frame_user(self):
-        """(In the database thread) The user a frame acts as, read again when the last read is
-        older than ``FRAME_USER_FRESH_SECONDS``; refused when its access is gone."""
+    def _user_fresh(self, max_age: float):
+        """(In the database thread) The user the socket acts as, read again (the user, the token
+        and its project) when the last read is older than ``max_age`` seconds: a handshake's
+        user object may be stale (deactivated, token revoked or expired, role changed).
+        Refused when its access is gone."""
         from accounts.rights import websocket_user_fresh
         from sandbox_site.errors import NotPermitted
 
         now = time.monotonic()
-        if now - self.user_read_at >= FRAME_USER_FRESH_SECONDS:
+        if now - self.user_read_at >= max_age:
             user = websocket_user_fresh(user_id=self.user.pk, token_id=self.scope.get("token_id"), vm_id=self.vm_id)
             if user is None:
                 raise NotPermitted("Your access was revoked.")
             self.user, self.user_read_at = user, now
         return self.user
+
+    def _start_allowed(self):
+        """(In the database thread) What a REST request does before its handler, for a start
+        frame: the user read again, always, then the budgets ``POST /vms/{id}/exec/`` counts
+        against (the user's and the exec budget). Returns the fresh user, the start's actor."""
+        from sandbox_site.throttling import user_action_charge
+
+        user = self._user_fresh(0)
+        wait = user_action_charge(user, "exec")
+        if wait:
+            message = f"Request was throttled. Expected available in {wait:.0f} seconds."
+            raise ApplicationError(message, code="throttled", details={"retry_after": wait}, status_code=429)
+        return user
+
+    def _frame_user(self):
+        """(In the database thread) The user a stdin, eof, resize or signal frame acts as: read
+        at most ``FRAME_USER_FRESH_SECONDS`` before."""
+        return self._user_fresh(FRAME_USER_FRESH_SECONDS)
 
     async def _apply(self, text_data: str | None, bytes_data: bytes | None) -> None:
         """stdin, eof, resize and signal through the exec services (same checks as REST)."""

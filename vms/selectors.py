@@ -6,8 +6,6 @@ import functools
 from typing import Any
 
 from django.conf import settings
-from django.core.exceptions import ValidationError
-from django.db import connection
 from django.db.models import Count, F, Func, IntegerField, OuterRef, Q, Subquery, Sum
 from django.db.models.expressions import RawSQL
 from django.db.models.functions import Coalesce
@@ -162,10 +160,8 @@ def vm_row(vm_id, related: tuple[str, ...] = ()) -> VM | None:
     SQL (``sandbox_site.sql_rows``): every request on a VM reads it (``accounts.permissions.vm_for``),
     and compiling the ORM's seven-table join cost more CPU than the query. The related rows are
     cached on the instances as ``select_related`` caches them."""
-    try:
-        # As the database stores it (SQLite: bare hex, the embedded default; PostgreSQL: uuid).
-        pk = VM._meta.pk.get_db_prep_value(VM._meta.pk.to_python(vm_id), connection)
-    except (ValidationError, ValueError, TypeError):
+    pk = sql_rows.pk_param(VM, vm_id)
+    if pk is None:
         return None
     sql, joined = _vm_row_sql(related)
     row = sql_rows.first_row(sql, [pk])

@@ -327,12 +327,19 @@ def ok_exec_rows(vm):
     return list(AuditEvent.objects.filter(object_id=str(vm.pk), action="vm.exec", result="ok"))
 
 
-async def assert_start_refused(comm, vm, code="permission_denied", close=4403):
-    """The start frame was answered with an error and the close, and nothing was started."""
+async def assert_refused(comm, code="permission_denied", close=4403) -> list:
+    """The socket answered with one ``error`` of ``code`` and closed with ``close``; nothing
+    was started. The frames, for more checks."""
     frames = await frames_until_close(comm)
     assert not any(isinstance(f, dict) and f.get("type") == "started" for f in frames), frames
     assert [f["code"] for f in frames if isinstance(f, dict) and f.get("type") == "error"] == [code], frames
     assert {"type": "websocket.close", "code": close} in frames, frames
+    return frames
+
+
+async def assert_start_refused(comm, vm, code="permission_denied", close=4403):
+    """The start frame was answered with an error and the close, and nothing was started."""
+    await assert_refused(comm, code, close)
     assert await ok_exec_rows(vm) == []
     await leave(comm)
 
@@ -583,9 +590,7 @@ async def test_a_kept_socket_authenticates_each_start_again(owner, live_vm):
     # deactivated between two commands (a database edit: no event, no periodic check yet)
     await database_sync_to_async(get_user_model().objects.filter(pk=owner.pk).update)(is_active=False)
     await comm.send_json_to({"type": "start", "command": ["echo", "after"]})
-    frames = await frames_until_close(comm)
-    assert [f["code"] for f in frames if isinstance(f, dict) and f.get("type") == "error"] == ["permission_denied"]
-    assert {"type": "websocket.close", "code": 4403} in frames
+    await assert_refused(comm)
     assert len(await ok_exec_rows(vm)) == 1  # only the first command
     await leave(comm)
 
@@ -717,9 +722,7 @@ async def test_a_kept_socket_reads_rights_again_for_each_start(grantee, operator
         await run_on(comm, ["true"])
         await database_sync_to_async(take_away)()
         await comm.send_json_to({"type": "start", "command": ["echo", "after"], "keep_open": True})
-        frames = await frames_until_close(comm)
-        assert not any(isinstance(f, dict) and f.get("type") == "started" for f in frames), (user, frames)
-        assert {"type": "websocket.close", "code": 4403} in frames, (user, frames)
+        await assert_refused(comm)
         await leave(comm)
 
 
@@ -734,9 +737,7 @@ async def test_a_start_after_the_vm_was_deleted_is_refused_with_not_found(admin_
     monkeypatch.setattr(exec_services, "ROW_FRESH_SECONDS", 0)  # the socket's VM object is old now
     await database_sync_to_async(lambda: type(vm).objects.filter(pk=vm.pk).delete())()
     await comm.send_json_to({"type": "start", "command": ["true"]})
-    frames = await frames_until_close(comm)
-    assert [f["code"] for f in frames if isinstance(f, dict) and f.get("type") == "error"] == ["not_found"], frames
-    assert {"type": "websocket.close", "code": 4404} in frames, frames
+    await assert_refused(comm, "not_found", 4404)
     await leave(comm)
 
 
@@ -757,9 +758,7 @@ async def test_a_frame_acts_no_more_a_second_after_its_user_was_deactivated(owne
         await comm.send_to(bytes_data=b"after\n")
     else:
         await comm.send_json_to({"type": "signal", "signal": "KILL"})
-    frames = await frames_until_close(comm)
-    assert [f["code"] for f in frames if isinstance(f, dict) and f.get("type") == "error"] == ["permission_denied"]
-    assert {"type": "websocket.close", "code": 4403} in frames
+    frames = await assert_refused(comm)
     assert not any(isinstance(f, dict) and f.get("bytes") == b"\x01after\n" for f in frames)
     await leave(comm)
     await database_sync_to_async(get_user_model().objects.filter(pk=owner.pk).update)(is_active=True)

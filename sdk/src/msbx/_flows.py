@@ -248,14 +248,19 @@ class ExecWindow:
         self.acked = 0
         self.window = 256 << 10  # the server's, from ``attached``
 
-    def attached(self, control: dict[str, Any]) -> None:
-        self.offset = self.acked = int(control.get("offset") or 0)
-        self.window = int(control.get("window") or self.window)
-
-    def gap(self, control: dict[str, Any]) -> None:
-        """Bytes the bounded buffer dropped: the server counts them as sent and acknowledged."""
-        self.offset = max(self.offset, int(control.get("to") or 0))
-        self.acked = max(self.acked, self.offset)
+    def control(self, message: str) -> dict[str, Any]:
+        """A JSON control frame, its flow-control part applied (``attached``: where the stream
+        starts and the window; ``gap``: bytes the bounded buffer dropped, which the server counts
+        as sent and acknowledged); the frame, for the caller's part (``exit``, ``error``)."""
+        control = json.loads(message)
+        kind = control.get("type")
+        if kind == "attached":
+            self.offset = self.acked = int(control.get("offset") or 0)
+            self.window = int(control.get("window") or self.window)
+        elif kind == "gap":
+            self.offset = max(self.offset, int(control.get("to") or 0))
+            self.acked = max(self.acked, self.offset)
+        return control
 
     def received(self, size: int) -> str | None:
         """Count ``size`` output bytes; the ack frame to send now, if one is due."""
@@ -294,13 +299,9 @@ class ExecSocketReader:
             chunk = OutputChunk(_STREAMS.get(message[:1], "stdout"), self.flow.offset, data)
             ack = self.flow.received(len(data))
             return ([ack] if ack is not None else []), self.sink.feed(chunk)
-        control = json.loads(message)
+        control = self.flow.control(message)
         kind = control.get("type")
-        if kind == "attached":
-            self.flow.attached(control)
-        elif kind == "gap":
-            self.flow.gap(control)
-        elif kind == "exit":
+        if kind == "exit":
             self.result = control.get("result") or {}
             return [], self.sink.finish()
         elif kind == "error":  # after the start: the socket (or hostd's stream) is lost, not the command

@@ -706,13 +706,9 @@ class PtySession:
                     with self._lock, contextlib.suppress(WebSocketException, OSError):
                         self.ws.send(ack)
                 return message[1:]
-            control = json.loads(message)
+            control = self.flow.control(message)
             kind = control.get("type")
-            if kind == "attached":
-                self.flow.attached(control)
-            elif kind == "gap":
-                self.flow.gap(control)
-            elif kind == "exit":
+            if kind == "exit":
                 self.result = ExecResult.from_api(self.exec_id, control.get("result"))
                 return None
             elif kind == "error":
