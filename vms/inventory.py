@@ -24,7 +24,7 @@ import os
 import stat
 from pathlib import Path
 
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from vms.models import BootMode, Host, HostImage, Image
@@ -107,13 +107,21 @@ def host_image_record(*, host: Host, image: Image, status: str, files: dict, err
     """Create or update ``host``'s ``HostImage`` row for ``image``; a copy that turns corrupt
     is logged (an operator sees it in the host's ``images``)."""
     now = now or timezone.now()
-    with transaction.atomic():
-        row = HostImage.objects.select_for_update().filter(host=host, image=image).first()
-        was = row.status if row is not None else None
-        if row is None:
-            row = HostImage(host=host, image=image)
-        row.status, row.files, row.error, row.verified_at = status, files, error, now
-        row.save()
+    for attempt in range(2):
+        try:
+            with transaction.atomic():  # a savepoint inside a caller's transaction
+                row = HostImage.objects.select_for_update().filter(host=host, image=image).first()
+                was = row.status if row is not None else None
+                if row is None:
+                    row = HostImage(host=host, image=image)
+                row.status, row.files, row.error, row.verified_at = status, files, error, now
+                row.save()
+            break
+        except IntegrityError:
+            # Another process (the inventory pass, another create) recorded it between the read
+            # and the insert: a missing row locks nothing. Its row is committed now; update it.
+            if attempt:
+                raise
     if status == HostImage.Status.CORRUPT and was != status:
         logger.error("image %s on host %s is corrupt: %s", image.name, host.name, error)
     return row

@@ -261,3 +261,25 @@ def test_a_move_or_drain_goes_only_to_a_host_running_the_vms_driver_and_boot_mod
         vm_move(vm=vm, host=Host.objects.get(name="h2"), actor=operator)
     assert err.value.code == "no_host" and err.value.details["boot_mode"] == "uefi"
     assert not Operation.objects.filter(action="move").exists()
+
+
+def test_a_row_recorded_by_another_process_between_the_read_and_the_insert_is_updated(image_dir, monkeypatch):
+    """A create's image check and the worker's inventory pass (or two creates) record the same
+    host's copy at once: the read found no row, the other committed one before the insert. The
+    create failed on the unique constraint ("Operation lost while creating")."""
+    host = HostFactory(name="h1")
+    image = _kernel_image(image_dir)
+    HostImage.objects.create(host=host, image=image, status=HostImage.Status.UNVERIFIED, files={})
+    real_first = type(HostImage.objects.all()).first
+    reads = []
+
+    def first_missing_once(queryset):
+        reads.append(1)
+        return None if len(reads) == 1 else real_first(queryset)  # the other's row not yet there
+
+    monkeypatch.setattr(type(HostImage.objects.all()), "first", first_missing_once)
+    row = inventory.host_image_record(host=host, image=image, status=HostImage.Status.PRESENT, files={"k": 1})
+    monkeypatch.undo()
+    assert len(reads) == 2
+    assert HostImage.objects.filter(host=host, image=image).count() == 1
+    assert HostImage.objects.get(host=host, image=image).status == HostImage.Status.PRESENT == row.status
