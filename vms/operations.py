@@ -231,6 +231,7 @@ def _operation_execute(op: Operation) -> Operation | None:
                 message=message[:2000],
             )
         metrics.operation_observe(op, "failed")
+        _vm_settle_after_failure(op, message[:1000])
     else:
         operation_log(op, "done", progress=100)
         Operation.objects.filter(pk=op.pk).update(
@@ -276,7 +277,6 @@ def _settle_transitional(vm: VM, now) -> int:
     worker died, re-enqueue it (handlers are idempotent) up to MAX_ATTEMPTS, then give up:
     an in-place action (pause, snapshot, ...) settles to what the VMM reports; the others stop
     the VMM and mark the VM error. Returns 1 when something had to be done."""
-    from vms import lifecycle
 
     live = (
         Operation.objects.filter(vm=vm, status__in=[Operation.Status.PENDING, Operation.Status.RUNNING])
@@ -313,14 +313,35 @@ def _settle_transitional(vm: VM, now) -> int:
         Operation.objects.filter(pk=live.pk).update(
             status=Operation.Status.FAILED, error="The worker running this operation was lost.", finished_at=now
         )
+    previous = live.params.get("previous_state") if live is not None else None
+    _vm_give_up(vm, previous=previous, why=f"Operation lost while {vm.state}")
+    return 1
+
+
+def _vm_give_up(vm: VM, *, previous: str | None, why: str) -> None:
+    """A VM left in a transitional state with no operation to finish it: an in-place action
+    settles to what the VMM reports; the others stop the VMM and mark the VM error."""
+    from vms import lifecycle
+
     if vm.state in IN_PLACE_STATES:
-        previous = (live.params.get("previous_state") if live is not None else None) or S.RUNNING
-        lifecycle.vm_settle(vm, expected={vm.state}, previous=previous, why=f"Operation lost while {vm.state}")
-        return 1
+        lifecycle.vm_settle(vm, expected={vm.state}, previous=previous or S.RUNNING, why=why)
+        return
     if vm.driver:
         lifecycle.vmm_kill_quietly(vm)
-    lifecycle.vm_fail(vm, f"Operation lost while {vm.state}; the VMM was stopped.", expected={vm.state})
-    return 1
+    lifecycle.vm_fail(vm, f"{why}; the VMM was stopped." if vm.driver else f"{why}.", expected={vm.state})
+
+
+def _vm_settle_after_failure(op: Operation, message: str) -> None:
+    """An operation that failed while its VM is still in a transitional state (the failure came
+    before its handler or past the handler's own error handling: an image check, a database
+    error) settles the VM now, with the operation's error. The reconciler did it seconds later,
+    calling the operation lost."""
+    vm = VM.objects.select_related("host").filter(pk=op.vm_id).first()
+    if vm is None or vm.state not in TRANSITIONAL_STATES:
+        return
+    if Operation.objects.filter(vm=vm, status__in=[Operation.Status.PENDING, Operation.Status.RUNNING]).exists():
+        return  # another operation owns the VM now
+    _vm_give_up(vm, previous=(op.params or {}).get("previous_state"), why=f"{op.action.capitalize()} failed: {message}")
 
 
 def _orphans_remove(root) -> int:

@@ -129,6 +129,35 @@ def test_it_settles_a_lost_in_place_action_to_what_the_vmm_reports(fake, owner):
     assert fake.vmm.fake_vm(str(vm.pk)).state == RuntimeState.RUNNING
 
 
+def test_an_operation_failing_outside_its_handler_settles_its_vm_at_once_with_its_error(fake, owner, monkeypatch):
+    """A failure before the handler or past its own error handling (an image check, a database
+    error) left the VM creating until the reconciler called the operation lost."""
+
+    def boom(op, vm):
+        raise RuntimeError("duplicate key value violates unique constraint")
+
+    monkeypatch.setitem(operations._HANDLERS, "create", boom)
+    vm = fake_vm_in(S.CREATING, owner=owner)
+    op = operation_new(vm=vm, action="create", actor=None, params={})
+    done = operation_execute(op.pk)
+    vm.refresh_from_db()
+    assert done.status == Operation.Status.FAILED and "duplicate key" in done.error
+    assert vm.state == S.ERROR
+    assert vm.last_error.startswith("Create failed: duplicate key value violates unique constraint")
+
+
+def test_an_in_place_operation_failing_outside_its_handler_settles_to_what_the_vmm_reports(fake, owner, monkeypatch):
+    def boom(op, vm):
+        raise RuntimeError("unexpected")
+
+    monkeypatch.setitem(operations._HANDLERS, "snapshot", boom)
+    vm = fake_vm_in(S.SNAPSHOTTING, owner=owner)
+    op = operation_new(vm=vm, action="snapshot", actor=None, params={"previous_state": S.RUNNING})
+    assert operation_execute(op.pk).status == Operation.Status.FAILED
+    vm.refresh_from_db()
+    assert vm.state == S.RUNNING  # the VMM still runs
+
+
 def test_it_marks_a_transitional_vm_without_operation_error(fake, owner):
     vm = fake_vm_in(S.STOPPING, owner=owner)
     assert vms_reconcile(_host(vm))["stuck"] == 1
