@@ -4,11 +4,14 @@ its own, read by 20 concurrent clients through the web server as ``make run`` st
 
 Each client (three quarters of them users, each owning 10 VMs, a quarter operators, who see
 all 1,000) loops over the VM list, a VM's detail, the operations list and the audit list (first
-pages, 50 rows) for ``--seconds``. Prints JSON: p50/p99 per endpoint and persona, requests per
+pages, 50 rows) for ``--seconds``: each request as soon as its last was answered (closed loop: the
+server's saturation), or with ``--rate`` at that many requests per second in all, spread evenly
+over the clients (open loop: latency at a given load, counted from when a request was due).
+Prints JSON: p50/p99 per endpoint and persona, requests per
 second, the web processes' and the client's CPU time per request, the load average.
 Not a test: nothing is asserted (target p99 < 100 ms, docs/benchmarks.md).
 
-    .venv/bin/python benchmarks/api.py --seconds 30 --clients 20 [--processes N]
+    .venv/bin/python benchmarks/api.py --seconds 30 --clients 20 [--processes N] [--rate R]
     .venv/bin/python benchmarks/api.py --seed-only tokens.json   # keep the database, for profiling
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -167,24 +171,34 @@ def seed(env: dict[str, str]) -> dict:
     return json.loads(seeded.stdout.split("TOKENS=", 1)[1])
 
 
-async def client_loop(url: str, token: str, vm_ids: list[str], persona: str, until: float, out: dict) -> None:
+async def client_loop(
+    client: httpx.AsyncClient, token: str, vm_ids: list[str], persona: str, until: float, out: dict, interval: float
+) -> None:
+    """Loop over the four endpoints until ``until``. ``interval`` 0: each request as soon as the
+    last is answered (closed loop). Otherwise one request every ``interval`` seconds from a random
+    phase (open loop), its latency counted from when it was due, so waiting behind a slow one
+    counts too."""
     rng = random.Random(token)
-    headers = {"Authorization": f"Bearer {token}"}
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as client:
-        while time.monotonic() < until:
-            for name, path in (
-                ("vm_list", "/api/v1/vms/"),
-                ("vm_detail", f"/api/v1/vms/{rng.choice(vm_ids)}/"),
-                ("operations", "/api/v1/operations/"),
-                ("audit", "/api/v1/audit-events/"),
-            ):
+    due = time.monotonic() + rng.uniform(0, interval)
+    while time.monotonic() < until:
+        for name, path in (
+            ("vm_list", "/api/v1/vms/"),
+            ("vm_detail", f"/api/v1/vms/{rng.choice(vm_ids)}/"),
+            ("operations", "/api/v1/operations/"),
+            ("audit", "/api/v1/audit-events/"),
+        ):
+            if interval:
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+                start, due = due, due + interval
+            else:
                 start = time.monotonic()
-                response = await client.get(path)
-                elapsed = time.monotonic() - start
-                if response.status_code != 200:
-                    out.setdefault("errors", []).append(f"{path}: {response.status_code}")
-                    continue
-                out.setdefault(f"{persona}.{name}", []).append(elapsed)
+            response = await client.get(path)
+            elapsed = time.monotonic() - start
+            if response.status_code != 200:
+                out.setdefault("errors", []).append(f"{path}: {response.status_code}")
+                continue
+            out.setdefault(f"{persona}.{name}", []).append(elapsed)
+            out.setdefault("timeline", []).append((start, elapsed, f"{persona}.{name}"))
 
 
 def _personas(clients: int) -> tuple[int, int]:
@@ -192,20 +206,35 @@ def _personas(clients: int) -> tuple[int, int]:
     return clients - operators, operators
 
 
-async def load(url: str, tokens: dict, seconds: float, clients: int) -> tuple[dict, float, int]:
+async def load(url: str, tokens: dict, seconds: float, clients: int, rate: float = 0.0) -> tuple[dict, float, int]:
     n_owners, n_operators = _personas(clients)
     owners = [tokens["users"][i % len(tokens["users"])] for i in range(n_owners)]
     operators = [tokens["operators"][i % len(tokens["operators"])] for i in range(n_operators)]
     all_vms = [vm for vms in tokens["vms"].values() for vm in vms]
     out: dict = {}
-    start = time.monotonic()
-    until = start + seconds
-    await asyncio.gather(
-        *(client_loop(url, t, tokens["vms"][t], "owner", until, out) for t in owners),
-        *(client_loop(url, t, all_vms, "operator", until, out) for t in operators),
-    )
-    elapsed = time.monotonic() - start
-    return out, elapsed, sum(len(v) for k, v in out.items() if k != "errors")
+    async with contextlib.AsyncExitStack() as stack:
+        # Every client is made before the clock starts: making one (its TLS context, even for
+        # plain HTTP) blocks this event loop for tens of milliseconds, which counted as the
+        # first requests' latency.
+        loops = [(t, tokens["vms"][t], "owner") for t in owners] + [(t, all_vms, "operator") for t in operators]
+        made = [
+            await stack.enter_async_context(
+                httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {t}"}, timeout=30)
+            )
+            for t, _, _ in loops
+        ]
+        start = time.monotonic()
+        until = start + seconds
+        interval = clients / rate if rate else 0.0
+        runs = zip(made, loops, strict=True)
+        await asyncio.gather(*(client_loop(c, t, vms, who, until, out, interval) for c, (t, vms, who) in runs))
+        elapsed = time.monotonic() - start
+    timeline = out.pop("timeline", [])
+    # The slowest requests and when they started (seconds into the run): stalls that hit many
+    # requests at once show as one moment, a slow endpoint as one name.
+    slowest = sorted(timeline, key=lambda item: -item[1])[:12]
+    out["slowest"] = [(round(t - start, 2), round(1000 * e, 1), name) for t, e, name in slowest]
+    return out, elapsed, sum(len(v) for k, v in out.items() if k not in ("errors", "slowest"))
 
 
 def _rss_kib(pid: int) -> int:
@@ -237,6 +266,13 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=CLIENTS, help=f"concurrent clients (default {CLIENTS})")
     parser.add_argument(
         "--processes", default=os.environ.get("WEB_PROCESSES", "0"), help="web processes (0 = one per CPU but one, 1-4)"
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="requests per second offered by all clients together, evenly spread (open loop; latency "
+        "counted from when a request was due); default 0: closed loop, each client as fast as answered",
     )
     parser.add_argument(
         "--seed-only",
@@ -283,9 +319,10 @@ def main() -> None:
         asyncio.run(load(url, tokens, 3.0, args.clients))  # warm up
         pids = _web_pids(web.pid)
         web_cpu, client_cpu = _cpu_s(pids), time.process_time()
-        out, elapsed, requests = asyncio.run(load(url, tokens, args.seconds, args.clients))
+        out, elapsed, requests = asyncio.run(load(url, tokens, args.seconds, args.clients, args.rate))
         web_cpu, client_cpu = _cpu_s(pids) - web_cpu, time.process_time() - client_cpu
         errors = out.pop("errors", [])
+        slowest = out.pop("slowest", [])
         result = {
             "benchmark": "api",
             "rows": {
@@ -295,12 +332,14 @@ def main() -> None:
                 "audit_events": USERS * VMS_PER_USER * AUDIT_PER_VM,
             },
             "clients": dict(zip(("owner", "operator"), _personas(args.clients), strict=True)),
+            "offered_rate": args.rate or "closed loop",
             "seconds": round(elapsed, 1),
             "requests": requests,
             "requests_per_s": round(requests / elapsed, 1),
             "errors": len(errors),
             "latency": {name: _stats(samples) for name, samples in sorted(out.items())},
             "all": _stats([s for samples in out.values() for s in samples]),
+            "slowest": slowest,
             "web_processes": int(processes),
             # CPU time per request (ms): what the load left to the web server does not change it.
             "web_cpu_ms_per_request": round(1000 * web_cpu / max(requests, 1), 2),

@@ -38,3 +38,10 @@ application = AsgiMetricsMiddleware(
         }
     )
 )
+
+from django.urls import get_resolver  # noqa: E402
+
+from sandbox_site.gc_freeze import freeze_startup_objects  # noqa: E402
+
+get_resolver().reverse_dict  # noqa: B018 - the URL tables the first request would build
+freeze_startup_objects()  # last: everything above stays out of full collections
