@@ -314,7 +314,13 @@ def _settle_transitional(vm: VM, now) -> int:
             status=Operation.Status.FAILED, error="The worker running this operation was lost.", finished_at=now
         )
     previous = live.params.get("previous_state") if live is not None else None
-    _vm_give_up(vm, previous=previous, why=f"Operation lost while {vm.state}")
+    why = f"Operation lost while {vm.state}"
+    if live is None:  # the last operation may have failed elsewhere (not settled there): name it
+        last = Operation.objects.filter(vm=vm).order_by("-created_at").first()
+        if last is not None and last.status == Operation.Status.FAILED and last.error:
+            why = f"{last.action.capitalize()} failed: {last.error[:1000]}"
+            previous = (last.params or {}).get("previous_state")
+    _vm_give_up(vm, previous=previous, why=why)
     return 1
 
 
@@ -335,13 +341,21 @@ def _vm_settle_after_failure(op: Operation, message: str) -> None:
     """An operation that failed while its VM is still in a transitional state (the failure came
     before its handler or past the handler's own error handling: an image check, a database
     error) settles the VM now, with the operation's error. The reconciler did it seconds later,
-    calling the operation lost."""
-    vm = VM.objects.select_related("host").filter(pk=op.vm_id).first()
-    if vm is None or vm.state not in TRANSITIONAL_STATES:
-        return
-    if Operation.objects.filter(vm=vm, status__in=[Operation.Status.PENDING, Operation.Status.RUNNING]).exists():
-        return  # another operation owns the VM now
-    _vm_give_up(vm, previous=(op.params or {}).get("previous_state"), why=f"{op.action.capitalize()} failed: {message}")
+    calling the operation lost. Only on the VM's own host: settling asks the local VMM (a step
+    that failed on a migration's target or on the control plane leaves it to the reconciler of
+    the VM's host, which names the failed operation too)."""
+    try:
+        vm = VM.objects.select_related("host").filter(pk=op.vm_id).first()
+        if vm is None or vm.state not in TRANSITIONAL_STATES:
+            return
+        if vm.host is None or vm.host.name != settings.SANDBOX_HOST_NAME:
+            return
+        if Operation.objects.filter(vm=vm, status__in=[Operation.Status.PENDING, Operation.Status.RUNNING]).exists():
+            return  # another operation owns the VM now
+        why = f"{op.action.capitalize()} failed: {message}"
+        _vm_give_up(vm, previous=(op.params or {}).get("previous_state"), why=why)
+    except Exception:  # the operation is recorded as failed already; the reconciler settles the VM
+        logger.exception("operation %s (%s): could not settle VM %s after the failure", op.pk, op.action, op.vm_id)
 
 
 def _orphans_remove(root) -> int:

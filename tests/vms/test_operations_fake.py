@@ -158,6 +158,42 @@ def test_an_in_place_operation_failing_outside_its_handler_settles_to_what_the_v
     assert vm.state == S.RUNNING  # the VMM still runs
 
 
+def test_a_step_failing_on_another_host_leaves_the_vm_to_its_hosts_reconciler_which_names_it(
+    fake, owner, monkeypatch, settings
+):
+    """Settling asks the local VMM: a step that failed on a migration's target or the control
+    plane must not judge the VM by a VMM that is not there."""
+
+    def boom(op, vm):
+        raise RuntimeError("copy failed")
+
+    monkeypatch.setitem(operations._HANDLERS, "create", boom)
+    vm = fake_vm_in(S.CREATING, owner=owner)
+    op = operation_new(vm=vm, action="create", actor=None, params={})
+    settings.SANDBOX_HOST_NAME = "control-plane"
+    assert operation_execute(op.pk).status == Operation.Status.FAILED
+    vm.refresh_from_db()
+    assert vm.state == S.CREATING  # not settled here
+    settings.SANDBOX_HOST_NAME = vm.host.name
+    vms_reconcile(_host(vm))
+    vm.refresh_from_db()
+    assert vm.state == S.ERROR and vm.last_error.startswith("Create failed: copy failed")
+
+
+def test_a_failure_while_settling_after_a_failed_operation_is_logged_not_raised(fake, owner, monkeypatch):
+    def boom(op, vm):
+        raise RuntimeError("first")
+
+    def settle_boom(vm, **kwargs):
+        raise RuntimeError("the database went away")
+
+    monkeypatch.setitem(operations._HANDLERS, "create", boom)
+    monkeypatch.setattr(operations, "_vm_give_up", settle_boom)
+    vm = fake_vm_in(S.CREATING, owner=owner)
+    op = operation_new(vm=vm, action="create", actor=None, params={})
+    assert operation_execute(op.pk).status == Operation.Status.FAILED  # no exception escapes
+
+
 def test_it_marks_a_transitional_vm_without_operation_error(fake, owner):
     vm = fake_vm_in(S.STOPPING, owner=owner)
     assert vms_reconcile(_host(vm))["stuck"] == 1

@@ -51,12 +51,13 @@ MAX_CATCHUP = 1 << 20  # bytes of log read per wakeup
 WRITE_TIMEOUT = 5.0
 # QEMU's UART hands the serial socket one byte per write, so a guest printing nonstop woke hostd
 # for every few bytes: a socket read (about 30 us), a log read and a stream event each, three
-# quarters of a core for one guest at 0.24 MiB/s under TCG. After a read of less than SMALL_READ
-# the socket is left unread for TRICKLE_PAUSE_SECONDS (the VMM's socket buffer, 212 KiB by
-# default, holds 278 one-byte writes: a guest trickling byte by byte gets about 270 KiB/s, more
-# than its UART managed here, and waits in its UART driver beyond that, not in a loop), and the
-# log is read at most every COALESCE_SECONDS. The first byte after a quiet spell still goes
-# out at once (a keystroke's echo).
+# quarters of a core for one guest at 0.24 MiB/s under TCG. Under QEMU, after a read of less than
+# SMALL_READ the socket is left unread for TRICKLE_PAUSE_SECONDS (the VMM's socket buffer, 212 KiB
+# by default, holds 278 one-byte writes; a full buffer makes QEMU wait for the socket to take more
+# and the guest wait in its UART driver, not in a loop), and the log is read at most every
+# COALESCE_SECONDS. The first byte after a quiet spell still goes out at once (a keystroke's
+# echo). Not for cloud-hypervisor: it buffers what a full socket refused until the guest writes
+# again, so a paused read could hold back the end of a burst (a prompt) for good.
 TRICKLE_PAUSE_SECONDS = 0.001
 SMALL_READ = 4096
 COALESCE_SECONDS = 0.005
@@ -300,7 +301,7 @@ class ConsoleLink:
                         self.ring.append(data)
                         self._notify()
                     self.socket_reads += 1
-                    if len(data) < SMALL_READ:
+                    if self.qemu_log and len(data) < SMALL_READ:
                         await _unread_for(writer.transport, TRICKLE_PAUSE_SECONDS)
             except OSError as exc:
                 self.last_error = f"serial socket: {exc}"
