@@ -39,6 +39,16 @@ def _worker_metrics_start(**kwargs) -> None:
     worker_metrics_serve(settings.SANDBOX_WORKER_METRICS_PORT, settings.SANDBOX_METRICS_BIND)
 
 
+@signals.worker_init.connect
+def _worker_freeze_startup_objects(**kwargs) -> None:
+    """Before the pool forks: the pool processes' full collections then leave the start-up
+    objects they share with this process alone, so the pages holding them stay shared instead of
+    being copied into each of them (sandbox_site/gc_freeze.py)."""
+    from sandbox_site.gc_freeze import freeze_startup_objects
+
+    freeze_startup_objects()
+
+
 @signals.worker_process_shutdown.connect
 def _worker_process_metrics_forget(pid=None, **kwargs) -> None:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

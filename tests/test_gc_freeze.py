@@ -36,3 +36,14 @@ def test_the_web_entry_point_freezes_what_start_up_built_and_full_collections_sk
     # Django, DRF, Channels and the URL patterns: far more than what is still collected.
     assert int(frozen) > 50_000, out.stdout
     assert int(tracked) < int(frozen) // 5, out.stdout
+
+
+def test_a_celery_worker_freezes_its_start_up_objects_before_the_pool_forks() -> None:
+    """worker_init runs in the worker's main process before the prefork pool starts: frozen
+    objects are left alone by the pool processes' full collections, so their pages stay shared."""
+    from celery import signals
+
+    from sandbox_site import celery as worker_app
+
+    receivers = signals.worker_init._live_receivers(None)
+    assert worker_app._worker_freeze_startup_objects in receivers
