@@ -1018,6 +1018,7 @@ class FileHandle:
 
 class Agent:
     def __init__(self, *, cgroup_root: str | None = _CGROUP_DIR, reap_interval: float = 1.0) -> None:
+        _signals_as_default()  # what the commands inherit
         self.loop = Loop()
         self.conns: set = set()
         self.execs: dict = {}
@@ -2118,6 +2119,19 @@ def identity_report() -> dict:
         "macs": macs,
         "clock_unix": time.time(),
     }
+
+
+def _signals_as_default() -> None:
+    """Whatever started the agent may have left signals ignored or blocked (nohup, a service
+    manager, a script); both carry over across exec into every command, which would then
+    ignore Ctrl-C or a signal frame. Called when the agent is made, before its threads."""
+    for name in ("SIGHUP", "SIGINT", "SIGQUIT", "SIGTERM", "SIGUSR1", "SIGUSR2", "SIGALRM",
+                 "SIGTSTP", "SIGTTIN", "SIGTTOU"):  # fmt: skip
+        sig = getattr(signal, name, None)
+        if sig is not None and signal.getsignal(sig) == signal.SIG_IGN:
+            signal.signal(sig, signal.SIG_DFL)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
 
 def main() -> int:

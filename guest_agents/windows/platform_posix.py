@@ -106,6 +106,16 @@ class PosixPlatform(Platform):
     name = "posix"
     transport = "socket"
 
+    def __init__(self) -> None:
+        # Whatever started the agent may have left signals ignored or blocked (nohup, a service
+        # manager, a script); both carry over across exec into every command, which would then
+        # ignore a signal frame.
+        for name in ("SIGHUP", "SIGINT", "SIGQUIT", "SIGTERM", "SIGUSR1", "SIGUSR2", "SIGALRM"):
+            sig = getattr(signal, name)
+            if signal.getsignal(sig) == signal.SIG_IGN:
+                signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
     def boot_id(self) -> str:
         try:
             with open(_BOOT_ID) as fh:

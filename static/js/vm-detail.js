@@ -155,7 +155,10 @@
     if (event.kind === "vm.deleted") showGone();
     else if (event.kind === "operation" && event.operation) {
       showOperation(event.operation);
-      document.dispatchEvent(new CustomEvent("vm-progress", { detail: event.operation })); if (!["pending", "running"].includes(event.operation.status)) loadOperations(); }
+      document.dispatchEvent(new CustomEvent("vm-progress", { detail: event.operation }));
+      // A finished delete: the VM is gone (its operations answer 404), not to be asked again.
+      if (event.operation.action === "delete" && event.operation.status === "succeeded") showGone();
+      else if (!["pending", "running"].includes(event.operation.status)) loadOperations(); }
     else if (event.state) { showState({ state: event.state }); refresh(); }
   }, [vmId], refresh);
   setInterval(refresh, 30000);  // a fallback: events carry every change
@@ -225,6 +228,7 @@
 
   /* --- operations --- */
   async function loadOperations() {
+    if (gone) return;
     const body = document.querySelector("#vm-operations tbody");
     try {
       const data = await api("GET", `${base}operations/?limit=20`);

@@ -30,8 +30,21 @@ AGENTS = {
 }
 
 
+def _careless_starter() -> None:
+    """Leave SIGINT ignored and blocked, as a starter may (nohup, a service manager, a shell
+    script): both carry over into the agent across exec, and from it into every command, which
+    then ignored a signal frame (a full test run left the test process that way once)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+
 def _serve_agent(argv: list[str], path: Path) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([*argv, str(path)], stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [*argv, str(path)],
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        preexec_fn=_careless_starter,  # noqa: PLW1509 - two signal calls, no locks
+    )
     deadline = time.monotonic() + 15
     while True:  # listening, not just bound
         assert proc.poll() is None, "agent exited"
