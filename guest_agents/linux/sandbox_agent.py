@@ -2124,12 +2124,16 @@ def identity_report() -> dict:
 def _signals_as_default() -> None:
     """Whatever started the agent may have left signals ignored or blocked (nohup, a service
     manager, a script); both carry over across exec into every command, which would then
-    ignore Ctrl-C or a signal frame. Called when the agent is made, before its threads."""
-    for name in ("SIGHUP", "SIGINT", "SIGQUIT", "SIGTERM", "SIGUSR1", "SIGUSR2", "SIGALRM",
-                 "SIGTSTP", "SIGTTIN", "SIGTTOU"):  # fmt: skip
-        sig = getattr(signal, name, None)
-        if sig is not None and signal.getsignal(sig) == signal.SIG_IGN:
-            signal.signal(sig, signal.SIG_DFL)
+    ignore Ctrl-C or a signal frame. Called when the agent is made, before its threads. An agent
+    hosted in a thread (a test's stand-in VMM) leaves the host process's signals alone."""
+    try:
+        for name in ("SIGHUP", "SIGINT", "SIGQUIT", "SIGTERM", "SIGUSR1", "SIGUSR2", "SIGALRM",
+                     "SIGTSTP", "SIGTTIN", "SIGTTOU"):  # fmt: skip
+            sig = getattr(signal, name, None)
+            if sig is not None and signal.getsignal(sig) == signal.SIG_IGN:
+                signal.signal(sig, signal.SIG_DFL)
+    except ValueError:  # not the main thread
+        return
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
 

@@ -110,6 +110,9 @@ class PosixPlatform(Platform):
         # Whatever started the agent may have left signals ignored or blocked (nohup, a service
         # manager, a script); both carry over across exec into every command, which would then
         # ignore a signal frame.
+        # Hosted in a thread (a test's stand-in), it leaves the host process's signals alone.
+        if threading.current_thread() is not threading.main_thread():
+            return
         for name in ("SIGHUP", "SIGINT", "SIGQUIT", "SIGTERM", "SIGUSR1", "SIGUSR2", "SIGALRM"):
             sig = getattr(signal, name)
             if signal.getsignal(sig) == signal.SIG_IGN:
