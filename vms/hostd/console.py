@@ -129,11 +129,18 @@ class ConsoleLink:
             self._tasks.append(asyncio.create_task(self._log_loop(), name=f"console-log-{self.vm_id}"))
 
     async def stop(self) -> None:
+        # Cancelled again while any is left: a cancellation that meets a wait ending at the same
+        # moment can be lost (asyncio.wait_for), and the loop would run on; never wait unbounded.
+        for _ in range(10):
+            pending = [task for task in self._tasks if not task.done()]
+            if not pending:
+                break
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=0.5)
         for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved (logged nowhere else): the loops end only when cancelled
         self._tasks.clear()
         if self._writer is not None:
             self._writer.close()
@@ -196,7 +203,8 @@ class ConsoleLink:
         loop = asyncio.get_running_loop()
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._poke.wait(), LOG_POLL_SECONDS)
+                async with asyncio.timeout(LOG_POLL_SECONDS):  # keeps a cancellation (wait_for may not)
+                    await self._poke.wait()
             self._poke.clear()
             read = False
             try:
