@@ -188,7 +188,12 @@ def test_json_log_lines_carry_the_request_id_from_the_api_into_the_celery_task(s
                     continue
         return [line for line in lines if line.get("request_id") == request_id]
 
-    lines = wait_until(worker_lines, timeout=30, message="worker lines with the request id")
+    # The VM shows "stopped" before the worker logs the operation's success: wait for that line.
+    lines = wait_until(
+        lambda: (found := worker_lines()) and any(line["msg"].endswith("succeeded") for line in found) and found,
+        timeout=30,
+        message="the worker's success line with the request id",
+    )
     assert any(line["msg"].endswith("succeeded") for line in lines), lines
     ours = [line for line in lines if line["logger"] == "vms.operations"]
     assert ours and all(line.get("operation_id") and line.get("vm_id") == vm_id for line in ours), lines
