@@ -33,9 +33,7 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -205,25 +203,16 @@ def main() -> None:
             vmm = "stand-in (tests/hostd/fake_vmm.py), real hostd and daphne"
             print(json.dumps(measure(stack, stack.web_pid, pids, flood, total, args.mib, vmm), indent=2))
         return
-    from tests.system.stack import stack_start, stack_stop, vmm_pids
+    from benchmarks.standin import qemu_stack
+    from tests.system.stack import vmm_pids
     from vms.vmm.process import detect_acceleration
 
-    work = Path(tempfile.mkdtemp(prefix="bench-console-"))
-    work.chmod(0o755)  # the VMM user (confinement) must reach the runtime directory below it
-    stack = stack_start(work, ROOT / "test-artifacts" / "bench-console")
-    try:
-        with stack.client() as client:
-            vm = client.post("/api/v1/vms/", json={"name": "bench-console", "template": "linux-small"}).json()
-        stack.wait_vm(vm["id"], {"running"}, timeout=300)
+    with qemu_stack("bench-console") as (stack, vm_id):
         (vmm_pid,) = vmm_pids(stack.runtime_dir)
         pids = {"vmm": vmm_pid, "hostd": stack.procs["hostd"].pid, "web": stack.procs["web"].pid}
-        flood = GuestFlood(stack.runtime_dir / vm["id"] / "serial.log", total)
+        flood = GuestFlood(stack.runtime_dir / vm_id / "serial.log", total)
         vmm = f"QEMU guest (linux-small, {detect_acceleration()}), full stack"
-        result = measure(stack, pids["web"], pids, flood, total, args.mib, vmm, vm_id=vm["id"])
-        print(json.dumps(result, indent=2))
-    finally:
-        stack_stop(stack)
-        shutil.rmtree(work, ignore_errors=True)
+        print(json.dumps(measure(stack, pids["web"], pids, flood, total, args.mib, vmm, vm_id=vm_id), indent=2))
 
 
 def measure(stack, web_pid: int, pids: dict[str, int], flood, total: int, mib: int, vmm: str, vm_id: str = "") -> dict:

@@ -27,10 +27,8 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -269,19 +267,10 @@ def main() -> None:
         with standin_stack("msbx_bench_exec") as stack:
             print(json.dumps(measure(stack, stack.vm_id, args.runs, args.mib, "none (stand-in VMM)"), indent=2))
         return
-    from tests.system.stack import stack_start, stack_stop
+    from benchmarks.standin import qemu_stack
 
-    work = Path(tempfile.mkdtemp(prefix="bench-exec-"))
-    work.chmod(0o755)  # the VMM user (confinement) must reach the runtime directory below it
-    stack = stack_start(work, ROOT / "test-artifacts" / "bench-exec")
-    try:
-        with stack.client() as client:
-            vm = client.post("/api/v1/vms/", json={"name": "bench-exec", "template": "linux-small"}).json()
-        stack.wait_vm(vm["id"], {"running"}, timeout=300)
-        print(json.dumps(measure(stack, vm["id"], args.runs, args.mib, detect_acceleration()), indent=2))
-    finally:
-        stack_stop(stack)
-        shutil.rmtree(work, ignore_errors=True)
+    with qemu_stack("bench-exec") as (stack, vm_id):
+        print(json.dumps(measure(stack, vm_id, args.runs, args.mib, detect_acceleration()), indent=2))
 
 
 if __name__ == "__main__":

@@ -167,3 +167,23 @@ def standin_stack(db_name: str) -> Iterator[StandinStack]:
         shutil.rmtree(work, ignore_errors=True)
         _database(db_name, create=False)
         signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+@contextlib.contextmanager
+def qemu_stack(name: str) -> Iterator[tuple[object, str]]:
+    """The full stack of the system tests (daphne, Celery, hostd; tests.system.stack) with one
+    running linux-small QEMU VM named ``name``: yields ``(stack, vm_id)``, stops and removes it
+    all afterwards."""
+    from tests.system.stack import stack_start, stack_stop
+
+    work = Path(tempfile.mkdtemp(prefix=f"{name}-"))
+    work.chmod(0o755)  # the VMM user (confinement) must reach the runtime directory below it
+    stack = stack_start(work, ROOT / "test-artifacts" / name)
+    try:
+        with stack.client() as client:
+            vm = client.post("/api/v1/vms/", json={"name": name, "template": "linux-small"}).json()
+        stack.wait_vm(vm["id"], {"running"}, timeout=300)
+        yield stack, vm["id"]
+    finally:
+        stack_stop(stack)
+        shutil.rmtree(work, ignore_errors=True)

@@ -231,7 +231,7 @@ def _operation_execute(op: Operation) -> Operation | None:
                 message=message[:2000],
             )
         metrics.operation_observe(op, "failed")
-        _vm_settle_after_failure(op, message[:1000])
+        _vm_settle_after_failure(op, message)
     else:
         operation_log(op, "done", progress=100)
         Operation.objects.filter(pk=op.pk).update(
@@ -318,10 +318,15 @@ def _settle_transitional(vm: VM, now) -> int:
     if live is None:  # the last operation may have failed elsewhere (not settled there): name it
         last = Operation.objects.filter(vm=vm).order_by("-created_at").first()
         if last is not None and last.status == Operation.Status.FAILED and last.error:
-            why = f"{last.action.capitalize()} failed: {last.error[:1000]}"
+            why = _failed(last.action, last.error)
             previous = (last.params or {}).get("previous_state")
     _vm_give_up(vm, previous=previous, why=why)
     return 1
+
+
+def _failed(action: str, error: str) -> str:
+    """Why a VM was given up when its operation failed: "Create failed: <the error>"."""
+    return f"{action.capitalize()} failed: {error[:1000]}"
 
 
 def _vm_give_up(vm: VM, *, previous: str | None, why: str) -> None:
@@ -352,8 +357,7 @@ def _vm_settle_after_failure(op: Operation, message: str) -> None:
             return
         if Operation.objects.filter(vm=vm, status__in=[Operation.Status.PENDING, Operation.Status.RUNNING]).exists():
             return  # another operation owns the VM now
-        why = f"{op.action.capitalize()} failed: {message}"
-        _vm_give_up(vm, previous=(op.params or {}).get("previous_state"), why=why)
+        _vm_give_up(vm, previous=(op.params or {}).get("previous_state"), why=_failed(op.action, message))
     except Exception:  # the operation is recorded as failed already; the reconciler settles the VM
         logger.exception("operation %s (%s): could not settle VM %s after the failure", op.pk, op.action, op.vm_id)
 
